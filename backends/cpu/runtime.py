@@ -1,0 +1,45 @@
+"""Runs a qcc CPU library through ctypes: no MLIR, no torch at run time.
+
+The entry point takes one memref descriptor per argument (parameters and user
+inputs in signature order) followed by one per output, which it fills.
+"""
+
+import ctypes
+
+import numpy as np
+
+_DESCRIPTORS: dict[int, type] = {}
+
+
+def descriptor_type(rank: int) -> type:
+    """The C layout of MLIR's ranked memref descriptor of `rank`."""
+    if rank not in _DESCRIPTORS:
+        fields = [("allocated", ctypes.c_void_p), ("aligned", ctypes.c_void_p), ("offset", ctypes.c_int64)]
+        if rank:
+            fields += [("sizes", ctypes.c_int64 * rank), ("strides", ctypes.c_int64 * rank)]
+        _DESCRIPTORS[rank] = type(f"MemRef{rank}D", (ctypes.Structure,), {"_fields_": fields})
+    return _DESCRIPTORS[rank]
+
+
+def describe(array: np.ndarray):
+    """A descriptor viewing `array` (C-contiguous; the caller keeps it alive)."""
+    assert array.flags["C_CONTIGUOUS"]
+    desc = descriptor_type(array.ndim)()
+    ptr = array.ctypes.data
+    desc.allocated = desc.aligned = ptr
+    desc.offset = 0
+    for i, (size, stride) in enumerate(zip(array.shape, array.strides)):
+        desc.sizes[i] = size
+        desc.strides[i] = stride // array.itemsize
+    return desc
+
+
+class CpuLibrary:
+    def __init__(self, path: str, entry: str = "main"):
+        self._lib = ctypes.CDLL(path)
+        self._fn = getattr(self._lib, f"_mlir_ciface_{entry}")
+        self._fn.restype = None
+
+    def call(self, args: list[np.ndarray], outs: list[np.ndarray]) -> None:
+        descs = [describe(a) for a in args] + [describe(o) for o in outs]
+        self._fn(*[ctypes.byref(d) for d in descs])

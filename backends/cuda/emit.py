@@ -1,0 +1,483 @@
+"""A tiny kernel-building DSL with two back ends.
+
+Kernels in :mod:`qcc.backends.cuda.kernels` are written once, as Python functions
+that call the operations of an *emitter* ``E``:
+
+* :class:`MlirEmitter` turns the calls into MLIR text (``gpu``, ``arith``,
+  ``vector``, ``memref``, ``scf``, ``math`` and ``nvvm`` ops inside a
+  ``gpu.func``). That text is what :mod:`qcc.backends.cuda.ptx` lowers to PTX.
+* :class:`qcc.backends.cuda.simt.SimtEmulator` executes the very same calls with
+  numpy over every thread of a (small) grid, including warp-level ``mma.sync`` and
+  shuffles, so the thread mapping, the packed layouts and the arithmetic of a
+  kernel are tested on a machine without a GPU.
+
+Types are MLIR type strings: ``index``, ``i1``, ``i8``, ``i32``, ``f16``,
+``f32`` and 1-D vectors of those (``vector<4xi32>``). Memory is 1-D memrefs
+(``memref<4096xvector<4xi32>>``); kernel pointers use the bare-pointer calling
+convention, so every buffer is one pointer parameter of the PTX entry.
+
+This module imports nothing beyond the standard library.
+"""
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+# --------------------------------------------------------------------------- types
+
+_VEC_RE = re.compile(r"^vector<(\d+)x(\w+)>$")
+_MEMREF_RE = re.compile(r"^memref<(\d+)x(.+?)(?:, #gpu\.address_space<(\w+)>)?>$")
+INT_TYPES = {"i1": 1, "i8": 8, "i16": 16, "i32": 32, "i64": 64, "index": 64}
+FLOAT_TYPES = {"f16": 16, "f32": 32, "f64": 64}
+
+
+def parse_type(t: str) -> tuple[tuple[int, ...], str]:
+    """``vector<4xi32>`` -> ((4,), 'i32');  ``f32`` -> ((), 'f32')."""
+    m = _VEC_RE.match(t)
+    if m:
+        return (int(m.group(1)),), m.group(2)
+    if t in INT_TYPES or t in FLOAT_TYPES:
+        return (), t
+    raise ValueError(f"unsupported type {t!r}")
+
+
+def elem_of(t: str) -> str:
+    return parse_type(t)[1]
+
+
+def lanes_of(t: str) -> int:
+    s, _ = parse_type(t)
+    return s[0] if s else 1
+
+
+def vec(n: int, e: str) -> str:
+    return f"vector<{n}x{e}>"
+
+
+def is_float(t: str) -> bool:
+    return elem_of(t) in FLOAT_TYPES
+
+
+def bitwidth(t: str) -> int:
+    s, e = parse_type(t)
+    w = INT_TYPES.get(e) or FLOAT_TYPES[e]
+    return w * (s[0] if s else 1)
+
+
+def parse_memref(t: str) -> tuple[int, str, str]:
+    """``memref<64xvector<4xi32>>`` -> (64, 'vector<4xi32>', 'global')."""
+    m = _MEMREF_RE.match(t)
+    if not m:
+        raise ValueError(f"unsupported memref type {t!r}")
+    return int(m.group(1)), m.group(2), m.group(3) or "global"
+
+
+# --------------------------------------------------------------------------- values
+
+
+class Val:
+    """An SSA value of some emitter. Arithmetic operators build ops."""
+
+    __slots__ = ("e", "v", "type")
+
+    def __init__(self, e: "Emitter", v, type: str):
+        self.e, self.v, self.type = e, v, type
+
+    def _o(self, other):
+        return other if isinstance(other, Val) else self.e.const(other, self.type)
+
+    def __add__(self, o):
+        return self.e.add(self, self._o(o))
+
+    def __radd__(self, o):
+        return self.e.add(self._o(o), self)
+
+    def __sub__(self, o):
+        return self.e.sub(self, self._o(o))
+
+    def __rsub__(self, o):
+        return self.e.sub(self._o(o), self)
+
+    def __mul__(self, o):
+        return self.e.mul(self, self._o(o))
+
+    def __rmul__(self, o):
+        return self.e.mul(self._o(o), self)
+
+    def __floordiv__(self, o):
+        return self.e.divu(self, self._o(o))
+
+    def __mod__(self, o):
+        return self.e.remu(self, self._o(o))
+
+    def __and__(self, o):
+        return self.e.and_(self, self._o(o))
+
+    def __or__(self, o):
+        return self.e.or_(self, self._o(o))
+
+    def __xor__(self, o):
+        return self.e.xor(self, self._o(o))
+
+    def __rshift__(self, o):
+        return self.e.shru(self, self._o(o))
+
+    def __lshift__(self, o):
+        return self.e.shl(self, self._o(o))
+
+    def __repr__(self):
+        return f"Val({self.v!r}: {self.type})"
+
+
+# --------------------------------------------------------------------------- kernel specs
+
+
+@dataclass
+class Param:
+    """A kernel parameter: a buffer (one pointer) or an integer scalar."""
+
+    name: str
+    type: str  # memref<...> for buffers, i32/i64 for scalars
+    role: str = "in"  # in | out | inout (buffers) ; scalar
+    doc: str = ""
+
+    @property
+    def is_buffer(self) -> bool:
+        return self.type.startswith("memref<")
+
+    def manifest(self) -> dict:
+        if not self.is_buffer:
+            return {"name": self.name, "kind": "scalar", "type": self.type, "doc": self.doc}
+        n, et, _ = parse_memref(self.type)
+        shape, e = parse_type(et)
+        nbytes = n * bitwidth(et) // 8
+        return {"name": self.name, "kind": "buffer", "role": self.role, "elem": e,
+                "count": n * (shape[0] if shape else 1), "bytes": nbytes,
+                "align": bitwidth(et) // 8, "doc": self.doc}
+
+
+@dataclass
+class KernelSpec:
+    """Everything needed to emit, emulate, build and launch one kernel."""
+
+    name: str
+    params: list[Param]
+    block: tuple[int, int, int]
+    grid: tuple[int, int, int]
+    body: Callable[["Emitter", dict], None]
+    smem: list[tuple[str, str, int]] = field(default_factory=list)  # (name, elem, count)
+    config: dict = field(default_factory=dict)
+    doc: str = ""
+
+    @property
+    def threads(self) -> int:
+        return self.block[0] * self.block[1] * self.block[2]
+
+    def smem_bytes(self) -> int:
+        return sum(n * bitwidth(t) // 8 for _, t, n in self.smem)
+
+    def mlir_func(self) -> str:
+        return MlirEmitter().function(self)
+
+    def manifest(self) -> dict:
+        return {"name": self.name, "grid": list(self.grid), "block": list(self.block),
+                "dynamic_smem": 0, "static_smem": self.smem_bytes(),
+                "params": [p.manifest() for p in self.params],
+                "config": dict(self.config), "doc": self.doc}
+
+
+def gpu_module(specs: Sequence[KernelSpec], name: str = "qcc_kernels") -> str:
+    """MLIR text of a module holding one ``gpu.module`` with every kernel."""
+    funcs = "\n".join(s.mlir_func() for s in specs)
+    return (f"module attributes {{gpu.container_module}} {{\n  gpu.module @{name} {{\n"
+            f"{funcs}\n  }}\n}}\n")
+
+
+# --------------------------------------------------------------------------- emitter API
+
+
+class Emitter:
+    """Common interface; helpers shared by both back ends live here."""
+
+    # subclasses implement: const, _bin, cmp, select, cast, bitcast, shuffle, extract,
+    # broadcast, from_elements, reduce_add, load, store, tid, bid, barrier, shfl_xor,
+    # mma_f16, for_, if_, fma
+
+    def add(self, a, b):
+        return self._bin("addf" if is_float(a.type) else "addi", a, b)
+
+    def sub(self, a, b):
+        return self._bin("subf" if is_float(a.type) else "subi", a, b)
+
+    def mul(self, a, b):
+        return self._bin("mulf" if is_float(a.type) else "muli", a, b)
+
+    def divu(self, a, b):
+        return self._bin("divui", a, b)
+
+    def remu(self, a, b):
+        return self._bin("remui", a, b)
+
+    def minu(self, a, b):
+        return self._bin("minui", a, b)
+
+    def and_(self, a, b):
+        return self._bin("andi", a, b)
+
+    def or_(self, a, b):
+        return self._bin("ori", a, b)
+
+    def xor(self, a, b):
+        return self._bin("xori", a, b)
+
+    def shru(self, a, b):
+        return self._bin("shrui", a, b)
+
+    def shl(self, a, b):
+        return self._bin("shli", a, b)
+
+    def idx(self, v) -> Val:
+        """Python int or i32 value -> index value."""
+        if isinstance(v, Val):
+            return v if v.type == "index" else self.cast("index_cast", v, "index")
+        return self.const(int(v), "index")
+
+    def slice2(self, v: Val, start: int) -> Val:
+        """Elements [start, start+1] of a vector, as a 2-vector."""
+        return self.shuffle(v, v, [start, start + 1])
+
+    def splat(self, value, t: str) -> Val:
+        return self.const(value, t)
+
+
+def _fbits(value: float, e: str) -> int:
+    if e == "f16":
+        return struct.unpack("<H", struct.pack("<e", value))[0]
+    if e == "f32":
+        return struct.unpack("<I", struct.pack("<f", value))[0]
+    return struct.unpack("<Q", struct.pack("<d", value))[0]
+
+
+def _lit(value, e: str) -> str:
+    if e in FLOAT_TYPES:
+        return f"0x{_fbits(float(value), e):X}"
+    if e == "i1":
+        return "true" if value else "false"
+    v = int(value)
+    w = INT_TYPES[e]
+    if e != "index" and v >= 1 << (w - 1):  # print two's complement as signed
+        v -= 1 << w
+    return str(v)
+
+
+class MlirEmitter(Emitter):
+    """Emits MLIR text for one ``gpu.func`` at a time."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+        self.depth = 2
+        self.n = 0
+
+    # -- plumbing
+    def _name(self) -> str:
+        self.n += 1
+        return f"%v{self.n}"
+
+    def _emit(self, s: str):
+        self.lines.append("  " * self.depth + s)
+
+    def _op(self, text: str, type: str) -> Val:
+        nm = self._name()
+        self._emit(f"{nm} = {text}")
+        return Val(self, nm, type)
+
+    # -- function
+    def function(self, spec: KernelSpec) -> str:
+        args = []
+        vals = {}
+        for p in spec.params:
+            attrs = ""
+            if p.is_buffer:
+                attrs = " {llvm.noalias, llvm.readonly}" if p.role == "in" else " {llvm.noalias}"
+            args.append(f"%{p.name}: {p.type}{attrs}")
+            vals[p.name] = Val(self, f"%{p.name}", p.type)
+        wg = []
+        for name, et, n in spec.smem:
+            t = f"memref<{n}x{et}, #gpu.address_space<workgroup>>"
+            wg.append(f"%{name}: {t}")
+            vals[name] = Val(self, f"%{name}", t)
+        header = f"    gpu.func @{spec.name}({', '.join(args)})"
+        if wg:
+            header += f" workgroup({', '.join(wg)})"
+        b = spec.block
+        header += f" kernel attributes {{known_block_size = array<i32: {b[0]}, {b[1]}, {b[2]}>}} {{"
+        self.lines = [header]
+        self.depth = 3
+        spec.body(self, vals)
+        self._emit("gpu.return")
+        self.lines.append("    }")
+        return "\n".join(self.lines)
+
+    # -- values
+    def const(self, value, t: str) -> Val:
+        s, e = parse_type(t)
+        if s:
+            return self._op(f"arith.constant dense<{_lit(value, e)}> : {t}", t)
+        return self._op(f"arith.constant {_lit(value, e)} : {t}", t)
+
+    def _bin(self, op: str, a: Val, b: Val) -> Val:
+        assert a.type == b.type, (op, a, b)
+        return self._op(f"arith.{op} {a.v}, {b.v} : {a.type}", a.type)
+
+    def maxf(self, a, b):
+        return self._bin("maximumf", a, b)
+
+    def fma(self, a: Val, b: Val, c: Val) -> Val:
+        assert a.type == b.type == c.type
+        return self._op(f"math.fma {a.v}, {b.v}, {c.v} : {a.type}", a.type)
+
+    def cmp(self, pred: str, a: Val, b: Val) -> Val:
+        assert a.type == b.type
+        kind = "cmpf" if is_float(a.type) else "cmpi"
+        return self._op(f"arith.{kind} {pred}, {a.v}, {b.v} : {a.type}", "i1")
+
+    def select(self, c: Val, a: Val, b: Val) -> Val:
+        assert a.type == b.type
+        return self._op(f"arith.select {c.v}, {a.v}, {b.v} : {a.type}", a.type)
+
+    def cast(self, op: str, v: Val, t: str) -> Val:
+        """op: index_cast, extui, extsi, trunci, sitofp, uitofp, truncf, extf."""
+        return self._op(f"arith.{op} {v.v} : {v.type} to {t}", t)
+
+    def bitcast(self, v: Val, t: str) -> Val:
+        assert bitwidth(v.type) == bitwidth(t), (v.type, t)
+        sv, ev = parse_type(v.type)
+        st, et = parse_type(t)
+        if sv and st:
+            return self._op(f"vector.bitcast {v.v} : {v.type} to {t}", t)
+        if not sv and not st:
+            return self._op(f"arith.bitcast {v.v} : {v.type} to {t}", t)
+        if not sv:  # scalar -> vector
+            one = vec(1, ev)
+            w = self._op(f"vector.broadcast {v.v} : {ev} to {one}", one)
+            return self._op(f"vector.bitcast {w.v} : {one} to {t}", t)
+        one = vec(1, et)  # vector -> scalar
+        w = self._op(f"vector.bitcast {v.v} : {v.type} to {one}", one)
+        return self._op(f"vector.extract {w.v}[0] : {et} from {one}", t)
+
+    def shuffle(self, a: Val, b: Val, mask: Sequence[int]) -> Val:
+        assert a.type == b.type
+        t = vec(len(mask), elem_of(a.type))
+        m = ", ".join(str(int(i)) for i in mask)
+        return self._op(f"vector.shuffle {a.v}, {b.v} [{m}] : {a.type}, {b.type}", t)
+
+    def extract(self, v: Val, i: int) -> Val:
+        e = elem_of(v.type)
+        return self._op(f"vector.extract {v.v}[{int(i)}] : {e} from {v.type}", e)
+
+    def broadcast(self, s: Val, t: str) -> Val:
+        return self._op(f"vector.broadcast {s.v} : {s.type} to {t}", t)
+
+    def from_elements(self, xs: Sequence[Val]) -> Val:
+        t = vec(len(xs), xs[0].type)
+        return self._op(f"vector.from_elements {', '.join(x.v for x in xs)} : {t}", t)
+
+    def reduce_add(self, v: Val) -> Val:
+        e = elem_of(v.type)
+        return self._op(f"vector.reduction <add>, {v.v} : {v.type} into {e}", e)
+
+    # -- memory
+    def load(self, mem: Val, i: Val) -> Val:
+        _, et, _ = parse_memref(mem.type)
+        return self._op(f"memref.load {mem.v}[{self.idx(i).v}] : {mem.type}", et)
+
+    def store(self, val: Val, mem: Val, i: Val):
+        _, et, _ = parse_memref(mem.type)
+        assert val.type == et, (val.type, et)
+        self._emit(f"memref.store {val.v}, {mem.v}[{self.idx(i).v}] : {mem.type}")
+
+    # -- gpu
+    def tid(self) -> Val:
+        return self._op("gpu.thread_id x", "index")
+
+    def bid(self, dim: str = "x") -> Val:
+        return self._op(f"gpu.block_id {dim}", "index")
+
+    def barrier(self):
+        self._emit("gpu.barrier")
+
+    def shfl_xor(self, v: Val, offset: int) -> Val:
+        off = self.const(offset, "i32")
+        w = self.const(32, "i32")
+        nm = self._name()
+        self._emit(f"{nm}, {nm}_ok = gpu.shuffle xor {v.v}, {off.v}, {w.v} : {v.type}")
+        return Val(self, nm, v.type)
+
+    def mma_f16(self, a: Sequence[Val], b: Sequence[Val], c: Sequence[Val]) -> list[Val]:
+        """nvvm.mma.sync m16n8k16 row.col, f16 x f16 + f32 -> f32 (4 regs/lane)."""
+        assert len(a) == 4 and len(b) == 2 and len(c) == 4
+        st = "!llvm.struct<(f32, f32, f32, f32)>"
+        nm = self._name()
+        self._emit(
+            f"{nm} = nvvm.mma.sync A[{', '.join(x.v for x in a)}] B[{', '.join(x.v for x in b)}] "
+            f"C[{', '.join(x.v for x in c)}] {{layoutA = #nvvm.mma_layout<row>, "
+            f"layoutB = #nvvm.mma_layout<col>, shape = #nvvm.shape<m = 16, n = 8, k = 16>}} "
+            f": (vector<2xf16>, vector<2xf16>, f32) -> {st}")
+        return [self._op(f"llvm.extractvalue {nm}[{i}] : {st}", "f32") for i in range(4)]
+
+    # -- control flow
+    def for_(self, lo, hi, step, inits: Sequence[Val],
+             body: Callable[[Val, list[Val]], Sequence[Val]]) -> list[Val]:
+        lo, hi, step = self.idx(lo), self.idx(hi), self.idx(step)
+        iv = self._name()
+        args = [Val(self, f"{iv}_a{i}", x.type) for i, x in enumerate(inits)]
+        nm = self._name()
+        k = len(inits)
+        types = ", ".join(x.type for x in inits)
+        head = f"scf.for {iv} = {lo.v} to {hi.v} step {step.v}"
+        if k:
+            ia = ", ".join(f"{a.v} = {x.v}" for a, x in zip(args, inits))
+            head += f" iter_args({ia}) -> ({types})"
+            self._emit(f"{nm}{':' + str(k) if k > 1 else ''} = {head} {{")
+        else:
+            self._emit(f"{head} {{")
+        self.depth += 1
+        outs = list(body(Val(self, iv, "index"), args) or [])
+        assert [o.type for o in outs] == [x.type for x in inits], "loop yields must match inits"
+        if k:
+            self._emit(f"scf.yield {', '.join(o.v for o in outs)} : {types}")
+        self.depth -= 1
+        self._emit("}")
+        return self._results(nm, [x.type for x in inits])
+
+    def _results(self, nm: str, types: list[str]) -> list[Val]:
+        if len(types) == 1:
+            return [Val(self, nm, types[0])]
+        return [Val(self, f"{nm}#{i}", t) for i, t in enumerate(types)]
+
+    def if_(self, cond: Val, then: Callable[[], Sequence[Val]],
+            else_: Callable[[], Sequence[Val]] | None = None,
+            types: Sequence[str] = ()) -> list[Val]:
+        nm = self._name()
+        k = len(types)
+        if k:
+            self._emit(f"{nm}{':' + str(k) if k > 1 else ''} = scf.if {cond.v} -> "
+                       f"({', '.join(types)}) {{")
+        else:
+            self._emit(f"scf.if {cond.v} {{")
+        for i, fn in enumerate((then, else_)):
+            if fn is None:
+                assert not k, "an scf.if with results needs an else branch"
+                break
+            if i == 1:
+                self._emit("} else {")
+            self.depth += 1
+            outs = list(fn() or [])
+            assert [o.type for o in outs] == list(types)
+            if k:
+                self._emit(f"scf.yield {', '.join(o.v for o in outs)} : {', '.join(types)}")
+            self.depth -= 1
+        self._emit("}")
+        return self._results(nm, list(types)) if k else []

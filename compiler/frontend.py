@@ -1,0 +1,139 @@
+"""Frontend: a PyTorch program in, a `torch`-dialect module plus a parameter store out.
+
+torch.export gives an ExportedProgram whose parameters, buffers and lifted
+constants are graph placeholders.  We import the graph *stateless* (torch-mlir's
+FX importer), so every parameter stays a function argument tagged
+`{qcc.param = "<state name>"}` and its value goes to the ParamStore: the IR
+holds names and shapes, never weights.
+"""
+
+import dataclasses
+import os
+import zipfile
+
+import numpy as np
+import torch
+
+from qcc.errors import QccError
+from qcc.params import ParamStore
+
+_TORCH_TO_NP = {
+    torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16,
+    torch.int64: np.int64, torch.int32: np.int32, torch.int8: np.int8, torch.uint8: np.uint8,
+    torch.bool: np.bool_,
+}
+
+
+@dataclasses.dataclass
+class TensorSpec:
+    name: str
+    shape: list  # ints, or strings for symbolic dims
+    dtype: str   # numpy dtype name
+
+    def to_json(self):
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class ImportedProgram:
+    module: "object"            # ir.Module in the torch backend dialect
+    params: ParamStore
+    inputs: list                # [TensorSpec] user inputs, in call order
+    outputs: list               # [TensorSpec]
+
+
+def load_program(path: str, allow_pickle: bool = False, example_inputs=None):
+    """Reads a `.pt2` ExportedProgram; a pickled module only with allow_pickle."""
+    if not os.path.isfile(path):
+        raise QccError("no such model file", where=path, hint="give a .pt2 file written by torch.export.save")
+    if not zipfile.is_zipfile(path):
+        raise QccError("not a PyTorch export archive (not a zip file)", where=path,
+                       hint="write the model with torch.export.save(torch.export.export(model, inputs), path)")
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+    if any(n.endswith("data.pkl") for n in names) and not any("serialized_exported_program" in n or "/models/" in n for n in names):
+        if not allow_pickle:
+            raise QccError("file is a pickled torch.save() checkpoint; unpickling runs arbitrary code", where=path,
+                           hint="pass --allow-pickle if you trust it, or export with torch.export.save")
+        return _load_pickled_module(path, example_inputs)
+    try:
+        return torch.export.load(path)
+    except Exception as e:  # the archive is malformed in one of many ways
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QccError(f"malformed .pt2 archive: {first[:200]}", where=path,
+                       hint="re-create it with torch.export.save")
+
+
+def _load_pickled_module(path, example_inputs):
+    obj = torch.load(path, weights_only=False)
+    if isinstance(obj, torch.export.ExportedProgram):
+        return obj
+    if not isinstance(obj, torch.nn.Module):
+        raise QccError(f"pickled object is a {type(obj).__name__}, not an nn.Module", where=path)
+    if example_inputs is None:
+        raise QccError("a pickled module needs example inputs to be exported", where=path,
+                       hint="pass --example-inputs inputs.npz")
+    return export_module(obj.eval(), example_inputs)
+
+
+def export_module(module: torch.nn.Module, example_inputs, dynamic_shapes=None):
+    try:
+        return torch.export.export(module, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0]
+        raise QccError(f"torch.export failed: {first[:300]}", hint="the model must be exportable by torch.export")
+
+
+def _spec_from_meta(name, val) -> TensorSpec:
+    shape = [int(d) if isinstance(d, int) or str(d).isdigit() else str(d) for d in val.shape]
+    return TensorSpec(name, shape, np.dtype(_TORCH_TO_NP[val.dtype]).name)
+
+
+def import_program(ep, ctx) -> ImportedProgram:
+    from torch_mlir import ir
+    from torch_mlir.extras.fx_decomp_util import get_decomposition_table
+    from torch_mlir.extras.fx_importer import FxImporter
+
+    ep = ep.run_decompositions(get_decomposition_table())
+    sig = ep.graph_signature
+    if sig.buffers_to_mutate or getattr(sig, "user_inputs_to_mutate", None):
+        raise QccError("the model mutates its buffers or inputs in forward()",
+                       hint="qcc compiles pure functions; remove in-place state updates")
+
+    state = {**ep.state_dict, **getattr(ep, "constants", {})}
+    params = ParamStore()
+    param_of_input: dict[int, str] = {}
+    inputs = []
+    placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
+    for i, (node, spec) in enumerate(zip(placeholders, sig.input_specs)):
+        kind = spec.kind.name
+        if kind == "USER_INPUT":
+            inputs.append(_spec_from_meta(node.name, node.meta["val"]))
+        elif kind in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR"):
+            value = state[spec.target].detach()
+            if value.dtype not in _TORCH_TO_NP or value.dtype == torch.bool:
+                raise QccError(f"parameter {spec.target} has unsupported dtype {value.dtype}")
+            params[spec.target] = value.contiguous().numpy()
+            param_of_input[i] = spec.target
+        else:
+            raise QccError(f"unsupported graph input kind {kind} for {node.name}")
+    out_node = next(n for n in ep.graph.nodes if n.op == "output")
+    outputs = []
+    for j, o in enumerate(out_node.args[0]):
+        if not hasattr(o, "meta") or not isinstance(o.meta.get("val"), torch.Tensor):
+            raise QccError(f"output {j} is not a tensor", hint="return tensors (or a tuple of tensors) from forward()")
+        outputs.append(_spec_from_meta(f"output{j}", o.meta["val"]))
+
+    importer = FxImporter(context=ctx)
+    importer.import_stateless_graph(ep.graph, func_name="main")
+    module = importer.module
+    with ctx:
+        func = module.body.operations[0]
+        arg_attrs = []
+        for i in range(len(placeholders)):
+            if i in param_of_input:
+                arg_attrs.append(ir.DictAttr.get({"qcc.param": ir.StringAttr.get(param_of_input[i])}))
+            else:
+                arg_attrs.append(ir.DictAttr.get({}))
+        func.attributes["arg_attrs"] = ir.ArrayAttr.get(arg_attrs)
+    return ImportedProgram(module, params, inputs, outputs)

@@ -1,0 +1,120 @@
+"""Small helpers over the MLIR Python bindings that several passes share."""
+
+import re
+
+from torch_mlir import ir
+
+_VTENSOR = re.compile(r"^!torch\.vtensor<\[([^\]]*)\],(\w+)>$")
+
+
+def functions(module_op: ir.Operation):
+    """The func.func ops of a module (module_op may be a Module or its Operation)."""
+    body = module_op.regions[0].blocks[0]
+    return [op for op in body.operations if op.operation.name == "func.func"]
+
+
+def walk(op, name: str | None = None):
+    """All ops nested in `op` (pre-order), optionally only those named `name`."""
+    found = []
+    for region in op.regions:
+        for block in region.blocks:
+            for child in block.operations:
+                child = child.operation
+                if name is None or child.name == name:
+                    found.append(child)
+                found.extend(walk(child, name))
+    return found
+
+
+def vtensor_shape(t: ir.Type) -> tuple[list, str]:
+    """Shape (ints, or None for '?') and dtype of a !torch.vtensor type."""
+    m = _VTENSOR.match(str(t))
+    if not m:
+        raise ValueError(f"not a ranked !torch.vtensor: {t}")
+    dims = [None if d.strip() == "?" else int(d) for d in m.group(1).split(",") if d.strip()]
+    return dims, m.group(2)
+
+
+def tensor_type(shape, elem: str) -> ir.Type:
+    dims = "x".join("?" if d is None else str(d) for d in shape)
+    return ir.Type.parse(f"tensor<{dims}x{elem}>" if dims else f"tensor<{elem}>")
+
+
+def defining_op(value: ir.Value):
+    owner = value.owner
+    return owner.operation if isinstance(owner, (ir.OpView, ir.Operation)) else None
+
+
+def block_arg_number(value: ir.Value) -> int | None:
+    value = value.maybe_downcast() if hasattr(value, "maybe_downcast") else value
+    return value.arg_number if isinstance(value, ir.BlockArgument) else None
+
+
+def const_int_list(value: ir.Value) -> list[int] | None:
+    """The ints of a torch.prim.ListConstruct of torch.constant.int, else None."""
+    op = defining_op(value)
+    if op is None or op.name != "torch.prim.ListConstruct":
+        return None
+    out = []
+    for v in op.operands:
+        c = defining_op(v)
+        if c is None or c.name != "torch.constant.int":
+            return None
+        out.append(ir.IntegerAttr(c.attributes["value"]).value)
+    return out
+
+
+class Signature:
+    """Edits a func.func's arguments and their `qcc.param` names together."""
+
+    def __init__(self, func):
+        self.func = func.operation
+        self.block = self.func.regions[0].blocks[0]
+
+    def _arg_attrs(self) -> list[ir.Attribute]:
+        n = len(self.block.arguments)
+        if "arg_attrs" in self.func.attributes:
+            attrs = list(ir.ArrayAttr(self.func.attributes["arg_attrs"]))
+        else:
+            attrs = []
+        return attrs + [ir.DictAttr.get({}, context=self.func.context)] * (n - len(attrs))
+
+    def param_name(self, index: int) -> str | None:
+        d = ir.DictAttr(self._arg_attrs()[index])
+        return ir.StringAttr(d["qcc.param"]).value if "qcc.param" in d else None
+
+    def param_index(self, name: str) -> int | None:
+        for i in range(len(self.block.arguments)):
+            if self.param_name(i) == name:
+                return i
+        return None
+
+    def _sync(self, attrs):
+        ftype = ir.FunctionType(ir.TypeAttr(self.func.attributes["function_type"]).value)
+        inputs = [a.type for a in self.block.arguments]
+        self.func.attributes["function_type"] = ir.TypeAttr.get(ir.FunctionType.get(inputs, ftype.results))
+        self.func.attributes["arg_attrs"] = ir.ArrayAttr.get(attrs)
+
+    def add_param(self, name: str, type_: ir.Type) -> ir.Value:
+        """Appends an argument bound to store entry `name` (reusing one that exists)."""
+        existing = self.param_index(name)
+        if existing is not None:
+            return self.block.arguments[existing]
+        attrs = self._arg_attrs()
+        arg = self.block.add_argument(type_, self.func.location)
+        attrs.append(ir.DictAttr.get({"qcc.param": ir.StringAttr.get(name)}))
+        self._sync(attrs)
+        return arg
+
+    def erase_unused_params(self) -> list[str]:
+        """Drops parameter arguments nothing uses; returns their names."""
+        attrs = self._arg_attrs()
+        dropped = []
+        for i in reversed(range(len(self.block.arguments))):
+            name = self.param_name(i)
+            if name is not None and not list(self.block.arguments[i].uses):
+                self.block.erase_argument(i)
+                del attrs[i]
+                dropped.append(name)
+        self._sync(attrs)
+        return dropped
