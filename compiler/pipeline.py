@@ -25,6 +25,8 @@ class Session:
     params: "object"  # qcc.params.ParamStore
     options: dict = dataclasses.field(default_factory=dict)
     remarks: list = dataclasses.field(default_factory=list)
+    # base weight name -> {"format": key, "shape": [N, K]}, filled by quantizing passes
+    layers: dict = dataclasses.field(default_factory=dict)
 
 
 def split_top_level(text: str) -> list[str]:

@@ -1,0 +1,150 @@
+"""qcc.compile: model in, CompiledModel out.  The stages are listed in pipelines.py."""
+
+import os
+import tempfile
+import time
+
+import numpy as np
+
+from qcc import pipelines
+from qcc.errors import QccError
+from qcc.model import CompiledModel
+from qcc.recipes import get_recipe
+
+TARGETS = ("cpu", "cuda")
+
+
+def _to_exported_program(model, example_inputs, allow_pickle):
+    import torch
+
+    from qcc import frontend
+
+    if isinstance(model, (str, os.PathLike)):
+        return frontend.load_program(os.fspath(model), allow_pickle=allow_pickle, example_inputs=example_inputs)
+    if isinstance(model, torch.export.ExportedProgram):
+        return model
+    if isinstance(model, torch.nn.Module):
+        if example_inputs is None:
+            raise QccError("compiling an nn.Module needs example_inputs", hint="qcc.compile(model, (x,), ...)")
+        return frontend.export_module(model.eval(), example_inputs)
+    raise QccError(f"cannot compile a {type(model).__name__}",
+                   hint="pass an nn.Module with example inputs, an ExportedProgram, or a .pt2 path")
+
+
+def _entry_args(module, params):
+    """The entry's arguments in order: a parameter name, or a user input."""
+    from qcc.irutil import Signature, functions
+
+    main = next(f for f in functions(module.operation) if f.attributes["sym_name"].value == "main")
+    sig = Signature(main)
+    args = []
+    for i in range(len(sig.block.arguments)):
+        name = sig.param_name(i)
+        args.append({"param": name} if name is not None else {"input": len([a for a in args if "input" in a])})
+    return args
+
+
+class _Progress:
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.t0 = time.perf_counter()
+        self.timings = []
+
+    def stage(self, name: str):
+        """Starts stage `name` (ending the previous one)."""
+        self.timings.append((name, time.perf_counter()))
+        if self.enabled:
+            import sys
+
+            print(f"qcc: {name} ...", file=sys.stderr, flush=True)
+
+
+def compile(model, example_inputs=None, *, target: str = "cpu", quant: str | None = None,
+            allow_pickle: bool = False, print_ir_after_all: bool = False, dump_dir: str | None = None,
+            progress: bool = False) -> CompiledModel:
+    """Compiles `model` (nn.Module + example_inputs, ExportedProgram, or .pt2 path)."""
+    from qcc.context import make_context
+    from qcc.frontend import import_program
+    from qcc.pipeline import Session, run_pipeline
+
+    if target not in TARGETS:
+        raise QccError(f"unknown target '{target}'", where="--target", hint=f"choose one of {', '.join(TARGETS)}")
+    if target == "cuda":
+        raise QccError("the cuda target is not available in this build yet", where="--target")
+    recipe = get_recipe(quant)
+    prog = _Progress(progress)
+    prog.stage("export")
+    ep = _to_exported_program(model, example_inputs, allow_pickle)
+    ctx = make_context()
+    prog.stage("import")
+    imported = import_program(ep, ctx)
+    module, session = imported.module, Session(imported.params, {"recipe": recipe.name})
+
+    def run(stage, elements):
+        prog.stage(stage)
+        run_pipeline(module, elements, session, stage, print_ir_after_all)
+        if dump_dir:
+            os.makedirs(dump_dir, exist_ok=True)
+            with open(os.path.join(dump_dir, f"{len(prog.timings):02d}-{stage}.mlir"), "w") as f:
+                f.write(module.operation.get_asm(large_elements_limit=16))
+
+    run("torch-backend", pipelines.IMPORT)
+    run("quantize", pipelines.recipe_stage(recipe))
+    run("torch-to-linalg", pipelines.TORCH_TO_LINALG)
+    run("lower-qcc", pipelines.LOWER_QCC)
+    entry_args = _entry_args(module, session.params)
+
+    from qcc.backends.cpu import lowering
+
+    with ctx:
+        lowering.mark_entry(module)
+    run("bufferize", lowering.BUFFERIZE)
+    run("to-llvm", lowering.TO_LLVM)
+    prog.stage("codegen")
+    with tempfile.TemporaryDirectory() as tmp:
+        so = os.path.join(tmp, "cpu.so")
+        with ctx:
+            lowering.emit_shared_library(module, so)
+        with open(so, "rb") as f:
+            code = {"cpu.so": f.read()}
+    prog.stage("done")
+    del ctx
+
+    used = [a["param"] for a in entry_args if "param" in a]
+    weights = {n: np.ascontiguousarray(session.params[n]) for n in used}
+    manifest = {
+        "target": target,
+        "recipe": recipe.to_json(),
+        "entry": {"name": "main", "args": entry_args},
+        "inputs": [s.to_json() for s in imported.inputs],
+        "outputs": [s.to_json() for s in imported.outputs],
+        "layers": _layer_report(weights, session.layers),
+        "versions": _versions(),
+    }
+    compiled = CompiledModel(manifest, weights, code)
+    compiled.compile_seconds = {name: round(t1 - t0, 3) for (name, t0), (_, t1)
+                                in zip(prog.timings, prog.timings[1:])}
+    return compiled
+
+
+def _layer_report(weights, layers) -> list[dict]:
+    """Per quantized weight: format, logical shape, stored bytes (codes, scales, zeros)."""
+    report = []
+    for base in sorted(layers):
+        fmt = layers[base]["format"]
+        stored = sum(int(v.nbytes) for n, v in weights.items() if n.startswith(f"{base}:{fmt}:"))
+        report.append({"weight": base, "format": fmt, "shape": layers[base]["shape"], "bytes": stored,
+                       "float_bytes": 4 * layers[base]["shape"][0] * layers[base]["shape"][1]})
+    return report
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    out = {}
+    for pkg in ("qcc", "torch", "torch-mlir"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "unknown"
+    return out

@@ -1,0 +1,98 @@
+"""A compiled model: call it, save it, load it.  Imports neither torch nor MLIR."""
+
+import os
+
+import numpy as np
+
+from qcc import artifact
+from qcc.errors import QccError
+
+
+class CompiledModel:
+    """`m(*inputs)` runs the model; inputs are numpy arrays or torch tensors."""
+
+    def __init__(self, manifest: dict, weights: dict, code: dict[str, bytes]):
+        self.manifest = manifest
+        self.weights = weights
+        self.code = code
+        self._runner = None
+
+    # -- running ---------------------------------------------------------------
+    @property
+    def inputs(self) -> list[dict]:
+        return self.manifest["inputs"]
+
+    @property
+    def outputs(self) -> list[dict]:
+        return self.manifest["outputs"]
+
+    def _check_inputs(self, arrays):
+        specs = self.inputs
+        if len(arrays) != len(specs):
+            raise QccError(f"model takes {len(specs)} input(s), got {len(arrays)}")
+        checked = []
+        for i, (a, spec) in enumerate(zip(arrays, specs)):
+            where = f"input {i} '{spec['name']}'"
+            if not isinstance(a, np.ndarray):
+                raise QccError(f"expected a numpy array or torch tensor, got {type(a).__name__}", where=where)
+            want_shape = [d if isinstance(d, int) else None for d in spec["shape"]]
+            if a.ndim != len(want_shape) or any(w is not None and w != s for w, s in zip(want_shape, a.shape)):
+                raise QccError(f"expected shape {spec['shape']}, got {list(a.shape)}", where=where)
+            if a.dtype != np.dtype(spec["dtype"]):
+                raise QccError(f"expected dtype {spec['dtype']}, got {a.dtype}", where=where,
+                               hint=f"convert with .astype('{spec['dtype']}')")
+            checked.append(np.ascontiguousarray(a))
+        return checked
+
+    def run(self, *arrays: np.ndarray) -> list[np.ndarray]:
+        """Runs on numpy arrays and returns numpy arrays."""
+        arrays = self._check_inputs(list(arrays))
+        runner = self._get_runner()
+        args = []
+        user = iter(arrays)
+        for a in self.manifest["entry"]["args"]:
+            args.append(self.weights[a["param"]] if "param" in a else next(user))
+        outs = [np.empty(o["shape"], np.dtype(o["dtype"])) for o in self.outputs]
+        runner.call(args, outs)
+        return outs
+
+    def __call__(self, *inputs):
+        torch_in = any(type(x).__module__.startswith("torch") for x in inputs)
+        arrays = [x.detach().cpu().numpy() if type(x).__module__.startswith("torch") else x for x in inputs]
+        outs = self.run(*arrays)
+        if torch_in:
+            import torch
+
+            outs = [torch.from_numpy(o) for o in outs]
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def _get_runner(self):
+        if self._runner is None:
+            target = self.manifest["target"]
+            if target == "cpu":
+                from qcc.backends.cpu.runtime import CpuLibrary
+
+                path = artifact.materialize(self.code["cpu.so"], ".so")
+                try:
+                    self._runner = CpuLibrary(path)
+                finally:
+                    os.unlink(path)  # the mapping stays valid after unlink
+            else:
+                raise QccError(f"target '{target}' cannot run in this process",
+                               hint="run CUDA artifacts with qcc.backends.cuda on a GPU machine")
+        return self._runner
+
+    # -- persistence -----------------------------------------------------------
+    def save(self, path: str) -> None:
+        from safetensors.numpy import save
+
+        weights = save({n: np.ascontiguousarray(self.weights[n]) for n in sorted(self.weights)})
+        artifact.write(path, self.manifest, weights, self.code)
+
+    def weight_bytes(self) -> int:
+        return sum(int(w.nbytes) for w in self.weights.values())
+
+
+def load(path: str) -> CompiledModel:
+    manifest, weights, code = artifact.read(path)
+    return CompiledModel(manifest, weights, code)

@@ -1,0 +1,34 @@
+"""The oracle side of a compiled model: its weights as the format reference decodes them.
+
+Tests and the demo load these into the original PyTorch model; qcc's output must
+then match PyTorch to float rounding, which checks the compiled semantics
+exactly rather than "close to float".
+"""
+
+import numpy as np
+
+from qcc.dialects import formats
+
+
+def dequantized_weights(compiled) -> dict[str, np.ndarray]:
+    """{original weight name: float32 [N, K]} decoded from the artifact's packed weights."""
+    out = {}
+    for layer in compiled.manifest.get("layers", []):
+        base, fmt = layer["weight"], formats.parse_weight_format(layer["format"])
+        shape = tuple(layer["shape"])
+        codes = formats.unpack(compiled.weights[f"{base}:{fmt.key()}:codes"], fmt, shape)
+        zero = compiled.weights.get(f"{base}:{fmt.key()}:zero")
+        scale = compiled.weights[f"{base}:{fmt.key()}:scale"]
+        qt = formats.QuantizedTensor(codes=codes, scale=scale, zero=zero, format=fmt, shape=shape)
+        out[base] = formats.dequantize(qt)
+    return out
+
+
+def load_into_torch(module, weights: dict) -> None:
+    """Overwrites `module`'s parameters by name (in place)."""
+    import torch
+
+    state = dict(module.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            state[name].copy_(torch.from_numpy(value))
