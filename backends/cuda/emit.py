@@ -142,6 +142,8 @@ class Param:
     type: str  # memref<...> for buffers, i32/i64 for scalars
     role: str = "in"  # in | out | inout (buffers) ; scalar
     doc: str = ""
+    rows: tuple[str, int] | None = None  # buffer: (scalar param, max rows): size scales with it
+    range: tuple[int, int] | None = None  # scalar: allowed [min, max]
 
     @property
     def is_buffer(self) -> bool:
@@ -149,13 +151,19 @@ class Param:
 
     def manifest(self) -> dict:
         if not self.is_buffer:
-            return {"name": self.name, "kind": "scalar", "type": self.type, "doc": self.doc}
+            d = {"name": self.name, "kind": "scalar", "type": self.type, "doc": self.doc}
+            if self.range:
+                d["min"], d["max"] = self.range
+            return d
         n, et, _ = parse_memref(self.type)
         shape, e = parse_type(et)
         nbytes = n * bitwidth(et) // 8
-        return {"name": self.name, "kind": "buffer", "role": self.role, "elem": e,
-                "count": n * (shape[0] if shape else 1), "bytes": nbytes,
-                "align": bitwidth(et) // 8, "doc": self.doc}
+        d = {"name": self.name, "kind": "buffer", "role": self.role, "elem": e,
+             "count": n * (shape[0] if shape else 1), "bytes": nbytes,
+             "align": bitwidth(et) // 8, "doc": self.doc}
+        if self.rows:
+            d["rows_param"], d["row_bytes"] = self.rows[0], nbytes // self.rows[1]
+        return d
 
 
 @dataclass
@@ -336,7 +344,10 @@ class MlirEmitter(Emitter):
 
     def fma(self, a: Val, b: Val, c: Val) -> Val:
         assert a.type == b.type == c.type
-        return self._op(f"math.fma {a.v}, {b.v}, {c.v} : {a.type}", a.type)
+        # llvm.intr.fma, not math.fma: convert-gpu-to-nvvm maps math.fma to libdevice's
+        # __nv_fmaf, which we do not link.
+        t = a.type
+        return self._op(f"llvm.intr.fma({a.v}, {b.v}, {c.v}) : ({t}, {t}, {t}) -> {t}", t)
 
     def cmp(self, pred: str, a: Val, b: Val) -> Val:
         assert a.type == b.type

@@ -1,0 +1,449 @@
+"""Quantized matrix-vector (M <= 16) and w8a8 GEMM kernels as MLIR ``gpu`` IR.
+
+Each builder returns a :class:`~qcc.backends.cuda.emit.KernelSpec`: the kernel's
+parameters, launch shape and body. ``spec.mlir_func()`` /
+:func:`qcc.backends.cuda.emit.gpu_module` give MLIR text;
+:func:`qcc.backends.cuda.simt.run` executes the same body on the CPU;
+:mod:`qcc.backends.cuda.ptx` makes PTX and cubin; ``spec.manifest()`` is what the
+runtime needs to launch it.
+
+Weight-only kernels (gemv_w4a16, gemv_w8a16), y[M, N] = x[M, K] @ Wdeq^T, M <= 16:
+
+* One warp owns ``n_tiles`` tiles of 8 output columns (8 rows of W) and one K slice;
+  the ``k_warps`` warps of a block split K and add their partial sums through shared
+  memory at the end. Grid: N / (8 n_tiles) blocks of 32 k_warps threads.
+* Per K tile (128 columns for int4, 64 for int8) every lane issues one 128-bit load
+  of W (the warp reads 512 contiguous bytes: the weights are re-laid out by
+  :mod:`qcc.backends.cuda.pack`), unpacks nibbles/bytes into exact f16 integers in
+  registers with and/or on 32-bit words (``0x6400 | q`` is the half 1024 + q; one f16x2
+  subtraction removes 1024 + zero), and feeds ``mma.sync.m16n8k16`` (f16 x f16 -> f32):
+  the tensor core does the multiply and the reduction across the warp's lanes, A is
+  x (rows >= M are clamped duplicates whose results are never stored), B the weights.
+  K is permuted inside each tile so that a lane's 32 (16) weights are contiguous in K
+  and its x values are two (one) 16-byte loads per row.
+* Group scales are applied per group to the fp32 accumulator (``scale_mode="acc"``,
+  G % 128 == 0, fp32 scales exactly as given) or to the f16 weights before the mma
+  (``scale_mode="weight"``, any G % 32 == 0, f16 scales). int8 per-channel scales
+  multiply the final sum.
+* W and the group metadata of the next ``unroll`` tiles are loaded before the current
+  ones are used (software prefetch through loop-carried registers).
+
+w8a8 GEMM (correct, not tuned): one warp per (column n, 4 rows of x); each lane
+multiplies 16 int8 pairs per step in int32, then a butterfly of ``gpu.shuffle xor``
+reduces across the warp; y = acc * sx[m] * sw[n] in fp32, stored as f16.
+"""
+from __future__ import annotations
+
+from .emit import KernelSpec, Param, vec
+
+SM_COUNT = 132  # H100 / H200 SXM
+
+
+class KernelConstraintError(ValueError):
+    """The requested shape or configuration is not supported by a kernel."""
+
+
+def _require(cond, msg):
+    if not cond:
+        raise KernelConstraintError(msg)
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def default_config(K: int, N: int, k_tile: int, *, group_tiles: int = 1,
+                   sm_count: int = SM_COUNT) -> dict:
+    """Pick (n_tiles, k_warps, unroll) for a weight-only GEMV.
+
+    Aim for >= ~16 warps per SM with ~2 KB of weights in flight each (HBM needs
+    about bandwidth x latency = 3.35 TB/s x ~0.7 us ~ 2.3 MB in flight), while keeping
+    each warp's K slice long enough to amortise the final reduction.
+    """
+    kt = K // k_tile
+    nt = 2 if N % 16 == 0 else 1
+    unroll = 2 if (kt % 2 == 0 and 2 % group_tiles == 0) or group_tiles == 2 else group_tiles
+    want_warps = 16 * sm_count
+    kw = 1
+    while (kw * 2 <= 8 and kt % (kw * 2 * unroll) == 0 and (kt // (kw * 2)) >= 2 * unroll
+           and (N // (8 * nt)) * kw < want_warps):
+        kw *= 2
+    return {"n_tiles": nt, "k_warps": kw, "unroll": unroll}
+
+
+# --------------------------------------------------------------------------- mma gemv core
+
+
+def _mma_gemv_body(E, a, *, K, N, k_tile, nt, kw, unroll, m_max, load_meta, dequant,
+                   group_tiles, scale_acc, final_scale):
+    """Shared body of the weight-only kernels (see module docstring).
+
+    load_meta(E, a, tn, kt) -> list of Vals (for one n-tile and K tile / group)
+    dequant(E, w, meta) -> list over steps of [b0, b1] (vector<2xf16> each)
+    scale_acc: None, or fn(E, meta) -> (sx, sy) f32 applied at group ends
+    final_scale: None, or fn(E, a, tn, t) -> (sx, sy) applied to the reduced sum
+    """
+    KT = K // k_tile
+    TPW = KT // kw
+    steps = k_tile // 16
+    xv = k_tile // 32  # vector<8xf16> loads per x row per tile
+    tid = E.tid()
+    bid = E.bid()
+    warp = tid // 32
+    lane = tid % 32
+    g = lane // 4
+    t = lane % 4
+    M = E.idx(a["M"])
+    mlast = M - 1
+    xlo = E.minu(g, mlast) * (K // 8) + t * xv
+    xhi = E.minu(g + 8, mlast) * (K // 8) + t * xv if m_max > 8 else None
+    tile0 = bid * nt
+    kt0 = warp * TPW
+    wbase = [((tile0 + r) * KT + kt0) * 32 + lane for r in range(nt)]
+    zero = E.const(0.0, "f32")
+
+    meta_per_group = scale_acc is not None
+
+    def load_stage(i):
+        vals = []
+        for r in range(nt):
+            for u in range(unroll):
+                vals.append(E.load(a["wq"], wbase[r] + (i + u) * 32))
+        for r in range(nt):
+            if meta_per_group:
+                for q in range(unroll // group_tiles):
+                    vals += load_meta(E, a, tile0 + r, kt0 + i + q * group_tiles)
+            else:
+                for u in range(unroll):
+                    vals += load_meta(E, a, tile0 + r, kt0 + i + u)
+        return vals
+
+    def split_stage(vals):
+        ws = [[vals[r * unroll + u] for u in range(unroll)] for r in range(nt)]
+        rest = vals[nt * unroll:]
+        per = len(rest) // nt
+        metas = [rest[r * per:(r + 1) * per] for r in range(nt)]
+        return ws, metas
+
+    stage0 = load_stage(E.const(0, "index"))
+    n_meta = (len(stage0) - nt * unroll) // nt
+    mpu = n_meta // (unroll // group_tiles if meta_per_group else unroll) if n_meta else 0
+
+    def body(i, args):
+        acc = [args[4 * r:4 * r + 4] for r in range(nt)]
+        cur = args[4 * nt:]
+        nxt = load_stage(E.minu(i + unroll, E.const(TPW - unroll, "index")))
+        ws, metas = split_stage(cur)
+        accg = [list(x) for x in acc] if not meta_per_group else None
+        for u in range(unroll):
+            kt = kt0 + i + u
+            xb = kt * (k_tile // 8)
+            xl = [E.load(a["x"], xlo + xb + j) for j in range(xv)]
+            # For M <= 8 the A rows 8..15 only feed accumulator rows that are never
+            # stored: reuse rows 0..7 instead of loading them.
+            xh = xl if m_max <= 8 else [E.load(a["x"], xhi + xb + j) for j in range(xv)]
+            A = []
+            for s in range(steps):
+                o = 4 * (s % 2)
+                A.append([E.slice2(xl[s // 2], o), E.slice2(xh[s // 2], o),
+                          E.slice2(xl[s // 2], o + 2), E.slice2(xh[s // 2], o + 2)])
+            if meta_per_group and u % group_tiles == 0:
+                accg = [[zero] * 4 for _ in range(nt)]
+            for r in range(nt):
+                if meta_per_group:
+                    q = u // group_tiles
+                    m = metas[r][q * mpu:(q + 1) * mpu]
+                else:
+                    m = metas[r][u * mpu:(u + 1) * mpu]
+                B = dequant(E, ws[r][u], m)
+                for s in range(steps):
+                    accg[r] = E.mma_f16(A[s], B[s], accg[r])
+            if meta_per_group and (u + 1) % group_tiles == 0:
+                q = u // group_tiles
+                for r in range(nt):
+                    sx, sy = scale_acc(E, metas[r][q * mpu:(q + 1) * mpu])
+                    acc[r] = [E.fma(accg[r][0], sx, acc[r][0]), E.fma(accg[r][1], sy, acc[r][1]),
+                              E.fma(accg[r][2], sx, acc[r][2]), E.fma(accg[r][3], sy, acc[r][3])]
+        if not meta_per_group:
+            acc = accg
+        return [v for r in range(nt) for v in acc[r]] + nxt
+
+    inits = [zero] * (4 * nt) + stage0
+    res = E.for_(0, TPW, unroll, inits, body)
+    acc = [res[4 * r:4 * r + 4] for r in range(nt)]
+
+    half_n = N // 2
+
+    def store_out(r, vals):
+        tn = tile0 + r
+        if final_scale is not None:
+            sx, sy = final_scale(E, a, tn, t)
+            vals = [vals[0] * sx, vals[1] * sy, vals[2] * sx, vals[3] * sy]
+        col = tn * 4 + t
+        lo = E.cast("truncf", E.from_elements(vals[0:2]), "vector<2xf16>")
+        hi = E.cast("truncf", E.from_elements(vals[2:4]), "vector<2xf16>") if m_max > 8 else None
+        E.if_(E.cmp("ult", g, M), lambda: E.store(lo, a["y"], g * half_n + col))
+        if m_max > 8:
+            E.if_(E.cmp("ult", g + 8, M), lambda: E.store(hi, a["y"], (g + 8) * half_n + col))
+
+    if kw == 1:
+        for r in range(nt):
+            store_out(r, acc[r])
+        return
+    red = a["red"]
+    for r in range(nt):
+        for e in range(4):
+            E.store(acc[r][e], red, ((warp * nt + r) * 4 + e) * 32 + lane)
+    E.barrier()
+    for r in range(nt):
+        def owner(r=r):
+            tot = []
+            for e in range(4):
+                s = None
+                for w in range(kw):
+                    v = E.load(red, E.const(((w * nt + r) * 4 + e) * 32, "index") + lane)
+                    s = v if s is None else s + v
+                tot.append(s)
+            store_out(r, tot)
+        E.if_(E.cmp("eq", warp, E.const(r % kw, "index")), owner)
+
+
+def _check_cfg(K, N, k_tile, nt, kw, unroll, group_tiles, m_max):
+    KT = K // k_tile
+    _require(1 <= m_max <= 16, f"m_max must be in 1..16 (got {m_max})")
+    _require(N % (8 * nt) == 0, f"N={N} must be a multiple of 8*n_tiles={8 * nt}")
+    _require(KT % kw == 0, f"K/{k_tile}={KT} K-tiles must split evenly over k_warps={kw}")
+    TPW = KT // kw
+    _require(unroll >= 1 and TPW % unroll == 0,
+             f"each warp's {TPW} K-tiles must be a multiple of unroll={unroll}")
+    _require(unroll % group_tiles == 0,
+             f"unroll={unroll} must be a multiple of the tiles per group ({group_tiles})")
+    _require(TPW % group_tiles == 0, "warp K slices must hold whole groups")
+
+
+def _cfg(K, N, k_tile, group_tiles, n_tiles, k_warps, unroll):
+    d = default_config(K, N, k_tile, group_tiles=group_tiles)
+    return (n_tiles or d["n_tiles"], k_warps or d["k_warps"], unroll or d["unroll"])
+
+
+def _common_params(K, N, m_max):
+    return [Param("x", f"memref<{m_max * K // 8}xvector<8xf16>>", "in",
+                  f"activations f16 [M, {K}] row-major (M <= {m_max})", rows=("M", m_max))]
+
+
+# --------------------------------------------------------------------------- w4a16
+
+
+def gemv_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True,
+               scale_mode: str | None = None, m_max: int = 16, n_tiles: int | None = None,
+               k_warps: int | None = None, unroll: int | None = None,
+               name: str | None = None) -> KernelSpec:
+    """y[M, N] = x[M, K] @ dequant(W4)^T for 1 <= M <= m_max (M is a launch argument).
+
+    Constraints: K % 128 == 0, N % (8 n_tiles) == 0, group_size % 32 == 0 and divides K;
+    ``scale_mode="acc"`` (default when group_size % 128 == 0) needs group_size % 128 == 0.
+    Parameters (in order): x f16[M, K], wq, scales, [zeros | meta], y f16[M, N], M i32 —
+    weights as produced by :func:`qcc.backends.cuda.pack.pack_w4a16` with the same
+    ``scale_mode``.
+    """
+    G = group_size
+    _require(K % 128 == 0 and N % 8 == 0, f"gemv_w4a16 needs K % 128 == 0 and N % 8 == 0 (K={K}, N={N})")
+    _require(G % 32 == 0 and K % G == 0, f"group_size={G} must be a multiple of 32 dividing K={K}")
+    mode = scale_mode or ("acc" if G % 128 == 0 else "weight")
+    _require(mode in ("acc", "weight"), f"scale_mode must be 'acc' or 'weight' (got {mode!r})")
+    _require(mode == "weight" or G % 128 == 0, "scale_mode='acc' needs group_size % 128 == 0")
+    gt = G // 128 if mode == "acc" else 1
+    nt, kw, un = _cfg(K, N, 128, gt, n_tiles, k_warps, unroll)
+    _check_cfg(K, N, 128, nt, kw, un, gt, m_max)
+    GP = K // G
+    NB = N // 8
+    params = _common_params(K, N, m_max)
+    params.append(Param("wq", f"memref<{NB * (K // 128) * 32}xvector<4xi32>>", "in",
+                        "packed int4 tiles (pack_w4a16)"))
+    if mode == "acc":
+        params.append(Param("scales", f"memref<{NB * GP * 4}xvector<2xf32>>", "in",
+                            "f32 [N/8, K/G, 8]"))
+        if zero_point:
+            params.append(Param("zeros", f"memref<{NB * GP * 8}xi8>", "in", "u8 [N/8, K/G, 8]"))
+    else:
+        params.append(Param("meta", f"memref<{NB * GP * 8}xvector<2xf16>>", "in",
+                            "f16 [N/8, K/G, 8, (1024+zero, scale)]"))
+    params.append(Param("y", f"memref<{m_max * N // 2}xvector<2xf16>>", "out", f"f16 [M, {N}]",
+                        rows=("M", m_max)))
+    params.append(Param("M", "i32", "scalar", f"rows of x, 1..{m_max}", range=(1, m_max)))
+
+    def load_meta(E, a, tn, kt):
+        lane = E.tid() % 32
+        g, t = lane // 4, lane % 4
+        if mode == "acc":
+            grp = kt // gt
+            out = [E.load(a["scales"], (tn * GP + grp) * 4 + t)]
+            if zero_point:
+                out.append(E.load(a["zeros"], (tn * GP + grp) * 8 + g))
+            return out
+        grp = (kt * 128 + t * 32) // G
+        return [E.load(a["meta"], (tn * GP + grp) * 8 + g)]
+
+    def zb8_of(E, m):
+        if mode == "acc":
+            if not zero_point:
+                return E.const(1032.0, "vector<8xf16>"), None
+            z = E.cast("extui", m[1], "i32")
+            h = (z | 0x6400) * 0x00010001
+            return E.bitcast(E.broadcast(h, "vector<4xi32>"), "vector<8xf16>"), None
+        zs = m[0]
+        return E.shuffle(zs, zs, [0] * 8), E.shuffle(zs, zs, [1] * 8)
+
+    def dequant(E, w, m):
+        zb8, s8 = zb8_of(E, m)
+        V = []
+        for c in range(4):
+            x = w if c == 0 else (w >> E.const(4 * c, "vector<4xi32>"))
+            h = E.bitcast((x & E.const(0x000F000F, "vector<4xi32>")) |
+                          E.const(0x64006400, "vector<4xi32>"), "vector<8xf16>")
+            h = h - zb8
+            if s8 is not None:
+                h = h * s8
+            V.append(h)
+        B = []
+        for s in range(8):
+            wi, c = s // 2, 2 * (s % 2)
+            B.append([E.slice2(V[c], 2 * wi), E.slice2(V[c + 1], 2 * wi)])
+        return B
+
+    def scale_acc(E, m):
+        s = m[0]
+        return E.extract(s, 0), E.extract(s, 1)
+
+    smem = [("red", "f32", kw * nt * 4 * 32)] if kw > 1 else []
+
+    def body(E, a):
+        _mma_gemv_body(E, a, K=K, N=N, k_tile=128, nt=nt, kw=kw, unroll=un, m_max=m_max,
+                       load_meta=load_meta, dequant=dequant, group_tiles=gt,
+                       scale_acc=scale_acc if mode == "acc" else None, final_scale=None)
+
+    nm = name or f"gemv_w4a16_g{G}{'' if zero_point else 's'}_{mode}_k{K}_n{N}_t{nt}w{kw}u{un}"
+    cfg = {"kind": "gemv_w4a16", "K": K, "N": N, "group_size": G, "zero_point": zero_point,
+           "scale_mode": mode, "m_max": m_max, "n_tiles": nt, "k_warps": kw, "unroll": un,
+           "weight_bytes": N * K // 2,
+           "meta_bytes": N * GP * (4 + (1 if zero_point else 0)) if mode == "acc" else N * GP * 4}
+    return KernelSpec(nm, params, (32 * kw, 1, 1), (N // (8 * nt), 1, 1), body, smem, cfg,
+                      doc=gemv_w4a16.__doc__.split("\n")[0])
+
+
+# --------------------------------------------------------------------------- w8a16
+
+
+def gemv_w8a16(K: int, N: int, *, m_max: int = 16, n_tiles: int | None = None,
+               k_warps: int | None = None, unroll: int | None = None,
+               name: str | None = None) -> KernelSpec:
+    """y[M, N] = x[M, K] @ (q * scale)^T, int8 per-channel weights, 1 <= M <= m_max.
+
+    Constraints: K % 64 == 0, N % (8 n_tiles) == 0. Parameters: x f16[M, K],
+    wq (pack_w8a16), scales f32[N], y f16[M, N], M i32.
+    """
+    _require(K % 64 == 0 and N % 8 == 0, f"gemv_w8a16 needs K % 64 == 0 and N % 8 == 0 (K={K}, N={N})")
+    nt, kw, un = _cfg(K, N, 64, 1, n_tiles, k_warps, unroll)
+    _check_cfg(K, N, 64, nt, kw, un, 1, m_max)
+    NB = N // 8
+    params = _common_params(K, N, m_max)
+    params.append(Param("wq", f"memref<{NB * (K // 64) * 32}xvector<4xi32>>", "in",
+                        "offset-binary int8 tiles (pack_w8a16)"))
+    params.append(Param("scales", f"memref<{N // 2}xvector<2xf32>>", "in", "f32 [N]"))
+    params.append(Param("y", f"memref<{m_max * N // 2}xvector<2xf16>>", "out", f"f16 [M, {N}]",
+                        rows=("M", m_max)))
+    params.append(Param("M", "i32", "scalar", f"rows of x, 1..{m_max}", range=(1, m_max)))
+
+    def load_meta(E, a, tn, kt):
+        return []
+
+    def dequant(E, w, m):
+        mask = E.const(0x00FF00FF, "vector<4xi32>")
+        bias = E.const(0x64006400, "vector<4xi32>")
+        off = E.const(1152.0, "vector<8xf16>")
+        lo = E.bitcast((w & mask) | bias, "vector<8xf16>") - off
+        hi = E.bitcast(((w >> E.const(8, "vector<4xi32>")) & mask) | bias, "vector<8xf16>") - off
+        return [[E.slice2(lo, 2 * s), E.slice2(hi, 2 * s)] for s in range(4)]
+
+    def final_scale(E, a, tn, t):
+        s = E.load(a["scales"], tn * 4 + t)
+        return E.extract(s, 0), E.extract(s, 1)
+
+    smem = [("red", "f32", kw * nt * 4 * 32)] if kw > 1 else []
+
+    def body(E, a):
+        _mma_gemv_body(E, a, K=K, N=N, k_tile=64, nt=nt, kw=kw, unroll=un, m_max=m_max,
+                       load_meta=load_meta, dequant=dequant, group_tiles=1, scale_acc=None,
+                       final_scale=final_scale)
+
+    nm = name or f"gemv_w8a16_k{K}_n{N}_t{nt}w{kw}u{un}"
+    cfg = {"kind": "gemv_w8a16", "K": K, "N": N, "m_max": m_max, "n_tiles": nt, "k_warps": kw,
+           "unroll": un, "weight_bytes": N * K, "meta_bytes": 4 * N}
+    return KernelSpec(nm, params, (32 * kw, 1, 1), (N // (8 * nt), 1, 1), body, smem, cfg,
+                      doc=gemv_w8a16.__doc__.split("\n")[0])
+
+
+# --------------------------------------------------------------------------- w8a8
+
+
+def gemm_w8a8(M: int, K: int, N: int, *, m_tile: int = 4, warps: int = 4,
+              name: str | None = None) -> KernelSpec:
+    """y[M, N] f16 = (xq[M, K] int8 @ wq[N, K]^T int8 in int32) * sx[M] * sw[N].
+
+    Correct, not tuned. Constraints: K % 16 == 0, N % warps == 0. Parameters:
+    xq int8[M, K], sx f32[M], wq int8[N, K] (pack_w8a8), sw f32[N], y f16[M, N].
+    """
+    _require(K % 16 == 0, f"gemm_w8a8 needs K % 16 == 0 (K={K})")
+    _require(N % warps == 0, f"N={N} must be a multiple of warps={warps}")
+    _require(M >= 1, "M must be >= 1")
+    K16 = K // 16
+    MB = -(-M // m_tile)
+    params = [
+        Param("xq", f"memref<{M * K16}xvector<16xi8>>", "in", f"int8 [{M}, {K}]"),
+        Param("sx", f"memref<{M}xf32>", "in", f"per-token scale f32 [{M}]"),
+        Param("wq", f"memref<{N * K16}xvector<16xi8>>", "in", f"int8 [{N}, {K}]"),
+        Param("sw", f"memref<{N}xf32>", "in", f"per-channel scale f32 [{N}]"),
+        Param("y", f"memref<{M * N}xf16>", "out", f"f16 [{M}, {N}]"),
+    ]
+    steps = -(-K16 // 32)
+
+    def body(E, a):
+        tid = E.tid()
+        lane = tid % 32
+        n = E.bid("x") * warps + tid // 32
+        m0 = E.bid("y") * m_tile
+        rows = [E.minu(m0 + i, E.const(M - 1, "index")) for i in range(m_tile)]
+        zero = E.const(0, "i32")
+        zv = E.const(0, "vector<16xi8>")
+
+        def step(i, acc):
+            k16 = i * 32 + lane
+            ok = E.cmp("ult", k16, E.const(K16, "index"))
+            kc = E.minu(k16, E.const(K16 - 1, "index"))
+            w = E.load(a["wq"], n * K16 + kc)
+            w32 = E.cast("extsi", w, "vector<16xi32>")
+            out = []
+            for r in range(m_tile):
+                xv = E.load(a["xq"], rows[r] * K16 + kc)
+                p = E.reduce_add(E.cast("extsi", xv, "vector<16xi32>") * w32)
+                out.append(acc[r] + E.select(ok, p, zero))
+            return out
+
+        acc = E.for_(0, steps, 1, [zero] * m_tile, step)
+        for off in (16, 8, 4, 2, 1):
+            acc = [v + E.shfl_xor(v, off) for v in acc]
+        sw = E.load(a["sw"], n)
+        for r in range(m_tile):
+            m = m0 + r
+            yv = E.cast("sitofp", acc[r], "f32") * E.load(a["sx"], rows[r]) * sw
+            yh = E.cast("truncf", yv, "f16")
+            cond = E.cmp("ult", m, E.const(M, "index"))
+            first = E.cmp("eq", lane, E.const(0, "index"))
+            both = E.and_(cond, first)
+            E.if_(both, lambda yh=yh, m=m: E.store(yh, a["y"], m * N + n))
+        del zv
+
+    nm = name or f"gemm_w8a8_m{M}_k{K}_n{N}"
+    cfg = {"kind": "gemm_w8a8", "M": M, "K": K, "N": N, "m_tile": m_tile, "warps": warps,
+           "weight_bytes": N * K, "meta_bytes": 4 * N}
+    return KernelSpec(nm, params, (32 * warps, 1, 1), (N // warps, MB, 1), body, [], cfg,
+                      doc=gemm_w8a8.__doc__.split("\n")[0])

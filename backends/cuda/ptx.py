@@ -1,0 +1,254 @@
+"""gpu.module (MLIR) -> NVVM -> LLVM IR -> PTX (llvmlite) -> cubin (ptxas).
+
+The MLIR wheel's LLVM has no NVPTX target, so the path is:
+
+1. ``convert-gpu-to-nvvm`` (bare-pointer kernel ABI: one pointer per memref) with
+   scf/vector/arith/math/memref lowered to the LLVM dialect inside the gpu.module;
+2. the kernels are moved into a plain module carrying
+   ``llvm.target_triple = "nvptx64-nvidia-cuda"`` and translated to LLVM IR
+   (``translate_module_to_llvmir``);
+3. llvmlite (LLVM with the NVPTX back end) runs the O3 pipeline for the target
+   machine (this is what turns kernel pointers into ``ld.global.nc``) and emits PTX;
+4. ``ptxas`` assembles PTX for one architecture and reports registers and spills.
+
+Only steps 1-2 need ``torch_mlir``; it is imported lazily.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import tempfile
+from typing import Iterable, Sequence
+
+NVPTX_TRIPLE = "nvptx64-nvidia-cuda"
+NVPTX_DATALAYOUT = "e-p6:32:32-i64:64-i128:128-i256:256-v16:16-v32:32-n16:32:64"
+DEFAULT_ARCH = "sm_90"
+# Lowest PTX ISA version that each target needs (LLVM feature name).
+_PTX_FEATURE = {"sm_80": "+ptx70", "sm_86": "+ptx71", "sm_89": "+ptx78", "sm_90": "+ptx78",
+                "sm_90a": "+ptx80"}
+
+def lowering_pipeline(index_bitwidth: int = 64) -> str:
+    return ("builtin.module(gpu.module(canonicalize, cse, convert-scf-to-cf, convert-vector-to-llvm,"
+            f"convert-gpu-to-nvvm{{use-bare-ptr-memref-call-conv=1 index-bitwidth={index_bitwidth}}},"
+            " canonicalize, cse), reconcile-unrealized-casts)")
+
+
+LOWERING_PIPELINE = lowering_pipeline()
+
+
+class PtxError(RuntimeError):
+    """Lowering or PTX emission failed."""
+
+
+class PtxasError(RuntimeError):
+    """ptxas rejected the PTX; ``log`` holds its output, ``repro`` a command line."""
+
+    def __init__(self, msg: str, log: str = "", repro: str = ""):
+        super().__init__(f"{msg}\n--- ptxas log ---\n{log}\n--- repro ---\n{repro}")
+        self.log, self.repro = log, repro
+
+
+@dataclasses.dataclass
+class Resources:
+    """ptxas -v figures for one kernel."""
+
+    registers: int = 0
+    spill_stores: int = 0  # bytes
+    spill_loads: int = 0  # bytes
+    stack: int = 0  # bytes of stack frame
+    shared: int = 0  # bytes of static shared memory
+    cmem0: int = 0
+
+
+@dataclasses.dataclass
+class Cubin:
+    arch: str
+    data: bytes
+    resources: dict  # kernel name -> Resources
+    log: str
+
+
+# --------------------------------------------------------------------------- MLIR -> LLVM IR
+
+
+def lower_to_llvm_ir(module_text: str, index_bitwidth: int = 64) -> str:
+    """MLIR text with one or more gpu.modules -> LLVM IR text for nvptx64."""
+    from torch_mlir import ir, passmanager
+    from torch_mlir.dialects import llvm as llvm_d
+
+    with ir.Context(), ir.Location.unknown():
+        try:
+            m = ir.Module.parse(module_text)
+        except Exception as e:  # MLIRError carries the diagnostics
+            raise PtxError(f"kernel IR does not parse/verify: {e}") from e
+        pipeline = lowering_pipeline(index_bitwidth)
+        pm = passmanager.PassManager.parse(pipeline)
+        try:
+            pm.run(m.operation)
+        except Exception as e:
+            raise PtxError(f"lowering to NVVM failed ({pipeline}): {e}") from e
+        out = ir.Module.create()
+        out.operation.attributes["llvm.target_triple"] = ir.StringAttr.get(NVPTX_TRIPLE)
+        out.operation.attributes["llvm.data_layout"] = ir.StringAttr.get(NVPTX_DATALAYOUT)
+        n = 0
+        for top in list(m.body.operations):
+            if top.operation.name != "gpu.module":
+                continue
+            for op in list(top.regions[0].blocks[0].operations):
+                if op.operation.name.startswith("gpu.module_end"):
+                    continue
+                out.body.append(op)
+                n += 1
+        if not n:
+            raise PtxError("no gpu.module with kernels in the input")
+        return llvm_d.translate_module_to_llvmir(out.operation)
+
+
+# --------------------------------------------------------------------------- LLVM IR -> PTX
+
+_llvm_ready = False
+
+
+def _llvm():
+    global _llvm_ready
+    import llvmlite.binding as lb
+
+    if not _llvm_ready:
+        try:
+            lb.initialize()
+        except Exception:  # newer llvmlite initialises itself and rejects the call
+            pass
+        lb.initialize_all_targets()
+        lb.initialize_all_asmprinters()
+        _llvm_ready = True
+    return lb
+
+
+def llvm_ir_to_ptx(llvm_ir: str, arch: str = DEFAULT_ARCH, opt: int = 3) -> str:
+    lb = _llvm()
+    if arch not in _PTX_FEATURE:
+        raise PtxError(f"unsupported arch {arch!r}; known: {sorted(_PTX_FEATURE)}")
+    mod = lb.parse_assembly(llvm_ir)
+    mod.triple = NVPTX_TRIPLE
+    mod.verify()
+    tm = lb.Target.from_triple(NVPTX_TRIPLE).create_target_machine(
+        cpu=arch, features=_PTX_FEATURE[arch], opt=opt)
+    pb = lb.create_pass_builder(tm, lb.create_pipeline_tuning_options(opt))
+    pb.getModulePassManager().run(mod, pb)
+    return tm.emit_assembly(mod)
+
+
+def compile_ptx(module_text: str, arch: str = DEFAULT_ARCH, opt: int = 3) -> str:
+    """MLIR gpu.module text -> PTX text for ``arch`` (sm_80, sm_90, sm_90a, ...)."""
+    return llvm_ir_to_ptx(lower_to_llvm_ir(module_text), arch, opt)
+
+
+# --------------------------------------------------------------------------- PTX -> cubin
+
+_RES_RE = {
+    "registers": re.compile(r"Used (\d+) registers"),
+    "stack": re.compile(r"(\d+) bytes stack frame"),
+    "spill_stores": re.compile(r"(\d+) bytes spill stores"),
+    "spill_loads": re.compile(r"(\d+) bytes spill loads"),
+    "shared": re.compile(r"(\d+) bytes smem"),
+    "cmem0": re.compile(r"(\d+) bytes cmem\[0\]"),
+}
+
+
+def parse_ptxas_log(log: str) -> dict:
+    """ptxas -v output -> {kernel: Resources}."""
+    out: dict[str, Resources] = {}
+    cur = None
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '([^']+)'", line) or \
+            re.search(r"Function properties for (\S+)", line)
+        if m:
+            cur = out.setdefault(m.group(1), Resources())
+            continue
+        if cur is None:
+            continue
+        for k, rx in _RES_RE.items():
+            mm = rx.search(line)
+            if mm:
+                setattr(cur, k, int(mm.group(1)))
+    return out
+
+
+def ptxas_path() -> str | None:
+    return shutil.which("ptxas")
+
+
+def assemble(ptx: str, arch: str = DEFAULT_ARCH, *, opt: int = 3,
+             extra_args: Sequence[str] = (), keep_dir: str | None = None) -> Cubin:
+    """Assemble PTX with ``ptxas -v``; raise :class:`PtxasError` with the log on failure."""
+    exe = ptxas_path()
+    if exe is None:
+        raise PtxasError("ptxas not found on PATH")
+    d = keep_dir or tempfile.mkdtemp(prefix="qcc_ptxas_")
+    os.makedirs(d, exist_ok=True)
+    src = os.path.join(d, f"kernels_{arch}.ptx")
+    dst = os.path.join(d, f"kernels_{arch}.cubin")
+    with open(src, "w") as f:
+        f.write(ptx)
+    cmd = [exe, f"-arch={arch}", f"-O{opt}", "-v", *extra_args, src, "-o", dst]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    log = (p.stdout or "") + (p.stderr or "")
+    repro = " ".join(shlex.quote(c) for c in cmd)
+    if p.returncode != 0:
+        raise PtxasError(f"ptxas failed for {arch} (exit {p.returncode})", log, repro)
+    with open(dst, "rb") as f:
+        data = f.read()
+    if keep_dir is None:
+        shutil.rmtree(d, ignore_errors=True)
+    return Cubin(arch, data, parse_ptxas_log(log), log)
+
+
+# --------------------------------------------------------------------------- bundles
+
+
+def build_bundle(specs: Iterable, out_dir: str, archs: Sequence[str] = ("sm_90a",),
+                 *, cubin: bool = True, module_name: str = "qcc_kernels") -> dict:
+    """Emit, lower, compile and assemble kernels into ``out_dir``.
+
+    Writes ``kernels.mlir``, ``kernels.ll``, ``kernels_<arch>.ptx``,
+    ``kernels_<arch>.cubin`` (when ptxas is present) and ``manifest.json``; returns the
+    manifest dict: {"kernels": {name: spec.manifest() + {"resources": {arch: ...}}},
+    "images": {arch: {"ptx": file, "cubin": file}}}.
+    """
+    from .emit import gpu_module
+
+    specs = list(specs)
+    os.makedirs(out_dir, exist_ok=True)
+    text = gpu_module(specs, module_name)
+    with open(os.path.join(out_dir, "kernels.mlir"), "w") as f:
+        f.write(text)
+    ll = lower_to_llvm_ir(text)
+    with open(os.path.join(out_dir, "kernels.ll"), "w") as f:
+        f.write(ll)
+    manifest = {"format": "qcc-cuda-bundle/1", "kernels": {}, "images": {}}
+    for s in specs:
+        manifest["kernels"][s.name] = s.manifest() | {"resources": {}}
+    for arch in archs:
+        ptx = llvm_ir_to_ptx(ll, arch)
+        pname = f"kernels_{arch}.ptx"
+        with open(os.path.join(out_dir, pname), "w") as f:
+            f.write(ptx)
+        img = {"ptx": pname}
+        if cubin and ptxas_path():
+            cb = assemble(ptx, arch)
+            cname = f"kernels_{arch}.cubin"
+            with open(os.path.join(out_dir, cname), "wb") as f:
+                f.write(cb.data)
+            img["cubin"] = cname
+            for k, r in cb.resources.items():
+                if k in manifest["kernels"]:
+                    manifest["kernels"][k]["resources"][arch] = dataclasses.asdict(r)
+        manifest["images"][arch] = img
+    with open(os.path.join(out_dir, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+    return manifest

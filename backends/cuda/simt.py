@@ -1,0 +1,396 @@
+"""Run a kernel written against :mod:`qcc.backends.cuda.emit` on the CPU, with numpy.
+
+The emulator executes every op for all threads of a batch of thread blocks at once
+(lock-step SIMT with an active mask for ``scf.if``), with the semantics of the
+matching MLIR/PTX operation:
+
+* integers wrap at their width; ``f16`` arithmetic rounds each op to half;
+* ``mma_f16`` implements ``mma.sync.m16n8k16.row.col.f32.f16.f16.f32`` with the
+  fragment layout of the PTX ISA (section "Matrix Fragments for mma.m16n8k16
+  with floating point type"); it needs all 32 lanes of a warp active;
+* ``shfl_xor`` is a butterfly shuffle within each warp;
+* shared memory is per block and checked: reading an element that another thread
+  wrote since the last ``barrier`` raises :class:`SimtError` (a missing barrier),
+  as does reading one nobody wrote;
+* loads and stores are bounds-checked for active threads; two active threads
+  storing different values to one address in one op raise :class:`SimtError`.
+
+It is slow-ish (numpy per op) but exact enough to test packed layouts, fragment
+mappings and index arithmetic on small shapes. Only numpy is needed.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .emit import (Emitter, KernelSpec, Val, parse_memref, parse_type, vec, is_float,
+                   INT_TYPES)
+
+_NP = {"i1": np.bool_, "i8": np.uint8, "i16": np.uint16, "i32": np.uint32,
+       "i64": np.uint64, "index": np.int64, "f16": np.float16, "f32": np.float32,
+       "f64": np.float64}
+_SIGNED = {np.uint8: np.int8, np.uint16: np.int16, np.uint32: np.int32,
+           np.uint64: np.int64, np.int64: np.int64}
+
+
+class SimtError(RuntimeError):
+    pass
+
+
+def np_dtype(e: str):
+    return _NP[e]
+
+
+class _Mem:
+    def __init__(self, name, arr, space, etype, nblocks=None):
+        self.name, self.arr, self.space, self.etype = name, arr, space, etype
+        if space == "workgroup":
+            n = arr.shape[1]
+            self.epoch_w = np.full((nblocks, n), -1, np.int64)  # epoch of last write
+            self.writer = np.full((nblocks, n), -1, np.int64)  # thread of last write
+
+
+class SimtEmulator(Emitter):
+    def __init__(self, spec: KernelSpec, block_lo: int, block_hi: int):
+        assert spec.block[1] == spec.block[2] == 1, "emulator supports 1-D blocks"
+        self.spec = spec
+        self.bx = spec.block[0]
+        assert self.bx % 32 == 0, "block size must be a multiple of 32"
+        nb = block_hi - block_lo
+        self.T = nb * self.bx
+        lin = np.arange(self.T, dtype=np.int64)
+        self._tid = lin % self.bx
+        blk = block_lo + lin // self.bx
+        self._bidx = blk % spec.grid[0]
+        self._bidy = blk // spec.grid[0]
+        self._blk_local = lin // self.bx
+        self._gtid = block_lo * self.bx + lin
+        self.nb = nb
+        self.mask = np.ones(self.T, bool)
+        self.epoch = 0
+
+    # -- helpers
+    def _v(self, arr, t):
+        return Val(self, arr, t)
+
+    def _full(self, value, t):
+        s, e = parse_type(t)
+        dt = _NP[e]
+        if e in INT_TYPES and e not in ("i1", "index"):
+            value = int(value) % (1 << INT_TYPES[e])
+        return np.full((self.T,) + s, value, dtype=dt)
+
+    def _check_active_all(self, what):
+        if not self.mask.all():
+            raise SimtError(f"{what} executed with inactive threads (divergent control flow)")
+
+    # -- values
+    def const(self, value, t):
+        return self._v(self._full(value, t), t)
+
+    def _bin(self, op, a, b):
+        assert a.type == b.type, (op, a, b)
+        x, y = a.v, b.v
+        with np.errstate(over="ignore", invalid="ignore"):
+            if op in ("addi", "addf"):
+                r = x + y
+            elif op in ("subi", "subf"):
+                r = x - y
+            elif op in ("muli", "mulf"):
+                r = x * y
+            elif op in ("divui", "remui"):
+                if np.any((y == 0) & self._mvec(y)):
+                    raise SimtError("division by zero")
+                yy = np.where(y == 0, 1, y)
+                r = x // yy if op == "divui" else x % yy
+            elif op == "minui":
+                r = np.minimum(x, y)
+            elif op == "maximumf":
+                r = np.maximum(x, y)
+            elif op == "andi":
+                r = x & y
+            elif op == "ori":
+                r = x | y
+            elif op == "xori":
+                r = x ^ y
+            elif op in ("shrui", "shli"):
+                w = INT_TYPES[parse_type(a.type)[1]]
+                if np.any((y >= w) & self._mvec(y)):
+                    raise SimtError(f"shift by >= {w}")
+                r = (x >> y) if op == "shrui" else (x << y)
+            else:
+                raise NotImplementedError(op)
+        return self._v(r.astype(x.dtype, copy=False), a.type)
+
+    def _mvec(self, arr):
+        m = self.mask
+        return m.reshape((-1,) + (1,) * (arr.ndim - 1))
+
+    def maxf(self, a, b):
+        return self._bin("maximumf", a, b)
+
+    def fma(self, a, b, c):
+        r = a.v.astype(np.float64) * b.v.astype(np.float64) + c.v.astype(np.float64)
+        return self._v(r.astype(a.v.dtype), a.type)
+
+    def cmp(self, pred, a, b):
+        x, y = a.v, b.v
+        if pred.startswith("s") and x.dtype.type in _SIGNED:
+            x, y = x.view(_SIGNED[x.dtype.type]), y.view(_SIGNED[y.dtype.type])
+        p = pred[-2:] if pred[0] in "suo" else pred
+        r = {"eq": x == y, "ne": x != y, "lt": x < y, "le": x <= y, "gt": x > y,
+             "ge": x >= y}[p]
+        return self._v(r, "i1")
+
+    def select(self, c, a, b):
+        cc = c.v.reshape((-1,) + (1,) * (a.v.ndim - 1))
+        return self._v(np.where(cc, a.v, b.v), a.type)
+
+    def cast(self, op, v, t):
+        s, e = parse_type(t)
+        dt = _NP[e]
+        x = v.v
+        if op == "index_cast":
+            if x.dtype.type in _SIGNED:
+                x = x.view(_SIGNED[x.dtype.type])
+            r = x.astype(np.int64).astype(dt) if e != "index" else x.astype(np.int64)
+        elif op == "extui":
+            r = x.astype(dt)
+        elif op == "extsi":
+            r = x.view(_SIGNED[x.dtype.type]).astype(_SIGNED[dt]).view(dt)
+        elif op == "trunci":
+            r = x.astype(dt)
+        elif op == "sitofp":
+            r = x.view(_SIGNED[x.dtype.type]).astype(dt)
+        elif op == "uitofp":
+            r = x.astype(dt)
+        elif op in ("truncf", "extf"):
+            r = x.astype(dt)
+        else:
+            raise NotImplementedError(op)
+        return self._v(r, t)
+
+    def bitcast(self, v, t):
+        s, e = parse_type(t)
+        x = np.ascontiguousarray(v.v).reshape(self.T, -1)
+        r = x.view(_NP[e]).reshape((self.T,) + s)
+        return self._v(r, t)
+
+    def shuffle(self, a, b, mask):
+        both = np.concatenate([a.v, b.v], axis=1)
+        return self._v(both[:, list(mask)], vec(len(mask), parse_type(a.type)[1]))
+
+    def extract(self, v, i):
+        return self._v(v.v[:, i].copy(), parse_type(v.type)[1])
+
+    def broadcast(self, s, t):
+        n = parse_type(t)[0][0]
+        return self._v(np.repeat(s.v[:, None], n, axis=1), t)
+
+    def from_elements(self, xs):
+        return self._v(np.stack([x.v for x in xs], axis=1), vec(len(xs), xs[0].type))
+
+    def reduce_add(self, v):
+        e = parse_type(v.type)[1]
+        if is_float(v.type):
+            r = v.v.astype(np.float64).sum(axis=1).astype(v.v.dtype)
+        else:
+            r = v.v.astype(np.uint64).sum(axis=1).astype(v.v.dtype)
+        return self._v(r, e)
+
+    # -- memory
+    def load(self, mem, i):
+        m: _Mem = mem.v
+        i = self.idx(i).v
+        act = self.mask
+        n = m.arr.shape[1] if m.space == "workgroup" else m.arr.shape[0]
+        bad = act & ((i < 0) | (i >= n))
+        if bad.any():
+            t = int(np.nonzero(bad)[0][0])
+            raise SimtError(f"out-of-bounds load of {m.name}[{int(i[t])}] (size {n}) "
+                            f"by thread {int(self._tid[t])} of block {int(self._bidx[t])}")
+        ii = np.where(act, i, 0)
+        if m.space == "workgroup":
+            b = self._blk_local
+            ep = m.epoch_w[b, ii]
+            wr = m.writer[b, ii]
+            if np.any(act & (ep < 0)):
+                t = int(np.nonzero(act & (ep < 0))[0][0])
+                raise SimtError(f"read of unwritten shared memory {m.name}[{int(ii[t])}]")
+            race = act & (ep == self.epoch) & (wr != self._gtid)
+            if race.any():
+                t = int(np.nonzero(race)[0][0])
+                raise SimtError(f"race: {m.name}[{int(ii[t])}] read by thread "
+                                f"{int(self._tid[t])} without a barrier after thread "
+                                f"{int(wr[t]) % self.bx} wrote it")
+            r = m.arr[b, ii]
+        else:
+            r = m.arr[ii]
+        r = r.copy()
+        r[~act] = 0
+        return self._v(r, m.etype)
+
+    def store(self, val, mem, i):
+        m: _Mem = mem.v
+        i = self.idx(i).v
+        act = self.mask
+        n = m.arr.shape[1] if m.space == "workgroup" else m.arr.shape[0]
+        bad = act & ((i < 0) | (i >= n))
+        if bad.any():
+            t = int(np.nonzero(bad)[0][0])
+            raise SimtError(f"out-of-bounds store to {m.name}[{int(i[t])}] (size {n}) "
+                            f"by thread {int(self._tid[t])} of block {int(self._bidx[t])}")
+        sel = np.nonzero(act)[0]
+        if m.space == "workgroup":
+            key = self._blk_local[sel] * n + i[sel]
+        else:
+            key = i[sel]
+        vals = val.v[sel]
+        order = np.argsort(key, kind="stable")
+        ks, vs = key[order], vals[order]
+        dup = ks[1:] == ks[:-1]
+        if dup.any():
+            a = vs[1:][dup].reshape(int(dup.sum()), -1)
+            b = vs[:-1][dup].reshape(int(dup.sum()), -1)
+            if np.any(a.view(np.uint8) != b.view(np.uint8)):
+                raise SimtError(f"conflicting stores to {m.name} in one op")
+        if m.space == "workgroup":
+            b = self._blk_local[sel]
+            m.arr[b, i[sel]] = vals
+            m.epoch_w[b, i[sel]] = self.epoch
+            m.writer[b, i[sel]] = self._gtid[sel]
+        else:
+            m.arr[i[sel]] = vals
+
+    # -- gpu
+    def tid(self):
+        return self._v(self._tid.copy(), "index")
+
+    def bid(self, dim="x"):
+        return self._v((self._bidx if dim == "x" else self._bidy).copy(), "index")
+
+    def barrier(self):
+        self._check_active_all("gpu.barrier")
+        self.epoch += 1
+
+    def shfl_xor(self, v, offset):
+        self._check_active_all("gpu.shuffle")
+        x = v.v.reshape((self.T // 32, 32) + v.v.shape[1:])
+        perm = np.arange(32) ^ offset
+        return self._v(x[:, perm].reshape(v.v.shape), v.type)
+
+    def mma_f16(self, a, b, c):
+        self._check_active_all("nvvm.mma.sync")
+        W = self.T // 32
+        lane = np.arange(32)
+        g, t = lane // 4, lane % 4
+        A = np.zeros((W, 16, 16))
+        B = np.zeros((W, 16, 8))
+        C = np.zeros((W, 16, 8))
+        av = [x.v.reshape(W, 32, 2).astype(np.float64) for x in a]
+        bv = [x.v.reshape(W, 32, 2).astype(np.float64) for x in b]
+        cv = [x.v.reshape(W, 32).astype(np.float64) for x in c]
+        for e in range(2):
+            A[:, g, 2 * t + e] = av[0][:, :, e]
+            A[:, g + 8, 2 * t + e] = av[1][:, :, e]
+            A[:, g, 2 * t + 8 + e] = av[2][:, :, e]
+            A[:, g + 8, 2 * t + 8 + e] = av[3][:, :, e]
+            B[:, 2 * t + e, g] = bv[0][:, :, e]
+            B[:, 2 * t + 8 + e, g] = bv[1][:, :, e]
+            C[:, g, 2 * t + e] = cv[e]
+            C[:, g + 8, 2 * t + e] = cv[2 + e]
+        D = (A @ B + C).astype(np.float32)
+        out = [D[:, g, 2 * t], D[:, g, 2 * t + 1], D[:, g + 8, 2 * t], D[:, g + 8, 2 * t + 1]]
+        return [self._v(o.reshape(self.T), "f32") for o in out]
+
+    # -- control flow
+    def _uniform(self, v, what):
+        x = self.idx(v).v
+        if not np.all(x == x[0]):
+            raise SimtError(f"non-uniform loop {what}")
+        return int(x[0])
+
+    def for_(self, lo, hi, step, inits, body):
+        lo, hi, st = (self._uniform(x, w) for x, w in ((lo, "bound"), (hi, "bound"),
+                                                       (step, "step")))
+        args = list(inits)
+        for i in range(lo, hi, st):
+            outs = list(body(self._v(np.full(self.T, i, np.int64), "index"), args) or [])
+            assert [o.type for o in outs] == [x.type for x in inits]
+            args = outs
+        return args
+
+    def if_(self, cond, then, else_=None, types=()):
+        saved = self.mask
+        c = cond.v.astype(bool)
+        outs = []
+        for fn, m in ((then, saved & c), (else_, saved & ~c)):
+            if fn is None:
+                outs.append(None)
+                continue
+            self.mask = m
+            outs.append(list(fn() or []))
+        self.mask = saved
+        if not types:
+            return []
+        res = []
+        for tv, ev in zip(outs[0], outs[1]):
+            cc = c.reshape((-1,) + (1,) * (tv.v.ndim - 1))
+            res.append(self._v(np.where(cc, tv.v, ev.v), tv.type))
+        return res
+
+
+def _as_elems(arr: np.ndarray, etype: str, count: int, name: str, partial: bool) -> np.ndarray:
+    """View ``arr``'s bytes as ``count`` memref elements.
+
+    Larger buffers are cut to the declared size. A smaller one is accepted only for
+    row-scaled parameters (``partial``, e.g. x/y with M < m_max): the emulated memref
+    then ends where the buffer ends, so any access past it is an out-of-bounds error.
+    """
+    s, e = parse_type(etype)
+    if not arr.flags["C_CONTIGUOUS"]:
+        raise ValueError(f"buffer {name} must be C-contiguous")
+    raw = arr.reshape(-1).view(np.uint8)
+    esz = (s[0] if s else 1) * np.dtype(_NP[e]).itemsize
+    need = count * esz
+    if raw.size < need:
+        if not partial or raw.size % esz:
+            raise ValueError(f"buffer {name}: {raw.size} bytes given, kernel declares {need}")
+        count = raw.size // esz
+    return raw[:count * esz].view(_NP[e]).reshape((count,) + s)
+
+
+def run(spec: KernelSpec, args: dict, *, blocks_per_batch: int = 64,
+        block_range: tuple[int, int] | None = None) -> None:
+    """Execute ``spec`` over its grid (or ``block_range``) with numpy.
+
+    ``args`` maps parameter names to numpy arrays (any dtype; the bytes are
+    reinterpreted as the memref element type, sizes must match exactly) or to
+    Python ints for scalar parameters. Output buffers are written in place.
+    """
+    views = {}
+    for p in spec.params:
+        if p.name not in args:
+            raise KeyError(f"missing argument {p.name!r} for {spec.name}")
+        if p.is_buffer:
+            n, et, _ = parse_memref(p.type)
+            views[p.name] = (n, et, _as_elems(args[p.name], et, n, p.name, p.rows is not None))
+    nblocks = spec.grid[0] * spec.grid[1] * spec.grid[2]
+    lo, hi = block_range or (0, nblocks)
+    for b0 in range(lo, hi, blocks_per_batch):
+        b1 = min(hi, b0 + blocks_per_batch)
+        E = SimtEmulator(spec, b0, b1)
+        vals = {}
+        for p in spec.params:
+            if p.is_buffer:
+                n, et, arr = views[p.name]
+                vals[p.name] = Val(E, _Mem(p.name, arr, "global", et), p.type)
+            else:
+                vals[p.name] = E.const(int(args[p.name]), p.type)
+        for name, et, n in spec.smem:
+            s, e = parse_type(et)
+            arr = np.zeros((b1 - b0, n) + s, _NP[e])
+            t = f"memref<{n}x{et}, #gpu.address_space<workgroup>>"
+            vals[name] = Val(E, _Mem(name, arr, "workgroup", et, b1 - b0), t)
+        spec.body(E, vals)
