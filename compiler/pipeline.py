@@ -9,6 +9,7 @@ error ends with the command that reproduces it.
 
 import dataclasses
 import os
+import re
 import tempfile
 import typing
 
@@ -27,6 +28,7 @@ class Session:
     remarks: list = dataclasses.field(default_factory=list)
     # base weight name -> {"format": key, "shape": [N, K]}, filled by quantizing passes
     layers: dict = dataclasses.field(default_factory=dict)
+    user_errors: int = 0
 
 
 def split_top_level(text: str) -> list[str]:
@@ -80,13 +82,14 @@ def parse_element(element: str):
     return pass_cls, _parse_options(pass_cls, rest[:-1] if brace else "")
 
 
-def _python_pass(pass_obj):
+def _python_pass(pass_obj, session):
     def run(op, mlir_pass):
         try:
             pass_obj.run(op)
         except pass_registry.PassError as e:
             where = e.op if e.op is not None else op
             where.location.emit_error(f"{pass_obj.name}: {e.message}")
+            session.user_errors += 1
             mlir_pass.signal_pass_failure()
     return run
 
@@ -104,7 +107,7 @@ def build_pass_manager(ctx: ir.Context, pipeline: typing.Sequence[str], session:
                     raise QccError(f"unknown pass or bad pipeline element '{element}': {e}",
                                    hint="run `qcc-opt --list-passes` for qcc passes")
             else:
-                pm.add(_python_pass(pass_cls(session, opts)), name=pass_cls.name,
+                pm.add(_python_pass(pass_cls(session, opts), session), name=pass_cls.name,
                        argument=pass_cls.name, description=pass_cls.summary)
         if print_ir_after_all:
             ctx.enable_multithreading(False)
@@ -128,20 +131,36 @@ def run_pipeline(module: ir.Module, pipeline, session: Session, stage: str,
     ctx = module.context
     pm = build_pass_manager(ctx, elements, session, print_ir_after_all)
     before = module.operation.get_asm(enable_debug_info=True, large_elements_limit=16)
+    errors_before = session.user_errors
     try:
         with ctx:
             pm.run(module.operation)
     except ir.MLIRError as e:
-        diags = [_format_diag(d) for d in e.error_diagnostics] or [str(e)]
+        diags = list(e.error_diagnostics)
+        where = source_location(diags[0].location) if diags else None
+        what = "; ".join(_message(d) for d in diags) or str(e)
+        if session.user_errors > errors_before:
+            raise QccError(what, where=where)  # a qcc pass rejected the input: no repro needed
         fd, path = tempfile.mkstemp(prefix=f"qcc-{stage}-", suffix=".mlir")
         with os.fdopen(fd, "w") as f:
             f.write(before)
         repro = f"qcc-opt {path} -p '{','.join(elements)}'"
-        raise QccError(f"{stage} failed: " + "; ".join(diags), hint=f"reproduce with: {repro}")
+        raise QccError(f"{stage} failed: {what}", where=where, hint=f"reproduce with: {repro}")
 
 
-def _format_diag(d) -> str:
-    loc = str(d.location)
-    msg = d.message
+_FRAME = re.compile(r'"([^"]+)":(\d+):(\d+)')
+
+
+def source_location(loc) -> str | None:
+    """`file:line:col` of a location; for call stacks, the innermost frame outside torch itself."""
+    frames = _FRAME.findall(str(loc))
+    if not frames:
+        return None
+    user = [f for f in frames if "/site-packages/torch/" not in f[0]]
+    path, line, col = (user or frames)[0]
+    return f"{path}:{line}:{col}"
+
+
+def _message(d) -> str:
     notes = "".join(f" [note: {n.message}]" for n in d.notes if "see current operation" not in n.message)
-    return f"{loc}: {msg}{notes}"
+    return f"{d.message}{notes}"

@@ -62,7 +62,7 @@ def opt(args) -> int:
     text = sys.stdin.read() if args.input == "-" else open(args.input).read()
     with ctx:
         try:
-            module = ir.Module.parse(text)
+            module = ir.Module.parseFile(args.input) if args.input != "-" else ir.Module.parse(text)
         except ir.MLIRError as e:
             raise QccError(f"cannot parse: {e}", where=args.input)
     if args.params:

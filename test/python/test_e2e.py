@@ -1,0 +1,112 @@
+"""End to end: PyTorch model -> qcc.compile -> native CPU code, against PyTorch.
+
+Float: within 1e-4 relative error of PyTorch.  Quantized: equal, within 1e-4,
+to PyTorch running the weights that the format reference decodes from the
+compiled artifact -- that checks qcc's semantics exactly, not "roughly close".
+"""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import models
+import qcc
+from qcc.reference import dequantized_weights, load_into_torch
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def torch_out(model, inputs):
+    """The float64 oracle: `model` run in double precision."""
+    inputs = [x.double() if x.is_floating_point() else x for x in inputs]
+    with torch.no_grad():
+        return model.double()(*inputs).numpy()
+
+
+@pytest.mark.parametrize("name", sorted(models.ZOO))
+def test_float_matches_pytorch(name):
+    model, inputs = models.ZOO[name](seed=1)
+    compiled = qcc.compile(model, inputs, target="cpu")
+    assert rel_err(compiled(*inputs).numpy(), torch_out(model, inputs)) <= 1e-4
+
+
+QUANT_MODELS = {
+    "mlp": lambda: (lambda m: (m, m.example_inputs(batch=5, seed=3)))(models.MLP(in_features=128, seed=2).eval()),
+    "llama_block": lambda: (lambda m: (m, m.example_inputs(batch=2, seq=8, seed=3)))(
+        models.LlamaBlock(hidden=256, heads=4, kv_heads=2, ffn=768, seed=2).eval()),
+}
+
+
+@pytest.mark.parametrize("recipe", ["w8a16", "w4a16-g128", "w4a16-g64-sym", "w8a16-g32"])
+@pytest.mark.parametrize("name", sorted(QUANT_MODELS))
+def test_quantized_matches_dequantized_reference(name, recipe):
+    model, inputs = QUANT_MODELS[name]()
+    compiled = qcc.compile(model, inputs, target="cpu", quant=recipe)
+    layers = compiled.manifest["layers"]
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert len(layers) == n_linear
+    reference = copy.deepcopy(model)
+    load_into_torch(reference, dequantized_weights(compiled))
+    expect = torch_out(reference, inputs)
+    got = compiled(*inputs).numpy()
+    assert rel_err(got, expect) <= 1e-4
+    # and quantization really happened: the float model differs
+    assert rel_err(torch_out(model, inputs), expect) > 1e-4
+
+
+def test_save_load_roundtrip_and_deterministic(tmp_path):
+    model, inputs = QUANT_MODELS["mlp"]()
+    a = qcc.compile(model, inputs, quant="w4a16-g128")
+    b = qcc.compile(model, inputs, quant="w4a16-g128")
+    a.save(tmp_path / "a.qcc")
+    b.save(tmp_path / "b.qcc")
+    assert (tmp_path / "a.qcc").read_bytes() == (tmp_path / "b.qcc").read_bytes()
+    loaded = qcc.load(str(tmp_path / "a.qcc"))
+    np.testing.assert_array_equal(loaded(*inputs).numpy(), a(*inputs).numpy())
+    x = inputs[0].numpy()
+    np.testing.assert_array_equal(loaded.run(x)[0], a.run(x)[0])
+
+
+def test_weights_shrink():
+    model, inputs = QUANT_MODELS["llama_block"]()
+    c4 = qcc.compile(model, inputs, quant="w4a16-g128")
+    c8 = qcc.compile(model, inputs, quant="w8a16")
+    f4 = sum(layer["float_bytes"] for layer in c4.manifest["layers"])
+    q4 = sum(layer["bytes"] for layer in c4.manifest["layers"])
+    q8 = sum(layer["bytes"] for layer in c8.manifest["layers"])
+    assert f4 / q4 > 7.0 and 3.9 < f4 / q8 <= 4.0
+
+
+def test_exported_program_input():
+    model, inputs = QUANT_MODELS["mlp"]()
+    ep = torch.export.export(model, inputs)
+    compiled = qcc.compile(ep, quant="w8a16")
+    reference = copy.deepcopy(model)
+    load_into_torch(reference, dequantized_weights(compiled))
+    assert rel_err(compiled(*inputs).numpy(), torch_out(reference, inputs)) <= 1e-4
+
+
+def test_runtime_input_errors():
+    model, inputs = QUANT_MODELS["mlp"]()
+    compiled = qcc.compile(model, inputs)
+    with pytest.raises(qcc.QccError, match=r"input 0 'x'.*expected shape \[5, 128\], got \[5, 64\]"):
+        compiled(torch.randn(5, 64))
+    with pytest.raises(qcc.QccError, match="expected dtype float32, got float64"):
+        compiled(torch.randn(5, 128, dtype=torch.float64))
+    with pytest.raises(qcc.QccError, match="takes 1 input"):
+        compiled(*inputs, *inputs)
+
+
+def test_api_errors():
+    model, inputs = QUANT_MODELS["mlp"]()
+    with pytest.raises(qcc.QccError, match="unknown quantization recipe 'w5a16'"):
+        qcc.compile(model, inputs, quant="w5a16")
+    with pytest.raises(qcc.QccError, match="unknown target 'tpu'"):
+        qcc.compile(model, inputs, target="tpu")
+    with pytest.raises(qcc.QccError, match="needs example_inputs"):
+        qcc.compile(model)
