@@ -50,33 +50,38 @@ def read(path: str):
         z = zipfile.ZipFile(path)
     except zipfile.BadZipFile:
         raise QccError("not a qcc artifact (not a zip archive)", where=path)
-    with z:
-        names = set(z.namelist())
-        if "manifest.json" not in names:
-            raise QccError("not a qcc artifact (no manifest.json)", where=path)
-        try:
-            manifest = json.loads(z.read("manifest.json"))
-        except ValueError as e:
-            raise QccError(f"corrupt manifest.json: {e}", where=path)
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise QccError(f"artifact format {manifest.get('format_version')} is not {FORMAT_VERSION}",
-                           where=path, hint="recompile it with this qcc")
-        blobs = {}
-        for name, digest in manifest.get("files", {}).items():
-            if name not in names:
-                raise QccError(f"artifact lacks {name}", where=path)
-            data = z.read(name)
-            if _sha256(data) != digest:
-                raise QccError(f"hash mismatch for {name}: the artifact is corrupted", where=path)
-            blobs[name] = data
+    try:
+        return _read_members(z, path)
+    except zipfile.BadZipFile as e:
+        raise QccError(f"corrupted artifact: {e}", where=path, hint="recompile it with `qcc compile`")
+    finally:
+        z.close()
+
+
+def _read_members(z: zipfile.ZipFile, path: str):
+    names = set(z.namelist())
+    if "manifest.json" not in names:
+        raise QccError("not a qcc artifact (no manifest.json)", where=path)
+    try:
+        manifest = json.loads(z.read("manifest.json"))
+    except ValueError as e:
+        raise QccError(f"corrupted manifest.json: {e}", where=path)
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise QccError(f"artifact format {manifest.get('format_version')} is not {FORMAT_VERSION}",
+                       where=path, hint="recompile it with this qcc")
+    blobs = {}
+    for name, digest in manifest.get("files", {}).items():
+        if name not in names:
+            raise QccError(f"artifact lacks {name}", where=path)
+        data = z.read(name)
+        if _sha256(data) != digest:
+            raise QccError(f"hash mismatch for {name}: the artifact is corrupted", where=path)
+        blobs[name] = data
     from safetensors.numpy import load
 
     weights = load(blobs.pop("weights.safetensors"))
     code = {n[len("code/"):]: b for n, b in blobs.items()}
     return manifest, weights, code
-
-
-    return save({n: np.ascontiguousarray(params[n]) for n in sorted(params.names())})
 
 
 def materialize(code: bytes, suffix: str) -> str:

@@ -8,6 +8,7 @@ holds names and shapes, never weights.
 """
 
 import dataclasses
+import logging
 import os
 import zipfile
 
@@ -56,16 +57,27 @@ def load_program(path: str, allow_pickle: bool = False, example_inputs=None):
             raise QccError("file is a pickled torch.save() checkpoint; unpickling runs arbitrary code", where=path,
                            hint="pass --allow-pickle if you trust it, or export with torch.export.save")
         return _load_pickled_module(path, example_inputs)
+    # torch.export.load logs a traceback before trying its legacy format; our
+    # error below says what matters
+    logger = logging.getLogger("torch.export")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
     try:
         return torch.export.load(path)
     except Exception as e:  # the archive is malformed in one of many ways
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise QccError(f"malformed .pt2 archive: {first[:200]}", where=path,
                        hint="re-create it with torch.export.save")
+    finally:
+        logger.setLevel(level)
 
 
 def _load_pickled_module(path, example_inputs):
-    obj = torch.load(path, weights_only=False)
+    try:
+        obj = torch.load(path, weights_only=False)
+    except Exception as e:
+        raise QccError(f"cannot unpickle the model: {type(e).__name__}: {e}", where=path,
+                       hint="the classes it pickled must be importable (set PYTHONPATH)")
     if isinstance(obj, torch.export.ExportedProgram):
         return obj
     if not isinstance(obj, torch.nn.Module):

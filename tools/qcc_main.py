@@ -49,7 +49,7 @@ def cmd_compile(args) -> int:
 
         example = tuple(torch.from_numpy(a) for a in _load_npz(args.example_inputs, "example inputs").values())
     m = qcc.compile(args.model, example, target=args.target, quant=args.quant, allow_pickle=args.allow_pickle,
-                    print_ir_after_all=args.print_ir_after_all, dump_dir=args.dump_dir, progress=not args.quiet)
+                    print_ir_after_all=args.print_ir_after_all, dump_dir=args.dump_dir, progress=not args.quiet and sys.stderr.isatty())
     m.save(args.output)
     if not args.quiet:
         _print_summary(m, args.output)
@@ -142,6 +142,13 @@ def run_cli(func, args) -> int:
     except KeyboardInterrupt:
         print("qcc: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug in qcc, not in the input
+        if os.environ.get("QCC_TRACEBACK"):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"qcc: internal error: {type(e).__name__}: {msg} (rerun with QCC_TRACEBACK=1 and report it)",
+              file=sys.stderr)
+        return 3
 
 
 def main(argv=None) -> int:

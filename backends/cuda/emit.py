@@ -404,6 +404,26 @@ class MlirEmitter(Emitter):
         _, et, _ = parse_memref(mem.type)
         return self._op(f"memref.load {mem.v}[{self.idx(i).v}] : {mem.type}", et)
 
+    def load_hint(self, mem: Val, i: Val, hint: str | None) -> Val:
+        """A 16-byte global load with a PTX cache hint, e.g. ``L1::no_allocate`` (inline asm).
+
+        ``hint=None`` is a plain ``memref.load``. The address is the memref's aligned
+        pointer plus 16 * i (the element must be a 16-byte vector of i32).
+        """
+        if not hint:
+            return self.load(mem, i)
+        _, et, _ = parse_memref(mem.type)
+        assert et == "vector<4xi32>", "load_hint supports vector<4xi32> elements"
+        base = self._op(f"memref.extract_aligned_pointer_as_index {mem.v} : {mem.type} -> index",
+                        "index")
+        addr = self.cast("index_cast", base + self.idx(i) * 16, "i64")
+        st = "!llvm.struct<(i32, i32, i32, i32)>"
+        nm = self._name()
+        self._emit(f'{nm} = llvm.inline_asm "ld.global.nc.{hint}.v4.u32 {{$0, $1, $2, $3}}, [$4];", '
+                   f'"=r,=r,=r,=r,l" {addr.v} : (i64) -> {st}')
+        parts = [self._op(f"llvm.extractvalue {nm}[{k}] : {st}", "i32") for k in range(4)]
+        return self.from_elements(parts)
+
     def store(self, val: Val, mem: Val, i: Val):
         _, et, _ = parse_memref(mem.type)
         assert val.type == et, (val.type, et)

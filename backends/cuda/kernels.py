@@ -43,6 +43,17 @@ class KernelConstraintError(ValueError):
     """The requested shape or configuration is not supported by a kernel."""
 
 
+# Cache policy of the 128-bit weight loads (W is read once: keep it out of L1, where x lives).
+W_CACHE_HINTS = {None: None, "no_allocate": "L1::no_allocate",
+                 "no_allocate_256": "L1::no_allocate.L2::256B", "evict_first": "L1::evict_first"}
+
+
+def _hint_suffix(w_cache):
+    if w_cache not in W_CACHE_HINTS:
+        raise KernelConstraintError(f"w_cache must be one of {list(W_CACHE_HINTS)}")
+    return {None: "", "no_allocate": "_na", "no_allocate_256": "_na256", "evict_first": "_ef"}[w_cache]
+
+
 def _require(cond, msg):
     if not cond:
         raise KernelConstraintError(msg)
@@ -74,7 +85,7 @@ def default_config(K: int, N: int, k_tile: int, *, group_tiles: int = 1,
 
 
 def _mma_gemv_body(E, a, *, K, N, k_tile, nt, kw, unroll, m_max, load_meta, dequant,
-                   group_tiles, scale_acc, final_scale):
+                   group_tiles, scale_acc, final_scale, w_hint=None):
     """Shared body of the weight-only kernels (see module docstring).
 
     load_meta(E, a, tn, kt) -> list of Vals (for one n-tile and K tile / group)
@@ -107,7 +118,7 @@ def _mma_gemv_body(E, a, *, K, N, k_tile, nt, kw, unroll, m_max, load_meta, dequ
         vals = []
         for r in range(nt):
             for u in range(unroll):
-                vals.append(E.load(a["wq"], wbase[r] + (i + u) * 32))
+                vals.append(E.load_hint(a["wq"], wbase[r] + (i + u) * 32, w_hint))
         for r in range(nt):
             if meta_per_group:
                 for q in range(unroll // group_tiles):
@@ -236,7 +247,7 @@ def _common_params(K, N, m_max):
 def gemv_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True,
                scale_mode: str | None = None, m_max: int = 16, n_tiles: int | None = None,
                k_warps: int | None = None, unroll: int | None = None,
-               name: str | None = None) -> KernelSpec:
+               w_cache: str | None = None, name: str | None = None) -> KernelSpec:
     """y[M, N] = x[M, K] @ dequant(W4)^T for 1 <= M <= m_max (M is a launch argument).
 
     Constraints: K % 128 == 0, N % (8 n_tiles) == 0, group_size % 32 == 0 and divides K;
@@ -319,11 +330,14 @@ def gemv_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
     def body(E, a):
         _mma_gemv_body(E, a, K=K, N=N, k_tile=128, nt=nt, kw=kw, unroll=un, m_max=m_max,
                        load_meta=load_meta, dequant=dequant, group_tiles=gt,
-                       scale_acc=scale_acc if mode == "acc" else None, final_scale=None)
+                       scale_acc=scale_acc if mode == "acc" else None, final_scale=None,
+                       w_hint=W_CACHE_HINTS[w_cache])
 
-    nm = name or f"gemv_w4a16_g{G}{'' if zero_point else 's'}_{mode}_k{K}_n{N}_t{nt}w{kw}u{un}"
+    nm = name or (f"gemv_w4a16_g{G}{'' if zero_point else 's'}_{mode}_k{K}_n{N}_m{m_max}"
+                  f"_t{nt}w{kw}u{un}{_hint_suffix(w_cache)}")
     cfg = {"kind": "gemv_w4a16", "K": K, "N": N, "group_size": G, "zero_point": zero_point,
            "scale_mode": mode, "m_max": m_max, "n_tiles": nt, "k_warps": kw, "unroll": un,
+           "w_cache": w_cache,
            "weight_bytes": N * K // 2,
            "meta_bytes": N * GP * (4 + (1 if zero_point else 0)) if mode == "acc" else N * GP * 4}
     return KernelSpec(nm, params, (32 * kw, 1, 1), (N // (8 * nt), 1, 1), body, smem, cfg,
@@ -335,7 +349,7 @@ def gemv_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
 
 def gemv_w8a16(K: int, N: int, *, m_max: int = 16, n_tiles: int | None = None,
                k_warps: int | None = None, unroll: int | None = None,
-               name: str | None = None) -> KernelSpec:
+               w_cache: str | None = None, name: str | None = None) -> KernelSpec:
     """y[M, N] = x[M, K] @ (q * scale)^T, int8 per-channel weights, 1 <= M <= m_max.
 
     Constraints: K % 64 == 0, N % (8 n_tiles) == 0. Parameters: x f16[M, K],
@@ -373,11 +387,11 @@ def gemv_w8a16(K: int, N: int, *, m_max: int = 16, n_tiles: int | None = None,
     def body(E, a):
         _mma_gemv_body(E, a, K=K, N=N, k_tile=64, nt=nt, kw=kw, unroll=un, m_max=m_max,
                        load_meta=load_meta, dequant=dequant, group_tiles=1, scale_acc=None,
-                       final_scale=final_scale)
+                       final_scale=final_scale, w_hint=W_CACHE_HINTS[w_cache])
 
-    nm = name or f"gemv_w8a16_k{K}_n{N}_t{nt}w{kw}u{un}"
+    nm = name or f"gemv_w8a16_k{K}_n{N}_m{m_max}_t{nt}w{kw}u{un}{_hint_suffix(w_cache)}"
     cfg = {"kind": "gemv_w8a16", "K": K, "N": N, "m_max": m_max, "n_tiles": nt, "k_warps": kw,
-           "unroll": un, "weight_bytes": N * K, "meta_bytes": 4 * N}
+           "unroll": un, "w_cache": w_cache, "weight_bytes": N * K, "meta_bytes": 4 * N}
     return KernelSpec(nm, params, (32 * kw, 1, 1), (N // (8 * nt), 1, 1), body, smem, cfg,
                       doc=gemv_w8a16.__doc__.split("\n")[0])
 

@@ -120,6 +120,11 @@ def pack_w4a16(packed, scale, zero=None, group_size=128, scale_mode=None) -> dic
     G = group_size
     check_w4_shape(K, N, G)
     mode = scale_mode or ("acc" if G % 128 == 0 else "weight")
+    if mode == "acc" and G % 128:
+        raise LayoutError("scale_mode='acc' needs G % 128 == 0")
+    if np.shape(scale) != (N, K // G) or (zero is not None and np.shape(zero) != (N, K // G)):
+        raise LayoutError(f"scale and zero must be [N, K/G] = {(N, K // G)}; got "
+                          f"{np.shape(scale)}, {None if zero is None else np.shape(zero)}")
     q = nib.reshape(N // 8, 8, K // 128, 4, 4, 8)  # tn, g, kt, t, wi, j
     q = q[..., W4_JMAP].astype(np.uint32)  # [..., p]
     words = np.zeros(q.shape[:-1], np.uint32)

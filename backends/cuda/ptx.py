@@ -29,7 +29,8 @@ NVPTX_TRIPLE = "nvptx64-nvidia-cuda"
 NVPTX_DATALAYOUT = "e-p6:32:32-i64:64-i128:128-i256:256-v16:16-v32:32-n16:32:64"
 DEFAULT_ARCH = "sm_90"
 # Lowest PTX ISA version that each target needs (LLVM feature name).
-_PTX_FEATURE = {"sm_80": "+ptx70", "sm_86": "+ptx71", "sm_89": "+ptx78", "sm_90": "+ptx78",
+# (7.5 for sm_80/86: the L1::no_allocate load qualifier needs PTX ISA 7.4.)
+_PTX_FEATURE = {"sm_80": "+ptx75", "sm_86": "+ptx75", "sm_89": "+ptx78", "sm_90": "+ptx78",
                 "sm_90a": "+ptx80"}
 
 def lowering_pipeline(index_bitwidth: int = 64) -> str:

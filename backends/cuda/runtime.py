@@ -197,14 +197,17 @@ class BoundLaunch:
         self.grid, self.block, self.smem, self.stream = grid, block, smem, stream
         self._copy_back = copy_back
 
-    def __call__(self, sync: bool = False):
+    def __call__(self, sync: bool = False, stream: Any = None):
+        """Launch; ``stream`` (a CUstream or int handle) overrides the bound one."""
         drv = self.module.rt.drv
         g, b = self.grid, self.block
+        st = self.stream if stream is None else (
+            stream if isinstance(stream, drv.CUstream) else drv.CUstream(int(stream)))
         _check(drv.cuLaunchKernel(self.module.functions[self.name], g[0], g[1], g[2], b[0], b[1],
-                                  b[2], self.smem, self.stream, ctypes.addressof(self._ptrs), 0),
+                                  b[2], self.smem, st, ctypes.addressof(self._ptrs), 0),
                "cuLaunchKernel", self.name)
         if sync or self._copy_back:
-            _check(drv.cuStreamSynchronize(self.stream), "cuStreamSynchronize", self.name)
+            _check(drv.cuStreamSynchronize(st), "cuStreamSynchronize", self.name)
         for buf, arr in self._copy_back:
             buf.to_numpy(arr)
 

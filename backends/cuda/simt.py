@@ -231,6 +231,9 @@ class SimtEmulator(Emitter):
         r[~act] = 0
         return self._v(r, m.etype)
 
+    def load_hint(self, mem, i, hint):
+        return self.load(mem, i)  # cache hints do not change values
+
     def store(self, val, mem, i):
         m: _Mem = mem.v
         i = self.idx(i).v

@@ -1,0 +1,130 @@
+"""The qcc command line: the compile -> run path on a .pt2, and bad input.
+
+Every bad input must give one line on stderr, exit code 2, no traceback.
+"""
+
+import copy
+import os
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+import models
+from qcc.reference import dequantized_weights, load_into_torch
+
+TEST_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# test/ on the path: a pickled module needs its class (models.MLP) importable
+ENV = dict(os.environ, PYTHONWARNINGS="ignore",
+           PYTHONPATH=os.pathsep.join(p for p in (TEST_DIR, os.environ.get("PYTHONPATH")) if p))
+
+
+def qcc_cli(*args):
+    return subprocess.run([sys.executable, "-m", "qcc.tools.qcc_main", *map(str, args)],
+                          capture_output=True, text=True, env=ENV)
+
+
+def assert_user_error(proc, *fragments):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def llama_pt2(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    model = models.LlamaBlock(hidden=256, heads=4, ffn=768, seed=4).eval()
+    inputs = model.example_inputs(batch=1, seq=12, seed=5)
+    path = tmp / "block.pt2"
+    torch.export.save(torch.export.export(model, inputs), path)
+    np.savez(tmp / "in.npz", x=inputs[0].numpy())
+    return tmp, model, inputs, path
+
+
+def test_compile_and_run_llama_block_w4a16(llama_pt2):
+    tmp, model, inputs, path = llama_pt2
+    out = tmp / "block.qcc"
+    proc = qcc_cli("compile", path, "--target=cpu", "--quant=w4a16-g128", "-o", out, "-q")
+    assert proc.returncode == 0, proc.stderr
+    proc = qcc_cli("run", out, "--inputs", tmp / "in.npz", "--output", tmp / "out.npz")
+    assert proc.returncode == 0, proc.stderr
+    got = np.load(tmp / "out.npz")["output0"]
+
+    import qcc
+
+    reference = copy.deepcopy(model)
+    load_into_torch(reference, dequantized_weights(qcc.load(str(out))))
+    with torch.no_grad():
+        expect = reference.double()(inputs[0].double()).numpy()
+    assert np.abs(got - expect).max() / np.abs(expect).max() <= 1e-4
+
+
+def test_unknown_recipe(llama_pt2):
+    tmp, _, _, path = llama_pt2
+    assert_user_error(qcc_cli("compile", path, "--quant=w3a16", "-o", tmp / "x.qcc"),
+                      "--quant", "unknown quantization recipe 'w3a16'", "w4a16-g128")
+    assert not (tmp / "x.qcc").exists()
+
+
+def test_malformed_pt2(tmp_path):
+    bad = tmp_path / "bad.pt2"
+    with zipfile.ZipFile(bad, "w") as z:
+        z.writestr("bad/serialized_exported_program.json", "{not json")
+    assert_user_error(qcc_cli("compile", bad, "-o", tmp_path / "x.qcc"), "bad.pt2", "malformed .pt2")
+    (tmp_path / "text.pt2").write_text("hello")
+    assert_user_error(qcc_cli("compile", tmp_path / "text.pt2", "-o", tmp_path / "x.qcc"), "not a zip")
+    assert_user_error(qcc_cli("compile", tmp_path / "missing.pt2", "-o", tmp_path / "x.qcc"), "no such model file")
+
+
+def test_pickle_needs_allow_pickle(tmp_path):
+    model = models.MLP(seed=0).eval()
+    torch.save(model, tmp_path / "model.pt")
+    np.savez(tmp_path / "ex.npz", x=model.example_inputs()[0].numpy())
+    assert_user_error(qcc_cli("compile", tmp_path / "model.pt", "-o", tmp_path / "m.qcc"),
+                      "pickled", "--allow-pickle")
+    proc = qcc_cli("compile", tmp_path / "model.pt", "--allow-pickle", "--example-inputs", tmp_path / "ex.npz",
+                   "-o", tmp_path / "m.qcc", "-q")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_unsupported_op_is_named(tmp_path):
+    class QR(torch.nn.Module):
+        def forward(self, x):
+            return torch.linalg.qr(x)[0] * 2
+
+    torch.export.save(torch.export.export(QR(), (torch.randn(4, 4),)), tmp_path / "qr.pt2")
+    assert_user_error(qcc_cli("compile", tmp_path / "qr.pt2", "-o", tmp_path / "qr.qcc"),
+                      "unsupported op 'torch.aten.linalg_qr'", "test_cli.py:")
+
+
+def test_run_time_input_errors(llama_pt2, tmp_path):
+    tmp, _, inputs, path = llama_pt2
+    out = tmp / "f.qcc"
+    assert qcc_cli("compile", path, "-o", out, "-q").returncode == 0
+    np.savez(tmp_path / "shape.npz", x=np.random.default_rng(0).standard_normal((1, 7, 256), np.float32))
+    assert_user_error(qcc_cli("run", out, "--inputs", tmp_path / "shape.npz"),
+                      "input 0 'x'", "expected shape [1, 12, 256], got [1, 7, 256]")
+    np.savez(tmp_path / "dtype.npz", x=inputs[0].numpy().astype(np.float64))
+    assert_user_error(qcc_cli("run", out, "--inputs", tmp_path / "dtype.npz"), "expected dtype float32")
+    np.savez(tmp_path / "name.npz", y=inputs[0].numpy())
+    assert_user_error(qcc_cli("run", out, "--inputs", tmp_path / "name.npz"), "missing input 'x'")
+
+
+def test_corrupted_artifact(llama_pt2, tmp_path):
+    tmp, _, _, path = llama_pt2
+    out = tmp_path / "m.qcc"
+    assert qcc_cli("compile", path, "-o", out, "-q").returncode == 0
+    with zipfile.ZipFile(out) as z:
+        info = z.getinfo("weights.safetensors")
+    data = bytearray(out.read_bytes())
+    data[info.header_offset + 30 + len(info.filename) + len(info.extra) + 1000] ^= 0xFF  # inside the weights
+    (tmp_path / "bad.qcc").write_bytes(bytes(data))
+    assert_user_error(qcc_cli("run", tmp_path / "bad.qcc", "--inputs", tmp / "in.npz"), "corrupted")
+    (tmp_path / "junk.qcc").write_bytes(b"not an artifact")
+    assert_user_error(qcc_cli("run", tmp_path / "junk.qcc", "--inputs", tmp / "in.npz"), "not a qcc artifact")

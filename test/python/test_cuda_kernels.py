@@ -1,0 +1,371 @@
+"""CUDA backend: kernel IR, PTX/ptxas, weight layouts, CPU emulation, GPU runs.
+
+On a machine without a GPU the kernels' logic runs in the numpy SIMT emulator
+(qcc.backends.cuda.simt) -- the same builder code that emits the MLIR, executed
+per thread with mma.sync/shuffle semantics -- and every kernel is assembled by
+ptxas for sm_90a and sm_80 and must not spill. GPU tests skip without a device.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from qcc.backends.cuda import emit, kernels, pack, simt
+from qcc.backends.cuda.kernels import KernelConstraintError
+
+CUDA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                        "backends", "cuda")
+
+
+def rel(y, ref):
+    y = np.asarray(y, np.float64)
+    assert np.isfinite(y).all(), "output has unwritten (NaN) or non-finite elements"
+    return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+
+
+def w4_case(rng, K, N, G, zero_point=True):
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    return pack.quantize_w4(w, G, symmetric=not zero_point)
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+@pytest.mark.parametrize("K,N", [(128, 8), (512, 32), (1024, 24)])
+def test_pack_w4_roundtrip_and_lane_map(K, N):
+    rng = np.random.default_rng(0)
+    packed = rng.integers(0, 256, (N, K // 2), dtype=np.uint8)
+    nib = pack.unpack_int4(packed)
+    assert (pack.pack_int4(nib) == packed).all()
+    assert (nib[:, 0] == packed[:, 0] & 0xF).all() and (nib[:, 1] == packed[:, 0] >> 4).all()
+    P = pack.pack_w4a16(packed, np.ones((N, K // 128), np.float32), None, 128)
+    assert P["wq"].dtype == np.uint32 and P["wq"].shape == (N // 8, K // 128, 32, 4)
+    assert (pack.unpack_w4a16_nibbles(P["wq"], K, N) == nib).all()
+    # independent spelling of the documented layout, element by element
+    for tn, kt, lane, wi, p in [(0, 0, 0, 0, 0), (0, 0, 5, 1, 4), (N // 8 - 1, K // 128 - 1, 31, 3, 7),
+                                (N // 8 - 1, 0, 18, 2, 3)]:
+        g, t = lane // 4, lane % 4
+        col = kt * 128 + 32 * t + 8 * wi + 2 * (p % 4) + p // 4
+        word = int(P["wq"][tn, kt, lane, wi])
+        assert (word >> (4 * p)) & 0xF == nib[8 * tn + g, col]
+
+
+def test_pack_w4_meta_layouts():
+    rng = np.random.default_rng(1)
+    K, N, G = 512, 16, 128
+    packed, s, z = w4_case(rng, K, N, G)
+    P = pack.pack_w4a16(packed, s, z, G)
+    assert P["scales"].shape == (N // 8, K // G, 8) and P["zeros"].shape == (N // 8, K // G, 8)
+    assert P["scales"][1, 2, 3] == s[8 + 3, 2] and P["zeros"][1, 2, 3] == z[8 + 3, 2]
+    Pw = pack.pack_w4a16(*w4_case(rng, K, N, 64), 64)  # G < 128: f16 (1024 + zero, scale)
+    assert Pw["meta"].dtype == np.float16 and Pw["meta"].shape == (N // 8, K // 64, 8, 2)
+    with pytest.raises(pack.LayoutError, match="acc"):
+        pack.pack_w4a16(*w4_case(rng, K, N, 64), 64, scale_mode="acc")
+    with pytest.raises(pack.LayoutError, match=r"\[N, K/G\]"):
+        pack.pack_w4a16(packed, s, z, 64)
+
+
+def test_pack_w8_roundtrip_and_bytes():
+    rng = np.random.default_rng(2)
+    K, N = 256, 16
+    q = rng.integers(-128, 128, (N, K), dtype=np.int8)
+    P = pack.pack_w8a16(q, np.ones((N, 1), np.float32))
+    assert (pack.unpack_w8a16(P["wq"], K, N) == q).all()
+    wq = P["wq"].reshape(N // 8, K // 64, 32, 4, 4)
+    tn, kt, lane, wi = 1, 2, 13, 3
+    g, t = lane // 4, lane % 4
+    for b, c in enumerate((0, 2, 1, 3)):
+        assert wq[tn, kt, lane, wi, b] == (int(q[8 * tn + g, kt * 64 + 16 * t + 4 * wi + c]) + 128)
+
+
+def test_dequant_reference_matches_format_contract():
+    rng = np.random.default_rng(3)
+    packed = rng.integers(0, 256, (8, 128), dtype=np.uint8)  # K = 256
+    s = rng.random((8, 2), dtype=np.float32)
+    z = rng.integers(0, 16, (8, 2), dtype=np.uint8)
+    W = pack.dequant_w4(packed, s, z, 128)
+    n, j = 5, 70  # column 2j low nibble, 2j+1 high nibble
+    assert W[n, 2 * j] == np.float32((int(packed[n, j] & 15) - int(z[n, 1])) * s[n, 1])
+    assert W[n, 2 * j + 1] == np.float32((int(packed[n, j] >> 4) - int(z[n, 1])) * s[n, 1])
+    assert (pack.dequant_w4(packed, s, None, 128)[0, :2] ==
+            (pack.unpack_int4(packed)[0, :2].astype(np.float32) - 8) * s[0, 0]).all()
+
+
+# --------------------------------------------------------------------------- emulated kernels
+
+
+W4_CASES = [
+    # K, N, G, M, zero_point, scale_mode, config
+    (512, 32, 128, 1, True, None, dict(n_tiles=2, k_warps=2, unroll=2, m_max=8)),
+    (512, 32, 128, 16, True, None, dict(n_tiles=2, k_warps=2, unroll=2)),
+    (512, 32, 128, 5, True, None, dict(n_tiles=1, k_warps=1, unroll=1)),
+    (1024, 32, 256, 7, True, None, dict(n_tiles=2, k_warps=2, unroll=2, m_max=8)),
+    (512, 32, 64, 3, True, None, dict(n_tiles=2, k_warps=2, unroll=2)),
+    (512, 32, 128, 16, False, None, dict(n_tiles=2, k_warps=4, unroll=1)),
+    (512, 32, 128, 11, True, "weight", dict(n_tiles=4, k_warps=2, unroll=1)),
+    (512, 32, 32, 2, False, None, dict(n_tiles=1, k_warps=4, unroll=1, w_cache="no_allocate")),
+    (768, 16, 128, 16, True, None, dict(n_tiles=2, k_warps=3, unroll=2)),
+]
+
+
+@pytest.mark.parametrize("K,N,G,M,zp,mode,cfg", W4_CASES)
+def test_w4a16_emulated(K, N, G, M, zp, mode, cfg):
+    rng = np.random.default_rng(K + N + G + M)
+    spec = kernels.gemv_w4a16(K, N, G, zero_point=zp, scale_mode=mode, **cfg)
+    packed, s, z = w4_case(rng, K, N, G, zp)
+    P = pack.pack_w4a16(packed, s, z, G, scale_mode=spec.config["scale_mode"])
+    x = rng.standard_normal((M, K)).astype(np.float16)  # exactly M rows: reads past them fail
+    y = np.full((M, N), np.nan, np.float16)
+    simt.run(spec, dict(x=x, y=y, M=M, **P))
+    ref = x.astype(np.float64) @ pack.dequant_w4(packed, s, z, G).astype(np.float64).T
+    assert rel(y, ref) < 2e-3
+
+
+@pytest.mark.parametrize("K,N,M,cfg", [(256, 32, 1, dict(n_tiles=2, k_warps=2, unroll=1)),
+                                       (512, 64, 16, dict(n_tiles=1, k_warps=4, unroll=2)),
+                                       (512, 64, 9, {}),
+                                       (256, 16, 3, dict(m_max=8, w_cache="no_allocate_256"))])
+def test_w8a16_emulated(K, N, M, cfg):
+    rng = np.random.default_rng(K + M)
+    spec = kernels.gemv_w8a16(K, N, **cfg)
+    q, s = pack.quantize_w8(rng.standard_normal((N, K)))
+    P = pack.pack_w8a16(q, s)
+    x = rng.standard_normal((M, K)).astype(np.float16)
+    y = np.full((M, N), np.nan, np.float16)
+    simt.run(spec, dict(x=x, y=y, M=M, **P))
+    assert rel(y, x.astype(np.float64) @ pack.dequant_w8(q, s).T) < 2e-3
+
+
+@pytest.mark.parametrize("M,K,N", [(5, 272, 12), (16, 1024, 8), (1, 32, 4)])
+def test_w8a8_emulated(M, K, N):
+    rng = np.random.default_rng(M * K)
+    spec = kernels.gemm_w8a8(M, K, N)
+    q, s = pack.quantize_w8(rng.standard_normal((N, K)))
+    xq = rng.integers(-127, 128, (M, K)).astype(np.int8)
+    sx = (rng.random(M) * 0.01).astype(np.float32)
+    y = np.full((M, N), np.nan, np.float16)
+    simt.run(spec, dict(xq=xq, sx=sx, y=y, **pack.pack_w8a8(q, s)))
+    ref = (xq.astype(np.float64) @ q.astype(np.float64).T) * sx[:, None] * s.reshape(1, N)
+    assert rel(y, ref) < 2e-3
+
+
+def _tiny_spec(body, params, block=32, grid=1, smem=()):
+    return emit.KernelSpec("t", params, (block, 1, 1), (grid, 1, 1), body, list(smem))
+
+
+def test_emulator_mma_fragment_layout():
+    """mma_f16 against numpy with operands scattered per the PTX fragment tables."""
+    rng = np.random.default_rng(4)
+    A = rng.standard_normal((16, 16)).astype(np.float16)
+    B = rng.standard_normal((16, 8)).astype(np.float16)
+    lane = np.arange(32)
+    g, t = lane // 4, lane % 4
+    e = np.arange(2)[None, :]
+    r0, r1, c0 = g[:, None], g[:, None] + 8, 2 * t[:, None] + e
+    a = np.stack([A[r0, c0], A[r1, c0], A[r0, c0 + 8], A[r1, c0 + 8]], 1)  # [32, 4, 2]
+    b = np.stack([B[2 * t + np.arange(2)[:, None], g].T, B[2 * t + 8 + np.arange(2)[:, None], g].T], 1)
+    out = np.zeros((32, 4), np.float32)
+
+    def body(E, v):
+        ln = E.tid()
+        av = [E.load(v["a"], ln * 4 + i) for i in range(4)]
+        bv = [E.load(v["b"], ln * 2 + i) for i in range(2)]
+        z = E.const(0.0, "f32")
+        d = E.mma_f16(av, bv, [z] * 4)
+        E.store(E.from_elements(d), v["d"], ln)
+
+    spec = _tiny_spec(body, [emit.Param("a", "memref<128xvector<2xf16>>"),
+                             emit.Param("b", "memref<64xvector<2xf16>>"),
+                             emit.Param("d", "memref<32xvector<4xf32>>", "out")])
+    simt.run(spec, dict(a=np.ascontiguousarray(a), b=np.ascontiguousarray(b), d=out))
+    D = A.astype(np.float64) @ B.astype(np.float64)
+    got = np.zeros((16, 8))
+    got[g, 2 * t], got[g, 2 * t + 1], got[g + 8, 2 * t], got[g + 8, 2 * t + 1] = out.T
+    assert np.allclose(got, D, rtol=1e-5, atol=1e-5)
+
+
+def test_emulator_catches_missing_barrier_and_oob():
+    def racy(E, v):
+        tid = E.tid()
+        E.store(E.const(1.0, "f32"), v["s"], tid)
+        E.store(E.load(v["s"], (tid + 1) % 64), v["o"], tid)  # no barrier in between
+
+    params = [emit.Param("o", "memref<64xf32>", "out")]
+    spec = _tiny_spec(racy, params, block=64, smem=[("s", "f32", 64)])
+    with pytest.raises(simt.SimtError, match="race"):
+        simt.run(spec, dict(o=np.zeros(64, np.float32)))
+
+    def oob(E, v):
+        E.store(E.const(1.0, "f32"), v["o"], E.tid() + 1)
+
+    with pytest.raises(simt.SimtError, match="out-of-bounds"):
+        simt.run(_tiny_spec(oob, [emit.Param("o", "memref<32xf32>", "out")]),
+                 dict(o=np.zeros(32, np.float32)))
+
+
+def test_constraint_errors_are_clear():
+    with pytest.raises(KernelConstraintError, match="K % 128"):
+        kernels.gemv_w4a16(1000, 4096)
+    with pytest.raises(KernelConstraintError, match="group_size"):
+        kernels.gemv_w4a16(4096, 4096, 48)
+    with pytest.raises(KernelConstraintError, match="acc"):
+        kernels.gemv_w4a16(4096, 4096, 64, scale_mode="acc")
+    with pytest.raises(KernelConstraintError, match="m_max"):
+        kernels.gemv_w4a16(4096, 4096, m_max=32)
+    with pytest.raises(KernelConstraintError, match="k_warps"):
+        kernels.gemv_w4a16(4096, 4096, k_warps=5)
+    with pytest.raises(KernelConstraintError, match="K % 64"):
+        kernels.gemv_w8a16(100, 64)
+    with pytest.raises(KernelConstraintError, match="K % 16"):
+        kernels.gemm_w8a8(4, 100, 64)
+
+
+# --------------------------------------------------------------------------- MLIR / PTX / ptxas
+
+
+def ptxas_specs():
+    """Every kernel family and code path, at bench shapes and default configs."""
+    out = []
+    for K, N in [(4096, 4096), (8192, 28672)]:
+        out += [kernels.gemv_w4a16(K, N, 128), kernels.gemv_w4a16(K, N, 128, m_max=8),
+                kernels.gemv_w8a16(K, N), kernels.gemv_w8a16(K, N, m_max=8)]
+    out += [kernels.gemv_w4a16(8192, 8192, 128, n_tiles=4, k_warps=4, unroll=1),
+            kernels.gemv_w4a16(8192, 8192, 128, n_tiles=1, k_warps=4, unroll=4, w_cache="no_allocate"),
+            kernels.gemv_w4a16(4096, 4096, 64, zero_point=True),  # weight-scaled path
+            kernels.gemv_w4a16(4096, 4096, 256, zero_point=False),
+            kernels.gemm_w8a8(16, 4096, 4096), kernels.gemm_w8a8(7, 1024, 512)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def gpu_ir():
+    pytest.importorskip("torch_mlir")
+    pytest.importorskip("llvmlite")
+    from qcc.backends.cuda import ptx
+
+    specs = ptxas_specs()
+    names = [s.name for s in specs]
+    assert len(set(names)) == len(names)
+    return specs, ptx.lower_to_llvm_ir(emit.gpu_module(specs))
+
+
+def test_ir_uses_mma_shuffle_and_128bit_loads(gpu_ir):
+    from qcc.backends.cuda import ptx
+
+    specs, ll = gpu_ir
+    text = emit.gpu_module(specs)
+    assert "nvvm.mma.sync" in text and "gpu.shuffle xor" in text and "gpu.barrier" in text
+    assert 'target triple = "nvptx64-nvidia-cuda"' in ll
+    p = ptx.llvm_ir_to_ptx(ll, "sm_90a")
+    for s in specs:
+        body = p.split(f".entry {s.name}(")[1].split("\n}\n")[0]
+        if s.config["kind"].startswith("gemv"):
+            assert re.search(r"ld\.global\.nc(\.L1::\w+)?(\.L2::256B)?\.v4\.(b|u)32", body), s.name
+            assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in body, s.name
+        else:
+            assert "shfl.sync.bfly.b32" in body
+
+
+@pytest.mark.parametrize("arch", ["sm_90a", "sm_90", "sm_80"])
+def test_ptxas_no_spills(gpu_ir, arch):
+    from qcc.backends.cuda import ptx
+
+    if ptx.ptxas_path() is None:
+        pytest.skip("ptxas not on PATH")
+    specs, ll = gpu_ir
+    cb = ptx.assemble(ptx.llvm_ir_to_ptx(ll, arch), arch)
+    assert cb.data[:4] == b"\x7fELF"
+    for s in specs:
+        r = cb.resources[s.name]
+        assert r.spill_stores == 0 and r.spill_loads == 0 and r.stack == 0, (s.name, r)
+        assert 0 < r.registers <= 255
+        assert r.shared == s.smem_bytes()
+
+
+def test_ptxas_failure_has_log_and_repro():
+    from qcc.backends.cuda import ptx
+
+    if ptx.ptxas_path() is None:
+        pytest.skip("ptxas not on PATH")
+    with pytest.raises(ptx.PtxasError) as ei:
+        ptx.assemble(".version 8.0\n.target sm_90a\n.address_size 64\n.visible .entry k() { bogus; }\n",
+                     "sm_90a")
+    assert "ptxas" in ei.value.repro and "-arch=sm_90a" in ei.value.repro and ei.value.log
+
+
+def test_build_bundle_manifest(tmp_path):
+    pytest.importorskip("torch_mlir")
+    from qcc.backends.cuda import ptx
+
+    specs = [kernels.gemv_w4a16(512, 64, 128, k_warps=2), kernels.gemm_w8a8(4, 256, 64)]
+    man = ptx.build_bundle(specs, str(tmp_path), archs=("sm_90a",), cubin=ptx.ptxas_path() is not None)
+    k = man["kernels"][specs[0].name]
+    assert k["grid"] == list(specs[0].grid) and k["block"] == list(specs[0].block)
+    assert [p["name"] for p in k["params"]] == ["x", "wq", "scales", "zeros", "y", "M"]
+    x = k["params"][0]
+    assert x["rows_param"] == "M" and x["row_bytes"] == 512 * 2 and x["align"] == 16
+    assert (tmp_path / "kernels_sm_90a.ptx").exists()
+
+
+# --------------------------------------------------------------------------- runtime imports
+
+
+def test_runtime_and_pack_import_without_mlir_or_torch():
+    code = textwrap.dedent(f"""
+        import importlib.util, sys
+        for m in ("torch", "torch_mlir", "qcc"):
+            sys.modules[m] = None  # any import of these now fails
+        for name in ("runtime", "pack"):
+            spec = importlib.util.spec_from_file_location(name, {CUDA_DIR!r} + "/" + name + ".py")
+            mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+        print("ok", mod.__name__)
+    """)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0 and "ok" in p.stdout, p.stderr
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+def _gpu():
+    try:
+        from qcc.backends.cuda import runtime
+    except Exception as e:  # pragma: no cover
+        pytest.skip(f"runtime import failed: {e}")
+    ok, why = runtime.available()
+    if not ok:
+        pytest.skip(f"no GPU: {why}")
+    return runtime
+
+
+def test_gpu_w4a16_and_w8a16(tmp_path):
+    runtime = _gpu()
+    pytest.importorskip("torch_mlir")
+    from qcc.backends.cuda import ptx
+
+    rng = np.random.default_rng(5)
+    K, N = 1024, 256
+    specs = [kernels.gemv_w4a16(K, N, 128), kernels.gemv_w8a16(K, N)]
+    rt = runtime.Runtime()
+    ptx.build_bundle(specs, str(tmp_path), archs=(rt.arch,), cubin=ptx.ptxas_path() is not None)
+    mod = runtime.load_bundle(str(tmp_path), rt)
+    packed, s, z = w4_case(rng, K, N, 128)
+    w4 = {k: rt.upload(v) for k, v in pack.pack_w4a16(packed, s, z, 128).items()}
+    for M in (1, 7, 16):
+        x = rng.standard_normal((M, K)).astype(np.float16)
+        y = np.full((M, N), np.nan, np.float16)
+        mod.launch(specs[0].name, x=x, y=y, M=M, **w4)  # numpy in, numpy out
+        assert rel(y, x.astype(np.float64) @ pack.dequant_w4(packed, s, z, 128).T) < 5e-3
+    q, s8 = pack.quantize_w8(rng.standard_normal((N, K)))
+    x = rng.standard_normal((3, K)).astype(np.float16)
+    y = np.full((3, N), np.nan, np.float16)
+    mod.launch(specs[1].name, x=x, y=y, M=3, **pack.pack_w8a16(q, s8))
+    assert rel(y, x.astype(np.float64) @ pack.dequant_w8(q, s8).T) < 5e-3
+    with pytest.raises(ValueError, match="outside"):
+        mod.launch(specs[1].name, x=x, y=y, M=17, **pack.pack_w8a16(q, s8))
