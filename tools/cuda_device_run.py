@@ -313,37 +313,37 @@ def cmd_run(args):
             Wh = [Wd.half().contiguous() for _ in range(ncopy(bytes16))]
             names = by_kind.get((kind, K, N), [])
             def bench_one(name, k, c, M, x, ref):
-            for Mc in sorted({1, M, min(c["m_max"], 5)}):  # numerics, incl. odd M
-                xc = x[:Mc].contiguous() if Mc <= M else torch.randn(Mc, K, dtype=torch.float16, device=dev)
-                refc = ref[:Mc] if Mc <= M else xc.float() @ Wd.t()
-                y = torch.full((Mc, N), float("nan"), dtype=torch.float16, device=dev)
-                mod.bind(name, x=xc, y=y, M=Mc, **devs[0])(sync=True) if not emulate else \
-                    mod.bind(name, x=xc, y=y, M=Mc, **devs[0])()
-                if not emulate:
-                    torch.cuda.synchronize()
-                err = rel_err(torch, y.float(), refc)
-                results["checks"].append({"name": name, "M": Mc, "err": err})
-                if not err < 5e-3:
-                    log(f"  !! {name} M={Mc}: rel err {err:.3e}")
-            y = torch.empty((M, N), dtype=torch.float16, device=dev)
-            binds = [mod.bind(name, x=x, y=y, M=M, **d) for d in devs]
-            launches = [lambda h, b=b: b(stream=h) for b in binds] if not emulate else \
-                [lambda h, b=b: b() for b in binds]
-            t, how, spread = timer.time(launches)
-            occ = mod.occupancy(name)
-            nblk = int(np.prod(k["grid"]))
-            waves = nblk / (occ * sm_count) if occ else float("nan")
-            tot = wbytes + io
-            row = {"kind": kind, "K": K, "N": N, "M": M, "name": name, "us": t,
-                   "bytes": tot, "err": err, "occupancy": occ, "waves": waves,
-                   "regs": (k.get("resources", {}).get("sm_90a") or {}).get("registers"),
-                   "spread": spread, "fp16_us": t16,
-                   "cfg": [c["n_tiles"], c["k_warps"], c["unroll"], c["m_max"],
-                           c.get("w_cache")]}
-            results["rows"].append(row)
-            log(f"    {name:48s} {t:8.2f} us {tot / t / 1e3:6.0f} GB/s "
-                f"{tot / t / 1e3 / bw:5.1%} x{t16 / t:4.2f} err {err:.1e} "
-                f"occ {occ} waves {waves:.2f} regs {row['regs']}")
+                for Mc in sorted({1, M, min(c["m_max"], 5)}):  # numerics, incl. odd M
+                    xc = x[:Mc].contiguous() if Mc <= M else torch.randn(Mc, K, dtype=torch.float16, device=dev)
+                    refc = ref[:Mc] if Mc <= M else xc.float() @ Wd.t()
+                    y = torch.full((Mc, N), float("nan"), dtype=torch.float16, device=dev)
+                    mod.bind(name, x=xc, y=y, M=Mc, **devs[0])(sync=True) if not emulate else \
+                        mod.bind(name, x=xc, y=y, M=Mc, **devs[0])()
+                    if not emulate:
+                        torch.cuda.synchronize()
+                    err = rel_err(torch, y.float(), refc)
+                    results["checks"].append({"name": name, "M": Mc, "err": err})
+                    if not err < 5e-3:
+                        log(f"  !! {name} M={Mc}: rel err {err:.3e}")
+                y = torch.empty((M, N), dtype=torch.float16, device=dev)
+                binds = [mod.bind(name, x=x, y=y, M=M, **d) for d in devs]
+                launches = [lambda h, b=b: b(stream=h) for b in binds] if not emulate else \
+                    [lambda h, b=b: b() for b in binds]
+                t, how, spread = timer.time(launches)
+                occ = mod.occupancy(name)
+                nblk = int(np.prod(k["grid"]))
+                waves = nblk / (occ * sm_count) if occ else float("nan")
+                tot = wbytes + io
+                row = {"kind": kind, "K": K, "N": N, "M": M, "name": name, "us": t,
+                       "bytes": tot, "err": err, "occupancy": occ, "waves": waves,
+                       "regs": (k.get("resources", {}).get("sm_90a") or {}).get("registers"),
+                       "spread": spread, "fp16_us": t16,
+                       "cfg": [c["n_tiles"], c["k_warps"], c["unroll"], c["m_max"],
+                               c.get("w_cache")]}
+                results["rows"].append(row)
+                log(f"    {name:48s} {t:8.2f} us {tot / t / 1e3:6.0f} GB/s "
+                    f"{tot / t / 1e3 / bw:5.1%} x{t16 / t:4.2f} err {err:.1e} "
+                    f"occ {occ} waves {waves:.2f} regs {row['regs']}")
 
             for M in MS:
                 x = torch.randn(M, K, dtype=torch.float16, device=dev)
