@@ -60,9 +60,13 @@ class _Progress:
 
 
 def compile(model, example_inputs=None, *, target: str = "cpu", quant: str | None = None,
-            allow_pickle: bool = False, print_ir_after_all: bool = False, dump_dir: str | None = None,
-            progress: bool = False) -> CompiledModel:
-    """Compiles `model` (nn.Module + example_inputs, ExportedProgram, or .pt2 path)."""
+            calibration=None, allow_pickle: bool = False, print_ir_after_all: bool = False,
+            dump_dir: str | None = None, progress: bool = False) -> CompiledModel:
+    """Compiles `model` (nn.Module + example_inputs, ExportedProgram, or .pt2 path).
+
+    calibration: an iterable of input tuples (like example_inputs) that passes
+    needing activation statistics run the float model on.
+    """
     from qcc.context import make_context
     from qcc.frontend import import_program
     from qcc.pipeline import Session, run_pipeline
@@ -78,7 +82,9 @@ def compile(model, example_inputs=None, *, target: str = "cpu", quant: str | Non
     ctx = make_context()
     prog.stage("import")
     imported = import_program(ep, ctx)
-    module, session = imported.module, Session(imported.params, {"recipe": recipe.name})
+    session = Session(imported.params, {"recipe": recipe.name, "exported_program": ep,
+                                        "calibration": _calibration_list(calibration), "progress": progress})
+    module = imported.module
 
     def run(stage, elements):
         prog.stage(stage)
@@ -125,6 +131,20 @@ def compile(model, example_inputs=None, *, target: str = "cpu", quant: str | Non
     compiled.compile_seconds = {name: round(t1 - t0, 3) for (name, t0), (_, t1)
                                 in zip(prog.timings, prog.timings[1:])}
     return compiled
+
+
+def _calibration_list(calibration):
+    if calibration is None:
+        return None
+    import torch
+
+    batches = []
+    for i, sample in enumerate(calibration):
+        sample = tuple(sample) if isinstance(sample, (tuple, list)) else (sample,)
+        batches.append(tuple(torch.as_tensor(x) for x in sample))
+    if not batches:
+        raise QccError("calibration data is empty", hint="give at least one input tuple")
+    return batches
 
 
 def _layer_report(weights, layers) -> list[dict]:

@@ -42,13 +42,23 @@ def _ordered_inputs(arrays: dict, specs: list, path: str) -> list:
 
 def cmd_compile(args) -> int:
     import qcc
+    from qcc.errors import QccError
 
     example = None
     if args.example_inputs:
         import torch
 
         example = tuple(torch.from_numpy(a) for a in _load_npz(args.example_inputs, "example inputs").values())
-    m = qcc.compile(args.model, example, target=args.target, quant=args.quant, allow_pickle=args.allow_pickle,
+    calibration = None
+    if args.calib:
+        import torch
+
+        arrays = list(_load_npz(args.calib, "calibration").values())
+        if len({a.shape[0] for a in arrays}) != 1:
+            raise QccError("calibration arrays must share their leading (sample) dimension", where=args.calib)
+        calibration = [tuple(torch.from_numpy(a[j]) for a in arrays) for j in range(arrays[0].shape[0])]
+    m = qcc.compile(args.model, example, target=args.target, quant=args.quant, calibration=calibration,
+                    allow_pickle=args.allow_pickle,
                     print_ir_after_all=args.print_ir_after_all, dump_dir=args.dump_dir, progress=not args.quiet and sys.stderr.isatty())
     m.save(args.output)
     if not args.quiet:
@@ -109,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--allow-pickle", action="store_true",
                    help="accept a torch.save()d module (unpickling runs code from the file)")
     c.add_argument("--example-inputs", help=".npz of example inputs (needed for pickled modules)")
+    c.add_argument("--calib", help=".npz of calibration inputs: one array per model input, in input order, "
+                                   "each with a leading sample dimension")
     c.add_argument("--print-ir-after-all", action="store_true")
     c.add_argument("--dump-dir", help="write the IR after each stage into this folder")
     c.add_argument("--timing", action="store_true", help="print the time of each stage")
