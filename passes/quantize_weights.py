@@ -89,6 +89,7 @@ class QuantizeWeights(QccPass):
         entries = {"codes": formats.pack(qt), "scale": qt.scale.astype(np.float32)}
         if not fmt.symmetric:
             entries["zero"] = qt.zero
+        self.session.layers[w_name] = {"format": fmt.key(), "shape": [n, k]}
         args = []
         for role, value in entries.items():
             name = f"{w_name}:{fmt.key()}:{role}"
