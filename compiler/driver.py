@@ -45,18 +45,28 @@ def _entry_args(module, params):
 
 
 class _Progress:
+    """Stage timings, and a progress bar on stderr when `enabled`."""
+
+    STAGES = 10  # export .. done; a rough total for the bar
+
     def __init__(self, enabled: bool):
-        self.enabled = enabled
         self.t0 = time.perf_counter()
         self.timings = []
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.STAGES, desc="qcc", unit="stage", leave=False,
+                            bar_format="{desc}: {n_fmt}/{total_fmt} {postfix} [{elapsed}]")
 
     def stage(self, name: str):
         """Starts stage `name` (ending the previous one)."""
         self.timings.append((name, time.perf_counter()))
-        if self.enabled:
-            import sys
-
-            print(f"qcc: {name} ...", file=sys.stderr, flush=True)
+        if self.bar is not None:
+            self.bar.set_postfix_str(name)
+            self.bar.update(1)
+            if name == "done":
+                self.bar.close()
 
 
 def compile(model, example_inputs=None, *, target: str = "cpu", quant: str | None = None,
