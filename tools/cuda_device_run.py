@@ -37,16 +37,36 @@ CUDA_DIR = os.path.join(ROOT, "backends", "cuda")
 SHAPES = [(4096, 4096), (8192, 8192), (8192, 28672)]
 MS = (1, 16)
 GROUP = 128
-# (n_tiles, k_warps, unroll, w_cache) candidates; invalid ones for a shape are skipped.
-W4_CONFIGS = [(1, 2, 2, None), (1, 4, 2, None), (1, 8, 2, None), (1, 4, 4, None),
-              (2, 2, 2, None), (2, 4, 2, None), (2, 8, 2, None), (4, 2, 2, None), (4, 4, 1, None),
-              (1, 4, 2, "no_allocate"), (1, 4, 2, "no_allocate_256"), (2, 4, 2, "no_allocate"),
-              (2, 4, 2, "no_allocate_256"), (1, 4, 4, "no_allocate_256")]
-W8_CONFIGS = [(1, 2, 2, None), (1, 4, 2, None), (1, 8, 2, None), (1, 4, 4, None),
-              (2, 2, 2, None), (2, 4, 2, None), (2, 8, 2, None),
-              (1, 4, 2, "no_allocate"), (1, 4, 2, "no_allocate_256"), (2, 4, 2, "no_allocate_256")]
+# Variants to sweep, per (format, m_max): dicts of builder keywords. The register-prefetch
+# ones are the best of the first sweep (2026-11, H100); the rest stream W with cp.async.
+def _v(nt, kw, u, nw=1, s=0, wc=None, d=1, ms=False):
+    return dict(n_tiles=nt, k_warps=kw, unroll=u, n_warps=nw, stages=s, w_cache=wc, depth=d,
+                **({"meta_smem": True} if ms else {}))
+
+
+W4_VARIANTS = {
+    8: [_v(2, 4, 2, wc="no_allocate"), _v(1, 4, 2, wc="no_allocate"), _v(1, 8, 2),
+        _v(1, 4, 1, s=4), _v(1, 4, 1, s=6), _v(1, 8, 1, s=4), _v(2, 4, 1, s=4), _v(2, 2, 1, s=6),
+        _v(1, 2, 1, s=8), _v(2, 4, 1, s=3), _v(1, 4, 2, s=3), _v(2, 2, 1, nw=2, s=4),
+        _v(1, 4, 1, nw=2, s=4), _v(1, 2, 1, nw=4, s=4), _v(1, 4, 1, s=4, ms=True),
+        _v(1, 4, 1, s=6, ms=True), _v(2, 4, 1, s=4, ms=True), _v(1, 8, 1, s=6)],
+    16: [_v(4, 4, 1), _v(4, 2, 2), _v(2, 4, 2, wc="no_allocate"),
+         _v(2, 1, 1, nw=4, s=4), _v(2, 1, 1, nw=4, s=6), _v(2, 1, 1, nw=8, s=3),
+         _v(2, 2, 1, nw=4, s=3), _v(2, 2, 1, nw=2, s=4), _v(4, 2, 1, s=4), _v(4, 1, 1, nw=2, s=4),
+         _v(2, 4, 1, s=4), _v(1, 2, 1, nw=4, s=4), _v(1, 1, 1, nw=8, s=4), _v(4, 2, 1, nw=2, s=3),
+         _v(2, 2, 1, nw=4, s=2), _v(1, 4, 1, s=4), _v(4, 4, 1, s=3), _v(2, 2, 1, nw=2, s=6)],
+}
+W8_VARIANTS = {
+    8: [_v(1, 4, 4), _v(2, 4, 2, wc="no_allocate_256"), _v(2, 8, 2),
+        _v(1, 4, 1, s=4), _v(2, 4, 1, s=4), _v(1, 4, 2, s=4), _v(2, 2, 1, nw=2, s=4),
+        _v(1, 8, 1, s=4), _v(1, 4, 1, s=6)],
+    16: [_v(2, 2, 2), _v(2, 4, 2, wc="no_allocate_256"), _v(2, 8, 2),
+         _v(2, 4, 1, s=4), _v(2, 2, 1, nw=4, s=3), _v(2, 1, 1, nw=4, s=4), _v(4, 2, 1, s=4),
+         _v(2, 2, 1, nw=2, s=4), _v(1, 4, 1, s=4)],
+}
 EMU_SHAPES = [(512, 64), (1024, 128)]
-EMU_CONFIGS = [(1, 2, 2, None), (2, 2, 1, "no_allocate"), (2, 1, 2, None)]
+EMU_VARIANTS = {8: [_v(1, 2, 2), _v(2, 2, 1, wc="no_allocate"), _v(1, 2, 1, s=3)],
+                16: [_v(2, 1, 2), _v(2, 1, 1, nw=2, s=3), _v(1, 2, 1, s=2, ms=True)]}
 L2_DEFEAT_BYTES = 200 << 20  # rotate weight copies totalling at least this much
 
 
@@ -62,22 +82,21 @@ def _load(name):
 # --------------------------------------------------------------------------- build (here)
 
 
-def kernel_specs(shapes, configs4, configs8, w8a8=True):
+def kernel_specs(shapes, variants4, variants8, w8a8=True):
     from qcc.backends.cuda import kernels
 
     specs = []
     for K, N in shapes:
         for m_max in (8, 16):
-            for nt, kw, un, wc in configs4:
+            for v in variants4[m_max]:
                 try:
-                    specs.append(kernels.gemv_w4a16(K, N, GROUP, m_max=m_max, n_tiles=nt,
-                                                    k_warps=kw, unroll=un, w_cache=wc))
+                    specs.append(kernels.gemv_w4a16(K, N, GROUP, m_max=m_max, **v))
                 except kernels.KernelConstraintError:
                     pass
-            for nt, kw, un, wc in configs8:
+            for v in variants8[m_max]:
+                v = {k: x for k, x in v.items() if k != "meta_smem"}
                 try:
-                    specs.append(kernels.gemv_w8a16(K, N, m_max=m_max, n_tiles=nt, k_warps=kw,
-                                                    unroll=un, w_cache=wc))
+                    specs.append(kernels.gemv_w8a16(K, N, m_max=m_max, **v))
                 except kernels.KernelConstraintError:
                     pass
     if w8a8:
@@ -89,7 +108,7 @@ def kernel_specs(shapes, configs4, configs8, w8a8=True):
 def cmd_build(args):
     from qcc.backends.cuda import ptx
 
-    specs = kernel_specs(SHAPES, W4_CONFIGS, W8_CONFIGS)
+    specs = kernel_specs(SHAPES, W4_VARIANTS, W8_VARIANTS)
     t0 = time.time()
     for attempt in range(2):
         man = ptx.build_bundle(specs, args.out, archs=tuple(args.arch))
@@ -111,6 +130,19 @@ def cmd_build(args):
 
 
 # --------------------------------------------------------------------------- data
+
+
+def _cfg_str(c):
+    s = f"nt{c['n_tiles']} kw{c['k_warps']} u{c['unroll']}"
+    if c.get("n_warps", 1) > 1:
+        s += f" nw{c['n_warps']}"
+    if c.get("stages"):
+        s += f" cp.async x{c['stages']}" + (" meta-smem" if c.get("meta_smem") else "")
+    elif c.get("depth", 1) > 1:
+        s += f" d{c['depth']}"
+    if c.get("w_cache"):
+        s += f" {c['w_cache']}"
+    return s + f" m<={c['m_max']}"
 
 
 def w4_data(rng, K, N):
@@ -261,7 +293,7 @@ def cmd_run(args):
 
     if emulate:
         sys.path.insert(0, ROOT)
-        specs = kernel_specs(EMU_SHAPES, EMU_CONFIGS, EMU_CONFIGS, w8a8=True)
+        specs = kernel_specs(EMU_SHAPES, EMU_VARIANTS, EMU_VARIANTS, w8a8=True)
         mod = EmuModule(specs)
         shapes, dev, timer, bw = EMU_SHAPES, "cpu", CpuTimer(), float("nan")
         sm_count = 132
@@ -338,8 +370,7 @@ def cmd_run(args):
                        "bytes": tot, "err": err, "occupancy": occ, "waves": waves,
                        "regs": (k.get("resources", {}).get("sm_90a") or {}).get("registers"),
                        "spread": spread, "fp16_us": t16,
-                       "cfg": [c["n_tiles"], c["k_warps"], c["unroll"], c["m_max"],
-                               c.get("w_cache")]}
+                       "cfg": _cfg_str(c)}
                 results["rows"].append(row)
                 log(f"    {name:48s} {t:8.2f} us {tot / t / 1e3:6.0f} GB/s "
                     f"{tot / t / 1e3 / bw:5.1%} x{t16 / t:4.2f} err {err:.1e} "
@@ -388,7 +419,8 @@ def cmd_run(args):
             sx = (rng.random(M, dtype=np.float32) * 0.01 + 1e-3)
             q, sw = w8_data(rng, K, N)
             y = torch.full((M, N), float("nan"), dtype=torch.float16, device=dev)
-            b = mod.bind(name, xq=dev_t(xq), sx=dev_t(sx), wq=dev_t(q), sw=dev_t(sw.reshape(-1)), y=y)
+            keep = dict(xq=dev_t(xq), sx=dev_t(sx), wq=dev_t(q), sw=dev_t(sw.reshape(-1)), y=y)
+            b = mod.bind(name, **keep)
             b() if emulate else b(sync=True)
             ref = (torch.from_numpy(xq).double() @ torch.from_numpy(q).double().t()) * \
                 torch.from_numpy(sx).double()[:, None] * torch.from_numpy(sw).double().reshape(1, -1)
@@ -403,7 +435,7 @@ def cmd_run(args):
     log("\nSummary (best variant per format/shape/M; bytes = weights + scales/zeros + x + y;"
         f" measured copy bandwidth {bw:.0f} GB/s):")
     log(f"{'format':10s} {'K x N':>12s} {'M':>3s} {'kernel us':>10s} {'GB/s':>7s} {'of BW':>6s} "
-        f"{'fp16 us':>9s} {'fp16 GB/s':>9s} {'vs fp16':>8s}  config (n_tiles,k_warps,unroll,m_max,w_cache)")
+        f"{'fp16 us':>9s} {'fp16 GB/s':>9s} {'vs fp16':>8s}  config")
     summary = []
     for kind in ("gemv_w4a16", "gemv_w8a16"):
         for K, N in shapes:
@@ -419,7 +451,7 @@ def cmd_run(args):
                 gbs = best["bytes"] / best["us"] / 1e3
                 line = (f"{kind[5:]:10s} {f'{K}x{N}':>12s} {M:3d} {best['us']:10.2f} {gbs:7.0f} "
                         f"{gbs / bw:6.1%} {b16['us']:9.2f} {b16['bytes'] / b16['us'] / 1e3:9.0f} "
-                        f"{b16['us'] / best['us']:7.2f}x  {tuple(best['cfg'])}")
+                        f"{b16['us'] / best['us']:7.2f}x  {best['cfg']}")
                 log(line)
                 summary.append(best | {"fp16_us": b16["us"], "frac_bw": gbs / bw})
     bad = [c for c in results["checks"] if not c["err"] < 5e-3]

@@ -424,6 +424,32 @@ class MlirEmitter(Emitter):
         parts = [self._op(f"llvm.extractvalue {nm}[{k}] : {st}", "i32") for k in range(4)]
         return self.from_elements(parts)
 
+    def _addr(self, mem: Val, i: Val, space: int) -> str:
+        _, et, _ = parse_memref(mem.type)
+        base = self._op(f"memref.extract_aligned_pointer_as_index {mem.v} : {mem.type} -> index",
+                        "index")
+        a64 = self.cast("index_cast", base + self.idx(i) * (bitwidth(et) // 8), "i64")
+        return self._op(f"llvm.inttoptr {a64.v} : i64 to !llvm.ptr<{space}>", f"ptr{space}").v
+
+    def cp_async(self, dst: Val, di: Val, src: Val, si: Val):
+        """cp.async of one 4/8/16-byte element global -> shared (``.cg`` for 16 bytes:
+        L2 only, the weights do not pass through L1; ``.ca`` otherwise)."""
+        _, et, sp = parse_memref(dst.type)
+        _, es, _ = parse_memref(src.type)
+        assert sp == "workgroup" and et == es, (dst.type, src.type)
+        nb = bitwidth(et) // 8
+        assert nb in (4, 8, 16), et
+        d, s_ = self._addr(dst, di, 3), self._addr(src, si, 1)
+        cache = "cg" if nb == 16 else "ca"
+        self._emit(f"nvvm.cp.async.shared.global {d}, {s_}, {nb}, cache = {cache} "
+                   f": !llvm.ptr<3>, !llvm.ptr<1>")
+
+    def cp_async_commit(self):
+        self._emit("nvvm.cp.async.commit.group")
+
+    def cp_async_wait(self, n: int):
+        self._emit(f"nvvm.cp.async.wait.group {int(n)}")
+
     def store(self, val: Val, mem: Val, i: Val):
         _, et, _ = parse_memref(mem.type)
         assert val.type == et, (val.type, et)

@@ -54,6 +54,30 @@ def _hint_suffix(w_cache):
     return {None: "", "no_allocate": "_na", "no_allocate_256": "_na256", "evict_first": "_ef"}[w_cache]
 
 
+def _shape_suffix(n_warps, depth, stages=0):
+    return ((f"n{n_warps}" if n_warps > 1 else "") + (f"d{depth}" if depth > 1 else "")
+            + (f"s{stages}" if stages else ""))
+
+
+MAX_STATIC_SMEM = 48 * 1024
+
+
+def _smem(kw, nw, nt, unroll, stages, units, meta_types):
+    """Shared buffers: the K-split reduction, and the cp.async rings (if stages)."""
+    out = [("red", "f32", nw * kw * nt * 4 * 32)] if kw > 1 else []
+    if stages:
+        _require(stages >= 2, "stages must be 0 (register prefetch) or >= 2")
+        out.append(("wbuf", "vector<4xi32>", kw * nw * stages * unroll * nt * 32))
+        for k, t in enumerate(meta_types):
+            out.append((f"mbuf{k}", t, kw * nw * stages * units * nt * 32))
+    from .emit import bitwidth
+    total = sum(n * bitwidth(t) // 8 for _, t, n in out)
+    _require(total <= MAX_STATIC_SMEM,
+             f"{total} bytes of shared memory exceed the {MAX_STATIC_SMEM}-byte static limit; "
+             "lower stages, n_tiles or the warps per block")
+    return out
+
+
 def _require(cond, msg):
     if not cond:
         raise KernelConstraintError(msg)
@@ -85,21 +109,34 @@ def default_config(K: int, N: int, k_tile: int, *, group_tiles: int = 1,
 
 
 def _mma_gemv_body(E, a, *, K, N, k_tile, nt, kw, unroll, m_max, load_meta, dequant,
-                   group_tiles, scale_acc, final_scale, w_hint=None):
+                   group_tiles, scale_acc, final_scale, w_hint=None, nw=1, depth=1, stages=0,
+                   meta_smem=False):
     """Shared body of the weight-only kernels (see module docstring).
 
-    load_meta(E, a, tn, kt) -> list of Vals (for one n-tile and K tile / group)
+    load_meta(E, a, tn, kt) -> [(param name, element index)] for one n-tile and K tile /
+        group (the per-lane metadata: scales, zero words, ...)
     dequant(E, w, meta) -> list over steps of [b0, b1] (vector<2xf16> each)
     scale_acc: None, or fn(E, meta) -> (sx, sy) f32 applied at group ends
     final_scale: None, or fn(E, a, tn, t) -> (sx, sy) applied to the reduced sum
+    nw: warps of a block that split N (they read the same x, which then hits in L1);
+        the block has kw * nw warps, warp w works on K slice w % kw and n-group w // kw.
+    depth: (stages == 0) iterations of W/metadata loads kept in flight in registers.
+    stages: if > 0, W and metadata stream through a per-warp ring of ``stages`` shared
+        memory slots filled by cp.async (stages - 1 iterations in flight, no registers
+        held); each lane reads back only what it copied itself, so no barrier is needed.
+    meta_smem: (stages > 0) metadata also through the cp.async ring (replicated per lane);
+        otherwise it is prefetched stages - 1 iterations ahead in loop-carried registers.
     """
     KT = K // k_tile
     TPW = KT // kw
+    NI = TPW // unroll  # loop iterations per warp
     steps = k_tile // 16
     xv = k_tile // 32  # vector<8xf16> loads per x row per tile
     tid = E.tid()
     bid = E.bid()
     warp = tid // 32
+    wk = warp % kw if nw > 1 else warp
+    wn = warp // kw if nw > 1 else None
     lane = tid % 32
     g = lane // 4
     t = lane % 4
@@ -107,43 +144,81 @@ def _mma_gemv_body(E, a, *, K, N, k_tile, nt, kw, unroll, m_max, load_meta, dequ
     mlast = M - 1
     xlo = E.minu(g, mlast) * (K // 8) + t * xv
     xhi = E.minu(g + 8, mlast) * (K // 8) + t * xv if m_max > 8 else None
-    tile0 = bid * nt
-    kt0 = warp * TPW
+    tile0 = (bid * nw + wn) * nt if nw > 1 else bid * nt
+    kt0 = wk * TPW
     wbase = [((tile0 + r) * KT + kt0) * 32 + lane for r in range(nt)]
     zero = E.const(0.0, "f32")
-
     meta_per_group = scale_acc is not None
+    units = unroll // group_tiles if meta_per_group else unroll  # metadata sets per iteration
 
+    def meta_srcs(i):
+        """[[ (name, idx), ...] per (r, unit)] for the iteration starting at local tile i."""
+        out = []
+        for r in range(nt):
+            for q in range(units):
+                kt = kt0 + i + (q * group_tiles if meta_per_group else q)
+                out.append(load_meta(E, a, tile0 + r, kt))
+        return out
+
+    # ---- the loads of one iteration: register path
     def load_stage(i):
-        vals = []
-        for r in range(nt):
-            for u in range(unroll):
-                vals.append(E.load_hint(a["wq"], wbase[r] + (i + u) * 32, w_hint))
-        for r in range(nt):
-            if meta_per_group:
-                for q in range(unroll // group_tiles):
-                    vals += load_meta(E, a, tile0 + r, kt0 + i + q * group_tiles)
-            else:
-                for u in range(unroll):
-                    vals += load_meta(E, a, tile0 + r, kt0 + i + u)
+        vals = [E.load_hint(a["wq"], wbase[r] + (i + u) * 32, w_hint)
+                for r in range(nt) for u in range(unroll)]
+        for srcs in meta_srcs(i):
+            vals += [E.load(a[n], ix) for n, ix in srcs]
         return vals
 
     def split_stage(vals):
         ws = [[vals[r * unroll + u] for u in range(unroll)] for r in range(nt)]
         rest = vals[nt * unroll:]
         per = len(rest) // nt
-        metas = [rest[r * per:(r + 1) * per] for r in range(nt)]
-        return ws, metas
+        return ws, [rest[r * per:(r + 1) * per] for r in range(nt)]
 
-    stage0 = load_stage(E.const(0, "index"))
-    n_meta = (len(stage0) - nt * unroll) // nt
-    mpu = n_meta // (unroll // group_tiles if meta_per_group else unroll) if n_meta else 0
+    # ---- cp.async path
+    nwarps = kw * nw
+    n_meta = len(meta_srcs(E.const(0, "index"))[0])
+    if stages:
+        S = stages
 
-    def body(i, args):
-        acc = [args[4 * r:4 * r + 4] for r in range(nt)]
-        cur = args[4 * nt:]
-        nxt = load_stage(E.minu(i + unroll, E.const(TPW - unroll, "index")))
-        ws, metas = split_stage(cur)
+        def wslot(slot, u, r):
+            return ((warp * S + slot) * (unroll * nt) + (u * nt + r)) * 32 + lane
+
+        def mslot(slot, up):
+            return ((warp * S + slot) * (units * nt) + up) * 32 + lane
+
+        def issue(c):
+            def copies():
+                i = c * unroll
+                slot = c % S
+                for r in range(nt):
+                    for u in range(unroll):
+                        E.cp_async(a["wbuf"], wslot(slot, u, r), a["wq"], wbase[r] + (i + u) * 32)
+                if meta_smem:
+                    for up, srcs in enumerate(meta_srcs(i)):
+                        for k, (n, ix) in enumerate(srcs):
+                            E.cp_async(a[f"mbuf{k}"], mslot(slot, up), a[n], ix)
+            E.if_(E.cmp("ult", c, E.const(NI, "index")), copies)
+            E.cp_async_commit()
+
+        def read_slot(slot):
+            ws = [[E.load(a["wbuf"], wslot(slot, u, r)) for u in range(unroll)] for r in range(nt)]
+            metas = [[] for _ in range(nt)]
+            for r in range(nt if meta_smem else 0):
+                for q in range(units):
+                    up = r * units + q
+                    metas[r] += [E.load(a[f"mbuf{k}"], mslot(slot, up)) for k in range(n_meta)]
+            return ws, metas
+
+        def load_metas(i):  # register path for metadata: flat list
+            return [E.load(a[n], ix) for srcs in meta_srcs(i) for n, ix in srcs]
+
+        def split_metas(vals):
+            per = len(vals) // nt
+            return [vals[r * per:(r + 1) * per] for r in range(nt)]
+
+    mpu = n_meta
+
+    def compute(i, acc, ws, metas):
         accg = [list(x) for x in acc] if not meta_per_group else None
         for u in range(unroll):
             kt = kt0 + i + u
@@ -160,12 +235,8 @@ def _mma_gemv_body(E, a, *, K, N, k_tile, nt, kw, unroll, m_max, load_meta, dequ
             if meta_per_group and u % group_tiles == 0:
                 accg = [[zero] * 4 for _ in range(nt)]
             for r in range(nt):
-                if meta_per_group:
-                    q = u // group_tiles
-                    m = metas[r][q * mpu:(q + 1) * mpu]
-                else:
-                    m = metas[r][u * mpu:(u + 1) * mpu]
-                B = dequant(E, ws[r][u], m)
+                q = u // group_tiles if meta_per_group else u
+                B = dequant(E, ws[r][u], metas[r][q * mpu:(q + 1) * mpu])
                 for s in range(steps):
                     accg[r] = E.mma_f16(A[s], B[s], accg[r])
             if meta_per_group and (u + 1) % group_tiles == 0:
@@ -174,12 +245,46 @@ def _mma_gemv_body(E, a, *, K, N, k_tile, nt, kw, unroll, m_max, load_meta, dequ
                     sx, sy = scale_acc(E, metas[r][q * mpu:(q + 1) * mpu])
                     acc[r] = [E.fma(accg[r][0], sx, acc[r][0]), E.fma(accg[r][1], sy, acc[r][1]),
                               E.fma(accg[r][2], sx, acc[r][2]), E.fma(accg[r][3], sy, acc[r][3])]
-        if not meta_per_group:
-            acc = accg
-        return [v for r in range(nt) for v in acc[r]] + nxt
+        return accg if not meta_per_group else acc
 
-    inits = [zero] * (4 * nt) + stage0
-    res = E.for_(0, TPW, unroll, inits, body)
+    if stages:
+        for c in range(S - 1):
+            issue(E.const(c, "index"))
+        mq0 = [] if meta_smem or not n_meta else [
+            v for d in range(S - 1) for v in load_metas(E.const(min(d * unroll, TPW - unroll), "index"))]
+        mlen = len(mq0) // (S - 1) if mq0 else 0
+        last = E.const(TPW - unroll, "index")
+
+        def body(i, args):
+            acc = [args[4 * r:4 * r + 4] for r in range(nt)]
+            mq = args[4 * nt:]
+            c = i // unroll
+            issue(c + (S - 1))
+            if mlen:
+                mq = mq[mlen:] + load_metas(E.minu(i + (S - 1) * unroll, last))
+            E.cp_async_wait(S - 1)
+            ws, metas = read_slot(c % S)
+            if mlen:
+                metas = split_metas(args[4 * nt:4 * nt + mlen])
+            acc = compute(i, acc, ws, metas)
+            return [v for r in range(nt) for v in acc[r]] + mq
+
+        res = E.for_(0, TPW, unroll, [zero] * (4 * nt) + mq0, body)
+    else:
+        stages0 = [load_stage(E.const(min(d * unroll, TPW - unroll), "index")) for d in range(depth)]
+        slen = len(stages0[0])
+        last = E.const(TPW - unroll, "index")
+
+        def body(i, args):
+            acc = [args[4 * r:4 * r + 4] for r in range(nt)]
+            queue = args[4 * nt:]
+            nxt = queue[slen:] + load_stage(E.minu(i + depth * unroll, last))
+            ws, metas = split_stage(queue[:slen])
+            acc = compute(i, acc, ws, metas)
+            return [v for r in range(nt) for v in acc[r]] + nxt
+
+        inits = [zero] * (4 * nt) + [v for st in stages0 for v in st]
+        res = E.for_(0, TPW, unroll, inits, body)
     acc = [res[4 * r:4 * r + 4] for r in range(nt)]
 
     half_n = N // 2
@@ -207,21 +312,24 @@ def _mma_gemv_body(E, a, *, K, N, k_tile, nt, kw, unroll, m_max, load_meta, dequ
     E.barrier()
     for r in range(nt):
         def owner(r=r):
+            base = wn * (kw * nt * 128) if nw > 1 else E.const(0, "index")
             tot = []
             for e in range(4):
                 s = None
                 for w in range(kw):
-                    v = E.load(red, E.const(((w * nt + r) * 4 + e) * 32, "index") + lane)
+                    v = E.load(red, base + E.const(((w * nt + r) * 4 + e) * 32, "index") + lane)
                     s = v if s is None else s + v
                 tot.append(s)
             store_out(r, tot)
-        E.if_(E.cmp("eq", warp, E.const(r % kw, "index")), owner)
+        E.if_(E.cmp("eq", wk, E.const(r % kw, "index")), owner)
 
 
-def _check_cfg(K, N, k_tile, nt, kw, unroll, group_tiles, m_max):
+def _check_cfg(K, N, k_tile, nt, kw, unroll, group_tiles, m_max, nw=1, depth=1):
     KT = K // k_tile
     _require(1 <= m_max <= 16, f"m_max must be in 1..16 (got {m_max})")
-    _require(N % (8 * nt) == 0, f"N={N} must be a multiple of 8*n_tiles={8 * nt}")
+    _require(N % (8 * nt * nw) == 0, f"N={N} must be a multiple of 8*n_tiles*n_warps={8 * nt * nw}")
+    _require(kw * nw <= 32, f"k_warps*n_warps={kw * nw} warps exceed a 1024-thread block")
+    _require(depth >= 1, "depth must be >= 1")
     _require(KT % kw == 0, f"K/{k_tile}={KT} K-tiles must split evenly over k_warps={kw}")
     TPW = KT // kw
     _require(unroll >= 1 and TPW % unroll == 0,
@@ -247,7 +355,9 @@ def _common_params(K, N, m_max):
 def gemv_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True,
                scale_mode: str | None = None, m_max: int = 16, n_tiles: int | None = None,
                k_warps: int | None = None, unroll: int | None = None,
-               w_cache: str | None = None, name: str | None = None) -> KernelSpec:
+               w_cache: str | None = None, n_warps: int = 1, depth: int = 1,
+               stages: int = 0, meta_smem: bool = False,
+               name: str | None = None) -> KernelSpec:
     """y[M, N] = x[M, K] @ dequant(W4)^T for 1 <= M <= m_max (M is a launch argument).
 
     Constraints: K % 128 == 0, N % (8 n_tiles) == 0, group_size % 32 == 0 and divides K;
@@ -264,7 +374,7 @@ def gemv_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
     _require(mode == "weight" or G % 128 == 0, "scale_mode='acc' needs group_size % 128 == 0")
     gt = G // 128 if mode == "acc" else 1
     nt, kw, un = _cfg(K, N, 128, gt, n_tiles, k_warps, unroll)
-    _check_cfg(K, N, 128, nt, kw, un, gt, m_max)
+    _check_cfg(K, N, 128, nt, kw, un, gt, m_max, n_warps, depth)
     GP = K // G
     NB = N // 8
     params = _common_params(K, N, m_max)
@@ -274,7 +384,8 @@ def gemv_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
         params.append(Param("scales", f"memref<{NB * GP * 4}xvector<2xf32>>", "in",
                             "f32 [N/8, K/G, 8]"))
         if zero_point:
-            params.append(Param("zeros", f"memref<{NB * GP * 8}xi8>", "in", "u8 [N/8, K/G, 8]"))
+            params.append(Param("zeros", f"memref<{NB * GP * 2}xi32>", "in",
+                                "u8 [N/8, K/G, 8] (read as 32-bit words)"))
     else:
         params.append(Param("meta", f"memref<{NB * GP * 8}xvector<2xf16>>", "in",
                             "f16 [N/8, K/G, 8, (1024+zero, scale)]"))
@@ -287,18 +398,20 @@ def gemv_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
         g, t = lane // 4, lane % 4
         if mode == "acc":
             grp = kt // gt
-            out = [E.load(a["scales"], (tn * GP + grp) * 4 + t)]
+            out = [("scales", (tn * GP + grp) * 4 + t)]
             if zero_point:
-                out.append(E.load(a["zeros"], (tn * GP + grp) * 8 + g))
+                out.append(("zeros", (tn * GP + grp) * 2 + g // 4))  # word holding row g's zero
             return out
         grp = (kt * 128 + t * 32) // G
-        return [E.load(a["meta"], (tn * GP + grp) * 8 + g)]
+        return [("meta", (tn * GP + grp) * 8 + g)]
 
     def zb8_of(E, m):
         if mode == "acc":
             if not zero_point:
                 return E.const(1032.0, "vector<8xf16>"), None
-            z = E.cast("extui", m[1], "i32")
+            g = (E.tid() % 32) // 4
+            sh = E.cast("index_cast", (g % 4) * 8, "i32")
+            z = (m[1] >> sh) & 0xFF
             h = (z | 0x6400) * 0x00010001
             return E.bitcast(E.broadcast(h, "vector<4xi32>"), "vector<8xf16>"), None
         zs = m[0]
@@ -325,23 +438,29 @@ def gemv_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
         s = m[0]
         return E.extract(s, 0), E.extract(s, 1)
 
-    smem = [("red", "f32", kw * nt * 4 * 32)] if kw > 1 else []
+    meta_types = ([("scales", "vector<2xf32>")] + ([("zeros", "i32")] if zero_point else [])
+                  if mode == "acc" else [("meta", "vector<2xf16>")])
+    smem = _smem(kw, n_warps, nt, un, stages, un // gt if mode == "acc" else un,
+                 [t_ for _, t_ in meta_types] if meta_smem else [])
 
     def body(E, a):
         _mma_gemv_body(E, a, K=K, N=N, k_tile=128, nt=nt, kw=kw, unroll=un, m_max=m_max,
                        load_meta=load_meta, dequant=dequant, group_tiles=gt,
                        scale_acc=scale_acc if mode == "acc" else None, final_scale=None,
-                       w_hint=W_CACHE_HINTS[w_cache])
+                       w_hint=W_CACHE_HINTS[w_cache], nw=n_warps, depth=depth, stages=stages,
+                       meta_smem=meta_smem)
 
     nm = name or (f"gemv_w4a16_g{G}{'' if zero_point else 's'}_{mode}_k{K}_n{N}_m{m_max}"
-                  f"_t{nt}w{kw}u{un}{_hint_suffix(w_cache)}")
+                  f"_t{nt}w{kw}u{un}{_shape_suffix(n_warps, depth, stages)}{'m' if meta_smem else ''}"
+                  f"{_hint_suffix(w_cache)}")
     cfg = {"kind": "gemv_w4a16", "K": K, "N": N, "group_size": G, "zero_point": zero_point,
            "scale_mode": mode, "m_max": m_max, "n_tiles": nt, "k_warps": kw, "unroll": un,
-           "w_cache": w_cache,
+           "w_cache": w_cache, "n_warps": n_warps, "depth": depth, "stages": stages,
+           "meta_smem": meta_smem,
            "weight_bytes": N * K // 2,
            "meta_bytes": N * GP * (4 + (1 if zero_point else 0)) if mode == "acc" else N * GP * 4}
-    return KernelSpec(nm, params, (32 * kw, 1, 1), (N // (8 * nt), 1, 1), body, smem, cfg,
-                      doc=gemv_w4a16.__doc__.split("\n")[0])
+    return KernelSpec(nm, params, (32 * kw * n_warps, 1, 1), (N // (8 * nt * n_warps), 1, 1), body,
+                      smem, cfg, doc=gemv_w4a16.__doc__.split("\n")[0])
 
 
 # --------------------------------------------------------------------------- w8a16
@@ -349,7 +468,8 @@ def gemv_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
 
 def gemv_w8a16(K: int, N: int, *, m_max: int = 16, n_tiles: int | None = None,
                k_warps: int | None = None, unroll: int | None = None,
-               w_cache: str | None = None, name: str | None = None) -> KernelSpec:
+               w_cache: str | None = None, n_warps: int = 1, depth: int = 1,
+               stages: int = 0, name: str | None = None) -> KernelSpec:
     """y[M, N] = x[M, K] @ (q * scale)^T, int8 per-channel weights, 1 <= M <= m_max.
 
     Constraints: K % 64 == 0, N % (8 n_tiles) == 0. Parameters: x f16[M, K],
@@ -357,7 +477,7 @@ def gemv_w8a16(K: int, N: int, *, m_max: int = 16, n_tiles: int | None = None,
     """
     _require(K % 64 == 0 and N % 8 == 0, f"gemv_w8a16 needs K % 64 == 0 and N % 8 == 0 (K={K}, N={N})")
     nt, kw, un = _cfg(K, N, 64, 1, n_tiles, k_warps, unroll)
-    _check_cfg(K, N, 64, nt, kw, un, 1, m_max)
+    _check_cfg(K, N, 64, nt, kw, un, 1, m_max, n_warps, depth)
     NB = N // 8
     params = _common_params(K, N, m_max)
     params.append(Param("wq", f"memref<{NB * (K // 64) * 32}xvector<4xi32>>", "in",
@@ -382,18 +502,20 @@ def gemv_w8a16(K: int, N: int, *, m_max: int = 16, n_tiles: int | None = None,
         s = E.load(a["scales"], tn * 4 + t)
         return E.extract(s, 0), E.extract(s, 1)
 
-    smem = [("red", "f32", kw * nt * 4 * 32)] if kw > 1 else []
+    smem = _smem(kw, n_warps, nt, un, stages, un, [])
 
     def body(E, a):
         _mma_gemv_body(E, a, K=K, N=N, k_tile=64, nt=nt, kw=kw, unroll=un, m_max=m_max,
                        load_meta=load_meta, dequant=dequant, group_tiles=1, scale_acc=None,
-                       final_scale=final_scale, w_hint=W_CACHE_HINTS[w_cache])
+                       final_scale=final_scale, w_hint=W_CACHE_HINTS[w_cache], nw=n_warps,
+                       depth=depth, stages=stages)
 
-    nm = name or f"gemv_w8a16_k{K}_n{N}_m{m_max}_t{nt}w{kw}u{un}{_hint_suffix(w_cache)}"
+    nm = name or (f"gemv_w8a16_k{K}_n{N}_m{m_max}_t{nt}w{kw}u{un}{_shape_suffix(n_warps, depth, stages)}"
+                  f"{_hint_suffix(w_cache)}")
     cfg = {"kind": "gemv_w8a16", "K": K, "N": N, "m_max": m_max, "n_tiles": nt, "k_warps": kw,
-           "unroll": un, "w_cache": w_cache, "weight_bytes": N * K, "meta_bytes": 4 * N}
-    return KernelSpec(nm, params, (32 * kw, 1, 1), (N // (8 * nt), 1, 1), body, smem, cfg,
-                      doc=gemv_w8a16.__doc__.split("\n")[0])
+           "unroll": un, "w_cache": w_cache, "n_warps": n_warps, "depth": depth, "stages": stages, "weight_bytes": N * K, "meta_bytes": 4 * N}
+    return KernelSpec(nm, params, (32 * kw * n_warps, 1, 1), (N // (8 * nt * n_warps), 1, 1), body,
+                      smem, cfg, doc=gemv_w8a16.__doc__.split("\n")[0])
 
 
 # --------------------------------------------------------------------------- w8a8

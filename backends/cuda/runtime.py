@@ -191,8 +191,9 @@ class BoundLaunch:
     """A kernel launch with its parameter block built once; call it to launch."""
 
     def __init__(self, module: "Module", name: str, holders, ptrs, grid, block, smem, stream,
-                 copy_back):
+                 copy_back, args=None):
         self.module, self.name = module, name
+        self._args = args  # keep the argument objects (e.g. torch tensors) alive
         self._holders, self._ptrs = holders, ptrs
         self.grid, self.block, self.smem, self.stream = grid, block, smem, stream
         self._copy_back = copy_back
@@ -301,7 +302,8 @@ class Module:
             stream = torch.cuda.current_stream().cuda_stream
         st = self.rt.drv.CUstream(int(stream or 0))
         return BoundLaunch(self, name, holders, ptrs, tuple(grid or k["grid"]),
-                           tuple(block or k["block"]), int(k.get("dynamic_smem", 0)), st, copy_back)
+                           tuple(block or k["block"]), int(k.get("dynamic_smem", 0)), st, copy_back,
+                           args=vals)
 
     def launch(self, name: str, *args, stream: Any = None, sync: bool = False, **kwargs):
         self.bind(name, *args, stream=stream, **kwargs)(sync=sync)

@@ -69,6 +69,7 @@ class SimtEmulator(Emitter):
         self.nb = nb
         self.mask = np.ones(self.T, bool)
         self.epoch = 0
+        self._cp_open, self._cp_groups, self._pending_ok = [], [], False
 
     # -- helpers
     def _v(self, arr, t):
@@ -212,6 +213,7 @@ class SimtEmulator(Emitter):
                             f"by thread {int(self._tid[t])} of block {int(self._bidx[t])}")
         ii = np.where(act, i, 0)
         if m.space == "workgroup":
+            self._check_pending(m, ii, act)
             b = self._blk_local
             ep = m.epoch_w[b, ii]
             wr = m.writer[b, ii]
@@ -234,6 +236,46 @@ class SimtEmulator(Emitter):
     def load_hint(self, mem, i, hint):
         return self.load(mem, i)  # cache hints do not change values
 
+    # cp.async: copies are queued per commit group and land in shared memory only when
+    # a cp_async_wait retires their group; reading an element that still has a copy in
+    # flight (by any thread of the block) raises SimtError.
+    def cp_async(self, dst, di, src, si):
+        v = self.load(src, si)
+        m: _Mem = dst.v
+        i = self.idx(di).v
+        act = self.mask.copy()
+        n = m.arr.shape[1]
+        if np.any(act & ((i < 0) | (i >= n))):
+            raise SimtError(f"out-of-bounds cp.async to {m.name}")
+        self._cp_open.append((m, i.copy(), v, act))
+
+    def cp_async_commit(self):
+        self._cp_groups.append(self._cp_open)
+        self._cp_open = []
+
+    def cp_async_wait(self, n):
+        self._check_active_all("cp.async.wait_group")
+        while len(self._cp_groups) > n:
+            for m, i, v, act in self._cp_groups.pop(0):
+                saved, self.mask = self.mask, act
+                self._pending_ok = True
+                self.store(v, Val(self, m, ""), Val(self, i, "index"))
+                self._pending_ok = False
+                self.mask = saved
+
+    def _check_pending(self, m, ii, act):
+        if self._pending_ok:
+            return
+        for grp in self._cp_groups + [self._cp_open]:
+            for mm, i, v, a in grp:
+                if mm is not m:
+                    continue
+                kb = self._blk_local[a] * m.arr.shape[1] + i[a]
+                kr = self._blk_local[act] * m.arr.shape[1] + ii[act]
+                if np.isin(kr, kb).any():
+                    raise SimtError(f"shared memory {m.name} accessed while a cp.async to it "
+                                    f"is in flight (missing cp.async.wait_group)")
+
     def store(self, val, mem, i):
         m: _Mem = mem.v
         i = self.idx(i).v
@@ -246,6 +288,7 @@ class SimtEmulator(Emitter):
                             f"by thread {int(self._tid[t])} of block {int(self._bidx[t])}")
         sel = np.nonzero(act)[0]
         if m.space == "workgroup":
+            self._check_pending(m, np.where(act, i, 0), act)
             key = self._blk_local[sel] * n + i[sel]
         else:
             key = i[sel]

@@ -111,6 +111,16 @@ W4_CASES = [
     (512, 32, 128, 11, True, "weight", dict(n_tiles=4, k_warps=2, unroll=1)),
     (512, 32, 32, 2, False, None, dict(n_tiles=1, k_warps=4, unroll=1, w_cache="no_allocate")),
     (768, 16, 128, 16, True, None, dict(n_tiles=2, k_warps=3, unroll=2)),
+    # n_warps (warps splitting N share x through L1), deeper register prefetch
+    (1024, 64, 128, 16, True, None, dict(n_tiles=2, k_warps=2, unroll=1, n_warps=2, depth=3)),
+    (1024, 64, 256, 5, True, None, dict(n_tiles=2, k_warps=1, unroll=2, n_warps=4, depth=4)),
+    # cp.async ring for W (metadata in registers, or also through the ring)
+    (1024, 64, 128, 16, True, None, dict(n_tiles=2, k_warps=2, unroll=1, stages=3)),
+    (1024, 64, 128, 1, True, None, dict(n_tiles=1, k_warps=2, unroll=1, n_warps=2, stages=4, m_max=8)),
+    (2048, 64, 256, 5, True, None, dict(n_tiles=2, k_warps=2, unroll=2, stages=3, meta_smem=True)),
+    (1024, 64, 64, 3, True, None, dict(n_tiles=2, k_warps=2, unroll=1, stages=4, meta_smem=True)),
+    (1024, 64, 128, 16, False, None, dict(n_tiles=2, k_warps=4, unroll=1, stages=5)),
+    (1024, 64, 128, 9, True, None, dict(n_tiles=1, k_warps=1, unroll=1, stages=9)),  # > iterations
 ]
 
 
@@ -130,7 +140,10 @@ def test_w4a16_emulated(K, N, G, M, zp, mode, cfg):
 @pytest.mark.parametrize("K,N,M,cfg", [(256, 32, 1, dict(n_tiles=2, k_warps=2, unroll=1)),
                                        (512, 64, 16, dict(n_tiles=1, k_warps=4, unroll=2)),
                                        (512, 64, 9, {}),
-                                       (256, 16, 3, dict(m_max=8, w_cache="no_allocate_256"))])
+                                       (256, 16, 3, dict(m_max=8, w_cache="no_allocate_256")),
+                                       (1024, 64, 16, dict(n_tiles=2, k_warps=2, unroll=2, stages=3)),
+                                       (1024, 64, 7, dict(n_tiles=2, k_warps=1, unroll=1, n_warps=4,
+                                                          stages=4))])
 def test_w8a16_emulated(K, N, M, cfg):
     rng = np.random.default_rng(K + M)
     spec = kernels.gemv_w8a16(K, N, **cfg)
@@ -190,6 +203,18 @@ def test_emulator_mma_fragment_layout():
     assert np.allclose(got, D, rtol=1e-5, atol=1e-5)
 
 
+def test_emulator_catches_early_read_of_cp_async(monkeypatch):
+    """A pipeline that waits one group too few must be caught."""
+    orig = simt.SimtEmulator.cp_async_wait
+    monkeypatch.setattr(simt.SimtEmulator, "cp_async_wait", lambda self, n: orig(self, n + 1))
+    rng = np.random.default_rng(6)
+    spec = kernels.gemv_w4a16(1024, 32, 128, n_tiles=2, k_warps=2, unroll=1, stages=3)
+    P = pack.pack_w4a16(*w4_case(rng, 1024, 32, 128), 128)
+    with pytest.raises(simt.SimtError, match="cp.async"):
+        simt.run(spec, dict(x=np.ones((1, 1024), np.float16), y=np.zeros((1, 32), np.float16),
+                            M=1, **P))
+
+
 def test_emulator_catches_missing_barrier_and_oob():
     def racy(E, v):
         tid = E.tid()
@@ -224,6 +249,8 @@ def test_constraint_errors_are_clear():
         kernels.gemv_w8a16(100, 64)
     with pytest.raises(KernelConstraintError, match="K % 16"):
         kernels.gemm_w8a8(4, 100, 64)
+    with pytest.raises(KernelConstraintError, match="shared memory"):
+        kernels.gemv_w4a16(8192, 8192, n_tiles=4, k_warps=8, unroll=1, stages=8)
 
 
 # --------------------------------------------------------------------------- MLIR / PTX / ptxas
@@ -236,7 +263,12 @@ def ptxas_specs():
         out += [kernels.gemv_w4a16(K, N, 128), kernels.gemv_w4a16(K, N, 128, m_max=8),
                 kernels.gemv_w8a16(K, N), kernels.gemv_w8a16(K, N, m_max=8)]
     out += [kernels.gemv_w4a16(8192, 8192, 128, n_tiles=4, k_warps=4, unroll=1),
-            kernels.gemv_w4a16(8192, 8192, 128, n_tiles=1, k_warps=4, unroll=4, w_cache="no_allocate"),
+            kernels.gemv_w4a16(8192, 8192, 128, n_tiles=1, k_warps=4, unroll=2, w_cache="no_allocate"),
+            kernels.gemv_w4a16(8192, 28672, 128, m_max=8, n_tiles=1, k_warps=4, unroll=1, stages=6),
+            kernels.gemv_w4a16(8192, 28672, 128, n_tiles=2, k_warps=1, unroll=1, n_warps=4, stages=4),
+            kernels.gemv_w4a16(8192, 8192, 128, n_tiles=1, k_warps=4, unroll=1, stages=4,
+                               meta_smem=True),
+            kernels.gemv_w8a16(8192, 28672, n_tiles=2, k_warps=4, unroll=1, stages=4),
             kernels.gemv_w4a16(4096, 4096, 64, zero_point=True),  # weight-scaled path
             kernels.gemv_w4a16(4096, 4096, 256, zero_point=False),
             kernels.gemm_w8a8(16, 4096, 4096), kernels.gemm_w8a8(7, 1024, 512)]
@@ -266,7 +298,11 @@ def test_ir_uses_mma_shuffle_and_128bit_loads(gpu_ir):
     for s in specs:
         body = p.split(f".entry {s.name}(")[1].split("\n}\n")[0]
         if s.config["kind"].startswith("gemv"):
-            assert re.search(r"ld\.global\.nc(\.L1::\w+)?(\.L2::256B)?\.v4\.(b|u)32", body), s.name
+            if s.config.get("stages"):
+                assert "cp.async.cg.shared.global" in body and "cp.async.wait_group" in body
+                assert "ld.shared.v4" in body, s.name
+            else:
+                assert re.search(r"ld\.global\.nc(\.L1::\w+)?(\.L2::256B)?\.v4\.(b|u)32", body), s.name
             assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in body, s.name
         else:
             assert "shfl.sync.bfly.b32" in body
