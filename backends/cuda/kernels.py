@@ -86,23 +86,56 @@ def _require(cond, msg):
 # --------------------------------------------------------------------------- configs
 
 
-def default_config(K: int, N: int, k_tile: int, *, group_tiles: int = 1,
-                   sm_count: int = SM_COUNT) -> dict:
-    """Pick (n_tiles, k_warps, unroll) for a weight-only GEMV.
+def _c(nt, kw, u, wc=None, nw=1, d=1, s=0):
+    return {"n_tiles": nt, "k_warps": kw, "unroll": u, "w_cache": wc, "n_warps": nw,
+            "depth": d, "stages": s}
 
-    Aim for >= ~16 warps per SM with ~2 KB of weights in flight each (HBM needs
-    about bandwidth x latency = 3.35 TB/s x ~0.7 us ~ 2.3 MB in flight), while keeping
-    each warp's K slice long enough to amortise the final reduction.
+
+# Preferred configurations, best first, from the sweeps on an H100 SXM (README.md has the
+# tables). The first one that satisfies a shape's constraints is used.
+TUNED = {
+    ("gemv_w4a16", "m8", "smallN"): [_c(1, 8, 2), _c(1, 4, 2, "no_allocate")],
+    ("gemv_w4a16", "m8"): [_c(2, 4, 2, "no_allocate"), _c(1, 8, 2), _c(1, 4, 2, "no_allocate")],
+    ("gemv_w4a16", "m16", "largeN"): [_c(4, 4, 1), _c(4, 2, 2), _c(2, 4, 2, "no_allocate")],
+    ("gemv_w4a16", "m16"): [_c(2, 4, 2, "no_allocate"), _c(4, 4, 1), _c(2, 2, 2, "no_allocate")],
+    ("gemv_w8a16", "m8", "smallN"): [_c(1, 4, 1, s=4), _c(2, 8, 2)],
+    ("gemv_w8a16", "m8"): [_c(2, 4, 2, "no_allocate_256"), _c(2, 8, 2), _c(1, 4, 1, s=4)],
+    ("gemv_w8a16", "m16", "largeN"): [_c(2, 4, 2, "no_allocate_256"), _c(2, 8, 2)],
+    ("gemv_w8a16", "m16"): [_c(2, 8, 2), _c(2, 4, 2, "no_allocate_256")],
+}
+_FALLBACK = [_c(nt, kw, u) for nt in (2, 1) for kw in (8, 4, 2, 1) for u in (2, 1, 4, 8)]
+
+
+def default_config(kind: str, K: int, N: int, m_max: int = 16, group_tiles: int = 1,
+                   **given) -> dict:
+    """The launch configuration for a weight-only GEMV: the measured-best preferences for
+    (kind, m_max, N), then generic ones, merged with the ``given`` (non-None) keywords; the
+    first combination that meets the kernel's constraints wins.
+
+    Keys: n_tiles, k_warps, unroll, w_cache, n_warps, depth, stages.
     """
-    kt = K // k_tile
-    nt = 2 if N % 16 == 0 else 1
-    unroll = 2 if (kt % 2 == 0 and 2 % group_tiles == 0) or group_tiles == 2 else group_tiles
-    want_warps = 16 * sm_count
-    kw = 1
-    while (kw * 2 <= 8 and kt % (kw * 2 * unroll) == 0 and (kt // (kw * 2)) >= 2 * unroll
-           and (N // (8 * nt)) * kw < want_warps):
-        kw *= 2
-    return {"n_tiles": nt, "k_warps": kw, "unroll": unroll}
+    k_tile = 128 if kind == "gemv_w4a16" else 64
+    mk = "m8" if m_max <= 8 else "m16"
+    size = "largeN" if N >= 16384 else ("smallN" if N <= 4096 else None)
+    prefs = TUNED.get((kind, mk, size), []) + TUNED.get((kind, mk), [])
+    fixed = {k: v for k, v in given.items() if v is not None and v != "auto"}
+    first_err = None
+    for c in prefs + _FALLBACK:
+        cfg = {**c, **fixed}
+        if cfg["unroll"] % group_tiles:
+            cfg["unroll"] = group_tiles * max(1, cfg["unroll"] // group_tiles)
+            if "unroll" in fixed:
+                cfg["unroll"] = fixed["unroll"]
+        try:
+            _check_cfg(K, N, k_tile, cfg["n_tiles"], cfg["k_warps"], cfg["unroll"], group_tiles,
+                       m_max, cfg["n_warps"], cfg["depth"])
+            _smem(cfg["k_warps"], cfg["n_warps"], cfg["n_tiles"], cfg["unroll"], cfg["stages"],
+                  cfg["unroll"], [])
+            _hint_suffix(cfg["w_cache"])
+            return cfg
+        except KernelConstraintError as e:
+            first_err = first_err or e
+    raise first_err
 
 
 # --------------------------------------------------------------------------- mma gemv core
@@ -339,11 +372,6 @@ def _check_cfg(K, N, k_tile, nt, kw, unroll, group_tiles, m_max, nw=1, depth=1):
     _require(TPW % group_tiles == 0, "warp K slices must hold whole groups")
 
 
-def _cfg(K, N, k_tile, group_tiles, n_tiles, k_warps, unroll):
-    d = default_config(K, N, k_tile, group_tiles=group_tiles)
-    return (n_tiles or d["n_tiles"], k_warps or d["k_warps"], unroll or d["unroll"])
-
-
 def _common_params(K, N, m_max):
     return [Param("x", f"memref<{m_max * K // 8}xvector<8xf16>>", "in",
                   f"activations f16 [M, {K}] row-major (M <= {m_max})", rows=("M", m_max))]
@@ -355,8 +383,8 @@ def _common_params(K, N, m_max):
 def gemv_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True,
                scale_mode: str | None = None, m_max: int = 16, n_tiles: int | None = None,
                k_warps: int | None = None, unroll: int | None = None,
-               w_cache: str | None = None, n_warps: int = 1, depth: int = 1,
-               stages: int = 0, meta_smem: bool = False,
+               w_cache: str | None = "auto", n_warps: int | None = None,
+               depth: int | None = None, stages: int | None = None, meta_smem: bool = False,
                name: str | None = None) -> KernelSpec:
     """y[M, N] = x[M, K] @ dequant(W4)^T for 1 <= M <= m_max (M is a launch argument).
 
@@ -373,8 +401,11 @@ def gemv_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
     _require(mode in ("acc", "weight"), f"scale_mode must be 'acc' or 'weight' (got {mode!r})")
     _require(mode == "weight" or G % 128 == 0, "scale_mode='acc' needs group_size % 128 == 0")
     gt = G // 128 if mode == "acc" else 1
-    nt, kw, un = _cfg(K, N, 128, gt, n_tiles, k_warps, unroll)
-    _check_cfg(K, N, 128, nt, kw, un, gt, m_max, n_warps, depth)
+    _require(1 <= m_max <= 16, f"m_max must be in 1..16 (got {m_max})")
+    cf = default_config("gemv_w4a16", K, N, m_max, gt, n_tiles=n_tiles, k_warps=k_warps,
+                        unroll=unroll, w_cache=w_cache, n_warps=n_warps, depth=depth, stages=stages)
+    nt, kw, un = cf["n_tiles"], cf["k_warps"], cf["unroll"]
+    w_cache, n_warps, depth, stages = cf["w_cache"], cf["n_warps"], cf["depth"], cf["stages"]
     GP = K // G
     NB = N // 8
     params = _common_params(K, N, m_max)
@@ -468,16 +499,20 @@ def gemv_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
 
 def gemv_w8a16(K: int, N: int, *, m_max: int = 16, n_tiles: int | None = None,
                k_warps: int | None = None, unroll: int | None = None,
-               w_cache: str | None = None, n_warps: int = 1, depth: int = 1,
-               stages: int = 0, name: str | None = None) -> KernelSpec:
+               w_cache: str | None = "auto", n_warps: int | None = None,
+               depth: int | None = None, stages: int | None = None,
+               name: str | None = None) -> KernelSpec:
     """y[M, N] = x[M, K] @ (q * scale)^T, int8 per-channel weights, 1 <= M <= m_max.
 
     Constraints: K % 64 == 0, N % (8 n_tiles) == 0. Parameters: x f16[M, K],
     wq (pack_w8a16), scales f32[N], y f16[M, N], M i32.
     """
     _require(K % 64 == 0 and N % 8 == 0, f"gemv_w8a16 needs K % 64 == 0 and N % 8 == 0 (K={K}, N={N})")
-    nt, kw, un = _cfg(K, N, 64, 1, n_tiles, k_warps, unroll)
-    _check_cfg(K, N, 64, nt, kw, un, 1, m_max, n_warps, depth)
+    _require(1 <= m_max <= 16, f"m_max must be in 1..16 (got {m_max})")
+    cf = default_config("gemv_w8a16", K, N, m_max, 1, n_tiles=n_tiles, k_warps=k_warps,
+                        unroll=unroll, w_cache=w_cache, n_warps=n_warps, depth=depth, stages=stages)
+    nt, kw, un = cf["n_tiles"], cf["k_warps"], cf["unroll"]
+    w_cache, n_warps, depth, stages = cf["w_cache"], cf["n_warps"], cf["depth"], cf["stages"]
     NB = N // 8
     params = _common_params(K, N, m_max)
     params.append(Param("wq", f"memref<{NB * (K // 64) * 32}xvector<4xi32>>", "in",
