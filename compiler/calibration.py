@@ -1,0 +1,246 @@
+"""Calibration: statistics of every linear layer's input, from running the float model.
+
+`linear_input_stats(ep, batches)` runs the ExportedProgram, decomposed with
+torch-mlir's table (so its aten.mm(x, aten.permute(W, [1, 0])) nodes are the
+IR's linear layers), in a torch.fx Interpreter and returns, per weight name W,
+statistics of the rows of x (`LinearStats`).
+
+Passes reach it through `session_stats(session, ...)`, which caches results per
+session.  Passes that change the function before quantization (rotations,
+permutations, scalings, online transforms, split layers) describe the change in
+the session's `ModelView`, so that statistics gathered afterwards are those of
+the rewritten function, not of the original model:
+
+* `view.set_param(name, value)`: a new parameter value (also written to the store);
+* `view.add_input_transform(weight, fn)`: the IR now applies fn to that linear's input;
+* `view.add_derived(new_weight, parent_weight, columns)`: a new linear reads columns
+  `columns` of `parent_weight`'s (transformed) input.
+"""
+
+import dataclasses
+import hashlib
+
+import numpy as np
+
+from qcc.errors import QccError
+
+KINDS = ("absmax", "tensor_absmax", "mean_abs", "hessian", "samples")
+
+
+@dataclasses.dataclass
+class LinearStats:
+    """Statistics of the input rows x[r, :] (K columns) of one linear layer."""
+
+    rows: int
+    absmax: np.ndarray | None = None      # [K] max_r |x[r, k]|
+    tensor_absmax: float | None = None    # max |x|
+    mean_abs: np.ndarray | None = None    # [K] mean_r |x[r, k]|
+    hessian: np.ndarray | None = None     # [K, K] float64, X^T X / rows
+    samples: np.ndarray | None = None     # [S, K] float32, rows drawn without replacement
+
+    def select(self, columns: np.ndarray) -> "LinearStats":
+        """The statistics of x[:, columns]."""
+        pick = lambda a: None if a is None else a[..., columns]  # noqa: E731
+        return LinearStats(
+            rows=self.rows, absmax=pick(self.absmax),
+            tensor_absmax=None if self.absmax is None else float(np.max(self.absmax[columns], initial=0.0)),
+            mean_abs=pick(self.mean_abs),
+            hessian=None if self.hessian is None else self.hessian[np.ix_(columns, columns)],
+            samples=pick(self.samples))
+
+
+class _Accumulator:
+    def __init__(self, want, k):
+        self.want, self.rows = want, 0
+        self.absmax = np.zeros(k, np.float64)
+        self.sum_abs = np.zeros(k, np.float64)
+        self.xtx = np.zeros((k, k), np.float64) if "hessian" in want else None
+        self.chunks = [] if "samples" in want else None
+
+    def add(self, x: np.ndarray):
+        ax = np.abs(x)
+        self.rows += x.shape[0]
+        np.maximum(self.absmax, ax.max(axis=0, initial=0.0), out=self.absmax)
+        self.sum_abs += ax.sum(axis=0, dtype=np.float64)
+        if self.xtx is not None:
+            x64 = x.astype(np.float64)
+            self.xtx += x64.T @ x64
+        if self.chunks is not None:
+            self.chunks.append(x.astype(np.float32))
+
+    def finish(self, sample_rows: int, rng) -> LinearStats:
+        st = LinearStats(rows=self.rows)
+        if "absmax" in self.want or "tensor_absmax" in self.want:
+            st.absmax = self.absmax
+            st.tensor_absmax = float(self.absmax.max(initial=0.0))
+        if "mean_abs" in self.want:
+            st.mean_abs = self.sum_abs / max(self.rows, 1)
+        if self.xtx is not None:
+            st.hessian = self.xtx / max(self.rows, 1)
+        if self.chunks is not None:
+            allrows = np.concatenate(self.chunks) if self.chunks else np.zeros((0, len(self.absmax)), np.float32)
+            if sample_rows and len(allrows) > sample_rows:
+                allrows = allrows[np.sort(rng.choice(len(allrows), sample_rows, replace=False))]
+            st.samples = allrows
+        return st
+
+
+def decomposed(ep):
+    """`ep` decomposed as frontend.import_program does, so its nodes match the IR."""
+    from torch_mlir.extras.fx_decomp_util import get_decomposition_table
+
+    return ep.run_decompositions(get_decomposition_table())
+
+
+def _linear_weight(node, param_of):
+    """The parameter name W if `node` is aten.mm(x, permute(W, [1, 0])) (or aten.t(W))."""
+    import torch
+
+    if node.op != "call_function" or node.target != torch.ops.aten.mm.default:
+        return None
+    wt = node.args[1]
+    if getattr(wt, "op", None) != "call_function":
+        return None
+    if wt.target == torch.ops.aten.permute.default and list(wt.args[1]) == [1, 0]:
+        src = wt.args[0]
+    elif wt.target == torch.ops.aten.t.default:
+        src = wt.args[0]
+    else:
+        return None
+    return param_of.get(getattr(src, "name", None))
+
+
+def linear_input_stats(ep, calibration_batches, want=("absmax", "mean_abs"), *, params=None,
+                       input_transforms=None, sample_rows: int = 256, seed: int = 0,
+                       progress: bool = False, already_decomposed: bool = False) -> dict[str, LinearStats]:
+    """{weight name: LinearStats of that linear's input} over all calibration batches.
+
+    params: {state name: array} overriding the program's values; input_transforms:
+    {weight name: [fn(x: np.ndarray [M, K]) -> np.ndarray]} applied, in order, to
+    the linear's input before it is measured and multiplied.
+    """
+    import torch
+    import torch.fx
+
+    unknown = set(want) - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown statistics {sorted(unknown)}; choose from {KINDS}")
+    params = params or {}
+    input_transforms = input_transforms or {}
+    dep = ep if already_decomposed else decomposed(ep)
+    specs = dep.graph_signature.input_specs
+    placeholders = [n for n in dep.graph.nodes if n.op == "placeholder"]
+    state = {**dep.state_dict, **getattr(dep, "constants", {})}
+    param_of, fixed = {}, []
+    for node, spec in zip(placeholders, specs):
+        if spec.kind.name == "USER_INPUT":
+            fixed.append(None)
+            continue
+        param_of[node.name] = spec.target
+        value = params.get(spec.target)
+        fixed.append(torch.from_numpy(np.ascontiguousarray(value)) if value is not None
+                     else state[spec.target].detach())
+    n_user = sum(v is None for v in fixed)
+    accs: dict[str, _Accumulator] = {}
+
+    class _Probe(torch.fx.Interpreter):
+        def run_node(self, node):
+            w_name = _linear_weight(node, param_of)
+            if w_name is None:
+                return super().run_node(node)
+            args, kwargs = self.fetch_args_kwargs_from_env(node)
+            x = args[0].detach().double().numpy()
+            for fn in input_transforms.get(w_name, ()):
+                x = fn(x)
+            if w_name not in accs:
+                accs[w_name] = _Accumulator(want, x.shape[1])
+            accs[w_name].add(x)
+            return torch.mm(torch.from_numpy(np.ascontiguousarray(x)).to(args[0].dtype), args[1])
+
+    interp = _Probe(dep.graph_module)
+    batches = list(calibration_batches)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(batches), desc="qcc: calibration", unit="batch", leave=False)
+    with torch.no_grad():
+        for i, batch in enumerate(batches):
+            batch = tuple(batch)
+            if len(batch) != n_user:
+                raise QccError(f"calibration sample {i} has {len(batch)} inputs, the model takes {n_user}")
+            it = iter(batch)
+            args = [next(it) if v is None else v for v in fixed]
+            interp.run(*args)
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    rng = np.random.default_rng(seed)
+    return {name: acc.finish(sample_rows, rng) for name, acc in sorted(accs.items())}
+
+
+@dataclasses.dataclass
+class ModelView:
+    """How the function being compiled differs from the ExportedProgram (see module docstring)."""
+
+    params: dict = dataclasses.field(default_factory=dict)
+    transforms: dict = dataclasses.field(default_factory=dict)
+    derived: dict = dataclasses.field(default_factory=dict)
+    version: int = 0
+
+    def set_param(self, session, name: str, value: np.ndarray) -> None:
+        value = np.ascontiguousarray(value, dtype=np.float32)
+        session.params[name] = value
+        self.params[name] = value
+        self.version += 1
+
+    def add_input_transform(self, weight: str, fn) -> None:
+        self.transforms.setdefault(weight, []).append(fn)
+        self.version += 1
+
+    def add_derived(self, new_weight: str, parent_weight: str, columns) -> None:
+        self.derived[new_weight] = (parent_weight, np.asarray(columns, np.int64))
+        self.version += 1
+
+
+def view(session) -> ModelView:
+    """The session's ModelView (created empty on first use)."""
+    return session.options.setdefault("qcc.calibration.view", ModelView())
+
+
+def session_stats(session, want=("absmax", "mean_abs"), sample_rows: int = 256) -> dict[str, LinearStats]:
+    """`linear_input_stats` for the function as rewritten so far, cached per session.
+
+    Raises QccError when the session has no calibration data or program.
+    """
+    batches = session.options.get("calibration")
+    ep = session.options.get("exported_program")
+    if not batches or ep is None:
+        raise QccError("this pass needs calibration data",
+                       hint="qcc.compile(..., calibration=[inputs, ...]) or `qcc compile --calib FILE`")
+    v = view(session)
+    want = tuple(sorted(set(want)))
+    key = (v.version, want, sample_rows, _batches_key(batches))
+    cache = session.options.setdefault("qcc.calibration.cache", {})
+    if key not in cache:
+        if "qcc.calibration.decomposed" not in session.options:
+            session.options["qcc.calibration.decomposed"] = decomposed(ep)
+        stats = linear_input_stats(session.options["qcc.calibration.decomposed"], batches, want,
+                                   params=v.params, input_transforms=v.transforms, sample_rows=sample_rows,
+                                   progress=bool(session.options.get("progress")), already_decomposed=True)
+        for new, (parent, cols) in v.derived.items():
+            if parent in stats:
+                stats[new] = stats[parent].select(cols)
+        cache.clear()
+        cache[key] = stats
+    return cache[key]
+
+
+def _batches_key(batches) -> str:
+    h = hashlib.sha1()
+    for batch in batches:
+        for t in batch:
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
