@@ -26,7 +26,9 @@ Weight-only kernels (gemv_w4a16, gemv_w8a16), y[M, N] = x[M, K] @ Wdeq^T, M <= 1
   (``scale_mode="weight"``, any G % 32 == 0, f16 scales). int8 per-channel scales
   multiply the final sum.
 * W and the group metadata of the next ``unroll`` tiles are loaded before the current
-  ones are used (software prefetch through loop-carried registers).
+  ones are used (software prefetch through loop-carried registers), or W streams through
+  a per-warp cp.async ring in shared memory (``stages``).
+* Launch configurations default to :data:`TUNED` (measured on an H100, see README.md).
 
 w8a8 GEMM (correct, not tuned): one warp per (column n, 4 rows of x); each lane
 multiplies 16 int8 pairs per step in int32, then a butterfly of ``gpu.shuffle xor``
@@ -34,9 +36,8 @@ reduces across the warp; y = acc * sx[m] * sw[n] in fp32, stored as f16.
 """
 from __future__ import annotations
 
-from .emit import KernelSpec, Param, vec
+from .emit import KernelSpec, Param
 
-SM_COUNT = 132  # H100 / H200 SXM
 
 
 class KernelConstraintError(ValueError):

@@ -20,8 +20,6 @@ mappings and index arithmetic on small shapes. Only numpy is needed.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
-
 import numpy as np
 
 from .emit import (Emitter, KernelSpec, Val, parse_memref, parse_type, vec, is_float,
