@@ -107,10 +107,12 @@ def compile(model, example_inputs=None, *, target: str = "cpu", quant: str | Non
     run("torch-backend", pipelines.IMPORT)
     run("quantize", pipelines.recipe_stage(recipe))
     run("torch-to-linalg", pipelines.TORCH_TO_LINALG)
+    from qcc.backends.cpu import host, lowering
+
+    cpu_features, openmp = host.features(), host.openmp_runtime()
+    run("select-kernels", lowering.select_kernels(cpu_features, openmp))
     run("lower-qcc", pipelines.LOWER_QCC)
     entry_args = _entry_args(module, session.params)
-
-    from qcc.backends.cpu import lowering
 
     with ctx:
         lowering.mark_entry(module)
@@ -120,7 +122,7 @@ def compile(model, example_inputs=None, *, target: str = "cpu", quant: str | Non
     with tempfile.TemporaryDirectory() as tmp:
         so = os.path.join(tmp, "cpu.so")
         with ctx:
-            lowering.emit_shared_library(module, so)
+            lowering.emit_shared_library(module, so, openmp=openmp)
         with open(so, "rb") as f:
             code = {"cpu.so": f.read()}
     prog.stage("done")
@@ -136,6 +138,7 @@ def compile(model, example_inputs=None, *, target: str = "cpu", quant: str | Non
         "outputs": [s.to_json() for s in imported.outputs],
         "layers": _layer_report(weights, session.layers),
         "versions": _versions(),
+        "cpu": lowering.manifest_entry(cpu_features, openmp, session),
     }
     compiled = CompiledModel(manifest, weights, code)
     compiled.compile_seconds = {name: round(t1 - t0, 3) for (name, t0), (_, t1)

@@ -13,8 +13,14 @@ from qcc.dialects import formats
 def dequantized_weights(compiled) -> dict[str, np.ndarray]:
     """{original weight name: float32 [N, K]} decoded from the artifact's packed weights."""
     out = {}
+    backend_packed = compiled.manifest.get("cpu", {}).get("kernels", {})
     for layer in compiled.manifest.get("layers", []):
         base, fmt = layer["weight"], formats.parse_weight_format(layer["format"])
+        if base in backend_packed:  # repacked for the CPU kernels: decode that layout
+            from qcc.backends.cpu.pack import dequantize_layer
+
+            out[base] = dequantize_layer(layer, backend_packed[base], compiled.weights)
+            continue
         shape = tuple(layer["shape"])
         codes = formats.unpack(compiled.weights[f"{base}:{fmt.key()}:codes"], fmt, shape)
         zero = compiled.weights.get(f"{base}:{fmt.key()}:zero")

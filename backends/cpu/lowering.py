@@ -11,6 +11,26 @@ import tempfile
 
 from torch_mlir import ir
 
+def select_kernels(features: dict, openmp: dict | None) -> list[str]:
+    """The kernel-selection stage (before lower-qcc-to-linalg) for this host.
+
+    QCC_CPU_KERNELS=reference leaves every qcc op to the reference lowering.
+    """
+    if os.environ.get("QCC_CPU_KERNELS") == "reference":
+        return []
+    threads = "true" if openmp is not None else "false"
+    return [f"cpu-select-kernels{{lanes={features['lanes']} threads={threads}}}"]
+
+
+def manifest_entry(features: dict, openmp: dict | None, session) -> dict:
+    """What the artifact's CPU code assumes and chose: ISA, threads runtime, kernel per layer."""
+    return {
+        "isa": features["isa"], "flags": features["flags"], "lanes": features["lanes"],
+        "openmp": None if openmp is None else {"soname": openmp["soname"]},
+        "kernels": session.options.get("cpu_kernels", {}),
+    }
+
+
 BUFFERIZE = [
     "func.func(refback-generalize-tensor-pad)",
     "func.func(refback-generalize-tensor-concat)",
@@ -30,6 +50,8 @@ TO_LLVM = [
     "func.func(refback-munge-memref-copy)",
     "func.func(convert-linalg-to-loops)",
     "func.func(lower-affine)",
+    # the kernels' scf.parallel over weight panels -> omp.parallel + omp.wsloop
+    "convert-scf-to-openmp",
     "convert-scf-to-cf",
     "func.func(refback-expand-ops-for-llvm)",
     "func.func(arith-expand)",
@@ -45,6 +67,7 @@ TO_LLVM = [
     "convert-func-to-llvm",
     "convert-cf-to-llvm",
     "convert-complex-to-llvm",
+    "convert-openmp-to-llvm",
     "reconcile-unrealized-casts",
 ]
 
@@ -56,15 +79,24 @@ def mark_entry(module: ir.Module, name: str = "main") -> None:
             op.attributes["llvm.emit_c_interface"] = ir.UnitAttr.get(module.context)
 
 
-def emit_shared_library(module: ir.Module, out_path: str, opt_level: int = 3) -> None:
-    """LLVM-dialect module -> object (MLIR's JIT machinery) -> .so (the system linker)."""
+def emit_shared_library(module: ir.Module, out_path: str, opt_level: int = 3, openmp: dict | None = None) -> None:
+    """LLVM-dialect module -> object (MLIR's JIT machinery) -> .so (the system linker).
+
+    openmp: {'path', 'soname'} of the OpenMP runtime to link (DT_NEEDED) when
+    the module has parallel loops.
+    """
     from torch_mlir.execution_engine import ExecutionEngine
 
-    engine = ExecutionEngine(module, opt_level=opt_level)
+    # the JIT resolves every symbol when it writes the object: give it the runtime
+    libs = [openmp["path"]] if openmp is not None else []
+    engine = ExecutionEngine(module, opt_level=opt_level, shared_libs=libs)
     with tempfile.TemporaryDirectory() as tmp:
         obj = os.path.join(tmp, "module.o")
         engine.dump_to_object_file(obj)
         cmd = ["cc", "-shared", "-o", out_path, obj, "-lm"]
+        if openmp is not None:
+            cmd += ["-Wl,--as-needed", f"-L{os.path.dirname(openmp['path'])}",
+                    f"-l:{os.path.basename(openmp['path'])}"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(f"linking the CPU library failed:\n{proc.stderr}\nRepro command: {' '.join(cmd)}")

@@ -5,8 +5,11 @@ inputs in signature order) followed by one per output, which it fills.
 """
 
 import ctypes
+import re
 
 import numpy as np
+
+from qcc.backends.cpu import host
 
 _DESCRIPTORS: dict[int, type] = {}
 
@@ -34,12 +37,35 @@ def describe(array: np.ndarray):
     return desc
 
 
+def _open(path: str):
+    """(library, OpenMP runtime handle or None).  A library with parallel kernels
+    names the OpenMP runtime it was linked against; it is found on this host first."""
+    try:
+        return ctypes.CDLL(path), None
+    except OSError as e:
+        m = re.search(r"(lib[\w+-]*omp[\w.]*): cannot open shared object", str(e))
+        if not m:
+            raise
+        omp = host.load_openmp(m.group(1))
+        if omp is None:
+            raise OSError(f"{e}: this artifact runs its kernels on OpenMP threads and needs LLVM's OpenMP "
+                          f"runtime ({m.group(1)}): pip install cmeel-libomp, or set QCC_OPENMP_LIB") from None
+        return ctypes.CDLL(path), omp
+
+
 class CpuLibrary:
     def __init__(self, path: str, entry: str = "main"):
-        self._lib = ctypes.CDLL(path)
+        self._lib, self._omp = _open(path)
         self._fn = getattr(self._lib, f"_mlir_ciface_{entry}")
         self._fn.restype = None
 
     def call(self, args: list[np.ndarray], outs: list[np.ndarray]) -> None:
         descs = [describe(a) for a in args] + [describe(o) for o in outs]
         self._fn(*[ctypes.byref(d) for d in descs])
+
+    def set_threads(self, n: int) -> bool:
+        """Threads of the parallel kernels (OpenMP); False if the library is single-threaded."""
+        if self._omp is None:
+            return False
+        self._omp.omp_set_num_threads(ctypes.c_int(n))
+        return True

@@ -1,0 +1,402 @@
+"""MLIR micro-kernels of quantized linear layers on the panel layout (pack.py).
+
+Each generator returns MLIR text (func, scf, vector, arith, memref) that the
+normal CPU pipeline lowers: vector<Vxf32> ops become AVX2 (V=8) or AVX-512
+(V=16) instructions, `scf.parallel` over weight panels becomes OpenMP threads.
+
+* `gemv`: small M.  Per panel of R rows, a 32-bit word vector of codes is
+  loaded once; nibble i is `(w >> 4i) & 15` in registers, converted to f32
+  and FMA'd with V contiguous activations.  Scales apply once per group:
+  y = sum_g s_g * (sum_k x_k q_k) - sum_g s_g z_g X_g, with X_g the group sums
+  of x (precomputed per row), so the inner loop has no zero-point work.
+* `gemm`: larger M.  Per chunk of panels and block of KC columns, the codes
+  are dequantized, `(q - z) * s` exactly as the format reference, into a small
+  f32 buffer (a few KB, never the whole weight) that MR x R register tiles of
+  dot products reuse across all rows of x.
+* `qlinear`: the tensor-level entry that `cpu-select-kernels` calls: pads x to
+  K_pad, computes group sums, and dispatches on M between the two.
+"""
+
+import dataclasses
+
+from qcc.backends.cpu.pack import PanelLayout
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Tuning knobs of one linear's kernels (recorded in the manifest)."""
+
+    gemm_min_m: int = 4      # M >= this runs the blocked GEMM
+    mr: int = 3              # rows of x per GEMM register tile
+    panels_per_chunk: int = 8
+    kc_blocks: int = 8       # KC = kc_blocks * KB columns dequantized at a time
+    threads: bool = True     # scf.parallel (OpenMP) or scf.for
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class _Text:
+    """SSA text builder: `v(expr)` appends `%tN = expr` and returns `%tN`."""
+
+    def __init__(self):
+        self.lines = []
+        self.n = 0
+        self.indent = 2
+
+    def v(self, expr: str) -> str:
+        self.n += 1
+        name = f"%t{self.n}"
+        self.lines.append(" " * self.indent + f"{name} = {expr}")
+        return name
+
+    def vs(self, count: int, expr: str) -> list[str]:
+        self.n += 1
+        name = f"%t{self.n}"
+        self.lines.append(" " * self.indent + f"{name}:{count} = {expr}")
+        return [f"{name}#{i}" for i in range(count)]
+
+    def op(self, text: str) -> None:
+        self.lines.append(" " * self.indent + text)
+
+    def open(self, text: str) -> None:
+        self.op(text)
+        self.indent += 2
+
+    def close(self, text: str = "}") -> None:
+        self.indent -= 2
+        self.op(text)
+
+    def idx(self, value: int) -> str:
+        return self.v(f"arith.constant {value} : index")
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+def _types(lay: PanelLayout) -> dict:
+    fmt = lay.fmt
+    shapes = lay.shapes()
+    elem = {"codes": "i32" if fmt.bits == 4 else "i8", "scale": "f32", "zero": "i8"}
+    return {role: f"memref<{'x'.join(str(d) for d in shape)}x{elem[role]}>" for role, (shape, _) in shapes.items()}
+
+
+def _vec(lay, elem="f32") -> str:
+    return f"vector<{lay.lanes}x{elem}>"
+
+
+def _decode(t: _Text, lay: PanelLayout, codes: str, p: str, kb: str, r: str, i: int, word: str | None) -> str:
+    """vector<Vxf32> of raw codes (nibbles, or bytes) of chunk i of block kb, row r."""
+    fmt, vi = lay.fmt, _vec(lay, "i32")
+    if fmt.bits == 4:
+        x = word
+        if i:
+            sh = t.v(f"arith.constant dense<{4 * i}> : {vi}")
+            x = t.v(f"arith.shrui {x}, {sh} : {vi}")
+        if i < 7:
+            mask = t.v(f"arith.constant dense<15> : {vi}")
+            x = t.v(f"arith.andi {x}, {mask} : {vi}")
+        return t.v(f"arith.sitofp {x} : {vi} to {_vec(lay)}")
+    off = t.idx(i * lay.lanes)
+    ty = _types(lay)["codes"]
+    c = t.v(f"vector.load {codes}[{p}, {kb}, {r}, {off}] : {ty}, {_vec(lay, 'i8')}")
+    conv = "arith.sitofp" if fmt.symmetric else "arith.uitofp"
+    return t.v(f"{conv} {c} : {_vec(lay, 'i8')} to {_vec(lay)}")
+
+
+def _zero_value(t: _Text, lay: PanelLayout, zero: str, p: str, g: str, r: str) -> str:
+    if lay.fmt.symmetric:
+        return t.v("arith.constant 8.0 : f32")
+    z8 = t.v(f"memref.load {zero}[{p}, {g}, {r}] : {_types(lay)['zero']}")
+    return t.v(f"arith.uitofp {z8} : i8 to f32")
+
+
+def _signature(lay: PanelLayout) -> tuple[str, str]:
+    """(kernel parameter list, argument names) shared by gemv and gemm."""
+    ty = _types(lay)
+    zero = f", %zero: {ty['zero']}" if "zero" in ty else ""
+    params = (f"%x: memref<?x{lay.k_pad}xf32>, %xs: memref<?x{lay.groups}xf32>, %codes: {ty['codes']}, "
+              f"%scale: {ty['scale']}{zero}, %y: memref<?x{lay.n}xf32>")
+    args = "%xp, %xs, %codes, %scale" + (", %zero" if zero else "") + ", %y"
+    return params, args
+
+
+def _parallel(name: str, lay: PanelLayout, cfg: KernelConfig, count: int, body: str) -> str:
+    """`@name` runs `@name_body(i, args...)` for i in [0, count): scf.parallel (OpenMP
+    threads) when cfg.threads.  The body is a function because convert-scf-to-openmp
+    wraps it in a memref.alloca_scope, which must stay a single block."""
+    params, _ = _signature(lay)
+    args = ", ".join("%" + p.split(":", 1)[0].lstrip("%") for p in params.split(", "))
+    arg_types = ", ".join(p.split(": ", 1)[1] for p in params.split(", %"))
+    loop = "scf.parallel (%i) = (%c0) to (%cn) step (%c1)" if cfg.threads else "scf.for %i = %c0 to %cn step %c1"
+    return (f"func.func private @{name}({params}) {{\n"
+            f"  %c0 = arith.constant 0 : index\n  %c1 = arith.constant 1 : index\n"
+            f"  %cn = arith.constant {count} : index\n"
+            f"  {loop} {{\n"
+            f"    func.call @{name}_body(%i, {args}) {{no_inline}} : (index, {arg_types}) -> ()\n  }}\n  return\n}}\n"
+            f"func.func private @{name}_body(%i: index, {params}) {{\n{body}\n  return\n}}\n")
+
+
+def _store_row_sums(t, lay, sums: list[str], m: str, p: str, accumulate: str | None = None):
+    """y[m, p*R + r] = sums[r] (or += when `accumulate` is an i1 that is true), skipping padded rows."""
+    R = lay.rows
+    rr = t.idx(R)
+    base = t.v(f"arith.muli {p}, {rr} : index")
+    ymem = f"memref<?x{lay.n}xf32>"
+    for r, s in enumerate(sums):
+        n = t.v(f"arith.addi {base}, {t.idx(r)} : index")
+        guarded = lay.n % R != 0 and r > 0
+        if guarded:
+            inb = t.v(f"arith.cmpi ult, {n}, {t.idx(lay.n)} : index")
+            t.open(f"scf.if {inb} {{")
+        val = s
+        if accumulate is not None:
+            old = t.v(f"memref.load %y[{m}, {n}] : {ymem}")
+            added = t.v(f"arith.addf {old}, {s} : f32")
+            val = t.v(f"arith.select {accumulate}, {added}, {s} : f32")
+        t.op(f"memref.store {val}, %y[{m}, {n}] : {ymem}")
+        if guarded:
+            t.close()
+
+
+def gemv(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
+    lay.check()
+    t = _Text()
+    params, _ = _signature(lay)
+    R, V, KB, G = lay.rows, lay.lanes, lay.kb, lay.group
+    GB = max(G, KB)
+    bpg, gpb, cpg = GB // KB, GB // G, G // V
+    ty = _types(lay)
+    vf = _vec(lay)
+    t.op("%c0_body = arith.constant 0 : index")
+    c0, c1 = t.idx(0), t.idx(1)
+    M = t.v(f"memref.dim %x, {c0} : memref<?x{lay.k_pad}xf32>")
+    zv = t.v(f"arith.constant dense<0.0> : {vf}")
+    zf = t.v("arith.constant 0.0 : f32")
+    t.op("%p = arith.addi %i, %c0_body : index")
+    t.open(f"scf.for %m = {c0} to {M} step {c1} {{")
+    carried = [zv] * R + [zf] * R
+    iters = ", ".join(f"%acc{r} = {a}" for r, a in enumerate(carried[:R])) + ", " + \
+        ", ".join(f"%corr{r} = {a}" for r, a in enumerate(carried[R:]))
+    res_types = ", ".join([vf] * R + ["f32"] * R)
+    res = t.vs(2 * R, f"scf.for %gb = {c0} to {t.idx(lay.k_pad // GB)} step {c1} iter_args({iters}) -> ({res_types}) {{")
+    t.indent += 2
+    acc = [f"%acc{r}" for r in range(R)]
+    corr = [f"%corr{r}" for r in range(R)]
+
+    def chunk(kb, parts, i, words):
+        xo = t.v(f"affine.apply affine_map<(d0) -> (d0 * {KB} + {i * V})>({kb})")
+        xv = t.v(f"vector.load %x[%m, {xo}] : memref<?x{lay.k_pad}xf32>, {vf}")
+        out = []
+        for r in range(R):
+            f = _decode(t, lay, "%codes", "%p", kb, t.idx(r), i, words[r] if words else None)
+            out.append(t.v(f"vector.fma {xv}, {f}, {parts[r]} : {vf}"))
+        return out
+
+    def load_words(kb):
+        if lay.fmt.bits != 4:
+            return None
+        return [t.v(f"vector.load %codes[%p, {kb}, {t.idx(r)}, {c0}] : {ty['codes']}, {_vec(lay, 'i32')}")
+                for r in range(R)]
+
+    def flush(g, parts, acc, corr):
+        new_acc, new_corr = [], []
+        for r in range(R):
+            rr = t.idx(r)
+            s = t.v(f"memref.load %scale[%p, {g}, {rr}] : {ty['scale']}")
+            sb = t.v(f"vector.broadcast {s} : f32 to {vf}")
+            new_acc.append(t.v(f"vector.fma {parts[r]}, {sb}, {acc[r]} : {vf}"))
+            if lay.needs_zero:
+                z = _zero_value(t, lay, "%zero", "%p", g, rr)
+                xsum = t.v(f"memref.load %xs[%m, {g}] : memref<?x{lay.groups}xf32>")
+                sz = t.v(f"arith.mulf {s}, {z} : f32")
+                new_corr.append(t.v(f"math.fma {sz}, {xsum}, {corr[r]} : f32"))
+            else:
+                new_corr.append(corr[r])
+        return new_acc, new_corr
+
+    if bpg > 1:
+        piters = ", ".join(f"%part{r} = {zv}" for r in range(R))
+        parts = t.vs(R, f"scf.for %b = {c0} to {t.idx(bpg)} step {c1} iter_args({piters}) -> ({', '.join([vf] * R)}) {{")
+        t.indent += 2
+        kb = t.v(f"affine.apply affine_map<(d0, d1) -> (d0 * {bpg} + d1)>(%gb, %b)")
+        words = load_words(kb)
+        p_ = [f"%part{r}" for r in range(R)]
+        for i in range(8):
+            p_ = chunk(kb, p_, i, words)
+        t.op(f"scf.yield {', '.join(p_)} : {', '.join([vf] * R)}")
+        t.close()
+        acc, corr = flush("%gb", parts, acc, corr)
+    else:
+        kb = "%gb"
+        words = load_words(kb)
+        p_ = [zv] * R
+        for i in range(8):
+            p_ = chunk(kb, p_, i, words)
+            if (i + 1) % cpg == 0:
+                g = t.v(f"affine.apply affine_map<(d0) -> (d0 * {gpb} + {(i + 1) // cpg - 1})>(%gb)")
+                acc, corr = flush(g, p_, acc, corr)
+                p_ = [zv] * R
+    t.op(f"scf.yield {', '.join(acc + corr)} : {res_types}")
+    t.close()
+    sums = []
+    for r in range(R):
+        h = t.v(f"vector.reduction <add>, {res[r]} : {vf} into f32")
+        sums.append(t.v(f"arith.subf {h}, {res[R + r]} : f32") if lay.needs_zero else h)
+    _store_row_sums(t, lay, sums, "%m", "%p")
+    t.close()
+    return _parallel(name, lay, cfg, lay.panels, t.text())
+
+
+def gemm(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
+    lay.check()
+    t = _Text()
+    params, _ = _signature(lay)
+    R, V, KB, G = lay.rows, lay.lanes, lay.kb, lay.group
+    PB, MR = cfg.panels_per_chunk, cfg.mr
+    KCB = min(cfg.kc_blocks, lay.blocks)
+    KC = KCB * KB
+    ty = _types(lay)
+    vf = _vec(lay)
+    xty = f"memref<?x{lay.k_pad}xf32>"
+    bty = f"memref<{PB}x{R}x{KC}xf32>"
+    t.op("%c0_body = arith.constant 0 : index")
+    c0, c1 = t.idx(0), t.idx(1)
+    M = t.v(f"memref.dim %x, {c0} : {xty}")
+    zv = t.v(f"arith.constant dense<0.0> : {vf}")
+    nchunks = -(-lay.panels // PB)
+    nkc = -(-lay.blocks // KCB)
+    t.op("%pc = arith.addi %i, %c0_body : index")
+    t.op(f"%bf = memref.alloca() {{alignment = 64 : i64}} : {bty}")
+    p0 = t.v(f"arith.muli %pc, {t.idx(PB)} : index")
+    prem = t.v(f"arith.subi {t.idx(lay.panels)}, {p0} : index")
+    npb = t.v(f"arith.minui {prem}, {t.idx(PB)} : index")
+    t.open(f"scf.for %kc = {c0} to {t.idx(nkc)} step {c1} {{")
+    first = t.v(f"arith.cmpi eq, %kc, {c0} : index")
+    b0 = t.v(f"arith.muli %kc, {t.idx(KCB)} : index")
+    brem = t.v(f"arith.subi {t.idx(lay.blocks)}, {b0} : index")
+    nb = t.v(f"arith.minui {brem}, {t.idx(KCB)} : index")
+    # dequantize panels [p0, p0 + npb) x blocks [b0, b0 + nb) into %bf
+    t.open(f"scf.for %pb = {c0} to {npb} step {c1} {{")
+    p = t.v(f"arith.addi {p0}, %pb : index")
+    t.open(f"scf.for %b = {c0} to {nb} step {c1} {{")
+    kb = t.v(f"arith.addi {b0}, %b : index")
+    for r in range(R):
+        rr = t.idx(r)
+        word = None
+        if lay.fmt.bits == 4:
+            word = t.v(f"vector.load %codes[{p}, {kb}, {rr}, {c0}] : {ty['codes']}, {_vec(lay, 'i32')}")
+        for i in range(8):
+            f = _decode(t, lay, "%codes", p, kb, rr, i, word)
+            if i == 0 or (i * V) % G == 0:
+                g = t.v(f"affine.apply affine_map<(d0) -> ((d0 * {KB} + {i * V}) floordiv {G})>({kb})")
+                s = t.v(f"memref.load %scale[{p}, {g}, {rr}] : {ty['scale']}")
+                sb = t.v(f"vector.broadcast {s} : f32 to {vf}")
+                zb = None
+                if lay.needs_zero:
+                    z = _zero_value(t, lay, "%zero", p, g, rr)
+                    zb = t.v(f"vector.broadcast {z} : f32 to {vf}")
+            if zb is not None:
+                f = t.v(f"arith.subf {f}, {zb} : {vf}")
+            w = t.v(f"arith.mulf {f}, {sb} : {vf}")
+            col = t.v(f"affine.apply affine_map<(d0) -> (d0 * {KB} + {i * V})>(%b)")
+            t.op(f"vector.store {w}, %bf[%pb, {rr}, {col}] : {bty}, {vf}")
+    t.close()
+    t.close()
+    # register tiles: MR rows of x against the R rows of each dequantized panel
+    nchunk = t.v(f"arith.muli {nb}, {t.idx(8)} : index")
+    kx0 = t.v(f"arith.muli {b0}, {t.idx(KB)} : index")
+
+    def tile(m0: str, mr: int):
+        t.open(f"scf.for %pb = {c0} to {npb} step {c1} {{")
+        p = t.v(f"arith.addi {p0}, %pb : index")
+        iters = ", ".join(f"%a{i}_{r} = {zv}" for i in range(mr) for r in range(R))
+        tys = ", ".join([vf] * (mr * R))
+        res = t.vs(mr * R, f"scf.for %c = {c0} to {nchunk} step {c1} iter_args({iters}) -> ({tys}) {{")
+        t.indent += 2
+        col = t.v(f"arith.muli %c, {t.idx(V)} : index")
+        kx = t.v(f"arith.addi {kx0}, {col} : index")
+        xs = []
+        for i in range(mr):
+            mi = t.v(f"arith.addi {m0}, {t.idx(i)} : index")
+            xs.append(t.v(f"vector.load %x[{mi}, {kx}] : {xty}, {vf}"))
+        ws = [t.v(f"vector.load %bf[%pb, {t.idx(r)}, {col}] : {bty}, {vf}") for r in range(R)]
+        out = [t.v(f"vector.fma {xs[i]}, {ws[r]}, %a{i}_{r} : {vf}") for i in range(mr) for r in range(R)]
+        t.op(f"scf.yield {', '.join(out)} : {tys}")
+        t.close()
+        for i in range(mr):
+            mi = t.v(f"arith.addi {m0}, {t.idx(i)} : index")
+            sums = [t.v(f"vector.reduction <add>, {res[i * R + r]} : {vf} into f32") for r in range(R)]
+            notfirst = t.v(f"arith.xori {first}, {t.v('arith.constant true')} : i1")
+            _store_row_sums(t, lay, sums, mi, p, accumulate=notfirst)
+        t.close()
+
+    mfull = t.v(f"arith.subi {M}, {t.v(f'arith.remui {M}, {t.idx(MR)} : index')} : index")
+    t.open(f"scf.for %m0 = {c0} to {mfull} step {t.idx(MR)} {{")
+    tile("%m0", MR)
+    t.close()
+    t.open(f"scf.for %m1 = {mfull} to {M} step {c1} {{")
+    tile("%m1", 1)
+    t.close()
+    t.close()
+    return _parallel(name, lay, cfg, nchunks, t.text())
+
+
+def qlinear(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
+    """Tensor-level entry: x [?, K] and the panel arrays -> y [?, N], with the kernels it calls."""
+    t = _Text()
+    ty = _types(lay)
+    tt = {role: m.replace("memref", "tensor") for role, m in ty.items()}
+    has_zero = "zero" in ty
+    K, KP, V = lay.k, lay.k_pad, lay.lanes
+    vf = _vec(lay)
+    c0, c1 = t.idx(0), t.idx(1)
+    xm = t.v(f"bufferization.to_buffer %xt read_only : tensor<?x{K}xf32> to memref<?x{K}xf32>")
+    t.op(f"%codes = bufferization.to_buffer %codest read_only : {tt['codes']} to {ty['codes']}")
+    t.op(f"%scale = bufferization.to_buffer %scalet read_only : {tt['scale']} to {ty['scale']}")
+    if has_zero:
+        t.op(f"%zero = bufferization.to_buffer %zerot read_only : {tt['zero']} to {ty['zero']}")
+    M = t.v(f"memref.dim {xm}, {c0} : memref<?x{K}xf32>")
+    if KP != K:
+        t.op(f"%xp = memref.alloc({M}) {{alignment = 64 : i64}} : memref<?x{KP}xf32>")
+        pad = t.v("arith.constant 0.0 : f32")
+        t.open(f"scf.for %m = {c0} to {M} step {c1} {{")
+        t.open(f"scf.for %k = {c0} to {t.idx(KP)} step {t.idx(V)} {{")
+        v = t.v(f"vector.transfer_read {xm}[%m, %k], {pad} {{in_bounds = [false]}} : memref<?x{K}xf32>, {vf}")
+        t.op(f"vector.store {v}, %xp[%m, %k] : memref<?x{KP}xf32>, {vf}")
+        t.close()
+        t.close()
+    else:
+        t.op(f"%xp = memref.cast {xm} : memref<?x{K}xf32> to memref<?x{KP}xf32>")
+    t.op(f"%xs = memref.alloc({M}) : memref<?x{lay.groups}xf32>")
+    if lay.needs_zero:
+        zv = t.v(f"arith.constant dense<0.0> : {vf}")
+        t.open(f"scf.for %m = {c0} to {M} step {c1} {{")
+        t.open(f"scf.for %g = {c0} to {t.idx(lay.groups)} step {c1} {{")
+        k0 = t.v(f"arith.muli %g, {t.idx(lay.group)} : index")
+        k1 = t.v(f"arith.addi {k0}, {t.idx(lay.group)} : index")
+        s = t.v(f"scf.for %k = {k0} to {k1} step {t.idx(V)} iter_args(%s = {zv}) -> ({vf}) {{")
+        t.indent += 2
+        xv = t.v(f"vector.load %xp[%m, %k] : memref<?x{KP}xf32>, {vf}")
+        t.op(f"scf.yield {t.v(f'arith.addf %s, {xv} : {vf}')} : {vf}")
+        t.close()
+        h = t.v(f"vector.reduction <add>, {s} : {vf} into f32")
+        t.op(f"memref.store {h}, %xs[%m, %g] : memref<?x{lay.groups}xf32>")
+        t.close()
+        t.close()
+    t.op(f"%y = memref.alloc({M}) {{alignment = 64 : i64}} : memref<?x{lay.n}xf32>")
+    _, args = _signature(lay)
+    params, _ = _signature(lay)
+    arg_types = ", ".join(p.split(": ", 1)[1] for p in params.split(", %"))
+    small = t.v(f"arith.cmpi ult, {M}, {t.idx(cfg.gemm_min_m)} : index")
+    t.open(f"scf.if {small} {{")
+    t.op(f"func.call @{name}_gemv({args}) : ({arg_types}) -> ()")
+    t.close("} else {")
+    t.indent += 2
+    t.op(f"func.call @{name}_gemm({args}) : ({arg_types}) -> ()")
+    t.close()
+    out = t.v(f"bufferization.to_tensor %y restrict writable : memref<?x{lay.n}xf32> to tensor<?x{lay.n}xf32>")
+    zero_param = f", %zerot: {tt['zero']}" if has_zero else ""
+    entry = (f"func.func private @{name}(%xt: tensor<?x{K}xf32>, %codest: {tt['codes']}, %scalet: {tt['scale']}"
+             f"{zero_param}) -> tensor<?x{lay.n}xf32> {{\n{t.text()}\n  return {out} : tensor<?x{lay.n}xf32>\n}}\n")
+    return entry + gemv(f"{name}_gemv", lay, cfg) + gemm(f"{name}_gemm", lay, cfg)

@@ -1,0 +1,108 @@
+"""cpu-select-kernels: `qcc.qlinear` -> calls of the CPU backend's vector kernels.
+
+Runs before lower-qcc-to-linalg.  For each weight-only qlinear whose format
+the kernels handle, the packed weight is repacked at compile time into the
+panel layout (backends/cpu/pack.py: contiguous per kernel stream, new
+parameters `<codes param>` with `:panels<R>x<V>` before the role), and the op
+becomes a call of `@qcc_cpu_qlinear_<format>_<K>x<N>_v<V>` (backends/cpu/
+kernels.py): a GEMV with in-register int4/int8 decode for M < `gemm-min-m`,
+a blocked GEMM over dequantized tiles otherwise, chosen at run time on M.
+Ops it does not handle (quantized activations, group sizes that do not tile,
+non-parameter weights) are left to the reference lowering.
+"""
+
+import dataclasses
+
+from torch_mlir import ir
+
+from qcc import irutil
+from qcc.context import format_key
+from qcc.dialects import formats
+from qcc.passes import QccPass, register
+
+_MLIR_ELEM = {"int32": "i32", "int8": "i8", "uint8": "i8", "float32": "f32"}
+
+
+def _static_shape(value) -> list:
+    t = ir.RankedTensorType(value.type)
+    return [None if t.is_dynamic_dim(i) else t.shape[i] for i in range(t.rank)]
+
+
+@register
+class CpuSelectKernels(QccPass):
+    name = "cpu-select-kernels"
+    summary = "Replace qcc.qlinear by CPU vector kernels on weights repacked into panels"
+
+    @dataclasses.dataclass
+    class Options:
+        lanes: int = 0          # f32 lanes per vector: 8 (AVX2), 16 (AVX-512); 0 = the host's
+        rows: int = 4           # weight rows per panel
+        gemm_min_m: int = 4     # M at and above which the blocked GEMM runs
+        threads: bool = True    # scf.parallel (OpenMP) over panels
+
+    def run(self, module):
+        from qcc.backends.cpu import host, kernels
+        from qcc.backends.cpu.pack import LayoutError, PanelLayout
+
+        lanes = self.options.lanes or host.features()["lanes"]
+        cfg = kernels.KernelConfig(gemm_min_m=self.options.gemm_min_m, threads=self.options.threads)
+        body = module.regions[0].blocks[0]
+        defined = set()
+        selected = self.session.options.setdefault("cpu_kernels", {})
+        for func in irutil.functions(module):
+            sig = irutil.Signature(func)
+            for op in irutil.walk(func, "qcc.qlinear"):
+                if format_key(op.attributes["act_format"]) != "none":
+                    continue
+                fmt = formats.parse_weight_format(format_key(op.attributes["weight_format"]))
+                x_shape, y_shape = _static_shape(op.operands[0]), _static_shape(op.result)
+                k, n = x_shape[1], y_shape[1]
+                names = [sig.param_name(irutil.block_arg_number(v)) if irutil.block_arg_number(v) is not None
+                         else None for v in op.operands[1:]]
+                if k is None or n is None or None in names or any(nm not in self.session.params for nm in names):
+                    continue
+                lay = PanelLayout(fmt.key(), n, k, rows=self.options.rows, lanes=lanes)
+                try:
+                    lay.check()
+                except LayoutError:
+                    continue
+                self._rewrite(op, func, sig, lay, cfg, names, body, defined, selected)
+            for name in sig.erase_unused_params():
+                if name in self.session.params:
+                    del self.session.params[name]
+
+    def _rewrite(self, op, func, sig, lay, cfg, names, body, defined, selected):
+        from qcc.backends.cpu import kernels
+        from qcc.backends.cpu.pack import pack
+
+        store = self.session.params
+        roles = ["codes", "scale", "zero"][:len(names)]
+        src = dict(zip(roles, names))
+        arrays = pack(lay, store[src["codes"]], store[src["scale"]], store[src.get("zero")] if "zero" in src else None)
+        tag = f"panels{lay.rows}x{lay.lanes}"
+        args = []
+        new_names = {}
+        for role in roles:
+            base, _, _ = src[role].rpartition(":")
+            name = f"{base}:{tag}:{role}"
+            store[name] = arrays[role]
+            new_names[role] = name
+            a = arrays[role]
+            args.append(sig.add_param(name, irutil.tensor_type(a.shape, _MLIR_ELEM[a.dtype.name])))
+        kname = f"qcc_cpu_qlinear_{lay.format_key}_{lay.k}x{lay.n}_v{lay.lanes}"
+        if kname not in defined:
+            kernel = ir.Module.parse(kernels.qlinear(kname, lay, cfg))
+            for f in list(kernel.body.operations):
+                f.operation.move_after(body.operations[len(body.operations) - 1])
+            defined.add(kname)
+        with ir.InsertionPoint(op), op.location:
+            x_dyn = ir.Operation.create("tensor.cast", results=[irutil.tensor_type([None, lay.k], "f32")],
+                                        operands=[op.operands[0]]).result
+            call = ir.Operation.create(
+                "func.call", results=[irutil.tensor_type([None, lay.n], "f32")], operands=[x_dyn, *args],
+                attributes={"callee": ir.FlatSymbolRefAttr.get(kname)}).result
+            y = ir.Operation.create("tensor.cast", results=[op.result.type], operands=[call]).result
+        op.result.replace_all_uses_with(y)
+        op.erase()
+        weight = src["codes"].rsplit(":", 2)[0]
+        selected[weight] = {"kernel": kname, "params": new_names, **lay.to_json(), **cfg.to_json()}

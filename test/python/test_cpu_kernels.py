@@ -1,0 +1,144 @@
+"""CPU kernels against the format reference: the panel repack, GEMV and GEMM numerics.
+
+Random weights are quantized by the format reference, repacked into panels
+(backends/cpu/pack.py), and the generated MLIR kernels (backends/cpu/kernels.py)
+run through the normal CPU lowering into a shared library.  Sizes are chosen
+off the tiles: N not a multiple of the panel rows, K not a multiple of 64
+where the format allows, M covering the GEMV, the GEMM and its row remainder.
+"""
+
+import os
+import re
+
+import numpy as np
+import pytest
+
+from qcc.backends.cpu import host, kernels, lowering
+from qcc.backends.cpu import pack as P
+from qcc.backends.cpu.runtime import CpuLibrary
+from qcc.dialects import formats
+
+_ELEM = {"int32": "i32", "int8": "i8", "uint8": "i8", "float32": "f32"}
+
+
+def build(tmp_path, lay: P.PanelLayout, cfg: kernels.KernelConfig) -> CpuLibrary:
+    from torch_mlir import ir, passmanager
+
+    from qcc.context import make_context
+
+    shapes = lay.shapes()
+    tt = {r: f"tensor<{'x'.join(map(str, s))}x{_ELEM[np.dtype(d).name]}>" for r, (s, d) in shapes.items()}
+    params = ", ".join(f"%{r}: {t}" for r, t in tt.items())
+    main = (f"func.func @main(%x: tensor<?x{lay.k}xf32>, {params}) -> tensor<?x{lay.n}xf32> {{\n"
+            f"  %y = func.call @qk(%x, {', '.join('%' + r for r in tt)}) : (tensor<?x{lay.k}xf32>, "
+            f"{', '.join(tt.values())}) -> tensor<?x{lay.n}xf32>\n  return %y : tensor<?x{lay.n}xf32>\n}}\n")
+    openmp = host.openmp_runtime() if cfg.threads else None
+    with make_context() as ctx, ir.Location.unknown():
+        module = ir.Module.parse(main + kernels.qlinear("qk", lay, dataclass_replace(cfg, threads=openmp is not None)))
+        lowering.mark_entry(module)
+        pipeline = ["inline", "canonicalize", "cse"] + lowering.BUFFERIZE + lowering.TO_LLVM
+        passmanager.PassManager.parse("builtin.module(" + ",".join(pipeline) + ")").run(module.operation)
+        so = str(tmp_path / "kernel.so")
+        lowering.emit_shared_library(module, so, openmp=openmp)
+        del ctx
+    return CpuLibrary(so)
+
+
+def dataclass_replace(cfg, **kw):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **kw)
+
+
+CASES = [
+    # format, N, K, lanes, config
+    ("int4_asym_g128", 37, 384, 8, {}),
+    ("int4_sym_g32", 13, 96, 8, {}),
+    ("int8_sym_channel", 21, 100, 8, {}),
+    ("int8_asym_g64", 10, 192, 16, {}),
+    ("int4_asym_channel", 9, 70, 16, {"threads": False}),
+    ("int4_sym_g64", 40, 640, 8, {"kc_blocks": 3, "panels_per_chunk": 3, "mr": 2}),
+    ("int8_sym_tensor", 6, 64, 8, {"gemm_min_m": 2}),
+]
+
+
+@pytest.mark.parametrize("key,n,k,lanes,cfg", CASES, ids=[f"{c[0]}-{c[1]}x{c[2]}-v{c[3]}" for c in CASES])
+def test_kernel_matches_format_reference(tmp_path, key, n, k, lanes, cfg):
+    rng = np.random.default_rng(n * k)
+    fmt = formats.parse_weight_format(key)
+    qt = fmt.quantize(rng.standard_normal((n, k)).astype(np.float32))
+    lay = P.PanelLayout(key, n, k, rows=4, lanes=lanes)
+    arrays = P.pack(lay, formats.pack(qt), qt.scale, qt.zero)
+    np.testing.assert_array_equal(P.dequantize(lay, arrays), formats.dequantize(qt))
+    config = kernels.KernelConfig(**cfg)
+    lib = build(tmp_path, lay, config)
+    w = formats.dequantize(qt).astype(np.float64)
+    for m in (1, 2, 3, 4, 7, 17):
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        y = np.full((m, n), np.nan, np.float32)
+        lib.call([x] + [arrays[r] for r in lay.shapes()], [y])
+        ref = x.astype(np.float64) @ w.T
+        err = np.abs(y - ref).max() / np.abs(ref).max()
+        assert err < 2e-6, f"M={m} ({'gemm' if m >= config.gemm_min_m else 'gemv'}): relative error {err}"
+
+
+@pytest.mark.parametrize("key", ["int4_asym_g128", "int4_sym_g32", "int4_sym_channel", "int8_sym_channel",
+                                 "int8_asym_g64", "int8_asym_tensor", "int4_asym_g64"])
+@pytest.mark.parametrize("lanes", [8, 16])
+def test_pack_roundtrip_is_exact(key, lanes):
+    rng = np.random.default_rng(7)
+    fmt = formats.parse_weight_format(key)
+    k = 384 if fmt.granularity == "group" else 200
+    qt = fmt.quantize(rng.standard_normal((11, k)).astype(np.float32) * 3)
+    lay = P.PanelLayout(key, 11, k, rows=4, lanes=lanes)
+    arrays = P.pack(lay, formats.pack(qt), qt.scale, qt.zero)
+    for role, (shape, dtype) in lay.shapes().items():
+        assert arrays[role].shape == shape and arrays[role].dtype == dtype
+    back = P.unpack(lay, arrays)
+    np.testing.assert_array_equal(back.codes, qt.codes)
+    np.testing.assert_array_equal(back.scale, qt.scale)
+    if qt.zero is not None:
+        np.testing.assert_array_equal(back.zero, qt.zero)
+    np.testing.assert_array_equal(P.dequantize(lay, arrays), formats.dequantize(qt))
+
+
+def test_int4_word_layout_by_hand():
+    # one row, K=64, codes 0..15 repeating: word j nibble i holds column i*8 + j
+    codes = np.arange(64, dtype=np.uint8) % 16
+    fmt = formats.parse_weight_format("int4_asym_channel")
+    qt = formats.QuantizedTensor(codes=codes[None], scale=np.ones((1, 1), np.float32),
+                                 zero=np.zeros((1, 1), np.uint8), format=fmt, shape=(1, 64))
+    lay = P.PanelLayout(fmt.key(), 1, 64, rows=4, lanes=8)
+    words = P.pack(lay, formats.pack(qt), qt.scale, qt.zero)["codes"].view(np.uint32)[0, 0, 0]
+    for j in range(8):
+        for i in range(8):
+            assert (words[j] >> (4 * i)) & 15 == codes[i * 8 + j]
+
+
+def test_unsupported_group_is_rejected():
+    with pytest.raises(P.LayoutError):
+        P.PanelLayout("int4_asym_g96", 8, 192).check()
+
+
+def test_no_float_copy_of_a_weight(tmp_path):
+    """Walks the IR after each backend stage: no f32 buffer/tensor as large as a weight."""
+    import torch
+
+    import qcc
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(320, 448), torch.nn.ReLU(), torch.nn.Linear(448, 192)).eval()
+    x = torch.randn(3, 320)
+    dump = tmp_path / "ir"
+    compiled = qcc.compile(model, (x,), quant="w4a16-g64", dump_dir=str(dump))
+    assert compiled.manifest["cpu"]["kernels"], "the fast kernels were not selected"
+    smallest_weight = min(320 * 448, 448 * 192)
+    stages = sorted(p for p in os.listdir(dump) if re.search(r"select-kernels|lower-qcc|bufferize|to-llvm", p))
+    assert len(stages) == 4
+    shaped = re.compile(r"(?:memref|tensor)<((?:\d+x)+)f32")
+    for stage in stages:
+        text = (dump / stage).read_text()
+        for m in shaped.finditer(text):
+            numel = int(np.prod([int(d) for d in m.group(1).rstrip("x").split("x")]))
+            assert numel < smallest_weight, f"{stage}: float buffer {m.group(0)}> as large as a weight"
+    assert np.allclose(compiled(x).numpy(), compiled(x).numpy())
