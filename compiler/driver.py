@@ -14,7 +14,7 @@ from qcc.recipes import get_recipe
 TARGETS = ("cpu", "cuda")
 
 
-def _to_exported_program(model, example_inputs, allow_pickle):
+def _to_exported_program(model, example_inputs, allow_pickle, dynamic_shapes=None):
     import torch
 
     from qcc import frontend
@@ -26,7 +26,7 @@ def _to_exported_program(model, example_inputs, allow_pickle):
     if isinstance(model, torch.nn.Module):
         if example_inputs is None:
             raise QccError("compiling an nn.Module needs example_inputs", hint="qcc.compile(model, (x,), ...)")
-        return frontend.export_module(model.eval(), example_inputs)
+        return frontend.export_module(model.eval(), example_inputs, dynamic_shapes=dynamic_shapes)
     raise QccError(f"cannot compile a {type(model).__name__}",
                    hint="pass an nn.Module with example inputs, an ExportedProgram, or a .pt2 path")
 
@@ -71,8 +71,12 @@ class _Progress:
 
 def compile(model, example_inputs=None, *, target: str = "cpu", quant: str | None = None,
             calibration=None, allow_pickle: bool = False, print_ir_after_all: bool = False,
-            dump_dir: str | None = None, progress: bool = False) -> CompiledModel:
+            dump_dir: str | None = None, progress: bool = False, dynamic_shapes=None) -> CompiledModel:
     """Compiles `model` (nn.Module + example_inputs, ExportedProgram, or .pt2 path).
+
+    dynamic_shapes: torch.export's argument for an nn.Module, e.g.
+    `{"x": {0: torch.export.Dim("tokens", max=4096)}}`: those dimensions stay
+    symbolic, so one artifact serves every size in their range.
 
     calibration: an iterable of input tuples (like example_inputs) that passes
     needing activation statistics run the float model on.
@@ -88,7 +92,7 @@ def compile(model, example_inputs=None, *, target: str = "cpu", quant: str | Non
     recipe = get_recipe(quant)
     prog = _Progress(progress)
     prog.stage("export")
-    ep = _to_exported_program(model, example_inputs, allow_pickle)
+    ep = _to_exported_program(model, example_inputs, allow_pickle, dynamic_shapes)
     ctx = make_context()
     prog.stage("import")
     imported = import_program(ep, ctx)

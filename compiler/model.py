@@ -27,10 +27,12 @@ class CompiledModel:
         return self.manifest["outputs"]
 
     def _check_inputs(self, arrays):
+        """Checks inputs against the signature; returns them contiguous, and the values
+        of the symbolic dimensions ({name: size})."""
         specs = self.inputs
         if len(arrays) != len(specs):
             raise QccError(f"model takes {len(specs)} input(s), got {len(arrays)}")
-        checked = []
+        checked, symbols = [], {}
         for i, (a, spec) in enumerate(zip(arrays, specs)):
             where = f"input {i} '{spec['name']}'"
             if not isinstance(a, np.ndarray):
@@ -38,21 +40,24 @@ class CompiledModel:
             want_shape = [d if isinstance(d, int) else None for d in spec["shape"]]
             if a.ndim != len(want_shape) or any(w is not None and w != s for w, s in zip(want_shape, a.shape)):
                 raise QccError(f"expected shape {spec['shape']}, got {list(a.shape)}", where=where)
+            for d, size in zip(spec["shape"], a.shape):
+                if isinstance(d, str) and symbols.setdefault(d, size) != size:
+                    raise QccError(f"dimension '{d}' is {symbols[d]} in an earlier input, {size} here", where=where)
             if a.dtype != np.dtype(spec["dtype"]):
                 raise QccError(f"expected dtype {spec['dtype']}, got {a.dtype}", where=where,
                                hint=f"convert with .astype('{spec['dtype']}')")
             checked.append(np.ascontiguousarray(a))
-        return checked
+        return checked, symbols
 
     def run(self, *arrays: np.ndarray) -> list[np.ndarray]:
         """Runs on numpy arrays and returns numpy arrays."""
-        arrays = self._check_inputs(list(arrays))
+        arrays, symbols = self._check_inputs(list(arrays))
         runner = self._get_runner()
         args = []
         user = iter(arrays)
         for a in self.manifest["entry"]["args"]:
             args.append(self.weights[a["param"]] if "param" in a else next(user))
-        outs = [np.empty(o["shape"], np.dtype(o["dtype"])) for o in self.outputs]
+        outs = [np.empty([_dim(d, symbols) for d in o["shape"]], np.dtype(o["dtype"])) for o in self.outputs]
         runner.call(args, outs)
         return outs
 
@@ -91,6 +96,22 @@ class CompiledModel:
 
     def weight_bytes(self) -> int:
         return sum(int(w.nbytes) for w in self.weights.values())
+
+
+_SYMBOLIC = __import__("re").compile(r"[A-Za-z_][A-Za-z_0-9]*|\d+|[-+*()]|//|\s+")
+
+
+def _dim(d, symbols: dict) -> int:
+    """An output dimension: an int, a symbol bound by the inputs, or +-*// of those (`2*s0 + 1`)."""
+    if isinstance(d, int):
+        return d
+    tokens = _SYMBOLIC.findall(d)
+    if "".join(tokens) != d:
+        raise QccError(f"cannot size output dimension '{d}'")
+    expr = "".join(str(symbols[t]) if t in symbols else t for t in tokens if not t.isspace())
+    if any(t[0].isalpha() or t[0] == "_" for t in _SYMBOLIC.findall(expr)):
+        raise QccError(f"output dimension '{d}' depends on no input dimension")
+    return int(eval(expr, {"__builtins__": {}}))  # noqa: S307 (digits and + - * // ( ) only)
 
 
 def load(path: str) -> CompiledModel:

@@ -27,7 +27,7 @@ class KernelConfig:
     """Tuning knobs of one linear's kernels (recorded in the manifest)."""
 
     gemm_min_m: int = 4      # M >= this runs the blocked GEMM
-    mr: int = 3              # rows of x per GEMM register tile
+    mr: int = 2              # rows of x per GEMM register tile (2 x R=4 accumulators: no spills on AVX2)
     panels_per_chunk: int = 8
     kc_blocks: int = 8       # KC = kc_blocks * KB columns dequantized at a time
     threads: bool = True     # scf.parallel (OpenMP) or scf.for

@@ -1,0 +1,87 @@
+"""The CPU artifact at run time: dynamic batch through one library, and loading
+with neither torch_mlir nor torch importable (ctypes + numpy only)."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import models
+import qcc
+from qcc.reference import dequantized_weights, load_into_torch
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.fixture(scope="module")
+def dynamic_mlp():
+    model = models.MLP(in_features=192, hidden=320, out_features=24, seed=4).eval()
+    compiled = qcc.compile(model, model.example_inputs(batch=5), quant="w4a16-g64",
+                           dynamic_shapes={"x": {0: torch.export.Dim("tokens", min=1, max=4096)}})
+    reference = copy.deepcopy(model)
+    load_into_torch(reference, dequantized_weights(compiled))
+    return compiled, reference.double()
+
+
+def test_dynamic_batch_one_artifact(dynamic_mlp):
+    compiled, reference = dynamic_mlp
+    (spec,), (out,) = compiled.inputs, compiled.outputs
+    assert isinstance(spec["shape"][0], str) and spec["shape"][1] == 192
+    assert out["shape"] == [spec["shape"][0], 24]
+    kernels = compiled.manifest["cpu"]["kernels"]
+    assert len(kernels) == 3 and all(k["gemm_min_m"] >= 2 for k in kernels.values())
+    threshold = next(iter(kernels.values()))["gemm_min_m"]
+    for m in sorted({1, 2, threshold - 1, threshold, threshold + 1, 37, 300}):
+        x = torch.randn(m, 192, generator=torch.Generator().manual_seed(m))
+        y = compiled(x)
+        assert y.shape == (m, 24)
+        assert rel_err(y, reference(x.double()).detach()) <= 1e-5, f"M={m}"
+
+
+def test_dynamic_dims_must_agree():
+    class Add(torch.nn.Module):
+        def forward(self, a, b):
+            return a + b
+
+    dim = torch.export.Dim("n", min=2, max=64)
+    compiled = qcc.compile(Add(), (torch.ones(3, 4), torch.ones(3, 4)), dynamic_shapes=({0: dim}, {0: dim}))
+    np.testing.assert_array_equal(compiled(torch.ones(7, 4), torch.ones(7, 4)).numpy(), np.full((7, 4), 2.0))
+    with pytest.raises(qcc.QccError, match="dimension .* is 7 in an earlier input, 5 here"):
+        compiled(torch.ones(7, 4), torch.ones(5, 4))
+
+
+def test_artifact_runs_without_torch_mlir_or_torch(tmp_path, dynamic_mlp):
+    compiled, _ = dynamic_mlp
+    path = tmp_path / "mlp.qcc"
+    compiled.save(str(path))
+    x = np.random.default_rng(0).standard_normal((9, 192)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    expect = compiled.run(x)[0]
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["torch_mlir"] = None   # any import of them now raises ImportError
+        sys.modules["torch"] = None
+        import json
+        import numpy as np
+        import qcc
+        m = qcc.load({str(path)!r})
+        y = m.run(np.load({str(tmp_path / "x.npy")!r}))[0]
+        np.save({str(tmp_path / "y.npy")!r}, y)
+        print(json.dumps({{"blocked": [n for n in ("torch_mlir", "torch") if sys.modules.get(n) is None],
+                           "loaded": sorted(n for n in sys.modules if n.startswith(("torch", "torch_mlir")))}}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["blocked"] == ["torch_mlir", "torch"] and report["loaded"] == ["torch", "torch_mlir"]
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), expect)
