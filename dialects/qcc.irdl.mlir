@@ -36,7 +36,12 @@ irdl.dialect @qcc {
   }
 
   // y[M, N] = x[M, K] @ dequant(w)[N, K]^T.  The weight arrives packed as the
-  // weight format says; `act_format` is "none" for float activations.
+  // weight format says; `act_format` is "none" for float activations, else an
+  // activation format (qcc.dialects.formats.activation): x is quantized first,
+  // per token at run time ("int8_sym_token") or per tensor with the calibrated
+  // scale in the f32 attribute `act_scale` ("int8_sym_tensor").  The static
+  // scale is an attribute, not an operand, because IRDL gives one op only one
+  // optional operand without operandSegmentSizes (weight_zero has it).
   irdl.operation @qlinear {
     %input = irdl.base "!builtin.tensor"
     %weight = irdl.base "!builtin.tensor"
@@ -48,5 +53,47 @@ irdl.dialect @qcc {
     irdl.operands(input: %input, weight: %weight, weight_scale: %wscale, weight_zero: optional %wzero)
     irdl.results(output: %output)
     irdl.attributes { "weight_format" = %wfmt, "act_format" = %afmt }
+  }
+
+  // Dynamic activation quantization: per-row scale = max|x[m, :]| / qmax
+  // (0 -> 1), codes = clip(rint(x / scale)); results: codes (i8), scale [M, 1].
+  irdl.operation @quantize_dynamic {
+    %input = irdl.base "!builtin.tensor"
+    %codes = irdl.base "!builtin.tensor"
+    %scale = irdl.base "!builtin.tensor"
+    %fmt = irdl.base @qcc::@format
+    irdl.operands(input: %input)
+    irdl.results(codes: %codes, scale: %scale)
+    irdl.attributes { "format" = %fmt }
+  }
+
+  // Integer GEMM with i32 accumulation: acc[M, N] = sum_k xq[m, k] * (wq[n, k] - wz),
+  // xq: i8 activation codes, wq: packed weight codes (weight_format), wz: the
+  // weight zero point of asymmetric formats (applied as the row-sum correction
+  // sum_k xq*wq - wz * sum_k xq).  Group formats give per-group partial sums:
+  // acc[M, N, K / G].
+  irdl.operation @matmul_int {
+    %lhs = irdl.base "!builtin.tensor"
+    %rhs = irdl.base "!builtin.tensor"
+    %rzero = irdl.base "!builtin.tensor"
+    %acc = irdl.base "!builtin.tensor"
+    %wfmt = irdl.base @qcc::@format
+    %afmt = irdl.base @qcc::@format
+    irdl.operands(lhs: %lhs, rhs: %rhs, rhs_zero: optional %rzero)
+    irdl.results(acc: %acc)
+    irdl.attributes { "weight_format" = %wfmt, "act_format" = %afmt }
+  }
+
+  // The dequantization moved after the GEMM: y[m, n] = sum_g f32(acc[m, n, g])
+  // * act_scale[m] * weight_scale[n, g] (acc rank 2: one term, g = 0).  Scales
+  // broadcast over size-1 dims ([1, 1] per tensor, [M, 1] per token, [N, 1]
+  // per channel).
+  irdl.operation @scale_accumulate {
+    %acc = irdl.base "!builtin.tensor"
+    %ascale = irdl.base "!builtin.tensor"
+    %wscale = irdl.base "!builtin.tensor"
+    %output = irdl.base "!builtin.tensor"
+    irdl.operands(acc: %acc, act_scale: %ascale, weight_scale: %wscale)
+    irdl.results(output: %output)
   }
 }

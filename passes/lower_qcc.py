@@ -4,7 +4,10 @@
 weight code (nibble select for int4), subtracts the zero point, scales and
 accumulates in f32: dequantization fused into the reduction, so no float copy
 of the weight ever exists.  The generic stays a plain contraction, which keeps
-it open to tiling and vectorization.
+it open to tiling and vectorization.  The integer path of dequant-after-gemm
+(qcc.quantize_dynamic / quantize -> matmul_int -> scale_accumulate) becomes an
+i8 x i8 -> i32 contraction (extsi, muli, addi: the VNNI / IMMA shape), a
+row-sum zero-point correction in i32, and one f32 scaling generic.
 """
 
 import dataclasses
@@ -14,6 +17,7 @@ from torch_mlir import ir
 from qcc import irutil
 from qcc.context import format_key
 from qcc.dialects import formats
+from qcc.dialects.formats import activation
 from qcc.passes import PassError, QccPass, register
 
 
@@ -86,32 +90,334 @@ func.func private @{name}(%x: tensor<?x{k}xf32>, %wq: tensor<{w_shape[0]}x{w_sha
 """
 
 
+def _scale_map(fmt, dims: str = "(m, n, k)", n: str = "n", g: str | None = None) -> str:
+    """Affine map from the iteration `dims` to a weight scale/zero of `fmt`'s granularity."""
+    if fmt.granularity == "tensor":
+        return f"{dims} -> (0, 0)"
+    if fmt.granularity == "channel":
+        return f"{dims} -> ({n}, 0)"
+    return f"{dims} -> ({n}, {g})"
+
+
+def _act_codes_body(fmt) -> tuple[str, str]:
+    """(constants, body) turning f32 %xv and its scale %s into the i8 code %code."""
+    qmin, qmax = fmt.levels()
+    consts = (f"  %cqmin = arith.constant {float(qmin)} : f32\n"
+              f"  %cqmax = arith.constant {float(qmax)} : f32\n")
+    body = ("    %d = arith.divf %xv, %s : f32\n"
+            "    %r = math.roundeven %d : f32\n"
+            "    %lo = arith.maximumf %r, %cqmin : f32\n"
+            "    %hi = arith.minimumf %lo, %cqmax : f32\n"
+            "    %code = arith.fptosi %hi : f32 to i8\n")
+    return consts, body
+
+
+def quantize_dynamic_kernel(name: str, fmt, k: int) -> str:
+    """Per-token quantization: amax over each row, scale = amax / qmax (0 -> 1), codes."""
+    consts, body = _act_codes_body(fmt)
+    return f"""
+func.func private @{name}(%x: tensor<?x{k}xf32>) -> (tensor<?x{k}xi8>, tensor<?x1xf32>) {{
+  %c0 = arith.constant 0 : index
+  %zero = arith.constant 0.0 : f32
+  %one = arith.constant 1.0 : f32
+{consts}  %m = tensor.dim %x, %c0 : tensor<?x{k}xf32>
+  %e = tensor.empty(%m) : tensor<?x1xf32>
+  %init = linalg.fill ins(%zero : f32) outs(%e : tensor<?x1xf32>) -> tensor<?x1xf32>
+  %amax = linalg.generic {{
+      indexing_maps = [affine_map<(m, k) -> (m, k)>, affine_map<(m, k) -> (m, 0)>],
+      iterator_types = ["parallel", "reduction"]}}
+      ins(%x : tensor<?x{k}xf32>) outs(%init : tensor<?x1xf32>) {{
+  ^bb0(%xv: f32, %acc: f32):
+    %a = math.absf %xv : f32
+    %mx = arith.maximumf %acc, %a : f32
+    linalg.yield %mx : f32
+  }} -> tensor<?x1xf32>
+  %scale = linalg.generic {{
+      indexing_maps = [affine_map<(m, o) -> (m, o)>, affine_map<(m, o) -> (m, o)>],
+      iterator_types = ["parallel", "parallel"]}}
+      ins(%amax : tensor<?x1xf32>) outs(%e : tensor<?x1xf32>) {{
+  ^bb0(%a: f32, %unused: f32):
+    %q = arith.divf %a, %cqmax : f32
+    %is0 = arith.cmpf oeq, %q, %zero : f32
+    %sc = arith.select %is0, %one, %q : f32
+    linalg.yield %sc : f32
+  }} -> tensor<?x1xf32>
+  %ce = tensor.empty(%m) : tensor<?x{k}xi8>
+  %codes = linalg.generic {{
+      indexing_maps = [affine_map<(m, k) -> (m, k)>, affine_map<(m, k) -> (m, 0)>, affine_map<(m, k) -> (m, k)>],
+      iterator_types = ["parallel", "parallel"]}}
+      ins(%x, %scale : tensor<?x{k}xf32>, tensor<?x1xf32>) outs(%ce : tensor<?x{k}xi8>) {{
+  ^bb0(%xv: f32, %s: f32, %unused: i8):
+{body}    linalg.yield %code : i8
+  }} -> tensor<?x{k}xi8>
+  return %codes, %scale : tensor<?x{k}xi8>, tensor<?x1xf32>
+}}
+"""
+
+
+def quantize_static_kernel(name: str, fmt, k: int) -> str:
+    """Per-tensor quantization with a given [1, 1] scale."""
+    consts, body = _act_codes_body(fmt)
+    return f"""
+func.func private @{name}(%x: tensor<?x{k}xf32>, %sc: tensor<1x1xf32>) -> tensor<?x{k}xi8> {{
+  %c0 = arith.constant 0 : index
+{consts}  %m = tensor.dim %x, %c0 : tensor<?x{k}xf32>
+  %ce = tensor.empty(%m) : tensor<?x{k}xi8>
+  %codes = linalg.generic {{
+      indexing_maps = [affine_map<(m, k) -> (m, k)>, affine_map<(m, k) -> (0, 0)>, affine_map<(m, k) -> (m, k)>],
+      iterator_types = ["parallel", "parallel"]}}
+      ins(%x, %sc : tensor<?x{k}xf32>, tensor<1x1xf32>) outs(%ce : tensor<?x{k}xi8>) {{
+  ^bb0(%xv: f32, %s: f32, %unused: i8):
+{body}    linalg.yield %code : i8
+  }} -> tensor<?x{k}xi8>
+  return %codes : tensor<?x{k}xi8>
+}}
+"""
+
+
+def _int_weight_body(fmt, kidx: str) -> str:
+    """Body lines turning the stored weight byte %w into the i32 code %wi (zero point not applied)."""
+    if fmt.bits == 8:
+        ext = "arith.extsi" if fmt.symmetric else "arith.extui"
+        return f"    %wi = {ext} %w : i8 to i32\n"
+    body = (f"{kidx}"
+            "    %odd = arith.remui %k, %c2 : index\n"
+            "    %odd_i8 = arith.index_cast %odd : index to i8\n"
+            "    %shift = arith.muli %odd_i8, %c4_i8 : i8\n"
+            "    %shifted = arith.shrui %w, %shift : i8\n"
+            "    %nibble = arith.andi %shifted, %c15_i8 : i8\n")
+    if fmt.symmetric:  # stored nibble = code + 8: back to a signed i8 code
+        return body + ("    %wcode = arith.subi %nibble, %c8_i8 : i8\n"
+                       "    %wi = arith.extsi %wcode : i8 to i32\n")
+    return body + "    %wi = arith.extui %nibble : i8 to i32\n"
+
+
+def matmul_int_kernel(name: str, fmt, k: int, n: int, w_shape, z_shape) -> str:
+    """acc = xq @ (wq - z)^T in i32; per-group partial sums [M, N, K/G] for group formats.
+
+    Group formats view xq as [M, K/G, G] and the packed weight as [N, K/G, G or G/2]
+    (tensor.expand_shape), so each group's partial sum is a plain reduction over j.
+    """
+    grouped = fmt.granularity == "group"
+    w_ty = f"tensor<{w_shape[0]}x{w_shape[1]}xi8>"
+    x_ty = f"tensor<?x{k}xi8>"
+    if grouped:
+        gs = fmt.group_size
+        ngroups = k // gs
+        if fmt.bits == 4 and gs % 2:
+            raise ValueError(f"{fmt.key()}: int4 groups must have an even size to split packed bytes")
+        wgs = gs if fmt.bits == 8 else gs // 2
+        xg_ty, wg_ty = f"tensor<?x{ngroups}x{gs}xi8>", f"tensor<{n}x{ngroups}x{wgs}xi8>"
+        views = (f"  %xg = tensor.expand_shape %xq [[0], [1, 2]] output_shape [%m, {ngroups}, {gs}]"
+                 f" : {x_ty} into {xg_ty}\n"
+                 f"  %wg = tensor.expand_shape %wq [[0], [1, 2]] output_shape [{n}, {ngroups}, {wgs}]"
+                 f" : {w_ty} into {wg_ty}\n")
+        x_in, w_in, x_in_ty, w_in_ty = "%xg", "%wg", xg_ty, wg_ty
+        dims, iters = "(m, n, g, j)", '["parallel", "parallel", "parallel", "reduction"]'
+        xmap = f"{dims} -> (m, g, j)"
+        wmap = f"{dims} -> (n, g, j)" if fmt.bits == 8 else f"{dims} -> (n, g, j floordiv 2)"
+        kidx = "    %k = linalg.index 3 : index\n"  # parity of k = g * G + j is j's (G even)
+        acc_ty, acc_out = f"tensor<?x{n}x{ngroups}xi32>", "(m, n, g)"
+    else:
+        views = ""
+        x_in, w_in, x_in_ty, w_in_ty = "%xq", "%wq", x_ty, w_ty
+        dims, iters = "(m, n, k)", '["parallel", "parallel", "reduction"]'
+        xmap = f"{dims} -> (m, k)"
+        wmap = f"{dims} -> (n, k)" if fmt.bits == 8 else f"{dims} -> (n, k floordiv 2)"
+        kidx = "    %k = linalg.index 2 : index\n"
+        acc_ty, acc_out = f"tensor<?x{n}xi32>", "(m, n)"
+    zero_arg = "" if fmt.symmetric else f", %zp: tensor<{z_shape[0]}x{z_shape[1]}xi8>"
+    text = f"""
+func.func private @{name}(%xq: {x_ty}, %wq: {w_ty}{zero_arg}) -> {acc_ty} {{
+  %c0 = arith.constant 0 : index
+  %c2 = arith.constant 2 : index
+  %c4_i8 = arith.constant 4 : i8
+  %c8_i8 = arith.constant 8 : i8
+  %c15_i8 = arith.constant 15 : i8
+  %zero = arith.constant 0 : i32
+  %m = tensor.dim %xq, %c0 : {x_ty}
+{views}  %e = tensor.empty(%m) : {acc_ty}
+  %init = linalg.fill ins(%zero : i32) outs(%e : {acc_ty}) -> {acc_ty}
+  %acc = linalg.generic {{
+      indexing_maps = [affine_map<{xmap}>, affine_map<{wmap}>, affine_map<{dims} -> {acc_out}>],
+      iterator_types = {iters}}}
+      ins({x_in}, {w_in} : {x_in_ty}, {w_in_ty}) outs(%init : {acc_ty}) {{
+  ^bb0(%xv: i8, %w: i8, %out: i32):
+    %xi = arith.extsi %xv : i8 to i32
+{_int_weight_body(fmt, kidx)}    %p = arith.muli %xi, %wi : i32
+    %sum = arith.addi %out, %p : i32
+    linalg.yield %sum : i32
+  }} -> {acc_ty}
+"""
+    if fmt.symmetric:
+        return text + f"  return %acc : {acc_ty}\n}}\n"
+    # Asymmetric weights: sum_k xq * (wq - z) = sum_k xq * wq - z * sum_k xq, all in i32.
+    if grouped:
+        rs_ty = f"tensor<?x{ngroups}xi32>"
+        rs_dims, rs_iters = "(m, g, j)", '["parallel", "parallel", "reduction"]'
+        rs_in, rs_out = "(m, g, j)", "(m, g)"
+        c_dims, c_iters = "(m, n, g)", '["parallel", "parallel", "parallel"]'
+        c_acc, c_z, c_rs = "(m, n, g)", _scale_map(fmt, c_dims, g="g"), "(m, g)"
+    else:
+        rs_ty = "tensor<?x1xi32>"
+        rs_dims, rs_iters = "(m, k)", '["parallel", "reduction"]'
+        rs_in, rs_out = "(m, k)", "(m, 0)"
+        c_dims, c_iters = "(m, n)", '["parallel", "parallel"]'
+        c_acc, c_z, c_rs = "(m, n)", _scale_map(fmt, c_dims), "(m, 0)"
+    z_ty = f"tensor<{z_shape[0]}x{z_shape[1]}xi8>"
+    return text + f"""  %rse = tensor.empty(%m) : {rs_ty}
+  %rsi = linalg.fill ins(%zero : i32) outs(%rse : {rs_ty}) -> {rs_ty}
+  %rowsum = linalg.generic {{
+      indexing_maps = [affine_map<{rs_dims} -> {rs_in}>, affine_map<{rs_dims} -> {rs_out}>],
+      iterator_types = {rs_iters}}}
+      ins({x_in} : {x_in_ty}) outs(%rsi : {rs_ty}) {{
+  ^bb0(%xv: i8, %out: i32):
+    %xi = arith.extsi %xv : i8 to i32
+    %sum = arith.addi %out, %xi : i32
+    linalg.yield %sum : i32
+  }} -> {rs_ty}
+  %corrected = linalg.generic {{
+      indexing_maps = [affine_map<{c_dims} -> {c_acc}>, affine_map<{c_z}>, affine_map<{c_dims} -> {c_rs}>,
+                       affine_map<{c_dims} -> {c_acc}>],
+      iterator_types = {c_iters}}}
+      ins(%acc, %zp, %rowsum : {acc_ty}, {z_ty}, {rs_ty}) outs(%e : {acc_ty}) {{
+  ^bb0(%a: i32, %z: i8, %rs: i32, %unused: i32):
+    %zi = arith.extui %z : i8 to i32
+    %zx = arith.muli %zi, %rs : i32
+    %c = arith.subi %a, %zx : i32
+    linalg.yield %c : i32
+  }} -> {acc_ty}
+  return %corrected : {acc_ty}
+}}
+"""
+
+
+def scale_accumulate_kernel(name: str, n: int, acc_shape, sx_per_row: bool, sw_shape) -> str:
+    """y[m, n] = sum_g f32(acc[m, n, g]) * sx[m] * sw[n, g] (rank-2 acc: a single term)."""
+    grouped = len(acc_shape) == 3
+    sx_ty = "tensor<?x1xf32>" if sx_per_row else "tensor<1x1xf32>"
+    sw_ty = f"tensor<{sw_shape[0]}x{sw_shape[1]}xf32>"
+    y_ty = f"tensor<?x{n}xf32>"
+    if grouped:
+        dims, iters = "(m, n, g)", '["parallel", "parallel", "reduction"]'
+        acc_ty, acc_map = f"tensor<?x{n}x{acc_shape[2]}xi32>", "(m, n, g)"
+        sw_map = f"{dims} -> (n, g)" if sw_shape[1] > 1 else f"{dims} -> ({'n' if sw_shape[0] > 1 else '0'}, 0)"
+        body = ("    %t = arith.mulf %af, %sw : f32\n"
+                "    %u = arith.mulf %t, %sx : f32\n"
+                "    %y = arith.addf %out, %u : f32\n")
+    else:
+        dims, iters = "(m, n)", '["parallel", "parallel"]'
+        acc_ty, acc_map = f"tensor<?x{n}xi32>", "(m, n)"
+        sw_map = f"{dims} -> ({'n' if sw_shape[0] > 1 else '0'}, 0)"
+        body = ("    %t = arith.mulf %af, %sx : f32\n"
+                "    %y = arith.mulf %t, %sw : f32\n")
+    sx_map = f"{dims} -> ({'m' if sx_per_row else '0'}, 0)"
+    return f"""
+func.func private @{name}(%acc: {acc_ty}, %sxs: {sx_ty}, %sws: {sw_ty}) -> {y_ty} {{
+  %c0 = arith.constant 0 : index
+  %zero = arith.constant 0.0 : f32
+  %m = tensor.dim %acc, %c0 : {acc_ty}
+  %e = tensor.empty(%m) : {y_ty}
+  %init = linalg.fill ins(%zero : f32) outs(%e : {y_ty}) -> {y_ty}
+  %y = linalg.generic {{
+      indexing_maps = [affine_map<{dims} -> {acc_map}>, affine_map<{sx_map}>, affine_map<{sw_map}>,
+                       affine_map<{dims} -> (m, n)>],
+      iterator_types = {iters}}}
+      ins(%acc, %sxs, %sws : {acc_ty}, {sx_ty}, {sw_ty}) outs(%init : {y_ty}) {{
+  ^bb0(%a: i32, %sx: f32, %sw: f32, %out: f32):
+    %af = arith.sitofp %a : i32 to f32
+{body}    linalg.yield %y : f32
+  }} -> {y_ty}
+  return %y : {y_ty}
+}}
+"""
+
+
 def _static_shape(value) -> list[int]:
     t = ir.RankedTensorType(value.type)
     return [None if t.is_dynamic_dim(i) else t.shape[i] for i in range(t.rank)]
 
 
+def _dynamic_rows(t: ir.Type) -> ir.Type:
+    """`t` with its leading (row / token) dim made dynamic, so kernels serve every M."""
+    rt = ir.RankedTensorType(t)
+    return irutil.tensor_type([None] + list(rt.shape[1:]), str(rt.element_type))
+
+
+def _act_format(op, attr: str = "format"):
+    try:
+        fmt = activation.parse_act_format(format_key(op.attributes[attr]))
+    except formats.FormatError as e:
+        raise PassError(op, str(e))
+    if fmt is None:
+        raise PassError(op, f"'{op.name}' needs an activation format, got \"none\"")
+    return fmt
+
+
+def _weight_format(op):
+    try:
+        return formats.parse_weight_format(format_key(op.attributes["weight_format"]))
+    except formats.FormatError as e:
+        raise PassError(op, str(e))
+
+
 @register
 class LowerQccToLinalg(QccPass):
     name = "lower-qcc-to-linalg"
-    summary = "Lower qcc ops to linalg/arith on tensors (fused dequantization)"
+    summary = "Lower qcc ops to linalg/arith on tensors (fused dequantization, integer GEMM)"
 
     @dataclasses.dataclass
     class Options:
         pass
 
     def run(self, module):
-        body = module.regions[0].blocks[0]
-        defined = {}
+        self.body = module.regions[0].blocks[0]
+        self.defined = {}
+        lowerings = {
+            "qcc.qlinear": self._lower_qlinear,
+            "qcc.quantize_dynamic": self._lower_quantize_dynamic,
+            "qcc.quantize": self._lower_quantize,
+            "qcc.matmul_int": self._lower_matmul_int,
+            "qcc.scale_accumulate": self._lower_scale_accumulate,
+        }
         for func in irutil.functions(module):
             for op in irutil.walk(func):
-                if op.name == "qcc.qlinear":
-                    self._lower_qlinear(op, body, defined)
+                if op.name in lowerings:
+                    lowerings[op.name](op)
                 elif op.name.startswith("qcc."):
                     raise PassError(op, f"no CPU lowering for '{op.name}' yet")
 
-    def _lower_qlinear(self, op, body, defined):
-        fmt = formats.parse_weight_format(format_key(op.attributes["weight_format"]))
+    def _kernel(self, name: str, make_text) -> None:
+        """Defines private func @name (from make_text()) once per module."""
+        if name not in self.defined:
+            kernel = ir.Module.parse(make_text())  # must outlive the move below
+            func = kernel.body.operations[0]
+            func.operation.move_after(self.body.operations[len(self.body.operations) - 1])
+            self.defined[name] = func
+
+    def _call(self, op, name: str, operands, dyn_operands: set[int], dyn_results: set[int]) -> None:
+        """Replaces `op` by a call of @name; operands/results at the given positions get dynamic rows."""
+        with ir.InsertionPoint(op), op.location:
+            args = []
+            for i, v in enumerate(operands):
+                if i in dyn_operands:
+                    v = ir.Operation.create("tensor.cast", results=[_dynamic_rows(v.type)], operands=[v]).result
+                args.append(v)
+            result_types = [_dynamic_rows(r.type) if i in dyn_results else r.type for i, r in enumerate(op.results)]
+            call = ir.Operation.create("func.call", results=result_types, operands=args,
+                                       attributes={"callee": ir.FlatSymbolRefAttr.get(name)})
+            outs = []
+            for i, r in enumerate(op.results):
+                v = call.results[i]
+                if i in dyn_results:
+                    v = ir.Operation.create("tensor.cast", results=[r.type], operands=[v]).result
+                outs.append(v)
+        for r, v in zip(op.results, outs):
+            r.replace_all_uses_with(v)
+        op.erase()
+
+    def _lower_qlinear(self, op):
+        fmt = _weight_format(op)
         if format_key(op.attributes["act_format"]) != "none":
             raise PassError(op, "quantized activations reach lower-qcc-to-linalg; run dequant-after-gemm first")
         x, w, s = op.operands[0], op.operands[1], op.operands[2]
@@ -119,20 +425,55 @@ class LowerQccToLinalg(QccPass):
         n = _static_shape(op.result)[1]
         w_shape, s_shape = _static_shape(w), _static_shape(s)
         name = f"qcc_qlinear_{fmt.key()}_{k}x{n}"
-        if name not in defined:
-            text = qlinear_kernel(name, fmt, k, n, w_shape, s_shape)
-            kernel = ir.Module.parse(text)
-            func = kernel.body.operations[0]
-            func.operation.move_after(body.operations[len(body.operations) - 1])
-            defined[name] = func
-        loc = op.location
-        with ir.InsertionPoint(op), loc:
-            dyn = irutil.tensor_type([None, k], "f32")
-            x_dyn = ir.Operation.create("tensor.cast", results=[dyn], operands=[x]).result
-            call = ir.Operation.create(
-                "func.call", results=[irutil.tensor_type([None, n], "f32")],
-                operands=[x_dyn, *op.operands[1:]],
-                attributes={"callee": ir.FlatSymbolRefAttr.get(name)}).result
-            y = ir.Operation.create("tensor.cast", results=[op.result.type], operands=[call]).result
-        op.result.replace_all_uses_with(y)
-        op.erase()
+        self._kernel(name, lambda: qlinear_kernel(name, fmt, k, n, w_shape, s_shape))
+        self._call(op, name, list(op.operands), {0}, {0})
+
+    def _lower_quantize_dynamic(self, op):
+        fmt = _act_format(op)
+        if not fmt.dynamic:
+            raise PassError(op, f"qcc.quantize_dynamic needs a per-token format, got \"{fmt.key()}\"")
+        k = _static_shape(op.operands[0])[1]
+        name = f"qcc_quantize_{fmt.key()}_{k}"
+        self._kernel(name, lambda: quantize_dynamic_kernel(name, fmt, k))
+        self._call(op, name, list(op.operands), {0}, {0, 1})
+
+    def _lower_quantize(self, op):
+        key = format_key(op.attributes["format"])
+        if key not in activation.ACT_FORMATS:
+            raise PassError(op, f"no CPU lowering for qcc.quantize to \"{key}\" (only static activation formats)")
+        fmt = activation.ACT_FORMATS[key]
+        if fmt.dynamic:
+            raise PassError(op, f"\"{key}\" is per token: use qcc.quantize_dynamic")
+        if len(op.operands) != 2 or _static_shape(op.operands[1]) != [1, 1]:
+            raise PassError(op, f"qcc.quantize to \"{key}\" takes (x, scale: tensor<1x1xf32>)")
+        k = _static_shape(op.operands[0])[1]
+        name = f"qcc_quantize_{key}_{k}"
+        self._kernel(name, lambda: quantize_static_kernel(name, fmt, k))
+        self._call(op, name, list(op.operands), {0}, {0})
+
+    def _lower_matmul_int(self, op):
+        fmt = _weight_format(op)
+        _act_format(op, "act_format")
+        xq, wq = op.operands[0], op.operands[1]
+        k = _static_shape(xq)[1]
+        n = _static_shape(op.result)[1]
+        w_shape = _static_shape(wq)
+        want_rank = 3 if fmt.granularity == "group" else 2
+        if len(_static_shape(op.result)) != want_rank:
+            raise PassError(op, f"qcc.matmul_int with {fmt.key()} weights has a rank-{want_rank} accumulator")
+        if fmt.symmetric != (len(op.operands) == 2):
+            raise PassError(op, f"{fmt.key()} weights take {'no' if fmt.symmetric else 'a'} zero-point operand")
+        z_shape = None if fmt.symmetric else _static_shape(op.operands[2])
+        name = f"qcc_matmul_int_{fmt.key()}_{k}x{n}"
+        self._kernel(name, lambda: matmul_int_kernel(name, fmt, k, n, w_shape, z_shape))
+        self._call(op, name, list(op.operands), {0}, {0})
+
+    def _lower_scale_accumulate(self, op):
+        acc, sx, sw = op.operands
+        acc_shape, sx_shape, sw_shape = _static_shape(acc), _static_shape(sx), _static_shape(sw)
+        n = acc_shape[1]
+        sx_per_row = sx_shape != [1, 1]
+        name = (f"qcc_scale_accumulate_{'x'.join(map(str, acc_shape[1:]))}_"
+                f"{'row' if sx_per_row else 'tensor'}_{sw_shape[0]}x{sw_shape[1]}")
+        self._kernel(name, lambda: scale_accumulate_kernel(name, n, acc_shape, sx_per_row, sw_shape))
+        self._call(op, name, list(op.operands), {0, 1} if sx_per_row else {0}, {0})
