@@ -101,9 +101,41 @@ def orthogonal(n: int, seed: int | None = None) -> np.ndarray:
     return q
 
 
-def fast_transform(x: np.ndarray) -> np.ndarray:
-    """x @ (H / sqrt(n)) along the last axis in O(n (log n + m)): the reference of the online kernel."""
+def block_size(n: int, block: int = 0) -> int:
+    """The order of the (block-diagonal) Hadamard transform used on n channels.
+
+    block = 0: n itself when an order-n matrix exists, else the largest order that
+    divides n; otherwise `block`, which must divide n and be buildable.
+    """
+    if block:
+        if n % block:
+            raise HadamardError(f"Hadamard block size {block} does not divide n={n}")
+        factor(block)
+        return block
+    for b in sorted((d for d in range(1, n + 1) if n % d == 0), reverse=True):
+        try:
+            factor(b)
+            return b
+        except HadamardError:
+            continue
+    return 1
+
+
+def block_matrix(n: int, block: int) -> np.ndarray:
+    """I_{n/block} (x) H_block / sqrt(block): the orthogonal matrix of the blocked transform (float64)."""
+    return np.kron(np.eye(n // block), hadamard_matrix(block) / math.sqrt(block))
+
+
+def fast_transform(x: np.ndarray, block: int | None = None) -> np.ndarray:
+    """x @ (H / sqrt(n)) along the last axis in O(n (log n + m)): the reference of the online kernel.
+
+    With `block` < n the transform is block-diagonal: each run of `block` channels
+    is transformed on its own (x @ block_matrix(n, block)).
+    """
     x = np.asarray(x, dtype=np.float64)
+    if block and block != x.shape[-1]:
+        lead = x.shape
+        return fast_transform(x.reshape(*lead[:-1], lead[-1] // block, block)).reshape(lead)
     n = x.shape[-1]
     m, k = factor(n)
     lead = x.shape[:-1]
@@ -146,21 +178,39 @@ def _stage_lines(src: str, dst: str, res: str, m: int, k: int, n: int, ind: str)
     )]
 
 
-def kernel_mlir(name: str, n: int) -> str:
+def kernel_mlir(name: str, n: int, block: int | None = None) -> str:
     """MLIR text of `func.func private @name(tensor<?xnxf32>) -> tensor<?xnxf32>` computing x @ H / sqrt(n).
 
     The butterfly is an scf.for over k identical stages (strided slices, add, sub,
     concatenate), so the code is O(n log n) and its size does not grow with n;
-    the m x m seed mix is one linalg.generic over a dense constant.
+    the m x m seed mix is one linalg.generic over a dense constant.  With `block`
+    < n, rows are first viewed as [rows * n / block, block] (the blocked transform).
     """
+    full = n
+    outer = f"tensor<?x{full}xf32>"
+    lines = [f"func.func private @{name}(%arg: {outer}) -> {outer} {{",
+             "  %c0 = arith.constant 0 : index",
+             "  %c1 = arith.constant 1 : index"]
+    if block and block != n:
+        nb = n // block
+        n = block
+        lines += [
+            f"  %rows0 = tensor.dim %arg, %c0 : {outer}",
+            f"  %arg3 = tensor.expand_shape %arg [[0], [1, 2]] output_shape [%rows0, {nb}, {n}] : {outer} into tensor<?x{nb}x{n}xf32>",
+            f"  %x = tensor.collapse_shape %arg3 [[0, 1], [2]] : tensor<?x{nb}x{n}xf32> into tensor<?x{n}xf32>",
+        ]
+        epilogue = [
+            f"  %res3 = tensor.expand_shape %r [[0, 1], [2]] output_shape [%rows0, {nb}, {n}] : tensor<?x{n}xf32> into tensor<?x{nb}x{n}xf32>",
+            f"  %res = tensor.collapse_shape %res3 [[0], [1, 2]] : tensor<?x{nb}x{n}xf32> into {outer}",
+            f"  return %res : {outer}",
+            "}",
+        ]
+    else:
+        lines.append(f"  %x = tensor.cast %arg : {outer} to {outer}")
+        epilogue = [f"  return %r : {outer}", "}"]
     m, k = factor(n)
     ty = f"tensor<?x{n}xf32>"
-    lines = [
-        f"func.func private @{name}(%x: {ty}) -> {ty} {{",
-        "  %c0 = arith.constant 0 : index",
-        "  %c1 = arith.constant 1 : index",
-        f"  %rows = tensor.dim %x, %c0 : {ty}",
-    ]
+    lines.append(f"  %rows = tensor.dim %x, %c0 : {ty}")
     out = "%x"
     if k > 0:
         # Ping-pong between two buffers, two stages an iteration, so that every
@@ -194,8 +244,6 @@ def kernel_mlir(name: str, n: int) -> str:
             "    %p = arith.mulf %v, %scale : f32",
             "    linalg.yield %p : f32",
             f"  }} -> {ty}",
-            f"  return %r : {ty}",
-            "}",
         ]
     else:
         blk = 1 << k
@@ -220,7 +268,5 @@ def kernel_mlir(name: str, n: int) -> str:
             "    linalg.yield %s2 : f32",
             f"  }} -> {t3}",
             f"  %r = tensor.collapse_shape %mix [[0], [1, 2]] : {t3} into {ty}",
-            f"  return %r : {ty}",
-            "}",
         ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + epilogue) + "\n"

@@ -63,3 +63,4 @@ def _load_all() -> None:
     from . import quantize_activations  # noqa: F401
     from . import dequant_after_gemm  # noqa: F401
     from . import split_outliers  # noqa: F401
+    from . import fuse_rotation  # noqa: F401

@@ -1,0 +1,526 @@
+"""fuse-rotation: rotate the residual stream by an orthogonal Q folded into the weights.
+
+QuaRot (Ashkboos et al. 2024, arXiv:2404.00456), SpinQuant (Liu et al. 2024,
+arXiv:2405.16406).  RMSNorm(x Q) = RMSNorm(x) Q, so once each norm's scale g is
+absorbed into the linears reading it, rotating the embedding (E Q), every writer
+of the stream (Q^T W, b Q) and every reader (W diag(g) Q) leaves the float function
+unchanged while activations lose their outlier channels.  Inputs of MLP down
+projections get an online Hadamard transform (an O(n log n) butterfly kernel), W H.
+The stream is found in the graph (RMSNorm pattern, residual adds, linear readers and
+writers); one the pass cannot prove invariant is left unrotated, with a remark.
+"""
+
+import dataclasses
+import os
+
+import numpy as np
+from torch_mlir import ir
+
+from qcc import calibration, hadamard, irutil
+from qcc.passes import PassError, QccPass, register
+from qcc.passes.quantize_weights import transposed_param
+
+VIEW_OPS = ("torch.aten.view", "torch.aten.reshape", "torch.aten._unsafe_view")
+_SCALE_OPS = ("torch.aten.mul.Scalar", "torch.aten.div.Scalar", "torch.aten.neg")
+_SUM_OPS = ("torch.aten.sum.dim_IntList", "torch.aten.mean.dim")
+_INVARIANT_MAPS = ("torch.aten.rsqrt", "torch.aten.sqrt", "torch.aten.reciprocal", "torch.aten.add.Scalar",
+                   "torch.aten.sub.Scalar", "torch.aten.mul.Scalar", "torch.aten.div.Scalar")
+_ELEMENTWISE = ("torch.aten.mul.Tensor", "torch.aten.silu", "torch.aten.gelu", "torch.aten.relu",
+                "torch.aten.sigmoid", "torch.aten.tanh")
+
+
+class NotInvariant(Exception):
+    """The residual stream reaches an op whose result would change under the rotation."""
+
+    def __init__(self, op, reason: str, explored=()):
+        super().__init__(reason)
+        self.op, self.reason, self.explored = op, reason, explored
+
+
+def shape_of(value):
+    try:
+        return irutil.vtensor_shape(value.type)[0]
+    except ValueError:
+        return None
+
+
+def uses(value):
+    return [(u.owner.operation, u.operand_number) for u in value.uses]
+
+
+def const_number(value):
+    op = irutil.defining_op(value)
+    if op is None or op.name not in ("torch.constant.int", "torch.constant.float"):
+        return None
+    attr = op.attributes["value"]
+    return ir.IntegerAttr(attr).value if op.name == "torch.constant.int" else ir.FloatAttr(attr).value
+
+
+def is_last_dim_sum(op) -> bool:
+    """aten.sum/mean over exactly the last dimension."""
+    if op.name not in _SUM_OPS:
+        return False
+    dims = irutil.const_int_list(op.operands[1])
+    rank = len(shape_of(op.operands[0]) or [])
+    return dims is not None and len(dims) == 1 and dims[0] in (-1, rank - 1)
+
+
+def is_square(op) -> bool:
+    return op.name == "torch.aten.pow.Tensor_Scalar" and const_number(op.operands[1]) == 2
+
+
+@dataclasses.dataclass
+class ResidualStream:
+    """One residual stream: its values and the ops that enter, read and leave it.
+
+    readers: mm ops whose input is the stream (normalized or not), with the arg
+    index of the norm scale g absorbed into them (or None); writers: mm ops whose
+    output is added into the stream; vectors: (op, operand) of 1-D parameters
+    added to it (biases); embeddings: aten.embedding ops producing it;
+    norm_scales: aten.mul.Tensor(g, n) ops to erase (n = the normalized operand).
+    """
+
+    hidden: int
+    values: set = dataclasses.field(default_factory=set)
+    readers: dict = dataclasses.field(default_factory=dict)
+    writers: dict = dataclasses.field(default_factory=dict)      # used as ordered sets
+    vectors: dict = dataclasses.field(default_factory=dict)
+    embeddings: dict = dataclasses.field(default_factory=dict)
+    norm_scales: dict = dataclasses.field(default_factory=dict)
+
+
+class StreamAnalysis:
+    """Finds the residual stream containing `seed` in `func`; raises NotInvariant."""
+
+    def __init__(self, func):
+        self.func = func
+        self.sig = irutil.Signature(func)
+
+    def run(self, seed) -> ResidualStream:
+        shape = shape_of(seed)
+        self.stream = ResidualStream(hidden=shape[-1])
+        self.work = []
+        try:
+            self._need(seed, None)
+            while self.work:
+                value = self.work.pop()
+                for op, index in uses(value):
+                    self._forward(value, op, index)
+        except NotInvariant as e:
+            e.explored = set(self.stream.values)
+            raise
+        return self.stream
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _fail(self, op, reason):
+        raise NotInvariant(op, reason)
+
+    def _param(self, value):
+        index = irutil.block_arg_number(value)
+        return index if index is not None and self.sig.param_name(index) is not None else None
+
+    def _mark(self, value, op):
+        if value in self.stream.values:
+            return
+        shape = shape_of(value)
+        if shape is None or shape[-1] != self.stream.hidden:
+            self._fail(op, f"a value of type {value.type} would have to be rotated along "
+                           f"{self.stream.hidden} channels")
+        self.stream.values.add(value)
+        self.work.append(value)
+
+    def _vector(self, op, index):
+        """A 1-D operand added to the stream must be a parameter (possibly scaled): a bias."""
+        value = op.operands[index]
+        src = irutil.defining_op(value)
+        if src is not None and src.name in _SCALE_OPS:
+            op, index, value = src, 0, src.operands[0]
+        if self._param(value) is None or shape_of(value) != [self.stream.hidden]:
+            self._fail(op, f"'{op.name}' adds a 1-D value that is not a parameter to the residual stream")
+        self.stream.vectors[(op, index)] = True
+
+    # -- backward: `value` must carry the rotated stream ----------------------------------------
+    def _need(self, value, user):
+        if value in self.stream.values:
+            return
+        op = irutil.defining_op(value)
+        if op is None:
+            self._fail(user, "the residual stream is a function argument (the rotation cannot be folded "
+                             "into a caller)")
+        name = op.name
+        if name in VIEW_OPS:
+            self._mark(value, op)
+            self._need(op.operands[0], op)
+        elif name in ("torch.aten.add.Tensor", "torch.aten.sub.Tensor"):
+            self._mark(value, op)
+            self._add_operands(op, skip=None)
+        elif name in _SCALE_OPS:
+            self._mark(value, op)
+            self._need(op.operands[0], op)
+        elif name == "torch.aten.mm" and transposed_param(self.func, op.operands[1]) is not None:
+            self._mark(value, op)
+            self.stream.writers[op] = True
+        elif name == "torch.aten.embedding" and self._param(op.operands[0]) is not None:
+            self._mark(value, op)
+            self.stream.embeddings[op] = True
+        else:
+            self._fail(op, f"the residual stream is produced by '{name}', which cannot absorb the rotation")
+
+    def _add_operands(self, op, skip):
+        for j in (0, 1):
+            if j == skip:
+                continue
+            shape = shape_of(op.operands[j])
+            if shape is not None and len(shape) == 1:
+                self._vector(op, j)
+            else:
+                self._need(op.operands[j], op)
+
+    # -- forward: every use of a rotated value must keep the function unchanged ------------------
+    def _forward(self, value, op, index):
+        name = op.name
+        if name in VIEW_OPS and index == 0:
+            self._mark(op.result, op)
+        elif name in ("torch.aten.add.Tensor", "torch.aten.sub.Tensor") and index in (0, 1):
+            self._mark(op.result, op)
+            self._add_operands(op, skip=index)
+        elif name in _SCALE_OPS and index == 0:
+            self._mark(op.result, op)
+        elif name == "torch.aten.mul.Tensor":
+            other = op.operands[1 - index]
+            shape = shape_of(other)
+            if shape and shape[-1] == 1 and self._invariant(other):
+                self._mark(op.result, op)
+            elif shape == [self.stream.hidden] and self._param(other) is not None:
+                self.stream.norm_scales[(op, index)] = True
+                self._scaled(op.result, self._param(other))
+            else:
+                self._fail(op, "'aten.mul.Tensor' of the residual stream by a value that is neither a "
+                               "per-token scalar nor a norm scale")
+        elif is_square(op) and index == 0:
+            for user, _ in uses(op.result):
+                if not is_last_dim_sum(user):
+                    self._fail(user, "the square of the residual stream is used other than summed over channels")
+        elif name == "torch.aten.mm" and index == 0 and transposed_param(self.func, op.operands[1]) is not None:
+            self.stream.readers[op] = None
+        elif name == "func.return":
+            self._fail(op, "the residual stream is a result of the function")
+        else:
+            self._fail(op, f"the residual stream is read by '{name}', which is not rotation invariant")
+
+    def _scaled(self, value, g_index):
+        """`value` = stream * g: only linear layers may read it (they absorb g)."""
+        for op, index in uses(value):
+            if op.name in VIEW_OPS and index == 0:
+                self._scaled(op.result, g_index)
+            elif op.name == "torch.aten.mm" and index == 0 and transposed_param(self.func, op.operands[1]) is not None:
+                self.stream.readers[op] = g_index
+            else:
+                self._fail(op, f"a norm output is read by '{op.name}', which cannot absorb the norm scale")
+
+    def _invariant(self, value) -> bool:
+        """Is `value` unchanged by the rotation: a function of sum(stream^2) over channels only?"""
+        op = irutil.defining_op(value)
+        if op is None:
+            return False
+        if op.name in ("torch.constant.float", "torch.constant.int"):
+            return True
+        if op.name in _INVARIANT_MAPS:
+            return self._invariant(op.operands[0])
+        if is_last_dim_sum(op):
+            sq = irutil.defining_op(op.operands[0])
+            if sq is None or not is_square(sq):
+                return False
+            self._need(sq.operands[0], op)
+            return True
+        return False
+
+
+def find_streams(func, remarks, pass_name):
+    """Every residual stream of `func` (seeded at RMSNorm patterns) that can be rotated."""
+    seen, streams = set(), []
+    for op in irutil.walk(func):
+        if not is_square(op) or not uses(op.result) or not all(is_last_dim_sum(u) for u, _ in uses(op.result)):
+            continue
+        seed = op.operands[0]
+        if seed in seen or len(shape_of(seed) or []) < 2:
+            continue
+        try:
+            stream = StreamAnalysis(func).run(seed)
+        except NotInvariant as e:
+            seen |= e.explored | {seed}
+            where = e.op.location if e.op is not None else "?"
+            remarks.append(f"{pass_name}: residual stream left unrotated: {e.reason} (at {where})")
+            continue
+        seen |= stream.values
+        streams.append(stream)
+    return streams
+
+
+def load_rotation(path: str, n: int) -> np.ndarray:
+    """A user-given orthogonal [n, n] matrix from .npy or .safetensors (one tensor)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"rotation file '{path}' does not exist")
+    if path.endswith(".npy"):
+        q = np.load(path, allow_pickle=False)
+    elif path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        tensors = load_file(path)
+        if len(tensors) != 1:
+            raise ValueError(f"rotation file '{path}' holds {len(tensors)} tensors ({', '.join(sorted(tensors))}); "
+                             f"expected exactly one")
+        q = next(iter(tensors.values()))
+    else:
+        raise ValueError(f"rotation file '{path}' must be .npy or .safetensors")
+    q = np.asarray(q, dtype=np.float64)
+    if q.shape != (n, n):
+        raise ValueError(f"rotation in '{path}' has shape {list(q.shape)}, the residual stream needs [{n}, {n}]")
+    dev = float(np.abs(q @ q.T - np.eye(n)).max())
+    if not dev <= 1e-4:
+        raise ValueError(f"rotation in '{path}' is not orthogonal: max |Q Q^T - I| = {dev:.3g} (> 1e-4)")
+    return q
+
+
+def rotation_matrix(spec: str, n: int, seed: int) -> np.ndarray:
+    if spec == "hadamard":
+        return hadamard.orthogonal(n)
+    if spec == "random-hadamard":
+        return hadamard.orthogonal(n, seed=seed)
+    return load_rotation(spec, n)
+
+
+class WeightEdits:
+    """Per-use rewrites of parameter arguments, applied together.
+
+    Each use (op, operand) of a parameter gets a list of steps on its original value;
+    uses of one parameter that end with different values get parameters of their own.
+    """
+
+    def __init__(self, func, session):
+        self.func = func
+        self.sig = irutil.Signature(func)
+        self.session = session
+        self.steps = {}  # (op, operand index) -> [step]
+
+    def add(self, op, index, step):
+        self.steps.setdefault((op, index), []).append(step)
+
+    @staticmethod
+    def _apply(value, steps):
+        w = value.astype(np.float64)
+        for kind, m in steps:
+            if kind == "scale_cols":
+                w = w * m[None, :]
+            elif kind == "cols":       # W Q (W's input channels, an embedding's columns)
+                w = w @ m
+            elif kind == "rows":       # Q^T W (a writer's output channels)
+                w = m.T @ w
+            elif kind == "vec":        # b Q
+                w = w @ m
+            elif kind == "scale_rows":
+                w = w * m[:, None]
+            elif kind == "perm_rows":
+                w = w[m]
+            elif kind == "perm_vec":
+                w = w[m]
+            else:
+                raise AssertionError(kind)
+        return w.astype(np.float32)
+
+    def commit(self):
+        """Writes the new values; returns {parameter name: the value its exported-program placeholder
+        should take for calibration}.
+
+        The exported program has one placeholder per parameter, so when uses of one parameter
+        get different values (an untied embedding and head) it can follow only one of them:
+        the embedding's if there is one, else the one keeping the name; every other copy must
+        feed only linear layers whose results are the function's (e.g. the model's head).
+        """
+        plan = []
+        for arg_index in sorted({irutil.block_arg_number(op.operands[i]) for op, i in self.steps}):
+            name = self.sig.param_name(arg_index)
+            arg = self.sig.block.arguments[arg_index]
+            if name not in self.session.params:
+                op = next(op for op, i in self.steps if irutil.block_arg_number(op.operands[i]) == arg_index)
+                raise PassError(op, f"no value for parameter '{name}' in the parameter store")
+            original = np.asarray(self.session.params[name])
+            groups = []  # [value, [(op, operand index)]]
+            for op, index in uses(arg):
+                steps = self.steps.get((op, index))
+                value = self._apply(original, steps) if steps else original
+                for g in groups:
+                    if g[0] is value or (g[0].shape == value.shape and np.array_equal(g[0], value)):
+                        g[1].append((op, index))
+                        break
+                else:
+                    groups.append([value, [(op, index)]])
+            # the name stays with the unedited uses if any, else with a linear layer
+            groups.sort(key=lambda g: 0 if g[0] is original else
+                        1 if any(op.name == "torch.aten.permute" for op, _ in g[1]) else 2)
+            fx = next((g for g in groups if any(op.name == "torch.aten.embedding" for op, _ in g[1])), groups[0])
+            for g in groups:
+                if g is fx:
+                    continue
+                for op, _ in g[1]:
+                    if op.name != "torch.aten.permute" or not all(
+                            u.name == "torch.aten.mm" and terminal(u.result) for u, _ in uses(op.result)):
+                        raise PassError(op, f"parameter '{name}' would need different values for its uses; "
+                                            f"qcc can untie it only from the model's output layer")
+            plan.append((name, arg, original, groups, fx))
+        calib = {}
+        for name, arg, original, groups, fx in plan:
+            if groups[0][0] is not original:
+                self.session.params[name] = groups[0][0]
+            for value, group_uses in groups[1:]:
+                kinds = sorted({op.name.rsplit(".", 1)[-1] for op, _ in group_uses})
+                new_name = f"{name}:{'+'.join(kinds)}"
+                self.session.params[new_name] = value
+                new_arg = self.sig.add_param(new_name, arg.type)
+                for op, index in group_uses:
+                    op.operands[index] = new_arg
+            calib[name] = fx[0]
+        return calib
+
+
+def terminal(value) -> bool:
+    """Does `value` reach only the function's results (through views)?"""
+    for op, _ in uses(value):
+        if op.name in VIEW_OPS and terminal(op.result):
+            continue
+        if op.name != "func.return":
+            return False
+    return True
+
+
+def insert_online_hadamard(module, mm, k: int, block: int) -> None:
+    """mm's input x [M, k] becomes x @ (I (x) H_block / sqrt(block)), a call to the butterfly kernel."""
+    name = f"qcc_hadamard_{k}" if block == k else f"qcc_hadamard_{k}_b{block}"
+    body = module.regions[0].blocks[0]
+    if not any(op.operation.name == "func.func" and ir.StringAttr(op.attributes["sym_name"]).value == name
+               for op in body.operations):
+        parsed = ir.Module.parse(hadamard.kernel_mlir(name, k, block))  # must outlive the move
+        parsed.body.operations[0].operation.move_after(body.operations[len(body.operations) - 1])
+    x = mm.operands[0]
+    shape = shape_of(x)
+    with ir.InsertionPoint(mm), mm.location:
+        xb = ir.Operation.create("torch_c.to_builtin_tensor", results=[irutil.tensor_type(shape, "f32")],
+                                 operands=[x]).result
+        xd = ir.Operation.create("tensor.cast", results=[irutil.tensor_type([None, k], "f32")], operands=[xb]).result
+        yd = ir.Operation.create("func.call", results=[irutil.tensor_type([None, k], "f32")], operands=[xd],
+                                 attributes={"callee": ir.FlatSymbolRefAttr.get(name)}).result
+        yb = ir.Operation.create("tensor.cast", results=[irutil.tensor_type(shape, "f32")], operands=[yd]).result
+        y = ir.Operation.create("torch_c.from_builtin_tensor", results=[x.type], operands=[yb]).result
+    mm.operands[0] = y
+
+
+def mlp_input(mm) -> bool:
+    """Is mm's input (through views) the output of an elementwise op, as a down projection's is?"""
+    op = irutil.defining_op(mm.operands[0])
+    while op is not None and op.name in VIEW_OPS:
+        op = irutil.defining_op(op.operands[0])
+    return op is not None and op.name in _ELEMENTWISE
+
+
+def weight_use(mm):
+    """(permute op, 0): the use of a linear's weight parameter."""
+    return irutil.defining_op(mm.operands[1]), 0
+
+
+def weight_name(func, mm) -> str:
+    return irutil.Signature(func).param_name(transposed_param(func, mm.operands[1]))
+
+
+@register
+class FuseRotation(QccPass):
+    name = "fuse-rotation"
+    summary = "QuaRot/SpinQuant: rotate the residual stream by an orthogonal Q folded into the weights"
+
+    @dataclasses.dataclass
+    class Options:
+        rotation: str = "random-hadamard"  # hadamard | random-hadamard | PATH.npy | PATH.safetensors
+        seed: int = 0
+        online: str = "mlp"   # online Hadamard on the input of: mlp (down projections) | writers | none
+        online_block: int = 0  # 0: the whole K when a Hadamard of that order exists, else the largest that divides K
+
+    def run(self, module):
+        opts = self.options
+        if opts.online not in ("mlp", "writers", "none"):
+            raise PassError(None, f"option online must be mlp, writers or none, got '{opts.online}'")
+        for func in irutil.functions(module):
+            streams = find_streams(func, self.session.remarks, self.name)
+            if not streams and not any(r.startswith(self.name) for r in self.session.remarks):
+                self.session.remarks.append(f"{self.name}: no residual stream with an RMSNorm found; nothing rotated")
+            for stream in streams:
+                self._rotate(module, func, stream)
+            if streams:
+                for name in irutil.Signature(func).erase_unused_params():
+                    if name in self.session.params:
+                        del self.session.params[name]
+
+    def _rotate(self, module, func, stream):
+        opts, store = self.options, self.session.params
+        n = stream.hidden
+        try:
+            q = rotation_matrix(opts.rotation, n, opts.seed)
+        except (ValueError, hadamard.HadamardError) as e:
+            anchor = stream.readers and next(iter(stream.readers)) or None
+            raise PassError(anchor, f"rotation of the {n}-channel residual stream: {e}")
+        sig = irutil.Signature(func)
+        edits = WeightEdits(func, self.session)
+        for mm, g_index in stream.readers.items():
+            op, index = weight_use(mm)
+            if g_index is not None:
+                g_name = sig.param_name(g_index)
+                if g_name not in store:
+                    raise PassError(mm, f"no value for parameter '{g_name}' in the parameter store")
+                edits.add(op, index, ("scale_cols", np.asarray(store[g_name], np.float64)))
+            edits.add(op, index, ("cols", q))
+        for mm in stream.writers:
+            op, index = weight_use(mm)
+            edits.add(op, index, ("rows", q))
+        for op, index in stream.vectors:
+            edits.add(op, index, ("vec", q))
+        for op in stream.embeddings:
+            edits.add(op, 0, ("cols", q))
+        online = []
+        if opts.online != "none":
+            for mm in stream.writers:
+                if mm in stream.readers or (opts.online == "mlp" and not mlp_input(mm)):
+                    continue
+                k = shape_of(mm.operands[0])[-1]
+                try:
+                    block = hadamard.block_size(k, opts.online_block)
+                except hadamard.HadamardError as e:
+                    raise PassError(mm, f"online Hadamard on the input of '{weight_name(func, mm)}': {e}")
+                if block == 1:
+                    self.session.remarks.append(
+                        f"{self.name}: no Hadamard order divides K={k} of '{weight_name(func, mm)}'; "
+                        f"no online transform there")
+                    continue
+                if block != k:
+                    self.session.remarks.append(
+                        f"{self.name}: online Hadamard on '{weight_name(func, mm)}' is block-diagonal "
+                        f"({k // block} blocks of {block}): no Hadamard matrix of order {k} is known")
+                op, index = weight_use(mm)
+                edits.add(op, index, ("cols", hadamard.block_matrix(k, block)))
+                online.append((mm, k, block))
+        online_names = [weight_name(func, mm) for mm, _, _ in online]
+        calib = edits.commit()
+        view = calibration.view(self.session)
+        for name, value in calib.items():
+            view.params[name] = value
+        for mul, index in stream.norm_scales:
+            g = sig.param_name(irutil.block_arg_number(mul.operands[1 - index]))
+            view.params[g] = np.ones(n, np.float32)
+            mul.result.replace_all_uses_with(mul.operands[index])
+            mul.erase()
+        for (mm, k, block), w_name in zip(online, online_names):
+            insert_online_hadamard(module, mm, k, block)
+            view.add_input_transform(w_name, lambda x, block=block: hadamard.fast_transform(x, block))
+        view.version += 1
+        what = "random Hadamard" if opts.rotation == "random-hadamard" else opts.rotation
+        self.session.remarks.append(
+            f"{self.name}: rotated a {n}-channel residual stream ({what}): {len(stream.embeddings)} embedding(s), "
+            f"{len(stream.readers)} readers, {len(stream.writers)} writers, {len(stream.norm_scales)} norm scales "
+            f"absorbed, {len(online)} online Hadamard transform(s)")
