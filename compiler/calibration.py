@@ -209,16 +209,68 @@ def view(session) -> ModelView:
     return session.options.setdefault("qcc.calibration.view", ModelView())
 
 
-def session_stats(session, want=("absmax", "mean_abs"), sample_rows: int = 256) -> dict[str, LinearStats]:
+def save_stats(stats: dict, path: str) -> None:
+    """Writes statistics as safetensors: '<weight>/<kind>' arrays and '<weight>/rows'."""
+    from safetensors.numpy import save_file
+
+    out = {}
+    for name, st in stats.items():
+        out[f"{name}/rows"] = np.array([st.rows], np.int64)
+        for kind in ("absmax", "mean_abs", "hessian", "samples"):
+            value = getattr(st, kind)
+            if value is not None:
+                out[f"{name}/{kind}"] = np.ascontiguousarray(value, np.float64 if kind == "hessian" else np.float32)
+    save_file(out, path)
+
+
+def load_stats(path: str, want=()) -> dict[str, LinearStats]:
+    """Statistics written by `save_stats` (or by hand, e.g. in tests); QccError if a wanted kind is missing."""
+    import os
+
+    from safetensors.numpy import load_file
+
+    if not os.path.isfile(path):
+        raise QccError("calibration statistics file not found", where=path)
+    try:
+        raw = load_file(path)
+    except Exception as e:  # safetensors raises its own error types for malformed files
+        raise QccError(f"cannot read calibration statistics: {e}", where=path)
+    stats = {}
+    for key, value in raw.items():
+        name, _, kind = key.rpartition("/")
+        if kind not in ("rows", "absmax", "mean_abs", "hessian", "samples"):
+            raise QccError(f"unknown statistic '{key}' (expected <weight>/rows|absmax|mean_abs|hessian|samples)",
+                           where=path)
+        st = stats.setdefault(name, LinearStats(rows=0))
+        if kind == "rows":
+            st.rows = int(value.reshape(-1)[0])
+        else:
+            setattr(st, kind, value.astype(np.float64))
+    for name, st in stats.items():
+        if st.absmax is not None:
+            st.tensor_absmax = float(st.absmax.max(initial=0.0))
+        for kind in want:
+            key = "absmax" if kind == "tensor_absmax" else kind
+            if getattr(st, key) is None:
+                raise QccError(f"statistics of '{name}' lack '{key}'", where=path)
+    return stats
+
+
+def session_stats(session, want=("absmax", "mean_abs"), sample_rows: int = 256,
+                  stats_file: str = "") -> dict[str, LinearStats]:
     """`linear_input_stats` for the function as rewritten so far, cached per session.
 
+    stats_file: precomputed statistics (`save_stats`) to use instead of running the model.
     Raises QccError when the session has no calibration data or program.
     """
+    if stats_file:
+        return load_stats(stats_file, want)
     batches = session.options.get("calibration")
     ep = session.options.get("exported_program")
     if not batches or ep is None:
         raise QccError("this pass needs calibration data",
-                       hint="qcc.compile(..., calibration=[inputs, ...]) or `qcc compile --calib FILE`")
+                       hint="qcc.compile(..., calibration=[inputs, ...]), `qcc compile --calib FILE`, "
+                            "or the pass option stats=FILE")
     v = view(session)
     want = tuple(sorted(set(want)))
     key = (v.version, want, sample_rows, _batches_key(batches))

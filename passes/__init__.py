@@ -64,3 +64,6 @@ def _load_all() -> None:
     from . import dequant_after_gemm  # noqa: F401
     from . import split_outliers  # noqa: F401
     from . import fuse_rotation  # noqa: F401
+    from . import smooth_channels  # noqa: F401
+    from . import awq  # noqa: F401
+    from . import gptq  # noqa: F401

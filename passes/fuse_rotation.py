@@ -320,6 +320,8 @@ class WeightEdits:
                 w = w @ m
             elif kind == "scale_rows":
                 w = w * m[:, None]
+            elif kind == "scale_vec":
+                w = w * m
             elif kind == "perm_rows":
                 w = w[m]
             elif kind == "perm_vec":
