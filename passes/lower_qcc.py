@@ -175,56 +175,62 @@ func.func private @{name}(%x: tensor<?x{k}xf32>, %sc: tensor<1x1xf32>) -> tensor
 """
 
 
-def _int_weight_body(fmt, kidx: str) -> str:
-    """Body lines turning the stored weight byte %w into the i32 code %wi (zero point not applied)."""
-    if fmt.bits == 8:
-        ext = "arith.extsi" if fmt.symmetric else "arith.extui"
-        return f"    %wi = {ext} %w : i8 to i32\n"
-    body = (f"{kidx}"
-            "    %odd = arith.remui %k, %c2 : index\n"
-            "    %odd_i8 = arith.index_cast %odd : index to i8\n"
-            "    %shift = arith.muli %odd_i8, %c4_i8 : i8\n"
-            "    %shifted = arith.shrui %w, %shift : i8\n"
-            "    %nibble = arith.andi %shifted, %c15_i8 : i8\n")
-    if fmt.symmetric:  # stored nibble = code + 8: back to a signed i8 code
-        return body + ("    %wcode = arith.subi %nibble, %c8_i8 : i8\n"
-                       "    %wi = arith.extsi %wcode : i8 to i32\n")
-    return body + "    %wi = arith.extui %nibble : i8 to i32\n"
+def _unpack_int4_kernel_text(n: int, k: int, symmetric: bool) -> str:
+    """Lines computing %wu: tensor<NxKxi8>, the int4 codes of packed %wq unpacked to one byte each.
+
+    Symmetric nibbles hold code + 8 and come back as signed codes -8..7;
+    asymmetric ones stay 0..15 (the zero point is subtracted later).
+    """
+    bias = ("    %code = arith.subi %nibble, %c8_i8 : i8\n    linalg.yield %code : i8\n" if symmetric
+            else "    linalg.yield %nibble : i8\n")
+    return f"""  %wue = tensor.empty() : tensor<{n}x{k}xi8>
+  %wu = linalg.generic {{
+      indexing_maps = [affine_map<(n, k) -> (n, k floordiv 2)>, affine_map<(n, k) -> (n, k)>],
+      iterator_types = ["parallel", "parallel"]}}
+      ins(%wq : tensor<{n}x{(k + 1) // 2}xi8>) outs(%wue : tensor<{n}x{k}xi8>) {{
+  ^bb0(%w: i8, %unused: i8):
+    %k = linalg.index 1 : index
+    %odd = arith.remui %k, %c2 : index
+    %odd_i8 = arith.index_cast %odd : index to i8
+    %shift = arith.muli %odd_i8, %c4_i8 : i8
+    %shifted = arith.shrui %w, %shift : i8
+    %nibble = arith.andi %shifted, %c15_i8 : i8
+{bias}  }} -> tensor<{n}x{k}xi8>
+"""
 
 
 def matmul_int_kernel(name: str, fmt, k: int, n: int, w_shape, z_shape) -> str:
     """acc = xq @ (wq - z)^T in i32; per-group partial sums [M, N, K/G] for group formats.
 
-    Group formats view xq as [M, K/G, G] and the packed weight as [N, K/G, G or G/2]
+    int4 weights are first unpacked to one i8 code a byte, so the contraction
+    is always i8 x i8 -> i32 (extsi, muli, addi; extui for unsigned int8
+    codes).  Group formats view xq as [M, K/G, G] and the weight as [N, K/G, G]
     (tensor.expand_shape), so each group's partial sum is a plain reduction over j.
     """
     grouped = fmt.granularity == "group"
     w_ty = f"tensor<{w_shape[0]}x{w_shape[1]}xi8>"
     x_ty = f"tensor<?x{k}xi8>"
+    wk_ty = f"tensor<{n}x{k}xi8>"  # the weight codes, one a byte
+    unpack = _unpack_int4_kernel_text(n, k, fmt.symmetric) if fmt.bits == 4 else ""
+    w_codes = "%wu" if fmt.bits == 4 else "%wq"
+    w_ext = "arith.extui" if fmt.bits == 8 and not fmt.symmetric else "arith.extsi"
     if grouped:
         gs = fmt.group_size
         ngroups = k // gs
-        if fmt.bits == 4 and gs % 2:
-            raise ValueError(f"{fmt.key()}: int4 groups must have an even size to split packed bytes")
-        wgs = gs if fmt.bits == 8 else gs // 2
-        xg_ty, wg_ty = f"tensor<?x{ngroups}x{gs}xi8>", f"tensor<{n}x{ngroups}x{wgs}xi8>"
+        xg_ty, wg_ty = f"tensor<?x{ngroups}x{gs}xi8>", f"tensor<{n}x{ngroups}x{gs}xi8>"
         views = (f"  %xg = tensor.expand_shape %xq [[0], [1, 2]] output_shape [%m, {ngroups}, {gs}]"
                  f" : {x_ty} into {xg_ty}\n"
-                 f"  %wg = tensor.expand_shape %wq [[0], [1, 2]] output_shape [{n}, {ngroups}, {wgs}]"
-                 f" : {w_ty} into {wg_ty}\n")
+                 f"  %wg = tensor.expand_shape {w_codes} [[0], [1, 2]] output_shape [{n}, {ngroups}, {gs}]"
+                 f" : {wk_ty} into {wg_ty}\n")
         x_in, w_in, x_in_ty, w_in_ty = "%xg", "%wg", xg_ty, wg_ty
         dims, iters = "(m, n, g, j)", '["parallel", "parallel", "parallel", "reduction"]'
-        xmap = f"{dims} -> (m, g, j)"
-        wmap = f"{dims} -> (n, g, j)" if fmt.bits == 8 else f"{dims} -> (n, g, j floordiv 2)"
-        kidx = "    %k = linalg.index 3 : index\n"  # parity of k = g * G + j is j's (G even)
+        xmap, wmap = f"{dims} -> (m, g, j)", f"{dims} -> (n, g, j)"
         acc_ty, acc_out = f"tensor<?x{n}x{ngroups}xi32>", "(m, n, g)"
     else:
         views = ""
-        x_in, w_in, x_in_ty, w_in_ty = "%xq", "%wq", x_ty, w_ty
+        x_in, w_in, x_in_ty, w_in_ty = "%xq", w_codes, x_ty, wk_ty
         dims, iters = "(m, n, k)", '["parallel", "parallel", "reduction"]'
-        xmap = f"{dims} -> (m, k)"
-        wmap = f"{dims} -> (n, k)" if fmt.bits == 8 else f"{dims} -> (n, k floordiv 2)"
-        kidx = "    %k = linalg.index 2 : index\n"
+        xmap, wmap = f"{dims} -> (m, k)", f"{dims} -> (n, k)"
         acc_ty, acc_out = f"tensor<?x{n}xi32>", "(m, n)"
     zero_arg = "" if fmt.symmetric else f", %zp: tensor<{z_shape[0]}x{z_shape[1]}xi8>"
     text = f"""
@@ -236,7 +242,7 @@ func.func private @{name}(%xq: {x_ty}, %wq: {w_ty}{zero_arg}) -> {acc_ty} {{
   %c15_i8 = arith.constant 15 : i8
   %zero = arith.constant 0 : i32
   %m = tensor.dim %xq, %c0 : {x_ty}
-{views}  %e = tensor.empty(%m) : {acc_ty}
+{unpack}{views}  %e = tensor.empty(%m) : {acc_ty}
   %init = linalg.fill ins(%zero : i32) outs(%e : {acc_ty}) -> {acc_ty}
   %acc = linalg.generic {{
       indexing_maps = [affine_map<{xmap}>, affine_map<{wmap}>, affine_map<{dims} -> {acc_out}>],
@@ -244,7 +250,8 @@ func.func private @{name}(%xq: {x_ty}, %wq: {w_ty}{zero_arg}) -> {acc_ty} {{
       ins({x_in}, {w_in} : {x_in_ty}, {w_in_ty}) outs(%init : {acc_ty}) {{
   ^bb0(%xv: i8, %w: i8, %out: i32):
     %xi = arith.extsi %xv : i8 to i32
-{_int_weight_body(fmt, kidx)}    %p = arith.muli %xi, %wi : i32
+    %wi = {w_ext} %w : i8 to i32
+    %p = arith.muli %xi, %wi : i32
     %sum = arith.addi %out, %p : i32
     linalg.yield %sum : i32
   }} -> {acc_ty}

@@ -41,16 +41,21 @@ func.func @int8_token(%x: tensor<4x256xf32>, %w: tensor<64x256xi8>, %s: tensor<6
 // CHECK: "qcc.matmul_int"(%{{.*}}#0, %arg1, %arg3) {act_format = #qcc.format<"int8_sym_token">, weight_format = #qcc.format<"int4_asym_g128">} : (tensor<4x256xi8>, tensor<64x128xi8>, tensor<64x2xi8>) -> tensor<4x64x2xi32>
 // CHECK: "qcc.scale_accumulate"(%{{.*}}, %{{.*}}#1, %arg2) : (tensor<4x64x2xi32>, tensor<4x1xf32>, tensor<64x2xf32>) -> tensor<4x64xf32>
 // LOWER-LABEL: func.func @int4_group_asym
+// int4 codes are unpacked to one i8 a byte (nibble select), then the contraction is i8 x i8 -> i32.
+// LOWER: %[[WU:[0-9]+]] = linalg.generic {{.*}} ins(%arg1 : tensor<64x128xi8>) outs(%{{.*}} : tensor<64x256xi8>)
+// LOWER: arith.shrui
+// LOWER-NEXT: arith.andi
+// LOWER-NEXT: linalg.yield %{{.*}} : i8
 // LOWER: %[[XG:.*]] = tensor.expand_shape %{{.*}} {{\[\[}}0], [1, 2]] output_shape [4, 2, 128] : tensor<4x256xi8> into tensor<4x2x128xi8>
-// LOWER: %[[WG:.*]] = tensor.expand_shape %arg1 {{\[\[}}0], [1, 2]] output_shape [64, 2, 64] : tensor<64x128xi8> into tensor<64x2x64xi8>
+// LOWER: %[[WG:.*]] = tensor.expand_shape %[[WU]] {{\[\[}}0], [1, 2]] output_shape [64, 2, 128] : tensor<64x256xi8> into tensor<64x2x128xi8>
 // LOWER: linalg.generic
 // LOWER-SAME: iterator_types = ["parallel", "parallel", "parallel", "reduction"]
-// LOWER-SAME: ins(%[[XG]], %[[WG]] : tensor<4x2x128xi8>, tensor<64x2x64xi8>) outs(%{{.*}} : tensor<4x64x2xi32>)
-// LOWER: arith.shrui
-// LOWER: arith.andi
-// LOWER: arith.extui %{{.*}} : i8 to i32
-// LOWER: arith.muli %{{.*}}, %{{.*}} : i32
-// LOWER: arith.addi %{{.*}}, %{{.*}} : i32
+// LOWER-SAME: ins(%[[XG]], %[[WG]] : tensor<4x2x128xi8>, tensor<64x2x128xi8>) outs(%{{.*}} : tensor<4x64x2xi32>)
+// LOWER-NEXT: ^bb0(%{{.*}}: i8, %{{.*}}: i8, %{{.*}}: i32):
+// LOWER-NEXT: arith.extsi %{{.*}} : i8 to i32
+// LOWER-NEXT: arith.extsi %{{.*}} : i8 to i32
+// LOWER-NEXT: arith.muli %{{.*}}, %{{.*}} : i32
+// LOWER-NEXT: arith.addi %{{.*}}, %{{.*}} : i32
 // LOWER: ins(%[[XG]] : tensor<4x2x128xi8>) outs(%{{.*}} : tensor<4x2xi32>)
 // LOWER: ins(%{{.*}}, %arg3, %{{.*}} : tensor<4x64x2xi32>, tensor<64x2xi8>, tensor<4x2xi32>)
 // LOWER: arith.muli %{{.*}}, %{{.*}} : i32
@@ -75,8 +80,12 @@ func.func @int4_group_asym(%x: tensor<4x256xf32>, %w: tensor<64x128xi8>, %s: ten
 // LOWER: %[[CQMIN:.*]] = arith.constant -8.000000e+00 : f32
 // LOWER: math.roundeven
 // LOWER: arith.maximumf %{{.*}}, %[[CQMIN]] : f32
-// LOWER: ins(%{{.*}}, %arg1 : tensor<4x256xi8>, tensor<64x128xi8>) outs(%{{.*}} : tensor<4x64xi32>)
-// LOWER: arith.subi %{{.*}}, %{{.*}} : i8
+// LOWER: ins(%arg1 : tensor<64x128xi8>) outs(%{{.*}} : tensor<64x256xi8>)
+// LOWER: arith.andi
+// LOWER-NEXT: arith.subi %{{.*}}, %{{.*}} : i8
+// LOWER: ins(%{{.*}}, %{{.*}} : tensor<4x256xi8>, tensor<64x256xi8>) outs(%{{.*}} : tensor<4x64xi32>)
+// LOWER-NEXT: ^bb0
+// LOWER-NEXT: arith.extsi %{{.*}} : i8 to i32
 // LOWER-NEXT: arith.extsi %{{.*}} : i8 to i32
 // LOWER-NEXT: arith.muli %{{.*}}, %{{.*}} : i32
 func.func @static_tensor(%x: tensor<4x256xf32>, %w: tensor<64x128xi8>, %s: tensor<64x1xf32>) -> tensor<4x64xf32> {

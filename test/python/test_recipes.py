@@ -1,0 +1,259 @@
+"""Recipes: names and recipe files -> pass lists, their errors, and end to end
+w8a8 / w4a8-g128 / llm-int8 / per-layer overrides against a PyTorch fake-quant
+reference of the same semantics.
+
+The reference is the float model with each nn.Linear's weight replaced by the
+format reference's fake-quantized weight and a forward pre-hook fake-quantizing
+its input with the activation reference (formats/activation.py); for
+llm-int8 a forward hook computes the split (int8 part over the masked input,
+float part over the outlier columns, chosen from the same calibration data).
+Compiled output must match it within 1e-4 relative error.
+"""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import models
+import qcc
+from qcc import passes, recipes
+from qcc.dialects import formats
+from qcc.dialects.formats import activation
+from qcc.recipes import get_recipe
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+# ---------------------------------------------------------------------------
+# Names -> passes
+# ---------------------------------------------------------------------------
+
+def test_named_recipes():
+    r = get_recipe("w8a8")
+    assert (r.weight_format, r.act_format) == ("int8_sym_channel", "int8_sym_token")
+    assert r.passes == ("quantize-weights{format=int8_sym_channel}", "quantize-activations{format=int8_sym_token}",
+                        "dequant-after-gemm")
+    assert get_recipe("w4a8-g128").passes[0] == "quantize-weights{format=int4_asym_g128}"
+    assert get_recipe("w4a4").passes[:2] == ("quantize-weights{format=int4_sym_channel}",
+                                             "quantize-activations{format=int4_sym_token}")
+    assert get_recipe("llm-int8").passes[0] == "split-outliers{threshold=6.0}"
+    assert get_recipe("w8a8-static").act_format == "int8_sym_tensor"
+    assert get_recipe("w8a8").to_json()["act_format"] == "int8_sym_token"
+    # weight-only family unchanged
+    assert get_recipe("w4a16-g64-sym").passes == ("quantize-weights{format=int4_sym_g64}",)
+    assert get_recipe("w8a16").act_format is None and get_recipe("float").passes == ()
+
+
+@pytest.mark.parametrize("name", sorted(recipes.EXTENSIONS))
+def test_extension_recipes_name_their_missing_pass(name):
+    spec = recipes.EXTENSIONS[name]
+    needed = [p.partition("{")[0] for p in spec.before] + [spec.weight_pass]
+    missing = [p for p in needed if passes.lookup(p) is None]
+    if not missing:
+        assert get_recipe(name).weight_format == spec.weight_format
+        return
+    with pytest.raises(qcc.QccError, match=rf"recipe '{name}' needs pass '{missing[0]}', which is not registered"):
+        get_recipe(name)
+
+
+def test_unknown_recipe_lists_presets():
+    with pytest.raises(qcc.QccError, match=r"unknown quantization recipe 'w8a9'.*w8a8, .*llm-int8.*\.json recipe file"):
+        get_recipe("w8a9")
+
+
+# ---------------------------------------------------------------------------
+# Recipe files
+# ---------------------------------------------------------------------------
+
+def write(tmp_path, obj, name="r.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(obj) if name.endswith(".json") else obj)
+    return str(path)
+
+
+def test_file_with_overrides(tmp_path):
+    path = write(tmp_path, {"weight_format": "int4_asym_g128", "act_format": "int8_sym_token",
+                            "passes": ["split-outliers{threshold=4.0}"],
+                            "overrides": [{"pattern": "lm_head", "weight_format": "int8_sym_channel", "act_format": "none"},
+                                          {"pattern": "mlp\\.", "act_format": "int4_sym_token"}]})
+    r = get_recipe(path)
+    assert r.name == "r.json" and (r.weight_format, r.act_format) == ("int4_asym_g128", "int8_sym_token")
+    assert r.passes == (
+        "split-outliers{threshold=4.0}",
+        "quantize-weights{format=int4_asym_g128 exclude=(?:lm_head)|(?:mlp\\.)}",
+        "quantize-weights{format=int8_sym_channel exclude=^(?!.*(?:lm_head))}",
+        "quantize-weights{format=int4_asym_g128 exclude=^(?!.*(?:mlp\\.))|(?:lm_head)}",
+        "quantize-activations{format=int8_sym_token exclude=(?:lm_head)|(?:mlp\\.)}",
+        "quantize-activations{format=int4_sym_token exclude=^(?!.*(?:mlp\\.))|(?:lm_head)}",
+        "dequant-after-gemm")
+    toml = write(tmp_path, 'weight_format = "int8_sym_channel"\nact_format = "int8_sym_token"\n', "r.toml")
+    assert get_recipe(toml).passes == get_recipe("w8a8").passes
+
+
+@pytest.mark.parametrize("obj,match", [
+    ({"weight_format": "int8_sym_channel", "act_fmt": "int8_sym_token"},
+     r"unknown field 'act_fmt' in recipe.*allowed: name, weight_format, act_format, passes, overrides"),
+    ({"weight_format": "int3_sym_channel"}, r"field 'weight_format': unknown weight format 'int3_sym_channel'.*allowed: none, int\{4,8\}"),
+    ({"weight_format": "int8_sym_channel", "act_format": "int8_asym_token"},
+     r"field 'act_format': unknown activation format.*allowed: none, int4_sym_tensor, int4_sym_token, int8_sym_tensor, int8_sym_token"),
+    ({"act_format": "int8_sym_token"}, r"'act_format' is 'int8_sym_token' but 'weight_format' is none"),
+    ({"weight_format": "int8_sym_channel", "passes": ["fuse-rotaton"]}, r"passes\[0\] needs pass 'fuse-rotaton', which is not registered"),
+    ({"weight_format": "int8_sym_channel", "passes": ["split-outliers{thresh=3}"]}, r"unknown option 'thresh=3' for pass split-outliers"),
+    ({"weight_format": "int8_sym_channel", "passes": "split-outliers"}, r"field 'passes' must be a list"),
+    ({"weight_format": "int8_sym_channel", "overrides": [{"weight_format": "none"}]}, r"field 'overrides\[0\].pattern' is missing"),
+    ({"weight_format": "int8_sym_channel", "overrides": [{"pattern": "fc", "bits": 4}]}, r"unknown field 'bits' in overrides\[0\]"),
+    ({"weight_format": "int8_sym_channel", "overrides": [{"pattern": "fc(", "weight_format": "none"}]}, r"overrides\[0\].pattern': bad regex"),
+    ({"weight_format": "int8_sym_channel", "overrides": [{"pattern": "a b"}]}, r"cannot contain spaces"),
+    ({"weight_format": "int8_sym_channel", "act_format": "int8_sym_token",
+      "overrides": [{"pattern": "fc1", "weight_format": "none"}]}, r"'overrides\[0\].act_format' is 'int8_sym_token' but 'overrides\[0\].weight_format' is none"),
+])
+def test_file_errors_name_the_field(tmp_path, obj, match):
+    with pytest.raises(qcc.QccError, match=match):
+        get_recipe(write(tmp_path, obj))
+
+
+def test_file_read_errors(tmp_path):
+    with pytest.raises(qcc.QccError, match="recipe file not found"):
+        get_recipe(str(tmp_path / "missing.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{weight_format: 1")
+    with pytest.raises(qcc.QccError, match="cannot read recipe file"):
+        get_recipe(str(bad))
+    with pytest.raises(qcc.QccError, match="a recipe file holds an object"):
+        get_recipe(write(tmp_path, ["w8a8"]))
+
+
+# ---------------------------------------------------------------------------
+# End to end against the fake-quant reference
+# ---------------------------------------------------------------------------
+
+def with_outlier_columns(x, columns, factor=20.0):
+    x = x.clone()
+    x[..., columns] *= factor
+    return x
+
+
+def mlp():
+    model = models.MLP(in_features=128, seed=2).eval()
+    inputs = (with_outlier_columns(model.example_inputs(batch=5, seed=3)[0], [3, 50]),)
+    calib = [(with_outlier_columns(model.example_inputs(batch=8, seed=s)[0], [3, 50]),) for s in (4, 5)]
+    return model, inputs, calib
+
+
+def llama_block():
+    model = models.LlamaBlock(hidden=256, heads=4, ffn=768, seed=2).eval()
+    inputs = (with_outlier_columns(model.example_inputs(batch=2, seq=8, seed=3)[0], [7, 200]),)
+    calib = [(with_outlier_columns(model.example_inputs(batch=2, seq=8, seed=s)[0], [7, 200]),) for s in (4, 5)]
+    return model, inputs, calib
+
+
+MODELS = {"mlp": mlp, "llama_block": llama_block}
+
+
+def linear_input_absmax(model, calib) -> dict[str, np.ndarray]:
+    """{weight name: per-column max |x|} of each nn.Linear's input over `calib`, from forward pre-hooks."""
+    seen, hooks = {}, []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            def hook(m, args, name=f"{name}.weight"):
+                a = args[0].detach().reshape(-1, args[0].shape[-1]).abs().amax(0).numpy()
+                seen[name] = np.maximum(seen[name], a) if name in seen else a
+            hooks.append(mod.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for batch in calib:
+            model(*batch)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def fake_quant_model(model, layer_formats, outliers=None):
+    """A copy of `model` computing the fake-quant semantics in float32.
+
+    layer_formats: {weight name: (weight format key, activation format key or None)};
+    outliers: {weight name: outlier input columns} for LLM.int8() layers.
+    """
+    ref = copy.deepcopy(model)
+    for name, mod in ref.named_modules():
+        if not isinstance(mod, torch.nn.Linear):
+            continue
+        wname = f"{name}.weight"
+        wfmt, afmt = layer_formats[wname]
+        afmt = None if afmt is None else activation.ACT_FORMATS[afmt]
+        w = mod.weight.detach().numpy()
+        cols = outliers.get(wname, np.zeros(0, np.int64)) if outliers else np.zeros(0, np.int64)
+
+        def quantized_input(x, afmt=afmt, mask=None):
+            x2 = x.detach().reshape(-1, x.shape[-1]).numpy()
+            if mask is not None:
+                x2 = x2 * mask
+            return torch.from_numpy(activation.fake_quant_act(x2, afmt)).reshape(x.shape)
+
+        if cols.size == 0:
+            with torch.no_grad():
+                mod.weight.copy_(torch.from_numpy(formats.fake_quant(w, formats.get_format(wfmt))))
+            mod.register_forward_pre_hook(lambda m, args, q=quantized_input: (q(args[0]),))
+            continue
+        mask = np.ones(w.shape[1], np.float32)
+        mask[cols] = 0.0
+        w_in = torch.from_numpy(formats.fake_quant(w * mask, formats.get_format(wfmt)))
+        w_out = torch.from_numpy(w[:, cols])
+
+        def split_forward(m, args, out, q=quantized_input, mask=mask, w_in=w_in, w_out=w_out, cols=cols):
+            x = args[0]
+            y = q(x, mask=mask) @ w_in.T + x[..., torch.from_numpy(cols)] @ w_out.T
+            return y + m.bias if m.bias is not None else y
+
+        mod.register_forward_hook(split_forward)
+    return ref
+
+
+RECIPE_FORMATS = {"w8a8": ("int8_sym_channel", "int8_sym_token"), "w4a8-g128": ("int4_asym_g128", "int8_sym_token"),
+                  "llm-int8": ("int8_sym_channel", "int8_sym_token")}
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPE_FORMATS))
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_recipe_matches_fake_quant_reference(name, recipe):
+    model, inputs, calib = MODELS[name]()
+    compiled = qcc.compile(model, inputs, quant=recipe, calibration=calib)
+    linears = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    outliers = None
+    if recipe == "llm-int8":
+        absmax = linear_input_absmax(model, calib)
+        outliers = {w: np.flatnonzero(absmax[w] > 6.0) for w in linears}
+        assert any(c.size for c in outliers.values())  # the test data has outliers
+        for w, cols in outliers.items():
+            mask = compiled.weights.get(f"{w}:inlier_mask")
+            assert (mask is None) == (cols.size == 0)
+            if cols.size:
+                np.testing.assert_array_equal(np.flatnonzero(mask == 0), cols)
+    reference = fake_quant_model(model, {w: RECIPE_FORMATS[recipe] for w in linears}, outliers)
+    with torch.no_grad():
+        expect = reference(*inputs).numpy()
+        float_out = model(*inputs).numpy()
+    got = compiled(*inputs).numpy()
+    assert rel_err(got, expect) <= 1e-4
+    assert rel_err(float_out, expect) > 1e-4  # the reference is not just the float model
+
+
+def test_overrides_end_to_end(tmp_path):
+    model, inputs, calib = mlp()
+    path = write(tmp_path, {"weight_format": "int4_asym_g128", "act_format": "int8_sym_token",
+                            "overrides": [{"pattern": "^fc3", "weight_format": "int8_sym_channel", "act_format": "none"},
+                                          {"pattern": "fc1", "act_format": "int4_sym_token"}]})
+    compiled = qcc.compile(model, inputs, quant=path)
+    assert {layer["weight"]: layer["format"] for layer in compiled.manifest["layers"]} == {
+        "fc1.weight": "int4_asym_g128", "fc2.weight": "int4_asym_g128", "fc3.weight": "int8_sym_channel"}
+    reference = fake_quant_model(model, {"fc1.weight": ("int4_asym_g128", "int4_sym_token"),
+                                         "fc2.weight": ("int4_asym_g128", "int8_sym_token"),
+                                         "fc3.weight": ("int8_sym_channel", None)})
+    with torch.no_grad():
+        expect = reference(*inputs).numpy()
+    assert rel_err(compiled(*inputs).numpy(), expect) <= 1e-4
