@@ -67,3 +67,4 @@ def _load_all() -> None:
     from . import smooth_channels  # noqa: F401
     from . import awq  # noqa: F401
     from . import gptq  # noqa: F401
+    from . import reorder_channels  # noqa: F401

@@ -236,8 +236,9 @@ class StreamAnalysis:
         return False
 
 
-def find_streams(func, remarks, pass_name):
-    """Every residual stream of `func` (seeded at RMSNorm patterns) that can be rotated."""
+def find_streams(func, remarks, pass_name, left="unrotated"):
+    """Every residual stream of `func` (seeded at RMSNorm patterns) whose invariance is proven;
+    for the others a remark '<pass_name>: residual stream left <left>: <why>'."""
     seen, streams = set(), []
     for op in irutil.walk(func):
         if not is_square(op) or not uses(op.result) or not all(is_last_dim_sum(u) for u, _ in uses(op.result)):
@@ -250,7 +251,7 @@ def find_streams(func, remarks, pass_name):
         except NotInvariant as e:
             seen |= e.explored | {seed}
             where = e.op.location if e.op is not None else "?"
-            remarks.append(f"{pass_name}: residual stream left unrotated: {e.reason} (at {where})")
+            remarks.append(f"{pass_name}: residual stream left {left}: {e.reason} (at {where})")
             continue
         seen |= stream.values
         streams.append(stream)
@@ -324,6 +325,8 @@ class WeightEdits:
                 w = w * m
             elif kind == "perm_rows":
                 w = w[m]
+            elif kind == "perm_cols":
+                w = w[:, m]
             elif kind == "perm_vec":
                 w = w[m]
             else:

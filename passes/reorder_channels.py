@@ -1,0 +1,223 @@
+"""reorder-channels: outlier input channels moved to the end of K and kept in a wider format.
+
+Atom (Zhao et al. 2024, arXiv:2310.19102), QServe (Lin et al. 2024), RPTQ (Yuan et
+al. 2023): from calibration absmax, each linear's input channels are permuted so
+that the `outliers` largest sit last, and the linear is split along K into
+x[:, :K-k] W[:, :K-k]^T (low-bit, weight '<W>:main') + x[:, K-k:] W[:, K-k:]^T
+(kept wider, '<W>:outliers', tagged qcc.weight_format / qcc.act_format).  The
+permutation is folded into producers: the whole residual stream (embedding,
+writers, norm scales, readers) or the rows of the linears feeding an elementwise
+product (SwiGLU); elsewhere an explicit gather (aten.index_select) remains.
+"""
+
+import dataclasses
+import re
+
+import numpy as np
+from torch_mlir import ir
+
+from qcc import calibration, irutil
+from qcc.context import format_attr
+from qcc.dialects import formats
+from qcc.dialects.formats import activation
+from qcc.passes import PassError, QccPass, register
+from qcc.passes.fuse_rotation import VIEW_OPS, WeightEdits, find_streams, shape_of, uses, weight_name, weight_use
+from qcc.passes.quantize_weights import linear_sites, transposed_param
+from qcc.passes.smooth_channels import stats_or_error
+
+_PERMUTABLE_UNARY = ("torch.aten.silu", "torch.aten.gelu", "torch.aten.relu", "torch.aten.sigmoid",
+                     "torch.aten.tanh", "torch.aten.neg", "torch.aten.mul.Scalar", "torch.aten.div.Scalar")
+_PERMUTABLE_BINARY = ("torch.aten.mul.Tensor", "torch.aten.add.Tensor", "torch.aten.sub.Tensor")
+
+
+def outlier_permutation(scores, k: int) -> np.ndarray:
+    """perm with the k highest-scoring channels last (both parts in ascending channel order)."""
+    scores = np.asarray(scores, np.float64)
+    top = np.sort(np.argsort(-scores, kind="stable")[:k])
+    rest = np.setdiff1d(np.arange(len(scores)), top)
+    return np.concatenate([rest, top]).astype(np.int64)
+
+
+def producer_leaves(func, value):
+    """[(mm, bias use or None)]: the linear layers whose output channels, permuted, permute `value`'s
+    channels (through views and elementwise ops, every value on the way used once), or None."""
+    if len(uses(value)) != 1:
+        return None
+    op = irutil.defining_op(value)
+    if op is None:
+        return None
+    if op.name in VIEW_OPS or op.name in _PERMUTABLE_UNARY:
+        if op.name in VIEW_OPS and shape_of(op.operands[0])[-1] != shape_of(value)[-1]:
+            return None
+        return producer_leaves(func, op.operands[0])
+    if op.name in _PERMUTABLE_BINARY:
+        a, b = op.operands[0], op.operands[1]
+        if op.name == "torch.aten.add.Tensor" and len(shape_of(b) or []) == 1:
+            src = irutil.defining_op(b)
+            bias = (src, 0) if src is not None and src.name == "torch.aten.mul.Scalar" else (op, 1)
+            bias_arg = irutil.block_arg_number(bias[0].operands[bias[1]])
+            if bias_arg is None or irutil.Signature(func).param_name(bias_arg) is None or len(uses(b)) != 1:
+                return None
+            inner = producer_leaves(func, a)
+            if inner is None or len(inner) != 1 or inner[0][1] is not None:
+                return None
+            return [(inner[0][0], bias)]
+        if shape_of(a) != shape_of(b):
+            return None
+        left, right = producer_leaves(func, a), producer_leaves(func, b)
+        return None if left is None or right is None else left + right
+    if op.name == "torch.aten.mm" and transposed_param(func, op.operands[1]) is not None:
+        return [(op, None)]
+    return None
+
+
+def _const_int(value: int) -> ir.Value:
+    return ir.Operation.create("torch.constant.int", results=[ir.Type.parse("!torch.int")],
+                               attributes={"value": ir.IntegerAttr.get(ir.IntegerType.get_signless(64), value)}).result
+
+
+def _vtensor(shape, dtype="f32") -> ir.Type:
+    return ir.Type.parse(f"!torch.vtensor<[{','.join(str(d) for d in shape)}],{dtype}>")
+
+
+@register
+class ReorderChannels(QccPass):
+    name = "reorder-channels"
+    summary = "Atom/QServe/RPTQ: permute outlier input channels last and split them off in a wider format"
+
+    @dataclasses.dataclass
+    class Options:
+        outliers: int = 32                          # channels kept in the wider format per linear layer
+        outlier_weight_format: str = "int8_sym_channel"
+        outlier_act_format: str = "int8_sym_token"
+        exclude: str = ""                           # regex over weight names left alone
+        stats: str = ""                             # precomputed calibration statistics
+
+    def run(self, module):
+        opts = self.options
+        k = opts.outliers
+        if k < 1:
+            raise PassError(None, f"outliers must be >= 1, got {k}")
+        try:
+            formats.parse_weight_format(opts.outlier_weight_format)
+            activation.parse_act_format(opts.outlier_act_format)
+        except formats.FormatError as e:
+            raise PassError(None, str(e))
+        exclude = re.compile(opts.exclude) if opts.exclude else None
+        for func in irutil.functions(module):
+            sites = [mm for mm, _ in linear_sites(func)]
+            if not sites:
+                continue
+            stats = stats_or_error(self.session, ("absmax",), opts.stats, self.name)
+            self._reorder(module, func, sites, stats, k, exclude)
+
+    def _absmax(self, func, mm, stats):
+        name = weight_name(func, mm)
+        if name not in stats:
+            raise PassError(mm, f"no calibration statistics for linear '{name}'")
+        return np.asarray(stats[name].absmax, np.float64)
+
+    def _reorder(self, module, func, sites, stats, k, exclude):
+        chosen = [mm for mm in sites if not (exclude and exclude.search(weight_name(func, mm)))]
+        for mm in chosen:
+            kk = shape_of(mm.operands[0])[-1]
+            if k >= kk:
+                raise PassError(mm, f"outliers={k} leaves no channels of K={kk} in '{weight_name(func, mm)}' "
+                                    f"for the low-bit part")
+        edits = WeightEdits(func, self.session)
+        plan = {}  # mm -> (columns of its fx-visible input for [main, outliers], folded?)
+        writers = set()
+        for stream in find_streams(func, self.session.remarks, self.name, left="not permuted"):
+            readers = [mm for mm in stream.readers if mm in chosen]
+            if not readers:
+                continue
+            scores = np.max([a / max(np.median(a), 1e-12) for a in (self._absmax(func, mm, stats) for mm in readers)],
+                            axis=0)
+            perm = outlier_permutation(scores, k)
+            for mm in stream.readers:
+                edits.add(*weight_use(mm), ("perm_cols", perm))
+            for mm in stream.writers:
+                edits.add(*weight_use(mm), ("perm_rows", perm))
+                writers.add(mm)
+            for use in stream.vectors:
+                edits.add(*use, ("perm_vec", perm))
+            for op in stream.embeddings:
+                edits.add(op, 0, ("perm_cols", perm))
+            for op, index in stream.norm_scales:
+                edits.add(op, 1 - index, ("perm_vec", perm))
+            for mm in readers:
+                plan[mm] = (np.arange(len(perm)), True)
+            self.session.remarks.append(
+                f"{self.name}: permuted a {len(perm)}-channel residual stream; outlier channels "
+                f"{perm[-k:].tolist()} go last in {len(readers)} readers")
+        gathers = []
+        for mm in chosen:
+            if mm in plan:
+                continue
+            perm = outlier_permutation(self._absmax(func, mm, stats), k)
+            leaves = producer_leaves(func, mm.operands[0])
+            if leaves and not any(leaf in writers for leaf, _ in leaves):
+                for leaf, bias in leaves:
+                    edits.add(*weight_use(leaf), ("perm_rows", perm))
+                    if bias is not None:
+                        edits.add(*bias, ("perm_vec", perm))
+                edits.add(*weight_use(mm), ("perm_cols", perm))
+                plan[mm] = (np.arange(len(perm)), True)
+            else:
+                plan[mm] = (perm, False)
+                gathers.append(weight_name(func, mm))
+        if gathers:
+            self.session.remarks.append(f"{self.name}: permutation not foldable, explicit gather before: "
+                                        + ", ".join(gathers))
+        names = {mm: weight_name(func, mm) for mm in plan}
+        view = calibration.view(self.session)
+        view.params.update(edits.commit())
+        sig = irutil.Signature(func)
+        for mm, (cols, folded) in plan.items():
+            self._split(sig, mm, names[mm], cols, folded, k)
+        view.version += 1
+        for name in sig.erase_unused_params():
+            if name in self.session.params:
+                del self.session.params[name]
+
+    def _split(self, sig, mm, w_name, cols, folded, k):
+        """mm(x, W^T) -> mm(x_main, W_main^T) + mm(x_out, W_out^T) over columns cols[:K-k], cols[K-k:]."""
+        store, opts = self.session.params, self.options
+        w = np.asarray(store[w_name], np.float32)
+        n, kk = w.shape
+        x = mm.operands[0]
+        m = shape_of(x)[0]
+        parts = {"main": cols[:kk - k], "outliers": cols[kk - k:]}
+        permute = irutil.defining_op(mm.operands[1])
+        view = calibration.view(self.session)
+        ys = []
+        with ir.InsertionPoint(mm), mm.location:
+            one = _const_int(1)
+            for i, (role, c) in enumerate(parts.items()):
+                part_name = f"{w_name}:{role}"
+                store[part_name] = np.ascontiguousarray(w[:, c])  # folded: W is permuted and c = a range
+                view.add_derived(part_name, w_name, c)
+                arg = sig.add_param(part_name, _vtensor([n, len(c)]))
+                if folded:
+                    start, end = (0, kk - k) if role == "main" else (kk - k, kk)
+                    xp = ir.Operation.create("torch.aten.slice.Tensor", results=[_vtensor([m, len(c)])],
+                                             operands=[x, one, _const_int(start), _const_int(end), one]).result
+                else:
+                    idx = ir.Operation.create(
+                        "torch.vtensor.literal", results=[_vtensor([len(c)], "si64")],
+                        attributes={"value": ir.DenseElementsAttr.get(np.asarray(c, np.int64), signless=False)}).result
+                    xp = ir.Operation.create("torch.aten.index_select", results=[_vtensor([m, len(c)])],
+                                             operands=[x, one, idx]).result
+                wt = ir.Operation.create("torch.aten.permute", results=[_vtensor([len(c), n])],
+                                         operands=[arg, permute.operands[1]]).result
+                y = ir.Operation.create("torch.aten.mm", results=[mm.result.type], operands=[xp, wt])
+                if role == "outliers":
+                    y.attributes["qcc.weight_format"] = format_attr(opts.outlier_weight_format)
+                    y.attributes["qcc.act_format"] = format_attr(opts.outlier_act_format)
+                ys.append(y.result)
+            total = ir.Operation.create("torch.aten.add.Tensor", results=[mm.result.type],
+                                        operands=[ys[0], ys[1], one]).result
+        mm.result.replace_all_uses_with(total)
+        mm.erase()
+        if not list(permute.result.uses):
+            permute.erase()
