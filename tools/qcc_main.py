@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="compile the bundled example model and compare with PyTorch")
     d.add_argument("--quant", default="w4a16-g128")
     d.set_defaults(func=cmd_demo)
+    from qcc.tools.bench import add_arguments as add_bench_arguments  # noqa: E402 (light: no torch at import)
+    add_bench_arguments(sub.add_parser("bench", help="benchmark CPU kernels and models against PyTorch"))
     return p
 
 

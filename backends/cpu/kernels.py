@@ -400,3 +400,69 @@ def qlinear(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
     entry = (f"func.func private @{name}(%xt: tensor<?x{K}xf32>, %codest: {tt['codes']}, %scalet: {tt['scale']}"
              f"{zero_param}) -> tensor<?x{lay.n}xf32> {{\n{t.text()}\n  return {out} : tensor<?x{lay.n}xf32>\n}}\n")
     return entry + gemv(f"{name}_gemv", lay, cfg) + gemm(f"{name}_gemm", lay, cfg)
+
+
+def batch_matmul(name: str, b: int, m: int, n: int, k: int, lanes: int, transposed_b: bool, threads: bool) -> str:
+    """f32 C[b, i, j] = sum_k A[b, i, k] * B[b, k, j] as vector code (attention's matmuls).
+
+    transposed_b: B is given as Bt[b, j, k] (the source of a transpose the caller
+    folded away), so both operands stream along k: a dot product per (i, j).
+    Otherwise rows of C accumulate a[b, i, k] * B[b, k, :] (vector axpy along j).
+    Threads over the b * m rows of C.
+    """
+    t = _Text()
+    vf = f"vector<{lanes}xf32>"
+    bshape = f"{b}x{n}x{k}" if transposed_b else f"{b}x{k}x{n}"
+    aty, bty, cty = f"memref<{b}x{m}x{k}xf32>", f"memref<{bshape}xf32>", f"memref<{b}x{m}x{n}xf32>"
+    t.op("%c0 = arith.constant 0 : index")
+    t.op("%c1 = arith.constant 1 : index")
+    t.op(f"%cm = arith.constant {m} : index")
+    t.op("%pad = arith.constant 0.0 : f32")
+    t.op(f"%zv = arith.constant dense<0.0> : {vf}")
+    t.op("%bi = arith.divui %r, %cm : index")
+    t.op("%i = arith.remui %r, %cm : index")
+    kv = t.idx(lanes)
+    if transposed_b:
+        t.open(f"scf.for %j = %c0 to {t.idx(n)} step %c1 {{")
+        acc = t.v(f"scf.for %kk = %c0 to {t.idx(k)} step {kv} iter_args(%acc = %zv) -> ({vf}) {{")
+        t.indent += 2
+        av = t.v(f"vector.transfer_read %a[%bi, %i, %kk], %pad : {aty}, {vf}")
+        bv = t.v(f"vector.transfer_read %b[%bi, %j, %kk], %pad : {bty}, {vf}")
+        t.op(f"scf.yield {t.v(f'vector.fma {av}, {bv}, %acc : {vf}')} : {vf}")
+        t.close()
+        s = t.v(f"vector.reduction <add>, {acc} : {vf} into f32")
+        t.op(f"memref.store {s}, %c[%bi, %i, %j] : {cty}")
+        t.close()
+    else:
+        t.open(f"scf.for %j = %c0 to {t.idx(n)} step {kv} {{")
+        t.op(f"vector.transfer_write %zv, %c[%bi, %i, %j] : {vf}, {cty}")
+        t.close()
+        t.open(f"scf.for %kk = %c0 to {t.idx(k)} step %c1 {{")
+        a = t.v(f"memref.load %a[%bi, %i, %kk] : {aty}")
+        ab = t.v(f"vector.broadcast {a} : f32 to {vf}")
+        t.open(f"scf.for %j = %c0 to {t.idx(n)} step {kv} {{")
+        bv = t.v(f"vector.transfer_read %b[%bi, %kk, %j], %pad : {bty}, {vf}")
+        cv = t.v(f"vector.transfer_read %c[%bi, %i, %j], %pad : {cty}, {vf}")
+        t.op(f"vector.transfer_write {t.v(f'vector.fma {ab}, {bv}, {cv} : {vf}')}, %c[%bi, %i, %j] : {vf}, {cty}")
+        t.close()
+        t.close()
+    params = f"%a: {aty}, %b: {bty}, %c: {cty}"
+    loop = "scf.parallel (%r) = (%z) to (%rows) step (%one)" if threads else "scf.for %r = %z to %rows step %one"
+    return f"""func.func private @{name}(%at: tensor<{b}x{m}x{k}xf32>, %bt: tensor<{bshape}xf32>) -> tensor<{b}x{m}x{n}xf32> {{
+  %z = arith.constant 0 : index
+  %one = arith.constant 1 : index
+  %rows = arith.constant {b * m} : index
+  %a = bufferization.to_buffer %at read_only : tensor<{b}x{m}x{k}xf32> to {aty}
+  %b = bufferization.to_buffer %bt read_only : tensor<{bshape}xf32> to {bty}
+  %c = memref.alloc() {{alignment = 64 : i64}} : {cty}
+  {loop} {{
+    func.call @{name}_row(%r, %a, %b, %c) {{no_inline}} : (index, {aty}, {bty}, {cty}) -> ()
+  }}
+  %ct = bufferization.to_tensor %c restrict writable : {cty} to tensor<{b}x{m}x{n}xf32>
+  return %ct : tensor<{b}x{m}x{n}xf32>
+}}
+func.func private @{name}_row(%r: index, {params}) {{
+{t.text()}
+  return
+}}
+"""

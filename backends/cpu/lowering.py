@@ -19,7 +19,8 @@ def select_kernels(features: dict, openmp: dict | None) -> list[str]:
     if os.environ.get("QCC_CPU_KERNELS") == "reference":
         return []
     threads = "true" if openmp is not None else "false"
-    return [f"cpu-select-kernels{{lanes={features['lanes']} threads={threads}}}"]
+    return [f"cpu-select-kernels{{lanes={features['lanes']} threads={threads}}}",
+            f"cpu-vectorize-contractions{{lanes={features['lanes']} threads={threads}}}"]
 
 
 def manifest_entry(features: dict, openmp: dict | None, session) -> dict:
@@ -79,7 +80,7 @@ def mark_entry(module: ir.Module, name: str = "main") -> None:
             op.attributes["llvm.emit_c_interface"] = ir.UnitAttr.get(module.context)
 
 
-def emit_shared_library(module: ir.Module, out_path: str, opt_level: int = 3, openmp: dict | None = None) -> None:
+def emit_shared_library(module: ir.Module, out_path: str, opt_level: int = 2, openmp: dict | None = None) -> None:
     """LLVM-dialect module -> object (MLIR's JIT machinery) -> .so (the system linker).
 
     openmp: {'path', 'soname'} of the OpenMP runtime to link (DT_NEEDED) when

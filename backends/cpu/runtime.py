@@ -5,6 +5,7 @@ inputs in signature order) followed by one per output, which it fills.
 """
 
 import ctypes
+import os
 import re
 
 import numpy as np
@@ -46,6 +47,10 @@ def _open(path: str):
         m = re.search(r"(lib[\w+-]*omp[\w.]*): cannot open shared object", str(e))
         if not m:
             raise
+        # idle workers spin 20 ms (libomp's default: 200) before sleeping: long enough
+        # between the kernels of one model call, short enough not to steal a core
+        # from the caller's other threaded code (torch's libgomp) afterwards
+        os.environ.setdefault("KMP_BLOCKTIME", "20")
         omp = host.load_openmp(m.group(1))
         if omp is None:
             raise OSError(f"{e}: this artifact runs its kernels on OpenMP threads and needs LLVM's OpenMP "

@@ -142,3 +142,23 @@ def test_no_float_copy_of_a_weight(tmp_path):
             numel = int(np.prod([int(d) for d in m.group(1).rstrip("x").split("x")]))
             assert numel < smallest_weight, f"{stage}: float buffer {m.group(0)}> as large as a weight"
     assert np.allclose(compiled(x).numpy(), compiled(x).numpy())
+
+
+@pytest.mark.parametrize("seq,dim", [(9, 20), (16, 64), (1, 7)])
+def test_attention_matmuls_match_torch(seq, dim):
+    """q @ k^T (transpose folded into dot products) and p @ v (row axpy), odd sizes."""
+    import torch
+
+    import qcc
+
+    class Attention(torch.nn.Module):
+        def forward(self, q, k, v):
+            p = torch.softmax(torch.matmul(q, k.transpose(-2, -1)), dim=-1)
+            return torch.matmul(p, v)
+
+    g = torch.Generator().manual_seed(seq)
+    q, k, v = (torch.randn(1, 3, s, dim, generator=g) for s in (2, seq, seq))
+    compiled = qcc.compile(Attention(), (q, k, v))
+    expect = Attention()(q.double(), k.double(), v.double()).numpy()
+    got = compiled(q, k, v).numpy()
+    assert np.abs(got - expect).max() / np.abs(expect).max() < 1e-5

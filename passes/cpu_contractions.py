@@ -1,0 +1,104 @@
+"""cpu-vectorize-contractions: f32 `linalg.batch_matmul` -> calls of vector kernels.
+
+The reference lowering turns a batch_matmul into a scalar loop nest whose
+innermost loop is the reduction, read with a stride when B is a transpose
+(attention's q @ k^T reads keys transposed by a 4 MB copy first).  This pass
+calls `kernels.batch_matmul` instead: a transpose feeding B is folded away
+(dot products along k over both operands), otherwise rows of C accumulate
+along j; both vectorized, threaded over the rows of C.  Only zero-initialized,
+static-shaped f32 ops are rewritten; others keep the reference lowering.
+"""
+
+import dataclasses
+
+from torch_mlir import ir
+
+from qcc import irutil
+from qcc.passes import QccPass, register
+
+
+def _shape(value):
+    t = ir.RankedTensorType(value.type)
+    if str(t.element_type) != "f32" or any(t.is_dynamic_dim(i) for i in range(t.rank)):
+        return None
+    return list(t.shape)
+
+
+def _zero_filled(value) -> bool:
+    op = irutil.defining_op(value)
+    if op is None or op.name != "linalg.fill":
+        return False
+    cst = irutil.defining_op(op.operands[0])
+    return cst is not None and cst.name == "arith.constant" and ir.FloatAttr(cst.attributes["value"]).value == 0.0
+
+
+def _perm(op) -> list:
+    return list(ir.DenseI64ArrayAttr(op.attributes["permutation"]))
+
+
+def _transposed_source(b_value):
+    """(value Bt with B = Bt^T over the last two dims, ops to build it) or None."""
+    op = irutil.defining_op(b_value)
+    if op is None:
+        return None
+    if op.name == "linalg.transpose" and _perm(op) == [0, 2, 1]:
+        return op.operands[0], None
+    if op.name == "tensor.collapse_shape":
+        src = irutil.defining_op(op.operands[0])
+        if src is not None and src.name == "linalg.transpose" and _perm(src) == [0, 1, 3, 2] \
+                and str(op.attributes["reassociation"]) == "[[0, 1], [2], [3]]":
+            return src.operands[0], op.attributes["reassociation"]
+    return None
+
+
+@register
+class CpuVectorizeContractions(QccPass):
+    name = "cpu-vectorize-contractions"
+    summary = "Replace f32 linalg.batch_matmul by vectorized, threaded CPU kernels"
+
+    @dataclasses.dataclass
+    class Options:
+        lanes: int = 8
+        threads: bool = True
+
+    def run(self, module):
+        from qcc.backends.cpu import kernels
+
+        body = module.regions[0].blocks[0]
+        defined = set()
+        for func in irutil.functions(module):
+            for op in irutil.walk(func, "linalg.batch_matmul"):
+                a, b, c = op.operands[0], op.operands[1], op.operands[2]
+                sa, sb, sc = _shape(a), _shape(b), _shape(c)
+                if None in (sa, sb, sc) or not _zero_filled(c) or self._has_custom_maps(op):
+                    continue
+                nb, m, k = sa
+                n = sc[2]
+                src = _transposed_source(b)
+                kname = f"qcc_cpu_bmm_{'dot' if src else 'axpy'}_{nb}x{m}x{n}x{k}"
+                if kname not in defined:
+                    text = kernels.batch_matmul(kname, nb, m, n, k, self.options.lanes, src is not None,
+                                                self.options.threads)
+                    parsed = ir.Module.parse(text)  # kept alive while its ops move
+                    for f in list(parsed.body.operations):
+                        f.operation.move_after(body.operations[len(body.operations) - 1])
+                    defined.add(kname)
+                with ir.InsertionPoint(op), op.location:
+                    operand_b = b
+                    if src is not None:
+                        operand_b, reassociation = src
+                        if reassociation is not None:
+                            operand_b = ir.Operation.create(
+                                "tensor.collapse_shape", results=[irutil.tensor_type([nb, n, k], "f32")],
+                                operands=[operand_b], attributes={"reassociation": reassociation}).result
+                    call = ir.Operation.create("func.call", results=[op.results[0].type], operands=[a, operand_b],
+                                               attributes={"callee": ir.FlatSymbolRefAttr.get(kname)}).result
+                op.results[0].replace_all_uses_with(call)
+                op.erase()
+
+    @staticmethod
+    def _has_custom_maps(op) -> bool:
+        return "indexing_maps" in op.attributes and \
+            str(op.attributes["indexing_maps"]) != ("[affine_map<(d0, d1, d2, d3) -> (d0, d1, d3)>, "
+                                                    "affine_map<(d0, d1, d2, d3) -> (d0, d3, d2)>, "
+                                                    "affine_map<(d0, d1, d2, d3) -> (d0, d1, d2)>]")

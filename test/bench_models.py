@@ -1,0 +1,69 @@
+"""Benchmark models over the zoo's LlamaModel: a decode step with an explicit KV cache.
+
+`DecodeStep(model, cache_len)` shares `model`'s parameters and computes the
+logits of one new token at position `cache_len`, attending over a KV cache
+passed as inputs; it returns the logits and the token's keys and values (the
+caller appends them).  Everything is static-shaped, so torch.export, qcc,
+eager PyTorch and torch.compile all run the same graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models import LlamaModel, _rotate_half
+
+__all__ = ["DecodeStep", "bench_llama"]
+
+
+def bench_llama(layers: int = 4, hidden: int = 2048, ffn: int = 5632, heads: int = 16,
+                vocab: int = 512, max_seq: int = 640, seed: int = 0) -> LlamaModel:
+    """The Llama-style benchmark model of issue 4 (4 layers, hidden 2048, SwiGLU 5632)."""
+    return LlamaModel(vocab=vocab, hidden=hidden, layers=layers, heads=heads, ffn=ffn,
+                      max_seq=max_seq, seed=seed).eval()
+
+
+class DecodeStep(nn.Module):
+    def __init__(self, model: LlamaModel, cache_len: int):
+        super().__init__()
+        self.model = model
+        self.cache_len = cache_len
+        attn = model.layers[0].self_attn
+        if cache_len >= attn.max_seq:
+            raise ValueError(f"cache_len={cache_len} needs max_seq > {cache_len}")
+        self.kv_heads, self.head_dim = attn.kv_heads, attn.head_dim
+
+    def cache_shape(self) -> tuple:
+        return (len(self.model.layers), 1, self.kv_heads, self.cache_len, self.head_dim)
+
+    def example_inputs(self, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, self.model.vocab, (1, 1), generator=g)
+        return ids, torch.randn(self.cache_shape(), generator=g), torch.randn(self.cache_shape(), generator=g)
+
+    def forward(self, ids, k_cache, v_cache):
+        x = self.model.embed_tokens(ids)                       # [1, 1, hidden]
+        pos = self.cache_len
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.model.layers):
+            a = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = a.q_proj(h).view(1, 1, a.heads, a.head_dim).transpose(1, 2)
+            k = a.k_proj(h).view(1, 1, a.kv_heads, a.head_dim).transpose(1, 2)
+            v = a.v_proj(h).view(1, 1, a.kv_heads, a.head_dim).transpose(1, 2)
+            cos, sin = a.rope_cos[pos:pos + 1], a.rope_sin[pos:pos + 1]
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            new_k.append(k)
+            new_v.append(v)
+            keys = a._repeat_kv(torch.cat([k_cache[i], k], dim=2))
+            values = a._repeat_kv(torch.cat([v_cache[i], v], dim=2))
+            scores = torch.matmul(q, keys.transpose(-2, -1)) * a.scale
+            probs = F.softmax(scores, dim=-1)
+            out = torch.matmul(probs, values).transpose(1, 2).reshape(1, 1, a.hidden)
+            x = x + a.o_proj(out)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        logits = self.model.lm_head(self.model.norm(x))
+        return logits, torch.stack(new_k), torch.stack(new_v)
