@@ -71,7 +71,8 @@ class _Progress:
 
 def compile(model, example_inputs=None, *, target: str = "cpu", quant: str | None = None,
             calibration=None, allow_pickle: bool = False, print_ir_after_all: bool = False,
-            dump_dir: str | None = None, progress: bool = False, dynamic_shapes=None) -> CompiledModel:
+            dump_dir: str | None = None, progress: bool = False, dynamic_shapes=None,
+            gpu_arch: str = "sm_90") -> CompiledModel:
     """Compiles `model` (nn.Module + example_inputs, ExportedProgram, or .pt2 path).
 
     dynamic_shapes: torch.export's argument for an nn.Module, e.g.
@@ -87,8 +88,6 @@ def compile(model, example_inputs=None, *, target: str = "cpu", quant: str | Non
 
     if target not in TARGETS:
         raise QccError(f"unknown target '{target}'", where="--target", hint=f"choose one of {', '.join(TARGETS)}")
-    if target == "cuda":
-        raise QccError("the cuda target is not available in this build yet", where="--target")
     recipe = get_recipe(quant)
     prog = _Progress(progress)
     prog.stage("export")
@@ -111,6 +110,11 @@ def compile(model, example_inputs=None, *, target: str = "cpu", quant: str | Non
     run("torch-backend", pipelines.IMPORT)
     run("quantize", pipelines.recipe_stage(recipe))
     run("torch-to-linalg", pipelines.TORCH_TO_LINALG)
+    if target == "cuda":  # gpu_arch: sm_90 (default) or sm_80
+        from qcc.backends.cuda.lowering import compile_cuda
+
+        return compile_cuda(module=module, ctx=ctx, session=session, run=run, prog=prog, imported=imported,
+                            recipe=recipe, gpu_arch=gpu_arch)
     from qcc.backends.cpu import host, lowering
 
     cpu_features, openmp = host.features(), host.openmp_runtime()

@@ -16,6 +16,11 @@ def dequantized_weights(compiled) -> dict[str, np.ndarray]:
     backend_packed = compiled.manifest.get("cpu", {}).get("kernels", {})
     for layer in compiled.manifest.get("layers", []):
         base, fmt = layer["weight"], formats.parse_weight_format(layer["format"])
+        if base in compiled.manifest.get("cuda", {}).get("layers", {}):  # repacked for a CUDA GEMV
+            from qcc.backends.cuda.pack import dequantize_layer as cuda_dequantize_layer
+
+            out[base] = cuda_dequantize_layer(compiled.manifest["cuda"]["layers"][base], compiled.weights)
+            continue
         if base in backend_packed:  # repacked for the CPU kernels: decode that layout
             from qcc.backends.cpu.pack import dequantize_layer
 

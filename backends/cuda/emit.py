@@ -140,7 +140,7 @@ class Param:
 
     name: str
     type: str  # memref<...> for buffers, i32/i64 for scalars
-    role: str = "in"  # in | out | inout (buffers) ; scalar
+    role: str = "in"  # in | out | inout | alias (buffers) ; scalar
     doc: str = ""
     rows: tuple[str, int] | None = None  # buffer: (scalar param, max rows): size scales with it
     range: tuple[int, int] | None = None  # scalar: allowed [min, max]
@@ -307,7 +307,7 @@ class MlirEmitter(Emitter):
         vals = {}
         for p in spec.params:
             attrs = ""
-            if p.is_buffer:
+            if p.is_buffer and p.role != "alias":  # alias: shares memory with another param
                 attrs = " {llvm.noalias, llvm.readonly}" if p.role == "in" else " {llvm.noalias}"
             args.append(f"%{p.name}: {p.type}{attrs}")
             vals[p.name] = Val(self, f"%{p.name}", p.type)
@@ -398,6 +398,23 @@ class MlirEmitter(Emitter):
     def reduce_add(self, v: Val) -> Val:
         e = elem_of(v.type)
         return self._op(f"vector.reduction <add>, {v.v} : {v.type} into {e}", e)
+
+    def raw(self, name: str, operands: Sequence[Val], result_types: Sequence[str],
+            attrs: str = "", info: dict | None = None) -> list[Val]:
+        """Any scalar op in MLIR's generic form, e.g. ``raw("arith.addf", [a, b], ["f32"],
+        "fastmath = #arith.fastmath<none>")``: the ops of a linalg body replayed in a kernel.
+        ``info`` carries decoded attributes for the emulator (ignored here)."""
+        ops = ", ".join(o.v for o in operands)
+        tin = ", ".join(o.type for o in operands)
+        tout = ", ".join(result_types)
+        a = f" {{{attrs}}}" if attrs else ""
+        text = f'"{name}"({ops}){a} : ({tin}) -> ({tout})'
+        if len(result_types) == 1:
+            return [self._op(text, result_types[0])]
+        nm = self._name()
+        self._emit(f"{nm}{':' + str(len(result_types)) if len(result_types) > 1 else ''} = {text}"
+                   if result_types else text)
+        return self._results(nm, list(result_types)) if result_types else []
 
     # -- memory
     def load(self, mem: Val, i: Val) -> Val:

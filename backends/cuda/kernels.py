@@ -144,7 +144,7 @@ def default_config(kind: str, K: int, N: int, m_max: int = 16, group_tiles: int 
 
 def _mma_gemv_body(E, a, *, K, N, k_tile, nt, kw, unroll, m_max, load_meta, dequant,
                    group_tiles, scale_acc, final_scale, w_hint=None, nw=1, depth=1, stages=0,
-                   meta_smem=False):
+                   meta_smem=False, out_f32=False):
     """Shared body of the weight-only kernels (see module docstring).
 
     load_meta(E, a, tn, kt) -> [(param name, element index)] for one n-tile and K tile /
@@ -329,8 +329,12 @@ def _mma_gemv_body(E, a, *, K, N, k_tile, nt, kw, unroll, m_max, load_meta, dequ
             sx, sy = final_scale(E, a, tn, t)
             vals = [vals[0] * sx, vals[1] * sy, vals[2] * sx, vals[3] * sy]
         col = tn * 4 + t
-        lo = E.cast("truncf", E.from_elements(vals[0:2]), "vector<2xf16>")
-        hi = E.cast("truncf", E.from_elements(vals[2:4]), "vector<2xf16>") if m_max > 8 else None
+        if out_f32:  # fp32 result (no rounding to half)
+            lo = E.from_elements(vals[0:2])
+            hi = E.from_elements(vals[2:4]) if m_max > 8 else None
+        else:
+            lo = E.cast("truncf", E.from_elements(vals[0:2]), "vector<2xf16>")
+            hi = E.cast("truncf", E.from_elements(vals[2:4]), "vector<2xf16>") if m_max > 8 else None
         E.if_(E.cmp("ult", g, M), lambda: E.store(lo, a["y"], g * half_n + col))
         if m_max > 8:
             E.if_(E.cmp("ult", g + 8, M), lambda: E.store(hi, a["y"], (g + 8) * half_n + col))
@@ -386,7 +390,7 @@ def gemv_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
                k_warps: int | None = None, unroll: int | None = None,
                w_cache: str | None = "auto", n_warps: int | None = None,
                depth: int | None = None, stages: int | None = None, meta_smem: bool = False,
-               name: str | None = None) -> KernelSpec:
+               out_f32: bool = False, name: str | None = None) -> KernelSpec:
     """y[M, N] = x[M, K] @ dequant(W4)^T for 1 <= M <= m_max (M is a launch argument).
 
     Constraints: K % 128 == 0, N % (8 n_tiles) == 0, group_size % 32 == 0 and divides K;
@@ -421,7 +425,8 @@ def gemv_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
     else:
         params.append(Param("meta", f"memref<{NB * GP * 8}xvector<2xf16>>", "in",
                             "f16 [N/8, K/G, 8, (1024+zero, scale)]"))
-    params.append(Param("y", f"memref<{m_max * N // 2}xvector<2xf16>>", "out", f"f16 [M, {N}]",
+    yt = "f32" if out_f32 else "f16"
+    params.append(Param("y", f"memref<{m_max * N // 2}xvector<2x{yt}>>", "out", f"{yt} [M, {N}]",
                         rows=("M", m_max)))
     params.append(Param("M", "i32", "scalar", f"rows of x, 1..{m_max}", range=(1, m_max)))
 
@@ -480,15 +485,15 @@ def gemv_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
                        load_meta=load_meta, dequant=dequant, group_tiles=gt,
                        scale_acc=scale_acc if mode == "acc" else None, final_scale=None,
                        w_hint=W_CACHE_HINTS[w_cache], nw=n_warps, depth=depth, stages=stages,
-                       meta_smem=meta_smem)
+                       meta_smem=meta_smem, out_f32=out_f32)
 
     nm = name or (f"gemv_w4a16_g{G}{'' if zero_point else 's'}_{mode}_k{K}_n{N}_m{m_max}"
                   f"_t{nt}w{kw}u{un}{_shape_suffix(n_warps, depth, stages)}{'m' if meta_smem else ''}"
-                  f"{_hint_suffix(w_cache)}")
+                  f"{_hint_suffix(w_cache)}{'_o32' if out_f32 else ''}")
     cfg = {"kind": "gemv_w4a16", "K": K, "N": N, "group_size": G, "zero_point": zero_point,
            "scale_mode": mode, "m_max": m_max, "n_tiles": nt, "k_warps": kw, "unroll": un,
            "w_cache": w_cache, "n_warps": n_warps, "depth": depth, "stages": stages,
-           "meta_smem": meta_smem,
+           "meta_smem": meta_smem, "out_f32": out_f32,
            "weight_bytes": N * K // 2,
            "meta_bytes": N * GP * (4 + (1 if zero_point else 0)) if mode == "acc" else N * GP * 4}
     return KernelSpec(nm, params, (32 * kw * n_warps, 1, 1), (N // (8 * nt * n_warps), 1, 1), body,
@@ -501,7 +506,7 @@ def gemv_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
 def gemv_w8a16(K: int, N: int, *, m_max: int = 16, n_tiles: int | None = None,
                k_warps: int | None = None, unroll: int | None = None,
                w_cache: str | None = "auto", n_warps: int | None = None,
-               depth: int | None = None, stages: int | None = None,
+               depth: int | None = None, stages: int | None = None, out_f32: bool = False,
                name: str | None = None) -> KernelSpec:
     """y[M, N] = x[M, K] @ (q * scale)^T, int8 per-channel weights, 1 <= M <= m_max.
 
@@ -519,7 +524,8 @@ def gemv_w8a16(K: int, N: int, *, m_max: int = 16, n_tiles: int | None = None,
     params.append(Param("wq", f"memref<{NB * (K // 64) * 32}xvector<4xi32>>", "in",
                         "offset-binary int8 tiles (pack_w8a16)"))
     params.append(Param("scales", f"memref<{N // 2}xvector<2xf32>>", "in", "f32 [N]"))
-    params.append(Param("y", f"memref<{m_max * N // 2}xvector<2xf16>>", "out", f"f16 [M, {N}]",
+    yt = "f32" if out_f32 else "f16"
+    params.append(Param("y", f"memref<{m_max * N // 2}xvector<2x{yt}>>", "out", f"{yt} [M, {N}]",
                         rows=("M", m_max)))
     params.append(Param("M", "i32", "scalar", f"rows of x, 1..{m_max}", range=(1, m_max)))
 
@@ -544,12 +550,13 @@ def gemv_w8a16(K: int, N: int, *, m_max: int = 16, n_tiles: int | None = None,
         _mma_gemv_body(E, a, K=K, N=N, k_tile=64, nt=nt, kw=kw, unroll=un, m_max=m_max,
                        load_meta=load_meta, dequant=dequant, group_tiles=1, scale_acc=None,
                        final_scale=final_scale, w_hint=W_CACHE_HINTS[w_cache], nw=n_warps,
-                       depth=depth, stages=stages)
+                       depth=depth, stages=stages, out_f32=out_f32)
 
     nm = name or (f"gemv_w8a16_k{K}_n{N}_m{m_max}_t{nt}w{kw}u{un}{_shape_suffix(n_warps, depth, stages)}"
-                  f"{_hint_suffix(w_cache)}")
+                  f"{_hint_suffix(w_cache)}{'_o32' if out_f32 else ''}")
     cfg = {"kind": "gemv_w8a16", "K": K, "N": N, "m_max": m_max, "n_tiles": nt, "k_warps": kw,
-           "unroll": un, "w_cache": w_cache, "n_warps": n_warps, "depth": depth, "stages": stages, "weight_bytes": N * K, "meta_bytes": 4 * N}
+           "unroll": un, "w_cache": w_cache, "n_warps": n_warps, "depth": depth, "stages": stages,
+           "out_f32": out_f32, "weight_bytes": N * K, "meta_bytes": 4 * N}
     return KernelSpec(nm, params, (32 * kw * n_warps, 1, 1), (N // (8 * nt * n_warps), 1, 1), body,
                       smem, cfg, doc=gemv_w8a16.__doc__.split("\n")[0])
 

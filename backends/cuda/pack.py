@@ -194,3 +194,34 @@ def pack_w8a8(q, scale) -> dict:
     """int8 row-major weight for ``kernels.gemm_w8a8`` (no re-layout) plus scales [N]."""
     q = np.ascontiguousarray(np.asarray(q, np.int8))
     return {"wq": q, "sw": np.ascontiguousarray(np.asarray(scale, np.float32).reshape(-1))}
+
+
+# --------------------------------------------------------------------------- compiled layers
+
+
+def dequantize_layer(info: dict, weights: dict) -> np.ndarray:
+    """float32 [N, K] of a layer repacked for a GEMV kernel by cuda-select-kernels, decoded
+    from the packed parameters exactly as the kernel reads them (``info`` is the artifact's
+    manifest["cuda"]["layers"][weight] entry; in scale_mode="weight" the scales are f16)."""
+    a, p = info["args"], info["params"]
+    K, N = a["K"], a["N"]
+    if info["builder"] == "gemv_w8a16":
+        q = unpack_w8a16(weights[p["wq"]], K, N).astype(np.float32)
+        return q * np.asarray(weights[p["scales"]], np.float32).reshape(N, 1)
+    G = a["group_size"]
+    nib = unpack_w4a16_nibbles(weights[p["wq"]], K, N).astype(np.float32)
+
+    def per_row(arr):  # [N/8, K/G, 8] -> [N, K/G]
+        return np.asarray(arr).reshape(N // 8, K // G, 8).transpose(0, 2, 1).reshape(N, K // G)
+    if "meta" in p:
+        meta = np.asarray(weights[p["meta"]]).view(np.float16).reshape(N // 8, K // G, 8, 2)
+        z = per_row(meta[..., 0].astype(np.float32)) - 1024.0
+        s = per_row(meta[..., 1].astype(np.float32))
+    else:
+        s = per_row(np.asarray(weights[p["scales"]], np.float32))
+        z = per_row(np.asarray(weights[p["zeros"]]).view(np.uint8).astype(np.float32)) if "zeros" in p \
+            else np.full((N, K // G), 8.0, np.float32)
+    w = (nib.reshape(N, K // G, G) - z[..., None]) * s[..., None]
+    if "meta" in p:  # scale_mode="weight": the kernel scales in f16, rounding each weight
+        w = w.astype(np.float16).astype(np.float32)
+    return w.reshape(N, K)

@@ -107,7 +107,34 @@ def lower_to_llvm_ir(module_text: str, index_bitwidth: int = 64) -> str:
                 n += 1
         if not n:
             raise PtxError("no gpu.module with kernels in the input")
-        return llvm_d.translate_module_to_llvmir(out.operation)
+        return _old_float_literals(llvm_d.translate_module_to_llvmir(out.operation))
+
+
+_FBITS = re.compile(r"\bf0x([0-9A-Fa-f]+)\b")
+
+
+def _old_float_literals(text: str) -> str:
+    """MLIR's LLVM (newer than llvmlite's) prints some float constants as raw bits,
+    ``f0x3727C5AC``; llvmlite's parser wants the older forms: a float as the hex of the
+    equal double, a half as ``0xH....``."""
+    import struct
+
+    def sub(m):
+        h = m.group(1)
+        if len(h) == 8:
+            v = struct.unpack("<f", struct.pack("<I", int(h, 16)))[0]
+            return "0x%016X" % struct.unpack("<Q", struct.pack("<d", v))[0]
+        if len(h) == 16:
+            return "0x" + h.upper()
+        if len(h) == 4:
+            return "0xH" + h.upper()
+        return m.group(0)
+    text = _FBITS.sub(sub, text)
+    # +-inf / nan spelled as words (newer printers): the hex of the double
+    for word, bits in (("-inf", "0xFFF0000000000000"), ("+inf", "0x7FF0000000000000"),
+                       ("inf", "0x7FF0000000000000"), ("nan", "0x7FF8000000000000")):
+        text = re.sub(r"(?<=[\s,(\[<])" + re.escape(word) + r"(?=[\s,)\]>])", bits, text)
+    return text
 
 
 # --------------------------------------------------------------------------- LLVM IR -> PTX
@@ -130,12 +157,55 @@ def _llvm():
     return lb
 
 
+def libdevice_path() -> str | None:
+    """NVIDIA's libdevice bitcode (math functions, __nv_*): $QCC_LIBDEVICE, the CUDA toolkit
+    of ptxas or $CUDA_HOME, or the nvidia-cuda-nvcc wheel."""
+    import glob
+
+    cands = [os.environ.get("QCC_LIBDEVICE")]
+    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    if ptxas_path():
+        roots.append(os.path.dirname(os.path.dirname(os.path.realpath(ptxas_path()))))
+    roots += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for r in roots:
+        if r:
+            cands += sorted(glob.glob(os.path.join(r, "nvvm", "libdevice", "libdevice*.bc")))
+    try:
+        import nvidia.cuda_nvcc as _n  # pip wheel
+        cands += glob.glob(os.path.join(os.path.dirname(_n.__file__), "nvvm", "libdevice", "*.bc"))
+    except Exception:
+        pass
+    for c in cands:
+        if c and os.path.isfile(c):
+            return c
+    return None
+
+
+def _link_libdevice(lb, mod):
+    """Links the __nv_* math functions the module calls; they become internal, so the
+    optimizer inlines them and drops the rest of libdevice."""
+    path = libdevice_path()
+    if path is None:
+        raise PtxError("the kernels call libdevice math functions (__nv_*) but no libdevice.10.bc "
+                       "was found; set QCC_LIBDEVICE or CUDA_HOME")
+    with open(path, "rb") as f:
+        lib = lb.parse_bitcode(f.read())
+    lib.triple = NVPTX_TRIPLE
+    lib.data_layout = mod.data_layout
+    mod.link_in(lib)
+    for fn in mod.functions:
+        if fn.name.startswith("__nv_") and not fn.is_declaration:
+            fn.linkage = lb.Linkage.internal
+
+
 def llvm_ir_to_ptx(llvm_ir: str, arch: str = DEFAULT_ARCH, opt: int = 3) -> str:
     lb = _llvm()
     if arch not in _PTX_FEATURE:
         raise PtxError(f"unsupported arch {arch!r}; known: {sorted(_PTX_FEATURE)}")
     mod = lb.parse_assembly(llvm_ir)
     mod.triple = NVPTX_TRIPLE
+    if "@__nv_" in llvm_ir:
+        _link_libdevice(lb, mod)
     mod.verify()
     tm = lb.Target.from_triple(NVPTX_TRIPLE).create_target_machine(
         cpu=arch, features=_PTX_FEATURE[arch], opt=opt)

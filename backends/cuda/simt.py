@@ -198,6 +198,21 @@ class SimtEmulator(Emitter):
             r = v.v.astype(np.uint64).sum(axis=1).astype(v.v.dtype)
         return self._v(r, e)
 
+    # -- generic scalar ops (the body of a linalg op replayed in a kernel)
+    def raw(self, name, operands, result_types, attrs="", info=None):
+        info = info or {}
+        x = [o.v for o in operands]
+        rt = result_types[0] if result_types else None
+        if name == "arith.constant":
+            return [self.const(info["value"], rt)]
+        fn = _RAW.get(name)
+        if fn is None:
+            raise NotImplementedError(f"simt: no emulation of {name}")
+        with np.errstate(all="ignore"):
+            r = fn(x, info, rt, self.mask)
+        e = parse_type(rt)[1]
+        return [self._v(np.asarray(r).astype(_NP[e], copy=False), rt)]
+
     # -- memory
     def load(self, mem, i):
         m: _Mem = mem.v
@@ -438,3 +453,136 @@ def run(spec: KernelSpec, args: dict, *, blocks_per_batch: int = 64,
             t = f"memref<{n}x{et}, #gpu.address_space<workgroup>>"
             vals[name] = Val(E, _Mem(name, arr, "workgroup", et, b1 - b0), t)
         spec.body(E, vals)
+
+
+# --------------------------------------------------------------------------- scalar ops
+
+
+def _sg(a):
+    """Signed view of an integer array stored unsigned (index is already int64)."""
+    return a.view(_SIGNED[a.dtype.type]) if a.dtype.type in _SIGNED else a
+
+
+def _fcmp(pred, a, b):
+    nan = np.isnan(a) | np.isnan(b)
+    base = {"eq": a == b, "gt": a > b, "ge": a >= b, "lt": a < b, "le": a <= b, "ne": a != b}
+    if pred == "false":
+        return np.zeros(a.shape, bool)
+    if pred == "true":
+        return np.ones(a.shape, bool)
+    if pred == "ord":
+        return ~nan
+    if pred == "uno":
+        return nan
+    kind, rel = pred[0], pred[1:]
+    r = base[rel]
+    return (r & ~nan) if kind == "o" else (r | nan)
+
+
+def _icmp(pred, a, b):
+    if pred in ("eq", "ne"):
+        return a == b if pred == "eq" else a != b
+    if pred[0] == "s":
+        a, b = _sg(a), _sg(b)
+    else:
+        a, b = a.view(np.uint64) if a.dtype == np.int64 else a, b.view(np.uint64) if b.dtype == np.int64 else b
+    return {"lt": a < b, "le": a <= b, "gt": a > b, "ge": a >= b}[pred[1:]]
+
+
+def _sdiv(a, b, mask):
+    a, b = _sg(a).astype(np.int64), _sg(b).astype(np.int64)
+    b = np.where(b == 0, 1, b)
+    q = np.abs(a) // np.abs(b) * np.sign(a) * np.sign(b)
+    return q, a - b * q
+
+
+def _erf(a):
+    try:
+        from scipy.special import erf
+        return erf(a.astype(np.float64)).astype(a.dtype)
+    except ImportError:  # pragma: no cover
+        import math
+        return np.vectorize(math.erf)(a.astype(np.float64)).astype(a.dtype)
+
+
+def _intw(t):
+    return INT_TYPES[parse_type(t)[1]]
+
+
+def _to_int(a, rt, signed):
+    e = parse_type(rt)[1]
+    w = INT_TYPES[e]
+    v = np.trunc(a.astype(np.float64))
+    if e == "index":
+        return v.astype(np.int64)
+    v = np.nan_to_num(v, nan=0.0)
+    if signed:
+        lo, hi = -(1 << (w - 1)), (1 << (w - 1)) - 1
+        return np.clip(v, lo, hi).astype(np.int64).astype(_NP[e])
+    return np.clip(v, 0, (1 << w) - 1).astype(np.uint64).astype(_NP[e])
+
+
+_RAW = {
+    "arith.addf": lambda x, i, t, m: x[0] + x[1],
+    "arith.subf": lambda x, i, t, m: x[0] - x[1],
+    "arith.mulf": lambda x, i, t, m: x[0] * x[1],
+    "arith.divf": lambda x, i, t, m: x[0] / x[1],
+    "arith.remf": lambda x, i, t, m: np.fmod(x[0], x[1]),
+    "arith.negf": lambda x, i, t, m: -x[0],
+    "arith.maximumf": lambda x, i, t, m: np.maximum(x[0], x[1]),
+    "arith.minimumf": lambda x, i, t, m: np.minimum(x[0], x[1]),
+    "arith.maxnumf": lambda x, i, t, m: np.fmax(x[0], x[1]),
+    "arith.minnumf": lambda x, i, t, m: np.fmin(x[0], x[1]),
+    "arith.cmpf": lambda x, i, t, m: _fcmp(i["predicate"], x[0], x[1]),
+    "arith.cmpi": lambda x, i, t, m: _icmp(i["predicate"], x[0], x[1]),
+    "arith.select": lambda x, i, t, m: np.where(x[0].reshape((-1,) + (1,) * (x[1].ndim - 1)), x[1], x[2]),
+    "arith.addi": lambda x, i, t, m: x[0] + x[1],
+    "arith.subi": lambda x, i, t, m: x[0] - x[1],
+    "arith.muli": lambda x, i, t, m: x[0] * x[1],
+    "arith.divsi": lambda x, i, t, m: _sdiv(x[0], x[1], m)[0],
+    "arith.remsi": lambda x, i, t, m: _sdiv(x[0], x[1], m)[1],
+    "arith.divui": lambda x, i, t, m: x[0] // np.where(x[1] == 0, 1, x[1]),
+    "arith.remui": lambda x, i, t, m: x[0] % np.where(x[1] == 0, 1, x[1]),
+    "arith.andi": lambda x, i, t, m: x[0] & x[1],
+    "arith.ori": lambda x, i, t, m: x[0] | x[1],
+    "arith.xori": lambda x, i, t, m: x[0] ^ x[1],
+    "arith.shli": lambda x, i, t, m: x[0] << (x[1] % _intw(t)).astype(x[0].dtype),
+    "arith.shrui": lambda x, i, t, m: x[0] >> (x[1] % _intw(t)).astype(x[0].dtype),
+    "arith.shrsi": lambda x, i, t, m: (_sg(x[0]) >> (x[1] % _intw(t)).astype(_sg(x[0]).dtype)),
+    "arith.maxsi": lambda x, i, t, m: np.maximum(_sg(x[0]), _sg(x[1])),
+    "arith.minsi": lambda x, i, t, m: np.minimum(_sg(x[0]), _sg(x[1])),
+    "arith.maxui": lambda x, i, t, m: np.maximum(x[0], x[1]),
+    "arith.minui": lambda x, i, t, m: np.minimum(x[0], x[1]),
+    "arith.extf": lambda x, i, t, m: x[0],
+    "arith.truncf": lambda x, i, t, m: x[0],
+    "arith.sitofp": lambda x, i, t, m: _sg(x[0]),
+    "arith.uitofp": lambda x, i, t, m: x[0],
+    "arith.fptosi": lambda x, i, t, m: _to_int(x[0], t, True),
+    "arith.fptoui": lambda x, i, t, m: _to_int(x[0], t, False),
+    "arith.extsi": lambda x, i, t, m: _sg(x[0]).astype(np.int64),
+    "arith.extui": lambda x, i, t, m: x[0],
+    "arith.trunci": lambda x, i, t, m: x[0],
+    "arith.index_cast": lambda x, i, t, m: _sg(x[0]).astype(np.int64),
+    "arith.index_castui": lambda x, i, t, m: x[0],
+    "math.exp": lambda x, i, t, m: np.exp(x[0]),
+    "math.exp2": lambda x, i, t, m: np.exp2(x[0]),
+    "math.expm1": lambda x, i, t, m: np.expm1(x[0]),
+    "math.log": lambda x, i, t, m: np.log(x[0]),
+    "math.log2": lambda x, i, t, m: np.log2(x[0]),
+    "math.log1p": lambda x, i, t, m: np.log1p(x[0]),
+    "math.sqrt": lambda x, i, t, m: np.sqrt(x[0]),
+    "math.rsqrt": lambda x, i, t, m: 1 / np.sqrt(x[0]),
+    "math.tanh": lambda x, i, t, m: np.tanh(x[0]),
+    "math.erf": lambda x, i, t, m: _erf(x[0]),
+    "math.absf": lambda x, i, t, m: np.abs(x[0]),
+    "math.absi": lambda x, i, t, m: np.abs(_sg(x[0])),
+    "math.sin": lambda x, i, t, m: np.sin(x[0]),
+    "math.cos": lambda x, i, t, m: np.cos(x[0]),
+    "math.floor": lambda x, i, t, m: np.floor(x[0]),
+    "math.ceil": lambda x, i, t, m: np.ceil(x[0]),
+    "math.roundeven": lambda x, i, t, m: np.rint(x[0]),
+    "math.round": lambda x, i, t, m: np.sign(x[0]) * np.floor(np.abs(x[0]) + 0.5),
+    "math.powf": lambda x, i, t, m: np.power(x[0], x[1]),
+    "math.fma": lambda x, i, t, m: (x[0].astype(np.float64) * x[1] + x[2]),
+    "math.copysign": lambda x, i, t, m: np.copysign(x[0], x[1]),
+}

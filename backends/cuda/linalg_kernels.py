@@ -1,0 +1,512 @@
+"""linalg ops as CUDA kernels, written against the emit.py DSL (MLIR text or SIMT emulation).
+
+The host walker (host_plan.py) turns every bufferized ``linalg.generic`` (and
+``memref.copy``) into a :class:`GenericDesc`: static loop extents and iterator kinds,
+each operand as a strided view (element type, shape, strides, affine indexing map), and
+the op's body as a list of :class:`BodyOp` records. :func:`build_kernel` makes one
+:class:`~qcc.backends.cuda.emit.KernelSpec` from it. Every buffer is a flat 1-D memref
+(bare pointer) that starts at the view's first element; the kernel computes flat indices
+from the loop indices itself, so views with any static strides and offsets need no
+descriptor, and the same kernel serves every call site with the same shapes.
+
+Thread mappings:
+
+* ``elementwise`` (no reduction dims): one thread per point of the iteration space,
+  linearised with the last loop dim fastest (coalesced for row-major outputs), 256
+  threads a block.
+* ``warp_reduce`` (reductions whose body is ``out = combine(out, f(ins))`` with an
+  associative ``combine``: sums, max/min, products, matmul-like contractions): one warp
+  per output point; lanes stride over the reduction space with the accumulator in a
+  register (starting at combine's identity), then a ``gpu.shuffle xor`` butterfly; lane 0
+  combines with the initial output value (or the folded ``linalg.fill`` constant).
+* ``block_reduce`` (the same, few outputs and a long reduction, e.g. RMSNorm at decode):
+  256 threads per output point, warp butterflies, then the 8 warp partials through
+  shared memory.
+* ``serial`` (any other reduction, e.g. argmax's two coupled outputs): one thread per
+  output point, the reduction loop inside the thread with the outputs in registers.
+
+Floating-point reductions are reassociated (lane partials, then the butterfly); results
+differ from a sequential loop by rounding only.
+
+This module imports nothing beyond the standard library and emit.py.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+
+from .emit import KernelSpec, Param, parse_type
+
+BLOCK = 256
+WARPS = 8
+
+
+class UnsupportedOp(ValueError):
+    """A linalg op (or body op) this generator cannot turn into a kernel."""
+
+
+# --------------------------------------------------------------------------- description
+
+
+@dataclass
+class Operand:
+    """A strided view bound to one kernel parameter (or a scalar constant)."""
+
+    elem: str  # MLIR element type: f32, f16, i8, i32, i64, i1, ...
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]  # in elements
+    map: list  # affine AST per result dim over the loop dims (see _eval)
+    const: tuple | None = None  # scalar operand: (attr text, python value)
+    alias: bool = False  # shares memory with another operand of the same op
+
+    @property
+    def span(self) -> int:
+        """Elements from the view's first element to its last (the param memref size)."""
+        if self.const is not None:
+            return 0
+        return 1 + sum((n - 1) * s for n, s in zip(self.shape, self.strides)) if all(self.shape) else 0
+
+
+@dataclass
+class Capture:
+    """A buffer read inside the body (``memref.load``, e.g. an embedding table)."""
+
+    elem: str
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    alias: bool = False
+
+    @property
+    def span(self) -> int:
+        return 1 + sum((n - 1) * s for n, s in zip(self.shape, self.strides))
+
+
+@dataclass
+class BodyOp:
+    """One scalar op of a linalg body. Operand refs: ("arg", i) block argument,
+    ("op", j, k) result k of body op j, ("idx", d) linalg.index d, ("cap", c) capture c."""
+
+    name: str
+    operands: list
+    types: list[str]
+    attrs: str = ""
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class GenericDesc:
+    loops: list[int]
+    iters: list[str]  # "parallel" | "reduction"
+    ins: list[Operand]
+    outs: list[Operand]
+    body: list[BodyOp]
+    yields: list  # refs, one per output
+    captures: list[Capture] = field(default_factory=list)
+    out_init: dict = field(default_factory=dict)  # out index -> (attr text, value): folded fill
+    tag: str = "generic"
+
+    @property
+    def n_in(self) -> int:
+        return len(self.ins)
+
+
+def copy_desc(elem: str, shape, src_strides, dst_strides) -> GenericDesc:
+    """dst[i...] = src[i...] (memref.copy between two views of one shape)."""
+    ident = [("d", i) for i in range(len(shape))]
+    return GenericDesc(list(shape), ["parallel"] * len(shape),
+                       [Operand(elem, tuple(shape), tuple(src_strides), list(ident))],
+                       [Operand(elem, tuple(shape), tuple(dst_strides), list(ident))],
+                       [], [("arg", 0)], tag="copy")
+
+
+# --------------------------------------------------------------------------- index arithmetic
+
+
+def _ix(E, v):
+    return v if not isinstance(v, int) else E.const(v, "index")
+
+
+def _add(E, a, b):
+    if isinstance(a, int) and isinstance(b, int):
+        return a + b
+    if isinstance(a, int) and a == 0:
+        return b
+    if isinstance(b, int) and b == 0:
+        return a
+    return _ix(E, a) + _ix(E, b)
+
+
+def _mul(E, a, b):
+    if isinstance(a, int) and isinstance(b, int):
+        return a * b
+    if isinstance(a, int):
+        a, b = b, a
+    if b == 0:
+        return 0
+    if b == 1:
+        return a
+    return a * _ix(E, b)
+
+
+def _div(E, a, b):
+    if isinstance(a, int) and isinstance(b, int):
+        return a // b
+    if isinstance(b, int) and b == 1:
+        return a
+    return _ix(E, a) // _ix(E, b)
+
+
+def _mod(E, a, b):
+    if isinstance(a, int) and isinstance(b, int):
+        return a % b
+    if isinstance(b, int) and b == 1:
+        return 0
+    return _ix(E, a) % _ix(E, b)
+
+
+def _eval(E, expr, dims):
+    """Affine AST -> index value (or int). ("d", i) | ("c", v) | (op, a, b), op in + * fd cd mod.
+    Loop indices are non-negative, so floordiv/mod by positive constants are unsigned ops."""
+    k = expr[0]
+    if k == "d":
+        return dims[expr[1]]
+    if k == "c":
+        return expr[1]
+    a, b = _eval(E, expr[1], dims), _eval(E, expr[2], dims)
+    if k == "+":
+        return _add(E, a, b)
+    if k == "*":
+        return _mul(E, a, b)
+    if k == "fd":
+        return _div(E, a, b)
+    if k == "cd":
+        return _div(E, _add(E, a, _add(E, b, -1) if isinstance(b, int) else b - 1), b)
+    if k == "mod":
+        return _mod(E, a, b)
+    raise UnsupportedOp(f"affine expression {expr}")
+
+
+def _flat(E, op: Operand, dims):
+    idx = 0
+    for expr, stride in zip(op.map, op.strides):
+        idx = _add(E, idx, _mul(E, _eval(E, expr, dims), stride))
+    return idx
+
+
+def _decompose(E, lin, extents):
+    """Linear index -> one index per extent (last fastest); unit extents give 0."""
+    out = [0] * len(extents)
+    rest = lin
+    nz = [i for i, n in enumerate(extents) if n != 1]
+    for pos, i in enumerate(reversed(nz)):
+        n = extents[i]
+        if pos == len(nz) - 1:
+            out[i] = rest
+        else:
+            out[i] = _mod(E, rest, n)
+            rest = _div(E, rest, n)
+    return out
+
+
+# --------------------------------------------------------------------------- body replay
+
+_COMBINERS = ("arith.addf", "arith.mulf", "arith.maximumf", "arith.minimumf", "arith.maxnumf",
+              "arith.minnumf", "arith.addi", "arith.muli", "arith.andi", "arith.ori", "arith.xori",
+              "arith.maxsi", "arith.minsi", "arith.maxui", "arith.minui")
+
+
+def _identity(name: str, t: str):
+    e = parse_type(t)[1]
+    if name in ("arith.addf", "arith.addi", "arith.ori", "arith.xori", "arith.maxui"):
+        return 0.0 if name == "arith.addf" else 0
+    if name in ("arith.mulf", "arith.muli"):
+        return 1.0 if name == "arith.mulf" else 1
+    if name in ("arith.maximumf", "arith.maxnumf"):
+        return -math.inf
+    if name in ("arith.minimumf", "arith.minnumf"):
+        return math.inf
+    w = {"i1": 1, "i8": 8, "i16": 16, "i32": 32, "i64": 64, "index": 64}[e]
+    if name == "arith.andi" or name == "arith.minui":
+        return (1 << w) - 1
+    if name == "arith.maxsi":
+        return 1 << (w - 1)  # INT_MIN, two's complement bits
+    if name == "arith.minsi":
+        return (1 << (w - 1)) - 1
+    raise UnsupportedOp(name)
+
+
+def _combiner(desc: GenericDesc):
+    """(body index of the combining op, ref of the combined value) when the single output's
+    update is out' = combine(out, v) with v independent of out; else None."""
+    if len(desc.outs) != 1 or not desc.yields or desc.yields[0][0] != "op":
+        return None
+    j = desc.yields[0][1]
+    op = desc.body[j]
+    out_arg = ("arg", desc.n_in)
+    if op.name not in _COMBINERS or len(op.operands) != 2 or out_arg not in op.operands:
+        return None
+    other = op.operands[1] if op.operands[0] == out_arg else op.operands[0]
+    if other == out_arg:
+        return None
+    uses = sum(r == out_arg for b in desc.body for r in b.operands)
+    if uses != 1:
+        return None
+    return j, other
+
+
+class _Replay:
+    def __init__(self, E, desc, a):
+        self.E, self.desc, self.a = E, desc, a
+
+    def run(self, args, dims, skip=(), upto=None):
+        """Replays body ops [0, upto) (all when None) except `skip`; returns a ref resolver."""
+        E, desc = self.E, self.desc
+        vals = {}
+
+        def get(ref):
+            k = ref[0]
+            if k == "arg":
+                v = args[ref[1]]
+                if v is None:
+                    raise UnsupportedOp("body reads an operand that was not loaded")
+                return v
+            if k == "idx":
+                return _ix(E, dims[ref[1]])
+            if k == "op":
+                return vals[(ref[1], ref[2])]
+            raise UnsupportedOp(f"bad ref {ref}")
+
+        n = len(desc.body) if upto is None else upto
+        for j in range(n):
+            if j in skip:
+                continue
+            op = desc.body[j]
+            if op.name == "memref.load":
+                c = op.operands[0][1]
+                cap = desc.captures[c]
+                flat = 0
+                for r, s in zip(op.operands[1:], cap.strides):
+                    flat = _add(E, flat, _mul(E, get(r), s))
+                res = [E.load(self.a[f"cap{c}"], _ix(E, flat))]
+            elif op.name == "qcc.powi":  # math.fpowi by a small constant: repeated products
+                x = get(op.operands[0])
+                n_ = op.info["n"]
+                r = None
+                for _ in range(abs(n_)):
+                    r = x if r is None else E.raw("arith.mulf", [r, x], [x.type], "")[0]
+                one = E.const(1.0, x.type)
+                if r is None:
+                    r = one
+                if n_ < 0:
+                    r = E.raw("arith.divf", [one, r], [x.type], "")[0]
+                res = [r]
+            else:
+                res = E.raw(op.name, [get(r) for r in op.operands], op.types, op.attrs, op.info)
+            for k, v in enumerate(res):
+                vals[(j, k)] = v
+        return get
+
+
+def _used_args(desc: GenericDesc) -> set[int]:
+    used = {r[1] for b in desc.body for r in b.operands if r[0] == "arg"}
+    used |= {r[1] for r in desc.yields if r[0] == "arg"}
+    return used
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+def _params(desc: GenericDesc) -> list[Param]:
+    ps = []
+    for i, op in enumerate(desc.ins):
+        if op.const is None:
+            ps.append(Param(f"in{i}", f"memref<{max(op.span, 1)}x{op.elem}>",
+                            "alias" if op.alias else "in"))
+    for i, op in enumerate(desc.outs):
+        ps.append(Param(f"out{i}", f"memref<{max(op.span, 1)}x{op.elem}>",
+                        "alias" if op.alias else "out"))
+    for c, cap in enumerate(desc.captures):
+        ps.append(Param(f"cap{c}", f"memref<{cap.span}x{cap.elem}>", "alias" if cap.alias else "in"))
+    return ps
+
+
+def _load_ins(E, a, desc, dims, used):
+    vals = []
+    for i, op in enumerate(desc.ins):
+        if i not in used:
+            vals.append(None)
+        elif op.const is not None:
+            vals.append(E.raw("arith.constant", [], [op.elem], f"value = {op.const[0]}",
+                              {"value": op.const[1]})[0])
+        else:
+            vals.append(E.load(a[f"in{i}"], _ix(E, _flat(E, op, dims))))
+    return vals
+
+
+def _init_out(E, a, desc, k, dims):
+    if k in desc.out_init:
+        text, value = desc.out_init[k]
+        return E.raw("arith.constant", [], [desc.outs[k].elem], f"value = {text}", {"value": value})[0]
+    return E.load(a[f"out{k}"], _ix(E, _flat(E, desc.outs[k], dims)))
+
+
+def classify(desc: GenericDesc) -> str:
+    red = [i for i, t in enumerate(desc.iters) if t == "reduction"]
+    if not red:
+        return "elementwise"
+    R = math.prod(desc.loops[i] for i in red)
+    O = math.prod(n for n, t in zip(desc.loops, desc.iters) if t == "parallel")
+    if R <= 1:
+        return "serial"
+    if _combiner(desc) is not None:
+        return "block_reduce" if (R >= 1024 and O < 512) else "warp_reduce"
+    return "serial"
+
+
+def build_kernel(desc: GenericDesc, name: str | None = None) -> KernelSpec:
+    """One KernelSpec for `desc`; named by a hash of its MLIR text unless `name` is given."""
+    kind = classify(desc)
+    par = [i for i, t in enumerate(desc.iters) if t == "parallel"]
+    red = [i for i, t in enumerate(desc.iters) if t == "reduction"]
+    Pext = [desc.loops[i] for i in par]
+    Rext = [desc.loops[i] for i in red]
+    O = math.prod(Pext)
+    R = math.prod(Rext)
+    used = _used_args(desc)
+    n_in = desc.n_in
+    smem = []
+
+    def dims_of(pvals, rvals):
+        d = [0] * len(desc.loops)
+        for i, v in zip(par, pvals):
+            d[i] = v
+        for i, v in zip(red, rvals):
+            d[i] = v
+        return d
+
+    if kind == "elementwise":
+        threads = BLOCK if O >= BLOCK else max(32, -(-O // 32) * 32)
+        grid = -(-O // threads)
+
+        def body(E, a):
+            lin = E.bid() * threads + E.tid()
+
+            def point():
+                dims = _decompose(E, lin, desc.loops)
+                rp = _Replay(E, desc, a)
+                args = _load_ins(E, a, desc, dims, used)
+                for k in range(len(desc.outs)):
+                    args.append(_init_out(E, a, desc, k, dims) if (n_in + k) in used else None)
+                get = rp.run(args, dims)
+                for k, y in enumerate(desc.yields):
+                    E.store(get(y), a[f"out{k}"], _ix(E, _flat(E, desc.outs[k], dims)))
+            if O % threads == 0:
+                point()
+            else:
+                E.if_(E.cmp("ult", lin, E.const(O, "index")), point)
+
+    elif kind in ("warp_reduce", "block_reduce"):
+        j_comb, v_ref = _combiner(desc)
+        comb = desc.body[j_comb]
+        et = desc.outs[0].elem
+        ident = _identity(comb.name, et)
+        block = kind == "block_reduce"
+        W = WARPS if block else min(WARPS, O)
+        threads = 32 * W
+        grid = O if block else -(-O // W)
+        step = threads if block else 32
+        n_iter = -(-R // step)
+        if block:
+            smem = [("red", et, W)]
+
+        def body(E, a):
+            tid = E.tid()
+            lane = tid % 32
+            if block:
+                o = E.bid()
+                oc = o
+                r0 = tid
+            else:
+                o = E.bid() * W + tid // 32
+                oc = E.minu(o, E.const(O - 1, "index")) if O % W else o
+                r0 = lane
+            pvals = _decompose(E, oc, Pext)
+            acc0 = E.const(ident, et)
+            rp = _Replay(E, desc, a)
+
+            def step_fn(j, args_):
+                acc = args_[0]
+                r = r0 + j * step
+                rc = E.minu(r, E.const(R - 1, "index")) if R % step else r
+                dims = dims_of(pvals, _decompose(E, rc, Rext))
+                ins = _load_ins(E, a, desc, dims, used)
+                get = rp.run(ins + [None] * len(desc.outs), dims, skip=(j_comb,), upto=j_comb)
+                v = get(v_ref)
+                new = E.raw(comb.name, [acc, v], [et], comb.attrs, comb.info)[0]
+                if R % step:
+                    new = E.select(E.cmp("ult", r, E.const(R, "index")), new, acc)
+                return [new]
+            acc = E.for_(0, n_iter, 1, [acc0], step_fn)[0]
+            for off in (16, 8, 4, 2, 1):
+                acc = E.raw(comb.name, [acc, E.shfl_xor(acc, off)], [et], comb.attrs, comb.info)[0]
+            odims = dims_of(pvals, [0] * len(red))
+
+            def finish(total):
+                init = _init_out(E, a, desc, 0, odims)
+                res = E.raw(comb.name, [init, total], [et], comb.attrs, comb.info)[0]
+                E.store(res, a["out0"], _ix(E, _flat(E, desc.outs[0], odims)))
+            if block:
+                warp = tid // 32
+                E.if_(E.cmp("eq", lane, E.const(0, "index")), lambda: E.store(acc, a["red"], warp))
+                E.barrier()
+
+                def first():
+                    tot = None
+                    for w in range(W):
+                        v = E.load(a["red"], E.const(w, "index"))
+                        tot = v if tot is None else E.raw(comb.name, [tot, v], [et], comb.attrs,
+                                                          comb.info)[0]
+                    finish(tot)
+                E.if_(E.cmp("eq", tid, E.const(0, "index")), first)
+            else:
+                ok = E.cmp("eq", lane, E.const(0, "index"))
+                if O % W:
+                    ok = E.and_(ok, E.cmp("ult", o, E.const(O, "index")))
+                E.if_(ok, lambda: finish(acc))
+
+    else:  # serial
+        threads = BLOCK if O >= BLOCK else max(32, -(-O // 32) * 32)
+        grid = -(-O // threads)
+
+        def body(E, a):
+            lin = E.bid() * threads + E.tid()
+
+            def point():
+                pvals = _decompose(E, lin, Pext)
+                odims = dims_of(pvals, [0] * len(red))
+                inits = [_init_out(E, a, desc, k, odims) for k in range(len(desc.outs))]
+                rp = _Replay(E, desc, a)
+
+                def step_fn(r, outs):
+                    dims = dims_of(pvals, _decompose(E, r, Rext))
+                    ins = _load_ins(E, a, desc, dims, used)
+                    get = rp.run(ins + list(outs), dims)
+                    return [get(y) for y in desc.yields]
+                res = E.for_(0, R, 1, inits, step_fn) if R > 1 else \
+                    step_fn(E.const(0, "index"), inits)
+                for k, v in enumerate(res):
+                    E.store(v, a[f"out{k}"], _ix(E, _flat(E, desc.outs[k], odims)))
+            if O % threads == 0:
+                point()
+            else:
+                E.if_(E.cmp("ult", lin, E.const(O, "index")), point)
+
+    spec = KernelSpec(name or "qk", _params(desc), (threads, 1, 1), (grid, 1, 1), body, smem,
+                      {"kind": f"linalg_{kind}", "loops": list(desc.loops), "tag": desc.tag},
+                      doc=f"{desc.tag}: {kind} over loops {desc.loops} ({desc.iters})")
+    if name is None:
+        text = spec.mlir_func()
+        h = hashlib.sha1(text.encode()).hexdigest()[:12]
+        spec.name = f"qk_{desc.tag}_{kind}_{h}".replace("-", "_").replace(".", "_")
+    return spec

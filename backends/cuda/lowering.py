@@ -1,0 +1,173 @@
+"""CUDA backend: linalg on tensors -> a static launch plan + one PTX/cubin image.
+
+`qcc.compile(..., target="cuda")` runs the common stages (IMPORT, the recipe's passes,
+TORCH_TO_LINALG) and then `compile_cuda`:
+
+    select-kernels  cuda-select-kernels: weight-only qcc.qlinear -> calls of qcc's
+                    tensor-core GEMV kernels (kernels.py) on weights repacked at compile time
+    lower-qcc       the remaining qcc ops -> linalg (dequantization fused into the reduction)
+    fuse            generalize named ops, fuse elementwise producers into consumers
+    bufferize       one-shot, function boundaries included, static identity layouts; every
+                    argument read-only (bufferization.writable = false), so no kernel writes a
+                    parameter or an input in place
+    plan            host_plan.py: allocations, views, linalg.generic, memref.copy and the
+                    kernel calls become buffers + an ordered list of launches; each linalg op
+                    becomes a kernel (linalg_kernels.py)
+    codegen         all kernels in one gpu.module -> NVVM -> LLVM IR (+ libdevice) -> PTX for
+                    --gpu-arch, and a cubin when ptxas is on PATH
+
+Why not convert-linalg-to-parallel-loops / gpu-map-parallel-loops / convert-parallel-
+loops-to-gpu / gpu-kernel-outlining: those map loop dim 0 to x (uncoalesced for row-major
+tensors), at most 3 dims, one thread per block unless the loops are tiled first, and keep
+a reduction's accumulator in memory (a load and a store per step). Generating each
+kernel from the linalg op gives a linearised, coalesced mapping of any rank, warp- and
+block-cooperative reductions with register accumulators, and a host side that is
+already a launch list, so no host lowering (and no gpu.launch_func walking) is needed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+
+import numpy as np
+
+from qcc import pipelines
+from qcc.errors import QccError
+
+from . import select_kernels  # noqa: F401  (registers cuda-select-kernels)
+
+ARCHS = ("sm_90", "sm_80")
+
+SELECT = ["cuda-select-kernels"]
+
+FUSE = [
+    "func.func(linalg-generalize-named-ops)",
+    "func.func(linalg-fuse-elementwise-ops)",
+    "canonicalize",
+    "cse",
+]
+
+BUFFERIZE = [
+    "func.func(refback-generalize-tensor-pad)",
+    "func.func(refback-generalize-tensor-concat)",
+    "one-shot-bufferize{bufferize-function-boundaries function-boundary-type-conversion=identity-layout-map}",
+    "canonicalize",
+    "func.func(linalg-generalize-named-ops)",
+    "cse",
+]
+
+
+def mark_readonly_args(module, name: str = "main") -> None:
+    """bufferization.writable = false on every argument of @name (parameters and inputs)."""
+    from torch_mlir import ir
+
+    for op in module.body.operations:
+        if op.operation.name == "func.func" and ir.StringAttr(op.attributes["sym_name"]).value == name:
+            f = op.operation
+            n = len(f.regions[0].blocks[0].arguments)
+            old = list(ir.ArrayAttr(f.attributes["arg_attrs"])) if "arg_attrs" in f.attributes else []
+            old += [ir.DictAttr.get({})] * (n - len(old))
+            new = []
+            for d in old:
+                d = ir.DictAttr(d)
+                entries = {d[i].name: d[i].attr for i in range(len(d))}
+                entries["bufferization.writable"] = ir.BoolAttr.get(False)
+                new.append(ir.DictAttr.get(entries))
+            f.attributes["arg_attrs"] = ir.ArrayAttr.get(new)
+
+
+@dataclasses.dataclass
+class Images:
+    ptx: dict  # arch -> text
+    cubin: dict  # arch -> bytes
+    resources: dict  # arch -> {kernel: Resources as dict}
+    llvm_ir: str
+
+
+def build_images(specs, archs=("sm_90",), cubin: bool = True) -> Images:
+    """All kernels in one gpu.module -> PTX (and cubin + ptxas resources) per arch."""
+    from . import ptx
+    from .emit import gpu_module
+
+    text = gpu_module(list(specs), "qcc_model")
+    ll = ptx.lower_to_llvm_ir(text)
+    out = Images({}, {}, {}, ll)
+    for arch in archs:
+        p = ptx.llvm_ir_to_ptx(ll, arch)
+        out.ptx[arch] = p
+        if cubin and ptx.ptxas_path():
+            cb = ptx.assemble(p, arch)
+            out.cubin[arch] = cb.data
+            out.resources[arch] = {k: dataclasses.asdict(r) for k, r in cb.resources.items()}
+    return out
+
+
+def compile_cuda(*, module, ctx, session, run, prog, imported, recipe, gpu_arch: str = "sm_90"):
+    """The CUDA part of qcc.compile (after TORCH_TO_LINALG); returns a CompiledModel."""
+    from qcc import driver
+    from qcc.model import CompiledModel
+
+    from .host_plan import HostOpError, PlanBuilder
+
+    if gpu_arch not in ARCHS:
+        raise QccError(f"unknown GPU architecture '{gpu_arch}'", where="--gpu-arch",
+                       hint=f"choose one of {', '.join(ARCHS)}")
+    run("select-kernels", SELECT)
+    run("lower-qcc", pipelines.LOWER_QCC)
+    entry_args = driver._entry_args(module, session.params)
+    with ctx:
+        mark_readonly_args(module)
+    run("fuse", FUSE)
+    run("bufferize", BUFFERIZE)
+    prog.stage("plan")
+    used = [a["param"] for a in entry_args if "param" in a]
+    weights = {n: np.ascontiguousarray(session.params[n]) for n in used}
+    try:
+        with ctx:
+            pb = PlanBuilder(module, weights).build(entry_args=entry_args)
+    except HostOpError as e:
+        raise QccError(f"cuda backend: {e}")
+    plan = pb.to_json()
+    launched = {L["kernel"] for L in plan["launches"]}
+    specs = {n: s for n, s in pb.specs.items() if n in launched}
+    prog.stage("codegen")
+    img = build_images(specs.values(), (gpu_arch,))
+    code = {f"cuda_{gpu_arch}.ptx": img.ptx[gpu_arch].encode()}
+    if gpu_arch in img.cubin:
+        code[f"cuda_{gpu_arch}.cubin"] = img.cubin[gpu_arch]
+    prog.stage("done")
+    kernels = {}
+    for n, s in sorted(specs.items()):
+        k = s.manifest()
+        res = img.resources.get(gpu_arch, {}).get(n)
+        if res is not None:
+            k["resources"] = {gpu_arch: res}
+        kernels[n] = k
+    cuda = {
+        "arch": gpu_arch,
+        "images": {gpu_arch: {"ptx": f"cuda_{gpu_arch}.ptx",
+                              **({"cubin": f"cuda_{gpu_arch}.cubin"} if gpu_arch in img.cubin else {})}},
+        "kernels": kernels,
+        "plan": plan,
+        "layers": session.options.get("cuda_kernels", {}),
+        "fallback": session.options.get("cuda_fallback", {}),
+        "numerics": "GEMV layers (cuda.layers): x rounded to f16, f16 output, fp32 accumulation; "
+                    "everything else fp32",
+    }
+    manifest = {
+        "target": "cuda",
+        "recipe": recipe.to_json(),
+        "entry": {"name": "main", "args": entry_args},
+        "inputs": [s.to_json() for s in imported.inputs],
+        "outputs": [s.to_json() for s in imported.outputs],
+        "layers": driver._layer_report(weights, session.layers),
+        "versions": driver._versions(),
+        "cuda": cuda,
+    }
+    compiled = CompiledModel(manifest, weights, code)
+    compiled.compile_seconds = {name: round(t1 - t0, 3) for (name, t0), (_, t1)
+                                in zip(prog.timings, prog.timings[1:])}
+    compiled.cuda_specs = specs  # kept in memory for tests (CPU emulation, other archs)
+    compiled.cuda_images = img
+    return compiled

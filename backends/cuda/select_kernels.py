@@ -1,0 +1,239 @@
+"""cuda-select-kernels: `qcc.qlinear` -> calls of qcc's prebuilt tensor-core GEMV kernels.
+
+Runs on linalg-on-tensors IR before lower-qcc-to-linalg. For each weight-only qlinear
+whose format and shape a kernel of kernels.py handles (int4 sym/asym with groups of a
+multiple of 32 or per channel, K % 128 == 0: ``gemv_w4a16``; int8 symmetric per channel,
+K % 64 == 0: ``gemv_w8a16``; N % 8 == 0 for both), the weight is repacked at compile time
+into the kernel's layout (pack.py; new parameters ``<weight>:<format>:cuda_w4|cuda_w8:<role>``)
+and the op becomes
+
+    %xh = to_f16(%x)            (a linalg.generic: fuses into the producer of x)
+    %yh = call @qcc_cuda_<kernel>_m<M>(%xh, %wq, %scales[, %zeros]) : tensor<MxNxf16>
+    %y  = to_f32(%yh)           (fuses into the consumers)
+
+The callee is an external declaration (`bufferization.access = "read"` on its
+arguments) carrying the kernel builder and its arguments as attributes; the host
+walker (host_plan.py) turns each call into one launch per 16 rows of x.
+
+Numerics: these kernels are "a16": x is rounded to f16 and y is stored in f16 (fp32
+accumulation inside). Every other qlinear (asymmetric or grouped int8, K or N that do
+not tile, quantized activations) is left to lower-qcc-to-linalg, whose fused
+dequantize-and-reduce generic runs as a warp-per-output fp32 kernel: no float copy of
+a weight is ever made.
+"""
+
+import dataclasses
+import json
+
+from torch_mlir import ir
+
+from qcc import irutil
+from qcc.context import format_key
+from qcc.dialects import formats
+from qcc.passes import QccPass, register
+
+M_MAX = 16  # rows per GEMV launch; more rows run as several launches
+
+_MLIR_ELEM = {"uint32": "i32", "int32": "i32", "uint8": "i8", "int8": "i8", "float32": "f32",
+              "float16": "f16"}
+
+
+def _static_shape(value) -> list:
+    t = ir.RankedTensorType(value.type)
+    return [None if t.is_dynamic_dim(i) else t.shape[i] for i in range(t.rank)]
+
+
+def plan_kernel(fmt, M: int, K: int, N: int, out_f32: bool = True):
+    """(builder name, builder kwargs) of the GEMV for this format and shape, or (None, why).
+    M: rows the kernel multiplies (2 x the tokens when x is split into hi/lo halves)."""
+    from . import kernels
+
+    m_max = 8 if M <= 8 else M_MAX
+    try:
+        if fmt.bits == 4 and fmt.granularity in ("group", "channel"):
+            G = fmt.group_size if fmt.granularity == "group" else K
+            args = {"K": K, "N": N, "group_size": G, "zero_point": not fmt.symmetric, "m_max": m_max,
+                    "out_f32": out_f32}
+            kernels.gemv_w4a16(**args)
+            return "gemv_w4a16", args
+        if fmt.bits == 8 and fmt.symmetric and fmt.granularity == "channel":
+            args = {"K": K, "N": N, "m_max": m_max, "out_f32": out_f32}
+            kernels.gemv_w8a16(**args)
+            return "gemv_w8a16", args
+    except kernels.KernelConstraintError as e:
+        return None, str(e)
+    return None, f"no GEMV kernel for {fmt.key()}"
+
+
+def build_spec(builder: str, args: dict):
+    from . import kernels
+
+    return getattr(kernels, builder)(**args)
+
+
+def _split_helpers(M, K, N):
+    """Private helpers (inlined later): x f32 [M, K] -> f16 [2M, K] (rows 0..M-1 the rounded
+    x, rows M..2M-1 the rounding error, so hi + lo = x to ~22 bits), and y f32 [2M, N] ->
+    [M, N] as hi + lo rows."""
+    split, join = f"qcc_cuda_split_f16_{M}x{K}", f"qcc_cuda_join_{M}x{N}"
+    return split, f"""
+func.func private @{split}(%x: tensor<{M}x{K}xf32>) -> tensor<{2 * M}x{K}xf16> {{
+  %e = tensor.empty() : tensor<2x{M}x{K}xf16>
+  %y = linalg.generic {{indexing_maps = [affine_map<(h, m, k) -> (m, k)>, affine_map<(h, m, k) -> (h, m, k)>],
+      iterator_types = ["parallel", "parallel", "parallel"]}} ins(%x : tensor<{M}x{K}xf32>)
+      outs(%e : tensor<2x{M}x{K}xf16>) {{
+  ^bb0(%in: f32, %out: f16):
+    %h = linalg.index 0 : index
+    %c0 = arith.constant 0 : index
+    %hi = arith.truncf %in : f32 to f16
+    %hif = arith.extf %hi : f16 to f32
+    %d = arith.subf %in, %hif : f32
+    %lo = arith.truncf %d : f32 to f16
+    %is_hi = arith.cmpi eq, %h, %c0 : index
+    %r = arith.select %is_hi, %hi, %lo : f16
+    linalg.yield %r : f16
+  }} -> tensor<2x{M}x{K}xf16>
+  %c = tensor.collapse_shape %y [[0, 1], [2]] : tensor<2x{M}x{K}xf16> into tensor<{2 * M}x{K}xf16>
+  return %c : tensor<{2 * M}x{K}xf16>
+}}
+""", join, f"""
+func.func private @{join}(%y: tensor<{2 * M}x{N}xf32>) -> tensor<{M}x{N}xf32> {{
+  %y2 = tensor.expand_shape %y [[0, 1], [2]] output_shape [2, {M}, {N}] : tensor<{2 * M}x{N}xf32> into tensor<2x{M}x{N}xf32>
+  %e = tensor.empty() : tensor<{M}x{N}xf32>
+  %s = linalg.generic {{indexing_maps = [affine_map<(m, n) -> (0, m, n)>, affine_map<(m, n) -> (1, m, n)>,
+      affine_map<(m, n) -> (m, n)>], iterator_types = ["parallel", "parallel"]}}
+      ins(%y2, %y2 : tensor<2x{M}x{N}xf32>, tensor<2x{M}x{N}xf32>) outs(%e : tensor<{M}x{N}xf32>) {{
+  ^bb0(%hi: f32, %lo: f32, %out: f32):
+    %r = arith.addf %hi, %lo : f32
+    linalg.yield %r : f32
+  }} -> tensor<{M}x{N}xf32>
+  return %s : tensor<{M}x{N}xf32>
+}}
+"""
+
+
+def _f16_helpers(M, K, N):
+    """Private helpers: f32 -> f16 of x [M, K], f16 -> f32 of y [M, N] (inlined later)."""
+    def conv(name, rows, cols, src, dst, op):
+        return f"""
+func.func private @{name}(%x: tensor<{rows}x{cols}x{src}>) -> tensor<{rows}x{cols}x{dst}> {{
+  %e = tensor.empty() : tensor<{rows}x{cols}x{dst}>
+  %y = linalg.generic {{indexing_maps = [affine_map<(m, k) -> (m, k)>, affine_map<(m, k) -> (m, k)>],
+      iterator_types = ["parallel", "parallel"]}} ins(%x : tensor<{rows}x{cols}x{src}>)
+      outs(%e : tensor<{rows}x{cols}x{dst}>) {{
+  ^bb0(%in: {src}, %out: {dst}):
+    %c = arith.{op} %in : {src} to {dst}
+    linalg.yield %c : {dst}
+  }} -> tensor<{rows}x{cols}x{dst}>
+  return %y : tensor<{rows}x{cols}x{dst}>
+}}
+"""
+    return (f"qcc_cuda_to_f16_{M}x{K}", conv(f"qcc_cuda_to_f16_{M}x{K}", M, K, "f32", "f16", "truncf"),
+            f"qcc_cuda_to_f32_{M}x{N}", conv(f"qcc_cuda_to_f32_{M}x{N}", M, N, "f16", "f32", "extf"))
+
+
+@register
+class CudaSelectKernels(QccPass):
+    name = "cuda-select-kernels"
+    summary = "Replace weight-only qcc.qlinear by qcc's tensor-core GEMV kernels on repacked weights"
+
+    @dataclasses.dataclass
+    class Options:
+        enable: bool = True  # false: every qlinear takes the generic (fp32, dequantize-in-reduction) path
+        # true: x enters the tensor cores as f16 hi + lo rows and y leaves in fp32 (the layer is
+        # as accurate as an fp32 GEMM; free for up to 4 tokens, whose 2M rows fit the m8 kernel);
+        # false: "a16" proper, x rounded to f16 and y stored as f16.
+        split_x: bool = True
+
+    def run(self, module):
+        self.body = module.regions[0].blocks[0]
+        self.defined = set()
+        selected = self.session.options.setdefault("cuda_kernels", {})
+        fallback = self.session.options.setdefault("cuda_fallback", {})
+        for func in irutil.functions(module):
+            sig = irutil.Signature(func)
+            for op in irutil.walk(func, "qcc.qlinear"):
+                if format_key(op.attributes["act_format"]) != "none":
+                    continue
+                fmt = formats.parse_weight_format(format_key(op.attributes["weight_format"]))
+                x_shape, y_shape = _static_shape(op.operands[0]), _static_shape(op.result)
+                names = [sig.param_name(irutil.block_arg_number(v)) if irutil.block_arg_number(v) is not None
+                         else None for v in op.operands[1:]]
+                base = names[0].rsplit(":", 2)[0] if names and names[0] else None
+                if len(x_shape) != 2 or None in x_shape or None in y_shape or None in names \
+                        or any(nm not in self.session.params for nm in names):
+                    if base:
+                        fallback[base] = "dynamic shape or non-parameter weight"
+                    continue
+                (M, K), N = x_shape, y_shape[1]
+                if not self.options.enable:
+                    fallback[base] = "disabled (cuda-select-kernels{enable=false})"
+                    continue
+                split = self.options.split_x
+                builder, args = plan_kernel(fmt, 2 * M if split else M, K, N, out_f32=split)
+                if builder is None:
+                    fallback[base] = args
+                    continue
+                self._rewrite(op, sig, fmt, builder, args, M, K, N, names, base, selected)
+            for name in sig.erase_unused_params():
+                if name in self.session.params:
+                    del self.session.params[name]
+
+    def _define(self, name, text):
+        if name not in self.defined:
+            m = ir.Module.parse(text)
+            for f in list(m.body.operations):
+                f.operation.move_after(self.body.operations[len(self.body.operations) - 1])
+            self.defined.add(name)
+
+    def _rewrite(self, op, sig, fmt, builder, args, M, K, N, names, base, selected):
+        from . import pack
+
+        store = self.session.params
+        roles = ["codes", "scale", "zero"][:len(names)]
+        src = dict(zip(roles, names))
+        if builder == "gemv_w4a16":
+            G = args["group_size"]
+            packed = store[src["codes"]]
+            scale = store[src["scale"]].astype("float32").reshape(N, K // G)
+            zero = store[src["zero"]].view("uint8").reshape(N, K // G) if "zero" in src else None
+            arrays = pack.pack_w4a16(packed.view("uint8"), scale, zero, G)
+            tag = "cuda_w4"
+        else:
+            arrays = pack.pack_w8a16(store[src["codes"]].view("int8"), store[src["scale"]])
+            tag = "cuda_w8"
+        spec = build_spec(builder, args)
+        kparams = [p.name for p in spec.params if p.is_buffer and p.name not in ("x", "y")]
+        new_names, operands = {}, []
+        for role in kparams:
+            name = f"{base}:{fmt.key()}:{tag}:{role}"
+            a = arrays[role]
+            store[name] = a
+            new_names[role] = name
+            operands.append(sig.add_param(name, irutil.tensor_type(a.shape, _MLIR_ELEM[a.dtype.name])))
+        split = args.get("out_f32", False)
+        rows = 2 * M if split else M
+        yt = "f32" if split else "f16"
+        callee = f"qcc_cuda_{spec.name}_m{rows}"
+        w_types = ", ".join(f"{v.type} {{bufferization.access = \"read\"}}" for v in operands)
+        attrs = json.dumps({"builder": builder, "args": args, "M": rows, "weight": base})
+        attrs_mlir = attrs.replace("\\", "\\\\").replace('"', '\\"')
+        self._define(callee, f'func.func private @{callee}(tensor<{rows}x{K}xf16> {{bufferization.access = "read"}}, '
+                             f'{w_types}) -> tensor<{rows}x{N}x{yt}> attributes {{qcc.cuda_kernel = "{attrs_mlir}"}}')
+        to16, to16_text, to32, to32_text = (_split_helpers if split else _f16_helpers)(M, K, N)
+        self._define(to16, to16_text)
+        self._define(to32, to32_text)
+        with ir.InsertionPoint(op), op.location:
+            xh = ir.Operation.create("func.call", results=[irutil.tensor_type([rows, K], "f16")],
+                                     operands=[op.operands[0]],
+                                     attributes={"callee": ir.FlatSymbolRefAttr.get(to16)}).result
+            yh = ir.Operation.create("func.call", results=[irutil.tensor_type([rows, N], yt)],
+                                     operands=[xh, *operands],
+                                     attributes={"callee": ir.FlatSymbolRefAttr.get(callee)}).result
+            y = ir.Operation.create("func.call", results=[op.result.type], operands=[yh],
+                                    attributes={"callee": ir.FlatSymbolRefAttr.get(to32)}).result
+        op.result.replace_all_uses_with(y)
+        op.erase()
+        selected[base] = {"kernel": spec.name, "builder": builder, "args": args, "M": M, "rows": rows,
+                          "split_x": split, "format": fmt.key(), "shape": [N, K], "params": new_names,
+                          "launches": -(-rows // args["m_max"])}
