@@ -189,6 +189,10 @@ def bench_linear(args, emit) -> None:
                 continue
             base = {**floats, **_torch_baselines(recipe, k, n, min_total)}
             for m in args.m:
+                if not q.kernel and m > 1:  # the scalar reference lowering: minutes per case
+                    emit({"suite": "linear", "recipe": recipe, "K": k, "N": n, "M": m,
+                          "status": "n/a (no fast CPU kernel for this recipe yet: reference lowering)"})
+                    continue
                 x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
                 xn = x.numpy()
                 fns = {"qcc": q.fn(xn), **{name: make(x) for name, (_, make) in base.items()}}
@@ -203,7 +207,8 @@ def bench_linear(args, emit) -> None:
                        "bw_fraction": round(q.nbytes / med["qcc"] / 1e9 / bw, 3),
                        "floor_ms": round(q.nbytes / bw / 1e6, 4),
                        "gflops": round(2 * m * n * k / med["qcc"] / 1e9, 1),
-                       "kernel": "gemv" if m < q.kernel.get("gemm_min_m", 1) else "gemm",
+                       "kernel": ("reference" if not q.kernel else
+                                  "gemv" if m < q.kernel.get("gemm_min_m", 1) else "gemm"),
                        "compile_s": round(q.compile_s, 2),
                        "baselines_ms": {name: round(t * 1e3, 4) for name, t in med.items() if name != "qcc"}}
                 rec["speedup"] = {name: round(t / med["qcc"], 2) for name, t in med.items() if name != "qcc"}
@@ -279,7 +284,8 @@ def bench_model(args, emit) -> None:
 
 def _fmt_row(rec: dict) -> str | None:
     if "status" in rec:
-        return f"{rec['recipe']:11s} K={rec['K']:<6d} N={rec['N']:<6d} {rec['status']}"
+        m = f"M={rec['M']:<4d} " if "M" in rec else ""
+        return f"{rec['recipe']:11s} K={rec['K']:<6d} N={rec['N']:<6d} {m}{rec['status']}"
     if rec.get("case") == "read-bandwidth":
         return f"read bandwidth (numpy sum, 512 MB): {rec['gbps']:.2f} GB/s"
     base = "  ".join(f"{n} {t:.3f} ms (x{rec['speedup'][n]:.2f})" for n, t in rec["baselines_ms"].items())
