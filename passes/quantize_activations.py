@@ -1,17 +1,18 @@
 """quantize-activations: choose how each qcc.qlinear quantizes its input activation.
 
 Sets `act_format` on qcc.qlinear ops whose activations are still float: per
-token ("int8_sym_token", dynamic, scales computed at run time) or per tensor
-("int8_sym_tensor", static: scale = absmax of that linear's input over the
-calibration data / qmax, stored in the op's `act_scale` attribute).  The
-numerics are dialects/formats/activation.py; dequant-after-gemm then turns the
-op into an integer GEMM.  Layers are named by the weight quantize-weights
-quantized ('fc1.weight', 'fc1.weight:inliers'); `exclude` is a regex over them.
+token (e.g. "int8_sym_token": scales computed at run time) or per tensor
+("int8_sym_tensor": calibrated absmax of the layer's input / qmax, in the op's
+f32 attribute `act_scale`; from calibration data or `stats=FILE`).  Numerics:
+dialects/formats/activation.py; dequant-after-gemm makes the integer GEMM.
+Layers are named by the weight quantize-weights saw ('fc1.weight',
+'fc1.weight:inliers'); `exclude` is a regex over those names.
 """
 
 import dataclasses
 import re
 
+import numpy as np
 from torch_mlir import ir
 
 from qcc import calibration, irutil
@@ -37,20 +38,27 @@ def qlinear_weight_name(func, op) -> str:
     return m.group("weight") if m else param
 
 
-def input_absmax(session, op, weight: str) -> float:
+def input_absmax(session, op, weight: str, stats_file: str = "") -> float:
     """max |x| of the input of the linear with weight `weight` over the calibration data.
 
     The statistics come from qcc.calibration (the float program as rewritten
-    so far, e.g. outlier columns masked by split-outliers).
+    so far, e.g. outlier columns masked by split-outliers), or from the
+    statistics file `stats_file`.
     """
+    from qcc.passes.split_outliers import inlier_mask_name
+
     try:
-        stats = calibration.session_stats(session, want=("absmax",))
+        stats = calibration.session_stats(session, want=("absmax",), stats_file=stats_file)
     except QccError as e:
         raise PassError(op, f"static activation scales need calibration: {e.what}"
                             + (f" ({e.hint})" if e.hint else ""))
-    if weight not in stats:
-        raise PassError(op, f"no calibration statistics for linear '{weight}': calibration did not reach it")
-    return float(stats[weight].tensor_absmax)
+    if weight in stats:
+        return float(stats[weight].tensor_absmax)
+    parent, _, derived = weight.partition(":")
+    mask = inlier_mask_name(parent)
+    if derived == "inliers" and parent in stats and mask in session.params:  # a statistics file knows the parent
+        return float(np.max(stats[parent].absmax[session.params[mask] > 0], initial=0.0))
+    raise PassError(op, f"no calibration statistics for linear '{weight}': calibration did not reach it")
 
 
 @register
@@ -62,6 +70,7 @@ class QuantizeActivations(QccPass):
     class Options:
         format: str = "int8_sym_token"
         exclude: str = ""  # regex over float weight names whose activations stay float
+        stats: str = ""  # precomputed calibration statistics (calibration.save_stats) for static formats
 
     def run(self, module):
         try:
@@ -82,7 +91,8 @@ class QuantizeActivations(QccPass):
                 if exclude and exclude.search(weight):
                     continue
                 if not fmt.dynamic:
-                    scale = activation.static_scale(input_absmax(self.session, op, weight), fmt)
+                    absmax = input_absmax(self.session, op, weight, self.options.stats)
+                    scale = activation.static_scale(absmax, fmt)
                     with op.location:
                         op.attributes["act_scale"] = ir.FloatAttr.get(ir.F32Type.get(), float(scale[0, 0]))
                 op.attributes["act_format"] = format_attr(fmt.key())

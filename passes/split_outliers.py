@@ -1,15 +1,13 @@
 """split-outliers: LLM.int8() (Dettmers et al. 2022) mixed-precision decomposition.
 
-A linear `x @ W^T` becomes `(x * mask) @ W_in^T + x[:, outliers] @ W_out^T`:
-input feature columns whose calibrated absmax exceeds `threshold` (default 6.0)
-stay float, the rest go through the quantized path.  The column selection is
-folded into the weights at compile time (W_in = W with outlier columns zeroed,
-W_out^T = the gathered outlier columns), so at run time the float part is a
-static index_select of x and a small matmul, and the int8 part sees x with its
-outlier columns zeroed (so they do not inflate per-token scales; K stays intact,
-as in bitsandbytes).  Outliers are decided from calibration data only (no
-dynamic variant): without calibration the pass fails.  Run it before
-quantize-weights, which then quantizes the `<weight>:inliers` linears.
+`x @ W^T` becomes `(x * mask) @ W_in^T + x[:, outliers] @ W_out^T`: input columns
+whose calibrated absmax exceeds `threshold` (6.0) stay float.  The selection is
+folded into the weights at compile time (W_in: W with those columns zeroed, so
+K stays intact as in bitsandbytes; W_out^T: the gathered columns), the float
+part's gather is a static index_select, and the zeroed columns cannot inflate
+the int8 part's per-token scales.  Outliers come from calibration data (or
+`stats=FILE`), never from a run-time guess.  Runs before quantize-weights,
+which then quantizes the `<weight>:inliers` linears.
 """
 
 import dataclasses
@@ -48,6 +46,7 @@ class SplitOutliers(QccPass):
     class Options:
         threshold: float = 6.0
         exclude: str = ""  # regex over weight names left alone
+        stats: str = ""  # precomputed calibration statistics (calibration.save_stats) instead of calibration data
 
     def run(self, module):
         if not self.options.threshold > 0:
@@ -74,7 +73,7 @@ class SplitOutliers(QccPass):
 
     def _absmax(self, op):
         try:
-            return calibration.session_stats(self.session, want=("absmax",))
+            return calibration.session_stats(self.session, want=("absmax",), stats_file=self.options.stats)
         except QccError as e:
             raise PassError(op, f"outlier columns are chosen from calibration data: {e.what}"
                                   + (f" ({e.hint})" if e.hint else ""))

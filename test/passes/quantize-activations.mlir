@@ -1,6 +1,8 @@
 // RUN: qcc-opt %s -p 'quantize-activations{format=int8_sym_token}' | filecheck %s
 // RUN: qcc-opt %s -p 'quantize-activations{format=int4_sym_token exclude=^head}' | filecheck %s --check-prefix=EXCL
 // RUN: qcc-opt %s -p 'quantize-activations{format=int4_sym_token exclude=^fc},quantize-activations{format=int8_sym_token}' | filecheck %s --check-prefix=TWO
+// RUN: %PYTHON -c "import numpy as np; from safetensors.numpy import save_file; a = np.ones(256, np.float32); a[5] = 12.7; save_file({'fc1.weight/absmax': a, 'head.weight/absmax': 2 * np.ones(256, np.float32)}, '%t.stats')"
+// RUN: qcc-opt %s -p 'quantize-activations{format=int8_sym_tensor stats=%t.stats}' | filecheck %s --check-prefix=STATIC
 // RUN: not qcc-opt %s -p 'quantize-activations{format=int8_sym_tensor}' 2>&1 | filecheck %s --check-prefix=NOCAL
 // RUN: not qcc-opt %s -p 'quantize-activations{format=int8_asym_token}' 2>&1 | filecheck %s --check-prefix=BADFMT
 
@@ -22,7 +24,13 @@
 // TWO: "qcc.qlinear"(%arg0, %arg1, %arg2) {act_format = #qcc.format<"int8_sym_token">
 // TWO: "qcc.qlinear"(%{{.*}}, %arg3, %arg4, %arg5) {act_format = #qcc.format<"int4_sym_token">
 
-// Static per-tensor scales come from calibration data, which qcc-opt does not have.
+// Static per-tensor scales: the calibrated absmax of the layer's input / qmax,
+// in the f32 attribute act_scale (12.7 / 127 and 2 / 127).
+// STATIC-LABEL: func.func @two_linears
+// STATIC: "qcc.qlinear"(%arg0, %arg1, %arg2) {act_format = #qcc.format<"int8_sym_tensor">, act_scale = 1.000000e-01 : f32
+// STATIC: "qcc.qlinear"(%{{.*}}, %arg3, %arg4, %arg5) {act_format = #qcc.format<"int8_sym_tensor">, act_scale = 0.0157480314 : f32
+
+// Without calibration data (or a statistics file) there is no static scale.
 // NOCAL: error: quantize-activations: static activation scales need calibration: this pass needs calibration data
 // NOCAL-SAME: calibration=[inputs, ...]
 // BADFMT: error: quantize-activations: unknown activation format 'int8_asym_token': expected int{4,8}_sym_{token,tensor} or none

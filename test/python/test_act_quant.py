@@ -180,3 +180,24 @@ def test_split_outliers_needs_calibration(linear):
     lin, ep, x = linear
     with pytest.raises(qcc.QccError, match="split-outliers: outlier columns are chosen from calibration data"):
         qcc.compile(ep, quant="llm-int8")
+
+
+def test_split_outliers_with_static_activations(linear):
+    """The int8 part's static scale is the calibrated absmax over the inlier columns only."""
+    lin, ep, x = linear
+    calib = [(make_inputs(s) * 0.01,) for s in (4, 5)]
+    calib[1][0][:, 30] *= 1000.0
+    compiled = qcc.compile(ep, quant={"weight_format": "int8_sym_channel", "act_format": "int8_sym_tensor",
+                                      "passes": ["split-outliers{threshold=6.0}"]}, calibration=calib)
+    absmax = np.max([c[0].abs().amax(0).numpy() for c in calib], axis=0)
+    mask = compiled.weights["weight:inlier_mask"]
+    np.testing.assert_array_equal(np.flatnonzero(mask == 0), [30])
+    fmt = activation.ACT_FORMATS["int8_sym_tensor"]
+    scale = activation.static_scale(absmax[mask > 0].max(), fmt)
+    w = lin.weight.detach().numpy().astype(np.float64)
+    w_in = dequantized_weights(compiled)["weight:inliers"].astype(np.float64)
+    xs = x * 0.01  # within the calibrated range
+    xn = xs.numpy()
+    expect = (activation.fake_quant_act(xn * mask, fmt, scale).astype(np.float64) @ w_in.T
+              + xn[:, [30]].astype(np.float64) @ w[:, [30]].T)
+    assert rel_err(compiled(xs).numpy(), expect) <= 1e-5
