@@ -62,6 +62,8 @@ class CompiledModel:
         return outs
 
     def __call__(self, *inputs):
+        if self.manifest["target"] == "cuda" and any(getattr(x, "is_cuda", False) for x in inputs):
+            return self._get_runner()(*inputs)  # torch CUDA tensors in and out, on torch's stream
         torch_in = any(type(x).__module__.startswith("torch") for x in inputs)
         arrays = [x.detach().cpu().numpy() if type(x).__module__.startswith("torch") else x for x in inputs]
         outs = self.run(*arrays)
@@ -82,9 +84,12 @@ class CompiledModel:
                     self._runner = CpuLibrary(path)
                 finally:
                     os.unlink(path)  # the mapping stays valid after unlink
+            elif target == "cuda":  # numpy + cuda-bindings; uploads the weights once
+                from qcc.backends.cuda.model_runtime import CudaModel
+
+                self._runner = CudaModel(self.manifest, self.weights, self.code)
             else:
-                raise QccError(f"target '{target}' cannot run in this process",
-                               hint="run CUDA artifacts with qcc.backends.cuda on a GPU machine")
+                raise QccError(f"target '{target}' cannot run in this process")
         return self._runner
 
     # -- persistence -----------------------------------------------------------

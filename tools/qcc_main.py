@@ -58,6 +58,7 @@ def cmd_compile(args) -> int:
             raise QccError("calibration arrays must share their leading (sample) dimension", where=args.calib)
         calibration = [tuple(torch.from_numpy(a[j]) for a in arrays) for j in range(arrays[0].shape[0])]
     m = qcc.compile(args.model, example, target=args.target, quant=args.quant, calibration=calibration,
+                    gpu_arch=args.gpu_arch,
                     allow_pickle=args.allow_pickle,
                     print_ir_after_all=args.print_ir_after_all, dump_dir=args.dump_dir, progress=not args.quiet and sys.stderr.isatty())
     m.save(args.output)
@@ -114,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="compile a .pt2 ExportedProgram into a .qcc artifact")
     c.add_argument("model", help="model file: a .pt2 written by torch.export.save")
     c.add_argument("--target", default="cpu", help="cpu (default) or cuda")
+    c.add_argument("--gpu-arch", default="sm_90", help="cuda target: sm_90 (default, H100/H200) or sm_80 (A100)")
     c.add_argument("--quant", default="float", help="recipe: float, w8a16, w4a16-g128, ...")
     c.add_argument("-o", "--output", required=True, help="artifact path, e.g. model.qcc")
     c.add_argument("--allow-pickle", action="store_true",

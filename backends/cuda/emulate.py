@@ -57,3 +57,179 @@ def run_compiled(compiled, *inputs) -> list[np.ndarray]:
         raise ValueError("no kernel specs: emulate a model compiled in this process")
     arrays = [x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x) for x in inputs]
     return run_plan(compiled.manifest["cuda"]["plan"], specs, compiled.weights, arrays)
+
+
+# --------------------------------------------------------------------------- a fake driver
+
+
+class FakeDriver:
+    """The subset of ``cuda.bindings.driver`` that runtime.py and model_runtime.py use, on
+    host memory, with cuLaunchKernel executed by the SIMT emulator. Lets CI run the real
+    GPU runtime code (buffer allocation, argument marshalling through ctypes, graph
+    capture and replay) without a GPU. `specs`: kernel name -> KernelSpec."""
+
+    class CUresult:
+        CUDA_SUCCESS = 0
+
+    class CUdevice_attribute:
+        CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = "major"
+        CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = "minor"
+        CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT = "sms"
+
+    class CUstreamCaptureMode:
+        CU_STREAM_CAPTURE_MODE_THREAD_LOCAL = 1
+        CU_STREAM_CAPTURE_MODE_GLOBAL = 0
+
+    class CUstream:
+        def __init__(self, h=0):
+            self.h = int(h)
+
+        def __int__(self):
+            return self.h
+
+    def __init__(self, specs: dict, cc=(9, 0)):
+        import ctypes
+
+        self.ctypes = ctypes
+        self.specs = specs
+        self.cc = cc
+        self.mem = {}  # address -> numpy buffer (kept alive)
+        self.launches = 0
+        self.capturing = None
+        self.graphs = []
+        self.n_streams = 0
+
+    # -- device, context
+    def cuInit(self, flags):
+        return (0,)
+
+    def cuDeviceGet(self, i):
+        return (0, 0)
+
+    def cuDevicePrimaryCtxRetain(self, dev):
+        return (0, "ctx")
+
+    def cuCtxSetCurrent(self, ctx):
+        return (0,)
+
+    def cuDeviceGetAttribute(self, a, dev):
+        return (0, {"major": self.cc[0], "minor": self.cc[1], "sms": 132}[a])
+
+    def cuDeviceGetName(self, n, dev):
+        return (0, b"FakeDriver (SIMT emulator)\0")
+
+    def cuGetErrorName(self, err):
+        return (0, b"FAKE_ERROR")
+
+    def cuGetErrorString(self, err):
+        return (0, b"fake driver error")
+
+    # -- memory
+    def cuMemAlloc(self, n):
+        buf = np.full(int(n) + 256, 0xFF, np.uint8)  # poisoned, 256-byte aligned start
+        addr = buf.ctypes.data
+        addr += (-addr) % 256
+        self.mem[addr] = buf
+        return (0, addr)
+
+    def cuMemFree(self, ptr):
+        self.mem.pop(int(ptr), None)
+        return (0,)
+
+    def _copy(self, dst, src, n):
+        self.ctypes.memmove(int(dst), int(src), int(n))
+        return (0,)
+
+    def cuMemcpyHtoD(self, dst, src, n):
+        return self._copy(dst, src, n)
+
+    def cuMemcpyDtoH(self, dst, src, n):
+        return self._copy(dst, src, n)
+
+    def cuMemcpyHtoDAsync(self, dst, src, n, st):
+        return self._copy(dst, src, n)
+
+    def cuMemcpyDtoHAsync(self, dst, src, n, st):
+        return self._copy(dst, src, n)
+
+    def cuMemcpyDtoDAsync(self, dst, src, n, st):
+        return self._copy(dst, src, n)
+
+    def cuMemsetD8(self, ptr, v, n):
+        self.ctypes.memset(int(ptr), v, int(n))
+        return (0,)
+
+    # -- modules and launches
+    def cuModuleLoadData(self, image):
+        return (0, "module")
+
+    def cuModuleGetFunction(self, mod, name):
+        name = name.decode() if isinstance(name, bytes) else name
+        if name not in self.specs:
+            return (1, None)
+        return (0, name)
+
+    def cuLaunchKernel(self, fn, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
+        if self.capturing is not None:
+            self.capturing.append((fn, params))
+            return (0,)
+        self._run(fn, params)
+        return (0,)
+
+    def _run(self, fn, params):
+        c = self.ctypes
+        spec = self.specs[fn]
+        slots = (c.c_void_p * len(spec.params)).from_address(int(params))
+        args, scal = {}, {}
+        for p, slot in zip(spec.params, slots):
+            if not p.is_buffer:
+                ty = c.c_int32 if p.type == "i32" else c.c_int64
+                scal[p.name] = args[p.name] = ty.from_address(slot).value
+        for p, slot in zip(spec.params, slots):
+            if p.is_buffer:
+                m = p.manifest()
+                n = m["bytes"] if not p.rows else m["row_bytes"] * scal[p.rows[0]]
+                ptr = c.c_void_p.from_address(slot).value
+                args[p.name] = np.ctypeslib.as_array((c.c_uint8 * n).from_address(ptr))
+        simt.run(spec, args)
+        self.launches += 1
+
+    # -- streams, graphs, events
+    def cuStreamCreate(self, flags):
+        self.n_streams += 1
+        return (0, self.CUstream(self.n_streams))
+
+    def cuStreamSynchronize(self, st):
+        return (0,)
+
+    def cuCtxSynchronize(self):
+        return (0,)
+
+    def cuStreamBeginCapture(self, st, mode):
+        self.capturing = []
+        return (0,)
+
+    def cuStreamEndCapture(self, st):
+        g, self.capturing = self.capturing, None
+        self.graphs.append(g)
+        return (0, len(self.graphs) - 1)
+
+    def cuGraphInstantiateWithFlags(self, g, flags):
+        return (0, g)
+
+    def cuGraphLaunch(self, ex, st):
+        for fn, params in self.graphs[ex]:
+            self._run(fn, params)
+        return (0,)
+
+    def cuEventCreate(self, flags):
+        return (0, "event")
+
+    def cuEventRecord(self, e, st):
+        return (0,)
+
+    def cuEventSynchronize(self, e):
+        return (0,)
+
+    def cuEventElapsedTime(self, a, b):
+        return (0, 0.0)

@@ -94,16 +94,20 @@ def _memref_info(t):
     return list(mt.shape), list(strides), offset, elem
 
 
-def _ast(e):
+def _ast(e, n_dims=None):
+    """AffineExpr -> the tuple AST of linalg_kernels._eval; symbols (affine.apply) become
+    dims n_dims + i."""
     e = e.maybe_downcast()
     if isinstance(e, ir.AffineDimExpr):
         return ("d", e.position)
+    if isinstance(e, ir.AffineSymbolExpr) and n_dims is not None:
+        return ("d", n_dims + e.position)
     if isinstance(e, ir.AffineConstantExpr):
         return ("c", e.value)
     for cls, tag in ((ir.AffineAddExpr, "+"), (ir.AffineMulExpr, "*"), (ir.AffineFloorDivExpr, "fd"),
                      (ir.AffineCeilDivExpr, "cd"), (ir.AffineModExpr, "mod")):
         if isinstance(e, cls):
-            return (tag, _ast(e.lhs), _ast(e.rhs))
+            return (tag, _ast(e.lhs, n_dims), _ast(e.rhs, n_dims))
     raise HostOpError(f"unsupported affine expression {e}")
 
 
@@ -314,6 +318,12 @@ class PlanBuilder:
                     caps.append(self._view_of(m))
                 operands = [("cap", cap_ids[m])] + [ref(v) for v in b.operands[1:]]
                 body.append(lk.BodyOp("memref.load", operands, [str(b.result.type)]))
+                refs[b.result] = ("op", len(body) - 1, 0)
+                continue
+            if b.name == "affine.apply":  # from fusing producers that use linalg.index
+                amap = ir.AffineMapAttr(b.attributes["map"]).value
+                body.append(lk.BodyOp("affine.apply", [ref(v) for v in b.operands], ["index"],
+                                      info={"expr": _ast(amap.results[0], amap.n_dims)}))
                 refs[b.result] = ("op", len(body) - 1, 0)
                 continue
             if b.name == "math.fpowi":

@@ -289,6 +289,9 @@ class _Replay:
                 for r, s in zip(op.operands[1:], cap.strides):
                     flat = _add(E, flat, _mul(E, get(r), s))
                 res = [E.load(self.a[f"cap{c}"], _ix(E, flat))]
+            elif op.name == "affine.apply":
+                v = _eval(E, op.info["expr"], [get(r) for r in op.operands])
+                res = [_ix(E, v)]
             elif op.name == "qcc.powi":  # math.fpowi by a small constant: repeated products
                 x = get(op.operands[0])
                 n_ = op.info["n"]

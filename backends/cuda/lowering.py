@@ -6,7 +6,8 @@ TORCH_TO_LINALG) and then `compile_cuda`:
     select-kernels  cuda-select-kernels: weight-only qcc.qlinear -> calls of qcc's
                     tensor-core GEMV kernels (kernels.py) on weights repacked at compile time
     lower-qcc       the remaining qcc ops -> linalg (dequantization fused into the reduction)
-    fuse            generalize named ops, fuse elementwise producers into consumers
+    fuse            tensor.concat -> gather generics (concat.py), generalize named ops, fuse
+                    elementwise producers into consumers
     bufferize       one-shot, function boundaries included, static identity layouts; every
                     argument read-only (bufferization.writable = false), so no kernel writes a
                     parameter or an input in place
@@ -35,13 +36,15 @@ import numpy as np
 from qcc import pipelines
 from qcc.errors import QccError
 
-from . import select_kernels  # noqa: F401  (registers cuda-select-kernels)
+from . import concat, select_kernels  # noqa: F401  (register cuda-concat-to-generic, cuda-select-kernels)
 
 ARCHS = ("sm_90", "sm_80")
 
 SELECT = ["cuda-select-kernels"]
 
 FUSE = [
+    "cuda-concat-to-generic",
+    "inline",
     "func.func(linalg-generalize-named-ops)",
     "func.func(linalg-fuse-elementwise-ops)",
     "canonicalize",

@@ -34,7 +34,8 @@ _PTX_FEATURE = {"sm_80": "+ptx75", "sm_86": "+ptx75", "sm_89": "+ptx78", "sm_90"
                 "sm_90a": "+ptx80"}
 
 def lowering_pipeline(index_bitwidth: int = 64) -> str:
-    return ("builtin.module(gpu.module(canonicalize, cse, convert-scf-to-cf, convert-vector-to-llvm,"
+    # lower-affine: canonicalize may fold index arithmetic into affine.apply
+    return ("builtin.module(gpu.module(canonicalize, cse, lower-affine, convert-scf-to-cf, convert-vector-to-llvm,"
             f"convert-gpu-to-nvvm{{use-bare-ptr-memref-call-conv=1 index-bitwidth={index_bitwidth}}},"
             " canonicalize, cse), reconcile-unrealized-casts)")
 
@@ -107,7 +108,19 @@ def lower_to_llvm_ir(module_text: str, index_bitwidth: int = 64) -> str:
                 n += 1
         if not n:
             raise PtxError("no gpu.module with kernels in the input")
+        left = [op.name for op in _walk_ops(out.operation)
+                if not op.name.startswith(("llvm.", "nvvm.", "builtin.module"))]
+        if left:  # translating them would fail (and can take the process down)
+            raise PtxError(f"ops left after lowering to NVVM: {sorted(set(left))}")
         return _old_float_literals(llvm_d.translate_module_to_llvmir(out.operation))
+
+
+def _walk_ops(op):
+    for region in op.regions:
+        for block in region.blocks:
+            for child in block.operations:
+                yield child.operation
+                yield from _walk_ops(child.operation)
 
 
 _FBITS = re.compile(r"\bf0x([0-9A-Fa-f]+)\b")

@@ -98,13 +98,14 @@ func.func private @{split}(%x: tensor<{M}x{K}xf32>) -> tensor<{2 * M}x{K}xf16> {
 }}
 """, join, f"""
 func.func private @{join}(%y: tensor<{2 * M}x{N}xf32>) -> tensor<{M}x{N}xf32> {{
-  %y2 = tensor.expand_shape %y [[0, 1], [2]] output_shape [2, {M}, {N}] : tensor<{2 * M}x{N}xf32> into tensor<2x{M}x{N}xf32>
+  %hi = tensor.extract_slice %y[0, 0] [{M}, {N}] [1, 1] : tensor<{2 * M}x{N}xf32> to tensor<{M}x{N}xf32>
+  %lo = tensor.extract_slice %y[{M}, 0] [{M}, {N}] [1, 1] : tensor<{2 * M}x{N}xf32> to tensor<{M}x{N}xf32>
   %e = tensor.empty() : tensor<{M}x{N}xf32>
-  %s = linalg.generic {{indexing_maps = [affine_map<(m, n) -> (0, m, n)>, affine_map<(m, n) -> (1, m, n)>,
+  %s = linalg.generic {{indexing_maps = [affine_map<(m, n) -> (m, n)>, affine_map<(m, n) -> (m, n)>,
       affine_map<(m, n) -> (m, n)>], iterator_types = ["parallel", "parallel"]}}
-      ins(%y2, %y2 : tensor<2x{M}x{N}xf32>, tensor<2x{M}x{N}xf32>) outs(%e : tensor<{M}x{N}xf32>) {{
-  ^bb0(%hi: f32, %lo: f32, %out: f32):
-    %r = arith.addf %hi, %lo : f32
+      ins(%hi, %lo : tensor<{M}x{N}xf32>, tensor<{M}x{N}xf32>) outs(%e : tensor<{M}x{N}xf32>) {{
+  ^bb0(%a: f32, %b: f32, %out: f32):
+    %r = arith.addf %a, %b : f32
     linalg.yield %r : f32
   }} -> tensor<{M}x{N}xf32>
   return %s : tensor<{M}x{N}xf32>
