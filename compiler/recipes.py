@@ -23,7 +23,8 @@ A recipe file (``--quant my.json`` or ``.toml``, or a dict to ``qcc.compile``)::
      "passes": ["split-outliers{threshold=4.0}"],
      "overrides": [{"pattern": "lm_head", "weight_format": "int8_sym_channel", "act_format": "none"}]}
 
-``passes`` run on the float model before quantization; ``overrides`` are
+``passes`` run on the float model before quantization; ``weight_pass``
+(default ``quantize-weights``, or e.g. ``gptq``) quantizes the weights; ``overrides`` are
 tried in order, first match wins, ``pattern`` a regex searched in the weight
 name (``re.search``); a missing format in an override inherits the recipe's.
 Each override becomes its own quantize-weights / quantize-activations instance
@@ -79,13 +80,13 @@ EXTENSIONS = {
     "w4a4-had": RecipeSpec("int4_sym_channel", "int4_sym_token", before=("fuse-rotation",)),
     "w4a4-had-reorder": RecipeSpec("int4_sym_channel", "int4_sym_token", before=("fuse-rotation", "reorder-channels")),
     "w8a8-smooth": RecipeSpec("int8_sym_channel", "int8_sym_token", before=("smooth-channels",)),
-    "w4a16-g128-awq": RecipeSpec("int4_asym_g128", before=("awq",)),
+    "w4a16-g128-awq": RecipeSpec("int4_asym_g128", before=("awq{format=int4_asym_g128}",)),
     "w4a16-g128-gptq": RecipeSpec("int4_asym_g128", weight_pass="gptq"),
 }
 
 PRESETS = ("float", "w8a16", "w4a16-g128", *NAMED, *EXTENSIONS)
 
-FILE_KEYS = ("name", "weight_format", "act_format", "passes", "overrides")
+FILE_KEYS = ("name", "weight_format", "act_format", "weight_pass", "passes", "overrides")
 OVERRIDE_KEYS = ("pattern", "weight_format", "act_format")
 
 
@@ -218,10 +219,36 @@ def recipe_from_dict(data: dict, where: str) -> Recipe:
         oafmt = _act_format(ov.get("act_format", afmt or "none"), where, f"{field}.act_format")
         _check_combo(owfmt, oafmt, where, f"{field}.")
         parsed.append((pattern, owfmt, oafmt))
-    passes = before + quantization_passes(wfmt, afmt, parsed)
+    passes = before + quantization_passes(wfmt, afmt, parsed, _weight_pass(data.get("weight_pass"), where))
     for element in passes:
         _check_pass(element, where, f"recipe '{name}'")
     return Recipe(name, wfmt, tuple(passes), afmt)
+
+
+def _weight_pass(value, where: str) -> str:
+    """The weight quantizer a file names: a registered pass with `exclude` and a weight `format` option."""
+    import dataclasses as dc
+
+    from qcc import passes as registry
+    from qcc.dialects import formats
+
+    def quantizes_weights(cls) -> bool:
+        opts = {f.name: f for f in dc.fields(cls.Options)}
+        if "exclude" not in opts or "format" not in opts:
+            return False
+        try:
+            formats.parse_weight_format(opts["format"].default)
+        except formats.FormatError:
+            return False
+        return True
+
+    if value is None:
+        return "quantize-weights"
+    allowed = [name for name, cls in registry.all_passes().items() if quantizes_weights(cls)]
+    if value not in allowed:
+        raise QccError(f"field 'weight_pass': {value!r} is not a weight quantizer", where=where,
+                       hint=f"allowed: {', '.join(allowed)}")
+    return value
 
 
 def _check_keys(obj: dict, allowed, where: str, what: str) -> None:

@@ -92,13 +92,16 @@ def test_file_with_overrides(tmp_path):
         "quantize-activations{format=int8_sym_token exclude=(?:lm_head)|(?:mlp\\.)}",
         "quantize-activations{format=int4_sym_token exclude=^(?!.*(?:mlp\\.))|(?:lm_head)}",
         "dequant-after-gemm")
+    if passes.lookup("gptq") is not None:
+        r = get_recipe(write(tmp_path, {"weight_format": "int4_asym_g128", "weight_pass": "gptq"}))
+        assert r.passes == ("gptq{format=int4_asym_g128}",)
     toml = write(tmp_path, 'weight_format = "int8_sym_channel"\nact_format = "int8_sym_token"\n', "r.toml")
     assert get_recipe(toml).passes == get_recipe("w8a8").passes
 
 
 @pytest.mark.parametrize("obj,match", [
     ({"weight_format": "int8_sym_channel", "act_fmt": "int8_sym_token"},
-     r"unknown field 'act_fmt' in recipe.*allowed: name, weight_format, act_format, passes, overrides"),
+     r"unknown field 'act_fmt' in recipe.*allowed: name, weight_format, act_format, weight_pass, passes, overrides"),
     ({"weight_format": "int3_sym_channel"}, r"field 'weight_format': unknown weight format 'int3_sym_channel'.*allowed: none, int\{4,8\}"),
     ({"weight_format": "int8_sym_channel", "act_format": "int8_asym_token"},
      r"field 'act_format': unknown activation format.*allowed: none, int4_sym_tensor, int4_sym_token, int8_sym_tensor, int8_sym_token"),
@@ -106,6 +109,8 @@ def test_file_with_overrides(tmp_path):
     ({"weight_format": "int8_sym_channel", "passes": ["fuse-rotaton"]}, r"passes\[0\] needs pass 'fuse-rotaton', which is not registered"),
     ({"weight_format": "int8_sym_channel", "passes": ["split-outliers{thresh=3}"]}, r"unknown option 'thresh=3' for pass split-outliers"),
     ({"weight_format": "int8_sym_channel", "passes": "split-outliers"}, r"field 'passes' must be a list"),
+    ({"weight_format": "int8_sym_channel", "weight_pass": "split-outliers"},
+     r"field 'weight_pass': 'split-outliers' is not a weight quantizer.*allowed: .*quantize-weights"),
     ({"weight_format": "int8_sym_channel", "overrides": [{"weight_format": "none"}]}, r"field 'overrides\[0\].pattern' is missing"),
     ({"weight_format": "int8_sym_channel", "overrides": [{"pattern": "fc", "bits": 4}]}, r"unknown field 'bits' in overrides\[0\]"),
     ({"weight_format": "int8_sym_channel", "overrides": [{"pattern": "fc(", "weight_format": "none"}]}, r"overrides\[0\].pattern': bad regex"),
