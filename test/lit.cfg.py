@@ -7,9 +7,9 @@ import lit.formats
 
 config.name = "qcc"
 config.test_format = lit.formats.ShTest(execute_external=False)
-config.suffixes = [".mlir", ".py"]
+config.suffixes = [".mlir"]  # test/lit/lit.local.cfg adds .py there
 config.test_source_root = os.path.dirname(__file__)
-config.excludes = ["python", "models.py", "make_example_model.py", "lit.cfg.py", "Output", "__pycache__"]
+config.excludes = ["python", "data", "Output", "__pycache__"]
 config.substitutions.append(("%PYTHON", sys.executable))
 config.substitutions.append(("qcc-opt", f"{sys.executable} -m qcc.tools.qcc_opt"))
 config.environment["PYTHONPATH"] = os.path.dirname(__file__) + os.pathsep + os.environ.get("PYTHONPATH", "")
