@@ -54,7 +54,10 @@ FUSE = [
 BUFFERIZE = [
     "func.func(refback-generalize-tensor-pad)",
     "func.func(refback-generalize-tensor-concat)",
-    "one-shot-bufferize{bufferize-function-boundaries function-boundary-type-conversion=identity-layout-map}",
+    # TMTensor ops (sort, scan) have no one-shot interface: bufferized on their own, so that
+    # the host walker can name them (it has no kernels for them)
+    "one-shot-bufferize{allow-unknown-ops bufferize-function-boundaries function-boundary-type-conversion=identity-layout-map}",
+    "func.func(tm-tensor-bufferize)",
     "canonicalize",
     "func.func(linalg-generalize-named-ops)",
     "cse",

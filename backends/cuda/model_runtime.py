@@ -55,11 +55,25 @@ def read_safetensors(data: bytes) -> dict:
 
 
 def load_artifact(path: str):
-    """(manifest, weights, code) of a .qcc file, without qcc, MLIR or torch."""
-    with zipfile.ZipFile(path) as z:
+    """(manifest, weights, code) of a .qcc file, without qcc, MLIR or torch; members are
+    checked against the manifest's sha256."""
+    with open(path, "rb") as f:
+        return _read_zip(f.read(), path)
+
+
+def _read_zip(data: bytes, where: str):
+    import hashlib
+
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
         manifest = json.loads(z.read("manifest.json"))
-        weights = read_safetensors(z.read("weights.safetensors"))
-        code = {n[len("code/"):]: z.read(n) for n in z.namelist() if n.startswith("code/")}
+        blobs = {}
+        for name, digest in manifest.get("files", {}).items():
+            b = z.read(name)
+            if hashlib.sha256(b).hexdigest() != digest:
+                raise ValueError(f"{where}: hash mismatch for {name}: the artifact is corrupted")
+            blobs[name] = b
+    weights = read_safetensors(blobs.pop("weights.safetensors"))
+    code = {n[len("code/"):]: b for n, b in blobs.items() if n.startswith("code/")}
     return manifest, weights, code
 
 
@@ -289,8 +303,4 @@ class CudaModel:
 
 def from_bytes(data: bytes, **kw) -> CudaModel:
     """A CudaModel from the bytes of a .qcc file."""
-    with zipfile.ZipFile(io.BytesIO(data)) as z:
-        manifest = json.loads(z.read("manifest.json"))
-        weights = read_safetensors(z.read("weights.safetensors"))
-        code = {n[len("code/"):]: z.read(n) for n in z.namelist() if n.startswith("code/")}
-    return CudaModel(manifest, weights, code, **kw)
+    return CudaModel(*_read_zip(data, "artifact"), **kw)

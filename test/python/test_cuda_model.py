@@ -1,0 +1,252 @@
+"""CUDA backend, whole models: `qcc.compile(..., target="cuda")` end to end.
+
+Without a GPU: the launch plan of each compiled model runs on the CPU, every launch
+through the numpy SIMT emulator (backends/cuda/emulate.py), and must match PyTorch with
+the bounds of the CPU tests -- float within 1e-4 of float64 PyTorch, weight-only recipes
+within 1e-4 of PyTorch on the dequantized weights (the GEMV layers feed x to the tensor
+cores as f16 hi + lo rows and return fp32, so no f16 rounding is involved), w8a8 within
+1e-4 of the fake-quant reference of test_recipes. Every generated kernel must assemble
+with ptxas for sm_90a and sm_80 without spills or a stack frame, and the GPU runtime
+(model_runtime.py: buffers, marshalled launches, CUDA graph capture) runs against a fake
+driver that executes launches with the emulator. GPU tests skip without a device.
+"""
+from __future__ import annotations
+
+import copy
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import models
+import qcc
+from bench_models import DecodeStep, bench_llama
+from qcc.backends.cuda import emulate, lowering, model_runtime, ptx, runtime, torch_ref
+from qcc.reference import dequantized_weights
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.isfinite(a).all(), "output has NaN/inf (an unwritten or poisoned buffer was read)"
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def f64(model, inputs):
+    inputs = [x.double() if x.is_floating_point() else x for x in inputs]
+    with torch.no_grad():
+        out = model.double()(*inputs)
+    return [o.numpy() for o in (out if isinstance(out, tuple) else (out,))]
+
+
+def llama_block(seq=8, batch=1):
+    m = models.LlamaBlock(hidden=256, heads=4, kv_heads=2, ffn=768, seed=2).eval()
+    return m, m.example_inputs(batch=batch, seq=seq, seed=3)
+
+
+def llama_model(seq=5):
+    m = models.LlamaModel(vocab=512, hidden=256, layers=2, heads=4, kv_heads=2, ffn=768, max_seq=64,
+                          seed=2).eval()
+    return m, m.example_inputs(batch=1, seq=seq, seed=3)
+
+
+def decode_step():
+    step = DecodeStep(bench_llama(layers=1, hidden=256, ffn=768, heads=4, max_seq=160), 64).eval()
+    return step, step.example_inputs()
+
+
+def mlp():
+    m = models.MLP(in_features=128, seed=2).eval()
+    return m, m.example_inputs(batch=5, seed=3)
+
+
+CASES = {
+    "block-float": (llama_block, "float"),
+    "block-w4a16-g128": (llama_block, "w4a16-g128"),
+    "block-w4a16-g128-m20": (lambda: llama_block(seq=10, batch=2), "w4a16-g128"),  # 2 GEMV launches
+    "block-w8a16": (llama_block, "w8a16"),
+    "block-w4a16-g64-sym": (lambda: llama_block(seq=2), "w4a16-g64-sym"),  # scale_mode="weight"
+    "block-w8a8": (lambda: llama_block(seq=4), "w8a8"),  # integer GEMM through the generic path
+    "model-float": (llama_model, "float"),
+    "model-w4a16-g128": (llama_model, "w4a16-g128"),
+    "decode-w4a16-g128": (decode_step, "w4a16-g128"),
+    "mlp-w8a16": (mlp, "w8a16"),  # biases, GELU (erf): libdevice
+}
+_COMPILED = {}
+
+
+def compiled_case(name):
+    if name not in _COMPILED:
+        make, recipe = CASES[name]
+        model, inputs = make()
+        _COMPILED[name] = (model, inputs, recipe, qcc.compile(model, inputs, target="cuda", quant=recipe))
+    return _COMPILED[name]
+
+
+def reference(model, inputs, recipe, compiled):
+    if recipe == "float":
+        return f64(model, inputs)
+    if recipe == "w8a8":
+        from test_recipes import RECIPE_FORMATS, fake_quant_model
+
+        linears = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        ref = fake_quant_model(model, {w: RECIPE_FORMATS["w8a8"] for w in linears})
+        with torch.no_grad():
+            return [ref(*inputs).numpy()]
+    return f64(torch_ref.a16_reference(model, compiled.manifest, dequantized_weights(compiled)), inputs)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_emulated_plan_matches_pytorch(name):
+    model, inputs, recipe, compiled = compiled_case(name)
+    got = emulate.run_compiled(compiled, *inputs)
+    expect = reference(model, inputs, recipe, compiled)
+    assert len(got) == len(expect)
+    for g, e in zip(got, expect):
+        assert g.shape == e.shape
+        assert rel_err(g, e) <= 1e-4, name
+    if recipe not in ("float",):
+        assert rel_err(f64(model, inputs)[0], expect[0]) > 1e-4  # quantization really happened
+
+
+def test_gemv_selection_and_fallback():
+    _, _, _, c = compiled_case("block-w4a16-g128")
+    cuda = c.manifest["cuda"]
+    assert len(cuda["layers"]) == 7 and not cuda["fallback"]  # every linear on a tensor-core GEMV
+    names = {L["kernel"] for L in cuda["plan"]["launches"]}
+    assert sum(n.startswith("gemv_w4a16") for n in names) >= 3
+    # weights are stored repacked once, no float copy of a quantized weight exists
+    assert not any(n.endswith(":codes") for n in c.weights)
+    assert all(w.dtype != np.float32 or w.size <= 64 * 64 for n, w in c.weights.items() if "proj" in n)
+    # w8a8 has no GEMV: its integer GEMM runs as generated kernels, recorded as such
+    _, _, _, c8 = compiled_case("block-w8a8")
+    assert not c8.manifest["cuda"]["layers"]
+    _, _, _, c20 = compiled_case("block-w4a16-g128-m20")  # 20 tokens: 40 split rows, 3 launches
+    launches = [L for L in c20.manifest["cuda"]["plan"]["launches"] if L["kernel"].startswith("gemv")]
+    assert [L["args"][-1]["scalar"] for L in launches[:3]] == [16, 16, 8]
+
+
+def test_plan_fuses_and_folds():
+    _, _, _, c = compiled_case("decode-w4a16-g128")
+    plan = c.manifest["cuda"]["plan"]
+    assert plan["stats"]["folded_fills"] >= 4  # reductions start from the fill constant
+    # the KV-cache concatenation is fused into attention: nothing copies the cache
+    cache_bytes = 4 * 64 * 64 * 4
+    big_copies = [L for L in plan["launches"] if "copy" in L["kernel"]
+                  and any(plan["buffers"][a["buf"]]["bytes"] >= cache_bytes for a in L["args"] if "buf" in a)]
+    assert not big_copies
+    assert len(plan["launches"]) <= 34
+    # temporaries share the arena
+    temps = sum(b["bytes"] for b in plan["buffers"] if b["kind"] == "temp")
+    assert plan["arena_bytes"] < temps
+
+
+@pytest.mark.skipif(ptx.ptxas_path() is None, reason="ptxas not on PATH")
+def test_every_generated_kernel_assembles_without_spills():
+    specs = {}
+    for name in CASES:
+        specs.update(compiled_case(name)[3].cuda_specs)
+    img = lowering.build_images(specs.values(), ("sm_90a", "sm_80"))
+    for arch in ("sm_90a", "sm_80"):
+        res = img.resources[arch]
+        missing = set(specs) - set(res)
+        assert not missing, f"{arch}: no ptxas report for {sorted(missing)[:3]}"
+        bad = {k: r for k, r in res.items() if r["spill_stores"] or r["spill_loads"] or r["stack"]}
+        assert not bad, f"{arch}: spills or stack frames in {bad}"
+        assert re.search(rf"\.target {arch}\b", img.ptx[arch])
+
+
+def test_artifact_code_and_manifest():
+    _, _, _, c = compiled_case("block-w8a16")
+    cuda = c.manifest["cuda"]
+    assert cuda["arch"] == "sm_90" and "cuda_sm_90.ptx" in c.code
+    assert ".target sm_90" in c.code["cuda_sm_90.ptx"].decode()
+    if ptx.ptxas_path():
+        assert c.code["cuda_sm_90.cubin"][:4] == b"\x7fELF"
+        for k in cuda["kernels"].values():
+            r = k["resources"]["sm_90"]
+            assert r["spill_stores"] == r["spill_loads"] == r["stack"] == 0
+    launched = {L["kernel"] for L in cuda["plan"]["launches"]}
+    assert launched == set(cuda["kernels"])
+
+
+@pytest.fixture
+def fake_driver(monkeypatch):
+    box = {}
+
+    def install(specs):
+        box["drv"] = emulate.FakeDriver(specs)
+        monkeypatch.setattr(runtime, "_driver", lambda: box["drv"])
+        return box["drv"]
+    return install
+
+
+def test_runtime_on_fake_driver_matches_emulation(tmp_path, fake_driver):
+    model, inputs, recipe, c = compiled_case("model-w4a16-g128")
+    path = str(tmp_path / "m.qcc")
+    c.save(path)
+    manifest, weights, code = model_runtime.load_artifact(path)  # no qcc, torch or MLIR needed
+    assert {k: v for k, v in manifest.items() if k not in ("files", "format_version")} == c.manifest
+    assert set(weights) == set(c.weights) and code == c.code
+    drv = fake_driver(c.cuda_specs)
+    m = model_runtime.CudaModel(manifest, weights, code)
+    assert m.image == "cubin for sm_90 on sm_90" or "ptx" in m.image
+    x = inputs[0].numpy()
+    y1, y2 = m(x), m(x)  # second call replays the captured graph
+    assert m.use_graph and drv.launches == 2 * len(c.manifest["cuda"]["plan"]["launches"])
+    expect = emulate.run_compiled(c, *inputs)[0]
+    np.testing.assert_array_equal(y1, expect)
+    np.testing.assert_array_equal(y2, expect)
+    with pytest.raises(ValueError, match="expected shape"):
+        m(x[:, :2])
+    # qcc.load -> CompiledModel -> the cuda runner
+    loaded = qcc.load(path)
+    np.testing.assert_array_equal(loaded(*inputs).numpy(), expect)
+
+
+def test_runtime_rejects_a_broken_plan(fake_driver):
+    _, _, _, c = compiled_case("block-w8a16")
+    fake_driver(c.cuda_specs)
+    manifest = copy.deepcopy(c.manifest)
+    L = next(L for L in manifest["cuda"]["plan"]["launches"] if L["kernel"].startswith("gemv"))
+    L["args"][0]["offset"] += 1 << 20
+    with pytest.raises(model_runtime.PlanError, match="needs .* bytes at offset"):
+        model_runtime.CudaModel(manifest, c.weights, c.code)
+
+
+def test_unsupported_host_op_is_named():
+    class Sort(torch.nn.Module):
+        def forward(self, x):
+            return torch.sort(x, dim=-1).values * 2
+
+    with pytest.raises(qcc.QccError, match="does not handle 'tm_tensor.sort'"):
+        qcc.compile(Sort(), (torch.randn(4, 8),), target="cuda")
+
+
+def test_cli_gpu_arch(tmp_path):
+    from qcc.tools.qcc_main import main
+
+    model, inputs = mlp()
+    pt2 = str(tmp_path / "mlp.pt2")
+    torch.export.save(torch.export.export(model, inputs), pt2)
+    out = str(tmp_path / "mlp.qcc")
+    assert main(["compile", pt2, "--target", "cuda", "--gpu-arch", "sm_80", "--quant", "w8a16", "-o", out, "-q"]) == 0
+    loaded = qcc.load(out)
+    assert loaded.manifest["cuda"]["arch"] == "sm_80"
+    assert ".target sm_80" in loaded.code["cuda_sm_80.ptx"].decode()
+    assert main(["compile", pt2, "--target", "cuda", "--gpu-arch", "sm_70", "-o", out, "-q"]) == 2
+
+
+_GPU, _WHY = runtime.available()
+
+
+@pytest.mark.skipif(not _GPU, reason=f"needs a CUDA GPU ({_WHY})")
+@pytest.mark.parametrize("name", ["block-float", "block-w4a16-g128", "model-w4a16-g128"])
+def test_on_gpu(name):
+    model, inputs, recipe, c = compiled_case(name)
+    expect = reference(model, inputs, recipe, c)
+    got = c(*inputs)
+    assert rel_err(got.numpy(), expect[0]) <= 1e-4
+    if torch.cuda.is_available():
+        got = c(*[x.cuda() for x in inputs])
+        assert got.is_cuda and rel_err(got.cpu().numpy(), expect[0]) <= 1e-4
