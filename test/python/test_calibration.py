@@ -84,3 +84,18 @@ def test_session_cache_view_and_errors(block):
     np.testing.assert_array_equal(b["q_part"].absmax, a["self_attn.q_proj.weight"].absmax[cols])
     with pytest.raises(QccError, match="needs calibration data"):
         calibration.session_stats(Session(params=None, options={"exported_program": ep}))
+
+
+def test_stats_file_roundtrip(block, tmp_path):
+    model, ep, batches = block
+    stats = calibration.linear_input_stats(ep, batches, want=("absmax", "hessian"))
+    path = str(tmp_path / "stats.safetensors")
+    calibration.save_stats(stats, path)
+    session = Session(params=None, options={})
+    loaded = calibration.session_stats(session, want=("absmax", "hessian"), stats_file=path)
+    for name, st in stats.items():
+        np.testing.assert_allclose(loaded[name].absmax, st.absmax, rtol=1e-6)
+        np.testing.assert_allclose(loaded[name].hessian, st.hessian)
+        assert loaded[name].rows == st.rows and loaded[name].tensor_absmax == pytest.approx(st.tensor_absmax)
+    with pytest.raises(QccError, match="lack 'samples'"):
+        calibration.load_stats(path, want=("samples",))
