@@ -56,6 +56,12 @@ class DequantAfterGemm(QccPass):
         if wfmt.granularity == "group" and k % wfmt.group_size:
             raise PassError(op, f"K={k} is not a multiple of the group size of {wfmt.key()}")
         acc_shape = [m, n, k // wfmt.group_size] if wfmt.granularity == "group" else [m, n]
+        terms = wfmt.group_size if wfmt.granularity == "group" else k
+        largest_w = (1 << wfmt.bits) - 1 if not wfmt.symmetric else (127 if wfmt.bits == 8 else 8)
+        largest_x = 127 if afmt.bits == 8 else 8
+        if terms * largest_w * largest_x > 2**31 - 1:
+            raise PassError(op, f"an i32 accumulator of {terms} products of {afmt.key()} x {wfmt.key()} codes "
+                                f"can overflow; use a group format (g128) for K={k}")
         afmt_attr, wfmt_attr = op.attributes["act_format"], op.attributes["weight_format"]
         with ir.InsertionPoint(op), op.location:
             if afmt.dynamic:
