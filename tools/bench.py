@@ -299,7 +299,9 @@ def _fmt_row(rec: dict) -> str | None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("suite", choices=["linear", "model"])
+    p.add_argument("suite", choices=["linear", "model", "report"],
+                   help="report: markdown tables from the JSON lines of earlier runs (files)")
+    p.add_argument("files", nargs="*", help="report: .jsonl files written by --json runs")
     p.add_argument("--json", action="store_true", help="one JSON record per case on stdout")
     p.add_argument("--quick", action="store_true", help="a smoke run: small shapes, few repetitions")
     p.add_argument("--shapes", help="comma-separated KxN (default: 4096x4096,4096x11008,11008x4096)")
@@ -310,13 +312,61 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run)
 
 
+def markdown(records: list) -> str:
+    """Markdown tables (linear, model) of --json records."""
+    out = []
+    bw = [r for r in records if r.get("case") == "read-bandwidth"]
+    if bw:
+        out.append("Read bandwidth measured in the run (numpy sum, 512 MB): "
+                   + ", ".join(f"{r['gbps']:.2f} GB/s ({r['suite']})" for r in bw) + "\n")
+    lin = [r for r in records if r.get("suite") == "linear" and "case" not in r]
+    if lin:
+        out.append("| recipe | K | N | M | qcc ms | kernel | GB/s | % read bw | floor ms | x floor "
+                   "| torch fp32 ms | torch bf16 ms | torch quantized ms | vs fp32 | vs bf16 | vs torch quantized "
+                   "| 1 thread / 2 threads |")
+        out.append("|" + "---|" * 17)
+        for r in lin:
+            if "status" in r:
+                out.append(f"| {r['recipe']} | {r['K']} | {r['N']} | {r.get('M', 'all')} | {r['status']} "
+                           + "| " * 12 + "|")
+                continue
+            b, sp = r["baselines_ms"], r["speedup"]
+            qn = next((n for n in b if n not in ("torch fp32", "torch bf16")), None)
+            out.append(
+                f"| {r['recipe']} | {r['K']} | {r['N']} | {r['M']} | {r['qcc_ms']:.3f} | {r['kernel']} "
+                f"| {r['gbps']:.1f} | {100 * r['bw_fraction']:.0f}% | {r['floor_ms']:.3f} "
+                f"| {r['qcc_ms'] / r['floor_ms']:.2f} | {b.get('torch fp32', 0):.3f} | {b.get('torch bf16', 0):.3f} "
+                f"| {f'{b[qn]:.3f} ({qn})' if qn else 'n/a'} | {sp.get('torch fp32', 0):.2f}x "
+                f"| {sp.get('torch bf16', 0):.2f}x | {f'{sp[qn]:.2f}x' if qn else 'n/a'} "
+                f"| {r['thread_scaling'] if 'thread_scaling' in r else ''} |")
+    mod = [r for r in records if r.get("suite") == "model" and "case" in r and "qcc_ms" in r]
+    if mod:
+        out.append("\n| case | recipe | tokens | qcc ms | qcc tok/s | eager fp32 tok/s | torch.compile fp32 tok/s "
+                   "| vs eager | vs torch.compile | floor ms | qcc compile s | torch.compile s |")
+        out.append("|" + "---|" * 12)
+        for r in mod:
+            bt, sp = r["baselines_tokens_per_s"], r["speedup"]
+            out.append(f"| {r['case']} | {r['recipe']} | {r['tokens']} | {r['qcc_ms']:.2f} | {r['tokens_per_s']:.1f} "
+                       f"| {bt.get('torch eager fp32', 0):.1f} | {bt.get('torch.compile fp32', 0):.1f} "
+                       f"| {sp.get('torch eager fp32', 0):.2f}x | {sp.get('torch.compile fp32', 0):.2f}x "
+                       f"| {r['floor_ms']:.2f} | {r['compile_s']:.1f} | {r.get('torch_compile_s', '')} |")
+    return "\n".join(out) + "\n"
+
+
 def run(args) -> int:
+    if args.suite == "report":
+        records = []
+        for path in args.files:
+            with open(path) as f:
+                records += [json.loads(line) for line in f if line.startswith("{")]
+        print(markdown(records), end="")
+        return 0
     args.shapes = ([tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")] if args.shapes
                    else [(256, 512)] if args.quick else LINEAR_SHAPES)
     args.m = [int(v) for v in args.m.split(",")] if args.m else ([1, 16] if args.quick else LINEAR_M)
     args.recipes = args.recipes.split(",") if args.recipes else (["w4a16-g128"] if args.quick else RECIPES)
     args.model_recipes = ["w4a16-g128"]
-    args.budget = args.budget if args.budget is not None else (0.05 if args.quick else 1.5)
+    args.budget = args.budget if args.budget is not None else (0.05 if args.quick else 1.0)
     args.bw_bytes = (64 << 20) if args.quick else (512 << 20)
     if args.quick:
         args.no_torch_compile = True

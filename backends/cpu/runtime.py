@@ -40,22 +40,24 @@ def describe(array: np.ndarray):
 
 def _open(path: str):
     """(library, OpenMP runtime handle or None).  A library with parallel kernels
-    names the OpenMP runtime it was linked against; it is found on this host first."""
-    try:
-        return ctypes.CDLL(path), None
-    except OSError as e:
-        m = re.search(r"(lib[\w+-]*omp[\w.]*): cannot open shared object", str(e))
-        if not m:
-            raise
+    names the OpenMP runtime it was linked against (DT_NEEDED); that runtime is
+    loaded first (RTLD_LOCAL), from this host's candidates, so the library binds
+    to it and not to another process-wide OpenMP (torch's libgomp)."""
+    with open(path, "rb") as f:
+        image = f.read()
+    omp = None
+    if b"__kmpc_fork_call" in image:
+        m = re.search(rb"\x00(lib[\w+-]*omp[\w.]*\.so[\w.]*)\x00", image)
+        soname = m.group(1).decode() if m else "libomp.so"
         # idle workers spin 20 ms (libomp's default: 200) before sleeping: long enough
         # between the kernels of one model call, short enough not to steal a core
         # from the caller's other threaded code (torch's libgomp) afterwards
         os.environ.setdefault("KMP_BLOCKTIME", "20")
-        omp = host.load_openmp(m.group(1))
+        omp = host.load_openmp(soname)
         if omp is None:
-            raise OSError(f"{e}: this artifact runs its kernels on OpenMP threads and needs LLVM's OpenMP "
-                          f"runtime ({m.group(1)}): pip install cmeel-libomp, or set QCC_OPENMP_LIB") from None
-        return ctypes.CDLL(path), omp
+            raise OSError(f"{path}: this artifact runs its kernels on OpenMP threads and needs LLVM's OpenMP "
+                          f"runtime ({soname}): pip install cmeel-libomp, or set QCC_OPENMP_LIB")
+    return ctypes.CDLL(path), omp
 
 
 class CpuLibrary:
