@@ -6,7 +6,9 @@ panel layout (backends/cpu/pack.py: contiguous per kernel stream, new
 parameters `<codes param>` with `:panels<R>x<V>` before the role), and the op
 becomes a call of `@qcc_cpu_qlinear_<format>_<K>x<N>_v<V>` (backends/cpu/
 kernels.py): a GEMV with in-register int4/int8 decode for M < `gemm-min-m`,
-a blocked GEMM over dequantized tiles otherwise, chosen at run time on M.
+blocked GEMMs over dequantized tiles otherwise (dot-product tiles, broadcast
+tiles from M = `bcast-min-m`), chosen at run time on M, or at compile time
+when M is static.
 Ops it does not handle (quantized activations, group sizes that do not tile,
 non-parameter weights) are left to the reference lowering.
 """
@@ -38,6 +40,7 @@ class CpuSelectKernels(QccPass):
         lanes: int = 0          # f32 lanes per vector: 8 (AVX2), 16 (AVX-512); 0 = the host's
         rows: int = 4           # weight rows per panel
         gemm_min_m: int = 4     # M at and above which the blocked GEMM runs
+        bcast_min_m: int = 32   # M at and above which its broadcast-tile variant runs
         threads: bool = True    # scf.parallel (OpenMP) over panels
 
     def run(self, module):
@@ -45,7 +48,8 @@ class CpuSelectKernels(QccPass):
         from qcc.backends.cpu.pack import LayoutError, PanelLayout
 
         lanes = self.options.lanes or host.features()["lanes"]
-        cfg = kernels.KernelConfig(gemm_min_m=self.options.gemm_min_m, threads=self.options.threads)
+        cfg = kernels.KernelConfig(gemm_min_m=self.options.gemm_min_m, bcast_min_m=self.options.bcast_min_m,
+                                   threads=self.options.threads)
         body = module.regions[0].blocks[0]
         defined = set()
         selected = self.session.options.setdefault("cpu_kernels", {})
@@ -66,12 +70,12 @@ class CpuSelectKernels(QccPass):
                     lay.check()
                 except LayoutError:
                     continue
-                self._rewrite(op, func, sig, lay, cfg, names, body, defined, selected)
+                self._rewrite(op, func, sig, lay, cfg, names, body, defined, selected, x_shape[0])
             for name in sig.erase_unused_params():
                 if name in self.session.params:
                     del self.session.params[name]
 
-    def _rewrite(self, op, func, sig, lay, cfg, names, body, defined, selected):
+    def _rewrite(self, op, func, sig, lay, cfg, names, body, defined, selected, static_m):
         from qcc.backends.cpu import kernels
         from qcc.backends.cpu.pack import pack
 
@@ -89,9 +93,12 @@ class CpuSelectKernels(QccPass):
             new_names[role] = name
             a = arrays[role]
             args.append(sig.add_param(name, irutil.tensor_type(a.shape, _MLIR_ELEM[a.dtype.name])))
-        kname = f"qcc_cpu_qlinear_{lay.format_key}_{lay.k}x{lay.n}_v{lay.lanes}"
+        # a static M needs one kernel: less code to compile than the dispatch over three
+        variant = cfg.variant(static_m) if static_m is not None else "dispatch"
+        kname = f"qcc_cpu_qlinear_{lay.format_key}_{lay.k}x{lay.n}_v{lay.lanes}" + \
+            ("" if variant == "dispatch" else f"_{variant}")
         if kname not in defined:
-            kernel = ir.Module.parse(kernels.qlinear(kname, lay, cfg))
+            kernel = ir.Module.parse(kernels.qlinear(kname, lay, cfg, static_m))
             for f in list(kernel.body.operations):
                 f.operation.move_after(body.operations[len(body.operations) - 1])
             defined.add(kname)
@@ -105,4 +112,5 @@ class CpuSelectKernels(QccPass):
         op.result.replace_all_uses_with(y)
         op.erase()
         weight = src["codes"].rsplit(":", 2)[0]
-        selected[weight] = {"kernel": kname, "params": new_names, **lay.to_json(), **cfg.to_json()}
+        selected[weight] = {"kernel": kname, "variant": variant, "params": new_names, **lay.to_json(),
+                            **cfg.to_json()}

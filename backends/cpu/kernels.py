@@ -26,11 +26,16 @@ from qcc.backends.cpu.pack import PanelLayout
 class KernelConfig:
     """Tuning knobs of one linear's kernels (recorded in the manifest)."""
 
-    gemm_min_m: int = 4      # M >= this runs the blocked GEMM
+    gemm_min_m: int = 4      # M >= this runs the blocked GEMM (dot-product tiles)
+    bcast_min_m: int = 32    # M >= this runs the blocked GEMM with broadcast tiles (6 x 2V)
     mr: int = 2              # rows of x per GEMM register tile (2 x R=4 accumulators: no spills on AVX2)
     panels_per_chunk: int = 8
     kc_blocks: int = 8       # KC = kc_blocks * KB columns dequantized at a time
     threads: bool = True     # scf.parallel (OpenMP) or scf.for
+
+    def variant(self, m: int) -> str:
+        """The kernel that runs M rows (the cost model: see ARCHITECTURE.md)."""
+        return "gemv" if m < self.gemm_min_m else "gemm" if m < self.bcast_min_m else "gemm_bcast"
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -352,8 +357,116 @@ def gemm(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
     return _parallel(name, lay, cfg, nchunks, t.text())
 
 
-def qlinear(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
-    """Tensor-level entry: x [?, K] and the panel arrays -> y [?, N], with the kernels it calls."""
+def gemm_bcast(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
+    """Blocked GEMM for large M: per chunk of NC = 2V output columns and block of KC
+    columns of K, the codes are dequantized (`(q - z) * s`, as the reference) and
+    transposed into a k-major tile Bt[KC, NC] (16 KB, in L1); 6 x NC register tiles
+    then take one broadcast x[m, k] and two vector loads of Bt per 12 FMAs."""
+    lay.check()
+    t = _Text()
+    R, V, KB, G = lay.rows, lay.lanes, lay.kb, lay.group
+    NC = 2 * V
+    PB = NC // R
+    MR = 6
+    KCB = min(4, lay.blocks)
+    KC = KCB * KB
+    ty = _types(lay)
+    vf = _vec(lay)
+    xty = f"memref<?x{lay.k_pad}xf32>"
+    bty = f"memref<{KC}x{NC}xf32>"
+    yty = f"memref<?x{lay.n}xf32>"
+    t.op("%c0_body = arith.constant 0 : index")
+    c0, c1 = t.idx(0), t.idx(1)
+    M = t.v(f"memref.dim %x, {c0} : {xty}")
+    zv = t.v(f"arith.constant dense<0.0> : {vf}")
+    pad = t.v("arith.constant 0.0 : f32")
+    nchunks = -(-lay.panels // PB)
+    nkc = -(-lay.blocks // KCB)
+    t.op("%pc = arith.addi %i, %c0_body : index")
+    t.op(f"%bt = memref.alloca() {{alignment = 64 : i64}} : {bty}")
+    p0 = t.v(f"arith.muli %pc, {t.idx(PB)} : index")
+    n0 = t.v(f"arith.muli %pc, {t.idx(NC)} : index")
+    prem = t.v(f"arith.subi {t.idx(lay.panels)}, {p0} : index")
+    npb = t.v(f"arith.minui {prem}, {t.idx(PB)} : index")
+    t.open(f"scf.for %kc = {c0} to {t.idx(nkc)} step {c1} {{")
+    first = t.v(f"arith.cmpi eq, %kc, {c0} : index")
+    b0 = t.v(f"arith.muli %kc, {t.idx(KCB)} : index")
+    brem = t.v(f"arith.subi {t.idx(lay.blocks)}, {b0} : index")
+    nb = t.v(f"arith.minui {brem}, {t.idx(KCB)} : index")
+    t.open(f"scf.for %pb = {c0} to {npb} step {c1} {{")
+    p = t.v(f"arith.addi {p0}, %pb : index")
+    col0 = t.v(f"arith.muli %pb, {t.idx(R)} : index")
+    t.open(f"scf.for %b = {c0} to {nb} step {c1} {{")
+    kb = t.v(f"arith.addi {b0}, %b : index")
+    words = [t.v(f"vector.load %codes[{p}, {kb}, {t.idx(r)}, {c0}] : {ty['codes']}, {_vec(lay, 'i32')}")
+             if lay.fmt.bits == 4 else None for r in range(R)]
+    scale_of = {}
+    for i in range(8):
+        rows = []
+        for r in range(R):
+            rr = t.idx(r)
+            f = _decode(t, lay, "%codes", p, kb, rr, i, words[r])
+            if i == 0 or (i * V) % G == 0:
+                g = t.v(f"affine.apply affine_map<(d0) -> ((d0 * {KB} + {i * V}) floordiv {G})>({kb})")
+                s = t.v(f"memref.load %scale[{p}, {g}, {rr}] : {ty['scale']}")
+                zb = None
+                if lay.needs_zero:
+                    zb = t.v(f"vector.broadcast {_zero_value(t, lay, '%zero', p, g, rr)} : f32 to {vf}")
+                scale_of[r] = (t.v(f"vector.broadcast {s} : f32 to {vf}"), zb)
+            sb, zb = scale_of[r]
+            if zb is not None:
+                f = t.v(f"arith.subf {f}, {zb} : {vf}")
+            rows.append(t.v(f"arith.mulf {f}, {sb} : {vf}"))
+        stacked = t.v(f"arith.constant dense<0.0> : vector<{R}x{V}xf32>")
+        for r in range(R):
+            stacked = t.v(f"vector.insert {rows[r]}, {stacked} [{r}] : {vf} into vector<{R}x{V}xf32>")
+        tr = t.v(f"vector.transpose {stacked}, [1, 0] : vector<{R}x{V}xf32> to vector<{V}x{R}xf32>")
+        for lane in range(V):
+            krow = t.v(f"affine.apply affine_map<(d0) -> (d0 * {KB} + {i * V + lane})>(%b)")
+            v4 = t.v(f"vector.extract {tr}[{lane}] : vector<{R}xf32> from vector<{V}x{R}xf32>")
+            t.op(f"vector.store {v4}, %bt[{krow}, {col0}] : {bty}, vector<{R}xf32>")
+    t.close()
+    t.close()
+    nk = t.v(f"arith.muli {nb}, {t.idx(KB)} : index")
+    kx0 = t.v(f"arith.muli {b0}, {t.idx(KB)} : index")
+
+    def tile_rows(m0: str, mr: int):
+        iters = ", ".join(f"%a{i}_{h} = {zv}" for i in range(mr) for h in range(2))
+        tys = ", ".join([vf] * (2 * mr))
+        res = t.vs(2 * mr, f"scf.for %k = {c0} to {nk} step {c1} iter_args({iters}) -> ({tys}) {{")
+        t.indent += 2
+        bv = [t.v(f"vector.load %bt[%k, {t.idx(h * V)}] : {bty}, {vf}") for h in range(2)]
+        kx = t.v(f"arith.addi {kx0}, %k : index")
+        out = []
+        for i in range(mr):
+            mi = t.v(f"arith.addi {m0}, {t.idx(i)} : index")
+            a = t.v(f"vector.broadcast {t.v(f'memref.load %x[{mi}, {kx}] : {xty}')} : f32 to {vf}")
+            out += [t.v(f"vector.fma {a}, {bv[h]}, %a{i}_{h} : {vf}") for h in range(2)]
+        t.op(f"scf.yield {', '.join(out)} : {tys}")
+        t.close()
+        for i in range(mr):
+            mi = t.v(f"arith.addi {m0}, {t.idx(i)} : index")
+            for h in range(2):
+                col = t.v(f"arith.addi {n0}, {t.idx(h * V)} : index")
+                old = t.v(f"vector.transfer_read %y[{mi}, {col}], {pad} : {yty}, {vf}")
+                add = t.v(f"arith.addf {old}, {res[2 * i + h]} : {vf}")
+                new = t.v(f"arith.select {first}, {res[2 * i + h]}, {add} : {vf}")
+                t.op(f"vector.transfer_write {new}, %y[{mi}, {col}] : {vf}, {yty}")
+
+    mfull = t.v(f"arith.subi {M}, {t.v(f'arith.remui {M}, {t.idx(MR)} : index')} : index")
+    t.open(f"scf.for %m0 = {c0} to {mfull} step {t.idx(MR)} {{")
+    tile_rows("%m0", MR)
+    t.close()
+    t.open(f"scf.for %m1 = {mfull} to {M} step {c1} {{")
+    tile_rows("%m1", 1)
+    t.close()
+    t.close()
+    return _parallel(name, lay, cfg, nchunks, t.text())
+
+
+def qlinear(name: str, lay: PanelLayout, cfg: KernelConfig, static_m: int | None = None) -> str:
+    """Tensor-level entry: x [?, K] and the panel arrays -> y [?, N], with the kernels it calls:
+    all three and a run-time dispatch on M, or only the one for `static_m`."""
     t = _Text()
     ty = _types(lay)
     tt = {role: m.replace("memref", "tensor") for role, m in ty.items()}
@@ -398,34 +511,48 @@ def qlinear(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
     _, args = _signature(lay)
     params, _ = _signature(lay)
     arg_types = ", ".join(p.split(": ", 1)[1] for p in params.split(", %"))
-    small = t.v(f"arith.cmpi ult, {M}, {t.idx(cfg.gemm_min_m)} : index")
-    t.open(f"scf.if {small} {{")
-    gemv_args = args
-    if lay.fmt.bits == 4:
-        # the GEMV's activations, chunk i of each block scaled by 16^-i (see _decode)
-        kp = f"memref<?x{KP}xf32>"
-        t.op(f"%xq = memref.alloc({M}) {{alignment = 64 : i64}} : {kp}")
-        t.open(f"scf.for %m = {c0} to {M} step {c1} {{")
-        t.open(f"scf.for %b = {c0} to {t.idx(lay.blocks)} step {c1} {{")
-        for i in range(8):
-            col = t.v(f"affine.apply affine_map<(d0) -> (d0 * {lay.kb} + {i * V})>(%b)")
-            xv = t.v(f"vector.load %xp[%m, {col}] : {kp}, {vf}")
-            if i < 7:
-                xv = t.v(f"arith.mulf {xv}, {t.v(f'arith.constant dense<{2.0 ** (-4 * i)!r}> : {vf}')} : {vf}")
-            t.op(f"vector.store {xv}, %xq[%m, {col}] : {kp}, {vf}")
+    def call(variant: str) -> None:
+        vargs = args
+        if variant == "gemv" and lay.fmt.bits == 4:
+            # the GEMV's activations, chunk i of each block scaled by 16^-i (see _decode)
+            kp = f"memref<?x{KP}xf32>"
+            t.op(f"%xq = memref.alloc({M}) {{alignment = 64 : i64}} : {kp}")
+            t.open(f"scf.for %m = {c0} to {M} step {c1} {{")
+            t.open(f"scf.for %b = {c0} to {t.idx(lay.blocks)} step {c1} {{")
+            for i in range(8):
+                col = t.v(f"affine.apply affine_map<(d0) -> (d0 * {lay.kb} + {i * V})>(%b)")
+                xv = t.v(f"vector.load %xp[%m, {col}] : {kp}, {vf}")
+                if i < 7:
+                    xv = t.v(f"arith.mulf {xv}, {t.v(f'arith.constant dense<{2.0 ** (-4 * i)!r}> : {vf}')} : {vf}")
+                t.op(f"vector.store {xv}, %xq[%m, {col}] : {kp}, {vf}")
+            t.close()
+            t.close()
+            vargs = args.replace("%xp,", "%xq,", 1)
+        t.op(f"func.call @{name}__{variant}({vargs}) : ({arg_types}) -> ()")
+
+    variants = [cfg.variant(static_m)] if static_m is not None else ["gemv", "gemm", "gemm_bcast"]
+    if len(variants) == 1:
+        call(variants[0])
+    else:
+        small = t.v(f"arith.cmpi ult, {M}, {t.idx(cfg.gemm_min_m)} : index")
+        t.open(f"scf.if {small} {{")
+        call("gemv")
+        t.close("} else {")
+        t.indent += 2
+        large = t.v(f"arith.cmpi uge, {M}, {t.idx(cfg.bcast_min_m)} : index")
+        t.open(f"scf.if {large} {{")
+        call("gemm_bcast")
+        t.close("} else {")
+        t.indent += 2
+        call("gemm")
         t.close()
         t.close()
-        gemv_args = args.replace("%xp,", "%xq,", 1)
-    t.op(f"func.call @{name}_gemv({gemv_args}) : ({arg_types}) -> ()")
-    t.close("} else {")
-    t.indent += 2
-    t.op(f"func.call @{name}_gemm({args}) : ({arg_types}) -> ()")
-    t.close()
     out = t.v(f"bufferization.to_tensor %y restrict writable : memref<?x{lay.n}xf32> to tensor<?x{lay.n}xf32>")
     zero_param = f", %zerot: {tt['zero']}" if has_zero else ""
     entry = (f"func.func private @{name}(%xt: tensor<?x{K}xf32>, %codest: {tt['codes']}, %scalet: {tt['scale']}"
              f"{zero_param}) -> tensor<?x{lay.n}xf32> {{\n{t.text()}\n  return {out} : tensor<?x{lay.n}xf32>\n}}\n")
-    return entry + gemv(f"{name}_gemv", lay, cfg) + gemm(f"{name}_gemm", lay, cfg)
+    generators = {"gemv": gemv, "gemm": gemm, "gemm_bcast": gemm_bcast}
+    return entry + "".join(generators[v](f"{name}__{v}", lay, cfg) for v in variants)
 
 
 def batch_matmul(name: str, b: int, m: int, n: int, k: int, lanes: int, transposed_b: bool, threads: bool) -> str:

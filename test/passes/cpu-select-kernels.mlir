@@ -2,56 +2,75 @@
 // RUN: qcc-opt %s --random-params=0 -p 'quantize-weights{format=int8_sym_channel},cpu-select-kernels{lanes=16 threads=false}' | filecheck %s --check-prefix=INT8
 // RUN: qcc-opt %s --random-params=0 -p 'quantize-weights{format=int4_asym_g32},cpu-select-kernels{lanes=16}' | filecheck %s --check-prefix=G32
 
-// A weight-only qcc.qlinear becomes a call of the CPU kernel entry for its
-// format and shape; the packed weight is repacked into panels of 4 rows x
-// blocks of 8 * lanes columns under new parameter names, the format's own
-// arrays leave the signature.
+// A weight-only qcc.qlinear becomes a call of a CPU kernel for its format and
+// shape; the packed weight is repacked into panels of 4 rows x blocks of
+// 8 * lanes columns under new parameter names, the format's own arrays leave
+// the signature.  A static M (here 1) gets the one kernel for it (the GEMV); a
+// symbolic M gets an entry that dispatches on M between GEMV and the GEMMs.
 
-// CHECK-LABEL: func.func @linear
+// CHECK-LABEL: func.func @decode
 // CHECK-SAME: tensor<16x4x4x8xi32> {qcc.param = "fc.weight:int4_asym_g128:panels4x8:codes"}
 // CHECK-SAME: tensor<16x2x4xf32> {qcc.param = "fc.weight:int4_asym_g128:panels4x8:scale"}
 // CHECK-SAME: tensor<16x2x4xi8> {qcc.param = "fc.weight:int4_asym_g128:panels4x8:zero"}
 // CHECK-NOT: qcc.param = "fc.weight:int4_asym_g128:codes"
 // CHECK-NOT: qcc.qlinear
-// CHECK: %[[XD:.*]] = tensor.cast %{{.*}} : tensor<4x256xf32> to tensor<?x256xf32>
-// CHECK: %[[Y:.*]] = call @qcc_cpu_qlinear_int4_asym_g128_256x64_v8(%[[XD]], %{{.*}}, %{{.*}}, %{{.*}})
-// CHECK: tensor.cast %[[Y]] : tensor<?x64xf32> to tensor<4x64xf32>
-// CHECK-LABEL: func.func private @qcc_cpu_qlinear_int4_asym_g128_256x64_v8
-// CHECK: scf.if
-// CHECK: call @qcc_cpu_qlinear_int4_asym_g128_256x64_v8_gemv
-// CHECK: call @qcc_cpu_qlinear_int4_asym_g128_256x64_v8_gemm
+// CHECK: %[[XD:.*]] = tensor.cast %{{.*}} : tensor<1x256xf32> to tensor<?x256xf32>
+// CHECK: %[[Y:.*]] = call @qcc_cpu_qlinear_int4_asym_g128_256x64_v8_gemv(%[[XD]], %{{.*}}, %{{.*}}, %{{.*}})
+// CHECK: tensor.cast %[[Y]] : tensor<?x64xf32> to tensor<1x64xf32>
+// CHECK-LABEL: func.func @tokens
+// CHECK: call @qcc_cpu_qlinear_int4_asym_g128_256x64_v8(
 // CHECK-LABEL: func.func private @qcc_cpu_qlinear_int4_asym_g128_256x64_v8_gemv(
+// CHECK-NOT: scf.if
+// CHECK: call @qcc_cpu_qlinear_int4_asym_g128_256x64_v8_gemv__gemv(
+// CHECK-LABEL: func.func private @qcc_cpu_qlinear_int4_asym_g128_256x64_v8_gemv__gemv(
 // CHECK: scf.parallel
-// CHECK: call @qcc_cpu_qlinear_int4_asym_g128_256x64_v8_gemv_body({{.*}}) {no_inline}
-// CHECK-LABEL: func.func private @qcc_cpu_qlinear_int4_asym_g128_256x64_v8_gemv_body(
+// CHECK: call @qcc_cpu_qlinear_int4_asym_g128_256x64_v8_gemv__gemv_body({{.*}}) {no_inline}
+// CHECK-LABEL: func.func private @qcc_cpu_qlinear_int4_asym_g128_256x64_v8_gemv__gemv_body(
 // CHECK: vector.load %{{.*}} : memref<16x4x4x8xi32>, vector<8xi32>
 // CHECK: arith.andi %{{.*}} : vector<8xi32>
 // CHECK: arith.sitofp %{{.*}} : vector<8xi32> to vector<8xf32>
 // CHECK: vector.fma
-// CHECK: arith.shrui %{{.*}} : vector<8xi32>
-// CHECK-LABEL: func.func private @qcc_cpu_qlinear_int4_asym_g128_256x64_v8_gemm_body(
+// CHECK-LABEL: func.func private @qcc_cpu_qlinear_int4_asym_g128_256x64_v8(
+// CHECK: scf.if
+// CHECK: call @qcc_cpu_qlinear_int4_asym_g128_256x64_v8__gemv(
+// CHECK: scf.if
+// CHECK: call @qcc_cpu_qlinear_int4_asym_g128_256x64_v8__gemm_bcast(
+// CHECK: call @qcc_cpu_qlinear_int4_asym_g128_256x64_v8__gemm(
+// CHECK-LABEL: func.func private @qcc_cpu_qlinear_int4_asym_g128_256x64_v8__gemm_body(
 // CHECK: memref.alloca() {alignment = 64 : i64} : memref<8x4x256xf32>
+// CHECK-LABEL: func.func private @qcc_cpu_qlinear_int4_asym_g128_256x64_v8__gemm_bcast_body(
+// CHECK: memref.alloca() {alignment = 64 : i64} : memref<256x16xf32>
+// CHECK: vector.transpose
 
-// INT8-LABEL: func.func @linear
+// INT8-LABEL: func.func @decode
 // INT8-SAME: tensor<16x2x4x128xi8> {qcc.param = "fc.weight:int8_sym_channel:panels4x16:codes"}
 // INT8-SAME: tensor<16x1x4xf32> {qcc.param = "fc.weight:int8_sym_channel:panels4x16:scale"}
-// INT8: call @qcc_cpu_qlinear_int8_sym_channel_256x64_v16(
-// INT8-LABEL: func.func private @qcc_cpu_qlinear_int8_sym_channel_256x64_v16_gemv(
+// INT8: call @qcc_cpu_qlinear_int8_sym_channel_256x64_v16_gemv(
+// INT8-LABEL: func.func private @qcc_cpu_qlinear_int8_sym_channel_256x64_v16_gemv__gemv(
 // INT8-NOT: scf.parallel
 // INT8: scf.for
-// INT8-LABEL: func.func private @qcc_cpu_qlinear_int8_sym_channel_256x64_v16_gemv_body(
+// INT8-LABEL: func.func private @qcc_cpu_qlinear_int8_sym_channel_256x64_v16_gemv__gemv_body(
 // INT8: vector.load %{{.*}} : memref<16x2x4x128xi8>, vector<16xi8>
 // INT8: arith.sitofp %{{.*}} : vector<16xi8> to vector<16xf32>
 
 // Groups of 32 inside blocks of 128 columns: four groups flushed per block.
-// G32-LABEL: func.func @linear
+// G32-LABEL: func.func @decode
 // G32-SAME: tensor<16x2x4x16xi32> {qcc.param = "fc.weight:int4_asym_g32:panels4x16:codes"}
 // G32-SAME: tensor<16x8x4xf32> {qcc.param = "fc.weight:int4_asym_g32:panels4x16:scale"}
-func.func @linear(%w: !torch.vtensor<[64,256],f32> {qcc.param = "fc.weight"}, %x: !torch.vtensor<[4,256],f32>) -> !torch.vtensor<[4,64],f32> {
+func.func @decode(%w: !torch.vtensor<[64,256],f32> {qcc.param = "fc.weight"}, %x: !torch.vtensor<[1,256],f32>) -> !torch.vtensor<[1,64],f32> {
   %int0 = torch.constant.int 0
   %int1 = torch.constant.int 1
   %perm = torch.prim.ListConstruct %int1, %int0 : (!torch.int, !torch.int) -> !torch.list<int>
   %wt = torch.aten.permute %w, %perm : !torch.vtensor<[64,256],f32>, !torch.list<int> -> !torch.vtensor<[256,64],f32>
-  %y = torch.aten.mm %x, %wt : !torch.vtensor<[4,256],f32>, !torch.vtensor<[256,64],f32> -> !torch.vtensor<[4,64],f32>
-  return %y : !torch.vtensor<[4,64],f32>
+  %y = torch.aten.mm %x, %wt : !torch.vtensor<[1,256],f32>, !torch.vtensor<[256,64],f32> -> !torch.vtensor<[1,64],f32>
+  return %y : !torch.vtensor<[1,64],f32>
+}
+
+func.func @tokens(%w: !torch.vtensor<[64,256],f32> {qcc.param = "fc2.weight"}, %x: !torch.vtensor<[?,256],f32>) -> !torch.vtensor<[?,64],f32> {
+  %int0 = torch.constant.int 0
+  %int1 = torch.constant.int 1
+  %perm = torch.prim.ListConstruct %int1, %int0 : (!torch.int, !torch.int) -> !torch.list<int>
+  %wt = torch.aten.permute %w, %perm : !torch.vtensor<[64,256],f32>, !torch.list<int> -> !torch.vtensor<[256,64],f32>
+  %y = torch.aten.mm %x, %wt : !torch.vtensor<[?,256],f32>, !torch.vtensor<[256,64],f32> -> !torch.vtensor<[?,64],f32>
+  return %y : !torch.vtensor<[?,64],f32>
 }

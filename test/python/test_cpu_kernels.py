@@ -58,7 +58,7 @@ CASES = [
     ("int8_asym_g64", 10, 192, 16, {}),
     ("int4_asym_channel", 9, 70, 16, {"threads": False}),
     ("int4_sym_g64", 40, 640, 8, {"kc_blocks": 3, "panels_per_chunk": 3, "mr": 2}),
-    ("int8_sym_tensor", 6, 64, 8, {"gemm_min_m": 2}),
+    ("int8_sym_tensor", 6, 64, 8, {"gemm_min_m": 2, "bcast_min_m": 3}),
 ]
 
 
@@ -73,13 +73,14 @@ def test_kernel_matches_format_reference(tmp_path, key, n, k, lanes, cfg):
     config = kernels.KernelConfig(**cfg)
     lib = build(tmp_path, lay, config)
     w = formats.dequantize(qt).astype(np.float64)
-    for m in (1, 2, 3, 4, 7, 17):
+    for m in (1, 2, 3, 4, 7, 17, 40):
         x = rng.standard_normal((m, k)).astype(np.float32)
         y = np.full((m, n), np.nan, np.float32)
         lib.call([x] + [arrays[r] for r in lay.shapes()], [y])
         ref = x.astype(np.float64) @ w.T
         err = np.abs(y - ref).max() / np.abs(ref).max()
-        assert err < 2e-6, f"M={m} ({'gemm' if m >= config.gemm_min_m else 'gemv'}): relative error {err}"
+        kind = "gemv" if m < config.gemm_min_m else "gemm" if m < config.bcast_min_m else "gemm_bcast"
+        assert err < 2e-6, f"M={m} ({kind}): relative error {err}"
 
 
 @pytest.mark.parametrize("key", ["int4_asym_g128", "int4_sym_g32", "int4_sym_channel", "int8_sym_channel",
@@ -130,8 +131,10 @@ def test_no_float_copy_of_a_weight(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(320, 448), torch.nn.ReLU(), torch.nn.Linear(448, 192)).eval()
     x = torch.randn(3, 320)
     dump = tmp_path / "ir"
-    compiled = qcc.compile(model, (x,), quant="w4a16-g64", dump_dir=str(dump))
-    assert compiled.manifest["cpu"]["kernels"], "the fast kernels were not selected"
+    compiled = qcc.compile(model, (x,), quant="w4a16-g64", dump_dir=str(dump),
+                           dynamic_shapes=({0: torch.export.Dim("tokens", min=1, max=4096)},))
+    kernels = compiled.manifest["cpu"]["kernels"]
+    assert kernels and all(k["variant"] == "dispatch" for k in kernels.values()), "not all three kernels present"
     smallest_weight = min(320 * 448, 448 * 192)
     stages = sorted(p for p in os.listdir(dump) if re.search(r"select-kernels|lower-qcc|bufferize|to-llvm", p))
     assert len(stages) == 4
@@ -141,7 +144,9 @@ def test_no_float_copy_of_a_weight(tmp_path):
         for m in shaped.finditer(text):
             numel = int(np.prod([int(d) for d in m.group(1).rstrip("x").split("x")]))
             assert numel < smallest_weight, f"{stage}: float buffer {m.group(0)}> as large as a weight"
-    assert np.allclose(compiled(x).numpy(), compiled(x).numpy())
+    for m in (1, 5, 40):  # GEMV, GEMM, broadcast GEMM
+        xm = torch.randn(m, 320)
+        assert np.allclose(compiled(xm).numpy(), compiled(xm).numpy())
 
 
 @pytest.mark.parametrize("seq,dim", [(9, 20), (16, 64), (1, 7)])
