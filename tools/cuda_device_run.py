@@ -71,22 +71,35 @@ L2_DEFEAT_BYTES = 200 << 20  # rotate weight copies totalling at least this much
 
 
 def _load(name):
-    """Import backends/cuda/<name>.py by path (no qcc install needed on the device)."""
-    spec = importlib.util.spec_from_file_location(f"qcc_cuda_{name}", os.path.join(CUDA_DIR, f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    """Import backends/cuda/<name>.py as qcc_cuda.<name> by path (no qcc install needed on the
+    device; relative imports between the backend's modules work)."""
+    if "qcc_cuda" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("qcc_cuda", os.path.join(CUDA_DIR, "__init__.py"),
+                                                      submodule_search_locations=[CUDA_DIR])
+        pkg = importlib.util.module_from_spec(spec)
+        sys.modules["qcc_cuda"] = pkg
+        spec.loader.exec_module(pkg)
+    import importlib as _il
+    return _il.import_module(f"qcc_cuda.{name}")
+
+
+# The measured-best configurations (kernels.TUNED): the default of each builder.
+FINAL_VARIANTS = {8: [{}], 16: [{}]}
 
 
 # --------------------------------------------------------------------------- build (here)
 
 
-def kernel_specs(shapes, variants4, variants8, w8a8=True):
+def kernel_specs(shapes, variants4, variants8, w8a8=True, split=True):
+    """split: also the kernels the compiler uses for models at decode -- x as f16 hi + lo
+    rows (2 rows per token), fp32 output (out_f32), m_max 8."""
     from qcc.backends.cuda import kernels
 
     specs = []
     for K, N in shapes:
+        if split:
+            specs.append(kernels.gemv_w4a16(K, N, GROUP, m_max=8, out_f32=True))
+            specs.append(kernels.gemv_w8a16(K, N, m_max=8, out_f32=True))
         for m_max in (8, 16):
             for v in variants4[m_max]:
                 try:
@@ -108,7 +121,8 @@ def kernel_specs(shapes, variants4, variants8, w8a8=True):
 def cmd_build(args):
     from qcc.backends.cuda import ptx
 
-    specs = kernel_specs(SHAPES, W4_VARIANTS, W8_VARIANTS)
+    specs = kernel_specs(SHAPES, W4_VARIANTS, W8_VARIANTS) if args.sweep else \
+        kernel_specs(SHAPES, FINAL_VARIANTS, FINAL_VARIANTS)
     t0 = time.time()
     for attempt in range(2):
         man = ptx.build_bundle(specs, args.out, archs=tuple(args.arch))
@@ -127,6 +141,11 @@ def cmd_build(args):
             worst[arch] = max(worst.get(arch, 0), r["registers"])
     print(f"built {len(specs)} kernels for {args.arch} into {args.out} in {time.time() - t0:.1f}s; "
           f"max registers {worst}; no spills")
+    if args.models:
+        t0 = time.time()
+        print("compiling whole models (CUDA artifacts) ...", flush=True)
+        build_models(args.out, quick=args.quick)
+        print(f"models in {time.time() - t0:.0f}s")
 
 
 # --------------------------------------------------------------------------- data
@@ -311,6 +330,11 @@ def cmd_run(args):
         bw, tcopy = copy_bandwidth(torch)
         log(f"device-to-device copy (1 GiB, read+write): {bw:.0f} GB/s ({tcopy * 1e3:.3f} ms)")
         shapes = SHAPES
+    sections = set(args.sections.split(","))
+    if "linear" not in sections:
+        shapes = []
+    emu = _Emu() if emulate else None
+    t_start = time.time()
 
     rng = np.random.default_rng(args.seed)
     torch.manual_seed(args.seed)
@@ -322,6 +346,42 @@ def cmd_run(args):
 
     def dev_t(a):
         return torch.from_numpy(np.ascontiguousarray(a)).to(dev)
+
+    def split_check(kind, K, N, Wd, devs, wbytes, names):
+        """The GEMV as models use it at decode: one token as f16 hi + lo rows (M=2), fp32 out."""
+        for name in names:
+            c = mod.kernels[name]["config"]
+            if not c.get("out_f32"):
+                continue
+            try:
+                for T in (1, 3):  # tokens
+                    x = torch.randn(T, K, dtype=torch.float32, device=dev)
+                    hi = x.half()
+                    lo = (x - hi.float()).half()
+                    x2 = torch.cat([hi, lo]).contiguous()
+                    y2 = torch.full((2 * T, N), float("nan"), dtype=torch.float32, device=dev)
+                    b = mod.bind(name, x=x2, y=y2, M=2 * T, **devs[0])
+                    b() if emulate else b(sync=True)
+                    y = y2[:T] + y2[T:]
+                    err = rel_err(torch, y.double(), x.double() @ Wd.double().t())
+                    results["checks"].append({"name": name, "M": 2 * T, "err": err, "split": True})
+                    if not err < 1e-4:
+                        log(f"  !! {name} split T={T}: rel err {err:.3e}")
+                x = torch.randn(1, K, dtype=torch.float32, device=dev)
+                x2 = torch.cat([x.half(), (x - x.half().float()).half()]).contiguous()
+                y2 = torch.empty((2, N), dtype=torch.float32, device=dev)
+                binds = [mod.bind(name, x=x2, y=y2, M=2, **d) for d in devs]
+                launches = [lambda h, b=b: b(stream=h) for b in binds] if not emulate else \
+                    [lambda h, b=b: b() for b in binds]
+                t, how, spread = timer.time(launches)
+                tot = wbytes + 2 * K * 2 + 2 * N * 4
+                results["rows"].append({"kind": kind, "K": K, "N": N, "M": 1, "name": name, "us": t,
+                                        "bytes": tot, "err": err, "split": True, "cfg": _cfg_str(c) + " split-x"})
+                log(f"    {name:48s} {t:8.2f} us {tot / t / 1e3:6.0f} GB/s  split x (fp32-exact), "
+                    f"err {err:.1e}")
+            except Exception as e:
+                log(f"  !! {name} split: {type(e).__name__}: {e}")
+                results["checks"].append({"name": name, "M": 2, "err": float("inf")})
 
     for K, N in shapes:
         t_shape = time.time()
@@ -396,13 +456,14 @@ def cmd_run(args):
                 for name in names:
                     k = mod.kernels[name]
                     c = k["config"]
-                    if c["m_max"] < M or (M <= 8) != (c["m_max"] <= 8):
+                    if c.get("out_f32") or c["m_max"] < M or (M <= 8) != (c["m_max"] <= 8):
                         continue
                     try:
                         bench_one(name, k, c, M, x, ref)
                     except Exception as e:  # keep going: report the failure, time the rest
                         log(f"  !! {name} M={M}: {type(e).__name__}: {e}")
                         results["checks"].append({"name": name, "M": M, "err": float("inf")})
+            split_check(kind, K, N, Wd, devs, wbytes, names)
             del Wh
         del dev4, dev8, W4, W8
         if not emulate:
@@ -410,7 +471,7 @@ def cmd_run(args):
 
     # ---- w8a8 GEMM: correctness (and a time, for the record)
     for key, names in by_kind.items():
-        if key[0] != "gemm_w8a8":
+        if key[0] != "gemm_w8a8" or "linear" not in sections:
             continue
         for name in names:
             c = mod.kernels[name]["config"]
@@ -431,6 +492,19 @@ def cmd_run(args):
             results["checks"].append({"name": name, "M": M, "err": err})
             log(f"\n{name}: rel err {err:.1e}, {t:.1f} us")
 
+    log(f"\n(kernel checks and linear benchmark: {time.time() - t_start:.0f}s)")
+    model_rows, decode_rows = [], []
+    for sec, fn in (("models", models_section), ("decode", decode_section)):
+        if sec in sections:
+            t0 = time.time()
+            try:
+                rows = fn(args, log, results, dev, emu)
+                (model_rows if sec == "models" else decode_rows).extend(rows)
+            except Exception as e:
+                import traceback
+                log(f"!! section {sec}: {type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}")
+            log(f"({sec}: {time.time() - t0:.0f}s)")
+
     # ---- summary
     log("\nSummary (best variant per format/shape/M; bytes = weights + scales/zeros + x + y;"
         f" measured copy bandwidth {bw:.0f} GB/s):")
@@ -441,7 +515,10 @@ def cmd_run(args):
         for K, N in shapes:
             for M in MS:
                 rows = [r for r in results["rows"] if r["kind"] == kind and r["K"] == K
-                        and r["N"] == N and r["M"] == M and "cfg" in r and r["err"] < 5e-3]
+                        and r["N"] == N and r["M"] == M and "cfg" in r and r["err"] < 5e-3
+                        and not r.get("split")]
+                splits = [r for r in results["rows"] if r["kind"] == kind and r["K"] == K
+                          and r["N"] == N and r["M"] == M and r.get("split")]
                 base = [r for r in results["rows"] if r["kind"] == kind and r["K"] == K
                         and r["N"] == N and r["M"] == M and "cfg" not in r]
                 if not rows or not base:
@@ -449,14 +526,39 @@ def cmd_run(args):
                 best = min(rows, key=lambda r: r["us"])
                 b16 = base[0]
                 gbs = best["bytes"] / best["us"] / 1e3
+                sp = f"  split-x {splits[0]['us']:.2f} us" if splits else ""
                 line = (f"{kind[5:]:10s} {f'{K}x{N}':>12s} {M:3d} {best['us']:10.2f} {gbs:7.0f} "
                         f"{gbs / bw:6.1%} {b16['us']:9.2f} {b16['bytes'] / b16['us'] / 1e3:9.0f} "
-                        f"{b16['us'] / best['us']:7.2f}x  {best['cfg']}")
+                        f"{b16['us'] / best['us']:7.2f}x  {best['cfg']}{sp}")
                 log(line)
-                summary.append(best | {"fp16_us": b16["us"], "frac_bw": gbs / bw})
-    bad = [c for c in results["checks"] if not c["err"] < 5e-3]
-    log(f"\nnumerics: {len(results['checks'])} checks, {len(bad)} over 5e-3"
+                summary.append(best | {"fp16_us": b16["us"], "frac_bw": gbs / bw,
+                                       "split_us": splits[0]["us"] if splits else None})
+    bad = [c for c in results["checks"] if not c["err"] < (1e-4 if c.get("split") else 5e-3)]
+    log(f"\nnumerics: {len(results['checks'])} kernel checks, {len(bad)} over 5e-3 (split-x: 1e-4)"
         + (f": {bad[:5]}" if bad else ""))
+    if model_rows:
+        log("\nWhole models on the GPU vs PyTorch (max |qcc - ref| / max |ref|; bound 1e-4):")
+        log(f"{'model':20s} {'recipe':11s} {'rel err':>9s} {'launches':>8s} {'GEMV layers':>11s}  reference")
+        for r in model_rows:
+            log(f"{r['model']:20s} {r['recipe']:11s} {r['err']:9.2e} {r.get('launches', 0):8d} "
+                f"{r.get('gemv_layers', 0):11d}  {r.get('ref', r.get('error', ''))} {'ok' if r['ok'] else 'FAIL'}")
+    if decode_rows:
+        d = results.get("decode", {})
+        log(f"\nDecode, one token (DecodeStep over bench_llama {d.get('config')}), "
+            "tokens/s = 1 / step time:")
+        for k, v in d.get("baselines_us", {}).items():
+            log(f"  {k:26s} {v:9.1f} us  {1e6 / v:8.1f} tok/s")
+        for r in decode_rows:
+            if "us_graph" in r:
+                log(f"  qcc {r['recipe']:22s} {r['us_graph']:9.1f} us  {r['tok_s']:8.1f} tok/s  "
+                    f"x{r['vs_eager_fp16']:.2f} vs eager fp16 (x{r['vs_graph_fp16']:.2f} vs fp16 graph); "
+                    f"with input copies {r['us_call']:.1f} us (x{r['vs_eager_fp16_call']:.2f}); "
+                    f"logits err {r['err_logits']:.1e} [{'ok' if r['ok'] else 'FAIL'}]")
+            else:
+                log(f"  qcc {r['recipe']:22s} {r.get('error', 'emulated')} err {r.get('err_logits', float('nan')):.1e}"
+                    f" [{'ok' if r.get('ok') else 'FAIL'}]")
+    bad_models = [r for r in model_rows + decode_rows if not r.get("ok")]
+    log(f"\ntotal {time.time() - t_start:.0f}s")
     results["summary"] = summary
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=float)
@@ -464,7 +566,376 @@ def cmd_run(args):
         f.write("\n".join(log_lines) + "\n")
     if not emulate and args.sass:
         dump_sass(args.bundle, mod, summary, out_dir, log)
-    return 1 if bad else 0
+    return 1 if bad or bad_models else 0
+
+
+# --------------------------------------------------------------------------- whole models
+
+# Small models: artifacts carried with their weights; correctness on the GPU against
+# PyTorch (float64 on the same GPU) with the artifact's own (dequantized) weights.
+SMALL_MODELS = {
+    "block-float": ("LlamaBlock", dict(hidden=256, heads=4, kv_heads=2, ffn=768, seed=2),
+                    dict(batch=1, seq=8, seed=3), "float"),
+    "block-w4a16-g128": ("LlamaBlock", dict(hidden=256, heads=4, kv_heads=2, ffn=768, seed=2),
+                         dict(batch=1, seq=8, seed=3), "w4a16-g128"),
+    "block-w8a8": ("LlamaBlock", dict(hidden=256, heads=4, kv_heads=2, ffn=768, seed=2),
+                   dict(batch=1, seq=8, seed=3), "w8a8"),
+    "model-float": ("LlamaModel", dict(vocab=512, hidden=256, layers=2, heads=4, kv_heads=2, ffn=768,
+                                       max_seq=64, seed=2), dict(batch=1, seq=16, seed=3), "float"),
+    "model-w4a16-g128": ("LlamaModel", dict(vocab=512, hidden=256, layers=2, heads=4, kv_heads=2, ffn=768,
+                                            max_seq=64, seed=2), dict(batch=1, seq=16, seed=3), "w4a16-g128"),
+    "model-w8a16": ("LlamaModel", dict(vocab=512, hidden=256, layers=2, heads=4, kv_heads=2, ffn=768,
+                                       max_seq=64, seed=2), dict(batch=1, seq=16, seed=3), "w8a16"),
+    "decode-w4a16-g128": ("DecodeStep", dict(layers=1, hidden=256, ffn=768, heads=4, max_seq=160, cache=64),
+                          dict(seed=0), "w4a16-g128"),
+}
+# The benchmark: DecodeStep over test/bench_models.bench_llama (4 layers, hidden 2048, SwiGLU
+# 5632, 16 heads, vocab 512) with a 512-token KV cache. Its weights (0.2 B parameters) do not
+# travel: the artifact is stored without them and the device fills them from the same
+# PyTorch model (quantizing with pack.py for the GEMV layers).
+BENCH = dict(layers=4, hidden=2048, ffn=5632, heads=16, max_seq=640, cache=512)
+BENCH_QUICK = dict(layers=1, hidden=256, ffn=768, heads=4, max_seq=160, cache=64)
+BENCH_RECIPES = ("w4a16-g128", "w8a16", "float")
+KEEP_BYTES = 64 << 10  # bench artifacts keep parameters up to this size (constants, norms)
+
+
+def _test_path():
+    p = os.path.join(ROOT, "test")
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+
+def make_model(cls, ctor, inp):
+    """(module, example inputs) from a SMALL_MODELS / BENCH description (torch only)."""
+    _test_path()
+    import models
+    if cls == "DecodeStep":
+        from bench_models import DecodeStep, bench_llama
+        c = dict(ctor)
+        cache = c.pop("cache")
+        m = DecodeStep(bench_llama(**c), cache).eval()
+        return m, m.example_inputs(**inp)
+    m = getattr(models, cls)(**ctor).eval()
+    return m, m.example_inputs(**inp)
+
+
+def _cpu_reference(model, inputs, recipe, compiled):
+    """float64 CPU outputs of the artifact's semantics (the test suite's oracles)."""
+    import torch
+    from qcc.backends.cuda import torch_ref
+    from qcc.reference import dequantized_weights
+
+    if recipe == "w8a8":
+        _test_path()
+        sys.path.insert(0, os.path.join(ROOT, "test", "python"))
+        from test_recipes import RECIPE_FORMATS, fake_quant_model
+        linears = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        ref = fake_quant_model(model, {w: RECIPE_FORMATS["w8a8"] for w in linears})
+    elif recipe == "float":
+        ref = model
+    else:
+        ref = torch_ref.a16_reference(model, compiled.manifest, dequantized_weights(compiled))
+    xs = [x.double() if x.is_floating_point() else x for x in inputs]
+    with torch.no_grad():
+        out = ref.double()(*xs) if recipe != "w8a8" else ref(*inputs)
+    return [o.double().numpy() for o in (out if isinstance(out, tuple) else (out,))]
+
+
+def build_models(out_dir, quick=False, arch="sm_90"):
+    import numpy as np
+    import qcc
+    from qcc.model import CompiledModel
+
+    mdir = os.path.join(out_dir, "models")
+    os.makedirs(mdir, exist_ok=True)
+    meta = {"small": {}, "bench": {}}
+    for name, (cls, ctor, inp, recipe) in SMALL_MODELS.items():
+        t0 = time.time()
+        model, inputs = make_model(cls, ctor, inp)
+        c = qcc.compile(model, inputs, target="cuda", quant=recipe, gpu_arch=arch)
+        c.save(os.path.join(mdir, f"{name}.qcc"))
+        expect = _cpu_reference(model, inputs, recipe, c)
+        np.savez(os.path.join(mdir, f"{name}.npz"),
+                 **{f"in{i}": x.numpy() for i, x in enumerate(inputs)},
+                 **{f"expect{i}": e for i, e in enumerate(expect)})
+        meta["small"][name] = {"cls": cls, "ctor": ctor, "inputs": inp, "recipe": recipe,
+                               "launches": len(c.manifest["cuda"]["plan"]["launches"]),
+                               "gemv_layers": len(c.manifest["cuda"]["layers"])}
+        print(f"  {name}: {meta['small'][name]['launches']} launches, {time.time() - t0:.1f}s", flush=True)
+    bench = BENCH_QUICK if quick else BENCH
+    for recipe in BENCH_RECIPES:
+        t0 = time.time()
+        ctor = dict(bench)
+        model, inputs = make_model("DecodeStep", ctor, {"seed": 0})
+        c = qcc.compile(model, inputs, target="cuda", quant=recipe, gpu_arch=arch)
+        if c.manifest["cuda"]["fallback"]:
+            raise SystemExit(f"bench {recipe}: layers off the GEMV path: {c.manifest['cuda']['fallback']}")
+        keep = {n: w for n, w in c.weights.items() if w.nbytes <= KEEP_BYTES or n.startswith("__cuda_const")}
+        CompiledModel(c.manifest, keep, c.code).save(os.path.join(mdir, f"bench-{recipe}.qcc"))
+        meta["bench"][recipe] = {"ctor": ctor, "launches": len(c.manifest["cuda"]["plan"]["launches"]),
+                                 "weight_bytes": int(sum(w.nbytes for w in c.weights.values())),
+                                 "stripped": sorted(set(c.weights) - set(keep))}
+        print(f"  bench-{recipe}: {meta['bench'][recipe]['launches']} launches, "
+              f"{meta['bench'][recipe]['weight_bytes'] / 1e6:.1f} MB of weights (filled on the device), "
+              f"{time.time() - t0:.1f}s", flush=True)
+    with open(os.path.join(mdir, "models.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+
+
+class _Emu:
+    """Emulation of the device side: FakeDriver + kernel specs recompiled here."""
+
+    def __init__(self):
+        self.specs = {}
+
+    def add_specs_for(self, cls, ctor, inp, recipe):
+        import qcc
+        model, inputs = make_model(cls, ctor, inp)
+        c = qcc.compile(model, inputs, target="cuda", quant=recipe)
+        self.specs.update(c.cuda_specs)
+
+    def driver(self):
+        emulate = _load("emulate")
+        runtime = _load("runtime")
+        drv = emulate.FakeDriver(self.specs)
+        runtime._driver = lambda: drv
+        return drv
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if not np.isfinite(a).all():
+        return float("inf")
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def _state_dict_from_artifact(manifest, weights, pack):
+    """{state-dict name: float array}: the artifact's float parameters, and each quantized
+    weight dequantized as the kernels decode it."""
+    sd = {n: w for n, w in weights.items() if ":" not in n and not n.startswith("__")}
+    for base, info in manifest["cuda"]["layers"].items():
+        sd[base] = pack.dequantize_layer(info, weights)
+    return sd
+
+
+def models_section(args, log, results, dev, emu):
+    """Correctness of small whole models on the GPU against PyTorch on the same GPU."""
+    import torch
+    mr, pack = _load("model_runtime"), _load("pack")
+    mdir = os.path.join(args.bundle, "models")
+    with open(os.path.join(mdir, "models.json")) as f:
+        meta = json.load(f)
+    log("\n== whole models: qcc CUDA artifacts vs PyTorch float64 on the same device")
+    rows = []
+    for name, m in meta["small"].items():
+        try:
+            t0 = time.time()
+            if emu:
+                emu.add_specs_for(m["cls"], m["ctor"], m["inputs"], m["recipe"])
+                emu.driver()
+            manifest, weights, code = mr.load_artifact(os.path.join(mdir, f"{name}.qcc"))
+            cm = mr.CudaModel(manifest, weights, code)
+            data = np.load(os.path.join(mdir, f"{name}.npz"))
+            xs = [torch.from_numpy(data[f"in{i}"]) for i in range(len(manifest["inputs"]))]
+            expect_cpu = [data[k] for k in sorted(data.files) if k.startswith("expect")]
+            got = cm(*[x.to(dev) for x in xs]) if not emu else cm(*[x.numpy() for x in xs])
+            got = [g.float().cpu().numpy() if hasattr(g, "cpu") else g for g in
+                   (got if isinstance(got, tuple) else (got,))]
+            # PyTorch on the device: the model with the artifact's weights, float64 and float32
+            model, _ = make_model(m["cls"], m["ctor"], m["inputs"])
+            if m["recipe"] != "w8a8":
+                sd = _state_dict_from_artifact(manifest, weights, pack)
+                # parameters the traced graph does not use (e.g. a decode step's causal mask) are
+                # not in the artifact; the model keeps its own values for them
+                model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()
+                                       if k in model.state_dict()}, strict=False)
+                with torch.no_grad():
+                    r64 = model.double().to(dev)(*[x.double().to(dev) if x.is_floating_point() else x.to(dev)
+                                                   for x in xs])
+                    r64 = [r.cpu().numpy() for r in (r64 if isinstance(r64, tuple) else (r64,))]
+                    r32 = model.float()(*[x.float().to(dev) if x.is_floating_point() else x.to(dev) for x in xs])
+                    r32 = [r.cpu().numpy() for r in (r32 if isinstance(r32, tuple) else (r32,))]
+                err = max(_rel(g, r) for g, r in zip(got, r64))
+                err32 = max(_rel(a, b) for a, b in zip(r32, r64))
+                ref_kind = "torch f64 on device"
+            else:  # the fake-quant oracle of test_recipes, computed at build time (float64, CPU)
+                err, err32 = max(_rel(g, e) for g, e in zip(got, expect_cpu)), float("nan")
+                ref_kind = "fake-quant f64 (CPU, build time)"
+            err_cpu = max(_rel(g, e) for g, e in zip(got, expect_cpu))
+            ok = err <= 1e-4
+            row = {"model": name, "recipe": m["recipe"], "err": err, "err_vs_build_ref": err_cpu,
+                   "torch_f32_err": err32, "launches": len(manifest["cuda"]["plan"]["launches"]),
+                   "gemv_layers": len(manifest["cuda"]["layers"]), "ok": ok, "ref": ref_kind,
+                   "image": cm.image, "graph": cm.use_graph}
+            rows.append(row)
+            log(f"  {name:20s} {m['recipe']:11s} rel err {err:.2e} ({ref_kind}; build-time oracle "
+                f"{err_cpu:.2e}; torch f32 itself {err32:.1e}) {row['launches']} launches, "
+                f"{row['gemv_layers']} GEMV layers, {cm.image}, graph {cm.use_graph} "
+                f"[{'ok' if ok else 'FAIL'}] {time.time() - t0:.1f}s")
+            cm.close()
+        except Exception as e:
+            import traceback
+            log(f"  !! {name}: {type(e).__name__}: {e}")
+            log(traceback.format_exc()[-1500:])
+            rows.append({"model": name, "recipe": m["recipe"], "err": float("inf"), "ok": False,
+                         "error": f"{type(e).__name__}: {e}"})
+    results["models"] = rows
+    return rows
+
+
+def _fill_bench_weights(manifest, weights, model, pack):
+    """Weights for a stripped bench artifact from `model` (float): float parameters by name,
+    GEMV layers quantized (min/max, as pack.quantize_w4/_w8) and repacked; returns
+    (weights, {weight name: dequantized float32}) for the reference."""
+    sd = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+    w = dict(weights)
+    deq = {}
+    for base, info in manifest["cuda"]["layers"].items():
+        W = sd[base]
+        if info["builder"] == "gemv_w4a16":
+            G = info["args"]["group_size"]
+            packed, s, z = pack.quantize_w4(W, G, symmetric=not info["args"]["zero_point"])
+            arrays = pack.pack_w4a16(packed, s, z, G)
+        else:
+            q, s = pack.quantize_w8(W)
+            arrays = pack.pack_w8a16(q, s)
+        for role, name in info["params"].items():
+            w[name] = arrays[role]
+        deq[base] = pack.dequantize_layer(info, w)
+    for r in manifest["cuda"]["plan"]["buffers"]:
+        if r["kind"] == "param" and r["name"] not in w:
+            if r["name"] not in sd:
+                raise RuntimeError(f"cannot fill parameter {r['name']}")
+            w[r["name"]] = sd[r["name"]]
+    return w, deq
+
+
+def _time_torch(torch, fn, iters, warmup=5):
+    """Mean seconds per call of fn() by CUDA events around `iters` calls (CPU launch overhead
+    included: the GPU waits for eager launches)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    best = []
+    for _ in range(3):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        for _ in range(iters):
+            fn()
+        e1.record()
+        e1.synchronize()
+        best.append(e0.elapsed_time(e1) / 1e3 / iters)
+    return statistics.median(best)
+
+
+def decode_section(args, log, results, dev, emu):
+    """Decode speed of the benchmark model (one token, 512-token KV cache) vs PyTorch eager."""
+    import copy
+    import torch
+    mr, pack = _load("model_runtime"), _load("pack")
+    mdir = os.path.join(args.bundle, "models")
+    with open(os.path.join(mdir, "models.json")) as f:
+        meta = json.load(f)
+    rows = []
+    bench = next(iter(meta["bench"].values()))["ctor"] if meta["bench"] else None
+    if bench is None:
+        return rows
+    log(f"\n== decode: DecodeStep(bench_llama) {bench} (one token attending to the KV cache)")
+    torch.manual_seed(0)
+    model, inputs = make_model("DecodeStep", bench, {"seed": 0})
+    ids, kc, vc = inputs
+    ins = (ids.to(dev), kc.to(dev), vc.to(dev))
+    base = {}
+    if not emu:  # PyTorch baselines on the same GPU
+        with torch.no_grad():
+            m16 = copy.deepcopy(model).half().to(dev)
+            ins16 = (ins[0], ins[1].half(), ins[2].half())
+            base["torch eager fp16"] = _time_torch(torch, lambda: m16(*ins16), args.decode_iters)
+            m32 = copy.deepcopy(model).to(dev)
+            base["torch eager fp32"] = _time_torch(torch, lambda: m32(*ins), args.decode_iters)
+            try:
+                g = torch.cuda.CUDAGraph()
+                s = torch.cuda.Stream()
+                s.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(s):
+                    for _ in range(3):
+                        m16(*ins16)
+                torch.cuda.current_stream().wait_stream(s)
+                with torch.cuda.graph(g):
+                    m16(*ins16)
+                base["torch fp16 + CUDA graph"] = _time_torch(torch, g.replay, args.decode_iters)
+            except Exception as e:
+                log(f"  (torch CUDA graph baseline failed: {type(e).__name__}: {e})")
+            del m16, m32
+            torch.cuda.empty_cache()
+        for k, t in base.items():
+            log(f"  {k:26s} {t * 1e6:9.1f} us/token  {1 / t:8.1f} tok/s")
+    for recipe, info in meta["bench"].items():
+        try:
+            t0 = time.time()
+            if emu:
+                emu.add_specs_for("DecodeStep", info["ctor"], {"seed": 0}, recipe)
+                emu.driver()
+            manifest, weights, code = mr.load_artifact(os.path.join(mdir, f"bench-{recipe}.qcc"))
+            weights, deq = _fill_bench_weights(manifest, weights, model, pack)
+            cm = mr.CudaModel(manifest, weights, code)
+            tload = time.time() - t0
+            outs = cm(*ins) if not emu else cm(*[x.numpy() for x in inputs])
+            outs = [o.float().cpu().numpy() if hasattr(o, "cpu") else o for o in outs]
+            ref = copy.deepcopy(model)
+            sd = ref.state_dict()
+            with torch.no_grad():
+                for k, v in deq.items():
+                    sd[k].copy_(torch.from_numpy(v))
+                r = ref.to(dev)(*ins)
+            errs = [_rel(o, x.float().cpu().numpy()) for o, x in zip(outs, r)]
+            row = {"recipe": recipe, "err_logits": errs[0], "err_kv": max(errs[1:]), "ok": max(errs) <= 1e-4,
+                   "launches": len(manifest["cuda"]["plan"]["launches"]), "weight_bytes": cm.weight_bytes,
+                   "load_s": round(tload, 2), "image": cm.image}
+            if not emu:
+                t_graph = cm.time_replays(args.decode_iters)
+                t_call = _time_torch(torch, lambda: cm.run_torch(*ins), args.decode_iters)
+                row.update({"us_graph": t_graph * 1e6, "us_call": t_call * 1e6,
+                            "tok_s": 1 / t_graph, "tok_s_call": 1 / t_call,
+                            "vs_eager_fp16": base.get("torch eager fp16", float("nan")) / t_graph,
+                            "vs_eager_fp16_call": base.get("torch eager fp16", float("nan")) / t_call,
+                            "vs_graph_fp16": base.get("torch fp16 + CUDA graph", float("nan")) / t_graph,
+                            "gbps": cm.weight_bytes / t_graph / 1e9})
+                log(f"  qcc {recipe:11s} {t_graph * 1e6:8.1f} us/token (graph replay) = {1 / t_graph:8.1f} tok/s, "
+                    f"x{row['vs_eager_fp16']:.2f} vs eager fp16; per call incl. input copies "
+                    f"{t_call * 1e6:8.1f} us (x{row['vs_eager_fp16_call']:.2f}); "
+                    f"{row['gbps']:.0f} GB/s of weights; logits err {errs[0]:.1e} kv err {max(errs[1:]):.1e}; "
+                    f"{row['launches']} launches")
+                try:
+                    prof = cm.profile(reps=5)
+                    row["profile"] = prof
+                    cats = {}
+                    for d in prof:
+                        k = d["kernel"].split("_")
+                        cat = "gemv" if k[0] == "gemv" else f"{k[-3] if len(k) > 3 else k[0]}"
+                        c = cats.setdefault(cat, [0, 0.0])
+                        c[0] += d["launches"]
+                        c[1] += d["us"]
+                    tot = sum(d["us"] for d in prof)
+                    log(f"    eager per-launch GPU time {tot:.1f} us over {row['launches']} launches: " +
+                        ", ".join(f"{k} {v[1]:.1f} us/{v[0]}" for k, v in sorted(cats.items(), key=lambda x: -x[1][1])))
+                    for d in prof[:8]:
+                        log(f"      {d['us']:8.1f} us {d['launches']:3d}x {d['kernel']}")
+                except Exception as e:
+                    log(f"    (profile failed: {type(e).__name__}: {e})")
+            else:
+                log(f"  qcc {recipe:11s} emulated: logits err {errs[0]:.1e} kv err {max(errs[1:]):.1e}, "
+                    f"{row['launches']} launches")
+            rows.append(row)
+            cm.close()
+            del weights
+        except Exception as e:
+            import traceback
+            log(f"  !! bench {recipe}: {type(e).__name__}: {e}")
+            log(traceback.format_exc()[-1500:])
+            rows.append({"recipe": recipe, "ok": False, "error": f"{type(e).__name__}: {e}"})
+    results["decode"] = {"baselines_us": {k: v * 1e6 for k, v in base.items()}, "rows": rows, "config": bench}
+    return rows
 
 
 def dump_sass(bundle, mod, summary, out_dir, log):
@@ -487,12 +958,17 @@ def main(argv=None):
     b = sub.add_parser("build")
     b.add_argument("--out", default=os.path.join(ROOT, ".cuda_build"))
     b.add_argument("--arch", action="append", default=None)
+    b.add_argument("--sweep", action="store_true", help="every kernel variant (the tuning sweep)")
+    b.add_argument("--quick", action="store_true", help="a tiny benchmark model (for run --emulate)")
+    b.add_argument("--no-models", dest="models", action="store_false")
     r = sub.add_parser("run")
     r.add_argument("--bundle", default=os.path.join(ROOT, ".cuda_build"))
     r.add_argument("--out", default=None)
     r.add_argument("--emulate", action="store_true")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--no-sass", dest="sass", action="store_false")
+    r.add_argument("--sections", default="linear,models,decode")
+    r.add_argument("--decode-iters", type=int, default=100)
     a = ap.parse_args(argv)
     if a.cmd == "build":
         a.arch = a.arch or ["sm_90a"]

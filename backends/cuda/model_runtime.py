@@ -292,6 +292,32 @@ class CudaModel:
         ms = self._check(drv.cuEventElapsedTime(e0, e1), "cuEventElapsedTime")
         return float(ms) / 1e3 / n
 
+    def profile(self, reps: int = 5) -> list[dict]:
+        """Per-launch GPU time (driver events around each launch, eager, median of `reps`
+        passes), summed per kernel, largest first: where a call's time goes."""
+        import statistics
+
+        drv, st = self.drv, self._stream
+        n = len(self._launches)
+        ev = [self._check(drv.cuEventCreate(0), "cuEventCreate") for _ in range(n + 1)]
+        times = [[] for _ in range(n)]
+        for _ in range(reps):
+            self._check(drv.cuEventRecord(ev[0], st), "cuEventRecord")
+            for i, (name, fn, g, b, smem, _, ptrs) in enumerate(self._launches):
+                self._check(drv.cuLaunchKernel(fn, g[0], g[1], g[2], b[0], b[1], b[2], smem, st,
+                                               ctypes.addressof(ptrs), 0), "cuLaunchKernel", name)
+                self._check(drv.cuEventRecord(ev[i + 1], st), "cuEventRecord")
+            self._check(drv.cuEventSynchronize(ev[n]), "cuEventSynchronize (profile)")
+            for i in range(n):
+                times[i].append(float(self._check(drv.cuEventElapsedTime(ev[i], ev[i + 1]),
+                                                  "cuEventElapsedTime")) * 1e3)
+        per = {}
+        for (name, *_), t in zip(self._launches, times):
+            d = per.setdefault(name, {"kernel": name, "launches": 0, "us": 0.0})
+            d["launches"] += 1
+            d["us"] += statistics.median(t)
+        return sorted(per.values(), key=lambda d: -d["us"])
+
     def close(self):
         for b in self._owned:
             try:
