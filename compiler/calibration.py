@@ -13,8 +13,9 @@ the rewritten function, not of the original model:
 
 * `view.set_param(name, value)`: a new parameter value (also written to the store);
 * `view.add_input_transform(weight, fn)`: the IR now applies fn to that linear's input;
-* `view.add_derived(new_weight, parent_weight, columns)`: a new linear reads columns
-  `columns` of `parent_weight`'s (transformed) input.
+* `view.add_derived(new_weight, parent_weight, columns, width=None)`: a new linear reads
+  columns `columns` of `parent_weight`'s (transformed) input (with `width`: all columns,
+  the others zeroed).
 """
 
 import dataclasses
@@ -38,15 +39,26 @@ class LinearStats:
     hessian: np.ndarray | None = None     # [K, K] float64, X^T X / rows
     samples: np.ndarray | None = None     # [S, K] float32, rows drawn without replacement
 
-    def select(self, columns: np.ndarray) -> "LinearStats":
-        """The statistics of x[:, columns]."""
-        pick = lambda a: None if a is None else a[..., columns]  # noqa: E731
+    def select(self, columns: np.ndarray, width: int | None = None) -> "LinearStats":
+        """The statistics of x[:, columns]; with `width`, of a [rows, width] input holding those
+        columns at the same positions and zeros elsewhere (x with the other columns masked)."""
+        def pick(a):
+            if a is None or width is None:
+                return None if a is None else a[..., columns]
+            out = np.zeros(a.shape[:-1] + (width,), a.dtype)
+            out[..., columns] = a[..., columns]
+            return out
+
+        hessian = None
+        if self.hessian is not None:
+            hessian = self.hessian[np.ix_(columns, columns)]
+            if width is not None:
+                hessian = np.zeros((width, width))
+                hessian[np.ix_(columns, columns)] = self.hessian[np.ix_(columns, columns)]
         return LinearStats(
             rows=self.rows, absmax=pick(self.absmax),
             tensor_absmax=None if self.absmax is None else float(np.max(self.absmax[columns], initial=0.0)),
-            mean_abs=pick(self.mean_abs),
-            hessian=None if self.hessian is None else self.hessian[np.ix_(columns, columns)],
-            samples=pick(self.samples))
+            mean_abs=pick(self.mean_abs), hessian=hessian, samples=pick(self.samples))
 
 
 class _Accumulator:
@@ -199,8 +211,10 @@ class ModelView:
         self.transforms.setdefault(weight, []).append(fn)
         self.version += 1
 
-    def add_derived(self, new_weight: str, parent_weight: str, columns) -> None:
-        self.derived[new_weight] = (parent_weight, np.asarray(columns, np.int64))
+    def add_derived(self, new_weight: str, parent_weight: str, columns, width: int | None = None) -> None:
+        """`new_weight`'s linear reads columns `columns` of the parent's input; with `width`, it reads
+        all `width` columns with the others zeroed (a masked input)."""
+        self.derived[new_weight] = (parent_weight, np.asarray(columns, np.int64), width)
         self.version += 1
 
 
@@ -281,9 +295,9 @@ def session_stats(session, want=("absmax", "mean_abs"), sample_rows: int = 256,
         stats = linear_input_stats(session.options["qcc.calibration.decomposed"], batches, want,
                                    params=v.params, input_transforms=v.transforms, sample_rows=sample_rows,
                                    progress=bool(session.options.get("progress")), already_decomposed=True)
-        for new, (parent, cols) in v.derived.items():
+        for new, (parent, cols, width) in v.derived.items():
             if parent in stats:
-                stats[new] = stats[parent].select(cols)
+                stats[new] = stats[parent].select(cols, width)
         cache.clear()
         cache[key] = stats
     return cache[key]

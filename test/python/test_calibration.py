@@ -99,3 +99,16 @@ def test_stats_file_roundtrip(block, tmp_path):
         assert loaded[name].rows == st.rows and loaded[name].tensor_absmax == pytest.approx(st.tensor_absmax)
     with pytest.raises(QccError, match="lack 'samples'"):
         calibration.load_stats(path, want=("samples",))
+
+
+def test_derived_masked_input(block):
+    model, ep, batches = block
+    session = Session(params=None, options={"exported_program": ep, "calibration": batches})
+    cols = np.array([0, 3, 7])
+    calibration.view(session).add_derived("fc_masked", "mlp.down_proj.weight", cols, width=96)
+    stats = calibration.session_stats(session, want=("absmax", "hessian"))
+    parent, masked = stats["mlp.down_proj.weight"], stats["fc_masked"]
+    keep = np.zeros(96, bool)
+    keep[cols] = True
+    assert masked.hessian.shape == (96, 96) and not masked.hessian[~keep].any()
+    np.testing.assert_array_equal(masked.absmax[keep], parent.absmax[cols])

@@ -71,7 +71,8 @@ def test_float_equivalence_tied_gqa():
     model = models.LlamaModel(vocab=64, hidden=64, layers=2, heads=4, kv_heads=2, ffn=96, max_seq=16,
                               tie_embeddings=True, seed=4).eval()
     inputs = model.example_inputs(batch=1, seq=8)
-    compiled = qcc.compile(model, inputs, quant={"passes": ["fuse-rotation{seed=7}"]})
+    # online Hadamard on every writer's input in blocks of head_dim: per attention head on o_proj
+    compiled = qcc.compile(model, inputs, quant={"passes": ["fuse-rotation{seed=7 online=writers online-block=16}"]})
     assert rel_err(compiled(*inputs).numpy(), float64_out(model, inputs)) <= 1e-4
     params = [a["param"] for a in compiled.manifest["entry"]["args"] if "param" in a]
     # the tied table is rotated for the embedding and, with the final norm's scale, for the head
