@@ -267,7 +267,10 @@ def load_rotation(path: str, n: int) -> np.ndarray:
     elif path.endswith(".safetensors"):
         from safetensors.numpy import load_file
 
-        tensors = load_file(path)
+        try:
+            tensors = load_file(path)
+        except Exception as e:  # safetensors raises its own error types for malformed files
+            raise ValueError(f"cannot read rotation file '{path}': {e}")
         if len(tensors) != 1:
             raise ValueError(f"rotation file '{path}' holds {len(tensors)} tensors ({', '.join(sorted(tensors))}); "
                              f"expected exactly one")

@@ -91,6 +91,11 @@ def test_float_equivalence_biases_file_rotation_online_writers(tmp_path):
     np.save(tmp_path / "bad.npy", q + 0.01)
     with pytest.raises(qcc.QccError, match=r"is not orthogonal: max \|Q Q\^T - I\| = "):
         qcc.compile(model, inputs, quant={"passes": [f"fuse-rotation{{rotation={tmp_path / 'bad.npy'}}}"]})
+    from safetensors.numpy import save_file
+
+    save_file({"a": q.astype(np.float32), "b": q.astype(np.float32)}, str(tmp_path / "two.safetensors"))
+    with pytest.raises(qcc.QccError, match=r"holds 2 tensors \(a, b\); expected exactly one"):
+        qcc.compile(model, inputs, quant={"passes": [f"fuse-rotation{{rotation={tmp_path / 'two.safetensors'}}}"]})
     np.save(tmp_path / "small.npy", np.eye(32))
     with pytest.raises(qcc.QccError, match=r"has shape \[32, 32\], the residual stream needs \[64, 64\]"):
         qcc.compile(model, inputs, quant={"passes": [f"fuse-rotation{{rotation={tmp_path / 'small.npy'}}}"]})
