@@ -68,6 +68,12 @@ class _View:
     def key(self):
         return (self.root, self.offset, self.shape, self.strides)
 
+    def same_region(self, other) -> bool:
+        """Both views cover the same bytes of one root densely (shapes may differ)."""
+        return self.key() == other.key() or (
+            self.root == other.root and self.elem == other.elem and self.offset == other.offset
+            and math.prod(self.shape) == math.prod(other.shape) and self.contiguous() and other.contiguous())
+
     def byte_range(self):
         es = ESIZE[self.elem]
         span = 1 + sum((n - 1) * s for n, s in zip(self.shape, self.strides)) if all(self.shape) else 0
@@ -382,7 +388,7 @@ class PlanBuilder:
         if not lst or any(r.root == vw.root for r in reads):
             return None
         for i, (key, const, launch, fv) in enumerate(lst):
-            if key == vw.key():
+            if fv.same_region(vw):
                 del lst[i]
                 self.stats["folded_fills"] += 1
                 return const
@@ -420,7 +426,7 @@ class PlanBuilder:
             raise HostOpError(f"memref.copy between {src.shape}x{src.elem} and {dst.shape}x{dst.elem}")
         lst = self.pending.get(src.root, [])
         for key, const, launch, fv in lst:
-            if key == src.key():  # copying a filled buffer: a fill of the destination
+            if fv.same_region(src):  # copying a filled buffer: a fill of the destination
                 self._materialize(dst.root)
                 d = lk.GenericDesc(list(dst.shape), ["parallel"] * len(dst.shape),
                                    [lk.Operand(src.elem, (), (), [], const=const)],

@@ -161,13 +161,19 @@ def compile_cuda(*, module, ctx, session, run, prog, imported, recipe, gpu_arch:
         "numerics": "GEMV layers (cuda.layers): x rounded to f16, f16 output, fp32 accumulation; "
                     "everything else fp32",
     }
+    layers = driver._layer_report(weights, session.layers)
+    for layer in layers:  # a stacked GEMV's bytes, shared out by each layer's columns
+        info = cuda["layers"].get(layer["weight"])
+        if info and "cols" in info:
+            total = sum(int(weights[n].nbytes) for n in info["params"].values())
+            layer["bytes"] = total * (info["cols"][1] - info["cols"][0]) // info["args"]["N"]
     manifest = {
         "target": "cuda",
         "recipe": recipe.to_json(),
         "entry": {"name": "main", "args": entry_args},
         "inputs": [s.to_json() for s in imported.inputs],
         "outputs": [s.to_json() for s in imported.outputs],
-        "layers": driver._layer_report(weights, session.layers),
+        "layers": layers,
         "versions": driver._versions(),
         "cuda": cuda,
     }

@@ -203,6 +203,9 @@ def dequantize_layer(info: dict, weights: dict) -> np.ndarray:
     """float32 [N, K] of a layer repacked for a GEMV kernel by cuda-select-kernels, decoded
     from the packed parameters exactly as the kernel reads them (``info`` is the artifact's
     manifest["cuda"]["layers"][weight] entry; in scale_mode="weight" the scales are f16)."""
+    if "cols" in info:  # one layer of a stacked GEMV: its rows of the stacked weight
+        n0, n1 = info["cols"]
+        return dequantize_layer({k: v for k, v in info.items() if k != "cols"}, weights)[n0:n1]
     a, p = info["args"], info["params"]
     K, N = a["K"], a["N"]
     if info["builder"] == "gemv_w8a16":

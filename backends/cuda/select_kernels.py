@@ -113,6 +113,40 @@ func.func private @{join}(%y: tensor<{2 * M}x{N}xf32>) -> tensor<{M}x{N}xf32> {{
 """
 
 
+def _join_cols(M, N, n0, n, split):
+    """Columns [n0, n0 + n) of a GEMV result as f32 [M, n]: rows hi + lo of a [2M, N] f32
+    result (split x), or the f16 [M, N] result widened."""
+    name = f"qcc_cuda_{'join' if split else 'widen'}_{M}x{N}_{n0}_{n}"
+    if split:
+        body = f"""  %hi = tensor.extract_slice %y[0, {n0}] [{M}, {n}] [1, 1] : tensor<{2 * M}x{N}xf32> to tensor<{M}x{n}xf32>
+  %lo = tensor.extract_slice %y[{M}, {n0}] [{M}, {n}] [1, 1] : tensor<{2 * M}x{N}xf32> to tensor<{M}x{n}xf32>
+  %e = tensor.empty() : tensor<{M}x{n}xf32>
+  %s = linalg.generic {{indexing_maps = [affine_map<(m, k) -> (m, k)>, affine_map<(m, k) -> (m, k)>,
+      affine_map<(m, k) -> (m, k)>], iterator_types = ["parallel", "parallel"]}}
+      ins(%hi, %lo : tensor<{M}x{n}xf32>, tensor<{M}x{n}xf32>) outs(%e : tensor<{M}x{n}xf32>) {{
+  ^bb0(%a: f32, %b: f32, %out: f32):
+    %r = arith.addf %a, %b : f32
+    linalg.yield %r : f32
+  }} -> tensor<{M}x{n}xf32>"""
+        src = f"tensor<{2 * M}x{N}xf32>"
+    else:
+        body = f"""  %h = tensor.extract_slice %y[0, {n0}] [{M}, {n}] [1, 1] : tensor<{M}x{N}xf16> to tensor<{M}x{n}xf16>
+  %e = tensor.empty() : tensor<{M}x{n}xf32>
+  %s = linalg.generic {{indexing_maps = [affine_map<(m, k) -> (m, k)>, affine_map<(m, k) -> (m, k)>],
+      iterator_types = ["parallel", "parallel"]}} ins(%h : tensor<{M}x{n}xf16>) outs(%e : tensor<{M}x{n}xf32>) {{
+  ^bb0(%a: f16, %out: f32):
+    %r = arith.extf %a : f16 to f32
+    linalg.yield %r : f32
+  }} -> tensor<{M}x{n}xf32>"""
+        src = f"tensor<{M}x{N}xf16>"
+    return name, f"""
+func.func private @{name}(%y: {src}) -> tensor<{M}x{n}xf32> {{
+{body}
+  return %s : tensor<{M}x{n}xf32>
+}}
+"""
+
+
 def _f16_helpers(M, K, N):
     """Private helpers: f32 -> f16 of x [M, K], f16 -> f32 of y [M, N] (inlined later)."""
     def conv(name, rows, cols, src, dst, op):
@@ -145,14 +179,18 @@ class CudaSelectKernels(QccPass):
         # as accurate as an fp32 GEMM; free for up to 4 tokens, whose 2M rows fit the m8 kernel);
         # false: "a16" proper, x rounded to f16 and y stored as f16.
         split_x: bool = True
+        # stack the weights of layers that share their input (q/k/v, gate/up) into one GEMV
+        fuse: bool = True
 
     def run(self, module):
         self.body = module.regions[0].blocks[0]
         self.defined = set()
         selected = self.session.options.setdefault("cuda_kernels", {})
         fallback = self.session.options.setdefault("cuda_fallback", {})
+        split = self.options.split_x
         for func in irutil.functions(module):
             sig = irutil.Signature(func)
+            groups = {}  # (x, format, M, K) -> [candidate]: layers that share their input
             for op in irutil.walk(func, "qcc.qlinear"):
                 if format_key(op.attributes["act_format"]) != "none":
                     continue
@@ -170,12 +208,22 @@ class CudaSelectKernels(QccPass):
                 if not self.options.enable:
                     fallback[base] = "disabled (cuda-select-kernels{enable=false})"
                     continue
-                split = self.options.split_x
                 builder, args = plan_kernel(fmt, 2 * M if split else M, K, N, out_f32=split)
                 if builder is None:
                     fallback[base] = args
                     continue
-                self._rewrite(op, sig, fmt, builder, args, M, K, N, names, base, selected)
+                groups.setdefault((op.operands[0], fmt.key(), M, K), []).append((op, fmt, N, names, base))
+            for (x, _, M, K), members in groups.items():
+                # one GEMV over the concatenated weights (q/k/v, gate/up): fewer launches, more blocks
+                if self.options.fuse and len(members) > 1:
+                    builder, args = plan_kernel(members[0][1], 2 * M if split else M, K,
+                                                sum(m[2] for m in members), out_f32=split)
+                    if builder is not None:
+                        self._rewrite(members, sig, builder, args, M, K, selected)
+                        continue
+                for m in members:
+                    builder, args = plan_kernel(m[1], 2 * M if split else M, K, m[2], out_f32=split)
+                    self._rewrite([m], sig, builder, args, M, K, selected)
             for name in sig.erase_unused_params():
                 if name in self.session.params:
                     del self.session.params[name]
@@ -187,27 +235,36 @@ class CudaSelectKernels(QccPass):
                 f.operation.move_after(self.body.operations[len(self.body.operations) - 1])
             self.defined.add(name)
 
-    def _rewrite(self, op, sig, fmt, builder, args, M, K, N, names, base, selected):
+    def _rewrite(self, members, sig, builder, args, M, K, selected):
+        """members: [(op, fmt, N, param names, weight name)] sharing x, in block order; their
+        weights are stacked along N into one GEMV (one member: no stacking)."""
+        import numpy as np
+
         from . import pack
 
         store = self.session.params
-        roles = ["codes", "scale", "zero"][:len(names)]
-        src = dict(zip(roles, names))
+        fmt = members[0][1]
+        Ns = [m[2] for m in members]
+        N = sum(Ns)
+        srcs = [dict(zip(["codes", "scale", "zero"], m[3])) for m in members]
+        cat = lambda role: np.concatenate([store[s[role]] for s in srcs], axis=0)  # noqa: E731
         if builder == "gemv_w4a16":
             G = args["group_size"]
-            packed = store[src["codes"]]
-            scale = store[src["scale"]].astype("float32").reshape(N, K // G)
-            zero = store[src["zero"]].view("uint8").reshape(N, K // G) if "zero" in src else None
-            arrays = pack.pack_w4a16(packed.view("uint8"), scale, zero, G)
+            scale = cat("scale").astype("float32").reshape(N, K // G)
+            zero = cat("zero").view("uint8").reshape(N, K // G) if "zero" in srcs[0] else None
+            arrays = pack.pack_w4a16(cat("codes").view("uint8"), scale, zero, G)
             tag = "cuda_w4"
         else:
-            arrays = pack.pack_w8a16(store[src["codes"]].view("int8"), store[src["scale"]])
+            arrays = pack.pack_w8a16(cat("codes").view("int8"), cat("scale"))
             tag = "cuda_w8"
+        if len(members) > 1:
+            tag += f"_stack{len(members)}"
         spec = build_spec(builder, args)
         kparams = [p.name for p in spec.params if p.is_buffer and p.name not in ("x", "y")]
+        base0 = members[0][4]
         new_names, operands = {}, []
         for role in kparams:
-            name = f"{base}:{fmt.key()}:{tag}:{role}"
+            name = f"{base0}:{fmt.key()}:{tag}:{role}"
             a = arrays[role]
             store[name] = a
             new_names[role] = name
@@ -217,24 +274,34 @@ class CudaSelectKernels(QccPass):
         yt = "f32" if split else "f16"
         callee = f"qcc_cuda_{spec.name}_m{rows}"
         w_types = ", ".join(f"{v.type} {{bufferization.access = \"read\"}}" for v in operands)
-        attrs = json.dumps({"builder": builder, "args": args, "M": rows, "weight": base})
+        attrs = json.dumps({"builder": builder, "args": args, "M": rows, "weight": "+".join(m[4] for m in members)})
         attrs_mlir = attrs.replace("\\", "\\\\").replace('"', '\\"')
         self._define(callee, f'func.func private @{callee}(tensor<{rows}x{K}xf16> {{bufferization.access = "read"}}, '
                              f'{w_types}) -> tensor<{rows}x{N}x{yt}> attributes {{qcc.cuda_kernel = "{attrs_mlir}"}}')
-        to16, to16_text, to32, to32_text = (_split_helpers if split else _f16_helpers)(M, K, N)
+        to16, to16_text, _, _ = (_split_helpers if split else _f16_helpers)(M, K, N)
         self._define(to16, to16_text)
-        self._define(to32, to32_text)
-        with ir.InsertionPoint(op), op.location:
+        first = members[0][0]
+        with ir.InsertionPoint(first), first.location:
             xh = ir.Operation.create("func.call", results=[irutil.tensor_type([rows, K], "f16")],
-                                     operands=[op.operands[0]],
+                                     operands=[first.operands[0]],
                                      attributes={"callee": ir.FlatSymbolRefAttr.get(to16)}).result
             yh = ir.Operation.create("func.call", results=[irutil.tensor_type([rows, N], yt)],
                                      operands=[xh, *operands],
                                      attributes={"callee": ir.FlatSymbolRefAttr.get(callee)}).result
-            y = ir.Operation.create("func.call", results=[op.result.type], operands=[yh],
-                                    attributes={"callee": ir.FlatSymbolRefAttr.get(to32)}).result
-        op.result.replace_all_uses_with(y)
-        op.erase()
-        selected[base] = {"kernel": spec.name, "builder": builder, "args": args, "M": M, "rows": rows,
-                          "split_x": split, "format": fmt.key(), "shape": [N, K], "params": new_names,
-                          "launches": -(-rows // args["m_max"])}
+            outs, n0 = [], 0
+            for op, _, n, _, _ in members:  # each layer: its columns, hi + lo (or f16 -> f32)
+                name, text = _join_cols(M, N, n0, n, split)
+                self._define(name, text)
+                outs.append(ir.Operation.create("func.call", results=[op.result.type], operands=[yh],
+                                                attributes={"callee": ir.FlatSymbolRefAttr.get(name)}).result)
+                n0 += n
+        n0 = 0
+        for (op, _, n, _, base), out in zip(members, outs):
+            op.result.replace_all_uses_with(out)
+            op.erase()
+            selected[base] = {"kernel": spec.name, "builder": builder, "args": args, "M": M, "rows": rows,
+                              "split_x": split, "format": fmt.key(), "shape": [n, K], "params": new_names,
+                              "launches": -(-rows // args["m_max"])}
+            if len(members) > 1:
+                selected[base].update({"cols": [n0, n0 + n], "stacked": [m[4] for m in members]})
+            n0 += n

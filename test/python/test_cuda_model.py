@@ -113,8 +113,15 @@ def test_gemv_selection_and_fallback():
     _, _, _, c = compiled_case("block-w4a16-g128")
     cuda = c.manifest["cuda"]
     assert len(cuda["layers"]) == 7 and not cuda["fallback"]  # every linear on a tensor-core GEMV
-    names = {L["kernel"] for L in cuda["plan"]["launches"]}
-    assert sum(n.startswith("gemv_w4a16") for n in names) >= 3
+    # q/k/v (and gate/up) share their input: one GEMV over the stacked weights each
+    lay = cuda["layers"]
+    qkv = [lay[f"self_attn.{p}_proj.weight"] for p in "qkv"]
+    assert qkv[0]["params"] == qkv[1]["params"] == qkv[2]["params"] and qkv[2]["cols"] == [384, 512]
+    assert lay["mlp.gate_proj.weight"]["params"] == lay["mlp.up_proj.weight"]["params"]
+    assert sum(L["kernel"].startswith("gemv") for L in cuda["plan"]["launches"]) == 4
+    total = sum(c.weights[n].nbytes for n in qkv[0]["params"].values())
+    assert sum(layer["bytes"] for layer in c.manifest["layers"] if "self_attn" in layer["weight"]
+               and "o_proj" not in layer["weight"]) == total
     # weights are stored repacked once, no float copy of a quantized weight exists
     assert not any(n.endswith(":codes") for n in c.weights)
     assert all(w.dtype != np.float32 or w.size <= 64 * 64 for n, w in c.weights.items() if "proj" in n)
