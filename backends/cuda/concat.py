@@ -5,7 +5,9 @@ plus one copy per operand: a launch each, and the whole KV cache copied every st
 As a generic (all-parallel, no inputs; the body picks the operand by the index along
 the concatenated dim and reads it with tensor.extract at a clamped index) it is one
 elementwise producer, which linalg-fuse-elementwise-ops fuses into its consumer: the
-rotation reads q directly, and attention reads the cache and the new key in place.
+rotation reads q directly, and attention reads the cache and the new key in place. An
+operand made by a one-op unary generic used only here (rotate_half's -x2) is absorbed:
+the gather reads its input and applies the op.
 """
 
 import dataclasses
@@ -20,7 +22,37 @@ def _ty(shape, elem):
     return f"tensor<{'x'.join(map(str, shape))}x{elem}>"
 
 
-def concat_func(name: str, dim: int, shapes, out_shape, elem: str) -> str:
+_UNARY = ("arith.negf", "math.absf", "math.exp", "math.tanh")
+
+
+def _unary_producer(v):
+    """(op name, input) when `v` is made by an elementwise linalg.generic that applies one
+    unary op to one same-shaped input (rotate_half's negation) and has no other use."""
+    from qcc.irutil import defining_op
+
+    g = defining_op(v)
+    if g is None or g.name != "linalg.generic" or len(list(v.uses)) != 1:
+        return None
+    ins = list(g.opview.inputs)
+    maps = [str(ir.AffineMapAttr(a).value) for a in ir.ArrayAttr(g.attributes["indexing_maps"])]
+    if len(ins) != 1 or len(set(maps)) != 1 or "reduction" in str(g.attributes["iterator_types"]):
+        return None
+    body = [op.operation for op in g.regions[0].blocks[0].operations]
+    if len(body) != 2 or body[0].name not in _UNARY or body[1].name != "linalg.yield":
+        return None
+    arg0 = g.regions[0].blocks[0].arguments[0]
+    if body[0].operands[0] != arg0 or body[1].operands[0] != body[0].result:
+        return None
+    if ir.RankedTensorType(ins[0].type).shape != ir.RankedTensorType(v.type).shape:
+        return None
+    if str(ir.RankedTensorType(ins[0].type).element_type) != str(ir.RankedTensorType(v.type).element_type):
+        return None
+    return body[0].name, ins[0]
+
+
+def concat_func(name: str, dim: int, shapes, out_shape, elem: str, unary=None) -> str:
+    """unary[j]: an op name applied to operand j after the gather (an absorbed producer)."""
+    unary = unary or [None] * len(shapes)
     rank = len(out_shape)
     args = ", ".join(f"%a{j}: {_ty(s, elem)}" for j, s in enumerate(shapes))
     lines = [f"    %i{d} = linalg.index {d} : index" for d in range(rank)]
@@ -34,7 +66,11 @@ def concat_func(name: str, dim: int, shapes, out_shape, elem: str) -> str:
         lines.append(f"    %p{j} = arith.maxsi %l{j}, %c0 : index")
         lines.append(f"    %q{j} = arith.minsi %p{j}, %hi{j} : index")
         idx = ", ".join(f"%q{j}" if d == dim else f"%i{d}" for d in range(rank))
-        lines.append(f"    %v{j} = tensor.extract %a{j}[{idx}] : {_ty(s, elem)}")
+        if unary[j]:
+            lines.append(f"    %x{j} = tensor.extract %a{j}[{idx}] : {_ty(s, elem)}")
+            lines.append(f"    %v{j} = {unary[j]} %x{j} : {elem}")
+        else:
+            lines.append(f"    %v{j} = tensor.extract %a{j}[{idx}] : {_ty(s, elem)}")
         vals.append((off, n))
         off += n
     # select from the last operand backwards: v = i < end_j ? v_j : v
@@ -82,14 +118,21 @@ class CudaConcatToGeneric(QccPass):
                     continue
                 dim = ir.IntegerAttr(op.attributes["dim"]).value
                 elem = str(rt.element_type)
-                name = "qcc_cuda_concat_" + "_".join("x".join(map(str, s)) for s in shapes) + f"_d{dim}_{elem}"
+                operands, unary = [], []
+                for v in op.operands:  # absorb a unary elementwise producer (rotate_half's -x2)
+                    prod = _unary_producer(v)
+                    unary.append(prod[0] if prod else None)
+                    operands.append(prod[1] if prod else v)
+                tag = "_".join(u.split(".")[1] if u else "id" for u in unary)
+                name = ("qcc_cuda_concat_" + "_".join("x".join(map(str, s)) for s in shapes) + f"_d{dim}_{elem}"
+                        + (f"_{tag}" if any(unary) else ""))
                 if name not in defined:
-                    m = ir.Module.parse(concat_func(name, dim, shapes, list(rt.shape), elem))
+                    m = ir.Module.parse(concat_func(name, dim, shapes, list(rt.shape), elem, unary))
                     for f in list(m.body.operations):
                         f.operation.move_after(body.operations[len(body.operations) - 1])
                     defined.add(name)
                 with ir.InsertionPoint(op), op.location:
-                    call = ir.Operation.create("func.call", results=[op.result.type], operands=list(op.operands),
+                    call = ir.Operation.create("func.call", results=[op.result.type], operands=operands,
                                                attributes={"callee": ir.FlatSymbolRefAttr.get(name)})
                 op.result.replace_all_uses_with(call.result)
                 op.erase()
