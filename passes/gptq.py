@@ -114,8 +114,12 @@ class Gptq(QuantizeWeights):
         if w_name not in store:
             raise PassError(mm, f"no value for parameter '{w_name}' in the parameter store")
         w = np.asarray(store[w_name], np.float32)
+        hessian = self._stats[w_name].hessian
+        if hessian.shape != (w.shape[1], w.shape[1]):
+            raise PassError(mm, f"calibration statistics of '{w_name}' cover {hessian.shape[0]} input columns, "
+                                f"its weight has K={w.shape[1]}")
         try:
-            solution = gptq_quantize(w, self._stats[w_name].hessian, fmt, self.options.damp,
+            solution = gptq_quantize(w, hessian, fmt, self.options.damp,
                                      self.options.block, self.options.act_order)
         except formats.FormatError as e:
             raise PassError(mm, f"cannot quantize '{w_name}' {list(w.shape)} as {fmt.key()}: {e}")
