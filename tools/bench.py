@@ -168,7 +168,6 @@ def _recipe_available(recipe: str) -> bool:
 
 
 def bench_linear(args, emit) -> None:
-    import numpy as np
     import torch
 
     bw = read_bandwidth(args.bw_bytes)
@@ -230,7 +229,6 @@ def _test_dir() -> str:
 
 
 def bench_model(args, emit) -> None:
-    import numpy as np
     import torch
 
     import qcc
@@ -276,8 +274,6 @@ def bench_model(args, emit) -> None:
             if tc_compile_s is not None:
                 rec["torch_compile_s"] = round(tc_compile_s, 2)
             emit(rec)
-            del compiled
-    np.random.default_rng(0)
 
 
 # -- output ---------------------------------------------------------------------

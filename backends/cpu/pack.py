@@ -141,7 +141,6 @@ def pack(lay: PanelLayout, packed_codes: np.ndarray, scale: np.ndarray, zero=Non
 def unpack(lay: PanelLayout, arrays: dict) -> formats.QuantizedTensor:
     """Panel arrays -> the format's QuantizedTensor (inverse of `pack`)."""
     fmt = lay.fmt
-    p, b, r, v = lay.panels, lay.blocks, lay.rows, lay.lanes
     if fmt.bits == 4:
         words = arrays["codes"].view(np.uint32)
         t = np.stack([(words >> np.uint32(4 * i)) & np.uint32(15) for i in range(8)], axis=-1)  # [P,B,R,j,i]
