@@ -38,6 +38,9 @@ EXTRA = {
                             "passes": ["reorder-channels"], "overrides": _OUTLIERS_INT8},
     "w4a4-had-reorder (file)": {"weight_format": "int4_sym_channel", "act_format": "int4_sym_token",
                                 "passes": ["fuse-rotation", "reorder-channels"], "overrides": _OUTLIERS_INT8},
+    "w4a4-reorder-gptq (file)": {"weight_format": "int4_sym_channel", "act_format": "int4_sym_token",
+                                 "passes": ["reorder-channels", "gptq{format=int4_sym_channel exclude=:outliers$}",
+                                            "gptq{format=int8_sym_channel}"], "overrides": _OUTLIERS_INT8},
     "w8a8-had-gptq (file)": {"weight_format": "int8_sym_channel", "act_format": "int8_sym_token",
                              "passes": ["fuse-rotation", "gptq{format=int8_sym_channel}"]},
     "w4a4-had-gptq (file)": {"weight_format": "int4_sym_channel", "act_format": "int4_sym_token",
@@ -261,7 +264,7 @@ TARGETS = [  # (text, baseline, factor, recipes measured against it)
     ("w4a4-had >= 2x lower mean layer error than w4a4", "w4a4", 2.0, ["w4a4-had", "w4a4-had-gptq (file)"]),
     ("llm-int8 >= 4x lower mean layer error than w8a8", "w8a8", 4.0, ["llm-int8"]),
     ("w4a4 with reordering (outliers int8) >= 3x lower than w4a4", "w4a4", 3.0,
-     ["w4a4-reorder (file)", "w4a4-had-reorder (file)", "w4a4-had-reorder"]),
+     ["w4a4-reorder (file)", "w4a4-had-reorder (file)", "w4a4-had-reorder", "w4a4-reorder-gptq (file)"]),
 ]
 
 
