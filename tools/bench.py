@@ -171,7 +171,7 @@ def bench_linear(args, emit) -> None:
     import torch
 
     bw = read_bandwidth(args.bw_bytes)
-    min_total = 4 * l3_bytes()
+    min_total = (8 << 20) if args.quick else 4 * l3_bytes()  # --quick: a smoke run, cached
     emit({"suite": "linear", "case": "read-bandwidth", "gbps": round(bw, 2), "method": "numpy sum float32",
           "bytes": args.bw_bytes, "threads": torch.get_num_threads()})
     for k, n in args.shapes:
