@@ -7,8 +7,8 @@ manifest and checked again on load.
 Threads come from `scf.parallel` -> OpenMP, which calls LLVM's runtime
 (`__kmpc_*`).  torch's bundled libgomp lacks those entry points; qcc uses
 LLVM's libomp from the `cmeel-libomp` wheel (pip), else a system libomp
-(Debian `libomp5-14`), else `$QCC_OPENMP_LIB`.  Without any, kernels run on
-one thread.
+(Debian `libomp5-14`), else `$QCC_OPENMP_LIB`.  Without any (or with
+QCC_OPENMP=off), kernels run on one thread.
 """
 
 import ctypes
@@ -82,7 +82,10 @@ def _soname(path: str) -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def openmp_runtime() -> dict | None:
-    """{'path', 'soname'} of an LLVM OpenMP runtime exporting __kmpc_fork_call, or None."""
+    """{'path', 'soname'} of an LLVM OpenMP runtime exporting __kmpc_fork_call, or None
+    (also when QCC_OPENMP=off: single-threaded kernels)."""
+    if os.environ.get("QCC_OPENMP", "").lower() in ("0", "off", "false", "no"):
+        return None
     for path in _candidates():
         if not os.path.isfile(path):
             continue

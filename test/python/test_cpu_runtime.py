@@ -85,3 +85,21 @@ def test_artifact_runs_without_torch_mlir_or_torch(tmp_path, dynamic_mlp):
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["blocked"] == ["torch_mlir", "torch"] and report["loaded"] == ["torch", "torch_mlir"]
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), expect)
+
+
+def test_without_openmp_runtime_kernels_run_single_threaded(monkeypatch):
+    from qcc.backends.cpu import host
+
+    monkeypatch.setenv("QCC_OPENMP", "off")
+    host.openmp_runtime.cache_clear()
+    try:
+        model = torch.nn.Linear(256, 64, bias=False).eval()
+        x = torch.randn(3, 256)
+        compiled = qcc.compile(model, (x,), quant="w8a16")
+    finally:
+        host.openmp_runtime.cache_clear()
+    assert compiled.manifest["cpu"]["openmp"] is None and b"__kmpc_fork_call" not in compiled.code["cpu.so"]
+    assert compiled.manifest["cpu"]["kernels"]["weight"]["threads"] is False
+    reference = copy.deepcopy(model)
+    load_into_torch(reference, dequantized_weights(compiled))
+    assert rel_err(compiled(x), reference.double()(x.double()).detach()) <= 1e-5
