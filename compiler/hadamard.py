@@ -233,11 +233,11 @@ def kernel_mlir(name: str, n: int, block: int | None = None) -> str:
             out = "%ylast"
     scale = f"{1.0 / math.sqrt(n):.9e}"
     lines.append(f"  %scale = arith.constant {scale} : f32")
-    lines.append(f"  %zero = arith.constant 0.0 : f32")
+    lines.append("  %zero = arith.constant 0.0 : f32")
     lines.append(f"  %init = tensor.empty(%rows) : {ty}")
     if m == 1:
         lines += [
-            f"  %r = linalg.generic {{indexing_maps = [affine_map<(r, j) -> (r, j)>, affine_map<(r, j) -> (r, j)>],",
+            "  %r = linalg.generic {indexing_maps = [affine_map<(r, j) -> (r, j)>, affine_map<(r, j) -> (r, j)>],",
             '      iterator_types = ["parallel", "parallel"]}',
             f"      ins({out} : {ty}) outs(%init : {ty}) {{",
             "  ^bb0(%v: f32, %o: f32):",

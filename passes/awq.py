@@ -65,7 +65,7 @@ class Awq(QccPass):
             groups, others = scale_groups(func)
             if not groups:
                 continue
-            stats = stats_or_error(self.session, ("mean_abs", "samples"), self.options.stats, self.name,
+            stats = stats_or_error(self.session, ("mean_abs", "samples"), self.options.stats,
                                    sample_rows=self.options.samples)
             edits = WeightEdits(func, self.session)
             gains = []
@@ -77,7 +77,7 @@ class Awq(QccPass):
                     s, loss, base = search_scales(st.samples, weights, fmt, self.options.grid, st.mean_abs)
                 except formats.FormatError as e:
                     raise PassError(group.readers[0], f"cannot quantize {', '.join(names)} as {fmt.key()}: {e}")
-                fold_scales(self.session, func, group, s, edits)
+                fold_scales(group, s, edits)
                 gains.append(f"{names[0]}{'+' if len(names) > 1 else ''}: {base / max(loss, 1e-30):.2f}x")
             commit_edits(self.session, edits)
             self.session.remarks.append(f"{self.name}: output error reduction vs round-to-nearest on calibration "

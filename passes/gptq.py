@@ -104,7 +104,7 @@ class Gptq(QuantizeWeights):
         exclude = re.compile(self.options.exclude) if self.options.exclude else None
         wanted = [irutil.Signature(f).param_name(i) for f in irutil.functions(module) for _, i in linear_sites(f)]
         if any(not (exclude and exclude.search(n)) for n in wanted):
-            self._stats = stats_or_error(self.session, ("hessian",), self.options.stats, self.name)
+            self._stats = stats_or_error(self.session, ("hessian",), self.options.stats)
         super().run(module)
 
     def _rewrite(self, func, sig, mm, w_name, fmt):

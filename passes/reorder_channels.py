@@ -108,7 +108,7 @@ class ReorderChannels(QccPass):
             sites = [mm for mm, _ in linear_sites(func)]
             if not sites:
                 continue
-            stats = stats_or_error(self.session, ("absmax",), opts.stats, self.name)
+            stats = stats_or_error(self.session, ("absmax",), opts.stats)
             self._reorder(module, func, sites, stats, k, exclude)
 
     def _absmax(self, func, mm, stats):

@@ -116,7 +116,7 @@ def scale_groups(func):
     return groups, others
 
 
-def fold_scales(session, func, group, s, edits):
+def fold_scales(group, s, edits):
     """Adds edits: readers W diag(s), producer / s (the float function is unchanged)."""
     for mm in group.readers:
         op, index = weight_use(mm)
@@ -139,7 +139,8 @@ def commit_edits(session, edits):
     view.version += 1
 
 
-def stats_or_error(session, want, stats_file, pass_name, sample_rows=256):
+def stats_or_error(session, want, stats_file, sample_rows=256):
+    """calibration.session_stats, its QccError turned into this pass's error."""
     try:
         return calibration.session_stats(session, want=want, sample_rows=sample_rows, stats_file=stats_file)
     except QccError as e:
@@ -174,7 +175,7 @@ class SmoothChannels(QccPass):
             groups, others = scale_groups(func)
             if not groups:
                 continue
-            stats = stats_or_error(self.session, ("absmax",), self.options.stats, self.name)
+            stats = stats_or_error(self.session, ("absmax",), self.options.stats)
             edits = WeightEdits(func, self.session)
             for group in groups:
                 act = group_stats(func, group, stats).absmax
@@ -182,7 +183,7 @@ class SmoothChannels(QccPass):
                 for mm in group.readers:
                     wmax = np.maximum(wmax, np.abs(np.asarray(store[weight_name(func, mm)], np.float64)).max(0))
                 s = smooth_scales(act, wmax, alpha)
-                fold_scales(self.session, func, group, s, edits)
+                fold_scales(group, s, edits)
             commit_edits(self.session, edits)
             if others:
                 self.session.remarks.append(
