@@ -53,6 +53,7 @@ TO_LLVM = [
     "func.func(lower-affine)",
     # the kernels' scf.parallel over weight panels -> omp.parallel + omp.wsloop
     "convert-scf-to-openmp",
+    "cpu-omp-schedule",
     "convert-scf-to-cf",
     "func.func(refback-expand-ops-for-llvm)",
     "func.func(arith-expand)",

@@ -22,9 +22,11 @@ _ELEM = {"int32": "i32", "int8": "i8", "uint8": "i8", "float32": "f32"}
 
 
 def build(tmp_path, lay: P.PanelLayout, cfg: kernels.KernelConfig) -> CpuLibrary:
-    from torch_mlir import ir, passmanager
+    from torch_mlir import ir
 
     from qcc.context import make_context
+    from qcc.params import ParamStore
+    from qcc.pipeline import Session, run_pipeline
 
     shapes = lay.shapes()
     tt = {r: f"tensor<{'x'.join(map(str, s))}x{_ELEM[np.dtype(d).name]}>" for r, (s, d) in shapes.items()}
@@ -37,7 +39,7 @@ def build(tmp_path, lay: P.PanelLayout, cfg: kernels.KernelConfig) -> CpuLibrary
         module = ir.Module.parse(main + kernels.qlinear("qk", lay, dataclass_replace(cfg, threads=openmp is not None)))
         lowering.mark_entry(module)
         pipeline = ["inline", "canonicalize", "cse"] + lowering.BUFFERIZE + lowering.TO_LLVM
-        passmanager.PassManager.parse("builtin.module(" + ",".join(pipeline) + ")").run(module.operation)
+        run_pipeline(module, pipeline, Session(ParamStore()), "kernel-test")
         so = str(tmp_path / "kernel.so")
         lowering.emit_shared_library(module, so, openmp=openmp)
         del ctx
