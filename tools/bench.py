@@ -305,7 +305,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipes", help=f"comma-separated recipes (default: {','.join(RECIPES)})")
     p.add_argument("--budget", type=float, default=None, help="seconds of repetitions per case")
     p.add_argument("--no-torch-compile", action="store_true", help="model: skip the torch.compile baseline")
-    p.set_defaults(func=run)
+    p.add_argument("--target", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: build the GEMV kernels here, then run tools/cuda_device_run.py's linear table "
+                        "(needs a GPU and cuda-bindings)")
+    p.set_defaults(func=run_target)
+
+
+def run_target(args) -> int:
+    if args.target == "cpu":
+        return run(args)
+    if args.suite != "linear":
+        from qcc.errors import QccError
+
+        raise QccError(f"bench {args.suite} --target cuda is not wired here",
+                       hint="run `python tools/cuda_device_run.py run` for whole models on the GPU")
+    import tempfile
+
+    from qcc.backends.cuda import runtime
+    from qcc.errors import QccError
+    from qcc.tools import cuda_device_run
+
+    ok, why = runtime.available()
+    if not ok:
+        raise QccError(f"no usable GPU for --target cuda: {why}")
+
+    with tempfile.TemporaryDirectory() as bundle:
+        cuda_device_run.main(["build", "--out", bundle, "--no-models"])
+        return cuda_device_run.main(["run", "--bundle", bundle, "--sections", "linear"]) or 0
 
 
 def markdown(records: list) -> str:

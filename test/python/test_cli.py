@@ -128,3 +128,11 @@ def test_corrupted_artifact(llama_pt2, tmp_path):
     assert_user_error(qcc_cli("run", tmp_path / "bad.qcc", "--inputs", tmp / "in.npz"), "corrupted")
     (tmp_path / "junk.qcc").write_bytes(b"not an artifact")
     assert_user_error(qcc_cli("run", tmp_path / "junk.qcc", "--inputs", tmp / "in.npz"), "not a qcc artifact")
+
+
+def test_bench_cuda_without_gpu_is_a_clear_error():
+    from qcc.backends.cuda import runtime
+
+    if runtime.available()[0]:
+        pytest.skip("a GPU is present: the CUDA benchmark would run")
+    assert_user_error(qcc_cli("bench", "linear", "--target", "cuda"), "no usable GPU for --target cuda")
