@@ -35,6 +35,12 @@ def vtensor_shape(t: ir.Type) -> tuple[list, str]:
     return dims, m.group(2)
 
 
+def tensor_shape(value: ir.Value) -> list:
+    """Dims of a ranked builtin tensor value (None for '?')."""
+    t = ir.RankedTensorType(value.type)
+    return [None if t.is_dynamic_dim(i) else t.shape[i] for i in range(t.rank)]
+
+
 def tensor_type(shape, elem: str) -> ir.Type:
     dims = "x".join("?" if d is None else str(d) for d in shape)
     return ir.Type.parse(f"tensor<{dims}x{elem}>" if dims else f"tensor<{elem}>")

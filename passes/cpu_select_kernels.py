@@ -25,11 +25,6 @@ from qcc.passes import QccPass, register
 _MLIR_ELEM = {"int32": "i32", "int8": "i8", "uint8": "i8", "float32": "f32"}
 
 
-def _static_shape(value) -> list:
-    t = ir.RankedTensorType(value.type)
-    return [None if t.is_dynamic_dim(i) else t.shape[i] for i in range(t.rank)]
-
-
 @register
 class CpuSelectKernels(QccPass):
     name = "cpu-select-kernels"
@@ -59,7 +54,7 @@ class CpuSelectKernels(QccPass):
                 if format_key(op.attributes["act_format"]) != "none":
                     continue
                 fmt = formats.parse_weight_format(format_key(op.attributes["weight_format"]))
-                x_shape, y_shape = _static_shape(op.operands[0]), _static_shape(op.result)
+                x_shape, y_shape = irutil.tensor_shape(op.operands[0]), irutil.tensor_shape(op.result)
                 k, n = x_shape[1], y_shape[1]
                 names = [sig.param_name(irutil.block_arg_number(v)) if irutil.block_arg_number(v) is not None
                          else None for v in op.operands[1:]]

@@ -23,11 +23,6 @@ from qcc.dialects.formats import activation
 from qcc.passes import PassError, QccPass, register
 
 
-def _shape(value) -> list:
-    t = ir.RankedTensorType(value.type)
-    return [None if t.is_dynamic_dim(i) else t.shape[i] for i in range(t.rank)]
-
-
 @register
 class DequantAfterGemm(QccPass):
     name = "dequant-after-gemm"
@@ -51,8 +46,8 @@ class DequantAfterGemm(QccPass):
             raise PassError(op, str(e))
         x, wq, ws = op.operands[0], op.operands[1], op.operands[2]
         wz = [op.operands[3]] if len(op.operands) > 3 else []
-        m, k = _shape(x)
-        n = _shape(op.result)[1]
+        m, k = irutil.tensor_shape(x)
+        n = irutil.tensor_shape(op.result)[1]
         if wfmt.granularity == "group" and k % wfmt.group_size:
             raise PassError(op, f"K={k} is not a multiple of the group size of {wfmt.key()}")
         acc_shape = [m, n, k // wfmt.group_size] if wfmt.granularity == "group" else [m, n]

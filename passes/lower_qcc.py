@@ -21,8 +21,8 @@ from qcc.dialects.formats import activation
 from qcc.passes import PassError, QccPass, register
 
 
-def _code_expr(fmt) -> tuple[str, str, str]:
-    """(weight map, body lines computing %code as f32, scale/zero map) for `fmt`."""
+def _code_expr(fmt) -> tuple[str, str, str, str]:
+    """(weight map, body lines computing %code as f32, scale/zero map, constants) for `fmt`."""
     if fmt.granularity == "tensor":
         smap = "(m, n, k) -> (0, 0)"
     elif fmt.granularity == "channel":
@@ -45,7 +45,7 @@ def _code_expr(fmt) -> tuple[str, str, str]:
             "    %code0 = arith.uitofp %nibble : i8 to f32\n")
     if fmt.symmetric:
         bias = "8.0" if fmt.bits == 4 else "0.0"
-        body += f"    %code = arith.subf %code0, %cbias : f32\n"
+        body += "    %code = arith.subf %code0, %cbias : f32\n"
         consts = f"  %cbias = arith.constant {bias} : f32\n"
     else:
         body += ("    %zf = arith.uitofp %z : i8 to f32\n"
@@ -340,11 +340,6 @@ func.func private @{name}(%acc: {acc_ty}, %sxs: {sx_ty}, %sws: {sw_ty}) -> {y_ty
 """
 
 
-def _static_shape(value) -> list[int]:
-    t = ir.RankedTensorType(value.type)
-    return [None if t.is_dynamic_dim(i) else t.shape[i] for i in range(t.rank)]
-
-
 def _dynamic_rows(t: ir.Type) -> ir.Type:
     """`t` with its leading (row / token) dim made dynamic, so kernels serve every M."""
     rt = ir.RankedTensorType(t)
@@ -428,9 +423,9 @@ class LowerQccToLinalg(QccPass):
         if format_key(op.attributes["act_format"]) != "none":
             raise PassError(op, "quantized activations reach lower-qcc-to-linalg; run dequant-after-gemm first")
         x, w, s = op.operands[0], op.operands[1], op.operands[2]
-        k = _static_shape(x)[1]
-        n = _static_shape(op.result)[1]
-        w_shape, s_shape = _static_shape(w), _static_shape(s)
+        k = irutil.tensor_shape(x)[1]
+        n = irutil.tensor_shape(op.result)[1]
+        w_shape, s_shape = irutil.tensor_shape(w), irutil.tensor_shape(s)
         name = f"qcc_qlinear_{fmt.key()}_{k}x{n}"
         self._kernel(name, lambda: qlinear_kernel(name, fmt, k, n, w_shape, s_shape))
         self._call(op, name, list(op.operands), {0}, {0})
@@ -439,7 +434,7 @@ class LowerQccToLinalg(QccPass):
         fmt = _act_format(op)
         if not fmt.dynamic:
             raise PassError(op, f"qcc.quantize_dynamic needs a per-token format, got \"{fmt.key()}\"")
-        k = _static_shape(op.operands[0])[1]
+        k = irutil.tensor_shape(op.operands[0])[1]
         name = f"qcc_quantize_{fmt.key()}_{k}"
         self._kernel(name, lambda: quantize_dynamic_kernel(name, fmt, k))
         self._call(op, name, list(op.operands), {0}, {0, 1})
@@ -451,9 +446,9 @@ class LowerQccToLinalg(QccPass):
         fmt = activation.ACT_FORMATS[key]
         if fmt.dynamic:
             raise PassError(op, f"\"{key}\" is per token: use qcc.quantize_dynamic")
-        if len(op.operands) != 2 or _static_shape(op.operands[1]) != [1, 1]:
+        if len(op.operands) != 2 or irutil.tensor_shape(op.operands[1]) != [1, 1]:
             raise PassError(op, f"qcc.quantize to \"{key}\" takes (x, scale: tensor<1x1xf32>)")
-        k = _static_shape(op.operands[0])[1]
+        k = irutil.tensor_shape(op.operands[0])[1]
         name = f"qcc_quantize_{key}_{k}"
         self._kernel(name, lambda: quantize_static_kernel(name, fmt, k))
         self._call(op, name, list(op.operands), {0}, {0})
@@ -462,22 +457,22 @@ class LowerQccToLinalg(QccPass):
         fmt = _weight_format(op)
         _act_format(op, "act_format")
         xq, wq = op.operands[0], op.operands[1]
-        k = _static_shape(xq)[1]
-        n = _static_shape(op.result)[1]
-        w_shape = _static_shape(wq)
+        k = irutil.tensor_shape(xq)[1]
+        n = irutil.tensor_shape(op.result)[1]
+        w_shape = irutil.tensor_shape(wq)
         want_rank = 3 if fmt.granularity == "group" else 2
-        if len(_static_shape(op.result)) != want_rank:
+        if len(irutil.tensor_shape(op.result)) != want_rank:
             raise PassError(op, f"qcc.matmul_int with {fmt.key()} weights has a rank-{want_rank} accumulator")
         if fmt.symmetric != (len(op.operands) == 2):
             raise PassError(op, f"{fmt.key()} weights take {'no' if fmt.symmetric else 'a'} zero-point operand")
-        z_shape = None if fmt.symmetric else _static_shape(op.operands[2])
+        z_shape = None if fmt.symmetric else irutil.tensor_shape(op.operands[2])
         name = f"qcc_matmul_int_{fmt.key()}_{k}x{n}"
         self._kernel(name, lambda: matmul_int_kernel(name, fmt, k, n, w_shape, z_shape))
         self._call(op, name, list(op.operands), {0}, {0})
 
     def _lower_scale_accumulate(self, op):
         acc, sx, sw = op.operands
-        acc_shape, sx_shape, sw_shape = _static_shape(acc), _static_shape(sx), _static_shape(sw)
+        acc_shape, sx_shape, sw_shape = irutil.tensor_shape(acc), irutil.tensor_shape(sx), irutil.tensor_shape(sw)
         n = acc_shape[1]
         sx_per_row = sx_shape != [1, 1]
         name = (f"qcc_scale_accumulate_{'x'.join(map(str, acc_shape[1:]))}_"

@@ -38,11 +38,6 @@ _MLIR_ELEM = {"uint32": "i32", "int32": "i32", "uint8": "i8", "int8": "i8", "flo
               "float16": "f16"}
 
 
-def _static_shape(value) -> list:
-    t = ir.RankedTensorType(value.type)
-    return [None if t.is_dynamic_dim(i) else t.shape[i] for i in range(t.rank)]
-
-
 def plan_kernel(fmt, M: int, K: int, N: int, out_f32: bool = True):
     """(builder name, builder kwargs) of the GEMV for this format and shape, or (None, why).
     M: rows the kernel multiplies (2 x the tokens when x is split into hi/lo halves)."""
@@ -195,7 +190,7 @@ class CudaSelectKernels(QccPass):
                 if format_key(op.attributes["act_format"]) != "none":
                     continue
                 fmt = formats.parse_weight_format(format_key(op.attributes["weight_format"]))
-                x_shape, y_shape = _static_shape(op.operands[0]), _static_shape(op.result)
+                x_shape, y_shape = irutil.tensor_shape(op.operands[0]), irutil.tensor_shape(op.result)
                 names = [sig.param_name(irutil.block_arg_number(v)) if irutil.block_arg_number(v) is not None
                          else None for v in op.operands[1:]]
                 base = names[0].rsplit(":", 2)[0] if names and names[0] else None

@@ -119,7 +119,7 @@ class SimtEmulator(Emitter):
                     raise SimtError(f"shift by >= {w}")
                 r = (x >> y) if op == "shrui" else (x << y)
             else:
-                raise NotImplementedError(op)
+                raise SimtError(f"simt: no emulation of arith op {op}")
         return self._v(r.astype(x.dtype, copy=False), a.type)
 
     def _mvec(self, arr):
@@ -167,7 +167,7 @@ class SimtEmulator(Emitter):
         elif op in ("truncf", "extf"):
             r = x.astype(dt)
         else:
-            raise NotImplementedError(op)
+            raise SimtError(f"simt: no emulation of arith op {op}")
         return self._v(r, t)
 
     def bitcast(self, v, t):
@@ -207,7 +207,7 @@ class SimtEmulator(Emitter):
             return [self.const(info["value"], rt)]
         fn = _RAW.get(name)
         if fn is None:
-            raise NotImplementedError(f"simt: no emulation of {name}")
+            raise SimtError(f"simt: no emulation of {name}")
         with np.errstate(all="ignore"):
             r = fn(x, info, rt, self.mask)
         e = parse_type(rt)[1]

@@ -15,13 +15,9 @@ import torch
 import qcc
 from qcc.dialects.formats import FormatError, activation
 from qcc.reference import dequantized_weights
+from oracles import rel_err
 
 K, N = 256, 48
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 # ---------------------------------------------------------------------------

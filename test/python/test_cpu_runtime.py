@@ -13,13 +13,9 @@ import pytest
 import torch
 
 import models
+from oracles import rel_err
 import qcc
 from qcc.reference import dequantized_weights, load_into_torch
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 @pytest.fixture(scope="module")

@@ -20,16 +20,11 @@ import pytest
 import torch
 
 import models
+from oracles import rel_err
 import qcc
 from bench_models import DecodeStep, bench_llama
 from qcc.backends.cuda import emulate, lowering, model_runtime, ptx, runtime, torch_ref
 from qcc.reference import dequantized_weights
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert np.isfinite(a).all(), "output has NaN/inf (an unwritten or poisoned buffer was read)"
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def f64(model, inputs):

@@ -12,27 +12,16 @@ import pytest
 import torch
 
 import models
+from oracles import float64_out, rel_err
 import qcc
 from qcc.reference import dequantized_weights, load_into_torch
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-def torch_out(model, inputs):
-    """The float64 oracle: `model` run in double precision."""
-    inputs = [x.double() if x.is_floating_point() else x for x in inputs]
-    with torch.no_grad():
-        return model.double()(*inputs).numpy()
 
 
 @pytest.mark.parametrize("name", sorted(models.ZOO))
 def test_float_matches_pytorch(name):
     model, inputs = models.ZOO[name](seed=1)
     compiled = qcc.compile(model, inputs, target="cpu")
-    assert rel_err(compiled(*inputs).numpy(), torch_out(model, inputs)) <= 1e-4
+    assert rel_err(compiled(*inputs).numpy(), float64_out(model, inputs)) <= 1e-4
 
 
 QUANT_MODELS = {
@@ -52,11 +41,11 @@ def test_quantized_matches_dequantized_reference(name, recipe):
     assert len(layers) == n_linear
     reference = copy.deepcopy(model)
     load_into_torch(reference, dequantized_weights(compiled))
-    expect = torch_out(reference, inputs)
+    expect = float64_out(reference, inputs)
     got = compiled(*inputs).numpy()
     assert rel_err(got, expect) <= 1e-4
     # and quantization really happened: the float model differs
-    assert rel_err(torch_out(model, inputs), expect) > 1e-4
+    assert rel_err(float64_out(model, inputs), expect) > 1e-4
 
 
 def test_save_load_roundtrip_and_deterministic(tmp_path):
@@ -88,7 +77,7 @@ def test_exported_program_input():
     compiled = qcc.compile(ep, quant="w8a16")
     reference = copy.deepcopy(model)
     load_into_torch(reference, dequantized_weights(compiled))
-    assert rel_err(compiled(*inputs).numpy(), torch_out(reference, inputs)) <= 1e-4
+    assert rel_err(compiled(*inputs).numpy(), float64_out(reference, inputs)) <= 1e-4
 
 
 def test_runtime_input_errors():

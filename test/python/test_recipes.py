@@ -18,16 +18,12 @@ import pytest
 import torch
 
 import models
+from oracles import rel_err
 import qcc
 from qcc import passes, recipes
 from qcc.dialects import formats
 from qcc.dialects.formats import activation
 from qcc.recipes import get_recipe
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 # ---------------------------------------------------------------------------

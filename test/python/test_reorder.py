@@ -7,21 +7,11 @@ import numpy as np
 import torch
 
 import models
+from oracles import float64_out, rel_err
 import qcc
 from qcc import calibration
 from qcc.passes.reorder_channels import outlier_permutation
 from qcc.reference import dequantized_weights
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-def float64_out(model, inputs):
-    inputs = [x.double() if x.is_floating_point() else x for x in inputs]
-    with torch.no_grad():
-        return copy.deepcopy(model).double()(*inputs).numpy()
 
 
 def test_outlier_permutation():

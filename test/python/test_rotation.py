@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import models
+from oracles import float64_out, rel_err
 import qcc
 from qcc import hadamard
 from qcc.context import make_context
@@ -16,17 +17,6 @@ from qcc.frontend import export_module, import_program
 from qcc.pipeline import Session, run_pipeline
 from qcc import pipelines
 from qcc.reference import dequantized_weights
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-def float64_out(model, inputs):
-    inputs = [x.double() if x.is_floating_point() else x for x in inputs]
-    with torch.no_grad():
-        return copy.deepcopy(model).double()(*inputs).numpy()
 
 
 @pytest.mark.parametrize("n", [1, 2, 8, 12, 20, 28, 48, 64, 96, 160, 224])

@@ -8,22 +8,12 @@ import pytest
 import torch
 
 import models
+from oracles import float64_out, rel_err
 import qcc
 from qcc.dialects import formats
 from qcc.passes.awq import search_scales
 from qcc.passes.gptq import gptq_quantize
 from qcc.reference import dequantized_weights
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-def float64_out(model, inputs):
-    inputs = [x.double() if x.is_floating_point() else x for x in inputs]
-    with torch.no_grad():
-        return copy.deepcopy(model).double()(*inputs).numpy()
 
 
 def oracle(model, compiled):
