@@ -36,6 +36,7 @@ __all__ = [
     "LlamaBlock",
     "LlamaModel",
     "SmallCNN",
+    "outlier_llama",
     "ZOO",
 ]
 
@@ -319,6 +320,16 @@ class LlamaModel(nn.Module):
         ids = torch.randint(0, self.vocab, (batch, seq), generator=_gen(seed + 1000),
                             dtype=torch.int64)
         return (ids,)
+
+
+def outlier_llama(seed: int = 0) -> LlamaModel:
+    """The outlier model of the accuracy report (issue 3): hidden 512, 2 layers, massive activations.
+
+    ffn 1536 is Llama's own SwiGLU width for hidden 512 (int(2 * 4 * 512 / 3) rounded up to
+    multiple_of=256): a multiple of 128 (group-quantized formats) and 12 * 2^7, so the down
+    projection's online Hadamard is a full one, as in a real Llama.
+    """
+    return LlamaModel(hidden=512, layers=2, ffn=1536, seed=seed, massive_activations=True).eval()
 
 
 # ---------------------------------------------------------------------------

@@ -30,6 +30,16 @@ def test_hadamard_orthogonal_and_fast(n):
     np.testing.assert_allclose(q @ q.T, np.eye(n), atol=1e-12)
 
 
+def test_hadamard_1536_is_full():
+    """The outlier model's ffn: 1536 = 12 * 2^7, Paley I (q = 11) seed times Sylvester."""
+    assert hadamard.factor(1536) == (12, 7) and hadamard.block_size(1536) == 1536
+    h = hadamard.hadamard_matrix(1536)
+    assert set(np.unique(h)) <= {-1.0, 1.0}
+    np.testing.assert_array_equal(h @ h.T, 1536 * np.eye(1536))
+    x = np.random.default_rng(3).standard_normal((2, 1536))
+    np.testing.assert_allclose(hadamard.fast_transform(x), x @ h / np.sqrt(1536), atol=1e-10)
+
+
 def test_hadamard_errors_and_blocks():
     with pytest.raises(hadamard.HadamardError, match=r"n=1376 = 43 \* 2\^5"):
         hadamard.hadamard_matrix(1376)
