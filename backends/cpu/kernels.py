@@ -453,13 +453,16 @@ def gemm_bcast(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
                 new = t.v(f"arith.select {first}, {res[2 * i + h]}, {add} : {vf}")
                 t.op(f"vector.transfer_write {new}, %y[{mi}, {col}] : {vf}, {yty}")
 
-    mfull = t.v(f"arith.subi {M}, {t.v(f'arith.remui {M}, {t.idx(MR)} : index')} : index")
-    t.open(f"scf.for %m0 = {c0} to {mfull} step {t.idx(MR)} {{")
-    tile_rows("%m0", MR)
-    t.close()
-    t.open(f"scf.for %m1 = {mfull} to {M} step {c1} {{")
-    tile_rows("%m1", 1)
-    t.close()
+    # MR-row tiles, then the remainder (< MR rows) in tiles of 4, 2 and 1 rows: at
+    # most one of each, so no row runs on the 1-row tile's 2 FMAs per 3 loads
+    start = c0
+    for n_rows in (MR, 4, 2, 1):
+        left = t.v(f"arith.subi {M}, {start} : index")
+        end = t.v(f"arith.subi {M}, {t.v(f'arith.remui {left}, {t.idx(n_rows)} : index')} : index")
+        t.open(f"scf.for %m{n_rows} = {start} to {end} step {t.idx(n_rows)} {{")
+        tile_rows(f"%m{n_rows}", n_rows)
+        t.close()
+        start = end
     t.close()
     return _parallel(name, lay, cfg, nchunks, t.text())
 
