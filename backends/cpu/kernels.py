@@ -125,6 +125,51 @@ def _zero_value(t: _Text, lay: PanelLayout, zero: str, p: str, g: str, r: str) -
     return t.v(f"arith.uitofp {z8} : i8 to f32")
 
 
+class _Dequant:
+    """Dequantized rows of one block: `(q - z) * s` of chunk i of row r, exactly as the
+    format reference, with each row's scale (and zero) loaded once per group."""
+
+    def __init__(self, t: _Text, lay: PanelLayout, p: str, kb: str):
+        self.t, self.lay, self.p, self.kb = t, lay, p, kb
+        self.words = [t.v(f"vector.load %codes[{p}, {kb}, {t.idx(r)}, {t.idx(0)}] : {_types(lay)['codes']}, "
+                          f"{_vec(lay, 'i32')}") if lay.fmt.bits == 4 else None for r in range(lay.rows)]
+        self.scale_of = {}
+
+    def row_chunk(self, r: int, i: int) -> str:
+        t, lay, p, kb = self.t, self.lay, self.p, self.kb
+        vf, rr = _vec(lay), t.idx(r)
+        f = _decode(t, lay, "%codes", p, kb, rr, i, self.words[r])
+        if i == 0 or (i * lay.lanes) % lay.group == 0:
+            g = t.v(f"affine.apply affine_map<(d0) -> ((d0 * {lay.kb} + {i * lay.lanes}) floordiv {lay.group})>({kb})")
+            s = t.v(f"memref.load %scale[{p}, {g}, {rr}] : {_types(lay)['scale']}")
+            zb = None
+            if lay.needs_zero:
+                zb = t.v(f"vector.broadcast {_zero_value(t, lay, '%zero', p, g, rr)} : f32 to {vf}")
+            self.scale_of[r] = (t.v(f"vector.broadcast {s} : f32 to {vf}"), zb)
+        sb, zb = self.scale_of[r]
+        if zb is not None:
+            f = t.v(f"arith.subf {f}, {zb} : {vf}")
+        return t.v(f"arith.mulf {f}, {sb} : {vf}")
+
+
+def _open_chunk_blocks(t: _Text, lay: PanelLayout, panels_per_chunk: int, kc_blocks: int):
+    """Prologue of a GEMM body: chunk %pc of `panels_per_chunk` panels, then opens the loop
+    over its blocks of `kc_blocks` column blocks.  Returns (p0, npb, first, b0, nb): the
+    chunk's first panel and panel count, whether this is the first block, its first
+    column block and block count."""
+    c0, c1 = t.idx(0), t.idx(1)
+    t.op("%pc = arith.addi %i, %c0_body : index")
+    p0 = t.v(f"arith.muli %pc, {t.idx(panels_per_chunk)} : index")
+    prem = t.v(f"arith.subi {t.idx(lay.panels)}, {p0} : index")
+    npb = t.v(f"arith.minui {prem}, {t.idx(panels_per_chunk)} : index")
+    t.open(f"scf.for %kc = {c0} to {t.idx(-(-lay.blocks // kc_blocks))} step {c1} {{")
+    first = t.v(f"arith.cmpi eq, %kc, {c0} : index")
+    b0 = t.v(f"arith.muli %kc, {t.idx(kc_blocks)} : index")
+    brem = t.v(f"arith.subi {t.idx(lay.blocks)}, {b0} : index")
+    nb = t.v(f"arith.minui {brem}, {t.idx(kc_blocks)} : index")
+    return p0, npb, first, b0, nb
+
+
 def _signature(lay: PanelLayout) -> tuple[str, str]:
     """(kernel parameter list, argument names) shared by gemv and gemm."""
     ty = _types(lay)
@@ -265,12 +310,10 @@ def gemv(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
 def gemm(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
     lay.check()
     t = _Text()
-    params, _ = _signature(lay)
-    R, V, KB, G = lay.rows, lay.lanes, lay.kb, lay.group
+    R, V, KB = lay.rows, lay.lanes, lay.kb
     PB, MR = cfg.panels_per_chunk, cfg.mr
     KCB = min(cfg.kc_blocks, lay.blocks)
     KC = KCB * KB
-    ty = _types(lay)
     vf = _vec(lay)
     xty = f"memref<?x{lay.k_pad}xf32>"
     bty = f"memref<{PB}x{R}x{KC}xf32>"
@@ -279,42 +322,18 @@ def gemm(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
     M = t.v(f"memref.dim %x, {c0} : {xty}")
     zv = t.v(f"arith.constant dense<0.0> : {vf}")
     nchunks = -(-lay.panels // PB)
-    nkc = -(-lay.blocks // KCB)
-    t.op("%pc = arith.addi %i, %c0_body : index")
     t.op(f"%bf = memref.alloca() {{alignment = 64 : i64}} : {bty}")
-    p0 = t.v(f"arith.muli %pc, {t.idx(PB)} : index")
-    prem = t.v(f"arith.subi {t.idx(lay.panels)}, {p0} : index")
-    npb = t.v(f"arith.minui {prem}, {t.idx(PB)} : index")
-    t.open(f"scf.for %kc = {c0} to {t.idx(nkc)} step {c1} {{")
-    first = t.v(f"arith.cmpi eq, %kc, {c0} : index")
-    b0 = t.v(f"arith.muli %kc, {t.idx(KCB)} : index")
-    brem = t.v(f"arith.subi {t.idx(lay.blocks)}, {b0} : index")
-    nb = t.v(f"arith.minui {brem}, {t.idx(KCB)} : index")
+    p0, npb, first, b0, nb = _open_chunk_blocks(t, lay, PB, KCB)
     # dequantize panels [p0, p0 + npb) x blocks [b0, b0 + nb) into %bf
     t.open(f"scf.for %pb = {c0} to {npb} step {c1} {{")
     p = t.v(f"arith.addi {p0}, %pb : index")
     t.open(f"scf.for %b = {c0} to {nb} step {c1} {{")
-    kb = t.v(f"arith.addi {b0}, %b : index")
+    dq = _Dequant(t, lay, p, t.v(f"arith.addi {b0}, %b : index"))
     for r in range(R):
-        rr = t.idx(r)
-        word = None
-        if lay.fmt.bits == 4:
-            word = t.v(f"vector.load %codes[{p}, {kb}, {rr}, {c0}] : {ty['codes']}, {_vec(lay, 'i32')}")
         for i in range(8):
-            f = _decode(t, lay, "%codes", p, kb, rr, i, word)
-            if i == 0 or (i * V) % G == 0:
-                g = t.v(f"affine.apply affine_map<(d0) -> ((d0 * {KB} + {i * V}) floordiv {G})>({kb})")
-                s = t.v(f"memref.load %scale[{p}, {g}, {rr}] : {ty['scale']}")
-                sb = t.v(f"vector.broadcast {s} : f32 to {vf}")
-                zb = None
-                if lay.needs_zero:
-                    z = _zero_value(t, lay, "%zero", p, g, rr)
-                    zb = t.v(f"vector.broadcast {z} : f32 to {vf}")
-            if zb is not None:
-                f = t.v(f"arith.subf {f}, {zb} : {vf}")
-            w = t.v(f"arith.mulf {f}, {sb} : {vf}")
+            w = dq.row_chunk(r, i)
             col = t.v(f"affine.apply affine_map<(d0) -> (d0 * {KB} + {i * V})>(%b)")
-            t.op(f"vector.store {w}, %bf[%pb, {rr}, {col}] : {bty}, {vf}")
+            t.op(f"vector.store {w}, %bf[%pb, {t.idx(r)}, {col}] : {bty}, {vf}")
     t.close()
     t.close()
     # register tiles: MR rows of x against the R rows of each dequantized panel
@@ -364,13 +383,12 @@ def gemm_bcast(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
     then take one broadcast x[m, k] and two vector loads of Bt per 12 FMAs."""
     lay.check()
     t = _Text()
-    R, V, KB, G = lay.rows, lay.lanes, lay.kb, lay.group
+    R, V, KB = lay.rows, lay.lanes, lay.kb
     NC = 2 * V
     PB = NC // R
     MR = 6
     KCB = min(4, lay.blocks)
     KC = KCB * KB
-    ty = _types(lay)
     vf = _vec(lay)
     xty = f"memref<?x{lay.k_pad}xf32>"
     bty = f"memref<{KC}x{NC}xf32>"
@@ -381,42 +399,16 @@ def gemm_bcast(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
     zv = t.v(f"arith.constant dense<0.0> : {vf}")
     pad = t.v("arith.constant 0.0 : f32")
     nchunks = -(-lay.panels // PB)
-    nkc = -(-lay.blocks // KCB)
-    t.op("%pc = arith.addi %i, %c0_body : index")
     t.op(f"%bt = memref.alloca() {{alignment = 64 : i64}} : {bty}")
-    p0 = t.v(f"arith.muli %pc, {t.idx(PB)} : index")
-    n0 = t.v(f"arith.muli %pc, {t.idx(NC)} : index")
-    prem = t.v(f"arith.subi {t.idx(lay.panels)}, {p0} : index")
-    npb = t.v(f"arith.minui {prem}, {t.idx(PB)} : index")
-    t.open(f"scf.for %kc = {c0} to {t.idx(nkc)} step {c1} {{")
-    first = t.v(f"arith.cmpi eq, %kc, {c0} : index")
-    b0 = t.v(f"arith.muli %kc, {t.idx(KCB)} : index")
-    brem = t.v(f"arith.subi {t.idx(lay.blocks)}, {b0} : index")
-    nb = t.v(f"arith.minui {brem}, {t.idx(KCB)} : index")
+    n0 = t.v(f"arith.muli %i, {t.idx(NC)} : index")
+    p0, npb, first, b0, nb = _open_chunk_blocks(t, lay, PB, KCB)
     t.open(f"scf.for %pb = {c0} to {npb} step {c1} {{")
     p = t.v(f"arith.addi {p0}, %pb : index")
     col0 = t.v(f"arith.muli %pb, {t.idx(R)} : index")
     t.open(f"scf.for %b = {c0} to {nb} step {c1} {{")
-    kb = t.v(f"arith.addi {b0}, %b : index")
-    words = [t.v(f"vector.load %codes[{p}, {kb}, {t.idx(r)}, {c0}] : {ty['codes']}, {_vec(lay, 'i32')}")
-             if lay.fmt.bits == 4 else None for r in range(R)]
-    scale_of = {}
+    dq = _Dequant(t, lay, p, t.v(f"arith.addi {b0}, %b : index"))
     for i in range(8):
-        rows = []
-        for r in range(R):
-            rr = t.idx(r)
-            f = _decode(t, lay, "%codes", p, kb, rr, i, words[r])
-            if i == 0 or (i * V) % G == 0:
-                g = t.v(f"affine.apply affine_map<(d0) -> ((d0 * {KB} + {i * V}) floordiv {G})>({kb})")
-                s = t.v(f"memref.load %scale[{p}, {g}, {rr}] : {ty['scale']}")
-                zb = None
-                if lay.needs_zero:
-                    zb = t.v(f"vector.broadcast {_zero_value(t, lay, '%zero', p, g, rr)} : f32 to {vf}")
-                scale_of[r] = (t.v(f"vector.broadcast {s} : f32 to {vf}"), zb)
-            sb, zb = scale_of[r]
-            if zb is not None:
-                f = t.v(f"arith.subf {f}, {zb} : {vf}")
-            rows.append(t.v(f"arith.mulf {f}, {sb} : {vf}"))
+        rows = [dq.row_chunk(r, i) for r in range(R)]
         stacked = t.v(f"arith.constant dense<0.0> : vector<{R}x{V}xf32>")
         for r in range(R):
             stacked = t.v(f"vector.insert {rows[r]}, {stacked} [{r}] : {vf} into vector<{R}x{V}xf32>")
