@@ -214,7 +214,9 @@ class SimtEmulator(Emitter):
         return [self._v(np.asarray(r).astype(_NP[e], copy=False), rt)]
 
     # -- memory
-    def load(self, mem, i):
+    def _checked_index(self, mem, i, what: str):
+        """(memory, per-thread index, active mask, extent), raising on an active thread's
+        out-of-bounds index."""
         m: _Mem = mem.v
         i = self.idx(i).v
         act = self.mask
@@ -222,8 +224,12 @@ class SimtEmulator(Emitter):
         bad = act & ((i < 0) | (i >= n))
         if bad.any():
             t = int(np.nonzero(bad)[0][0])
-            raise SimtError(f"out-of-bounds load of {m.name}[{int(i[t])}] (size {n}) "
+            raise SimtError(f"out-of-bounds {what} {m.name}[{int(i[t])}] (size {n}) "
                             f"by thread {int(self._tid[t])} of block {int(self._bidx[t])}")
+        return m, i, act, n
+
+    def load(self, mem, i):
+        m, i, act, n = self._checked_index(mem, i, "load of")
         ii = np.where(act, i, 0)
         if m.space == "workgroup":
             self._check_pending(m, ii, act)
@@ -290,15 +296,7 @@ class SimtEmulator(Emitter):
                                     f"is in flight (missing cp.async.wait_group)")
 
     def store(self, val, mem, i):
-        m: _Mem = mem.v
-        i = self.idx(i).v
-        act = self.mask
-        n = m.arr.shape[1] if m.space == "workgroup" else m.arr.shape[0]
-        bad = act & ((i < 0) | (i >= n))
-        if bad.any():
-            t = int(np.nonzero(bad)[0][0])
-            raise SimtError(f"out-of-bounds store to {m.name}[{int(i[t])}] (size {n}) "
-                            f"by thread {int(self._tid[t])} of block {int(self._bidx[t])}")
+        m, i, act, n = self._checked_index(mem, i, "store to")
         sel = np.nonzero(act)[0]
         if m.space == "workgroup":
             self._check_pending(m, np.where(act, i, 0), act)
