@@ -16,6 +16,18 @@ Named recipes:
   int4 x int4 dot product with one scale per output, as int4 tensor cores need.
 * ``llm-int8``: LLM.int8(): input columns whose calibrated absmax exceeds 6.0
   stay float (split-outliers), the rest is w8a8.  Needs calibration.
+* ``w8a8-had``, ``w4a4-had``: QuaRot: the residual stream rotated by a random
+  Hadamard matrix, online Hadamard transforms on the inputs of the writers
+  (o_proj: across heads, down_proj: the FFN width).
+* ``w4a4-had-reorder``: w4a4-had, then each linear's 32 largest input channels
+  split off (reorder-channels) and kept int8 weights / int8 activations
+  (the override ``:outliers$``).
+* ``w8a8-smooth``, ``w4a16-g128-awq``: SmoothQuant, AWQ scaling first.
+* ``<preset>-gptq``: any preset with integer weights (``w8a16-gptq``,
+  ``w4a16-g128-gptq``, ``w8a8-had-gptq``, ``llm-int8-gptq``,
+  ``w4a4-had-reorder-gptq``, ...) with GPTQ's error-compensating rounding
+  instead of round-to-nearest, for every weight (overrides included), on the
+  same scales and layout.  Needs calibration.
 
 A recipe file (``--quant my.json`` or ``.toml``, or a dict to ``qcc.compile``)::
 
@@ -55,12 +67,14 @@ class Recipe:
 
 @dataclasses.dataclass(frozen=True)
 class RecipeSpec:
-    """A named recipe as data: formats, float-model passes before quantization, the weight quantizer."""
+    """A named recipe as data: formats, float-model passes before quantization, the weight quantizer,
+    per-layer overrides ((pattern, weight format, activation format), as in a recipe file)."""
 
     weight_format: str
     act_format: str | None = None
     before: tuple[str, ...] = ()
     weight_pass: str = "quantize-weights"  # a pass taking {format=... exclude=...}
+    overrides: tuple[tuple[str, str | None, str | None], ...] = ()
 
 
 NAMED = {
@@ -75,16 +89,20 @@ NAMED = {
 # (rotation, channel reordering, smoothing, AWQ scaling, GPTQ).  Their passes
 # are registered by their own modules; until one is, its recipe fails with a
 # clear error naming the missing pass.  Add options to the pass texts here.
+_ROTATE = "fuse-rotation{online=writers}"
+# reorder-channels' outlier parts ('<W>:outliers') in int8, as Atom keeps them
+_OUTLIERS_INT8 = ((":outliers$", "int8_sym_channel", "int8_sym_token"),)
 EXTENSIONS = {
-    "w8a8-had": RecipeSpec("int8_sym_channel", "int8_sym_token", before=("fuse-rotation",)),
-    "w4a4-had": RecipeSpec("int4_sym_channel", "int4_sym_token", before=("fuse-rotation",)),
-    "w4a4-had-reorder": RecipeSpec("int4_sym_channel", "int4_sym_token", before=("fuse-rotation", "reorder-channels")),
+    "w8a8-had": RecipeSpec("int8_sym_channel", "int8_sym_token", before=(_ROTATE,)),
+    "w4a4-had": RecipeSpec("int4_sym_channel", "int4_sym_token", before=(_ROTATE,)),
+    "w4a4-had-reorder": RecipeSpec("int4_sym_channel", "int4_sym_token", before=(_ROTATE, "reorder-channels"),
+                                   overrides=_OUTLIERS_INT8),
     "w8a8-smooth": RecipeSpec("int8_sym_channel", "int8_sym_token", before=("smooth-channels",)),
     "w4a16-g128-awq": RecipeSpec("int4_asym_g128", before=("awq{format=int4_asym_g128}",)),
-    "w4a16-g128-gptq": RecipeSpec("int4_asym_g128", weight_pass="gptq"),
 }
+GPTQ_SUFFIX = "-gptq"
 
-PRESETS = ("float", "w8a16", "w4a16-g128", *NAMED, *EXTENSIONS)
+PRESETS = ("float", "w8a16", "w4a16-g128", *NAMED, *EXTENSIONS, "<preset>-gptq")
 
 FILE_KEYS = ("name", "weight_format", "act_format", "weight_pass", "passes", "overrides")
 OVERRIDE_KEYS = ("pattern", "weight_format", "act_format")
@@ -103,23 +121,36 @@ def get_recipe(name) -> Recipe:
     if not isinstance(name, str):
         raise QccError(f"a recipe is a name, a recipe file path or a dict, not {type(name).__name__}",
                        where="--quant")
-    spec = NAMED.get(name) or EXTENSIONS.get(name)
-    if spec is not None:
-        return _from_spec(name, spec, where="--quant")
-    m = _WEIGHT_ONLY.fullmatch(name)
-    if not m:
+    base = name[: -len(GPTQ_SUFFIX)] if name.endswith(GPTQ_SUFFIX) else name
+    if base in ("float", "none"):
+        raise QccError(f"recipe '{name}': GPTQ rounds integer weights and '{base}' has none", where="--quant",
+                       hint="add -gptq to a preset with integer weights, e.g. w4a16-g128-gptq or w8a8-had-gptq")
+    spec = _preset_spec(base)
+    if spec is None:
         raise QccError(f"unknown quantization recipe '{name}'", where="--quant",
                        hint=f"choose one of {', '.join(PRESETS)} (or w8a16-g<G>, w4a16-g<G>[-sym], "
                             f"or a .json recipe file)")
+    if base != name:
+        spec = dataclasses.replace(spec, weight_pass="gptq")
+    return _from_spec(name, spec, where="--quant")
+
+
+def _preset_spec(name: str) -> RecipeSpec | None:
+    """The RecipeSpec of a preset name without the -gptq suffix, or None."""
+    spec = NAMED.get(name) or EXTENSIONS.get(name)
+    if spec is not None:
+        return spec
+    m = _WEIGHT_ONLY.fullmatch(name)
+    if not m:
+        return None
     bits, group, sym = m.group(1), m.group(2), m.group(3)
     symmetric = sym == "-sym" if sym else bits == "8"
     gran = f"g{group}" if group else "channel"
-    fmt = f"int{bits}_{'sym' if symmetric else 'asym'}_{gran}"
-    return Recipe(name, fmt, (f"quantize-weights{{format={fmt}}}",))
+    return RecipeSpec(f"int{bits}_{'sym' if symmetric else 'asym'}_{gran}")
 
 
-def _from_spec(name: str, spec: RecipeSpec, where: str, overrides=()) -> Recipe:
-    passes = list(spec.before) + quantization_passes(spec.weight_format, spec.act_format, overrides,
+def _from_spec(name: str, spec: RecipeSpec, where: str) -> Recipe:
+    passes = list(spec.before) + quantization_passes(spec.weight_format, spec.act_format, spec.overrides,
                                                      spec.weight_pass)
     for element in passes:
         _check_pass(element, where, f"recipe '{name}'")

@@ -112,9 +112,9 @@ class SplitOutliers(QccPass):
                 w_in[:, outliers] = 0.0
                 store[inlier_mask_name(w_name)] = mask
                 store[f"{w_name}:inliers"] = w_in
-                # the quantized part's input, for statistics gathered from here on
+                # the quantized part's input (x masked, all K columns), for statistics gathered from here on
                 calibration.view(self.session).add_derived(
-                    f"{w_name}:inliers", w_name, np.flatnonzero(mask))
+                    f"{w_name}:inliers", w_name, np.flatnonzero(mask), width=k)
                 mask_arg = sig.add_param(inlier_mask_name(w_name), _vtensor([k], "f32"))
                 w_in_arg = sig.add_param(f"{w_name}:inliers", _vtensor([n, k], "f32"))
                 x_in = ir.Operation.create("torch.aten.mul.Tensor", results=[x.type], operands=[x, mask_arg]).result

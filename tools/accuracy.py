@@ -136,9 +136,6 @@ def layer_errors(ep, calib, recipe, remarks=None) -> dict[str, float]:
             qt = formats.QuantizedTensor(codes=codes, scale=store[names[1]],
                                          zero=store[names[2]] if len(names) > 2 else None, format=fmt, shape=shape)
             x = stats[part].samples.astype(np.float64)
-            if x.shape[1] != shape[1] and part.endswith(":inliers"):
-                parent = part[: -len(":inliers")]  # split-outliers: x with outlier columns masked
-                x = stats[parent].samples * store[f"{parent}:inlier_mask"][None, :]
             afmt = activation.parse_act_format(format_key(op.attributes["act_format"]))
             scale = None
             if afmt is not None and not afmt.dynamic:

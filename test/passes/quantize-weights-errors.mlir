@@ -6,7 +6,7 @@
 // CHECK: quantize-weights: cannot quantize 'fc.weight' [8x96] as int4_asym_g128
 // CHECK-SAME: K=96 is not divisible by group size G=128
 // BADFMT: quantize-weights: unknown weight format 'int3_sym_channel': expected int{4,8}_{sym,asym}_{tensor,channel,g<G>}
-// BADOPT: unknown option 'bits=4' for pass quantize-weights (options: format, exclude)
+// BADOPT: unknown option 'bits=4' for pass quantize-weights (options: format, exclude, clip-search)
 func.func @linear(%w: !torch.vtensor<[8,96],f32> {qcc.param = "fc.weight"}, %x: !torch.vtensor<[2,96],f32>) -> !torch.vtensor<[2,8],f32> {
   %int0 = torch.constant.int 0
   %int1 = torch.constant.int 1

@@ -46,6 +46,34 @@ def test_named_recipes():
     assert get_recipe("w8a16").act_format is None and get_recipe("float").passes == ()
 
 
+def test_reorder_preset_keeps_outliers_int8():
+    r = get_recipe("w4a4-had-reorder")
+    assert r.passes[:2] == ("fuse-rotation{online=writers}", "reorder-channels")
+    assert "quantize-weights{format=int8_sym_channel exclude=^(?!.*(?::outliers$))}" in r.passes
+    assert "quantize-activations{format=int8_sym_token exclude=^(?!.*(?::outliers$))}" in r.passes
+    assert "quantize-weights{format=int4_sym_channel exclude=(?::outliers$)}" in r.passes
+
+
+@pytest.mark.parametrize("name", ["w8a16", "w4a16-g128", "w4a16-g64-sym", "w8a8", "w4a8-g128", "w4a4", "llm-int8",
+                                  "w8a8-had", "w4a4-had", "w4a4-had-reorder", "w8a8-smooth", "w4a16-g128-awq"])
+def test_gptq_suffix(name):
+    """<preset>-gptq: the same passes with every quantize-weights instance (overrides too) replaced by gptq."""
+    rtn, gptq = get_recipe(name), get_recipe(f"{name}-gptq")
+    assert (gptq.name, gptq.weight_format, gptq.act_format) == (f"{name}-gptq", rtn.weight_format, rtn.act_format)
+    assert gptq.passes == tuple(p.replace("quantize-weights{", "gptq{") for p in rtn.passes)
+    assert any(p.startswith("gptq{") for p in gptq.passes)
+
+
+@pytest.mark.parametrize("name,match", [
+    ("float-gptq", r"recipe 'float-gptq': GPTQ rounds integer weights and 'float' has none"),
+    ("w8a9-gptq", r"unknown quantization recipe 'w8a9-gptq'.*<preset>-gptq"),
+    ("w8a8-gptq-gptq", r"unknown quantization recipe 'w8a8-gptq-gptq'"),
+])
+def test_gptq_suffix_errors(name, match):
+    with pytest.raises(qcc.QccError, match=match):
+        get_recipe(name)
+
+
 @pytest.mark.parametrize("name", sorted(recipes.EXTENSIONS))
 def test_extension_recipes_name_their_missing_pass(name):
     spec = recipes.EXTENSIONS[name]
@@ -258,3 +286,17 @@ def test_overrides_end_to_end(tmp_path):
     with torch.no_grad():
         expect = reference(*inputs).numpy()
     assert rel_err(compiled(*inputs).numpy(), expect) <= 1e-4
+
+
+def test_named_reorder_end_to_end():
+    """w4a4-had-reorder: outlier parts int8 weights and activations, the rest int4, as the recipe says."""
+    model = models.LlamaModel(vocab=64, hidden=64, layers=1, heads=4, ffn=128, max_seq=16, seed=1,
+                              massive_activations=True).eval()
+    inputs = model.example_inputs(batch=1, seq=8)
+    calib = [model.example_inputs(batch=1, seq=8, seed=s) for s in range(3)]
+    compiled = qcc.compile(model, inputs, calibration=calib, quant="w4a4-had-reorder")
+    formats_of = {layer["weight"]: layer["format"] for layer in compiled.manifest["layers"]}
+    outliers = {w: f for w, f in formats_of.items() if w.endswith(":outliers")}
+    assert len(outliers) == 8 and set(outliers.values()) == {"int8_sym_channel"}  # 7 + lm_head
+    assert {f for w, f in formats_of.items() if w.endswith(":main")} == {"int4_sym_channel"}
+    assert rel_err(compiled(*inputs).numpy(), model(*inputs).detach().numpy()) < 0.5
