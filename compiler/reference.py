@@ -22,7 +22,10 @@ def dequantized_weights(compiled) -> dict[str, np.ndarray]:
             out[base] = cuda_dequantize_layer(compiled.manifest["cuda"]["layers"][base], compiled.weights)
             continue
         if base in backend_packed:  # repacked for the CPU kernels: decode that layout
-            from qcc.backends.cpu.pack import dequantize_layer
+            if backend_packed[base].get("layout") == "int-blocks":
+                from qcc.backends.cpu.int_pack import dequantize_layer
+            else:
+                from qcc.backends.cpu.pack import dequantize_layer
 
             out[base] = dequantize_layer(layer, backend_packed[base], compiled.weights)
             continue

@@ -1,0 +1,366 @@
+"""MLIR kernels of the integer path (dequant-after-gemm) on the block layout of int_pack.py.
+
+One fused call replaces qcc.quantize_dynamic -> qcc.matmul_int -> qcc.scale_accumulate:
+
+* quantize: per row, amax -> scale (as the activation format: IEEE division,
+  round half to even), codes as i8 packed four to an i32 word (one quad), and
+  for int4 weights the per-group sums of the codes (the zero-point correction).
+* tiles of MR rows x NR column blocks (8 columns each) accumulate integer dot
+  products in registers: per quad, one broadcast word of x against one weight
+  vector per block.  AVX2 has no i8 x i8 product, so
+    int8 x int8: vpmaddubsw(|w|, vpsignb(x, w)) (|w|, |x| <= 127: the i16 pair
+                 sums stay below 2^15) then vpmaddwd with ones -> i32;
+    int4 x int8: vpmaddubsw(nibble, x) (<= 2 * 15 * 127), eight of them summed
+                 in i16 (< 2^15) before one vpmaddwd -> i32.
+  A group's i32 sums, minus z * (group sum of x) for int4, are scaled into f32
+  accumulators exactly as the reference lowering orders it:
+  (acc * sw) * sx summed over groups, or (acc * sx) * sw for one group.
+  No [M, N, groups] accumulator, no float weight.
+* `gemv` (small M, memory-bound): one row at a time against NR = 4 blocks;
+  `gemm`: MR x NR register tiles.  Both run over chunks of column blocks in
+  parallel (scf.parallel -> OpenMP), dispatched on M at run time.
+
+The instructions are AVX2 (llvm.call_intrinsic), also valid on AVX-512 hosts;
+the pass does not select these kernels on hosts without AVX2.
+"""
+
+import dataclasses
+
+from qcc.backends.cpu.int_pack import COLS, QUAD, UNIT, IntLayout
+
+_V8I32 = "vector<8xi32>"
+_V32I8 = "vector<32xi8>"
+_V16I16 = "vector<16xi16>"
+_V8F32 = "vector<8xf32>"
+
+
+@dataclasses.dataclass(frozen=True)
+class IntKernelConfig:
+    """Tuning knobs of one linear's integer kernels (recorded in the manifest)."""
+
+    gemm_min_m: int = 4       # M >= this runs the blocked GEMM
+    gemv_nr: int = 4          # column blocks per GEMV tile
+    gemm_mr: int = 4          # rows per GEMM register tile
+    gemm_nr: int = 2          # column blocks per GEMM register tile (int8)
+    gemm_nr_int4: int = 1     # (int4: its i16 partial sums need registers too)
+    chunk_blocks: int = 8     # column blocks per parallel task
+    threads: bool = True
+
+    def variant(self, m: int) -> str:
+        return "gemv" if m < self.gemm_min_m else "gemm"
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class _Text:
+    """SSA text builder: `v(expr)` appends `%tN = expr` and returns `%tN`."""
+
+    def __init__(self, indent: int = 2):
+        self.lines = []
+        self.n = 0
+        self.indent = indent
+
+    def v(self, expr: str) -> str:
+        self.n += 1
+        self.lines.append(" " * self.indent + f"%t{self.n} = {expr}")
+        return f"%t{self.n}"
+
+    def vs(self, count: int, expr: str) -> list[str]:
+        self.n += 1
+        self.lines.append(" " * self.indent + f"%t{self.n}:{count} = {expr}")
+        return [f"%t{self.n}#{i}" for i in range(count)]
+
+    def op(self, text: str) -> None:
+        self.lines.append(" " * self.indent + text)
+
+    def open(self, text: str) -> None:
+        self.op(text)
+        self.indent += 2
+
+    def close(self, text: str = "}") -> None:
+        self.indent -= 2
+        self.op(text)
+
+    def idx(self, value: int) -> str:
+        return self.v(f"arith.constant {value} : index")
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+def _memref_types(lay: IntLayout) -> dict:
+    elem = {"codes": "i8", "scale": "f32", "zero": "i8"}
+    return {role: f"memref<{'x'.join(map(str, shape))}x{elem[role]}>" for role, (shape, _) in lay.shapes().items()}
+
+
+def _kernel_params(lay: IntLayout) -> list[tuple[str, str]]:
+    """(name, type) of the inner kernels' arguments."""
+    ty = _memref_types(lay)
+    params = [("xq", f"memref<?x{lay.quads}xi32>"), ("sx", "memref<?xf32>")]
+    if lay.fmt.bits == 4:
+        params.append(("xs", f"memref<?x{lay.groups}xi32>"))
+    params += [(role, ty[role]) for role in ty]
+    return params + [("y", f"memref<?x{lay.n}xf32>")]
+
+
+# The AVX2 instructions, as calls of LLVM intrinsics by name (llvm.call_intrinsic has
+# unknown memory effects, which buffer deallocation rejects; a call of a declared
+# function of that name becomes the same intrinsic call in LLVM IR).
+INTRINSICS = {"pmadd.ub.sw": (_V32I8, _V16I16), "pmadd.wd": (_V16I16, _V8I32), "psign.b": (_V32I8, _V32I8)}
+
+
+def declarations() -> dict[str, str]:
+    """symbol -> declaration text of the intrinsics the kernels call (once per module)."""
+    return {f"llvm.x86.avx2.{n}": f"func.func private @llvm.x86.avx2.{n}({a}, {a}) -> {r}\n"
+            for n, (a, r) in INTRINSICS.items()}
+
+
+def _intrinsic(t: _Text, name: str, a: str, b: str, in_ty: str, out_ty: str) -> str:
+    return t.v(f"func.call @llvm.x86.avx2.{name}({a}, {b}) : ({in_ty}, {in_ty}) -> {out_ty}")
+
+
+def _tile(t: _Text, lay: IntLayout, m0: str, mr: int, b0: str, nr: int) -> None:
+    """y[m0 : m0 + mr, 8 b0 : 8 (b0 + nr)] (columns past N are not written)."""
+    ty = _memref_types(lay)
+    int4 = lay.fmt.bits == 4
+    c0, c1 = t.idx(0), t.idx(1)
+    zi = t.v(f"arith.constant dense<0> : {_V8I32}")
+    zf = t.v(f"arith.constant dense<0.0> : {_V8F32}")
+    ones = t.v(f"arith.constant dense<1> : {_V16I16}")
+    rows = [t.v(f"arith.addi {m0}, {t.idx(r)} : index") for r in range(mr)]
+    blocks = [t.v(f"arith.addi {b0}, {t.idx(c)} : index") for c in range(nr)]
+    tiles = [(r, c) for r in range(mr) for c in range(nr)]
+    units_per_group = lay.group // UNIT
+
+    def xword(r: int, q: str) -> str:
+        w = t.v(f"memref.load %xq[{rows[r]}, {q}] : memref<?x{lay.quads}xi32>")
+        return t.v(f"vector.bitcast {t.v(f'vector.broadcast {w} : i32 to {_V8I32}')} : {_V8I32} to {_V32I8}")
+
+    def group_sums(g: str) -> list[str]:
+        """i32 dot products of group g, one vector per (row, block)."""
+        iters = ", ".join(f"%a{r}_{c} = {zi}" for r, c in tiles)
+        res = t.vs(len(tiles), f"scf.for %u = {c0} to {t.idx(units_per_group)} step {c1} iter_args({iters}) -> "
+                               f"({', '.join([_V8I32] * len(tiles))}) {{")
+        t.indent += 2
+        unit = t.v(f"affine.apply affine_map<(d0, d1) -> (d0 * {units_per_group} + d1)>({g}, %u)")
+        acc = {rc: f"%a{rc[0]}_{rc[1]}" for rc in tiles}
+        if int4:
+            part = {}
+            for tt in range(UNIT // QUAD // 2):
+                pair = t.v(f"affine.apply affine_map<(d0) -> (d0 * {UNIT // QUAD // 2} + {tt})>({unit})")
+                quad = t.v(f"affine.apply affine_map<(d0) -> (d0 * {UNIT // QUAD} + {2 * tt})>({unit})")
+                quad1 = t.v(f"arith.addi {quad}, {c1} : index")
+                lo, hi = [], []
+                mask = t.v(f"arith.constant dense<15> : {_V32I8}")
+                four = t.v(f"arith.constant dense<4> : {_V32I8}")
+                for c in range(nr):
+                    w = t.v(f"vector.load %codes[{blocks[c]}, {pair}, {c0}] : {ty['codes']}, {_V32I8}")
+                    lo.append(t.v(f"arith.andi {w}, {mask} : {_V32I8}"))
+                    hi.append(t.v(f"arith.shrui {w}, {four} : {_V32I8}"))
+                for r in range(mr):
+                    xl, xh = xword(r, quad), xword(r, quad1)
+                    for c in range(nr):
+                        pl = _intrinsic(t, "pmadd.ub.sw", lo[c], xl, _V32I8, _V16I16)
+                        ph = _intrinsic(t, "pmadd.ub.sw", hi[c], xh, _V32I8, _V16I16)
+                        s = t.v(f"arith.addi {pl}, {ph} : {_V16I16}")
+                        part[r, c] = s if tt == 0 else t.v(f"arith.addi {part[r, c]}, {s} : {_V16I16}")
+            for rc in tiles:
+                d = _intrinsic(t, "pmadd.wd", part[rc], ones, _V16I16, _V8I32)
+                acc[rc] = t.v(f"arith.addi {acc[rc]}, {d} : {_V8I32}")
+        else:
+            for qi in range(UNIT // QUAD):
+                quad = t.v(f"affine.apply affine_map<(d0) -> (d0 * {UNIT // QUAD} + {qi})>({unit})")
+                ws, absw = [], []
+                for c in range(nr):
+                    ws.append(t.v(f"vector.load %codes[{blocks[c]}, {quad}, {c0}] : {ty['codes']}, {_V32I8}"))
+                    absw.append(t.v(f"math.absi {ws[c]} : {_V32I8}"))
+                for r in range(mr):
+                    x = xword(r, quad)
+                    for c in range(nr):
+                        sx = _intrinsic(t, "psign.b", x, ws[c], _V32I8, _V32I8)
+                        p = _intrinsic(t, "pmadd.ub.sw", absw[c], sx, _V32I8, _V16I16)
+                        d = _intrinsic(t, "pmadd.wd", p, ones, _V16I16, _V8I32)
+                        acc[r, c] = t.v(f"arith.addi {acc[r, c]}, {d} : {_V8I32}")
+        t.op(f"scf.yield {', '.join(acc[rc] for rc in tiles)} : {', '.join([_V8I32] * len(tiles))}")
+        t.close()
+        sums = dict(zip(tiles, res))
+        if int4:  # sum_k (q - z) x = sum_k q x - z sum_k x, exact in i32
+            for c in range(nr):
+                z8 = t.v(f"vector.load %zero[{blocks[c]}, {g}, {c0}] : {ty['zero']}, vector<8xi8>")
+                z = t.v(f"arith.extui {z8} : vector<8xi8> to {_V8I32}")
+                for r in range(mr):
+                    xsum = t.v(f"memref.load %xs[{rows[r]}, {g}] : memref<?x{lay.groups}xi32>")
+                    corr = t.v(f"arith.muli {z}, {t.v(f'vector.broadcast {xsum} : i32 to {_V8I32}')} : {_V8I32}")
+                    sums[r, c] = t.v(f"arith.subi {sums[r, c]}, {corr} : {_V8I32}")
+        return [sums[rc] for rc in tiles]
+
+    sxs = [t.v(f"vector.broadcast {t.v(f'memref.load %sx[{rows[r]}] : memref<?xf32>')} : f32 to {_V8F32}")
+           for r in range(mr)]
+
+    def scales(g: str) -> list[str]:
+        return [t.v(f"vector.load %scale[{blocks[c]}, {g}, {c0}] : {ty['scale']}, {_V8F32}") for c in range(nr)]
+
+    if lay.grouped:
+        iters = ", ".join(f"%f{r}_{c} = {zf}" for r, c in tiles)
+        out = t.vs(len(tiles), f"scf.for %g = {c0} to {t.idx(lay.groups)} step {c1} iter_args({iters}) -> "
+                               f"({', '.join([_V8F32] * len(tiles))}) {{")
+        t.indent += 2
+        sums = group_sums("%g")
+        sw = scales("%g")
+        new = []
+        for (r, c), s in zip(tiles, sums):
+            a = t.v(f"arith.sitofp {s} : {_V8I32} to {_V8F32}")
+            u = t.v(f"arith.mulf {t.v(f'arith.mulf {a}, {sw[c]} : {_V8F32}')}, {sxs[r]} : {_V8F32}")
+            new.append(t.v(f"arith.addf %f{r}_{c}, {u} : {_V8F32}"))
+        t.op(f"scf.yield {', '.join(new)} : {', '.join([_V8F32] * len(tiles))}")
+        t.close()
+    else:
+        sums = group_sums(c0)
+        sw = scales(c0)
+        out = []
+        for (r, c), s in zip(tiles, sums):
+            a = t.v(f"arith.sitofp {s} : {_V8I32} to {_V8F32}")
+            out.append(t.v(f"arith.mulf {t.v(f'arith.mulf {a}, {sxs[r]} : {_V8F32}')}, {sw[c]} : {_V8F32}"))
+    ymem = f"memref<?x{lay.n}xf32>"
+    for (r, c), val in zip(tiles, out):
+        col = t.v(f"arith.muli {blocks[c]}, {t.idx(COLS)} : index")
+        t.op(f"vector.transfer_write {val}, %y[{rows[r]}, {col}] : {_V8F32}, {ymem}")
+
+
+def _parallel(name: str, lay: IntLayout, cfg: IntKernelConfig, body: str) -> str:
+    """@name runs @name_body(chunk, args...) for every chunk of cfg.chunk_blocks column blocks
+    (scf.parallel: OpenMP threads; the body is a function because convert-scf-to-openmp wraps
+    it in a memref.alloca_scope, which must stay a single block)."""
+    params = _kernel_params(lay)
+    plist = ", ".join(f"%{n}: {ty}" for n, ty in params)
+    args = ", ".join(f"%{n}" for n, _ in params)
+    tys = ", ".join(ty for _, ty in params)
+    chunks = -(-lay.blocks // cfg.chunk_blocks)
+    loop = "scf.parallel (%i) = (%c0) to (%cn) step (%c1)" if cfg.threads else "scf.for %i = %c0 to %cn step %c1"
+    return (f"func.func private @{name}({plist}) {{\n"
+            f"  %c0 = arith.constant 0 : index\n  %c1 = arith.constant 1 : index\n"
+            f"  %cn = arith.constant {chunks} : index\n"
+            f"  {loop} {{\n"
+            f"    func.call @{name}_body(%i, {args}) {{no_inline}} : (index, {tys}) -> ()\n  }}\n  return\n}}\n"
+            f"func.func private @{name}_body(%i: index, {plist}) {{\n{body}\n  return\n}}\n")
+
+
+def _tiled(name: str, lay: IntLayout, cfg: IntKernelConfig, mrs: tuple, nr: int) -> str:
+    """Over this chunk's column blocks, NR at a time: rows in tiles of mrs[0], the rest in
+    tiles of the following sizes (each < the previous, at most one tile of each)."""
+    t = _Text(indent=2)
+    c0 = t.idx(0)
+    M = t.v(f"memref.dim %xq, {c0} : memref<?x{lay.quads}xi32>")
+    b_start = t.v(f"arith.muli %i, {t.idx(cfg.chunk_blocks)} : index")
+    b_end = t.v(f"arith.minui {t.v(f'arith.addi {b_start}, {t.idx(cfg.chunk_blocks)} : index')}, "
+                f"{t.idx(lay.blocks)} : index")
+    t.open(f"scf.for %b = {b_start} to {b_end} step {t.idx(nr)} {{")
+    start = c0
+    for mr in mrs:
+        left = t.v(f"arith.subi {M}, {start} : index")
+        end = t.v(f"arith.subi {M}, {t.v(f'arith.remui {left}, {t.idx(mr)} : index')} : index")
+        t.open(f"scf.for %m{mr} = {start} to {end} step {t.idx(mr)} {{")
+        _tile(t, lay, f"%m{mr}", mr, "%b", nr)
+        t.close()
+        start = end
+    t.close()
+    return _parallel(name, lay, cfg, t.text())
+
+
+def gemv(name: str, lay: IntLayout, cfg: IntKernelConfig) -> str:
+    return _tiled(name, lay, cfg, (1,), cfg.gemv_nr)
+
+
+def gemm(name: str, lay: IntLayout, cfg: IntKernelConfig) -> str:
+    nr = cfg.gemm_nr_int4 if lay.fmt.bits == 4 else cfg.gemm_nr
+    mrs = tuple(sorted({cfg.gemm_mr, 2, 1}, reverse=True))
+    return _tiled(name, lay, cfg, mrs, nr)
+
+
+def _quantize(t: _Text, lay: IntLayout, act_levels: tuple[int, int], M: str, x: str) -> None:
+    """%xq (codes, 4 to a word), %sx (per-row scales) and, for int4 weights, %xs (group sums of
+    the codes) of x, step by step as the activation format's reference."""
+    K, G = lay.k, lay.group
+    qmin, qmax = act_levels
+    xty = f"memref<?x{K}xf32>"
+    c0, c1, c8 = t.idx(0), t.idx(1), t.idx(8)
+    pad = t.v("arith.constant 0.0 : f32")
+    zf = t.v(f"arith.constant dense<0.0> : {_V8F32}")
+    zi = t.v(f"arith.constant dense<0> : {_V8I32}")
+    lo = t.v(f"arith.constant dense<{float(qmin)!r}> : {_V8F32}")
+    hi = t.v(f"arith.constant dense<{float(qmax)!r}> : {_V8F32}")
+    t.open(f"scf.for %qm = {c0} to {M} step {c1} {{")
+    amax = t.v(f"scf.for %k = {c0} to {t.idx(lay.k_pad)} step {c8} iter_args(%a = {zf}) -> ({_V8F32}) {{")
+    t.indent += 2
+    v = t.v(f"vector.transfer_read {x}[%qm, %k], {pad} : {xty}, {_V8F32}")
+    a = t.v(f"math.absf {v} : {_V8F32}")
+    t.op(f"scf.yield {t.v(f'arith.maximumf %a, {a} : {_V8F32}')} : {_V8F32}")
+    t.close()
+    h = t.v(f"vector.reduction <maximumf>, {amax} : {_V8F32} into f32")
+    s = t.v(f"arith.divf {h}, {t.v(f'arith.constant {float(qmax)!r} : f32')} : f32")
+    is0 = t.v(f"arith.cmpf oeq, {s}, {t.v('arith.constant 0.0 : f32')} : f32")
+    s = t.v(f"arith.select {is0}, {t.v('arith.constant 1.0 : f32')}, {s} : f32")
+    t.op(f"memref.store {s}, %sx[%qm] : memref<?xf32>")
+    sb = t.v(f"vector.broadcast {s} : f32 to {_V8F32}")
+    t.open(f"scf.for %g = {c0} to {t.idx(lay.groups)} step {c1} {{")
+    k0 = t.v(f"arith.muli %g, {t.idx(G)} : index")
+    k1 = t.v(f"arith.addi {k0}, {t.idx(G)} : index")
+    total = t.v(f"scf.for %k = {k0} to {k1} step {c8} iter_args(%s = {zi}) -> ({_V8I32}) {{")
+    t.indent += 2
+    v = t.v(f"vector.transfer_read {x}[%qm, %k], {pad} : {xty}, {_V8F32}")
+    r = t.v(f"math.roundeven {t.v(f'arith.divf {v}, {sb} : {_V8F32}')} : {_V8F32}")
+    r = t.v(f"arith.minimumf {t.v(f'arith.maximumf {r}, {lo} : {_V8F32}')}, {hi} : {_V8F32}")
+    q = t.v(f"arith.fptosi {r} : {_V8F32} to {_V8I32}")
+    words = t.v(f"vector.bitcast {t.v(f'arith.trunci {q} : {_V8I32} to vector<8xi8>')} : vector<8xi8> to vector<2xi32>")
+    t.op(f"vector.store {words}, %xq[%qm, {t.v(f'arith.divui %k, {t.idx(QUAD)} : index')}] : "
+         f"memref<?x{lay.quads}xi32>, vector<2xi32>")
+    t.op(f"scf.yield {t.v(f'arith.addi %s, {q} : {_V8I32}')} : {_V8I32}")
+    t.close()
+    if lay.fmt.bits == 4:
+        t.op(f"memref.store {t.v(f'vector.reduction <add>, {total} : {_V8I32} into i32')}, %xs[%qm, %g] : "
+             f"memref<?x{lay.groups}xi32>")
+    t.close()
+    t.close()
+
+
+def fused(name: str, lay: IntLayout, cfg: IntKernelConfig, act_levels: tuple[int, int],
+          static_m: int | None = None) -> str:
+    """Tensor-level entry: x [?, K] f32 and the packed weight -> y [?, N] f32, with its kernels:
+    both and a run-time dispatch on M, or only the one for `static_m`."""
+    lay.check()
+    t = _Text()
+    ty = _memref_types(lay)
+    tt = {role: m.replace("memref", "tensor") for role, m in ty.items()}
+    K = lay.k
+    c0 = t.idx(0)
+    x = t.v(f"bufferization.to_buffer %xt read_only : tensor<?x{K}xf32> to memref<?x{K}xf32>")
+    for role in ty:
+        t.op(f"%{role} = bufferization.to_buffer %{role}t read_only : {tt[role]} to {ty[role]}")
+    M = t.v(f"memref.dim {x}, {c0} : memref<?x{K}xf32>")
+    t.op(f"%xq = memref.alloc({M}) {{alignment = 64 : i64}} : memref<?x{lay.quads}xi32>")
+    t.op(f"%sx = memref.alloc({M}) : memref<?xf32>")
+    if lay.fmt.bits == 4:
+        t.op(f"%xs = memref.alloc({M}) : memref<?x{lay.groups}xi32>")
+    _quantize(t, lay, act_levels, M, x)
+    t.op(f"%y = memref.alloc({M}) {{alignment = 64 : i64}} : memref<?x{lay.n}xf32>")
+    params = _kernel_params(lay)
+    args = ", ".join(f"%{n}" for n, _ in params)
+    tys = ", ".join(ty_ for _, ty_ in params)
+    variants = [cfg.variant(static_m)] if static_m is not None else ["gemv", "gemm"]
+    if len(variants) == 1:
+        t.op(f"func.call @{name}__{variants[0]}({args}) : ({tys}) -> ()")
+    else:
+        small = t.v(f"arith.cmpi ult, {M}, {t.idx(cfg.gemm_min_m)} : index")
+        t.open(f"scf.if {small} {{")
+        t.op(f"func.call @{name}__gemv({args}) : ({tys}) -> ()")
+        t.close("} else {")
+        t.indent += 2
+        t.op(f"func.call @{name}__gemm({args}) : ({tys}) -> ()")
+        t.close()
+    out = t.v(f"bufferization.to_tensor %y restrict writable : memref<?x{lay.n}xf32> to tensor<?x{lay.n}xf32>")
+    targs = ", ".join(f"%{role}t: {tt[role]}" for role in ty)
+    entry = (f"func.func private @{name}(%xt: tensor<?x{K}xf32>, {targs}) -> tensor<?x{lay.n}xf32> {{\n"
+             f"{t.text()}\n  return {out} : tensor<?x{lay.n}xf32>\n}}\n")
+    generators = {"gemv": gemv, "gemm": gemm}
+    return "".join(declarations().values()) + entry + "".join(generators[v](f"{name}__{v}", lay, cfg) for v in variants)

@@ -1,0 +1,166 @@
+"""Weight layout of the integer (dequant-after-gemm) CPU kernels, its numpy packer and decoder.
+
+The kernels multiply int8 activation codes with int8 / int4 weight codes on
+AVX2 (vpmaddubsw: u8 x s8 -> pairwise i16, vpmaddwd: -> i32).  One 256-bit
+vector of weights covers 8 output columns ("a block") x 4 consecutive k ("a
+quad"), byte 4j + i = w[8b + j, 4q + i], so that one broadcast 32-bit word of
+activations (x[m, 4q : 4q + 4]) against it gives 8 column dot products without
+horizontal sums.  Each block is one contiguous stream along K:
+
+* int8 (symmetric codes -127..127): codes[b, q, 32], the code bytes.
+* int4: codes[b, t, 32]; byte 4j + i holds column 8b + j at k = 8t + i in its
+  LOW nibble and at k = 8t + 4 + i in its HIGH nibble (quads 2t and 2t + 1),
+  as the format's nibble (code for asym, code + 8 for sym: always 0..15).
+* scale[b, g, 8] (f32) per block, group g (one group for per-channel and
+  per-tensor formats) and column; int4 also zero[b, g, 8] (uint8; 8 for sym),
+  so every int4 kernel computes sum (nibble - z) * x as sum nibble * x - z * sum x.
+
+K is padded with zero codes to K_pad, a multiple of 32 (a kernel unit of 8
+quads), N to whole groups of `blocks_multiple` blocks (zero codes, scale 1):
+padding never contributes and padded columns are never stored.
+`unpack` inverts `pack` exactly.
+"""
+
+import dataclasses
+
+import numpy as np
+
+from qcc.dialects import formats
+
+COLS = 8      # output columns per vector (i32 lanes of 256 bits)
+QUAD = 4      # k per column per vector
+UNIT = 32     # k per kernel unit (8 quads): int4 i16 sums stay below 2^15 over one unit
+
+
+class IntLayoutError(ValueError):
+    """The format/shape has no integer kernel (the pass leaves it to the reference lowering)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class IntLayout:
+    format_key: str
+    n: int
+    k: int
+    blocks_multiple: int = 4
+
+    @property
+    def fmt(self):
+        return formats.parse_weight_format(self.format_key)
+
+    @property
+    def grouped(self) -> bool:
+        return self.fmt.granularity == "group"
+
+    @property
+    def k_pad(self) -> int:
+        return -(-self.k // UNIT) * UNIT
+
+    @property
+    def quads(self) -> int:
+        return self.k_pad // QUAD
+
+    @property
+    def blocks(self) -> int:
+        """Column blocks, padded to a multiple of blocks_multiple (the kernels' widest tile)."""
+        bm = self.blocks_multiple
+        return -(-self.n // (COLS * bm)) * bm
+
+    @property
+    def group(self) -> int:
+        return self.fmt.group_size if self.grouped else self.k_pad
+
+    @property
+    def groups(self) -> int:
+        return self.k_pad // self.group
+
+    def check(self) -> None:
+        fmt = self.fmt
+        if fmt.bits == 8 and not fmt.symmetric:
+            # u8 codes up to 255 against s8 activations saturate vpmaddubsw's i16 pairs
+            raise IntLayoutError(f"{fmt.key()}: unsigned int8 codes have no integer kernel")
+        if fmt.bits == 8 and self.grouped:
+            raise IntLayoutError(f"{fmt.key()}: grouped int8 weights have no integer kernel")
+        if self.grouped and (self.group % UNIT or self.k % self.group):
+            raise IntLayoutError(f"{fmt.key()}: group size {self.group} is not a multiple of {UNIT} dividing K={self.k}")
+
+    def shapes(self) -> dict:
+        """role -> (shape, numpy dtype) of the packed arrays."""
+        b, g = self.blocks, self.groups
+        out = {"codes": ((b, self.quads if self.fmt.bits == 8 else self.quads // 2, COLS * QUAD),
+                         np.int8 if self.fmt.bits == 8 else np.uint8),
+               "scale": ((b, g, COLS), np.float32)}
+        if self.fmt.bits == 4:
+            out["zero"] = ((b, g, COLS), np.uint8)
+        return out
+
+    def tag(self) -> str:
+        return f"int{self.fmt.bits}x{COLS}x{QUAD}"
+
+    def to_json(self) -> dict:
+        return {"layout": "int-blocks", "cols": COLS, "quad": QUAD, "k_pad": self.k_pad, "blocks": self.blocks,
+                "group": self.group}
+
+
+def _per_group(a: np.ndarray, lay: IntLayout, fill) -> np.ndarray:
+    """[N or 1, groups or 1] -> [blocks, groups, COLS], broadcast and padded with `fill`."""
+    a = np.broadcast_to(a, (lay.n, lay.groups if lay.grouped else 1))
+    out = np.full((lay.blocks * COLS, lay.groups), fill, a.dtype)
+    out[:lay.n] = a
+    return np.ascontiguousarray(out.reshape(lay.blocks, COLS, lay.groups).transpose(0, 2, 1))
+
+
+def pack(lay: IntLayout, packed_codes: np.ndarray, scale: np.ndarray, zero=None) -> dict:
+    """The format's storage (formats.pack output, scale, zero) -> the kernels' arrays by role."""
+    lay.check()
+    fmt = lay.fmt
+    codes = formats.unpack(packed_codes, fmt, (lay.n, lay.k))
+    b = lay.blocks
+    if fmt.bits == 8:
+        full = np.zeros((b * COLS, lay.k_pad), np.int8)
+        full[:lay.n, :lay.k] = codes
+        # [b, j, q, i] -> [b, q, j, i]
+        out = {"codes": np.ascontiguousarray(full.reshape(b, COLS, lay.quads, QUAD).transpose(0, 2, 1, 3)
+                                             .reshape(b, lay.quads, COLS * QUAD))}
+    else:
+        full = np.zeros((b * COLS, lay.k_pad), np.uint8)
+        full[:lay.n, :lay.k] = codes.astype(np.int16) + (8 if fmt.symmetric else 0)
+        # [b, j, t, h, i] -> [b, t, j, i, h]: h = 0 low nibble (quad 2t), 1 high (quad 2t + 1)
+        t = full.reshape(b, COLS, lay.quads // 2, 2, QUAD).transpose(0, 2, 1, 4, 3)
+        out = {"codes": np.ascontiguousarray((t[..., 0] | (t[..., 1] << 4)).reshape(b, lay.quads // 2, COLS * QUAD))}
+    out["scale"] = _per_group(np.asarray(scale, np.float32), lay, np.float32(1.0))
+    if fmt.bits == 4:
+        z = np.full((1, 1), 8, np.uint8) if fmt.symmetric else np.asarray(zero, np.uint8)
+        out["zero"] = _per_group(z, lay, np.uint8(0))
+    return out
+
+
+def unpack(lay: IntLayout, arrays: dict) -> formats.QuantizedTensor:
+    """The kernels' arrays -> the format's QuantizedTensor (inverse of `pack`)."""
+    fmt = lay.fmt
+    b = lay.blocks
+    if fmt.bits == 8:
+        full = arrays["codes"].reshape(b, lay.quads, COLS, QUAD).transpose(0, 2, 1, 3).reshape(b * COLS, lay.k_pad)
+        codes = full[:lay.n, :lay.k].astype(np.int8)
+    else:
+        bytes_ = arrays["codes"].reshape(b, lay.quads // 2, COLS, QUAD)
+        t = np.stack([bytes_ & 15, bytes_ >> 4], axis=-1)   # [b, t, j, i, h]
+        full = t.transpose(0, 2, 1, 4, 3).reshape(b * COLS, lay.k_pad).astype(np.int16)
+        codes = full[:lay.n, :lay.k]
+        codes = (codes - 8).astype(np.int8) if fmt.symmetric else codes.astype(np.uint8)
+    sshape = fmt.scale_shape((lay.n, lay.k))
+
+    def granules(a):
+        a = a.transpose(0, 2, 1).reshape(b * COLS, -1)
+        return np.ascontiguousarray(a[:sshape[0], :sshape[1]])
+
+    zero = granules(arrays["zero"]) if fmt.bits == 4 and not fmt.symmetric else None
+    return formats.QuantizedTensor(codes=codes, scale=granules(arrays["scale"]), zero=zero,
+                                   format=fmt, shape=(lay.n, lay.k))
+
+
+def dequantize_layer(layer: dict, kernel: dict, weights: dict) -> np.ndarray:
+    """The dequantized weight of an artifact layer the integer kernels own (manifest
+    `layers[i]` and `cpu.kernels[weight]`)."""
+    n, k = layer["shape"]
+    lay = IntLayout(layer["format"], n, k, blocks_multiple=kernel["blocks_multiple"])
+    return formats.dequantize(unpack(lay, {role: weights[name] for role, name in kernel["params"].items()}))

@@ -1,0 +1,144 @@
+"""cpu-select-int-kernels: the integer path of dequant-after-gemm -> one fused CPU kernel call.
+
+Runs before lower-qcc-to-linalg.  Each chain
+
+    %xq, %sx = qcc.quantize_dynamic %x
+    %acc = qcc.matmul_int %xq, %wq [, %wz]
+    %y = qcc.scale_accumulate %acc, %sx, %sw
+
+whose weights are parameters becomes `call @qcc_cpu_int_<wfmt>_<afmt>_<K>x<N>(%x, codes, scale
+[, zero])` (backends/cpu/int_kernels.py): activations quantized in the kernel,
+integer dot products on AVX2 (vpmaddubsw / vpmaddwd) in i32 per group, scaled
+into f32 y; a GEMV for M < `gemm-min-m`, a blocked GEMM otherwise, chosen at run
+time (at compile time for a static M).  The weight is repacked at compile time
+(backends/cpu/int_pack.py) into new parameters `<weight>:<format>:int<bits>x8x4:<role>`.
+
+Chains it does not handle (static activation scales, unsigned int8 weights,
+shared intermediate values, hosts without AVX2, QCC_CPU_KERNELS=reference)
+are left to the reference lowering.
+"""
+
+import dataclasses
+import os
+
+from torch_mlir import ir
+
+from qcc import irutil
+from qcc.context import format_key
+from qcc.dialects import formats
+from qcc.dialects.formats import activation
+from qcc.passes import QccPass, register
+
+_MLIR_ELEM = {"int8": "i8", "uint8": "i8", "float32": "f32"}
+
+
+def _sole_user(value):
+    uses = list(value.uses)
+    return uses[0].owner if len(uses) == 1 else None
+
+
+@register
+class CpuSelectIntKernels(QccPass):
+    name = "cpu-select-int-kernels"
+    summary = "Replace quantize_dynamic -> matmul_int -> scale_accumulate by fused AVX2 integer kernels"
+
+    @dataclasses.dataclass
+    class Options:
+        gemm_min_m: int = 4       # M at and above which the blocked GEMM runs
+        threads: str = "auto"     # scf.parallel (OpenMP) over column chunks: true, false, auto (if the host has a runtime)
+        isa: str = "host"         # host: select only with AVX2 (or AVX-512); avx2: regardless of the host
+
+    def run(self, module):
+        from qcc.backends.cpu import host
+        from qcc.backends.cpu.int_kernels import IntKernelConfig
+
+        if os.environ.get("QCC_CPU_KERNELS") == "reference":
+            return
+        if self.options.isa == "host" and host.features()["isa"] not in ("avx2", "avx512"):
+            return
+        threads = (host.openmp_runtime() is not None if self.options.threads == "auto"
+                   else self.options.threads in ("true", "1", "on"))
+        cfg = IntKernelConfig(gemm_min_m=self.options.gemm_min_m, threads=threads)
+        body = module.regions[0].blocks[0]
+        defined = set()
+        selected = self.session.options.setdefault("cpu_kernels", {})
+        for func in irutil.functions(module):
+            sig = irutil.Signature(func)
+            for op in irutil.walk(func, "qcc.scale_accumulate"):
+                chain = self._match(op, sig)
+                if chain is not None:
+                    self._rewrite(op, *chain, sig, cfg, body, defined, selected)
+            for name in sig.erase_unused_params():
+                if name in self.session.params:
+                    del self.session.params[name]
+
+    def _match(self, sa, sig):
+        """(quantize_dynamic op, matmul_int op, layout, act format, weight param names) or None."""
+        from qcc.backends.cpu.int_pack import IntLayout, IntLayoutError
+
+        acc, sx, sw = sa.operands
+        mm = irutil.defining_op(acc)
+        if mm is None or mm.name != "qcc.matmul_int" or _sole_user(acc) is None:
+            return None
+        qd = irutil.defining_op(mm.operands[0])
+        if qd is None or qd.name != "qcc.quantize_dynamic":
+            return None
+        if qd.results[1] != sx or _sole_user(qd.results[0]) is None or _sole_user(qd.results[1]) is None:
+            return None
+        afmt = activation.parse_act_format(format_key(qd.attributes["format"]))
+        fmt = formats.parse_weight_format(format_key(mm.attributes["weight_format"]))
+        weights = [mm.operands[1], sw] + ([mm.operands[2]] if len(mm.operands) > 2 else [])
+        names = [sig.param_name(irutil.block_arg_number(v)) if irutil.block_arg_number(v) is not None else None
+                 for v in weights]
+        if None in names or any(nm not in self.session.params for nm in names):
+            return None
+        k, n = irutil.tensor_shape(mm.operands[0])[1], irutil.tensor_shape(sa.result)[1]
+        if k is None or n is None:
+            return None
+        lay = IntLayout(fmt.key(), n, k)
+        try:
+            lay.check()
+        except IntLayoutError:
+            return None
+        return qd, mm, lay, afmt, dict(zip(["codes", "scale", "zero"], names))
+
+    def _rewrite(self, sa, qd, mm, lay, afmt, src, sig, cfg, body, defined, selected):
+        from qcc.backends.cpu import int_kernels
+        from qcc.backends.cpu.int_pack import pack
+
+        store = self.session.params
+        arrays = pack(lay, store[src["codes"]], store[src["scale"]], store[src["zero"]] if "zero" in src else None)
+        args, new_names = [], {}
+        for role, a in arrays.items():
+            base = src["codes"].rsplit(":", 1)[0]
+            name = f"{base}:{lay.tag()}:{role}"
+            store[name] = a
+            new_names[role] = name
+            args.append(sig.add_param(name, irutil.tensor_type(a.shape, _MLIR_ELEM[a.dtype.name])))
+        static_m = irutil.tensor_shape(qd.operands[0])[0]
+        variant = cfg.variant(static_m) if static_m is not None else "dispatch"
+        kname = f"qcc_cpu_int_{lay.format_key}_{afmt.key()}_{lay.k}x{lay.n}" + \
+            ("" if variant == "dispatch" else f"_{variant}")
+        if kname not in defined:
+            kernel = ir.Module.parse(int_kernels.fused(kname, lay, cfg, afmt.levels(), static_m))
+            for f in list(kernel.body.operations):
+                sym = ir.StringAttr(f.attributes["sym_name"]).value
+                if sym in defined:  # the intrinsics' declarations, once per module
+                    f.operation.erase()
+                    continue
+                f.operation.move_after(body.operations[len(body.operations) - 1])
+                defined.add(sym)
+        with ir.InsertionPoint(sa), sa.location:
+            x_dyn = ir.Operation.create("tensor.cast", results=[irutil.tensor_type([None, lay.k], "f32")],
+                                        operands=[qd.operands[0]]).result
+            call = ir.Operation.create(
+                "func.call", results=[irutil.tensor_type([None, lay.n], "f32")], operands=[x_dyn, *args],
+                attributes={"callee": ir.FlatSymbolRefAttr.get(kname)}).result
+            y = ir.Operation.create("tensor.cast", results=[sa.result.type], operands=[call]).result
+        sa.result.replace_all_uses_with(y)
+        sa.erase()
+        mm.erase()
+        qd.erase()
+        weight = src["codes"].rsplit(":", 2)[0]
+        selected[weight] = {"kernel": kname, "variant": variant, "params": new_names, "act_format": afmt.key(),
+                            "blocks_multiple": lay.blocks_multiple, **lay.to_json(), **cfg.to_json()}
