@@ -154,7 +154,7 @@ def _torch_baselines(recipe: str, k: int, n: int, min_total: int) -> dict:
         ps = [(packed.clone(), sz.clone()) for _ in range(copies_for(nb, min_total))]
         out["aten int4pack"] = (nb, lambda x: lambda i: torch.ops.aten._weight_int4pack_mm_for_cpu(
             x, ps[i % len(ps)][0], gs, ps[i % len(ps)][1]))
-    elif recipe == "w8a8":
+    elif recipe in ("w8a8", "w4a8-g128"):  # the integer path: torch's int8 x int8 dynamic linear
         lin = torch.nn.Linear(k, n, bias=False)
         lin.weight.data.copy_(w)
         qlins = [torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear}, torch.qint8)

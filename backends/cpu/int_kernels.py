@@ -6,12 +6,12 @@ One fused call replaces qcc.quantize_dynamic -> qcc.matmul_int -> qcc.scale_accu
   round half to even), codes as i8 packed four to an i32 word (one quad), and
   for int4 weights the per-group sums of the codes (the zero-point correction).
 * tiles of MR rows x NR column blocks (8 columns each) accumulate integer dot
-  products in registers: per quad, one broadcast word of x against one weight
-  vector per block.  AVX2 has no i8 x i8 product, so
-    int8 x int8: vpmaddubsw(|w|, vpsignb(x, w)) (|w|, |x| <= 127: the i16 pair
-                 sums stay below 2^15) then vpmaddwd with ones -> i32;
-    int4 x int8: vpmaddubsw(nibble, x) (<= 2 * 15 * 127), eight of them summed
-                 in i16 (< 2^15) before one vpmaddwd -> i32.
+  products in registers: per quad, one weight vector per block against broadcast
+  activation words.  AVX2 has no i8 x i8 product:
+    int8 x int8: both sign-extended to i16 (weights in registers, activations
+                 stored as i16 pairs by the quantizer), vpmaddwd -> i32;
+    int4 x int8: vpmaddubsw(nibble u8, x s8) (<= 2 * 15 * 127), eight of them
+                 summed in i16 (< 2^15) before one vpmaddwd with ones -> i32.
   A group's i32 sums, minus z * (group sum of x) for int4, are scaled into f32
   accumulators exactly as the reference lowering orders it:
   (acc * sw) * sx summed over groups, or (acc * sx) * sw for one group.
@@ -39,10 +39,11 @@ class IntKernelConfig:
     """Tuning knobs of one linear's integer kernels (recorded in the manifest)."""
 
     gemm_min_m: int = 4       # M >= this runs the blocked GEMM
-    gemv_nr: int = 4          # column blocks per GEMV tile
-    gemm_mr: int = 4          # rows per GEMM register tile
-    gemm_nr: int = 2          # column blocks per GEMM register tile (int8)
-    gemm_nr_int4: int = 1     # (int4: its i16 partial sums need registers too)
+    gemv_nr: int = 4          # column blocks per GEMV tile (one row)
+    gemm_mr: int = 4          # rows x column blocks of a GEMM register tile, int8 weights
+    gemm_nr: int = 2
+    gemm_mr_int4: int = 3     # int4 (its i16 partial sums need registers too)
+    gemm_nr_int4: int = 2
     chunk_blocks: int = 8     # column blocks per parallel task
     threads: bool = True
 
@@ -97,7 +98,7 @@ def _memref_types(lay: IntLayout) -> dict:
 def _kernel_params(lay: IntLayout) -> list[tuple[str, str]]:
     """(name, type) of the inner kernels' arguments."""
     ty = _memref_types(lay)
-    params = [("xq", f"memref<?x{lay.quads}xi32>"), ("sx", "memref<?xf32>")]
+    params = [("xq", f"memref<?x{lay.x_words}xi32>"), ("sx", "memref<?xf32>")]
     if lay.fmt.bits == 4:
         params.append(("xs", f"memref<?x{lay.groups}xi32>"))
     params += [(role, ty[role]) for role in ty]
@@ -107,7 +108,7 @@ def _kernel_params(lay: IntLayout) -> list[tuple[str, str]]:
 # The AVX2 instructions, as calls of LLVM intrinsics by name (llvm.call_intrinsic has
 # unknown memory effects, which buffer deallocation rejects; a call of a declared
 # function of that name becomes the same intrinsic call in LLVM IR).
-INTRINSICS = {"pmadd.ub.sw": (_V32I8, _V16I16), "pmadd.wd": (_V16I16, _V8I32), "psign.b": (_V32I8, _V32I8)}
+INTRINSICS = {"pmadd.ub.sw": (_V32I8, _V16I16), "pmadd.wd": (_V16I16, _V8I32)}
 
 
 def declarations() -> dict[str, str]:
@@ -133,9 +134,9 @@ def _tile(t: _Text, lay: IntLayout, m0: str, mr: int, b0: str, nr: int) -> None:
     tiles = [(r, c) for r in range(mr) for c in range(nr)]
     units_per_group = lay.group // UNIT
 
-    def xword(r: int, q: str) -> str:
-        w = t.v(f"memref.load %xq[{rows[r]}, {q}] : memref<?x{lay.quads}xi32>")
-        return t.v(f"vector.bitcast {t.v(f'vector.broadcast {w} : i32 to {_V8I32}')} : {_V8I32} to {_V32I8}")
+    def xword(r: int, q: str, ty: str) -> str:
+        w = t.v(f"memref.load %xq[{rows[r]}, {q}] : memref<?x{lay.x_words}xi32>")
+        return t.v(f"vector.bitcast {t.v(f'vector.broadcast {w} : i32 to {_V8I32}')} : {_V8I32} to {ty}")
 
     def group_sums(g: str) -> list[str]:
         """i32 dot products of group g, one vector per (row, block)."""
@@ -159,7 +160,7 @@ def _tile(t: _Text, lay: IntLayout, m0: str, mr: int, b0: str, nr: int) -> None:
                     lo.append(t.v(f"arith.andi {w}, {mask} : {_V32I8}"))
                     hi.append(t.v(f"arith.shrui {w}, {four} : {_V32I8}"))
                 for r in range(mr):
-                    xl, xh = xword(r, quad), xword(r, quad1)
+                    xl, xh = xword(r, quad, _V32I8), xword(r, quad1, _V32I8)
                     for c in range(nr):
                         pl = _intrinsic(t, "pmadd.ub.sw", lo[c], xl, _V32I8, _V16I16)
                         ph = _intrinsic(t, "pmadd.ub.sw", hi[c], xh, _V32I8, _V16I16)
@@ -171,17 +172,19 @@ def _tile(t: _Text, lay: IntLayout, m0: str, mr: int, b0: str, nr: int) -> None:
         else:
             for qi in range(UNIT // QUAD):
                 quad = t.v(f"affine.apply affine_map<(d0) -> (d0 * {UNIT // QUAD} + {qi})>({unit})")
-                ws, absw = [], []
+                pair = t.v(f"affine.apply affine_map<(d0) -> (d0 * 2)>({quad})")
+                pair1 = t.v(f"arith.addi {pair}, {c1} : index")
+                halves = []
                 for c in range(nr):
-                    ws.append(t.v(f"vector.load %codes[{blocks[c]}, {quad}, {c0}] : {ty['codes']}, {_V32I8}"))
-                    absw.append(t.v(f"math.absi {ws[c]} : {_V32I8}"))
+                    w = t.v(f"vector.load %codes[{blocks[c]}, {quad}, {c0}] : {ty['codes']}, {_V32I8}")
+                    halves.append([t.v(f"arith.extsi {t.v(f'vector.extract_strided_slice {w} {{offsets = [{16 * h}], sizes = [16], strides = [1]}} : {_V32I8} to vector<16xi8>')} : vector<16xi8> to {_V16I16}")
+                                   for h in range(2)])
                 for r in range(mr):
-                    x = xword(r, quad)
+                    x0, x1 = xword(r, pair, _V16I16), xword(r, pair1, _V16I16)
                     for c in range(nr):
-                        sx = _intrinsic(t, "psign.b", x, ws[c], _V32I8, _V32I8)
-                        p = _intrinsic(t, "pmadd.ub.sw", absw[c], sx, _V32I8, _V16I16)
-                        d = _intrinsic(t, "pmadd.wd", p, ones, _V16I16, _V8I32)
-                        acc[r, c] = t.v(f"arith.addi {acc[r, c]}, {d} : {_V8I32}")
+                        d0 = _intrinsic(t, "pmadd.wd", halves[c][0], x0, _V16I16, _V8I32)
+                        d1 = _intrinsic(t, "pmadd.wd", halves[c][1], x1, _V16I16, _V8I32)
+                        acc[r, c] = t.v(f"arith.addi {acc[r, c]}, {t.v(f'arith.addi {d0}, {d1} : {_V8I32}')} : {_V8I32}")
         t.op(f"scf.yield {', '.join(acc[rc] for rc in tiles)} : {', '.join([_V8I32] * len(tiles))}")
         t.close()
         sums = dict(zip(tiles, res))
@@ -251,7 +254,7 @@ def _tiled(name: str, lay: IntLayout, cfg: IntKernelConfig, mrs: tuple, nr: int)
     tiles of the following sizes (each < the previous, at most one tile of each)."""
     t = _Text(indent=2)
     c0 = t.idx(0)
-    M = t.v(f"memref.dim %xq, {c0} : memref<?x{lay.quads}xi32>")
+    M = t.v(f"memref.dim %xq, {c0} : memref<?x{lay.x_words}xi32>")
     b_start = t.v(f"arith.muli %i, {t.idx(cfg.chunk_blocks)} : index")
     b_end = t.v(f"arith.minui {t.v(f'arith.addi {b_start}, {t.idx(cfg.chunk_blocks)} : index')}, "
                 f"{t.idx(lay.blocks)} : index")
@@ -273,13 +276,13 @@ def gemv(name: str, lay: IntLayout, cfg: IntKernelConfig) -> str:
 
 
 def gemm(name: str, lay: IntLayout, cfg: IntKernelConfig) -> str:
-    nr = cfg.gemm_nr_int4 if lay.fmt.bits == 4 else cfg.gemm_nr
-    mrs = tuple(sorted({cfg.gemm_mr, 2, 1}, reverse=True))
+    mr, nr = (cfg.gemm_mr_int4, cfg.gemm_nr_int4) if lay.fmt.bits == 4 else (cfg.gemm_mr, cfg.gemm_nr)
+    mrs = tuple(sorted({mr, 2, 1}, reverse=True))
     return _tiled(name, lay, cfg, mrs, nr)
 
 
 def _quantize(t: _Text, lay: IntLayout, act_levels: tuple[int, int], M: str, x: str) -> None:
-    """%xq (codes, 4 to a word), %sx (per-row scales) and, for int4 weights, %xs (group sums of
+    """%xq (codes, lay.x_per_word to a word), %sx (per-row scales) and, for int4 weights, %xs (group sums of
     the codes) of x, step by step as the activation format's reference."""
     K, G = lay.k, lay.group
     qmin, qmax = act_levels
@@ -312,9 +315,11 @@ def _quantize(t: _Text, lay: IntLayout, act_levels: tuple[int, int], M: str, x: 
     r = t.v(f"math.roundeven {t.v(f'arith.divf {v}, {sb} : {_V8F32}')} : {_V8F32}")
     r = t.v(f"arith.minimumf {t.v(f'arith.maximumf {r}, {lo} : {_V8F32}')}, {hi} : {_V8F32}")
     q = t.v(f"arith.fptosi {r} : {_V8F32} to {_V8I32}")
-    words = t.v(f"vector.bitcast {t.v(f'arith.trunci {q} : {_V8I32} to vector<8xi8>')} : vector<8xi8> to vector<2xi32>")
-    t.op(f"vector.store {words}, %xq[%qm, {t.v(f'arith.divui %k, {t.idx(QUAD)} : index')}] : "
-         f"memref<?x{lay.quads}xi32>, vector<2xi32>")
+    per = lay.x_per_word
+    code_ty = f"vector<8xi{32 // per}>"
+    words = t.v(f"vector.bitcast {t.v(f'arith.trunci {q} : {_V8I32} to {code_ty}')} : {code_ty} to vector<{8 // per}xi32>")
+    t.op(f"vector.store {words}, %xq[%qm, {t.v(f'arith.divui %k, {t.idx(per)} : index')}] : "
+         f"memref<?x{lay.x_words}xi32>, vector<{8 // per}xi32>")
     t.op(f"scf.yield {t.v(f'arith.addi %s, {q} : {_V8I32}')} : {_V8I32}")
     t.close()
     if lay.fmt.bits == 4:
@@ -329,6 +334,10 @@ def fused(name: str, lay: IntLayout, cfg: IntKernelConfig, act_levels: tuple[int
     """Tensor-level entry: x [?, K] f32 and the packed weight -> y [?, N] f32, with its kernels:
     both and a run-time dispatch on M, or only the one for `static_m`."""
     lay.check()
+    for nr in (cfg.gemv_nr, cfg.gemm_nr, cfg.gemm_nr_int4):
+        if lay.blocks_multiple % nr or cfg.chunk_blocks % nr:
+            raise ValueError(f"tiles of {nr} column blocks must divide blocks_multiple={lay.blocks_multiple} "
+                             f"and chunk_blocks={cfg.chunk_blocks}")
     t = _Text()
     ty = _memref_types(lay)
     tt = {role: m.replace("memref", "tensor") for role, m in ty.items()}
@@ -338,7 +347,7 @@ def fused(name: str, lay: IntLayout, cfg: IntKernelConfig, act_levels: tuple[int
     for role in ty:
         t.op(f"%{role} = bufferization.to_buffer %{role}t read_only : {tt[role]} to {ty[role]}")
     M = t.v(f"memref.dim {x}, {c0} : memref<?x{K}xf32>")
-    t.op(f"%xq = memref.alloc({M}) {{alignment = 64 : i64}} : memref<?x{lay.quads}xi32>")
+    t.op(f"%xq = memref.alloc({M}) {{alignment = 64 : i64}} : memref<?x{lay.x_words}xi32>")
     t.op(f"%sx = memref.alloc({M}) : memref<?xf32>")
     if lay.fmt.bits == 4:
         t.op(f"%xs = memref.alloc({M}) : memref<?x{lay.groups}xi32>")

@@ -1,16 +1,18 @@
 """Weight layout of the integer (dequant-after-gemm) CPU kernels, its numpy packer and decoder.
 
 The kernels multiply int8 activation codes with int8 / int4 weight codes on
-AVX2 (vpmaddubsw: u8 x s8 -> pairwise i16, vpmaddwd: -> i32).  One 256-bit
-vector of weights covers 8 output columns ("a block") x 4 consecutive k ("a
-quad"), byte 4j + i = w[8b + j, 4q + i], so that one broadcast 32-bit word of
-activations (x[m, 4q : 4q + 4]) against it gives 8 column dot products without
-horizontal sums.  Each block is one contiguous stream along K:
+AVX2 without any horizontal sum: one 256-bit vector of weights covers 8 output
+columns ("a block") x 4 consecutive k ("a quad") and meets broadcast words of
+activations, so its products land in 8 i32 lanes, one per column.  Each block is
+one contiguous stream along K:
 
-* int8 (symmetric codes -127..127): codes[b, q, 32], the code bytes.
+* int8 (symmetric codes -127..127): codes[b, q, 32], byte 16h + 2j + i =
+  w[8b + j, 4q + 2h + i]: each half, sign-extended to i16, is the 8 columns x 2 k
+  that vpmaddwd multiplies with a broadcast pair of i16 activation codes.
 * int4: codes[b, t, 32]; byte 4j + i holds column 8b + j at k = 8t + i in its
   LOW nibble and at k = 8t + 4 + i in its HIGH nibble (quads 2t and 2t + 1),
-  as the format's nibble (code for asym, code + 8 for sym: always 0..15).
+  as the format's nibble (code for asym, code + 8 for sym: always 0..15), the
+  u8 operand of vpmaddubsw against a broadcast quad of i8 activation codes.
 * scale[b, g, 8] (f32) per block, group g (one group for per-channel and
   per-tensor formats) and column; int4 also zero[b, g, 8] (uint8; 8 for sym),
   so every int4 kernel computes sum (nibble - z) * x as sum nibble * x - z * sum x.
@@ -58,6 +60,15 @@ class IntLayout:
     @property
     def quads(self) -> int:
         return self.k_pad // QUAD
+
+    @property
+    def x_per_word(self) -> int:
+        """Activation codes per 32-bit word: i16 pairs against int8 weights, i8 quads against int4."""
+        return 2 if self.fmt.bits == 8 else 4
+
+    @property
+    def x_words(self) -> int:
+        return self.k_pad // self.x_per_word
 
     @property
     def blocks(self) -> int:
@@ -118,8 +129,8 @@ def pack(lay: IntLayout, packed_codes: np.ndarray, scale: np.ndarray, zero=None)
     if fmt.bits == 8:
         full = np.zeros((b * COLS, lay.k_pad), np.int8)
         full[:lay.n, :lay.k] = codes
-        # [b, j, q, i] -> [b, q, j, i]
-        out = {"codes": np.ascontiguousarray(full.reshape(b, COLS, lay.quads, QUAD).transpose(0, 2, 1, 3)
+        # [b, j, q, h, i] -> [b, q, h, j, i]
+        out = {"codes": np.ascontiguousarray(full.reshape(b, COLS, lay.quads, 2, 2).transpose(0, 2, 3, 1, 4)
                                              .reshape(b, lay.quads, COLS * QUAD))}
     else:
         full = np.zeros((b * COLS, lay.k_pad), np.uint8)
@@ -139,7 +150,7 @@ def unpack(lay: IntLayout, arrays: dict) -> formats.QuantizedTensor:
     fmt = lay.fmt
     b = lay.blocks
     if fmt.bits == 8:
-        full = arrays["codes"].reshape(b, lay.quads, COLS, QUAD).transpose(0, 2, 1, 3).reshape(b * COLS, lay.k_pad)
+        full = arrays["codes"].reshape(b, lay.quads, 2, COLS, 2).transpose(0, 3, 1, 2, 4).reshape(b * COLS, lay.k_pad)
         codes = full[:lay.n, :lay.k].astype(np.int8)
     else:
         bytes_ = arrays["codes"].reshape(b, lay.quads // 2, COLS, QUAD)
