@@ -1,0 +1,178 @@
+"""The integer path's fused CPU kernels (cpu-select-int-kernels) against the dequant-after-gemm reference.
+
+The oracle is the numpy form of dequant-after-gemm: activations quantized per
+token by the activation format's reference, the integer matmul in int64 per
+group (weight codes minus zero point), then f32 scaling as the reference
+lowering orders it.  Weights are the format reference's codes of the float
+weight.  Sizes are off the tiles (N not a multiple of 8 columns, K not a multiple
+of the 32-k unit for per-channel), M covers the GEMV, the GEMM's row tiles and
+their remainders, with one artifact (symbolic M) serving them all.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+import qcc
+from qcc.backends.cpu import int_pack
+from qcc.dialects import formats
+from qcc.dialects.formats import activation
+
+TOKENS = ({0: torch.export.Dim("tokens", min=1, max=4096)},)
+RECIPES = {"w8a8": ("int8_sym_channel", "int8_sym_token"), "w4a8-g128": ("int4_asym_g128", "int8_sym_token")}
+
+
+def _linear(k, n, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Linear(k, n, bias=False).eval()
+
+
+def oracle(x: np.ndarray, w: np.ndarray, wkey: str, akey: str) -> np.ndarray:
+    """y of dequant-after-gemm for float x [M, K] and float weight w [N, K], in float64."""
+    qt = formats.parse_weight_format(wkey).quantize(w)
+    xq, sx = activation.quantize_act(x, activation.parse_act_format(akey))
+    n, k = w.shape
+    group = qt.format.group_size if qt.format.granularity == "group" else k
+    codes = qt.codes.astype(np.int64)
+    zero = qt.zero.astype(np.int64) if qt.zero is not None else np.zeros((n, k // group), np.int64)
+    scale = np.broadcast_to(qt.scale, (n, k // group)).astype(np.float64)
+    y = np.zeros((x.shape[0], n))
+    for g in range(k // group):
+        cols = slice(g * group, (g + 1) * group)
+        acc = xq[:, cols].astype(np.int64) @ (codes[:, cols] - zero[:, g:g + 1]).T
+        y += acc * scale[:, g] * sx.astype(np.float64)
+    return y
+
+
+def _selected(compiled) -> dict:
+    kernels = compiled.manifest["cpu"]["kernels"]
+    assert len(kernels) == 1
+    return next(iter(kernels.values()))
+
+
+@pytest.mark.parametrize("recipe,k,n", [("w8a8", 320, 100), ("w8a8", 100, 37), ("w4a8-g128", 384, 100)])
+def test_fused_kernel_matches_dequant_after_gemm(recipe, k, n):
+    lin = _linear(k, n)
+    compiled = qcc.compile(lin, (torch.randn(2, k),), quant=recipe, dynamic_shapes=TOKENS)
+    kernel = _selected(compiled)
+    assert kernel["layout"] == "int-blocks" and kernel["variant"] == "dispatch"
+    assert kernel["kernel"].startswith("qcc_cpu_int_")
+    wkey, akey = RECIPES[recipe]
+    w = lin.weight.detach().numpy()
+    rng = np.random.default_rng(k * n)
+    for m in (1, 3, 16, 37, 130):
+        x = (rng.standard_normal((m, k)) * rng.uniform(0.1, 4.0, (m, 1))).astype(np.float32)
+        got = compiled(torch.from_numpy(x)).numpy()
+        ref = oracle(x, w, wkey, akey)
+        err = np.abs(got - ref).max() / np.abs(ref).max()
+        assert err < 1e-5, f"{recipe} K={k} N={n} M={m}: relative error {err}"
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "w4a8-g128"])
+def test_same_bits_as_reference_lowering(recipe, monkeypatch):
+    """Integer sums are exact and the f32 scaling follows the reference lowering's order."""
+    k, n = 256, 24
+    lin = _linear(k, n, seed=1)
+    fast = qcc.compile(lin, (torch.randn(2, k),), quant=recipe, dynamic_shapes=TOKENS)
+    monkeypatch.setenv("QCC_CPU_KERNELS", "reference")
+    slow = qcc.compile(lin, (torch.randn(2, k),), quant=recipe, dynamic_shapes=TOKENS)
+    assert _selected(fast) and not slow.manifest["cpu"]["kernels"]
+    x = torch.randn(9, k)
+    x[3] = 0  # an all-zero row: scale 1, codes 0
+    np.testing.assert_array_equal(fast(x).numpy(), slow(x).numpy())
+
+
+@pytest.mark.parametrize("m,variant", [(1, "gemv"), (6, "gemm")])
+def test_static_m_builds_one_kernel(m, variant):
+    k, n = 128, 16
+    lin = _linear(k, n, seed=2)
+    x = torch.randn(m, k)
+    compiled = qcc.compile(lin, (x,), quant="w4a8-g128")
+    assert _selected(compiled)["variant"] == variant
+    ref = oracle(x.numpy(), lin.weight.detach().numpy(), *RECIPES["w4a8-g128"])
+    assert np.abs(compiled(x).numpy() - ref).max() / np.abs(ref).max() < 1e-5
+
+
+def test_host_without_avx2_uses_the_reference(monkeypatch):
+    monkeypatch.setenv("QCC_CPU_ISA", "generic")
+    k, n = 64, 8
+    lin = _linear(k, n, seed=3)
+    compiled = qcc.compile(lin, (torch.randn(3, k),), quant="w8a8")
+    assert not compiled.manifest["cpu"]["kernels"]
+    x = torch.randn(3, k)
+    ref = oracle(x.numpy(), lin.weight.detach().numpy(), *RECIPES["w8a8"])
+    assert np.abs(compiled(x).numpy() - ref).max() / np.abs(ref).max() < 1e-5
+
+
+@pytest.mark.parametrize("key", ["int8_sym_channel", "int8_sym_tensor", "int4_asym_g128", "int4_sym_g32",
+                                 "int4_asym_channel"])
+def test_pack_roundtrip_is_exact(key):
+    rng = np.random.default_rng(5)
+    fmt = formats.parse_weight_format(key)
+    n, k = 13, 256 if fmt.granularity == "group" else 100
+    qt = fmt.quantize(rng.standard_normal((n, k)).astype(np.float32))
+    lay = int_pack.IntLayout(key, n, k)
+    arrays = int_pack.pack(lay, formats.pack(qt), qt.scale, qt.zero)
+    for role, (shape, dtype) in lay.shapes().items():
+        assert arrays[role].shape == shape and arrays[role].dtype == dtype
+    back = int_pack.unpack(lay, arrays)
+    np.testing.assert_array_equal(back.codes, qt.codes)
+    np.testing.assert_array_equal(back.scale, qt.scale)
+    if qt.zero is not None:
+        np.testing.assert_array_equal(back.zero, qt.zero)
+
+
+def test_block_layout_by_hand():
+    """int8: byte 16h + 2j + i of block b, quad q is w[8b + j, 4q + 2h + i];
+    int4: byte 4j + i of pair t holds k = 8t + i (low nibble) and 8t + 4 + i (high)."""
+    n, k = 16, 64
+    w8 = (np.arange(n * k).reshape(n, k) % 251 - 125).astype(np.int8)
+    lay = int_pack.IntLayout("int8_sym_channel", n, k)
+    qt = formats.QuantizedTensor(codes=w8, scale=np.ones((n, 1), np.float32), zero=None,
+                                 format=lay.fmt, shape=(n, k))
+    codes = int_pack.pack(lay, formats.pack(qt), qt.scale)["codes"]
+    for b, q, h, j, i in [(0, 0, 0, 0, 0), (1, 3, 1, 5, 1), (0, 15, 1, 7, 0)]:
+        assert codes[b, q, 16 * h + 2 * j + i] == w8[8 * b + j, 4 * q + 2 * h + i]
+    w4 = (np.arange(n * k).reshape(n, k) * 7 % 16).astype(np.uint8)
+    lay = int_pack.IntLayout("int4_asym_channel", n, k)
+    qt = formats.QuantizedTensor(codes=w4, scale=np.ones((n, 1), np.float32), zero=np.zeros((n, 1), np.uint8),
+                                 format=lay.fmt, shape=(n, k))
+    codes = int_pack.pack(lay, formats.pack(qt), qt.scale, qt.zero)["codes"]
+    for b, t, j, i in [(0, 0, 0, 0), (1, 5, 3, 2), (1, 7, 7, 3)]:
+        byte = codes[b, t, 4 * j + i]
+        assert byte & 15 == w4[8 * b + j, 8 * t + i] and byte >> 4 == w4[8 * b + j, 8 * t + 4 + i]
+
+
+def test_no_float_copy_of_a_weight_and_integer_instructions(tmp_path):
+    """No f32 buffer as large as a weight in any backend stage; the library's kernels use
+    vpmaddwd (int8) / vpmaddubsw (int4)."""
+    model = torch.nn.Sequential(torch.nn.Linear(320, 448), torch.nn.ReLU(), torch.nn.Linear(448, 192)).eval()
+    dump = tmp_path / "ir"
+    compiled = qcc.compile(model, (torch.randn(3, 320),), quant="w8a8", dump_dir=str(dump), dynamic_shapes=TOKENS)
+    assert len(compiled.manifest["cpu"]["kernels"]) == 2
+    smallest_weight = min(320 * 448, 448 * 192)
+    shaped = re.compile(r"(?:memref|tensor)<((?:\d+x)+)f32")
+    stages = sorted(p for p in os.listdir(dump) if re.search(r"select-kernels|lower-qcc|bufferize|to-llvm", p))
+    assert len(stages) == 4
+    for stage in stages:
+        for m in shaped.finditer((dump / stage).read_text()):
+            numel = int(np.prod([int(d) for d in m.group(1).rstrip("x").split("x")]))
+            assert numel < smallest_weight, f"{stage}: float buffer {m.group(0)}> as large as a weight"
+    if shutil.which("objdump") is None:
+        pytest.skip("no objdump")
+    lib = tmp_path / "cpu.so"
+    lib.write_bytes(compiled.code["cpu.so"])
+    text = subprocess.run(["objdump", "-d", str(lib)], capture_output=True, text=True, check=True).stdout
+    gemm = text[text.index("__gemm_body>:"):]
+    assert "vpmaddwd" in gemm[:gemm.index("\n\n")]
+    int4 = qcc.compile(torch.nn.Linear(128, 16, bias=False).eval(), (torch.randn(2, 128),), quant="w4a8-g128",
+                       dynamic_shapes=TOKENS)
+    lib.write_bytes(int4.code["cpu.so"])
+    text = subprocess.run(["objdump", "-d", str(lib)], capture_output=True, text=True, check=True).stdout
+    gemm = text[text.index("__gemm_body>:"):]
+    assert "vpmaddubsw" in gemm[:gemm.index("\n\n")]
