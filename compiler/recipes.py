@@ -14,14 +14,15 @@ Named recipes:
   (QuaRot's format; accurate only with an outlier-removing rotation first,
   see ``w4a4-had``).  Symmetric per-channel weights keep the GEMM a plain
   int4 x int4 dot product with one scale per output, as int4 tensor cores need.
+  The weights' per-channel scales clip the range where that lowers the
+  rounding error (quantize-weights' ``clip-search``), in every w4a4 preset.
 * ``llm-int8``: LLM.int8(): input columns whose calibrated absmax exceeds 6.0
   stay float (split-outliers), the rest is w8a8.  Needs calibration.
 * ``w8a8-had``, ``w4a4-had``: QuaRot: the residual stream rotated by a random
-  Hadamard matrix, online Hadamard transforms on the inputs of the writers
-  (o_proj: across heads, down_proj: the FFN width).
-* ``w4a4-had-reorder``: w4a4-had, then each linear's 32 largest input channels
-  split off (reorder-channels) and kept int8 weights / int8 activations
-  (the override ``:outliers$``).
+  Hadamard matrix, an online Hadamard transform on the down projections' input.
+* ``w4a4-reorder``, ``w4a4-had-reorder``: (w4a4-had's rotation, then) each
+  linear's 32 largest input channels split off (reorder-channels) and kept
+  int8 weights / int8 activations (the override ``:outliers$``), as Atom does.
 * ``w8a8-smooth``, ``w4a16-g128-awq``: SmoothQuant, AWQ scaling first.
 * ``<preset>-gptq``: any preset with integer weights (``w8a16-gptq``,
   ``w4a16-g128-gptq``, ``w8a8-had-gptq``, ``llm-int8-gptq``,
@@ -36,7 +37,8 @@ A recipe file (``--quant my.json`` or ``.toml``, or a dict to ``qcc.compile``)::
      "overrides": [{"pattern": "lm_head", "weight_format": "int8_sym_channel", "act_format": "none"}]}
 
 ``passes`` run on the float model before quantization; ``weight_pass``
-(default ``quantize-weights``, or e.g. ``gptq``) quantizes the weights; ``overrides`` are
+(default ``quantize-weights``, or e.g. ``gptq``) quantizes the weights, with the extra
+options ``weight_options`` (e.g. ``"clip-search=20"``); ``overrides`` are
 tried in order, first match wins, ``pattern`` a regex searched in the weight
 name (``re.search``); a missing format in an override inherits the recipe's.
 Each override becomes its own quantize-weights / quantize-activations instance
@@ -74,14 +76,18 @@ class RecipeSpec:
     act_format: str | None = None
     before: tuple[str, ...] = ()
     weight_pass: str = "quantize-weights"  # a pass taking {format=... exclude=...}
+    weight_options: str = ""               # more options of each weight_pass instance
     overrides: tuple[tuple[str, str | None, str | None], ...] = ()
 
 
+# int4 per-channel weights round with MSE-optimal clipping (QuaRot's RTN baseline clips too); for
+# int8 the search finds nothing to clip, and grouped formats keep the format reference's plain rounding
+_CLIP = "clip-search=20"
 NAMED = {
     "w8a8": RecipeSpec("int8_sym_channel", "int8_sym_token"),
     "w8a8-static": RecipeSpec("int8_sym_channel", "int8_sym_tensor"),
     "w4a8-g128": RecipeSpec("int4_asym_g128", "int8_sym_token"),
-    "w4a4": RecipeSpec("int4_sym_channel", "int4_sym_token"),
+    "w4a4": RecipeSpec("int4_sym_channel", "int4_sym_token", weight_options=_CLIP),
     "llm-int8": RecipeSpec("int8_sym_channel", "int8_sym_token", before=("split-outliers{threshold=6.0}",)),
 }
 
@@ -89,14 +95,15 @@ NAMED = {
 # (rotation, channel reordering, smoothing, AWQ scaling, GPTQ).  Their passes
 # are registered by their own modules; until one is, its recipe fails with a
 # clear error naming the missing pass.  Add options to the pass texts here.
-_ROTATE = "fuse-rotation{online=writers}"
 # reorder-channels' outlier parts ('<W>:outliers') in int8, as Atom keeps them
 _OUTLIERS_INT8 = ((":outliers$", "int8_sym_channel", "int8_sym_token"),)
 EXTENSIONS = {
-    "w8a8-had": RecipeSpec("int8_sym_channel", "int8_sym_token", before=(_ROTATE,)),
-    "w4a4-had": RecipeSpec("int4_sym_channel", "int4_sym_token", before=(_ROTATE,)),
-    "w4a4-had-reorder": RecipeSpec("int4_sym_channel", "int4_sym_token", before=(_ROTATE, "reorder-channels"),
-                                   overrides=_OUTLIERS_INT8),
+    "w8a8-had": RecipeSpec("int8_sym_channel", "int8_sym_token", before=("fuse-rotation",)),
+    "w4a4-had": RecipeSpec("int4_sym_channel", "int4_sym_token", before=("fuse-rotation",), weight_options=_CLIP),
+    "w4a4-reorder": RecipeSpec("int4_sym_channel", "int4_sym_token", before=("reorder-channels",),
+                               weight_options=_CLIP, overrides=_OUTLIERS_INT8),
+    "w4a4-had-reorder": RecipeSpec("int4_sym_channel", "int4_sym_token", before=("fuse-rotation", "reorder-channels"),
+                                   weight_options=_CLIP, overrides=_OUTLIERS_INT8),
     "w8a8-smooth": RecipeSpec("int8_sym_channel", "int8_sym_token", before=("smooth-channels",)),
     "w4a16-g128-awq": RecipeSpec("int4_asym_g128", before=("awq{format=int4_asym_g128}",)),
 }
@@ -104,7 +111,7 @@ GPTQ_SUFFIX = "-gptq"
 
 PRESETS = ("float", "w8a16", "w4a16-g128", *NAMED, *EXTENSIONS, "<preset>-gptq")
 
-FILE_KEYS = ("name", "weight_format", "act_format", "weight_pass", "passes", "overrides")
+FILE_KEYS = ("name", "weight_format", "act_format", "weight_pass", "weight_options", "passes", "overrides")
 OVERRIDE_KEYS = ("pattern", "weight_format", "act_format")
 
 
@@ -151,7 +158,7 @@ def _preset_spec(name: str) -> RecipeSpec | None:
 
 def _from_spec(name: str, spec: RecipeSpec, where: str) -> Recipe:
     passes = list(spec.before) + quantization_passes(spec.weight_format, spec.act_format, spec.overrides,
-                                                     spec.weight_pass)
+                                                     spec.weight_pass, spec.weight_options)
     for element in passes:
         _check_pass(element, where, f"recipe '{name}'")
     return Recipe(name, spec.weight_format, tuple(passes), spec.act_format)
@@ -170,7 +177,7 @@ def _check_pass(element: str, where: str, what: str) -> None:
 
 
 def quantization_passes(weight_format: str | None, act_format: str | None, overrides=(),
-                        weight_pass: str = "quantize-weights") -> list[str]:
+                        weight_pass: str = "quantize-weights", weight_options: str = "") -> list[str]:
     """quantize-weights / quantize-activations / dequant-after-gemm for the formats and per-layer overrides.
 
     overrides: [(pattern, weight_format, act_format)], first match wins; a layer
@@ -184,14 +191,14 @@ def quantization_passes(weight_format: str | None, act_format: str | None, overr
 
     rest = "|".join(f"(?:{p})" for p in patterns)
 
-    def instance(pass_name: str, fmt: str, exclude: str) -> str:
-        return f"{pass_name}{{format={fmt}{f' exclude={exclude}' if exclude else ''}}}"
+    def instance(pass_name: str, fmt: str, exclude: str, more: str = "") -> str:
+        return f"{pass_name}{{format={fmt}{f' exclude={exclude}' if exclude else ''}{f' {more}' if more else ''}}}"
 
-    weights = [instance(weight_pass, weight_format, rest)] if weight_format else []
+    weights = [instance(weight_pass, weight_format, rest, weight_options)] if weight_format else []
     acts = [instance("quantize-activations", act_format, rest)] if act_format else []
     for i, (_, wfmt, afmt) in enumerate(overrides):
         if wfmt:
-            weights.append(instance(weight_pass, wfmt, only(i)))
+            weights.append(instance(weight_pass, wfmt, only(i), weight_options))
         if afmt:
             acts.append(instance("quantize-activations", afmt, only(i)))
     return weights + acts + (["dequant-after-gemm"] if acts else [])
@@ -250,7 +257,12 @@ def recipe_from_dict(data: dict, where: str) -> Recipe:
         oafmt = _act_format(ov.get("act_format", afmt or "none"), where, f"{field}.act_format")
         _check_combo(owfmt, oafmt, where, f"{field}.")
         parsed.append((pattern, owfmt, oafmt))
-    passes = before + quantization_passes(wfmt, afmt, parsed, _weight_pass(data.get("weight_pass"), where))
+    weight_options = data.get("weight_options", "")
+    if not isinstance(weight_options, str) or any(c in weight_options for c in "{}"):
+        raise QccError("field 'weight_options' must be a string of the weight pass's options, "
+                       "e.g. \"clip-search=20\"", where=where)
+    passes = before + quantization_passes(wfmt, afmt, parsed, _weight_pass(data.get("weight_pass"), where),
+                                          weight_options.strip())
     for element in passes:
         _check_pass(element, where, f"recipe '{name}'")
     return Recipe(name, wfmt, tuple(passes), afmt)

@@ -1,6 +1,10 @@
 // RUN: qcc-opt %s --random-params=0 -p 'quantize-weights{format=int4_asym_g128}' | filecheck %s
 // RUN: qcc-opt %s --random-params=0 -p 'quantize-weights{format=int8_sym_channel}' | filecheck %s --check-prefix=INT8
 // RUN: qcc-opt %s --random-params=0 -p 'quantize-weights{format=int4_asym_g128 exclude=^head}' | filecheck %s --check-prefix=EXCL
+// RUN: qcc-opt %s --random-params=0 --output-params=%t.float
+// RUN: qcc-opt %s --random-params=0 -p 'quantize-weights{format=int4_sym_channel}' --output-params=%t.rtn
+// RUN: qcc-opt %s --random-params=0 -p 'quantize-weights{format=int4_sym_channel clip-search=10}' --output-params=%t.clip | filecheck %s --check-prefix=CLIP
+// RUN: %PYTHON -c "from safetensors.numpy import load_file as L; import numpy as np; from qcc.dialects import formats as F; f = F.get_format('int4_sym_channel'); w = L('%t.float')['fc.weight']; r, c = L('%t.rtn'), L('%t.clip'); k = 'fc.weight:int4_sym_channel:'; err = lambda p: ((F.dequantize(F.QuantizedTensor(F.unpack(p[k + 'codes'], f, w.shape), p[k + 'scale'], None, f, w.shape)) - w) ** 2).sum(1); print('names:', sorted(r) == sorted(c)); print('scales clipped:', bool(np.all(c[k + 'scale'] <= r[k + 'scale']) and np.any(c[k + 'scale'] < r[k + 'scale']))); print('error per row not above rtn:', bool(np.all(err(c) <= err(r) * (1 + 1e-6)) and err(c).sum() < err(r).sum()))" | filecheck %s --check-prefix=CLIPVAL
 
 // A linear layer (torch.export's mm of a transposed parameter) becomes one
 // qcc.qlinear on builtin tensors; the float weight leaves the signature and
@@ -16,6 +20,15 @@
 // CHECK: %[[Y:.*]] = "qcc.qlinear"(%[[XB]], %{{.*}}, %{{.*}}, %{{.*}}) {act_format = #qcc.format<"none">, weight_format = #qcc.format<"int4_asym_g128">} : (tensor<4x256xf32>, tensor<64x128xi8>, tensor<64x2xf32>, tensor<64x2xi8>) -> tensor<4x64xf32>
 // CHECK: torch_c.from_builtin_tensor %[[Y]] : tensor<4x64xf32> -> !torch.vtensor<[4,64],f32>
 // CHECK-NOT: torch.aten.mm
+
+// clip-search: same op and layout, per-channel scales chosen by an MSE search over clipping ratios.
+// CLIP-LABEL: func.func @linear
+// CLIP-SAME: tensor<64x128xi8> {qcc.param = "fc.weight:int4_sym_channel:codes"}
+// CLIP-SAME: tensor<64x1xf32> {qcc.param = "fc.weight:int4_sym_channel:scale"}
+// CLIP: "qcc.qlinear"(%{{.*}}, %{{.*}}, %{{.*}}) {act_format = #qcc.format<"none">, weight_format = #qcc.format<"int4_sym_channel">}
+// CLIPVAL: names: True
+// CLIPVAL: scales clipped: True
+// CLIPVAL: error per row not above rtn: True
 
 // INT8-LABEL: func.func @linear
 // INT8-SAME: tensor<64x256xi8> {qcc.param = "fc.weight:int8_sym_channel:codes"}

@@ -36,7 +36,7 @@ def test_named_recipes():
     assert r.passes == ("quantize-weights{format=int8_sym_channel}", "quantize-activations{format=int8_sym_token}",
                         "dequant-after-gemm")
     assert get_recipe("w4a8-g128").passes[0] == "quantize-weights{format=int4_asym_g128}"
-    assert get_recipe("w4a4").passes[:2] == ("quantize-weights{format=int4_sym_channel}",
+    assert get_recipe("w4a4").passes[:2] == ("quantize-weights{format=int4_sym_channel clip-search=20}",
                                              "quantize-activations{format=int4_sym_token}")
     assert get_recipe("llm-int8").passes[0] == "split-outliers{threshold=6.0}"
     assert get_recipe("w8a8-static").act_format == "int8_sym_tensor"
@@ -48,14 +48,16 @@ def test_named_recipes():
 
 def test_reorder_preset_keeps_outliers_int8():
     r = get_recipe("w4a4-had-reorder")
-    assert r.passes[:2] == ("fuse-rotation{online=writers}", "reorder-channels")
-    assert "quantize-weights{format=int8_sym_channel exclude=^(?!.*(?::outliers$))}" in r.passes
+    assert r.passes[:2] == ("fuse-rotation", "reorder-channels")
+    assert "quantize-weights{format=int8_sym_channel exclude=^(?!.*(?::outliers$)) clip-search=20}" in r.passes
     assert "quantize-activations{format=int8_sym_token exclude=^(?!.*(?::outliers$))}" in r.passes
-    assert "quantize-weights{format=int4_sym_channel exclude=(?::outliers$)}" in r.passes
+    assert "quantize-weights{format=int4_sym_channel exclude=(?::outliers$) clip-search=20}" in r.passes
+    assert get_recipe("w4a4-reorder").passes[1:] == r.passes[2:]
 
 
 @pytest.mark.parametrize("name", ["w8a16", "w4a16-g128", "w4a16-g64-sym", "w8a8", "w4a8-g128", "w4a4", "llm-int8",
-                                  "w8a8-had", "w4a4-had", "w4a4-had-reorder", "w8a8-smooth", "w4a16-g128-awq"])
+                                  "w8a8-had", "w4a4-had", "w4a4-reorder", "w4a4-had-reorder", "w8a8-smooth",
+                                  "w4a16-g128-awq"])
 def test_gptq_suffix(name):
     """<preset>-gptq: the same passes with every quantize-weights instance (overrides too) replaced by gptq."""
     rtn, gptq = get_recipe(name), get_recipe(f"{name}-gptq")
@@ -119,13 +121,21 @@ def test_file_with_overrides(tmp_path):
     if passes.lookup("gptq") is not None:
         r = get_recipe(write(tmp_path, {"weight_format": "int4_asym_g128", "weight_pass": "gptq"}))
         assert r.passes == ("gptq{format=int4_asym_g128}",)
+    r = get_recipe(write(tmp_path, {"weight_format": "int4_sym_channel", "weight_options": "clip-search=5",
+                                    "overrides": [{"pattern": "lm_head", "weight_format": "int8_sym_channel"}]}))
+    assert r.passes == ("quantize-weights{format=int4_sym_channel exclude=(?:lm_head) clip-search=5}",
+                        "quantize-weights{format=int8_sym_channel exclude=^(?!.*(?:lm_head)) clip-search=5}")
     toml = write(tmp_path, 'weight_format = "int8_sym_channel"\nact_format = "int8_sym_token"\n', "r.toml")
     assert get_recipe(toml).passes == get_recipe("w8a8").passes
 
 
 @pytest.mark.parametrize("obj,match", [
     ({"weight_format": "int8_sym_channel", "act_fmt": "int8_sym_token"},
-     r"unknown field 'act_fmt' in recipe.*allowed: name, weight_format, act_format, weight_pass, passes, overrides"),
+     r"unknown field 'act_fmt' in recipe.*allowed: name, weight_format, act_format, weight_pass, weight_options, passes, "
+     r"overrides"),
+    ({"weight_format": "int8_sym_channel", "weight_options": "clip=3"},
+     r"unknown option 'clip=3' for pass quantize-weights.*options: format, exclude, clip-search"),
+    ({"weight_format": "int8_sym_channel", "weight_options": 3}, r"field 'weight_options' must be a string"),
     ({"weight_format": "int3_sym_channel"}, r"field 'weight_format': unknown weight format 'int3_sym_channel'.*allowed: none, int\{4,8\}"),
     ({"weight_format": "int8_sym_channel", "act_format": "int8_asym_token"},
      r"field 'act_format': unknown activation format.*allowed: none, int4_sym_tensor, int4_sym_token, int8_sym_tensor, int8_sym_token"),

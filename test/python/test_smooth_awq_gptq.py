@@ -13,6 +13,7 @@ import qcc
 from qcc.dialects import formats
 from qcc.passes.awq import search_scales
 from qcc.passes.gptq import gptq_quantize
+from qcc.passes.quantize_weights import clipped_scales, round_with_scales, search_clip
 from qcc.reference import dequantized_weights
 
 
@@ -66,6 +67,23 @@ def test_gptq_beats_rtn_on_correlated_inputs():
         assert mse_gptq < 0.7 * mse_rtn, key
 
 
+@pytest.mark.parametrize("key", ["int4_sym_channel", "int4_asym_g32", "int8_sym_channel", "int4_sym_tensor"])
+def test_clip_search_never_worse_than_rtn(key):
+    fmt = formats.parse_weight_format(key)
+    w = np.random.default_rng(2).standard_normal((48, 256)).astype(np.float32)
+    rtn = formats.quantize(w, fmt)
+    # ratio 1 is the format's own rounding
+    one = round_with_scales(w, fmt, *clipped_scales(w, fmt, 1.0))
+    np.testing.assert_array_equal(one.codes, rtn.codes)
+    np.testing.assert_array_equal(one.scale, rtn.scale)
+    qt = search_clip(w, fmt, 10)
+    assert qt.scale.shape == rtn.scale.shape and qt.codes.dtype == rtn.codes.dtype
+    err = lambda q: ((formats.dequantize(q) - w) ** 2).reshape(*fmt.scale_shape(w.shape), -1).sum(-1)  # noqa: E731
+    assert np.all(err(qt) <= err(rtn))
+    if fmt.bits == 4:  # Gaussian weights: the tails of a long row are worth clipping
+        assert err(qt).sum() < (0.9 if fmt.granularity == "channel" else 1.0) * err(rtn).sum()
+
+
 def test_awq_search_never_worse_than_rtn():
     rng = np.random.default_rng(1)
     x = rng.standard_normal((256, 128)) * np.where(np.arange(128) % 17 == 0, 20.0, 1.0)
@@ -85,11 +103,15 @@ def test_smooth_and_awq_keep_the_float_function(outlier_model):
     assert not np.allclose(norm, model.layers[0].input_layernorm.weight.detach().numpy())  # 1/s folded in
 
 
-@pytest.mark.parametrize("recipe", ["smooth-int8", "w4a16-g128-awq", "w4a16-g128-gptq"])
+QUANT = {"smooth-int8": {"weight_format": "int8_sym_channel", "passes": ["smooth-channels"]},
+         "w4-clip": {"weight_format": "int4_sym_channel", "weight_options": "clip-search=10"},
+         "w4-gptq-clip": {"weight_format": "int4_sym_channel", "weight_pass": "gptq", "weight_options": "clip-search=10"}}
+
+
+@pytest.mark.parametrize("recipe", ["smooth-int8", "w4a16-g128-awq", "w4a16-g128-gptq", "w4-clip", "w4-gptq-clip"])
 def test_quantized_matches_reference(outlier_model, recipe):
     model, inputs, calib = outlier_model
-    quant = ({"weight_format": "int8_sym_channel", "passes": ["smooth-channels"]} if recipe == "smooth-int8"
-             else recipe)
+    quant = QUANT.get(recipe, recipe)
     compiled = qcc.compile(model, inputs, calibration=calib, quant=quant)
     assert len(compiled.manifest["layers"]) == 8
     expect = float64_out(oracle(model, compiled), inputs)
@@ -105,3 +127,24 @@ def test_quantized_matches_reference(outlier_model, recipe):
             gptq = np.mean((x @ (decoded[name] - w).T) ** 2)
             rtn = np.mean((x @ (formats.fake_quant(w, fmt) - w).T) ** 2)
             assert gptq < rtn, name
+
+
+def test_llm_int8_gptq_rounds_for_the_masked_input(outlier_model):
+    """llm-int8-gptq: GPTQ on each int8 part sees that part's input (outlier columns masked)."""
+    model, inputs, calib = outlier_model
+    compiled = qcc.compile(model, inputs, calibration=calib, quant="llm-int8-gptq")
+    decoded = dequantized_weights(compiled)
+    fmt = formats.parse_weight_format("int8_sym_channel")
+    params = dict(model.named_parameters())
+    split = 0
+    for name, x in linear_inputs(model, calib).items():
+        mask = compiled.weights.get(f"{name}:inlier_mask")
+        if mask is None:
+            continue
+        split += 1
+        w = params[name].detach().numpy() * mask
+        deq = decoded[f"{name}:inliers"]
+        assert not np.any(deq[:, mask == 0])
+        xm = x * mask
+        assert np.mean((xm @ (deq - w).T) ** 2) < np.mean((xm @ (formats.fake_quant(w, fmt) - w).T) ** 2), name
+    assert split
