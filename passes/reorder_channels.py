@@ -4,7 +4,8 @@ Atom (Zhao et al. 2024, arXiv:2310.19102), QServe (Lin et al. 2024), RPTQ (Yuan 
 al. 2023): from calibration absmax, each linear's input channels are permuted so
 that the `outliers` largest sit last, and the linear is split along K into
 x[:, :K-k] W[:, :K-k]^T (low-bit, weight '<W>:main') + x[:, K-k:] W[:, K-k:]^T
-(kept wider, '<W>:outliers', tagged qcc.weight_format / qcc.act_format).  The
+(weight '<W>:outliers'; a recipe override on ':outliers$' keeps it wider, e.g. int8
+as the w4a4-reorder presets do).  The
 permutation is folded into producers: the whole residual stream (embedding,
 writers, norm scales, readers) or the rows of the linears feeding an elementwise
 product (SwiGLU); elsewhere an explicit gather (aten.index_select) remains.
@@ -17,9 +18,6 @@ import numpy as np
 from torch_mlir import ir
 
 from qcc import calibration, irutil
-from qcc.context import format_attr
-from qcc.dialects import formats
-from qcc.dialects.formats import activation
 from qcc.passes import PassError, QccPass, register
 from qcc.passes.fuse_rotation import VIEW_OPS, WeightEdits, find_streams, shape_of, uses, weight_name, weight_use
 from qcc.passes.quantize_weights import linear_sites, transposed_param
@@ -87,9 +85,7 @@ class ReorderChannels(QccPass):
 
     @dataclasses.dataclass
     class Options:
-        outliers: int = 32                          # channels kept in the wider format per linear layer
-        outlier_weight_format: str = "int8_sym_channel"
-        outlier_act_format: str = "int8_sym_token"
+        outliers: int = 32                          # channels split off into '<W>:outliers' per linear layer
         exclude: str = ""                           # regex over weight names left alone
         stats: str = ""                             # precomputed calibration statistics
 
@@ -98,11 +94,6 @@ class ReorderChannels(QccPass):
         k = opts.outliers
         if k < 1:
             raise PassError(None, f"outliers must be >= 1, got {k}")
-        try:
-            formats.parse_weight_format(opts.outlier_weight_format)
-            activation.parse_act_format(opts.outlier_act_format)
-        except formats.FormatError as e:
-            raise PassError(None, str(e))
         exclude = re.compile(opts.exclude) if opts.exclude else None
         for func in irutil.functions(module):
             sites = [mm for mm, _ in linear_sites(func)]
@@ -182,7 +173,7 @@ class ReorderChannels(QccPass):
 
     def _split(self, sig, mm, w_name, cols, folded, k):
         """mm(x, W^T) -> mm(x_main, W_main^T) + mm(x_out, W_out^T) over columns cols[:K-k], cols[K-k:]."""
-        store, opts = self.session.params, self.options
+        store = self.session.params
         w = np.asarray(store[w_name], np.float32)
         n, kk = w.shape
         x = mm.operands[0]
@@ -210,11 +201,7 @@ class ReorderChannels(QccPass):
                                              operands=[x, one, idx]).result
                 wt = ir.Operation.create("torch.aten.permute", results=[_vtensor([len(c), n])],
                                          operands=[arg, permute.operands[1]]).result
-                y = ir.Operation.create("torch.aten.mm", results=[mm.result.type], operands=[xp, wt])
-                if role == "outliers":
-                    y.attributes["qcc.weight_format"] = format_attr(opts.outlier_weight_format)
-                    y.attributes["qcc.act_format"] = format_attr(opts.outlier_act_format)
-                ys.append(y.result)
+                ys.append(ir.Operation.create("torch.aten.mm", results=[mm.result.type], operands=[xp, wt]).result)
             total = ir.Operation.create("torch.aten.add.Tensor", results=[mm.result.type],
                                         operands=[ys[0], ys[1], one]).result
         mm.result.replace_all_uses_with(total)
