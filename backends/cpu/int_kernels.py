@@ -250,7 +250,7 @@ def _parallel(name: str, lay: IntLayout, cfg: IntKernelConfig, body: str) -> str
 
 
 def _tiled(name: str, lay: IntLayout, cfg: IntKernelConfig, mrs: tuple, nr: int) -> str:
-    """Over this chunk's column blocks, NR at a time: rows in tiles of mrs[0], the rest in
+    """This chunk's column blocks, NR at a time, for rows in tiles of mrs[0], the rest in
     tiles of the following sizes (each < the previous, at most one tile of each)."""
     t = _Text(indent=2)
     c0 = t.idx(0)
@@ -258,16 +258,17 @@ def _tiled(name: str, lay: IntLayout, cfg: IntKernelConfig, mrs: tuple, nr: int)
     b_start = t.v(f"arith.muli %i, {t.idx(cfg.chunk_blocks)} : index")
     b_end = t.v(f"arith.minui {t.v(f'arith.addi {b_start}, {t.idx(cfg.chunk_blocks)} : index')}, "
                 f"{t.idx(lay.blocks)} : index")
-    t.open(f"scf.for %b = {b_start} to {b_end} step {t.idx(nr)} {{")
+    # rows outermost: a tile's rows of x stay in L1 while the chunk's weights (L2) stream by
     start = c0
     for mr in mrs:
         left = t.v(f"arith.subi {M}, {start} : index")
         end = t.v(f"arith.subi {M}, {t.v(f'arith.remui {left}, {t.idx(mr)} : index')} : index")
         t.open(f"scf.for %m{mr} = {start} to {end} step {t.idx(mr)} {{")
+        t.open(f"scf.for %b = {b_start} to {b_end} step {t.idx(nr)} {{")
         _tile(t, lay, f"%m{mr}", mr, "%b", nr)
         t.close()
+        t.close()
         start = end
-    t.close()
     return _parallel(name, lay, cfg, t.text())
 
 
