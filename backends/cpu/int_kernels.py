@@ -249,37 +249,47 @@ def _parallel(name: str, lay: IntLayout, cfg: IntKernelConfig, body: str) -> str
             f"func.func private @{name}_body(%i: index, {plist}) {{\n{body}\n  return\n}}\n")
 
 
-def _tiled(name: str, lay: IntLayout, cfg: IntKernelConfig, mrs: tuple, nr: int) -> str:
+def _tiled(name: str, lay: IntLayout, cfg: IntKernelConfig, mrs: tuple, nr: int, rows_outer: bool) -> str:
     """This chunk's column blocks, NR at a time, for rows in tiles of mrs[0], the rest in
-    tiles of the following sizes (each < the previous, at most one tile of each)."""
+    tiles of the following sizes (each < the previous, at most one tile of each).
+
+    rows_outer (GEMM): a tile's rows of x stay in L1 while the chunk's weights stream
+    from L2.  Otherwise (GEMV) the rows run inside each group of NR blocks, whose
+    weights stay in L2 for the next row even when the chunk's would not."""
     t = _Text(indent=2)
     c0 = t.idx(0)
     M = t.v(f"memref.dim %xq, {c0} : memref<?x{lay.x_words}xi32>")
     b_start = t.v(f"arith.muli %i, {t.idx(cfg.chunk_blocks)} : index")
     b_end = t.v(f"arith.minui {t.v(f'arith.addi {b_start}, {t.idx(cfg.chunk_blocks)} : index')}, "
                 f"{t.idx(lay.blocks)} : index")
-    # rows outermost: a tile's rows of x stay in L1 while the chunk's weights (L2) stream by
+    blocks_loop = f"scf.for %b = {b_start} to {b_end} step {t.idx(nr)} {{"
+    if not rows_outer:
+        t.open(blocks_loop)
     start = c0
     for mr in mrs:
         left = t.v(f"arith.subi {M}, {start} : index")
         end = t.v(f"arith.subi {M}, {t.v(f'arith.remui {left}, {t.idx(mr)} : index')} : index")
         t.open(f"scf.for %m{mr} = {start} to {end} step {t.idx(mr)} {{")
-        t.open(f"scf.for %b = {b_start} to {b_end} step {t.idx(nr)} {{")
+        if rows_outer:
+            t.open(blocks_loop)
         _tile(t, lay, f"%m{mr}", mr, "%b", nr)
-        t.close()
+        if rows_outer:
+            t.close()
         t.close()
         start = end
+    if not rows_outer:
+        t.close()
     return _parallel(name, lay, cfg, t.text())
 
 
 def gemv(name: str, lay: IntLayout, cfg: IntKernelConfig) -> str:
-    return _tiled(name, lay, cfg, (1,), cfg.gemv_nr)
+    return _tiled(name, lay, cfg, (1,), cfg.gemv_nr, rows_outer=False)
 
 
 def gemm(name: str, lay: IntLayout, cfg: IntKernelConfig) -> str:
     mr, nr = (cfg.gemm_mr_int4, cfg.gemm_nr_int4) if lay.fmt.bits == 4 else (cfg.gemm_mr, cfg.gemm_nr)
     mrs = tuple(sorted({mr, 2, 1}, reverse=True))
-    return _tiled(name, lay, cfg, mrs, nr)
+    return _tiled(name, lay, cfg, mrs, nr, rows_outer=True)
 
 
 def _quantize(t: _Text, lay: IntLayout, act_levels: tuple[int, int], M: str, x: str) -> None:
