@@ -42,6 +42,7 @@ class IntKernelConfig:
     gemv_nr: int = 4          # column blocks per GEMV tile (one row)
     gemm_mr: int = 4          # rows x column blocks of a GEMM register tile, int8 weights
     gemm_nr: int = 2
+    int8_quads: int = 1       # int8: quads per loop iteration (divides 8)
     gemm_mr_int4: int = 3     # int4 (its i16 partial sums need registers too)
     gemm_nr_int4: int = 2
     chunk_blocks: int = 8     # column blocks per parallel task
@@ -121,7 +122,7 @@ def _intrinsic(t: _Text, name: str, a: str, b: str, in_ty: str, out_ty: str) -> 
     return t.v(f"func.call @llvm.x86.avx2.{name}({a}, {b}) : ({in_ty}, {in_ty}) -> {out_ty}")
 
 
-def _tile(t: _Text, lay: IntLayout, m0: str, mr: int, b0: str, nr: int) -> None:
+def _tile(t: _Text, lay: IntLayout, cfg: "IntKernelConfig", m0: str, mr: int, b0: str, nr: int) -> None:
     """y[m0 : m0 + mr, 8 b0 : 8 (b0 + nr)] (columns past N are not written)."""
     ty = _memref_types(lay)
     int4 = lay.fmt.bits == 4
@@ -132,7 +133,10 @@ def _tile(t: _Text, lay: IntLayout, m0: str, mr: int, b0: str, nr: int) -> None:
     rows = [t.v(f"arith.addi {m0}, {t.idx(r)} : index") for r in range(mr)]
     blocks = [t.v(f"arith.addi {b0}, {t.idx(c)} : index") for c in range(nr)]
     tiles = [(r, c) for r in range(mr) for c in range(nr)]
-    units_per_group = lay.group // UNIT
+    # quads per loop iteration: a unit of 8 for int4 (its i16 sums), fewer for int8, whose
+    # fully unrolled unit makes LLVM spill accumulators
+    step_quads = UNIT // QUAD if int4 else cfg.int8_quads
+    units_per_group = lay.group // (QUAD * step_quads)
 
     def xword(r: int, q: str, ty: str) -> str:
         w = t.v(f"memref.load %xq[{rows[r]}, {q}] : memref<?x{lay.x_words}xi32>")
@@ -170,8 +174,8 @@ def _tile(t: _Text, lay: IntLayout, m0: str, mr: int, b0: str, nr: int) -> None:
                 d = _intrinsic(t, "pmadd.wd", part[rc], ones, _V16I16, _V8I32)
                 acc[rc] = t.v(f"arith.addi {acc[rc]}, {d} : {_V8I32}")
         else:
-            for qi in range(UNIT // QUAD):
-                quad = t.v(f"affine.apply affine_map<(d0) -> (d0 * {UNIT // QUAD} + {qi})>({unit})")
+            for qi in range(step_quads):
+                quad = t.v(f"affine.apply affine_map<(d0) -> (d0 * {step_quads} + {qi})>({unit})")
                 pair = t.v(f"affine.apply affine_map<(d0) -> (d0 * 2)>({quad})")
                 pair1 = t.v(f"arith.addi {pair}, {c1} : index")
                 halves = []
@@ -272,7 +276,7 @@ def _tiled(name: str, lay: IntLayout, cfg: IntKernelConfig, mrs: tuple, nr: int,
         t.open(f"scf.for %m{mr} = {start} to {end} step {t.idx(mr)} {{")
         if rows_outer:
             t.open(blocks_loop)
-        _tile(t, lay, f"%m{mr}", mr, "%b", nr)
+        _tile(t, lay, cfg, f"%m{mr}", mr, "%b", nr)
         if rows_outer:
             t.close()
         t.close()
