@@ -125,6 +125,8 @@ def compile(model, example_inputs=None, *, target: str = "cpu", quant: str | Non
     with ctx:
         lowering.mark_entry(module)
     run("bufferize", lowering.BUFFERIZE)
+    with ctx:
+        lowering.outline_loop_nests(module)
     run("to-llvm", lowering.TO_LLVM)
     prog.stage("codegen")
     with tempfile.TemporaryDirectory() as tmp:

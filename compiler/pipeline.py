@@ -130,7 +130,8 @@ def run_pipeline(module: ir.Module, pipeline, session: Session, stage: str,
     elements = expand(pipeline)
     ctx = module.context
     pm = build_pass_manager(ctx, elements, session, print_ir_after_all)
-    before = module.operation.get_asm(enable_debug_info=True, large_elements_limit=16)
+    # the input, for the repro of a failed stage: a copy is much cheaper than printing
+    before = module.operation.clone()
     errors_before = session.user_errors
     try:
         with ctx:
@@ -143,7 +144,7 @@ def run_pipeline(module: ir.Module, pipeline, session: Session, stage: str,
             raise QccError(what, where=where)  # a qcc pass rejected the input: no repro needed
         fd, path = tempfile.mkstemp(prefix=f"qcc-{stage}-", suffix=".mlir")
         with os.fdopen(fd, "w") as f:
-            f.write(before)
+            f.write(before.get_asm(enable_debug_info=True, large_elements_limit=16))
         repro = f"qcc-opt {path} -p '{','.join(elements)}'"
         raise QccError(f"{stage} failed: {what}", where=where, hint=f"reproduce with: {repro}")
 
