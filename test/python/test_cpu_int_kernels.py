@@ -55,7 +55,8 @@ def _selected(compiled) -> dict:
     return next(iter(kernels.values()))
 
 
-@pytest.mark.parametrize("recipe,k,n", [("w8a8", 320, 100), ("w8a8", 100, 37), ("w4a8-g128", 384, 100)])
+@pytest.mark.parametrize("recipe,k,n", [("w8a8", 320, 100), ("w8a8", 100, 37), ("w4a8-g128", 384, 100),
+                                        ("w4a8-g128", 128, 5)])
 def test_fused_kernel_matches_dequant_after_gemm(recipe, k, n):
     lin = _linear(k, n)
     compiled = qcc.compile(lin, (torch.randn(2, k),), quant=recipe, dynamic_shapes=TOKENS)
@@ -85,6 +86,64 @@ def test_same_bits_as_reference_lowering(recipe, monkeypatch):
     x = torch.randn(9, k)
     x[3] = 0  # an all-zero row: scale 1, codes 0
     np.testing.assert_array_equal(fast(x).numpy(), slow(x).numpy())
+
+
+def build_kernel(tmp_path, lay, cfg, act_levels):
+    """The fused kernel alone (x f32 and the packed arrays in, y out) as a shared library."""
+    from torch_mlir import ir
+
+    from qcc.backends.cpu import host, int_kernels, lowering
+    from qcc.backends.cpu.runtime import CpuLibrary
+    from qcc.context import make_context
+    from qcc.params import ParamStore
+    from qcc.pipeline import Session, run_pipeline
+
+    elem = {"int8": "i8", "uint8": "i8", "float32": "f32"}
+    tt = {r: f"tensor<{'x'.join(map(str, s))}x{elem[np.dtype(d).name]}>" for r, (s, d) in lay.shapes().items()}
+    main = (f"func.func @main(%x: tensor<?x{lay.k}xf32>, {', '.join(f'%{r}: {t}' for r, t in tt.items())}) "
+            f"-> tensor<?x{lay.n}xf32> {{\n  %y = func.call @fused(%x, {', '.join('%' + r for r in tt)}) : "
+            f"(tensor<?x{lay.k}xf32>, {', '.join(tt.values())}) -> tensor<?x{lay.n}xf32>\n"
+            f"  return %y : tensor<?x{lay.n}xf32>\n}}\n")
+    openmp = host.openmp_runtime() if cfg.threads else None
+    with make_context(), ir.Location.unknown():
+        module = ir.Module.parse(main + int_kernels.fused("fused", lay, cfg, act_levels))
+        lowering.mark_entry(module)
+        run_pipeline(module, ["inline", "canonicalize", "cse"] + lowering.BUFFERIZE + lowering.TO_LLVM,
+                     Session(ParamStore()), "int-kernel-test")
+        so = str(tmp_path / "fused.so")
+        lowering.emit_shared_library(module, so, openmp=openmp)
+    return CpuLibrary(so)
+
+
+KERNEL_CASES = [
+    # weight format, activation format, N, K, config
+    ("int4_asym_g128", "int4_sym_token", 21, 256, {}),
+    ("int4_sym_g32", "int8_sym_token", 30, 96, {"gemm_min_m": 2, "gemm_mr_int4": 4, "gemm_nr_int4": 1}),
+    ("int4_sym_channel", "int8_sym_token", 9, 200, {"threads": False}),
+    ("int8_sym_tensor", "int8_sym_token", 44, 72, {"int8_quads": 8, "gemm_mr": 3, "chunk_blocks": 4}),
+    ("int8_sym_channel", "int4_sym_token", 17, 64, {"gemv_nr": 2, "gemm_nr": 4, "gemm_mr": 1}),
+]
+
+
+@pytest.mark.parametrize("wkey,akey,n,k,cfg", KERNEL_CASES, ids=[f"{c[0]}-{c[1]}-{c[2]}x{c[3]}" for c in KERNEL_CASES])
+def test_kernel_formats_and_tilings(tmp_path, wkey, akey, n, k, cfg):
+    """Formats and activation formats no preset uses, and other tilings of the generator."""
+    from qcc.backends.cpu.int_kernels import IntKernelConfig
+
+    rng = np.random.default_rng(n + k)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    qt = formats.parse_weight_format(wkey).quantize(w)
+    lay = int_pack.IntLayout(wkey, n, k)
+    arrays = int_pack.pack(lay, formats.pack(qt), qt.scale, qt.zero)
+    config = IntKernelConfig(**cfg)
+    lib = build_kernel(tmp_path, lay, config, activation.parse_act_format(akey).levels())
+    for m in (1, 2, 5, 8, 13):
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        y = np.full((m, n), np.nan, np.float32)
+        lib.call([x] + [arrays[r] for r in lay.shapes()], [y])
+        ref = oracle(x, w, wkey, akey)
+        err = np.abs(y - ref).max() / np.abs(ref).max()
+        assert err < 1e-5, f"M={m} ({config.variant(m)}): relative error {err}"
 
 
 @pytest.mark.parametrize("m,variant", [(1, "gemv"), (6, "gemm")])
