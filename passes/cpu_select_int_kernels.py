@@ -27,7 +27,7 @@ from qcc import irutil
 from qcc.context import format_key
 from qcc.dialects import formats
 from qcc.dialects.formats import activation
-from qcc.passes import QccPass, register
+from qcc.passes import PassError, QccPass, register
 
 _MLIR_ELEM = {"int8": "i8", "uint8": "i8", "float32": "f32"}
 
@@ -52,12 +52,15 @@ class CpuSelectIntKernels(QccPass):
         from qcc.backends.cpu import host
         from qcc.backends.cpu.int_kernels import IntKernelConfig
 
+        if self.options.isa not in ("host", "avx2") or self.options.threads not in ("auto", "true", "false"):
+            raise PassError(None, f"isa must be host or avx2, threads auto, true or false; "
+                                  f"got isa={self.options.isa} threads={self.options.threads}")
         if os.environ.get("QCC_CPU_KERNELS") == "reference":
             return
         if self.options.isa == "host" and host.features()["isa"] not in ("avx2", "avx512"):
             return
         threads = (host.openmp_runtime() is not None if self.options.threads == "auto"
-                   else self.options.threads in ("true", "1", "on"))
+                   else self.options.threads == "true")
         cfg = IntKernelConfig(gemm_min_m=self.options.gemm_min_m, threads=threads)
         body = module.regions[0].blocks[0]
         defined = set()
