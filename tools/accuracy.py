@@ -275,6 +275,22 @@ def _formats(recipe):
     return ", ".join(f"`{t}`" for t in transforms) or "-", uniq(weights), uniq(acts)
 
 
+def _llm_int8_note(results) -> str:
+    """Where llm-int8's error is left: the layers that split off few or no float columns."""
+    row, base = (results.get(n, {}).get("layer_outlier") for n in ("llm-int8", "w8a8"))
+    if not isinstance(row, dict) or not isinstance(base, dict):
+        return ""
+    hard = [n for n in row if "o_proj" in n or "down_proj" in n]
+    rest = [n for n in row if n not in hard]
+    if not hard or not rest:
+        return ""
+    mean = lambda d, names: _fmt(float(np.mean([d[n] for n in names])))  # noqa: E731
+    return (f"Where llm-int8's error is left (threshold 6.0, LLM.int8()'s): in the o_proj and down_proj layers, whose "
+            f"inputs have no or few columns above 6.0 (see the remarks), nearly all of the output goes through int8: "
+            f"mean layer error {mean(row, hard)} there (w8a8: {mean(base, hard)}), against {mean(row, rest)} in the "
+            f"other layers (w8a8: {mean(base, rest)}), where the float outlier columns carry much of the output.")
+
+
 def write_report(path, results, lm_float_ppl, n_eval, seconds, recipes):
     lines = [
         "# Accuracy",
@@ -364,6 +380,9 @@ def write_report(path, results, lm_float_ppl, n_eval, seconds, recipes):
         lines += ["", "Where the bound lies: " + "; ".join(floors) + ".  The weights of both models are "
                   "Gaussian-like, whose rounding error rotations do not reduce; GPTQ (rows *-gptq*) and, for int4, "
                   "clipping do."]
+    note = _llm_int8_note(results)
+    if note:
+        lines += ["", note]
     lines += ["", "## Pass remarks", ""]
     for name in recipes:
         for model, texts in results[name].get("remarks", {}).items():
