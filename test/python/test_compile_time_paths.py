@@ -1,0 +1,147 @@
+"""What the compile-time work changed: the entry's loop nests outlined (one
+function per distinct nest), LLVM IR compiled by llvmlite with MLIR's JIT as
+the fallback, and a failed stage's repro written from a copy of its input.
+Correctness only: compile speed is the benchmark harness's business."""
+
+import subprocess
+
+import numpy as np
+import pytest
+from torch_mlir import ir
+
+from qcc.backends.cpu import lowering
+from qcc.backends.cpu.runtime import CpuLibrary
+from qcc.context import make_context
+from qcc.errors import QccError
+from qcc.irutil import functions, walk
+from qcc.pipeline import Session, run_pipeline
+
+_MAP = "affine_map<(d0, d1) -> (d0, d1)>"
+_T = "memref<4x8xf32>"
+
+
+def _scale(src: str, dst: str) -> str:
+    return f"""
+    linalg.generic {{indexing_maps = [{_MAP}, {_MAP}], iterator_types = ["parallel", "parallel"]}}
+        ins({src} : {_T}) outs({dst} : {_T}) {{
+    ^bb0(%x: f32, %y: f32):
+      %r = arith.mulf %x, %two : f32
+      linalg.yield %r : f32
+    }}"""
+
+
+# two identical nests on different buffers, a third different one, and a copy
+ENTRY = f"""
+func.func @main(%a: {_T}, %b: {_T}, %o1: {_T}, %o2: {_T}, %o3: {_T}, %o4: {_T}) {{
+    %two = arith.constant 2.0 : f32
+    {_scale("%a", "%o1")}
+    {_scale("%b", "%o2")}
+    linalg.generic {{indexing_maps = [{_MAP}, {_MAP}, {_MAP}], iterator_types = ["parallel", "parallel"]}}
+        ins(%a, %b : {_T}, {_T}) outs(%o3 : {_T}) {{
+    ^bb0(%x: f32, %y: f32, %z: f32):
+      %r = arith.addf %x, %y : f32
+      linalg.yield %r : f32
+    }}
+    memref.copy %b, %o4 : {_T} to {_T}
+    return
+}}
+"""
+
+
+def _names(module):
+    return {f.attributes["sym_name"].value: f for f in functions(module.operation)}
+
+
+@pytest.fixture
+def outlined():
+    ctx = make_context()
+    with ctx:
+        module = ir.Module.parse(ENTRY)
+        count = lowering.outline_loop_nests(module)
+        module.operation.verify()
+    return ctx, module, count
+
+
+def test_identical_nests_share_one_function(outlined):
+    _, module, count = outlined
+    funcs = _names(module)
+    nests = {n: f for n, f in funcs.items() if n != "main"}
+    assert count == len(nests) == 3  # scale (twice: one function), add, copy
+    for f in nests.values():
+        assert f.attributes["sym_visibility"].value == "private" and "llvm.no_inline" in f.attributes
+        assert not [op for op in walk(f) if op.name == "func.call"]
+    calls = [op for op in walk(funcs["main"]) if op.name == "func.call"]
+    assert len(calls) == 4 and len({str(c.attributes["callee"]) for c in calls}) == 3
+    assert not [op for op in walk(funcs["main"]) if op.name.startswith("linalg.") or op.name == "memref.copy"]
+    # the scale nest reads the constant inside (it stays a constant for LLVM), not as an argument
+    scale = next(f for f in nests.values() if [op for op in walk(f) if op.name == "arith.mulf"])
+    assert [op for op in walk(scale) if op.name == "arith.constant"]
+    assert len(scale.regions[0].blocks[0].arguments) == 2
+
+
+def _build(ctx, module, tmp_path):
+    with ctx:
+        lowering.mark_entry(module)
+    run_pipeline(module, lowering.TO_LLVM, Session(None), "to-llvm")
+    so = str(tmp_path / "lib.so")
+    with ctx:
+        lowering.emit_shared_library(module, so)
+    return so
+
+
+def _check(so):
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((4, 8), dtype=np.float32) for _ in range(2))
+    outs = [np.zeros((4, 8), np.float32) for _ in range(4)]
+    CpuLibrary(so).call([a, b, *outs], [])
+    for got, want in zip(outs, (2 * a, 2 * b, a + b, b)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_outlined_library_runs(outlined, tmp_path):
+    ctx, module, _ = outlined
+    _check(_build(ctx, module, tmp_path))
+
+
+def test_engine_fallback_when_llvmlite_cannot_read(outlined, tmp_path, monkeypatch):
+    def unreadable(llvm_ir, opt_level):
+        raise lowering._UnreadableIR("too new")
+
+    monkeypatch.setattr(lowering, "_object_code", unreadable)
+    ctx, module, _ = outlined
+    _check(_build(ctx, module, tmp_path))
+
+
+def test_older_llvm_literals():
+    text = ("  %1 = fcmp olt float %0, 8.000000e-01\n"
+            "  %2 = fadd double %1, 8.000000e-01\n"
+            "  store float 5.000000e-01, ptr %3\n"
+            "  %4 = fmul <8 x float> %2, splat (float f0x3DB504F3)\n"
+            "  %5 = call double @f(float %x, double 1.000000e-01)\n")
+    got = lowering.older_llvm_literals(text).splitlines()
+    assert got[0].endswith("0x3FE99999A0000000")  # the double equal to float(0.8)
+    assert got[1].endswith("8.000000e-01") and got[2] == "  store float 5.000000e-01, ptr %3"
+    assert "f0x" not in got[3] and got[4].endswith("double 1.000000e-01)")
+
+
+def test_failed_stage_repro_is_the_stage_input(tmp_path):
+    ctx = make_context()
+    with ctx:
+        module = ir.Module.parse("""
+        func.func @f(%a: tensor<4xf32>) -> tensor<4xf32> {
+          %c1 = arith.constant 1 : index
+          %c2 = arith.constant 2 : index
+          %s = arith.addi %c1, %c2 : index
+          %0 = builtin.unrealized_conversion_cast %a, %s : tensor<4xf32>, index to tensor<4xf32>
+          return %0 : tensor<4xf32>
+        }""")
+    pipeline = ["canonicalize", "one-shot-bufferize"]  # the first folds the addi, the second fails
+    with pytest.raises(QccError, match="lowering failed.*reproduce with: qcc-opt") as ei:
+        run_pipeline(module, pipeline, Session(None), "lowering")
+    cmd = ei.value.hint.split("reproduce with: ", 1)[1]
+    path = cmd.split()[1]
+    with open(path) as f:
+        saved = f.read()
+    assert "arith.addi" in saved and "loc(" in saved  # the input, with locations, not the folded IR
+    proc = subprocess.run(cmd, shell=True, capture_output=True, text=True)
+    assert proc.returncode != 0 and "op was not bufferized" in proc.stderr
