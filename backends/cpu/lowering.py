@@ -12,6 +12,9 @@ import tempfile
 
 from torch_mlir import ir
 
+from qcc import irutil
+
+
 def select_kernels(features: dict, openmp: dict | None) -> list[str]:
     """The kernel-selection stage (before lower-qcc-to-linalg) for this host.
 
@@ -191,7 +194,7 @@ def outline_loop_nests(module: ir.Module, entry: str = "main") -> int:
         op = op.operation
         if not (op.name.startswith("linalg.") or op.name == "memref.copy") or len(op.results):
             continue
-        inner = [op, *_walk(op)]
+        inner = [op, *irutil.walk(op)]
         defined = {v for o in inner for v in o.results}
         defined |= {a for o in inner for r in o.regions for b in r.blocks for a in b.arguments}
         captured = list(dict.fromkeys(v for o in inner for v in o.operands if v not in defined))
@@ -223,14 +226,6 @@ def outline_loop_nests(module: ir.Module, entry: str = "main") -> int:
         else:
             outlined[key] = name
     return len(outlined)
-
-
-def _walk(op):
-    for region in op.regions:
-        for block in region.blocks:
-            for child in block.operations:
-                yield child.operation
-                yield from _walk(child.operation)
 
 
 def _defining_name(value) -> str | None:
