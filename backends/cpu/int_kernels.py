@@ -30,6 +30,7 @@ AVX2.  Bounds (per 32 multiply-adds, per core): int8 2 vpmaddwd + 2 vpaddd +
 import dataclasses
 
 from qcc.backends.cpu.int_pack import COLS, QUAD, UNIT, IntLayout
+from qcc.backends.cpu.mlir_text import MlirText
 
 _V8I32 = "vector<8xi32>"
 _V32I8 = "vector<32xi8>"
@@ -56,42 +57,6 @@ class IntKernelConfig:
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
-
-
-class _Text:
-    """SSA text builder: `v(expr)` appends `%tN = expr` and returns `%tN`."""
-
-    def __init__(self, indent: int = 2):
-        self.lines = []
-        self.n = 0
-        self.indent = indent
-
-    def v(self, expr: str) -> str:
-        self.n += 1
-        self.lines.append(" " * self.indent + f"%t{self.n} = {expr}")
-        return f"%t{self.n}"
-
-    def vs(self, count: int, expr: str) -> list[str]:
-        self.n += 1
-        self.lines.append(" " * self.indent + f"%t{self.n}:{count} = {expr}")
-        return [f"%t{self.n}#{i}" for i in range(count)]
-
-    def op(self, text: str) -> None:
-        self.lines.append(" " * self.indent + text)
-
-    def open(self, text: str) -> None:
-        self.op(text)
-        self.indent += 2
-
-    def close(self, text: str = "}") -> None:
-        self.indent -= 2
-        self.op(text)
-
-    def idx(self, value: int) -> str:
-        return self.v(f"arith.constant {value} : index")
-
-    def text(self) -> str:
-        return "\n".join(self.lines)
 
 
 def _memref_types(lay: IntLayout) -> dict:
@@ -121,11 +86,11 @@ def declarations() -> dict[str, str]:
             for n, (a, r) in INTRINSICS.items()}
 
 
-def _intrinsic(t: _Text, name: str, a: str, b: str, in_ty: str, out_ty: str) -> str:
+def _intrinsic(t: MlirText, name: str, a: str, b: str, in_ty: str, out_ty: str) -> str:
     return t.v(f"func.call @llvm.x86.avx2.{name}({a}, {b}) : ({in_ty}, {in_ty}) -> {out_ty}")
 
 
-def _tile(t: _Text, lay: IntLayout, cfg: "IntKernelConfig", m0: str, mr: int, b0: str, nr: int) -> None:
+def _tile(t: MlirText, lay: IntLayout, cfg: "IntKernelConfig", m0: str, mr: int, b0: str, nr: int) -> None:
     """y[m0 : m0 + mr, 8 b0 : 8 (b0 + nr)] (columns past N are not written)."""
     ty = _memref_types(lay)
     int4 = lay.fmt.bits == 4
@@ -263,7 +228,7 @@ def _tiled(name: str, lay: IntLayout, cfg: IntKernelConfig, mrs: tuple, nr: int,
     rows_outer (GEMM): a tile's rows of x stay in L1 while the chunk's weights stream
     from L2.  Otherwise (GEMV) the rows run inside each group of NR blocks, whose
     weights stay in L2 for the next row even when the chunk's would not."""
-    t = _Text(indent=2)
+    t = MlirText(indent=2)
     c0 = t.idx(0)
     M = t.v(f"memref.dim %xq, {c0} : memref<?x{lay.x_words}xi32>")
     b_start = t.v(f"arith.muli %i, {t.idx(cfg.chunk_blocks)} : index")
@@ -299,7 +264,7 @@ def gemm(name: str, lay: IntLayout, cfg: IntKernelConfig) -> str:
     return _tiled(name, lay, cfg, mrs, nr, rows_outer=True)
 
 
-def _quantize(t: _Text, lay: IntLayout, act_levels: tuple[int, int], M: str, x: str) -> None:
+def _quantize(t: MlirText, lay: IntLayout, act_levels: tuple[int, int], M: str, x: str) -> None:
     """%xq (codes, lay.x_per_word to a word), %sx (per-row scales) and, for int4 weights, %xs (group sums of
     the codes) of x, step by step as the activation format's reference."""
     K, G = lay.k, lay.group
@@ -356,7 +321,7 @@ def fused(name: str, lay: IntLayout, cfg: IntKernelConfig, act_levels: tuple[int
         if lay.blocks_multiple % nr or cfg.chunk_blocks % nr:
             raise ValueError(f"tiles of {nr} column blocks must divide blocks_multiple={lay.blocks_multiple} "
                              f"and chunk_blocks={cfg.chunk_blocks}")
-    t = _Text()
+    t = MlirText()
     ty = _memref_types(lay)
     tt = {role: m.replace("memref", "tensor") for role, m in ty.items()}
     K = lay.k

@@ -19,6 +19,7 @@ normal CPU pipeline lowers: vector<Vxf32> ops become AVX2 (V=8) or AVX-512
 
 import dataclasses
 
+from qcc.backends.cpu.mlir_text import MlirText
 from qcc.backends.cpu.pack import PanelLayout
 
 
@@ -41,44 +42,6 @@ class KernelConfig:
         return dataclasses.asdict(self)
 
 
-class _Text:
-    """SSA text builder: `v(expr)` appends `%tN = expr` and returns `%tN`."""
-
-    def __init__(self):
-        self.lines = []
-        self.n = 0
-        self.indent = 2
-
-    def v(self, expr: str) -> str:
-        self.n += 1
-        name = f"%t{self.n}"
-        self.lines.append(" " * self.indent + f"{name} = {expr}")
-        return name
-
-    def vs(self, count: int, expr: str) -> list[str]:
-        self.n += 1
-        name = f"%t{self.n}"
-        self.lines.append(" " * self.indent + f"{name}:{count} = {expr}")
-        return [f"{name}#{i}" for i in range(count)]
-
-    def op(self, text: str) -> None:
-        self.lines.append(" " * self.indent + text)
-
-    def open(self, text: str) -> None:
-        self.op(text)
-        self.indent += 2
-
-    def close(self, text: str = "}") -> None:
-        self.indent -= 2
-        self.op(text)
-
-    def idx(self, value: int) -> str:
-        return self.v(f"arith.constant {value} : index")
-
-    def text(self) -> str:
-        return "\n".join(self.lines)
-
-
 def _types(lay: PanelLayout) -> dict:
     fmt = lay.fmt
     shapes = lay.shapes()
@@ -90,7 +53,7 @@ def _vec(lay, elem="f32") -> str:
     return f"vector<{lay.lanes}x{elem}>"
 
 
-def _decode(t: _Text, lay: PanelLayout, codes: str, p: str, kb: str, r: str, i: int, word: str | None,
+def _decode(t: MlirText, lay: PanelLayout, codes: str, p: str, kb: str, r: str, i: int, word: str | None,
             in_place: bool = False) -> str:
     """vector<Vxf32> of raw codes (nibbles, or bytes) of chunk i of block kb, row r.
 
@@ -118,7 +81,7 @@ def _decode(t: _Text, lay: PanelLayout, codes: str, p: str, kb: str, r: str, i: 
     return t.v(f"{conv} {c} : {_vec(lay, 'i8')} to {_vec(lay)}")
 
 
-def _zero_value(t: _Text, lay: PanelLayout, zero: str, p: str, g: str, r: str) -> str:
+def _zero_value(t: MlirText, lay: PanelLayout, zero: str, p: str, g: str, r: str) -> str:
     if lay.fmt.symmetric:
         return t.v("arith.constant 8.0 : f32")
     z8 = t.v(f"memref.load {zero}[{p}, {g}, {r}] : {_types(lay)['zero']}")
@@ -129,7 +92,7 @@ class _Dequant:
     """Dequantized rows of one block: `(q - z) * s` of chunk i of row r, exactly as the
     format reference, with each row's scale (and zero) loaded once per group."""
 
-    def __init__(self, t: _Text, lay: PanelLayout, p: str, kb: str):
+    def __init__(self, t: MlirText, lay: PanelLayout, p: str, kb: str):
         self.t, self.lay, self.p, self.kb = t, lay, p, kb
         self.words = [t.v(f"vector.load %codes[{p}, {kb}, {t.idx(r)}, {t.idx(0)}] : {_types(lay)['codes']}, "
                           f"{_vec(lay, 'i32')}") if lay.fmt.bits == 4 else None for r in range(lay.rows)]
@@ -152,7 +115,7 @@ class _Dequant:
         return t.v(f"arith.mulf {f}, {sb} : {vf}")
 
 
-def _open_chunk_blocks(t: _Text, lay: PanelLayout, panels_per_chunk: int, kc_blocks: int):
+def _open_chunk_blocks(t: MlirText, lay: PanelLayout, panels_per_chunk: int, kc_blocks: int):
     """Prologue of a GEMM body: chunk %pc of `panels_per_chunk` panels, then opens the loop
     over its blocks of `kc_blocks` column blocks.  Returns (p0, npb, first, b0, nb): the
     chunk's first panel and panel count, whether this is the first block, its first
@@ -220,7 +183,7 @@ def _store_row_sums(t, lay, sums: list[str], m: str, p: str, accumulate: str | N
 
 def gemv(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
     lay.check()
-    t = _Text()
+    t = MlirText()
     params, _ = _signature(lay)
     R, V, KB, G = lay.rows, lay.lanes, lay.kb, lay.group
     GB = max(G, KB)
@@ -309,7 +272,7 @@ def gemv(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
 
 def gemm(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
     lay.check()
-    t = _Text()
+    t = MlirText()
     R, V, KB = lay.rows, lay.lanes, lay.kb
     PB, MR = cfg.panels_per_chunk, cfg.mr
     KCB = min(cfg.kc_blocks, lay.blocks)
@@ -382,7 +345,7 @@ def gemm_bcast(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
     transposed into a k-major tile Bt[KC, NC] (16 KB, in L1); 6 x NC register tiles
     then take one broadcast x[m, k] and two vector loads of Bt per 12 FMAs."""
     lay.check()
-    t = _Text()
+    t = MlirText()
     R, V, KB = lay.rows, lay.lanes, lay.kb
     NC = 2 * V
     PB = NC // R
@@ -462,7 +425,7 @@ def gemm_bcast(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
 def qlinear(name: str, lay: PanelLayout, cfg: KernelConfig, static_m: int | None = None) -> str:
     """Tensor-level entry: x [?, K] and the panel arrays -> y [?, N], with the kernels it calls:
     all three and a run-time dispatch on M, or only the one for `static_m`."""
-    t = _Text()
+    t = MlirText()
     ty = _types(lay)
     tt = {role: m.replace("memref", "tensor") for role, m in ty.items()}
     has_zero = "zero" in ty
@@ -558,7 +521,7 @@ def batch_matmul(name: str, b: int, m: int, n: int, k: int, lanes: int, transpos
     Otherwise rows of C accumulate a[b, i, k] * B[b, k, :] (vector axpy along j).
     Threads over the b * m rows of C.
     """
-    t = _Text()
+    t = MlirText()
     vf = f"vector<{lanes}xf32>"
     bshape = f"{b}x{n}x{k}" if transposed_b else f"{b}x{k}x{n}"
     aty, bty, cty = f"memref<{b}x{m}x{k}xf32>", f"memref<{bshape}xf32>", f"memref<{b}x{m}x{n}xf32>"
