@@ -21,16 +21,12 @@ are left to the reference lowering.
 import dataclasses
 import os
 
-from torch_mlir import ir
 
 from qcc import irutil
 from qcc.context import format_key
 from qcc.dialects import formats
 from qcc.dialects.formats import activation
 from qcc.passes import PassError, QccPass, register
-
-_MLIR_ELEM = {"int8": "i8", "uint8": "i8", "float32": "f32"}
-
 
 def _sole_user(value):
     uses = list(value.uses)
@@ -106,39 +102,19 @@ class CpuSelectIntKernels(QccPass):
         return qd, mm, lay, afmt, dict(zip(["codes", "scale", "zero"], names))
 
     def _rewrite(self, sa, qd, mm, lay, afmt, src, sig, cfg, body, defined, selected):
-        from qcc.backends.cpu import int_kernels
+        from qcc.backends.cpu import int_kernels, kernel_calls
         from qcc.backends.cpu.int_pack import pack
 
         store = self.session.params
         arrays = pack(lay, store[src["codes"]], store[src["scale"]], store[src["zero"]] if "zero" in src else None)
-        args, new_names = [], {}
-        for role, a in arrays.items():
-            base = src["codes"].rsplit(":", 1)[0]
-            name = f"{base}:{lay.tag()}:{role}"
-            store[name] = a
-            new_names[role] = name
-            args.append(sig.add_param(name, irutil.tensor_type(a.shape, _MLIR_ELEM[a.dtype.name])))
+        args, new_names = kernel_calls.add_packed_params(store, sig, src["codes"], lay.tag(), arrays)
         static_m = irutil.tensor_shape(qd.operands[0])[0]
         variant = cfg.variant(static_m) if static_m is not None else "dispatch"
         kname = f"qcc_cpu_int_{lay.format_key}_{afmt.key()}_{lay.k}x{lay.n}" + \
             ("" if variant == "dispatch" else f"_{variant}")
         if kname not in defined:
-            kernel = ir.Module.parse(int_kernels.fused(kname, lay, cfg, afmt.levels(), static_m))
-            for f in list(kernel.body.operations):
-                sym = ir.StringAttr(f.attributes["sym_name"]).value
-                if sym in defined:  # the intrinsics' declarations, once per module
-                    f.operation.erase()
-                    continue
-                f.operation.move_after(body.operations[len(body.operations) - 1])
-                defined.add(sym)
-        with ir.InsertionPoint(sa), sa.location:
-            x_dyn = ir.Operation.create("tensor.cast", results=[irutil.tensor_type([None, lay.k], "f32")],
-                                        operands=[qd.operands[0]]).result
-            call = ir.Operation.create(
-                "func.call", results=[irutil.tensor_type([None, lay.n], "f32")], operands=[x_dyn, *args],
-                attributes={"callee": ir.FlatSymbolRefAttr.get(kname)}).result
-            y = ir.Operation.create("tensor.cast", results=[sa.result.type], operands=[call]).result
-        sa.result.replace_all_uses_with(y)
+            kernel_calls.append_kernel(body, int_kernels.fused(kname, lay, cfg, afmt.levels(), static_m), defined)
+        kernel_calls.replace_with_call(sa.result, qd.operands[0], args, kname, lay.k, lay.n)
         sa.erase()
         mm.erase()
         qd.erase()

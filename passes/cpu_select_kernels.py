@@ -15,15 +15,11 @@ non-parameter weights) are left to the reference lowering.
 
 import dataclasses
 
-from torch_mlir import ir
 
 from qcc import irutil
 from qcc.context import format_key
 from qcc.dialects import formats
 from qcc.passes import QccPass, register
-
-_MLIR_ELEM = {"int32": "i32", "int8": "i8", "uint8": "i8", "float32": "f32"}
-
 
 @register
 class CpuSelectKernels(QccPass):
@@ -71,40 +67,22 @@ class CpuSelectKernels(QccPass):
                     del self.session.params[name]
 
     def _rewrite(self, op, func, sig, lay, cfg, names, body, defined, selected, static_m):
-        from qcc.backends.cpu import kernels
+        from qcc.backends.cpu import kernel_calls, kernels
         from qcc.backends.cpu.pack import pack
 
         store = self.session.params
         roles = ["codes", "scale", "zero"][:len(names)]
         src = dict(zip(roles, names))
         arrays = pack(lay, store[src["codes"]], store[src["scale"]], store[src.get("zero")] if "zero" in src else None)
-        tag = f"panels{lay.rows}x{lay.lanes}"
-        args = []
-        new_names = {}
-        for role in roles:
-            base, _, _ = src[role].rpartition(":")
-            name = f"{base}:{tag}:{role}"
-            store[name] = arrays[role]
-            new_names[role] = name
-            a = arrays[role]
-            args.append(sig.add_param(name, irutil.tensor_type(a.shape, _MLIR_ELEM[a.dtype.name])))
+        args, new_names = kernel_calls.add_packed_params(store, sig, src["codes"], f"panels{lay.rows}x{lay.lanes}",
+                                                         {role: arrays[role] for role in roles})
         # a static M needs one kernel: less code to compile than the dispatch over three
         variant = cfg.variant(static_m) if static_m is not None else "dispatch"
         kname = f"qcc_cpu_qlinear_{lay.format_key}_{lay.k}x{lay.n}_v{lay.lanes}" + \
             ("" if variant == "dispatch" else f"_{variant}")
         if kname not in defined:
-            kernel = ir.Module.parse(kernels.qlinear(kname, lay, cfg, static_m))
-            for f in list(kernel.body.operations):
-                f.operation.move_after(body.operations[len(body.operations) - 1])
-            defined.add(kname)
-        with ir.InsertionPoint(op), op.location:
-            x_dyn = ir.Operation.create("tensor.cast", results=[irutil.tensor_type([None, lay.k], "f32")],
-                                        operands=[op.operands[0]]).result
-            call = ir.Operation.create(
-                "func.call", results=[irutil.tensor_type([None, lay.n], "f32")], operands=[x_dyn, *args],
-                attributes={"callee": ir.FlatSymbolRefAttr.get(kname)}).result
-            y = ir.Operation.create("tensor.cast", results=[op.result.type], operands=[call]).result
-        op.result.replace_all_uses_with(y)
+            kernel_calls.append_kernel(body, kernels.qlinear(kname, lay, cfg, static_m), defined)
+        kernel_calls.replace_with_call(op.result, op.operands[0], args, kname, lay.k, lay.n)
         op.erase()
         weight = src["codes"].rsplit(":", 2)[0]
         selected[weight] = {"kernel": kname, "variant": variant, "params": new_names, **lay.to_json(),
