@@ -19,3 +19,14 @@ def float64_out(model, inputs):
     inputs = [x.double() if x.is_floating_point() else x for x in inputs]
     with torch.no_grad():
         return copy.deepcopy(model).double()(*inputs).numpy()
+
+
+def assert_packed_roundtrip(layout, arrays, unpack, qt):
+    """A weight layout's packed arrays have the shapes/dtypes it declares and unpack to `qt` exactly."""
+    for role, (shape, dtype) in layout.shapes().items():
+        assert arrays[role].shape == shape and arrays[role].dtype == dtype
+    back = unpack(layout, arrays)
+    np.testing.assert_array_equal(back.codes, qt.codes)
+    np.testing.assert_array_equal(back.scale, qt.scale)
+    if qt.zero is not None:
+        np.testing.assert_array_equal(back.zero, qt.zero)
