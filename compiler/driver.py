@@ -119,7 +119,7 @@ def compile(model, example_inputs=None, *, target: str = "cpu", quant: str | Non
 
     cpu_features, openmp = host.features(), host.openmp_runtime()
     run("select-kernels", lowering.select_kernels(cpu_features, openmp))
-    run("lower-qcc", pipelines.CPU_LOWER_QCC)
+    run("lower-qcc", pipelines.LOWER_QCC)
     entry_args = _entry_args(module, session.params)
 
     with ctx:

@@ -39,10 +39,6 @@ LOWER_QCC = [
     "cse",
 ]
 
-# The CPU's: the integer path's fused kernels first (cpu-select-int-kernels),
-# then the reference lowering of every qcc op they did not take.
-CPU_LOWER_QCC = ["cpu-select-int-kernels"] + LOWER_QCC
-
 
 def recipe_stage(recipe) -> list[str]:
     """The quantization passes a recipe asks for, run on the torch dialect."""

@@ -14,19 +14,18 @@ time (at compile time for a static M).  The weight is repacked at compile time
 (backends/cpu/int_pack.py) into new parameters `<weight>:<format>:int<bits>x8x4:<role>`.
 
 Chains it does not handle (static activation scales, unsigned int8 weights,
-shared intermediate values, hosts without AVX2, QCC_CPU_KERNELS=reference)
-are left to the reference lowering.
+shared intermediate values) are left to the reference lowering.  It emits AVX2
+code: the CPU select-kernels stage (backends/cpu/lowering.select_kernels) runs
+it only on AVX2 / AVX-512 hosts, and not with QCC_CPU_KERNELS=reference.
 """
 
 import dataclasses
-import os
-
 
 from qcc import irutil
 from qcc.context import format_key
 from qcc.dialects import formats
 from qcc.dialects.formats import activation
-from qcc.passes import PassError, QccPass, register
+from qcc.passes import QccPass, register
 
 def _sole_user(value):
     uses = list(value.uses)
@@ -41,23 +40,12 @@ class CpuSelectIntKernels(QccPass):
     @dataclasses.dataclass
     class Options:
         gemm_min_m: int = 4       # M at and above which the blocked GEMM runs
-        threads: str = "auto"     # scf.parallel (OpenMP) over column chunks: true, false, auto (if the host has a runtime)
-        isa: str = "host"         # host: select only with AVX2 (or AVX-512); avx2: regardless of the host
+        threads: bool = True      # scf.parallel (OpenMP) over column chunks
 
     def run(self, module):
-        from qcc.backends.cpu import host
         from qcc.backends.cpu.int_kernels import IntKernelConfig
 
-        if self.options.isa not in ("host", "avx2") or self.options.threads not in ("auto", "true", "false"):
-            raise PassError(None, f"isa must be host or avx2, threads auto, true or false; "
-                                  f"got isa={self.options.isa} threads={self.options.threads}")
-        if os.environ.get("QCC_CPU_KERNELS") == "reference":
-            return
-        if self.options.isa == "host" and host.features()["isa"] not in ("avx2", "avx512"):
-            return
-        threads = (host.openmp_runtime() is not None if self.options.threads == "auto"
-                   else self.options.threads == "true")
-        cfg = IntKernelConfig(gemm_min_m=self.options.gemm_min_m, threads=threads)
+        cfg = IntKernelConfig(gemm_min_m=self.options.gemm_min_m, threads=self.options.threads)
         body = module.regions[0].blocks[0]
         defined = set()
         selected = self.session.options.setdefault("cpu_kernels", {})

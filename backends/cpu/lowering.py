@@ -23,8 +23,11 @@ def select_kernels(features: dict, openmp: dict | None) -> list[str]:
     if os.environ.get("QCC_CPU_KERNELS") == "reference":
         return []
     threads = "true" if openmp is not None else "false"
-    return [f"cpu-select-kernels{{lanes={features['lanes']} threads={threads}}}",
-            f"cpu-vectorize-contractions{{lanes={features['lanes']} threads={threads}}}"]
+    stage = [f"cpu-select-kernels{{lanes={features['lanes']} threads={threads}}}",
+             f"cpu-vectorize-contractions{{lanes={features['lanes']} threads={threads}}}"]
+    if features["isa"] in ("avx2", "avx512"):  # the integer kernels are AVX2 code (valid on AVX-512)
+        stage.append(f"cpu-select-int-kernels{{threads={threads}}}")
+    return stage
 
 
 def manifest_entry(features: dict, openmp: dict | None, session) -> dict:

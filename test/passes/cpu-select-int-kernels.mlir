@@ -1,6 +1,6 @@
-// RUN: qcc-opt %s --random-params=0 -p 'quantize-weights{format=int4_asym_g128},quantize-activations,dequant-after-gemm,cpu-select-int-kernels{isa=avx2}' | filecheck %s
-// RUN: qcc-opt %s --random-params=0 -p 'quantize-weights{format=int8_sym_channel},quantize-activations,dequant-after-gemm,cpu-select-int-kernels{isa=avx2 threads=false}' | filecheck %s --check-prefix=INT8
-// RUN: qcc-opt %s --random-params=0 -p 'quantize-weights{format=int8_asym_channel},quantize-activations,dequant-after-gemm,cpu-select-int-kernels{isa=avx2}' | filecheck %s --check-prefix=ASYM8
+// RUN: qcc-opt %s --random-params=0 -p 'quantize-weights{format=int4_asym_g128},quantize-activations,dequant-after-gemm,cpu-select-int-kernels' | filecheck %s
+// RUN: qcc-opt %s --random-params=0 -p 'quantize-weights{format=int8_sym_channel},quantize-activations,dequant-after-gemm,cpu-select-int-kernels{threads=false}' | filecheck %s --check-prefix=INT8
+// RUN: qcc-opt %s --random-params=0 -p 'quantize-weights{format=int8_asym_channel},quantize-activations,dequant-after-gemm,cpu-select-int-kernels' | filecheck %s --check-prefix=ASYM8
 
 // quantize_dynamic -> matmul_int -> scale_accumulate on parameter weights becomes
 // one call of a fused kernel that takes the float activations; the weight is
