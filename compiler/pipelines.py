@@ -32,11 +32,16 @@ TORCH_TO_LINALG = [
 ]
 
 # qcc ops -> linalg (the reference lowering, dequantization fused into the matmul).
+# No CSE after inlining the CPU kernels' wrappers: each begins with
+# `bufferization.to_buffer %x read_only`, which one-shot bufferization takes as the
+# moment x is read; CSE would merge two kernels' to_buffer of one x into the first,
+# hiding the second kernel's later reads, and an op between them could then be
+# bufferized in place over x (it did: split-outliers' dynamic parts, q_proj's sum
+# written over the k_proj kernel's input).
 LOWER_QCC = [
     "lower-qcc-to-linalg",
     "inline",
     "canonicalize",
-    "cse",
 ]
 
 
