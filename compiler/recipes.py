@@ -18,6 +18,8 @@ Named recipes:
   rounding error (quantize-weights' ``clip-search``), in every w4a4 preset.
 * ``llm-int8``: LLM.int8(): input columns whose calibrated absmax exceeds 6.0
   stay float (split-outliers), the rest is w8a8.  Needs calibration.
+  ``llm-int8-dynamic``: the columns chosen per call from that call's rows, as
+  bitsandbytes does (no calibration); the float columns meet the int8 weights.
 * ``w8a8-had``, ``w4a4-had``: QuaRot: the residual stream rotated by a random
   Hadamard matrix, an online Hadamard transform on the down projections' input.
 * ``w4a4-reorder``, ``w4a4-had-reorder``: (w4a4-had's rotation, then) each
@@ -89,6 +91,8 @@ NAMED = {
     "w4a8-g128": RecipeSpec("int4_asym_g128", "int8_sym_token"),
     "w4a4": RecipeSpec("int4_sym_channel", "int4_sym_token", weight_options=_CLIP),
     "llm-int8": RecipeSpec("int8_sym_channel", "int8_sym_token", before=("split-outliers{threshold=6.0}",)),
+    "llm-int8-dynamic": RecipeSpec("int8_sym_channel", "int8_sym_token",
+                                   before=("split-outliers{threshold=6.0 decide=dynamic}",)),
 }
 
 # Recipes whose accuracy comes from passes that transform the float model first

@@ -21,6 +21,7 @@ from qcc.dialects import formats
 from qcc.dialects.formats import activation
 from qcc.errors import QccError
 from qcc.passes import PassError, QccPass, register
+from qcc.passes.quantize_weights import FLOAT_ACTIVATIONS
 
 _CODES_PARAM = re.compile(r"^(?P<weight>.*):(?P<format>int[48]_[a-z]+_[a-z0-9]+):codes$")
 
@@ -87,6 +88,8 @@ class QuantizeActivations(QccPass):
             for op in irutil.walk(func, "qcc.qlinear"):
                 if format_key(op.attributes["act_format"]) != "none":
                     continue  # an earlier instance (a per-layer override) decided
+                if FLOAT_ACTIVATIONS in op.attributes:
+                    continue  # split-outliers' float part
                 weight = qlinear_weight_name(func, op)
                 if exclude and exclude.search(weight):
                     continue

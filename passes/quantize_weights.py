@@ -143,6 +143,10 @@ def parse_common(options):
     return fmt, exclude
 
 
+# unit attribute on a linear (torch.aten.mm, carried to its qcc.qlinear) whose input stays float
+FLOAT_ACTIVATIONS = "qcc.float_activations"
+
+
 def wanted_linears(module, exclude):
     """[(func, mm, weight name)] of the linear layers a weight quantizer with `exclude` rewrites."""
     found = []
@@ -159,14 +163,16 @@ def rewrite_linears(pass_, module, fmt, exclude, solve) -> None:
     """Every wanted linear becomes a qcc.qlinear of `fmt` whose codes come from
     solve(mm, w_name, w [N, K] float32) -> formats.QuantizedTensor of `fmt`."""
     store = pass_.session.params
+    solved = {}  # a weight read by several linears (split-outliers' dynamic parts) is quantized once
     for func, mm, w_name in wanted_linears(module, exclude):
         if w_name not in store:
             raise PassError(mm, f"no value for parameter '{w_name}' in the parameter store")
         w = np.asarray(store[w_name], _F32)
         try:
-            qt = solve(mm, w_name, w)
+            qt = solved[w_name] if w_name in solved else solve(mm, w_name, w)
         except formats.FormatError as e:
             raise PassError(mm, f"cannot quantize '{w_name}' [{w.shape[0]}x{w.shape[1]}] as {fmt.key()}: {e}")
+        solved[w_name] = qt
         emit_qlinear(pass_.session, irutil.Signature(func), mm, w_name, qt)
     for func in irutil.functions(module):
         for name in irutil.Signature(func).erase_unused_params():
@@ -199,6 +205,8 @@ def emit_qlinear(session, sig, mm, w_name, qt) -> None:
             "qcc.qlinear", results=[irutil.tensor_type([x_shape[0], n], "f32")],
             operands=[x_builtin, *args],
             attributes={"weight_format": format_attr(fmt.key()), "act_format": format_attr("none")}).result
+        if FLOAT_ACTIVATIONS in mm.attributes:
+            y.owner.attributes[FLOAT_ACTIVATIONS] = ir.UnitAttr.get()
         y_torch = ir.Operation.create(
             "torch_c.from_builtin_tensor", results=[mm.result.type], operands=[y]).result
     permute = irutil.defining_op(mm.operands[1])

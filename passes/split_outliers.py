@@ -1,13 +1,25 @@
 """split-outliers: LLM.int8() (Dettmers et al. 2022) mixed-precision decomposition.
 
-`x @ W^T` becomes `(x * mask) @ W_in^T + x[:, outliers] @ W_out^T`: input columns
-whose calibrated absmax exceeds `threshold` (6.0) stay float.  The selection is
-folded into the weights at compile time (W_in: W with those columns zeroed, so
-K stays intact as in bitsandbytes; W_out^T: the gathered columns), the float
-part's gather is a static index_select, and the zeroed columns cannot inflate
-the int8 part's per-token scales.  Outliers come from calibration data (or
-`stats=FILE`), never from a run-time guess.  Runs before quantize-weights,
-which then quantizes the `<weight>:inliers` linears.
+Input columns whose absmax exceeds `threshold` (6.0) stay float, the rest goes
+through the quantized matmul.  Runs before quantize-weights, which then
+quantizes the `<weight>:inliers` linears.  Two ways to decide the columns:
+
+* `decide=calibration` (default): from calibration data (or `stats=FILE`), once.
+  `x @ W^T` becomes `(x * mask) @ W_in^T + x[:, outliers] @ W_out^T`; the
+  selection is folded into the weights at compile time (W_in: W with those
+  columns zeroed, so K stays intact as in bitsandbytes; W_out^T: the gathered
+  columns, float), the float part's gather is a static index_select, and the
+  zeroed columns cannot inflate the int8 part's per-token scales.
+* `decide=dynamic`: per call, as bitsandbytes does, no calibration needed.
+  `out = (max_m |x[m, k]| > threshold)` over the call's M rows, `x_out = x * out`,
+  `x_in = x - x_out`, and `x_in @ W^T + x_out @ W^T`: both matmuls read the one
+  weight W, so it is quantized once (its calibration statistics, e.g. GPTQ's
+  Hessian, are those of the whole input x, which the two parts sum to); the
+  outlier matmul carries the unit attribute `qcc.float_activations`, which
+  quantize-activations honours, so float outlier columns meet the quantized
+  weights as bitsandbytes meets them with its dequantized int8 weights.  The
+  float part is a full-K matmul over a mostly-zero input: a run-time gather of
+  the outlier columns (a dynamic shape) is what would make it cheap.
 """
 
 import dataclasses
@@ -19,7 +31,7 @@ from torch_mlir import ir
 from qcc import calibration, irutil
 from qcc.errors import QccError
 from qcc.passes import PassError, QccPass, register
-from qcc.passes.quantize_weights import linear_sites
+from qcc.passes.quantize_weights import FLOAT_ACTIVATIONS, linear_sites
 
 
 def inlier_mask_name(weight: str) -> str:
@@ -37,6 +49,16 @@ def _const_int(value: int) -> ir.Value:
         attributes={"value": ir.IntegerAttr.get(ir.IntegerType.get_signless(64), value)}).result
 
 
+def _const_float(value: float) -> ir.Value:
+    return ir.Operation.create(
+        "torch.constant.float", results=[ir.Type.parse("!torch.float")],
+        attributes={"value": ir.FloatAttr.get(ir.F64Type.get(), value)}).result
+
+
+def _op(name: str, result_type: ir.Type, *operands) -> ir.Value:
+    return ir.Operation.create(name, results=[result_type], operands=list(operands)).result
+
+
 @register
 class SplitOutliers(QccPass):
     name = "split-outliers"
@@ -45,12 +67,17 @@ class SplitOutliers(QccPass):
     @dataclasses.dataclass
     class Options:
         threshold: float = 6.0
+        decide: str = "calibration"  # or "dynamic": per call, from that call's rows
         exclude: str = ""  # regex over weight names left alone
         stats: str = ""  # precomputed calibration statistics (calibration.save_stats) instead of calibration data
 
     def run(self, module):
         if not self.options.threshold > 0:
             raise PassError(None, f"threshold must be > 0, got {self.options.threshold}")
+        if self.options.decide not in ("calibration", "dynamic"):
+            raise PassError(None, f"decide must be 'calibration' or 'dynamic', got '{self.options.decide}'")
+        if self.options.decide == "dynamic" and self.options.stats:
+            raise PassError(None, "decide=dynamic chooses the outlier columns per call: it takes no stats=FILE")
         try:
             exclude = re.compile(self.options.exclude) if self.options.exclude else None
         except re.error as e:
@@ -59,7 +86,11 @@ class SplitOutliers(QccPass):
             sig = irutil.Signature(func)
             sites = [(mm, sig.param_name(i)) for mm, i in linear_sites(func)]
             sites = [(mm, w) for mm, w in sites if not (exclude and exclude.search(w))]
-            if sites:
+            if self.options.decide == "dynamic":
+                for mm, w_name in sites:
+                    self._split_dynamic(mm, w_name)
+                sites = []
+            elif sites:
                 stats = self._absmax(sites[0][0])
             for mm, w_name in sites:
                 if w_name not in stats:
@@ -77,6 +108,33 @@ class SplitOutliers(QccPass):
         except QccError as e:
             raise PassError(op, f"outlier columns are chosen from calibration data: {e.what}"
                                   + (f" ({e.hint})" if e.hint else ""))
+
+    def _split_dynamic(self, mm, w_name):
+        x = mm.operands[0]
+        (_, k), x_dtype = irutil.vtensor_shape(x.type)
+        if x_dtype != "f32":
+            raise PassError(mm, f"split-outliers expects f32 activations, got {x_dtype}")
+        t = self.options.threshold
+        self.session.remarks.append(f"split-outliers: {w_name}: input columns above {t} stay float, chosen per call")
+        with ir.InsertionPoint(mm), mm.location:
+            # the decomposed ops the import pipeline leaves (aten.amax -> aten.max.dim, .to -> aten.to.dtype)
+            false = ir.Operation.create("torch.constant.bool", results=[ir.Type.parse("!torch.bool")],
+                                        attributes={"value": ir.BoolAttr.get(False)}).result
+            none = ir.Operation.create("torch.constant.none", results=[ir.Type.parse("!torch.none")]).result
+            colmax = ir.Operation.create(
+                "torch.aten.max.dim", results=[_vtensor([k], "f32"), _vtensor([k], "si64")],
+                operands=[_op("torch.aten.abs", x.type, x), _const_int(0), false]).results[0]
+            is_out = _op("torch.aten.gt.Scalar", _vtensor([k], "i1"), colmax, _const_float(t))
+            out = _op("torch.aten.to.dtype", _vtensor([k], "f32"), is_out, _const_int(6), false, false, none)  # 6: f32
+            x_out = _op("torch.aten.mul.Tensor", x.type, x, out)
+            one = _const_int(1)
+            x_in = _op("torch.aten.sub.Tensor", x.type, x, x_out, one)
+            y_in = _op("torch.aten.mm", mm.result.type, x_in, mm.operands[1])
+            y_out = _op("torch.aten.mm", mm.result.type, x_out, mm.operands[1])
+            y_out.owner.attributes[FLOAT_ACTIVATIONS] = ir.UnitAttr.get()
+            y = _op("torch.aten.add.Tensor", mm.result.type, y_in, y_out, one)
+        mm.result.replace_all_uses_with(y)
+        mm.erase()
 
     def _split(self, sig, mm, w_name, outliers):
         store = self.session.params

@@ -28,7 +28,7 @@ import time
 import numpy as np
 import torch
 
-RECIPES = ["float", "w8a16", "w4a16-sym", "w4a16-g128", "w8a8", "llm-int8", "w4a8-g128", "w4a4", "w8a8-had", "w4a4-had",
+RECIPES = ["float", "w8a16", "w4a16-sym", "w4a16-g128", "w8a8", "llm-int8", "llm-int8-dynamic", "w4a8-g128", "w4a4", "w8a8-had", "w4a4-had",
            "w4a4-reorder", "w4a4-had-reorder", "w8a8-smooth", "w4a16-g128-awq", "w4a16-g128-gptq",
            # GPTQ instead of round-to-nearest (QuaRot's and Atom's headline numbers use GPTQ weights)
            "w8a16-gptq", "w8a8-gptq", "llm-int8-gptq", "w4a4-gptq", "w8a8-had-gptq", "w4a4-had-gptq",
@@ -99,6 +99,7 @@ def layer_errors(ep, calib, recipe, remarks=None) -> dict[str, float]:
     from qcc.dialects.formats import activation
     from qcc.frontend import import_program
     from qcc.passes.quantize_activations import qlinear_weight_name
+    from qcc.passes.quantize_weights import FLOAT_ACTIVATIONS
     from qcc.pipeline import Session, run_pipeline
 
     ctx = make_context()
@@ -118,6 +119,9 @@ def layer_errors(ep, calib, recipe, remarks=None) -> dict[str, float]:
     store = session.params
     for func in irutil.functions(prog.module.operation):
         sig = irutil.Signature(func)
+        # weights split per call by split-outliers{decide=dynamic}: one of their qlinears keeps float input
+        per_call = {qlinear_weight_name(func, op) for op in irutil.walk(func, "qcc.qlinear")
+                    if FLOAT_ACTIVATIONS in op.attributes}
         for op in irutil.walk(func, "qcc.qlinear"):
             part = qlinear_weight_name(func, op)
             fmt = formats.parse_weight_format(format_key(op.attributes["weight_format"]))
@@ -127,6 +131,8 @@ def layer_errors(ep, calib, recipe, remarks=None) -> dict[str, float]:
             qt = formats.QuantizedTensor(codes=codes, scale=store[names[1]],
                                          zero=store[names[2]] if len(names) > 2 else None, format=fmt, shape=shape)
             x = stats[part].samples.astype(np.float64)
+            if part in per_call:
+                x = _dynamic_part(x, len(calib), _dynamic_threshold(recipe), FLOAT_ACTIVATIONS in op.attributes)
             afmt = activation.parse_act_format(format_key(op.attributes["act_format"]))
             scale = None
             if afmt is not None and not afmt.dynamic:
@@ -142,6 +148,27 @@ def layer_errors(ep, calib, recipe, remarks=None) -> dict[str, float]:
         y = st.samples.astype(np.float64) @ ep.state_dict[name].detach().double().numpy().T
         errors[name] = float(np.linalg.norm(diff[name]) / np.linalg.norm(y)) if name in diff else 0.0
     return errors
+
+
+def _dynamic_threshold(recipe) -> float:
+    """The threshold of the recipe's split-outliers{decide=dynamic}."""
+    from qcc.pipeline import parse_element
+
+    for element in recipe.passes:
+        cls, opts = parse_element(element)
+        if cls is not None and cls.name == "split-outliers" and opts.decide == "dynamic":
+            return opts.threshold
+    raise ValueError(f"recipe {recipe.name} has no split-outliers{{decide=dynamic}}")
+
+
+def _dynamic_part(x, calls: int, threshold: float, outliers: bool):
+    """The rows of x (all calibration calls, in order, equal sizes) that one part of a per-call
+    split sees: per call, the columns whose absmax exceeds `threshold` (outliers) or the rest."""
+    parts = []
+    for chunk in np.split(x, calls):
+        out = np.max(np.abs(chunk), axis=0).astype(np.float32) > np.float32(threshold)
+        parts.append(chunk * (out if outliers else ~out))
+    return np.concatenate(parts)
 
 
 def _reason(e) -> str:

@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target", default="cpu", help="cpu (default) or cuda")
     c.add_argument("--gpu-arch", default="sm_90", help="cuda target: sm_90 (default, H100/H200) or sm_80 (A100)")
     c.add_argument("--quant", default="float",
-                   help="recipe name (float, w8a16, w4a16-g128, w8a8, w8a8-static, w4a8-g128, w4a4, llm-int8, "
+                   help="recipe name (float, w8a16, w4a16-g128, w8a8, w8a8-static, w4a8-g128, w4a4, llm-int8, llm-int8-dynamic, "
                         "w8a8-had, w4a4-had, w4a4-reorder, w4a4-had-reorder, w8a8-smooth, w4a16-g128-awq; "
                         "<preset>-gptq rounds any integer-weight preset with GPTQ, e.g. w8a8-had-gptq) "
                         "or a recipe file (.json/.toml) with per-layer overrides")

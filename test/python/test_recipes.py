@@ -310,3 +310,56 @@ def test_named_reorder_end_to_end():
     assert len(outliers) == 8 and set(outliers.values()) == {"int8_sym_channel"}  # 7 + lm_head
     assert {f for w, f in formats_of.items() if w.endswith(":main")} == {"int4_sym_channel"}
     assert rel_err(compiled(*inputs).numpy(), model(*inputs).detach().numpy()) < 0.5
+
+
+def dynamic_split_model(model, wfmt="int8_sym_channel", afmt="int8_sym_token", threshold=6.0):
+    """A copy of `model` computing llm-int8-dynamic's semantics: per call, the input columns whose
+    absmax over the call's rows exceeds `threshold` stay float; both parts use the quantized weight."""
+    ref = copy.deepcopy(model)
+    act = activation.ACT_FORMATS[afmt]
+    for mod in ref.modules():
+        if not isinstance(mod, torch.nn.Linear):
+            continue
+        wq = formats.fake_quant(mod.weight.detach().numpy(), formats.get_format(wfmt)).astype(np.float64)
+
+        def split_forward(m, args, out, wq=wq):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).numpy()
+            outlier = (np.abs(x).max(0) > np.float32(threshold)).astype(np.float32)
+            x_in = activation.fake_quant_act(x - x * outlier, act).astype(np.float64)
+            y = (x_in + x * outlier) @ wq.T
+            y = torch.from_numpy(y.astype(np.float32)).reshape(*out.shape)
+            return y + m.bias if m.bias is not None else y
+
+        mod.register_forward_hook(split_forward)
+    return ref
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_llm_int8_dynamic_matches_reference(name):
+    """The outlier columns are chosen per call (no calibration): two calls with outliers in
+    different columns, and one token (the decode kernels), each match the reference."""
+    model, inputs, _ = MODELS[name]()
+    compiled = qcc.compile(model, inputs, quant="llm-int8-dynamic")
+    reference = dynamic_split_model(model)
+    x = inputs[0]
+    other = with_outlier_columns(x.clamp(-3.0, 3.0), [11, 90])  # other outlier columns than x's
+    for xs in (x, other):
+        with torch.no_grad():
+            expect = reference(xs).numpy()
+            float_out = model(xs).numpy()
+        assert rel_err(compiled(xs).numpy(), expect) <= 1e-4
+        assert rel_err(float_out, expect) > 1e-4
+    one = qcc.compile(model, (x[..., :1, :] if x.dim() == 3 else x[:1],), quant="llm-int8-dynamic")
+    x1 = x[..., :1, :] if x.dim() == 3 else x[:1]
+    with torch.no_grad():
+        assert rel_err(one(x1).numpy(), reference(x1).numpy()) <= 1e-4
+
+
+def test_llm_int8_dynamic_keeps_float_function():
+    """Before quantization the split is exact: x_in @ W^T + x_out @ W^T = x @ W^T."""
+    model, inputs, _ = llama_block()
+    compiled = qcc.compile(model, inputs, quant={"weight_format": None,
+                                                 "passes": ["split-outliers{decide=dynamic threshold=1.0}"]})
+    with torch.no_grad():
+        expect = model.double()(inputs[0].double()).numpy()
+    assert rel_err(compiled(*inputs).numpy(), expect) <= 1e-4
