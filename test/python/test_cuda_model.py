@@ -39,6 +39,14 @@ def llama_block(seq=8, batch=1):
     return m, m.example_inputs(batch=batch, seq=seq, seed=3)
 
 
+def outlier_block(seq):
+    """llama_block whose input has two residual channels 20x the rest (LLM.int8()'s outliers)."""
+    m, (x,) = llama_block(seq=seq)
+    x = x.clone()
+    x[..., [7, 200]] *= 20.0
+    return m, (x,)
+
+
 def llama_model(seq=5):
     m = models.LlamaModel(vocab=512, hidden=256, layers=2, heads=4, kv_heads=2, ffn=768, max_seq=64,
                           seed=2).eval()
@@ -62,6 +70,7 @@ CASES = {
     "block-w8a16": (llama_block, "w8a16"),
     "block-w4a16-g64-sym": (lambda: llama_block(seq=2), "w4a16-g64-sym"),  # scale_mode="weight"
     "block-w8a8": (lambda: llama_block(seq=4), "w8a8"),  # integer GEMM through the generic path
+    "block-llm-int8-dynamic": (lambda: outlier_block(seq=4), "llm-int8-dynamic"),  # run-time outlier columns
     "model-float": (llama_model, "float"),
     "model-w4a16-g128": (llama_model, "w4a16-g128"),
     "decode-w4a16-g128": (decode_step, "w4a16-g128"),
@@ -88,6 +97,11 @@ def reference(model, inputs, recipe, compiled):
         ref = fake_quant_model(model, {w: RECIPE_FORMATS["w8a8"] for w in linears})
         with torch.no_grad():
             return [ref(*inputs).numpy()]
+    if recipe == "llm-int8-dynamic":
+        from test_recipes import dynamic_split_model
+
+        with torch.no_grad():
+            return [dynamic_split_model(model)(*inputs).numpy()]
     return f64(torch_ref.a16_reference(model, compiled.manifest, dequantized_weights(compiled)), inputs)
 
 
