@@ -2,30 +2,44 @@
 
 Runs before lower-qcc-to-linalg.  Each chain
 
-    %xq, %sx = qcc.quantize_dynamic %x
-    %acc = qcc.matmul_int %xq, %wq [, %wz]
+    %xq, %sx = qcc.quantize_dynamic %x          (or, static: %xq = qcc.quantize %x, %sx
+    %acc = qcc.matmul_int %xq, %wq [, %wz]       with %sx = arith.constant, the calibrated scale)
     %y = qcc.scale_accumulate %acc, %sx, %sw
 
 whose weights are parameters becomes `call @qcc_cpu_int_<wfmt>_<afmt>_<K>x<N>(%x, codes, scale
-[, zero])` (backends/cpu/int_kernels.py): activations quantized in the kernel,
+[, zero][, act_scale])` (backends/cpu/int_kernels.py): activations quantized in the kernel,
 integer dot products on AVX2 (vpmaddubsw / vpmaddwd) in i32 per group, scaled
 into f32 y; a GEMV for M < `gemm-min-m`, a blocked GEMM otherwise, chosen at run
 time (at compile time for a static M).  The weight is repacked at compile time
 (backends/cpu/int_pack.py) into new parameters `<weight>:<format>:int<bits>x8x4:<role>`.
 
-Chains it does not handle (static activation scales, unsigned int8 weights,
-shared intermediate values) are left to the reference lowering.  It emits AVX2
+A static scale becomes the parameter `<weight>:<format>:int<bits>x8x4:act_scale`
+(tensor<1xf32>), so layers of one shape share one kernel.  Chains it does not
+handle (unsigned int8 weights, shared intermediate values) are left to the
+reference lowering.  It emits AVX2
 code: the CPU select-kernels stage (backends/cpu/lowering.select_kernels) runs
 it only on AVX2 / AVX-512 hosts, and not with QCC_CPU_KERNELS=reference.
 """
 
 import dataclasses
 
+import numpy as np
+from torch_mlir import ir
+
 from qcc import irutil
 from qcc.context import format_key
 from qcc.dialects import formats
 from qcc.dialects.formats import activation
 from qcc.passes import QccPass, register
+
+def _splat_scale(value) -> float | None:
+    """The f32 of a splat arith.constant [1, 1] (dequant-after-gemm's static scale), else None."""
+    op = irutil.defining_op(value)
+    if op is None or op.name != "arith.constant":
+        return None
+    attr = ir.DenseElementsAttr(op.attributes["value"])
+    return float(ir.FloatAttr(attr.get_splat_value()).value) if attr.is_splat else None
+
 
 def _sole_user(value):
     uses = list(value.uses)
@@ -68,11 +82,19 @@ class CpuSelectIntKernels(QccPass):
         if mm is None or mm.name != "qcc.matmul_int" or _sole_user(acc) is None:
             return None
         qd = irutil.defining_op(mm.operands[0])
-        if qd is None or qd.name != "qcc.quantize_dynamic":
-            return None
-        if qd.results[1] != sx or _sole_user(qd.results[0]) is None or _sole_user(qd.results[1]) is None:
+        if qd is None or qd.name not in ("qcc.quantize_dynamic", "qcc.quantize") or _sole_user(qd.results[0]) is None:
             return None
         afmt = activation.parse_act_format(format_key(qd.attributes["format"]))
+        if afmt is None:
+            return None
+        if afmt.dynamic:
+            if qd.results[1] != sx or _sole_user(qd.results[1]) is None:
+                return None
+            static_scale = None
+        else:
+            static_scale = _splat_scale(sx)
+            if qd.name != "qcc.quantize" or qd.operands[1] != sx or static_scale is None:
+                return None
         fmt = formats.parse_weight_format(format_key(mm.attributes["weight_format"]))
         weights = [mm.operands[1], sw] + ([mm.operands[2]] if len(mm.operands) > 2 else [])
         names = [sig.param_name(irutil.block_arg_number(v)) if irutil.block_arg_number(v) is not None else None
@@ -87,25 +109,31 @@ class CpuSelectIntKernels(QccPass):
             lay.check()
         except IntLayoutError:
             return None
-        return qd, mm, lay, afmt, dict(zip(["codes", "scale", "zero"], names))
+        return qd, mm, lay, afmt, dict(zip(["codes", "scale", "zero"], names)), static_scale
 
-    def _rewrite(self, sa, qd, mm, lay, afmt, src, sig, cfg, body, defined, selected):
+    def _rewrite(self, sa, qd, mm, lay, afmt, src, static_scale, sig, cfg, body, defined, selected):
         from qcc.backends.cpu import int_kernels, kernel_calls
         from qcc.backends.cpu.int_pack import pack
 
         store = self.session.params
         arrays = pack(lay, store[src["codes"]], store[src["scale"]], store[src["zero"]] if "zero" in src else None)
+        if static_scale is not None:
+            arrays["act_scale"] = np.array([static_scale], np.float32)
         args, new_names = kernel_calls.add_packed_params(store, sig, src["codes"], lay.tag(), arrays)
         static_m = irutil.tensor_shape(qd.operands[0])[0]
         variant = cfg.variant(static_m) if static_m is not None else "dispatch"
         kname = f"qcc_cpu_int_{lay.format_key}_{afmt.key()}_{lay.k}x{lay.n}" + \
             ("" if variant == "dispatch" else f"_{variant}")
         if kname not in defined:
-            kernel_calls.append_kernel(body, int_kernels.fused(kname, lay, cfg, afmt.levels(), static_m), defined)
+            kernel_calls.append_kernel(body, int_kernels.fused(kname, lay, cfg, afmt.levels(), static_m,
+                                                               static_scale=static_scale is not None), defined)
         kernel_calls.replace_with_call(sa.result, qd.operands[0], args, kname, lay.k, lay.n)
+        sx = sa.operands[1]
         sa.erase()
         mm.erase()
         qd.erase()
+        if static_scale is not None and not list(sx.uses):
+            irutil.defining_op(sx).erase()
         weight = src["codes"].rsplit(":", 2)[0]
         selected[weight] = {"kernel": kname, "variant": variant, "params": new_names, "act_format": afmt.key(),
                             "blocks_multiple": lay.blocks_multiple, **lay.to_json(), **cfg.to_json()}

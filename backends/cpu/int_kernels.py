@@ -264,9 +264,11 @@ def gemm(name: str, lay: IntLayout, cfg: IntKernelConfig) -> str:
     return _tiled(name, lay, cfg, mrs, nr, rows_outer=True)
 
 
-def _quantize(t: MlirText, lay: IntLayout, act_levels: tuple[int, int], M: str, x: str) -> None:
+def _quantize(t: MlirText, lay: IntLayout, act_levels: tuple[int, int], M: str, x: str,
+              static_scale: str | None = None) -> None:
     """%xq (codes, lay.x_per_word to a word), %sx (per-row scales) and, for int4 weights, %xs (group sums of
-    the codes) of x, step by step as the activation format's reference."""
+    the codes) of x, step by step as the activation format's reference; with `static_scale` (an f32
+    value: a per-tensor format's calibrated scale) every row takes that scale instead of its own."""
     K, G = lay.k, lay.group
     qmin, qmax = act_levels
     xty = f"memref<?x{K}xf32>"
@@ -277,16 +279,19 @@ def _quantize(t: MlirText, lay: IntLayout, act_levels: tuple[int, int], M: str, 
     lo = t.v(f"arith.constant dense<{float(qmin)!r}> : {_V8F32}")
     hi = t.v(f"arith.constant dense<{float(qmax)!r}> : {_V8F32}")
     t.open(f"scf.for %qm = {c0} to {M} step {c1} {{")
-    amax = t.v(f"scf.for %k = {c0} to {t.idx(lay.k_pad)} step {c8} iter_args(%a = {zf}) -> ({_V8F32}) {{")
-    t.indent += 2
-    v = t.v(f"vector.transfer_read {x}[%qm, %k], {pad} : {xty}, {_V8F32}")
-    a = t.v(f"math.absf {v} : {_V8F32}")
-    t.op(f"scf.yield {t.v(f'arith.maximumf %a, {a} : {_V8F32}')} : {_V8F32}")
-    t.close()
-    h = t.v(f"vector.reduction <maximumf>, {amax} : {_V8F32} into f32")
-    s = t.v(f"arith.divf {h}, {t.v(f'arith.constant {float(qmax)!r} : f32')} : f32")
-    is0 = t.v(f"arith.cmpf oeq, {s}, {t.v('arith.constant 0.0 : f32')} : f32")
-    s = t.v(f"arith.select {is0}, {t.v('arith.constant 1.0 : f32')}, {s} : f32")
+    if static_scale is None:
+        amax = t.v(f"scf.for %k = {c0} to {t.idx(lay.k_pad)} step {c8} iter_args(%a = {zf}) -> ({_V8F32}) {{")
+        t.indent += 2
+        v = t.v(f"vector.transfer_read {x}[%qm, %k], {pad} : {xty}, {_V8F32}")
+        a = t.v(f"math.absf {v} : {_V8F32}")
+        t.op(f"scf.yield {t.v(f'arith.maximumf %a, {a} : {_V8F32}')} : {_V8F32}")
+        t.close()
+        h = t.v(f"vector.reduction <maximumf>, {amax} : {_V8F32} into f32")
+        s = t.v(f"arith.divf {h}, {t.v(f'arith.constant {float(qmax)!r} : f32')} : f32")
+        is0 = t.v(f"arith.cmpf oeq, {s}, {t.v('arith.constant 0.0 : f32')} : f32")
+        s = t.v(f"arith.select {is0}, {t.v('arith.constant 1.0 : f32')}, {s} : f32")
+    else:
+        s = static_scale
     t.op(f"memref.store {s}, %sx[%qm] : memref<?xf32>")
     sb = t.v(f"vector.broadcast {s} : f32 to {_V8F32}")
     t.open(f"scf.for %g = {c0} to {t.idx(lay.groups)} step {c1} {{")
@@ -313,9 +318,10 @@ def _quantize(t: MlirText, lay: IntLayout, act_levels: tuple[int, int], M: str, 
 
 
 def fused(name: str, lay: IntLayout, cfg: IntKernelConfig, act_levels: tuple[int, int],
-          static_m: int | None = None) -> str:
+          static_m: int | None = None, static_scale: bool = False) -> str:
     """Tensor-level entry: x [?, K] f32 and the packed weight -> y [?, N] f32, with its kernels:
-    both and a run-time dispatch on M, or only the one for `static_m`."""
+    both and a run-time dispatch on M, or only the one for `static_m`.  With `static_scale` the
+    entry takes one more argument, the activations' calibrated per-tensor scale (tensor<1xf32>)."""
     lay.check()
     for nr in (cfg.gemv_nr, cfg.gemm_nr, cfg.gemm_nr_int4):
         if lay.blocks_multiple % nr or cfg.chunk_blocks % nr:
@@ -334,7 +340,11 @@ def fused(name: str, lay: IntLayout, cfg: IntKernelConfig, act_levels: tuple[int
     t.op(f"%sx = memref.alloc({M}) : memref<?xf32>")
     if lay.fmt.bits == 4:
         t.op(f"%xs = memref.alloc({M}) : memref<?x{lay.groups}xi32>")
-    _quantize(t, lay, act_levels, M, x)
+    scale = None
+    if static_scale:
+        sxs = t.v("bufferization.to_buffer %act_scalet read_only : tensor<1xf32> to memref<1xf32>")
+        scale = t.v(f"memref.load {sxs}[{c0}] : memref<1xf32>")
+    _quantize(t, lay, act_levels, M, x, scale)
     t.op(f"%y = memref.alloc({M}) {{alignment = 64 : i64}} : memref<?x{lay.n}xf32>")
     params = _kernel_params(lay)
     args = ", ".join(f"%{n}" for n, _ in params)
@@ -351,7 +361,7 @@ def fused(name: str, lay: IntLayout, cfg: IntKernelConfig, act_levels: tuple[int
         t.op(f"func.call @{name}__gemm({args}) : ({tys}) -> ()")
         t.close()
     out = t.v(f"bufferization.to_tensor %y restrict writable : memref<?x{lay.n}xf32> to tensor<?x{lay.n}xf32>")
-    targs = ", ".join(f"%{role}t: {tt[role]}" for role in ty)
+    targs = ", ".join(f"%{role}t: {tt[role]}" for role in ty) + (", %act_scalet: tensor<1xf32>" if static_scale else "")
     entry = (f"func.func private @{name}(%xt: tensor<?x{K}xf32>, {targs}) -> tensor<?x{lay.n}xf32> {{\n"
              f"{t.text()}\n  return {out} : tensor<?x{lay.n}xf32>\n}}\n")
     generators = {"gemv": gemv, "gemm": gemm}

@@ -1,6 +1,9 @@
 // RUN: qcc-opt %s --random-params=0 -p 'quantize-weights{format=int4_asym_g128},quantize-activations,dequant-after-gemm,cpu-select-int-kernels' | filecheck %s
 // RUN: qcc-opt %s --random-params=0 -p 'quantize-weights{format=int8_sym_channel},quantize-activations,dequant-after-gemm,cpu-select-int-kernels{threads=false}' | filecheck %s --check-prefix=INT8
 // RUN: qcc-opt %s --random-params=0 -p 'quantize-weights{format=int8_asym_channel},quantize-activations,dequant-after-gemm,cpu-select-int-kernels' | filecheck %s --check-prefix=ASYM8
+// RUN: %PYTHON -c "import numpy as np; from safetensors.numpy import save_file; a = np.ones(256, np.float32); a[5] = 12.7; save_file({'fc.weight/absmax': a, 'fc2.weight/absmax': a}, '%t.stats')"
+// RUN: qcc-opt %s --random-params=0 -p 'quantize-weights{format=int8_sym_channel},quantize-activations{format=int8_sym_tensor stats=%t.stats},dequant-after-gemm,cpu-select-int-kernels' --output-params=%t.params | filecheck %s --check-prefix=STATIC
+// RUN: %PYTHON -c "from safetensors.numpy import load_file; print('act_scale:', load_file('%t.params')['fc.weight:int8_sym_channel:int8x8x4:act_scale'].tolist())" | filecheck %s --check-prefix=STATICVAL
 
 // quantize_dynamic -> matmul_int -> scale_accumulate on parameter weights becomes
 // one call of a fused kernel that takes the float activations; the weight is
@@ -65,6 +68,19 @@
 // INT8: arith.extsi %{{.*}} : vector<16xi8> to vector<16xi16>
 // INT8: func.call @llvm.x86.avx2.pmadd.wd(
 // INT8-NOT: pmadd.ub.sw(
+
+// A static per-tensor scale (calibrated absmax 12.7 / 127) rides into the kernel as a
+// parameter, so layers of one shape share the kernel; every row takes it, no absmax pass.
+// STATIC-LABEL: func.func @decode
+// STATIC-SAME: tensor<1xf32> {qcc.param = "fc.weight:int8_sym_channel:int8x8x4:act_scale"}
+// STATIC-NOT: qcc.quantize
+// STATIC: call @qcc_cpu_int_int8_sym_channel_int8_sym_tensor_256x64_gemv(%{{.*}}, %{{.*}}, %{{.*}}, %{{.*}})
+// STATIC-LABEL: func.func private @qcc_cpu_int_int8_sym_channel_int8_sym_tensor_256x64_gemv(
+// STATIC-SAME: %arg3: tensor<1xf32>) -> tensor<?x64xf32>
+// STATIC: memref.load %{{.*}}[%{{.*}}] : memref<1xf32>
+// STATIC-NOT: math.absf
+// STATIC: math.roundeven
+// STATICVAL: act_scale: [0.10000000149011612]
 
 // Unsigned int8 codes (up to 255) would saturate vpmaddubsw: left to the reference lowering.
 // ASYM8-LABEL: func.func @decode

@@ -89,6 +89,30 @@ def test_same_bits_as_reference_lowering(recipe, monkeypatch):
     np.testing.assert_array_equal(fast(x).numpy(), slow(x).numpy())
 
 
+@pytest.mark.parametrize("wkey", ["int8_sym_channel", "int4_asym_g128"])
+def test_static_scale_same_bits_as_reference_lowering(wkey, monkeypatch):
+    """A calibrated per-tensor scale (int8_sym_tensor) takes the fused kernel too: every row
+    quantized with that scale, values beyond the calibrated range clipped, same bits as the
+    reference lowering."""
+    k, n = 256, 40
+    lin = _linear(k, n, seed=2)
+    recipe = {"weight_format": wkey, "act_format": "int8_sym_tensor"}
+    calib = [(torch.randn(32, k),), (torch.randn(32, k) * 0.5,)]
+    fast = qcc.compile(lin, (torch.randn(2, k),), quant=recipe, calibration=calib, dynamic_shapes=TOKENS)
+    kernel = _selected(fast)
+    assert kernel["act_format"] == "int8_sym_tensor" and "act_scale" in kernel["params"]
+    absmax = max(float(c[0].abs().max()) for c in calib)
+    scale = activation.static_scale(absmax, activation.ACT_FORMATS["int8_sym_tensor"])
+    assert fast.weights[kernel["params"]["act_scale"]][0] == scale[0, 0]
+    monkeypatch.setenv("QCC_CPU_KERNELS", "reference")
+    slow = qcc.compile(lin, (torch.randn(2, k),), quant=recipe, calibration=calib, dynamic_shapes=TOKENS)
+    assert not slow.manifest["cpu"]["kernels"]
+    for m in (1, 5, 37):
+        x = torch.randn(m, k) * 2.0  # partly beyond the calibrated range: clipped codes
+        assert float(x.abs().max()) > absmax
+        np.testing.assert_array_equal(fast(x).numpy(), slow(x).numpy())
+
+
 def build_kernel(tmp_path, lay, cfg, act_levels):
     """The fused kernel alone (x f32 and the packed arrays in, y out) as a shared library."""
     from torch_mlir import ir
