@@ -8,9 +8,10 @@ _VTENSOR = re.compile(r"^!torch\.vtensor<\[([^\]]*)\],(\w+)>$")
 
 
 def functions(module_op: ir.Operation):
-    """The func.func ops of a module (module_op may be a Module or its Operation)."""
+    """The func.func ops with a body of a module (module_op may be a Module or its Operation);
+    declarations (e.g. the CPU kernels' intrinsics) are left out."""
     body = module_op.regions[0].blocks[0]
-    return [op for op in body.operations if op.operation.name == "func.func"]
+    return [op for op in body.operations if op.operation.name == "func.func" and len(op.regions[0].blocks)]
 
 
 def walk(op, name: str | None = None):

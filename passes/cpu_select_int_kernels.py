@@ -31,6 +31,7 @@ from qcc.context import format_key
 from qcc.dialects import formats
 from qcc.dialects.formats import activation
 from qcc.passes import QccPass, register
+from qcc.passes.quantize_weights import FLOAT_ACTIVATIONS
 
 def _splat_scale(value) -> float | None:
     """The f32 of a splat arith.constant [1, 1] (dequant-after-gemm's static scale), else None."""
@@ -65,10 +66,14 @@ class CpuSelectIntKernels(QccPass):
         selected = self.session.options.setdefault("cpu_kernels", {})
         for func in irutil.functions(module):
             sig = irutil.Signature(func)
+            packed = {}  # original codes parameter -> (layout, new parameter names) of the chains rewritten
             for op in irutil.walk(func, "qcc.scale_accumulate"):
                 chain = self._match(op, sig)
                 if chain is not None:
-                    self._rewrite(op, *chain, sig, cfg, body, defined, selected)
+                    self._rewrite(op, *chain, sig, cfg, body, defined, selected, packed)
+            for op in irutil.walk(func, "qcc.qlinear"):
+                if FLOAT_ACTIVATIONS in op.attributes:
+                    self._rewrite_outlier_part(op, sig, body, defined, selected, packed)
             for name in sig.erase_unused_params():
                 if name in self.session.params:
                     del self.session.params[name]
@@ -111,7 +116,27 @@ class CpuSelectIntKernels(QccPass):
             return None
         return qd, mm, lay, afmt, dict(zip(["codes", "scale", "zero"], names)), static_scale
 
-    def _rewrite(self, sa, qd, mm, lay, afmt, src, static_scale, sig, cfg, body, defined, selected):
+    def _rewrite_outlier_part(self, op, sig, body, defined, selected, packed):
+        """split-outliers' dynamic float part, on the int8 blocks its integer part already reads:
+        a rank-k update over the columns the call made outliers, no second copy of the weight."""
+        from qcc.backends.cpu import int_kernels, kernel_calls
+
+        codes = sig.param_name(irutil.block_arg_number(op.operands[1])) \
+            if irutil.block_arg_number(op.operands[1]) is not None else None
+        if codes not in packed or format_key(op.attributes["act_format"]) != "none":
+            return
+        lay, names = packed[codes]
+        if lay.fmt.bits != 8 or "zero" in names:
+            return
+        args = [sig.block.arguments[sig.param_index(names[role])] for role in ("codes", "scale")]
+        kname = f"qcc_cpu_int_outliers_{lay.format_key}_{lay.k}x{lay.n}"
+        if kname not in defined:
+            kernel_calls.append_kernel(body, int_kernels.outlier_columns(kname, lay), defined)
+        kernel_calls.replace_with_call(op.result, op.operands[0], args, kname, lay.k, lay.n)
+        op.erase()
+        selected[codes.rsplit(":", 2)[0]]["outlier_kernel"] = kname
+
+    def _rewrite(self, sa, qd, mm, lay, afmt, src, static_scale, sig, cfg, body, defined, selected, packed):
         from qcc.backends.cpu import int_kernels, kernel_calls
         from qcc.backends.cpu.int_pack import pack
 
@@ -134,6 +159,7 @@ class CpuSelectIntKernels(QccPass):
         qd.erase()
         if static_scale is not None and not list(sx.uses):
             irutil.defining_op(sx).erase()
+        packed[src["codes"]] = (lay, new_names)
         weight = src["codes"].rsplit(":", 2)[0]
         selected[weight] = {"kernel": kname, "variant": variant, "params": new_names, "act_format": afmt.key(),
                             "blocks_multiple": lay.blocks_multiple, **lay.to_json(), **cfg.to_json()}

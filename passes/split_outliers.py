@@ -17,9 +17,10 @@ quantizes the `<weight>:inliers` linears.  Two ways to decide the columns:
   Hessian, are those of the whole input x, which the two parts sum to); the
   outlier matmul carries the unit attribute `qcc.float_activations`, which
   quantize-activations honours, so float outlier columns meet the quantized
-  weights as bitsandbytes meets them with its dequantized int8 weights.  The
-  float part is a full-K matmul over a mostly-zero input: a run-time gather of
-  the outlier columns (a dynamic shape) is what would make it cheap.
+  weights as bitsandbytes meets them with its dequantized int8 weights.  On the
+  CPU the float part runs on the integer part's int8 blocks as a rank-k update
+  over the columns the call made outliers (cpu-select-int-kernels); elsewhere it
+  is a full-K matmul over a mostly-zero input.
 """
 
 import dataclasses

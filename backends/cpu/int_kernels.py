@@ -366,3 +366,83 @@ def fused(name: str, lay: IntLayout, cfg: IntKernelConfig, act_levels: tuple[int
              f"{t.text()}\n  return {out} : tensor<?x{lay.n}xf32>\n}}\n")
     generators = {"gemv": gemv, "gemm": gemm}
     return "".join(declarations().values()) + entry + "".join(generators[v](f"{name}__{v}", lay, cfg) for v in variants)
+
+
+def outlier_columns(name: str, lay: IntLayout) -> str:
+    """Tensor-level kernel: y [?, N] = x_out [?, K] @ dequant(W)^T for an x_out that is zero outside a few
+    columns (split-outliers' dynamic float part), from the int8 blocks the integer kernel already reads.
+
+    The columns with a nonzero entry are listed first (one pass over x_out); then per block of 8
+    output columns, each listed column's 8 codes are gathered from the block's quad vectors and
+    dequantized with the block's scales (as the format reference decodes them) into a small
+    buffer, and each row sums its outlier entries times those vectors in registers and writes its
+    8 outputs once.  Work is O(M K) for the scan plus O(columns x N x M), not a pass over the whole
+    weight."""
+    lay.check()
+    if lay.fmt.bits != 8 or lay.grouped:
+        raise ValueError(f"{lay.format_key}: the outlier-column kernel reads per-channel int8 blocks")
+    t = MlirText()
+    ty = _memref_types(lay)
+    tt = {role: m.replace("memref", "tensor") for role, m in ty.items()}
+    K, N = lay.k, lay.n
+    xty, yty = f"memref<?x{K}xf32>", f"memref<?x{N}xf32>"
+    c0, c1 = t.idx(0), t.idx(1)
+    x = t.v(f"bufferization.to_buffer %xt read_only : tensor<?x{K}xf32> to {xty}")
+    codes = t.v(f"bufferization.to_buffer %codest read_only : {tt['codes']} to {ty['codes']}")
+    scale = t.v(f"bufferization.to_buffer %scalet read_only : {tt['scale']} to {ty['scale']}")
+    M = t.v(f"memref.dim {x}, {c0} : {xty}")
+    zero = t.v("arith.constant 0.0 : f32")
+    cols = t.v(f"memref.alloc() : memref<{K}xindex>")
+    # the columns any row of x_out touches (c <= k, so the unconditional store stays in bounds)
+    count = t.v(f"scf.for %k = {c0} to {t.idx(K)} step {c1} iter_args(%c = {c0}) -> (index) {{")
+    t.indent += 2
+    false = t.v("arith.constant false")
+    anynz = t.v(f"scf.for %m = {c0} to {M} step {c1} iter_args(%a = {false}) -> (i1) {{")
+    t.indent += 2
+    xv = t.v(f"memref.load {x}[%m, %k] : {xty}")
+    nz = t.v(f"arith.cmpf one, {xv}, {zero} : f32")
+    t.op(f"scf.yield {t.v(f'arith.ori %a, {nz} : i1')} : i1")
+    t.close()
+    t.op(f"memref.store %k, {cols}[%c] : memref<{K}xindex>")
+    next_c = t.v(f"arith.addi %c, {c1} : index")
+    t.op(f"scf.yield {t.v(f'arith.select {anynz}, {next_c}, %c : index')} : index")
+    t.close()
+    t.op(f"%y = memref.alloc({M}) {{alignment = 64 : i64}} : {yty}")
+    wbuf = t.v(f"memref.alloc() {{alignment = 64 : i64}} : memref<{K}x8xf32>")
+    c2, c4, c8, c16 = t.idx(2), t.idx(4), t.idx(8), t.idx(16)
+    zv = t.v(f"arith.constant dense<0.0> : {_V8F32}")
+    t.open(f"scf.for %b = {c0} to {t.idx(-(-N // COLS))} step {c1} {{")
+    sv = t.v(f"vector.load {scale}[%b, {c0}, {c0}] : {ty['scale']}, {_V8F32}")
+    n0 = t.v(f"arith.muli %b, {c8} : index")
+    # the block's dequantized weights of the listed columns, 8 output columns a vector
+    t.open(f"scf.for %ci = {c0} to {count} step {c1} {{")
+    k = t.v(f"memref.load {cols}[%ci] : memref<{K}xindex>")
+    q = t.v(f"arith.divui {k}, {c4} : index")
+    r = t.v(f"arith.remui {k}, {c4} : index")
+    # byte 16h + 2j + i of block b, quad q holds w[8b + j, 4q + 2h + i] (int_pack)
+    h16 = t.v(f"arith.muli {t.v(f'arith.divui {r}, {c2} : index')}, {c16} : index")
+    base = t.v(f"arith.addi {h16}, {t.v(f'arith.remui {r}, {c2} : index')} : index")
+    bytes_ = []
+    for j in range(COLS):
+        at = t.v(f"arith.addi {base}, {t.idx(2 * j)} : index")
+        bytes_.append(t.v(f"memref.load {codes}[%b, {q}, {at}] : {ty['codes']}"))
+    w8 = t.v(f"vector.from_elements {', '.join(bytes_)} : vector<8xi8>")
+    wi = t.v(f"arith.extsi {w8} : vector<8xi8> to {_V8I32}")
+    w = t.v(f"arith.mulf {t.v(f'arith.sitofp {wi} : {_V8I32} to {_V8F32}')}, {sv} : {_V8F32}")
+    t.op(f"vector.store {w}, {wbuf}[%ci, {c0}] : memref<{K}x8xf32>, {_V8F32}")
+    t.close()
+    # each row: its outlier entries times those vectors, summed in registers, written once
+    t.open(f"scf.for %m = {c0} to {M} step {c1} {{")
+    acc = t.v(f"scf.for %ci = {c0} to {count} step {c1} iter_args(%acc = {zv}) -> ({_V8F32}) {{")
+    t.indent += 2
+    xmk = t.v(f"memref.load {x}[%m, {t.v(f'memref.load {cols}[%ci] : memref<{K}xindex>')}] : {xty}")
+    wv = t.v(f"vector.load {wbuf}[%ci, {c0}] : memref<{K}x8xf32>, {_V8F32}")
+    xb = t.v(f"vector.broadcast {xmk} : f32 to {_V8F32}")
+    t.op(f"scf.yield {t.v(f'vector.fma {xb}, {wv}, %acc : {_V8F32}')} : {_V8F32}")
+    t.close()
+    t.op(f"vector.transfer_write {acc}, %y[%m, {n0}] : {_V8F32}, {yty}")
+    t.close()
+    t.close()
+    out = t.v(f"bufferization.to_tensor %y restrict writable : {yty} to tensor<?x{N}xf32>")
+    return (f"func.func private @{name}(%xt: tensor<?x{K}xf32>, %codest: {tt['codes']}, %scalet: {tt['scale']}) "
+            f"-> tensor<?x{N}xf32> {{\n{t.text()}\n  return {out} : tensor<?x{N}xf32>\n}}\n")

@@ -23,11 +23,13 @@ def select_kernels(features: dict, openmp: dict | None) -> list[str]:
     if os.environ.get("QCC_CPU_KERNELS") == "reference":
         return []
     threads = "true" if openmp is not None else "false"
-    stage = [f"cpu-select-kernels{{lanes={features['lanes']} threads={threads}}}",
-             f"cpu-vectorize-contractions{{lanes={features['lanes']} threads={threads}}}"]
+    stage = []
+    # the integer kernels first: they also take split-outliers' dynamic float parts (on the int8
+    # blocks of their integer parts); cpu-select-kernels takes the float parts left (non-AVX2 hosts)
     if features["isa"] in ("avx2", "avx512"):  # the integer kernels are AVX2 code (valid on AVX-512)
         stage.append(f"cpu-select-int-kernels{{threads={threads}}}")
-    return stage
+    return stage + [f"cpu-select-kernels{{lanes={features['lanes']} threads={threads}}}",
+                    f"cpu-vectorize-contractions{{lanes={features['lanes']} threads={threads}}}"]
 
 
 def manifest_entry(features: dict, openmp: dict | None, session) -> dict:

@@ -1,6 +1,7 @@
 // RUN: qcc-opt %s --random-params=0 -p 'quantize-weights{format=int4_asym_g128},quantize-activations,dequant-after-gemm,cpu-select-int-kernels' | filecheck %s
 // RUN: qcc-opt %s --random-params=0 -p 'quantize-weights{format=int8_sym_channel},quantize-activations,dequant-after-gemm,cpu-select-int-kernels{threads=false}' | filecheck %s --check-prefix=INT8
 // RUN: qcc-opt %s --random-params=0 -p 'quantize-weights{format=int8_asym_channel},quantize-activations,dequant-after-gemm,cpu-select-int-kernels' | filecheck %s --check-prefix=ASYM8
+// RUN: qcc-opt %s --random-params=0 -p 'split-outliers{decide=dynamic},quantize-weights{format=int8_sym_channel},quantize-activations,dequant-after-gemm,cpu-select-int-kernels' | filecheck %s --check-prefix=DYN
 // RUN: %PYTHON -c "import numpy as np; from safetensors.numpy import save_file; a = np.ones(256, np.float32); a[5] = 12.7; save_file({'fc.weight/absmax': a, 'fc2.weight/absmax': a}, '%t.stats')"
 // RUN: qcc-opt %s --random-params=0 -p 'quantize-weights{format=int8_sym_channel},quantize-activations{format=int8_sym_tensor stats=%t.stats},dequant-after-gemm,cpu-select-int-kernels' --output-params=%t.params | filecheck %s --check-prefix=STATIC
 // RUN: %PYTHON -c "from safetensors.numpy import load_file; print('act_scale:', load_file('%t.params')['fc.weight:int8_sym_channel:int8x8x4:act_scale'].tolist())" | filecheck %s --check-prefix=STATICVAL
@@ -81,6 +82,19 @@
 // STATIC-NOT: math.absf
 // STATIC: math.roundeven
 // STATICVAL: act_scale: [0.10000000149011612]
+
+// split-outliers' dynamic float part (float input, the same int8 weight) reads the int8
+// blocks of its integer part: a rank-k update over the columns the call made outliers,
+// gathered from the block's quad vectors; no second packed copy of the weight.
+// DYN-LABEL: func.func @decode
+// DYN-SAME: %[[C:[^:]*]]: tensor<8x64x32xi8> {qcc.param = "fc.weight:int8_sym_channel:int8x8x4:codes"}
+// DYN-SAME: %[[S:[^:]*]]: tensor<8x1x8xf32> {qcc.param = "fc.weight:int8_sym_channel:int8x8x4:scale"})
+// DYN: call @qcc_cpu_int_int8_sym_channel_int8_sym_token_256x64_gemv(%{{.*}}, %[[C]], %[[S]])
+// DYN: call @qcc_cpu_int_outliers_int8_sym_channel_256x64(%{{.*}}, %[[C]], %[[S]])
+// DYN-LABEL: func.func private @qcc_cpu_int_outliers_int8_sym_channel_256x64(
+// DYN: arith.cmpf one
+// DYN: vector.from_elements {{.*}} : vector<8xi8>
+// DYN: vector.fma
 
 // Unsigned int8 codes (up to 255) would saturate vpmaddubsw: left to the reference lowering.
 // ASYM8-LABEL: func.func @decode

@@ -338,8 +338,13 @@ def dynamic_split_model(model, wfmt="int8_sym_channel", afmt="int8_sym_token", t
 def test_llm_int8_dynamic_matches_reference(name):
     """The outlier columns are chosen per call (no calibration): two calls with outliers in
     different columns, and one token (the decode kernels), each match the reference."""
+    from qcc.backends.cpu import host
+
     model, inputs, _ = MODELS[name]()
     compiled = qcc.compile(model, inputs, quant="llm-int8-dynamic")
+    if host.features()["isa"] in ("avx2", "avx512"):  # the float parts on the integer parts' int8 blocks
+        assert all(k.get("outlier_kernel") for k in compiled.manifest["cpu"]["kernels"].values())
+        assert not any(":panels" in name for name in compiled.weights)  # one packed copy of each weight
     reference = dynamic_split_model(model)
     x = inputs[0]
     other = with_outlier_columns(x.clamp(-3.0, 3.0), [11, 90])  # other outlier columns than x's
