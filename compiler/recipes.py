@@ -21,7 +21,9 @@ Named recipes:
   ``llm-int8-dynamic``: the columns chosen per call from that call's rows, as
   bitsandbytes does (no calibration); the float columns meet the int8 weights.
 * ``w8a8-had``, ``w4a4-had``: QuaRot: the residual stream rotated by a random
-  Hadamard matrix, an online Hadamard transform on the down projections' input.
+  Hadamard matrix, an online Hadamard transform on the down projections' input;
+  the int4 presets also clip activations at 0.9 of each row's absmax
+  (``int4_sym_token_clip0.9``, QuaRot's ratio).
 * ``w4a4-reorder``, ``w4a4-had-reorder``: (w4a4-had's rotation, then) each
   linear's 32 largest input channels split off (reorder-channels) and kept
   int8 weights / int8 activations (the override ``:outliers$``), as Atom does.
@@ -101,12 +103,16 @@ NAMED = {
 # clear error naming the missing pass.  Add options to the pass texts here.
 # reorder-channels' outlier parts ('<W>:outliers') in int8, as Atom keeps them
 _OUTLIERS_INT8 = ((":outliers$", "int8_sym_channel", "int8_sym_token"),)
+# int4 activations of rotated (Gaussian-like) rows: each row's scale maps 0.9 of its absmax to
+# qmax (QuaRot's activation clipping ratio); not for unrotated rows, whose largest entries are
+# the outlier channels clipping would cut
+_ACT_CLIP = "int4_sym_token_clip0.9"
 EXTENSIONS = {
     "w8a8-had": RecipeSpec("int8_sym_channel", "int8_sym_token", before=("fuse-rotation",)),
-    "w4a4-had": RecipeSpec("int4_sym_channel", "int4_sym_token", before=("fuse-rotation",), weight_options=_CLIP),
+    "w4a4-had": RecipeSpec("int4_sym_channel", _ACT_CLIP, before=("fuse-rotation",), weight_options=_CLIP),
     "w4a4-reorder": RecipeSpec("int4_sym_channel", "int4_sym_token", before=("reorder-channels",),
                                weight_options=_CLIP, overrides=_OUTLIERS_INT8),
-    "w4a4-had-reorder": RecipeSpec("int4_sym_channel", "int4_sym_token", before=("fuse-rotation", "reorder-channels"),
+    "w4a4-had-reorder": RecipeSpec("int4_sym_channel", _ACT_CLIP, before=("fuse-rotation", "reorder-channels"),
                                    weight_options=_CLIP, overrides=_OUTLIERS_INT8),
     "w8a8-smooth": RecipeSpec("int8_sym_channel", "int8_sym_token", before=("smooth-channels",)),
     "w4a16-g128-awq": RecipeSpec("int4_asym_g128", before=("awq{format=int4_asym_g128}",)),

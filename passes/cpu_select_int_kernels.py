@@ -151,7 +151,8 @@ class CpuSelectIntKernels(QccPass):
             ("" if variant == "dispatch" else f"_{variant}")
         if kname not in defined:
             kernel_calls.append_kernel(body, int_kernels.fused(kname, lay, cfg, afmt.levels(), static_m,
-                                                               static_scale=static_scale is not None), defined)
+                                                               static_scale=static_scale is not None,
+                                                               act_clip=afmt.clip), defined)
         kernel_calls.replace_with_call(sa.result, qd.operands[0], args, kname, lay.k, lay.n)
         sx = sa.operands[1]
         sa.erase()

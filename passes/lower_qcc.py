@@ -113,8 +113,12 @@ def _act_codes_body(fmt) -> tuple[str, str]:
 
 
 def quantize_dynamic_kernel(name: str, fmt, k: int) -> str:
-    """Per-token quantization: amax over each row, scale = amax / qmax (0 -> 1), codes."""
+    """Per-token quantization: amax over each row, scale = (amax [* clip]) / qmax (0 -> 1), codes."""
     consts, body = _act_codes_body(fmt)
+    clip, amax = "", "%a"
+    if fmt.clip != 1.0:
+        consts += f"  %cclip = arith.constant {float(fmt.clip)!r} : f32\n"
+        clip, amax = "    %ac = arith.mulf %a, %cclip : f32\n", "%ac"
     return f"""
 func.func private @{name}(%x: tensor<?x{k}xf32>) -> (tensor<?x{k}xi8>, tensor<?x1xf32>) {{
   %c0 = arith.constant 0 : index
@@ -137,7 +141,7 @@ func.func private @{name}(%x: tensor<?x{k}xf32>) -> (tensor<?x{k}xi8>, tensor<?x
       iterator_types = ["parallel", "parallel"]}}
       ins(%amax : tensor<?x1xf32>) outs(%e : tensor<?x1xf32>) {{
   ^bb0(%a: f32, %unused: f32):
-    %q = arith.divf %a, %cqmax : f32
+{clip}    %q = arith.divf {amax}, %cqmax : f32
     %is0 = arith.cmpf oeq, %q, %zero : f32
     %sc = arith.select %is0, %one, %q : f32
     linalg.yield %sc : f32

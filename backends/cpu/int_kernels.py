@@ -265,10 +265,11 @@ def gemm(name: str, lay: IntLayout, cfg: IntKernelConfig) -> str:
 
 
 def _quantize(t: MlirText, lay: IntLayout, act_levels: tuple[int, int], M: str, x: str,
-              static_scale: str | None = None) -> None:
+              static_scale: str | None = None, clip: float = 1.0) -> None:
     """%xq (codes, lay.x_per_word to a word), %sx (per-row scales) and, for int4 weights, %xs (group sums of
     the codes) of x, step by step as the activation format's reference; with `static_scale` (an f32
-    value: a per-tensor format's calibrated scale) every row takes that scale instead of its own."""
+    value: a per-tensor format's calibrated scale) every row takes that scale instead of its own;
+    `clip` < 1 scales each row's absmax first (the format's clip ratio)."""
     K, G = lay.k, lay.group
     qmin, qmax = act_levels
     xty = f"memref<?x{K}xf32>"
@@ -287,6 +288,8 @@ def _quantize(t: MlirText, lay: IntLayout, act_levels: tuple[int, int], M: str, 
         t.op(f"scf.yield {t.v(f'arith.maximumf %a, {a} : {_V8F32}')} : {_V8F32}")
         t.close()
         h = t.v(f"vector.reduction <maximumf>, {amax} : {_V8F32} into f32")
+        if clip != 1.0:
+            h = t.v(f"arith.mulf {h}, {t.v(f'arith.constant {float(clip)!r} : f32')} : f32")
         s = t.v(f"arith.divf {h}, {t.v(f'arith.constant {float(qmax)!r} : f32')} : f32")
         is0 = t.v(f"arith.cmpf oeq, {s}, {t.v('arith.constant 0.0 : f32')} : f32")
         s = t.v(f"arith.select {is0}, {t.v('arith.constant 1.0 : f32')}, {s} : f32")
@@ -318,7 +321,7 @@ def _quantize(t: MlirText, lay: IntLayout, act_levels: tuple[int, int], M: str, 
 
 
 def fused(name: str, lay: IntLayout, cfg: IntKernelConfig, act_levels: tuple[int, int],
-          static_m: int | None = None, static_scale: bool = False) -> str:
+          static_m: int | None = None, static_scale: bool = False, act_clip: float = 1.0) -> str:
     """Tensor-level entry: x [?, K] f32 and the packed weight -> y [?, N] f32, with its kernels:
     both and a run-time dispatch on M, or only the one for `static_m`.  With `static_scale` the
     entry takes one more argument, the activations' calibrated per-tensor scale (tensor<1xf32>)."""
@@ -344,7 +347,7 @@ def fused(name: str, lay: IntLayout, cfg: IntKernelConfig, act_levels: tuple[int
     if static_scale:
         sxs = t.v("bufferization.to_buffer %act_scalet read_only : tensor<1xf32> to memref<1xf32>")
         scale = t.v(f"memref.load {sxs}[{c0}] : memref<1xf32>")
-    _quantize(t, lay, act_levels, M, x, scale)
+    _quantize(t, lay, act_levels, M, x, scale, act_clip)
     t.op(f"%y = memref.alloc({M}) {{alignment = 64 : i64}} : memref<?x{lay.n}xf32>")
     params = _kernel_params(lay)
     args = ", ".join(f"%{n}" for n, _ in params)

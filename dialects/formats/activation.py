@@ -1,10 +1,14 @@
 """Activation formats: symmetric int8 / int4 codes per token (dynamic) or per tensor (static).
 
-Keys ``int{8,4}_sym_{token,tensor}``; ``none`` means float activations. The
-activation of a linear layer is a 2-D ``x[M, K]`` (M tokens, K input features).
+Keys ``int{8,4}_sym_{token,tensor}``, per token also ``..._token_clip<r>``;
+``none`` means float activations. The activation of a linear layer is a 2-D
+``x[M, K]`` (M tokens, K input features).
 
 * ``token`` (dynamic): one scale per row, computed at run time,
-  ``scale[m] = max_k |x[m, k]| / qmax`` with shape ``[M, 1]``.
+  ``scale[m] = max_k |x[m, k]| / qmax`` with shape ``[M, 1]``; with ``clip<r>``
+  (0 < r < 1, e.g. ``int4_sym_token_clip0.9``, QuaRot's activation clipping)
+  ``scale[m] = (max_k |x[m, k]| * r) / qmax``: the largest entries of a row
+  saturate, the rest get a finer step (for rows without outliers, e.g. rotated).
 * ``tensor`` (static): one scale ``[1, 1]`` fixed at compile time from
   calibration, ``scale = absmax / qmax`` where absmax is the largest |x| the
   linear's input reached over the calibration inputs.
@@ -27,8 +31,8 @@ import numpy as np
 from .base import FormatError
 
 _F32 = np.float32
-_ACT_KEY_RE = re.compile(r"int(4|8)_sym_(token|tensor)")
-ACT_KEY_GRAMMAR = "int{4,8}_sym_{token,tensor} or none"
+_ACT_KEY_RE = re.compile(r"int(4|8)_sym_(token|tensor)(?:_clip(0?\.[0-9]+))?")
+ACT_KEY_GRAMMAR = "int{4,8}_sym_{token,tensor}, int{4,8}_sym_token_clip<r> (0 < r < 1) or none"
 
 
 @dataclass(frozen=True)
@@ -36,19 +40,25 @@ class ActFormat:
     """A symmetric integer activation format.
 
     bits: 8 or 4.  granularity: "token" (dynamic, per row) or "tensor" (static).
+    clip: the fraction of each row's absmax that maps to qmax (per token only; 1.0: none).
     """
 
     bits: int
     granularity: str
+    clip: float = 1.0
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
             raise FormatError(f"activation format bits must be 4 or 8, got {self.bits!r}")
         if self.granularity not in ("token", "tensor"):
             raise FormatError(f"activation granularity must be 'token' or 'tensor', got {self.granularity!r}")
+        if not 0.0 < self.clip <= 1.0:
+            raise FormatError(f"activation clip ratio must be in (0, 1], got {self.clip!r}")
+        if self.clip != 1.0 and self.granularity != "token":
+            raise FormatError("a clip ratio applies to per-token scales; a per-tensor scale comes from calibration")
 
     def key(self) -> str:
-        return f"int{self.bits}_sym_{self.granularity}"
+        return f"int{self.bits}_sym_{self.granularity}" + (f"_clip{self.clip:g}" if self.clip != 1.0 else "")
 
     @property
     def dynamic(self) -> bool:
@@ -80,6 +90,11 @@ def parse_act_format(spec: str) -> ActFormat | None:
         return None
     if key in ACT_FORMATS:
         return ACT_FORMATS[key]
+    m = _ACT_KEY_RE.fullmatch(key)
+    if m and m.group(3) is not None:
+        fmt = ActFormat(int(m.group(1)), m.group(2), float(m.group(3)))
+        if fmt.clip < 1.0:
+            return fmt
     raise FormatError(f"unknown activation format {spec!r}: expected {ACT_KEY_GRAMMAR}; "
                       f"registered: {', '.join(list_act_formats())}, none")
 
@@ -108,7 +123,8 @@ def quantize_act(x, fmt: ActFormat, scale=None) -> tuple[np.ndarray, np.ndarray]
     if fmt.dynamic:
         if scale is not None:
             raise FormatError(f"{fmt.key()} computes its scales from x; do not pass one")
-        s = np.max(np.abs(x), axis=1, keepdims=True) / _F32(qmax)
+        amax = np.max(np.abs(x), axis=1, keepdims=True)
+        s = (amax * _F32(fmt.clip) if fmt.clip != 1.0 else amax) / _F32(qmax)
         s = np.where(s == 0, _F32(1.0), s).astype(_F32)
     else:
         if scale is None:

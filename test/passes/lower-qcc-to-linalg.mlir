@@ -58,6 +58,18 @@ func.func @quantize_int4_token(%x: tensor<3x32xf32>) -> (tensor<3x32xi8>, tensor
   return %q, %s : tensor<3x32xi8>, tensor<3x1xf32>
 }
 
+// A clip ratio scales each row's absmax before the division by qmax.
+// CHECK-LABEL: func.func @quantize_int4_token_clip
+// CHECK-DAG: %[[CLIP:.*]] = arith.constant 0.899999976 : f32
+// CHECK-DAG: %[[C7:.*]] = arith.constant 7.000000e+00 : f32
+// CHECK: arith.maximumf
+// CHECK: %[[AC:.*]] = arith.mulf %{{.*}}, %[[CLIP]] : f32
+// CHECK-NEXT: arith.divf %[[AC]], %[[C7]] : f32
+func.func @quantize_int4_token_clip(%x: tensor<3x32xf32>) -> (tensor<3x32xi8>, tensor<3x1xf32>) {
+  %q, %s = "qcc.quantize_dynamic"(%x) {format = #qcc.format<"int4_sym_token_clip0.9">} : (tensor<3x32xf32>) -> (tensor<3x32xi8>, tensor<3x1xf32>)
+  return %q, %s : tensor<3x32xi8>, tensor<3x1xf32>
+}
+
 // Asymmetric int8 weights per channel: unsigned codes (extui), then the zero
 // point as i32 row-sum correction acc - z[n] * sum_k xq[m, k].
 // CHECK-LABEL: func.func @matmul_int8_asym_channel

@@ -5,11 +5,18 @@
 // RUN: qcc-opt %s -p 'quantize-activations{format=int8_sym_tensor stats=%t.stats}' | filecheck %s --check-prefix=STATIC
 // RUN: not qcc-opt %s -p 'quantize-activations{format=int8_sym_tensor}' 2>&1 | filecheck %s --check-prefix=NOCAL
 // RUN: not qcc-opt %s -p 'quantize-activations{format=int8_asym_token}' 2>&1 | filecheck %s --check-prefix=BADFMT
+// RUN: qcc-opt %s -p 'quantize-activations{format=int4_sym_token_clip0.9}' | filecheck %s --check-prefix=CLIP
+// RUN: not qcc-opt %s -p 'quantize-activations{format=int4_sym_tensor_clip0.9}' 2>&1 | filecheck %s --check-prefix=BADCLIP
 
 // quantize-activations only decides: it sets act_format on each qcc.qlinear
 // whose activations are still float (dequant-after-gemm rewrites them).  Layers
 // are named by their float weight; `exclude` keeps matching ones float, and a
 // later instance leaves ops that an earlier one decided alone (per-layer overrides).
+
+// Per-token scales that map 0.9 of each row's absmax to qmax (QuaRot's activation clipping).
+// CLIP-LABEL: func.func @two_linears
+// CLIP: act_format = #qcc.format<"int4_sym_token_clip0.9">
+// BADCLIP: error: quantize-activations: a clip ratio applies to per-token scales; a per-tensor scale comes from calibration
 
 // CHECK-LABEL: func.func @two_linears
 // CHECK: "qcc.qlinear"(%arg0, %arg1, %arg2) {act_format = #qcc.format<"int8_sym_token">, weight_format = #qcc.format<"int8_sym_channel">}
@@ -33,7 +40,7 @@
 // Without calibration data (or a statistics file) there is no static scale.
 // NOCAL: error: quantize-activations: static activation scales need calibration: this pass needs calibration data
 // NOCAL-SAME: calibration=[inputs, ...]
-// BADFMT: error: quantize-activations: unknown activation format 'int8_asym_token': expected int{4,8}_sym_{token,tensor} or none
+// BADFMT: error: quantize-activations: unknown activation format 'int8_asym_token': expected int{4,8}_sym_{token,tensor}, int{4,8}_sym_token_clip<r> (0 < r < 1) or none
 func.func @two_linears(%x: tensor<4x256xf32>,
                        %w1: tensor<256x256xi8> {qcc.param = "fc1.weight:int8_sym_channel:codes"},
                        %s1: tensor<256x1xf32> {qcc.param = "fc1.weight:int8_sym_channel:scale"},

@@ -60,6 +60,22 @@ def test_codes_within_levels_and_error_bound(key):
     assert np.all(err <= s / 2 * (1 + 1e-6))  # round to nearest, nothing clipped (absmax fits)
 
 
+def test_clip_hand_worked():
+    """int4_sym_token_clip0.9: scale = (absmax * 0.9) / 7; the row's largest entries saturate."""
+    fmt = activation.parse_act_format("int4_sym_token_clip0.9")
+    assert (fmt.bits, fmt.granularity, fmt.clip, fmt.key()) == (4, "token", 0.9, "int4_sym_token_clip0.9")
+    x = np.array([[7.0, -3.5, 2.5, -7.0]], np.float32)
+    codes, scale = activation.quantize_act(x, fmt)
+    assert scale[0, 0] == np.float32(np.float32(7.0) * np.float32(0.9)) / np.float32(7.0)
+    # 7 / 0.9 = 7.78 -> 8 -> 7 (saturates); -3.5 / 0.9 = -3.89 -> -4; 2.5 / 0.9 = 2.78 -> 3; -7.78 -> -8
+    np.testing.assert_array_equal(codes, [[7, -4, 3, -8]])
+    with pytest.raises(FormatError, match="a clip ratio applies to per-token scales"):
+        activation.parse_act_format("int8_sym_tensor_clip0.9")
+    for bad in ("int4_sym_token_clip1.5", "int4_sym_token_clip1.0", "int4_sym_token_clip0"):
+        with pytest.raises(FormatError, match="unknown activation format"):
+            activation.parse_act_format(bad)
+
+
 def test_parse_errors():
     assert activation.parse_act_format("none") is None
     assert activation.parse_act_format(" INT8_sym_token ").key() == "int8_sym_token"
@@ -107,6 +123,8 @@ CASES = [
     ("int8_asym_channel", "int8_sym_token"),  # unsigned int8 codes, one zero point a row
     ("int4_sym_g64", "int4_sym_token"),
     ("int8_sym_tensor", "int8_sym_token"),
+    ("int4_sym_channel", "int4_sym_token_clip0.9"),  # QuaRot's activation clipping: rows' largest entries saturate
+    ("int8_sym_channel", "int8_sym_token_clip0.95"),
 ]
 
 
@@ -115,7 +133,7 @@ def test_dynamic_matches_fake_quant_reference(linear, wfmt, afmt):
     lin, ep, x = linear
     compiled = qcc.compile(ep, quant={"weight_format": wfmt, "act_format": afmt})
     got = compiled(x).numpy()
-    expect = fake_quant_reference(compiled, x, activation.ACT_FORMATS[afmt])
+    expect = fake_quant_reference(compiled, x, activation.parse_act_format(afmt))
     assert rel_err(got, expect) <= 1e-5
     # activations really were quantized: weight-only fake quant differs
     weight_only = x.numpy().astype(np.float64) @ dequantized_weights(compiled)["weight"].astype(np.float64).T

@@ -75,7 +75,9 @@ def test_fused_kernel_matches_dequant_after_gemm(recipe, k, n):
         assert err < 1e-5, f"{recipe} K={k} N={n} M={m}: relative error {err}"
 
 
-@pytest.mark.parametrize("recipe", ["w8a8", "w4a8-g128"])
+@pytest.mark.parametrize("recipe", ["w8a8", "w4a8-g128",
+                                    {"weight_format": "int4_sym_channel", "act_format": "int4_sym_token_clip0.9"}],
+                         ids=["w8a8", "w4a8-g128", "w4a4-actclip0.9"])
 def test_same_bits_as_reference_lowering(recipe, monkeypatch):
     """Integer sums are exact and the f32 scaling follows the reference lowering's order."""
     k, n = 256, 24
