@@ -588,7 +588,14 @@ SMALL_MODELS = {
                                        max_seq=64, seed=2), dict(batch=1, seq=16, seed=3), "w8a16"),
     "decode-w4a16-g128": ("DecodeStep", dict(layers=1, hidden=256, ffn=768, heads=4, max_seq=160, cache=64),
                           dict(seed=0), "w4a16-g128"),
+    # outlier columns chosen per call on the device (residual-stream channels ~20x the rest)
+    "model-llm-int8-dynamic": ("LlamaModel", dict(vocab=512, hidden=256, layers=2, heads=4, kv_heads=2, ffn=768,
+                                                  max_seq=64, seed=2, massive_activations=True),
+                               dict(batch=1, seq=16, seed=3), "llm-int8-dynamic"),
 }
+# recipes whose oracle is test_recipes' numpy semantics, computed at build time (not the model on the
+# device with the artifact's dequantized weights)
+_BUILD_TIME_ORACLE = ("w8a8", "llm-int8-dynamic")
 # The benchmark: DecodeStep over test/bench_models.bench_llama (4 layers, hidden 2048, SwiGLU
 # 5632, 16 heads, vocab 512) with a 512-token KV cache. Its weights (0.2 B parameters) do not
 # travel: the artifact is stored without them and the device fills them from the same
@@ -631,13 +638,18 @@ def _cpu_reference(model, inputs, recipe, compiled):
         from test_recipes import RECIPE_FORMATS, fake_quant_model
         linears = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
         ref = fake_quant_model(model, {w: RECIPE_FORMATS["w8a8"] for w in linears})
+    elif recipe == "llm-int8-dynamic":
+        _test_path()
+        sys.path.insert(0, os.path.join(ROOT, "test", "python"))
+        from test_recipes import dynamic_split_model
+        ref = dynamic_split_model(model)
     elif recipe == "float":
         ref = model
     else:
         ref = torch_ref.a16_reference(model, compiled.manifest, dequantized_weights(compiled))
     xs = [x.double() if x.is_floating_point() else x for x in inputs]
     with torch.no_grad():
-        out = ref.double()(*xs) if recipe != "w8a8" else ref(*inputs)
+        out = ref.double()(*xs) if recipe not in _BUILD_TIME_ORACLE else ref(*inputs)
     return [o.double().numpy() for o in (out if isinstance(out, tuple) else (out,))]
 
 
@@ -655,9 +667,11 @@ def build_models(out_dir, quick=False, arch="sm_90"):
         c = qcc.compile(model, inputs, target="cuda", quant=recipe, gpu_arch=arch)
         c.save(os.path.join(mdir, f"{name}.qcc"))
         expect = _cpu_reference(model, inputs, recipe, c)
+        floats = _cpu_reference(model, inputs, "float", c) if recipe in _BUILD_TIME_ORACLE else []
         np.savez(os.path.join(mdir, f"{name}.npz"),
                  **{f"in{i}": x.numpy() for i, x in enumerate(inputs)},
-                 **{f"expect{i}": e for i, e in enumerate(expect)})
+                 **{f"expect{i}": e for i, e in enumerate(expect)},
+                 **{f"float{i}": e for i, e in enumerate(floats)})
         meta["small"][name] = {"cls": cls, "ctor": ctor, "inputs": inp, "recipe": recipe,
                                "launches": len(c.manifest["cuda"]["plan"]["launches"]),
                                "gemv_layers": len(c.manifest["cuda"]["layers"])}
@@ -709,6 +723,11 @@ def _rel(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
+def _frob(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)) if np.isfinite(a).all() else float("inf")
+
+
 def _state_dict_from_artifact(manifest, weights, pack):
     """{state-dict name: float array}: the artifact's float parameters, and each quantized
     weight dequantized as the kernels decode it."""
@@ -738,12 +757,13 @@ def models_section(args, log, results, dev, emu):
             data = np.load(os.path.join(mdir, f"{name}.npz"))
             xs = [torch.from_numpy(data[f"in{i}"]) for i in range(len(manifest["inputs"]))]
             expect_cpu = [data[k] for k in sorted(data.files) if k.startswith("expect")]
+            float_cpu = [data[k] for k in sorted(data.files) if k.startswith("float")]
             got = cm(*[x.to(dev) for x in xs]) if not emu else cm(*[x.numpy() for x in xs])
             got = [g.float().cpu().numpy() if hasattr(g, "cpu") else g for g in
                    (got if isinstance(got, tuple) else (got,))]
             # PyTorch on the device: the model with the artifact's weights, float64 and float32
             model, _ = make_model(m["cls"], m["ctor"], m["inputs"])
-            if m["recipe"] != "w8a8":
+            if m["recipe"] not in _BUILD_TIME_ORACLE:
                 sd = _state_dict_from_artifact(manifest, weights, pack)
                 # parameters the traced graph does not use (e.g. a decode step's causal mask) are
                 # not in the artifact; the model keeps its own values for them
@@ -763,6 +783,16 @@ def models_section(args, log, results, dev, emu):
                 ref_kind = "fake-quant f64 (CPU, build time)"
             err_cpu = max(_rel(g, e) for g, e in zip(got, expect_cpu))
             ok = err <= 1e-4
+            flips = ""
+            if not ok and float_cpu:
+                # Quantized activations: where the GPU's float rounding (RMSNorm, softmax) differs
+                # from the CPU's by an ulp at a rounding boundary, an integer code flips and moves its
+                # outputs by one quantization step; the GPU's distance from the oracle must then stay
+                # a small fraction (1/4) of the recipe's own quantization error (oracle vs float).
+                dev = max(_frob(g, e) for g, e in zip(got, expect_cpu))
+                quant = max(_frob(e, f) for e, f in zip(expect_cpu, float_cpu))
+                ok = dev <= 0.25 * quant
+                flips = f"; code flips: ||gpu - oracle|| {dev:.2e} vs quantization error {quant:.2e}"
             row = {"model": name, "recipe": m["recipe"], "err": err, "err_vs_build_ref": err_cpu,
                    "torch_f32_err": err32, "launches": len(manifest["cuda"]["plan"]["launches"]),
                    "gemv_layers": len(manifest["cuda"]["layers"]), "ok": ok, "ref": ref_kind,
@@ -770,7 +800,7 @@ def models_section(args, log, results, dev, emu):
             rows.append(row)
             log(f"  {name:20s} {m['recipe']:11s} rel err {err:.2e} ({ref_kind}; build-time oracle "
                 f"{err_cpu:.2e}; torch f32 itself {err32:.1e}) {row['launches']} launches, "
-                f"{row['gemv_layers']} GEMV layers, {cm.image}, graph {cm.use_graph} "
+                f"{row['gemv_layers']} GEMV layers, {cm.image}, graph {cm.use_graph}{flips} "
                 f"[{'ok' if ok else 'FAIL'}] {time.time() - t0:.1f}s")
             cm.close()
         except Exception as e:
