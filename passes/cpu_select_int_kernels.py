@@ -42,6 +42,12 @@ def _splat_scale(value) -> float | None:
     return float(ir.FloatAttr(attr.get_splat_value()).value) if attr.is_splat else None
 
 
+def _param_name(sig, value) -> str | None:
+    """The parameter store name `value` is bound to, if it is a parameter argument."""
+    index = irutil.block_arg_number(value)
+    return sig.param_name(index) if index is not None else None
+
+
 def _sole_user(value):
     uses = list(value.uses)
     return uses[0].owner if len(uses) == 1 else None
@@ -102,8 +108,7 @@ class CpuSelectIntKernels(QccPass):
                 return None
         fmt = formats.parse_weight_format(format_key(mm.attributes["weight_format"]))
         weights = [mm.operands[1], sw] + ([mm.operands[2]] if len(mm.operands) > 2 else [])
-        names = [sig.param_name(irutil.block_arg_number(v)) if irutil.block_arg_number(v) is not None else None
-                 for v in weights]
+        names = [_param_name(sig, v) for v in weights]
         if None in names or any(nm not in self.session.params for nm in names):
             return None
         k, n = irutil.tensor_shape(mm.operands[0])[1], irutil.tensor_shape(sa.result)[1]
@@ -121,8 +126,7 @@ class CpuSelectIntKernels(QccPass):
         a rank-k update over the columns the call made outliers, no second copy of the weight."""
         from qcc.backends.cpu import int_kernels, kernel_calls
 
-        codes = sig.param_name(irutil.block_arg_number(op.operands[1])) \
-            if irutil.block_arg_number(op.operands[1]) is not None else None
+        codes = _param_name(sig, op.operands[1])
         if codes not in packed or format_key(op.attributes["act_format"]) != "none":
             return
         lay, names = packed[codes]

@@ -165,15 +165,15 @@ def rewrite_linears(pass_, module, fmt, exclude, solve) -> None:
     store = pass_.session.params
     solved = {}  # a weight read by several linears (split-outliers' dynamic parts) is quantized once
     for func, mm, w_name in wanted_linears(module, exclude):
-        if w_name not in store:
-            raise PassError(mm, f"no value for parameter '{w_name}' in the parameter store")
-        w = np.asarray(store[w_name], _F32)
-        try:
-            qt = solved[w_name] if w_name in solved else solve(mm, w_name, w)
-        except formats.FormatError as e:
-            raise PassError(mm, f"cannot quantize '{w_name}' [{w.shape[0]}x{w.shape[1]}] as {fmt.key()}: {e}")
-        solved[w_name] = qt
-        emit_qlinear(pass_.session, irutil.Signature(func), mm, w_name, qt)
+        if w_name not in solved:
+            if w_name not in store:
+                raise PassError(mm, f"no value for parameter '{w_name}' in the parameter store")
+            w = np.asarray(store[w_name], _F32)
+            try:
+                solved[w_name] = solve(mm, w_name, w)
+            except formats.FormatError as e:
+                raise PassError(mm, f"cannot quantize '{w_name}' [{w.shape[0]}x{w.shape[1]}] as {fmt.key()}: {e}")
+        emit_qlinear(pass_.session, irutil.Signature(func), mm, w_name, solved[w_name])
     for func in irutil.functions(module):
         for name in irutil.Signature(func).erase_unused_params():
             if name in store:

@@ -1,15 +1,16 @@
 """split-outliers: LLM.int8() (Dettmers et al. 2022) mixed-precision decomposition.
 
 Input columns whose absmax exceeds `threshold` (6.0) stay float, the rest goes
-through the quantized matmul.  Runs before quantize-weights, which then
-quantizes the `<weight>:inliers` linears.  Two ways to decide the columns:
+through the quantized matmul.  Runs before quantize-weights.  Two ways to
+decide the columns:
 
 * `decide=calibration` (default): from calibration data (or `stats=FILE`), once.
   `x @ W^T` becomes `(x * mask) @ W_in^T + x[:, outliers] @ W_out^T`; the
   selection is folded into the weights at compile time (W_in: W with those
   columns zeroed, so K stays intact as in bitsandbytes; W_out^T: the gathered
   columns, float), the float part's gather is a static index_select, and the
-  zeroed columns cannot inflate the int8 part's per-token scales.
+  zeroed columns cannot inflate the int8 part's per-token scales;
+  quantize-weights then quantizes the `<weight>:inliers` linears.
 * `decide=dynamic`: per call, as bitsandbytes does, no calibration needed.
   `out = (max_m |x[m, k]| > threshold)` over the call's M rows, `x_out = x * out`,
   `x_in = x - x_out`, and `x_in @ W^T + x_out @ W^T`: both matmuls read the one
@@ -90,15 +91,15 @@ class SplitOutliers(QccPass):
             if self.options.decide == "dynamic":
                 for mm, w_name in sites:
                     self._split_dynamic(mm, w_name)
-                sites = []
             elif sites:
                 stats = self._absmax(sites[0][0])
-            for mm, w_name in sites:
-                if w_name not in stats:
-                    raise PassError(mm, f"no calibration statistics for linear '{w_name}': calibration did not reach it")
-                outliers = np.flatnonzero(stats[w_name].absmax > self.options.threshold)
-                if outliers.size:
-                    self._split(sig, mm, w_name, outliers)
+                for mm, w_name in sites:
+                    if w_name not in stats:
+                        raise PassError(mm, f"no calibration statistics for linear '{w_name}': "
+                                            f"calibration did not reach it")
+                    outliers = np.flatnonzero(stats[w_name].absmax > self.options.threshold)
+                    if outliers.size:
+                        self._split(sig, mm, w_name, outliers)
             for name in sig.erase_unused_params():
                 if name in self.session.params:
                     del self.session.params[name]

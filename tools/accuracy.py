@@ -28,7 +28,8 @@ import time
 import numpy as np
 import torch
 
-RECIPES = ["float", "w8a16", "w4a16-sym", "w4a16-g128", "w8a8", "llm-int8", "llm-int8-dynamic", "w4a8-g128", "w4a4", "w8a8-had", "w4a4-had",
+RECIPES = ["float", "w8a16", "w4a16-sym", "w4a16-g128", "w8a8", "llm-int8", "llm-int8-dynamic", "w4a8-g128", "w4a4",
+           "w8a8-had", "w4a4-had",
            "w4a4-reorder", "w4a4-had-reorder", "w8a8-smooth", "w4a16-g128-awq", "w4a16-g128-gptq",
            # GPTQ instead of round-to-nearest (QuaRot's and Atom's headline numbers use GPTQ weights)
            "w8a16-gptq", "w8a8-gptq", "llm-int8-gptq", "w4a4-gptq", "w8a8-had-gptq", "w4a4-had-gptq",
@@ -128,6 +129,7 @@ def layer_errors(ep, calib, recipe, remarks=None, held_out=None):
         # weights split per call by split-outliers{decide=dynamic}: one of their qlinears keeps float input
         per_call = {qlinear_weight_name(func, op) for op in irutil.walk(func, "qcc.qlinear")
                     if FLOAT_ACTIVATIONS in op.attributes}
+        threshold = _dynamic_threshold(recipe) if per_call else None
         for op in irutil.walk(func, "qcc.qlinear"):
             part = qlinear_weight_name(func, op)
             fmt = formats.parse_weight_format(format_key(op.attributes["weight_format"]))
@@ -145,7 +147,7 @@ def layer_errors(ep, calib, recipe, remarks=None, held_out=None):
             for batches, st, diff in zip(sets, stats, diffs):
                 x = st[part].samples.astype(np.float64)
                 if part in per_call:
-                    x = _dynamic_part(x, len(batches), _dynamic_threshold(recipe), FLOAT_ACTIVATIONS in op.attributes)
+                    x = _dynamic_part(x, len(batches), threshold, FLOAT_ACTIVATIONS in op.attributes)
                 xq = activation.fake_quant_act(x.astype(np.float32), afmt, scale).astype(np.float64)
                 y = xq @ w_deq.T - x @ floats[part].astype(np.float64).T
                 diff[base] = diff.get(base, 0.0) + y

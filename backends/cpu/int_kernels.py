@@ -320,6 +320,29 @@ def _quantize(t: MlirText, lay: IntLayout, act_levels: tuple[int, int], M: str, 
     t.close()
 
 
+def _entry_prologue(t: MlirText, lay: IntLayout) -> tuple[str, str]:
+    """A tensor-level entry's start: %xt and the packed arrays (%<role>t) as memrefs (%<role>);
+    returns (x's memref value, its row count M)."""
+    ty = _memref_types(lay)
+    x = t.v(f"bufferization.to_buffer %xt read_only : tensor<?x{lay.k}xf32> to memref<?x{lay.k}xf32>")
+    for role in ty:
+        t.op(f"%{role} = bufferization.to_buffer %{role}t read_only : {_tensor_type(ty[role])} to {ty[role]}")
+    return x, t.v(f"memref.dim {x}, {t.idx(0)} : memref<?x{lay.k}xf32>")
+
+
+def _entry_function(name: str, t: MlirText, lay: IntLayout, extra_args: str = "") -> str:
+    """The entry `@name(%xt, %<role>t...[, extra_args]) -> y [?, N]` around body `t`, which ends with %y."""
+    targs = "".join(f", %{role}t: {_tensor_type(m)}" for role, m in _memref_types(lay).items()) + extra_args
+    yt = f"tensor<?x{lay.n}xf32>"
+    out = t.v(f"bufferization.to_tensor %y restrict writable : memref<?x{lay.n}xf32> to {yt}")
+    return (f"func.func private @{name}(%xt: tensor<?x{lay.k}xf32>{targs}) -> {yt} {{\n"
+            f"{t.text()}\n  return {out} : {yt}\n}}\n")
+
+
+def _tensor_type(memref_type: str) -> str:
+    return memref_type.replace("memref", "tensor")
+
+
 def fused(name: str, lay: IntLayout, cfg: IntKernelConfig, act_levels: tuple[int, int],
           static_m: int | None = None, static_scale: bool = False, act_clip: float = 1.0) -> str:
     """Tensor-level entry: x [?, K] f32 and the packed weight -> y [?, N] f32, with its kernels:
@@ -331,14 +354,7 @@ def fused(name: str, lay: IntLayout, cfg: IntKernelConfig, act_levels: tuple[int
             raise ValueError(f"tiles of {nr} column blocks must divide blocks_multiple={lay.blocks_multiple} "
                              f"and chunk_blocks={cfg.chunk_blocks}")
     t = MlirText()
-    ty = _memref_types(lay)
-    tt = {role: m.replace("memref", "tensor") for role, m in ty.items()}
-    K = lay.k
-    c0 = t.idx(0)
-    x = t.v(f"bufferization.to_buffer %xt read_only : tensor<?x{K}xf32> to memref<?x{K}xf32>")
-    for role in ty:
-        t.op(f"%{role} = bufferization.to_buffer %{role}t read_only : {tt[role]} to {ty[role]}")
-    M = t.v(f"memref.dim {x}, {c0} : memref<?x{K}xf32>")
+    x, M = _entry_prologue(t, lay)
     t.op(f"%xq = memref.alloc({M}) {{alignment = 64 : i64}} : memref<?x{lay.x_words}xi32>")
     t.op(f"%sx = memref.alloc({M}) : memref<?xf32>")
     if lay.fmt.bits == 4:
@@ -346,7 +362,7 @@ def fused(name: str, lay: IntLayout, cfg: IntKernelConfig, act_levels: tuple[int
     scale = None
     if static_scale:
         sxs = t.v("bufferization.to_buffer %act_scalet read_only : tensor<1xf32> to memref<1xf32>")
-        scale = t.v(f"memref.load {sxs}[{c0}] : memref<1xf32>")
+        scale = t.v(f"memref.load {sxs}[{t.idx(0)}] : memref<1xf32>")
     _quantize(t, lay, act_levels, M, x, scale, act_clip)
     t.op(f"%y = memref.alloc({M}) {{alignment = 64 : i64}} : memref<?x{lay.n}xf32>")
     params = _kernel_params(lay)
@@ -363,10 +379,7 @@ def fused(name: str, lay: IntLayout, cfg: IntKernelConfig, act_levels: tuple[int
         t.indent += 2
         t.op(f"func.call @{name}__gemm({args}) : ({tys}) -> ()")
         t.close()
-    out = t.v(f"bufferization.to_tensor %y restrict writable : memref<?x{lay.n}xf32> to tensor<?x{lay.n}xf32>")
-    targs = ", ".join(f"%{role}t: {tt[role]}" for role in ty) + (", %act_scalet: tensor<1xf32>" if static_scale else "")
-    entry = (f"func.func private @{name}(%xt: tensor<?x{K}xf32>, {targs}) -> tensor<?x{lay.n}xf32> {{\n"
-             f"{t.text()}\n  return {out} : tensor<?x{lay.n}xf32>\n}}\n")
+    entry = _entry_function(name, t, lay, ", %act_scalet: tensor<1xf32>" if static_scale else "")
     generators = {"gemv": gemv, "gemm": gemm}
     return "".join(declarations().values()) + entry + "".join(generators[v](f"{name}__{v}", lay, cfg) for v in variants)
 
@@ -386,14 +399,11 @@ def outlier_columns(name: str, lay: IntLayout) -> str:
         raise ValueError(f"{lay.format_key}: the outlier-column kernel reads per-channel int8 blocks")
     t = MlirText()
     ty = _memref_types(lay)
-    tt = {role: m.replace("memref", "tensor") for role, m in ty.items()}
     K, N = lay.k, lay.n
     xty, yty = f"memref<?x{K}xf32>", f"memref<?x{N}xf32>"
+    x, M = _entry_prologue(t, lay)
+    codes, scale = "%codes", "%scale"
     c0, c1 = t.idx(0), t.idx(1)
-    x = t.v(f"bufferization.to_buffer %xt read_only : tensor<?x{K}xf32> to {xty}")
-    codes = t.v(f"bufferization.to_buffer %codest read_only : {tt['codes']} to {ty['codes']}")
-    scale = t.v(f"bufferization.to_buffer %scalet read_only : {tt['scale']} to {ty['scale']}")
-    M = t.v(f"memref.dim {x}, {c0} : {xty}")
     zero = t.v("arith.constant 0.0 : f32")
     cols = t.v(f"memref.alloc() : memref<{K}xindex>")
     # the columns any row of x_out touches (c <= k, so the unconditional store stays in bounds)
@@ -446,6 +456,4 @@ def outlier_columns(name: str, lay: IntLayout) -> str:
     t.op(f"vector.transfer_write {acc}, %y[%m, {n0}] : {_V8F32}, {yty}")
     t.close()
     t.close()
-    out = t.v(f"bufferization.to_tensor %y restrict writable : {yty} to tensor<?x{N}xf32>")
-    return (f"func.func private @{name}(%xt: tensor<?x{K}xf32>, %codest: {tt['codes']}, %scalet: {tt['scale']}) "
-            f"-> tensor<?x{N}xf32> {{\n{t.text()}\n  return {out} : tensor<?x{N}xf32>\n}}\n")
+    return _entry_function(name, t, lay)

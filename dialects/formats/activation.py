@@ -123,8 +123,7 @@ def quantize_act(x, fmt: ActFormat, scale=None) -> tuple[np.ndarray, np.ndarray]
     if fmt.dynamic:
         if scale is not None:
             raise FormatError(f"{fmt.key()} computes its scales from x; do not pass one")
-        amax = np.max(np.abs(x), axis=1, keepdims=True)
-        s = (amax * _F32(fmt.clip) if fmt.clip != 1.0 else amax) / _F32(qmax)
+        s = np.max(np.abs(x), axis=1, keepdims=True) * _F32(fmt.clip) / _F32(qmax)  # * 1.0 is exact
         s = np.where(s == 0, _F32(1.0), s).astype(_F32)
     else:
         if scale is None:
