@@ -83,6 +83,10 @@ def _load(name):
     return _il.import_module(f"qcc_cuda.{name}")
 
 
+# gemv_i8 launch shapes to compare (the builder's default is the first)
+I8_VARIANTS = [{}, dict(n_rows=1, warps=4, unroll=4), dict(n_rows=2, warps=8, unroll=2),
+               dict(n_rows=4, warps=4, unroll=1), dict(n_rows=1, warps=8, unroll=2)]
+
 # The measured-best configurations (kernels.TUNED): the default of each builder.
 FINAL_VARIANTS = {8: [{}], 16: [{}]}
 
@@ -112,9 +116,14 @@ def kernel_specs(shapes, variants4, variants8, w8a8=True, split=True):
                     specs.append(kernels.gemv_w8a16(K, N, m_max=m_max, **v))
                 except kernels.KernelConstraintError:
                     pass
-    if w8a8:
-        K, N = shapes[0]
-        specs.append(kernels.gemm_w8a8(16, K, N))
+    if w8a8:  # the integer core of w8a8 layers, at the row counts models launch it with
+        for K, N in shapes:
+            for m in MS:
+                for v in I8_VARIANTS:
+                    try:
+                        specs.append(kernels.gemv_i8(K, N, m_max=m, **v))
+                    except kernels.KernelConstraintError:
+                        pass
     return specs
 
 
@@ -152,6 +161,8 @@ def cmd_build(args):
 
 
 def _cfg_str(c):
+    if c["kind"] == "gemv_i8":
+        return f"rows{c['n_rows']} w{c['warps']} u{c['unroll']}"
     s = f"nt{c['n_tiles']} kw{c['k_warps']} u{c['unroll']}"
     if c.get("n_warps", 1) > 1:
         s += f" nw{c['n_warps']}"
@@ -469,28 +480,35 @@ def cmd_run(args):
         if not emulate:
             torch.cuda.empty_cache()
 
-    # ---- w8a8 GEMM: correctness (and a time, for the record)
-    for key, names in by_kind.items():
-        if key[0] != "gemm_w8a8" or "linear" not in sections:
+    # ---- gemv_i8 (w8a8's integer core): exact i32 sums; time against fp16 F.linear and w8a16
+    for (kind, K, N), names in by_kind.items():
+        if kind != "gemv_i8" or "linear" not in sections:
             continue
+        q = rng.integers(-127, 128, (N, K), dtype=np.int8)
+        devs = [dev_t(q) for _ in range(1 if emulate else max(2, math.ceil(L2_DEFEAT_BYTES / q.nbytes)))]
+        wref = torch.from_numpy(q).to(dev).double()
         for name in names:
             c = mod.kernels[name]["config"]
-            M, K, N = c["M"], c["K"], c["N"]
-            xq = rng.integers(-127, 128, (M, K), dtype=np.int8)
-            sx = (rng.random(M, dtype=np.float32) * 0.01 + 1e-3)
-            q, sw = w8_data(rng, K, N)
-            y = torch.full((M, N), float("nan"), dtype=torch.float16, device=dev)
-            keep = dict(xq=dev_t(xq), sx=dev_t(sx), wq=dev_t(q), sw=dev_t(sw.reshape(-1)), y=y)
-            b = mod.bind(name, **keep)
+            M = c["m_max"]
+            xq = dev_t(rng.integers(-128, 128, (M, K), dtype=np.int8))
+            y = torch.full((M, N), -1, dtype=torch.int32, device=dev)
+            b = mod.bind(name, x=xq, wq=devs[0], y=y, M=M)
             b() if emulate else b(sync=True)
-            ref = (torch.from_numpy(xq).double() @ torch.from_numpy(q).double().t()) * \
-                torch.from_numpy(sx).double()[:, None] * torch.from_numpy(sw).double().reshape(1, -1)
-            err = rel_err(torch, y.cpu().float(), ref)
+            exact = bool(torch.equal(y.cpu().double(), (xq.double() @ wref.t()).cpu()))
+            results["checks"].append({"name": name, "M": M, "err": 0.0 if exact else float("inf")})
             t = float("nan")
             if not emulate:
-                t, _, _ = timer.time([lambda h: b(stream=h)])
-            results["checks"].append({"name": name, "M": M, "err": err})
-            log(f"\n{name}: rel err {err:.1e}, {t:.1f} us")
+                binds = [mod.bind(name, x=xq, wq=d, y=y, M=M) for d in devs]
+                t, _, spread = timer.time([lambda h, b=b: b(stream=h) for b in binds])
+            tot = q.nbytes + M * K + M * N * 4
+            t16 = next((r["us"] for r in results["rows"] if r["name"] == "torch fp16 F.linear"
+                        and (r["K"], r["N"], r["M"]) == (K, N, M)), float("nan"))
+            results["rows"].append({"kind": kind, "K": K, "N": N, "M": M, "name": name, "us": t,
+                                    "bytes": tot, "err": 0.0 if exact else float("inf"), "fp16_us": t16,
+                                    "cfg": _cfg_str(c)})
+            log(f"    {name:48s} {t:8.2f} us {tot / t / 1e3:6.0f} GB/s {tot / t / 1e3 / bw:5.1%} "
+                f"x{t16 / t:4.2f} vs fp16  {'exact' if exact else '!! WRONG'}")
+        del devs
 
     log(f"\n(kernel checks and linear benchmark: {time.time() - t_start:.0f}s)")
     model_rows, decode_rows = [], []
@@ -511,7 +529,8 @@ def cmd_run(args):
     log(f"{'format':10s} {'K x N':>12s} {'M':>3s} {'kernel us':>10s} {'GB/s':>7s} {'of BW':>6s} "
         f"{'fp16 us':>9s} {'fp16 GB/s':>9s} {'vs fp16':>8s}  config")
     summary = []
-    for kind in ("gemv_w4a16", "gemv_w8a16"):
+    for kind in ("gemv_w4a16", "gemv_w8a16", "gemv_i8"):
+        base_kind = "gemv_w8a16" if kind == "gemv_i8" else kind  # its fp16 baseline rows
         for K, N in shapes:
             for M in MS:
                 rows = [r for r in results["rows"] if r["kind"] == kind and r["K"] == K
@@ -519,7 +538,7 @@ def cmd_run(args):
                         and not r.get("split")]
                 splits = [r for r in results["rows"] if r["kind"] == kind and r["K"] == K
                           and r["N"] == N and r["M"] == M and r.get("split")]
-                base = [r for r in results["rows"] if r["kind"] == kind and r["K"] == K
+                base = [r for r in results["rows"] if r["kind"] == base_kind and r["K"] == K
                         and r["N"] == N and r["M"] == M and "cfg" not in r]
                 if not rows or not base:
                     continue

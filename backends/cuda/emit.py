@@ -489,6 +489,13 @@ class MlirEmitter(Emitter):
         self._emit(f"{nm}, {nm}_ok = gpu.shuffle xor {v.v}, {off.v}, {w.v} : {v.type}")
         return Val(self, nm, v.type)
 
+    def dp4a(self, a: Val, b: Val, c: Val) -> Val:
+        """c + the dot product of the 4 signed bytes packed in the i32s a and b (PTX dp4a.s32.s32)."""
+        assert a.type == b.type == c.type == "i32", (a.type, b.type, c.type)
+        av, bv = self.bitcast(a, "vector<4xi8>"), self.bitcast(b, "vector<4xi8>")
+        return self._op(f"nvvm.dot.accumulate.4way {av.v} <signed>, {bv.v} <signed>, {c.v} "
+                        f": vector<4xi8>, vector<4xi8>", "i32")
+
     def mma_f16(self, a: Sequence[Val], b: Sequence[Val], c: Sequence[Val]) -> list[Val]:
         """nvvm.mma.sync m16n8k16 row.col, f16 x f16 + f32 -> f32 (4 regs/lane)."""
         assert len(a) == 4 and len(b) == 2 and len(c) == 4

@@ -456,7 +456,8 @@ class PlanBuilder:
         K, N = info["args"]["K"], info["args"]["N"]
         x = self._view_of(op.operands[0])
         weights = [self._view_of(v) for v in op.operands[1:]]
-        if not x.contiguous() or (x.offset * 2) % 16:
+        xe = ESIZE[x.elem]
+        if not x.contiguous() or (x.offset * xe) % 16:
             raise HostOpError(f"x of {spec.name} is not a contiguous 16-byte aligned [M, K] buffer")
         for vw in [x] + weights:
             self._materialize(vw.root)
@@ -467,7 +468,7 @@ class PlanBuilder:
         names = [p.name for p in spec.params]
         for c in range(-(-M // m_max)):
             rows = min(m_max, M - c * m_max)
-            bind = {"x": {"buf": x.root, "offset": x.offset * 2 + c * m_max * K * 2},
+            bind = {"x": {"buf": x.root, "offset": (x.offset + c * m_max * K) * xe},
                     "y": {"buf": yroot, "offset": c * m_max * N * ye},
                     "M": {"scalar": rows, "type": "i32"}}
             wnames = [n for n in names if n not in bind]

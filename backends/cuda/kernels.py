@@ -1,4 +1,4 @@
-"""Quantized matrix-vector (M <= 16) and w8a8 GEMM kernels as MLIR ``gpu`` IR.
+"""Quantized matrix-vector kernels (M <= 16) as MLIR ``gpu`` IR.
 
 Each builder returns a :class:`~qcc.backends.cuda.emit.KernelSpec`: the kernel's
 parameters, launch shape and body. ``spec.mlir_func()`` /
@@ -30,9 +30,11 @@ Weight-only kernels (gemv_w4a16, gemv_w8a16), y[M, N] = x[M, K] @ Wdeq^T, M <= 1
   a per-warp cp.async ring in shared memory (``stages``).
 * Launch configurations default to :data:`TUNED` (measured on an H100, see README.md).
 
-w8a8 GEMM (correct, not tuned): one warp per (column n, 4 rows of x); each lane
-multiplies 16 int8 pairs per step in int32, then a butterfly of ``gpu.shuffle xor``
-reduces across the warp; y = acc * sx[m] * sw[n] in fp32, stored as f16.
+Integer kernel (gemv_i8), y[M, N] i32 = x[M, K] int8 @ wq[N, K]^T int8, the core of w8a8 layers:
+one warp per ``n_rows`` weight rows and all M <= 16 rows of x; lanes stride K in 16-byte
+chunks of the unrepacked [N, K] codes, ``dp4a`` multiplies and adds 4 byte pairs into
+i32, a ``gpu.shuffle xor`` butterfly reduces across the warp. Exact: the same i32 sums
+as the reference lowering, whose scaling generic then runs unchanged.
 """
 from __future__ import annotations
 
@@ -564,65 +566,84 @@ def gemv_w8a16(K: int, N: int, *, m_max: int = 16, n_tiles: int | None = None,
 # --------------------------------------------------------------------------- w8a8
 
 
-def gemm_w8a8(M: int, K: int, N: int, *, m_tile: int = 4, warps: int = 4,
-              name: str | None = None) -> KernelSpec:
-    """y[M, N] f16 = (xq[M, K] int8 @ wq[N, K]^T int8 in int32) * sx[M] * sw[N].
+def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps: int | None = None,
+            unroll: int = 2, name: str | None = None) -> KernelSpec:
+    """y[M, N] i32 = x[M, K] int8 @ wq[N, K]^T int8, exact, 1 <= M <= m_max (dp4a).
 
-    Correct, not tuned. Constraints: K % 16 == 0, N % warps == 0. Parameters:
-    xq int8[M, K], sx f32[M], wq int8[N, K] (pack_w8a8), sw f32[N], y f16[M, N].
+    The integer core of a w8a8 layer (dequant-after-gemm's qcc.matmul_int): the codes stay
+    in their [N, K] row-major layout (no repacked copy), quantizing x and scaling the
+    accumulator are the generated kernels around it. Each warp owns `n_rows` weight rows
+    and all M rows of x; its lanes stride K in 16-byte chunks (coalesced 512-byte loads
+    of a weight row), `dp4a` sums 4 byte products into i32, and a butterfly reduces the
+    lanes. Constraints: K % 16 == 0, N % (n_rows * warps) == 0. Parameters: x int8
+    [M, K], wq int8 [N, K], y i32 [M, N], M i32 (rows of this launch).
     """
-    _require(K % 16 == 0, f"gemm_w8a8 needs K % 16 == 0 (K={K})")
-    _require(N % warps == 0, f"N={N} must be a multiple of warps={warps}")
-    _require(M >= 1, "M must be >= 1")
+    _require(K % 16 == 0, f"gemv_i8 needs K % 16 == 0 (K={K})")
+    _require(1 <= m_max <= 16, f"m_max must be in 1..16 (got {m_max})")
+    if n_rows is None:
+        n_rows = 2 if m_max <= 8 and N % 2 == 0 else 1
+    if warps is None:
+        warps = next((w for w in (4, 2, 1) if N % (n_rows * w) == 0), 1)
+    _require(N % (n_rows * warps) == 0, f"N={N} must be a multiple of n_rows * warps = {n_rows * warps}")
+    _require(unroll >= 1, f"unroll must be >= 1 (got {unroll})")
     K16 = K // 16
-    MB = -(-M // m_tile)
+    steps = -(-K16 // 32)  # 16-byte chunks per lane
     params = [
-        Param("xq", f"memref<{M * K16}xvector<16xi8>>", "in", f"int8 [{M}, {K}]"),
-        Param("sx", f"memref<{M}xf32>", "in", f"per-token scale f32 [{M}]"),
-        Param("wq", f"memref<{N * K16}xvector<16xi8>>", "in", f"int8 [{N}, {K}]"),
-        Param("sw", f"memref<{N}xf32>", "in", f"per-channel scale f32 [{N}]"),
-        Param("y", f"memref<{M * N}xf16>", "out", f"f16 [{M}, {N}]"),
+        Param("x", f"memref<{m_max * K16}xvector<4xi32>>", "in", f"int8 [M, {K}] row-major", rows=("M", m_max)),
+        Param("wq", f"memref<{N * K16}xvector<4xi32>>", "in", f"int8 [{N}, {K}] row-major"),
+        Param("y", f"memref<{m_max * N}xi32>", "out", f"i32 [M, {N}]", rows=("M", m_max)),
+        Param("M", "i32", "scalar", f"rows of x, 1..{m_max}", range=(1, m_max)),
     ]
-    steps = -(-K16 // 32)
 
     def body(E, a):
         tid = E.tid()
         lane = tid % 32
-        n = E.bid("x") * warps + tid // 32
-        m0 = E.bid("y") * m_tile
-        rows = [E.minu(m0 + i, E.const(M - 1, "index")) for i in range(m_tile)]
+        n0 = (E.bid("x") * warps + tid // 32) * n_rows
+        M = E.idx(a["M"])
+        last = M - E.const(1, "index")
+        xrow = [E.minu(E.const(r, "index"), last) * K16 for r in range(m_max)]  # rows >= M repeat the last
         zero = E.const(0, "i32")
-        zv = E.const(0, "vector<16xi8>")
+        zv = E.const(0, "vector<4xi32>")
 
-        def step(i, acc):
+        def chunk(i, acc):
+            """acc += the products of 16-byte chunk i (a Val or an int) of every lane."""
             k16 = i * 32 + lane
-            ok = E.cmp("ult", k16, E.const(K16, "index"))
-            kc = E.minu(k16, E.const(K16 - 1, "index"))
-            w = E.load(a["wq"], n * K16 + kc)
-            w32 = E.cast("extsi", w, "vector<16xi32>")
-            out = []
-            for r in range(m_tile):
-                xv = E.load(a["xq"], rows[r] * K16 + kc)
-                p = E.reduce_add(E.cast("extsi", xv, "vector<16xi32>") * w32)
-                out.append(acc[r] + E.select(ok, p, zero))
+            kc = E.minu(k16, E.const(K16 - 1, "index")) if K16 % 32 else k16
+            ws = [E.load(a["wq"], (n0 + t) * K16 + kc) for t in range(n_rows)]
+            if K16 % 32:  # the last step's lanes past K add nothing
+                ok = E.cmp("ult", k16, E.const(K16, "index"))
+                ws = [E.select(ok, w, zv) for w in ws]
+            ws = [[E.extract(w, j) for j in range(4)] for w in ws]
+            out = list(acc)
+            for r in range(m_max):
+                x = E.load(a["x"], xrow[r] + kc)
+                xs = [E.extract(x, j) for j in range(4)]
+                for t in range(n_rows):
+                    v = out[r * n_rows + t]
+                    for j in range(4):
+                        v = E.dp4a(xs[j], ws[t][j], v)
+                    out[r * n_rows + t] = v
             return out
 
-        acc = E.for_(0, steps, 1, [zero] * m_tile, step)
+        def step(it, acc):
+            for u in range(unroll):
+                acc = chunk(it * unroll + u, acc)
+            return acc
+
+        acc = E.for_(0, steps // unroll, 1, [zero] * (m_max * n_rows), step)
+        for i in range(steps - steps % unroll, steps):
+            acc = chunk(E.const(i, "index"), acc)
         for off in (16, 8, 4, 2, 1):
             acc = [v + E.shfl_xor(v, off) for v in acc]
-        sw = E.load(a["sw"], n)
-        for r in range(m_tile):
-            m = m0 + r
-            yv = E.cast("sitofp", acc[r], "f32") * E.load(a["sx"], rows[r]) * sw
-            yh = E.cast("truncf", yv, "f16")
-            cond = E.cmp("ult", m, E.const(M, "index"))
-            first = E.cmp("eq", lane, E.const(0, "index"))
-            both = E.and_(cond, first)
-            E.if_(both, lambda yh=yh, m=m: E.store(yh, a["y"], m * N + n))
-        del zv
+        first = E.cmp("eq", lane, E.const(0, "index"))
+        for r in range(m_max):
+            live = E.and_(first, E.cmp("ult", E.const(r, "index"), M))
+            for t in range(n_rows):
+                v = acc[r * n_rows + t]
+                E.if_(live, lambda v=v, r=r, t=t: E.store(v, a["y"], E.const(r * N, "index") + n0 + t))
 
-    nm = name or f"gemm_w8a8_m{M}_k{K}_n{N}"
-    cfg = {"kind": "gemm_w8a8", "M": M, "K": K, "N": N, "m_tile": m_tile, "warps": warps,
-           "weight_bytes": N * K, "meta_bytes": 4 * N}
-    return KernelSpec(nm, params, (32 * warps, 1, 1), (N // warps, MB, 1), body, [], cfg,
-                      doc=gemm_w8a8.__doc__.split("\n")[0])
+    nm = name or f"gemv_i8_k{K}_n{N}_m{m_max}_r{n_rows}w{warps}u{unroll}"
+    cfg = {"kind": "gemv_i8", "K": K, "N": N, "m_max": m_max, "n_rows": n_rows, "warps": warps,
+           "unroll": unroll, "weight_bytes": N * K, "meta_bytes": 0}
+    return KernelSpec(nm, params, (32 * warps, 1, 1), (N // (n_rows * warps), 1, 1), body, [], cfg,
+                      doc=gemv_i8.__doc__.split("\n")[0])

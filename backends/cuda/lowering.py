@@ -157,6 +157,7 @@ def compile_cuda(*, module, ctx, session, run, prog, imported, recipe, gpu_arch:
         "kernels": kernels,
         "plan": plan,
         "layers": session.options.get("cuda_kernels", {}),
+        "int_layers": session.options.get("cuda_int_layers", {}),
         "fallback": session.options.get("cuda_fallback", {}),
         "numerics": "GEMV layers (cuda.layers): x rounded to f16, f16 output, fp32 accumulation; "
                     "everything else fp32",

@@ -142,6 +142,14 @@ func.func private @{name}(%y: {src}) -> tensor<{M}x{n}xf32> {{
 """
 
 
+def _declaration(callee: str, arg_types, result_type: str, info: dict) -> str:
+    """The external declaration of a kernel call: read-only arguments, and the kernel builder
+    with its arguments (`info`) for the host walker."""
+    attrs = json.dumps(info).replace("\\", "\\\\").replace('"', '\\"')
+    args = ", ".join(f'{t} {{bufferization.access = "read"}}' for t in arg_types)
+    return f'func.func private @{callee}({args}) -> {result_type} attributes {{qcc.cuda_kernel = "{attrs}"}}'
+
+
 def _f16_helpers(M, K, N):
     """Private helpers: f32 -> f16 of x [M, K], f16 -> f32 of y [M, N] (inlined later)."""
     def conv(name, rows, cols, src, dst, op):
@@ -182,6 +190,7 @@ class CudaSelectKernels(QccPass):
         self.defined = set()
         selected = self.session.options.setdefault("cuda_kernels", {})
         fallback = self.session.options.setdefault("cuda_fallback", {})
+        int_layers = self.session.options.setdefault("cuda_int_layers", {})
         split = self.options.split_x
         for func in irutil.functions(module):
             sig = irutil.Signature(func)
@@ -219,9 +228,50 @@ class CudaSelectKernels(QccPass):
                 for m in members:
                     builder, args = plan_kernel(m[1], 2 * M if split else M, K, m[2], out_f32=split)
                     self._rewrite([m], sig, builder, args, M, K, selected)
+            for op in list(irutil.walk(func, "qcc.matmul_int")):
+                self._int_gemv(op, sig, int_layers, fallback)
             for name in sig.erase_unused_params():
                 if name in self.session.params:
                     del self.session.params[name]
+
+    def _int_gemv(self, op, sig, chosen, fallback):
+        """qcc.matmul_int of int8 activation codes and int8 per-channel weight codes (the
+        integer core of w8a8 layers, after dequant-after-gemm) -> a call of gemv_i8 on the
+        codes as they are: exact i32 sums, so quantize and scale_accumulate stay unchanged."""
+        from . import kernels
+
+        fmt = formats.parse_weight_format(format_key(op.attributes["weight_format"]))
+        arg = irutil.block_arg_number(op.operands[1])
+        name = sig.param_name(arg) if arg is not None else None
+        base = name.rsplit(":", 2)[0] if name else "<non-parameter weight>"
+        if not (fmt.bits == 8 and fmt.symmetric and fmt.granularity == "channel") or len(op.operands) != 2:
+            fallback[base] = f"no integer GEMV for {fmt.key()} weights"
+            return
+        x_shape, y_shape = irutil.tensor_shape(op.operands[0]), irutil.tensor_shape(op.result)
+        if len(x_shape) != 2 or None in x_shape or None in y_shape or name is None:
+            fallback[base] = "dynamic shape or non-parameter weight"
+            return
+        if not self.options.enable:
+            fallback[base] = "disabled (cuda-select-kernels{enable=false})"
+            return
+        (M, K), N = x_shape, y_shape[1]
+        args = {"K": K, "N": N, "m_max": min(M, M_MAX)}
+        try:
+            spec = kernels.gemv_i8(**args)
+        except kernels.KernelConstraintError as e:
+            fallback[base] = str(e)
+            return
+        callee = f"qcc_cuda_{spec.name}_M{M}"
+        self._define(callee, _declaration(callee, [f"tensor<{M}x{K}xi8>", f"tensor<{N}x{K}xi8>"],
+                                          f"tensor<{M}x{N}xi32>",
+                                          {"builder": "gemv_i8", "args": args, "M": M, "weight": base}))
+        with ir.InsertionPoint(op), op.location:
+            y = ir.Operation.create("func.call", results=[op.result.type], operands=list(op.operands),
+                                    attributes={"callee": ir.FlatSymbolRefAttr.get(callee)}).result
+        op.result.replace_all_uses_with(y)
+        op.erase()
+        chosen[base] = {"kernel": spec.name, "builder": "gemv_i8", "args": args, "M": M, "format": fmt.key(),
+                        "shape": [N, K], "params": {"wq": name}, "launches": -(-M // args["m_max"])}
 
     def _define(self, name, text):
         if name not in self.defined:
@@ -268,11 +318,10 @@ class CudaSelectKernels(QccPass):
         rows = 2 * M if split else M
         yt = "f32" if split else "f16"
         callee = f"qcc_cuda_{spec.name}_m{rows}"
-        w_types = ", ".join(f"{v.type} {{bufferization.access = \"read\"}}" for v in operands)
-        attrs = json.dumps({"builder": builder, "args": args, "M": rows, "weight": "+".join(m[4] for m in members)})
-        attrs_mlir = attrs.replace("\\", "\\\\").replace('"', '\\"')
-        self._define(callee, f'func.func private @{callee}(tensor<{rows}x{K}xf16> {{bufferization.access = "read"}}, '
-                             f'{w_types}) -> tensor<{rows}x{N}x{yt}> attributes {{qcc.cuda_kernel = "{attrs_mlir}"}}')
+        self._define(callee, _declaration(callee, [f"tensor<{rows}x{K}xf16>"] + [str(v.type) for v in operands],
+                                          f"tensor<{rows}x{N}x{yt}>",
+                                          {"builder": builder, "args": args, "M": rows,
+                                           "weight": "+".join(m[4] for m in members)}))
         to16, to16_text, _, _ = (_split_helpers if split else _f16_helpers)(M, K, N)
         self._define(to16, to16_text)
         first = members[0][0]

@@ -337,6 +337,12 @@ class SimtEmulator(Emitter):
         perm = np.arange(32) ^ offset
         return self._v(x[:, perm].reshape(v.v.shape), v.type)
 
+    def dp4a(self, a, b, c):
+        x = np.ascontiguousarray(a.v).view(np.int8).reshape(self.T, 4).astype(np.int64)
+        y = np.ascontiguousarray(b.v).view(np.int8).reshape(self.T, 4).astype(np.int64)
+        r = (x * y).sum(axis=1) + c.v.view(np.int32).astype(np.int64)
+        return self._v(r.astype(np.uint32), "i32")  # wraps modulo 2^32, as the hardware does
+
     def mma_f16(self, a, b, c):
         self._check_active_all("nvvm.mma.sync")
         W = self.T // 32

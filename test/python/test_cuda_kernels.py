@@ -155,17 +155,20 @@ def test_w8a16_emulated(K, N, M, cfg):
     assert rel(y, x.astype(np.float64) @ pack.dequant_w8(q, s).T) < 2e-3
 
 
-@pytest.mark.parametrize("M,K,N", [(5, 272, 12), (16, 1024, 8), (1, 32, 4)])
-def test_w8a8_emulated(M, K, N):
+@pytest.mark.parametrize("M,m_max,K,N", [(5, 8, 272, 12), (16, 16, 1024, 8), (1, 1, 32, 4), (3, 16, 2048, 6)])
+def test_i8_emulated_exact(M, m_max, K, N):
+    """gemv_i8 gives the exact i32 sums (dp4a), rows past M untouched; K not a multiple of
+    the warp's 512-byte step; extreme codes (-128 * -128 products)."""
     rng = np.random.default_rng(M * K)
-    spec = kernels.gemm_w8a8(M, K, N)
-    q, s = pack.quantize_w8(rng.standard_normal((N, K)))
-    xq = rng.integers(-127, 128, (M, K)).astype(np.int8)
-    sx = (rng.random(M) * 0.01).astype(np.float32)
-    y = np.full((M, N), np.nan, np.float16)
-    simt.run(spec, dict(xq=xq, sx=sx, y=y, **pack.pack_w8a8(q, s)))
-    ref = (xq.astype(np.float64) @ q.astype(np.float64).T) * sx[:, None] * s.reshape(1, N)
-    assert rel(y, ref) < 2e-3
+    spec = kernels.gemv_i8(K, N, m_max=m_max)
+    xq = rng.integers(-128, 128, (m_max, K)).astype(np.int8)
+    xq[0, :8] = -128
+    q = rng.integers(-127, 128, (N, K)).astype(np.int8)
+    y = np.full((m_max, N), -7, np.int32)
+    simt.run(spec, dict(x=xq, wq=q, y=y, M=M))
+    ref = xq[:M].astype(np.int64) @ q.astype(np.int64).T
+    assert np.array_equal(y[:M], ref)
+    assert (y[M:] == -7).all()
 
 
 def _tiny_spec(body, params, block=32, grid=1, smem=()):
@@ -248,7 +251,9 @@ def test_constraint_errors_are_clear():
     with pytest.raises(KernelConstraintError, match="K % 64"):
         kernels.gemv_w8a16(100, 64)
     with pytest.raises(KernelConstraintError, match="K % 16"):
-        kernels.gemm_w8a8(4, 100, 64)
+        kernels.gemv_i8(100, 64)
+    with pytest.raises(KernelConstraintError, match="n_rows"):
+        kernels.gemv_i8(256, 6, n_rows=4)
     with pytest.raises(KernelConstraintError, match="shared memory"):
         kernels.gemv_w4a16(8192, 8192, n_tiles=4, k_warps=8, unroll=1, stages=8)
 
@@ -271,7 +276,8 @@ def ptxas_specs():
             kernels.gemv_w8a16(8192, 28672, n_tiles=2, k_warps=4, unroll=1, stages=4),
             kernels.gemv_w4a16(4096, 4096, 64, zero_point=True),  # weight-scaled path
             kernels.gemv_w4a16(4096, 4096, 256, zero_point=False),
-            kernels.gemm_w8a8(16, 4096, 4096), kernels.gemm_w8a8(7, 1024, 512)]
+            kernels.gemv_i8(4096, 4096, m_max=1), kernels.gemv_i8(4096, 4096, m_max=16),
+            kernels.gemv_i8(11008, 4096, m_max=8), kernels.gemv_i8(1040, 512, m_max=7)]
     return out
 
 
@@ -297,7 +303,10 @@ def test_ir_uses_mma_shuffle_and_128bit_loads(gpu_ir):
     p = ptx.llvm_ir_to_ptx(ll, "sm_90a")
     for s in specs:
         body = p.split(f".entry {s.name}(")[1].split("\n}\n")[0]
-        if s.config["kind"].startswith("gemv"):
+        if s.config["kind"] == "gemv_i8":  # 16-byte loads, dp4a, a shuffle butterfly
+            assert re.search(r"ld\.global(\.nc)?\.v4\.(b|u)32", body), s.name
+            assert body.count("dp4a.s32.s32") >= 8 and "shfl.sync.bfly.b32" in body, s.name
+        elif s.config["kind"].startswith("gemv"):
             if s.config.get("stages"):
                 assert "cp.async.cg.shared.global" in body and "cp.async.wait_group" in body
                 assert "ld.shared.v4" in body, s.name
@@ -339,7 +348,7 @@ def test_build_bundle_manifest(tmp_path):
     pytest.importorskip("torch_mlir")
     from qcc.backends.cuda import ptx
 
-    specs = [kernels.gemv_w4a16(512, 64, 128, k_warps=2), kernels.gemm_w8a8(4, 256, 64)]
+    specs = [kernels.gemv_w4a16(512, 64, 128, k_warps=2), kernels.gemv_i8(256, 64, m_max=4)]
     man = ptx.build_bundle(specs, str(tmp_path), archs=("sm_90a",), cubin=ptx.ptxas_path() is not None)
     k = man["kernels"][specs[0].name]
     assert k["grid"] == list(specs[0].grid) and k["block"] == list(specs[0].block)

@@ -5,7 +5,7 @@ through the numpy SIMT emulator (backends/cuda/emulate.py), and must match PyTor
 the bounds of the CPU tests -- float within 1e-4 of float64 PyTorch, weight-only recipes
 within 1e-4 of PyTorch on the dequantized weights (the GEMV layers feed x to the tensor
 cores as f16 hi + lo rows and return fp32, so no f16 rounding is involved), w8a8 within
-1e-4 of the fake-quant reference of test_recipes. Every generated kernel must assemble
+1e-4 of the fake-quant reference of test_recipes (its integer matmuls run on gemv_i8, exact). Every generated kernel must assemble
 with ptxas for sm_90a and sm_80 without spills or a stack frame, and the GPU runtime
 (model_runtime.py: buffers, marshalled launches, CUDA graph capture) runs against a fake
 driver that executes launches with the emulator. GPU tests skip without a device.
@@ -69,7 +69,8 @@ CASES = {
     "block-w4a16-g128-m20": (lambda: llama_block(seq=10, batch=2), "w4a16-g128"),  # 2 GEMV launches
     "block-w8a16": (llama_block, "w8a16"),
     "block-w4a16-g64-sym": (lambda: llama_block(seq=2), "w4a16-g64-sym"),  # scale_mode="weight"
-    "block-w8a8": (lambda: llama_block(seq=4), "w8a8"),  # integer GEMM through the generic path
+    "block-w8a8": (lambda: llama_block(seq=4), "w8a8"),  # integer matmuls on gemv_i8 (dp4a)
+    "block-w8a8-m20": (lambda: llama_block(seq=10, batch=2), "w8a8"),  # 2 gemv_i8 launches a layer
     "block-llm-int8-dynamic": (lambda: outlier_block(seq=4), "llm-int8-dynamic"),  # run-time outlier columns
     "model-float": (llama_model, "float"),
     "model-w4a16-g128": (llama_model, "w4a16-g128"),
@@ -134,9 +135,15 @@ def test_gemv_selection_and_fallback():
     # weights are stored repacked once, no float copy of a quantized weight exists
     assert not any(n.endswith(":codes") for n in c.weights)
     assert all(w.dtype != np.float32 or w.size <= 64 * 64 for n, w in c.weights.items() if "proj" in n)
-    # w8a8 has no GEMV: its integer GEMM runs as generated kernels, recorded as such
+    # w8a8: no f16 GEMV; each integer matmul runs on gemv_i8 over the weight codes as stored
     _, _, _, c8 = compiled_case("block-w8a8")
-    assert not c8.manifest["cuda"]["layers"]
+    cu8 = c8.manifest["cuda"]
+    assert not cu8["layers"] and not cu8["fallback"] and len(cu8["int_layers"]) == 7
+    assert all(c8.weights[L["params"]["wq"]].dtype == np.int8 for L in cu8["int_layers"].values())
+    assert sum(L["kernel"].startswith("gemv_i8") for L in cu8["plan"]["launches"]) == 7
+    _, _, _, c8m = compiled_case("block-w8a8-m20")  # 20 rows: launches of 16 and 4 rows
+    i8 = [L for L in c8m.manifest["cuda"]["plan"]["launches"] if L["kernel"].startswith("gemv_i8")]
+    assert [L["args"][-1]["scalar"] for L in i8[:2]] == [16, 4]
     _, _, _, c20 = compiled_case("block-w4a16-g128-m20")  # 20 tokens: 40 split rows, 3 launches
     launches = [L for L in c20.manifest["cuda"]["plan"]["launches"] if L["kernel"].startswith("gemv")]
     assert [L["args"][-1]["scalar"] for L in launches[:3]] == [16, 16, 8]
