@@ -647,3 +647,97 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
            "unroll": unroll, "weight_bytes": N * K, "meta_bytes": 0}
     return KernelSpec(nm, params, (32 * warps, 1, 1), (N // (n_rows * warps), 1, 1), body, [], cfg,
                       doc=gemv_i8.__doc__.split("\n")[0])
+
+
+# --------------------------------------------------------------------------- w8, column-sparse x
+
+
+def gemv_w8_sparse_x(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None,
+                     warps: int | None = None, name: str | None = None) -> KernelSpec:
+    """y[M, N] f32 = (x[M, K] f32 @ wq[N, K]^T) * scales[N], skipping K chunks where x is zero.
+
+    The float part of llm-int8-dynamic: x holds the call's outlier columns (zero elsewhere)
+    and wq are the int8 per-channel codes the integer part reads (no second copy). Each
+    warp owns `n_rows` weight rows; a lane looks at its 16-column chunk of every row of x
+    and loads the 16 weight bytes only when one of them is non-zero, so with a few outlier
+    columns the weights are barely read (32-byte sectors of a few chunks a row). Exact for
+    any x (a dense x reads every chunk). Constraints: K % 16 == 0, m_max <= 8,
+    N % (n_rows * warps) == 0. Parameters: x f32 [M, K], wq int8 [N, K], scales f32 [N],
+    y f32 [M, N], M i32.
+    """
+    _require(K % 16 == 0, f"gemv_w8_sparse_x needs K % 16 == 0 (K={K})")
+    # the x chunks tested are reused by the products (CSE'd loads): 16 rows of them spill
+    _require(1 <= m_max <= 8, f"m_max must be in 1..8 (got {m_max})")
+    if n_rows is None:
+        n_rows = 2 if m_max <= 4 and N % 2 == 0 else 1
+    if warps is None:
+        warps = next((w for w in (4, 2, 1) if N % (n_rows * w) == 0), 1)
+    _require(N % (n_rows * warps) == 0, f"N={N} must be a multiple of n_rows * warps = {n_rows * warps}")
+    K16 = K // 16
+    steps = -(-K16 // 32)
+    params = [
+        Param("x", f"memref<{m_max * K // 4}xvector<4xf32>>", "in", f"f32 [M, {K}]", rows=("M", m_max)),
+        Param("wq", f"memref<{N * K16}xvector<4xi32>>", "in", f"int8 [{N}, {K}] row-major"),
+        Param("scales", f"memref<{N}xf32>", "in", f"f32 [{N}]"),
+        Param("y", f"memref<{m_max * N}xf32>", "out", f"f32 [M, {N}]", rows=("M", m_max)),
+        Param("M", "i32", "scalar", f"rows of x, 1..{m_max}", range=(1, m_max)),
+    ]
+    acc_t = "vector<4xf32>"
+
+    def body(E, a):
+        tid = E.tid()
+        lane = tid % 32
+        n0 = (E.bid("x") * warps + tid // 32) * n_rows
+        M = E.idx(a["M"])
+        last = M - E.const(1, "index")
+        xrow = [E.minu(E.const(r, "index"), last) * (K // 4) for r in range(m_max)]
+        magnitude = E.const(0x7FFFFFFF, "vector<4xi32>")  # -0.0 counts as zero
+
+        def step(i, acc):
+            k16 = i * 32 + lane
+            kc = E.minu(k16, E.const(K16 - 1, "index")) if K16 % 32 else k16
+            def xv(r, j):
+                return E.load(a["x"], xrow[r] + kc * 4 + j)
+
+            bits = None
+            for r in range(m_max):
+                for j in range(4):
+                    b = E.bitcast(xv(r, j), "vector<4xi32>")
+                    bits = b if bits is None else bits | b
+            bits = bits & magnitude
+            word = E.extract(bits, 0) | E.extract(bits, 1) | E.extract(bits, 2) | E.extract(bits, 3)
+            live = E.cmp("ne", word, E.const(0, "i32"))
+            if K16 % 32:
+                live = E.and_(live, E.cmp("ult", k16, E.const(K16, "index")))
+
+            def use():
+                out = list(acc)
+                for t in range(n_rows):
+                    w = E.load(a["wq"], (n0 + t) * K16 + kc)
+                    wf = [E.cast("sitofp", E.bitcast(E.extract(w, j), "vector<4xi8>"), acc_t) for j in range(4)]
+                    for r in range(m_max):
+                        v = out[r * n_rows + t]
+                        for j in range(4):
+                            v = E.fma(xv(r, j), wf[j], v)
+                        out[r * n_rows + t] = v
+                return out
+
+            return E.if_(live, use, lambda: list(acc), [acc_t] * len(acc))
+
+        acc = E.for_(0, steps, 1, [E.const(0.0, acc_t)] * (m_max * n_rows), step)
+        acc = [E.reduce_add(v) for v in acc]
+        for off in (16, 8, 4, 2, 1):
+            acc = [v + E.shfl_xor(v, off) for v in acc]
+        first = E.cmp("eq", lane, E.const(0, "index"))
+        for t in range(n_rows):
+            s = E.load(a["scales"], n0 + t)
+            for r in range(m_max):
+                live = E.and_(first, E.cmp("ult", E.const(r, "index"), M))
+                v = acc[r * n_rows + t] * s
+                E.if_(live, lambda v=v, r=r, t=t: E.store(v, a["y"], E.const(r * N, "index") + n0 + t))
+
+    nm = name or f"gemv_w8_sparse_x_k{K}_n{N}_m{m_max}_r{n_rows}w{warps}"
+    cfg = {"kind": "gemv_w8_sparse_x", "K": K, "N": N, "m_max": m_max, "n_rows": n_rows, "warps": warps,
+           "weight_bytes": N * K, "meta_bytes": 4 * N}
+    return KernelSpec(nm, params, (32 * warps, 1, 1), (N // (n_rows * warps), 1, 1), body, [], cfg,
+                      doc=gemv_w8_sparse_x.__doc__.split("\n")[0])

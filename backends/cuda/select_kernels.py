@@ -31,6 +31,7 @@ from qcc import irutil
 from qcc.context import format_key
 from qcc.dialects import formats
 from qcc.passes import QccPass, register
+from qcc.passes.quantize_weights import FLOAT_ACTIVATIONS
 
 M_MAX = 16  # rows per GEMV launch; more rows run as several launches
 
@@ -195,9 +196,12 @@ class CudaSelectKernels(QccPass):
         for func in irutil.functions(module):
             sig = irutil.Signature(func)
             groups = {}  # (x, format, M, K) -> [candidate]: layers that share their input
-            for op in irutil.walk(func, "qcc.qlinear"):
+            for op in list(irutil.walk(func, "qcc.qlinear")):
                 if format_key(op.attributes["act_format"]) != "none":
                     continue
+                if FLOAT_ACTIVATIONS in op.attributes and \
+                        self._on_codes(op, sig, "gemv_w8_sparse_x", int_layers, {}):
+                    continue  # else: a GEMV of its own (a repacked copy of the codes)
                 fmt = formats.parse_weight_format(format_key(op.attributes["weight_format"]))
                 x_shape, y_shape = irutil.tensor_shape(op.operands[0]), irutil.tensor_shape(op.result)
                 names = [sig.param_name(irutil.block_arg_number(v)) if irutil.block_arg_number(v) is not None
@@ -229,49 +233,55 @@ class CudaSelectKernels(QccPass):
                     builder, args = plan_kernel(m[1], 2 * M if split else M, K, m[2], out_f32=split)
                     self._rewrite([m], sig, builder, args, M, K, selected)
             for op in list(irutil.walk(func, "qcc.matmul_int")):
-                self._int_gemv(op, sig, int_layers, fallback)
+                self._on_codes(op, sig, "gemv_i8", int_layers, fallback)
             for name in sig.erase_unused_params():
                 if name in self.session.params:
                     del self.session.params[name]
 
-    def _int_gemv(self, op, sig, chosen, fallback):
-        """qcc.matmul_int of int8 activation codes and int8 per-channel weight codes (the
-        integer core of w8a8 layers, after dequant-after-gemm) -> a call of gemv_i8 on the
-        codes as they are: exact i32 sums, so quantize and scale_accumulate stay unchanged."""
+    def _on_codes(self, op, sig, builder, chosen, fallback) -> bool:
+        """op -> a call of `builder` on int8 per-channel weight codes as quantize-weights stored
+        them (no repacked copy); False (and why, in `fallback`) where it does not apply.
+
+        gemv_i8: qcc.matmul_int of int8 activation codes (the integer core of w8a8, w8a8-had,
+        llm-int8's int8 part...), exact i32 sums, so the quantize and scale_accumulate
+        generics around it are unchanged. gemv_w8_sparse_x: the float-activation qlinear
+        of llm-int8-dynamic's outlier columns, on the codes its integer part reads.
+        """
         from . import kernels
 
         fmt = formats.parse_weight_format(format_key(op.attributes["weight_format"]))
         arg = irutil.block_arg_number(op.operands[1])
         name = sig.param_name(arg) if arg is not None else None
         base = name.rsplit(":", 2)[0] if name else "<non-parameter weight>"
-        if not (fmt.bits == 8 and fmt.symmetric and fmt.granularity == "channel") or len(op.operands) != 2:
+        if not (fmt.bits == 8 and fmt.symmetric and fmt.granularity == "channel"):
             fallback[base] = f"no integer GEMV for {fmt.key()} weights"
-            return
+            return False
         x_shape, y_shape = irutil.tensor_shape(op.operands[0]), irutil.tensor_shape(op.result)
         if len(x_shape) != 2 or None in x_shape or None in y_shape or name is None:
             fallback[base] = "dynamic shape or non-parameter weight"
-            return
+            return False
         if not self.options.enable:
             fallback[base] = "disabled (cuda-select-kernels{enable=false})"
-            return
+            return False
         (M, K), N = x_shape, y_shape[1]
-        args = {"K": K, "N": N, "m_max": min(M, M_MAX)}
+        args = {"K": K, "N": N, "m_max": min(M, 8 if builder == "gemv_w8_sparse_x" else M_MAX)}
         try:
-            spec = kernels.gemv_i8(**args)
+            spec = getattr(kernels, builder)(**args)
         except kernels.KernelConstraintError as e:
             fallback[base] = str(e)
-            return
+            return False
         callee = f"qcc_cuda_{spec.name}_M{M}"
-        self._define(callee, _declaration(callee, [f"tensor<{M}x{K}xi8>", f"tensor<{N}x{K}xi8>"],
-                                          f"tensor<{M}x{N}xi32>",
-                                          {"builder": "gemv_i8", "args": args, "M": M, "weight": base}))
+        self._define(callee, _declaration(callee, [str(v.type) for v in op.operands], str(op.result.type),
+                                          {"builder": builder, "args": args, "M": M, "weight": base}))
         with ir.InsertionPoint(op), op.location:
             y = ir.Operation.create("func.call", results=[op.result.type], operands=list(op.operands),
                                     attributes={"callee": ir.FlatSymbolRefAttr.get(callee)}).result
         op.result.replace_all_uses_with(y)
         op.erase()
-        chosen[base] = {"kernel": spec.name, "builder": "gemv_i8", "args": args, "M": M, "format": fmt.key(),
-                        "shape": [N, K], "params": {"wq": name}, "launches": -(-M // args["m_max"])}
+        key = base if builder == "gemv_i8" else f"{base} (outlier columns)"
+        chosen[key] = {"kernel": spec.name, "builder": builder, "args": args, "M": M, "format": fmt.key(),
+                       "shape": [N, K], "params": {"wq": name}, "launches": -(-M // args["m_max"])}
+        return True
 
     def _define(self, name, text):
         if name not in self.defined:

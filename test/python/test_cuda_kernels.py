@@ -171,6 +171,28 @@ def test_i8_emulated_exact(M, m_max, K, N):
     assert (y[M:] == -7).all()
 
 
+@pytest.mark.parametrize("M,m_max,K,N,dense", [(1, 1, 272, 12, False), (5, 8, 1024, 8, False),
+                                                 (3, 8, 512, 6, True), (2, 2, 2048, 16, False)])
+def test_sparse_x_emulated(M, m_max, K, N, dense):
+    """gemv_w8_sparse_x against float64: x with a few non-zero columns (one of them -0.0 in
+    a row), or dense; rows past M untouched."""
+    rng = np.random.default_rng(M * K)
+    spec = kernels.gemv_w8_sparse_x(K, N, m_max=m_max)
+    x = rng.standard_normal((m_max, K)).astype(np.float32)
+    if not dense:
+        cols = rng.choice(K, 5, replace=False)
+        keep = np.zeros(K, np.float32)
+        keep[cols] = 1.0
+        x = x * keep
+        x[0, cols[0]] = -0.0
+    q = rng.integers(-127, 128, (N, K)).astype(np.int8)
+    scales = (rng.random(N) * 0.01 + 1e-3).astype(np.float32)
+    y = np.full((m_max, N), np.nan, np.float32)
+    simt.run(spec, dict(x=x, wq=q, scales=scales, y=y, M=M))
+    assert rel(y[:M], x[:M].astype(np.float64) @ (q.astype(np.float64) * scales[:, None]).T) < 1e-6
+    assert np.isnan(y[M:]).all()
+
+
 def _tiny_spec(body, params, block=32, grid=1, smem=()):
     return emit.KernelSpec("t", params, (block, 1, 1), (grid, 1, 1), body, list(smem))
 
@@ -254,6 +276,8 @@ def test_constraint_errors_are_clear():
         kernels.gemv_i8(100, 64)
     with pytest.raises(KernelConstraintError, match="n_rows"):
         kernels.gemv_i8(256, 6, n_rows=4)
+    with pytest.raises(KernelConstraintError, match="m_max"):
+        kernels.gemv_w8_sparse_x(256, 64, m_max=16)
     with pytest.raises(KernelConstraintError, match="shared memory"):
         kernels.gemv_w4a16(8192, 8192, n_tiles=4, k_warps=8, unroll=1, stages=8)
 
@@ -277,7 +301,8 @@ def ptxas_specs():
             kernels.gemv_w4a16(4096, 4096, 64, zero_point=True),  # weight-scaled path
             kernels.gemv_w4a16(4096, 4096, 256, zero_point=False),
             kernels.gemv_i8(4096, 4096, m_max=1), kernels.gemv_i8(4096, 4096, m_max=16),
-            kernels.gemv_i8(11008, 4096, m_max=8), kernels.gemv_i8(1040, 512, m_max=7)]
+            kernels.gemv_i8(11008, 4096, m_max=8), kernels.gemv_i8(1040, 512, m_max=7),
+            kernels.gemv_w8_sparse_x(4096, 4096, m_max=1), kernels.gemv_w8_sparse_x(4096, 11008, m_max=8)]
     return out
 
 
@@ -306,6 +331,8 @@ def test_ir_uses_mma_shuffle_and_128bit_loads(gpu_ir):
         if s.config["kind"] == "gemv_i8":  # 16-byte loads, dp4a, a shuffle butterfly
             assert re.search(r"ld\.global(\.nc)?\.v4\.(b|u)32", body), s.name
             assert body.count("dp4a.s32.s32") >= 8 and "shfl.sync.bfly.b32" in body, s.name
+        elif s.config["kind"] == "gemv_w8_sparse_x":  # weights loaded under a branch on x
+            assert re.search(r"ld\.global(\.nc)?\.v4\.(b|u)32", body) and "@%p" in body, s.name
         elif s.config["kind"].startswith("gemv"):
             if s.config.get("stages"):
                 assert "cp.async.cg.shared.global" in body and "cp.async.wait_group" in body

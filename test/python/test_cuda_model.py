@@ -72,6 +72,7 @@ CASES = {
     "block-w8a8": (lambda: llama_block(seq=4), "w8a8"),  # integer matmuls on gemv_i8 (dp4a)
     "block-w8a8-m20": (lambda: llama_block(seq=10, batch=2), "w8a8"),  # 2 gemv_i8 launches a layer
     "block-llm-int8-dynamic": (lambda: outlier_block(seq=4), "llm-int8-dynamic"),  # run-time outlier columns
+    "block-llm-int8-dynamic-m12": (lambda: outlier_block(seq=12), "llm-int8-dynamic"),  # 2 sparse-x launches
     "model-float": (llama_model, "float"),
     "model-w4a16-g128": (llama_model, "w4a16-g128"),
     "decode-w4a16-g128": (decode_step, "w4a16-g128"),
@@ -141,6 +142,13 @@ def test_gemv_selection_and_fallback():
     assert not cu8["layers"] and not cu8["fallback"] and len(cu8["int_layers"]) == 7
     assert all(c8.weights[L["params"]["wq"]].dtype == np.int8 for L in cu8["int_layers"].values())
     assert sum(L["kernel"].startswith("gemv_i8") for L in cu8["plan"]["launches"]) == 7
+    # llm-int8-dynamic: the float outlier part reads the same codes (gemv_w8_sparse_x): one copy
+    _, _, _, cd = compiled_case("block-llm-int8-dynamic")
+    int_layers = cd.manifest["cuda"]["int_layers"]
+    assert not cd.manifest["cuda"]["layers"] and len(int_layers) == 14
+    for w in ("self_attn.q_proj.weight", "mlp.down_proj.weight"):
+        assert int_layers[f"{w} (outlier columns)"]["params"] == int_layers[w]["params"]
+    assert sum(w.nbytes for w in cd.weights.values()) == sum(w.nbytes for w in c8.weights.values())
     _, _, _, c8m = compiled_case("block-w8a8-m20")  # 20 rows: launches of 16 and 4 rows
     i8 = [L for L in c8m.manifest["cuda"]["plan"]["launches"] if L["kernel"].startswith("gemv_i8")]
     assert [L["args"][-1]["scalar"] for L in i8[:2]] == [16, 4]
