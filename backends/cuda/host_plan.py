@@ -466,6 +466,7 @@ class PlanBuilder:
         yroot = self._root("temp", M * N * ye, elem=elem, shape=[M, N])
         self.views[op.result] = _View(yroot, 0, shape, strides, elem)
         names = [p.name for p in spec.params]
+        per_row = {p.name: p.manifest()["row_bytes"] for p in spec.params if p.is_buffer and p.rows}
         for c in range(-(-M // m_max)):
             rows = min(m_max, M - c * m_max)
             bind = {"x": {"buf": x.root, "offset": (x.offset + c * m_max * K) * xe},
@@ -474,6 +475,8 @@ class PlanBuilder:
             wnames = [n for n in names if n not in bind]
             for n_, vw in zip(wnames, weights):
                 bind[n_] = self._arg(vw)
+                if n_ in per_row:  # an input with a row per row of x (e.g. per-token scales)
+                    bind[n_]["offset"] += c * m_max * per_row[n_]
             self.launches.append({"kernel": spec.name, "grid": list(spec.grid), "block": list(spec.block),
                                   "args": [bind[n_] for n_ in names], "writes": [yroot],
                                   "layer": info.get("weight")})

@@ -567,8 +567,11 @@ def gemv_w8a16(K: int, N: int, *, m_max: int = 16, n_tiles: int | None = None,
 
 
 def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps: int | None = None,
-            unroll: int = 2, name: str | None = None) -> KernelSpec:
+            unroll: int = 2, scaled: str | None = None, name: str | None = None) -> KernelSpec:
     """y[M, N] i32 = x[M, K] int8 @ wq[N, K]^T int8, exact, 1 <= M <= m_max (dp4a).
+
+    scaled="row" (or "tensor"): y f32 = (f32(acc) * sx[m] (or sx[0])) * sw[n] instead, the
+    scale_accumulate of dequant-after-gemm in the epilogue, in its order of rounding.
 
     The integer core of a w8a8 layer (dequant-after-gemm's qcc.matmul_int): the codes stay
     in their [N, K] row-major layout (no repacked copy), quantizing x and scaling the
@@ -586,14 +589,21 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
         warps = next((w for w in (4, 2, 1) if N % (n_rows * w) == 0), 1)
     _require(N % (n_rows * warps) == 0, f"N={N} must be a multiple of n_rows * warps = {n_rows * warps}")
     _require(unroll >= 1, f"unroll must be >= 1 (got {unroll})")
+    _require(scaled in (None, "row", "tensor"), f"scaled must be None, 'row' or 'tensor' (got {scaled!r})")
     K16 = K // 16
     steps = -(-K16 // 32)  # 16-byte chunks per lane
     params = [
         Param("x", f"memref<{m_max * K16}xvector<4xi32>>", "in", f"int8 [M, {K}] row-major", rows=("M", m_max)),
-        Param("wq", f"memref<{N * K16}xvector<4xi32>>", "in", f"int8 [{N}, {K}] row-major"),
-        Param("y", f"memref<{m_max * N}xi32>", "out", f"i32 [M, {N}]", rows=("M", m_max)),
-        Param("M", "i32", "scalar", f"rows of x, 1..{m_max}", range=(1, m_max)),
-    ]
+        Param("wq", f"memref<{N * K16}xvector<4xi32>>", "in", f"int8 [{N}, {K}] row-major")]
+    if scaled == "row":
+        params.append(Param("sx", f"memref<{m_max}xf32>", "in", "f32 [M] per-token scales", rows=("M", m_max)))
+    elif scaled == "tensor":
+        params.append(Param("sx", "memref<1xf32>", "in", "f32 [1] per-tensor scale"))
+    if scaled:
+        params.append(Param("sw", f"memref<{N}xf32>", "in", f"f32 [{N}] per-channel scales"))
+    yt = "f32" if scaled else "i32"
+    params += [Param("y", f"memref<{m_max * N}x{yt}>", "out", f"{yt} [M, {N}]", rows=("M", m_max)),
+               Param("M", "i32", "scalar", f"rows of x, 1..{m_max}", range=(1, m_max))]
 
     def body(E, a):
         tid = E.tid()
@@ -636,15 +646,21 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
         for off in (16, 8, 4, 2, 1):
             acc = [v + E.shfl_xor(v, off) for v in acc]
         first = E.cmp("eq", lane, E.const(0, "index"))
+        sw = [E.load(a["sw"], n0 + t) for t in range(n_rows)] if scaled else None
         for r in range(m_max):
             live = E.and_(first, E.cmp("ult", E.const(r, "index"), M))
+            if scaled:
+                sx = E.load(a["sx"], E.const(0, "index") if scaled == "tensor" else E.minu(E.const(r, "index"), last))
             for t in range(n_rows):
                 v = acc[r * n_rows + t]
+                if scaled:
+                    v = (E.cast("sitofp", v, "f32") * sx) * sw[t]
                 E.if_(live, lambda v=v, r=r, t=t: E.store(v, a["y"], E.const(r * N, "index") + n0 + t))
 
-    nm = name or f"gemv_i8_k{K}_n{N}_m{m_max}_r{n_rows}w{warps}u{unroll}"
+    nm = name or (f"gemv_i8_k{K}_n{N}_m{m_max}_r{n_rows}w{warps}u{unroll}"
+                  f"{'_s' + scaled[0] if scaled else ''}")
     cfg = {"kind": "gemv_i8", "K": K, "N": N, "m_max": m_max, "n_rows": n_rows, "warps": warps,
-           "unroll": unroll, "weight_bytes": N * K, "meta_bytes": 0}
+           "unroll": unroll, "scaled": scaled, "weight_bytes": N * K, "meta_bytes": 4 * N if scaled else 0}
     return KernelSpec(nm, params, (32 * warps, 1, 1), (N // (n_rows * warps), 1, 1), body, [], cfg,
                       doc=gemv_i8.__doc__.split("\n")[0])
 

@@ -232,20 +232,27 @@ class CudaSelectKernels(QccPass):
                 for m in members:
                     builder, args = plan_kernel(m[1], 2 * M if split else M, K, m[2], out_f32=split)
                     self._rewrite([m], sig, builder, args, M, K, selected)
+            for sa in list(irutil.walk(func, "qcc.scale_accumulate")):  # matmul and scaling: one kernel
+                mm = irutil.defining_op(sa.operands[0])
+                if mm is not None and mm.name == "qcc.matmul_int" and len(list(mm.result.uses)) == 1 \
+                        and irutil.tensor_shape(sa.operands[2])[1:] == [1]:
+                    self._on_codes(mm, sig, "gemv_i8", int_layers, fallback, scale=sa)
             for op in list(irutil.walk(func, "qcc.matmul_int")):
                 self._on_codes(op, sig, "gemv_i8", int_layers, fallback)
             for name in sig.erase_unused_params():
                 if name in self.session.params:
                     del self.session.params[name]
 
-    def _on_codes(self, op, sig, builder, chosen, fallback) -> bool:
+    def _on_codes(self, op, sig, builder, chosen, fallback, scale=None) -> bool:
         """op -> a call of `builder` on int8 per-channel weight codes as quantize-weights stored
         them (no repacked copy); False (and why, in `fallback`) where it does not apply.
 
         gemv_i8: qcc.matmul_int of int8 activation codes (the integer core of w8a8, w8a8-had,
-        llm-int8's int8 part...), exact i32 sums, so the quantize and scale_accumulate
-        generics around it are unchanged. gemv_w8_sparse_x: the float-activation qlinear
-        of llm-int8-dynamic's outlier columns, on the codes its integer part reads.
+        llm-int8's int8 part...): exact i32 sums. With `scale` (the qcc.scale_accumulate
+        consuming them, whose sx and sw it takes) the call replaces that op too and scales in
+        its epilogue, in the generic's order of rounding. gemv_w8_sparse_x: the
+        float-activation qlinear of llm-int8-dynamic's outlier columns, on the codes its
+        integer part reads.
         """
         from . import kernels
 
@@ -265,19 +272,27 @@ class CudaSelectKernels(QccPass):
             return False
         (M, K), N = x_shape, y_shape[1]
         args = {"K": K, "N": N, "m_max": min(M, 8 if builder == "gemv_w8_sparse_x" else M_MAX)}
+        operands, replaced = list(op.operands), op
+        if scale is not None:
+            sx_shape = irutil.tensor_shape(scale.operands[1])
+            args["scaled"] = "row" if sx_shape[0] == M and M > 1 else "tensor"
+            operands, replaced = operands + list(scale.operands[1:]), scale
         try:
             spec = getattr(kernels, builder)(**args)
         except kernels.KernelConstraintError as e:
             fallback[base] = str(e)
             return False
         callee = f"qcc_cuda_{spec.name}_M{M}"
-        self._define(callee, _declaration(callee, [str(v.type) for v in op.operands], str(op.result.type),
+        result = replaced.result
+        self._define(callee, _declaration(callee, [str(v.type) for v in operands], str(result.type),
                                           {"builder": builder, "args": args, "M": M, "weight": base}))
-        with ir.InsertionPoint(op), op.location:
-            y = ir.Operation.create("func.call", results=[op.result.type], operands=list(op.operands),
+        with ir.InsertionPoint(replaced), replaced.location:
+            y = ir.Operation.create("func.call", results=[result.type], operands=operands,
                                     attributes={"callee": ir.FlatSymbolRefAttr.get(callee)}).result
-        op.result.replace_all_uses_with(y)
-        op.erase()
+        result.replace_all_uses_with(y)
+        replaced.erase()
+        if replaced is not op:
+            op.erase()
         key = base if builder == "gemv_i8" else f"{base} (outlier columns)"
         chosen[key] = {"kernel": spec.name, "builder": builder, "args": args, "M": M, "format": fmt.key(),
                        "shape": [N, K], "params": {"wq": name}, "launches": -(-M // args["m_max"])}

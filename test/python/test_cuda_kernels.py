@@ -169,6 +169,15 @@ def test_i8_emulated_exact(M, m_max, K, N):
     ref = xq[:M].astype(np.int64) @ q.astype(np.int64).T
     assert np.array_equal(y[:M], ref)
     assert (y[M:] == -7).all()
+    # scaled: (f32(acc) * sx) * sw in f32, the order of the reference lowering's scale generic
+    sx = (rng.random((m_max, 1)) * 0.01 + 1e-3).astype(np.float32)
+    sw = (rng.random((N, 1)) * 0.01 + 1e-3).astype(np.float32)
+    for mode, sxs in (("row", sx), ("tensor", sx[:1])):
+        spec = kernels.gemv_i8(K, N, m_max=m_max, scaled=mode)
+        yf = np.full((m_max, N), np.nan, np.float32)
+        simt.run(spec, dict(x=xq, wq=q, sx=sxs, sw=sw, y=yf, M=M))
+        expect = (ref.astype(np.float32) * (sxs[:M] if mode == "row" else sxs[0])) * sw.reshape(1, N)
+        assert np.array_equal(yf[:M], expect) and np.isnan(yf[M:]).all()
 
 
 @pytest.mark.parametrize("M,m_max,K,N,dense", [(1, 1, 272, 12, False), (5, 8, 1024, 8, False),
@@ -301,7 +310,8 @@ def ptxas_specs():
             kernels.gemv_w4a16(4096, 4096, 64, zero_point=True),  # weight-scaled path
             kernels.gemv_w4a16(4096, 4096, 256, zero_point=False),
             kernels.gemv_i8(4096, 4096, m_max=1), kernels.gemv_i8(4096, 4096, m_max=16),
-            kernels.gemv_i8(11008, 4096, m_max=8), kernels.gemv_i8(1040, 512, m_max=7),
+            kernels.gemv_i8(11008, 4096, m_max=8), kernels.gemv_i8(1040, 512, m_max=7, scaled="row"),
+            kernels.gemv_i8(4096, 4096, m_max=1, scaled="tensor"),
             kernels.gemv_w8_sparse_x(4096, 4096, m_max=1), kernels.gemv_w8_sparse_x(4096, 11008, m_max=8)]
     return out
 
