@@ -453,32 +453,32 @@ class PlanBuilder:
         spec = build_spec(info["builder"], info["args"])
         self.specs.setdefault(spec.name, spec)
         M, m_max = info["M"], info["args"]["m_max"]
-        K, N = info["args"]["K"], info["args"]["N"]
         x = self._view_of(op.operands[0])
         weights = [self._view_of(v) for v in op.operands[1:]]
-        xe = ESIZE[x.elem]
-        if not x.contiguous() or (x.offset * xe) % 16:
+        if not x.contiguous() or (x.offset * ESIZE[x.elem]) % 16:
             raise HostOpError(f"x of {spec.name} is not a contiguous 16-byte aligned [M, K] buffer")
         for vw in [x] + weights:
             self._materialize(vw.root)
-        shape, strides, off, elem = _memref_info(op.result.type)
-        ye = ESIZE[elem]
-        yroot = self._root("temp", M * N * ye, elem=elem, shape=[M, N])
-        self.views[op.result] = _View(yroot, 0, shape, strides, elem)
+        # results: the kernel's out parameters in order, each a fresh temporary of M rows
+        outs = [p for p in spec.params if p.is_buffer and p.role == "out"]
+        if len(outs) != len(op.results):
+            raise HostOpError(f"call of {spec.name}: {len(op.results)} results for {len(outs)} out parameters")
+        bound = {}
+        for p, res in zip(outs, op.results):
+            shape, strides, off, elem = _memref_info(res.type)
+            root = self._root("temp", math.prod(shape) * ESIZE[elem], elem=elem, shape=list(shape))
+            self.views[res] = _View(root, 0, shape, strides, elem)
+            bound[p.name] = (root, 0)
         names = [p.name for p in spec.params]
+        ins = [n for n in names if n != "M" and n not in bound]
+        bound.update({n: (vw.root, vw.offset * ESIZE[vw.elem]) for n, vw in zip(ins, [x] + weights)})
         per_row = {p.name: p.manifest()["row_bytes"] for p in spec.params if p.is_buffer and p.rows}
-        for c in range(-(-M // m_max)):
-            rows = min(m_max, M - c * m_max)
-            bind = {"x": {"buf": x.root, "offset": (x.offset + c * m_max * K) * xe},
-                    "y": {"buf": yroot, "offset": c * m_max * N * ye},
-                    "M": {"scalar": rows, "type": "i32"}}
-            wnames = [n for n in names if n not in bind]
-            for n_, vw in zip(wnames, weights):
-                bind[n_] = self._arg(vw)
-                if n_ in per_row:  # an input with a row per row of x (e.g. per-token scales)
-                    bind[n_]["offset"] += c * m_max * per_row[n_]
+        for c in range(-(-M // m_max)):  # one launch per m_max rows: buffers with rows move along
+            bind = {"M": {"scalar": min(m_max, M - c * m_max), "type": "i32"}}
+            for n, (root, offset) in bound.items():
+                bind[n] = {"buf": root, "offset": offset + c * m_max * per_row.get(n, 0)}
             self.launches.append({"kernel": spec.name, "grid": list(spec.grid), "block": list(spec.block),
-                                  "args": [bind[n_] for n_ in names], "writes": [yroot],
+                                  "args": [bind[n_] for n_ in names], "writes": [bound[p.name][0] for p in outs],
                                   "layer": info.get("weight")})
 
     def _return(self, op):

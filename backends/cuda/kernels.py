@@ -757,3 +757,84 @@ def gemv_w8_sparse_x(K: int, N: int, *, m_max: int = 16, n_rows: int | None = No
            "weight_bytes": N * K, "meta_bytes": 4 * N}
     return KernelSpec(nm, params, (32 * warps, 1, 1), (N // (n_rows * warps), 1, 1), body, [], cfg,
                       doc=gemv_w8_sparse_x.__doc__.split("\n")[0])
+
+
+# --------------------------------------------------------------------------- per-token quantization
+
+
+def quantize_rows(K: int, *, qmin: int, qmax: int, clip: float = 1.0, m_max: int = 16,
+                  name: str | None = None) -> KernelSpec:
+    """codes[M, K] int8, scale[M] f32 = per-token symmetric quantization of x[M, K] f32.
+
+    One launch for what the reference lowering does in three (the row's absmax, its scale,
+    the codes), with its numerics op for op: scale = (absmax [* clip]) / qmax, 1 where that
+    is 0; code = fptosi(min(max(roundeven(x / scale), qmin), qmax)). One warp per row (a
+    block each): lanes read the row in 16-byte chunks, a maximum butterfly gives every lane
+    the absmax, a second pass writes the codes. Constraints: K % 4 == 0. Parameters: x f32
+    [M, K], y int8 [M, K], scale f32 [M], M i32.
+    """
+    _require(K % 4 == 0, f"quantize_rows needs K % 4 == 0 (K={K})")
+    _require(1 <= m_max <= 16, f"m_max must be in 1..16 (got {m_max})")
+    K4 = K // 4
+    steps = -(-K4 // 32)
+    params = [
+        Param("x", f"memref<{m_max * K4}xvector<4xf32>>", "in", f"f32 [M, {K}]", rows=("M", m_max)),
+        Param("y", f"memref<{m_max * K4}xvector<4xi8>>", "out", f"int8 codes [M, {K}]", rows=("M", m_max)),
+        Param("scale", f"memref<{m_max}xf32>", "out", "f32 [M] per-token scales", rows=("M", m_max)),
+        Param("M", "i32", "scalar", f"rows of x, 1..{m_max}", range=(1, m_max)),
+    ]
+
+    def op(E, name, *xs, t="f32", attrs="", info=None):
+        return E.raw(name, list(xs), [t], attrs, info)[0]
+
+    def body(E, a):
+        lane = E.tid() % 32
+        M = E.idx(a["M"])
+        r = E.bid("x")
+        row = E.minu(r, M - E.const(1, "index")) * K4  # rows past M redo the last one, unstored
+
+        def chunk(i):
+            c = i * 32 + lane
+            return c, E.minu(c, E.const(K4 - 1, "index")) if K4 % 32 else c
+
+        def amax_step(i, acc):
+            c, cc = chunk(i)
+            v = E.load(a["x"], row + cc)
+            m = acc[0]
+            for j in range(4):
+                m = op(E, "arith.maximumf", m, op(E, "math.absf", E.extract(v, j)))
+            if K4 % 32:  # lanes past the row keep their maximum
+                m = E.select(E.cmp("ult", c, E.const(K4, "index")), m, acc[0])
+            return [m]
+
+        amax = E.for_(0, steps, 1, [E.const(0.0, "f32")], amax_step)[0]
+        for off in (16, 8, 4, 2, 1):
+            amax = op(E, "arith.maximumf", amax, E.shfl_xor(amax, off))
+        if clip != 1.0:
+            amax = op(E, "arith.mulf", amax, E.const(clip, "f32"))
+        q = op(E, "arith.divf", amax, E.const(float(qmax), "f32"))
+        one = E.const(1.0, "f32")
+        zero = E.const(0.0, "f32")
+        s = E.select(E.cmp("oeq", q, zero), one, q)
+        live = E.cmp("ult", r, M)
+        E.if_(E.and_(live, E.cmp("eq", lane, E.const(0, "index"))), lambda: E.store(s, a["scale"], r))
+        lo, hi = E.const(float(qmin), "f32"), E.const(float(qmax), "f32")
+
+        def code_step(i, _):
+            c, cc = chunk(i)
+            v = E.load(a["x"], row + cc)
+            codes = []
+            for j in range(4):
+                d = op(E, "math.roundeven", op(E, "arith.divf", E.extract(v, j), s))
+                d = op(E, "arith.minimumf", op(E, "arith.maximumf", d, lo), hi)
+                codes.append(op(E, "arith.fptosi", d, t="i8"))
+            ok = E.and_(live, E.cmp("ult", c, E.const(K4, "index"))) if K4 % 32 else live
+            E.if_(ok, lambda: E.store(E.from_elements(codes), a["y"], row + c))
+            return []
+
+        E.for_(0, steps, 1, [], code_step)
+
+    nm = name or f"quantize_rows_k{K}_m{m_max}_q{qmax}{'_c' + repr(clip) if clip != 1.0 else ''}".replace(".", "p")
+    cfg = {"kind": "quantize_rows", "K": K, "m_max": m_max, "qmin": qmin, "qmax": qmax, "clip": clip}
+    return KernelSpec(nm, params, (32, 1, 1), (m_max, 1, 1), body, [], cfg,
+                      doc=quantize_rows.__doc__.split("\n")[0])

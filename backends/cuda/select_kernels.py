@@ -30,6 +30,7 @@ from torch_mlir import ir
 from qcc import irutil
 from qcc.context import format_key
 from qcc.dialects import formats
+from qcc.dialects.formats import activation
 from qcc.passes import QccPass, register
 from qcc.passes.quantize_weights import FLOAT_ACTIVATIONS
 
@@ -232,6 +233,9 @@ class CudaSelectKernels(QccPass):
                 for m in members:
                     builder, args = plan_kernel(m[1], 2 * M if split else M, K, m[2], out_f32=split)
                     self._rewrite([m], sig, builder, args, M, K, selected)
+            quantized = {}  # (x, format) -> the call's results: q/k/v (gate/up) quantize their x once
+            for op in list(irutil.walk(func, "qcc.quantize_dynamic")):
+                self._quantize_rows(op, quantized)
             for sa in list(irutil.walk(func, "qcc.scale_accumulate")):  # matmul and scaling: one kernel
                 mm = irutil.defining_op(sa.operands[0])
                 if mm is not None and mm.name == "qcc.matmul_int" and len(list(mm.result.uses)) == 1 \
@@ -297,6 +301,42 @@ class CudaSelectKernels(QccPass):
         chosen[key] = {"kernel": spec.name, "builder": builder, "args": args, "M": M, "format": fmt.key(),
                        "shape": [N, K], "params": {"wq": name}, "launches": -(-M // args["m_max"])}
         return True
+
+    def _quantize_rows(self, op, done):
+        """qcc.quantize_dynamic (per-token int8/int4, clipped or not) -> one quantize_rows launch
+        (per m_max rows) instead of the reference lowering's three (absmax, scale, codes);
+        the same numerics, op for op. Shapes the kernel does not take stay with the lowering.
+        An op quantizing what an earlier one in its block did takes that one's results."""
+        from . import kernels
+
+        key = (op.operands[0], format_key(op.attributes["format"]), op.operation.block)
+        if key in done:
+            for old, new in zip(op.results, done[key]):
+                old.replace_all_uses_with(new)
+            op.erase()
+            return
+        fmt = activation.parse_act_format(key[1])
+        shape = irutil.tensor_shape(op.operands[0])
+        if not self.options.enable or fmt is None or not fmt.dynamic or len(shape) != 2 or None in shape:
+            return
+        (M, K) = shape
+        qmin, qmax = fmt.levels()
+        args = {"K": K, "qmin": int(qmin), "qmax": int(qmax), "clip": float(fmt.clip), "m_max": min(M, M_MAX)}
+        try:
+            spec = kernels.quantize_rows(**args)
+        except kernels.KernelConstraintError:
+            return
+        callee = f"qcc_cuda_{spec.name}_M{M}"
+        types = [str(r.type) for r in op.results]
+        self._define(callee, _declaration(callee, [str(op.operands[0].type)], f"({', '.join(types)})",
+                                          {"builder": "quantize_rows", "args": args, "M": M}))
+        with ir.InsertionPoint(op), op.location:
+            call = ir.Operation.create("func.call", results=[r.type for r in op.results], operands=[op.operands[0]],
+                                       attributes={"callee": ir.FlatSymbolRefAttr.get(callee)})
+        for old, new in zip(op.results, call.results):
+            old.replace_all_uses_with(new)
+        op.erase()
+        done[key] = list(call.results)
 
     def _define(self, name, text):
         if name not in self.defined:

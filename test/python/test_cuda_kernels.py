@@ -202,6 +202,27 @@ def test_sparse_x_emulated(M, m_max, K, N, dense):
     assert np.isnan(y[M:]).all()
 
 
+@pytest.mark.parametrize("M,m_max,K,key", [(1, 1, 272, "int8_sym_token"), (5, 8, 1024, "int8_sym_token"),
+                                            (3, 16, 516, "int4_sym_token_clip0.9"), (2, 2, 128, "int8_sym_token")])
+def test_quantize_rows_emulated_matches_format_reference(M, m_max, K, key):
+    """quantize_rows gives the codes and scales of the format's numpy reference, bit for bit
+    (an all-zero row too: scale 1); rows past M untouched."""
+    from qcc.dialects.formats import activation
+
+    fmt = activation.parse_act_format(key)
+    qmin, qmax = fmt.levels()
+    spec = kernels.quantize_rows(K, qmin=qmin, qmax=qmax, clip=fmt.clip, m_max=m_max)
+    rng = np.random.default_rng(M * K)
+    x = (rng.standard_normal((m_max, K)) * 3).astype(np.float32)
+    x[min(1, M - 1)] = 0.0
+    y = np.full((m_max, K), 99, np.int8)
+    scale = np.full(m_max, np.nan, np.float32)
+    simt.run(spec, dict(x=x, y=y, scale=scale, M=M))
+    codes, s = activation.quantize_act(x[:M], fmt)
+    assert np.array_equal(y[:M], codes) and np.array_equal(scale[:M], np.asarray(s, np.float32).reshape(M))
+    assert (y[M:] == 99).all() and np.isnan(scale[M:]).all()
+
+
 def _tiny_spec(body, params, block=32, grid=1, smem=()):
     return emit.KernelSpec("t", params, (block, 1, 1), (grid, 1, 1), body, list(smem))
 
@@ -312,6 +333,8 @@ def ptxas_specs():
             kernels.gemv_i8(4096, 4096, m_max=1), kernels.gemv_i8(4096, 4096, m_max=16),
             kernels.gemv_i8(11008, 4096, m_max=8), kernels.gemv_i8(1040, 512, m_max=7, scaled="row"),
             kernels.gemv_i8(4096, 4096, m_max=1, scaled="tensor"),
+            kernels.quantize_rows(4096, qmin=-127, qmax=127, m_max=16),
+            kernels.quantize_rows(11008, qmin=-7, qmax=7, clip=0.9, m_max=1),
             kernels.gemv_w8_sparse_x(4096, 4096, m_max=1), kernels.gemv_w8_sparse_x(4096, 11008, m_max=8)]
     return out
 
