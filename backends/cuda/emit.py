@@ -490,9 +490,10 @@ class MlirEmitter(Emitter):
         return Val(self, nm, v.type)
 
     def dp4a(self, a: Val, b: Val, c: Val) -> Val:
-        """c + the dot product of the 4 signed bytes packed in the i32s a and b (PTX dp4a.s32.s32)."""
-        assert a.type == b.type == c.type == "i32", (a.type, b.type, c.type)
-        av, bv = self.bitcast(a, "vector<4xi8>"), self.bitcast(b, "vector<4xi8>")
+        """c + the dot product of the 4 signed bytes of a and b (i32 or vector<4xi8>), PTX
+        dp4a.s32.s32."""
+        assert c.type == "i32" and {a.type, b.type} <= {"i32", "vector<4xi8>"}, (a.type, b.type, c.type)
+        av, bv = (v if v.type != "i32" else self.bitcast(v, "vector<4xi8>") for v in (a, b))
         return self._op(f"nvvm.dot.accumulate.4way {av.v} <signed>, {bv.v} <signed>, {c.v} "
                         f": vector<4xi8>, vector<4xi8>", "i32")
 

@@ -567,21 +567,26 @@ def gemv_w8a16(K: int, N: int, *, m_max: int = 16, n_tiles: int | None = None,
 
 
 def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps: int | None = None,
-            unroll: int = 2, scaled: str | None = None, name: str | None = None) -> KernelSpec:
-    """y[M, N] i32 = x[M, K] int8 @ wq[N, K]^T int8, exact, 1 <= M <= m_max (dp4a).
+            unroll: int = 2, scaled: str | None = None, w_bits: int = 8, name: str | None = None) -> KernelSpec:
+    """y[M, N] i32 = x[M, K] int8 @ wq[N, K]^T, exact, 1 <= M <= m_max (dp4a).
 
     scaled="row" (or "tensor"): y f32 = (f32(acc) * sx[m] (or sx[0])) * sw[n] instead, the
     scale_accumulate of dequant-after-gemm in the epilogue, in its order of rounding.
+    w_bits=4: wq holds symmetric int4 codes as quantize-weights packs them (two a byte along
+    K, low nibble the even column, biased by +8); they are sign-extended to bytes in
+    registers and x's bytes split into even and odd columns to match.
 
-    The integer core of a w8a8 layer (dequant-after-gemm's qcc.matmul_int): the codes stay
-    in their [N, K] row-major layout (no repacked copy), quantizing x and scaling the
-    accumulator are the generated kernels around it. Each warp owns `n_rows` weight rows
-    and all M rows of x; its lanes stride K in 16-byte chunks (coalesced 512-byte loads
-    of a weight row), `dp4a` sums 4 byte products into i32, and a butterfly reduces the
-    lanes. Constraints: K % 16 == 0, N % (n_rows * warps) == 0. Parameters: x int8
-    [M, K], wq int8 [N, K], y i32 [M, N], M i32 (rows of this launch).
+    The integer core of w8a8 / w4a4 layers (dequant-after-gemm's qcc.matmul_int): the codes
+    stay in their [N, K] row-major layout (no repacked copy). Each warp owns `n_rows`
+    weight rows and all M rows of x; its lanes stride K in 16-byte chunks of weights
+    (coalesced 512-byte loads of a weight row), `dp4a` sums 4 byte products into i32, and
+    a butterfly reduces the lanes. Constraints: K % 16 == 0 (K % 32 for int4),
+    N % (n_rows * warps) == 0. Parameters: x int8 [M, K], wq [N, K * w_bits / 8] bytes,
+    [sx, sw,] y [M, N], M i32 (rows of this launch).
     """
-    _require(K % 16 == 0, f"gemv_i8 needs K % 16 == 0 (K={K})")
+    _require(w_bits in (8, 4), f"w_bits must be 8 or 4 (got {w_bits})")
+    cols = 128 // w_bits  # K columns per 16-byte weight chunk
+    _require(K % cols == 0, f"gemv_i8 needs K % {cols} == 0 for int{w_bits} weights (K={K})")
     _require(1 <= m_max <= 16, f"m_max must be in 1..16 (got {m_max})")
     if n_rows is None:
         n_rows = 2 if m_max <= 8 and N % 2 == 0 else 1
@@ -591,10 +596,11 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
     _require(unroll >= 1, f"unroll must be >= 1 (got {unroll})")
     _require(scaled in (None, "row", "tensor"), f"scaled must be None, 'row' or 'tensor' (got {scaled!r})")
     K16 = K // 16
-    steps = -(-K16 // 32)  # 16-byte chunks per lane
+    CH = K // cols  # weight chunks per row
+    steps = -(-CH // 32)  # chunks per lane
     params = [
         Param("x", f"memref<{m_max * K16}xvector<4xi32>>", "in", f"int8 [M, {K}] row-major", rows=("M", m_max)),
-        Param("wq", f"memref<{N * K16}xvector<4xi32>>", "in", f"int8 [{N}, {K}] row-major")]
+        Param("wq", f"memref<{N * CH}xvector<4xi32>>", "in", f"int{w_bits} [{N}, {K}] row-major")]
     if scaled == "row":
         params.append(Param("sx", f"memref<{m_max}xf32>", "in", "f32 [M] per-token scales", rows=("M", m_max)))
     elif scaled == "tensor":
@@ -613,25 +619,40 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
         last = M - E.const(1, "index")
         xrow = [E.minu(E.const(r, "index"), last) * K16 for r in range(m_max)]  # rows >= M repeat the last
         zero = E.const(0, "i32")
-        zv = E.const(0, "vector<4xi32>")
+        nib, bias, sign = (E.const(v, "i32") for v in (0x0F0F0F0F, 0x08080808, 0x1E))
+
+        def signed_bytes(v):
+            """4 nibbles (one a byte, biased by +8) -> 4 signed bytes: v ^ 8 is the two's complement
+            nibble, and its bit 3 times 0x1E sets the byte's top four bits (no carry between bytes)."""
+            v = v ^ bias
+            return v | ((v & bias) * sign)
 
         def chunk(i, acc):
-            """acc += the products of 16-byte chunk i (a Val or an int) of every lane."""
-            k16 = i * 32 + lane
-            kc = E.minu(k16, E.const(K16 - 1, "index")) if K16 % 32 else k16
-            ws = [E.load(a["wq"], (n0 + t) * K16 + kc) for t in range(n_rows)]
-            if K16 % 32:  # the last step's lanes past K add nothing
-                ok = E.cmp("ult", k16, E.const(K16, "index"))
-                ws = [E.select(ok, w, zv) for w in ws]
-            ws = [[E.extract(w, j) for j in range(4)] for w in ws]
+            """acc += the products of 16-byte weight chunk i (a Val or an int) of every lane."""
+            k = i * 32 + lane
+            kc = E.minu(k, E.const(CH - 1, "index")) if CH % 32 else k
+            ok = E.cmp("ult", k, E.const(CH, "index")) if CH % 32 else None  # lanes past K add nothing
+            ws = []
+            for t in range(n_rows):
+                w = E.load(a["wq"], (n0 + t) * CH + kc)
+                words = [E.extract(w, j) for j in range(4)]
+                if w_bits == 4:  # word j: columns 8j..8j+7 -> even columns, odd columns
+                    words = [signed_bytes(f(wj) & nib) for wj in words for f in (lambda v: v, lambda v: v >> 4)]
+                ws.append([E.select(ok, wj, zero) for wj in words] if ok is not None else words)
             out = list(acc)
             for r in range(m_max):
-                x = E.load(a["x"], xrow[r] + kc)
-                xs = [E.extract(x, j) for j in range(4)]
+                if w_bits == 8:
+                    x = E.load(a["x"], xrow[r] + kc)
+                    xs = [E.extract(x, j) for j in range(4)]
+                else:
+                    xv = [E.load(a["x"], xrow[r] + 2 * kc + h) for h in range(2)]
+                    xb = [E.bitcast(E.extract(xv[q // 4], q % 4), "vector<4xi8>") for q in range(8)]
+                    xs = [E.shuffle(xb[2 * j], xb[2 * j + 1], sel) for j in range(4)
+                          for sel in ((0, 2, 4, 6), (1, 3, 5, 7))]
                 for t in range(n_rows):
                     v = out[r * n_rows + t]
-                    for j in range(4):
-                        v = E.dp4a(xs[j], ws[t][j], v)
+                    for xw, ww in zip(xs, ws[t]):
+                        v = E.dp4a(xw, ww, v)
                     out[r * n_rows + t] = v
             return out
 
@@ -657,10 +678,11 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
                     v = (E.cast("sitofp", v, "f32") * sx) * sw[t]
                 E.if_(live, lambda v=v, r=r, t=t: E.store(v, a["y"], E.const(r * N, "index") + n0 + t))
 
-    nm = name or (f"gemv_i8_k{K}_n{N}_m{m_max}_r{n_rows}w{warps}u{unroll}"
+    nm = name or (f"gemv_i{'8' if w_bits == 8 else '4'}_k{K}_n{N}_m{m_max}_r{n_rows}w{warps}u{unroll}"
                   f"{'_s' + scaled[0] if scaled else ''}")
     cfg = {"kind": "gemv_i8", "K": K, "N": N, "m_max": m_max, "n_rows": n_rows, "warps": warps,
-           "unroll": unroll, "scaled": scaled, "weight_bytes": N * K, "meta_bytes": 4 * N if scaled else 0}
+           "unroll": unroll, "scaled": scaled, "w_bits": w_bits, "weight_bytes": N * K * w_bits // 8,
+           "meta_bytes": 4 * N if scaled else 0}
     return KernelSpec(nm, params, (32 * warps, 1, 1), (N // (n_rows * warps), 1, 1), body, [], cfg,
                       doc=gemv_i8.__doc__.split("\n")[0])
 

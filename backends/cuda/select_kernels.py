@@ -264,7 +264,8 @@ class CudaSelectKernels(QccPass):
         arg = irutil.block_arg_number(op.operands[1])
         name = sig.param_name(arg) if arg is not None else None
         base = name.rsplit(":", 2)[0] if name else "<non-parameter weight>"
-        if not (fmt.bits == 8 and fmt.symmetric and fmt.granularity == "channel"):
+        if not (fmt.symmetric and fmt.granularity == "channel") or (fmt.bits, builder) not in (
+                (8, "gemv_i8"), (4, "gemv_i8"), (8, "gemv_w8_sparse_x")):
             fallback[base] = f"no integer GEMV for {fmt.key()} weights"
             return False
         x_shape, y_shape = irutil.tensor_shape(op.operands[0]), irutil.tensor_shape(op.result)
@@ -276,6 +277,8 @@ class CudaSelectKernels(QccPass):
             return False
         (M, K), N = x_shape, y_shape[1]
         args = {"K": K, "N": N, "m_max": min(M, 8 if builder == "gemv_w8_sparse_x" else M_MAX)}
+        if fmt.bits == 4:
+            args["w_bits"] = 4
         operands, replaced = list(op.operands), op
         if scale is not None:
             sx_shape = irutil.tensor_shape(scale.operands[1])

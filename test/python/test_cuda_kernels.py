@@ -180,6 +180,21 @@ def test_i8_emulated_exact(M, m_max, K, N):
         assert np.array_equal(yf[:M], expect) and np.isnan(yf[M:]).all()
 
 
+@pytest.mark.parametrize("M,m_max,K,N", [(1, 1, 288, 12), (5, 8, 1024, 8), (3, 16, 2048, 6)])
+def test_i4_weights_emulated_exact(M, m_max, K, N):
+    """gemv_i8(w_bits=4) on int4 codes packed as quantize-weights packs them (two a byte
+    along K, low nibble the even column, +8), every code -8..7 included: exact i32 sums."""
+    rng = np.random.default_rng(M * K)
+    xq = rng.integers(-128, 128, (m_max, K)).astype(np.int8)
+    codes = rng.integers(-8, 8, (N, K))
+    codes[0, :16] = np.arange(-8, 8)
+    nib = (codes + 8).astype(np.uint8)
+    packed = (nib[:, 0::2] | (nib[:, 1::2] << 4)).astype(np.uint8).view(np.int8)
+    y = np.full((m_max, N), -7, np.int32)
+    simt.run(kernels.gemv_i8(K, N, m_max=m_max, w_bits=4), dict(x=xq, wq=packed, y=y, M=M))
+    assert np.array_equal(y[:M], xq[:M].astype(np.int64) @ codes.T) and (y[M:] == -7).all()
+
+
 @pytest.mark.parametrize("M,m_max,K,N,dense", [(1, 1, 272, 12, False), (5, 8, 1024, 8, False),
                                                  (3, 8, 512, 6, True), (2, 2, 2048, 16, False)])
 def test_sparse_x_emulated(M, m_max, K, N, dense):
@@ -306,6 +321,8 @@ def test_constraint_errors_are_clear():
         kernels.gemv_i8(100, 64)
     with pytest.raises(KernelConstraintError, match="n_rows"):
         kernels.gemv_i8(256, 6, n_rows=4)
+    with pytest.raises(KernelConstraintError, match="K % 32"):
+        kernels.gemv_i8(272, 64, w_bits=4)
     with pytest.raises(KernelConstraintError, match="m_max"):
         kernels.gemv_w8_sparse_x(256, 64, m_max=16)
     with pytest.raises(KernelConstraintError, match="shared memory"):
@@ -333,6 +350,8 @@ def ptxas_specs():
             kernels.gemv_i8(4096, 4096, m_max=1), kernels.gemv_i8(4096, 4096, m_max=16),
             kernels.gemv_i8(11008, 4096, m_max=8), kernels.gemv_i8(1040, 512, m_max=7, scaled="row"),
             kernels.gemv_i8(4096, 4096, m_max=1, scaled="tensor"),
+            kernels.gemv_i8(4096, 4096, m_max=1, w_bits=4, scaled="row"),
+            kernels.gemv_i8(11008, 4096, m_max=16, w_bits=4, scaled="row"),
             kernels.quantize_rows(4096, qmin=-127, qmax=127, m_max=16),
             kernels.quantize_rows(11008, qmin=-7, qmax=7, clip=0.9, m_max=1),
             kernels.gemv_w8_sparse_x(4096, 4096, m_max=1), kernels.gemv_w8_sparse_x(4096, 11008, m_max=8)]
@@ -364,6 +383,7 @@ def test_ir_uses_mma_shuffle_and_128bit_loads(gpu_ir):
         if s.config["kind"] == "gemv_i8":  # 16-byte loads, dp4a, a shuffle butterfly
             assert re.search(r"ld\.global(\.nc)?\.v4\.(b|u)32", body), s.name
             assert body.count("dp4a.s32.s32") >= 8 and "shfl.sync.bfly.b32" in body, s.name
+            assert "prmt.b32" in body or s.config["w_bits"] == 8, s.name  # int4: x split in even/odd bytes
         elif s.config["kind"] == "gemv_w8_sparse_x":  # weights loaded under a branch on x
             assert re.search(r"ld\.global(\.nc)?\.v4\.(b|u)32", body) and "@%p" in body, s.name
         elif s.config["kind"].startswith("gemv"):
