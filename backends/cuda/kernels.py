@@ -38,6 +38,8 @@ as the reference lowering, whose scaling generic then runs unchanged.
 """
 from __future__ import annotations
 
+import math
+
 from .emit import KernelSpec, Param
 
 
@@ -860,3 +862,91 @@ def quantize_rows(K: int, *, qmin: int, qmax: int, clip: float = 1.0, m_max: int
     cfg = {"kind": "quantize_rows", "K": K, "m_max": m_max, "qmin": qmin, "qmax": qmax, "clip": clip}
     return KernelSpec(nm, params, (32, 1, 1), (m_max, 1, 1), body, [], cfg,
                       doc=quantize_rows.__doc__.split("\n")[0])
+
+
+# --------------------------------------------------------------------------- online Hadamard
+
+
+def hadamard_rows(n: int, m: int, k: int, *, sub_rows: int = 1, m_max: int = 16,
+                  threads: int = 256, name: str | None = None) -> KernelSpec:
+    """y[M, sub_rows * n] = each n-column block of x[M, sub_rows * n] times H_n / sqrt(n).
+
+    fuse-rotation's online Hadamard transform (compiler/hadamard.py's kernel on the CPU), with
+    its numerics op for op: k constant-geometry butterfly stages over each of the m blocks of
+    2^k columns (out[i] = x[2i] + x[2i+1], out[h + i] = x[2i] - x[2i+1]), then the m x m seed
+    mix, out[c, b] = sum over a in order of (y[a, b] * seed[a, c]) * scale (m = 1: y * scale).
+    One block per n-column block of a row: the row in shared memory, each stage read into
+    registers, a barrier, written back. Parameters: x f32 [M, sub_rows * n], seed f32 [m, m]
+    (the +-1 H_m; m > 1 only), y f32 [M, sub_rows * n], M i32.
+    """
+    _require(n == m * (1 << k), f"n={n} is not m * 2^k = {m} * 2^{k}")
+    _require(n * 4 <= MAX_STATIC_SMEM, f"a {n}-column Hadamard block exceeds {MAX_STATIC_SMEM} bytes of shared memory")
+    _require(1 <= m_max <= 16, f"m_max must be in 1..16 (got {m_max})")
+    width = sub_rows * n
+    half = (1 << k) // 2
+    pairs = m * half  # butterflies a stage
+    params = [Param("x", f"memref<{m_max * width}xf32>", "in", f"f32 [M, {width}]", rows=("M", m_max))]
+    if m > 1:
+        params.append(Param("seed", f"memref<{m * m}xf32>", "in", f"f32 [{m}, {m}]: H_{m}"))
+    params += [
+        Param("y", f"memref<{m_max * width}xf32>", "out", f"f32 [M, {width}]", rows=("M", m_max)),
+        Param("M", "i32", "scalar", f"rows of x, 1..{m_max}", range=(1, m_max)),
+    ]
+    scale = float(f"{1.0 / math.sqrt(n):.9e}")  # as compiler/hadamard.py writes it
+
+    def body(E, a):
+        tid = E.tid()
+        M = E.idx(a["M"])
+        row = E.bid("x") // sub_rows
+        base = E.minu(row, M - E.const(1, "index")) * width + (E.bid("x") % sub_rows) * n  # rows >= M: unstored
+        sh = a["buf"]
+        per = -(-n // threads)
+        for i in range(per):  # the block's columns into shared memory
+            j = tid + i * threads
+            if (i + 1) * threads <= n:
+                E.store(E.load(a["x"], base + j), sh, j)
+            else:
+                E.if_(E.cmp("ult", j, E.const(n, "index")), lambda j=j: E.store(E.load(a["x"], base + j), sh, j))
+        E.barrier()
+        blk = 1 << k
+        for _ in range(k):
+            pairs_ = []
+            for i in range(-(-pairs // threads)):
+                p = tid + i * threads
+                live = E.cmp("ult", p, E.const(pairs, "index")) if (i + 1) * threads > pairs else None
+                pc = E.minu(p, E.const(pairs - 1, "index")) if live is not None else p
+                g, q = pc // half, pc % half  # block g of 2^k columns, butterfly q
+                src = g * blk + q * 2
+                u, v = E.load(sh, src), E.load(sh, src + 1)
+                pairs_.append((live, g * blk + q, u + v, u - v))
+            E.barrier()
+            for live, dst, s_, d_ in pairs_:
+                def put(dst=dst, s_=s_, d_=d_):
+                    E.store(s_, sh, dst)
+                    E.store(d_, sh, dst + half)
+                if live is None:
+                    put()
+                else:
+                    E.if_(live, put)
+            E.barrier()
+        live_row = E.cmp("ult", row, M)
+        sc = E.const(scale, "f32")
+        for i in range(per):
+            j = tid + i * threads
+            ok = E.and_(live_row, E.cmp("ult", j, E.const(n, "index"))) if (i + 1) * threads > n else live_row
+            jc = E.minu(j, E.const(n - 1, "index")) if (i + 1) * threads > n else j
+            if m == 1:
+                out = E.load(sh, jc) * sc
+            else:
+                c, b = jc // blk, jc % blk
+                out = E.const(0.0, "f32")
+                for a_ in range(m):
+                    h = E.load(a["seed"], E.const(a_ * m, "index") + c)
+                    out = out + (E.load(sh, E.const(a_ * blk, "index") + b) * h) * sc
+            E.if_(ok, lambda out=out, j=j: E.store(out, a["y"], base + j))
+
+    nm = name or f"hadamard_rows_n{n}_s{sub_rows}_m{m_max}"
+    cfg = {"kind": "hadamard_rows", "n": n, "m": m, "k": k, "sub_rows": sub_rows, "m_max": m_max,
+           "threads": threads}
+    return KernelSpec(nm, params, (threads, 1, 1), (m_max * sub_rows, 1, 1), body, [("buf", "f32", n)], cfg,
+                      doc=hadamard_rows.__doc__.split("\n")[0])

@@ -24,6 +24,7 @@ a weight is ever made.
 
 import dataclasses
 import json
+import re
 
 from torch_mlir import ir
 
@@ -190,6 +191,7 @@ class CudaSelectKernels(QccPass):
     def run(self, module):
         self.body = module.regions[0].blocks[0]
         self.defined = set()
+        self.seeds = {}
         selected = self.session.options.setdefault("cuda_kernels", {})
         fallback = self.session.options.setdefault("cuda_fallback", {})
         int_layers = self.session.options.setdefault("cuda_int_layers", {})
@@ -233,6 +235,9 @@ class CudaSelectKernels(QccPass):
                 for m in members:
                     builder, args = plan_kernel(m[1], 2 * M if split else M, K, m[2], out_f32=split)
                     self._rewrite([m], sig, builder, args, M, K, selected)
+            for op in list(irutil.walk(func, "func.call")):
+                if ir.FlatSymbolRefAttr(op.attributes["callee"]).value.startswith("qcc_hadamard_"):
+                    self._hadamard(op, sig)
             quantized = {}  # (x, format) -> the call's results: q/k/v (gate/up) quantize their x once
             for op in list(irutil.walk(func, "qcc.quantize_dynamic")):
                 self._quantize_rows(op, quantized)
@@ -304,6 +309,50 @@ class CudaSelectKernels(QccPass):
         chosen[key] = {"kernel": spec.name, "builder": builder, "args": args, "M": M, "format": fmt.key(),
                        "shape": [N, K], "params": {"wq": name}, "launches": -(-M // args["m_max"])}
         return True
+
+    def _hadamard(self, op, sig):
+        """A call of fuse-rotation's online Hadamard function (an scf.for of butterfly stages,
+        which the host walker cannot run) -> a call of hadamard_rows on the static shape the
+        surrounding casts give, with the function's numerics."""
+        from qcc import hadamard
+
+        from . import kernels
+
+        callee = ir.FlatSymbolRefAttr(op.attributes["callee"]).value
+        m_ = re.fullmatch(r"qcc_hadamard_(\d+)(?:_b(\d+))?", callee)
+        src = irutil.defining_op(op.operands[0])
+        uses = [u.owner for u in op.result.uses]
+        if m_ is None or src is None or src.name != "tensor.cast" or len(uses) != 1 or uses[0].name != "tensor.cast":
+            return  # not the shape insert_online_hadamard emits: the host walker will name it
+        x, out = src.operands[0], uses[0]
+        shape = irutil.tensor_shape(x)
+        if len(shape) != 2 or None in shape:
+            return
+        (M, width), n = shape, int(m_.group(2) or m_.group(1))
+        m, k = hadamard.factor(n)
+        args = {"n": n, "m": m, "k": k, "sub_rows": width // n, "m_max": min(M, M_MAX)}
+        try:
+            spec = kernels.hadamard_rows(**args)
+        except kernels.KernelConstraintError:
+            return
+        operands = [x]
+        if m > 1:  # the seed H_m: a parameter (uploaded with the weights), shared by every call
+            seed = f"qcc.hadamard_seed_{m}"
+            if seed not in self.session.params:
+                self.session.params[seed] = hadamard.seed_matrix(m).astype("float32")
+                self.seeds[seed] = sig.add_param(seed, irutil.tensor_type([m, m], "f32"))
+            operands.append(self.seeds[seed])
+        name = f"qcc_cuda_{spec.name}_M{M}"
+        self._define(name, _declaration(name, [str(v.type) for v in operands], str(out.result.type),
+                                        {"builder": "hadamard_rows", "args": args, "M": M}))
+        with ir.InsertionPoint(out), out.location:
+            y = ir.Operation.create("func.call", results=[out.result.type], operands=operands,
+                                    attributes={"callee": ir.FlatSymbolRefAttr.get(name)}).result
+        out.result.replace_all_uses_with(y)
+        out.erase()
+        op.erase()
+        if not list(src.result.uses):
+            src.erase()
 
     def _quantize_rows(self, op, done):
         """qcc.quantize_dynamic (per-token int8/int4, clipped or not) -> one quantize_rows launch

@@ -195,6 +195,22 @@ def test_i4_weights_emulated_exact(M, m_max, K, N):
     assert np.array_equal(y[:M], xq[:M].astype(np.int64) @ codes.T) and (y[M:] == -7).all()
 
 
+@pytest.mark.parametrize("n,sub_rows,M,m_max", [(256, 1, 3, 4), (768, 1, 2, 2), (64, 3, 1, 1), (40, 2, 2, 2)])
+def test_hadamard_rows_emulated(n, sub_rows, M, m_max):
+    """hadamard_rows against the numpy fast transform (float64): powers of two, m * 2^k
+    orders (seed mix), blocked rows; rows past M untouched."""
+    from qcc import hadamard
+
+    m, k = hadamard.factor(n)
+    spec = kernels.hadamard_rows(n, m, k, sub_rows=sub_rows, m_max=m_max, threads=64)
+    x = np.random.default_rng(n).standard_normal((m_max, n * sub_rows)).astype(np.float32)
+    y = np.full_like(x, np.nan)
+    seed = {"seed": hadamard.seed_matrix(m).astype(np.float32)} if m > 1 else {}
+    simt.run(spec, dict(x=x, y=y, M=M, **seed))
+    assert rel(y[:M], hadamard.fast_transform(x[:M].astype(np.float64), n)) < 1e-6
+    assert np.isnan(y[M:]).all()
+
+
 @pytest.mark.parametrize("M,m_max,K,N,dense", [(1, 1, 272, 12, False), (5, 8, 1024, 8, False),
                                                  (3, 8, 512, 6, True), (2, 2, 2048, 16, False)])
 def test_sparse_x_emulated(M, m_max, K, N, dense):
@@ -354,6 +370,7 @@ def ptxas_specs():
             kernels.gemv_i8(11008, 4096, m_max=16, w_bits=4, scaled="row"),
             kernels.quantize_rows(4096, qmin=-127, qmax=127, m_max=16),
             kernels.quantize_rows(11008, qmin=-7, qmax=7, clip=0.9, m_max=1),
+            kernels.hadamard_rows(5632, 44, 7, m_max=16), kernels.hadamard_rows(8192, 1, 13, m_max=1),
             kernels.gemv_w8_sparse_x(4096, 4096, m_max=1), kernels.gemv_w8_sparse_x(4096, 11008, m_max=8)]
     return out
 
@@ -384,6 +401,8 @@ def test_ir_uses_mma_shuffle_and_128bit_loads(gpu_ir):
             assert re.search(r"ld\.global(\.nc)?\.v4\.(b|u)32", body), s.name
             assert body.count("dp4a.s32.s32") >= 8 and "shfl.sync.bfly.b32" in body, s.name
             assert "prmt.b32" in body or s.config["w_bits"] == 8, s.name  # int4: x split in even/odd bytes
+        elif s.config["kind"] == "hadamard_rows":  # the row in shared memory, barriers between stages
+            assert "ld.shared" in body and body.count("bar.sync") >= 2 * s.config["k"], s.name
         elif s.config["kind"] == "gemv_w8_sparse_x":  # weights loaded under a branch on x
             assert re.search(r"ld\.global(\.nc)?\.v4\.(b|u)32", body) and "@%p" in body, s.name
         elif s.config["kind"].startswith("gemv"):

@@ -159,20 +159,24 @@ def test_gemv_selection_and_fallback():
 
 @pytest.mark.parametrize("recipe,bound", [("w8a8-static", 0.0), ("w8a8-had", 1e-6), ("w4a4-had", 1e-6)])
 def test_quantized_activations_match_the_cpu_backend(recipe, bound):
-    """The emulated CUDA plan against the CPU artifact of the same recipe (same calibration):
-    every layer on gemv_i8 (int4 weights: w_bits=4) after quantize_rows. The
-    integer sums are exact and the float ops are the same, so w8a8-static agrees bit for bit;
-    the others differ only where float reductions (RMSNorm, attention) round differently."""
-    model, inputs = llama_block(seq=4)
+    """The emulated CUDA plan against the CPU artifact of the same recipe (same calibration),
+    on a whole LlamaModel (an embedding, so fuse-rotation rotates its residual stream): every
+    linear on gemv_i8 (int4 weights: w_bits=4) after quantize_rows, the online Hadamard
+    transforms on hadamard_rows. The integer sums are exact and the float ops the same, so
+    w8a8-static agrees bit for bit; the others differ where float reductions (RMSNorm,
+    attention) round differently."""
+    model, inputs = llama_model()
     kw = {"calibration": [inputs]} if recipe.endswith("static") else {}
     gpu = qcc.compile(model, inputs, target="cuda", quant=recipe, **kw)
     cpu = qcc.compile(model, inputs, target="cpu", quant=recipe, **kw)
     got = emulate.run_compiled(gpu, *inputs)[0]
     want = np.asarray(cpu(*inputs))
     assert np.abs(got - want).max() <= bound * np.abs(want).max()
-    layers = gpu.manifest["cuda"]["int_layers"]
-    assert len(layers) == 7 and all(L["args"].get("w_bits", 8) == (4 if "w4" in recipe else 8)
-                                    for L in layers.values())
+    cuda = gpu.manifest["cuda"]
+    assert len(cuda["int_layers"]) == 15 and not cuda["fallback"]
+    assert all(L["args"].get("w_bits", 8) == (4 if "w4" in recipe else 8) for L in cuda["int_layers"].values())
+    hadamards = [L for L in cuda["plan"]["launches"] if L["kernel"].startswith("hadamard_rows")]
+    assert len(hadamards) == (2 if "had" in recipe else 0)  # the two down projections' inputs
 
 
 def test_plan_fuses_and_folds():
