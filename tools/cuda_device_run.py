@@ -654,7 +654,7 @@ _BUILD_TIME_ORACLE = ("w8a8", "llm-int8-dynamic")
 # PyTorch model (quantizing with pack.py for the GEMV layers).
 BENCH = dict(layers=4, hidden=2048, ffn=5632, heads=16, max_seq=640, cache=512)
 BENCH_QUICK = dict(layers=1, hidden=256, ffn=768, heads=4, max_seq=160, cache=64)
-BENCH_RECIPES = ("w4a16-g128", "w8a16", "float", "w8a8", "llm-int8-dynamic")
+BENCH_RECIPES = ("w4a16-g128", "w8a16", "float", "w8a8", "llm-int8-dynamic", "w8a8-had", "w4a4-had")
 BENCH_EXACT = ("w4a16-g128", "w8a16", "float")  # the others quantize activations (or rotate)
 KEEP_BYTES = 64 << 10  # bench artifacts keep parameters up to this size (constants, norms)
 
