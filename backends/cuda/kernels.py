@@ -950,3 +950,85 @@ def hadamard_rows(n: int, m: int, k: int, *, sub_rows: int = 1, m_max: int = 16,
            "threads": threads}
     return KernelSpec(nm, params, (threads, 1, 1), (m_max * sub_rows, 1, 1), body, [("buf", "f32", n)], cfg,
                       doc=hadamard_rows.__doc__.split("\n")[0])
+
+
+# --------------------------------------------------------------------------- int4 groups x int8
+
+
+def gemv_i4g(K: int, N: int, group_size: int, *, m_max: int = 16, n_rows: int | None = None,
+             warps: int | None = None, name: str | None = None) -> KernelSpec:
+    """y[M, N, K/G] i32 = per-group xq[M, K] int8 @ (wq - z)^T, asymmetric int4 weights, exact.
+
+    The integer core of w4a8-g128 (QServe's W4A8 shape): dequant-after-gemm's grouped
+    qcc.matmul_int, whose per-group partial sums the reference lowering's scale generic then
+    scales and adds. The codes stay as quantize-weights packs them ([N, K/2] bytes, low
+    nibble the even column; zero points [N, K/G] uint8). Each lane owns whole groups (G/32
+    16-byte weight chunks), so a group's sum never crosses lanes: sum of x * nibble by
+    `dp4a` (even and odd columns: x's bytes split with `prmt`) minus z * sum of x (`dp4a`
+    with 0x01010101). Constraints: G % 32 == 0, K % G == 0, N % (n_rows * warps) == 0.
+    Parameters: x int8 [M, K], wq [N, K/2] bytes, zp uint8 [N, K/G], y i32 [M, N, K/G], M i32.
+    """
+    G = group_size
+    _require(G % 32 == 0 and K % G == 0, f"gemv_i4g needs G % 32 == 0 dividing K (K={K}, G={G})")
+    _require(1 <= m_max <= 16, f"m_max must be in 1..16 (got {m_max})")
+    if n_rows is None:
+        n_rows = 2 if m_max <= 8 and N % 2 == 0 else 1
+    if warps is None:
+        warps = next((w for w in (4, 2, 1) if N % (n_rows * w) == 0), 1)
+    _require(N % (n_rows * warps) == 0, f"N={N} must be a multiple of n_rows * warps = {n_rows * warps}")
+    KG, WV, XV = K // G, G // 32, G // 16  # groups a row; 16-byte weight / x vectors a group
+    steps = -(-KG // 32)
+    params = [
+        Param("x", f"memref<{m_max * K // 16}xvector<4xi32>>", "in", f"int8 [M, {K}] row-major", rows=("M", m_max)),
+        Param("wq", f"memref<{N * K // 32}xvector<4xi32>>", "in", f"int4 [{N}, {K}] packed two a byte"),
+        Param("zp", f"memref<{N * KG}xi8>", "in", f"uint8 zero points [{N}, {KG}]"),
+        Param("y", f"memref<{m_max * N * KG}xi32>", "out", f"i32 [M, {N}, {KG}]", rows=("M", m_max)),
+        Param("M", "i32", "scalar", f"rows of x, 1..{m_max}", range=(1, m_max)),
+    ]
+
+    def body(E, a):
+        tid = E.tid()
+        lane = tid % 32
+        n0 = (E.bid("x") * warps + tid // 32) * n_rows
+        M = E.idx(a["M"])
+        last = M - E.const(1, "index")
+        nib, ones = E.const(0x0F0F0F0F, "i32"), E.const(0x01010101, "i32")
+        for i in range(steps):
+            g = lane + i * 32
+            live_g = E.cmp("ult", g, E.const(KG, "index")) if (i + 1) * 32 > KG else None
+            gc = E.minu(g, E.const(KG - 1, "index")) if live_g is not None else g
+            ws, zs = [], []
+            for t in range(n_rows):
+                words = []
+                for v in range(WV):
+                    w = E.load(a["wq"], (n0 + t) * (K // 32) + gc * WV + v)
+                    for j in range(4):  # word j of chunk v: columns 8j..8j+7 -> even, odd nibbles
+                        wj = E.extract(w, j)
+                        words += [wj & nib, (wj >> 4) & nib]
+                ws.append(words)
+                zs.append(E.cast("extui", E.load(a["zp"], (n0 + t) * KG + gc), "i32"))
+            for r in range(m_max):
+                xr = E.minu(E.const(r, "index"), last) * (K // 16) + gc * XV
+                xw = [E.extract(E.load(a["x"], xr + u), j) for u in range(XV) for j in range(4)]
+                xb = [E.bitcast(w, "vector<4xi8>") for w in xw]
+                xs = [E.shuffle(xb[2 * q], xb[2 * q + 1], sel) for q in range(len(xb) // 2)
+                      for sel in ((0, 2, 4, 6), (1, 3, 5, 7))]
+                s1 = E.const(0, "i32")
+                for w in xw:
+                    s1 = E.dp4a(w, ones, s1)
+                ok = E.cmp("ult", E.const(r, "index"), M)
+                if live_g is not None:
+                    ok = E.and_(ok, live_g)
+                for t in range(n_rows):
+                    acc = E.const(0, "i32")
+                    for xv, wv in zip(xs, ws[t]):
+                        acc = E.dp4a(xv, wv, acc)
+                    acc = acc - zs[t] * s1
+                    dst = (E.const(r * N, "index") + n0 + t) * KG + g
+                    E.if_(ok, lambda acc=acc, dst=dst: E.store(acc, a["y"], dst))
+
+    nm = name or f"gemv_i4g{G}_k{K}_n{N}_m{m_max}_r{n_rows}w{warps}"
+    cfg = {"kind": "gemv_i4g", "K": K, "N": N, "group_size": G, "m_max": m_max, "n_rows": n_rows,
+           "warps": warps, "weight_bytes": N * K // 2, "meta_bytes": N * KG}
+    return KernelSpec(nm, params, (32 * warps, 1, 1), (N // (n_rows * warps), 1, 1), body, [], cfg,
+                      doc=gemv_i4g.__doc__.split("\n")[0])

@@ -269,7 +269,9 @@ class CudaSelectKernels(QccPass):
         arg = irutil.block_arg_number(op.operands[1])
         name = sig.param_name(arg) if arg is not None else None
         base = name.rsplit(":", 2)[0] if name else "<non-parameter weight>"
-        if not (fmt.symmetric and fmt.granularity == "channel") or (fmt.bits, builder) not in (
+        if builder == "gemv_i8" and fmt.bits == 4 and not fmt.symmetric and fmt.granularity == "group":
+            builder = "gemv_i4g"  # w4a8-g128: exact per-group partial sums; scale_accumulate stays
+        elif not (fmt.symmetric and fmt.granularity == "channel") or (fmt.bits, builder) not in (
                 (8, "gemv_i8"), (4, "gemv_i8"), (8, "gemv_w8_sparse_x")):
             fallback[base] = f"no integer GEMV for {fmt.key()} weights"
             return False
@@ -282,7 +284,9 @@ class CudaSelectKernels(QccPass):
             return False
         (M, K), N = x_shape, y_shape[1]
         args = {"K": K, "N": N, "m_max": min(M, 8 if builder == "gemv_w8_sparse_x" else M_MAX)}
-        if fmt.bits == 4:
+        if builder == "gemv_i4g":
+            args["group_size"] = fmt.group_size
+        elif fmt.bits == 4:
             args["w_bits"] = 4
         operands, replaced = list(op.operands), op
         if scale is not None:
@@ -305,7 +309,7 @@ class CudaSelectKernels(QccPass):
         replaced.erase()
         if replaced is not op:
             op.erase()
-        key = base if builder == "gemv_i8" else f"{base} (outlier columns)"
+        key = f"{base} (outlier columns)" if builder == "gemv_w8_sparse_x" else base
         chosen[key] = {"kernel": spec.name, "builder": builder, "args": args, "M": M, "format": fmt.key(),
                        "shape": [N, K], "params": {"wq": name}, "launches": -(-M // args["m_max"])}
         return True

@@ -211,6 +211,23 @@ def test_hadamard_rows_emulated(n, sub_rows, M, m_max):
     assert np.isnan(y[M:]).all()
 
 
+@pytest.mark.parametrize("M,m_max,K,N,G", [(1, 1, 256, 12, 128), (5, 8, 1024, 8, 64), (3, 16, 4224, 6, 128),
+                                           (2, 2, 384, 4, 32)])
+def test_i4_groups_emulated_exact(M, m_max, K, N, G):
+    """gemv_i4g: the per-group partial sums of dequant-after-gemm's grouped matmul_int,
+    xq @ (nibbles - z)^T per group, exactly; more groups than lanes (K = 33 G)."""
+    rng = np.random.default_rng(M * K)
+    xq = rng.integers(-128, 128, (m_max, K)).astype(np.int8)
+    nib = rng.integers(0, 16, (N, K)).astype(np.uint8)
+    z = rng.integers(0, 16, (N, K // G)).astype(np.uint8)
+    packed = (nib[:, 0::2] | (nib[:, 1::2] << 4)).astype(np.uint8).view(np.int8)
+    y = np.full((m_max, N, K // G), -7, np.int32)
+    simt.run(kernels.gemv_i4g(K, N, G, m_max=m_max), dict(x=xq, wq=packed, zp=z.view(np.int8), y=y, M=M))
+    w = nib.astype(np.int64).reshape(N, K // G, G) - z[..., None]
+    ref = np.einsum("mgj,ngj->mng", xq[:M].astype(np.int64).reshape(M, K // G, G), w)
+    assert np.array_equal(y[:M], ref) and (y[M:] == -7).all()
+
+
 @pytest.mark.parametrize("M,m_max,K,N,dense", [(1, 1, 272, 12, False), (5, 8, 1024, 8, False),
                                                  (3, 8, 512, 6, True), (2, 2, 2048, 16, False)])
 def test_sparse_x_emulated(M, m_max, K, N, dense):
@@ -371,6 +388,7 @@ def ptxas_specs():
             kernels.quantize_rows(4096, qmin=-127, qmax=127, m_max=16),
             kernels.quantize_rows(11008, qmin=-7, qmax=7, clip=0.9, m_max=1),
             kernels.hadamard_rows(5632, 44, 7, m_max=16), kernels.hadamard_rows(8192, 1, 13, m_max=1),
+            kernels.gemv_i4g(4096, 4096, 128, m_max=1), kernels.gemv_i4g(11008, 4096, 128, m_max=16),
             kernels.gemv_w8_sparse_x(4096, 4096, m_max=1), kernels.gemv_w8_sparse_x(4096, 11008, m_max=8)]
     return out
 
@@ -397,7 +415,9 @@ def test_ir_uses_mma_shuffle_and_128bit_loads(gpu_ir):
     p = ptx.llvm_ir_to_ptx(ll, "sm_90a")
     for s in specs:
         body = p.split(f".entry {s.name}(")[1].split("\n}\n")[0]
-        if s.config["kind"] == "gemv_i8":  # 16-byte loads, dp4a, a shuffle butterfly
+        if s.config["kind"] == "gemv_i4g":  # 16-byte loads, dp4a on prmt-split x, no shuffles
+            assert "dp4a.s32.s32" in body and "prmt.b32" in body, s.name
+        elif s.config["kind"] == "gemv_i8":  # 16-byte loads, dp4a, a shuffle butterfly
             assert re.search(r"ld\.global(\.nc)?\.v4\.(b|u)32", body), s.name
             assert body.count("dp4a.s32.s32") >= 8 and "shfl.sync.bfly.b32" in body, s.name
             assert "prmt.b32" in body or s.config["w_bits"] == 8, s.name  # int4: x split in even/odd bytes
