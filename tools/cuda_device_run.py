@@ -654,7 +654,7 @@ _BUILD_TIME_ORACLE = ("w8a8", "llm-int8-dynamic")
 # PyTorch model (quantizing with pack.py for the GEMV layers).
 BENCH = dict(layers=4, hidden=2048, ffn=5632, heads=16, max_seq=640, cache=512)
 BENCH_QUICK = dict(layers=1, hidden=256, ffn=768, heads=4, max_seq=160, cache=64)
-BENCH_RECIPES = ("w4a16-g128", "w8a16", "float", "w8a8", "llm-int8-dynamic", "w8a8-had", "w4a4-had")
+BENCH_RECIPES = ("w4a16-g128", "w8a16", "float", "w8a8", "llm-int8-dynamic", "w8a8-had", "w4a4-had", "w4a8-g128")
 BENCH_EXACT = ("w4a16-g128", "w8a16", "float")  # the others quantize activations (or rotate)
 KEEP_BYTES = 64 << 10  # bench artifacts keep parameters up to this size (constants, norms)
 
@@ -907,6 +907,14 @@ def _fill_bench_weights(manifest, weights, model, pack):
                 packed, sc, _ = pack.quantize_w4(sd[base], K, symmetric=True)
                 w[f"{base}:{fmt}:codes"], w[f"{base}:{fmt}:scale"] = packed.view(np.int8), sc.reshape(N, 1)
                 deq[base] = (pack.unpack_int4(packed).astype(np.float32) - 8.0) * sc.reshape(N, 1)
+            elif fmt.startswith("int4_asym_g") and base in sd:  # (gemv_i4g layers)
+                G = int(fmt[len("int4_asym_g"):])
+                packed, sc, z = pack.quantize_w4(sd[base], G, symmetric=False)
+                w[f"{base}:{fmt}:codes"], w[f"{base}:{fmt}:scale"] = packed.view(np.int8), sc
+                w[f"{base}:{fmt}:zero"] = z.view(np.int8)
+                N, K = sd[base].shape
+                deq[base] = ((pack.unpack_int4(packed).astype(np.float32).reshape(N, K // G, G) - z[..., None])
+                             * sc[..., None]).reshape(N, K)
             else:
                 raise RuntimeError(f"cannot fill parameter {name}")
     return w, deq
