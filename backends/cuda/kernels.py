@@ -786,21 +786,24 @@ def gemv_w8_sparse_x(K: int, N: int, *, m_max: int = 16, n_rows: int | None = No
 # --------------------------------------------------------------------------- per-token quantization
 
 
-def quantize_rows(K: int, *, qmin: int, qmax: int, clip: float = 1.0, m_max: int = 16,
+def quantize_rows(K: int, *, qmin: int, qmax: int, clip: float = 1.0, m_max: int = 16, warps: int = 8,
                   name: str | None = None) -> KernelSpec:
     """codes[M, K] int8, scale[M] f32 = per-token symmetric quantization of x[M, K] f32.
 
     One launch for what the reference lowering does in three (the row's absmax, its scale,
     the codes), with its numerics op for op: scale = (absmax [* clip]) / qmax, 1 where that
-    is 0; code = fptosi(min(max(roundeven(x / scale), qmin), qmax)). One warp per row (a
-    block each): lanes read the row in 16-byte chunks, a maximum butterfly gives every lane
-    the absmax, a second pass writes the codes. Constraints: K % 4 == 0. Parameters: x f32
-    [M, K], y int8 [M, K], scale f32 [M], M i32.
+    is 0; code = fptosi(min(max(roundeven(x / scale), qmin), qmax)). One block of `warps`
+    warps per row: threads read the row in 16-byte chunks, a maximum butterfly in each warp
+    and one across the warps (shared memory) give every thread the absmax, a second pass
+    writes the codes. Constraints: K % 4 == 0. Parameters: x f32 [M, K], y int8 [M, K],
+    scale f32 [M], M i32.
     """
     _require(K % 4 == 0, f"quantize_rows needs K % 4 == 0 (K={K})")
     _require(1 <= m_max <= 16, f"m_max must be in 1..16 (got {m_max})")
     K4 = K // 4
-    steps = -(-K4 // 32)
+    warps = max(1, min(warps, -(-K4 // 32)))  # no idle warps on short rows
+    T = 32 * warps
+    steps = -(-K4 // T)
     params = [
         Param("x", f"memref<{m_max * K4}xvector<4xf32>>", "in", f"f32 [M, {K}]", rows=("M", m_max)),
         Param("y", f"memref<{m_max * K4}xvector<4xi8>>", "out", f"int8 codes [M, {K}]", rows=("M", m_max)),
@@ -808,67 +811,65 @@ def quantize_rows(K: int, *, qmin: int, qmax: int, clip: float = 1.0, m_max: int
         Param("M", "i32", "scalar", f"rows of x, 1..{m_max}", range=(1, m_max)),
     ]
 
-    def op(E, name, *xs, t="f32", attrs="", info=None):
-        return E.raw(name, list(xs), [t], attrs, info)[0]
+    def op(E, name, *xs, t="f32"):
+        return E.raw(name, list(xs), [t], "", None)[0]
 
     def body(E, a):
-        lane = E.tid() % 32
+        tid = E.tid()
+        lane = tid % 32
         M = E.idx(a["M"])
         r = E.bid("x")
         row = E.minu(r, M - E.const(1, "index")) * K4  # rows past M redo the last one, unstored
 
         def chunk(i):
-            c = i * 32 + lane
-            return c, E.minu(c, E.const(K4 - 1, "index")) if K4 % 32 else c
+            c = tid + i * T
+            return c, (E.minu(c, E.const(K4 - 1, "index")) if (i + 1) * T > K4 else c)
 
-        def amax_step(i, acc):
+        amax = E.const(0.0, "f32")
+        xs = []
+        for i in range(steps):  # the row stays in registers for the second pass
             c, cc = chunk(i)
             v = E.load(a["x"], row + cc)
-            m = acc[0]
+            xs.append((c, v))
+            m = amax
             for j in range(4):
                 m = op(E, "arith.maximumf", m, op(E, "math.absf", E.extract(v, j)))
-            if K4 % 32:  # lanes past the row keep their maximum
-                m = E.select(E.cmp("ult", c, E.const(K4, "index")), m, acc[0])
-            return [m]
-
-        amax = E.for_(0, steps, 1, [E.const(0.0, "f32")], amax_step)[0]
+            amax = E.select(E.cmp("ult", c, E.const(K4, "index")), m, amax) if (i + 1) * T > K4 else m
         for off in (16, 8, 4, 2, 1):
             amax = op(E, "arith.maximumf", amax, E.shfl_xor(amax, off))
+        if warps > 1:  # across the warps: lane 0 of each writes its maximum, all read them back
+            E.if_(E.cmp("eq", lane, E.const(0, "index")), lambda: E.store(amax, a["wmax"], tid // 32))
+            E.barrier()
+            for w in range(warps):
+                amax = op(E, "arith.maximumf", amax, E.load(a["wmax"], E.const(w, "index")))
         if clip != 1.0:
             amax = op(E, "arith.mulf", amax, E.const(clip, "f32"))
         q = op(E, "arith.divf", amax, E.const(float(qmax), "f32"))
-        one = E.const(1.0, "f32")
-        zero = E.const(0.0, "f32")
-        s = E.select(E.cmp("oeq", q, zero), one, q)
+        s = E.select(E.cmp("oeq", q, E.const(0.0, "f32")), E.const(1.0, "f32"), q)
         live = E.cmp("ult", r, M)
-        E.if_(E.and_(live, E.cmp("eq", lane, E.const(0, "index"))), lambda: E.store(s, a["scale"], r))
+        E.if_(E.and_(live, E.cmp("eq", tid, E.const(0, "index"))), lambda: E.store(s, a["scale"], r))
         lo, hi = E.const(float(qmin), "f32"), E.const(float(qmax), "f32")
-
-        def code_step(i, _):
-            c, cc = chunk(i)
-            v = E.load(a["x"], row + cc)
+        for i, (c, v) in enumerate(xs):
             codes = []
             for j in range(4):
                 d = op(E, "math.roundeven", op(E, "arith.divf", E.extract(v, j), s))
                 d = op(E, "arith.minimumf", op(E, "arith.maximumf", d, lo), hi)
                 codes.append(op(E, "arith.fptosi", d, t="i8"))
-            ok = E.and_(live, E.cmp("ult", c, E.const(K4, "index"))) if K4 % 32 else live
-            E.if_(ok, lambda: E.store(E.from_elements(codes), a["y"], row + c))
-            return []
-
-        E.for_(0, steps, 1, [], code_step)
+            ok = E.and_(live, E.cmp("ult", c, E.const(K4, "index"))) if (i + 1) * T > K4 else live
+            E.if_(ok, lambda c=c, codes=codes: E.store(E.from_elements(codes), a["y"], row + c))
 
     nm = name or f"quantize_rows_k{K}_m{m_max}_q{qmax}{'_c' + repr(clip) if clip != 1.0 else ''}".replace(".", "p")
-    cfg = {"kind": "quantize_rows", "K": K, "m_max": m_max, "qmin": qmin, "qmax": qmax, "clip": clip}
-    return KernelSpec(nm, params, (32, 1, 1), (m_max, 1, 1), body, [], cfg,
-                      doc=quantize_rows.__doc__.split("\n")[0])
+    cfg = {"kind": "quantize_rows", "K": K, "m_max": m_max, "qmin": qmin, "qmax": qmax, "clip": clip,
+           "warps": warps}
+    return KernelSpec(nm, params, (T, 1, 1), (m_max, 1, 1), body, [("wmax", "f32", warps)] if warps > 1 else [],
+                      cfg, doc=quantize_rows.__doc__.split("\n")[0])
 
 
 # --------------------------------------------------------------------------- online Hadamard
 
 
 def hadamard_rows(n: int, m: int, k: int, *, sub_rows: int = 1, m_max: int = 16,
-                  threads: int = 256, name: str | None = None) -> KernelSpec:
+                  threads: int | None = None, name: str | None = None) -> KernelSpec:
     """y[M, sub_rows * n] = each n-column block of x[M, sub_rows * n] times H_n / sqrt(n).
 
     fuse-rotation's online Hadamard transform (compiler/hadamard.py's kernel on the CPU), with
@@ -876,11 +877,16 @@ def hadamard_rows(n: int, m: int, k: int, *, sub_rows: int = 1, m_max: int = 16,
     2^k columns (out[i] = x[2i] + x[2i+1], out[h + i] = x[2i] - x[2i+1]), then the m x m seed
     mix, out[c, b] = sum over a in order of (y[a, b] * seed[a, c]) * scale (m = 1: y * scale).
     One block per n-column block of a row: the row in shared memory, each stage read into
-    registers, a barrier, written back. Parameters: x f32 [M, sub_rows * n], seed f32 [m, m]
-    (the +-1 H_m; m > 1 only), y f32 [M, sub_rows * n], M i32.
+    registers, a barrier, written back; the seed is copied to shared memory first. Up to
+    1024 threads a block: at decode a row is the whole launch, one block on one SM.
+    Parameters: x f32 [M, sub_rows * n], seed f32 [m, m] (the +-1 H_m; m > 1 only),
+    y f32 [M, sub_rows * n], M i32.
     """
+    if threads is None:
+        threads = min(1024, max(128, -(-n // 2 // 32) * 32))
     _require(n == m * (1 << k), f"n={n} is not m * 2^k = {m} * 2^{k}")
-    _require(n * 4 <= MAX_STATIC_SMEM, f"a {n}-column Hadamard block exceeds {MAX_STATIC_SMEM} bytes of shared memory")
+    _require((n + m * m) * 4 <= MAX_STATIC_SMEM,
+             f"a {n}-column Hadamard block exceeds {MAX_STATIC_SMEM} bytes of shared memory")
     _require(1 <= m_max <= 16, f"m_max must be in 1..16 (got {m_max})")
     width = sub_rows * n
     half = (1 << k) // 2
@@ -907,6 +913,11 @@ def hadamard_rows(n: int, m: int, k: int, *, sub_rows: int = 1, m_max: int = 16,
                 E.store(E.load(a["x"], base + j), sh, j)
             else:
                 E.if_(E.cmp("ult", j, E.const(n, "index")), lambda j=j: E.store(E.load(a["x"], base + j), sh, j))
+        if m > 1:
+            for i in range(-(-(m * m) // threads)):
+                j = tid + i * threads
+                E.if_(E.cmp("ult", j, E.const(m * m, "index")),
+                      lambda j=j: E.store(E.load(a["seed"], j), a["hseed"], j))
         E.barrier()
         blk = 1 << k
         for _ in range(k):
@@ -941,14 +952,15 @@ def hadamard_rows(n: int, m: int, k: int, *, sub_rows: int = 1, m_max: int = 16,
                 c, b = jc // blk, jc % blk
                 out = E.const(0.0, "f32")
                 for a_ in range(m):
-                    h = E.load(a["seed"], E.const(a_ * m, "index") + c)
+                    h = E.load(a["hseed"], E.const(a_ * m, "index") + c)
                     out = out + (E.load(sh, E.const(a_ * blk, "index") + b) * h) * sc
             E.if_(ok, lambda out=out, j=j: E.store(out, a["y"], base + j))
 
     nm = name or f"hadamard_rows_n{n}_s{sub_rows}_m{m_max}"
     cfg = {"kind": "hadamard_rows", "n": n, "m": m, "k": k, "sub_rows": sub_rows, "m_max": m_max,
            "threads": threads}
-    return KernelSpec(nm, params, (threads, 1, 1), (m_max * sub_rows, 1, 1), body, [("buf", "f32", n)], cfg,
+    smem = [("buf", "f32", n)] + ([("hseed", "f32", m * m)] if m > 1 else [])
+    return KernelSpec(nm, params, (threads, 1, 1), (m_max * sub_rows, 1, 1), body, smem, cfg,
                       doc=hadamard_rows.__doc__.split("\n")[0])
 
 

@@ -202,7 +202,7 @@ def test_hadamard_rows_emulated(n, sub_rows, M, m_max):
     from qcc import hadamard
 
     m, k = hadamard.factor(n)
-    spec = kernels.hadamard_rows(n, m, k, sub_rows=sub_rows, m_max=m_max, threads=64)
+    spec = kernels.hadamard_rows(n, m, k, sub_rows=sub_rows, m_max=m_max)
     x = np.random.default_rng(n).standard_normal((m_max, n * sub_rows)).astype(np.float32)
     y = np.full_like(x, np.nan)
     seed = {"seed": hadamard.seed_matrix(m).astype(np.float32)} if m > 1 else {}
