@@ -84,8 +84,8 @@ def _load(name):
 
 
 # gemv_i8 launch shapes to compare (the builder's default is the first)
-I8_VARIANTS = [{}, dict(n_rows=1, warps=4, unroll=4), dict(n_rows=2, warps=8, unroll=2),
-               dict(n_rows=4, warps=4, unroll=1), dict(n_rows=1, warps=8, unroll=2)]
+I8_VARIANTS = [{}, dict(n_rows=2, warps=4, unroll=2), dict(n_rows=4, warps=4, unroll=2),
+               dict(n_rows=4, warps=8, unroll=1), dict(n_rows=2, warps=8, unroll=1)]
 
 # The measured-best configurations (kernels.TUNED): the default of each builder.
 FINAL_VARIANTS = {8: [{}], 16: [{}]}

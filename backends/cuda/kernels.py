@@ -569,7 +569,8 @@ def gemv_w8a16(K: int, N: int, *, m_max: int = 16, n_tiles: int | None = None,
 
 
 def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps: int | None = None,
-            unroll: int = 2, scaled: str | None = None, w_bits: int = 8, name: str | None = None) -> KernelSpec:
+            unroll: int | None = None, scaled: str | None = None, w_bits: int = 8,
+            name: str | None = None) -> KernelSpec:
     """y[M, N] i32 = x[M, K] int8 @ wq[N, K]^T, exact, 1 <= M <= m_max (dp4a).
 
     scaled="row" (or "tensor"): y f32 = (f32(acc) * sx[m] (or sx[0])) * sw[n] instead, the
@@ -590,10 +591,16 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
     cols = 128 // w_bits  # K columns per 16-byte weight chunk
     _require(K % cols == 0, f"gemv_i8 needs K % {cols} == 0 for int{w_bits} weights (K={K})")
     _require(1 <= m_max <= 16, f"m_max must be in 1..16 (got {m_max})")
+    # defaults from the H200 sweep (tools/cuda_device_run.py, I8_VARIANTS): one weight row a
+    # warp, 8 warps, 2 chunks in flight for one or two tokens; more rows of x want more
+    # weight rows a warp (each x chunk loaded once for 4 rows: 1.5x faster at M = 16; with
+    # up to 8 rows of x, 4 weight rows spilled in one shape)
     if n_rows is None:
-        n_rows = 2 if m_max <= 8 and N % 2 == 0 else 1
+        n_rows = next(r for r in ((1,) if m_max <= 2 else (2, 1) if m_max <= 8 else (4, 2, 1)) if N % r == 0)
     if warps is None:
-        warps = next((w for w in (4, 2, 1) if N % (n_rows * w) == 0), 1)
+        warps = next((w for w in ((8, 4, 2, 1) if m_max <= 2 else (4, 2, 1)) if N % (n_rows * w) == 0), 1)
+    if unroll is None:
+        unroll = 2 if n_rows == 1 else 1
     _require(N % (n_rows * warps) == 0, f"N={N} must be a multiple of n_rows * warps = {n_rows * warps}")
     _require(unroll >= 1, f"unroll must be >= 1 (got {unroll})")
     _require(scaled in (None, "row", "tensor"), f"scaled must be None, 'row' or 'tensor' (got {scaled!r})")
