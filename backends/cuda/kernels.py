@@ -707,7 +707,9 @@ def gemv_w8_sparse_x(K: int, N: int, *, m_max: int = 16, n_rows: int | None = No
     and wq are the int8 per-channel codes the integer part reads (no second copy). Each
     warp owns `n_rows` weight rows; a lane looks at its 16-column chunk of every row of x
     and loads the 16 weight bytes only when one of them is non-zero, so with a few outlier
-    columns the weights are barely read (32-byte sectors of a few chunks a row). Exact for
+    columns the weights are barely read (32-byte sectors of a few chunks a row); the block
+    first marks its chunks with a non-zero x in shared memory, so x is scanned once a block,
+    not once a warp. Exact for
     any x (a dense x reads every chunk). Constraints: K % 16 == 0, m_max <= 8,
     N % (n_rows * warps) == 0. Parameters: x f32 [M, K], wq int8 [N, K], scales f32 [N],
     y f32 [M, N], M i32.
@@ -717,8 +719,8 @@ def gemv_w8_sparse_x(K: int, N: int, *, m_max: int = 16, n_rows: int | None = No
     _require(1 <= m_max <= 8, f"m_max must be in 1..8 (got {m_max})")
     if n_rows is None:
         n_rows = 2 if m_max <= 4 and N % 2 == 0 else 1
-    if warps is None:
-        warps = next((w for w in (4, 2, 1) if N % (n_rows * w) == 0), 1)
+    if warps is None:  # more warps a block: fewer scans of x
+        warps = next((w for w in (8, 4, 2, 1) if N % (n_rows * w) == 0), 1)
     _require(N % (n_rows * warps) == 0, f"N={N} must be a multiple of n_rows * warps = {n_rows * warps}")
     K16 = K // 16
     steps = -(-K16 // 32)
@@ -739,21 +741,31 @@ def gemv_w8_sparse_x(K: int, N: int, *, m_max: int = 16, n_rows: int | None = No
         last = M - E.const(1, "index")
         xrow = [E.minu(E.const(r, "index"), last) * (K // 4) for r in range(m_max)]
         magnitude = E.const(0x7FFFFFFF, "vector<4xi32>")  # -0.0 counts as zero
+        T = 32 * warps
+        for i in range(-(-K16 // T)):  # the block marks its chunks with a non-zero x once
+            c = tid + i * T
+            cc = E.minu(c, E.const(K16 - 1, "index")) if (i + 1) * T > K16 else c
+            bits = None
+            for r in range(m_max):
+                for j in range(4):
+                    b = E.bitcast(E.load(a["x"], xrow[r] + cc * 4 + j), "vector<4xi32>")
+                    bits = b if bits is None else bits | b
+            bits = bits & magnitude
+            word = E.extract(bits, 0) | E.extract(bits, 1) | E.extract(bits, 2) | E.extract(bits, 3)
+            if (i + 1) * T > K16:
+                E.if_(E.cmp("ult", c, E.const(K16, "index")), lambda cc=cc, word=word: E.store(word, a["live"], cc))
+            else:
+                E.store(word, a["live"], cc)
+        E.barrier()
 
         def step(i, acc):
             k16 = i * 32 + lane
             kc = E.minu(k16, E.const(K16 - 1, "index")) if K16 % 32 else k16
+
             def xv(r, j):
                 return E.load(a["x"], xrow[r] + kc * 4 + j)
 
-            bits = None
-            for r in range(m_max):
-                for j in range(4):
-                    b = E.bitcast(xv(r, j), "vector<4xi32>")
-                    bits = b if bits is None else bits | b
-            bits = bits & magnitude
-            word = E.extract(bits, 0) | E.extract(bits, 1) | E.extract(bits, 2) | E.extract(bits, 3)
-            live = E.cmp("ne", word, E.const(0, "i32"))
+            live = E.cmp("ne", E.load(a["live"], kc), E.const(0, "i32"))
             if K16 % 32:
                 live = E.and_(live, E.cmp("ult", k16, E.const(K16, "index")))
 
@@ -786,8 +798,8 @@ def gemv_w8_sparse_x(K: int, N: int, *, m_max: int = 16, n_rows: int | None = No
     nm = name or f"gemv_w8_sparse_x_k{K}_n{N}_m{m_max}_r{n_rows}w{warps}"
     cfg = {"kind": "gemv_w8_sparse_x", "K": K, "N": N, "m_max": m_max, "n_rows": n_rows, "warps": warps,
            "weight_bytes": N * K, "meta_bytes": 4 * N}
-    return KernelSpec(nm, params, (32 * warps, 1, 1), (N // (n_rows * warps), 1, 1), body, [], cfg,
-                      doc=gemv_w8_sparse_x.__doc__.split("\n")[0])
+    return KernelSpec(nm, params, (32 * warps, 1, 1), (N // (n_rows * warps), 1, 1), body,
+                      [("live", "i32", K16)], cfg, doc=gemv_w8_sparse_x.__doc__.split("\n")[0])
 
 
 # --------------------------------------------------------------------------- per-token quantization

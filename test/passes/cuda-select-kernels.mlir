@@ -32,7 +32,7 @@
 // llm-int8-dynamic: the float outlier part reads the integer part's codes (gemv_w8_sparse_x).
 // DYN-LABEL: func.func @two_linears
 // DYN: call @qcc_cuda_gemv_i8_k256_n64_m4_r2w4u1_sr_M4(%{{.*}}#0, %[[W:arg[0-9]+]],
-// DYN: call @qcc_cuda_gemv_w8_sparse_x_k256_n64_m4_r2w4_M4(%{{.*}}, %[[W]], %{{.*}}) : (tensor<4x256xf32>, tensor<64x256xi8>, tensor<64x1xf32>) -> tensor<4x64xf32>
+// DYN: call @qcc_cuda_gemv_w8_sparse_x_k256_n64_m4_r2w8_M4(%{{.*}}, %[[W]], %{{.*}}) : (tensor<4x256xf32>, tensor<64x256xi8>, tensor<64x1xf32>) -> tensor<4x64xf32>
 // DYN-NOT: cuda_w8
 func.func @two_linears(%w: !torch.vtensor<[64,256],f32> {qcc.param = "fc.weight"}, %w2: !torch.vtensor<[64,256],f32> {qcc.param = "fc2.weight"}, %x: !torch.vtensor<[4,256],f32>) -> (!torch.vtensor<[4,64],f32>, !torch.vtensor<[4,64],f32>) {
   %int0 = torch.constant.int 0
