@@ -568,6 +568,18 @@ def gemv_w8a16(K: int, N: int, *, m_max: int = 16, n_tiles: int | None = None,
 # --------------------------------------------------------------------------- w8a8
 
 
+def _rows_and_warps(N: int, n_rows, warps, rows_pref, warps_pref) -> tuple[int, int]:
+    """Weight rows a warp and warps a block of the integer GEMVs: the given ones, or the first
+    preferred value that divides N."""
+    if n_rows is None:
+        n_rows = next((r for r in rows_pref if N % r == 0), 1)
+    if warps is None:
+        warps = next((w for w in warps_pref if N % (n_rows * w) == 0), 1)
+    _require(N % (n_rows * warps) == 0, f"N={N} must be a multiple of n_rows * warps = {n_rows * warps}")
+    return n_rows, warps
+
+
+
 def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps: int | None = None,
             unroll: int | None = None, scaled: str | None = None, w_bits: int = 8,
             name: str | None = None) -> KernelSpec:
@@ -595,13 +607,10 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
     # warp, 8 warps, 2 chunks in flight for one or two tokens; more rows of x want more
     # weight rows a warp (each x chunk loaded once for 4 rows: 1.5x faster at M = 16; with
     # up to 8 rows of x, 4 weight rows spilled in one shape)
-    if n_rows is None:
-        n_rows = next(r for r in ((1,) if m_max <= 2 else (2, 1) if m_max <= 8 else (4, 2, 1)) if N % r == 0)
-    if warps is None:
-        warps = next((w for w in ((8, 4, 2, 1) if m_max <= 2 else (4, 2, 1)) if N % (n_rows * w) == 0), 1)
+    n_rows, warps = _rows_and_warps(N, n_rows, warps, (1,) if m_max <= 2 else (2, 1) if m_max <= 8 else (4, 2, 1),
+                                    (8, 4, 2, 1) if m_max <= 2 else (4, 2, 1))
     if unroll is None:
         unroll = 2 if n_rows == 1 else 1
-    _require(N % (n_rows * warps) == 0, f"N={N} must be a multiple of n_rows * warps = {n_rows * warps}")
     _require(unroll >= 1, f"unroll must be >= 1 (got {unroll})")
     _require(scaled in (None, "row", "tensor"), f"scaled must be None, 'row' or 'tensor' (got {scaled!r})")
     K16 = K // 16
@@ -717,11 +726,8 @@ def gemv_w8_sparse_x(K: int, N: int, *, m_max: int = 16, n_rows: int | None = No
     _require(K % 16 == 0, f"gemv_w8_sparse_x needs K % 16 == 0 (K={K})")
     # the x chunks tested are reused by the products (CSE'd loads): 16 rows of them spill
     _require(1 <= m_max <= 8, f"m_max must be in 1..8 (got {m_max})")
-    if n_rows is None:
-        n_rows = 2 if m_max <= 4 and N % 2 == 0 else 1
-    if warps is None:  # more warps a block: fewer scans of x
-        warps = next((w for w in (8, 4, 2, 1) if N % (n_rows * w) == 0), 1)
-    _require(N % (n_rows * warps) == 0, f"N={N} must be a multiple of n_rows * warps = {n_rows * warps}")
+    # more warps a block: fewer scans of x
+    n_rows, warps = _rows_and_warps(N, n_rows, warps, (2, 1) if m_max <= 4 else (1,), (8, 4, 2, 1))
     K16 = K // 16
     steps = -(-K16 // 32)
     params = [
@@ -1002,11 +1008,7 @@ def gemv_i4g(K: int, N: int, group_size: int, *, m_max: int = 16, n_rows: int | 
     G = group_size
     _require(G % 32 == 0 and K % G == 0, f"gemv_i4g needs G % 32 == 0 dividing K (K={K}, G={G})")
     _require(1 <= m_max <= 16, f"m_max must be in 1..16 (got {m_max})")
-    if n_rows is None:
-        n_rows = 2 if m_max <= 8 and N % 2 == 0 else 1
-    if warps is None:
-        warps = next((w for w in (4, 2, 1) if N % (n_rows * w) == 0), 1)
-    _require(N % (n_rows * warps) == 0, f"N={N} must be a multiple of n_rows * warps = {n_rows * warps}")
+    n_rows, warps = _rows_and_warps(N, n_rows, warps, (2, 1) if m_max <= 8 else (1,), (4, 2, 1))
     KG, WV, XV = K // G, G // 32, G // 16  # groups a row; 16-byte weight / x vectors a group
     steps = -(-KG // 32)
     params = [
