@@ -36,7 +36,7 @@ import numpy as np
 from qcc import pipelines
 from qcc.errors import QccError
 
-from . import concat, select_kernels  # noqa: F401  (register cuda-concat-to-generic, cuda-select-kernels)
+from . import concat, select_kernels, unit_transposes  # noqa: F401  (register the CUDA passes)
 
 ARCHS = ("sm_90", "sm_80")
 
@@ -46,6 +46,8 @@ FUSE = [
     "cuda-concat-to-generic",
     "inline",
     "func.func(linalg-generalize-named-ops)",
+    "cuda-fold-unit-transposes",
+    "inline",
     "func.func(linalg-fuse-elementwise-ops)",
     "canonicalize",
     "cse",
