@@ -27,6 +27,25 @@ def walk(op, name: str | None = None):
     return found
 
 
+def append_functions(module_op: ir.Operation, text: str) -> None:
+    """Parse `text` (func.func definitions) and move its functions to the end of the module."""
+    body = module_op.regions[0].blocks[0]
+    parsed = ir.Module.parse(text)  # must outlive the moves
+    for f in list(parsed.body.operations):
+        f.operation.move_after(body.operations[len(body.operations) - 1])
+
+
+def replace_with_call(op, callee: str, operands) -> ir.Operation:
+    """Replace `op` by `func.call @callee(operands)` with the same result types."""
+    with ir.InsertionPoint(op), op.location:
+        call = ir.Operation.create("func.call", results=[r.type for r in op.results], operands=list(operands),
+                                   attributes={"callee": ir.FlatSymbolRefAttr.get(callee)})
+    for old, new in zip(op.results, call.results):
+        old.replace_all_uses_with(new)
+    op.erase()
+    return call
+
+
 def vtensor_shape(t: ir.Type) -> tuple[list, str]:
     """Shape (ints, or None for '?') and dtype of a !torch.vtensor type."""
     m = _VTENSOR.match(str(t))

@@ -108,7 +108,6 @@ class CudaConcatToGeneric(QccPass):
         pass
 
     def run(self, module):
-        body = module.regions[0].blocks[0]
         defined = set()
         for func in irutil.functions(module):
             for op in irutil.walk(func, "tensor.concat"):
@@ -127,12 +126,6 @@ class CudaConcatToGeneric(QccPass):
                 name = ("qcc_cuda_concat_" + "_".join("x".join(map(str, s)) for s in shapes) + f"_d{dim}_{elem}"
                         + (f"_{tag}" if any(unary) else ""))
                 if name not in defined:
-                    m = ir.Module.parse(concat_func(name, dim, shapes, list(rt.shape), elem, unary))
-                    for f in list(m.body.operations):
-                        f.operation.move_after(body.operations[len(body.operations) - 1])
+                    irutil.append_functions(module, concat_func(name, dim, shapes, list(rt.shape), elem, unary))
                     defined.add(name)
-                with ir.InsertionPoint(op), op.location:
-                    call = ir.Operation.create("func.call", results=[op.result.type], operands=operands,
-                                               attributes={"callee": ir.FlatSymbolRefAttr.get(name)})
-                op.result.replace_all_uses_with(call.result)
-                op.erase()
+                irutil.replace_with_call(op, name, operands)

@@ -189,7 +189,7 @@ class CudaSelectKernels(QccPass):
         fuse: bool = True
 
     def run(self, module):
-        self.body = module.regions[0].blocks[0]
+        self.module = module
         self.defined = set()
         self.seeds = {}
         selected = self.session.options.setdefault("cuda_kernels", {})
@@ -299,14 +299,9 @@ class CudaSelectKernels(QccPass):
             fallback[base] = str(e)
             return False
         callee = f"qcc_cuda_{spec.name}_M{M}"
-        result = replaced.result
-        self._define(callee, _declaration(callee, [str(v.type) for v in operands], str(result.type),
+        self._define(callee, _declaration(callee, [str(v.type) for v in operands], str(replaced.result.type),
                                           {"builder": builder, "args": args, "M": M, "weight": base}))
-        with ir.InsertionPoint(replaced), replaced.location:
-            y = ir.Operation.create("func.call", results=[result.type], operands=operands,
-                                    attributes={"callee": ir.FlatSymbolRefAttr.get(callee)}).result
-        result.replace_all_uses_with(y)
-        replaced.erase()
+        irutil.replace_with_call(replaced, callee, operands)
         if replaced is not op:
             op.erase()
         key = f"{base} (outlier columns)" if builder == "gemv_w8_sparse_x" else base
@@ -349,11 +344,7 @@ class CudaSelectKernels(QccPass):
         name = f"qcc_cuda_{spec.name}_M{M}"
         self._define(name, _declaration(name, [str(v.type) for v in operands], str(out.result.type),
                                         {"builder": "hadamard_rows", "args": args, "M": M}))
-        with ir.InsertionPoint(out), out.location:
-            y = ir.Operation.create("func.call", results=[out.result.type], operands=operands,
-                                    attributes={"callee": ir.FlatSymbolRefAttr.get(name)}).result
-        out.result.replace_all_uses_with(y)
-        out.erase()
+        irutil.replace_with_call(out, name, operands)
         op.erase()
         if not list(src.result.uses):
             src.erase()
@@ -386,19 +377,11 @@ class CudaSelectKernels(QccPass):
         types = [str(r.type) for r in op.results]
         self._define(callee, _declaration(callee, [str(op.operands[0].type)], f"({', '.join(types)})",
                                           {"builder": "quantize_rows", "args": args, "M": M}))
-        with ir.InsertionPoint(op), op.location:
-            call = ir.Operation.create("func.call", results=[r.type for r in op.results], operands=[op.operands[0]],
-                                       attributes={"callee": ir.FlatSymbolRefAttr.get(callee)})
-        for old, new in zip(op.results, call.results):
-            old.replace_all_uses_with(new)
-        op.erase()
-        done[key] = list(call.results)
+        done[key] = list(irutil.replace_with_call(op, callee, [op.operands[0]]).results)
 
     def _define(self, name, text):
         if name not in self.defined:
-            m = ir.Module.parse(text)
-            for f in list(m.body.operations):
-                f.operation.move_after(self.body.operations[len(self.body.operations) - 1])
+            irutil.append_functions(self.module, text)
             self.defined.add(name)
 
     def _rewrite(self, members, sig, builder, args, M, K, selected):

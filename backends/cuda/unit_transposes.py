@@ -92,7 +92,6 @@ class CudaFoldUnitTransposes(QccPass):
         pass
 
     def run(self, module):
-        body = module.regions[0].blocks[0]
         defined = set()
         for func in irutil.functions(module):
             for op in list(irutil.walk(func, "linalg.generic")):
@@ -102,12 +101,6 @@ class CudaFoldUnitTransposes(QccPass):
                 src, dst, elem = found
                 name = f"qcc_cuda_reshape_{'x'.join(map(str, src))}_to_{'x'.join(map(str, dst))}_{elem}"
                 if name not in defined:
-                    m = ir.Module.parse(reshape_func(name, src, dst, elem))
-                    for f in list(m.body.operations):
-                        f.operation.move_after(body.operations[len(body.operations) - 1])
+                    irutil.append_functions(module, reshape_func(name, src, dst, elem))
                     defined.add(name)
-                with ir.InsertionPoint(op), op.location:
-                    call = ir.Operation.create("func.call", results=[op.result.type], operands=[op.operands[0]],
-                                               attributes={"callee": ir.FlatSymbolRefAttr.get(name)})
-                op.result.replace_all_uses_with(call.result)
-                op.erase()
+                irutil.replace_with_call(op, name, [op.operands[0]])
