@@ -190,12 +190,6 @@ def unpack_w8a16(wq: np.ndarray, K: int, N: int) -> np.ndarray:
     return (out.reshape(N, K) ^ 0x80).view(np.int8)
 
 
-def pack_w8a8(q, scale) -> dict:
-    """int8 row-major weight for ``kernels.gemm_w8a8`` (no re-layout) plus scales [N]."""
-    q = np.ascontiguousarray(np.asarray(q, np.int8))
-    return {"wq": q, "sw": np.ascontiguousarray(np.asarray(scale, np.float32).reshape(-1))}
-
-
 # --------------------------------------------------------------------------- compiled layers
 
 
