@@ -1,4 +1,4 @@
-"""cuda-select-kernels: `qcc.qlinear` -> calls of qcc's prebuilt tensor-core GEMV kernels.
+"""cuda-select-kernels: qcc ops -> calls of qcc's prebuilt GPU kernels (kernels.py).
 
 Runs on linalg-on-tensors IR before lower-qcc-to-linalg. For each weight-only qlinear
 whose format and shape a kernel of kernels.py handles (int4 sym/asym with groups of a
@@ -16,10 +16,18 @@ arguments) carrying the kernel builder and its arguments as attributes; the host
 walker (host_plan.py) turns each call into one launch per 16 rows of x.
 
 Numerics: these kernels are "a16": x is rounded to f16 and y is stored in f16 (fp32
-accumulation inside). Every other qlinear (asymmetric or grouped int8, K or N that do
-not tile, quantized activations) is left to lower-qcc-to-linalg, whose fused
-dequantize-and-reduce generic runs as a warp-per-output fp32 kernel: no float copy of
-a weight is ever made.
+accumulation inside); with split_x (default) x enters as f16 hi + lo rows and y is fp32.
+
+Quantized activations (after dequant-after-gemm), on the codes as stored, no repack:
+``qcc.quantize_dynamic`` -> ``quantize_rows``; ``qcc.matmul_int`` of int8 / symmetric int4
+per-channel weights (+ the ``qcc.scale_accumulate`` reading it) -> ``gemv_i8`` (scaled
+epilogue); grouped asymmetric int4 -> ``gemv_i4g`` (exact partial sums, the scale generic
+stays); llm-int8-dynamic's float-activation qlinear -> ``gemv_w8_sparse_x`` on the integer
+part's codes. fuse-rotation's online Hadamard calls -> ``hadamard_rows``. The integer
+kernels are exact and the float steps repeat the reference lowering's ops in order.
+Everything else (asymmetric or grouped int8, K or N that do not tile) is left to
+lower-qcc-to-linalg, whose fused dequantize-and-reduce generic runs as a warp-per-output
+kernel: no float copy of a weight is ever made.
 """
 
 import dataclasses
