@@ -27,12 +27,18 @@ def walk(op, name: str | None = None):
     return found
 
 
-def append_functions(module_op: ir.Operation, text: str) -> None:
-    """Parse `text` (func.func definitions) and move its functions to the end of the module."""
+def append_functions(module_op: ir.Operation, text: str, defined: set) -> None:
+    """Parse `text` (func.func definitions) and move its functions to the end of the module,
+    skipping symbols in `defined` (shared subkernels, intrinsic declarations); adds the rest."""
     body = module_op.regions[0].blocks[0]
-    parsed = ir.Module.parse(text)  # must outlive the moves
+    parsed = ir.Module.parse(text)  # owns the functions until they are moved: keep it alive
     for f in list(parsed.body.operations):
+        sym = ir.StringAttr(f.attributes["sym_name"]).value
+        if sym in defined:
+            f.operation.erase()
+            continue
         f.operation.move_after(body.operations[len(body.operations) - 1])
+        defined.add(sym)
 
 
 def replace_with_call(op, callee: str, operands) -> ir.Operation:
@@ -108,6 +114,11 @@ class Signature:
     def param_name(self, index: int) -> str | None:
         d = ir.DictAttr(self._arg_attrs()[index])
         return ir.StringAttr(d["qcc.param"]).value if "qcc.param" in d else None
+
+    def param_of(self, value: ir.Value) -> str | None:
+        """The parameter name `value` is bound to, if it is a parameter argument of this function."""
+        index = block_arg_number(value)
+        return self.param_name(index) if index is not None else None
 
     def param_index(self, name: str) -> int | None:
         for i in range(len(self.block.arguments)):

@@ -64,7 +64,6 @@ class CpuVectorizeContractions(QccPass):
     def run(self, module):
         from qcc.backends.cpu import kernels
 
-        body = module.regions[0].blocks[0]
         defined = set()
         for func in irutil.functions(module):
             for op in irutil.walk(func, "linalg.batch_matmul"):
@@ -77,12 +76,8 @@ class CpuVectorizeContractions(QccPass):
                 src = _transposed_source(b)
                 kname = f"qcc_cpu_bmm_{'dot' if src else 'axpy'}_{nb}x{m}x{n}x{k}"
                 if kname not in defined:
-                    text = kernels.batch_matmul(kname, nb, m, n, k, self.options.lanes, src is not None,
-                                                self.options.threads)
-                    parsed = ir.Module.parse(text)  # kept alive while its ops move
-                    for f in list(parsed.body.operations):
-                        f.operation.move_after(body.operations[len(body.operations) - 1])
-                    defined.add(kname)
+                    irutil.append_functions(module, kernels.batch_matmul(
+                        kname, nb, m, n, k, self.options.lanes, src is not None, self.options.threads), defined)
                 with ir.InsertionPoint(op), op.location:
                     operand_b = b
                     if src is not None:

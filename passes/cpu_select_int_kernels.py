@@ -42,12 +42,6 @@ def _splat_scale(value) -> float | None:
     return float(ir.FloatAttr(attr.get_splat_value()).value) if attr.is_splat else None
 
 
-def _param_name(sig, value) -> str | None:
-    """The parameter store name `value` is bound to, if it is a parameter argument."""
-    index = irutil.block_arg_number(value)
-    return sig.param_name(index) if index is not None else None
-
-
 def _sole_user(value):
     uses = list(value.uses)
     return uses[0].owner if len(uses) == 1 else None
@@ -67,7 +61,6 @@ class CpuSelectIntKernels(QccPass):
         from qcc.backends.cpu.int_kernels import IntKernelConfig
 
         cfg = IntKernelConfig(gemm_min_m=self.options.gemm_min_m, threads=self.options.threads)
-        body = module.regions[0].blocks[0]
         defined = set()
         selected = self.session.options.setdefault("cpu_kernels", {})
         for func in irutil.functions(module):
@@ -76,10 +69,10 @@ class CpuSelectIntKernels(QccPass):
             for op in irutil.walk(func, "qcc.scale_accumulate"):
                 chain = self._match(op, sig)
                 if chain is not None:
-                    self._rewrite(op, *chain, sig, cfg, body, defined, selected, packed)
+                    self._rewrite(op, *chain, sig, cfg, module, defined, selected, packed)
             for op in irutil.walk(func, "qcc.qlinear"):
                 if FLOAT_ACTIVATIONS in op.attributes:
-                    self._rewrite_outlier_part(op, sig, body, defined, selected, packed)
+                    self._rewrite_outlier_part(op, sig, module, defined, selected, packed)
             for name in sig.erase_unused_params():
                 if name in self.session.params:
                     del self.session.params[name]
@@ -108,7 +101,7 @@ class CpuSelectIntKernels(QccPass):
                 return None
         fmt = formats.parse_weight_format(format_key(mm.attributes["weight_format"]))
         weights = [mm.operands[1], sw] + ([mm.operands[2]] if len(mm.operands) > 2 else [])
-        names = [_param_name(sig, v) for v in weights]
+        names = [sig.param_of(v) for v in weights]
         if None in names or any(nm not in self.session.params for nm in names):
             return None
         k, n = irutil.tensor_shape(mm.operands[0])[1], irutil.tensor_shape(sa.result)[1]
@@ -121,12 +114,12 @@ class CpuSelectIntKernels(QccPass):
             return None
         return qd, mm, lay, afmt, dict(zip(["codes", "scale", "zero"], names)), static_scale
 
-    def _rewrite_outlier_part(self, op, sig, body, defined, selected, packed):
+    def _rewrite_outlier_part(self, op, sig, module, defined, selected, packed):
         """split-outliers' dynamic float part, on the int8 blocks its integer part already reads:
         a rank-k update over the columns the call made outliers, no second copy of the weight."""
         from qcc.backends.cpu import int_kernels, kernel_calls
 
-        codes = _param_name(sig, op.operands[1])
+        codes = sig.param_of(op.operands[1])
         if codes not in packed or format_key(op.attributes["act_format"]) != "none":
             return
         lay, names = packed[codes]
@@ -135,12 +128,12 @@ class CpuSelectIntKernels(QccPass):
         args = [sig.block.arguments[sig.param_index(names[role])] for role in ("codes", "scale")]
         kname = f"qcc_cpu_int_outliers_{lay.format_key}_{lay.k}x{lay.n}"
         if kname not in defined:
-            kernel_calls.append_kernel(body, int_kernels.outlier_columns(kname, lay), defined)
+            irutil.append_functions(module, int_kernels.outlier_columns(kname, lay), defined)
         kernel_calls.replace_with_call(op.result, op.operands[0], args, kname, lay.k, lay.n)
         op.erase()
         selected[codes.rsplit(":", 2)[0]]["outlier_kernel"] = kname
 
-    def _rewrite(self, sa, qd, mm, lay, afmt, src, static_scale, sig, cfg, body, defined, selected, packed):
+    def _rewrite(self, sa, qd, mm, lay, afmt, src, static_scale, sig, cfg, module, defined, selected, packed):
         from qcc.backends.cpu import int_kernels, kernel_calls
         from qcc.backends.cpu.int_pack import pack
 
@@ -154,7 +147,7 @@ class CpuSelectIntKernels(QccPass):
         kname = f"qcc_cpu_int_{lay.format_key}_{afmt.key()}_{lay.k}x{lay.n}" + \
             ("" if variant == "dispatch" else f"_{variant}")
         if kname not in defined:
-            kernel_calls.append_kernel(body, int_kernels.fused(kname, lay, cfg, afmt.levels(), static_m,
+            irutil.append_functions(module, int_kernels.fused(kname, lay, cfg, afmt.levels(), static_m,
                                                                static_scale=static_scale is not None,
                                                                act_clip=afmt.clip), defined)
         kernel_calls.replace_with_call(sa.result, qd.operands[0], args, kname, lay.k, lay.n)

@@ -41,7 +41,6 @@ class CpuSelectKernels(QccPass):
         lanes = self.options.lanes or host.features()["lanes"]
         cfg = kernels.KernelConfig(gemm_min_m=self.options.gemm_min_m, bcast_min_m=self.options.bcast_min_m,
                                    threads=self.options.threads)
-        body = module.regions[0].blocks[0]
         defined = set()
         selected = self.session.options.setdefault("cpu_kernels", {})
         for func in irutil.functions(module):
@@ -52,8 +51,7 @@ class CpuSelectKernels(QccPass):
                 fmt = formats.parse_weight_format(format_key(op.attributes["weight_format"]))
                 x_shape, y_shape = irutil.tensor_shape(op.operands[0]), irutil.tensor_shape(op.result)
                 k, n = x_shape[1], y_shape[1]
-                names = [sig.param_name(irutil.block_arg_number(v)) if irutil.block_arg_number(v) is not None
-                         else None for v in op.operands[1:]]
+                names = [sig.param_of(v) for v in op.operands[1:]]
                 if k is None or n is None or None in names or any(nm not in self.session.params for nm in names):
                     continue
                 lay = PanelLayout(fmt.key(), n, k, rows=self.options.rows, lanes=lanes)
@@ -61,12 +59,12 @@ class CpuSelectKernels(QccPass):
                     lay.check()
                 except LayoutError:
                     continue
-                self._rewrite(op, func, sig, lay, cfg, names, body, defined, selected, x_shape[0])
+                self._rewrite(op, func, sig, lay, cfg, names, module, defined, selected, x_shape[0])
             for name in sig.erase_unused_params():
                 if name in self.session.params:
                     del self.session.params[name]
 
-    def _rewrite(self, op, func, sig, lay, cfg, names, body, defined, selected, static_m):
+    def _rewrite(self, op, func, sig, lay, cfg, names, module, defined, selected, static_m):
         from qcc.backends.cpu import kernel_calls, kernels
         from qcc.backends.cpu.pack import pack
 
@@ -81,7 +79,7 @@ class CpuSelectKernels(QccPass):
         kname = f"qcc_cpu_qlinear_{lay.format_key}_{lay.k}x{lay.n}_v{lay.lanes}" + \
             ("" if variant == "dispatch" else f"_{variant}")
         if kname not in defined:
-            kernel_calls.append_kernel(body, kernels.qlinear(kname, lay, cfg, static_m), defined)
+            irutil.append_functions(module, kernels.qlinear(kname, lay, cfg, static_m), defined)
         kernel_calls.replace_with_call(op.result, op.operands[0], args, kname, lay.k, lay.n)
         op.erase()
         weight = src["codes"].rsplit(":", 2)[0]

@@ -1,7 +1,7 @@
 """IR plumbing shared by the passes that swap ops for calls of CPU kernels
 (cpu-select-kernels, cpu-select-int-kernels): packed weights become new
-parameters, kernel functions are appended once per module, and the op's result
-becomes a call on the token-dynamic input."""
+parameters, and the op's result becomes a call on the token-dynamic input (kernel
+functions are appended once per module with irutil.append_functions)."""
 
 from torch_mlir import ir
 
@@ -21,19 +21,6 @@ def add_packed_params(store, sig: irutil.Signature, codes_name: str, tag: str, a
         names[role] = name
         args.append(sig.add_param(name, irutil.tensor_type(a.shape, _MLIR_ELEM[a.dtype.name])))
     return args, names
-
-
-def append_kernel(body, text: str, defined: set) -> None:
-    """Parses kernel `text` and moves its functions to the end of the module `body`,
-    skipping symbols already there (shared subkernels, intrinsic declarations)."""
-    kernel = ir.Module.parse(text)  # owns the functions until they are moved: keep it alive
-    for f in list(kernel.body.operations):
-        sym = ir.StringAttr(f.attributes["sym_name"]).value
-        if sym in defined:
-            f.operation.erase()
-            continue
-        f.operation.move_after(body.operations[len(body.operations) - 1])
-        defined.add(sym)
 
 
 def replace_with_call(result: ir.Value, x: ir.Value, args, kname: str, k: int, n: int) -> None:

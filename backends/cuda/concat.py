@@ -126,6 +126,5 @@ class CudaConcatToGeneric(QccPass):
                 name = ("qcc_cuda_concat_" + "_".join("x".join(map(str, s)) for s in shapes) + f"_d{dim}_{elem}"
                         + (f"_{tag}" if any(unary) else ""))
                 if name not in defined:
-                    irutil.append_functions(module, concat_func(name, dim, shapes, list(rt.shape), elem, unary))
-                    defined.add(name)
+                    irutil.append_functions(module, concat_func(name, dim, shapes, list(rt.shape), elem, unary), defined)
                 irutil.replace_with_call(op, name, operands)

@@ -381,6 +381,11 @@ def _check_cfg(K, N, k_tile, nt, kw, unroll, group_tiles, m_max, nw=1, depth=1):
     _require(TPW % group_tiles == 0, "warp K slices must hold whole groups")
 
 
+def _m_param(m_max: int) -> Param:
+    """The launch's row count: kernels take up to m_max rows of x a launch (host_plan splits more)."""
+    return Param("M", "i32", "scalar", f"rows of x, 1..{m_max}", range=(1, m_max))
+
+
 def _common_params(K, N, m_max):
     return [Param("x", f"memref<{m_max * K // 8}xvector<8xf16>>", "in",
                   f"activations f16 [M, {K}] row-major (M <= {m_max})", rows=("M", m_max))]
@@ -432,7 +437,7 @@ def gemv_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
     yt = "f32" if out_f32 else "f16"
     params.append(Param("y", f"memref<{m_max * N // 2}xvector<2x{yt}>>", "out", f"{yt} [M, {N}]",
                         rows=("M", m_max)))
-    params.append(Param("M", "i32", "scalar", f"rows of x, 1..{m_max}", range=(1, m_max)))
+    params.append(_m_param(m_max))
 
     def load_meta(E, a, tn, kt):
         lane = E.tid() % 32
@@ -531,7 +536,7 @@ def gemv_w8a16(K: int, N: int, *, m_max: int = 16, n_tiles: int | None = None,
     yt = "f32" if out_f32 else "f16"
     params.append(Param("y", f"memref<{m_max * N // 2}xvector<2x{yt}>>", "out", f"{yt} [M, {N}]",
                         rows=("M", m_max)))
-    params.append(Param("M", "i32", "scalar", f"rows of x, 1..{m_max}", range=(1, m_max)))
+    params.append(_m_param(m_max))
 
     def load_meta(E, a, tn, kt):
         return []
@@ -627,7 +632,7 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
         params.append(Param("sw", f"memref<{N}xf32>", "in", f"f32 [{N}] per-channel scales"))
     yt = "f32" if scaled else "i32"
     params += [Param("y", f"memref<{m_max * N}x{yt}>", "out", f"{yt} [M, {N}]", rows=("M", m_max)),
-               Param("M", "i32", "scalar", f"rows of x, 1..{m_max}", range=(1, m_max))]
+               _m_param(m_max)]
 
     def body(E, a):
         tid = E.tid()
@@ -735,7 +740,7 @@ def gemv_w8_sparse_x(K: int, N: int, *, m_max: int = 16, n_rows: int | None = No
         Param("wq", f"memref<{N * K16}xvector<4xi32>>", "in", f"int8 [{N}, {K}] row-major"),
         Param("scales", f"memref<{N}xf32>", "in", f"f32 [{N}]"),
         Param("y", f"memref<{m_max * N}xf32>", "out", f"f32 [M, {N}]", rows=("M", m_max)),
-        Param("M", "i32", "scalar", f"rows of x, 1..{m_max}", range=(1, m_max)),
+        _m_param(m_max),
     ]
     acc_t = "vector<4xf32>"
 
@@ -833,7 +838,7 @@ def quantize_rows(K: int, *, qmin: int, qmax: int, clip: float = 1.0, m_max: int
         Param("x", f"memref<{m_max * K4}xvector<4xf32>>", "in", f"f32 [M, {K}]", rows=("M", m_max)),
         Param("y", f"memref<{m_max * K4}xvector<4xi8>>", "out", f"int8 codes [M, {K}]", rows=("M", m_max)),
         Param("scale", f"memref<{m_max}xf32>", "out", "f32 [M] per-token scales", rows=("M", m_max)),
-        Param("M", "i32", "scalar", f"rows of x, 1..{m_max}", range=(1, m_max)),
+        _m_param(m_max),
     ]
 
     def op(E, name, *xs, t="f32"):
@@ -921,7 +926,7 @@ def hadamard_rows(n: int, m: int, k: int, *, sub_rows: int = 1, m_max: int = 16,
         params.append(Param("seed", f"memref<{m * m}xf32>", "in", f"f32 [{m}, {m}]: H_{m}"))
     params += [
         Param("y", f"memref<{m_max * width}xf32>", "out", f"f32 [M, {width}]", rows=("M", m_max)),
-        Param("M", "i32", "scalar", f"rows of x, 1..{m_max}", range=(1, m_max)),
+        _m_param(m_max),
     ]
     scale = float(f"{1.0 / math.sqrt(n):.9e}")  # as compiler/hadamard.py writes it
 
@@ -1016,7 +1021,7 @@ def gemv_i4g(K: int, N: int, group_size: int, *, m_max: int = 16, n_rows: int | 
         Param("wq", f"memref<{N * K // 32}xvector<4xi32>>", "in", f"int4 [{N}, {K}] packed two a byte"),
         Param("zp", f"memref<{N * KG}xi8>", "in", f"uint8 zero points [{N}, {KG}]"),
         Param("y", f"memref<{m_max * N * KG}xi32>", "out", f"i32 [M, {N}, {KG}]", rows=("M", m_max)),
-        Param("M", "i32", "scalar", f"rows of x, 1..{m_max}", range=(1, m_max)),
+        _m_param(m_max),
     ]
 
     def body(E, a):

@@ -28,15 +28,12 @@ already a launch list, so no host lowering (and no gpu.launch_func walking) is n
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 
 import numpy as np
 
 from qcc import pipelines
 from qcc.errors import QccError
 
-from . import concat, select_kernels, unit_transposes  # noqa: F401  (register the CUDA passes)
 
 ARCHS = ("sm_90", "sm_80")
 

@@ -199,13 +199,13 @@ class CudaSelectKernels(QccPass):
     def run(self, module):
         self.module = module
         self.defined = set()
-        self.seeds = {}
         selected = self.session.options.setdefault("cuda_kernels", {})
         fallback = self.session.options.setdefault("cuda_fallback", {})
         int_layers = self.session.options.setdefault("cuda_int_layers", {})
         split = self.options.split_x
         for func in irutil.functions(module):
             sig = irutil.Signature(func)
+            self.seeds = {}  # Hadamard seed name -> this function's argument holding it
             groups = {}  # (x, format, M, K) -> [candidate]: layers that share their input
             for op in list(irutil.walk(func, "qcc.qlinear")):
                 if format_key(op.attributes["act_format"]) != "none":
@@ -215,8 +215,7 @@ class CudaSelectKernels(QccPass):
                     continue  # else: a GEMV of its own (a repacked copy of the codes)
                 fmt = formats.parse_weight_format(format_key(op.attributes["weight_format"]))
                 x_shape, y_shape = irutil.tensor_shape(op.operands[0]), irutil.tensor_shape(op.result)
-                names = [sig.param_name(irutil.block_arg_number(v)) if irutil.block_arg_number(v) is not None
-                         else None for v in op.operands[1:]]
+                names = [sig.param_of(v) for v in op.operands[1:]]
                 base = names[0].rsplit(":", 2)[0] if names and names[0] else None
                 if len(x_shape) != 2 or None in x_shape or None in y_shape or None in names \
                         or any(nm not in self.session.params for nm in names):
@@ -261,11 +260,12 @@ class CudaSelectKernels(QccPass):
                     del self.session.params[name]
 
     def _on_codes(self, op, sig, builder, chosen, fallback, scale=None) -> bool:
-        """op -> a call of `builder` on int8 per-channel weight codes as quantize-weights stored
-        them (no repacked copy); False (and why, in `fallback`) where it does not apply.
+        """op -> a call of `builder` on the weight codes as quantize-weights stored them (no
+        repacked copy); False (and why, in `fallback`) where it does not apply.
 
-        gemv_i8: qcc.matmul_int of int8 activation codes (the integer core of w8a8, w8a8-had,
-        llm-int8's int8 part...): exact i32 sums. With `scale` (the qcc.scale_accumulate
+        gemv_i8: qcc.matmul_int of int8 activation codes and int8 or symmetric int4 per-channel
+        weights (w8a8, w8a8-had, w4a4-had, llm-int8's int8 part...): exact i32 sums; grouped
+        asymmetric int4 weights (w4a8-g128) take gemv_i4g instead. With `scale` (the qcc.scale_accumulate
         consuming them, whose sx and sw it takes) the call replaces that op too and scales in
         its epilogue, in the generic's order of rounding. gemv_w8_sparse_x: the
         float-activation qlinear of llm-int8-dynamic's outlier columns, on the codes its
@@ -274,8 +274,7 @@ class CudaSelectKernels(QccPass):
         from . import kernels
 
         fmt = formats.parse_weight_format(format_key(op.attributes["weight_format"]))
-        arg = irutil.block_arg_number(op.operands[1])
-        name = sig.param_name(arg) if arg is not None else None
+        name = sig.param_of(op.operands[1])
         base = name.rsplit(":", 2)[0] if name else "<non-parameter weight>"
         if builder == "gemv_i8" and fmt.bits == 4 and not fmt.symmetric and fmt.granularity == "group":
             builder = "gemv_i4g"  # w4a8-g128: exact per-group partial sums; scale_accumulate stays
@@ -345,7 +344,7 @@ class CudaSelectKernels(QccPass):
         operands = [x]
         if m > 1:  # the seed H_m: a parameter (uploaded with the weights), shared by every call
             seed = f"qcc.hadamard_seed_{m}"
-            if seed not in self.session.params:
+            if seed not in self.seeds:
                 self.session.params[seed] = hadamard.seed_matrix(m).astype("float32")
                 self.seeds[seed] = sig.add_param(seed, irutil.tensor_type([m, m], "f32"))
             operands.append(self.seeds[seed])
@@ -389,8 +388,7 @@ class CudaSelectKernels(QccPass):
 
     def _define(self, name, text):
         if name not in self.defined:
-            irutil.append_functions(self.module, text)
-            self.defined.add(name)
+            irutil.append_functions(self.module, text, self.defined)
 
     def _rewrite(self, members, sig, builder, args, M, K, selected):
         """members: [(op, fmt, N, param names, weight name)] sharing x, in block order; their

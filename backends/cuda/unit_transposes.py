@@ -101,6 +101,5 @@ class CudaFoldUnitTransposes(QccPass):
                 src, dst, elem = found
                 name = f"qcc_cuda_reshape_{'x'.join(map(str, src))}_to_{'x'.join(map(str, dst))}_{elem}"
                 if name not in defined:
-                    irutil.append_functions(module, reshape_func(name, src, dst, elem))
-                    defined.add(name)
+                    irutil.append_functions(module, reshape_func(name, src, dst, elem), defined)
                 irutil.replace_with_call(op, name, [op.operands[0]])
