@@ -150,6 +150,7 @@ class PlanBuilder:
         self.views: dict = {}
         self.launches: list[dict] = []
         self.specs: dict = {}
+        self.descs: dict = {}  # generated kernel name -> its GenericDesc (fuse_launches rebuilds them)
         self.scalars: dict = {}  # Value -> (attr text, python value)
         self.pending: dict[int, list] = {}  # root -> [(view key, const, launch)]
         self.outputs: list[dict] = []
@@ -409,6 +410,7 @@ class PlanBuilder:
         self._mark_alias(desc, list(v_ins) + list(v_outs) + list(caps))
         spec = lk.build_kernel(desc)
         self.specs.setdefault(spec.name, spec)
+        self.descs.setdefault(spec.name, desc)
         args = []
         for o, vw in zip(desc.ins, v_ins):
             if o.const is None:

@@ -40,6 +40,7 @@ from .emit import KernelSpec, Param, parse_type
 
 BLOCK = 256
 WARPS = 8
+REDUCE_UNROLL = 4  # reduction steps whose loads a thread issues together
 
 
 class UnsupportedOp(ValueError):
@@ -367,9 +368,17 @@ def classify(desc: GenericDesc) -> str:
     return "serial"
 
 
-def build_kernel(desc: GenericDesc, name: str | None = None) -> KernelSpec:
-    """One KernelSpec for `desc`; named by a hash of its MLIR text unless `name` is given."""
+def build_kernel(desc: GenericDesc, name: str | None = None, *, threads: int | None = None,
+                 per_thread: int = 1) -> KernelSpec:
+    """One KernelSpec for `desc`; named by a hash of its MLIR text unless `name` is given.
+
+    `threads` fixes the block size (a multiple of 32; the warp and block reductions then use
+    threads / 32 warps) and `per_thread` gives each thread of an elementwise kernel that many
+    points, all loaded before any is computed (so their loads are in flight together): the
+    form fuse_launches.py runs a small op in, inside one block.
+    """
     kind = classify(desc)
+    assert threads is None or threads % 32 == 0, threads
     par = [i for i, t in enumerate(desc.iters) if t == "parallel"]
     red = [i for i, t in enumerate(desc.iters) if t == "reduction"]
     Pext = [desc.loops[i] for i in par]
@@ -388,8 +397,35 @@ def build_kernel(desc: GenericDesc, name: str | None = None) -> KernelSpec:
             d[i] = v
         return d
 
-    if kind == "elementwise":
-        threads = BLOCK if O >= BLOCK else max(32, -(-O // 32) * 32)
+    if kind == "elementwise" and per_thread > 1:
+        threads = threads or BLOCK
+        grid = -(-O // (threads * per_thread))
+
+        def body(E, a):
+            base = E.bid() * (threads * per_thread) + E.tid()
+            pts = []
+            for j in range(per_thread):  # phase 1: every point's loads
+                lin = base + j * threads
+                whole = O % (threads * per_thread) == 0
+                dims = _decompose(E, lin if whole else E.minu(lin, E.const(O - 1, "index")), desc.loops)
+                args = _load_ins(E, a, desc, dims, used)
+                for k in range(len(desc.outs)):
+                    args.append(_init_out(E, a, desc, k, dims) if (n_in + k) in used else None)
+                pts.append((lin, whole, dims, args))
+            for lin, whole, dims, args in pts:  # phase 2: compute and store
+                get = _Replay(E, desc, a).run(args, dims)
+                vals = [get(y) for y in desc.yields]
+
+                def store(dims=dims, vals=vals):
+                    for k, v in enumerate(vals):
+                        E.store(v, a[f"out{k}"], _ix(E, _flat(E, desc.outs[k], dims)))
+                if whole:
+                    store()
+                else:
+                    E.if_(E.cmp("ult", lin, E.const(O, "index")), store)
+
+    elif kind == "elementwise":
+        threads = threads or (BLOCK if O >= BLOCK else max(32, -(-O // 32) * 32))
         grid = -(-O // threads)
 
         def body(E, a):
@@ -415,7 +451,7 @@ def build_kernel(desc: GenericDesc, name: str | None = None) -> KernelSpec:
         et = desc.outs[0].elem
         ident = _identity(comb.name, et)
         block = kind == "block_reduce"
-        W = WARPS if block else min(WARPS, O)
+        W = threads // 32 if threads else (WARPS if block else min(WARPS, O))
         threads = 32 * W
         grid = O if block else -(-O // W)
         step = threads if block else 32
@@ -438,19 +474,29 @@ def build_kernel(desc: GenericDesc, name: str | None = None) -> KernelSpec:
             acc0 = E.const(ident, et)
             rp = _Replay(E, desc, a)
 
-            def step_fn(j, args_):
-                acc = args_[0]
-                r = r0 + j * step
-                rc = E.minu(r, E.const(R - 1, "index")) if R % step else r
-                dims = dims_of(pvals, _decompose(E, rc, Rext))
-                ins = _load_ins(E, a, desc, dims, used)
-                get = rp.run(ins + [None] * len(desc.outs), dims, skip=(j_comb,), upto=j_comb)
-                v = get(v_ref)
-                new = E.raw(comb.name, [acc, v], [et], comb.attrs, comb.info)[0]
-                if R % step:
-                    new = E.select(E.cmp("ult", r, E.const(R, "index")), new, acc)
-                return [new]
-            acc = E.for_(0, n_iter, 1, [acc0], step_fn)[0]
+            def steps(js, acc):
+                """Reduction steps js in order, every step's loads issued first (in flight
+                together); the combining order is the sequential one."""
+                pts = []
+                for j in js:
+                    r = r0 + j * step
+                    rc = E.minu(r, E.const(R - 1, "index")) if R % step else r
+                    dims = dims_of(pvals, _decompose(E, rc, Rext))
+                    pts.append((r, dims, _load_ins(E, a, desc, dims, used)))
+                for r, dims, ins in pts:
+                    get = rp.run(ins + [None] * len(desc.outs), dims, skip=(j_comb,), upto=j_comb)
+                    new = E.raw(comb.name, [acc, get(v_ref)], [et], comb.attrs, comb.info)[0]
+                    if R % step:
+                        new = E.select(E.cmp("ult", r, E.const(R, "index")), new, acc)
+                    acc = new
+                return acc
+            U = min(REDUCE_UNROLL, n_iter)
+            acc = acc0
+            if n_iter // U:
+                acc = E.for_(0, n_iter // U, 1, [acc],
+                             lambda j, args_: [steps([j * U + u for u in range(U)], args_[0])])[0]
+            if n_iter % U:
+                acc = steps([n_iter // U * U + u for u in range(n_iter % U)], acc)
             for off in (16, 8, 4, 2, 1):
                 acc = E.raw(comb.name, [acc, E.shfl_xor(acc, off)], [et], comb.attrs, comb.info)[0]
             odims = dims_of(pvals, [0] * len(red))
@@ -479,7 +525,7 @@ def build_kernel(desc: GenericDesc, name: str | None = None) -> KernelSpec:
                 E.if_(ok, lambda: finish(acc))
 
     else:  # serial
-        threads = BLOCK if O >= BLOCK else max(32, -(-O // 32) * 32)
+        threads = threads or (BLOCK if O >= BLOCK else max(32, -(-O // 32) * 32))
         grid = -(-O // threads)
 
         def body(E, a):

@@ -13,7 +13,8 @@ TORCH_TO_LINALG) and then `compile_cuda`:
                     parameter or an input in place
     plan            host_plan.py: allocations, views, linalg.generic, memref.copy and the
                     kernel calls become buffers + an ordered list of launches; each linalg op
-                    becomes a kernel (linalg_kernels.py)
+                    becomes a kernel (linalg_kernels.py); fuse_launches.py then runs each run
+                    of small launches (norms, adds, per-token quantization) as one block
     codegen         all kernels in one gpu.module -> NVVM -> LLVM IR (+ libdevice) -> PTX for
                     --gpu-arch, and a cubin when ptxas is on PATH
 
@@ -36,6 +37,7 @@ from qcc.errors import QccError
 
 
 ARCHS = ("sm_90", "sm_80")
+FUSE_SMALL_LAUNCHES = True  # fuse_launches.py; tests turn it off to compare plans
 
 SELECT = ["cuda-select-kernels"]
 
@@ -113,6 +115,7 @@ def compile_cuda(*, module, ctx, session, run, prog, imported, recipe, gpu_arch:
     from qcc import driver
     from qcc.model import CompiledModel
 
+    from .fuse_launches import fuse_small_launches
     from .host_plan import HostOpError, PlanBuilder
 
     if gpu_arch not in ARCHS:
@@ -133,6 +136,8 @@ def compile_cuda(*, module, ctx, session, run, prog, imported, recipe, gpu_arch:
             pb = PlanBuilder(module, weights).build(entry_args=entry_args)
     except HostOpError as e:
         raise QccError(f"cuda backend: {e}")
+    if FUSE_SMALL_LAUNCHES:
+        pb.launches = fuse_small_launches(pb.launches, pb.specs, pb.descs)
     plan = pb.to_json()
     launched = {L["kernel"] for L in plan["launches"]}
     specs = {n: s for n, s in pb.specs.items() if n in launched}

@@ -200,6 +200,35 @@ def test_plan_fuses_and_folds():
     assert plan["arena_bytes"] < temps
 
 
+@pytest.mark.parametrize("recipe", ["float", "w8a8"])
+def test_small_launches_run_as_one_block(recipe, monkeypatch):
+    """fuse_launches.py: each run of small launches of a decode step (residual add, RMSNorm's
+    two kernels, quantize_rows; softmax's four; SwiGLU's product + quantize_rows) becomes one
+    launch of one block, with the same numerics bit for bit (the same kernels, run in turn)."""
+    model, inputs = decode_step()
+    plans = {}
+    for fuse in (False, True):
+        monkeypatch.setattr(lowering, "FUSE_SMALL_LAUNCHES", fuse)
+        c = qcc.compile(model, inputs, target="cuda", quant=recipe)
+        plans[fuse] = (c, emulate.run_compiled(c, *inputs))
+    (plain, want), (fused, got) = plans[False], plans[True]
+    for g, w in zip(got, want):
+        assert np.array_equal(g, w)
+    launches = fused.manifest["cuda"]["plan"]["launches"]
+    n_plain = len(plain.manifest["cuda"]["plan"]["launches"])
+    groups = [L for L in launches if "fused" in L]
+    assert len(launches) + sum(len(L["fused"]) - 1 for L in groups) == n_plain
+    assert len(launches) <= n_plain - 8 and all(L["grid"] == [1, 1, 1] for L in groups)
+    if recipe == "w8a8":  # per-token quantization joins the norm before it
+        assert any(L["fused"][-1].startswith("quantize_rows") and any("fpowi" in k for k in L["fused"])
+                   for L in groups)
+    for L in groups:  # a buffer written in the kernel is read without noalias / ld.global.nc
+        spec = fused.cuda_specs[L["kernel"]]
+        for p, a in zip(spec.params, L["args"]):
+            if "buf" in a and a["buf"] in L["writes"]:
+                assert p.role == "alias", (L["kernel"], p.name)
+
+
 @pytest.mark.skipif(ptx.ptxas_path() is None, reason="ptxas not on PATH")
 def test_every_generated_kernel_assembles_without_spills():
     specs = {}
