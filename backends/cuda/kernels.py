@@ -587,7 +587,7 @@ def _rows_and_warps(N: int, n_rows, warps, rows_pref, warps_pref) -> tuple[int, 
 
 def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps: int | None = None,
             unroll: int | None = None, scaled: str | None = None, w_bits: int = 8,
-            name: str | None = None) -> KernelSpec:
+            members: tuple | list | None = None, name: str | None = None) -> KernelSpec:
     """y[M, N] i32 = x[M, K] int8 @ wq[N, K]^T, exact, 1 <= M <= m_max (dp4a).
 
     scaled="row" (or "tensor"): y f32 = (f32(acc) * sx[m] (or sx[0])) * sw[n] instead, the
@@ -595,6 +595,10 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
     w_bits=4: wq holds symmetric int4 codes as quantize-weights packs them (two a byte along
     K, low nibble the even column, biased by +8); they are sign-extended to bytes in
     registers and x's bytes split into even and odd columns to match.
+    members=(N0, N1, ...), summing to N: the layers that read one x (q/k/v, gate/up) in one
+    launch, each on its own codes as stored: parameters x, wq0, wq1, ..., [sx, sw0, sw1, ...,]
+    y0, y1, ..., M; the blocks of member i follow those of member i - 1 (a branch on the block
+    index, uniform in each block).
 
     The integer core of w8a8 / w4a4 layers (dequant-after-gemm's qcc.matmul_int): the codes
     stay in their [N, K] row-major layout (no repacked copy). Each warp owns `n_rows`
@@ -612,8 +616,13 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
     # warp, 8 warps, 2 chunks in flight for one or two tokens; more rows of x want more
     # weight rows a warp (each x chunk loaded once for 4 rows: 1.5x faster at M = 16; with
     # up to 8 rows of x, 4 weight rows spilled in one shape)
-    n_rows, warps = _rows_and_warps(N, n_rows, warps, (1,) if m_max <= 2 else (2, 1) if m_max <= 8 else (4, 2, 1),
+    members = tuple(members) if members and len(members) > 1 else (N,)
+    _require(sum(members) == N, f"members {members} must sum to N={N}")
+    n_rows, warps = _rows_and_warps(math.gcd(*members), n_rows, warps,
+                                    (1,) if m_max <= 2 else (2, 1) if m_max <= 8 else (4, 2, 1),
                                     (8, 4, 2, 1) if m_max <= 2 else (4, 2, 1))
+    stacked = len(members) > 1
+    sfx = [str(i) for i in range(len(members))] if stacked else [""]
     if unroll is None:
         unroll = 2 if n_rows == 1 else 1
     _require(unroll >= 1, f"unroll must be >= 1 (got {unroll})")
@@ -621,23 +630,38 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
     K16 = K // 16
     CH = K // cols  # weight chunks per row
     steps = -(-CH // 32)  # chunks per lane
-    params = [
-        Param("x", f"memref<{m_max * K16}xvector<4xi32>>", "in", f"int8 [M, {K}] row-major", rows=("M", m_max)),
-        Param("wq", f"memref<{N * CH}xvector<4xi32>>", "in", f"int{w_bits} [{N}, {K}] row-major")]
+    params = [Param("x", f"memref<{m_max * K16}xvector<4xi32>>", "in", f"int8 [M, {K}] row-major",
+                    rows=("M", m_max))]
+    params += [Param(f"wq{i}", f"memref<{n * CH}xvector<4xi32>>", "in", f"int{w_bits} [{n}, {K}] row-major")
+               for i, n in zip(sfx, members)]
     if scaled == "row":
         params.append(Param("sx", f"memref<{m_max}xf32>", "in", "f32 [M] per-token scales", rows=("M", m_max)))
     elif scaled == "tensor":
         params.append(Param("sx", "memref<1xf32>", "in", "f32 [1] per-tensor scale"))
     if scaled:
-        params.append(Param("sw", f"memref<{N}xf32>", "in", f"f32 [{N}] per-channel scales"))
+        params += [Param(f"sw{i}", f"memref<{n}xf32>", "in", f"f32 [{n}] per-channel scales")
+                   for i, n in zip(sfx, members)]
     yt = "f32" if scaled else "i32"
-    params += [Param("y", f"memref<{m_max * N}x{yt}>", "out", f"{yt} [M, {N}]", rows=("M", m_max)),
-               _m_param(m_max)]
+    params += [Param(f"y{i}", f"memref<{m_max * n}x{yt}>", "out", f"{yt} [M, {n}]", rows=("M", m_max))
+               for i, n in zip(sfx, members)]
+    params.append(_m_param(m_max))
 
     def body(E, a):
+        if not stacked:
+            return member(E, a, "", N, E.bid("x"))
+        first = 0
+        for i, n in zip(sfx, members):
+            blocks = n // (n_rows * warps)
+            b = E.bid("x")
+            inside = E.and_(E.cmp("uge", b, E.const(first, "index")), E.cmp("ult", b, E.const(first + blocks, "index")))
+            E.if_(inside, lambda i=i, n=n, b=b, first=first: member(E, a, i, n, b - E.const(first, "index")))
+            first += blocks
+
+    def member(E, a, mi, N, blk):
+        """Weight rows of member mi (its wq, sw, y and N) for block `blk` of its blocks."""
         tid = E.tid()
         lane = tid % 32
-        n0 = (E.bid("x") * warps + tid // 32) * n_rows
+        n0 = (blk * warps + tid // 32) * n_rows
         M = E.idx(a["M"])
         last = M - E.const(1, "index")
         xrow = [E.minu(E.const(r, "index"), last) * K16 for r in range(m_max)]  # rows >= M repeat the last
@@ -657,7 +681,7 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
             ok = E.cmp("ult", k, E.const(CH, "index")) if CH % 32 else None  # lanes past K add nothing
             ws = []
             for t in range(n_rows):
-                w = E.load(a["wq"], (n0 + t) * CH + kc)
+                w = E.load(a["wq" + mi], (n0 + t) * CH + kc)
                 words = [E.extract(w, j) for j in range(4)]
                 if w_bits == 4:  # word j: columns 8j..8j+7 -> even columns, odd columns
                     words = [signed_bytes(f(wj) & nib) for wj in words for f in (lambda v: v, lambda v: v >> 4)]
@@ -690,7 +714,7 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
         for off in (16, 8, 4, 2, 1):
             acc = [v + E.shfl_xor(v, off) for v in acc]
         first = E.cmp("eq", lane, E.const(0, "index"))
-        sw = [E.load(a["sw"], n0 + t) for t in range(n_rows)] if scaled else None
+        sw = [E.load(a["sw" + mi], n0 + t) for t in range(n_rows)] if scaled else None
         for r in range(m_max):
             live = E.and_(first, E.cmp("ult", E.const(r, "index"), M))
             if scaled:
@@ -699,12 +723,13 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
                 v = acc[r * n_rows + t]
                 if scaled:
                     v = (E.cast("sitofp", v, "f32") * sx) * sw[t]
-                E.if_(live, lambda v=v, r=r, t=t: E.store(v, a["y"], E.const(r * N, "index") + n0 + t))
+                E.if_(live, lambda v=v, r=r, t=t: E.store(v, a["y" + mi], E.const(r * N, "index") + n0 + t))
 
-    nm = name or (f"gemv_i{'8' if w_bits == 8 else '4'}_k{K}_n{N}_m{m_max}_r{n_rows}w{warps}u{unroll}"
-                  f"{'_s' + scaled[0] if scaled else ''}")
+    nm = name or (f"gemv_i{'8' if w_bits == 8 else '4'}_k{K}_n{'_'.join(map(str, members))}_m{m_max}"
+                  f"_r{n_rows}w{warps}u{unroll}{'_s' + scaled[0] if scaled else ''}")
     cfg = {"kind": "gemv_i8", "K": K, "N": N, "m_max": m_max, "n_rows": n_rows, "warps": warps,
-           "unroll": unroll, "scaled": scaled, "w_bits": w_bits, "weight_bytes": N * K * w_bits // 8,
+           "unroll": unroll, "scaled": scaled, "w_bits": w_bits, "members": list(members),
+           "weight_bytes": N * K * w_bits // 8,
            "meta_bytes": 4 * N if scaled else 0}
     return KernelSpec(nm, params, (32 * warps, 1, 1), (N // (n_rows * warps), 1, 1), body, [], cfg,
                       doc=gemv_i8.__doc__.split("\n")[0])

@@ -248,11 +248,16 @@ class CudaSelectKernels(QccPass):
             quantized = {}  # (x, format) -> the call's results: q/k/v (gate/up) quantize their x once
             for op in list(irutil.walk(func, "qcc.quantize_dynamic")):
                 self._quantize_rows(op, quantized)
+            readers = {}  # (x codes, x scales) -> [(matmul, scaling)]: q/k/v, gate/up
             for sa in list(irutil.walk(func, "qcc.scale_accumulate")):  # matmul and scaling: one kernel
                 mm = irutil.defining_op(sa.operands[0])
                 if mm is not None and mm.name == "qcc.matmul_int" and len(list(mm.result.uses)) == 1 \
                         and irutil.tensor_shape(sa.operands[2])[1:] == [1]:
-                    self._on_codes(mm, sig, "gemv_i8", int_layers, fallback, scale=sa)
+                    readers.setdefault((mm.operands[0], sa.operands[1]), []).append((mm, sa))
+            for members in readers.values():
+                if not (self.options.fuse and self._stack_on_codes(members, sig, int_layers)):
+                    for mm, sa in members:
+                        self._on_codes(mm, sig, "gemv_i8", int_layers, fallback, scale=sa)
             for op in list(irutil.walk(func, "qcc.matmul_int")):
                 self._on_codes(op, sig, "gemv_i8", int_layers, fallback)
             for name in sig.erase_unused_params():
@@ -314,6 +319,61 @@ class CudaSelectKernels(QccPass):
         key = f"{base} (outlier columns)" if builder == "gemv_w8_sparse_x" else base
         chosen[key] = {"kernel": spec.name, "builder": builder, "args": args, "M": M, "format": fmt.key(),
                        "shape": [N, K], "params": {"wq": name}, "launches": -(-M // args["m_max"])}
+        return True
+
+    def _stack_on_codes(self, members, sig, chosen) -> bool:
+        """Layers whose integer matmuls read the same activation codes and scales (q/k/v,
+        gate/up) -> one gemv_i8 launch over all their weights (``members=``), each on its
+        codes as stored; False (nothing changed) unless all of them qualify alike."""
+        from . import kernels
+
+        if len(members) < 2:
+            return False
+        shapes, names = set(), []
+        for mm, sa in members:
+            fmt = formats.parse_weight_format(format_key(mm.attributes["weight_format"]))
+            x_shape, y_shape = irutil.tensor_shape(mm.operands[0]), irutil.tensor_shape(mm.result)
+            wq, sw = sig.param_of(mm.operands[1]), sig.param_of(sa.operands[2])
+            if not (fmt.symmetric and fmt.granularity == "channel" and fmt.bits in (8, 4)) or None in x_shape \
+                    or None in y_shape or len(x_shape) != 2 or wq is None or sw is None:
+                return False
+            shapes.add((tuple(x_shape), fmt.bits, tuple(irutil.tensor_shape(sa.operands[1]))))
+            names.append((wq, y_shape[1]))
+        if len(shapes) != 1 or not self.options.enable:
+            return False
+        ((M, K), bits, sx_shape), = shapes
+        Ns = [n for _, n in names]
+        args = {"K": K, "N": sum(Ns), "m_max": min(M, M_MAX), "members": Ns,
+                "scaled": "row" if sx_shape[0] == M and M > 1 else "tensor"}
+        if bits == 4:
+            args["w_bits"] = 4
+        try:
+            spec = kernels.gemv_i8(**args)
+        except kernels.KernelConstraintError:
+            return False
+        fmt_key = format_key(members[0][0].attributes["weight_format"])
+        x, sx = members[0][0].operands[0], members[0][1].operands[1]
+        operands = [x] + [mm.operands[1] for mm, _ in members] + [sx] + [sa.operands[2] for _, sa in members]
+        results = [sa.result.type for _, sa in members]
+        bases = [wq.rsplit(":", 2)[0] for wq, _ in names]
+        callee = f"qcc_cuda_{spec.name}_M{M}"
+        self._define(callee, _declaration(callee, [str(v.type) for v in operands],
+                                          f"({', '.join(map(str, results))})",
+                                          {"builder": "gemv_i8", "args": args, "M": M, "weight": bases[0]}))
+        first = members[0][1]  # the walk's order: the operands (x, parameters) are defined above it
+        with ir.InsertionPoint(first), first.location:
+            call = ir.Operation.create("func.call", results=results, operands=operands,
+                                       attributes={"callee": ir.FlatSymbolRefAttr.get(callee)})
+        for k, (mm, sa) in enumerate(members):
+            sa.result.replace_all_uses_with(call.results[k])
+            sa.erase()
+            mm.erase()
+        n0 = 0
+        for (wq, n), base in zip(names, bases):
+            chosen[base] = {"kernel": spec.name, "builder": "gemv_i8", "args": args, "M": M, "format": fmt_key,
+                            "shape": [n, K], "params": {"wq": wq}, "cols": [n0, n0 + n],
+                            "launches": -(-M // args["m_max"])}
+            n0 += n
         return True
 
     def _hadamard(self, op, sig):

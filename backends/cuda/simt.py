@@ -80,8 +80,12 @@ class SimtEmulator(Emitter):
             value = int(value) % (1 << INT_TYPES[e])
         return np.full((self.T,) + s, value, dtype=dt)
 
-    def _check_active_all(self, what):
-        if not self.mask.all():
+    def _check_active_all(self, what, group=None):
+        """`what` must run with every thread of each `group` of threads (a warp, a block:
+        the whole batch when None) active or none of them: a branch on the block or warp
+        index is fine, one that splits a warp (block) is divergent control flow."""
+        m = self.mask.reshape(-1, group or self.T)
+        if not (m.all(axis=1) | ~m.any(axis=1)).all():
             raise SimtError(f"{what} executed with inactive threads (divergent control flow)")
 
     # -- values
@@ -273,7 +277,7 @@ class SimtEmulator(Emitter):
         self._cp_open = []
 
     def cp_async_wait(self, n):
-        self._check_active_all("cp.async.wait_group")
+        self._check_active_all("cp.async.wait_group", 32)
         while len(self._cp_groups) > n:
             for m, i, v, act in self._cp_groups.pop(0):
                 saved, self.mask = self.mask, act
@@ -328,11 +332,11 @@ class SimtEmulator(Emitter):
         return self._v((self._bidx if dim == "x" else self._bidy).copy(), "index")
 
     def barrier(self):
-        self._check_active_all("gpu.barrier")
+        self._check_active_all("gpu.barrier", self.bx)
         self.epoch += 1
 
     def shfl_xor(self, v, offset):
-        self._check_active_all("gpu.shuffle")
+        self._check_active_all("gpu.shuffle", 32)
         x = v.v.reshape((self.T // 32, 32) + v.v.shape[1:])
         perm = np.arange(32) ^ offset
         return self._v(x[:, perm].reshape(v.v.shape), v.type)
@@ -344,7 +348,7 @@ class SimtEmulator(Emitter):
         return self._v(r.astype(np.uint32), "i32")  # wraps modulo 2^32, as the hardware does
 
     def mma_f16(self, a, b, c):
-        self._check_active_all("nvvm.mma.sync")
+        self._check_active_all("nvvm.mma.sync", 32)
         W = self.T // 32
         lane = np.arange(32)
         g, t = lane // 4, lane % 4

@@ -6,15 +6,16 @@
 // A quantized-activation linear becomes two kernel calls on the codes as stored (no
 // repacked copy): quantize_rows (x -> int8 codes + per-token scales) and gemv_i8, whose
 // epilogue applies scale_accumulate's (acc * sx) * sw.  Two linears reading one x share
-// one quantization (after cse, as TORCH_TO_LINALG leaves them).
+// one quantization (after cse, as TORCH_TO_LINALG leaves them) and one gemv_i8 launch
+// (members=(64, 64)), each on its own codes and scales.
 
 // CHECK-LABEL: func.func @two_linears
 // CHECK-SAME: tensor<64x256xi8> {qcc.param = "fc.weight:int8_sym_channel:codes"}
 // CHECK-NOT: cuda_w8
 // CHECK: %[[Q:.*]]:2 = call @qcc_cuda_quantize_rows_k256_m4_q127_M4(%{{.*}}) : (tensor<4x256xf32>) -> (tensor<4x256xi8>, tensor<4x1xf32>)
 // CHECK-NOT: quantize_rows
-// CHECK: call @qcc_cuda_gemv_i8_k256_n64_m4_r2w4u1_sr_M4(%[[Q]]#0, %{{.*}}, %[[Q]]#1, %{{.*}}) : (tensor<4x256xi8>, tensor<64x256xi8>, tensor<4x1xf32>, tensor<64x1xf32>) -> tensor<4x64xf32>
-// CHECK: call @qcc_cuda_gemv_i8_k256_n64_m4_r2w4u1_sr_M4(%[[Q]]#0,
+// CHECK: call @qcc_cuda_gemv_i8_k256_n64_64_m4_r2w4u1_sr_M4(%[[Q]]#0, %[[W1:arg[0-9]+]], %[[W2:arg[0-9]+]], %[[Q]]#1, %{{.*}}, %{{.*}}) : (tensor<4x256xi8>, tensor<64x256xi8>, tensor<64x256xi8>, tensor<4x1xf32>, tensor<64x1xf32>, tensor<64x1xf32>) -> (tensor<4x64xf32>, tensor<4x64xf32>)
+// CHECK-NOT: gemv_i8
 // CHECK-NOT: qcc.matmul_int
 // CHECK-NOT: qcc.scale_accumulate
 // CHECK: func.func private @qcc_cuda_quantize_rows_k256_m4_q127_M4(tensor<4x256xf32> {bufferization.access = "read"}) -> (tensor<4x256xi8>, tensor<4x1xf32>) attributes {qcc.cuda_kernel =
@@ -22,7 +23,7 @@
 // Symmetric int4 weights: the same kernel on the packed nibbles (w_bits=4), clipped int4 codes.
 // INT4-LABEL: func.func @two_linears
 // INT4: call @qcc_cuda_quantize_rows_k256_m4_q7_c0p9_M4(
-// INT4: call @qcc_cuda_gemv_i4_k256_n64_m4_r2w4u1_sr_M4(%{{.*}}#0, %{{.*}}, %{{.*}}#1, %{{.*}}) : (tensor<4x256xi8>, tensor<64x128xi8>, tensor<4x1xf32>, tensor<64x1xf32>) -> tensor<4x64xf32>
+// INT4: call @qcc_cuda_gemv_i4_k256_n64_64_m4_r2w4u1_sr_M4(%{{.*}}#0, %{{.*}}, %{{.*}}, %{{.*}}#1, %{{.*}}, %{{.*}}) : (tensor<4x256xi8>, tensor<64x128xi8>, tensor<64x128xi8>, tensor<4x1xf32>, tensor<64x1xf32>, tensor<64x1xf32>) -> (tensor<4x64xf32>, tensor<4x64xf32>)
 
 // Grouped asymmetric int4: gemv_i4g gives the exact per-group sums, scale_accumulate stays.
 // GROUP-LABEL: func.func @two_linears

@@ -180,6 +180,47 @@ def test_i8_emulated_exact(M, m_max, K, N):
         assert np.array_equal(yf[:M], expect) and np.isnan(yf[M:]).all()
 
 
+@pytest.mark.parametrize("M,m_max,K,members,w_bits", [(1, 1, 256, (16, 8, 8), 8), (3, 4, 512, (24, 8), 8),
+                                                       (2, 2, 256, (8, 16, 8), 4)])
+def test_i8_stacked_members_emulated_exact(M, m_max, K, members, w_bits):
+    """gemv_i8(members=...): the layers reading one x (q/k/v, gate/up) in one launch, each on
+    its own codes and scales, results equal to one launch per layer bit for bit."""
+    rng = np.random.default_rng(K + len(members))
+    xq = rng.integers(-128, 128, (m_max, K)).astype(np.int8)
+    sx = (rng.random(m_max) * 0.01 + 1e-3).astype(np.float32)
+    args, want = dict(x=xq, sx=sx, M=M), []
+    for i, n in enumerate(members):
+        q = rng.integers(-127, 128, (n, K * w_bits // 8)).astype(np.int8)
+        sw = (rng.random(n) * 0.01 + 1e-3).astype(np.float32)
+        args.update({f"wq{i}": q, f"sw{i}": sw, f"y{i}": np.full((m_max, n), np.nan, np.float32)})
+        y = np.full((m_max, n), np.nan, np.float32)
+        simt.run(kernels.gemv_i8(K, n, m_max=m_max, scaled="row", w_bits=w_bits),
+                 dict(x=xq, wq=q, sx=sx, sw=sw, y=y, M=M))
+        want.append(y)
+    spec = kernels.gemv_i8(K, sum(members), m_max=m_max, scaled="row", w_bits=w_bits, members=members)
+    assert spec.grid[0] == sum(members) // (spec.config["n_rows"] * spec.config["warps"])
+    simt.run(spec, args)
+    for i, y in enumerate(want):
+        assert np.array_equal(args[f"y{i}"][:M], y[:M]) and np.isnan(args[f"y{i}"][M:]).all()
+        assert not np.isnan(y[:M]).any()
+
+
+def test_emulator_allows_branches_uniform_in_each_warp():
+    """A branch on the warp index may hold shuffles; one that splits a warp may not."""
+    def kernel(split):
+        def body(E, v):
+            tid = E.tid()
+            cut = 16 if split else 32
+            E.if_(E.cmp("ult", tid, E.const(cut, "index")),
+                  lambda: E.store(E.shfl_xor(E.cast("index_cast", tid, "i32"), 1), v["o"], tid))
+        return _tiny_spec(body, [emit.Param("o", "memref<64xi32>", "out")], block=64)
+    o = np.zeros(64, np.int32)
+    simt.run(kernel(False), dict(o=o))
+    assert list(o[:4]) == [1, 0, 3, 2] and (o[32:] == 0).all()
+    with pytest.raises(simt.SimtError, match="divergent"):
+        simt.run(kernel(True), dict(o=o))
+
+
 @pytest.mark.parametrize("M,m_max,K,N", [(1, 1, 288, 12), (5, 8, 1024, 8), (3, 16, 2048, 6)])
 def test_i4_weights_emulated_exact(M, m_max, K, N):
     """gemv_i8(w_bits=4) on int4 codes packed as quantize-weights packs them (two a byte

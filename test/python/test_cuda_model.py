@@ -141,7 +141,12 @@ def test_gemv_selection_and_fallback():
     cu8 = c8.manifest["cuda"]
     assert not cu8["layers"] and not cu8["fallback"] and len(cu8["int_layers"]) == 7
     assert all(c8.weights[L["params"]["wq"]].dtype == np.int8 for L in cu8["int_layers"].values())
-    assert sum(L["kernel"].startswith("gemv_i8") for L in cu8["plan"]["launches"]) == 7
+    # ... q/k/v and gate/up stacked into one launch each (their codes stay separate parameters)
+    assert sum(L["kernel"].startswith("gemv_i8") for L in cu8["plan"]["launches"]) == 4
+    qkv8 = [cu8["int_layers"][f"self_attn.{p}_proj.weight"] for p in "qkv"]
+    assert len({L["kernel"] for L in qkv8}) == 1 and qkv8[0]["args"]["members"] == [256, 128, 128]
+    assert [L["cols"] for L in qkv8] == [[0, 256], [256, 384], [384, 512]]
+    assert len({L["params"]["wq"] for L in qkv8}) == 3
     # llm-int8-dynamic: the float outlier part reads the same codes (gemv_w8_sparse_x): one copy
     _, _, _, cd = compiled_case("block-llm-int8-dynamic")
     int_layers = cd.manifest["cuda"]["int_layers"]
