@@ -1027,19 +1027,20 @@ def decode_section(args, log, results, dev, emu):
                     f"{row['gbps']:.0f} GB/s of weights; logits err {errs[0]:.1e} kv err {max(errs[1:]):.1e}; "
                     f"{row['launches']} launches")
                 try:
-                    prof = cm.profile(reps=5)
+                    prof = cm.profile(reps=5)  # inside a CUDA graph, event nodes between launches
                     row["profile"] = prof
                     cats = {}
                     for d in prof:
                         k = d["kernel"].split("_")
-                        cat = "gemv" if k[0] == "gemv" else f"{k[-3] if len(k) > 3 else k[0]}"
+                        cat = {"qk": "generated " + "_".join(k[-3:-1]), "fused2": "fused",
+                               "fused3": "fused", "fused4": "fused", "fused5": "fused"}.get(k[0], k[0])
                         c = cats.setdefault(cat, [0, 0.0])
                         c[0] += d["launches"]
                         c[1] += d["us"]
                     tot = sum(d["us"] for d in prof)
-                    log(f"    eager per-launch GPU time {tot:.1f} us over {row['launches']} launches: " +
+                    log(f"    per-launch GPU time in a CUDA graph {tot:.1f} us over {row['launches']} launches: " +
                         ", ".join(f"{k} {v[1]:.1f} us/{v[0]}" for k, v in sorted(cats.items(), key=lambda x: -x[1][1])))
-                    for d in prof[:8]:
+                    for d in prof[:12]:
                         log(f"      {d['us']:8.1f} us {d['launches']:3d}x {d['kernel']}")
                 except Exception as e:
                     log(f"    (profile failed: {type(e).__name__}: {e})")

@@ -292,21 +292,41 @@ class CudaModel:
         ms = self._check(drv.cuEventElapsedTime(e0, e1), "cuEventElapsedTime")
         return float(ms) / 1e3 / n
 
-    def profile(self, reps: int = 5) -> list[dict]:
-        """Per-launch GPU time (driver events around each launch, eager, median of `reps`
-        passes), summed per kernel, largest first: where a call's time goes."""
+    def profile(self, reps: int = 5, graph: bool = True) -> list[dict]:
+        """Per-launch GPU time (driver events between the launches, median of `reps` passes),
+        summed per kernel, largest first: where a call's time goes. graph=True captures the
+        launches and the event records into one CUDA graph, as replay runs them (eager
+        launches from Python are paced by the host: small kernels then show the launch
+        overhead, not their own time); falls back to eager launches when capture fails."""
         import statistics
 
         drv, st = self.drv, self._stream
         n = len(self._launches)
         ev = [self._check(drv.cuEventCreate(0), "cuEventCreate") for _ in range(n + 1)]
-        times = [[] for _ in range(n)]
-        for _ in range(reps):
+
+        def enqueue():
             self._check(drv.cuEventRecord(ev[0], st), "cuEventRecord")
             for i, (name, fn, g, b, smem, _, ptrs) in enumerate(self._launches):
                 self._check(drv.cuLaunchKernel(fn, g[0], g[1], g[2], b[0], b[1], b[2], smem, st,
                                                ctypes.addressof(ptrs), 0), "cuLaunchKernel", name)
                 self._check(drv.cuEventRecord(ev[i + 1], st), "cuEventRecord")
+        run = enqueue
+        if graph:
+            try:
+                mode = drv.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL
+                self._check(drv.cuStreamBeginCapture(st, mode), "cuStreamBeginCapture")
+                try:
+                    enqueue()
+                finally:
+                    g_ = self._check(drv.cuStreamEndCapture(st), "cuStreamEndCapture")
+                ex = self._check(drv.cuGraphInstantiateWithFlags(g_, 0), "cuGraphInstantiateWithFlags")
+                run = lambda: self._check(drv.cuGraphLaunch(ex, st), "cuGraphLaunch (profile)")  # noqa: E731
+                run()  # warm-up
+            except Exception:
+                run = enqueue
+        times = [[] for _ in range(n)]
+        for _ in range(reps):
+            run()
             self._check(drv.cuEventSynchronize(ev[n]), "cuEventSynchronize (profile)")
             for i in range(n):
                 times[i].append(float(self._check(drv.cuEventElapsedTime(ev[i], ev[i + 1]),

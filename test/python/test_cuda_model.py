@@ -290,6 +290,8 @@ def test_runtime_on_fake_driver_matches_emulation(tmp_path, fake_driver):
     expect = emulate.run_compiled(c, *inputs)[0]
     np.testing.assert_array_equal(y1, expect)
     np.testing.assert_array_equal(y2, expect)
+    prof = m.profile(reps=1)  # captured with event records between the launches
+    assert sum(d["launches"] for d in prof) == len(c.manifest["cuda"]["plan"]["launches"])
     with pytest.raises(ValueError, match="expected shape"):
         m(x[:, :2])
     # qcc.load -> CompiledModel -> the cuda runner
