@@ -30,6 +30,7 @@ from . import linalg_kernels as lk
 from .emit import KernelSpec, Param
 
 MAX_VBLOCKS = 4  # virtual blocks a stage may loop over inside the fused block
+MAX_BLOCK = 1024  # threads of a fused block when no stage fixes it (more loads in flight)
 MAX_PER_THREAD = 16  # points per thread of an elementwise stage
 MAX_WARP_REDUCTION = 4096  # reduction length per output of a warp-reduce stage
 MAX_SMEM = 16 * 1024  # bytes of shared memory of a prebuilt stage
@@ -73,14 +74,14 @@ def _stage(launch, specs, descs, T):
 
 
 def _run(launches, i, specs, descs) -> tuple[list[_Stage], int]:
-    """The longest run of small launches from i, and its block size: 256 or the size of a
-    prebuilt stage with shared memory nearby (which must run at its own size)."""
-    sizes = {lk.BLOCK}
+    """The longest run of small launches from i, and its block size: MAX_BLOCK, or the size
+    of a prebuilt stage with shared memory nearby (which must run at its own size)."""
+    sizes = {MAX_BLOCK}
     for L in launches[i:i + 8]:
         spec = specs[L["kernel"]]
         if spec.config.get("kind") in PREBUILT and spec.smem:
             sizes.add(spec.threads)
-    best, best_T = [], lk.BLOCK
+    best, best_T = [], MAX_BLOCK
     for T in sorted(sizes, reverse=True):  # ties: the larger block
         run = []
         for L in launches[i:]:

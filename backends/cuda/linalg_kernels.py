@@ -355,6 +355,47 @@ def _init_out(E, a, desc, k, dims):
     return E.load(a[f"out{k}"], _ix(E, _flat(E, desc.outs[k], dims)))
 
 
+_INDEX_OPS = ("arith.maxsi", "arith.minsi", "arith.maxui", "arith.minui", "arith.addi", "arith.subi",
+              "arith.muli", "arith.select", "arith.cmpi", "arith.index_cast", "arith.remsi", "arith.divsi",
+              "affine.apply")
+
+
+def _loop_dims(desc: GenericDesc, ref) -> set:
+    """The loop dims an index value of the body is computed from (None: something else, e.g.
+    a loaded value)."""
+    if ref[0] == "idx":
+        return {ref[1]}
+    if ref[0] != "op":
+        return {None}
+    op = desc.body[ref[1]]
+    if op.name == "arith.constant":
+        return set()
+    if op.name not in _INDEX_OPS:
+        return {None}
+    out = set()
+    for r in op.operands:
+        out |= _loop_dims(desc, r)
+    return out
+
+
+def _fast_dim(desc: GenericDesc):
+    """The loop dim along which the largest buffer the op reads is contiguous (its last,
+    stride-1 index), or None when that is not one loop dim."""
+    best, best_n = None, 0
+    for op in desc.ins:
+        if op.const is None and op.map and op.strides and op.strides[-1] == 1 and op.span > best_n:
+            e = op.map[-1]
+            best, best_n = (e[1] if e[0] == "d" else None), op.span
+    for b in desc.body:
+        if b.name == "memref.load":
+            cap = desc.captures[b.operands[0][1]]
+            n = math.prod(cap.shape)
+            if n > best_n and cap.strides[-1] == 1:
+                dims = _loop_dims(desc, b.operands[-1])
+                best, best_n = (dims.pop() if len(dims) == 1 else None), n
+    return best
+
+
 def classify(desc: GenericDesc) -> str:
     red = [i for i, t in enumerate(desc.iters) if t == "reduction"]
     if not red:
@@ -364,6 +405,9 @@ def classify(desc: GenericDesc) -> str:
     if R <= 1:
         return "serial"
     if _combiner(desc) is not None:
+        p = _fast_dim(desc)
+        if p is not None and desc.iters[p] == "parallel" and desc.loops[p] >= 32 and R >= 64:
+            return "split_reduce"  # the big operand is contiguous along an output dim
         return "block_reduce" if (R >= 1024 and O < 512) else "warp_reduce"
     return "serial"
 
@@ -445,24 +489,42 @@ def build_kernel(desc: GenericDesc, name: str | None = None, *, threads: int | N
             else:
                 E.if_(E.cmp("ult", lin, E.const(O, "index")), point)
 
-    elif kind in ("warp_reduce", "block_reduce"):
+    elif kind in ("warp_reduce", "block_reduce", "split_reduce"):
         j_comb, v_ref = _combiner(desc)
         comb = desc.body[j_comb]
         et = desc.outs[0].elem
         ident = _identity(comb.name, et)
         block = kind == "block_reduce"
-        W = threads // 32 if threads else (WARPS if block else min(WARPS, O))
+        split = kind == "split_reduce"
+        if split:  # lanes along output dim p (32 outputs a block), warps split the reduction
+            p = _fast_dim(desc)
+            P = desc.loops[p]
+            G = -(-P // 32)
+            others = [desc.loops[i] for i in par if i != p]
+            W = threads // 32 if threads else min(32, max(1, R // 16))
+            grid = math.prod(others) * G
+            step = W
+            smem = [("red", et, 32 * W)]
+        else:
+            W = threads // 32 if threads else (WARPS if block else min(WARPS, O))
+            grid = O if block else -(-O // W)
+            step = 32 * W if block else 32
+            if block:
+                smem = [("red", et, W)]
         threads = 32 * W
-        grid = O if block else -(-O // W)
-        step = threads if block else 32
         n_iter = -(-R // step)
-        if block:
-            smem = [("red", et, W)]
 
         def body(E, a):
             tid = E.tid()
             lane = tid % 32
-            if block:
+            if split:
+                g = E.bid() % G
+                pv = g * 32 + lane
+                pc = E.minu(pv, E.const(P - 1, "index")) if P % 32 else pv
+                rest = iter(_decompose(E, E.bid() // G, others))
+                pvals = [pc if i == p else next(rest) for i in par]
+                r0 = tid // 32
+            elif block:
                 o = E.bid()
                 oc = o
                 r0 = tid
@@ -470,7 +532,8 @@ def build_kernel(desc: GenericDesc, name: str | None = None, *, threads: int | N
                 o = E.bid() * W + tid // 32
                 oc = E.minu(o, E.const(O - 1, "index")) if O % W else o
                 r0 = lane
-            pvals = _decompose(E, oc, Pext)
+            if not split:
+                pvals = _decompose(E, oc, Pext)
             acc0 = E.const(ident, et)
             rp = _Replay(E, desc, a)
 
@@ -497,15 +560,28 @@ def build_kernel(desc: GenericDesc, name: str | None = None, *, threads: int | N
                              lambda j, args_: [steps([j * U + u for u in range(U)], args_[0])])[0]
             if n_iter % U:
                 acc = steps([n_iter // U * U + u for u in range(n_iter % U)], acc)
-            for off in (16, 8, 4, 2, 1):
-                acc = E.raw(comb.name, [acc, E.shfl_xor(acc, off)], [et], comb.attrs, comb.info)[0]
+            if not split:
+                for off in (16, 8, 4, 2, 1):
+                    acc = E.raw(comb.name, [acc, E.shfl_xor(acc, off)], [et], comb.attrs, comb.info)[0]
             odims = dims_of(pvals, [0] * len(red))
 
             def finish(total):
                 init = _init_out(E, a, desc, 0, odims)
                 res = E.raw(comb.name, [init, total], [et], comb.attrs, comb.info)[0]
                 E.store(res, a["out0"], _ix(E, _flat(E, desc.outs[0], odims)))
-            if block:
+            if split:  # the warps' partial sums, combined in warp order by warp 0
+                E.store(acc, a["red"], tid)
+                E.barrier()
+
+                def combine():
+                    tot = E.load(a["red"], lane)
+                    for w in range(1, W):
+                        tot = E.raw(comb.name, [tot, E.load(a["red"], lane + w * 32)], [et], comb.attrs,
+                                    comb.info)[0]
+                    finish(tot)
+                ok = E.cmp("ult", tid, E.const(32, "index"))
+                E.if_(E.and_(ok, E.cmp("ult", pv, E.const(P, "index"))) if P % 32 else ok, combine)
+            elif block:
                 warp = tid // 32
                 E.if_(E.cmp("eq", lane, E.const(0, "index")), lambda: E.store(acc, a["red"], warp))
                 E.barrier()

@@ -200,6 +200,8 @@ def test_plan_fuses_and_folds():
     assert not big_copies
     assert len(plan["launches"]) <= 28  # stacked q/k/v and gate/up GEMVs, rotate_half in the gather
     assert not any("negf" in L["kernel"] for L in plan["launches"])
+    # attention's probabilities @ V (V contiguous along the output's head dim): lanes along it
+    assert any("split_reduce" in L["kernel"] for L in plan["launches"])
     # temporaries share the arena
     temps = sum(b["bytes"] for b in plan["buffers"] if b["kind"] == "temp")
     assert plan["arena_bytes"] < temps
