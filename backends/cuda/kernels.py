@@ -1023,7 +1023,8 @@ def hadamard_rows(n: int, m: int, k: int, *, sub_rows: int = 1, m_max: int = 16,
 
 
 def gemv_i4g(K: int, N: int, group_size: int, *, m_max: int = 16, n_rows: int | None = None,
-             warps: int | None = None, name: str | None = None) -> KernelSpec:
+             warps: int | None = None, scaled: str | None = None, members: tuple | list | None = None,
+             name: str | None = None) -> KernelSpec:
     """y[M, N, K/G] i32 = per-group xq[M, K] int8 @ (wq - z)^T, asymmetric int4 weights, exact.
 
     The integer core of w4a8-g128 (QServe's W4A8 shape): dequant-after-gemm's grouped
@@ -1034,28 +1035,61 @@ def gemv_i4g(K: int, N: int, group_size: int, *, m_max: int = 16, n_rows: int | 
     `dp4a` (even and odd columns: x's bytes split with `prmt`) minus z * sum of x (`dp4a`
     with 0x01010101). Constraints: G % 32 == 0, K % G == 0, N % (n_rows * warps) == 0.
     Parameters: x int8 [M, K], wq [N, K/2] bytes, zp uint8 [N, K/G], y i32 [M, N, K/G], M i32.
+
+    scaled="row" (or "tensor"): the scale generic in the epilogue, y f32 [M, N] = the sum over
+    groups of (f32(sum_g) * s[n, g]) * sx[m] (or sx[0]), with the generated warp-reduce kernel's
+    order (a lane's groups in turn, then the lanes' butterfly); parameters sx, s f32 [N, K/G]
+    after zp. members=(N0, N1, ...): the layers that read one x in one launch, as gemv_i8's.
     """
     G = group_size
     _require(G % 32 == 0 and K % G == 0, f"gemv_i4g needs G % 32 == 0 dividing K (K={K}, G={G})")
     _require(1 <= m_max <= 16, f"m_max must be in 1..16 (got {m_max})")
-    n_rows, warps = _rows_and_warps(N, n_rows, warps, (2, 1) if m_max <= 8 else (1,), (4, 2, 1))
+    _require(scaled in (None, "row", "tensor"), f"scaled must be None, 'row' or 'tensor' (got {scaled!r})")
+    members = tuple(members) if members and len(members) > 1 else (N,)
+    _require(sum(members) == N, f"members {members} must sum to N={N}")
+    n_rows, warps = _rows_and_warps(math.gcd(*members), n_rows, warps, (2, 1) if m_max <= 8 else (1,), (4, 2, 1))
+    sfx = [str(i) for i in range(len(members))] if len(members) > 1 else [""]
     KG, WV, XV = K // G, G // 32, G // 16  # groups a row; 16-byte weight / x vectors a group
     steps = -(-KG // 32)
-    params = [
-        Param("x", f"memref<{m_max * K // 16}xvector<4xi32>>", "in", f"int8 [M, {K}] row-major", rows=("M", m_max)),
-        Param("wq", f"memref<{N * K // 32}xvector<4xi32>>", "in", f"int4 [{N}, {K}] packed two a byte"),
-        Param("zp", f"memref<{N * KG}xi8>", "in", f"uint8 zero points [{N}, {KG}]"),
-        Param("y", f"memref<{m_max * N * KG}xi32>", "out", f"i32 [M, {N}, {KG}]", rows=("M", m_max)),
-        _m_param(m_max),
-    ]
+    params = [Param("x", f"memref<{m_max * K // 16}xvector<4xi32>>", "in", f"int8 [M, {K}] row-major",
+                    rows=("M", m_max))]
+    params += [Param(f"wq{i}", f"memref<{n * K // 32}xvector<4xi32>>", "in", f"int4 [{n}, {K}] packed two a byte")
+               for i, n in zip(sfx, members)]
+    params += [Param(f"zp{i}", f"memref<{n * KG}xi8>", "in", f"uint8 zero points [{n}, {KG}]")
+               for i, n in zip(sfx, members)]
+    if scaled:
+        params.append(Param("sx", f"memref<{m_max if scaled == 'row' else 1}xf32>", "in",
+                            "f32 per-token scales [M]" if scaled == "row" else "f32 per-tensor scale [1]",
+                            rows=("M", m_max) if scaled == "row" else None))
+        params += [Param(f"s{i}", f"memref<{n * KG}xf32>", "in", f"f32 group scales [{n}, {KG}]")
+                   for i, n in zip(sfx, members)]
+        params += [Param(f"y{i}", f"memref<{m_max * n}xf32>", "out", f"f32 [M, {n}]", rows=("M", m_max))
+                   for i, n in zip(sfx, members)]
+    else:
+        params += [Param(f"y{i}", f"memref<{m_max * n * KG}xi32>", "out", f"i32 [M, {n}, {KG}]", rows=("M", m_max))
+                   for i, n in zip(sfx, members)]
+    params.append(_m_param(m_max))
 
     def body(E, a):
+        if len(members) == 1:
+            return member(E, a, "", N, E.bid("x"))
+        first = 0
+        for i, n in zip(sfx, members):
+            blocks = n // (n_rows * warps)
+            b = E.bid("x")
+            inside = E.and_(E.cmp("uge", b, E.const(first, "index")), E.cmp("ult", b, E.const(first + blocks, "index")))
+            E.if_(inside, lambda i=i, n=n, b=b, first=first: member(E, a, i, n, b - E.const(first, "index")))
+            first += blocks
+
+    def member(E, a, mi, N, blk):
         tid = E.tid()
         lane = tid % 32
-        n0 = (E.bid("x") * warps + tid // 32) * n_rows
+        n0 = (blk * warps + tid // 32) * n_rows
         M = E.idx(a["M"])
         last = M - E.const(1, "index")
         nib, ones = E.const(0x0F0F0F0F, "i32"), E.const(0x01010101, "i32")
+        zero = E.const(0.0, "f32")
+        tot = [[zero] * n_rows for _ in range(m_max)]  # scaled: this lane's sum over its groups
         for i in range(steps):
             g = lane + i * 32
             live_g = E.cmp("ult", g, E.const(KG, "index")) if (i + 1) * 32 > KG else None
@@ -1064,12 +1098,13 @@ def gemv_i4g(K: int, N: int, group_size: int, *, m_max: int = 16, n_rows: int | 
             for t in range(n_rows):
                 words = []
                 for v in range(WV):
-                    w = E.load(a["wq"], (n0 + t) * (K // 32) + gc * WV + v)
+                    w = E.load(a["wq" + mi], (n0 + t) * (K // 32) + gc * WV + v)
                     for j in range(4):  # word j of chunk v: columns 8j..8j+7 -> even, odd nibbles
                         wj = E.extract(w, j)
                         words += [wj & nib, (wj >> 4) & nib]
                 ws.append(words)
-                zs.append(E.cast("extui", E.load(a["zp"], (n0 + t) * KG + gc), "i32"))
+                zs.append(E.cast("extui", E.load(a["zp" + mi], (n0 + t) * KG + gc), "i32"))
+            sg = [E.load(a["s" + mi], (n0 + t) * KG + gc) for t in range(n_rows)] if scaled else None
             for r in range(m_max):
                 xr = E.minu(E.const(r, "index"), last) * (K // 16) + gc * XV
                 xw = [E.extract(E.load(a["x"], xr + u), j) for u in range(XV) for j in range(4)]
@@ -1082,16 +1117,34 @@ def gemv_i4g(K: int, N: int, group_size: int, *, m_max: int = 16, n_rows: int | 
                 ok = E.cmp("ult", E.const(r, "index"), M)
                 if live_g is not None:
                     ok = E.and_(ok, live_g)
+                if scaled:
+                    sx = E.load(a["sx"], E.const(0, "index") if scaled == "tensor" else E.minu(E.const(r, "index"), last))
                 for t in range(n_rows):
                     acc = E.const(0, "i32")
                     for xv, wv in zip(xs, ws[t]):
                         acc = E.dp4a(xv, wv, acc)
                     acc = acc - zs[t] * s1
+                    if scaled:
+                        v = tot[r][t] + (E.cast("sitofp", acc, "f32") * sg[t]) * sx
+                        tot[r][t] = E.select(live_g, v, tot[r][t]) if live_g is not None else v
+                        continue
                     dst = (E.const(r * N, "index") + n0 + t) * KG + g
-                    E.if_(ok, lambda acc=acc, dst=dst: E.store(acc, a["y"], dst))
+                    E.if_(ok, lambda acc=acc, dst=dst: E.store(acc, a["y" + mi], dst))
+        if scaled:
+            first = E.cmp("eq", lane, E.const(0, "index"))
+            for r in range(m_max):
+                live = E.and_(first, E.cmp("ult", E.const(r, "index"), M))
+                for t in range(n_rows):
+                    v = tot[r][t]
+                    for off in (16, 8, 4, 2, 1):
+                        v = v + E.shfl_xor(v, off)
+                    v = zero + v  # the generic adds the folded fill's 0 last
+                    E.if_(live, lambda v=v, r=r, t=t: E.store(v, a["y" + mi], E.const(r * N, "index") + n0 + t))
 
-    nm = name or f"gemv_i4g{G}_k{K}_n{N}_m{m_max}_r{n_rows}w{warps}"
+    nm = name or (f"gemv_i4g{G}_k{K}_n{'_'.join(map(str, members))}_m{m_max}_r{n_rows}w{warps}"
+                  f"{'_s' + scaled[0] if scaled else ''}")
     cfg = {"kind": "gemv_i4g", "K": K, "N": N, "group_size": G, "m_max": m_max, "n_rows": n_rows,
-           "warps": warps, "weight_bytes": N * K // 2, "meta_bytes": N * KG}
+           "warps": warps, "scaled": scaled, "members": list(members), "weight_bytes": N * K // 2,
+           "meta_bytes": N * KG * (5 if scaled else 1)}
     return KernelSpec(nm, params, (32 * warps, 1, 1), (N // (n_rows * warps), 1, 1), body, [], cfg,
                       doc=gemv_i4g.__doc__.split("\n")[0])

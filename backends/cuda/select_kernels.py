@@ -21,9 +21,10 @@ accumulation inside); with split_x (default) x enters as f16 hi + lo rows and y 
 Quantized activations (after dequant-after-gemm), on the codes as stored, no repack:
 ``qcc.quantize_dynamic`` -> ``quantize_rows``; ``qcc.matmul_int`` of int8 / symmetric int4
 per-channel weights (+ the ``qcc.scale_accumulate`` reading it) -> ``gemv_i8`` (scaled
-epilogue); grouped asymmetric int4 -> ``gemv_i4g`` (exact partial sums, the scale generic
-stays); llm-int8-dynamic's float-activation qlinear -> ``gemv_w8_sparse_x`` on the integer
-part's codes. fuse-rotation's online Hadamard calls -> ``hadamard_rows``. The integer
+epilogue); grouped asymmetric int4 -> ``gemv_i4g`` (exact per-group sums, scaled and added in
+its epilogue); layers reading one x (q/k/v, gate/up) share one such launch;
+llm-int8-dynamic's float-activation qlinear -> ``gemv_w8_sparse_x`` on the integer part's
+codes. fuse-rotation's online Hadamard calls -> ``hadamard_rows``. The integer
 kernels are exact and the float steps repeat the reference lowering's ops in order.
 Everything else (asymmetric or grouped int8, K or N that do not tile) is left to
 lower-qcc-to-linalg, whose fused dequantize-and-reduce generic runs as a warp-per-output
@@ -251,8 +252,7 @@ class CudaSelectKernels(QccPass):
             readers = {}  # (x codes, x scales) -> [(matmul, scaling)]: q/k/v, gate/up
             for sa in list(irutil.walk(func, "qcc.scale_accumulate")):  # matmul and scaling: one kernel
                 mm = irutil.defining_op(sa.operands[0])
-                if mm is not None and mm.name == "qcc.matmul_int" and len(list(mm.result.uses)) == 1 \
-                        and irutil.tensor_shape(sa.operands[2])[1:] == [1]:
+                if mm is not None and mm.name == "qcc.matmul_int" and len(list(mm.result.uses)) == 1:
                     readers.setdefault((mm.operands[0], sa.operands[1]), []).append((mm, sa))
             for members in readers.values():
                 if not (self.options.fuse and self._stack_on_codes(members, sig, int_layers)):
@@ -282,7 +282,7 @@ class CudaSelectKernels(QccPass):
         name = sig.param_of(op.operands[1])
         base = name.rsplit(":", 2)[0] if name else "<non-parameter weight>"
         if builder == "gemv_i8" and fmt.bits == 4 and not fmt.symmetric and fmt.granularity == "group":
-            builder = "gemv_i4g"  # w4a8-g128: exact per-group partial sums; scale_accumulate stays
+            builder = "gemv_i4g"  # w4a8-g128: exact per-group partial sums (scaled in its epilogue)
         elif not (fmt.symmetric and fmt.granularity == "channel") or (fmt.bits, builder) not in (
                 (8, "gemv_i8"), (4, "gemv_i8"), (8, "gemv_w8_sparse_x")):
             fallback[base] = f"no integer GEMV for {fmt.key()} weights"
@@ -323,43 +323,50 @@ class CudaSelectKernels(QccPass):
 
     def _stack_on_codes(self, members, sig, chosen) -> bool:
         """Layers whose integer matmuls read the same activation codes and scales (q/k/v,
-        gate/up) -> one gemv_i8 launch over all their weights (``members=``), each on its
-        codes as stored; False (nothing changed) unless all of them qualify alike."""
+        gate/up) -> one launch over all their weights (``members=``), each on its codes as
+        stored: gemv_i8 (symmetric per-channel int8/int4) or gemv_i4g (grouped asymmetric
+        int4); False (nothing changed) unless all of them qualify alike."""
         from . import kernels
 
-        if len(members) < 2:
+        if len(members) < 2 or not self.options.enable:
             return False
-        shapes, names = set(), []
+        kinds, names = set(), []
         for mm, sa in members:
             fmt = formats.parse_weight_format(format_key(mm.attributes["weight_format"]))
             x_shape, y_shape = irutil.tensor_shape(mm.operands[0]), irutil.tensor_shape(mm.result)
-            wq, sw = sig.param_of(mm.operands[1]), sig.param_of(sa.operands[2])
-            if not (fmt.symmetric and fmt.granularity == "channel" and fmt.bits in (8, 4)) or None in x_shape \
-                    or None in y_shape or len(x_shape) != 2 or wq is None or sw is None:
+            weights = [sig.param_of(v) for v in list(mm.operands[1:]) + [sa.operands[2]]]
+            if fmt.symmetric and fmt.granularity == "channel" and fmt.bits in (8, 4):
+                builder, extra = "gemv_i8", ({"w_bits": 4} if fmt.bits == 4 else {})
+            elif fmt.bits == 4 and not fmt.symmetric and fmt.granularity == "group":
+                builder, extra = "gemv_i4g", {"group_size": fmt.group_size}
+            else:
                 return False
-            shapes.add((tuple(x_shape), fmt.bits, tuple(irutil.tensor_shape(sa.operands[1]))))
-            names.append((wq, y_shape[1]))
-        if len(shapes) != 1 or not self.options.enable:
+            if None in x_shape or None in y_shape or len(x_shape) != 2 or None in weights:
+                return False
+            kinds.add((builder, tuple(sorted(extra.items())), tuple(x_shape),
+                       tuple(irutil.tensor_shape(sa.operands[1]))))
+            names.append((weights[0], y_shape[1]))
+        if len(kinds) != 1:
             return False
-        ((M, K), bits, sx_shape), = shapes
+        ((builder, extra, (M, K), sx_shape),) = kinds
         Ns = [n for _, n in names]
-        args = {"K": K, "N": sum(Ns), "m_max": min(M, M_MAX), "members": Ns,
+        args = {"K": K, "N": sum(Ns), "m_max": min(M, M_MAX), "members": Ns, **dict(extra),
                 "scaled": "row" if sx_shape[0] == M and M > 1 else "tensor"}
-        if bits == 4:
-            args["w_bits"] = 4
         try:
-            spec = kernels.gemv_i8(**args)
+            spec = getattr(kernels, builder)(**args)
         except kernels.KernelConstraintError:
             return False
         fmt_key = format_key(members[0][0].attributes["weight_format"])
         x, sx = members[0][0].operands[0], members[0][1].operands[1]
-        operands = [x] + [mm.operands[1] for mm, _ in members] + [sx] + [sa.operands[2] for _, sa in members]
+        n_w = len(members[0][0].operands) - 1  # codes (and zero points) of each member
+        operands = [x] + [mm.operands[1 + k] for k in range(n_w) for mm, _ in members] + [sx] + \
+            [sa.operands[2] for _, sa in members]
         results = [sa.result.type for _, sa in members]
         bases = [wq.rsplit(":", 2)[0] for wq, _ in names]
         callee = f"qcc_cuda_{spec.name}_M{M}"
         self._define(callee, _declaration(callee, [str(v.type) for v in operands],
                                           f"({', '.join(map(str, results))})",
-                                          {"builder": "gemv_i8", "args": args, "M": M, "weight": bases[0]}))
+                                          {"builder": builder, "args": args, "M": M, "weight": bases[0]}))
         first = members[0][1]  # the walk's order: the operands (x, parameters) are defined above it
         with ir.InsertionPoint(first), first.location:
             call = ir.Operation.create("func.call", results=results, operands=operands,
@@ -370,7 +377,7 @@ class CudaSelectKernels(QccPass):
             mm.erase()
         n0 = 0
         for (wq, n), base in zip(names, bases):
-            chosen[base] = {"kernel": spec.name, "builder": "gemv_i8", "args": args, "M": M, "format": fmt_key,
+            chosen[base] = {"kernel": spec.name, "builder": builder, "args": args, "M": M, "format": fmt_key,
                             "shape": [n, K], "params": {"wq": wq}, "cols": [n0, n0 + n],
                             "launches": -(-M // args["m_max"])}
             n0 += n

@@ -25,10 +25,11 @@
 // INT4: call @qcc_cuda_quantize_rows_k256_m4_q7_c0p9_M4(
 // INT4: call @qcc_cuda_gemv_i4_k256_n64_64_m4_r2w4u1_sr_M4(%{{.*}}#0, %{{.*}}, %{{.*}}, %{{.*}}#1, %{{.*}}, %{{.*}}) : (tensor<4x256xi8>, tensor<64x128xi8>, tensor<64x128xi8>, tensor<4x1xf32>, tensor<64x1xf32>, tensor<64x1xf32>) -> (tensor<4x64xf32>, tensor<4x64xf32>)
 
-// Grouped asymmetric int4: gemv_i4g gives the exact per-group sums, scale_accumulate stays.
+// Grouped asymmetric int4: gemv_i4g gives the exact per-group sums and scales and adds them
+// in its epilogue (scale_accumulate's order); both layers in one launch.
 // GROUP-LABEL: func.func @two_linears
-// GROUP: %[[ACC:.*]] = call @qcc_cuda_gemv_i4g128_k256_n64_m4_r2w4_M4(%{{.*}}#0, %{{.*}}, %{{.*}}) : (tensor<4x256xi8>, tensor<64x128xi8>, tensor<64x2xi8>) -> tensor<4x64x2xi32>
-// GROUP: "qcc.scale_accumulate"(%[[ACC]],
+// GROUP: call @qcc_cuda_gemv_i4g128_k256_n64_64_m4_r2w4_sr_M4(%{{.*}}#0, %{{.*}}, %{{.*}}, %{{.*}}, %{{.*}}, %{{.*}}#1, %{{.*}}, %{{.*}}) : (tensor<4x256xi8>, tensor<64x128xi8>, tensor<64x128xi8>, tensor<64x2xi8>, tensor<64x2xi8>, tensor<4x1xf32>, tensor<64x2xf32>, tensor<64x2xf32>) -> (tensor<4x64xf32>, tensor<4x64xf32>)
+// GROUP-NOT: qcc.scale_accumulate
 
 // llm-int8-dynamic: the float outlier part reads the integer part's codes (gemv_w8_sparse_x).
 // DYN-LABEL: func.func @two_linears

@@ -267,6 +267,27 @@ def test_i4_groups_emulated_exact(M, m_max, K, N, G):
     w = nib.astype(np.int64).reshape(N, K // G, G) - z[..., None]
     ref = np.einsum("mgj,ngj->mng", xq[:M].astype(np.int64).reshape(M, K // G, G), w)
     assert np.array_equal(y[:M], ref) and (y[M:] == -7).all()
+    # scaled: the scale generic in the epilogue, (f32(sum_g) * s[n, g]) * sx[m] summed over the
+    # groups as the generated warp reduction adds them (lane l: groups l, l + 32, ...; butterfly)
+    s = (rng.random((N, K // G)) * 0.01 + 1e-3).astype(np.float32)
+    sx = (rng.random(m_max) * 0.01 + 1e-3).astype(np.float32)
+    terms = (ref.astype(np.float32) * s[None]) * sx[:M, None, None]
+    lanes = np.zeros((M, N, 32), np.float32)
+    for g in range(K // G):
+        lanes[..., g % 32] = lanes[..., g % 32] + terms[..., g]
+    for off in (16, 8, 4, 2, 1):
+        lanes = lanes + lanes[..., np.arange(32) ^ off]
+    yf = np.full((m_max, N), np.nan, np.float32)
+    simt.run(kernels.gemv_i4g(K, N, G, m_max=m_max, scaled="row"),
+             dict(x=xq, wq=packed, zp=z.view(np.int8), sx=sx, s=s, y=yf, M=M))
+    assert np.array_equal(yf[:M], np.float32(0.0) + lanes[..., 0]) and np.isnan(yf[M:]).all()
+    # two members (stacked layers reading x): the same results, each on its own codes
+    half = N // 2
+    y0, y1 = (np.full((m_max, n), np.nan, np.float32) for n in (half, N - half))
+    simt.run(kernels.gemv_i4g(K, N, G, m_max=m_max, scaled="row", members=(half, N - half), n_rows=1, warps=1),
+             dict(x=xq, wq0=packed[:half], wq1=packed[half:], zp0=z[:half].view(np.int8), zp1=z[half:].view(np.int8),
+                  sx=sx, s0=s[:half], s1=s[half:], y0=y0, y1=y1, M=M))
+    assert np.array_equal(np.concatenate([y0, y1], 1)[:M], yf[:M])
 
 
 @pytest.mark.parametrize("M,m_max,K,N,dense", [(1, 1, 272, 12, False), (5, 8, 1024, 8, False),
