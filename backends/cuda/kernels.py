@@ -381,6 +381,9 @@ def _check_cfg(K, N, k_tile, nt, kw, unroll, group_tiles, m_max, nw=1, depth=1):
     _require(TPW % group_tiles == 0, "warp K slices must hold whole groups")
 
 
+ROWS_MAX = 4096  # rows a launch of the one-block-a-row kernels (quantize_rows, hadamard_rows)
+
+
 def _m_param(m_max: int) -> Param:
     """The launch's row count: kernels take up to m_max rows of x a launch (host_plan splits more)."""
     return Param("M", "i32", "scalar", f"rows of x, 1..{m_max}", range=(1, m_max))
@@ -854,7 +857,7 @@ def quantize_rows(K: int, *, qmin: int, qmax: int, clip: float = 1.0, m_max: int
     scale f32 [M], M i32.
     """
     _require(K % 4 == 0, f"quantize_rows needs K % 4 == 0 (K={K})")
-    _require(1 <= m_max <= 16, f"m_max must be in 1..16 (got {m_max})")
+    _require(1 <= m_max <= ROWS_MAX, f"m_max must be in 1..{ROWS_MAX} (got {m_max})")
     K4 = K // 4
     warps = max(1, min(warps, -(-K4 // 32)))  # no idle warps on short rows
     T = 32 * warps
@@ -942,7 +945,7 @@ def hadamard_rows(n: int, m: int, k: int, *, sub_rows: int = 1, m_max: int = 16,
     _require(n == m * (1 << k), f"n={n} is not m * 2^k = {m} * 2^{k}")
     _require((n + m * m) * 4 <= MAX_STATIC_SMEM,
              f"a {n}-column Hadamard block exceeds {MAX_STATIC_SMEM} bytes of shared memory")
-    _require(1 <= m_max <= 16, f"m_max must be in 1..16 (got {m_max})")
+    _require(1 <= m_max <= ROWS_MAX, f"m_max must be in 1..{ROWS_MAX} (got {m_max})")
     width = sub_rows * n
     half = (1 << k) // 2
     pairs = m * half  # butterflies a stage

@@ -403,7 +403,7 @@ class CudaSelectKernels(QccPass):
             return
         (M, width), n = shape, int(m_.group(2) or m_.group(1))
         m, k = hadamard.factor(n)
-        args = {"n": n, "m": m, "k": k, "sub_rows": width // n, "m_max": min(M, M_MAX)}
+        args = {"n": n, "m": m, "k": k, "sub_rows": width // n, "m_max": min(M, kernels.ROWS_MAX)}
         try:
             spec = kernels.hadamard_rows(**args)
         except kernels.KernelConstraintError:
@@ -442,7 +442,8 @@ class CudaSelectKernels(QccPass):
             return
         (M, K) = shape
         qmin, qmax = fmt.levels()
-        args = {"K": K, "qmin": int(qmin), "qmax": int(qmax), "clip": float(fmt.clip), "m_max": min(M, M_MAX)}
+        args = {"K": K, "qmin": int(qmin), "qmax": int(qmax), "clip": float(fmt.clip),
+                "m_max": min(M, kernels.ROWS_MAX)}
         try:
             spec = kernels.quantize_rows(**args)
         except kernels.KernelConstraintError:

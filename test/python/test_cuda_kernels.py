@@ -313,10 +313,11 @@ def test_sparse_x_emulated(M, m_max, K, N, dense):
 
 
 @pytest.mark.parametrize("M,m_max,K,key", [(1, 1, 272, "int8_sym_token"), (5, 8, 1024, "int8_sym_token"),
-                                            (3, 16, 516, "int4_sym_token_clip0.9"), (2, 2, 128, "int8_sym_token")])
+                                            (3, 16, 516, "int4_sym_token_clip0.9"), (2, 2, 128, "int8_sym_token"),
+                                            (37, 40, 64, "int8_sym_token")])
 def test_quantize_rows_emulated_matches_format_reference(M, m_max, K, key):
     """quantize_rows gives the codes and scales of the format's numpy reference, bit for bit
-    (an all-zero row too: scale 1); rows past M untouched."""
+    (an all-zero row too: scale 1); rows past M untouched; a prefill's rows in one launch."""
     from qcc.dialects.formats import activation
 
     fmt = activation.parse_act_format(key)
