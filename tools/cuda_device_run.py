@@ -545,12 +545,12 @@ def cmd_run(args):
 
     log(f"\n(kernel checks and linear benchmark: {time.time() - t_start:.0f}s)")
     model_rows, decode_rows = [], []
-    for sec, fn in (("models", models_section), ("decode", decode_section)):
+    for sec, fn in (("models", models_section), ("decode", decode_section), ("prefill", prefill_section)):
         if sec in sections:
             t0 = time.time()
             try:
                 rows = fn(args, log, results, dev, emu)
-                (model_rows if sec == "models" else decode_rows).extend(rows)
+                {"models": model_rows, "decode": decode_rows}.get(sec, []).extend(rows)
             except Exception as e:
                 import traceback
                 log(f"!! section {sec}: {type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}")
@@ -657,6 +657,11 @@ BENCH_QUICK = dict(layers=1, hidden=256, ffn=768, heads=4, max_seq=160, cache=64
 BENCH_RECIPES = ("w4a16-g128", "w8a16", "float", "w8a8", "llm-int8-dynamic", "w8a8-had", "w4a4-had", "w4a8-g128")
 BENCH_EXACT = ("w4a16-g128", "w8a16", "float")  # the others quantize activations (or rotate)
 KEEP_BYTES = 64 << 10  # bench artifacts keep parameters up to this size (constants, norms)
+# Prefill: the same model (LlamaModel, no cache) over 128 tokens, weights filled on the device too.
+PREFILL = dict(vocab=512, hidden=2048, layers=4, heads=16, ffn=5632, max_seq=640, seed=0)
+PREFILL_QUICK = dict(vocab=512, hidden=256, layers=1, heads=4, ffn=768, max_seq=160, seed=0)
+PREFILL_TOKENS = 128
+PREFILL_RECIPES = ("w4a16-g128", "w8a8", "float")
 
 
 def _test_path():
@@ -745,6 +750,16 @@ def build_models(out_dir, quick=False, arch="sm_90"):
         print(f"  bench-{recipe}: {meta['bench'][recipe]['launches']} launches, "
               f"{meta['bench'][recipe]['weight_bytes'] / 1e6:.1f} MB of weights (filled on the device), "
               f"{time.time() - t0:.1f}s", flush=True)
+    meta["prefill"] = {}
+    for recipe in PREFILL_RECIPES:
+        t0 = time.time()
+        ctor = dict(PREFILL_QUICK if quick else PREFILL)
+        model, inputs = make_model("LlamaModel", ctor, {"batch": 1, "seq": PREFILL_TOKENS, "seed": 3})
+        c = qcc.compile(model, inputs, target="cuda", quant=recipe, gpu_arch=arch)
+        keep = {n: w for n, w in c.weights.items() if w.nbytes <= KEEP_BYTES or n.startswith("__cuda_const")}
+        CompiledModel(c.manifest, keep, c.code).save(os.path.join(mdir, f"prefill-{recipe}.qcc"))
+        meta["prefill"][recipe] = {"ctor": ctor, "launches": len(c.manifest["cuda"]["plan"]["launches"])}
+        print(f"  prefill-{recipe}: {meta['prefill'][recipe]['launches']} launches, {time.time() - t0:.1f}s", flush=True)
     with open(os.path.join(mdir, "models.json"), "w") as f:
         json.dump(meta, f, indent=1)
 
@@ -1059,6 +1074,76 @@ def decode_section(args, log, results, dev, emu):
     return rows
 
 
+def prefill_section(args, log, results, dev, emu):
+    """Prefill speed: LlamaModel over PREFILL_TOKENS tokens (no cache) vs PyTorch fp16 on the GPU."""
+    import copy
+    import torch
+    mr, pack = _load("model_runtime"), _load("pack")
+    mdir = os.path.join(args.bundle, "models")
+    with open(os.path.join(mdir, "models.json")) as f:
+        meta = json.load(f).get("prefill", {})
+    if not meta or emu:
+        return []
+    ctor = next(iter(meta.values()))["ctor"]
+    log(f"\n== prefill: LlamaModel {ctor}, {PREFILL_TOKENS} tokens, batch 1")
+    model, inputs = make_model("LlamaModel", ctor, {"batch": 1, "seq": PREFILL_TOKENS, "seed": 3})
+    ids = inputs[0].to(dev)
+    base = {}
+    with torch.no_grad():
+        m16 = copy.deepcopy(model).half().to(dev)
+        base["torch eager fp16"] = _time_torch(torch, lambda: m16(ids), args.decode_iters, warmup=10)
+        try:
+            g = torch.cuda.CUDAGraph()
+            st = torch.cuda.Stream()
+            st.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(st):
+                for _ in range(3):
+                    m16(ids)
+            torch.cuda.current_stream().wait_stream(st)
+            with torch.cuda.graph(g):
+                m16(ids)
+            base["torch fp16 + CUDA graph"] = _time_torch(torch, g.replay, args.decode_iters)
+        except Exception as e:
+            log(f"  (torch CUDA graph baseline failed: {type(e).__name__}: {e})")
+        del m16
+        torch.cuda.empty_cache()
+    for k, t in base.items():
+        log(f"  {k:26s} {t * 1e6:9.1f} us  {PREFILL_TOKENS / t:9.0f} tok/s")
+    rows = []
+    for recipe in meta:
+        try:
+            manifest, weights, code = mr.load_artifact(os.path.join(mdir, f"prefill-{recipe}.qcc"))
+            weights, deq = _fill_bench_weights(manifest, weights, model, pack)
+            cm = mr.CudaModel(manifest, weights, code)
+            out = cm(ids)[0].float().cpu().numpy()
+            ref = copy.deepcopy(model)
+            sd = ref.state_dict()
+            with torch.no_grad():
+                for k, v in deq.items():
+                    sd[k].copy_(torch.from_numpy(v))
+                r = ref.to(dev)(ids).float().cpu().numpy()
+            err = _rel(out, r)
+            t = cm.time_replays(args.decode_iters)
+            row = {"recipe": recipe, "us_graph": t * 1e6, "tok_s": PREFILL_TOKENS / t, "err_logits": err,
+                   "launches": len(manifest["cuda"]["plan"]["launches"]),
+                   "vs_graph_fp16": base.get("torch fp16 + CUDA graph", float("nan")) / t,
+                   "vs_eager_fp16": base.get("torch eager fp16", float("nan")) / t}
+            log(f"  qcc {recipe:11s} {t * 1e6:9.1f} us (graph replay) {row['tok_s']:9.0f} tok/s, "
+                f"x{row['vs_graph_fp16']:.2f} vs fp16 + CUDA graph, x{row['vs_eager_fp16']:.2f} vs eager fp16; "
+                f"logits err {err:.1e} (vs the weight-dequantized float model); {row['launches']} launches")
+            prof = cm.profile(reps=3)
+            for d in prof[:6]:
+                log(f"      {d['us']:8.1f} us {d['launches']:3d}x {d['kernel']}")
+            rows.append(row)
+            cm.close()
+        except Exception as e:
+            import traceback
+            log(f"  !! prefill {recipe}: {type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}")
+            rows.append({"recipe": recipe, "error": f"{type(e).__name__}: {e}"})
+    results["prefill"] = {"baselines_us": {k: v * 1e6 for k, v in base.items()}, "rows": rows, "config": ctor}
+    return rows
+
+
 def dump_sass(bundle, mod, summary, out_dir, log):
     cub = os.path.join(bundle, f"kernels_{mod.image_arch}.cubin")
     exe = "cuobjdump"
@@ -1088,7 +1173,7 @@ def main(argv=None):
     r.add_argument("--emulate", action="store_true")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--no-sass", dest="sass", action="store_false")
-    r.add_argument("--sections", default="linear,models,decode")
+    r.add_argument("--sections", default="linear,models,decode,prefill")
     r.add_argument("--decode-iters", type=int, default=100)
     a = ap.parse_args(argv)
     if a.cmd == "build":
