@@ -32,7 +32,8 @@ from .emit import KernelSpec, Param
 MAX_VBLOCKS = 4  # virtual blocks a stage may loop over inside the fused block
 MAX_BLOCK = 1024  # threads of a fused block when no stage fixes it (more loads in flight)
 MAX_PER_THREAD = 16  # points per thread of an elementwise stage
-MAX_WARP_REDUCTION = 4096  # reduction length per output of a warp-reduce stage
+MAX_WARP_REDUCTION = 4096  # reduction length per output of a warp-reduce stage (4x: block-reduce)
+MAX_SERIAL = 64  # reduction length of a serial stage (one thread loops over it)
 MAX_SMEM = 16 * 1024  # bytes of shared memory of a prebuilt stage
 PREBUILT = ("quantize_rows",)  # prebuilt kernels that are small at decode (one block a row)
 
@@ -61,7 +62,7 @@ def _stage(launch, specs, descs, T):
             st = lk.build_kernel(desc, "stage", threads=T, per_thread=per)
         elif kind == "warp_reduce" and R <= MAX_WARP_REDUCTION:
             st = lk.build_kernel(desc, "stage", threads=T)
-        elif kind in ("block_reduce", "serial") and R <= MAX_WARP_REDUCTION * 4:
+        elif (kind == "block_reduce" and R <= 4 * MAX_WARP_REDUCTION) or (kind == "serial" and R <= MAX_SERIAL):
             st = lk.build_kernel(desc, "stage", threads=T)
         else:
             return None

@@ -588,6 +588,30 @@ def _rows_and_warps(N: int, n_rows, warps, rows_pref, warps_pref) -> tuple[int, 
 
 
 
+def _members(N: int, members) -> tuple[tuple, list[str]]:
+    """The stacked layers' N (one layer: (N,)) and their parameter-name suffixes."""
+    members = tuple(members) if members and len(members) > 1 else (N,)
+    _require(sum(members) == N, f"members {members} must sum to N={N}")
+    return members, ([str(i) for i in range(len(members))] if len(members) > 1 else [""])
+
+
+def _per_member(members, sfx, rows_a_block: int, member):
+    """A kernel body running member(E, a, suffix, N_i, block) on each stacked layer's blocks:
+    the blocks of layer i follow those of layer i - 1 (a branch on the block index, uniform in
+    each block, so the layers' shuffles stay warp-converged)."""
+    def body(E, a):
+        if len(members) == 1:
+            return member(E, a, "", members[0], E.bid("x"))
+        first = 0
+        for i, n in zip(sfx, members):
+            b = E.bid("x")
+            inside = E.and_(E.cmp("uge", b, E.const(first, "index")),
+                            E.cmp("ult", b, E.const(first + n // rows_a_block, "index")))
+            E.if_(inside, lambda i=i, n=n, b=b, first=first: member(E, a, i, n, b - E.const(first, "index")))
+            first += n // rows_a_block
+    return body
+
+
 def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps: int | None = None,
             unroll: int | None = None, scaled: str | None = None, w_bits: int = 8,
             members: tuple | list | None = None, name: str | None = None) -> KernelSpec:
@@ -619,13 +643,10 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
     # warp, 8 warps, 2 chunks in flight for one or two tokens; more rows of x want more
     # weight rows a warp (each x chunk loaded once for 4 rows: 1.5x faster at M = 16; with
     # up to 8 rows of x, 4 weight rows spilled in one shape)
-    members = tuple(members) if members and len(members) > 1 else (N,)
-    _require(sum(members) == N, f"members {members} must sum to N={N}")
+    members, sfx = _members(N, members)
     n_rows, warps = _rows_and_warps(math.gcd(*members), n_rows, warps,
                                     (1,) if m_max <= 2 else (2, 1) if m_max <= 8 else (4, 2, 1),
                                     (8, 4, 2, 1) if m_max <= 2 else (4, 2, 1))
-    stacked = len(members) > 1
-    sfx = [str(i) for i in range(len(members))] if stacked else [""]
     if unroll is None:
         unroll = 2 if n_rows == 1 else 1
     _require(unroll >= 1, f"unroll must be >= 1 (got {unroll})")
@@ -648,17 +669,6 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
     params += [Param(f"y{i}", f"memref<{m_max * n}x{yt}>", "out", f"{yt} [M, {n}]", rows=("M", m_max))
                for i, n in zip(sfx, members)]
     params.append(_m_param(m_max))
-
-    def body(E, a):
-        if not stacked:
-            return member(E, a, "", N, E.bid("x"))
-        first = 0
-        for i, n in zip(sfx, members):
-            blocks = n // (n_rows * warps)
-            b = E.bid("x")
-            inside = E.and_(E.cmp("uge", b, E.const(first, "index")), E.cmp("ult", b, E.const(first + blocks, "index")))
-            E.if_(inside, lambda i=i, n=n, b=b, first=first: member(E, a, i, n, b - E.const(first, "index")))
-            first += blocks
 
     def member(E, a, mi, N, blk):
         """Weight rows of member mi (its wq, sw, y and N) for block `blk` of its blocks."""
@@ -734,8 +744,8 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
            "unroll": unroll, "scaled": scaled, "w_bits": w_bits, "members": list(members),
            "weight_bytes": N * K * w_bits // 8,
            "meta_bytes": 4 * N if scaled else 0}
-    return KernelSpec(nm, params, (32 * warps, 1, 1), (N // (n_rows * warps), 1, 1), body, [], cfg,
-                      doc=gemv_i8.__doc__.split("\n")[0])
+    return KernelSpec(nm, params, (32 * warps, 1, 1), (N // (n_rows * warps), 1, 1),
+                      _per_member(members, sfx, n_rows * warps, member), [], cfg, doc=gemv_i8.__doc__.split("\n")[0])
 
 
 # --------------------------------------------------------------------------- w8, column-sparse x
@@ -1048,10 +1058,8 @@ def gemv_i4g(K: int, N: int, group_size: int, *, m_max: int = 16, n_rows: int | 
     _require(G % 32 == 0 and K % G == 0, f"gemv_i4g needs G % 32 == 0 dividing K (K={K}, G={G})")
     _require(1 <= m_max <= 16, f"m_max must be in 1..16 (got {m_max})")
     _require(scaled in (None, "row", "tensor"), f"scaled must be None, 'row' or 'tensor' (got {scaled!r})")
-    members = tuple(members) if members and len(members) > 1 else (N,)
-    _require(sum(members) == N, f"members {members} must sum to N={N}")
+    members, sfx = _members(N, members)
     n_rows, warps = _rows_and_warps(math.gcd(*members), n_rows, warps, (2, 1) if m_max <= 8 else (1,), (4, 2, 1))
-    sfx = [str(i) for i in range(len(members))] if len(members) > 1 else [""]
     KG, WV, XV = K // G, G // 32, G // 16  # groups a row; 16-byte weight / x vectors a group
     steps = -(-KG // 32)
     params = [Param("x", f"memref<{m_max * K // 16}xvector<4xi32>>", "in", f"int8 [M, {K}] row-major",
@@ -1072,17 +1080,6 @@ def gemv_i4g(K: int, N: int, group_size: int, *, m_max: int = 16, n_rows: int | 
         params += [Param(f"y{i}", f"memref<{m_max * n * KG}xi32>", "out", f"i32 [M, {n}, {KG}]", rows=("M", m_max))
                    for i, n in zip(sfx, members)]
     params.append(_m_param(m_max))
-
-    def body(E, a):
-        if len(members) == 1:
-            return member(E, a, "", N, E.bid("x"))
-        first = 0
-        for i, n in zip(sfx, members):
-            blocks = n // (n_rows * warps)
-            b = E.bid("x")
-            inside = E.and_(E.cmp("uge", b, E.const(first, "index")), E.cmp("ult", b, E.const(first + blocks, "index")))
-            E.if_(inside, lambda i=i, n=n, b=b, first=first: member(E, a, i, n, b - E.const(first, "index")))
-            first += blocks
 
     def member(E, a, mi, N, blk):
         tid = E.tid()
@@ -1149,5 +1146,5 @@ def gemv_i4g(K: int, N: int, group_size: int, *, m_max: int = 16, n_rows: int | 
     cfg = {"kind": "gemv_i4g", "K": K, "N": N, "group_size": G, "m_max": m_max, "n_rows": n_rows,
            "warps": warps, "scaled": scaled, "members": list(members), "weight_bytes": N * K // 2,
            "meta_bytes": N * KG * (5 if scaled else 1)}
-    return KernelSpec(nm, params, (32 * warps, 1, 1), (N // (n_rows * warps), 1, 1), body, [], cfg,
-                      doc=gemv_i4g.__doc__.split("\n")[0])
+    return KernelSpec(nm, params, (32 * warps, 1, 1), (N // (n_rows * warps), 1, 1),
+                      _per_member(members, sfx, n_rows * warps, member), [], cfg, doc=gemv_i4g.__doc__.split("\n")[0])
