@@ -67,9 +67,10 @@ def _shape_suffix(n_warps, depth, stages=0):
 MAX_STATIC_SMEM = 48 * 1024
 
 
-def _smem(kw, nw, nt, unroll, stages, units, meta_types):
-    """Shared buffers: the K-split reduction, and the cp.async rings (if stages)."""
-    out = [("red", "f32", nw * kw * nt * 4 * 32)] if kw > 1 else []
+def _smem(kw, nw, nt, unroll, stages, units, meta_types, mt=1):
+    """Shared buffers: the K-split reduction (mt x nt accumulator tiles a warp), and the
+    cp.async rings (if stages)."""
+    out = [("red", "f32", nw * kw * mt * nt * 4 * 32)] if kw > 1 else []
     if stages:
         _require(stages >= 2, "stages must be 0 (register prefetch) or >= 2")
         out.append(("wbuf", "vector<4xi32>", kw * nw * stages * unroll * nt * 32))
@@ -107,7 +108,11 @@ TUNED = {
     ("gemv_w8a16", "m8"): [_c(2, 4, 2, "no_allocate_256"), _c(2, 8, 2), _c(1, 4, 1, s=4)],
     ("gemv_w8a16", "m16", "largeN"): [_c(2, 4, 2, "no_allocate_256"), _c(2, 8, 2)],
     ("gemv_w8a16", "m16"): [_c(2, 8, 2), _c(2, 4, 2, "no_allocate_256")],
+    # more than 16 rows (prefill): m-tiles multiply the accumulators, so fewer n-tiles (untuned)
+    ("gemv_w4a16", "m64"): [_c(2, 4, 1, "no_allocate"), _c(1, 4, 2, "no_allocate"), _c(1, 2, 1)],
+    ("gemv_w8a16", "m64"): [_c(2, 4, 1, "no_allocate_256"), _c(1, 4, 2), _c(1, 2, 1)],
 }
+GEMV_M_MAX = 64  # rows of x a weight-only GEMV launch takes (16-row mma tiles, up to 4 a warp)
 _FALLBACK = [_c(nt, kw, u) for nt in (2, 1) for kw in (8, 4, 2, 1) for u in (2, 1, 4, 8)]
 
 
@@ -120,7 +125,7 @@ def default_config(kind: str, K: int, N: int, m_max: int = 16, group_tiles: int 
     Keys: n_tiles, k_warps, unroll, w_cache, n_warps, depth, stages.
     """
     k_tile = 128 if kind == "gemv_w4a16" else 64
-    mk = "m8" if m_max <= 8 else "m16"
+    mk = "m8" if m_max <= 8 else "m16" if m_max <= 16 else "m64"
     size = "largeN" if N >= 16384 else ("smallN" if N <= 4096 else None)
     prefs = TUNED.get((kind, mk, size), []) + TUNED.get((kind, mk), [])
     fixed = {k: v for k, v in given.items() if v is not None and v != "auto"}
@@ -135,7 +140,7 @@ def default_config(kind: str, K: int, N: int, m_max: int = 16, group_tiles: int 
             _check_cfg(K, N, k_tile, cfg["n_tiles"], cfg["k_warps"], cfg["unroll"], group_tiles,
                        m_max, cfg["n_warps"], cfg["depth"])
             _smem(cfg["k_warps"], cfg["n_warps"], cfg["n_tiles"], cfg["unroll"], cfg["stages"],
-                  cfg["unroll"], [])
+                  cfg["unroll"], [], mt=_m_tiles(m_max))
             _hint_suffix(cfg["w_cache"])
             return cfg
         except KernelConstraintError as e:
@@ -180,8 +185,10 @@ def _mma_gemv_body(E, a, *, K, N, k_tile, nt, kw, unroll, m_max, load_meta, dequ
     t = lane % 4
     M = E.idx(a["M"])
     mlast = M - 1
-    xlo = E.minu(g, mlast) * (K // 8) + t * xv
-    xhi = E.minu(g + 8, mlast) * (K // 8) + t * xv if m_max > 8 else None
+    mt = _m_tiles(m_max)  # x row tiles of 16; accumulator tile j * nt + r: rows 16j.., n-tile r
+    NA = mt * nt
+    xlo = [E.minu(g + 16 * j, mlast) * (K // 8) + t * xv for j in range(mt)]
+    xhi = [E.minu(g + 16 * j + 8, mlast) * (K // 8) + t * xv for j in range(mt)] if m_max > 8 else None
     tile0 = (bid * nw + wn) * nt if nw > 1 else bid * nt
     kt0 = wk * TPW
     wbase = [((tile0 + r) * KT + kt0) * 32 + lane for r in range(nt)]
@@ -261,28 +268,38 @@ def _mma_gemv_body(E, a, *, K, N, k_tile, nt, kw, unroll, m_max, load_meta, dequ
         for u in range(unroll):
             kt = kt0 + i + u
             xb = kt * (k_tile // 8)
-            xl = [E.load(a["x"], xlo + xb + j) for j in range(xv)]
-            # For M <= 8 the A rows 8..15 only feed accumulator rows that are never
-            # stored: reuse rows 0..7 instead of loading them.
-            xh = xl if m_max <= 8 else [E.load(a["x"], xhi + xb + j) for j in range(xv)]
-            A = []
-            for s in range(steps):
-                o = 4 * (s % 2)
-                A.append([E.slice2(xl[s // 2], o), E.slice2(xh[s // 2], o),
-                          E.slice2(xl[s // 2], o + 2), E.slice2(xh[s // 2], o + 2)])
+
+            def a_frags(j):
+                """The A fragments of row tile j, one per mma step."""
+                xl = [E.load(a["x"], xlo[j] + xb + v) for v in range(xv)]
+                # For M <= 8 the A rows 8..15 only feed accumulator rows that are never
+                # stored: reuse rows 0..7 instead of loading them.
+                xh = xl if m_max <= 8 else [E.load(a["x"], xhi[j] + xb + v) for v in range(xv)]
+                return [[E.slice2(xl[s // 2], 4 * (s % 2)), E.slice2(xh[s // 2], 4 * (s % 2)),
+                         E.slice2(xl[s // 2], 4 * (s % 2) + 2), E.slice2(xh[s // 2], 4 * (s % 2) + 2)]
+                        for s in range(steps)]
             if meta_per_group and u % group_tiles == 0:
-                accg = [[zero] * 4 for _ in range(nt)]
-            for r in range(nt):
-                q = u // group_tiles if meta_per_group else u
-                B = dequant(E, ws[r][u], metas[r][q * mpu:(q + 1) * mpu])
-                for s in range(steps):
-                    accg[r] = E.mma_f16(A[s], B[s], accg[r])
+                accg = [[zero] * 4 for _ in range(NA)]
+            q = u // group_tiles if meta_per_group else u
+            if mt == 1:  # decode: x first, then each n-tile's weights (the tuned order)
+                A = a_frags(0)
+                for r in range(nt):
+                    B = dequant(E, ws[r][u], metas[r][q * mpu:(q + 1) * mpu])
+                    for s in range(steps):
+                        accg[r] = E.mma_f16(A[s], B[s], accg[r])
+            else:  # prefill: the weights dequantized once, then one row tile of x at a time
+                Bs = [dequant(E, ws[r][u], metas[r][q * mpu:(q + 1) * mpu]) for r in range(nt)]
+                for j in range(mt):
+                    A = a_frags(j)
+                    for r in range(nt):
+                        for s in range(steps):
+                            accg[j * nt + r] = E.mma_f16(A[s], Bs[r][s], accg[j * nt + r])
             if meta_per_group and (u + 1) % group_tiles == 0:
-                q = u // group_tiles
                 for r in range(nt):
                     sx, sy = scale_acc(E, metas[r][q * mpu:(q + 1) * mpu])
-                    acc[r] = [E.fma(accg[r][0], sx, acc[r][0]), E.fma(accg[r][1], sy, acc[r][1]),
-                              E.fma(accg[r][2], sx, acc[r][2]), E.fma(accg[r][3], sy, acc[r][3])]
+                    for ar in range(r, NA, nt):
+                        acc[ar] = [E.fma(accg[ar][0], sx, acc[ar][0]), E.fma(accg[ar][1], sy, acc[ar][1]),
+                                   E.fma(accg[ar][2], sx, acc[ar][2]), E.fma(accg[ar][3], sy, acc[ar][3])]
         return accg if not meta_per_group else acc
 
     if stages:
@@ -294,8 +311,8 @@ def _mma_gemv_body(E, a, *, K, N, k_tile, nt, kw, unroll, m_max, load_meta, dequ
         last = E.const(TPW - unroll, "index")
 
         def body(i, args):
-            acc = [args[4 * r:4 * r + 4] for r in range(nt)]
-            mq = args[4 * nt:]
+            acc = [args[4 * r:4 * r + 4] for r in range(NA)]
+            mq = args[4 * NA:]
             c = i // unroll
             issue(c + (S - 1))
             if mlen:
@@ -303,31 +320,32 @@ def _mma_gemv_body(E, a, *, K, N, k_tile, nt, kw, unroll, m_max, load_meta, dequ
             E.cp_async_wait(S - 1)
             ws, metas = read_slot(c % S)
             if mlen:
-                metas = split_metas(args[4 * nt:4 * nt + mlen])
+                metas = split_metas(args[4 * NA:4 * NA + mlen])
             acc = compute(i, acc, ws, metas)
-            return [v for r in range(nt) for v in acc[r]] + mq
+            return [v for r in range(NA) for v in acc[r]] + mq
 
-        res = E.for_(0, TPW, unroll, [zero] * (4 * nt) + mq0, body)
+        res = E.for_(0, TPW, unroll, [zero] * (4 * NA) + mq0, body)
     else:
         stages0 = [load_stage(E.const(min(d * unroll, TPW - unroll), "index")) for d in range(depth)]
         slen = len(stages0[0])
         last = E.const(TPW - unroll, "index")
 
         def body(i, args):
-            acc = [args[4 * r:4 * r + 4] for r in range(nt)]
-            queue = args[4 * nt:]
+            acc = [args[4 * r:4 * r + 4] for r in range(NA)]
+            queue = args[4 * NA:]
             nxt = queue[slen:] + load_stage(E.minu(i + depth * unroll, last))
             ws, metas = split_stage(queue[:slen])
             acc = compute(i, acc, ws, metas)
-            return [v for r in range(nt) for v in acc[r]] + nxt
+            return [v for r in range(NA) for v in acc[r]] + nxt
 
-        inits = [zero] * (4 * nt) + [v for st in stages0 for v in st]
+        inits = [zero] * (4 * NA) + [v for st in stages0 for v in st]
         res = E.for_(0, TPW, unroll, inits, body)
-    acc = [res[4 * r:4 * r + 4] for r in range(nt)]
+    acc = [res[4 * r:4 * r + 4] for r in range(NA)]
 
     half_n = N // 2
 
-    def store_out(r, vals):
+    def store_out(ar, vals):
+        j, r = divmod(ar, nt)
         tn = tile0 + r
         if final_scale is not None:
             sx, sy = final_scale(E, a, tn, t)
@@ -339,36 +357,42 @@ def _mma_gemv_body(E, a, *, K, N, k_tile, nt, kw, unroll, m_max, load_meta, dequ
         else:
             lo = E.cast("truncf", E.from_elements(vals[0:2]), "vector<2xf16>")
             hi = E.cast("truncf", E.from_elements(vals[2:4]), "vector<2xf16>") if m_max > 8 else None
-        E.if_(E.cmp("ult", g, M), lambda: E.store(lo, a["y"], g * half_n + col))
+        row = g + 16 * j
+        E.if_(E.cmp("ult", row, M), lambda: E.store(lo, a["y"], row * half_n + col))
         if m_max > 8:
-            E.if_(E.cmp("ult", g + 8, M), lambda: E.store(hi, a["y"], (g + 8) * half_n + col))
+            E.if_(E.cmp("ult", row + 8, M), lambda: E.store(hi, a["y"], (row + 8) * half_n + col))
 
     if kw == 1:
-        for r in range(nt):
-            store_out(r, acc[r])
+        for ar in range(NA):
+            store_out(ar, acc[ar])
         return
     red = a["red"]
-    for r in range(nt):
+    for ar in range(NA):
         for e in range(4):
-            E.store(acc[r][e], red, ((warp * nt + r) * 4 + e) * 32 + lane)
+            E.store(acc[ar][e], red, ((warp * NA + ar) * 4 + e) * 32 + lane)
     E.barrier()
-    for r in range(nt):
-        def owner(r=r):
-            base = wn * (kw * nt * 128) if nw > 1 else E.const(0, "index")
+    for ar in range(NA):
+        def owner(ar=ar):
+            base = wn * (kw * NA * 128) if nw > 1 else E.const(0, "index")
             tot = []
             for e in range(4):
                 s = None
                 for w in range(kw):
-                    v = E.load(red, base + E.const(((w * nt + r) * 4 + e) * 32, "index") + lane)
+                    v = E.load(red, base + E.const(((w * NA + ar) * 4 + e) * 32, "index") + lane)
                     s = v if s is None else s + v
                 tot.append(s)
-            store_out(r, tot)
-        E.if_(E.cmp("eq", wk, E.const(r % kw, "index")), owner)
+            store_out(ar, tot)
+        E.if_(E.cmp("eq", wk, E.const(ar % kw, "index")), owner)
+
+
+def _m_tiles(m_max: int) -> int:
+    """16-row mma tiles of x a warp multiplies with each dequantized weight fragment."""
+    return 1 if m_max <= 16 else -(-m_max // 16)
 
 
 def _check_cfg(K, N, k_tile, nt, kw, unroll, group_tiles, m_max, nw=1, depth=1):
     KT = K // k_tile
-    _require(1 <= m_max <= 16, f"m_max must be in 1..16 (got {m_max})")
+    _require(1 <= m_max <= GEMV_M_MAX, f"m_max must be in 1..{GEMV_M_MAX} (got {m_max})")
     _require(N % (8 * nt * nw) == 0, f"N={N} must be a multiple of 8*n_tiles*n_warps={8 * nt * nw}")
     _require(kw * nw <= 32, f"k_warps*n_warps={kw * nw} warps exceed a 1024-thread block")
     _require(depth >= 1, "depth must be >= 1")
@@ -418,7 +442,7 @@ def gemv_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
     _require(mode in ("acc", "weight"), f"scale_mode must be 'acc' or 'weight' (got {mode!r})")
     _require(mode == "weight" or G % 128 == 0, "scale_mode='acc' needs group_size % 128 == 0")
     gt = G // 128 if mode == "acc" else 1
-    _require(1 <= m_max <= 16, f"m_max must be in 1..16 (got {m_max})")
+    _require(1 <= m_max <= GEMV_M_MAX, f"m_max must be in 1..{GEMV_M_MAX} (got {m_max})")
     cf = default_config("gemv_w4a16", K, N, m_max, gt, n_tiles=n_tiles, k_warps=k_warps,
                         unroll=unroll, w_cache=w_cache, n_warps=n_warps, depth=depth, stages=stages)
     nt, kw, un = cf["n_tiles"], cf["k_warps"], cf["unroll"]
@@ -490,7 +514,7 @@ def gemv_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
     meta_types = ([("scales", "vector<2xf32>")] + ([("zeros", "i32")] if zero_point else [])
                   if mode == "acc" else [("meta", "vector<2xf16>")])
     smem = _smem(kw, n_warps, nt, un, stages, un // gt if mode == "acc" else un,
-                 [t_ for _, t_ in meta_types] if meta_smem else [])
+                 [t_ for _, t_ in meta_types] if meta_smem else [], mt=_m_tiles(m_max))
 
     def body(E, a):
         _mma_gemv_body(E, a, K=K, N=N, k_tile=128, nt=nt, kw=kw, unroll=un, m_max=m_max,
@@ -526,7 +550,7 @@ def gemv_w8a16(K: int, N: int, *, m_max: int = 16, n_tiles: int | None = None,
     wq (pack_w8a16), scales f32[N], y f16[M, N], M i32.
     """
     _require(K % 64 == 0 and N % 8 == 0, f"gemv_w8a16 needs K % 64 == 0 and N % 8 == 0 (K={K}, N={N})")
-    _require(1 <= m_max <= 16, f"m_max must be in 1..16 (got {m_max})")
+    _require(1 <= m_max <= GEMV_M_MAX, f"m_max must be in 1..{GEMV_M_MAX} (got {m_max})")
     cf = default_config("gemv_w8a16", K, N, m_max, 1, n_tiles=n_tiles, k_warps=k_warps,
                         unroll=unroll, w_cache=w_cache, n_warps=n_warps, depth=depth, stages=stages)
     nt, kw, un = cf["n_tiles"], cf["k_warps"], cf["unroll"]
@@ -556,7 +580,7 @@ def gemv_w8a16(K: int, N: int, *, m_max: int = 16, n_tiles: int | None = None,
         s = E.load(a["scales"], tn * 4 + t)
         return E.extract(s, 0), E.extract(s, 1)
 
-    smem = _smem(kw, n_warps, nt, un, stages, un, [])
+    smem = _smem(kw, n_warps, nt, un, stages, un, [], mt=_m_tiles(m_max))
 
     def body(E, a):
         _mma_gemv_body(E, a, K=K, N=N, k_tile=64, nt=nt, kw=kw, unroll=un, m_max=m_max,

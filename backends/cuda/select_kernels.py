@@ -44,7 +44,7 @@ from qcc.dialects.formats import activation
 from qcc.passes import QccPass, register
 from qcc.passes.quantize_weights import FLOAT_ACTIVATIONS
 
-M_MAX = 16  # rows per GEMV launch; more rows run as several launches
+M_MAX = 16  # rows per GEMV launch (weight-only GEMVs: up to kernels.GEMV_M_MAX); more run as several launches
 
 _MLIR_ELEM = {"uint32": "i32", "int32": "i32", "uint8": "i8", "int8": "i8", "float32": "f32",
               "float16": "f16"}
@@ -55,7 +55,9 @@ def plan_kernel(fmt, M: int, K: int, N: int, out_f32: bool = True):
     M: rows the kernel multiplies (2 x the tokens when x is split into hi/lo halves)."""
     from . import kernels
 
-    m_max = 8 if M <= 8 else M_MAX
+    # rows a launch: one 8- or 16-row mma tile at decode, up to GEMV_M_MAX (several 16-row
+    # tiles a warp, each dequantized weight fragment used for all of them) for prefill
+    m_max = 8 if M <= 8 else M_MAX if M <= M_MAX else min(kernels.GEMV_M_MAX, -(-M // 16) * 16)
     try:
         if fmt.bits == 4 and fmt.granularity in ("group", "channel"):
             G = fmt.group_size if fmt.granularity == "group" else K

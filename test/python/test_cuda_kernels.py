@@ -121,6 +121,10 @@ W4_CASES = [
     (1024, 64, 64, 3, True, None, dict(n_tiles=2, k_warps=2, unroll=1, stages=4, meta_smem=True)),
     (1024, 64, 128, 16, False, None, dict(n_tiles=2, k_warps=4, unroll=1, stages=5)),
     (1024, 64, 128, 9, True, None, dict(n_tiles=1, k_warps=1, unroll=1, stages=9)),  # > iterations
+    # prefill: several 16-row tiles of x a warp, each dequantized weight fragment used for all
+    (512, 32, 128, 37, True, None, dict(n_tiles=2, k_warps=2, unroll=1, m_max=48)),
+    (1024, 64, 128, 64, False, None, dict(m_max=64)),
+    (512, 32, 64, 20, True, "weight", dict(n_tiles=1, k_warps=1, unroll=2, m_max=32, stages=3)),
 ]
 
 
@@ -143,7 +147,8 @@ def test_w4a16_emulated(K, N, G, M, zp, mode, cfg):
                                        (256, 16, 3, dict(m_max=8, w_cache="no_allocate_256")),
                                        (1024, 64, 16, dict(n_tiles=2, k_warps=2, unroll=2, stages=3)),
                                        (1024, 64, 7, dict(n_tiles=2, k_warps=1, unroll=1, n_warps=4,
-                                                          stages=4))])
+                                                          stages=4)),
+                                       (512, 64, 45, dict(m_max=48, n_tiles=1, k_warps=2, unroll=2))])
 def test_w8a16_emulated(K, N, M, cfg):
     rng = np.random.default_rng(K + M)
     spec = kernels.gemv_w8a16(K, N, **cfg)
@@ -441,6 +446,8 @@ def ptxas_specs():
             kernels.gemv_w4a16(8192, 8192, 128, n_tiles=1, k_warps=4, unroll=1, stages=4,
                                meta_smem=True),
             kernels.gemv_w8a16(8192, 28672, n_tiles=2, k_warps=4, unroll=1, stages=4),
+            kernels.gemv_w4a16(2048, 5632, 128, m_max=64, out_f32=True),  # prefill, default config
+            kernels.gemv_w8a16(2048, 5632, m_max=64, out_f32=True),
             kernels.gemv_w4a16(4096, 4096, 64, zero_point=True),  # weight-scaled path
             kernels.gemv_w4a16(4096, 4096, 256, zero_point=False),
             kernels.gemv_i8(4096, 4096, m_max=1), kernels.gemv_i8(4096, 4096, m_max=16),
