@@ -378,21 +378,49 @@ def _loop_dims(desc: GenericDesc, ref) -> set:
     return out
 
 
-def _fast_dim(desc: GenericDesc):
-    """The loop dim along which the largest buffer the op reads is contiguous (its last,
-    stride-1 index), or None when that is not one loop dim."""
-    best, best_n = None, 0
+def _access(desc: GenericDesc, k: int) -> list[tuple[int, int]]:
+    """(elements, kind) of every buffer the op reads, for lanes along loop dim k: kind 0 =
+    the address does not depend on k (one load serves the warp), 1 = consecutive k are
+    consecutive elements (coalesced), 2 = anything else (a transaction per lane)."""
+    out = []
     for op in desc.ins:
-        if op.const is None and op.map and op.strides and op.strides[-1] == 1 and op.span > best_n:
-            e = op.map[-1]
-            best, best_n = (e[1] if e[0] == "d" else None), op.span
+        if op.const is not None or not op.map:
+            continue
+        uses = [i for i, e in enumerate(op.map) if k in _expr_dims(e)]
+        kind = 0 if not uses else 1 if (uses == [len(op.map) - 1] and op.map[-1] == ("d", k)
+                                        and op.strides[-1] == 1) else 2
+        out.append((op.span, kind))
     for b in desc.body:
         if b.name == "memref.load":
             cap = desc.captures[b.operands[0][1]]
-            n = math.prod(cap.shape)
-            if n > best_n and cap.strides[-1] == 1:
-                dims = _loop_dims(desc, b.operands[-1])
-                best, best_n = (dims.pop() if len(dims) == 1 else None), n
+            dims = [_loop_dims(desc, r) for r in b.operands[1:]]
+            uses = [i for i, d in enumerate(dims) if k in d or None in d]
+            kind = 0 if not uses else 1 if (uses == [len(dims) - 1] and dims[-1] == {k}
+                                            and cap.strides[-1] == 1) else 2
+            out.append((math.prod(cap.shape), kind))
+    return out
+
+
+def _expr_dims(e) -> set:
+    if e[0] == "d":
+        return {e[1]}
+    if e[0] == "c":
+        return set()
+    return _expr_dims(e[1]) | _expr_dims(e[2])
+
+
+def _lane_dim(desc: GenericDesc):
+    """The parallel loop dim lanes should run along (split_reduce), or None for lanes along
+    the reduction: the one that leaves the fewest elements read a transaction per lane."""
+    red = [i for i, t in enumerate(desc.iters) if t == "reduction"]
+
+    def cost(k):
+        return sum(n for n, kind in _access(desc, k) if kind == 2)
+    best, best_cost = None, cost(red[-1])
+    for p in (i for i, t in enumerate(desc.iters) if t == "parallel" and desc.loops[i] >= 32):
+        c = cost(p)
+        if c < best_cost:
+            best, best_cost = p, c
     return best
 
 
@@ -405,9 +433,8 @@ def classify(desc: GenericDesc) -> str:
     if R <= 1:
         return "serial"
     if _combiner(desc) is not None:
-        p = _fast_dim(desc)
-        if p is not None and desc.iters[p] == "parallel" and desc.loops[p] >= 32 and R >= 64:
-            return "split_reduce"  # the big operand is contiguous along an output dim
+        if R >= 64 and _lane_dim(desc) is not None:
+            return "split_reduce"  # lanes along an output dim read less memory uncoalesced
         return "block_reduce" if (R >= 1024 and O < 512) else "warp_reduce"
     return "serial"
 
@@ -497,7 +524,7 @@ def build_kernel(desc: GenericDesc, name: str | None = None, *, threads: int | N
         block = kind == "block_reduce"
         split = kind == "split_reduce"
         if split:  # lanes along output dim p (32 outputs a block), warps split the reduction
-            p = _fast_dim(desc)
+            p = _lane_dim(desc)
             P = desc.loops[p]
             G = -(-P // 32)
             others = [desc.loops[i] for i in par if i != p]

@@ -413,7 +413,7 @@ def test_constraint_errors_are_clear():
     with pytest.raises(KernelConstraintError, match="acc"):
         kernels.gemv_w4a16(4096, 4096, 64, scale_mode="acc")
     with pytest.raises(KernelConstraintError, match="m_max"):
-        kernels.gemv_w4a16(4096, 4096, m_max=32)
+        kernels.gemv_w4a16(4096, 4096, m_max=65)
     with pytest.raises(KernelConstraintError, match="k_warps"):
         kernels.gemv_w4a16(4096, 4096, k_warps=5)
     with pytest.raises(KernelConstraintError, match="K % 64"):
@@ -600,3 +600,33 @@ def test_gpu_w4a16_and_w8a16(tmp_path):
     assert rel(y, x.astype(np.float64) @ pack.dequant_w8(q, s8).T) < 5e-3
     with pytest.raises(ValueError, match="outside"):
         mod.launch(specs[1].name, x=x, y=y, M=17, **pack.pack_w8a16(q, s8))
+
+
+def test_generated_reduction_lanes_follow_the_contiguous_operand():
+    """A contraction whose big operand is contiguous along an output dim (attention's
+    p @ v: v[j, h, d] for outputs [h, i, d]) runs lanes along that dim (split_reduce);
+    one contiguous along the reduction (q @ k^T) keeps lanes on the reduction. Both match
+    numpy."""
+    from qcc.backends.cuda import linalg_kernels as lk
+
+    def contraction(v_map, v_shape, v_strides):
+        d = [("d", i) for i in range(4)]  # loops (h, i, n, j): out[h, i, n] = sum_j p[h, i, j] * v
+        return lk.GenericDesc([2, 4, 32, 64], ["parallel"] * 3 + ["reduction"],
+                              [lk.Operand("f32", (2, 4, 64), (256, 64, 1), [d[0], d[1], d[3]]),
+                               lk.Operand("f32", v_shape, v_strides, v_map)],
+                              [lk.Operand("f32", (2, 4, 32), (128, 32, 1), [d[0], d[1], d[2]])],
+                              [lk.BodyOp("arith.mulf", [("arg", 0), ("arg", 1)], ["f32"]),
+                               lk.BodyOp("arith.addf", [("arg", 2), ("op", 0, 0)], ["f32"])], [("op", 1, 0)])
+    rng = np.random.default_rng(7)
+    p = rng.standard_normal((2, 4, 64)).astype(np.float32)
+    for desc, v, want_kind in (
+            (contraction([("d", 3), ("d", 0), ("d", 2)], (64, 2, 32), (64, 32, 1)),
+             rng.standard_normal((64, 2, 32)).astype(np.float32), "split_reduce"),
+            (contraction([("d", 0), ("d", 2), ("d", 3)], (2, 32, 64), (2048, 64, 1)),
+             rng.standard_normal((2, 32, 64)).astype(np.float32), "warp_reduce")):
+        assert lk.classify(desc) == want_kind
+        spec = lk.build_kernel(desc)
+        y = np.zeros((2, 4, 32), np.float32)
+        simt.run(spec, dict(in0=p, in1=v, out0=y))
+        ref = np.einsum("hij,jhn->hin", p, v) if want_kind == "split_reduce" else np.einsum("hij,hnj->hin", p, v)
+        assert rel(y, ref) < 1e-5
