@@ -953,6 +953,24 @@ def _time_torch(torch, fn, iters, warmup=5):
     return statistics.median(best)
 
 
+def _time_torch_graph(torch, fn, iters, base, log):
+    """base["torch fp16 + CUDA graph"] = seconds per replay of fn() captured in a CUDA graph
+    (after three warm-up calls on a side stream); logs why when capture fails."""
+    try:
+        g = torch.cuda.CUDAGraph()
+        st = torch.cuda.Stream()
+        st.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(st):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(st)
+        with torch.cuda.graph(g):
+            fn()
+        base["torch fp16 + CUDA graph"] = _time_torch(torch, g.replay, iters)
+    except Exception as e:
+        log(f"  (torch CUDA graph baseline failed: {type(e).__name__}: {e})")
+
+
 def decode_section(args, log, results, dev, emu):
     """Decode speed of the benchmark model (one token, 512-token KV cache) vs PyTorch eager."""
     import copy
@@ -984,19 +1002,7 @@ def decode_section(args, log, results, dev, emu):
             log(f"  (eager passes: fp16 {[round(t * 1e6) for t in t16]} us, fp32 {[round(t * 1e6) for t in t32]} us)")
             base["torch eager fp16"] = min(t16)
             base["torch eager fp32"] = min(t32)
-            try:
-                g = torch.cuda.CUDAGraph()
-                s = torch.cuda.Stream()
-                s.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(s):
-                    for _ in range(3):
-                        m16(*ins16)
-                torch.cuda.current_stream().wait_stream(s)
-                with torch.cuda.graph(g):
-                    m16(*ins16)
-                base["torch fp16 + CUDA graph"] = _time_torch(torch, g.replay, args.decode_iters)
-            except Exception as e:
-                log(f"  (torch CUDA graph baseline failed: {type(e).__name__}: {e})")
+            _time_torch_graph(torch, lambda: m16(*ins16), args.decode_iters, base, log)
             del m16, m32
             torch.cuda.empty_cache()
         for k, t in base.items():
@@ -1092,19 +1098,7 @@ def prefill_section(args, log, results, dev, emu):
     with torch.no_grad():
         m16 = copy.deepcopy(model).half().to(dev)
         base["torch eager fp16"] = _time_torch(torch, lambda: m16(ids), args.decode_iters, warmup=10)
-        try:
-            g = torch.cuda.CUDAGraph()
-            st = torch.cuda.Stream()
-            st.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(st):
-                for _ in range(3):
-                    m16(ids)
-            torch.cuda.current_stream().wait_stream(st)
-            with torch.cuda.graph(g):
-                m16(ids)
-            base["torch fp16 + CUDA graph"] = _time_torch(torch, g.replay, args.decode_iters)
-        except Exception as e:
-            log(f"  (torch CUDA graph baseline failed: {type(e).__name__}: {e})")
+        _time_torch_graph(torch, lambda: m16(ids), args.decode_iters, base, log)
         del m16
         torch.cuda.empty_cache()
     for k, t in base.items():

@@ -220,7 +220,6 @@ def _mma_gemv_body(E, a, *, K, N, k_tile, nt, kw, unroll, m_max, load_meta, dequ
         return ws, [rest[r * per:(r + 1) * per] for r in range(nt)]
 
     # ---- cp.async path
-    nwarps = kw * nw
     n_meta = len(meta_srcs(E.const(0, "index"))[0])
     if stages:
         S = stages
@@ -636,6 +635,14 @@ def _per_member(members, sfx, rows_a_block: int, member):
     return body
 
 
+def _warp_rows(E, a, blk, warps: int, n_rows: int):
+    """(lane, first weight row of this warp, M, M - 1) of an integer GEMV whose warps own
+    n_rows weight rows each, `warps` warps a block, in block `blk`."""
+    tid = E.tid()
+    M = E.idx(a["M"])
+    return tid % 32, (blk * warps + tid // 32) * n_rows, M, M - E.const(1, "index")
+
+
 def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps: int | None = None,
             unroll: int | None = None, scaled: str | None = None, w_bits: int = 8,
             members: tuple | list | None = None, name: str | None = None) -> KernelSpec:
@@ -696,11 +703,7 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
 
     def member(E, a, mi, N, blk):
         """Weight rows of member mi (its wq, sw, y and N) for block `blk` of its blocks."""
-        tid = E.tid()
-        lane = tid % 32
-        n0 = (blk * warps + tid // 32) * n_rows
-        M = E.idx(a["M"])
-        last = M - E.const(1, "index")
+        lane, n0, M, last = _warp_rows(E, a, blk, warps, n_rows)
         xrow = [E.minu(E.const(r, "index"), last) * K16 for r in range(m_max)]  # rows >= M repeat the last
         zero = E.const(0, "i32")
         nib, bias, sign = (E.const(v, "i32") for v in (0x0F0F0F0F, 0x08080808, 0x1E))
@@ -1106,11 +1109,7 @@ def gemv_i4g(K: int, N: int, group_size: int, *, m_max: int = 16, n_rows: int | 
     params.append(_m_param(m_max))
 
     def member(E, a, mi, N, blk):
-        tid = E.tid()
-        lane = tid % 32
-        n0 = (blk * warps + tid // 32) * n_rows
-        M = E.idx(a["M"])
-        last = M - E.const(1, "index")
+        lane, n0, M, last = _warp_rows(E, a, blk, warps, n_rows)
         nib, ones = E.const(0x0F0F0F0F, "i32"), E.const(0x01010101, "i32")
         zero = E.const(0.0, "f32")
         tot = [[zero] * n_rows for _ in range(m_max)]  # scaled: this lane's sum over its groups
