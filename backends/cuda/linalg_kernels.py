@@ -468,22 +468,23 @@ def build_kernel(desc: GenericDesc, name: str | None = None, *, threads: int | N
             d[i] = v
         return d
 
-    if kind == "elementwise" and per_thread > 1:
-        threads = threads or BLOCK
-        grid = -(-O // (threads * per_thread))
+    if kind == "elementwise":
+        threads = threads or (BLOCK if O >= BLOCK or per_thread > 1 else max(32, -(-O // 32) * 32))
+        span = threads * per_thread
+        grid = -(-O // span)
+        whole = O % span == 0
 
         def body(E, a):
-            base = E.bid() * (threads * per_thread) + E.tid()
+            base = E.bid() * span + E.tid()
             pts = []
-            for j in range(per_thread):  # phase 1: every point's loads
+            for j in range(per_thread):  # every point's loads first (in flight together)
                 lin = base + j * threads
-                whole = O % (threads * per_thread) == 0
                 dims = _decompose(E, lin if whole else E.minu(lin, E.const(O - 1, "index")), desc.loops)
                 args = _load_ins(E, a, desc, dims, used)
                 for k in range(len(desc.outs)):
                     args.append(_init_out(E, a, desc, k, dims) if (n_in + k) in used else None)
-                pts.append((lin, whole, dims, args))
-            for lin, whole, dims, args in pts:  # phase 2: compute and store
+                pts.append((lin, dims, args))
+            for lin, dims, args in pts:  # then compute and store
                 get = _Replay(E, desc, a).run(args, dims)
                 vals = [get(y) for y in desc.yields]
 
@@ -494,27 +495,6 @@ def build_kernel(desc: GenericDesc, name: str | None = None, *, threads: int | N
                     store()
                 else:
                     E.if_(E.cmp("ult", lin, E.const(O, "index")), store)
-
-    elif kind == "elementwise":
-        threads = threads or (BLOCK if O >= BLOCK else max(32, -(-O // 32) * 32))
-        grid = -(-O // threads)
-
-        def body(E, a):
-            lin = E.bid() * threads + E.tid()
-
-            def point():
-                dims = _decompose(E, lin, desc.loops)
-                rp = _Replay(E, desc, a)
-                args = _load_ins(E, a, desc, dims, used)
-                for k in range(len(desc.outs)):
-                    args.append(_init_out(E, a, desc, k, dims) if (n_in + k) in used else None)
-                get = rp.run(args, dims)
-                for k, y in enumerate(desc.yields):
-                    E.store(get(y), a[f"out{k}"], _ix(E, _flat(E, desc.outs[k], dims)))
-            if O % threads == 0:
-                point()
-            else:
-                E.if_(E.cmp("ult", lin, E.const(O, "index")), point)
 
     elif kind in ("warp_reduce", "block_reduce", "split_reduce"):
         j_comb, v_ref = _combiner(desc)
