@@ -39,9 +39,9 @@ MS = (1, 16)
 GROUP = 128
 # Variants to sweep, per (format, m_max): dicts of builder keywords. The register-prefetch
 # ones are the best of the first sweep (2026-11, H100); the rest stream W with cp.async.
-def _v(nt, kw, u, nw=1, s=0, wc=None, d=1, ms=False):
+def _v(nt, kw, u, nw=1, s=0, wc=None, d=1, ms=False, xs=0):
     return dict(n_tiles=nt, k_warps=kw, unroll=u, n_warps=nw, stages=s, w_cache=wc, depth=d,
-                **({"meta_smem": True} if ms else {}))
+                x_stages=xs, **({"meta_smem": True} if ms else {}))
 
 
 W4_VARIANTS = {
@@ -64,7 +64,27 @@ W8_VARIANTS = {
          _v(2, 4, 1, s=4), _v(2, 2, 1, nw=4, s=3), _v(2, 1, 1, nw=4, s=4), _v(4, 2, 1, s=4),
          _v(2, 2, 1, nw=2, s=4), _v(1, 4, 1, s=4)],
 }
+# Prefill: bench_llama's linears (q/k/v stacked, gate/up stacked, o, down) over 128 tokens,
+# i.e. 256 rows of x as models run them (f16 hi + lo rows, fp32 out); swept by build
+# --prefill-sweep, timed at M = 256 next to torch fp16 F.linear at M = 128 and 256.
+PREFILL_SHAPES = [(2048, 6144), (2048, 2048), (2048, 11264), (5632, 2048)]
+PREFILL_MS = (128, 256)
+PREFILL_M_MAX = 256
+PREFILL_VARIANTS = {
+    "gemv_w4a16": [{}, _v(2, 4, 1, wc="no_allocate"), _v(1, 4, 2, wc="no_allocate"),
+                   _v(2, 1, 1, nw=8, xs=2, wc="no_allocate"), _v(1, 1, 1, nw=8, xs=2, wc="no_allocate"),
+                   _v(1, 1, 1, nw=4, xs=2, wc="no_allocate"), _v(2, 1, 1, nw=4, xs=2, wc="no_allocate"),
+                   _v(1, 1, 1, nw=16, xs=2, wc="no_allocate"), _v(2, 1, 1, nw=8, xs=2)],
+    "gemv_w8a16": [{}, _v(2, 4, 1, wc="no_allocate_256"), _v(2, 1, 1, nw=4, xs=2, wc="no_allocate_256"),
+                   _v(2, 1, 1, nw=8, xs=2, wc="no_allocate_256"), _v(1, 1, 1, nw=8, xs=3),
+                   _v(2, 1, 2, nw=4, xs=2), _v(2, 2, 1, nw=4, xs=2), _v(1, 2, 1, nw=8, xs=2)],
+}
 EMU_SHAPES = [(512, 64), (1024, 128)]
+
+
+def _ms(K, N):
+    """Rows of x the linear benchmark times a shape at."""
+    return PREFILL_MS if (K, N) in PREFILL_SHAPES else MS
 EMU_VARIANTS = {8: [_v(1, 2, 2), _v(2, 2, 1, wc="no_allocate"), _v(1, 2, 1, s=3)],
                 16: [_v(2, 1, 2), _v(2, 1, 1, nw=2, s=3), _v(1, 2, 1, s=2, ms=True)]}
 L2_DEFEAT_BYTES = 200 << 20  # rotate weight copies totalling at least this much
@@ -128,11 +148,28 @@ def kernel_specs(shapes, variants4, variants8, w8a8=True, split=True):
     return specs
 
 
+def prefill_specs(variants):
+    from qcc.backends.cuda import kernels
+
+    specs = []
+    for K, N in PREFILL_SHAPES:
+        for kind, vs in variants.items():
+            for v in vs:
+                try:
+                    specs.append(getattr(kernels, kind)(K, N, **({"group_size": GROUP} if kind == "gemv_w4a16" else {}),
+                                                        m_max=PREFILL_M_MAX, **v))
+                except kernels.KernelConstraintError:
+                    pass
+    return list({s.name: s for s in specs}.values())
+
+
 def cmd_build(args):
     from qcc.backends.cuda import ptx
 
     specs = kernel_specs(SHAPES, W4_VARIANTS, W8_VARIANTS) if args.sweep else \
         kernel_specs(SHAPES, FINAL_VARIANTS, FINAL_VARIANTS)
+    specs += prefill_specs(PREFILL_VARIANTS if args.prefill_sweep else
+                           {k: [{}] for k in PREFILL_VARIANTS})
     t0 = time.time()
     for attempt in range(2):
         man = ptx.build_bundle(specs, args.out, archs=tuple(args.arch))
@@ -341,7 +378,8 @@ def cmd_run(args):
             f"image {mod.image_kind} {mod.image_arch}; {len(mod.kernels)} kernels")
         bw, tcopy = copy_bandwidth(torch)
         log(f"device-to-device copy (1 GiB, read+write): {bw:.0f} GB/s ({tcopy * 1e3:.3f} ms)")
-        shapes = SHAPES
+        shapes = SHAPES + [(K, N) for K, N in PREFILL_SHAPES if any(
+            k["config"].get("K") == K and k["config"].get("N") == N for k in mod.kernels.values())]
     sections = set(args.sections.split(","))
     if "linear" not in sections:
         shapes = []
@@ -448,7 +486,7 @@ def cmd_run(args):
                     f"{tot / t / 1e3 / bw:5.1%} x{t16 / t:4.2f} err {err:.1e} "
                     f"occ {occ} waves {waves:.2f} regs {row['regs']}")
 
-            for M in MS:
+            for M in _ms(K, N):
                 x = torch.randn(M, K, dtype=torch.float16, device=dev)
                 ref = x.float() @ Wd.t()
                 # fp16 F.linear baseline on the dequantized weights (cuBLAS)
@@ -565,7 +603,7 @@ def cmd_run(args):
     for kind in ("gemv_w4a16", "gemv_w8a16", "gemv_i8"):
         base_kind = "gemv_w8a16" if kind == "gemv_i8" else kind  # its fp16 baseline rows
         for K, N in shapes:
-            for M in MS:
+            for M in _ms(K, N):
                 rows = [r for r in results["rows"] if r["kind"] == kind and r["K"] == K
                         and r["N"] == N and r["M"] == M and "cfg" in r and r["err"] < 5e-3
                         and not r.get("split")]
@@ -1159,6 +1197,7 @@ def main(argv=None):
     b.add_argument("--out", default=os.path.join(ROOT, ".cuda_build"))
     b.add_argument("--arch", action="append", default=None)
     b.add_argument("--sweep", action="store_true", help="every kernel variant (the tuning sweep)")
+    b.add_argument("--prefill-sweep", action="store_true", help="every prefill GEMM variant")
     b.add_argument("--quick", action="store_true", help="a tiny benchmark model (for run --emulate)")
     b.add_argument("--no-models", dest="models", action="store_false")
     r = sub.add_parser("run")

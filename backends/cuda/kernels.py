@@ -59,18 +59,28 @@ def _hint_suffix(w_cache):
     return {None: "", "no_allocate": "_na", "no_allocate_256": "_na256", "evict_first": "_ef"}[w_cache]
 
 
-def _shape_suffix(n_warps, depth, stages=0):
+def _shape_suffix(n_warps, depth, stages=0, x_stages=0):
     return ((f"n{n_warps}" if n_warps > 1 else "") + (f"d{depth}" if depth > 1 else "")
-            + (f"s{stages}" if stages else ""))
+            + (f"s{stages}" if stages else "") + (f"x{x_stages}" if x_stages else ""))
 
 
 MAX_STATIC_SMEM = 48 * 1024
 
 
-def _smem(kw, nw, nt, unroll, stages, units, meta_types, mt=1):
-    """Shared buffers: the K-split reduction (mt x nt accumulator tiles a warp), and the
-    cp.async rings (if stages)."""
+def _x_row_chunks(k_tile: int) -> int:
+    """16-byte slots a row of an x tile takes in shared memory: the k_tile / 8 chunks plus 4
+    of padding (see _mma_gemv_body: conflict-free A-fragment reads)."""
+    return k_tile // 8 + 4
+
+
+def _smem(kw, nw, nt, unroll, stages, units, meta_types, mt=1, x_stages=0, k_tile=128):
+    """Shared buffers: the K-split reduction (mt x nt accumulator tiles a warp), the
+    cp.async rings of W (if stages) and of x tiles (if x_stages)."""
     out = [("red", "f32", nw * kw * mt * nt * 4 * 32)] if kw > 1 else []
+    if x_stages:
+        _require(x_stages >= 2, "x_stages must be 0 (x from global memory) or >= 2")
+        _require(not stages, "x_stages needs the register path for W (stages=0)")
+        out.append(("xs", "vector<8xf16>", x_stages * kw * 16 * mt * unroll * _x_row_chunks(k_tile)))
     if stages:
         _require(stages >= 2, "stages must be 0 (register prefetch) or >= 2")
         out.append(("wbuf", "vector<4xi32>", kw * nw * stages * unroll * nt * 32))
@@ -92,9 +102,9 @@ def _require(cond, msg):
 # --------------------------------------------------------------------------- configs
 
 
-def _c(nt, kw, u, wc=None, nw=1, d=1, s=0):
+def _c(nt, kw, u, wc=None, nw=1, d=1, s=0, xs=0):
     return {"n_tiles": nt, "k_warps": kw, "unroll": u, "w_cache": wc, "n_warps": nw,
-            "depth": d, "stages": s}
+            "depth": d, "stages": s, "x_stages": xs}
 
 
 # Preferred configurations, best first, from the sweeps on an H100 SXM (README.md has the
@@ -108,11 +118,15 @@ TUNED = {
     ("gemv_w8a16", "m8"): [_c(2, 4, 2, "no_allocate_256"), _c(2, 8, 2), _c(1, 4, 1, s=4)],
     ("gemv_w8a16", "m16", "largeN"): [_c(2, 4, 2, "no_allocate_256"), _c(2, 8, 2)],
     ("gemv_w8a16", "m16"): [_c(2, 8, 2), _c(2, 4, 2, "no_allocate_256")],
-    # more than 16 rows (prefill): m-tiles multiply the accumulators, so fewer n-tiles (untuned)
-    ("gemv_w4a16", "m64"): [_c(2, 4, 1, "no_allocate"), _c(1, 4, 2, "no_allocate"), _c(1, 2, 1)],
-    ("gemv_w8a16", "m64"): [_c(2, 4, 1, "no_allocate_256"), _c(1, 4, 2), _c(1, 2, 1)],
+    # more than 16 rows (prefill): m-tiles multiply the accumulators, so fewer n-tiles; the
+    # block's warps split N and share each x tile through shared memory (x_stages)
+    ("gemv_w4a16", "m64"): [_c(2, 1, 1, "no_allocate", nw=8, xs=2), _c(2, 4, 1, "no_allocate"),
+                            _c(1, 4, 2, "no_allocate"), _c(1, 2, 1)],
+    ("gemv_w8a16", "m64"): [_c(2, 1, 1, "no_allocate_256", nw=4, xs=2), _c(2, 4, 1, "no_allocate_256"),
+                            _c(1, 4, 2), _c(1, 2, 1)],
 }
-GEMV_M_MAX = 64  # rows of x a weight-only GEMV launch takes (16-row mma tiles, up to 4 a warp)
+GEMV_M_MAX = 256  # rows of x a weight-only GEMV launch takes (blocks of up to 64 rows along grid y)
+M_BLOCK = 64  # rows of x a block multiplies (16-row mma tiles, up to 4 a warp)
 _FALLBACK = [_c(nt, kw, u) for nt in (2, 1) for kw in (8, 4, 2, 1) for u in (2, 1, 4, 8)]
 
 
@@ -122,7 +136,7 @@ def default_config(kind: str, K: int, N: int, m_max: int = 16, group_tiles: int 
     (kind, m_max, N), then generic ones, merged with the ``given`` (non-None) keywords; the
     first combination that meets the kernel's constraints wins.
 
-    Keys: n_tiles, k_warps, unroll, w_cache, n_warps, depth, stages.
+    Keys: n_tiles, k_warps, unroll, w_cache, n_warps, depth, stages, x_stages.
     """
     k_tile = 128 if kind == "gemv_w4a16" else 64
     mk = "m8" if m_max <= 8 else "m16" if m_max <= 16 else "m64"
@@ -136,11 +150,13 @@ def default_config(kind: str, K: int, N: int, m_max: int = 16, group_tiles: int 
             cfg["unroll"] = group_tiles * max(1, cfg["unroll"] // group_tiles)
             if "unroll" in fixed:
                 cfg["unroll"] = fixed["unroll"]
+        if m_max <= 16:
+            cfg["x_stages"] = 0  # decode: one row tile, nothing to share
         try:
             _check_cfg(K, N, k_tile, cfg["n_tiles"], cfg["k_warps"], cfg["unroll"], group_tiles,
                        m_max, cfg["n_warps"], cfg["depth"])
             _smem(cfg["k_warps"], cfg["n_warps"], cfg["n_tiles"], cfg["unroll"], cfg["stages"],
-                  cfg["unroll"], [], mt=_m_tiles(m_max))
+                  cfg["unroll"], [], mt=_m_tiles(m_max), x_stages=cfg["x_stages"], k_tile=k_tile)
             _hint_suffix(cfg["w_cache"])
             return cfg
         except KernelConstraintError as e:
@@ -153,7 +169,7 @@ def default_config(kind: str, K: int, N: int, m_max: int = 16, group_tiles: int 
 
 def _mma_gemv_body(E, a, *, K, N, k_tile, nt, kw, unroll, m_max, load_meta, dequant,
                    group_tiles, scale_acc, final_scale, w_hint=None, nw=1, depth=1, stages=0,
-                   meta_smem=False, out_f32=False):
+                   meta_smem=False, out_f32=False, x_stages=0):
     """Shared body of the weight-only kernels (see module docstring).
 
     load_meta(E, a, tn, kt) -> [(param name, element index)] for one n-tile and K tile /
@@ -169,6 +185,13 @@ def _mma_gemv_body(E, a, *, K, N, k_tile, nt, kw, unroll, m_max, load_meta, dequ
         held); each lane reads back only what it copied itself, so no barrier is needed.
     meta_smem: (stages > 0) metadata also through the cp.async ring (replicated per lane);
         otherwise it is prefetched stages - 1 iterations ahead in loop-carried registers.
+    x_stages: (prefill) the block's threads copy each x tile (its rows, ``unroll`` K tiles of
+        every K slice) into a ring of ``x_stages`` shared-memory slots with cp.async, x_stages - 1
+        iterations ahead; the nw warps of a K slice read their A fragments from there instead
+        of each loading x from global memory. A lane's chunk (t, v) of a row sits at slot
+        v * 4 + t of a row padded to k_tile / 8 + 4 chunks: the 8 lanes of each quarter warp
+        (two rows of different parity, t = 0..3) then hit 8 different 16-byte bank groups.
+    Rows: blocks along grid y take 16 * mt rows each (m_max > 64).
     """
     KT = K // k_tile
     TPW = KT // kw
@@ -186,9 +209,11 @@ def _mma_gemv_body(E, a, *, K, N, k_tile, nt, kw, unroll, m_max, load_meta, dequ
     M = E.idx(a["M"])
     mlast = M - 1
     mt = _m_tiles(m_max)  # x row tiles of 16; accumulator tile j * nt + r: rows 16j.., n-tile r
+    BM = 16 * mt
+    row0 = E.bid("y") * BM if _row_blocks(m_max) > 1 else E.const(0, "index")
     NA = mt * nt
-    xlo = [E.minu(g + 16 * j, mlast) * (K // 8) + t * xv for j in range(mt)]
-    xhi = [E.minu(g + 16 * j + 8, mlast) * (K // 8) + t * xv for j in range(mt)] if m_max > 8 else None
+    xlo = [E.minu(row0 + g + 16 * j, mlast) * (K // 8) + t * xv for j in range(mt)]
+    xhi = [E.minu(row0 + g + 16 * j + 8, mlast) * (K // 8) + t * xv for j in range(mt)] if m_max > 8 else None
     tile0 = (bid * nw + wn) * nt if nw > 1 else bid * nt
     kt0 = wk * TPW
     wbase = [((tile0 + r) * KT + kt0) * 32 + lane for r in range(nt)]
@@ -260,20 +285,61 @@ def _mma_gemv_body(E, a, *, K, N, k_tile, nt, kw, unroll, m_max, load_meta, dequ
             per = len(vals) // nt
             return [vals[r * per:(r + 1) * per] for r in range(nt)]
 
+    # ---- x tiles through shared memory (x_stages)
+    if x_stages:
+        CH = k_tile // 8  # 16-byte chunks of a row of one x tile
+        RS = _x_row_chunks(k_tile)
+        threads = 32 * kw * nw
+        items = kw * unroll * BM * CH  # chunks a stage holds
+        xs = a["xs"]
+
+        def x_slot(slot, w, u, row):
+            return ((slot * kw + w) * unroll + u) * BM + row
+
+        def issue_x(c):
+            """cp.async the x chunks of iteration c (K tiles c * unroll .. of every K slice)."""
+            slot = c % x_stages
+
+            def copies():
+                for p in range(-(-items // threads)):
+                    def one(p=p):
+                        it = tid + p * threads
+                        wu, rem = it // (BM * CH), it % (BM * CH)
+                        w, u = wu // unroll, wu % unroll
+                        row, ch = rem // CH, rem % CH
+                        src = (E.minu(row0 + row, mlast) * (K // 8)
+                               + (w * TPW + c * unroll + u) * CH + ch)
+                        dst = x_slot(slot, w, u, row) * RS + (ch % xv) * 4 + ch // xv
+                        E.cp_async(xs, dst, a["x"], src)
+                    if (p + 1) * threads <= items:
+                        one()
+                    else:
+                        E.if_(E.cmp("ult", tid + p * threads, E.const(items, "index")), one)
+            E.if_(E.cmp("ult", c, E.const(NI, "index")), copies)
+            E.cp_async_commit()
+
     mpu = n_meta
 
-    def compute(i, acc, ws, metas):
+    def compute(i, acc, ws, metas, slot=None):
         accg = [list(x) for x in acc] if not meta_per_group else None
         for u in range(unroll):
             kt = kt0 + i + u
             xb = kt * (k_tile // 8)
 
-            def a_frags(j):
+            def a_frags(j, u=u):
                 """The A fragments of row tile j, one per mma step."""
+                if slot is not None:
+                    lo = x_slot(slot, wk, u, g + 16 * j) * RS + t
+                    xl = [E.load(a["xs"], lo + 4 * v) for v in range(xv)]
+                    xh = [E.load(a["xs"], lo + (8 * RS + 4 * v)) for v in range(xv)]
+                    return _frags(xl, xh)
                 xl = [E.load(a["x"], xlo[j] + xb + v) for v in range(xv)]
                 # For M <= 8 the A rows 8..15 only feed accumulator rows that are never
                 # stored: reuse rows 0..7 instead of loading them.
                 xh = xl if m_max <= 8 else [E.load(a["x"], xhi[j] + xb + v) for v in range(xv)]
+                return _frags(xl, xh)
+
+            def _frags(xl, xh):
                 return [[E.slice2(xl[s // 2], 4 * (s % 2)), E.slice2(xh[s // 2], 4 * (s % 2)),
                          E.slice2(xl[s // 2], 4 * (s % 2) + 2), E.slice2(xh[s // 2], 4 * (s % 2) + 2)]
                         for s in range(steps)]
@@ -329,12 +395,23 @@ def _mma_gemv_body(E, a, *, K, N, k_tile, nt, kw, unroll, m_max, load_meta, dequ
         slen = len(stages0[0])
         last = E.const(TPW - unroll, "index")
 
+        for c in range(x_stages - 1):
+            issue_x(E.const(c, "index"))
+
         def body(i, args):
             acc = [args[4 * r:4 * r + 4] for r in range(NA)]
             queue = args[4 * NA:]
+            slot = None
+            if x_stages:  # x of this iteration landed for every thread, the slot of the
+                # previous one is free (all warps done with it): refill it
+                c = i // unroll
+                E.cp_async_wait(x_stages - 2)
+                E.barrier()
+                issue_x(c + (x_stages - 1))
+                slot = c % x_stages
             nxt = queue[slen:] + load_stage(E.minu(i + depth * unroll, last))
             ws, metas = split_stage(queue[:slen])
-            acc = compute(i, acc, ws, metas)
+            acc = compute(i, acc, ws, metas, slot)
             return [v for r in range(NA) for v in acc[r]] + nxt
 
         inits = [zero] * (4 * NA) + [v for st in stages0 for v in st]
@@ -356,7 +433,7 @@ def _mma_gemv_body(E, a, *, K, N, k_tile, nt, kw, unroll, m_max, load_meta, dequ
         else:
             lo = E.cast("truncf", E.from_elements(vals[0:2]), "vector<2xf16>")
             hi = E.cast("truncf", E.from_elements(vals[2:4]), "vector<2xf16>") if m_max > 8 else None
-        row = g + 16 * j
+        row = row0 + g + 16 * j
         E.if_(E.cmp("ult", row, M), lambda: E.store(lo, a["y"], row * half_n + col))
         if m_max > 8:
             E.if_(E.cmp("ult", row + 8, M), lambda: E.store(hi, a["y"], (row + 8) * half_n + col))
@@ -386,7 +463,12 @@ def _mma_gemv_body(E, a, *, K, N, k_tile, nt, kw, unroll, m_max, load_meta, dequ
 
 def _m_tiles(m_max: int) -> int:
     """16-row mma tiles of x a warp multiplies with each dequantized weight fragment."""
-    return 1 if m_max <= 16 else -(-m_max // 16)
+    return 1 if m_max <= 16 else min(M_BLOCK, m_max + 15) // 16
+
+
+def _row_blocks(m_max: int) -> int:
+    """Blocks along grid y, each on 16 * _m_tiles(m_max) rows of x."""
+    return -(-m_max // (16 * _m_tiles(m_max)))
 
 
 def _check_cfg(K, N, k_tile, nt, kw, unroll, group_tiles, m_max, nw=1, depth=1):
@@ -425,7 +507,7 @@ def gemv_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
                k_warps: int | None = None, unroll: int | None = None,
                w_cache: str | None = "auto", n_warps: int | None = None,
                depth: int | None = None, stages: int | None = None, meta_smem: bool = False,
-               out_f32: bool = False, name: str | None = None) -> KernelSpec:
+               out_f32: bool = False, x_stages: int | None = None, name: str | None = None) -> KernelSpec:
     """y[M, N] = x[M, K] @ dequant(W4)^T for 1 <= M <= m_max (M is a launch argument).
 
     Constraints: K % 128 == 0, N % (8 n_tiles) == 0, group_size % 32 == 0 and divides K;
@@ -443,9 +525,11 @@ def gemv_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
     gt = G // 128 if mode == "acc" else 1
     _require(1 <= m_max <= GEMV_M_MAX, f"m_max must be in 1..{GEMV_M_MAX} (got {m_max})")
     cf = default_config("gemv_w4a16", K, N, m_max, gt, n_tiles=n_tiles, k_warps=k_warps,
-                        unroll=unroll, w_cache=w_cache, n_warps=n_warps, depth=depth, stages=stages)
+                        unroll=unroll, w_cache=w_cache, n_warps=n_warps, depth=depth, stages=stages,
+                        x_stages=x_stages)
     nt, kw, un = cf["n_tiles"], cf["k_warps"], cf["unroll"]
     w_cache, n_warps, depth, stages = cf["w_cache"], cf["n_warps"], cf["depth"], cf["stages"]
+    x_stages = cf["x_stages"]
     GP = K // G
     NB = N // 8
     params = _common_params(K, N, m_max)
@@ -513,25 +597,26 @@ def gemv_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
     meta_types = ([("scales", "vector<2xf32>")] + ([("zeros", "i32")] if zero_point else [])
                   if mode == "acc" else [("meta", "vector<2xf16>")])
     smem = _smem(kw, n_warps, nt, un, stages, un // gt if mode == "acc" else un,
-                 [t_ for _, t_ in meta_types] if meta_smem else [], mt=_m_tiles(m_max))
+                 [t_ for _, t_ in meta_types] if meta_smem else [], mt=_m_tiles(m_max),
+                 x_stages=x_stages, k_tile=128)
 
     def body(E, a):
         _mma_gemv_body(E, a, K=K, N=N, k_tile=128, nt=nt, kw=kw, unroll=un, m_max=m_max,
                        load_meta=load_meta, dequant=dequant, group_tiles=gt,
                        scale_acc=scale_acc if mode == "acc" else None, final_scale=None,
                        w_hint=W_CACHE_HINTS[w_cache], nw=n_warps, depth=depth, stages=stages,
-                       meta_smem=meta_smem, out_f32=out_f32)
+                       meta_smem=meta_smem, out_f32=out_f32, x_stages=x_stages)
 
     nm = name or (f"gemv_w4a16_g{G}{'' if zero_point else 's'}_{mode}_k{K}_n{N}_m{m_max}"
-                  f"_t{nt}w{kw}u{un}{_shape_suffix(n_warps, depth, stages)}{'m' if meta_smem else ''}"
+                  f"_t{nt}w{kw}u{un}{_shape_suffix(n_warps, depth, stages, x_stages)}{'m' if meta_smem else ''}"
                   f"{_hint_suffix(w_cache)}{'_o32' if out_f32 else ''}")
     cfg = {"kind": "gemv_w4a16", "K": K, "N": N, "group_size": G, "zero_point": zero_point,
            "scale_mode": mode, "m_max": m_max, "n_tiles": nt, "k_warps": kw, "unroll": un,
            "w_cache": w_cache, "n_warps": n_warps, "depth": depth, "stages": stages,
-           "meta_smem": meta_smem, "out_f32": out_f32,
+           "meta_smem": meta_smem, "out_f32": out_f32, "x_stages": x_stages,
            "weight_bytes": N * K // 2,
            "meta_bytes": N * GP * (4 + (1 if zero_point else 0)) if mode == "acc" else N * GP * 4}
-    return KernelSpec(nm, params, (32 * kw * n_warps, 1, 1), (N // (8 * nt * n_warps), 1, 1), body,
+    return KernelSpec(nm, params, (32 * kw * n_warps, 1, 1), (N // (8 * nt * n_warps), _row_blocks(m_max), 1), body,
                       smem, cfg, doc=gemv_w4a16.__doc__.split("\n")[0])
 
 
@@ -542,7 +627,7 @@ def gemv_w8a16(K: int, N: int, *, m_max: int = 16, n_tiles: int | None = None,
                k_warps: int | None = None, unroll: int | None = None,
                w_cache: str | None = "auto", n_warps: int | None = None,
                depth: int | None = None, stages: int | None = None, out_f32: bool = False,
-               name: str | None = None) -> KernelSpec:
+               x_stages: int | None = None, name: str | None = None) -> KernelSpec:
     """y[M, N] = x[M, K] @ (q * scale)^T, int8 per-channel weights, 1 <= M <= m_max.
 
     Constraints: K % 64 == 0, N % (8 n_tiles) == 0. Parameters: x f16[M, K],
@@ -551,9 +636,11 @@ def gemv_w8a16(K: int, N: int, *, m_max: int = 16, n_tiles: int | None = None,
     _require(K % 64 == 0 and N % 8 == 0, f"gemv_w8a16 needs K % 64 == 0 and N % 8 == 0 (K={K}, N={N})")
     _require(1 <= m_max <= GEMV_M_MAX, f"m_max must be in 1..{GEMV_M_MAX} (got {m_max})")
     cf = default_config("gemv_w8a16", K, N, m_max, 1, n_tiles=n_tiles, k_warps=k_warps,
-                        unroll=unroll, w_cache=w_cache, n_warps=n_warps, depth=depth, stages=stages)
+                        unroll=unroll, w_cache=w_cache, n_warps=n_warps, depth=depth, stages=stages,
+                        x_stages=x_stages)
     nt, kw, un = cf["n_tiles"], cf["k_warps"], cf["unroll"]
     w_cache, n_warps, depth, stages = cf["w_cache"], cf["n_warps"], cf["depth"], cf["stages"]
+    x_stages = cf["x_stages"]
     NB = N // 8
     params = _common_params(K, N, m_max)
     params.append(Param("wq", f"memref<{NB * (K // 64) * 32}xvector<4xi32>>", "in",
@@ -579,20 +666,20 @@ def gemv_w8a16(K: int, N: int, *, m_max: int = 16, n_tiles: int | None = None,
         s = E.load(a["scales"], tn * 4 + t)
         return E.extract(s, 0), E.extract(s, 1)
 
-    smem = _smem(kw, n_warps, nt, un, stages, un, [], mt=_m_tiles(m_max))
+    smem = _smem(kw, n_warps, nt, un, stages, un, [], mt=_m_tiles(m_max), x_stages=x_stages, k_tile=64)
 
     def body(E, a):
         _mma_gemv_body(E, a, K=K, N=N, k_tile=64, nt=nt, kw=kw, unroll=un, m_max=m_max,
                        load_meta=load_meta, dequant=dequant, group_tiles=1, scale_acc=None,
                        final_scale=final_scale, w_hint=W_CACHE_HINTS[w_cache], nw=n_warps,
-                       depth=depth, stages=stages, out_f32=out_f32)
+                       depth=depth, stages=stages, out_f32=out_f32, x_stages=x_stages)
 
-    nm = name or (f"gemv_w8a16_k{K}_n{N}_m{m_max}_t{nt}w{kw}u{un}{_shape_suffix(n_warps, depth, stages)}"
+    nm = name or (f"gemv_w8a16_k{K}_n{N}_m{m_max}_t{nt}w{kw}u{un}{_shape_suffix(n_warps, depth, stages, x_stages)}"
                   f"{_hint_suffix(w_cache)}{'_o32' if out_f32 else ''}")
     cfg = {"kind": "gemv_w8a16", "K": K, "N": N, "m_max": m_max, "n_tiles": nt, "k_warps": kw,
            "unroll": un, "w_cache": w_cache, "n_warps": n_warps, "depth": depth, "stages": stages,
-           "out_f32": out_f32, "weight_bytes": N * K, "meta_bytes": 4 * N}
-    return KernelSpec(nm, params, (32 * kw * n_warps, 1, 1), (N // (8 * nt * n_warps), 1, 1), body,
+           "out_f32": out_f32, "x_stages": x_stages, "weight_bytes": N * K, "meta_bytes": 4 * N}
+    return KernelSpec(nm, params, (32 * kw * n_warps, 1, 1), (N // (8 * nt * n_warps), _row_blocks(m_max), 1), body,
                       smem, cfg, doc=gemv_w8a16.__doc__.split("\n")[0])
 
 

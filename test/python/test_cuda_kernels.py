@@ -125,6 +125,12 @@ W4_CASES = [
     (512, 32, 128, 37, True, None, dict(n_tiles=2, k_warps=2, unroll=1, m_max=48)),
     (1024, 64, 128, 64, False, None, dict(m_max=64)),
     (512, 32, 64, 20, True, "weight", dict(n_tiles=1, k_warps=1, unroll=2, m_max=32, stages=3)),
+    # x tiles through shared memory, shared by the warps splitting N; row blocks along grid y
+    (512, 64, 128, 33, True, None, dict(n_tiles=2, k_warps=1, unroll=1, n_warps=4, x_stages=2, m_max=48)),
+    (1024, 32, 256, 30, True, None, dict(n_tiles=1, k_warps=1, unroll=2, n_warps=2, x_stages=2, m_max=32)),
+    (1024, 32, 128, 29, True, None, dict(n_tiles=1, k_warps=2, unroll=1, n_warps=2, x_stages=2, m_max=32)),
+    (512, 32, 128, 100, True, None, dict(n_tiles=2, k_warps=1, unroll=1, n_warps=2, x_stages=2, m_max=128)),
+    (512, 32, 128, 130, False, None, dict(n_tiles=2, k_warps=2, unroll=1, m_max=192)),
 ]
 
 
@@ -148,7 +154,11 @@ def test_w4a16_emulated(K, N, G, M, zp, mode, cfg):
                                        (1024, 64, 16, dict(n_tiles=2, k_warps=2, unroll=2, stages=3)),
                                        (1024, 64, 7, dict(n_tiles=2, k_warps=1, unroll=1, n_warps=4,
                                                           stages=4)),
-                                       (512, 64, 45, dict(m_max=48, n_tiles=1, k_warps=2, unroll=2))])
+                                       (512, 64, 45, dict(m_max=48, n_tiles=1, k_warps=2, unroll=2)),
+                                       # 384 x chunks a stage over 256 threads: a guarded copy round
+                                       (256, 64, 47, dict(m_max=48, n_tiles=1, k_warps=1, unroll=1,
+                                                          n_warps=8, x_stages=2)),
+                                       (512, 64, 80, dict(m_max=80, x_stages=2))])
 def test_w8a16_emulated(K, N, M, cfg):
     rng = np.random.default_rng(K + M)
     spec = kernels.gemv_w8a16(K, N, **cfg)
@@ -413,9 +423,11 @@ def test_constraint_errors_are_clear():
     with pytest.raises(KernelConstraintError, match="acc"):
         kernels.gemv_w4a16(4096, 4096, 64, scale_mode="acc")
     with pytest.raises(KernelConstraintError, match="m_max"):
-        kernels.gemv_w4a16(4096, 4096, m_max=65)
+        kernels.gemv_w4a16(4096, 4096, m_max=257)
     with pytest.raises(KernelConstraintError, match="k_warps"):
         kernels.gemv_w4a16(4096, 4096, k_warps=5)
+    with pytest.raises(KernelConstraintError, match="static limit"):  # 3 x 64 rows x 2 K slices
+        kernels.gemv_w4a16(4096, 4096, m_max=64, k_warps=2, n_warps=2, x_stages=3)
     with pytest.raises(KernelConstraintError, match="K % 64"):
         kernels.gemv_w8a16(100, 64)
     with pytest.raises(KernelConstraintError, match="K % 16"):
@@ -448,6 +460,9 @@ def ptxas_specs():
             kernels.gemv_w8a16(8192, 28672, n_tiles=2, k_warps=4, unroll=1, stages=4),
             kernels.gemv_w4a16(2048, 5632, 128, m_max=64, out_f32=True),  # prefill, default config
             kernels.gemv_w8a16(2048, 5632, m_max=64, out_f32=True),
+            kernels.gemv_w4a16(2048, 11264, 128, m_max=256, out_f32=True),  # 4 row blocks
+            kernels.gemv_w8a16(5632, 2048, m_max=256, out_f32=True),
+            kernels.gemv_w4a16(2048, 2048, 128, m_max=64, n_tiles=2, k_warps=4, unroll=1, x_stages=0),
             kernels.gemv_w4a16(4096, 4096, 64, zero_point=True),  # weight-scaled path
             kernels.gemv_w4a16(4096, 4096, 256, zero_point=False),
             kernels.gemv_i8(4096, 4096, m_max=1), kernels.gemv_i8(4096, 4096, m_max=16),
@@ -496,10 +511,10 @@ def test_ir_uses_mma_shuffle_and_128bit_loads(gpu_ir):
         elif s.config["kind"] == "gemv_w8_sparse_x":  # weights loaded under a branch on x
             assert re.search(r"ld\.global(\.nc)?\.v4\.(b|u)32", body) and "@%p" in body, s.name
         elif s.config["kind"].startswith("gemv"):
-            if s.config.get("stages"):
+            if s.config.get("stages") or s.config.get("x_stages"):  # W or x through cp.async rings
                 assert "cp.async.cg.shared.global" in body and "cp.async.wait_group" in body
                 assert "ld.shared.v4" in body, s.name
-            else:
+            if not s.config.get("stages"):
                 assert re.search(r"ld\.global\.nc(\.L1::\w+)?(\.L2::256B)?\.v4\.(b|u)32", body), s.name
             assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in body, s.name
         else:
