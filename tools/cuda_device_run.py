@@ -78,7 +78,13 @@ PREFILL_VARIANTS = {
     "gemv_w8a16": [{}, _v(2, 4, 1, wc="no_allocate_256"), _v(2, 1, 1, nw=4, xs=2, wc="no_allocate_256"),
                    _v(2, 1, 1, nw=8, xs=2, wc="no_allocate_256"), _v(1, 1, 1, nw=8, xs=3),
                    _v(2, 1, 2, nw=4, xs=2), _v(2, 2, 1, nw=4, xs=2), _v(1, 2, 1, nw=8, xs=2)],
+    # w8a8's integer core at prefill: 128 rows of int8 codes (the gemv_i8 baseline at 16 a launch)
+    "gemm_i8": [{}, dict(n_tiles=4, n_warps=4), dict(n_tiles=2, n_warps=4, m_tiles=2),
+                dict(n_tiles=1, n_warps=8), dict(n_tiles=2, n_warps=8), dict(n_tiles=4, n_warps=2),
+                dict(n_tiles=2, n_warps=4, depth=3, x_stages=4), dict(n_tiles=2, n_warps=4, unroll=2)],
+    "gemv_i8": [{}],
 }
+PREFILL_I8_ROWS = 128
 EMU_SHAPES = [(512, 64), (1024, 128)]
 
 
@@ -155,9 +161,10 @@ def prefill_specs(variants):
     for K, N in PREFILL_SHAPES:
         for kind, vs in variants.items():
             for v in vs:
+                m_max = {"gemm_i8": PREFILL_I8_ROWS, "gemv_i8": 16}.get(kind, PREFILL_M_MAX)
                 try:
                     specs.append(getattr(kernels, kind)(K, N, **({"group_size": GROUP} if kind == "gemv_w4a16" else {}),
-                                                        m_max=PREFILL_M_MAX, **v))
+                                                        m_max=m_max, **v))
                 except kernels.KernelConstraintError:
                     pass
     return list({s.name: s for s in specs}.values())
@@ -201,6 +208,9 @@ def cmd_build(args):
 def _cfg_str(c):
     if c["kind"] == "gemv_i8":
         return f"rows{c['n_rows']} w{c['warps']} u{c['unroll']}"
+    if c["kind"] == "gemm_i8":
+        return (f"nt{c['n_tiles']} nw{c['n_warps']} mt{c['m_tiles']} u{c['unroll']} d{c['depth']} "
+                f"x-ring {c['x_stages']} m<={c['m_max']}")
     s = f"nt{c['n_tiles']} kw{c['k_warps']} u{c['unroll']}"
     if c.get("n_warps", 1) > 1:
         s += f" nw{c['n_warps']}"
@@ -521,7 +531,7 @@ def cmd_run(args):
 
     # ---- gemv_i8 (w8a8's integer core): exact i32 sums; time against fp16 F.linear and w8a16
     for (kind, K, N), names in by_kind.items():
-        if kind != "gemv_i8" or "linear" not in sections:
+        if kind not in ("gemv_i8", "gemm_i8") or "linear" not in sections:
             continue
         q = rng.integers(-127, 128, (N, K), dtype=np.int8)
         devs = [dev_t(q) for _ in range(1 if emulate else max(2, math.ceil(L2_DEFEAT_BYTES / q.nbytes)))]
@@ -600,8 +610,8 @@ def cmd_run(args):
     log(f"{'format':10s} {'K x N':>12s} {'M':>3s} {'kernel us':>10s} {'GB/s':>7s} {'of BW':>6s} "
         f"{'fp16 us':>9s} {'fp16 GB/s':>9s} {'vs fp16':>8s}  config")
     summary = []
-    for kind in ("gemv_w4a16", "gemv_w8a16", "gemv_i8"):
-        base_kind = "gemv_w8a16" if kind == "gemv_i8" else kind  # its fp16 baseline rows
+    for kind in ("gemv_w4a16", "gemv_w8a16", "gemv_i8", "gemm_i8"):
+        base_kind = "gemv_w8a16" if kind in ("gemv_i8", "gemm_i8") else kind  # its fp16 baseline rows
         for K, N in shapes:
             for M in _ms(K, N):
                 rows = [r for r in results["rows"] if r["kind"] == kind and r["K"] == K

@@ -509,6 +509,19 @@ class MlirEmitter(Emitter):
             f": (vector<2xf16>, vector<2xf16>, f32) -> {st}")
         return [self._op(f"llvm.extractvalue {nm}[{i}] : {st}", "f32") for i in range(4)]
 
+    def mma_s8(self, a: Sequence[Val], b: Sequence[Val], c: Sequence[Val]) -> list[Val]:
+        """nvvm.mma.sync m16n8k32 row.col, s8 x s8 + s32 -> s32 (wrapping), 4 bytes a register."""
+        assert len(a) == 4 and len(b) == 2 and len(c) == 4
+        st = "!llvm.struct<(i32, i32, i32, i32)>"
+        nm = self._name()
+        self._emit(
+            f"{nm} = nvvm.mma.sync A[{', '.join(x.v for x in a)}] B[{', '.join(x.v for x in b)}] "
+            f"C[{', '.join(x.v for x in c)}] {{intOverflowBehavior = #nvvm.mma_int_overflow<wrapped>, "
+            f"layoutA = #nvvm.mma_layout<row>, layoutB = #nvvm.mma_layout<col>, "
+            f"multiplicandAPtxType = #nvvm.mma_type<s8>, multiplicandBPtxType = #nvvm.mma_type<s8>, "
+            f"shape = #nvvm.shape<m = 16, n = 8, k = 32>}} : (i32, i32, i32) -> {st}")
+        return [self._op(f"llvm.extractvalue {nm}[{i}] : {st}", "i32") for i in range(4)]
+
     # -- control flow
     def for_(self, lo, hi, step, inits: Sequence[Val],
              body: Callable[[Val, list[Val]], Sequence[Val]]) -> list[Val]:

@@ -862,6 +862,159 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
                       _per_member(members, sfx, n_rows * warps, member), [], cfg, doc=gemv_i8.__doc__.split("\n")[0])
 
 
+def gemm_i8(K: int, N: int, *, m_max: int = 64, n_tiles: int = 2, n_warps: int = 4,
+            m_tiles: int | None = None, unroll: int = 1, depth: int = 2, x_stages: int = 3,
+            scaled: str | None = None, members: tuple | list | None = None,
+            name: str | None = None) -> KernelSpec:
+    """gemv_i8's product on the tensor cores for many rows of x (prefill): the same parameters
+    and results (exact i32 sums, or the same scaled f32 epilogue), ``mma.sync.m16n8k32`` s8.
+
+    A block owns 16 * m_tiles rows of x (blocks along grid y cover m_max) and n_warps * n_tiles
+    * 8 weight rows (each warp n_tiles tiles of 8). Per 64-byte K tile, every lane loads 16
+    bytes of each of its weight rows (row g of the tile, K bytes 16t..16t+15: the [N, K]
+    codes as stored, no repacked copy) and of x rows g and g + 8 of each row tile, and
+    uses them as the two k32 steps' fragments: mma K slot 4t + i <-> byte 16t + 8s + i,
+    16 + 4t + i <-> 16t + 8s + 4 + i (the same permutation of K for x and W leaves the dot
+    products unchanged). x tiles reach shared memory through a cp.async ring of
+    ``x_stages`` slots filled by all the block's threads, rows of 4 chunks unpadded: a
+    quarter warp reads two rows of different parity, 8 distinct 16-byte bank groups. W
+    streams through registers ``depth`` tiles ahead. Constraints: K % 64 == 0, every
+    member's N a multiple of 8 * n_tiles * n_warps.
+    """
+    _require(K % 64 == 0, f"gemm_i8 needs K % 64 == 0 (K={K})")
+    _require(1 <= m_max <= GEMV_M_MAX, f"m_max must be in 1..{GEMV_M_MAX} (got {m_max})")
+    _require(scaled in (None, "row", "tensor"), f"scaled must be None, 'row' or 'tensor' (got {scaled!r})")
+    members, sfx = _members(N, members)
+    BN = 8 * n_tiles * n_warps
+    _require(all(n % BN == 0 for n in members),
+             f"every member's N {members} must be a multiple of 8 * n_tiles * n_warps = {BN}")
+    mt = m_tiles or _m_tiles(max(m_max, 17))
+    _require(1 <= mt <= M_BLOCK // 16, f"m_tiles must be in 1..{M_BLOCK // 16}")
+    _require(x_stages >= 2 and depth >= 1 and unroll >= 1, "x_stages >= 2, depth >= 1, unroll >= 1")
+    BM = 16 * mt
+    row_blocks = -(-m_max // BM)
+    K16 = K // 16
+    KT = K // 64
+    _require(KT % unroll == 0, f"K/64={KT} K tiles must be a multiple of unroll={unroll}")
+    NI = KT // unroll
+    threads = 32 * n_warps
+    items = unroll * BM * 4  # 16-byte x chunks a stage holds
+    smem = [("xs", "vector<4xi32>", x_stages * items)]
+    _require(sum(n * 16 for _, _, n in smem) <= MAX_STATIC_SMEM,
+             f"{x_stages * items * 16} bytes of shared memory exceed the {MAX_STATIC_SMEM}-byte static limit")
+
+    params = [Param("x", f"memref<{m_max * K16}xvector<4xi32>>", "in", f"int8 [M, {K}] row-major",
+                    rows=("M", m_max))]
+    params += [Param(f"wq{i}", f"memref<{n * K16}xvector<4xi32>>", "in", f"int8 [{n}, {K}] row-major")
+               for i, n in zip(sfx, members)]
+    if scaled == "row":
+        params.append(Param("sx", f"memref<{m_max}xf32>", "in", "f32 [M] per-token scales", rows=("M", m_max)))
+    elif scaled == "tensor":
+        params.append(Param("sx", "memref<1xf32>", "in", "f32 [1] per-tensor scale"))
+    if scaled:
+        params += [Param(f"sw{i}", f"memref<{n}xf32>", "in", f"f32 [{n}] per-channel scales")
+                   for i, n in zip(sfx, members)]
+    yt = "f32" if scaled else "i32"
+    params += [Param(f"y{i}", f"memref<{m_max * n}x{yt}>", "out", f"{yt} [M, {n}]", rows=("M", m_max))
+               for i, n in zip(sfx, members)]
+    params.append(_m_param(m_max))
+
+    def member(E, a, mi, N, blk):
+        tid = E.tid()
+        lane, warp = tid % 32, tid // 32
+        g, t = lane // 4, lane % 4
+        M = E.idx(a["M"])
+        mlast = M - 1
+        row0 = E.bid("y") * BM if row_blocks > 1 else E.const(0, "index")
+        tile0 = (blk * n_warps + warp) * n_tiles
+        wrow = [((tile0 + r) * 8 + g) * K16 + t for r in range(n_tiles)]
+        xs = a["xs"]
+        zero = E.const(0, "i32")
+
+        def issue_x(c):
+            slot = c % x_stages
+
+            def copies():
+                for p in range(-(-items // threads)):
+                    def one(p=p):
+                        it = tid + p * threads
+                        u, rem = it // (BM * 4), it % (BM * 4)
+                        row, ch = rem // 4, rem % 4
+                        src = E.minu(row0 + row, mlast) * K16 + (c * unroll + u) * 4 + ch
+                        E.cp_async(xs, (slot * unroll + u) * (BM * 4) + rem, a["x"], src)
+                    if (p + 1) * threads <= items:
+                        one()
+                    else:
+                        E.if_(E.cmp("ult", tid + p * threads, E.const(items, "index")), one)
+            E.if_(E.cmp("ult", c, E.const(NI, "index")), copies)
+            E.cp_async_commit()
+
+        def load_w(i):  # the weights of iteration i: [r][u] vector<4xi32>
+            return [E.load_hint(a["wq" + mi], wrow[r] + (i + u) * 4, "L1::no_allocate")
+                    for r in range(n_tiles) for u in range(unroll)]
+
+        def words(v):
+            return [E.extract(v, k) for k in range(4)]
+
+        for c in range(x_stages - 1):
+            issue_x(E.const(c, "index"))
+        last = E.const(KT - unroll, "index")
+        queue0 = [v for d in range(depth) for v in load_w(E.const(min(d * unroll, KT - unroll), "index"))]
+        wlen = n_tiles * unroll
+        NA = mt * n_tiles
+
+        def body(i, args):
+            acc = [args[4 * k:4 * k + 4] for k in range(NA)]
+            queue = args[4 * NA:]
+            c = i // unroll
+            E.cp_async_wait(x_stages - 2)  # this iteration's x landed; the oldest slot is free
+            E.barrier()
+            issue_x(c + (x_stages - 1))
+            nxt = queue[wlen:] + load_w(E.minu(i + depth * unroll, last))
+            ws = queue[:wlen]
+            slot = c % x_stages
+            for u in range(unroll):
+                B = [words(ws[r * unroll + u]) for r in range(n_tiles)]
+                for j in range(mt):
+                    base = (slot * unroll + u) * (BM * 4) + (16 * j + g) * 4 + t
+                    xl, xh = words(E.load(xs, base)), words(E.load(xs, base + 32))
+                    for r in range(n_tiles):
+                        for st in range(2):
+                            acc[j * n_tiles + r] = E.mma_s8(
+                                [xl[2 * st], xh[2 * st], xl[2 * st + 1], xh[2 * st + 1]],
+                                [B[r][2 * st], B[r][2 * st + 1]], acc[j * n_tiles + r])
+            return [v for k in range(NA) for v in acc[k]] + nxt
+
+        res = E.for_(0, KT, unroll, [zero] * (4 * NA) + queue0, body)
+        y = a["y" + mi]
+        cols = [(tile0 + r) * 8 + 2 * t for r in range(n_tiles)]
+        sw = [[E.load(a["sw" + mi], c + e) for e in range(2)] for c in cols] if scaled else None
+        sx0 = E.load(a["sx"], E.const(0, "index")) if scaled == "tensor" else None
+        for j in range(mt):
+            for h in range(2):  # rows g, g + 8 of row tile j
+                row = row0 + 16 * j + 8 * h + g
+                if scaled:
+                    sx = sx0 if sx0 is not None else E.load(a["sx"], E.minu(row, mlast))
+                for r in range(n_tiles):
+                    k = 4 * (j * n_tiles + r) + 2 * h
+                    vals = res[k:k + 2]
+                    if scaled:
+                        vals = [(E.cast("sitofp", v, "f32") * sx) * sw[r][e] for e, v in enumerate(vals)]
+
+                    def st(vals=vals, row=row, col=cols[r]):
+                        for e in range(2):
+                            E.store(vals[e], y, row * N + col + e)
+                    E.if_(E.cmp("ult", row, M), st)
+
+    nm = name or (f"gemm_i8_k{K}_n{'_'.join(map(str, members))}_m{m_max}_t{n_tiles}n{n_warps}"
+                  f"m{mt}u{unroll}d{depth}x{x_stages}{'_s' + scaled[0] if scaled else ''}")
+    cfg = {"kind": "gemm_i8", "K": K, "N": N, "m_max": m_max, "n_tiles": n_tiles, "n_warps": n_warps,
+           "m_tiles": mt, "unroll": unroll, "depth": depth, "x_stages": x_stages, "scaled": scaled,
+           "w_bits": 8, "members": list(members), "weight_bytes": N * K, "meta_bytes": 4 * N if scaled else 0}
+    return KernelSpec(nm, params, (threads, 1, 1), (N // BN, row_blocks, 1),
+                      _per_member(members, sfx, BN, member), smem, cfg, doc=gemm_i8.__doc__.split("\n")[0])
+
+
 # --------------------------------------------------------------------------- w8, column-sparse x
 
 

@@ -74,6 +74,23 @@ def plan_kernel(fmt, M: int, K: int, N: int, out_f32: bool = True):
     return None, f"no GEMV kernel for {fmt.key()}"
 
 
+def _prefill_gemm(builder: str, args: dict, M: int):
+    """More rows than a GEMV launch takes, int8 weights: gemv_i8's product as the tensor-core
+    gemm_i8 (same parameters, same results) on up to GEMV_M_MAX rows a launch, if its
+    constraints hold; else the builder and arguments unchanged."""
+    from . import kernels
+
+    if builder != "gemv_i8" or M <= M_MAX or args.get("w_bits", 8) != 8:
+        return builder, args
+    g = {k: v for k, v in args.items() if k != "w_bits"}
+    g["m_max"] = min(kernels.GEMV_M_MAX, -(-M // 16) * 16)
+    try:
+        kernels.gemm_i8(**g)
+    except kernels.KernelConstraintError:
+        return builder, args
+    return "gemm_i8", g
+
+
 def build_spec(builder: str, args: dict):
     from . import kernels
 
@@ -307,6 +324,7 @@ class CudaSelectKernels(QccPass):
             sx_shape = irutil.tensor_shape(scale.operands[1])
             args["scaled"] = "row" if sx_shape[0] == M and M > 1 else "tensor"
             operands, replaced = operands + list(scale.operands[1:]), scale
+        builder, args = _prefill_gemm(builder, args, M)
         try:
             spec = getattr(kernels, builder)(**args)
         except kernels.KernelConstraintError as e:
@@ -354,6 +372,7 @@ class CudaSelectKernels(QccPass):
         Ns = [n for _, n in names]
         args = {"K": K, "N": sum(Ns), "m_max": min(M, M_MAX), "members": Ns, **dict(extra),
                 "scaled": "row" if sx_shape[0] == M and M > 1 else "tensor"}
+        builder, args = _prefill_gemm(builder, args, M)
         try:
             spec = getattr(kernels, builder)(**args)
         except kernels.KernelConstraintError:

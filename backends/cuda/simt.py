@@ -7,7 +7,9 @@ matching MLIR/PTX operation:
 * integers wrap at their width; ``f16`` arithmetic rounds each op to half;
 * ``mma_f16`` implements ``mma.sync.m16n8k16.row.col.f32.f16.f16.f32`` with the
   fragment layout of the PTX ISA (section "Matrix Fragments for mma.m16n8k16
-  with floating point type"); it needs all 32 lanes of a warp active;
+  with floating point type"), ``mma_s8`` ``mma.sync.m16n8k32.row.col.s32.s8.s8.s32``
+  (4 bytes a register; A rows g / g + 8, K 4t.. and 16 + 4t..; B the same K, column g);
+  both need all 32 lanes of a warp active;
 * ``shfl_xor`` is a butterfly shuffle within each warp;
 * shared memory is per block and checked: reading an element that another thread
   wrote since the last ``barrier`` raises :class:`SimtError` (a missing barrier),
@@ -370,6 +372,33 @@ class SimtEmulator(Emitter):
         D = (A @ B + C).astype(np.float32)
         out = [D[:, g, 2 * t], D[:, g, 2 * t + 1], D[:, g + 8, 2 * t], D[:, g + 8, 2 * t + 1]]
         return [self._v(o.reshape(self.T), "f32") for o in out]
+
+    def mma_s8(self, a, b, c):
+        self._check_active_all("nvvm.mma.sync", 32)
+        W = self.T // 32
+        lane = np.arange(32)
+        g, t = lane // 4, lane % 4
+
+        def sbytes(x):  # [W, 32, 4] signed bytes of each lane's register
+            return np.ascontiguousarray(x.v).view(np.int8).reshape(W, 32, 4).astype(np.int64)
+        A = np.zeros((W, 16, 32), np.int64)
+        B = np.zeros((W, 32, 8), np.int64)
+        C = np.zeros((W, 16, 8), np.int64)
+        av, bv = [sbytes(x) for x in a], [sbytes(x) for x in b]
+        cv = [x.v.view(np.int32).reshape(W, 32).astype(np.int64) for x in c]
+        for i in range(4):
+            A[:, g, 4 * t + i] = av[0][:, :, i]
+            A[:, g + 8, 4 * t + i] = av[1][:, :, i]
+            A[:, g, 16 + 4 * t + i] = av[2][:, :, i]
+            A[:, g + 8, 16 + 4 * t + i] = av[3][:, :, i]
+            B[:, 4 * t + i, g] = bv[0][:, :, i]
+            B[:, 16 + 4 * t + i, g] = bv[1][:, :, i]
+        for e in range(2):
+            C[:, g, 2 * t + e] = cv[e]
+            C[:, g + 8, 2 * t + e] = cv[2 + e]
+        D = np.matmul(A, B) + C
+        out = [D[:, g, 2 * t], D[:, g, 2 * t + 1], D[:, g + 8, 2 * t], D[:, g + 8, 2 * t + 1]]
+        return [self._v(o.reshape(self.T).astype(np.uint32), "i32") for o in out]  # wraps mod 2^32
 
     # -- control flow
     def _uniform(self, v, what):

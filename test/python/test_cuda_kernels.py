@@ -195,6 +195,54 @@ def test_i8_emulated_exact(M, m_max, K, N):
         assert np.array_equal(yf[:M], expect) and np.isnan(yf[M:]).all()
 
 
+@pytest.mark.parametrize("M,m_max,K,N,cfg", [
+    (37, 64, 256, 64, dict(n_tiles=2, n_warps=4)),  # one block of 64 rows, 27 of them past M
+    (100, 128, 512, 128, dict(n_tiles=1, n_warps=8, unroll=2, x_stages=2)),  # 2 row blocks
+    (20, 32, 192, 32, dict(n_tiles=1, n_warps=4, m_tiles=1, depth=3)),  # 16-row blocks, 3 K tiles
+    (70, 80, 128, 64, dict(n_tiles=2, n_warps=2, x_stages=4)),  # more ring slots than K tiles
+    (5, 32, 256, 96, dict(n_tiles=1, n_warps=3))])  # 96 threads copy 128 chunks: a guarded round
+def test_gemm_i8_emulated_exact(M, m_max, K, N, cfg):
+    """The tensor-core GEMM (mma.sync m16n8k32 s8 on a permuted K) gives gemv_i8's exact i32
+    sums, and its scaled epilogue gemv_i8's f32 bits."""
+    rng = np.random.default_rng(M + K)
+    xq = rng.integers(-128, 128, (M, K)).astype(np.int8)
+    q = rng.integers(-127, 128, (N, K)).astype(np.int8)
+    y = np.full((M, N), -7, np.int32)
+    simt.run(kernels.gemm_i8(K, N, m_max=m_max, **cfg), dict(x=xq, wq=q, y=y, M=M))
+    assert np.array_equal(y, xq.astype(np.int64) @ q.astype(np.int64).T)
+    sx = (rng.random(M) * 0.01 + 1e-3).astype(np.float32)
+    sw = (rng.random(N) * 0.01 + 1e-3).astype(np.float32)
+    for mode, s in (("row", sx), ("tensor", sx[:1])):
+        got = np.full((M, N), np.nan, np.float32)
+        simt.run(kernels.gemm_i8(K, N, m_max=m_max, scaled=mode, **cfg), dict(x=xq, wq=q, sx=s, sw=sw, y=got, M=M))
+        want = np.full((M, N), np.nan, np.float32)
+        for r0 in range(0, M, 16):  # gemv_i8 takes 16 rows a launch
+            r1 = min(M, r0 + 16)
+            part = np.full((r1 - r0, N), np.nan, np.float32)
+            simt.run(kernels.gemv_i8(K, N, m_max=16, scaled=mode),
+                     dict(x=xq[r0:r1], wq=q, sx=s if mode == "tensor" else s[r0:r1], sw=sw, y=part, M=r1 - r0))
+            want[r0:r1] = part
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), mode
+
+
+def test_gemm_i8_stacked_members_emulated_exact():
+    rng = np.random.default_rng(5)
+    M, K, members = 40, 256, (64, 32, 32)
+    xq = rng.integers(-128, 128, (M, K)).astype(np.int8)
+    sx = (rng.random(M) * 0.01 + 1e-3).astype(np.float32)
+    args = dict(x=xq, sx=sx, M=M)
+    for i, n in enumerate(members):
+        args.update({f"wq{i}": rng.integers(-127, 128, (n, K)).astype(np.int8),
+                     f"sw{i}": (rng.random(n) * 0.01 + 1e-3).astype(np.float32),
+                     f"y{i}": np.full((M, n), np.nan, np.float32)})
+    simt.run(kernels.gemm_i8(K, sum(members), m_max=48, n_tiles=1, n_warps=4, scaled="row", members=members), args)
+    for i in range(len(members)):
+        y = np.full_like(args[f"y{i}"], np.nan)
+        simt.run(kernels.gemm_i8(K, members[i], m_max=48, n_tiles=1, n_warps=4, scaled="row"),
+                 dict(x=xq, wq=args[f"wq{i}"], sx=sx, sw=args[f"sw{i}"], y=y, M=M))
+        assert np.array_equal(y.view(np.uint32), args[f"y{i}"].view(np.uint32))
+
+
 @pytest.mark.parametrize("M,m_max,K,members,w_bits", [(1, 1, 256, (16, 8, 8), 8), (3, 4, 512, (24, 8), 8),
                                                        (2, 2, 256, (8, 16, 8), 4)])
 def test_i8_stacked_members_emulated_exact(M, m_max, K, members, w_bits):
@@ -463,6 +511,8 @@ def ptxas_specs():
             kernels.gemv_w4a16(2048, 11264, 128, m_max=256, out_f32=True),  # 4 row blocks
             kernels.gemv_w8a16(5632, 2048, m_max=256, out_f32=True),
             kernels.gemv_w4a16(2048, 2048, 128, m_max=64, n_tiles=2, k_warps=4, unroll=1, x_stages=0),
+            kernels.gemm_i8(2048, 2048, m_max=128, scaled="row"), kernels.gemm_i8(5632, 2048, m_max=256),
+            kernels.gemm_i8(2048, 11264, m_max=128, scaled="row", members=(5632, 5632)),
             kernels.gemv_w4a16(4096, 4096, 64, zero_point=True),  # weight-scaled path
             kernels.gemv_w4a16(4096, 4096, 256, zero_point=False),
             kernels.gemv_i8(4096, 4096, m_max=1), kernels.gemv_i8(4096, 4096, m_max=16),
@@ -506,6 +556,9 @@ def test_ir_uses_mma_shuffle_and_128bit_loads(gpu_ir):
             assert re.search(r"ld\.global(\.nc)?\.v4\.(b|u)32", body), s.name
             assert body.count("dp4a.s32.s32") >= 8 and "shfl.sync.bfly.b32" in body, s.name
             assert "prmt.b32" in body or s.config["w_bits"] == 8, s.name  # int4: x split in even/odd bytes
+        elif s.config["kind"] == "gemm_i8":  # x through cp.async into shared memory, s8 tensor cores
+            assert "cp.async.cg.shared.global" in body and "ld.shared.v4" in body, s.name
+            assert "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32" in body, s.name
         elif s.config["kind"] == "hadamard_rows":  # the row in shared memory, barriers between stages
             assert "ld.shared" in body and body.count("bar.sync") >= 2 * s.config["k"], s.name
         elif s.config["kind"] == "gemv_w8_sparse_x":  # weights loaded under a branch on x

@@ -70,7 +70,7 @@ CASES = {
     "block-w8a16": (llama_block, "w8a16"),
     "block-w4a16-g64-sym": (lambda: llama_block(seq=2), "w4a16-g64-sym"),  # scale_mode="weight"
     "block-w8a8": (lambda: llama_block(seq=4), "w8a8"),  # integer matmuls on gemv_i8 (dp4a)
-    "block-w8a8-m20": (lambda: llama_block(seq=10, batch=2), "w8a8"),  # 2 gemv_i8 launches a layer
+    "block-w8a8-m20": (lambda: llama_block(seq=10, batch=2), "w8a8"),  # gemm_i8 (tensor cores)
     "block-llm-int8-dynamic": (lambda: outlier_block(seq=4), "llm-int8-dynamic"),  # run-time outlier columns
     "block-llm-int8-dynamic-m12": (lambda: outlier_block(seq=12), "llm-int8-dynamic"),  # 2 sparse-x launches
     "model-float": (llama_model, "float"),
@@ -154,19 +154,20 @@ def test_gemv_selection_and_fallback():
     for w in ("self_attn.q_proj.weight", "mlp.down_proj.weight"):
         assert int_layers[f"{w} (outlier columns)"]["params"] == int_layers[w]["params"]
     assert sum(w.nbytes for w in cd.weights.values()) == sum(w.nbytes for w in c8.weights.values())
-    _, _, _, c8m = compiled_case("block-w8a8-m20")  # 20 rows: launches of 16 and 4 rows
-    i8 = [L for L in c8m.manifest["cuda"]["plan"]["launches"] if L["kernel"].startswith("gemv_i8")]
-    assert [L["args"][-1]["scalar"] for L in i8[:2]] == [16, 4]
+    _, _, _, c8m = compiled_case("block-w8a8-m20")  # 20 rows: one tensor-core GEMM launch (32 rows max)
+    i8 = [L for L in c8m.manifest["cuda"]["plan"]["launches"] if L["kernel"].startswith("gemm_i8")]
+    assert len(i8) == 4 and all(L["args"][-1]["scalar"] == 20 and "_m32_" in L["kernel"] for L in i8)
     _, _, _, c20 = compiled_case("block-w4a16-g128-m20")  # 20 tokens: 40 split rows, one launch
     launches = [L for L in c20.manifest["cuda"]["plan"]["launches"] if L["kernel"].startswith("gemv")]
     assert [L["args"][-1]["scalar"] for L in launches[:2]] == [40, 40] and "_m48_" in launches[0]["kernel"]
 
 
-@pytest.mark.parametrize("recipe,bound,kernel", [
-    ("w8a8-static", 0.0, "gemv_i8 w_bits=8"), ("w8a8-had", 1e-6, "gemv_i8 w_bits=8"),
-    ("w4a4-had", 1e-6, "gemv_i8 w_bits=4"), ("w4a8-g128", 1e-6, "gemv_i4g"),
-    ("w4a4-had-reorder", 1e-6, None)])  # int4 main parts, int8 outlier parts, explicit gathers
-def test_quantized_activations_match_the_cpu_backend(recipe, bound, kernel):
+@pytest.mark.parametrize("recipe,bound,kernel,seq", [
+    ("w8a8-static", 0.0, "gemv_i8 w_bits=8", 5), ("w8a8-had", 1e-6, "gemv_i8 w_bits=8", 5),
+    ("w4a4-had", 1e-6, "gemv_i8 w_bits=4", 5), ("w4a8-g128", 1e-6, "gemv_i4g", 5),
+    ("w4a4-had-reorder", 1e-6, None, 5),  # int4 main parts, int8 outlier parts, explicit gathers
+    ("w8a8-static", 0.0, "gemm_i8 w_bits=8", 40)])  # prefill: the tensor-core GEMM, still exact
+def test_quantized_activations_match_the_cpu_backend(recipe, bound, kernel, seq):
     """The emulated CUDA plan against the CPU artifact of the same recipe (same calibration),
     on a whole LlamaModel (an embedding, so fuse-rotation rotates its residual stream): every
     linear on gemv_i8 (int4 weights: w_bits=4; grouped asymmetric int4: gemv_i4g) after
@@ -174,7 +175,7 @@ def test_quantized_activations_match_the_cpu_backend(recipe, bound, kernel):
     transforms on hadamard_rows. The integer sums are exact and the float ops the same, so
     w8a8-static agrees bit for bit; the others differ where float reductions (RMSNorm,
     attention) round differently."""
-    model, inputs = llama_model()
+    model, inputs = llama_model(seq)
     kw = {"calibration": [inputs]} if recipe.endswith(("static", "reorder")) else {}
     gpu = qcc.compile(model, inputs, target="cuda", quant=recipe, **kw)
     cpu = qcc.compile(model, inputs, target="cpu", quant=recipe, **kw)
