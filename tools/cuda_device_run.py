@@ -79,9 +79,12 @@ PREFILL_VARIANTS = {
                    _v(2, 1, 1, nw=8, xs=2, wc="no_allocate_256"), _v(1, 1, 1, nw=8, xs=3),
                    _v(2, 1, 2, nw=4, xs=2), _v(2, 2, 1, nw=4, xs=2), _v(1, 2, 1, nw=8, xs=2)],
     # w8a8's integer core at prefill: 128 rows of int8 codes (the gemv_i8 baseline at 16 a launch)
-    "gemm_i8": [{}, dict(n_tiles=4, n_warps=4), dict(n_tiles=2, n_warps=4, m_tiles=2),
-                dict(n_tiles=1, n_warps=8), dict(n_tiles=2, n_warps=8), dict(n_tiles=4, n_warps=2),
-                dict(n_tiles=2, n_warps=4, depth=3, x_stages=4), dict(n_tiles=2, n_warps=4, unroll=2)],
+    "gemm_i8": [{}, dict(n_tiles=2, n_warps=4, unroll=2), dict(n_tiles=1, n_warps=8),
+                dict(n_tiles=1, n_warps=8, unroll=2), dict(n_tiles=2, n_warps=4, w_smem=True, x_stages=4),
+                dict(n_tiles=2, n_warps=4, unroll=2, w_smem=True), dict(n_tiles=1, n_warps=8, w_smem=True, x_stages=4),
+                dict(n_tiles=2, n_warps=4, m_tiles=2, w_smem=True, x_stages=4),
+                dict(n_tiles=1, n_warps=4, m_tiles=2, unroll=2, w_smem=True),
+                dict(n_tiles=2, n_warps=2, w_smem=True, x_stages=6)],
     "gemv_i8": [{}],
 }
 PREFILL_I8_ROWS = 128

@@ -122,9 +122,9 @@ TUNED = {
     # block's warps split N and share each x tile through shared memory (x_stages)
     ("gemv_w4a16", "m64"): [_c(2, 1, 1, "no_allocate", nw=8, xs=2), _c(2, 4, 1, "no_allocate"),
                             _c(1, 4, 2, "no_allocate"), _c(1, 2, 1)],
-    ("gemv_w8a16", "m64"): [_c(2, 1, 1, "no_allocate_256", nw=4, xs=2), _c(2, 4, 1, "no_allocate_256"),
-                            _c(1, 4, 2), _c(1, 2, 1)],
+    ("gemv_w8a16", "m64"): [_c(2, 4, 1, "no_allocate_256"), _c(1, 4, 2), _c(1, 2, 1)],  # x_stages: no gain
 }
+MIN_BLOCKS = 128  # x_stages configurations need this many blocks (H200 sweep: fewer lose to K-split warps)
 GEMV_M_MAX = 256  # rows of x a weight-only GEMV launch takes (blocks of up to 64 rows along grid y)
 M_BLOCK = 64  # rows of x a block multiplies (16-row mma tiles, up to 4 a warp)
 _FALLBACK = [_c(nt, kw, u) for nt in (2, 1) for kw in (8, 4, 2, 1) for u in (2, 1, 4, 8)]
@@ -152,6 +152,9 @@ def default_config(kind: str, K: int, N: int, m_max: int = 16, group_tiles: int 
                 cfg["unroll"] = fixed["unroll"]
         if m_max <= 16:
             cfg["x_stages"] = 0  # decode: one row tile, nothing to share
+        elif (cfg["x_stages"] and "x_stages" not in fixed
+              and N // (8 * cfg["n_tiles"] * cfg["n_warps"]) * _row_blocks(m_max) < MIN_BLOCKS):
+            continue  # too few (large) blocks to fill the GPU: K-split warps instead
         try:
             _check_cfg(K, N, k_tile, cfg["n_tiles"], cfg["k_warps"], cfg["unroll"], group_tiles,
                        m_max, cfg["n_warps"], cfg["depth"])
@@ -864,7 +867,7 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
 
 def gemm_i8(K: int, N: int, *, m_max: int = 64, n_tiles: int = 2, n_warps: int = 4,
             m_tiles: int | None = None, unroll: int = 1, depth: int = 2, x_stages: int = 3,
-            scaled: str | None = None, members: tuple | list | None = None,
+            w_smem: bool = False, scaled: str | None = None, members: tuple | list | None = None,
             name: str | None = None) -> KernelSpec:
     """gemv_i8's product on the tensor cores for many rows of x (prefill): the same parameters
     and results (exact i32 sums, or the same scaled f32 epilogue), ``mma.sync.m16n8k32`` s8.
@@ -878,8 +881,10 @@ def gemm_i8(K: int, N: int, *, m_max: int = 64, n_tiles: int = 2, n_warps: int =
     products unchanged). x tiles reach shared memory through a cp.async ring of
     ``x_stages`` slots filled by all the block's threads, rows of 4 chunks unpadded: a
     quarter warp reads two rows of different parity, 8 distinct 16-byte bank groups. W
-    streams through registers ``depth`` tiles ahead. Constraints: K % 64 == 0, every
-    member's N a multiple of 8 * n_tiles * n_warps.
+    streams through registers ``depth`` tiles ahead, or (``w_smem``) through a per-warp
+    ring of the same x_stages slots in the same cp.async groups (each lane reads back what
+    it copied: more tiles in flight without holding registers). Constraints: K % 64 == 0,
+    every member's N a multiple of 8 * n_tiles * n_warps.
     """
     _require(K % 64 == 0, f"gemm_i8 needs K % 64 == 0 (K={K})")
     _require(1 <= m_max <= GEMV_M_MAX, f"m_max must be in 1..{GEMV_M_MAX} (got {m_max})")
@@ -900,8 +905,11 @@ def gemm_i8(K: int, N: int, *, m_max: int = 64, n_tiles: int = 2, n_warps: int =
     threads = 32 * n_warps
     items = unroll * BM * 4  # 16-byte x chunks a stage holds
     smem = [("xs", "vector<4xi32>", x_stages * items)]
-    _require(sum(n * 16 for _, _, n in smem) <= MAX_STATIC_SMEM,
-             f"{x_stages * items * 16} bytes of shared memory exceed the {MAX_STATIC_SMEM}-byte static limit")
+    if w_smem:
+        smem.append(("ws", "vector<4xi32>", x_stages * n_warps * n_tiles * unroll * 32))
+    total = sum(n * 16 for _, _, n in smem)
+    _require(total <= MAX_STATIC_SMEM,
+             f"{total} bytes of shared memory exceed the {MAX_STATIC_SMEM}-byte static limit")
 
     params = [Param("x", f"memref<{m_max * K16}xvector<4xi32>>", "in", f"int8 [M, {K}] row-major",
                     rows=("M", m_max))]
@@ -931,10 +939,17 @@ def gemm_i8(K: int, N: int, *, m_max: int = 64, n_tiles: int = 2, n_warps: int =
         xs = a["xs"]
         zero = E.const(0, "i32")
 
+        def w_slot(slot, r, u):
+            return ((slot * n_warps + warp) * (n_tiles * unroll) + r * unroll + u) * 32 + lane
+
         def issue_x(c):
             slot = c % x_stages
 
             def copies():
+                if w_smem:
+                    for r in range(n_tiles):
+                        for u in range(unroll):
+                            E.cp_async(a["ws"], w_slot(slot, r, u), a["wq" + mi], wrow[r] + (c * unroll + u) * 4)
                 for p in range(-(-items // threads)):
                     def one(p=p):
                         it = tid + p * threads
@@ -959,7 +974,8 @@ def gemm_i8(K: int, N: int, *, m_max: int = 64, n_tiles: int = 2, n_warps: int =
         for c in range(x_stages - 1):
             issue_x(E.const(c, "index"))
         last = E.const(KT - unroll, "index")
-        queue0 = [v for d in range(depth) for v in load_w(E.const(min(d * unroll, KT - unroll), "index"))]
+        queue0 = [] if w_smem else [v for d in range(depth)
+                                    for v in load_w(E.const(min(d * unroll, KT - unroll), "index"))]
         wlen = n_tiles * unroll
         NA = mt * n_tiles
 
@@ -970,9 +986,11 @@ def gemm_i8(K: int, N: int, *, m_max: int = 64, n_tiles: int = 2, n_warps: int =
             E.cp_async_wait(x_stages - 2)  # this iteration's x landed; the oldest slot is free
             E.barrier()
             issue_x(c + (x_stages - 1))
-            nxt = queue[wlen:] + load_w(E.minu(i + depth * unroll, last))
-            ws = queue[:wlen]
             slot = c % x_stages
+            if w_smem:
+                nxt, ws = [], [E.load(a["ws"], w_slot(slot, r, u)) for r in range(n_tiles) for u in range(unroll)]
+            else:
+                nxt, ws = queue[wlen:] + load_w(E.minu(i + depth * unroll, last)), queue[:wlen]
             for u in range(unroll):
                 B = [words(ws[r * unroll + u]) for r in range(n_tiles)]
                 for j in range(mt):
@@ -1007,9 +1025,10 @@ def gemm_i8(K: int, N: int, *, m_max: int = 64, n_tiles: int = 2, n_warps: int =
                     E.if_(E.cmp("ult", row, M), st)
 
     nm = name or (f"gemm_i8_k{K}_n{'_'.join(map(str, members))}_m{m_max}_t{n_tiles}n{n_warps}"
-                  f"m{mt}u{unroll}d{depth}x{x_stages}{'_s' + scaled[0] if scaled else ''}")
+                  f"m{mt}u{unroll}{'w' if w_smem else f'd{depth}'}x{x_stages}{'_s' + scaled[0] if scaled else ''}")
     cfg = {"kind": "gemm_i8", "K": K, "N": N, "m_max": m_max, "n_tiles": n_tiles, "n_warps": n_warps,
-           "m_tiles": mt, "unroll": unroll, "depth": depth, "x_stages": x_stages, "scaled": scaled,
+           "m_tiles": mt, "unroll": unroll, "depth": depth, "x_stages": x_stages, "w_smem": w_smem,
+           "scaled": scaled,
            "w_bits": 8, "members": list(members), "weight_bytes": N * K, "meta_bytes": 4 * N if scaled else 0}
     return KernelSpec(nm, params, (threads, 1, 1), (N // BN, row_blocks, 1),
                       _per_member(members, sfx, BN, member), smem, cfg, doc=gemm_i8.__doc__.split("\n")[0])
