@@ -515,6 +515,7 @@ def ptxas_specs():
             kernels.gemv_w4a16(2048, 2048, 128, m_max=64, n_tiles=2, k_warps=4, unroll=1, x_stages=0),
             kernels.gemm_i8(2048, 2048, m_max=128, scaled="row"), kernels.gemm_i8(5632, 2048, m_max=256),
             kernels.gemm_i8(2048, 11264, m_max=128, scaled="row", members=(5632, 5632)),
+            kernels.gemm_i8(5632, 2048, m_max=128, scaled="row", w_smem=True, x_stages=4),
             kernels.gemv_w4a16(4096, 4096, 64, zero_point=True),  # weight-scaled path
             kernels.gemv_w4a16(4096, 4096, 256, zero_point=False),
             kernels.gemv_i8(4096, 4096, m_max=1), kernels.gemv_i8(4096, 4096, m_max=16),
