@@ -84,7 +84,9 @@ PREFILL_VARIANTS = {
                 dict(n_tiles=2, n_warps=4, unroll=2, w_smem=True), dict(n_tiles=1, n_warps=8, w_smem=True, x_stages=4),
                 dict(n_tiles=2, n_warps=4, m_tiles=2, w_smem=True, x_stages=4),
                 dict(n_tiles=1, n_warps=4, m_tiles=2, unroll=2, w_smem=True),
-                dict(n_tiles=2, n_warps=2, w_smem=True, x_stages=6)],
+                dict(n_tiles=2, n_warps=2, w_smem=True, x_stages=6), dict(n_tiles=2, n_warps=4, k_warps=2, w_smem=True),
+                dict(n_tiles=2, n_warps=2, k_warps=4, w_smem=True, x_stages=2),
+                dict(n_tiles=1, n_warps=4, k_warps=2, w_smem=True, x_stages=4)],
     "gemv_i8": [{}],
 }
 PREFILL_I8_ROWS = 128

@@ -865,7 +865,7 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
                       _per_member(members, sfx, n_rows * warps, member), [], cfg, doc=gemv_i8.__doc__.split("\n")[0])
 
 
-def gemm_i8(K: int, N: int, *, m_max: int = 64, n_tiles: int = 2, n_warps: int = 4,
+def gemm_i8(K: int, N: int, *, m_max: int = 64, n_tiles: int = 2, n_warps: int = 4, k_warps: int = 1,
             m_tiles: int | None = None, unroll: int = 1, depth: int = 2, x_stages: int = 3,
             w_smem: bool = False, scaled: str | None = None, members: tuple | list | None = None,
             name: str | None = None) -> KernelSpec:
@@ -883,8 +883,10 @@ def gemm_i8(K: int, N: int, *, m_max: int = 64, n_tiles: int = 2, n_warps: int =
     quarter warp reads two rows of different parity, 8 distinct 16-byte bank groups. W
     streams through registers ``depth`` tiles ahead, or (``w_smem``) through a per-warp
     ring of the same x_stages slots in the same cp.async groups (each lane reads back what
-    it copied: more tiles in flight without holding registers). Constraints: K % 64 == 0,
-    every member's N a multiple of 8 * n_tiles * n_warps.
+    it copied: more tiles in flight without holding registers). ``k_warps`` > 1: that many
+    warps split K for each n-group (each slice its own part of every x slot), their i32
+    partial sums added through shared memory (the x ring's) before the epilogue, exactly.
+    Constraints: K % 64 == 0, every member's N a multiple of 8 * n_tiles * n_warps.
     """
     _require(K % 64 == 0, f"gemm_i8 needs K % 64 == 0 (K={K})")
     _require(1 <= m_max <= GEMV_M_MAX, f"m_max must be in 1..{GEMV_M_MAX} (got {m_max})")
@@ -900,13 +902,18 @@ def gemm_i8(K: int, N: int, *, m_max: int = 64, n_tiles: int = 2, n_warps: int =
     row_blocks = -(-m_max // BM)
     K16 = K // 16
     KT = K // 64
-    _require(KT % unroll == 0, f"K/64={KT} K tiles must be a multiple of unroll={unroll}")
-    NI = KT // unroll
-    threads = 32 * n_warps
-    items = unroll * BM * 4  # 16-byte x chunks a stage holds
-    smem = [("xs", "vector<4xi32>", x_stages * items)]
+    kw = k_warps
+    _require(kw >= 1 and KT % (kw * unroll) == 0,
+             f"K/64={KT} K tiles must split into k_warps={kw} slices of a multiple of unroll={unroll}")
+    TPW = KT // kw  # K tiles of a slice
+    NI = TPW // unroll
+    threads = 32 * n_warps * kw
+    items = kw * unroll * BM * 4  # 16-byte x chunks a stage holds
+    NA = mt * n_tiles
+    red = (kw - 1) * n_warps * NA * 32  # vector<4xi32> partial sums the slices 1.. hand over
+    smem = [("xs", "vector<4xi32>", max(x_stages * items, red))]
     if w_smem:
-        smem.append(("ws", "vector<4xi32>", x_stages * n_warps * n_tiles * unroll * 32))
+        smem.append(("ws", "vector<4xi32>", x_stages * n_warps * kw * n_tiles * unroll * 32))
     total = sum(n * 16 for _, _, n in smem)
     _require(total <= MAX_STATIC_SMEM,
              f"{total} bytes of shared memory exceed the {MAX_STATIC_SMEM}-byte static limit")
@@ -930,17 +937,18 @@ def gemm_i8(K: int, N: int, *, m_max: int = 64, n_tiles: int = 2, n_warps: int =
     def member(E, a, mi, N, blk):
         tid = E.tid()
         lane, warp = tid % 32, tid // 32
+        wn, wk = (warp % n_warps, warp // n_warps) if kw > 1 else (warp, E.const(0, "index"))
         g, t = lane // 4, lane % 4
         M = E.idx(a["M"])
         mlast = M - 1
         row0 = E.bid("y") * BM if row_blocks > 1 else E.const(0, "index")
-        tile0 = (blk * n_warps + warp) * n_tiles
-        wrow = [((tile0 + r) * 8 + g) * K16 + t for r in range(n_tiles)]
+        tile0 = (blk * n_warps + wn) * n_tiles
+        wrow = [((tile0 + r) * 8 + g) * K16 + wk * (TPW * 4) + t for r in range(n_tiles)]
         xs = a["xs"]
         zero = E.const(0, "i32")
 
         def w_slot(slot, r, u):
-            return ((slot * n_warps + warp) * (n_tiles * unroll) + r * unroll + u) * 32 + lane
+            return ((slot * n_warps * kw + warp) * (n_tiles * unroll) + r * unroll + u) * 32 + lane
 
         def issue_x(c):
             slot = c % x_stages
@@ -953,10 +961,11 @@ def gemm_i8(K: int, N: int, *, m_max: int = 64, n_tiles: int = 2, n_warps: int =
                 for p in range(-(-items // threads)):
                     def one(p=p):
                         it = tid + p * threads
-                        u, rem = it // (BM * 4), it % (BM * 4)
+                        wu, rem = it // (BM * 4), it % (BM * 4)  # wu = slice * unroll + u
                         row, ch = rem // 4, rem % 4
-                        src = E.minu(row0 + row, mlast) * K16 + (c * unroll + u) * 4 + ch
-                        E.cp_async(xs, (slot * unroll + u) * (BM * 4) + rem, a["x"], src)
+                        kt = (wu // unroll) * TPW + c * unroll + wu % unroll
+                        src = E.minu(row0 + row, mlast) * K16 + kt * 4 + ch
+                        E.cp_async(xs, (slot * kw * unroll + wu) * (BM * 4) + rem, a["x"], src)
                     if (p + 1) * threads <= items:
                         one()
                     else:
@@ -973,11 +982,10 @@ def gemm_i8(K: int, N: int, *, m_max: int = 64, n_tiles: int = 2, n_warps: int =
 
         for c in range(x_stages - 1):
             issue_x(E.const(c, "index"))
-        last = E.const(KT - unroll, "index")
+        last = E.const(TPW - unroll, "index")
         queue0 = [] if w_smem else [v for d in range(depth)
-                                    for v in load_w(E.const(min(d * unroll, KT - unroll), "index"))]
+                                    for v in load_w(E.const(min(d * unroll, TPW - unroll), "index"))]
         wlen = n_tiles * unroll
-        NA = mt * n_tiles
 
         def body(i, args):
             acc = [args[4 * k:4 * k + 4] for k in range(NA)]
@@ -994,7 +1002,7 @@ def gemm_i8(K: int, N: int, *, m_max: int = 64, n_tiles: int = 2, n_warps: int =
             for u in range(unroll):
                 B = [words(ws[r * unroll + u]) for r in range(n_tiles)]
                 for j in range(mt):
-                    base = (slot * unroll + u) * (BM * 4) + (16 * j + g) * 4 + t
+                    base = ((slot * kw + wk) * unroll + u) * (BM * 4) + (16 * j + g) * 4 + t
                     xl, xh = words(E.load(xs, base)), words(E.load(xs, base + 32))
                     for r in range(n_tiles):
                         for st in range(2):
@@ -1003,30 +1011,57 @@ def gemm_i8(K: int, N: int, *, m_max: int = 64, n_tiles: int = 2, n_warps: int =
                                 [B[r][2 * st], B[r][2 * st + 1]], acc[j * n_tiles + r])
             return [v for k in range(NA) for v in acc[k]] + nxt
 
-        res = E.for_(0, KT, unroll, [zero] * (4 * NA) + queue0, body)
-        y = a["y" + mi]
-        cols = [(tile0 + r) * 8 + 2 * t for r in range(n_tiles)]
-        sw = [[E.load(a["sw" + mi], c + e) for e in range(2)] for c in cols] if scaled else None
-        sx0 = E.load(a["sx"], E.const(0, "index")) if scaled == "tensor" else None
-        for j in range(mt):
-            for h in range(2):  # rows g, g + 8 of row tile j
-                row = row0 + 16 * j + 8 * h + g
-                if scaled:
-                    sx = sx0 if sx0 is not None else E.load(a["sx"], E.minu(row, mlast))
-                for r in range(n_tiles):
-                    k = 4 * (j * n_tiles + r) + 2 * h
-                    vals = res[k:k + 2]
-                    if scaled:
-                        vals = [(E.cast("sitofp", v, "f32") * sx) * sw[r][e] for e, v in enumerate(vals)]
+        res = E.for_(0, TPW, unroll, [zero] * (4 * NA) + queue0, body)
+        if kw > 1:  # slices 1.. hand their sums to slice 0 through the (now idle) x ring
+            E.cp_async_wait(0)
+            E.barrier()
 
-                    def st(vals=vals, row=row, col=cols[r]):
-                        for e in range(2):
-                            E.store(vals[e], y, row * N + col + e)
-                    E.if_(E.cmp("ult", row, M), st)
+            def hand_over():
+                for k in range(NA):
+                    E.store(E.from_elements(res[4 * k:4 * k + 4]), xs,
+                            (((wk - 1) * n_warps + wn) * NA + k) * 32 + lane)
+            E.if_(E.cmp("ne", wk, E.const(0, "index")), hand_over)
+            E.barrier()
+        y = a["y" + mi]
+
+        def epilogue(res):
+            cols = [(tile0 + r) * 8 + 2 * t for r in range(n_tiles)]
+            sw = [[E.load(a["sw" + mi], c + e) for e in range(2)] for c in cols] if scaled else None
+            sx0 = E.load(a["sx"], E.const(0, "index")) if scaled == "tensor" else None
+            for j in range(mt):
+                for h in range(2):  # rows g, g + 8 of row tile j
+                    row = row0 + 16 * j + 8 * h + g
+                    if scaled:
+                        sx = sx0 if sx0 is not None else E.load(a["sx"], E.minu(row, mlast))
+                    for r in range(n_tiles):
+                        k = 4 * (j * n_tiles + r) + 2 * h
+                        vals = res[k:k + 2]
+                        if scaled:
+                            vals = [(E.cast("sitofp", v, "f32") * sx) * sw[r][e] for e, v in enumerate(vals)]
+
+                        def st(vals=vals, row=row, col=cols[r]):
+                            for e in range(2):
+                                E.store(vals[e], y, row * N + col + e)
+                        E.if_(E.cmp("ult", row, M), st)
+
+        if kw == 1:
+            epilogue(res)
+        else:
+            def slice0():
+                tot = list(res)
+                for sl in range(1, kw):
+                    for k in range(NA):
+                        v = E.load(xs, E.const(((sl - 1) * n_warps * NA + k) * 32, "index") + wn * (NA * 32) + lane)
+                        for e in range(4):
+                            tot[4 * k + e] = tot[4 * k + e] + E.extract(v, e)
+                epilogue(tot)
+            E.if_(E.cmp("eq", wk, E.const(0, "index")), slice0)
 
     nm = name or (f"gemm_i8_k{K}_n{'_'.join(map(str, members))}_m{m_max}_t{n_tiles}n{n_warps}"
+                  f"{f'k{kw}' if kw > 1 else ''}"
                   f"m{mt}u{unroll}{'w' if w_smem else f'd{depth}'}x{x_stages}{'_s' + scaled[0] if scaled else ''}")
     cfg = {"kind": "gemm_i8", "K": K, "N": N, "m_max": m_max, "n_tiles": n_tiles, "n_warps": n_warps,
+           "k_warps": kw,
            "m_tiles": mt, "unroll": unroll, "depth": depth, "x_stages": x_stages, "w_smem": w_smem,
            "scaled": scaled,
            "w_bits": 8, "members": list(members), "weight_bytes": N * K, "meta_bytes": 4 * N if scaled else 0}

@@ -202,7 +202,9 @@ def test_i8_emulated_exact(M, m_max, K, N):
     (70, 80, 128, 64, dict(n_tiles=2, n_warps=2, x_stages=4)),  # more ring slots than K tiles
     (5, 32, 256, 96, dict(n_tiles=1, n_warps=3)),  # 96 threads copy 128 chunks: a guarded round
     (50, 64, 512, 64, dict(n_tiles=2, n_warps=2, w_smem=True, x_stages=4)),  # W through the ring too
-    (33, 64, 384, 64, dict(n_tiles=1, n_warps=4, unroll=2, w_smem=True))])
+    (33, 64, 384, 64, dict(n_tiles=1, n_warps=4, unroll=2, w_smem=True)),
+    (40, 48, 512, 64, dict(n_tiles=2, n_warps=2, k_warps=2)),  # K split over warps, sums handed over
+    (17, 32, 768, 32, dict(n_tiles=1, n_warps=2, k_warps=3, unroll=2, w_smem=True, x_stages=2))])
 def test_gemm_i8_emulated_exact(M, m_max, K, N, cfg):
     """The tensor-core GEMM (mma.sync m16n8k32 s8 on a permuted K) gives gemv_i8's exact i32
     sums, and its scaled epilogue gemv_i8's f32 bits."""
