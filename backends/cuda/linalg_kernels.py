@@ -22,13 +22,6 @@ Thread mappings:
 * ``block_reduce`` (the same, few outputs and a long reduction, e.g. RMSNorm at decode):
   256 threads per output point, warp butterflies, then the 8 warp partials through
   shared memory.
-* ``tile_reduce`` (the same combining reductions, when two output dims a, b of at least
-  TILE_MIN points each split the operands: none reads both, e.g. a matmul's rows and
-  columns, attention's query and key positions): each thread owns a 4 x 4 tile of
-  outputs (a block of 16 x 16 threads a 64 x 64 tile of (a, b)) and runs the reduction
-  sequentially, loading per step the 4 values along a and the 4 along b once (8 loads for
-  16 products, against 2 a product with a warp per output). Consecutive threads take
-  consecutive b.
 * ``serial`` (any other reduction, e.g. argmax's two coupled outputs): one thread per
   output point, the reduction loop inside the thread with the outputs in registers.
 
@@ -48,9 +41,6 @@ from .emit import KernelSpec, Param, parse_type
 BLOCK = 256
 WARPS = 8
 REDUCE_UNROLL = 4  # reduction steps whose loads a thread issues together
-TILE = 4  # tile_reduce: outputs a thread along each of its two dims
-TILE_THREADS = 16  # tile_reduce: threads a block along each of the two dims
-TILE_MIN = 32  # tile_reduce: the two dims' least extent (smaller ones: warp or split reductions)
 
 
 class UnsupportedOp(ValueError):
@@ -292,35 +282,34 @@ class _Replay:
         for j in range(n):
             if j in skip:
                 continue
-            for k, v in enumerate(self.op(desc.body[j], get)):
+            op = desc.body[j]
+            if op.name == "memref.load":
+                c = op.operands[0][1]
+                cap = desc.captures[c]
+                flat = 0
+                for r, s in zip(op.operands[1:], cap.strides):
+                    flat = _add(E, flat, _mul(E, get(r), s))
+                res = [E.load(self.a[f"cap{c}"], _ix(E, flat))]
+            elif op.name == "affine.apply":
+                v = _eval(E, op.info["expr"], [get(r) for r in op.operands])
+                res = [_ix(E, v)]
+            elif op.name == "qcc.powi":  # math.fpowi by a small constant: repeated products
+                x = get(op.operands[0])
+                n_ = op.info["n"]
+                r = None
+                for _ in range(abs(n_)):
+                    r = x if r is None else E.raw("arith.mulf", [r, x], [x.type], "")[0]
+                one = E.const(1.0, x.type)
+                if r is None:
+                    r = one
+                if n_ < 0:
+                    r = E.raw("arith.divf", [one, r], [x.type], "")[0]
+                res = [r]
+            else:
+                res = E.raw(op.name, [get(r) for r in op.operands], op.types, op.attrs, op.info)
+            for k, v in enumerate(res):
                 vals[(j, k)] = v
         return get
-
-    def op(self, op, get):
-        """The results of one body op, its operands resolved by get(ref)."""
-        E = self.E
-        if op.name == "memref.load":
-            c = op.operands[0][1]
-            cap = self.desc.captures[c]
-            flat = 0
-            for r, s in zip(op.operands[1:], cap.strides):
-                flat = _add(E, flat, _mul(E, get(r), s))
-            return [E.load(self.a[f"cap{c}"], _ix(E, flat))]
-        if op.name == "affine.apply":
-            return [_ix(E, _eval(E, op.info["expr"], [get(r) for r in op.operands]))]
-        if op.name == "qcc.powi":  # math.fpowi by a small constant: repeated products
-            x = get(op.operands[0])
-            n_ = op.info["n"]
-            r = None
-            for _ in range(abs(n_)):
-                r = x if r is None else E.raw("arith.mulf", [r, x], [x.type], "")[0]
-            one = E.const(1.0, x.type)
-            if r is None:
-                r = one
-            if n_ < 0:
-                r = E.raw("arith.divf", [one, r], [x.type], "")[0]
-            return [r]
-        return E.raw(op.name, [get(r) for r in op.operands], op.types, op.attrs, op.info)
 
 
 def _used_args(desc: GenericDesc) -> set[int]:
@@ -435,37 +424,7 @@ def _lane_dim(desc: GenericDesc):
     return best
 
 
-def _tile_dims(desc: GenericDesc):
-    """(a, b): two parallel dims of at least TILE_MIN points such that no operand read (nor load
-    from a captured buffer) depends on both and some read depends on each (so a thread's
-    tile reuses its loads), b the one more reads are contiguous along; None if there is no
-    such pair."""
-    reads = [set().union(*(_expr_dims(e) for e in op.map)) for op in desc.ins
-             if op.const is None and op.map]
-    for b in desc.body:
-        if b.name == "memref.load":
-            dims = set().union(*(_loop_dims(desc, r) for r in b.operands[1:]))
-            if None in dims:
-                return None  # an address computed from loaded data
-            reads.append(dims)
-    par = [i for i, t in enumerate(desc.iters) if t == "parallel" and desc.loops[i] >= TILE_MIN]
-    best = None
-    for x in par:
-        for y in par:
-            if x >= y or any(x in r and y in r for r in reads):
-                continue
-            if not any(x in r for r in reads) or not any(y in r for r in reads):
-                continue
-            # b: lanes along it; prefer the dim whose reads are coalesced (0 transactions a lane)
-            cost = {d: sum(n for n, kind in _access(desc, d) if kind == 2) for d in (x, y)}
-            a, b = (x, y) if cost[y] <= cost[x] else (y, x)
-            key = (desc.loops[a] * desc.loops[b], -cost[b])
-            if best is None or key > best[0]:
-                best = (key, (a, b))
-    return best[1] if best else None
-
-
-def classify(desc: GenericDesc, tile: bool = True) -> str:
+def classify(desc: GenericDesc) -> str:
     red = [i for i, t in enumerate(desc.iters) if t == "reduction"]
     if not red:
         return "elementwise"
@@ -474,8 +433,6 @@ def classify(desc: GenericDesc, tile: bool = True) -> str:
     if R <= 1:
         return "serial"
     if _combiner(desc) is not None:
-        if tile and R >= 16 and _tile_dims(desc) is not None:
-            return "tile_reduce"  # register tiles: each load serves 4 outputs
         if R >= 64 and _lane_dim(desc) is not None:
             return "split_reduce"  # lanes along an output dim read less memory uncoalesced
         return "block_reduce" if (R >= 1024 and O < 512) else "warp_reduce"
@@ -491,7 +448,7 @@ def build_kernel(desc: GenericDesc, name: str | None = None, *, threads: int | N
     points, all loaded before any is computed (so their loads are in flight together): the
     form fuse_launches.py runs a small op in, inside one block.
     """
-    kind = classify(desc, tile=threads is None)  # a fixed block (fuse_launches): no tiles
+    kind = classify(desc)
     assert threads is None or threads % 32 == 0, threads
     par = [i for i, t in enumerate(desc.iters) if t == "parallel"]
     red = [i for i, t in enumerate(desc.iters) if t == "reduction"]
@@ -649,115 +606,6 @@ def build_kernel(desc: GenericDesc, name: str | None = None, *, threads: int | N
                 if O % W:
                     ok = E.and_(ok, E.cmp("ult", o, E.const(O, "index")))
                 E.if_(ok, lambda: finish(acc))
-
-    elif kind == "tile_reduce":
-        j_comb, v_ref = _combiner(desc)
-        comb = desc.body[j_comb]
-        et = desc.outs[0].elem
-        ident = _identity(comb.name, et)
-        da, db = _tile_dims(desc)
-        La, Lb = desc.loops[da], desc.loops[db]
-        span = TILE * TILE_THREADS  # points of a and of b a block covers
-        Ga, Gb = -(-La // span), -(-Lb // span)
-        others = [desc.loops[i] for i in par if i not in (da, db)]
-        grid = math.prod(others) * Ga * Gb
-        threads = TILE_THREADS * TILE_THREADS
-        reads = [set().union(*(_expr_dims(e) for e in op.map)) if op.const is None and op.map else set()
-                 for op in desc.ins]
-        U = min(REDUCE_UNROLL, R)
-        on_a = {k for k in used if k < n_in and da in reads[k]}
-        on_b = {k for k in used if k < n_in and db in reads[k]}
-        on_neither = {k for k in used if k < n_in} - on_a - on_b
-
-        def side(dims):
-            return frozenset(("a",) if da in dims else ()) | frozenset(("b",) if db in dims else ())
-
-        deps = []  # per body op before the combine: which of the tile dims its value varies with
-        for b_op in desc.body[:j_comb]:
-            dep = frozenset()
-            for r in b_op.operands:
-                if r[0] == "arg":
-                    dep |= side(reads[r[1]]) if r[1] < n_in else frozenset(("a", "b"))
-                elif r[0] == "idx":
-                    dep |= side({r[1]})
-                elif r[0] == "op":
-                    dep |= deps[r[1]]
-            deps.append(dep)
-
-        def keys(dep):
-            return [(i if "a" in dep else None, j if "b" in dep else None)
-                    for i in (range(TILE) if "a" in dep else [None]) for j in (range(TILE) if "b" in dep else [None])]
-
-        def body(E, a):
-            tid = E.tid()
-            tb, ta = tid % TILE_THREADS, tid // TILE_THREADS
-            blk = E.bid()
-            gb, rest = blk % Gb, blk // Gb
-            ga = rest % Ga
-            ovals = iter(_decompose(E, rest // Ga, others))
-            base = {i: next(ovals) for i in par if i not in (da, db)}
-            av = [ga * span + ta + TILE_THREADS * k for k in range(TILE)]
-            bv = [gb * span + tb + TILE_THREADS * k for k in range(TILE)]
-            ac = [E.minu(v, E.const(La - 1, "index")) if La % span else v for v in av]
-            bc = [E.minu(v, E.const(Lb - 1, "index")) if Lb % span else v for v in bv]
-
-            def pdims(i, j):
-                return [ac[i] if d == da else bc[j] if d == db else base[d] for d in par]
-            rp = _Replay(E, desc, a)
-
-            def steps(rs, accs):
-                """Reduction steps rs in order: every step's loads first (each value along a
-                or b loaded once for the tile), then the body, each op once per distinct
-                value (once, per row i, per column j or per point of the tile, as its
-                operands vary), then the tile's 16 combines."""
-                loaded = []
-                for r in rs:
-                    rvals = _decompose(E, r, Rext)
-                    common = _load_ins(E, a, desc, dims_of(pdims(0, 0), rvals), on_neither)
-                    row = [_load_ins(E, a, desc, dims_of(pdims(i, 0), rvals), on_a) for i in range(TILE)]
-                    col = [_load_ins(E, a, desc, dims_of(pdims(0, j), rvals), on_b) for j in range(TILE)]
-                    loaded.append((rvals, common, row, col))
-                accs = list(accs)
-                for rvals, common, row, col in loaded:
-                    vals = {}
-
-                    def get(ref, i, j, rvals=rvals, common=common, row=row, col=col, vals=vals):
-                        if ref[0] == "arg":
-                            k = ref[1]
-                            return col[j][k] if k in on_b else row[i][k] if k in on_a else common[k]
-                        if ref[0] == "idx":
-                            return _ix(E, dims_of(pdims(i or 0, j or 0), rvals)[ref[1]])
-                        if ref[0] == "op":
-                            dep = deps[ref[1]]
-                            return vals[(ref[1], ref[2], i if "a" in dep else None, j if "b" in dep else None)]
-                        raise UnsupportedOp(f"bad ref {ref}")
-                    for jo, b_op in enumerate(desc.body[:j_comb]):
-                        for ki, kj in keys(deps[jo]):
-                            for k, v in enumerate(rp.op(b_op, lambda ref: get(ref, ki, kj))):
-                                vals[(jo, k, ki, kj)] = v
-                    for i in range(TILE):
-                        for j in range(TILE):
-                            k = i * TILE + j
-                            accs[k] = E.raw(comb.name, [accs[k], get(v_ref, i, j)], [et], comb.attrs, comb.info)[0]
-                return accs
-            accs = [E.const(ident, et)] * (TILE * TILE)
-            if R // U:
-                accs = E.for_(0, R // U, 1, accs, lambda it, args_: steps([it * U + u for u in range(U)], args_))
-            if R % U:
-                accs = steps([E.const(R // U * U + u, "index") for u in range(R % U)], accs)
-            for i in range(TILE):
-                for j in range(TILE):
-                    def finish(i=i, j=j):
-                        odims = dims_of(pdims(i, j), [0] * len(red))
-                        init = _init_out(E, a, desc, 0, odims)
-                        res = E.raw(comb.name, [init, accs[i * TILE + j]], [et], comb.attrs, comb.info)[0]
-                        E.store(res, a["out0"], _ix(E, _flat(E, desc.outs[0], odims)))
-                    conds = ([E.cmp("ult", av[i], E.const(La, "index"))] if La % span else []) + \
-                        ([E.cmp("ult", bv[j], E.const(Lb, "index"))] if Lb % span else [])
-                    if not conds:
-                        finish()
-                    else:
-                        E.if_(conds[0] if len(conds) == 1 else E.and_(*conds), finish)
 
     else:  # serial
         threads = threads or (BLOCK if O >= BLOCK else max(32, -(-O // 32) * 32))

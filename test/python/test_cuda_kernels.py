@@ -703,34 +703,3 @@ def test_generated_reduction_lanes_follow_the_contiguous_operand():
         simt.run(spec, dict(in0=p, in1=v, out0=y))
         ref = np.einsum("hij,jhn->hin", p, v) if want_kind == "split_reduce" else np.einsum("hij,hnj->hin", p, v)
         assert rel(y, ref) < 1e-5
-
-
-@pytest.mark.parametrize("H,I,N,J,v_heads_first", [(2, 40, 48, 24, True), (1, 64, 64, 70, False),
-                                                   (3, 33, 100, 16, True)])
-def test_generated_register_tiles(H, I, N, J, v_heads_first):
-    """A contraction with two output dims of >= 32 points that no operand reads together
-    (q @ k^T's query and key positions, p @ v's query positions and head dims) runs as
-    tile_reduce: 4 x 4 outputs a thread, partial blocks at both edges; matches numpy, with
-    an initial output value (no folded fill) added once."""
-    from qcc.backends.cuda import linalg_kernels as lk
-
-    d = [("d", i) for i in range(4)]  # loops (h, i, n, j): out[h, i, n] += p[h, i, j] * v
-    v_map = [d[0], d[2], d[3]] if v_heads_first else [d[3], d[0], d[2]]
-    v_shape = (H, N, J) if v_heads_first else (J, H, N)
-    v_strides = (N * J, J, 1) if v_heads_first else (H * N, N, 1)
-    desc = lk.GenericDesc([H, I, N, J], ["parallel"] * 3 + ["reduction"],
-                          [lk.Operand("f32", (H, I, J), (I * J, J, 1), [d[0], d[1], d[3]]),
-                           lk.Operand("f32", v_shape, v_strides, v_map)],
-                          [lk.Operand("f32", (H, I, N), (I * N, N, 1), [d[0], d[1], d[2]])],
-                          [lk.BodyOp("arith.mulf", [("arg", 0), ("arg", 1)], ["f32"]),
-                           lk.BodyOp("arith.addf", [("arg", 2), ("op", 0, 0)], ["f32"])], [("op", 1, 0)])
-    assert lk.classify(desc) == "tile_reduce" and set(lk._tile_dims(desc)) == {1, 2}
-    rng = np.random.default_rng(H + I + N + J)
-    p = rng.standard_normal((H, I, J)).astype(np.float32)
-    v = rng.standard_normal(v_shape).astype(np.float32)
-    y0 = rng.standard_normal((H, I, N)).astype(np.float32)
-    y = y0.copy()
-    simt.run(lk.build_kernel(desc), dict(in0=p, in1=v, out0=y))
-    ref = y0 + np.einsum("hij,hnj->hin" if v_heads_first else "hij,jhn->hin", p.astype(np.float64), v)
-    assert rel(y, ref) < 1e-5
-    assert lk.build_kernel(desc, "stage", threads=256).config["kind"] != "linalg_tile_reduce"
