@@ -124,6 +124,7 @@ TUNED = {
                             _c(1, 4, 2, "no_allocate"), _c(1, 2, 1)],
     ("gemv_w8a16", "m64"): [_c(2, 4, 1, "no_allocate_256"), _c(1, 4, 2), _c(1, 2, 1)],  # x_stages: no gain
 }
+GEMM_BIG_GRID = 256  # gemm_i8: 64-row blocks from this many of them, else 32-row ones
 MIN_BLOCKS = 128  # x_stages configurations need this many blocks (H200 sweep: fewer lose to K-split warps)
 GEMV_M_MAX = 256  # rows of x a weight-only GEMV launch takes (blocks of up to 64 rows along grid y)
 M_BLOCK = 64  # rows of x a block multiplies (16-row mma tiles, up to 4 a warp)
@@ -866,9 +867,9 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
 
 
 def gemm_i8(K: int, N: int, *, m_max: int = 64, n_tiles: int = 2, n_warps: int = 4, k_warps: int = 1,
-            m_tiles: int | None = None, unroll: int = 1, depth: int = 2, x_stages: int = 3,
-            w_smem: bool = False, scaled: str | None = None, members: tuple | list | None = None,
-            name: str | None = None) -> KernelSpec:
+            m_tiles: int | None = None, unroll: int | None = None, depth: int = 2,
+            x_stages: int | None = None, w_smem: bool = True, scaled: str | None = None,
+            members: tuple | list | None = None, name: str | None = None) -> KernelSpec:
     """gemv_i8's product on the tensor cores for many rows of x (prefill): the same parameters
     and results (exact i32 sums, or the same scaled f32 epilogue), ``mma.sync.m16n8k32`` s8.
 
@@ -887,6 +888,10 @@ def gemm_i8(K: int, N: int, *, m_max: int = 64, n_tiles: int = 2, n_warps: int =
     warps split K for each n-group (each slice its own part of every x slot), their i32
     partial sums added through shared memory (the x ring's) before the epilogue, exactly.
     Constraints: K % 64 == 0, every member's N a multiple of 8 * n_tiles * n_warps.
+
+    Defaults (H200 sweep at 128 rows, tools/cuda_device_run.py PREFILL_VARIANTS): W through
+    the ring; 64-row blocks, 2 K tiles an iteration, 3 slots when the grid has >= 256
+    blocks of them, else 32-row blocks, 1 K tile, 4 slots (more blocks for small N).
     """
     _require(K % 64 == 0, f"gemm_i8 needs K % 64 == 0 (K={K})")
     _require(1 <= m_max <= GEMV_M_MAX, f"m_max must be in 1..{GEMV_M_MAX} (got {m_max})")
@@ -895,7 +900,12 @@ def gemm_i8(K: int, N: int, *, m_max: int = 64, n_tiles: int = 2, n_warps: int =
     BN = 8 * n_tiles * n_warps
     _require(all(n % BN == 0 for n in members),
              f"every member's N {members} must be a multiple of 8 * n_tiles * n_warps = {BN}")
-    mt = m_tiles or _m_tiles(max(m_max, 17))
+    if m_tiles is None:
+        big = (N // BN) * -(-m_max // M_BLOCK) >= GEMM_BIG_GRID
+        m_tiles = min(_m_tiles(max(m_max, 17)), 4 if big else 2)
+    unroll = unroll or (2 if m_tiles == 4 and K % 128 == 0 else 1)
+    x_stages = x_stages or (3 if unroll == 2 else 4)
+    mt = m_tiles
     _require(1 <= mt <= M_BLOCK // 16, f"m_tiles must be in 1..{M_BLOCK // 16}")
     _require(x_stages >= 2 and depth >= 1 and unroll >= 1, "x_stages >= 2, depth >= 1, unroll >= 1")
     BM = 16 * mt
