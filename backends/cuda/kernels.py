@@ -866,7 +866,8 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
                       _per_member(members, sfx, n_rows * warps, member), [], cfg, doc=gemv_i8.__doc__.split("\n")[0])
 
 
-def gemm_i8(K: int, N: int, *, m_max: int = 64, n_tiles: int = 2, n_warps: int = 4, k_warps: int = 1,
+def gemm_i8(K: int, N: int, *, m_max: int = 64, n_tiles: int | None = None, n_warps: int = 4,
+            k_warps: int | None = None,
             m_tiles: int | None = None, unroll: int | None = None, depth: int = 2,
             x_stages: int | None = None, w_smem: bool = True, scaled: str | None = None,
             members: tuple | list | None = None, name: str | None = None) -> KernelSpec:
@@ -891,19 +892,25 @@ def gemm_i8(K: int, N: int, *, m_max: int = 64, n_tiles: int = 2, n_warps: int =
 
     Defaults (H200 sweep at 128 rows, tools/cuda_device_run.py PREFILL_VARIANTS): W through
     the ring; 64-row blocks, 2 K tiles an iteration, 3 slots when the grid has >= 256
-    blocks of them, else 32-row blocks, 1 K tile, 4 slots (more blocks for small N).
+    blocks of them, else 32-row blocks, 1 K tile, 4 slots (more blocks for small N), and
+    2 K-split warps a column group of 1 n-tile a warp when even those are fewer than 256;
+    else 2 n-tiles a warp.
     """
     _require(K % 64 == 0, f"gemm_i8 needs K % 64 == 0 (K={K})")
     _require(1 <= m_max <= GEMV_M_MAX, f"m_max must be in 1..{GEMV_M_MAX} (got {m_max})")
     _require(scaled in (None, "row", "tensor"), f"scaled must be None, 'row' or 'tensor' (got {scaled!r})")
     members, sfx = _members(N, members)
+    groups = N // (16 * n_warps)  # column groups of 2 n-tiles a warp
+    if m_tiles is None:
+        m_tiles = min(_m_tiles(max(m_max, 17)), 4 if groups * -(-m_max // M_BLOCK) >= GEMM_BIG_GRID else 2)
+    unroll = unroll or (2 if m_tiles == 4 and K % 128 == 0 else 1)
+    if k_warps is None:
+        small = groups * -(-m_max // (16 * m_tiles)) < GEMM_BIG_GRID
+        k_warps = 2 if small and n_tiles in (None, 1) and (K // 64) % (2 * unroll) == 0 else 1
+    n_tiles = n_tiles or (1 if k_warps > 1 else 2)
     BN = 8 * n_tiles * n_warps
     _require(all(n % BN == 0 for n in members),
              f"every member's N {members} must be a multiple of 8 * n_tiles * n_warps = {BN}")
-    if m_tiles is None:
-        big = (N // BN) * -(-m_max // M_BLOCK) >= GEMM_BIG_GRID
-        m_tiles = min(_m_tiles(max(m_max, 17)), 4 if big else 2)
-    unroll = unroll or (2 if m_tiles == 4 and K % 128 == 0 else 1)
     x_stages = x_stages or (3 if unroll == 2 else 4)
     mt = m_tiles
     _require(1 <= mt <= M_BLOCK // 16, f"m_tiles must be in 1..{M_BLOCK // 16}")
@@ -920,7 +927,7 @@ def gemm_i8(K: int, N: int, *, m_max: int = 64, n_tiles: int = 2, n_warps: int =
     threads = 32 * n_warps * kw
     items = kw * unroll * BM * 4  # 16-byte x chunks a stage holds
     NA = mt * n_tiles
-    red = (kw - 1) * n_warps * NA * 32  # vector<4xi32> partial sums the slices 1.. hand over
+    red = kw * n_warps * NA * 32 if kw > 1 else 0  # vector<4xi32> partial sums handed over
     smem = [("xs", "vector<4xi32>", max(x_stages * items, red))]
     if w_smem:
         smem.append(("ws", "vector<4xi32>", x_stages * n_warps * kw * n_tiles * unroll * 32))
@@ -1026,11 +1033,8 @@ def gemm_i8(K: int, N: int, *, m_max: int = 64, n_tiles: int = 2, n_warps: int =
             E.cp_async_wait(0)
             E.barrier()
 
-            def hand_over():
-                for k in range(NA):
-                    E.store(E.from_elements(res[4 * k:4 * k + 4]), xs,
-                            (((wk - 1) * n_warps + wn) * NA + k) * 32 + lane)
-            E.if_(E.cmp("ne", wk, E.const(0, "index")), hand_over)
+            for k in range(NA):  # (slice 0's own copy is not read back: no branch here)
+                E.store(E.from_elements(res[4 * k:4 * k + 4]), xs, ((wk * n_warps + wn) * NA + k) * 32 + lane)
             E.barrier()
         y = a["y" + mi]
 
@@ -1061,7 +1065,7 @@ def gemm_i8(K: int, N: int, *, m_max: int = 64, n_tiles: int = 2, n_warps: int =
                 tot = list(res)
                 for sl in range(1, kw):
                     for k in range(NA):
-                        v = E.load(xs, E.const(((sl - 1) * n_warps * NA + k) * 32, "index") + wn * (NA * 32) + lane)
+                        v = E.load(xs, E.const((sl * n_warps * NA + k) * 32, "index") + wn * (NA * 32) + lane)
                         for e in range(4):
                             tot[4 * k + e] = tot[4 * k + e] + E.extract(v, e)
                 epilogue(tot)
