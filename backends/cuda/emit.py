@@ -497,30 +497,26 @@ class MlirEmitter(Emitter):
         return self._op(f"nvvm.dot.accumulate.4way {av.v} <signed>, {bv.v} <signed>, {c.v} "
                         f": vector<4xi8>, vector<4xi8>", "i32")
 
-    def mma_f16(self, a: Sequence[Val], b: Sequence[Val], c: Sequence[Val]) -> list[Val]:
-        """nvvm.mma.sync m16n8k16 row.col, f16 x f16 + f32 -> f32 (4 regs/lane)."""
+    def _mma(self, a, b, c, attrs: str, ab_type: str, acc: str) -> list[Val]:
+        """nvvm.mma.sync row.col: 4 A, 2 B and 4 C registers a lane -> 4 D registers."""
         assert len(a) == 4 and len(b) == 2 and len(c) == 4
-        st = "!llvm.struct<(f32, f32, f32, f32)>"
+        st = f"!llvm.struct<({acc}, {acc}, {acc}, {acc})>"
         nm = self._name()
         self._emit(
             f"{nm} = nvvm.mma.sync A[{', '.join(x.v for x in a)}] B[{', '.join(x.v for x in b)}] "
             f"C[{', '.join(x.v for x in c)}] {{layoutA = #nvvm.mma_layout<row>, "
-            f"layoutB = #nvvm.mma_layout<col>, shape = #nvvm.shape<m = 16, n = 8, k = 16>}} "
-            f": (vector<2xf16>, vector<2xf16>, f32) -> {st}")
-        return [self._op(f"llvm.extractvalue {nm}[{i}] : {st}", "f32") for i in range(4)]
+            f"layoutB = #nvvm.mma_layout<col>, {attrs}}} : ({ab_type}, {ab_type}, {acc}) -> {st}")
+        return [self._op(f"llvm.extractvalue {nm}[{i}] : {st}", acc) for i in range(4)]
+
+    def mma_f16(self, a: Sequence[Val], b: Sequence[Val], c: Sequence[Val]) -> list[Val]:
+        """nvvm.mma.sync m16n8k16 row.col, f16 x f16 + f32 -> f32 (4 regs/lane)."""
+        return self._mma(a, b, c, "shape = #nvvm.shape<m = 16, n = 8, k = 16>", "vector<2xf16>", "f32")
 
     def mma_s8(self, a: Sequence[Val], b: Sequence[Val], c: Sequence[Val]) -> list[Val]:
         """nvvm.mma.sync m16n8k32 row.col, s8 x s8 + s32 -> s32 (wrapping), 4 bytes a register."""
-        assert len(a) == 4 and len(b) == 2 and len(c) == 4
-        st = "!llvm.struct<(i32, i32, i32, i32)>"
-        nm = self._name()
-        self._emit(
-            f"{nm} = nvvm.mma.sync A[{', '.join(x.v for x in a)}] B[{', '.join(x.v for x in b)}] "
-            f"C[{', '.join(x.v for x in c)}] {{intOverflowBehavior = #nvvm.mma_int_overflow<wrapped>, "
-            f"layoutA = #nvvm.mma_layout<row>, layoutB = #nvvm.mma_layout<col>, "
-            f"multiplicandAPtxType = #nvvm.mma_type<s8>, multiplicandBPtxType = #nvvm.mma_type<s8>, "
-            f"shape = #nvvm.shape<m = 16, n = 8, k = 32>}} : (i32, i32, i32) -> {st}")
-        return [self._op(f"llvm.extractvalue {nm}[{i}] : {st}", "i32") for i in range(4)]
+        return self._mma(a, b, c, "intOverflowBehavior = #nvvm.mma_int_overflow<wrapped>, "
+                         "multiplicandAPtxType = #nvvm.mma_type<s8>, multiplicandBPtxType = #nvvm.mma_type<s8>, "
+                         "shape = #nvvm.shape<m = 16, n = 8, k = 32>", "i32", "i32")
 
     # -- control flow
     def for_(self, lo, hi, step, inits: Sequence[Val],

@@ -304,22 +304,13 @@ def _mma_gemv_body(E, a, *, K, N, k_tile, nt, kw, unroll, m_max, load_meta, dequ
             """cp.async the x chunks of iteration c (K tiles c * unroll .. of every K slice)."""
             slot = c % x_stages
 
-            def copies():
-                for p in range(-(-items // threads)):
-                    def one(p=p):
-                        it = tid + p * threads
-                        wu, rem = it // (BM * CH), it % (BM * CH)
-                        w, u = wu // unroll, wu % unroll
-                        row, ch = rem // CH, rem % CH
-                        src = (E.minu(row0 + row, mlast) * (K // 8)
-                               + (w * TPW + c * unroll + u) * CH + ch)
-                        dst = x_slot(slot, w, u, row) * RS + (ch % xv) * 4 + ch // xv
-                        E.cp_async(xs, dst, a["x"], src)
-                    if (p + 1) * threads <= items:
-                        one()
-                    else:
-                        E.if_(E.cmp("ult", tid + p * threads, E.const(items, "index")), one)
-            E.if_(E.cmp("ult", c, E.const(NI, "index")), copies)
+            def one(it):
+                wu, rem = it // (BM * CH), it % (BM * CH)
+                w, u = wu // unroll, wu % unroll
+                row, ch = rem // CH, rem % CH
+                src = E.minu(row0 + row, mlast) * (K // 8) + (w * TPW + c * unroll + u) * CH + ch
+                E.cp_async(xs, x_slot(slot, w, u, row) * RS + (ch % xv) * 4 + ch // xv, a["x"], src)
+            E.if_(E.cmp("ult", c, E.const(NI, "index")), lambda: _spread(E, tid, threads, items, one))
             E.cp_async_commit()
 
     mpu = n_meta
@@ -463,6 +454,17 @@ def _mma_gemv_body(E, a, *, K, N, k_tile, nt, kw, unroll, m_max, load_meta, dequ
                 tot.append(s)
             store_out(ar, tot)
         E.if_(E.cmp("eq", wk, E.const(ar % kw, "index")), owner)
+
+
+def _spread(E, tid, threads: int, items: int, fn):
+    """fn(item) for items 0 .. items - 1 spread over a block's threads (the last round guarded
+    when threads do not divide items): the block-wide cp.async copies of x tiles."""
+    for p in range(-(-items // threads)):
+        it = tid + p * threads
+        if (p + 1) * threads <= items:
+            fn(it)
+        else:
+            E.if_(E.cmp("ult", it, E.const(items, "index")), lambda it=it: fn(it))
 
 
 def _m_tiles(m_max: int) -> int:
@@ -734,6 +736,27 @@ def _warp_rows(E, a, blk, warps: int, n_rows: int):
     return tid % 32, (blk * warps + tid // 32) * n_rows, M, M - E.const(1, "index")
 
 
+def _int_params(K, m_max, members, sfx, scaled, w_bits):
+    """Parameters of the integer matmuls (gemv_i8, gemm_i8): x int8 codes, each member's weight
+    codes [, sx, each member's sw], each member's y, M."""
+    params = [Param("x", f"memref<{m_max * K // 16}xvector<4xi32>>", "in", f"int8 [M, {K}] row-major",
+                    rows=("M", m_max))]
+    params += [Param(f"wq{i}", f"memref<{n * K * w_bits // 128}xvector<4xi32>>", "in",
+                     f"int{w_bits} [{n}, {K}] row-major") for i, n in zip(sfx, members)]
+    if scaled == "row":
+        params.append(Param("sx", f"memref<{m_max}xf32>", "in", "f32 [M] per-token scales", rows=("M", m_max)))
+    elif scaled == "tensor":
+        params.append(Param("sx", "memref<1xf32>", "in", "f32 [1] per-tensor scale"))
+    if scaled:
+        params += [Param(f"sw{i}", f"memref<{n}xf32>", "in", f"f32 [{n}] per-channel scales")
+                   for i, n in zip(sfx, members)]
+    yt = "f32" if scaled else "i32"
+    params += [Param(f"y{i}", f"memref<{m_max * n}x{yt}>", "out", f"{yt} [M, {n}]", rows=("M", m_max))
+               for i, n in zip(sfx, members)]
+    params.append(_m_param(m_max))
+    return params
+
+
 def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps: int | None = None,
             unroll: int | None = None, scaled: str | None = None, w_bits: int = 8,
             members: tuple | list | None = None, name: str | None = None) -> KernelSpec:
@@ -776,21 +799,7 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
     K16 = K // 16
     CH = K // cols  # weight chunks per row
     steps = -(-CH // 32)  # chunks per lane
-    params = [Param("x", f"memref<{m_max * K16}xvector<4xi32>>", "in", f"int8 [M, {K}] row-major",
-                    rows=("M", m_max))]
-    params += [Param(f"wq{i}", f"memref<{n * CH}xvector<4xi32>>", "in", f"int{w_bits} [{n}, {K}] row-major")
-               for i, n in zip(sfx, members)]
-    if scaled == "row":
-        params.append(Param("sx", f"memref<{m_max}xf32>", "in", "f32 [M] per-token scales", rows=("M", m_max)))
-    elif scaled == "tensor":
-        params.append(Param("sx", "memref<1xf32>", "in", "f32 [1] per-tensor scale"))
-    if scaled:
-        params += [Param(f"sw{i}", f"memref<{n}xf32>", "in", f"f32 [{n}] per-channel scales")
-                   for i, n in zip(sfx, members)]
-    yt = "f32" if scaled else "i32"
-    params += [Param(f"y{i}", f"memref<{m_max * n}x{yt}>", "out", f"{yt} [M, {n}]", rows=("M", m_max))
-               for i, n in zip(sfx, members)]
-    params.append(_m_param(m_max))
+    params = _int_params(K, m_max, members, sfx, scaled, w_bits)
 
     def member(E, a, mi, N, blk):
         """Weight rows of member mi (its wq, sw, y and N) for block `blk` of its blocks."""
@@ -935,21 +944,7 @@ def gemm_i8(K: int, N: int, *, m_max: int = 64, n_tiles: int | None = None, n_wa
     _require(total <= MAX_STATIC_SMEM,
              f"{total} bytes of shared memory exceed the {MAX_STATIC_SMEM}-byte static limit")
 
-    params = [Param("x", f"memref<{m_max * K16}xvector<4xi32>>", "in", f"int8 [M, {K}] row-major",
-                    rows=("M", m_max))]
-    params += [Param(f"wq{i}", f"memref<{n * K16}xvector<4xi32>>", "in", f"int8 [{n}, {K}] row-major")
-               for i, n in zip(sfx, members)]
-    if scaled == "row":
-        params.append(Param("sx", f"memref<{m_max}xf32>", "in", "f32 [M] per-token scales", rows=("M", m_max)))
-    elif scaled == "tensor":
-        params.append(Param("sx", "memref<1xf32>", "in", "f32 [1] per-tensor scale"))
-    if scaled:
-        params += [Param(f"sw{i}", f"memref<{n}xf32>", "in", f"f32 [{n}] per-channel scales")
-                   for i, n in zip(sfx, members)]
-    yt = "f32" if scaled else "i32"
-    params += [Param(f"y{i}", f"memref<{m_max * n}x{yt}>", "out", f"{yt} [M, {n}]", rows=("M", m_max))
-               for i, n in zip(sfx, members)]
-    params.append(_m_param(m_max))
+    params = _int_params(K, m_max, members, sfx, scaled, 8)
 
     def member(E, a, mi, N, blk):
         tid = E.tid()
@@ -975,18 +970,14 @@ def gemm_i8(K: int, N: int, *, m_max: int = 64, n_tiles: int | None = None, n_wa
                     for r in range(n_tiles):
                         for u in range(unroll):
                             E.cp_async(a["ws"], w_slot(slot, r, u), a["wq" + mi], wrow[r] + (c * unroll + u) * 4)
-                for p in range(-(-items // threads)):
-                    def one(p=p):
-                        it = tid + p * threads
-                        wu, rem = it // (BM * 4), it % (BM * 4)  # wu = slice * unroll + u
-                        row, ch = rem // 4, rem % 4
-                        kt = (wu // unroll) * TPW + c * unroll + wu % unroll
-                        src = E.minu(row0 + row, mlast) * K16 + kt * 4 + ch
-                        E.cp_async(xs, (slot * kw * unroll + wu) * (BM * 4) + rem, a["x"], src)
-                    if (p + 1) * threads <= items:
-                        one()
-                    else:
-                        E.if_(E.cmp("ult", tid + p * threads, E.const(items, "index")), one)
+                _spread(E, tid, threads, items, one)
+
+            def one(it):
+                wu, rem = it // (BM * 4), it % (BM * 4)  # wu = slice * unroll + u
+                row, ch = rem // 4, rem % 4
+                kt = (wu // unroll) * TPW + c * unroll + wu % unroll
+                src = E.minu(row0 + row, mlast) * K16 + kt * 4 + ch
+                E.cp_async(xs, (slot * kw * unroll + wu) * (BM * 4) + rem, a["x"], src)
             E.if_(E.cmp("ult", c, E.const(NI, "index")), copies)
             E.cp_async_commit()
 
