@@ -736,6 +736,24 @@ def _warp_rows(E, a, blk, warps: int, n_rows: int):
     return tid % 32, (blk * warps + tid // 32) * n_rows, M, M - E.const(1, "index")
 
 
+def _int4_bytes(E, word):
+    """A 32-bit word of 8 int4 codes (two a byte, low nibble the even column, biased by +8) ->
+    (4 signed bytes of the even columns, 4 of the odd ones): v ^ 8 is the two's complement
+    nibble, and its bit 3 times 0x1E sets the byte's top four bits (no carry between bytes)."""
+    nib, bias, sign = (E.const(v, "i32") for v in (0x0F0F0F0F, 0x08080808, 0x1E))
+    out = []
+    for v in (word & nib, (word >> 4) & nib):
+        v = v ^ bias
+        out.append(v | ((v & bias) * sign))
+    return out
+
+
+def _even_odd_bytes(E, lo, hi):
+    """Two words of 8 consecutive int8 columns -> (their 4 even columns, their 4 odd ones)."""
+    a, b = (E.bitcast(w, "vector<4xi8>") for w in (lo, hi))
+    return [E.bitcast(E.shuffle(a, b, sel), "i32") for sel in ((0, 2, 4, 6), (1, 3, 5, 7))]
+
+
 def _int_params(K, m_max, members, sfx, scaled, w_bits):
     """Parameters of the integer matmuls (gemv_i8, gemm_i8): x int8 codes, each member's weight
     codes [, sx, each member's sw], each member's y, M."""
@@ -806,13 +824,6 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
         lane, n0, M, last = _warp_rows(E, a, blk, warps, n_rows)
         xrow = [E.minu(E.const(r, "index"), last) * K16 for r in range(m_max)]  # rows >= M repeat the last
         zero = E.const(0, "i32")
-        nib, bias, sign = (E.const(v, "i32") for v in (0x0F0F0F0F, 0x08080808, 0x1E))
-
-        def signed_bytes(v):
-            """4 nibbles (one a byte, biased by +8) -> 4 signed bytes: v ^ 8 is the two's complement
-            nibble, and its bit 3 times 0x1E sets the byte's top four bits (no carry between bytes)."""
-            v = v ^ bias
-            return v | ((v & bias) * sign)
 
         def chunk(i, acc):
             """acc += the products of 16-byte weight chunk i (a Val or an int) of every lane."""
@@ -824,7 +835,7 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
                 w = E.load(a["wq" + mi], (n0 + t) * CH + kc)
                 words = [E.extract(w, j) for j in range(4)]
                 if w_bits == 4:  # word j: columns 8j..8j+7 -> even columns, odd columns
-                    words = [signed_bytes(f(wj) & nib) for wj in words for f in (lambda v: v, lambda v: v >> 4)]
+                    words = [w for wj in words for w in _int4_bytes(E, wj)]
                 ws.append([E.select(ok, wj, zero) for wj in words] if ok is not None else words)
             out = list(acc)
             for r in range(m_max):
@@ -879,7 +890,7 @@ def gemm_i8(K: int, N: int, *, m_max: int = 64, n_tiles: int | None = None, n_wa
             k_warps: int | None = None,
             m_tiles: int | None = None, unroll: int | None = None, depth: int = 2,
             x_stages: int | None = None, w_smem: bool = True, scaled: str | None = None,
-            members: tuple | list | None = None, name: str | None = None) -> KernelSpec:
+            w_bits: int = 8, members: tuple | list | None = None, name: str | None = None) -> KernelSpec:
     """gemv_i8's product on the tensor cores for many rows of x (prefill): the same parameters
     and results (exact i32 sums, or the same scaled f32 epilogue), ``mma.sync.m16n8k32`` s8.
 
@@ -897,7 +908,11 @@ def gemm_i8(K: int, N: int, *, m_max: int = 64, n_tiles: int | None = None, n_wa
     it copied: more tiles in flight without holding registers). ``k_warps`` > 1: that many
     warps split K for each n-group (each slice its own part of every x slot), their i32
     partial sums added through shared memory (the x ring's) before the epilogue, exactly.
-    Constraints: K % 64 == 0, every member's N a multiple of 8 * n_tiles * n_warps.
+    w_bits=4 (gemv_i8's symmetric int4 codes, two a byte): 128-column K tiles, a lane's 16
+    bytes of a weight row are 32 codes, unpacked into their even and odd columns' bytes, and
+    its 32 bytes of x split the same way (byte permutes), four k32 steps; x rows padded to 9
+    chunks in shared memory (conflict-free for two chunks a lane).
+    Constraints: K % 64 == 0 (int4: K % 128), every member's N a multiple of 8 * n_tiles * n_warps.
 
     Defaults (H200 sweep at 128 rows, tools/cuda_device_run.py PREFILL_VARIANTS): W through
     the ring; 64-row blocks, 2 K tiles an iteration, 3 slots when the grid has >= 256
@@ -905,21 +920,24 @@ def gemm_i8(K: int, N: int, *, m_max: int = 64, n_tiles: int | None = None, n_wa
     2 K-split warps a column group of 1 n-tile a warp when even those are fewer than 256;
     else 2 n-tiles a warp.
     """
-    _require(K % 64 == 0, f"gemm_i8 needs K % 64 == 0 (K={K})")
+    _require(w_bits in (8, 4), f"w_bits must be 8 or 4 (got {w_bits})")
+    KTILE = 64 if w_bits == 8 else 128  # K columns a tile: one 16-byte weight chunk a lane
+    _require(K % KTILE == 0, f"gemm_i8 needs K % {KTILE} == 0 for int{w_bits} weights (K={K})")
     _require(1 <= m_max <= GEMV_M_MAX, f"m_max must be in 1..{GEMV_M_MAX} (got {m_max})")
     _require(scaled in (None, "row", "tensor"), f"scaled must be None, 'row' or 'tensor' (got {scaled!r})")
     members, sfx = _members(N, members)
     groups = N // (16 * n_warps)  # column groups of 2 n-tiles a warp
     if m_tiles is None:
         m_tiles = min(_m_tiles(max(m_max, 17)), 4 if groups * -(-m_max // M_BLOCK) >= GEMM_BIG_GRID else 2)
-    unroll = unroll or (2 if m_tiles == 4 and K % 128 == 0 else 1)
+    unroll = unroll or (2 if m_tiles == 4 and w_bits == 8 and K % (2 * KTILE) == 0 else 1)
     if k_warps is None:
         small = groups * -(-m_max // (16 * m_tiles)) < GEMM_BIG_GRID
-        k_warps = 2 if small and n_tiles in (None, 1) and (K // 64) % (2 * unroll) == 0 else 1
+        k_warps = 2 if small and n_tiles in (None, 1) and (K // KTILE) % (2 * unroll) == 0 else 1
     n_tiles = n_tiles or (1 if k_warps > 1 else 2)
     BN = 8 * n_tiles * n_warps
     _require(all(n % BN == 0 for n in members),
              f"every member's N {members} must be a multiple of 8 * n_tiles * n_warps = {BN}")
+    auto_stages = x_stages is None
     x_stages = x_stages or (3 if unroll == 2 else 4)
     mt = m_tiles
     _require(1 <= mt <= M_BLOCK // 16, f"m_tiles must be in 1..{M_BLOCK // 16}")
@@ -927,24 +945,34 @@ def gemm_i8(K: int, N: int, *, m_max: int = 64, n_tiles: int | None = None, n_wa
     BM = 16 * mt
     row_blocks = -(-m_max // BM)
     K16 = K // 16
-    KT = K // 64
+    KT = K // KTILE
+    XC = KTILE // 16  # 16-byte x chunks of a row of one tile
+    RS = XC if w_bits == 8 else XC + 1  # slots a row takes in shared memory
+    CPR = K * w_bits // 128  # 16-byte weight chunks a row
     kw = k_warps
     _require(kw >= 1 and KT % (kw * unroll) == 0,
-             f"K/64={KT} K tiles must split into k_warps={kw} slices of a multiple of unroll={unroll}")
+             f"K/{KTILE}={KT} K tiles must split into k_warps={kw} slices of a multiple of unroll={unroll}")
     TPW = KT // kw  # K tiles of a slice
     NI = TPW // unroll
     threads = 32 * n_warps * kw
-    items = kw * unroll * BM * 4  # 16-byte x chunks a stage holds
+    items = kw * unroll * BM * XC  # 16-byte x chunks a stage holds
+    xs_stage = kw * unroll * BM * RS
     NA = mt * n_tiles
     red = kw * n_warps * NA * 32 if kw > 1 else 0  # vector<4xi32> partial sums handed over
-    smem = [("xs", "vector<4xi32>", max(x_stages * items, red))]
-    if w_smem:
-        smem.append(("ws", "vector<4xi32>", x_stages * n_warps * kw * n_tiles * unroll * 32))
-    total = sum(n * 16 for _, _, n in smem)
+
+    def shared(S):
+        out = [("xs", "vector<4xi32>", max(S * xs_stage, red))]
+        if w_smem:
+            out.append(("ws", "vector<4xi32>", S * n_warps * kw * n_tiles * unroll * 32))
+        return out, sum(n * 16 for _, _, n in out)
+    smem, total = shared(x_stages)
+    while auto_stages and total > MAX_STATIC_SMEM and x_stages > 2:  # int4's x tiles are twice as wide
+        x_stages -= 1
+        smem, total = shared(x_stages)
     _require(total <= MAX_STATIC_SMEM,
              f"{total} bytes of shared memory exceed the {MAX_STATIC_SMEM}-byte static limit")
 
-    params = _int_params(K, m_max, members, sfx, scaled, 8)
+    params = _int_params(K, m_max, members, sfx, scaled, w_bits)
 
     def member(E, a, mi, N, blk):
         tid = E.tid()
@@ -955,7 +983,7 @@ def gemm_i8(K: int, N: int, *, m_max: int = 64, n_tiles: int | None = None, n_wa
         mlast = M - 1
         row0 = E.bid("y") * BM if row_blocks > 1 else E.const(0, "index")
         tile0 = (blk * n_warps + wn) * n_tiles
-        wrow = [((tile0 + r) * 8 + g) * K16 + wk * (TPW * 4) + t for r in range(n_tiles)]
+        wrow = [((tile0 + r) * 8 + g) * CPR + wk * (TPW * 4) + t for r in range(n_tiles)]
         xs = a["xs"]
         zero = E.const(0, "i32")
 
@@ -973,11 +1001,11 @@ def gemm_i8(K: int, N: int, *, m_max: int = 64, n_tiles: int | None = None, n_wa
                 _spread(E, tid, threads, items, one)
 
             def one(it):
-                wu, rem = it // (BM * 4), it % (BM * 4)  # wu = slice * unroll + u
-                row, ch = rem // 4, rem % 4
+                wu, rem = it // (BM * XC), it % (BM * XC)  # wu = slice * unroll + u
+                row, ch = rem // XC, rem % XC
                 kt = (wu // unroll) * TPW + c * unroll + wu % unroll
-                src = E.minu(row0 + row, mlast) * K16 + kt * 4 + ch
-                E.cp_async(xs, (slot * kw * unroll + wu) * (BM * 4) + rem, a["x"], src)
+                src = E.minu(row0 + row, mlast) * K16 + kt * XC + ch
+                E.cp_async(xs, (slot * kw * unroll + wu) * (BM * RS) + row * RS + ch, a["x"], src)
             E.if_(E.cmp("ult", c, E.const(NI, "index")), copies)
             E.cp_async_commit()
 
@@ -1008,15 +1036,25 @@ def gemm_i8(K: int, N: int, *, m_max: int = 64, n_tiles: int | None = None, n_wa
             else:
                 nxt, ws = queue[wlen:] + load_w(E.minu(i + depth * unroll, last)), queue[:wlen]
             for u in range(unroll):
-                B = [words(ws[r * unroll + u]) for r in range(n_tiles)]
+                # per k32 step: the B pair, and for x the pair of words at the same K positions
+                if w_bits == 8:  # step s: bytes 8s..8s+7 of the lane's 16, in order
+                    B = [[wd[2 * s:2 * s + 2] for s in range(2)] for wd in (words(ws[r * unroll + u])
+                                                                              for r in range(n_tiles))]
+                else:  # step s: the even, then the odd columns of codes 8s..8s+7
+                    B = [[_int4_bytes(E, wd) for wd in words(ws[r * unroll + u])] for r in range(n_tiles)]
+
+                def x_pairs(row_base):
+                    xw = [w for c_ in range(XC // 4) for w in words(E.load(xs, row_base + (XC // 4) * t + c_))]
+                    if w_bits == 8:
+                        return [xw[2 * s:2 * s + 2] for s in range(2)]
+                    return [_even_odd_bytes(E, xw[2 * s], xw[2 * s + 1]) for s in range(4)]
                 for j in range(mt):
-                    base = ((slot * kw + wk) * unroll + u) * (BM * 4) + (16 * j + g) * 4 + t
-                    xl, xh = words(E.load(xs, base)), words(E.load(xs, base + 32))
+                    base = ((slot * kw + wk) * unroll + u) * (BM * RS) + (16 * j + g) * RS
+                    xl, xh = x_pairs(base), x_pairs(base + 8 * RS)
                     for r in range(n_tiles):
-                        for st in range(2):
-                            acc[j * n_tiles + r] = E.mma_s8(
-                                [xl[2 * st], xh[2 * st], xl[2 * st + 1], xh[2 * st + 1]],
-                                [B[r][2 * st], B[r][2 * st + 1]], acc[j * n_tiles + r])
+                        for st in range(len(xl)):
+                            acc[j * n_tiles + r] = E.mma_s8([xl[st][0], xh[st][0], xl[st][1], xh[st][1]],
+                                                            B[r][st], acc[j * n_tiles + r])
             return [v for k in range(NA) for v in acc[k]] + nxt
 
         res = E.for_(0, TPW, unroll, [zero] * (4 * NA) + queue0, body)
@@ -1062,14 +1100,15 @@ def gemm_i8(K: int, N: int, *, m_max: int = 64, n_tiles: int | None = None, n_wa
                 epilogue(tot)
             E.if_(E.cmp("eq", wk, E.const(0, "index")), slice0)
 
-    nm = name or (f"gemm_i8_k{K}_n{'_'.join(map(str, members))}_m{m_max}_t{n_tiles}n{n_warps}"
+    nm = name or (f"gemm_i{w_bits}_k{K}_n{'_'.join(map(str, members))}_m{m_max}_t{n_tiles}n{n_warps}"
                   f"{f'k{kw}' if kw > 1 else ''}"
                   f"m{mt}u{unroll}{'w' if w_smem else f'd{depth}'}x{x_stages}{'_s' + scaled[0] if scaled else ''}")
     cfg = {"kind": "gemm_i8", "K": K, "N": N, "m_max": m_max, "n_tiles": n_tiles, "n_warps": n_warps,
            "k_warps": kw,
            "m_tiles": mt, "unroll": unroll, "depth": depth, "x_stages": x_stages, "w_smem": w_smem,
            "scaled": scaled,
-           "w_bits": 8, "members": list(members), "weight_bytes": N * K, "meta_bytes": 4 * N if scaled else 0}
+           "w_bits": w_bits, "members": list(members), "weight_bytes": N * K * w_bits // 8,
+           "meta_bytes": 4 * N if scaled else 0}
     return KernelSpec(nm, params, (threads, 1, 1), (N // BN, row_blocks, 1),
                       _per_member(members, sfx, BN, member), smem, cfg, doc=gemm_i8.__doc__.split("\n")[0])
 

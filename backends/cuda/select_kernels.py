@@ -75,15 +75,14 @@ def plan_kernel(fmt, M: int, K: int, N: int, out_f32: bool = True):
 
 
 def _prefill_gemm(builder: str, args: dict, M: int):
-    """More rows than a GEMV launch takes, int8 weights: gemv_i8's product as the tensor-core
-    gemm_i8 (same parameters, same results) on up to GEMV_M_MAX rows a launch, if its
-    constraints hold; else the builder and arguments unchanged."""
+    """More rows than a GEMV launch takes: gemv_i8's product (int8 or int4 weights) as the
+    tensor-core gemm_i8 (same parameters, same results) on up to GEMV_M_MAX rows a launch, if
+    its constraints hold; else the builder and arguments unchanged."""
     from . import kernels
 
-    if builder != "gemv_i8" or M <= M_MAX or args.get("w_bits", 8) != 8:
+    if builder != "gemv_i8" or M <= M_MAX:
         return builder, args
-    g = {k: v for k, v in args.items() if k != "w_bits"}
-    g["m_max"] = min(kernels.GEMV_M_MAX, -(-M // 16) * 16)
+    g = dict(args, m_max=min(kernels.GEMV_M_MAX, -(-M // 16) * 16))
     try:
         kernels.gemm_i8(**g)
     except kernels.KernelConstraintError:

@@ -303,6 +303,32 @@ def test_i4_weights_emulated_exact(M, m_max, K, N):
     assert np.array_equal(y[:M], xq[:M].astype(np.int64) @ codes.T) and (y[M:] == -7).all()
 
 
+@pytest.mark.parametrize("M,m_max,K,N,cfg", [(37, 64, 256, 64, {}), (20, 32, 384, 32, dict(n_tiles=1, n_warps=4)),
+                                             (100, 128, 512, 128, dict(k_warps=2, n_tiles=1)),
+                                             (70, 128, 1024, 256, dict(m_tiles=4, unroll=2, w_smem=False, k_warps=1,
+                                                                       x_stages=2))])
+def test_gemm_i4_weights_emulated_exact(M, m_max, K, N, cfg):
+    """gemm_i8(w_bits=4): the same packed int4 codes, unpacked into even / odd column bytes with
+    x's bytes split alike, on the s8 tensor cores: exact i32 sums and gemv_i8's scaled bits."""
+    rng = np.random.default_rng(M * K + N)
+    xq = rng.integers(-128, 128, (M, K)).astype(np.int8)
+    codes = rng.integers(-8, 8, (N, K))
+    codes[0, :16] = np.arange(-8, 8)
+    nib = (codes + 8).astype(np.uint8)
+    packed = (nib[:, 0::2] | (nib[:, 1::2] << 4)).astype(np.uint8).view(np.int8)
+    y = np.full((M, N), -7, np.int32)
+    spec = kernels.gemm_i8(K, N, m_max=m_max, w_bits=4, **cfg)
+    simt.run(spec, dict(x=xq, wq=packed, y=y, M=M))
+    assert np.array_equal(y, xq.astype(np.int64) @ codes.T), spec.name
+    sx = (rng.random(M) * 0.01 + 1e-3).astype(np.float32)
+    sw = (rng.random(N) * 0.01 + 1e-3).astype(np.float32)
+    got = np.full((M, N), np.nan, np.float32)
+    simt.run(kernels.gemm_i8(K, N, m_max=m_max, w_bits=4, scaled="row", **cfg),
+             dict(x=xq, wq=packed, sx=sx, sw=sw, y=got, M=M))
+    want = ((xq.astype(np.int64) @ codes.T).astype(np.float32) * sx[:, None]) * sw[None, :]
+    assert np.array_equal(got.view(np.uint32), want.astype(np.float32).view(np.uint32))
+
+
 @pytest.mark.parametrize("n,sub_rows,M,m_max", [(256, 1, 3, 4), (768, 1, 2, 2), (64, 3, 1, 1), (40, 2, 2, 2)])
 def test_hadamard_rows_emulated(n, sub_rows, M, m_max):
     """hadamard_rows against the numpy fast transform (float64): powers of two, m * 2^k
@@ -518,6 +544,8 @@ def ptxas_specs():
             kernels.gemm_i8(2048, 2048, m_max=128, scaled="row"), kernels.gemm_i8(5632, 2048, m_max=256),
             kernels.gemm_i8(2048, 11264, m_max=128, scaled="row", members=(5632, 5632)),
             kernels.gemm_i8(5632, 2048, m_max=128, scaled="row", w_smem=True, x_stages=4),
+            kernels.gemm_i8(2048, 11264, m_max=128, scaled="row", w_bits=4, members=(5632, 5632)),
+            kernels.gemm_i8(5632, 2048, m_max=128, scaled="row", w_bits=4),
             kernels.gemv_w4a16(4096, 4096, 64, zero_point=True),  # weight-scaled path
             kernels.gemv_w4a16(4096, 4096, 256, zero_point=False),
             kernels.gemv_i8(4096, 4096, m_max=1), kernels.gemv_i8(4096, 4096, m_max=16),

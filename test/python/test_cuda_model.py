@@ -190,6 +190,23 @@ def test_quantized_activations_match_the_cpu_backend(recipe, bound, kernel, seq)
     assert len(hadamards) == (2 if "had" in recipe else 0)  # the two down projections' inputs
 
 
+def test_prefill_gemm_plan_equals_the_gemv_plan(monkeypatch):
+    """At 40 tokens w4a4-had's integer matmuls run on gemm_i8 (int4 weights on the s8 tensor
+    cores); the plan's output equals, bit for bit, that of the same model on gemv_i8 (dp4a, 16
+    rows a launch). (Against the CPU artifact both differ from token 26 on: a float reduction
+    rounding differently flips an int4 activation code.)"""
+    from qcc.backends.cuda import select_kernels
+
+    model, inputs = llama_model(40)
+    gemm = qcc.compile(model, inputs, target="cuda", quant="w4a4-had")
+    assert {L["builder"] for L in gemm.manifest["cuda"]["int_layers"].values()} == {"gemm_i8"}
+    monkeypatch.setattr(select_kernels, "_prefill_gemm", lambda builder, args, M: (builder, args))
+    gemv = qcc.compile(model, inputs, target="cuda", quant="w4a4-had")
+    assert {L["builder"] for L in gemv.manifest["cuda"]["int_layers"].values()} == {"gemv_i8"}
+    a, b = emulate.run_compiled(gemm, *inputs)[0], emulate.run_compiled(gemv, *inputs)[0]
+    assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
 def test_plan_fuses_and_folds():
     _, _, _, c = compiled_case("decode-w4a16-g128")
     plan = c.manifest["cuda"]["plan"]
