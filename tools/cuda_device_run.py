@@ -714,7 +714,7 @@ KEEP_BYTES = 64 << 10  # bench artifacts keep parameters up to this size (consta
 PREFILL = dict(vocab=512, hidden=2048, layers=4, heads=16, ffn=5632, max_seq=640, seed=0)
 PREFILL_QUICK = dict(vocab=512, hidden=256, layers=1, heads=4, ffn=768, max_seq=160, seed=0)
 PREFILL_TOKENS = 128
-PREFILL_RECIPES = ("w4a16-g128", "w8a8", "float")
+PREFILL_RECIPES = ("w4a16-g128", "w8a8", "w4a4-had", "float")
 
 
 def _test_path():
