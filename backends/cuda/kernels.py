@@ -844,9 +844,8 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
                     xs = [E.extract(x, j) for j in range(4)]
                 else:
                     xv = [E.load(a["x"], xrow[r] + 2 * kc + h) for h in range(2)]
-                    xb = [E.bitcast(E.extract(xv[q // 4], q % 4), "vector<4xi8>") for q in range(8)]
-                    xs = [E.shuffle(xb[2 * j], xb[2 * j + 1], sel) for j in range(4)
-                          for sel in ((0, 2, 4, 6), (1, 3, 5, 7))]
+                    xw = [E.extract(xv[q // 4], q % 4) for q in range(8)]
+                    xs = [v for j in range(4) for v in _even_odd_bytes(E, xw[2 * j], xw[2 * j + 1])]
                 for t in range(n_rows):
                     v = out[r * n_rows + t]
                     for xw, ww in zip(xs, ws[t]):
@@ -1035,19 +1034,17 @@ def gemm_i8(K: int, N: int, *, m_max: int = 64, n_tiles: int | None = None, n_wa
                 nxt, ws = [], [E.load(a["ws"], w_slot(slot, r, u)) for r in range(n_tiles) for u in range(unroll)]
             else:
                 nxt, ws = queue[wlen:] + load_w(E.minu(i + depth * unroll, last)), queue[:wlen]
+            def x_pairs(row_base):
+                """Per k32 step, the pair of x words at the K positions of the B pair."""
+                xw = [w for c_ in range(XC // 4) for w in words(E.load(xs, row_base + (XC // 4) * t + c_))]
+                if w_bits == 8:
+                    return [xw[2 * s:2 * s + 2] for s in range(2)]
+                return [_even_odd_bytes(E, xw[2 * s], xw[2 * s + 1]) for s in range(4)]
             for u in range(unroll):
-                # per k32 step: the B pair, and for x the pair of words at the same K positions
-                if w_bits == 8:  # step s: bytes 8s..8s+7 of the lane's 16, in order
-                    B = [[wd[2 * s:2 * s + 2] for s in range(2)] for wd in (words(ws[r * unroll + u])
-                                                                              for r in range(n_tiles))]
-                else:  # step s: the even, then the odd columns of codes 8s..8s+7
-                    B = [[_int4_bytes(E, wd) for wd in words(ws[r * unroll + u])] for r in range(n_tiles)]
-
-                def x_pairs(row_base):
-                    xw = [w for c_ in range(XC // 4) for w in words(E.load(xs, row_base + (XC // 4) * t + c_))]
-                    if w_bits == 8:
-                        return [xw[2 * s:2 * s + 2] for s in range(2)]
-                    return [_even_odd_bytes(E, xw[2 * s], xw[2 * s + 1]) for s in range(4)]
+                # per k32 step the B pair: w8 bytes 8s..8s+7 of the lane's 16, in order; w4 the
+                # even, then the odd columns of codes 8s..8s+7
+                B = [[wd[2 * s:2 * s + 2] for s in range(2)] if w_bits == 8 else [_int4_bytes(E, v) for v in wd]
+                     for wd in (words(ws[r * unroll + u]) for r in range(n_tiles))]
                 for j in range(mt):
                     base = ((slot * kw + wk) * unroll + u) * (BM * RS) + (16 * j + g) * RS
                     xl, xh = x_pairs(base), x_pairs(base + 8 * RS)
@@ -1469,9 +1466,7 @@ def gemv_i4g(K: int, N: int, group_size: int, *, m_max: int = 16, n_rows: int | 
             for r in range(m_max):
                 xr = E.minu(E.const(r, "index"), last) * (K // 16) + gc * XV
                 xw = [E.extract(E.load(a["x"], xr + u), j) for u in range(XV) for j in range(4)]
-                xb = [E.bitcast(w, "vector<4xi8>") for w in xw]
-                xs = [E.shuffle(xb[2 * q], xb[2 * q + 1], sel) for q in range(len(xb) // 2)
-                      for sel in ((0, 2, 4, 6), (1, 3, 5, 7))]
+                xs = [v for q in range(len(xw) // 2) for v in _even_odd_bytes(E, xw[2 * q], xw[2 * q + 1])]
                 s1 = E.const(0, "i32")
                 for w in xw:
                     s1 = E.dp4a(w, ones, s1)

@@ -288,16 +288,22 @@ def test_emulator_allows_branches_uniform_in_each_warp():
         simt.run(kernel(True), dict(o=o))
 
 
+def int4_codes(rng, N, K):
+    """Random int4 codes (every value -8..7 in row 0) and their bytes as quantize-weights packs
+    them: two a byte along K, low nibble the even column, biased by +8."""
+    codes = rng.integers(-8, 8, (N, K))
+    codes[0, :16] = np.arange(-8, 8)
+    nib = (codes + 8).astype(np.uint8)
+    return codes, (nib[:, 0::2] | (nib[:, 1::2] << 4)).astype(np.uint8).view(np.int8)
+
+
 @pytest.mark.parametrize("M,m_max,K,N", [(1, 1, 288, 12), (5, 8, 1024, 8), (3, 16, 2048, 6)])
 def test_i4_weights_emulated_exact(M, m_max, K, N):
     """gemv_i8(w_bits=4) on int4 codes packed as quantize-weights packs them (two a byte
     along K, low nibble the even column, +8), every code -8..7 included: exact i32 sums."""
     rng = np.random.default_rng(M * K)
     xq = rng.integers(-128, 128, (m_max, K)).astype(np.int8)
-    codes = rng.integers(-8, 8, (N, K))
-    codes[0, :16] = np.arange(-8, 8)
-    nib = (codes + 8).astype(np.uint8)
-    packed = (nib[:, 0::2] | (nib[:, 1::2] << 4)).astype(np.uint8).view(np.int8)
+    codes, packed = int4_codes(rng, N, K)
     y = np.full((m_max, N), -7, np.int32)
     simt.run(kernels.gemv_i8(K, N, m_max=m_max, w_bits=4), dict(x=xq, wq=packed, y=y, M=M))
     assert np.array_equal(y[:M], xq[:M].astype(np.int64) @ codes.T) and (y[M:] == -7).all()
@@ -309,13 +315,11 @@ def test_i4_weights_emulated_exact(M, m_max, K, N):
                                                                        x_stages=2))])
 def test_gemm_i4_weights_emulated_exact(M, m_max, K, N, cfg):
     """gemm_i8(w_bits=4): the same packed int4 codes, unpacked into even / odd column bytes with
-    x's bytes split alike, on the s8 tensor cores: exact i32 sums and gemv_i8's scaled bits."""
+    x's bytes split alike, on the s8 tensor cores: exact i32 sums, and the scaled epilogue's
+    (f32(acc) * sx) * sw bit for bit."""
     rng = np.random.default_rng(M * K + N)
     xq = rng.integers(-128, 128, (M, K)).astype(np.int8)
-    codes = rng.integers(-8, 8, (N, K))
-    codes[0, :16] = np.arange(-8, 8)
-    nib = (codes + 8).astype(np.uint8)
-    packed = (nib[:, 0::2] | (nib[:, 1::2] << 4)).astype(np.uint8).view(np.int8)
+    codes, packed = int4_codes(rng, N, K)
     y = np.full((M, N), -7, np.int32)
     spec = kernels.gemm_i8(K, N, m_max=m_max, w_bits=4, **cfg)
     simt.run(spec, dict(x=xq, wq=packed, y=y, M=M))
