@@ -22,6 +22,14 @@ Thread mappings:
 * ``block_reduce`` (the same, few outputs and a long reduction, e.g. RMSNorm at decode):
   256 threads per output point, warp butterflies, then the 8 warp partials through
   shared memory.
+* ``tile_contract`` (the same combining reductions when two output dims a, b of at least
+  TILE_MIN points split the operands: no read depends on both, e.g. a matmul's rows and
+  columns, attention's query and key positions): a block of 16 x 16 threads owns a tile of
+  (a, b), each thread 2-4 x 2-4 outputs. Per chunk of reduction steps the block computes
+  the body's a-side and b-side values (loads and elementwise producers, e.g. RoPE fused
+  into q @ k^T) once each into shared memory (double-buffered, the next chunk's loads in
+  flight during the products), then every thread combines its outputs from there, in the
+  sequential order of the reduction.
 * ``serial`` (any other reduction, e.g. argmax's two coupled outputs): one thread per
   output point, the reduction loop inside the thread with the outputs in registers.
 
@@ -36,11 +44,15 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 
-from .emit import KernelSpec, Param, parse_type
+from .emit import KernelSpec, Param, bitwidth, parse_type
 
 BLOCK = 256
 WARPS = 8
 REDUCE_UNROLL = 4  # reduction steps whose loads a thread issues together
+TILE_THREADS = 16  # tile_contract: a block is TILE_THREADS x TILE_THREADS threads
+TILE_MIN = 32  # tile_contract: least extent of both tiled output dims
+TILE_MIN_BLOCKS = 128  # tile_contract takes the largest tile that leaves this many blocks
+SMEM_BYTES = 48 * 1024  # static shared memory a block may declare
 
 
 class UnsupportedOp(ValueError):
@@ -282,34 +294,35 @@ class _Replay:
         for j in range(n):
             if j in skip:
                 continue
-            op = desc.body[j]
-            if op.name == "memref.load":
-                c = op.operands[0][1]
-                cap = desc.captures[c]
-                flat = 0
-                for r, s in zip(op.operands[1:], cap.strides):
-                    flat = _add(E, flat, _mul(E, get(r), s))
-                res = [E.load(self.a[f"cap{c}"], _ix(E, flat))]
-            elif op.name == "affine.apply":
-                v = _eval(E, op.info["expr"], [get(r) for r in op.operands])
-                res = [_ix(E, v)]
-            elif op.name == "qcc.powi":  # math.fpowi by a small constant: repeated products
-                x = get(op.operands[0])
-                n_ = op.info["n"]
-                r = None
-                for _ in range(abs(n_)):
-                    r = x if r is None else E.raw("arith.mulf", [r, x], [x.type], "")[0]
-                one = E.const(1.0, x.type)
-                if r is None:
-                    r = one
-                if n_ < 0:
-                    r = E.raw("arith.divf", [one, r], [x.type], "")[0]
-                res = [r]
-            else:
-                res = E.raw(op.name, [get(r) for r in op.operands], op.types, op.attrs, op.info)
-            for k, v in enumerate(res):
+            for k, v in enumerate(self.op(desc.body[j], get)):
                 vals[(j, k)] = v
         return get
+
+    def op(self, op, get):
+        """The results of one body op, its operands resolved by get(ref)."""
+        E = self.E
+        if op.name == "memref.load":
+            c = op.operands[0][1]
+            cap = self.desc.captures[c]
+            flat = 0
+            for r, s in zip(op.operands[1:], cap.strides):
+                flat = _add(E, flat, _mul(E, get(r), s))
+            return [E.load(self.a[f"cap{c}"], _ix(E, flat))]
+        if op.name == "affine.apply":
+            return [_ix(E, _eval(E, op.info["expr"], [get(r) for r in op.operands]))]
+        if op.name == "qcc.powi":  # math.fpowi by a small constant: repeated products
+            x = get(op.operands[0])
+            n_ = op.info["n"]
+            r = None
+            for _ in range(abs(n_)):
+                r = x if r is None else E.raw("arith.mulf", [r, x], [x.type], "")[0]
+            one = E.const(1.0, x.type)
+            if r is None:
+                r = one
+            if n_ < 0:
+                r = E.raw("arith.divf", [one, r], [x.type], "")[0]
+            return [r]
+        return E.raw(op.name, [get(r) for r in op.operands], op.types, op.attrs, op.info)
 
 
 def _used_args(desc: GenericDesc) -> set[int]:
@@ -378,20 +391,21 @@ def _loop_dims(desc: GenericDesc, ref) -> set:
     return out
 
 
-def _access(desc: GenericDesc, k: int) -> list[tuple[int, int]]:
-    """(elements, kind) of every buffer the op reads, for lanes along loop dim k: kind 0 =
-    the address does not depend on k (one load serves the warp), 1 = consecutive k are
-    consecutive elements (coalesced), 2 = anything else (a transaction per lane)."""
+def _access(desc: GenericDesc, k: int, ins=None, body=None) -> list[tuple[int, int]]:
+    """(elements, kind) of every buffer the op reads (of inputs `ins` and body ops `body`
+    only, when given), for lanes along loop dim k: kind 0 = the address does not depend on k
+    (one load serves the warp), 1 = consecutive k are consecutive elements (coalesced), 2 =
+    anything else (a transaction per lane)."""
     out = []
-    for op in desc.ins:
-        if op.const is not None or not op.map:
+    for i, op in enumerate(desc.ins):
+        if op.const is not None or not op.map or (ins is not None and i not in ins):
             continue
         uses = [i for i, e in enumerate(op.map) if k in _expr_dims(e)]
         kind = 0 if not uses else 1 if (uses == [len(op.map) - 1] and op.map[-1] == ("d", k)
                                         and op.strides[-1] == 1) else 2
         out.append((op.span, kind))
-    for b in desc.body:
-        if b.name == "memref.load":
+    for j, b in enumerate(desc.body):
+        if b.name == "memref.load" and (body is None or j in body):
             cap = desc.captures[b.operands[0][1]]
             dims = [_loop_dims(desc, r) for r in b.operands[1:]]
             uses = [i for i, d in enumerate(dims) if k in d or None in d]
@@ -424,7 +438,149 @@ def _lane_dim(desc: GenericDesc):
     return best
 
 
-def classify(desc: GenericDesc) -> str:
+_STAGEABLE = ("f16", "f32", "f64", "i8", "i16", "i32", "i64")
+
+
+@dataclass
+class _Contract:
+    """How a combining reduction runs as tile_contract (see the module doc)."""
+
+    a: int  # loop dim of the tile's rows (threads' slow dim)
+    b: int  # loop dim of the tile's columns (consecutive threads: the output's contiguous dim)
+    j_comb: int
+    v_ref: tuple
+    inner: list  # body ops evaluated per output point and step (their value needs both a and b)
+    staged: dict  # "a"/"b" -> refs whose values the block stages in shared memory
+    producers: dict  # "a"/"b" -> body ops replayed to compute that side's staged values
+    args: dict  # "a"/"b" -> input operands that side loads
+    k_fast: dict  # "a"/"b" -> stage consecutive reduction steps on consecutive threads
+
+    def elem(self, desc, ref) -> str:
+        return desc.ins[ref[1]].elem if ref[0] == "arg" else desc.body[ref[1]].types[ref[2]]
+
+
+def _reads(desc: GenericDesc):
+    """The loop dims each read depends on: input operands, then captured-buffer loads (None
+    when an address is computed from loaded data)."""
+    ins = [set().union(*(_expr_dims(e) for e in op.map)) if op.const is None and op.map else set()
+           for op in desc.ins]
+    caps = []
+    for b in desc.body:
+        if b.name == "memref.load":
+            dims = set().union(*(_loop_dims(desc, r) for r in b.operands[1:]))
+            caps.append(None if None in dims else dims)
+    return ins, caps
+
+
+def _contract(desc: GenericDesc):
+    """A _Contract for `desc`, or None when tile_contract does not apply."""
+    comb = _combiner(desc)
+    red = [i for i, t in enumerate(desc.iters) if t == "reduction"]
+    if comb is None or math.prod(desc.loops[i] for i in red) < 16:
+        return None
+    j_comb, v_ref = comb
+    ins, caps = _reads(desc)
+    if any(c is None for c in caps):
+        return None
+    reads = [r for r, op in zip(ins, desc.ins) if op.const is None and op.map] + caps
+    par = [i for i, t in enumerate(desc.iters) if t == "parallel" and desc.loops[i] >= TILE_MIN]
+    out = desc.outs[0]
+    best = None
+    for x in par:
+        for y in par:
+            if x >= y or any(x in r and y in r for r in reads):
+                continue
+            if not any(x in r for r in reads) or not any(y in r for r in reads):
+                continue
+            stride = {d: sum(s for e, s in zip(out.map, out.strides) if d in _expr_dims(e)) for d in (x, y)}
+            a, b = (x, y) if stride[y] <= stride[x] else (y, x)
+            key = desc.loops[x] * desc.loops[y]
+            if best is None or key > best[0]:
+                best = (key, a, b)
+    if best is None:
+        return None
+    _, a, b = best
+
+    def side(dims):
+        return frozenset(n for n, d in (("a", a), ("b", b)) if d in dims)
+
+    deps = []  # per body op before the combine: which of a, b its value varies with
+    for op in desc.body[:j_comb]:
+        dep = frozenset()
+        for r in op.operands:
+            if r[0] == "arg":
+                dep |= side(ins[r[1]]) if r[1] < desc.n_in else frozenset("ab")
+            elif r[0] == "idx":
+                dep |= side({r[1]})
+            elif r[0] == "op":
+                dep |= deps[r[1]]
+        deps.append(dep)
+
+    def dep_of(ref):
+        return side(ins[ref[1]]) if ref[0] == "arg" else deps[ref[1]]
+    if v_ref[0] not in ("arg", "op") or dep_of(v_ref) != frozenset("ab"):
+        return None
+    inner = [j for j in range(j_comb) if deps[j] == frozenset("ab") or
+             (desc.body[j].name == "arith.constant")]
+    staged = {"a": [], "b": []}
+    for j in inner:
+        for r in desc.body[j].operands:
+            if r[0] == "idx" and deps[j]:
+                return None  # an inner op reading a loop index: not worth a tile
+            if r[0] in ("arg", "op") and (r[0] == "arg" or r[1] not in inner):
+                s = "b" if dep_of(r) == frozenset("b") else "a"
+                if r not in staged[s]:
+                    staged[s].append(r)
+    producers, args = {}, {}
+    for s in "ab":
+        need, todo = set(), [r for r in staged[s] if r[0] == "op"]
+        used = {r[1] for r in staged[s] if r[0] == "arg"}
+        while todo:
+            j = todo.pop()[1]
+            if j in need:
+                continue
+            need.add(j)
+            for r in desc.body[j].operands:
+                if r[0] == "op":
+                    todo.append(r)
+                elif r[0] == "arg":
+                    used.add(r[1])
+        producers[s], args[s] = need, used
+    c = _Contract(a, b, j_comb, v_ref, inner, staged, producers, args, {})
+    if any(c.elem(desc, r) not in _STAGEABLE for s in "ab" for r in staged[s]):
+        return None
+    k = red[-1]
+    for s, d in (("a", a), ("b", b)):  # stage along k where that side's reads are contiguous
+        cost = {dd: sum(n for n, kind in _access(desc, dd, args[s], producers[s]) if kind == 2)
+                for dd in (k, d)}
+        c.k_fast[s] = cost[k] <= cost[d]
+    return c
+
+
+def _tile_config(desc: GenericDesc, c: _Contract):
+    """(TA, TB, BK): outputs a thread along a and b, reduction steps a chunk; the largest tile
+    whose grid keeps TILE_MIN_BLOCKS blocks (else the smallest), and 32-step chunks for long
+    reductions when shared memory allows; None when nothing fits."""
+    others = math.prod(n for i, (n, t) in enumerate(zip(desc.loops, desc.iters))
+                       if t == "parallel" and i not in (c.a, c.b))
+    R = math.prod(n for n, t in zip(desc.loops, desc.iters) if t == "reduction")
+    La, Lb = desc.loops[c.a], desc.loops[c.b]
+    tiles = [(4, 4), (2, 4), (4, 2), (2, 2)]
+    grids = [others * -(-La // (TILE_THREADS * ta)) * -(-Lb // (TILE_THREADS * tb)) for ta, tb in tiles]
+    order = [t for t, g in zip(tiles, grids) if g >= TILE_MIN_BLOCKS] + [(2, 2)]
+    for ta, tb in order:
+        for bk in ((32, 16) if R >= 256 else (16,)):
+            if _tile_smem(desc, c, ta, tb, bk) <= SMEM_BYTES:
+                return ta, tb, bk
+    return None
+
+
+def _tile_smem(desc, c, ta, tb, bk) -> int:
+    rows = {"a": TILE_THREADS * ta + 1, "b": TILE_THREADS * tb + 1}  # +1: fewer bank conflicts
+    return sum(2 * bk * rows[s] * bitwidth(c.elem(desc, r)) // 8 for s in "ab" for r in c.staged[s])
+
+
+def classify(desc: GenericDesc, tile: bool = True) -> str:
     red = [i for i, t in enumerate(desc.iters) if t == "reduction"]
     if not red:
         return "elementwise"
@@ -433,6 +589,8 @@ def classify(desc: GenericDesc) -> str:
     if R <= 1:
         return "serial"
     if _combiner(desc) is not None:
+        if tile and _contract(desc) is not None and _tile_config(desc, _contract(desc)):
+            return "tile_contract"
         if R >= 64 and _lane_dim(desc) is not None:
             return "split_reduce"  # lanes along an output dim read less memory uncoalesced
         return "block_reduce" if (R >= 1024 and O < 512) else "warp_reduce"
@@ -448,7 +606,7 @@ def build_kernel(desc: GenericDesc, name: str | None = None, *, threads: int | N
     points, all loaded before any is computed (so their loads are in flight together): the
     form fuse_launches.py runs a small op in, inside one block.
     """
-    kind = classify(desc)
+    kind = classify(desc, tile=threads is None)  # a fixed block (fuse_launches): no tiles
     assert threads is None or threads % 32 == 0, threads
     par = [i for i, t in enumerate(desc.iters) if t == "parallel"]
     red = [i for i, t in enumerate(desc.iters) if t == "reduction"]
@@ -606,6 +764,118 @@ def build_kernel(desc: GenericDesc, name: str | None = None, *, threads: int | N
                 if O % W:
                     ok = E.and_(ok, E.cmp("ult", o, E.const(O, "index")))
                 E.if_(ok, lambda: finish(acc))
+
+    elif kind == "tile_contract":
+        c = _contract(desc)
+        TA, TB, BK = _tile_config(desc, c)
+        comb = desc.body[c.j_comb]
+        et = desc.outs[0].elem
+        ident = _identity(comb.name, et)
+        T = TILE_THREADS
+        threads = T * T
+        ext = {"a": desc.loops[c.a], "b": desc.loops[c.b]}
+        span = {"a": T * TA, "b": T * TB}  # points of a and of b a block covers
+        ld = {s: span[s] + 1 for s in "ab"}  # shared row pitch (+1: fewer bank conflicts)
+        G = {s: -(-ext[s] // span[s]) for s in "ab"}
+        others = [desc.loops[i] for i in par if i not in (c.a, c.b)]
+        grid = math.prod(others) * G["a"] * G["b"]
+        names = {s: [f"s{s}{n}" for n in range(len(c.staged[s]))] for s in "ab"}
+        smem = [(nm, c.elem(desc, r), 2 * BK * ld[s]) for s in "ab" for nm, r in zip(names[s], c.staged[s])]
+        n_chunks, tail = divmod(R, BK)
+        skip = {s: set(range(c.j_comb)) - c.producers[s] for s in "ab"}
+
+        def body(E, a):
+            tid = E.tid()
+            tpos = {"a": tid // T, "b": tid % T}
+            blk = E.bid()
+            gb, rest = blk % G["b"], blk // G["b"]
+            ga = rest % G["a"]
+            ovals = iter(_decompose(E, rest // G["a"], others))
+            base = {i: next(ovals) for i in par if i not in (c.a, c.b)}
+            first = {"a": ga * span["a"], "b": gb * span["b"]}
+            rp = _Replay(E, desc, a)
+
+            def point_dims(pos, rvals):
+                d = dict(base)
+                d[c.a], d[c.b] = pos.get("a", 0), pos.get("b", 0)
+                return dims_of([d[i] for i in par], rvals)
+
+            def loads(s, chunk):
+                """Side s's inputs for its points of reduction chunk `chunk` (loads only)."""
+                pts = []
+                for q in range(span[s] * BK // threads):
+                    p_ = tid + q * threads
+                    kk, r = (p_ % BK, p_ // BK) if c.k_fast[s] else (p_ // span[s], p_ % span[s])
+                    row = first[s] + r
+                    if ext[s] % span[s]:
+                        row = E.minu(row, E.const(ext[s] - 1, "index"))
+                    k = E.minu(_ix(E, _add(E, _mul(E, chunk, BK), kk)), E.const(R - 1, "index"))
+                    dims = point_dims({s: row}, _decompose(E, k, Rext))
+                    pts.append((kk, r, dims, _load_ins(E, a, desc, dims, c.args[s])))
+                return pts
+
+            def store(s, pts, buf):
+                """Side s's staged values of the loaded points into shared buffer `buf`."""
+                for kk, r, dims, vals in pts:
+                    get = rp.run(vals + [None] * len(desc.outs), dims, skip=skip[s], upto=c.j_comb)
+                    at = _add(E, _add(E, _mul(E, buf, BK * ld[s]), _mul(E, kk, ld[s])), r)
+                    for nm, ref in zip(names[s], c.staged[s]):
+                        E.store(get(ref), a[nm], _ix(E, at))
+
+            def products(buf, steps, accs):
+                """Combine `steps` staged reduction steps into the thread's TA x TB outputs."""
+                accs = list(accs)
+                for kk in range(steps):
+                    row = {}
+                    for s, tn in (("a", TA), ("b", TB)):
+                        off = _add(E, _mul(E, buf, BK * ld[s]), kk * ld[s])
+                        for nm, ref in zip(names[s], c.staged[s]):
+                            row[ref] = [E.load(a[nm], _ix(E, _add(E, off, tpos[s] + T * i)))
+                                        for i in range(tn)]
+                    for i in range(TA):
+                        for j in range(TB):
+                            vals = {}
+
+                            def get(ref, i=i, j=j, vals=vals):
+                                if ref in row:
+                                    return row[ref][j if ref in c.staged["b"] else i]
+                                return vals[(ref[1], ref[2])]
+                            for jo in c.inner:
+                                for k, v in enumerate(rp.op(desc.body[jo], get)):
+                                    vals[(jo, k)] = v
+                            accs[i * TB + j] = E.raw(comb.name, [accs[i * TB + j], get(c.v_ref)], [et],
+                                                     comb.attrs, comb.info)[0]
+                return accs
+
+            for s in "ab":
+                store(s, loads(s, 0), 0)
+            E.barrier()
+            accs = [E.const(ident, et)] * (TA * TB)
+            if n_chunks:
+                def chunk(ci, accs):
+                    nxt = {s: loads(s, ci + 1) for s in "ab"}  # in flight during the products
+                    accs = products(ci % 2, BK, accs)
+                    for s in "ab":
+                        store(s, nxt[s], (ci + 1) % 2)
+                    E.barrier()
+                    return accs
+                accs = E.for_(0, n_chunks, 1, accs, chunk)
+            if tail:
+                accs = products(n_chunks % 2, tail, accs)
+            for i in range(TA):
+                for j in range(TB):
+                    pos = {"a": first["a"] + tpos["a"] + T * i, "b": first["b"] + tpos["b"] + T * j}
+
+                    def finish(i=i, j=j, pos=pos):
+                        odims = point_dims(pos, [0] * len(red))
+                        init = _init_out(E, a, desc, 0, odims)
+                        res = E.raw(comb.name, [init, accs[i * TB + j]], [et], comb.attrs, comb.info)[0]
+                        E.store(res, a["out0"], _ix(E, _flat(E, desc.outs[0], odims)))
+                    conds = [E.cmp("ult", pos[s], E.const(ext[s], "index")) for s in "ab" if ext[s] % span[s]]
+                    if conds:
+                        E.if_(conds[0] if len(conds) == 1 else E.and_(*conds), finish)
+                    else:
+                        finish()
 
     else:  # serial
         threads = threads or (BLOCK if O >= BLOCK else max(32, -(-O // 32) * 32))

@@ -735,3 +735,87 @@ def test_generated_reduction_lanes_follow_the_contiguous_operand():
         simt.run(spec, dict(in0=p, in1=v, out0=y))
         ref = np.einsum("hij,jhn->hin", p, v) if want_kind == "split_reduce" else np.einsum("hij,hnj->hin", p, v)
         assert rel(y, ref) < 1e-5
+
+
+def _contraction(H, I, N, J, v_heads_first=True):
+    """out[h, i, n] += sum_j p[h, i, j] * v (loops h, i, n, j); v[h, n, j] or v[j, h, n]."""
+    from qcc.backends.cuda import linalg_kernels as lk
+
+    d = [("d", i) for i in range(4)]
+    v_map = [d[0], d[2], d[3]] if v_heads_first else [d[3], d[0], d[2]]
+    v_shape = (H, N, J) if v_heads_first else (J, H, N)
+    v_strides = (N * J, J, 1) if v_heads_first else (H * N, N, 1)
+    return lk.GenericDesc([H, I, N, J], ["parallel"] * 3 + ["reduction"],
+                          [lk.Operand("f32", (H, I, J), (I * J, J, 1), [d[0], d[1], d[3]]),
+                           lk.Operand("f32", v_shape, v_strides, v_map)],
+                          [lk.Operand("f32", (H, I, N), (I * N, N, 1), [d[0], d[1], d[2]])],
+                          [lk.BodyOp("arith.mulf", [("arg", 0), ("arg", 1)], ["f32"]),
+                           lk.BodyOp("arith.addf", [("arg", 2), ("op", 0, 0)], ["f32"])], [("op", 1, 0)])
+
+
+@pytest.mark.parametrize("H,I,N,J,v_heads_first", [(2, 40, 48, 24, True), (1, 64, 64, 70, False),
+                                                   (3, 33, 100, 16, True), (1, 128, 96, 300, True)])
+def test_generated_tile_contract(H, I, N, J, v_heads_first):
+    """A contraction with two output dims of >= 32 points that no operand reads together
+    (a matmul's rows and columns; attention's query positions and keys or head dims) runs as
+    tile_contract: operands staged through shared memory (the emulator checks the barriers),
+    partial tiles at both edges, a reduction that is not a multiple of the chunk; matches
+    numpy, with an initial output value added once. A fixed block (fuse_launches) never
+    takes it."""
+    from qcc.backends.cuda import linalg_kernels as lk
+
+    desc = _contraction(H, I, N, J, v_heads_first)
+    assert lk.classify(desc) == "tile_contract"
+    c = lk._contract(desc)
+    assert (c.a, c.b) == (1, 2) and c.k_fast == {"a": True, "b": v_heads_first}
+    rng = np.random.default_rng(H + I + N + J)
+    p = rng.standard_normal((H, I, J)).astype(np.float32)
+    v = rng.standard_normal(desc.ins[1].shape).astype(np.float32)
+    y0 = rng.standard_normal((H, I, N)).astype(np.float32)
+    y = y0.copy()
+    simt.run(lk.build_kernel(desc), dict(in0=p, in1=v, out0=y))
+    ref = y0 + np.einsum("hij,hnj->hin" if v_heads_first else "hij,jhn->hin", p.astype(np.float64), v)
+    assert rel(y, ref) < 1e-6
+    assert lk.build_kernel(desc, "stage", threads=256).config["kind"] != "linalg_tile_contract"
+    assert lk.classify(_contraction(H, 16, N, J)) != "tile_contract"  # too few rows for a tile
+
+
+def test_generated_tile_contract_stages_fused_producers():
+    """Elementwise producers fused into the contraction are computed once per staged value:
+    a per-row division on the a side (softmax's p / sum fused into p @ v) and a rotate-half
+    gather through a captured buffer on the b side (RoPE fused into q @ k^T)."""
+    from qcc.backends.cuda import linalg_kernels as lk
+
+    H, I, N, J = 2, 48, 40, 32
+    d = [("d", i) for i in range(4)]
+    ult = {"predicate": "ult"}
+    body = [lk.BodyOp("arith.constant", [], ["index"], "value = 16 : index", {"value": J // 2}),
+            lk.BodyOp("arith.cmpi", [("idx", 3), ("op", 0, 0)], ["i1"], "predicate = 6 : i64", ult),
+            lk.BodyOp("arith.addi", [("idx", 3), ("op", 0, 0)], ["index"]),
+            lk.BodyOp("arith.subi", [("idx", 3), ("op", 0, 0)], ["index"]),
+            lk.BodyOp("arith.select", [("op", 1, 0), ("op", 2, 0), ("op", 3, 0)], ["index"]),
+            lk.BodyOp("memref.load", [("cap", 0), ("idx", 0), ("idx", 2), ("op", 4, 0)], ["f32"]),
+            lk.BodyOp("arith.negf", [("op", 5, 0)], ["f32"]),
+            lk.BodyOp("arith.select", [("op", 1, 0), ("op", 6, 0), ("op", 5, 0)], ["f32"]),
+            lk.BodyOp("arith.divf", [("arg", 0), ("arg", 1)], ["f32"]),
+            lk.BodyOp("arith.mulf", [("op", 8, 0), ("op", 7, 0)], ["f32"]),
+            lk.BodyOp("arith.addf", [("arg", 2), ("op", 9, 0)], ["f32"])]
+    desc = lk.GenericDesc([H, I, N, J], ["parallel"] * 3 + ["reduction"],
+                          [lk.Operand("f32", (H, I, J), (I * J, J, 1), [d[0], d[1], d[3]]),
+                           lk.Operand("f32", (H, I), (I, 1), [d[0], d[1]])],
+                          [lk.Operand("f32", (H, I, N), (I * N, N, 1), [d[0], d[1], d[2]])],
+                          body, [("op", 10, 0)], captures=[lk.Capture("f32", (H, N, J), (N * J, J, 1))],
+                          out_init={0: ("0.000000e+00 : f32", 0.0)})
+    assert lk.classify(desc) == "tile_contract"
+    c = lk._contract(desc)
+    assert c.staged == {"a": [("op", 8, 0)], "b": [("op", 7, 0)]} and c.inner == [0, 9]
+    rng = np.random.default_rng(11)
+    p = rng.standard_normal((H, I, J)).astype(np.float32)
+    s = rng.uniform(0.5, 2.0, (H, I)).astype(np.float32)
+    k = rng.standard_normal((H, N, J)).astype(np.float32)
+    y = np.full((H, I, N), np.nan, np.float32)  # the folded fill: the output is never read
+    simt.run(lk.build_kernel(desc), dict(in0=p, in1=s, out0=y, cap0=k))
+    k64 = k.astype(np.float64)
+    rot = np.concatenate([-k64[..., J // 2:], k64[..., :J // 2]], axis=-1)
+    ref = np.einsum("hij,hnj->hin", p / s[..., None].astype(np.float64), rot)
+    assert rel(y, ref) < 1e-6
