@@ -74,6 +74,7 @@ CASES = {
     "block-llm-int8-dynamic": (lambda: outlier_block(seq=4), "llm-int8-dynamic"),  # run-time outlier columns
     "block-llm-int8-dynamic-m12": (lambda: outlier_block(seq=12), "llm-int8-dynamic"),  # 2 sparse-x launches
     "model-float": (llama_model, "float"),
+    "model-float-s40": (lambda: llama_model(seq=40), "float"),  # tile_contract matmuls and attention
     "model-w4a16-g128": (llama_model, "w4a16-g128"),
     "decode-w4a16-g128": (decode_step, "w4a16-g128"),
     "mlp-w8a16": (mlp, "w8a16"),  # biases, GELU (erf): libdevice
@@ -205,6 +206,15 @@ def test_prefill_gemm_plan_equals_the_gemv_plan(monkeypatch):
     assert {L["builder"] for L in gemv.manifest["cuda"]["int_layers"].values()} == {"gemv_i8"}
     a, b = emulate.run_compiled(gemm, *inputs)[0], emulate.run_compiled(gemv, *inputs)[0]
     assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+def test_prefill_contractions_take_shared_memory_tiles():
+    """At 40 tokens the float model's linears and both attention contractions (q @ k^T with
+    its fused RoPE gathers, p @ v with the softmax division) run as tile_contract; at 5
+    tokens (fewer than TILE_MIN rows) none does."""
+    kinds = [s.config["kind"] for s in compiled_case("model-float-s40")[3].cuda_specs.values()]
+    assert kinds.count("linalg_tile_contract") >= 6
+    assert "linalg_tile_contract" not in [s.config["kind"] for s in compiled_case("model-float")[3].cuda_specs.values()]
 
 
 def test_plan_fuses_and_folds():
