@@ -203,7 +203,7 @@ def cmd_build(args):
     if args.models:
         t0 = time.time()
         print("compiling whole models (CUDA artifacts) ...", flush=True)
-        build_models(args.out, quick=args.quick)
+        build_models(args.out, quick=args.quick, tile_sweep=args.tile_sweep)
         print(f"models in {time.time() - t0:.0f}s")
 
 
@@ -715,6 +715,12 @@ PREFILL = dict(vocab=512, hidden=2048, layers=4, heads=16, ffn=5632, max_seq=640
 PREFILL_QUICK = dict(vocab=512, hidden=256, layers=1, heads=4, ffn=768, max_seq=160, seed=0)
 PREFILL_TOKENS = 128
 PREFILL_RECIPES = ("w4a16-g128", "w8a8", "w4a4-had", "float")
+# build --tile-sweep: the prefill artifacts of these recipes again under other tile_contract
+# settings (linalg_kernels: TILE_MIN_BLOCKS, TILE_CHUNK_LONG), run as recipes named recipe~tag
+TILE_SWEEP_RECIPES = ("w8a8", "float")
+TILE_VARIANTS = {"b256": {"TILE_MIN_BLOCKS": 256}, "b512": {"TILE_MIN_BLOCKS": 512},
+                 "k32": {"TILE_CHUNK_LONG": (64, 32)}, "b256k32": {"TILE_MIN_BLOCKS": 256, "TILE_CHUNK_LONG": (64, 32)},
+                 "k64": {"TILE_CHUNK_LONG": (64, 64)}}
 
 
 def _test_path():
@@ -764,7 +770,7 @@ def _cpu_reference(model, inputs, recipe, compiled):
     return [o.double().numpy() for o in (out if isinstance(out, tuple) else (out,))]
 
 
-def build_models(out_dir, quick=False, arch="sm_90"):
+def build_models(out_dir, quick=False, arch="sm_90", tile_sweep=False):
     import numpy as np
     import qcc
     from qcc.model import CompiledModel
@@ -804,11 +810,22 @@ def build_models(out_dir, quick=False, arch="sm_90"):
               f"{meta['bench'][recipe]['weight_bytes'] / 1e6:.1f} MB of weights (filled on the device), "
               f"{time.time() - t0:.1f}s", flush=True)
     meta["prefill"] = {}
-    for recipe in PREFILL_RECIPES:
+    from qcc.backends.cuda import linalg_kernels
+    runs = [(r, r, {}) for r in PREFILL_RECIPES]
+    runs += [(f"{r}~{tag}", r, v) for tag, v in TILE_VARIANTS.items() for r in TILE_SWEEP_RECIPES] if tile_sweep else []
+    for key, recipe, settings in runs:
         t0 = time.time()
         ctor = dict(PREFILL_QUICK if quick else PREFILL)
         model, inputs = make_model("LlamaModel", ctor, {"batch": 1, "seq": PREFILL_TOKENS, "seed": 3})
-        c = qcc.compile(model, inputs, target="cuda", quant=recipe, gpu_arch=arch)
+        saved = {k: getattr(linalg_kernels, k) for k in settings}
+        try:
+            for k, v in settings.items():
+                setattr(linalg_kernels, k, v)
+            c = qcc.compile(model, inputs, target="cuda", quant=recipe, gpu_arch=arch)
+        finally:
+            for k, v in saved.items():
+                setattr(linalg_kernels, k, v)
+        recipe = key
         keep = {n: w for n, w in c.weights.items() if w.nbytes <= KEEP_BYTES or n.startswith("__cuda_const")}
         CompiledModel(c.manifest, keep, c.code).save(os.path.join(mdir, f"prefill-{recipe}.qcc"))
         meta["prefill"][recipe] = {"ctor": ctor, "launches": len(c.manifest["cuda"]["plan"]["launches"])}
@@ -1213,6 +1230,7 @@ def main(argv=None):
     b.add_argument("--arch", action="append", default=None)
     b.add_argument("--sweep", action="store_true", help="every kernel variant (the tuning sweep)")
     b.add_argument("--prefill-sweep", action="store_true", help="every prefill GEMM variant")
+    b.add_argument("--tile-sweep", action="store_true", help="prefill artifacts under TILE_VARIANTS")
     b.add_argument("--quick", action="store_true", help="a tiny benchmark model (for run --emulate)")
     b.add_argument("--no-models", dest="models", action="store_false")
     r = sub.add_parser("run")

@@ -51,7 +51,9 @@ WARPS = 8
 REDUCE_UNROLL = 4  # reduction steps whose loads a thread issues together
 TILE_THREADS = 16  # tile_contract: a block is TILE_THREADS x TILE_THREADS threads
 TILE_MIN = 32  # tile_contract: least extent of both tiled output dims
-TILE_MIN_BLOCKS = 128  # tile_contract takes the largest tile that leaves this many blocks
+TILE_MIN_BLOCKS = 256  # tile_contract takes the largest tile that leaves this many blocks (H200 sweep)
+TILE_CHUNK = 16  # tile_contract: reduction steps staged a chunk ...
+TILE_CHUNK_LONG = (256, 32)  # ... and (from this many steps) a longer chunk, if it fits
 SMEM_BYTES = 48 * 1024  # static shared memory a block may declare
 
 
@@ -559,7 +561,7 @@ def _contract(desc: GenericDesc):
 
 def _tile_config(desc: GenericDesc, c: _Contract):
     """(TA, TB, BK): outputs a thread along a and b, reduction steps a chunk; the largest tile
-    whose grid keeps TILE_MIN_BLOCKS blocks (else the smallest), and 32-step chunks for long
+    whose grid keeps TILE_MIN_BLOCKS blocks (else the smallest), and longer chunks for long
     reductions when shared memory allows; None when nothing fits."""
     others = math.prod(n for i, (n, t) in enumerate(zip(desc.loops, desc.iters))
                        if t == "parallel" and i not in (c.a, c.b))
@@ -569,7 +571,7 @@ def _tile_config(desc: GenericDesc, c: _Contract):
     grids = [others * -(-La // (TILE_THREADS * ta)) * -(-Lb // (TILE_THREADS * tb)) for ta, tb in tiles]
     order = [t for t, g in zip(tiles, grids) if g >= TILE_MIN_BLOCKS] + [(2, 2)]
     for ta, tb in order:
-        for bk in ((32, 16) if R >= 256 else (16,)):
+        for bk in ((TILE_CHUNK_LONG[1], TILE_CHUNK) if R >= TILE_CHUNK_LONG[0] else (TILE_CHUNK,)):
             if _tile_smem(desc, c, ta, tb, bk) <= SMEM_BYTES:
                 return ta, tb, bk
     return None
