@@ -88,6 +88,13 @@ PREFILL_VARIANTS = {
                 dict(n_tiles=2, n_warps=2, k_warps=4, w_smem=True, x_stages=2),
                 dict(n_tiles=1, n_warps=4, k_warps=2, w_smem=True, x_stages=4)],
     "gemv_i8": [{}],
+    # w4a16's GEMM at prefill (f16 out here: the sweep times f16 y next to fp16 F.linear)
+    "gemm_w4a16": [dict(out_f32=False), dict(m_tiles=2, out_f32=False), dict(n_tiles=4, n_warps=2, out_f32=False),
+                   dict(n_tiles=1, n_warps=8, m_tiles=2, out_f32=False),
+                   dict(n_tiles=2, n_warps=8, m_tiles=2, out_f32=False),
+                   dict(n_tiles=4, n_warps=4, m_tiles=2, out_f32=False),
+                   dict(n_tiles=2, n_warps=4, m_tiles=1, out_f32=False),
+                   dict(n_tiles=4, n_warps=2, m_tiles=2, out_f32=False)],
 }
 PREFILL_I8_ROWS = 128
 EMU_SHAPES = [(512, 64), (1024, 128)]
@@ -168,7 +175,7 @@ def prefill_specs(variants):
             for v in vs:
                 m_max = {"gemm_i8": PREFILL_I8_ROWS, "gemv_i8": 16}.get(kind, PREFILL_M_MAX)
                 try:
-                    specs.append(getattr(kernels, kind)(K, N, **({"group_size": GROUP} if kind == "gemv_w4a16" else {}),
+                    specs.append(getattr(kernels, kind)(K, N, **({"group_size": GROUP} if kind in ("gemv_w4a16", "gemm_w4a16") else {}),
                                                         m_max=m_max, **v))
                 except kernels.KernelConstraintError:
                     pass
@@ -213,6 +220,8 @@ def cmd_build(args):
 def _cfg_str(c):
     if c["kind"] == "gemv_i8":
         return f"rows{c['n_rows']} w{c['warps']} u{c['unroll']}"
+    if c["kind"] == "gemm_w4a16":
+        return f"nt{c['n_tiles']} nw{c['n_warps']} mt{c['m_tiles']} x-ring {c['x_stages']} m<={c['m_max']}"
     if c["kind"] == "gemm_i8":
         return (f"nt{c['n_tiles']} nw{c['n_warps']} mt{c['m_tiles']} u{c['unroll']} d{c['depth']} "
                 f"x-ring {c['x_stages']} m<={c['m_max']}")
@@ -465,8 +474,10 @@ def cmd_run(args):
         dev8 = [{k: dev_t(v) for k, v in P8.items()} for _ in range(ncopy(bytes8))]
         log(f"\n== K={K} N={N}: w4 {bytes4 / 1e6:.1f} MB x{len(dev4)}, w8 {bytes8 / 1e6:.1f} MB "
             f"x{len(dev8)}, fp16 {bytes16 / 1e6:.1f} MB (data {time.time() - t_shape:.1f}s)")
-        for kind, Wd, devs, wbytes in (("gemv_w4a16", W4, dev4, bytes4),
+        for kind, Wd, devs, wbytes in (("gemv_w4a16", W4, dev4, bytes4), ("gemm_w4a16", W4, dev4, bytes4),
                                        ("gemv_w8a16", W8, dev8, bytes8)):
+            if kind == "gemm_w4a16" and not by_kind.get((kind, K, N)):
+                continue
             Wh = [Wd.half().contiguous() for _ in range(ncopy(bytes16))]
             names = by_kind.get((kind, K, N), [])
             def bench_one(name, k, c, M, x, ref):
@@ -615,7 +626,7 @@ def cmd_run(args):
     log(f"{'format':10s} {'K x N':>12s} {'M':>3s} {'kernel us':>10s} {'GB/s':>7s} {'of BW':>6s} "
         f"{'fp16 us':>9s} {'fp16 GB/s':>9s} {'vs fp16':>8s}  config")
     summary = []
-    for kind in ("gemv_w4a16", "gemv_w8a16", "gemv_i8", "gemm_i8"):
+    for kind in ("gemv_w4a16", "gemm_w4a16", "gemv_w8a16", "gemv_i8", "gemm_i8"):
         base_kind = "gemv_w8a16" if kind in ("gemv_i8", "gemm_i8") else kind  # its fp16 baseline rows
         for K, N in shapes:
             for M in _ms(K, N):

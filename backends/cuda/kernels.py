@@ -567,34 +567,11 @@ def gemv_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
         grp = (kt * 128 + t * 32) // G
         return [("meta", (tn * GP + grp) * 8 + g)]
 
-    def zb8_of(E, m):
-        if mode == "acc":
-            if not zero_point:
-                return E.const(1032.0, "vector<8xf16>"), None
-            g = (E.tid() % 32) // 4
-            sh = E.cast("index_cast", (g % 4) * 8, "i32")
-            z = (m[1] >> sh) & 0xFF
-            h = (z | 0x6400) * 0x00010001
-            return E.bitcast(E.broadcast(h, "vector<4xi32>"), "vector<8xf16>"), None
-        zs = m[0]
-        return E.shuffle(zs, zs, [0] * 8), E.shuffle(zs, zs, [1] * 8)
-
     def dequant(E, w, m):
-        zb8, s8 = zb8_of(E, m)
-        V = []
-        for c in range(4):
-            x = w if c == 0 else (w >> E.const(4 * c, "vector<4xi32>"))
-            h = E.bitcast((x & E.const(0x000F000F, "vector<4xi32>")) |
-                          E.const(0x64006400, "vector<4xi32>"), "vector<8xf16>")
-            h = h - zb8
-            if s8 is not None:
-                h = h * s8
-            V.append(h)
-        B = []
-        for s in range(8):
-            wi, c = s // 2, 2 * (s % 2)
-            B.append([E.slice2(V[c], 2 * wi), E.slice2(V[c + 1], 2 * wi)])
-        return B
+        if mode == "acc":
+            return _w4_steps(E, w, _w4_zero_bias(E, m[1] if zero_point else None))
+        zs = m[0]
+        return _w4_steps(E, w, E.shuffle(zs, zs, [0] * 8), E.shuffle(zs, zs, [1] * 8))
 
     def scale_acc(E, m):
         s = m[0]
@@ -624,6 +601,165 @@ def gemv_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
            "meta_bytes": N * GP * (4 + (1 if zero_point else 0)) if mode == "acc" else N * GP * 4}
     return KernelSpec(nm, params, (32 * kw * n_warps, 1, 1), (N // (8 * nt * n_warps), _row_blocks(m_max), 1), body,
                       smem, cfg, doc=gemv_w4a16.__doc__.split("\n")[0])
+
+
+def _w4_zero_bias(E, zword):
+    """vector<8xf16> of 1024 + the zero point of this lane's weight row g (byte g % 4 of
+    `zword`, the u8 zeros of rows 4 (g // 4).. as one word), or 1024 + 8 (symmetric: None)."""
+    if zword is None:
+        return E.const(1032.0, "vector<8xf16>")
+    g = (E.tid() % 32) // 4
+    z = (zword >> E.cast("index_cast", (g % 4) * 8, "i32")) & 0xFF
+    return E.bitcast(E.broadcast((z | 0x6400) * 0x00010001, "vector<4xi32>"), "vector<8xf16>")
+
+
+def _w4_steps(E, w, zb8, s8=None):
+    """A lane's 16 bytes of a pack_w4a16 tile -> per k16 mma step the B pair [b0, b1]
+    (vector<2xf16> each): ``0x6400 | q`` is the half 1024 + q, minus zb8 the exact integer
+    q - zero (times s8, f16 scales, when given)."""
+    V = []
+    for c in range(4):
+        x = w if c == 0 else (w >> E.const(4 * c, "vector<4xi32>"))
+        h = E.bitcast((x & E.const(0x000F000F, "vector<4xi32>")) |
+                      E.const(0x64006400, "vector<4xi32>"), "vector<8xf16>") - zb8
+        V.append(h if s8 is None else h * s8)
+    return [[E.slice2(V[2 * (s % 2)], 2 * (s // 2)), E.slice2(V[2 * (s % 2) + 1], 2 * (s // 2))]
+            for s in range(8)]
+
+
+def gemm_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True, m_max: int = 256,
+               n_tiles: int = 2, n_warps: int = 4, m_tiles: int | None = None,
+               x_stages: int | None = None, out_f32: bool = True, name: str | None = None) -> KernelSpec:
+    """gemv_w4a16's product (``scale_mode="acc"``) for many rows of x (prefill): the same
+    parameters, packed weights and numerics (exact integer weights in f16, fp32 group sums
+    scaled by the fp32 group scales), restructured as a GEMM.
+
+    A block owns 16 * m_tiles rows of x (blocks along grid y cover m_max) and n_warps *
+    n_tiles tiles of 8 output columns (each warp n_tiles). Per 128-column K tile, the block's
+    threads copy the x tile (its rows' 16 chunks of 8 halves) and every lane its own 16 bytes
+    of each of its warp's weight tiles into a ring of ``x_stages`` shared-memory slots with
+    cp.async, x_stages - 1 tiles ahead; each warp dequantizes a weight fragment once for all
+    m_tiles row tiles. A lane's x chunk (t, v) of row r sits at position ((v ^ r % 2) * 4 + t)
+    of the row: the two rows a quarter warp reads fall in different halves of the banks.
+    Constraints: K % group_size == 0, group_size % 128 == 0, N % (8 n_tiles n_warps) == 0.
+    """
+    G = group_size
+    _require(G % 128 == 0 and K % G == 0, f"gemm_w4a16 needs group_size % 128 == 0 dividing K (G={G}, K={K})")
+    _require(1 <= m_max <= GEMV_M_MAX, f"m_max must be in 1..{GEMV_M_MAX} (got {m_max})")
+    BN = 8 * n_tiles * n_warps
+    _require(N % BN == 0, f"N={N} must be a multiple of 8 * n_tiles * n_warps = {BN}")
+    mt = m_tiles or min(M_BLOCK // 16, -(-m_max // 16))
+    BM = 16 * mt
+    row_blocks = -(-m_max // BM)
+    gt, KT, GP, XC = G // 128, K // 128, K // G, 16
+    threads = 32 * n_warps
+    x_stage, w_stage = BM * XC, n_warps * n_tiles * 32  # 16-byte elements a slot
+    fits = MAX_STATIC_SMEM // (16 * (x_stage + w_stage))
+    S = x_stages or min(4, fits)
+    _require(2 <= S <= fits, f"x_stages={S}: 2..{fits} slots of {16 * (x_stage + w_stage)} bytes fit")
+    NA = mt * n_tiles
+    params = _common_params(K, N, m_max)
+    params.append(Param("wq", f"memref<{N // 8 * KT * 32}xvector<4xi32>>", "in", "packed int4 tiles (pack_w4a16)"))
+    params.append(Param("scales", f"memref<{N // 8 * GP * 4}xvector<2xf32>>", "in", "f32 [N/8, K/G, 8]"))
+    if zero_point:
+        params.append(Param("zeros", f"memref<{N // 8 * GP * 2}xi32>", "in", "u8 [N/8, K/G, 8] (read as 32-bit words)"))
+    yt = "f32" if out_f32 else "f16"
+    params.append(Param("y", f"memref<{m_max * N // 2}xvector<2x{yt}>>", "out", f"{yt} [M, {N}]", rows=("M", m_max)))
+    params.append(_m_param(m_max))
+    smem = [("xs", "vector<8xf16>", S * x_stage), ("ws", "vector<4xi32>", S * w_stage)]
+
+    def body(E, a):
+        tid = E.tid()
+        lane, warp = tid % 32, tid // 32
+        g, t = lane // 4, lane % 4
+        M = E.idx(a["M"])
+        mlast = M - 1
+        row0 = E.bid("y") * BM if row_blocks > 1 else E.const(0, "index")
+        tile0 = (E.bid("x") * n_warps + warp) * n_tiles
+        xs, ws = a["xs"], a["ws"]
+        zero = E.const(0.0, "f32")
+
+        def w_slot(slot, r):
+            return (slot * (n_warps * n_tiles) + warp * n_tiles + r) * 32 + lane
+
+        def issue(c):
+            """cp.async K tile c's x rows and weight tiles into slot c % S (nothing past the end)."""
+            slot = c % S
+
+            def one(it):
+                row, ch = it // XC, it % XC
+                src = E.minu(row0 + row, mlast) * (K // 8) + c * XC + ch
+                E.cp_async(xs, slot * x_stage + row * XC + ((ch % 4) ^ (row % 2)) * 4 + ch // 4, a["x"], src)
+
+            def copies():
+                for r in range(n_tiles):
+                    E.cp_async(ws, w_slot(slot, r), a["wq"], ((tile0 + r) * KT + c) * 32 + lane)
+                _spread(E, tid, threads, x_stage, one)
+            E.if_(E.cmp("ult", c, E.const(KT, "index")), copies)
+            E.cp_async_commit()
+
+        def meta(q):
+            """Per weight tile of the warp: (scales of columns 2t, 2t + 1, zero word) of group q."""
+            out = []
+            for r in range(n_tiles):
+                at = (tile0 + r) * GP + q
+                out.append(E.load(a["scales"], at * 4 + t))
+                if zero_point:
+                    out.append(E.load(a["zeros"], at * 2 + g // 4))
+            return out
+        per = 2 if zero_point else 1
+        xpos = [((g % 2) ^ v) * 4 + t for v in range(4)]  # rows g, g + 8, 16 j + g: one parity
+
+        def group(q, args):
+            acc = [args[4 * k:4 * k + 4] for k in range(NA)]
+            cur, nxt = args[4 * NA:], meta(E.minu(q + 1, E.const(GP - 1, "index")))
+            accg = [[zero] * 4 for _ in range(NA)]
+            for u in range(gt):
+                c = q * gt + u
+                E.cp_async_wait(S - 2)  # tile c landed for every thread; the slot of c - 1 is free
+                E.barrier()
+                issue(c + (S - 1))
+                slot = c % S
+                B = [_w4_steps(E, E.load(ws, w_slot(slot, r)), _w4_zero_bias(E, cur[per * r + 1] if zero_point else None))
+                     for r in range(n_tiles)]
+                for j in range(mt):
+                    base = slot * x_stage + (16 * j + g) * XC
+                    xl = [E.load(xs, base + p) for p in xpos]
+                    xh = [E.load(xs, base + 8 * XC + p) for p in xpos]
+                    for s_ in range(8):
+                        A = [E.slice2(xl[s_ // 2], 4 * (s_ % 2)), E.slice2(xh[s_ // 2], 4 * (s_ % 2)),
+                             E.slice2(xl[s_ // 2], 4 * (s_ % 2) + 2), E.slice2(xh[s_ // 2], 4 * (s_ % 2) + 2)]
+                        for r in range(n_tiles):
+                            accg[j * n_tiles + r] = E.mma_f16(A, B[r][s_], accg[j * n_tiles + r])
+            for k in range(NA):
+                sc = cur[per * (k % n_tiles)]
+                sx, sy = E.extract(sc, 0), E.extract(sc, 1)
+                acc[k] = [E.fma(accg[k][e], (sx, sy)[e % 2], acc[k][e]) for e in range(4)]
+            return [v for k in range(NA) for v in acc[k]] + nxt
+
+        for c in range(S - 1):
+            issue(E.const(c, "index"))
+        res = E.for_(0, GP, 1, [zero] * (4 * NA) + meta(E.const(0, "index")), group)
+        half_n = N // 2
+        for k in range(NA):
+            j, r = divmod(k, n_tiles)
+            vals = res[4 * k:4 * k + 4]
+            col = (tile0 + r) * 4 + t
+            for h in range(2):  # rows g, g + 8 of row tile j
+                v = E.from_elements(vals[2 * h:2 * h + 2])
+                if not out_f32:
+                    v = E.cast("truncf", v, "vector<2xf16>")
+                row = row0 + 16 * j + 8 * h + g
+                E.if_(E.cmp("ult", row, M), lambda v=v, row=row: E.store(v, a["y"], row * half_n + col))
+
+    nm = name or (f"gemm_w4a16_g{G}{'' if zero_point else 's'}_k{K}_n{N}_m{m_max}_t{n_tiles}n{n_warps}m{mt}x{S}"
+                  f"{'_o32' if out_f32 else ''}")
+    cfg = {"kind": "gemm_w4a16", "K": K, "N": N, "group_size": G, "zero_point": zero_point,
+           "scale_mode": "acc", "m_max": m_max, "n_tiles": n_tiles, "n_warps": n_warps, "m_tiles": mt,
+           "x_stages": S, "out_f32": out_f32, "weight_bytes": N * K // 2,
+           "meta_bytes": N * GP * (4 + (1 if zero_point else 0))}
+    return KernelSpec(nm, params, (threads, 1, 1), (N // BN, row_blocks, 1), body, smem, cfg,
+                      doc=gemm_w4a16.__doc__.split("\n")[0])
 
 
 # --------------------------------------------------------------------------- w8a16

@@ -64,6 +64,12 @@ def plan_kernel(fmt, M: int, K: int, N: int, out_f32: bool = True):
             args = {"K": K, "N": N, "group_size": G, "zero_point": not fmt.symmetric, "m_max": m_max,
                     "out_f32": out_f32}
             kernels.gemv_w4a16(**args)
+            if M > M_MAX:  # prefill: the same product and parameters as a GEMM, where it applies
+                try:
+                    kernels.gemm_w4a16(**args)
+                    return "gemm_w4a16", args
+                except kernels.KernelConstraintError:
+                    pass
             return "gemv_w4a16", args
         if fmt.bits == 8 and fmt.symmetric and fmt.granularity == "channel":
             args = {"K": K, "N": N, "m_max": m_max, "out_f32": out_f32}
@@ -491,7 +497,7 @@ class CudaSelectKernels(QccPass):
         N = sum(Ns)
         srcs = [dict(zip(["codes", "scale", "zero"], m[3])) for m in members]
         cat = lambda role: np.concatenate([store[s[role]] for s in srcs], axis=0)  # noqa: E731
-        if builder == "gemv_w4a16":
+        if builder in ("gemv_w4a16", "gemm_w4a16"):
             G = args["group_size"]
             scale = cat("scale").astype("float32").reshape(N, K // G)
             zero = cat("zero").view("uint8").reshape(N, K // G) if "zero" in srcs[0] else None

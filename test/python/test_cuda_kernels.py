@@ -147,6 +147,31 @@ def test_w4a16_emulated(K, N, G, M, zp, mode, cfg):
     assert rel(y, ref) < 2e-3
 
 
+@pytest.mark.parametrize("K,N,G,M,zp,cfg", [
+    (512, 64, 128, 37, True, dict(m_max=48)),  # 3 row tiles, a partial one
+    (512, 32, 128, 100, True, dict(m_max=128, n_tiles=1, n_warps=4, m_tiles=2, x_stages=3)),  # 4 row blocks
+    (1024, 64, 256, 70, True, dict(m_max=80, n_tiles=2, n_warps=2, m_tiles=2, x_stages=4)),  # 2 tiles a group
+    (384, 128, 128, 16, False, dict(m_max=16, n_tiles=4, n_warps=4)),  # symmetric; slots > K tiles
+    (256, 64, 128, 25, True, dict(m_max=32, x_stages=2, out_f32=False))])
+def test_gemm_w4a16_emulated(K, N, G, M, zp, cfg):
+    """gemm_w4a16 (prefill) takes gemv_w4a16's packed weights and gives its results: fp32 y
+    against float64 numpy on the dequantized weights, and within f32 rounding of the GEMV."""
+    rng = np.random.default_rng(K + N + G + M)
+    spec = kernels.gemm_w4a16(K, N, G, zero_point=zp, **cfg)
+    packed, s, z = w4_case(rng, K, N, G, zp)
+    P = pack.pack_w4a16(packed, s, z, G, scale_mode="acc")
+    x = rng.standard_normal((M, K)).astype(np.float16)  # exactly M rows: reads past them fail
+    yt = np.float32 if spec.config["out_f32"] else np.float16
+    y = np.full((M, N), np.nan, yt)
+    simt.run(spec, dict(x=x, y=y, M=M, **P))
+    ref = x.astype(np.float64) @ pack.dequant_w4(packed, s, z, G).astype(np.float64).T
+    assert rel(y, ref) < (1e-6 if yt == np.float32 else 2e-3)
+    gemv = kernels.gemv_w4a16(K, N, G, zero_point=zp, m_max=cfg["m_max"], out_f32=spec.config["out_f32"])
+    y2 = np.full((M, N), np.nan, yt)
+    simt.run(gemv, dict(x=x, y=y2, M=M, **P))
+    assert rel(y, y2) < (1e-6 if yt == np.float32 else 2e-3)
+
+
 @pytest.mark.parametrize("K,N,M,cfg", [(256, 32, 1, dict(n_tiles=2, k_warps=2, unroll=1)),
                                        (512, 64, 16, dict(n_tiles=1, k_warps=4, unroll=2)),
                                        (512, 64, 9, {}),

@@ -158,8 +158,8 @@ def test_gemv_selection_and_fallback():
     _, _, _, c8m = compiled_case("block-w8a8-m20")  # 20 rows: one tensor-core GEMM launch (32 rows max)
     i8 = [L for L in c8m.manifest["cuda"]["plan"]["launches"] if L["kernel"].startswith("gemm_i8")]
     assert len(i8) == 4 and all(L["args"][-1]["scalar"] == 20 and "_m32_" in L["kernel"] for L in i8)
-    _, _, _, c20 = compiled_case("block-w4a16-g128-m20")  # 20 tokens: 40 split rows, one launch
-    launches = [L for L in c20.manifest["cuda"]["plan"]["launches"] if L["kernel"].startswith("gemv")]
+    _, _, _, c20 = compiled_case("block-w4a16-g128-m20")  # 20 tokens: 40 split rows, one GEMM launch
+    launches = [L for L in c20.manifest["cuda"]["plan"]["launches"] if L["kernel"].startswith("gemm_w4a16")]
     assert [L["args"][-1]["scalar"] for L in launches[:2]] == [40, 40] and "_m48_" in launches[0]["kernel"]
 
 
