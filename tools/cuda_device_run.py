@@ -976,7 +976,7 @@ def _fill_bench_weights(manifest, weights, model, pack):
         members.sort(key=lambda m: m[0][0])
         info = members[0][2]
         W = np.concatenate([sd[base] for _, base, _ in members], axis=0)
-        if info["builder"] == "gemv_w4a16":
+        if info["builder"] in ("gemv_w4a16", "gemm_w4a16"):
             G = info["args"]["group_size"]
             packed, s, z = pack.quantize_w4(W, G, symmetric=not info["args"]["zero_point"])
             arrays = pack.pack_w4a16(packed, s, z, G)

@@ -628,7 +628,7 @@ def _w4_steps(E, w, zb8, s8=None):
 
 
 def gemm_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True, m_max: int = 256,
-               n_tiles: int = 2, n_warps: int = 4, m_tiles: int | None = None,
+               n_tiles: int = 2, n_warps: int | None = None, m_tiles: int | None = None,
                x_stages: int | None = None, out_f32: bool = True, name: str | None = None) -> KernelSpec:
     """gemv_w4a16's product (``scale_mode="acc"``) for many rows of x (prefill): the same
     parameters, packed weights and numerics (exact integer weights in f16, fp32 group sums
@@ -642,13 +642,16 @@ def gemm_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
     m_tiles row tiles. A lane's x chunk (t, v) of row r sits at position ((v ^ r % 2) * 4 + t)
     of the row: the two rows a quarter warp reads fall in different halves of the banks.
     Constraints: K % group_size == 0, group_size % 128 == 0, N % (8 n_tiles n_warps) == 0.
+    Defaults (H200 sweep of bench_llama's prefill shapes at 256 split rows, tools/cuda_device_run.py
+    PREFILL_VARIANTS): 2 row tiles a block, 8 warps of 2 weight tiles (4 where N needs it), 3 slots.
     """
     G = group_size
+    n_warps = n_warps or (8 if N % (64 * n_tiles) == 0 else 4)
     _require(G % 128 == 0 and K % G == 0, f"gemm_w4a16 needs group_size % 128 == 0 dividing K (G={G}, K={K})")
     _require(1 <= m_max <= GEMV_M_MAX, f"m_max must be in 1..{GEMV_M_MAX} (got {m_max})")
     BN = 8 * n_tiles * n_warps
     _require(N % BN == 0, f"N={N} must be a multiple of 8 * n_tiles * n_warps = {BN}")
-    mt = m_tiles or min(M_BLOCK // 16, -(-m_max // 16))
+    mt = m_tiles or min(2, -(-m_max // 16))
     BM = 16 * mt
     row_blocks = -(-m_max // BM)
     gt, KT, GP, XC = G // 128, K // 128, K // G, 16
@@ -673,8 +676,13 @@ def gemm_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
         lane, warp = tid % 32, tid // 32
         g, t = lane // 4, lane % 4
         M = E.idx(a["M"])
-        mlast = M - 1
         row0 = E.bid("y") * BM if row_blocks > 1 else E.const(0, "index")
+        if row_blocks > 1:  # blocks wholly past M (fewer rows than m_max) have nothing to do
+            E.if_(E.cmp("ult", row0, M), lambda: block(E, a, tid, lane, warp, g, t, M, row0))
+        else:
+            block(E, a, tid, lane, warp, g, t, M, row0)
+
+    def block(E, a, tid, lane, warp, g, t, M, row0):
         tile0 = (E.bid("x") * n_warps + warp) * n_tiles
         xs, ws = a["xs"], a["ws"]
         zero = E.const(0.0, "f32")
@@ -688,7 +696,8 @@ def gemm_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
 
             def one(it):
                 row, ch = it // XC, it % XC
-                src = E.minu(row0 + row, mlast) * (K // 8) + c * XC + ch
+                r = row0 + row  # rows past M read rows < M (distinct addresses: no same-address pileup)
+                src = E.select(E.cmp("ult", r, M), r, r % M) * (K // 8) + c * XC + ch
                 E.cp_async(xs, slot * x_stage + row * XC + ((ch % 4) ^ (row % 2)) * 4 + ch // 4, a["x"], src)
 
             def copies():
