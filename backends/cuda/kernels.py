@@ -629,7 +629,8 @@ def _w4_steps(E, w, zb8, s8=None):
 
 def gemm_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True, m_max: int = 256,
                n_tiles: int = 2, n_warps: int | None = None, m_tiles: int | None = None,
-               x_stages: int | None = None, out_f32: bool = True, name: str | None = None) -> KernelSpec:
+               x_stages: int | None = None, w_smem: bool = True, depth: int = 2, out_f32: bool = True,
+               name: str | None = None) -> KernelSpec:
     """gemv_w4a16's product (``scale_mode="acc"``) for many rows of x (prefill): the same
     parameters, packed weights and numerics (exact integer weights in f16, fp32 group sums
     scaled by the fp32 group scales), restructured as a GEMM.
@@ -639,8 +640,10 @@ def gemm_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
     threads copy the x tile (its rows' 16 chunks of 8 halves) and every lane its own 16 bytes
     of each of its warp's weight tiles into a ring of ``x_stages`` shared-memory slots with
     cp.async, x_stages - 1 tiles ahead; each warp dequantizes a weight fragment once for all
-    m_tiles row tiles. A lane's x chunk (t, v) of row r sits at position ((v ^ r % 2) * 4 + t)
-    of the row: the two rows a quarter warp reads fall in different halves of the banks.
+    m_tiles row tiles (``w_smem=False``: each lane loads its weights straight into registers,
+    ``depth`` groups ahead, leaving shared memory to x). A lane's x chunk (t, v) of row r sits
+    at position ((v ^ r % 2) * 4 + t) of the row: the two rows a quarter warp reads fall in
+    different halves of the banks.
     Constraints: K % group_size == 0, group_size % 128 == 0, N % (8 n_tiles n_warps) == 0.
     Defaults (H200 sweep of bench_llama's prefill shapes at 256 split rows, tools/cuda_device_run.py
     PREFILL_VARIANTS): 2 row tiles a block, 8 warps of 2 weight tiles (4 where N needs it), 3 slots.
@@ -656,7 +659,7 @@ def gemm_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
     row_blocks = -(-m_max // BM)
     gt, KT, GP, XC = G // 128, K // 128, K // G, 16
     threads = 32 * n_warps
-    x_stage, w_stage = BM * XC, n_warps * n_tiles * 32  # 16-byte elements a slot
+    x_stage, w_stage = BM * XC, n_warps * n_tiles * 32 if w_smem else 0  # 16-byte elements a slot
     fits = MAX_STATIC_SMEM // (16 * (x_stage + w_stage))
     S = x_stages or min(4, fits)
     _require(2 <= S <= fits, f"x_stages={S}: 2..{fits} slots of {16 * (x_stage + w_stage)} bytes fit")
@@ -669,7 +672,8 @@ def gemm_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
     yt = "f32" if out_f32 else "f16"
     params.append(Param("y", f"memref<{m_max * N // 2}xvector<2x{yt}>>", "out", f"{yt} [M, {N}]", rows=("M", m_max)))
     params.append(_m_param(m_max))
-    smem = [("xs", "vector<8xf16>", S * x_stage), ("ws", "vector<4xi32>", S * w_stage)]
+    smem = [("xs", "vector<8xf16>", S * x_stage)] + ([("ws", "vector<4xi32>", S * w_stage)] if w_smem else [])
+    WL = gt * n_tiles  # weight chunks a lane uses a group
 
     def body(E, a):
         tid = E.tid()
@@ -684,8 +688,14 @@ def gemm_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
 
     def block(E, a, tid, lane, warp, g, t, M, row0):
         tile0 = (E.bid("x") * n_warps + warp) * n_tiles
-        xs, ws = a["xs"], a["ws"]
+        xs, ws = a["xs"], a.get("ws")
         zero = E.const(0.0, "f32")
+        last = E.const(GP - 1, "index")
+
+        def load_w(q):
+            """(w_smem=False) group q's weight chunks of this lane, [u][r] flat."""
+            return [E.load_hint(a["wq"], ((tile0 + r) * KT + q * gt + u) * 32 + lane, "L1::no_allocate")
+                    for u in range(gt) for r in range(n_tiles)]
 
         def w_slot(slot, r):
             return (slot * (n_warps * n_tiles) + warp * n_tiles + r) * 32 + lane
@@ -701,7 +711,7 @@ def gemm_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
                 E.cp_async(xs, slot * x_stage + row * XC + ((ch % 4) ^ (row % 2)) * 4 + ch // 4, a["x"], src)
 
             def copies():
-                for r in range(n_tiles):
+                for r in range(n_tiles if w_smem else 0):
                     E.cp_async(ws, w_slot(slot, r), a["wq"], ((tile0 + r) * KT + c) * 32 + lane)
                 _spread(E, tid, threads, x_stage, one)
             E.if_(E.cmp("ult", c, E.const(KT, "index")), copies)
@@ -721,7 +731,10 @@ def gemm_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
 
         def group(q, args):
             acc = [args[4 * k:4 * k + 4] for k in range(NA)]
-            cur, nxt = args[4 * NA:], meta(E.minu(q + 1, E.const(GP - 1, "index")))
+            cur, queue = args[4 * NA:4 * NA + n_meta], args[4 * NA + n_meta:]
+            nxt = meta(E.minu(q + 1, last))
+            if not w_smem:
+                wnow, queue = queue[:WL], queue[WL:] + load_w(E.minu(q + depth, last))
             accg = [[zero] * 4 for _ in range(NA)]
             for u in range(gt):
                 c = q * gt + u
@@ -729,7 +742,8 @@ def gemm_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
                 E.barrier()
                 issue(c + (S - 1))
                 slot = c % S
-                B = [_w4_steps(E, E.load(ws, w_slot(slot, r)), _w4_zero_bias(E, cur[per * r + 1] if zero_point else None))
+                B = [_w4_steps(E, E.load(ws, w_slot(slot, r)) if w_smem else wnow[u * n_tiles + r],
+                               _w4_zero_bias(E, cur[per * r + 1] if zero_point else None))
                      for r in range(n_tiles)]
                 for j in range(mt):
                     base = slot * x_stage + (16 * j + g) * XC
@@ -744,11 +758,14 @@ def gemm_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
                 sc = cur[per * (k % n_tiles)]
                 sx, sy = E.extract(sc, 0), E.extract(sc, 1)
                 acc[k] = [E.fma(accg[k][e], (sx, sy)[e % 2], acc[k][e]) for e in range(4)]
-            return [v for k in range(NA) for v in acc[k]] + nxt
+            return [v for k in range(NA) for v in acc[k]] + nxt + queue
 
         for c in range(S - 1):
             issue(E.const(c, "index"))
-        res = E.for_(0, GP, 1, [zero] * (4 * NA) + meta(E.const(0, "index")), group)
+        meta0 = meta(E.const(0, "index"))
+        n_meta = len(meta0)
+        queue0 = [] if w_smem else [v for d in range(depth) for v in load_w(E.const(min(d, GP - 1), "index"))]
+        res = E.for_(0, GP, 1, [zero] * (4 * NA) + meta0 + queue0, group)
         half_n = N // 2
         for k in range(NA):
             j, r = divmod(k, n_tiles)
@@ -761,11 +778,11 @@ def gemm_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
                 row = row0 + 16 * j + 8 * h + g
                 E.if_(E.cmp("ult", row, M), lambda v=v, row=row: E.store(v, a["y"], row * half_n + col))
 
-    nm = name or (f"gemm_w4a16_g{G}{'' if zero_point else 's'}_k{K}_n{N}_m{m_max}_t{n_tiles}n{n_warps}m{mt}x{S}"
+    nm = name or (f"gemm_w4a16_g{G}{'' if zero_point else 's'}_k{K}_n{N}_m{m_max}_t{n_tiles}n{n_warps}m{mt}x{S}{'' if w_smem else f'd{depth}'}"
                   f"{'_o32' if out_f32 else ''}")
     cfg = {"kind": "gemm_w4a16", "K": K, "N": N, "group_size": G, "zero_point": zero_point,
            "scale_mode": "acc", "m_max": m_max, "n_tiles": n_tiles, "n_warps": n_warps, "m_tiles": mt,
-           "x_stages": S, "out_f32": out_f32, "weight_bytes": N * K // 2,
+           "x_stages": S, "w_smem": w_smem, "depth": depth, "out_f32": out_f32, "weight_bytes": N * K // 2,
            "meta_bytes": N * GP * (4 + (1 if zero_point else 0))}
     return KernelSpec(nm, params, (threads, 1, 1), (N // BN, row_blocks, 1), body, smem, cfg,
                       doc=gemm_w4a16.__doc__.split("\n")[0])
