@@ -591,7 +591,7 @@ def classify(desc: GenericDesc, tile: bool = True) -> str:
     if R <= 1:
         return "serial"
     if _combiner(desc) is not None:
-        if tile and _contract(desc) is not None and _tile_config(desc, _contract(desc)):
+        if tile and (c := _contract(desc)) is not None and _tile_config(desc, c):
             return "tile_contract"
         if R >= 64 and _lane_dim(desc) is not None:
             return "split_reduce"  # lanes along an output dim read less memory uncoalesced
