@@ -640,16 +640,21 @@ def gemm_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
     threads copy the x tile (its rows' 16 chunks of 8 halves) and every lane its own 16 bytes
     of each of its warp's weight tiles into a ring of ``x_stages`` shared-memory slots with
     cp.async, x_stages - 1 tiles ahead; each warp dequantizes a weight fragment once for all
-    m_tiles row tiles (``w_smem=False``: each lane loads its weights straight into registers,
-    ``depth`` groups ahead, leaving shared memory to x). A lane's x chunk (t, v) of row r sits
-    at position ((v ^ r % 2) * 4 + t) of the row: the two rows a quarter warp reads fall in
-    different halves of the banks.
-    Constraints: K % group_size == 0, group_size % 128 == 0, N % (8 n_tiles n_warps) == 0.
+    its rows (``w_smem=False``: each lane loads its weights straight into registers, ``depth``
+    groups ahead, leaving shared memory to x). The mma roles are swapped against the GEMVs:
+    two weight tiles (16 output columns) are A, 8 rows of x are B, so every operand comes
+    straight from the registers it is computed or loaded into (x's B pair is two adjacent
+    words of one 16-byte load; with x as A, four register moves an mma assembled the A quad).
+    A lane's x chunk (t, v) of row r sits at position ((v ^ r % 2) * 4 + t) of the row: the
+    two rows a quarter warp reads fall in different halves of the banks.
+    Constraints: K % group_size == 0, group_size % 128 == 0, n_tiles even, N % (8 n_tiles
+    n_warps) == 0.
     Defaults (H200 sweep of bench_llama's prefill shapes at 256 split rows, tools/cuda_device_run.py
     PREFILL_VARIANTS): 2 row tiles a block, 8 warps of 2 weight tiles (4 where N needs it), 3 slots.
     """
     G = group_size
     n_warps = n_warps or (8 if N % (64 * n_tiles) == 0 else 4)
+    _require(n_tiles % 2 == 0, f"n_tiles must be even: weight tiles pair into 16-row A operands (got {n_tiles})")
     _require(G % 128 == 0 and K % G == 0, f"gemm_w4a16 needs group_size % 128 == 0 dividing K (G={G}, K={K})")
     _require(1 <= m_max <= GEMV_M_MAX, f"m_max must be in 1..{GEMV_M_MAX} (got {m_max})")
     BN = 8 * n_tiles * n_warps
@@ -664,13 +669,14 @@ def gemm_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
     S = x_stages or min(4, fits)
     _require(2 <= S <= fits, f"x_stages={S}: 2..{fits} slots of {16 * (x_stage + w_stage)} bytes fit")
     NA = mt * n_tiles
+    RT = 2 * mt  # 8-row tiles of x a block
     params = _common_params(K, N, m_max)
     params.append(Param("wq", f"memref<{N // 8 * KT * 32}xvector<4xi32>>", "in", "packed int4 tiles (pack_w4a16)"))
     params.append(Param("scales", f"memref<{N // 8 * GP * 4}xvector<2xf32>>", "in", "f32 [N/8, K/G, 8]"))
     if zero_point:
         params.append(Param("zeros", f"memref<{N // 8 * GP * 2}xi32>", "in", "u8 [N/8, K/G, 8] (read as 32-bit words)"))
     yt = "f32" if out_f32 else "f16"
-    params.append(Param("y", f"memref<{m_max * N // 2}xvector<2x{yt}>>", "out", f"{yt} [M, {N}]", rows=("M", m_max)))
+    params.append(Param("y", f"memref<{m_max * N}x{yt}>", "out", f"{yt} [M, {N}]", rows=("M", m_max)))
     params.append(_m_param(m_max))
     smem = [("xs", "vector<8xf16>", S * x_stage)] + ([("ws", "vector<4xi32>", S * w_stage)] if w_smem else [])
     WL = gt * n_tiles  # weight chunks a lane uses a group
@@ -717,12 +723,15 @@ def gemm_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
             E.if_(E.cmp("ult", c, E.const(KT, "index")), copies)
             E.cp_async_commit()
 
+        odd = E.cmp("ne", g % 2, E.const(0, "index"))
+
         def meta(q):
-            """Per weight tile of the warp: (scales of columns 2t, 2t + 1, zero word) of group q."""
+            """Per weight tile of the warp: (scale, zero word) of its row g, group q."""
             out = []
             for r in range(n_tiles):
                 at = (tile0 + r) * GP + q
-                out.append(E.load(a["scales"], at * 4 + t))
+                sc = E.load(a["scales"], at * 4 + g // 2)
+                out.append(E.select(odd, E.extract(sc, 1), E.extract(sc, 0)))
                 if zero_point:
                     out.append(E.load(a["zeros"], at * 2 + g // 4))
             return out
@@ -745,19 +754,18 @@ def gemm_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
                 B = [_w4_steps(E, E.load(ws, w_slot(slot, r)) if w_smem else wnow[u * n_tiles + r],
                                _w4_zero_bias(E, cur[per * r + 1] if zero_point else None))
                      for r in range(n_tiles)]
-                for j in range(mt):
-                    base = slot * x_stage + (16 * j + g) * XC
-                    xl = [E.load(xs, base + p) for p in xpos]
-                    xh = [E.load(xs, base + 8 * XC + p) for p in xpos]
+                for jj in range(RT):  # 8-row tiles of x: the B operands
+                    xv = [E.load(xs, slot * x_stage + (8 * jj + g) * XC + p) for p in xpos]
                     for s_ in range(8):
-                        A = [E.slice2(xl[s_ // 2], 4 * (s_ % 2)), E.slice2(xh[s_ // 2], 4 * (s_ % 2)),
-                             E.slice2(xl[s_ // 2], 4 * (s_ % 2) + 2), E.slice2(xh[s_ // 2], 4 * (s_ % 2) + 2)]
-                        for r in range(n_tiles):
-                            accg[j * n_tiles + r] = E.mma_f16(A, B[r][s_], accg[j * n_tiles + r])
+                        Bx = [E.slice2(xv[s_ // 2], 4 * (s_ % 2)), E.slice2(xv[s_ // 2], 4 * (s_ % 2) + 2)]
+                        for p in range(n_tiles // 2):  # weight tiles 2p, 2p + 1: rows g, g + 8 of A
+                            W0, W1 = B[2 * p][s_], B[2 * p + 1][s_]
+                            k = p * RT + jj
+                            accg[k] = E.mma_f16([W0[0], W1[0], W0[1], W1[1]], Bx, accg[k])
             for k in range(NA):
-                sc = cur[per * (k % n_tiles)]
-                sx, sy = E.extract(sc, 0), E.extract(sc, 1)
-                acc[k] = [E.fma(accg[k][e], (sx, sy)[e % 2], acc[k][e]) for e in range(4)]
+                p = k // RT
+                s0, s1 = cur[per * 2 * p], cur[per * (2 * p + 1)]
+                acc[k] = [E.fma(accg[k][e], (s0, s0, s1, s1)[e], acc[k][e]) for e in range(4)]
             return [v for k in range(NA) for v in acc[k]] + nxt + queue
 
         for c in range(S - 1):
@@ -766,17 +774,14 @@ def gemm_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
         n_meta = len(meta0)
         queue0 = [] if w_smem else [v for d in range(depth) for v in load_w(E.const(min(d, GP - 1), "index"))]
         res = E.for_(0, GP, 1, [zero] * (4 * NA) + meta0 + queue0, group)
-        half_n = N // 2
-        for k in range(NA):
-            j, r = divmod(k, n_tiles)
+        for k in range(NA):  # D: columns g (tile 2p), g (tile 2p + 1) x rows 2t, 2t + 1 of the 8
+            p, jj = divmod(k, RT)
             vals = res[4 * k:4 * k + 4]
-            col = (tile0 + r) * 4 + t
-            for h in range(2):  # rows g, g + 8 of row tile j
-                v = E.from_elements(vals[2 * h:2 * h + 2])
-                if not out_f32:
-                    v = E.cast("truncf", v, "vector<2xf16>")
-                row = row0 + 16 * j + 8 * h + g
-                E.if_(E.cmp("ult", row, M), lambda v=v, row=row: E.store(v, a["y"], row * half_n + col))
+            for e in range(4):
+                v = vals[e] if out_f32 else E.cast("truncf", vals[e], "f16")
+                row = row0 + 8 * jj + 2 * t + e % 2
+                col = (tile0 + 2 * p + e // 2) * 8 + g
+                E.if_(E.cmp("ult", row, M), lambda v=v, row=row, col=col: E.store(v, a["y"], row * N + col))
 
     nm = name or (f"gemm_w4a16_g{G}{'' if zero_point else 's'}_k{K}_n{N}_m{m_max}_t{n_tiles}n{n_warps}m{mt}x{S}{'' if w_smem else f'd{depth}'}"
                   f"{'_o32' if out_f32 else ''}")

@@ -149,13 +149,13 @@ def test_w4a16_emulated(K, N, G, M, zp, mode, cfg):
 
 @pytest.mark.parametrize("K,N,G,M,zp,cfg", [
     (512, 64, 128, 37, True, dict(m_max=48)),  # 3 row tiles, a partial one
-    (512, 32, 128, 100, True, dict(m_max=128, n_tiles=1, n_warps=4, m_tiles=2, x_stages=3)),  # 4 row blocks
+    (512, 32, 128, 100, True, dict(m_max=128, n_tiles=2, n_warps=2, m_tiles=2, x_stages=3)),  # 4 row blocks
     (1024, 64, 256, 70, True, dict(m_max=80, n_tiles=2, n_warps=2, m_tiles=2, x_stages=4)),  # 2 tiles a group
     (384, 128, 128, 16, False, dict(m_max=16, n_tiles=4, n_warps=4)),  # symmetric; slots > K tiles
     (256, 64, 128, 25, True, dict(m_max=32, x_stages=2, out_f32=False)),
     (256, 128, 128, 20, True, dict(m_max=128)),  # row blocks wholly past M skip
     (512, 64, 128, 50, True, dict(m_max=64, m_tiles=4, n_warps=4, w_smem=False, depth=3)),  # W in registers
-    (1024, 32, 256, 33, False, dict(m_max=48, n_tiles=1, n_warps=4, w_smem=False))])
+    (1024, 32, 256, 33, False, dict(m_max=48, n_tiles=2, n_warps=2, w_smem=False))])
 def test_gemm_w4a16_emulated(K, N, G, M, zp, cfg):
     """gemm_w4a16 (prefill) takes gemv_w4a16's packed weights and gives its results: fp32 y
     against float64 numpy on the dequantized weights, and within f32 rounding of the GEMV."""
