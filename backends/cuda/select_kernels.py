@@ -13,7 +13,9 @@ and the op becomes
 
 The callee is an external declaration (`bufferization.access = "read"` on its
 arguments) carrying the kernel builder and its arguments as attributes; the host
-walker (host_plan.py) turns each call into one launch per 16 rows of x.
+walker (host_plan.py) turns each call into one launch per m_max rows of x. At more than
+16 (split) rows an int4 layer with groups of a multiple of 128 calls ``gemm_w4a16``
+instead: the same parameters, packing and numerics as a GEMM.
 
 Numerics: these kernels are "a16": x is rounded to f16 and y is stored in f16 (fp32
 accumulation inside); with split_x (default) x enters as f16 hi + lo rows and y is fp32.
