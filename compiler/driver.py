@@ -72,7 +72,7 @@ class _Progress:
 def compile(model, example_inputs=None, *, target: str = "cpu", quant: str | None = None,
             calibration=None, allow_pickle: bool = False, print_ir_after_all: bool = False,
             dump_dir: str | None = None, progress: bool = False, dynamic_shapes=None,
-            gpu_arch: str = "sm_90") -> CompiledModel:
+            gpu_arch: str = "sm_90", gpu_activations: str = "fp32") -> CompiledModel:
     """Compiles `model` (nn.Module + example_inputs, ExportedProgram, or .pt2 path).
 
     dynamic_shapes: torch.export's argument for an nn.Module, e.g.
@@ -81,6 +81,10 @@ def compile(model, example_inputs=None, *, target: str = "cpu", quant: str | Non
 
     calibration: an iterable of input tuples (like example_inputs) that passes
     needing activation statistics run the float model on.
+
+    gpu_activations (target="cuda"): how the weight-only layers' tensor cores see x:
+    "fp32" (default) as f16 hi + lo halves, fp32 results (as accurate as an fp32 matmul);
+    "f16" rounded to f16 with f16 results, as torch fp16 runs them (half the work at prefill).
     """
     from qcc.context import make_context
     from qcc.frontend import import_program
@@ -114,7 +118,7 @@ def compile(model, example_inputs=None, *, target: str = "cpu", quant: str | Non
         from qcc.backends.cuda.lowering import compile_cuda
 
         return compile_cuda(module=module, ctx=ctx, session=session, run=run, prog=prog, imported=imported,
-                            recipe=recipe, gpu_arch=gpu_arch)
+                            recipe=recipe, gpu_arch=gpu_arch, gpu_activations=gpu_activations)
     from qcc.backends.cpu import host, lowering
 
     cpu_features, openmp = host.features(), host.openmp_runtime()

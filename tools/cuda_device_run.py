@@ -726,6 +726,8 @@ PREFILL = dict(vocab=512, hidden=2048, layers=4, heads=16, ffn=5632, max_seq=640
 PREFILL_QUICK = dict(vocab=512, hidden=256, layers=1, heads=4, ffn=768, max_seq=160, seed=0)
 PREFILL_TOKENS = 128
 PREFILL_RECIPES = ("w4a16-g128", "w8a8", "w4a4-had", "float")
+# prefill artifacts compiled with other qcc.compile options: name -> (recipe, options)
+PREFILL_OPTIONS = {"w4a16-g128~f16": ("w4a16-g128", {"gpu_activations": "f16"})}
 # build --tile-sweep: the prefill artifacts of these recipes again under other tile_contract
 # settings (linalg_kernels: TILE_MIN_BLOCKS, TILE_CHUNK_LONG), run as recipes named recipe~tag
 TILE_SWEEP_RECIPES = ("w8a8", "float")
@@ -822,9 +824,9 @@ def build_models(out_dir, quick=False, arch="sm_90", tile_sweep=False):
               f"{time.time() - t0:.1f}s", flush=True)
     meta["prefill"] = {}
     from qcc.backends.cuda import linalg_kernels
-    runs = [(r, r, {}) for r in PREFILL_RECIPES]
-    runs += [(f"{r}~{tag}", r, v) for tag, v in TILE_VARIANTS.items() for r in TILE_SWEEP_RECIPES] if tile_sweep else []
-    for key, recipe, settings in runs:
+    runs = [(r, r, {}, {}) for r in PREFILL_RECIPES] + [(k, r, {}, o) for k, (r, o) in PREFILL_OPTIONS.items()]
+    runs += [(f"{r}~{tag}", r, v, {}) for tag, v in TILE_VARIANTS.items() for r in TILE_SWEEP_RECIPES] if tile_sweep else []
+    for key, recipe, settings, options in runs:
         t0 = time.time()
         ctor = dict(PREFILL_QUICK if quick else PREFILL)
         model, inputs = make_model("LlamaModel", ctor, {"batch": 1, "seq": PREFILL_TOKENS, "seed": 3})
@@ -832,7 +834,7 @@ def build_models(out_dir, quick=False, arch="sm_90", tile_sweep=False):
         try:
             for k, v in settings.items():
                 setattr(linalg_kernels, k, v)
-            c = qcc.compile(model, inputs, target="cuda", quant=recipe, gpu_arch=arch)
+            c = qcc.compile(model, inputs, target="cuda", quant=recipe, gpu_arch=arch, **options)
         finally:
             for k, v in saved.items():
                 setattr(linalg_kernels, k, v)

@@ -39,7 +39,6 @@ from qcc.errors import QccError
 ARCHS = ("sm_90", "sm_80")
 FUSE_SMALL_LAUNCHES = True  # fuse_launches.py; tests turn it off to compare plans
 
-SELECT = ["cuda-select-kernels"]
 
 FUSE = [
     "cuda-concat-to-generic",
@@ -110,7 +109,11 @@ def build_images(specs, archs=("sm_90",), cubin: bool = True) -> Images:
     return out
 
 
-def compile_cuda(*, module, ctx, session, run, prog, imported, recipe, gpu_arch: str = "sm_90"):
+ACTIVATIONS = {"fp32": "true", "f16": "false"}  # --gpu-activations -> cuda-select-kernels' split_x
+
+
+def compile_cuda(*, module, ctx, session, run, prog, imported, recipe, gpu_arch: str = "sm_90",
+                 gpu_activations: str = "fp32"):
     """The CUDA part of qcc.compile (after TORCH_TO_LINALG); returns a CompiledModel."""
     from qcc import driver
     from qcc.model import CompiledModel
@@ -121,7 +124,10 @@ def compile_cuda(*, module, ctx, session, run, prog, imported, recipe, gpu_arch:
     if gpu_arch not in ARCHS:
         raise QccError(f"unknown GPU architecture '{gpu_arch}'", where="--gpu-arch",
                        hint=f"choose one of {', '.join(ARCHS)}")
-    run("select-kernels", SELECT)
+    if gpu_activations not in ACTIVATIONS:
+        raise QccError(f"unknown GPU activation precision '{gpu_activations}'", where="--gpu-activations",
+                       hint=f"choose one of {', '.join(ACTIVATIONS)}")
+    run("select-kernels", [f"cuda-select-kernels{{split-x={ACTIVATIONS[gpu_activations]}}}"])
     run("lower-qcc", pipelines.LOWER_QCC)
     entry_args = driver._entry_args(module, session.params)
     with ctx:
@@ -163,8 +169,11 @@ def compile_cuda(*, module, ctx, session, run, prog, imported, recipe, gpu_arch:
         "layers": session.options.get("cuda_kernels", {}),
         "int_layers": session.options.get("cuda_int_layers", {}),
         "fallback": session.options.get("cuda_fallback", {}),
-        "numerics": "GEMV layers (cuda.layers): x rounded to f16, f16 output, fp32 accumulation; "
-                    "everything else fp32",
+        "activations": gpu_activations,
+        "numerics": ("GEMV/GEMM layers (cuda.layers): x as f16 hi + lo halves, fp32 accumulation and output"
+                     if gpu_activations == "fp32" else
+                     "GEMV/GEMM layers (cuda.layers): x rounded to f16, fp32 accumulation, f16 output")
+                    + "; everything else fp32",
     }
     layers = driver._layer_report(weights, session.layers)
     for layer in layers:  # a stacked GEMV's bytes, shared out by each layer's columns

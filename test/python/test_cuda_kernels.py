@@ -847,3 +847,30 @@ def test_generated_tile_contract_stages_fused_producers():
     rot = np.concatenate([-k64[..., J // 2:], k64[..., :J // 2]], axis=-1)
     ref = np.einsum("hij,hnj->hin", p / s[..., None].astype(np.float64), rot)
     assert rel(y, ref) < 1e-6
+
+
+def test_generated_tile_contract_integer_two_reduction_dims():
+    """An integer contraction (the fallback quantized matmul's shape: extsi(i8) * extsi(i8)
+    summed in i32) over two reduction dims (72 steps: 4 chunks and a tail) on tile_contract:
+    the widened values are staged, the sums exact."""
+    from qcc.backends.cuda import linalg_kernels as lk
+
+    I, N, K1, K2 = 40, 36, 3, 24
+    d = [("d", i) for i in range(4)]
+    desc = lk.GenericDesc([I, N, K1, K2], ["parallel", "parallel", "reduction", "reduction"],
+                          [lk.Operand("i8", (I, K1, K2), (K1 * K2, K2, 1), [d[0], d[2], d[3]]),
+                           lk.Operand("i8", (N, K1, K2), (K1 * K2, K2, 1), [d[1], d[2], d[3]])],
+                          [lk.Operand("i32", (I, N), (N, 1), [d[0], d[1]])],
+                          [lk.BodyOp("arith.extsi", [("arg", 0)], ["i32"]),
+                           lk.BodyOp("arith.extsi", [("arg", 1)], ["i32"]),
+                           lk.BodyOp("arith.muli", [("op", 0, 0), ("op", 1, 0)], ["i32"]),
+                           lk.BodyOp("arith.addi", [("arg", 2), ("op", 2, 0)], ["i32"])], [("op", 3, 0)])
+    assert lk.classify(desc) == "tile_contract"
+    assert lk._contract(desc).staged == {"a": [("op", 0, 0)], "b": [("op", 1, 0)]}
+    rng = np.random.default_rng(5)
+    a = rng.integers(-128, 128, (I, K1, K2)).astype(np.int8)
+    b = rng.integers(-128, 128, (N, K1, K2)).astype(np.int8)
+    y0 = rng.integers(-1000, 1000, (I, N)).astype(np.int32)
+    y = y0.copy()
+    simt.run(lk.build_kernel(desc), dict(in0=a, in1=b, out0=y))
+    assert np.array_equal(y, y0 + np.einsum("ikl,nkl->in", a.astype(np.int64), b.astype(np.int64)))

@@ -208,6 +208,24 @@ def test_prefill_gemm_plan_equals_the_gemv_plan(monkeypatch):
     assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
 
 
+def test_f16_activations():
+    """gpu_activations="f16" (--gpu-activations f16): the weight-only layers take x rounded to
+    f16 (20 rows for 20 tokens, not 40 hi + lo rows) and return f16, as torch fp16 runs them.
+    The emulated plan matches the a16 oracle (the same roundings in float64 PyTorch) and
+    differs from the fp32-accurate one by the rounding; a bad value is a clear error."""
+    model, inputs = llama_block(seq=10, batch=2)
+    c = qcc.compile(model, inputs, target="cuda", quant="w4a16-g128", gpu_activations="f16")
+    assert c.manifest["cuda"]["activations"] == "f16"
+    gemms = [L for L in c.manifest["cuda"]["plan"]["launches"] if L["kernel"].startswith("gemm_w4a16")]
+    assert gemms and all("_o32" not in L["kernel"] and L["args"][-1]["scalar"] == 20 for L in gemms)
+    got = emulate.run_compiled(c, *inputs)[0]
+    assert rel_err(got, reference(model, inputs, "w4a16-g128", c)[0]) <= 1e-3
+    exact = compiled_case("block-w4a16-g128-m20")[3]
+    assert rel_err(got, reference(model, inputs, "w4a16-g128", exact)[0]) > 1e-5
+    with pytest.raises(qcc.QccError, match="gpu-activations"):
+        qcc.compile(model, inputs, target="cuda", quant="w4a16-g128", gpu_activations="bf16")
+
+
 def test_prefill_contractions_take_shared_memory_tiles():
     """At 40 tokens the float model's linears and both attention contractions (q @ k^T with
     its fused RoPE gathers, p @ v with the softmax division) run as tile_contract; at 5
@@ -355,9 +373,10 @@ def test_cli_gpu_arch(tmp_path):
     pt2 = str(tmp_path / "mlp.pt2")
     torch.export.save(torch.export.export(model, inputs), pt2)
     out = str(tmp_path / "mlp.qcc")
-    assert main(["compile", pt2, "--target", "cuda", "--gpu-arch", "sm_80", "--quant", "w8a16", "-o", out, "-q"]) == 0
+    assert main(["compile", pt2, "--target", "cuda", "--gpu-arch", "sm_80", "--quant", "w8a16",
+                 "--gpu-activations", "f16", "-o", out, "-q"]) == 0
     loaded = qcc.load(out)
-    assert loaded.manifest["cuda"]["arch"] == "sm_80"
+    assert loaded.manifest["cuda"]["arch"] == "sm_80" and loaded.manifest["cuda"]["activations"] == "f16"
     assert ".target sm_80" in loaded.code["cuda_sm_80.ptx"].decode()
     assert main(["compile", pt2, "--target", "cuda", "--gpu-arch", "sm_70", "-o", out, "-q"]) == 2
 
