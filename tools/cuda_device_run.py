@@ -90,11 +90,11 @@ PREFILL_VARIANTS = {
     "gemv_i8": [{}],
     # w4a16's GEMM at prefill (f16 out here: the sweep times f16 y next to fp16 F.linear)
     "gemm_w4a16": [dict(out_f32=False), dict(n_tiles=4, n_warps=4, m_tiles=2, out_f32=False),
-                   dict(m_tiles=4, w_smem=False, out_f32=False), dict(m_tiles=4, n_warps=4, w_smem=False, out_f32=False),
-                   dict(m_tiles=4, w_smem=False, x_stages=2, depth=1, out_f32=False),
+                   dict(m_tiles=4, w_smem=False, out_f32=False),
                    dict(m_tiles=2, w_smem=False, x_stages=4, out_f32=False),
                    dict(n_tiles=4, n_warps=4, m_tiles=2, w_smem=False, x_stages=4, out_f32=False),
-                   dict(n_tiles=1, n_warps=8, m_tiles=4, w_smem=False, out_f32=False)],
+                   dict(n_warps=4, m_tiles=2, out_f32=False),
+                   dict(n_warps=4, m_tiles=2, w_smem=False, x_stages=4, out_f32=False)],
 }
 PREFILL_I8_ROWS = 128
 EMU_SHAPES = [(512, 64), (1024, 128)]

@@ -155,7 +155,8 @@ def test_w4a16_emulated(K, N, G, M, zp, mode, cfg):
     (256, 64, 128, 25, True, dict(m_max=32, x_stages=2, out_f32=False)),
     (256, 128, 128, 20, True, dict(m_max=128)),  # row blocks wholly past M skip
     (512, 64, 128, 50, True, dict(m_max=64, m_tiles=4, n_warps=4, w_smem=False, depth=3)),  # W in registers
-    (1024, 32, 256, 33, False, dict(m_max=48, n_tiles=2, n_warps=2, w_smem=False))])
+    (1024, 32, 256, 33, False, dict(m_max=48, n_tiles=2, n_warps=2, w_smem=False)),
+    (4096, 128, 128, 20, True, dict(m_max=32))])  # long K: the default takes W through registers
 def test_gemm_w4a16_emulated(K, N, G, M, zp, cfg):
     """gemm_w4a16 (prefill) takes gemv_w4a16's packed weights and gives its results: fp32 y
     against float64 numpy on the dequantized weights, and within f32 rounding of the GEMV."""
