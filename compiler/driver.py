@@ -92,6 +92,9 @@ def compile(model, example_inputs=None, *, target: str = "cpu", quant: str | Non
 
     if target not in TARGETS:
         raise QccError(f"unknown target '{target}'", where="--target", hint=f"choose one of {', '.join(TARGETS)}")
+    if target != "cuda" and gpu_activations != "fp32":
+        raise QccError(f"gpu_activations='{gpu_activations}' applies to target='cuda' only", where="--gpu-activations",
+                       hint="drop it, or compile with --target cuda")
     recipe = get_recipe(quant)
     prog = _Progress(progress)
     prog.stage("export")

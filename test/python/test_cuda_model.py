@@ -224,6 +224,8 @@ def test_f16_activations():
     assert rel_err(got, reference(model, inputs, "w4a16-g128", exact)[0]) > 1e-5
     with pytest.raises(qcc.QccError, match="gpu-activations"):
         qcc.compile(model, inputs, target="cuda", quant="w4a16-g128", gpu_activations="bf16")
+    with pytest.raises(qcc.QccError, match="target='cuda' only"):
+        qcc.compile(model, inputs, target="cpu", quant="w4a16-g128", gpu_activations="f16")
 
 
 def test_prefill_contractions_take_shared_memory_tiles():
