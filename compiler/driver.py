@@ -92,7 +92,11 @@ def compile(model, example_inputs=None, *, target: str = "cpu", quant: str | Non
 
     if target not in TARGETS:
         raise QccError(f"unknown target '{target}'", where="--target", hint=f"choose one of {', '.join(TARGETS)}")
-    if target != "cuda" and gpu_activations != "fp32":
+    if target == "cuda":  # the GPU options, checked before the (slow) export
+        from qcc.backends.cuda.lowering import check_options
+
+        check_options(gpu_arch, gpu_activations)
+    elif gpu_activations != "fp32":
         raise QccError(f"gpu_activations='{gpu_activations}' applies to target='cuda' only", where="--gpu-activations",
                        hint="drop it, or compile with --target cuda")
     recipe = get_recipe(quant)

@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 
 _VEC_RE = re.compile(r"^vector<(\d+)x(\w+)>$")
 _MEMREF_RE = re.compile(r"^memref<(\d+)x(.+?)(?:, #gpu\.address_space<(\w+)>)?>$")
+MAX_STATIC_SMEM = 48 * 1024  # static shared memory a block may declare (more needs the dynamic kind)
 INT_TYPES = {"i1": 1, "i8": 8, "i16": 16, "i32": 32, "i64": 64, "index": 64}
 FLOAT_TYPES = {"f16": 16, "f32": 32, "f64": 64}
 

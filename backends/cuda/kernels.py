@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 
-from .emit import KernelSpec, Param
+from .emit import MAX_STATIC_SMEM, KernelSpec, Param
 
 
 
@@ -64,7 +64,6 @@ def _shape_suffix(n_warps, depth, stages=0, x_stages=0):
             + (f"s{stages}" if stages else "") + (f"x{x_stages}" if x_stages else ""))
 
 
-MAX_STATIC_SMEM = 48 * 1024
 
 
 def _x_row_chunks(k_tile: int) -> int:
@@ -659,7 +658,6 @@ def gemm_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
     long_k = K // 128 >= 32
     n_tiles = n_tiles or (4 if long_k and N % 128 == 0 else 2)
     w_smem = (not long_k) if w_smem is None else w_smem
-    x_stages = x_stages or (4 if long_k else None)
     n_warps = n_warps or (16 // n_tiles if N % 128 == 0 else 4)  # 128 columns a block where N allows
     _require(n_tiles % 2 == 0, f"n_tiles must be even: weight tiles pair into 16-row A operands (got {n_tiles})")
     _require(G % 128 == 0 and K % G == 0, f"gemm_w4a16 needs group_size % 128 == 0 dividing K (G={G}, K={K})")

@@ -44,7 +44,7 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 
-from .emit import KernelSpec, Param, bitwidth, parse_type
+from .emit import MAX_STATIC_SMEM, KernelSpec, Param, bitwidth, parse_type
 
 BLOCK = 256
 WARPS = 8
@@ -54,7 +54,6 @@ TILE_MIN = 32  # tile_contract: least extent of both tiled output dims
 TILE_MIN_BLOCKS = 256  # tile_contract takes the largest tile that leaves this many blocks (H200 sweep)
 TILE_CHUNK = 16  # tile_contract: reduction steps staged a chunk ...
 TILE_CHUNK_LONG = (256, 32)  # ... and (from this many steps) a longer chunk, if it fits
-SMEM_BYTES = 48 * 1024  # static shared memory a block may declare
 
 
 class UnsupportedOp(ValueError):
@@ -572,7 +571,7 @@ def _tile_config(desc: GenericDesc, c: _Contract):
     order = [t for t, g in zip(tiles, grids) if g >= TILE_MIN_BLOCKS] + [(2, 2)]
     for ta, tb in order:
         for bk in ((TILE_CHUNK_LONG[1], TILE_CHUNK) if R >= TILE_CHUNK_LONG[0] else (TILE_CHUNK,)):
-            if _tile_smem(desc, c, ta, tb, bk) <= SMEM_BYTES:
+            if _tile_smem(desc, c, ta, tb, bk) <= MAX_STATIC_SMEM:
                 return ta, tb, bk
     return None
 

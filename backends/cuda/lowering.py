@@ -112,6 +112,16 @@ def build_images(specs, archs=("sm_90",), cubin: bool = True) -> Images:
 ACTIVATIONS = {"fp32": "true", "f16": "false"}  # --gpu-activations -> cuda-select-kernels' split_x
 
 
+def check_options(gpu_arch: str, gpu_activations: str) -> None:
+    """QccError for a --gpu-arch or --gpu-activations value the backend does not know."""
+    if gpu_arch not in ARCHS:
+        raise QccError(f"unknown GPU architecture '{gpu_arch}'", where="--gpu-arch",
+                       hint=f"choose one of {', '.join(ARCHS)}")
+    if gpu_activations not in ACTIVATIONS:
+        raise QccError(f"unknown GPU activation precision '{gpu_activations}'", where="--gpu-activations",
+                       hint=f"choose one of {', '.join(ACTIVATIONS)}")
+
+
 def compile_cuda(*, module, ctx, session, run, prog, imported, recipe, gpu_arch: str = "sm_90",
                  gpu_activations: str = "fp32"):
     """The CUDA part of qcc.compile (after TORCH_TO_LINALG); returns a CompiledModel."""
@@ -121,12 +131,6 @@ def compile_cuda(*, module, ctx, session, run, prog, imported, recipe, gpu_arch:
     from .fuse_launches import fuse_small_launches
     from .host_plan import HostOpError, PlanBuilder
 
-    if gpu_arch not in ARCHS:
-        raise QccError(f"unknown GPU architecture '{gpu_arch}'", where="--gpu-arch",
-                       hint=f"choose one of {', '.join(ARCHS)}")
-    if gpu_activations not in ACTIVATIONS:
-        raise QccError(f"unknown GPU activation precision '{gpu_activations}'", where="--gpu-activations",
-                       hint=f"choose one of {', '.join(ACTIVATIONS)}")
     run("select-kernels", [f"cuda-select-kernels{{split-x={ACTIVATIONS[gpu_activations]}}}"])
     run("lower-qcc", pipelines.LOWER_QCC)
     entry_args = driver._entry_args(module, session.params)
