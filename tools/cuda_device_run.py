@@ -95,8 +95,13 @@ PREFILL_VARIANTS = {
                    dict(n_tiles=4, n_warps=4, m_tiles=2, w_smem=False, x_stages=4, out_f32=False),
                    dict(n_warps=4, m_tiles=2, out_f32=False),
                    dict(n_warps=4, m_tiles=2, w_smem=False, x_stages=4, out_f32=False)],
+    # the same on Hopper's wgmma (sm_90a): 64 columns a warpgroup, `rows` of x a block
+    "gemm_w4a16_wg": [dict(rows=64, warpgroups=2, out_f32=False), dict(rows=64, warpgroups=1, out_f32=False),
+                      dict(rows=32, warpgroups=2, out_f32=False), dict(rows=64, warpgroups=2, depth=3, out_f32=False),
+                      dict(rows=32, warpgroups=1, x_stages=4, out_f32=False)],
 }
 PREFILL_I8_ROWS = 128
+W4_KINDS = ("gemv_w4a16", "gemm_w4a16", "gemm_w4a16_wg")
 EMU_SHAPES = [(512, 64), (1024, 128)]
 
 
@@ -175,7 +180,7 @@ def prefill_specs(variants):
             for v in vs:
                 m_max = {"gemm_i8": PREFILL_I8_ROWS, "gemv_i8": 16}.get(kind, PREFILL_M_MAX)
                 try:
-                    specs.append(getattr(kernels, kind)(K, N, **({"group_size": GROUP} if kind in ("gemv_w4a16", "gemm_w4a16") else {}),
+                    specs.append(getattr(kernels, kind)(K, N, **({"group_size": GROUP} if kind in W4_KINDS else {}),
                                                         m_max=m_max, **v))
                 except kernels.KernelConstraintError:
                     pass
@@ -222,6 +227,8 @@ def _cfg_str(c):
         return f"rows{c['n_rows']} w{c['warps']} u{c['unroll']}"
     if c["kind"] == "gemm_w4a16":
         return f"nt{c['n_tiles']} nw{c['n_warps']} mt{c['m_tiles']} x-ring {c['x_stages']} m<={c['m_max']}"
+    if c["kind"] == "gemm_w4a16_wg":
+        return f"wgmma rows{c['rows']} wg{c['warpgroups']} x-ring {c['x_stages']} d{c['depth']} m<={c['m_max']}"
     if c["kind"] == "gemm_i8":
         return (f"nt{c['n_tiles']} nw{c['n_warps']} mt{c['m_tiles']} u{c['unroll']} d{c['depth']} "
                 f"x-ring {c['x_stages']} m<={c['m_max']}")
@@ -462,6 +469,7 @@ def cmd_run(args):
         # ---- weights: w4 (acc layout), w8; dequantized references; fp16 copies
         packed, s4, z4 = w4_data(rng, K, N)
         P4 = pack.pack_w4a16(packed, s4, z4, GROUP)
+        P4wg = pack.pack_w4a16(packed, s4, z4, GROUP, order="wgmma")
         q8, s8 = w8_data(rng, K, N)
         P8 = pack.pack_w8a16(q8, s8)
         W4 = torch_dequant_w4(torch, packed, s4, z4, dev)
@@ -471,12 +479,14 @@ def cmd_run(args):
         bytes16 = N * K * 2
         ncopy = lambda b: 1 if emulate else max(2, math.ceil(L2_DEFEAT_BYTES / b))  # noqa: E731
         dev4 = [{k: dev_t(v) for k, v in P4.items()} for _ in range(ncopy(bytes4))]
+        dev4wg = [{k: dev_t(v) for k, v in P4wg.items()} for _ in range(ncopy(bytes4))] \
+            if by_kind.get(("gemm_w4a16_wg", K, N)) else []
         dev8 = [{k: dev_t(v) for k, v in P8.items()} for _ in range(ncopy(bytes8))]
         log(f"\n== K={K} N={N}: w4 {bytes4 / 1e6:.1f} MB x{len(dev4)}, w8 {bytes8 / 1e6:.1f} MB "
             f"x{len(dev8)}, fp16 {bytes16 / 1e6:.1f} MB (data {time.time() - t_shape:.1f}s)")
         for kind, Wd, devs, wbytes in (("gemv_w4a16", W4, dev4, bytes4), ("gemm_w4a16", W4, dev4, bytes4),
-                                       ("gemv_w8a16", W8, dev8, bytes8)):
-            if kind == "gemm_w4a16" and not by_kind.get((kind, K, N)):
+                                       ("gemm_w4a16_wg", W4, dev4wg, bytes4), ("gemv_w8a16", W8, dev8, bytes8)):
+            if kind in ("gemm_w4a16", "gemm_w4a16_wg") and not by_kind.get((kind, K, N)):
                 continue
             Wh = [Wd.half().contiguous() for _ in range(ncopy(bytes16))]
             names = by_kind.get((kind, K, N), [])
@@ -541,7 +551,7 @@ def cmd_run(args):
                         results["checks"].append({"name": name, "M": M, "err": float("inf")})
             split_check(kind, K, N, Wd, devs, wbytes, names)
             del Wh
-        del dev4, dev8, W4, W8
+        del dev4, dev4wg, dev8, W4, W8
         if not emulate:
             torch.cuda.empty_cache()
 
@@ -626,7 +636,7 @@ def cmd_run(args):
     log(f"{'format':10s} {'K x N':>12s} {'M':>3s} {'kernel us':>10s} {'GB/s':>7s} {'of BW':>6s} "
         f"{'fp16 us':>9s} {'fp16 GB/s':>9s} {'vs fp16':>8s}  config")
     summary = []
-    for kind in ("gemv_w4a16", "gemm_w4a16", "gemv_w8a16", "gemv_i8", "gemm_i8"):
+    for kind in ("gemv_w4a16", "gemm_w4a16", "gemm_w4a16_wg", "gemv_w8a16", "gemv_i8", "gemm_i8"):
         base_kind = "gemv_w8a16" if kind in ("gemv_i8", "gemm_i8") else kind  # its fp16 baseline rows
         for K, N in shapes:
             for M in _ms(K, N):

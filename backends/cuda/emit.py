@@ -519,6 +519,62 @@ class MlirEmitter(Emitter):
                          "multiplicandAPtxType = #nvvm.mma_type<s8>, multiplicandBPtxType = #nvvm.mma_type<s8>, "
                          "shape = #nvvm.shape<m = 16, n = 8, k = 32>", "i32", "i32")
 
+    # -- warpgroup MMA (sm_90a): wgmma.mma_async with A in registers, B in shared memory
+    def smem_desc(self, mem: Val, i: Val, lbo: int, sbo: int) -> Val:
+        """The 64-bit wgmma matrix descriptor of a non-swizzled operand that starts at element
+        ``i`` of the workgroup memref ``mem``: its 8 x 16-byte core matrices are ``lbo`` bytes
+        apart along K and ``sbo`` bytes apart along M/N (PTX ISA, "Matrix Descriptor Format")."""
+        _, et, sp = parse_memref(mem.type)
+        assert sp == "workgroup" and lbo % 16 == 0 and sbo % 16 == 0 and max(lbo, sbo) < 1 << 18
+        base = self._op(f"memref.extract_aligned_pointer_as_index {mem.v} : {mem.type} -> index", "index")
+        a = self.cast("index_cast", base + self.idx(i) * (bitwidth(et) // 8), "i64")
+        return ((a & 0x3FFFF) >> 4) | ((lbo >> 4) << 16 | (sbo >> 4) << 32)
+
+    def _asm(self, text: str, constraints: str, operands: Sequence[Val], results: Sequence[str]):
+        """A side-effecting llvm.inline_asm (kept in place against the other wgmma steps)."""
+        ops = ", ".join(o.v for o in operands)
+        tin = ", ".join(o.type for o in operands)
+        if not results:
+            self._emit(f'llvm.inline_asm has_side_effects "{text}", "{constraints}" {ops} : ({tin}) -> ()')
+            return []
+        st = f"!llvm.struct<({', '.join(results)})>"
+        nm = self._name()
+        self._emit(f'{nm} = llvm.inline_asm has_side_effects "{text}", "{constraints}" {ops} : ({tin}) -> {st}')
+        return [self._op(f"llvm.extractvalue {nm}[{k}] : {st}", t) for k, t in enumerate(results)]
+
+    def wgmma_f16(self, a: Sequence[Val], desc: Val, acc: Sequence[Val] | None, n: int) -> list[Val]:
+        """wgmma.mma_async m64n{n}k16 f32 += f16 x f16 for the warpgroup: A (64 x 16) from the 4
+        registers a lane holds (warp w: rows 16 w.. in mma.m16n8k16's A layout), B (16 x n,
+        K-major) from shared memory through ``desc``; ``acc`` None: D = A B (scale-d 0)."""
+        assert len(a) == 4 and n % 8 == 0 and 8 <= n <= 256 and (acc is None or len(acc) == n // 2)
+        h = n // 2
+        regs = [self.bitcast(x, "i32") if x.type != "i32" else x for x in a]
+        d = ", ".join(f"${k}" for k in range(h))
+        av = ", ".join(f"${h + k}" for k in range(4))
+        text = (f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.f16.f16 {{{d}}}, {{{av}}}, ${h + 4}, "
+                f"{0 if acc is None else 1}, 1, 1, 0;")
+        cons = ",".join(["=f"] * h + ["r"] * 4 + ["l"] + ([str(k) for k in range(h)] if acc is not None else []))
+        return self._asm(text, cons, regs + [desc] + list(acc or []), ["f32"] * h)
+
+    def wgmma_fence(self):
+        self._asm("wgmma.fence.sync.aligned;", "", [], [])
+
+    def wgmma_commit(self):
+        self._asm("wgmma.commit_group.sync.aligned;", "", [], [])
+
+    def wgmma_wait(self, pending: int, regs: Sequence[Val]) -> list[Val]:
+        """wgmma.wait_group: at most ``pending`` groups still in flight. ``regs`` (the
+        accumulators of the groups waited for) come back as new values, so nothing that reads
+        them can be scheduled above the wait."""
+        h = len(regs)
+        cons = ",".join(["=f"] * h + [str(k) for k in range(h)])
+        return self._asm(f"wgmma.wait_group.sync.aligned {int(pending)};", cons, list(regs), ["f32"] * h)
+
+    def fence_proxy_async(self):
+        """Make this thread's generic-proxy shared-memory writes (cp.async included) visible
+        to the async proxy (wgmma operands); a barrier after it publishes them to the block."""
+        self._asm("fence.proxy.async.shared::cta;", "", [], [])
+
     # -- control flow
     def for_(self, lo, hi, step, inits: Sequence[Val],
              body: Callable[[Val, list[Val]], Sequence[Val]]) -> list[Val]:

@@ -626,6 +626,20 @@ def _w4_steps(E, w, zb8, s8=None):
             for s in range(8)]
 
 
+def _w4_group_meta(E, a, tiles, q, GP, g, zero_point):
+    """Per weight tile (index into pack_w4a16's [N/8] tiles): the f32 scale of its row g in
+    group q, then (zero_point) the word holding that row's u8 zero (see _w4_zero_bias)."""
+    odd = E.cmp("ne", g % 2, E.const(0, "index"))
+    out = []
+    for tile in tiles:
+        at = tile * GP + q
+        sc = E.load(a["scales"], at * 4 + g // 2)
+        out.append(E.select(odd, E.extract(sc, 1), E.extract(sc, 0)))
+        if zero_point:
+            out.append(E.load(a["zeros"], at * 2 + g // 4))
+    return out
+
+
 def gemm_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True, m_max: int = 256,
                n_tiles: int | None = None, n_warps: int | None = None, m_tiles: int | None = None,
                x_stages: int | None = None, w_smem: bool | None = None, depth: int = 2, out_f32: bool = True,
@@ -728,18 +742,7 @@ def gemm_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
             E.if_(E.cmp("ult", c, E.const(KT, "index")), copies)
             E.cp_async_commit()
 
-        odd = E.cmp("ne", g % 2, E.const(0, "index"))
-
-        def meta(q):
-            """Per weight tile of the warp: (scale, zero word) of its row g, group q."""
-            out = []
-            for r in range(n_tiles):
-                at = (tile0 + r) * GP + q
-                sc = E.load(a["scales"], at * 4 + g // 2)
-                out.append(E.select(odd, E.extract(sc, 1), E.extract(sc, 0)))
-                if zero_point:
-                    out.append(E.load(a["zeros"], at * 2 + g // 4))
-            return out
+        meta = lambda q: _w4_group_meta(E, a, [tile0 + r for r in range(n_tiles)], q, GP, g, zero_point)  # noqa: E731
         per = 2 if zero_point else 1
         xpos = [((g % 2) ^ v) * 4 + t for v in range(4)]  # rows g, g + 8, 16 j + g: one parity
 
@@ -796,6 +799,136 @@ def gemm_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
            "meta_bytes": N * GP * (4 + (1 if zero_point else 0))}
     return KernelSpec(nm, params, (threads, 1, 1), (N // BN, row_blocks, 1), body, smem, cfg,
                       doc=gemm_w4a16.__doc__.split("\n")[0])
+
+
+def gemm_w4a16_wg(K: int, N: int, group_size: int = 128, *, zero_point: bool = True, m_max: int = 256,
+                  rows: int | None = None, warpgroups: int = 1, x_stages: int | None = None, depth: int = 2,
+                  out_f32: bool = True, name: str | None = None) -> KernelSpec:
+    """gemm_w4a16's product (same parameters, packed weights and fp32-exact numerics) on
+    Hopper's warpgroup MMA (``wgmma.mma_async``, sm_90a only).
+
+    A block is ``warpgroups`` groups of 4 warps; each group owns 64 output columns (a warp
+    the pair of weight tiles it dequantizes, exactly as in gemm_w4a16: the two tiles are the
+    16 rows of the warp's share of wgmma's A, straight from registers) and all the block's
+    ``rows`` rows of x (wgmma's N, B in shared memory). x reaches shared memory by cp.async
+    through a ring of ``x_stages`` K tiles, laid out as wgmma's non-swizzled K-major core
+    matrices (chunk kc of row r at kc * rows + r: 8 rows x 16 bytes a core matrix, the
+    next 8 rows 128 bytes on, the next 8 K values 16 * rows bytes on); each lane loads its
+    weights into registers ``depth`` groups ahead. Per 128-column K tile one wgmma per k16
+    step accumulates the group's exact integer-weight sums in fp32 (the first step of a
+    group starts from zero), and after the wait the group scale is applied in fp32:
+    acc += scale * group sum, gemv_w4a16's ``scale_mode="acc"``.
+    Constraints: K % group_size == 0, group_size % 128 == 0, N % (64 warpgroups) == 0,
+    rows % 8 == 0, 8 <= rows <= 256.
+    """
+    G = group_size
+    BM = rows or min(64, max(8, -(-m_max // 8) * 8))
+    _require(G % 128 == 0 and K % G == 0, f"gemm_w4a16_wg needs group_size % 128 == 0 dividing K (G={G}, K={K})")
+    _require(1 <= m_max <= GEMV_M_MAX, f"m_max must be in 1..{GEMV_M_MAX} (got {m_max})")
+    _require(BM % 8 == 0 and 8 <= BM <= 256, f"rows must be a multiple of 8 in 8..256 (got {BM})")
+    BN = 64 * warpgroups
+    _require(N % BN == 0, f"N={N} must be a multiple of 64 * warpgroups = {BN}")
+    row_blocks = -(-m_max // BM)
+    gt, KT, GP, XC = G // 128, K // 128, K // G, 16
+    threads = 128 * warpgroups
+    x_stage = BM * XC  # 16-byte elements a slot
+    fits = MAX_STATIC_SMEM // (16 * x_stage)
+    S = x_stages or min(4, fits)
+    _require(2 <= S <= fits, f"x_stages={S}: 2..{fits} slots of {16 * x_stage} bytes fit")
+    params = _common_params(K, N, m_max)
+    params.append(Param("wq", f"memref<{N // 8 * KT * 32}xvector<4xi32>>", "in", "packed int4 tiles (pack_w4a16)"))
+    params.append(Param("scales", f"memref<{N // 8 * GP * 4}xvector<2xf32>>", "in", "f32 [N/8, K/G, 8]"))
+    if zero_point:
+        params.append(Param("zeros", f"memref<{N // 8 * GP * 2}xi32>", "in", "u8 [N/8, K/G, 8] (read as 32-bit words)"))
+    yt = "f32" if out_f32 else "f16"
+    params.append(Param("y", f"memref<{m_max * N}x{yt}>", "out", f"{yt} [M, {N}]", rows=("M", m_max)))
+    params.append(_m_param(m_max))
+    smem = [("xs", "vector<8xf16>", S * x_stage)]
+    WL = 2 * gt  # weight chunks a lane uses a group
+    H = BM // 2  # accumulator registers a thread (wgmma m64 x n BM over 128 threads)
+
+    def body(E, a):
+        tid = E.tid()
+        lane, warp = tid % 32, tid // 32
+        g, t = lane // 4, lane % 4
+        M = E.idx(a["M"])
+        row0 = E.bid("y") * BM if row_blocks > 1 else E.const(0, "index")
+        if row_blocks > 1:  # blocks wholly past M (fewer rows than m_max) have nothing to do
+            E.if_(E.cmp("ult", row0, M), lambda: block(E, a, tid, lane, warp, g, t, M, row0))
+        else:
+            block(E, a, tid, lane, warp, g, t, M, row0)
+
+    def block(E, a, tid, lane, warp, g, t, M, row0):
+        tile0 = E.bid("x") * (8 * warpgroups) + warp * 2  # the warp's two weight tiles
+        xs = a["xs"]
+        zero = E.const(0.0, "f32")
+        last = E.const(GP - 1, "index")
+
+        def load_w(q):
+            return [E.load_hint(a["wq"], ((tile0 + r) * KT + q * gt + u) * 32 + lane, "L1::no_allocate")
+                    for u in range(gt) for r in range(2)]
+
+        def issue(c):
+            """cp.async K tile c's x rows into slot c % S (nothing past the end): a thread pair
+            copies one row's 32 contiguous bytes."""
+            slot = c % S
+
+            def one(it):
+                kc, r = (it // (2 * BM)) * 2 + it % 2, (it // 2) % BM
+                rr = row0 + r  # rows past M read rows < M (distinct addresses: no same-address pileup)
+                src = E.select(E.cmp("ult", rr, M), rr, rr % M) * (K // 8) + c * XC + kc
+                E.cp_async(xs, slot * x_stage + kc * BM + r, a["x"], src)
+            E.if_(E.cmp("ult", c, E.const(KT, "index")), lambda: _spread(E, tid, threads, x_stage, one))
+            E.cp_async_commit()
+
+        meta = lambda q: _w4_group_meta(E, a, [tile0, tile0 + 1], q, GP, g, zero_point)  # noqa: E731
+        per = 2 if zero_point else 1
+
+        def group(q, args):
+            acc, cur = args[:H], args[H:H + 2 * per]
+            queue = args[H + 2 * per:]
+            nxt = meta(E.minu(q + 1, last))
+            wnow, queue = queue[:WL], queue[WL:] + load_w(E.minu(q + depth, last))
+            accg = None
+            for u in range(gt):
+                c = q * gt + u
+                E.cp_async_wait(S - 2)  # tile c landed for this thread
+                E.fence_proxy_async()  # ... and is visible to the tensor cores' reads
+                E.barrier()  # ... for every thread; every group's wgmmas on slot c - 1 are done
+                issue(c + (S - 1))
+                slot = c % S
+                W = [_w4_steps(E, wnow[u * 2 + r], _w4_zero_bias(E, cur[per * r + 1] if zero_point else None))
+                     for r in range(2)]
+                E.wgmma_fence()
+                for s_ in range(8):
+                    desc = E.smem_desc(xs, slot * x_stage + 2 * s_ * BM, lbo=16 * BM, sbo=128)
+                    accg = E.wgmma_f16([W[0][s_][0], W[1][s_][0], W[0][s_][1], W[1][s_][1]], desc, accg, BM)
+                E.wgmma_commit()
+                accg = E.wgmma_wait(0, accg)  # before the next tile's cp.async reuses a slot
+            s0, s1 = cur[0], cur[per]
+            acc = [E.fma(accg[k], s0 if k % 4 < 2 else s1, acc[k]) for k in range(H)]
+            return acc + nxt + queue
+
+        for c in range(S - 1):
+            issue(E.const(c, "index"))
+        meta0 = meta(E.const(0, "index"))
+        queue0 = [v for d in range(depth) for v in load_w(E.const(min(d, GP - 1), "index"))]
+        res = E.for_(0, GP, 1, [zero] * H + meta0 + queue0, group)
+        for k in range(H):  # D: column g of tile 0 (k % 4 < 2) or 1 x rows 8 j + 2 t, + 1
+            j, e = divmod(k, 4)
+            v = res[k] if out_f32 else E.cast("truncf", res[k], "f16")
+            row = row0 + 8 * j + 2 * t + e % 2
+            col = (tile0 + e // 2) * 8 + g
+            E.if_(E.cmp("ult", row, M), lambda v=v, row=row, col=col: E.store(v, a["y"], row * N + col))
+
+    nm = name or (f"gemm_w4a16_wg_g{G}{'' if zero_point else 's'}_k{K}_n{N}_m{m_max}_r{BM}w{warpgroups}x{S}d{depth}"
+                  f"{'_o32' if out_f32 else ''}")
+    cfg = {"kind": "gemm_w4a16_wg", "K": K, "N": N, "group_size": G, "zero_point": zero_point,
+           "scale_mode": "acc", "m_max": m_max, "rows": BM, "warpgroups": warpgroups, "x_stages": S,
+           "depth": depth, "out_f32": out_f32, "weight_bytes": N * K // 2, "arch": "sm_90a",
+           "meta_bytes": N * GP * (4 + (1 if zero_point else 0))}
+    return KernelSpec(nm, params, (threads, 1, 1), (N // BN, row_blocks, 1), body, smem, cfg,
+                      doc=gemm_w4a16_wg.__doc__.split("\n")[0])
 
 
 # --------------------------------------------------------------------------- w8a16

@@ -27,6 +27,22 @@ from __future__ import annotations
 import numpy as np
 
 W4_JMAP = np.array([2 * (p % 4) + p // 4 for p in range(8)])  # nibble p -> column j
+# The K index (within a 128-column tile) of nibble p of word wi of lane t, [t, wi, p], per
+# kernel family. Either way the kernel turns word wi into the operands of k16 steps 2 wi and
+# 2 wi + 1, nibbles (2 h, 2 h + 4) the pair b0 and (2 h + 1, 2 h + 5) the pair b1 of step
+# 2 wi + h. "mma": a lane's 32 weights are contiguous in K (K = 32 t + 8 wi + W4_JMAP[p]), so
+# its x values are two 16-byte loads a row; step s then covers K 32 t + 4 s + (0..3), in
+# the order the GEMVs load x. "wgmma": step s covers K 16 s .. 16 s + 15 in the natural
+# mma order (b0 = K 16 s + 2 t + e, b1 = 8 more), so x can feed the tensor cores from
+# shared memory unpermuted (gemm_w4a16_wg).
+_T, _WI, _P = np.meshgrid(np.arange(4), np.arange(4), np.arange(8), indexing="ij")
+W4_KMAP = {"mma": 32 * _T + 8 * _WI + W4_JMAP[_P],
+           "wgmma": 32 * _WI + 16 * ((_P // 2) % 2) + 8 * (_P % 2) + 2 * _T + _P // 4}
+
+
+def w4_order(builder: str) -> str:
+    """The W4_KMAP order of the packed weights a w4a16 kernel builder reads."""
+    return "wgmma" if builder == "gemm_w4a16_wg" else "mma"
 W8_PERM = np.array([0, 2, 1, 3])  # byte b -> column offset within a word
 
 
@@ -107,8 +123,9 @@ def check_w4_shape(K: int, N: int, group_size: int):
         raise LayoutError(f"group size must be a multiple of 32 dividing K (G={group_size}, K={K})")
 
 
-def pack_w4a16(packed, scale, zero=None, group_size=128, scale_mode=None) -> dict:
-    """Re-layout a w4a16-g{G} weight for ``kernels.gemv_w4a16``.
+def pack_w4a16(packed, scale, zero=None, group_size=128, scale_mode=None, order="mma") -> dict:
+    """Re-layout a w4a16-g{G} weight for ``kernels.gemv_w4a16`` (``order="wgmma"``:
+    ``kernels.gemm_w4a16_wg``; see W4_KMAP).
 
     Returns a dict of C-contiguous arrays named like the kernel parameters:
     ``wq`` uint32 [N/8, K/128, 32, 4]; for ``scale_mode="acc"`` (G % 128 == 0)
@@ -125,8 +142,7 @@ def pack_w4a16(packed, scale, zero=None, group_size=128, scale_mode=None) -> dic
     if np.shape(scale) != (N, K // G) or (zero is not None and np.shape(zero) != (N, K // G)):
         raise LayoutError(f"scale and zero must be [N, K/G] = {(N, K // G)}; got "
                           f"{np.shape(scale)}, {None if zero is None else np.shape(zero)}")
-    q = nib.reshape(N // 8, 8, K // 128, 4, 4, 8)  # tn, g, kt, t, wi, j
-    q = q[..., W4_JMAP].astype(np.uint32)  # [..., p]
+    q = nib.reshape(N // 8, 8, K // 128, 128)[..., W4_KMAP[order]].astype(np.uint32)  # tn, g, kt, t, wi, p
     words = np.zeros(q.shape[:-1], np.uint32)
     for p in range(8):
         words |= q[..., p] << np.uint32(4 * p)
@@ -151,13 +167,13 @@ def pack_w4a16(packed, scale, zero=None, group_size=128, scale_mode=None) -> dic
     return out
 
 
-def unpack_w4a16_nibbles(wq: np.ndarray, K: int, N: int) -> np.ndarray:
+def unpack_w4a16_nibbles(wq: np.ndarray, K: int, N: int, order: str = "mma") -> np.ndarray:
     """Inverse of the ``wq`` layout: uint8 nibbles [N, K] (for tests)."""
     w = np.asarray(wq, np.uint32).reshape(N // 8, K // 128, 8, 4, 4)  # tn, kt, g, t, wi
     w = w.transpose(0, 2, 1, 3, 4)  # tn, g, kt, t, wi
-    nib = np.empty(w.shape + (8,), np.uint8)
+    nib = np.empty(w.shape[:3] + (128,), np.uint8)
     for p in range(8):
-        nib[..., W4_JMAP[p]] = (w >> np.uint32(4 * p)) & 0xF
+        nib[..., W4_KMAP[order][..., p]] = (w >> np.uint32(4 * p)) & 0xF
     return nib.reshape(N, K)
 
 
@@ -206,7 +222,7 @@ def dequantize_layer(info: dict, weights: dict) -> np.ndarray:
         q = unpack_w8a16(weights[p["wq"]], K, N).astype(np.float32)
         return q * np.asarray(weights[p["scales"]], np.float32).reshape(N, 1)
     G = a["group_size"]
-    nib = unpack_w4a16_nibbles(weights[p["wq"]], K, N).astype(np.float32)
+    nib = unpack_w4a16_nibbles(weights[p["wq"]], K, N, w4_order(info["builder"])).astype(np.float32)
 
     def per_row(arr):  # [N/8, K/G, 8] -> [N, K/G]
         return np.asarray(arr).reshape(N // 8, K // G, 8).transpose(0, 2, 1).reshape(N, K // G)

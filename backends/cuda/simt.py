@@ -401,6 +401,80 @@ class SimtEmulator(Emitter):
         return [self._v(o.reshape(self.T).astype(np.uint32), "i32") for o in out]  # wraps mod 2^32
 
     # -- control flow
+    # -- warpgroup MMA: executed at issue (the kernel must keep its operands until the wait,
+    # which the emulator does not check); B is read through the checked shared-memory loads
+    def smem_desc(self, mem, i, lbo, sbo):
+        m: _Mem = mem.v
+        esz = m.arr.itemsize * int(np.prod(m.arr.shape[2:]))
+        addr = self._smem_base[id(m)] + self.idx(i).v.astype(np.int64) * esz
+        d = ((addr & 0x3FFFF) >> 4) | ((lbo >> 4) << 16) | ((sbo >> 4) << 32)
+        return self._v(d.astype(np.uint64), "i64")
+
+    def wgmma_f16(self, a, desc, acc, n):
+        self._check_active_all("wgmma.mma_async", 128)
+        G = self.T // 128
+        d = desc.v.astype(np.int64).reshape(G, 128)
+        if (d != d[:, :1]).any():
+            raise SimtError("wgmma: the matrix descriptor differs between threads of a warpgroup")
+        d = d[:, 0]
+        start, lbo, sbo = (d & 0x3FFF) << 4, ((d >> 16) & 0x3FFF) << 4, ((d >> 32) & 0x3FFF) << 4
+        # B[k, j]: 16-byte element (start + (k // 8) lbo + (j // 8) sbo + (j % 8) 16) / 16, half k % 8
+        kk, jj = np.arange(2)[:, None], np.arange(n)[None, :]
+        byte = start[:, None, None] + kk * lbo[:, None, None] + (jj // 8) * sbo[:, None, None] + (jj % 8) * 16
+        mem, off = self._smem_at(byte)
+        flat = off.reshape(G, -1)  # [G, 2 n] element indices, loaded 128 a pass with the checks
+        vals = np.zeros(flat.shape + (8,), np.float64)
+        for c in range(0, flat.shape[1], 128):
+            w = min(128, flat.shape[1] - c)
+            idx = np.repeat(flat[:, c:c + 1], 128, axis=1)  # spare threads re-read an operand element
+            idx[:, :w] = flat[:, c:c + w]
+            v = self.load(Val(self, mem, ""), Val(self, idx.reshape(-1), "index")).v
+            vals[:, c:c + w] = v.reshape(G, 128, 8)[:, :w].astype(np.float64)
+        B = vals.reshape(G, 2, n, 8).transpose(0, 1, 3, 2).reshape(G, 16, n)
+        lane = np.arange(32)
+        g, t = lane // 4, lane % 4
+        A = np.zeros((G, 64, 16))
+        av = [x.v.reshape(G, 4, 32, 2).astype(np.float64) for x in a]
+        for w in range(4):
+            for e in range(2):
+                A[:, 16 * w + g, 2 * t + e] = av[0][:, w, :, e]
+                A[:, 16 * w + g + 8, 2 * t + e] = av[1][:, w, :, e]
+                A[:, 16 * w + g, 2 * t + 8 + e] = av[2][:, w, :, e]
+                A[:, 16 * w + g + 8, 2 * t + 8 + e] = av[3][:, w, :, e]
+        D = A @ B  # [G, 64, n]
+        out = []
+        wi = np.arange(4)[:, None]
+        for j in range(n // 8):
+            for r, c in ((0, 0), (0, 1), (8, 0), (8, 1)):
+                v = D[:, 16 * wi + g + r, 8 * j + 2 * t + c]  # [G, 4, 32]
+                out.append(v.reshape(self.T))
+        if acc is not None:
+            out = [o + x.v.astype(np.float64) for o, x in zip(out, acc)]
+        return [self._v(o.astype(np.float32), "f32") for o in out]
+
+    def _smem_at(self, byte):
+        """(shared buffer, 16-byte element indices) of byte addresses that a descriptor names."""
+        for base, m in self._smem_bases:
+            lo, size = base, m.arr.shape[1] * m.arr.itemsize * int(np.prod(m.arr.shape[2:]))
+            if ((byte >= lo) & (byte < lo + size)).all():
+                if m.arr.itemsize * int(np.prod(m.arr.shape[2:])) != 16:
+                    raise SimtError(f"wgmma operand buffer {m.name} must have 16-byte elements")
+                return m, (byte - lo) // 16
+        raise SimtError("wgmma: descriptor addresses outside any one shared buffer")
+
+    def wgmma_fence(self):
+        self._check_active_all("wgmma.fence", 128)
+
+    def wgmma_commit(self):
+        self._check_active_all("wgmma.commit_group", 128)
+
+    def wgmma_wait(self, pending, regs):
+        self._check_active_all("wgmma.wait_group", 128)
+        return [self._v(r.v.copy(), r.type) for r in regs]
+
+    def fence_proxy_async(self):
+        pass
+
     def _uniform(self, v, what):
         x = self.idx(v).v
         if not np.all(x == x[0]):
@@ -484,11 +558,16 @@ def run(spec: KernelSpec, args: dict, *, blocks_per_batch: int = 64,
                 vals[p.name] = Val(E, _Mem(p.name, arr, "global", et), p.type)
             else:
                 vals[p.name] = E.const(int(args[p.name]), p.type)
+        E._smem_base, E._smem_bases, base = {}, [], 0
         for name, et, n in spec.smem:
             s, e = parse_type(et)
             arr = np.zeros((b1 - b0, n) + s, _NP[e])
             t = f"memref<{n}x{et}, #gpu.address_space<workgroup>>"
-            vals[name] = Val(E, _Mem(name, arr, "workgroup", et, b1 - b0), t)
+            m = _Mem(name, arr, "workgroup", et, b1 - b0)
+            vals[name] = Val(E, m, t)
+            E._smem_base[id(m)] = base  # byte addresses for wgmma descriptors, buffers laid end to end
+            E._smem_bases.append((base, m))
+            base += -(-n * arr.itemsize * int(np.prod(s or (1,))) // 128) * 128
         spec.body(E, vals)
 
 

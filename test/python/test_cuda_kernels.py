@@ -176,6 +176,32 @@ def test_gemm_w4a16_emulated(K, N, G, M, zp, cfg):
     assert rel(y, y2) < (1e-6 if yt == np.float32 else 2e-3)
 
 
+@pytest.mark.parametrize("K,N,G,M,zp,cfg", [
+    (256, 64, 128, 20, True, dict(m_max=32, rows=16)),  # row tail in the block, 2-slot ring
+    (512, 128, 128, 40, False, dict(m_max=64, rows=24, warpgroups=2, depth=3)),  # two row blocks, symmetric
+    (512, 64, 256, 9, True, dict(m_max=64, rows=8, x_stages=3, out_f32=False)),  # 2 K tiles a group, f16 y
+    (256, 64, 128, 17, True, dict(m_max=128, rows=16))])  # row blocks wholly past M skip
+def test_gemm_w4a16_wg_emulated(K, N, G, M, zp, cfg):
+    """gemm_w4a16_wg (wgmma, B = x through descriptors of the non-swizzled K-major layout)
+    gives gemm_w4a16's results on the same packed weights: vs float64 numpy on the dequantized
+    weights and within f32 rounding of gemm_w4a16."""
+    rng = np.random.default_rng(K + N + G + M)
+    spec = kernels.gemm_w4a16_wg(K, N, G, zero_point=zp, **cfg)
+    packed, s, z = w4_case(rng, K, N, G, zp)
+    P = pack.pack_w4a16(packed, s, z, G, scale_mode="acc", order=pack.w4_order("gemm_w4a16_wg"))
+    x = rng.standard_normal((M, K)).astype(np.float16)
+    yt = np.float32 if spec.config["out_f32"] else np.float16
+    y = np.full((M, N), np.nan, yt)
+    simt.run(spec, dict(x=x, y=y, M=M, **P))
+    ref = x.astype(np.float64) @ pack.dequant_w4(packed, s, z, G).astype(np.float64).T
+    assert rel(y, ref) < (1e-6 if yt == np.float32 else 2e-3)
+    mma = kernels.gemm_w4a16(K, N, G, zero_point=zp, m_max=cfg["m_max"], n_tiles=2, n_warps=4,
+                             out_f32=spec.config["out_f32"])
+    y2 = np.full((M, N), np.nan, yt)
+    simt.run(mma, dict(x=x, y=y2, M=M, **pack.pack_w4a16(packed, s, z, G, scale_mode="acc")))
+    assert rel(y, y2) < (1e-6 if yt == np.float32 else 2e-3)
+
+
 @pytest.mark.parametrize("K,N,M,cfg", [(256, 32, 1, dict(n_tiles=2, k_warps=2, unroll=1)),
                                        (512, 64, 16, dict(n_tiles=1, k_warps=4, unroll=2)),
                                        (512, 64, 9, {}),
