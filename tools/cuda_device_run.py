@@ -98,7 +98,9 @@ PREFILL_VARIANTS = {
     # the same on Hopper's wgmma (sm_90a): 64 columns a warpgroup, `rows` of x a block
     "gemm_w4a16_wg": [dict(rows=64, warpgroups=2, out_f32=False), dict(rows=64, warpgroups=1, out_f32=False),
                       dict(rows=32, warpgroups=2, out_f32=False), dict(rows=64, warpgroups=2, depth=3, out_f32=False),
-                      dict(rows=32, warpgroups=1, x_stages=4, out_f32=False)],
+                      dict(rows=32, warpgroups=1, x_stages=4, out_f32=False),
+                      dict(rows=128, warpgroups=2, out_f32=False), dict(rows=128, warpgroups=1, out_f32=False),
+                      dict(rows=64, warpgroups=2, x_stages=4, out_f32=False)],
 }
 PREFILL_I8_ROWS = 128
 W4_KINDS = ("gemv_w4a16", "gemm_w4a16", "gemm_w4a16_wg")

@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 _VEC_RE = re.compile(r"^vector<(\d+)x(\w+)>$")
 _MEMREF_RE = re.compile(r"^memref<(\d+)x(.+?)(?:, #gpu\.address_space<(\w+)>)?>$")
 MAX_STATIC_SMEM = 48 * 1024  # static shared memory a block may declare (more needs the dynamic kind)
+MAX_DYNAMIC_SMEM = 227 * 1024  # dynamic shared memory a block may take on sm_90 (opted in at load)
 INT_TYPES = {"i1": 1, "i8": 8, "i16": 16, "i32": 32, "i64": 64, "index": 64}
 FLOAT_TYPES = {"f16": 16, "f32": 32, "f64": 64}
 
@@ -179,20 +180,34 @@ class KernelSpec:
     smem: list[tuple[str, str, int]] = field(default_factory=list)  # (name, elem, count)
     config: dict = field(default_factory=dict)
     doc: str = ""
+    # the smem buffers as views of dynamic shared memory (beyond MAX_STATIC_SMEM; the runtime
+    # raises the kernel's dynamic limit at load), each at a 128-byte aligned offset
+    smem_dynamic: bool = False
 
     @property
     def threads(self) -> int:
         return self.block[0] * self.block[1] * self.block[2]
 
     def smem_bytes(self) -> int:
+        if self.smem_dynamic:
+            return sum(self.smem_offsets()[1:])
         return sum(n * bitwidth(t) // 8 for _, t, n in self.smem)
+
+    def smem_offsets(self) -> list[int]:
+        """Byte offsets of the smem buffers in dynamic shared memory, then the total."""
+        out, at = [], 0
+        for _, t, n in self.smem:
+            out.append(at)
+            at += -(-n * bitwidth(t) // 8 // 128) * 128
+        return out + [at]
 
     def mlir_func(self) -> str:
         return MlirEmitter().function(self)
 
     def manifest(self) -> dict:
         return {"name": self.name, "grid": list(self.grid), "block": list(self.block),
-                "dynamic_smem": 0, "static_smem": self.smem_bytes(),
+                "dynamic_smem": self.smem_bytes() if self.smem_dynamic else 0,
+                "static_smem": 0 if self.smem_dynamic else self.smem_bytes(),
                 "params": [p.manifest() for p in self.params],
                 "config": dict(self.config), "doc": self.doc}
 
@@ -318,12 +333,18 @@ class MlirEmitter(Emitter):
             wg.append(f"%{name}: {t}")
             vals[name] = Val(self, f"%{name}", t)
         header = f"    gpu.func @{spec.name}({', '.join(args)})"
-        if wg:
+        if wg and not spec.smem_dynamic:
             header += f" workgroup({', '.join(wg)})"
         b = spec.block
         header += f" kernel attributes {{known_block_size = array<i32: {b[0]}, {b[1]}, {b[2]}>}} {{"
         self.lines = [header]
         self.depth = 3
+        if spec.smem_dynamic and spec.smem:
+            raw = "memref<?xi8, #gpu.address_space<workgroup>>"
+            self._emit(f"%qcc_dyn_smem = gpu.dynamic_shared_memory : {raw}")
+            for (name, et, n), off in zip(spec.smem, spec.smem_offsets()):
+                o = self.const(off, "index")
+                self._emit(f"%{name} = memref.view %qcc_dyn_smem[{o.v}][] : {raw} to {vals[name].type}")
         spec.body(self, vals)
         self._emit("gpu.return")
         self.lines.append("    }")

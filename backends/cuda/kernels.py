@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 
-from .emit import MAX_STATIC_SMEM, KernelSpec, Param
+from .emit import MAX_DYNAMIC_SMEM, MAX_STATIC_SMEM, KernelSpec, Param
 
 
 
@@ -822,7 +822,7 @@ def gemm_w4a16_wg(K: int, N: int, group_size: int = 128, *, zero_point: bool = T
     rows % 8 == 0, 8 <= rows <= 256.
     """
     G = group_size
-    BM = rows or min(64, max(8, -(-m_max // 8) * 8))
+    BM = rows or min(128, max(8, -(-m_max // 8) * 8))
     _require(G % 128 == 0 and K % G == 0, f"gemm_w4a16_wg needs group_size % 128 == 0 dividing K (G={G}, K={K})")
     _require(1 <= m_max <= GEMV_M_MAX, f"m_max must be in 1..{GEMV_M_MAX} (got {m_max})")
     _require(BM % 8 == 0 and 8 <= BM <= 256, f"rows must be a multiple of 8 in 8..256 (got {BM})")
@@ -832,7 +832,7 @@ def gemm_w4a16_wg(K: int, N: int, group_size: int = 128, *, zero_point: bool = T
     gt, KT, GP, XC = G // 128, K // 128, K // G, 16
     threads = 128 * warpgroups
     x_stage = BM * XC  # 16-byte elements a slot
-    fits = MAX_STATIC_SMEM // (16 * x_stage)
+    fits = MAX_DYNAMIC_SMEM // (16 * x_stage)
     S = x_stages or min(4, fits)
     _require(2 <= S <= fits, f"x_stages={S}: 2..{fits} slots of {16 * x_stage} bytes fit")
     params = _common_params(K, N, m_max)
@@ -928,7 +928,8 @@ def gemm_w4a16_wg(K: int, N: int, group_size: int = 128, *, zero_point: bool = T
            "depth": depth, "out_f32": out_f32, "weight_bytes": N * K // 2, "arch": "sm_90a",
            "meta_bytes": N * GP * (4 + (1 if zero_point else 0))}
     return KernelSpec(nm, params, (threads, 1, 1), (N // BN, row_blocks, 1), body, smem, cfg,
-                      doc=gemm_w4a16_wg.__doc__.split("\n")[0])
+                      doc=gemm_w4a16_wg.__doc__.split("\n")[0],
+                      smem_dynamic=16 * S * x_stage > MAX_STATIC_SMEM)
 
 
 # --------------------------------------------------------------------------- w8a16

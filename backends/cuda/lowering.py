@@ -36,7 +36,7 @@ from qcc import pipelines
 from qcc.errors import QccError
 
 
-ARCHS = ("sm_90", "sm_80")
+ARCHS = ("sm_90", "sm_90a", "sm_80")
 FUSE_SMALL_LAUNCHES = True  # fuse_launches.py; tests turn it off to compare plans
 
 
@@ -131,7 +131,7 @@ def compile_cuda(*, module, ctx, session, run, prog, imported, recipe, gpu_arch:
     from .fuse_launches import fuse_small_launches
     from .host_plan import HostOpError, PlanBuilder
 
-    run("select-kernels", [f"cuda-select-kernels{{split-x={ACTIVATIONS[gpu_activations]}}}"])
+    run("select-kernels", [f"cuda-select-kernels{{split-x={ACTIVATIONS[gpu_activations]} arch={gpu_arch}}}"])
     run("lower-qcc", pipelines.LOWER_QCC)
     entry_args = driver._entry_args(module, session.params)
     with ctx:

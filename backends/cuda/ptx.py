@@ -112,7 +112,17 @@ def lower_to_llvm_ir(module_text: str, index_bitwidth: int = 64) -> str:
                 if not op.name.startswith(("llvm.", "nvvm.", "builtin.module"))]
         if left:  # translating them would fail (and can take the process down)
             raise PtxError(f"ops left after lowering to NVVM: {sorted(set(left))}")
-        return _old_float_literals(llvm_d.translate_module_to_llvmir(out.operation))
+        return _extern_dynamic_smem(_old_float_literals(llvm_d.translate_module_to_llvmir(out.operation)))
+
+
+_DYN_SMEM = re.compile(r"^(@\S+ = )internal (addrspace\(3\) global \[0 x i8\]) undef", re.M)
+
+
+def _extern_dynamic_smem(text: str) -> str:
+    """gpu.dynamic_shared_memory lowers to an internal zero-length addrspace(3) global, which
+    llvmlite's NVPTX emits as a 1-byte static .shared variable; as an external one it becomes
+    PTX's ``.extern .shared .b8 name[]``, the block's dynamic shared memory."""
+    return _DYN_SMEM.sub(r"\1external \2", text)
 
 
 def _walk_ops(op):

@@ -15,7 +15,8 @@ The callee is an external declaration (`bufferization.access = "read"` on its
 arguments) carrying the kernel builder and its arguments as attributes; the host
 walker (host_plan.py) turns each call into one launch per m_max rows of x. At more than
 16 (split) rows an int4 layer with groups of a multiple of 128 calls ``gemm_w4a16``
-instead: the same parameters, packing and numerics as a GEMM.
+instead: the same parameters, packing and numerics as a GEMM (``gemm_w4a16_wg`` on Hopper's
+wgmma for ``arch=sm_90a``, its weights in the wgmma K order of pack.W4_KMAP).
 
 Numerics: these kernels are "a16": x is rounded to f16 and y is stored in f16 (fp32
 accumulation inside); with split_x (default) x enters as f16 hi + lo rows and y is fp32.
@@ -52,9 +53,10 @@ _MLIR_ELEM = {"uint32": "i32", "int32": "i32", "uint8": "i8", "int8": "i8", "flo
               "float16": "f16"}
 
 
-def plan_kernel(fmt, M: int, K: int, N: int, out_f32: bool = True):
+def plan_kernel(fmt, M: int, K: int, N: int, out_f32: bool = True, arch: str = "sm_90"):
     """(builder name, builder kwargs) of the GEMV for this format and shape, or (None, why).
-    M: rows the kernel multiplies (2 x the tokens when x is split into hi/lo halves)."""
+    M: rows the kernel multiplies (2 x the tokens when x is split into hi/lo halves); arch:
+    the GPU target (sm_90a lets prefill take wgmma)."""
     from . import kernels
 
     # rows a launch: one 8- or 16-row mma tile at decode, up to GEMV_M_MAX (several 16-row
@@ -67,11 +69,12 @@ def plan_kernel(fmt, M: int, K: int, N: int, out_f32: bool = True):
                     "out_f32": out_f32}
             kernels.gemv_w4a16(**args)
             if M > M_MAX:  # prefill: the same product and parameters as a GEMM, where it applies
-                try:
-                    kernels.gemm_w4a16(**args)
-                    return "gemm_w4a16", args
-                except kernels.KernelConstraintError:
-                    pass
+                for gemm in (["gemm_w4a16_wg"] if arch == "sm_90a" else []) + ["gemm_w4a16"]:
+                    try:
+                        getattr(kernels, gemm)(**args)
+                        return gemm, args
+                    except kernels.KernelConstraintError:
+                        pass
             return "gemv_w4a16", args
         if fmt.bits == 8 and fmt.symmetric and fmt.granularity == "channel":
             args = {"K": K, "N": N, "m_max": m_max, "out_f32": out_f32}
@@ -222,6 +225,8 @@ class CudaSelectKernels(QccPass):
         split_x: bool = True
         # stack the weights of layers that share their input (q/k/v, gate/up) into one GEMV
         fuse: bool = True
+        # the GPU target: sm_90a (Hopper's arch-specific instructions) runs prefill's w4a16 on wgmma
+        arch: str = "sm_90"
 
     def run(self, module):
         self.module = module
@@ -229,7 +234,7 @@ class CudaSelectKernels(QccPass):
         selected = self.session.options.setdefault("cuda_kernels", {})
         fallback = self.session.options.setdefault("cuda_fallback", {})
         int_layers = self.session.options.setdefault("cuda_int_layers", {})
-        split = self.options.split_x
+        split, arch = self.options.split_x, self.options.arch
         for func in irutil.functions(module):
             sig = irutil.Signature(func)
             self.seeds = {}  # Hadamard seed name -> this function's argument holding it
@@ -253,7 +258,7 @@ class CudaSelectKernels(QccPass):
                 if not self.options.enable:
                     fallback[base] = "disabled (cuda-select-kernels{enable=false})"
                     continue
-                builder, args = plan_kernel(fmt, 2 * M if split else M, K, N, out_f32=split)
+                builder, args = plan_kernel(fmt, 2 * M if split else M, K, N, out_f32=split, arch=arch)
                 if builder is None:
                     fallback[base] = args
                     continue
@@ -262,12 +267,12 @@ class CudaSelectKernels(QccPass):
                 # one GEMV over the concatenated weights (q/k/v, gate/up): fewer launches, more blocks
                 if self.options.fuse and len(members) > 1:
                     builder, args = plan_kernel(members[0][1], 2 * M if split else M, K,
-                                                sum(m[2] for m in members), out_f32=split)
+                                                sum(m[2] for m in members), out_f32=split, arch=arch)
                     if builder is not None:
                         self._rewrite(members, sig, builder, args, M, K, selected)
                         continue
                 for m in members:
-                    builder, args = plan_kernel(m[1], 2 * M if split else M, K, m[2], out_f32=split)
+                    builder, args = plan_kernel(m[1], 2 * M if split else M, K, m[2], out_f32=split, arch=arch)
                     self._rewrite([m], sig, builder, args, M, K, selected)
             for op in list(irutil.walk(func, "func.call")):
                 if ir.FlatSymbolRefAttr(op.attributes["callee"]).value.startswith("qcc_hadamard_"):
@@ -499,11 +504,11 @@ class CudaSelectKernels(QccPass):
         N = sum(Ns)
         srcs = [dict(zip(["codes", "scale", "zero"], m[3])) for m in members]
         cat = lambda role: np.concatenate([store[s[role]] for s in srcs], axis=0)  # noqa: E731
-        if builder in ("gemv_w4a16", "gemm_w4a16"):
+        if builder in ("gemv_w4a16", "gemm_w4a16", "gemm_w4a16_wg"):
             G = args["group_size"]
             scale = cat("scale").astype("float32").reshape(N, K // G)
             zero = cat("zero").view("uint8").reshape(N, K // G) if "zero" in srcs[0] else None
-            arrays = pack.pack_w4a16(cat("codes").view("uint8"), scale, zero, G)
+            arrays = pack.pack_w4a16(cat("codes").view("uint8"), scale, zero, G, order=pack.w4_order(builder))
             tag = "cuda_w4"
         else:
             arrays = pack.pack_w8a16(cat("codes").view("int8"), cat("scale"))

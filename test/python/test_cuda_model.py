@@ -228,6 +228,21 @@ def test_f16_activations():
         qcc.compile(model, inputs, target="cpu", quant="w4a16-g128", gpu_activations="f16")
 
 
+def test_sm90a_prefill_takes_wgmma():
+    """--gpu-arch sm_90a: prefill's w4a16 layers run on gemm_w4a16_wg (wgmma), their weights
+    packed in its K order; the emulated plan gives the sm_90 plan's output (gemm_w4a16, mma)
+    to f32 rounding."""
+    model, inputs, _, mma = compiled_case("block-w4a16-g128-m20")
+    c = qcc.compile(model, inputs, target="cuda", quant="w4a16-g128", gpu_arch="sm_90a")
+    assert c.manifest["cuda"]["arch"] == "sm_90a"
+    gemms = [L for L in c.manifest["cuda"]["plan"]["launches"] if L["kernel"].startswith("gemm_w4a16")]
+    assert len(gemms) == 4 and all(L["kernel"].startswith("gemm_w4a16_wg") for L in gemms)
+    assert {L["builder"] for L in c.manifest["cuda"]["layers"].values()} == {"gemm_w4a16_wg"}
+    got = emulate.run_compiled(c, *inputs)[0]
+    assert rel_err(got, emulate.run_compiled(mma, *inputs)[0]) <= 1e-6
+    assert rel_err(got, reference(model, inputs, "w4a16-g128", mma)[0]) <= 1e-5
+
+
 def test_prefill_contractions_take_shared_memory_tiles():
     """At 40 tokens the float model's linears and both attention contractions (q @ k^T with
     its fused RoPE gathers, p @ v with the softmax division) run as tile_contract; at 5
