@@ -96,11 +96,13 @@ PREFILL_VARIANTS = {
                    dict(n_warps=4, m_tiles=2, out_f32=False),
                    dict(n_warps=4, m_tiles=2, w_smem=False, x_stages=4, out_f32=False)],
     # the same on Hopper's wgmma (sm_90a): 64 columns a warpgroup, `rows` of x a block
-    "gemm_w4a16_wg": [dict(rows=64, warpgroups=2, out_f32=False), dict(rows=64, warpgroups=1, out_f32=False),
-                      dict(rows=32, warpgroups=2, out_f32=False), dict(rows=64, warpgroups=2, depth=3, out_f32=False),
-                      dict(rows=32, warpgroups=1, x_stages=4, out_f32=False),
-                      dict(rows=128, warpgroups=2, out_f32=False), dict(rows=128, warpgroups=1, out_f32=False),
-                      dict(rows=64, warpgroups=2, x_stages=4, out_f32=False)],
+    "gemm_w4a16_wg": [dict(rows=64, warpgroups=1, out_f32=False), dict(rows=64, warpgroups=2, out_f32=False),
+                      dict(rows=128, warpgroups=1, out_f32=False), dict(rows=128, warpgroups=2, out_f32=False),
+                      dict(rows=32, warpgroups=2, out_f32=False), dict(rows=64, warpgroups=1, overlap=4, out_f32=False),
+                      dict(rows=64, warpgroups=2, overlap=2, out_f32=False),
+                      dict(rows=64, warpgroups=1, overlap=2, out_f32=False),
+                      dict(rows=32, warpgroups=1, overlap=4, out_f32=False),
+                      dict(rows=32, warpgroups=2, overlap=4, out_f32=False)],
 }
 PREFILL_I8_ROWS = 128
 W4_KINDS = ("gemv_w4a16", "gemm_w4a16", "gemm_w4a16_wg")
@@ -739,7 +741,9 @@ PREFILL_QUICK = dict(vocab=512, hidden=256, layers=1, heads=4, ffn=768, max_seq=
 PREFILL_TOKENS = 128
 PREFILL_RECIPES = ("w4a16-g128", "w8a8", "w4a4-had", "float")
 # prefill artifacts compiled with other qcc.compile options: name -> (recipe, options)
-PREFILL_OPTIONS = {"w4a16-g128~f16": ("w4a16-g128", {"gpu_activations": "f16"})}
+PREFILL_OPTIONS = {"w4a16-g128~f16": ("w4a16-g128", {"gpu_activations": "f16"}),
+                   "w4a16-g128~sm90a": ("w4a16-g128", {"gpu_arch": "sm_90a"}),
+                   "w4a16-g128~f16~sm90a": ("w4a16-g128", {"gpu_activations": "f16", "gpu_arch": "sm_90a"})}
 # build --tile-sweep: the prefill artifacts of these recipes again under other tile_contract
 # settings (linalg_kernels: TILE_MIN_BLOCKS, TILE_CHUNK_LONG), run as recipes named recipe~tag
 TILE_SWEEP_RECIPES = ("w8a8", "float")
@@ -846,7 +850,7 @@ def build_models(out_dir, quick=False, arch="sm_90", tile_sweep=False):
         try:
             for k, v in settings.items():
                 setattr(linalg_kernels, k, v)
-            c = qcc.compile(model, inputs, target="cuda", quant=recipe, gpu_arch=arch, **options)
+            c = qcc.compile(model, inputs, target="cuda", quant=recipe, **({"gpu_arch": arch} | options))
         finally:
             for k, v in saved.items():
                 setattr(linalg_kernels, k, v)

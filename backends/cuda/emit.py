@@ -563,17 +563,21 @@ class MlirEmitter(Emitter):
         self._emit(f'{nm} = llvm.inline_asm has_side_effects "{text}", "{constraints}" {ops} : ({tin}) -> {st}')
         return [self._op(f"llvm.extractvalue {nm}[{k}] : {st}", t) for k, t in enumerate(results)]
 
-    def wgmma_f16(self, a: Sequence[Val], desc: Val, acc: Sequence[Val] | None, n: int) -> list[Val]:
+    def wgmma_f16(self, a: Sequence[Val], desc: Val, acc: Sequence[Val] | None, n: int,
+                  accumulate: bool | None = None) -> list[Val]:
         """wgmma.mma_async m64n{n}k16 f32 += f16 x f16 for the warpgroup: A (64 x 16) from the 4
         registers a lane holds (warp w: rows 16 w.. in mma.m16n8k16's A layout), B (16 x n,
-        K-major) from shared memory through ``desc``; ``acc`` None: D = A B (scale-d 0)."""
+        K-major) from shared memory through ``desc``. D = A B + acc; ``acc`` None, or
+        ``accumulate=False``: D = A B (scale-d 0), in acc's registers when given (results in
+        the registers they replace: no copy of an accumulator can sit between wgmmas)."""
         assert len(a) == 4 and n % 8 == 0 and 8 <= n <= 256 and (acc is None or len(acc) == n // 2)
+        accumulate = acc is not None if accumulate is None else accumulate
         h = n // 2
         regs = [self.bitcast(x, "i32") if x.type != "i32" else x for x in a]
         d = ", ".join(f"${k}" for k in range(h))
         av = ", ".join(f"${h + k}" for k in range(4))
         text = (f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.f16.f16 {{{d}}}, {{{av}}}, ${h + 4}, "
-                f"{0 if acc is None else 1}, 1, 1, 0;")
+                f"{int(accumulate)}, 1, 1, 0;")
         cons = ",".join(["=f"] * h + ["r"] * 4 + ["l"] + ([str(k) for k in range(h)] if acc is not None else []))
         return self._asm(text, cons, regs + [desc] + list(acc or []), ["f32"] * h)
 

@@ -803,7 +803,7 @@ def gemm_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
 
 def gemm_w4a16_wg(K: int, N: int, group_size: int = 128, *, zero_point: bool = True, m_max: int = 256,
                   rows: int | None = None, warpgroups: int = 1, x_stages: int | None = None, depth: int = 2,
-                  out_f32: bool = True, name: str | None = None) -> KernelSpec:
+                  overlap: int = 0, out_f32: bool = True, name: str | None = None) -> KernelSpec:
     """gemm_w4a16's product (same parameters, packed weights and fp32-exact numerics) on
     Hopper's warpgroup MMA (``wgmma.mma_async``, sm_90a only).
 
@@ -817,9 +817,13 @@ def gemm_w4a16_wg(K: int, N: int, group_size: int = 128, *, zero_point: bool = T
     weights into registers ``depth`` groups ahead. Per 128-column K tile one wgmma per k16
     step accumulates the group's exact integer-weight sums in fp32 (the first step of a
     group starts from zero), and after the wait the group scale is applied in fp32:
-    acc += scale * group sum, gemv_w4a16's ``scale_mode="acc"``.
+    acc += scale * group sum, gemv_w4a16's ``scale_mode="acc"``. ``overlap = U`` > 1 (G = 128):
+    the waits let one group stay in flight (two sets of group sums), so a tile's wgmmas run
+    while the warp dequantizes the next, U groups a loop iteration; the ring then copies
+    S - 2 tiles ahead, as the slot of the tile before may still be read.
     Constraints: K % group_size == 0, group_size % 128 == 0, N % (64 warpgroups) == 0,
-    rows % 8 == 0, 8 <= rows <= 256.
+    rows % 8 == 0, 8 <= rows <= 256; overlap: group_size == 128, K / 128 a multiple of U,
+    x_stages >= 3.
     """
     G = group_size
     BM = rows or min(128, max(8, -(-m_max // 8) * 8))
@@ -834,7 +838,11 @@ def gemm_w4a16_wg(K: int, N: int, group_size: int = 128, *, zero_point: bool = T
     x_stage = BM * XC  # 16-byte elements a slot
     fits = MAX_DYNAMIC_SMEM // (16 * x_stage)
     S = x_stages or min(4, fits)
-    _require(2 <= S <= fits, f"x_stages={S}: 2..{fits} slots of {16 * x_stage} bytes fit")
+    _require(2 + (overlap > 1) <= S <= fits, f"x_stages={S}: {2 + (overlap > 1)}..{fits} slots of {16 * x_stage} bytes fit")
+    _require(overlap in (0, 1) or (gt == 1 and GP % overlap == 0),
+             f"overlap={overlap} needs group_size == 128 and groups a multiple of it (G={G}, K={K})")
+    overlap = overlap if overlap > 1 else 0
+    ahead = S - 1 - (overlap > 1)  # K tiles the ring copies ahead of the one multiplied
     params = _common_params(K, N, m_max)
     params.append(Param("wq", f"memref<{N // 8 * KT * 32}xvector<4xi32>>", "in", "packed int4 tiles (pack_w4a16)"))
     params.append(Param("scales", f"memref<{N // 8 * GP * 4}xvector<2xf32>>", "in", "f32 [N/8, K/G, 8]"))
@@ -884,36 +892,64 @@ def gemm_w4a16_wg(K: int, N: int, group_size: int = 128, *, zero_point: bool = T
         meta = lambda q: _w4_group_meta(E, a, [tile0, tile0 + 1], q, GP, g, zero_point)  # noqa: E731
         per = 2 if zero_point else 1
 
+        def scaled(acc, sums, s0, s1):
+            return [E.fma(sums[k], s0 if k % 4 < 2 else s1, acc[k]) for k in range(H)]
+
+        def tile(c, cur, w, accg, fresh=False):
+            """K tile c's 8 wgmmas, committed as one group, on top of accg (None or fresh: from
+            zero, fresh in accg's registers)."""
+            E.cp_async_wait(ahead - 1)  # tile c landed for this thread
+            E.fence_proxy_async()  # ... and is visible to the tensor cores' reads
+            E.barrier()  # ... for every thread; the wgmmas on the slot refilled next are done
+            issue(c + ahead)
+            slot = c % S
+            W = [_w4_steps(E, w[r], _w4_zero_bias(E, cur[per * r + 1] if zero_point else None)) for r in range(2)]
+            E.wgmma_fence()
+            for s_ in range(8):
+                desc = E.smem_desc(xs, slot * x_stage + 2 * s_ * BM, lbo=16 * BM, sbo=128)
+                accg = E.wgmma_f16([W[0][s_][0], W[1][s_][0], W[0][s_][1], W[1][s_][1]], desc, accg, BM,
+                                   accumulate=None if s_ or not fresh else False)
+            E.wgmma_commit()
+            return accg
+
+        def step(q, queue):
+            """Group q + 1's metadata, group q's weights and the queue refilled depth groups ahead."""
+            return meta(E.minu(q + 1, last)), queue[:WL], queue[WL:] + load_w(E.minu(q + depth, last))
+
         def group(q, args):
-            acc, cur = args[:H], args[H:H + 2 * per]
-            queue = args[H + 2 * per:]
-            nxt = meta(E.minu(q + 1, last))
-            wnow, queue = queue[:WL], queue[WL:] + load_w(E.minu(q + depth, last))
+            acc, cur, queue = args[:H], args[H:H + 2 * per], args[H + 2 * per:]
+            nxt, wnow, queue = step(q, queue)
             accg = None
             for u in range(gt):
-                c = q * gt + u
-                E.cp_async_wait(S - 2)  # tile c landed for this thread
-                E.fence_proxy_async()  # ... and is visible to the tensor cores' reads
-                E.barrier()  # ... for every thread; every group's wgmmas on slot c - 1 are done
-                issue(c + (S - 1))
-                slot = c % S
-                W = [_w4_steps(E, wnow[u * 2 + r], _w4_zero_bias(E, cur[per * r + 1] if zero_point else None))
-                     for r in range(2)]
-                E.wgmma_fence()
-                for s_ in range(8):
-                    desc = E.smem_desc(xs, slot * x_stage + 2 * s_ * BM, lbo=16 * BM, sbo=128)
-                    accg = E.wgmma_f16([W[0][s_][0], W[1][s_][0], W[0][s_][1], W[1][s_][1]], desc, accg, BM)
-                E.wgmma_commit()
+                accg = tile(q * gt + u, cur, wnow[2 * u:2 * u + 2], accg)
                 accg = E.wgmma_wait(0, accg)  # before the next tile's cp.async reuses a slot
-            s0, s1 = cur[0], cur[per]
-            acc = [E.fma(accg[k], s0 if k % 4 < 2 else s1, acc[k]) for k in range(H)]
-            return acc + nxt + queue
+            return scaled(acc, accg, cur[0], cur[per]) + nxt + queue
 
-        for c in range(S - 1):
+        def run(i, args):
+            """(overlap = U) groups U i .. U i + U - 1, their sums alternating between two register
+            sets: a group's sums are scaled in once at most the next group is in flight, and a
+            group's first wgmma writes the set scaled in last (scale-d 0, tied). The last group
+            is waited for in the iteration: sums in flight never cross the loop's back edge,
+            where copies of them would make ptxas serialize the wgmmas."""
+            acc, cur, queue = args[:H], args[H:H + 2 * per], args[H + 2 * per:]
+            free, prev = [None, None], None
+            for h in range(overlap):
+                nxt, wnow, queue = step(i * overlap + h, queue)
+                sums = tile(i * overlap + h, cur, wnow, free[h % 2], fresh=True)
+                if prev is not None:
+                    free[1 - h % 2] = E.wgmma_wait(1, prev[0])
+                    acc = scaled(acc, free[1 - h % 2], *prev[1])
+                prev, cur = (sums, (cur[0], cur[per])), nxt
+            return scaled(acc, E.wgmma_wait(0, prev[0]), *prev[1]) + cur + queue
+
+        for c in range(ahead):
             issue(E.const(c, "index"))
         meta0 = meta(E.const(0, "index"))
         queue0 = [v for d in range(depth) for v in load_w(E.const(min(d, GP - 1), "index"))]
-        res = E.for_(0, GP, 1, [zero] * H + meta0 + queue0, group)
+        if overlap:
+            res = E.for_(0, GP // overlap, 1, [zero] * H + meta0 + queue0, run)
+        else:
+            res = E.for_(0, GP, 1, [zero] * H + meta0 + queue0, group)
         for k in range(H):  # D: column g of tile 0 (k % 4 < 2) or 1 x rows 8 j + 2 t, + 1
             j, e = divmod(k, 4)
             v = res[k] if out_f32 else E.cast("truncf", res[k], "f16")
@@ -922,10 +958,11 @@ def gemm_w4a16_wg(K: int, N: int, group_size: int = 128, *, zero_point: bool = T
             E.if_(E.cmp("ult", row, M), lambda v=v, row=row, col=col: E.store(v, a["y"], row * N + col))
 
     nm = name or (f"gemm_w4a16_wg_g{G}{'' if zero_point else 's'}_k{K}_n{N}_m{m_max}_r{BM}w{warpgroups}x{S}d{depth}"
+                  f"{f'o{overlap}' if overlap > 1 else ''}"
                   f"{'_o32' if out_f32 else ''}")
     cfg = {"kind": "gemm_w4a16_wg", "K": K, "N": N, "group_size": G, "zero_point": zero_point,
            "scale_mode": "acc", "m_max": m_max, "rows": BM, "warpgroups": warpgroups, "x_stages": S,
-           "depth": depth, "out_f32": out_f32, "weight_bytes": N * K // 2, "arch": "sm_90a",
+           "depth": depth, "overlap": overlap, "out_f32": out_f32, "weight_bytes": N * K // 2, "arch": "sm_90a",
            "meta_bytes": N * GP * (4 + (1 if zero_point else 0))}
     return KernelSpec(nm, params, (threads, 1, 1), (N // BN, row_blocks, 1), body, smem, cfg,
                       doc=gemm_w4a16_wg.__doc__.split("\n")[0],

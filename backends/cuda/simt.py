@@ -410,7 +410,7 @@ class SimtEmulator(Emitter):
         d = ((addr & 0x3FFFF) >> 4) | ((lbo >> 4) << 16) | ((sbo >> 4) << 32)
         return self._v(d.astype(np.uint64), "i64")
 
-    def wgmma_f16(self, a, desc, acc, n):
+    def wgmma_f16(self, a, desc, acc, n, accumulate=None):
         self._check_active_all("wgmma.mma_async", 128)
         G = self.T // 128
         d = desc.v.astype(np.int64).reshape(G, 128)
@@ -448,7 +448,7 @@ class SimtEmulator(Emitter):
             for r, c in ((0, 0), (0, 1), (8, 0), (8, 1)):
                 v = D[:, 16 * wi + g + r, 8 * j + 2 * t + c]  # [G, 4, 32]
                 out.append(v.reshape(self.T))
-        if acc is not None:
+        if acc is not None and accumulate is not False:
             out = [o + x.v.astype(np.float64) for o, x in zip(out, acc)]
         return [self._v(o.astype(np.float32), "f32") for o in out]
 

@@ -181,7 +181,9 @@ def test_gemm_w4a16_emulated(K, N, G, M, zp, cfg):
     (512, 128, 128, 40, False, dict(m_max=64, rows=24, warpgroups=2, depth=3)),  # two row blocks, symmetric
     (512, 64, 256, 9, True, dict(m_max=64, rows=8, x_stages=3, out_f32=False)),  # 2 K tiles a group, f16 y
     (256, 64, 128, 17, True, dict(m_max=128, rows=16)),  # row blocks wholly past M skip
-    (256, 64, 128, 70, True, dict(m_max=128, rows=128))])  # a 128 KB ring: dynamic shared memory
+    (256, 64, 128, 70, True, dict(m_max=128, rows=128)),  # a 128 KB ring: dynamic shared memory
+    (512, 128, 128, 30, False, dict(m_max=32, rows=32, warpgroups=2, x_stages=3, overlap=2)),
+    (512, 64, 128, 21, True, dict(m_max=64, rows=24, overlap=4))])  # groups alternate between 2 sum registers
 def test_gemm_w4a16_wg_emulated(K, N, G, M, zp, cfg):
     """gemm_w4a16_wg (wgmma, B = x through descriptors of the non-swizzled K-major layout)
     gives gemm_w4a16's results on the same packed weights: vs float64 numpy on the dequantized
