@@ -1,4 +1,4 @@
-"""Launch one w4a16 kernel (gemv_w4a16 / gemm_w4a16) of a device bundle 5 times at M rows of
+"""Launch one w4a16 kernel (gemv_w4a16 / gemm_w4a16 / gemm_w4a16_wg) of a device bundle 5 times at M rows of
 random data, nothing else: the program to put under Nsight Compute on the device, e.g.
 
     ncu --launch-skip 3 --launch-count 1 --section WarpStateStats --section SchedulerStats \
@@ -16,7 +16,7 @@ name, M = sys.argv[1], int(sys.argv[2])
 rt = runtime.Runtime(); mod = runtime.load_bundle(".cuda_build", rt)
 c = mod.kernels[name]["config"]; K, N = c["K"], c["N"]
 rng = np.random.default_rng(0)
-P = pack.pack_w4a16(*cdr.w4_data(rng, K, N), 128)
+P = pack.pack_w4a16(*cdr.w4_data(rng, K, N), 128, order=pack.w4_order(c["kind"]))
 w = {k: torch.from_numpy(np.ascontiguousarray(v)).cuda() for k, v in P.items()}
 x = torch.randn(M, K, dtype=torch.float16, device="cuda")
 y = torch.empty(M, N, dtype=torch.float32 if c.get("out_f32") else torch.float16, device="cuda")

@@ -685,6 +685,29 @@ def test_ptxas_no_spills(gpu_ir, arch):
         assert r.shared == s.smem_bytes()
 
 
+@pytest.mark.parametrize("cfg", [dict(rows=64, warpgroups=2, x_stages=3),  # 48 KB: static shared memory
+                                 dict(rows=128), dict(rows=64, overlap=4)])  # 128, 64 KB rings: dynamic
+def test_gemm_w4a16_wg_ptx(cfg):
+    """gemm_w4a16_wg for sm_90a: wgmma with A from registers and B through descriptors, the
+    x ring filled by cp.async (as dynamic shared memory past 48 KB); ptxas (when present)
+    assembles it without spills and without serializing the wgmmas (warning C7514)."""
+    from qcc.backends.cuda import ptx
+
+    spec = kernels.gemm_w4a16_wg(2048, 6144, m_max=256, **cfg)
+    p = ptx.compile_ptx(emit.gpu_module([spec]), arch="sm_90a")
+    assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k16\.f32\.f16\.f16 \{", p)
+    assert "cp.async.cg.shared.global" in p and "fence.proxy.async.shared::cta" in p
+    assert p.count("wgmma.commit_group") >= 1 and "wgmma.wait_group.sync.aligned" in p
+    assert spec.smem_dynamic == ("x_stages" not in cfg)
+    assert (".extern .shared" in p) == spec.smem_dynamic
+    if ptx.ptxas_path() is None:
+        return
+    cb = ptx.assemble(p, "sm_90a")
+    r = cb.resources[spec.name]
+    assert r.spill_stores == r.spill_loads == r.stack == 0 and r.registers <= 255, r
+    assert "C7514" not in cb.log and "serialized" not in cb.log, cb.log
+
+
 def test_ptxas_failure_has_log_and_repro():
     from qcc.backends.cuda import ptx
 
