@@ -121,7 +121,7 @@ def compile(model, example_inputs=None, *, target: str = "cpu", quant: str | Non
     run("torch-backend", pipelines.IMPORT)
     run("quantize", pipelines.recipe_stage(recipe))
     run("torch-to-linalg", pipelines.TORCH_TO_LINALG)
-    if target == "cuda":  # gpu_arch: sm_90 (default) or sm_80
+    if target == "cuda":  # gpu_arch: sm_90 (default), sm_90a (Hopper only: wgmma) or sm_80
         from qcc.backends.cuda.lowering import compile_cuda
 
         return compile_cuda(module=module, ctx=ctx, session=session, run=run, prog=prog, imported=imported,

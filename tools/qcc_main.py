@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="compile a .pt2 ExportedProgram into a .qcc artifact")
     c.add_argument("model", help="model file: a .pt2 written by torch.export.save")
     c.add_argument("--target", default="cpu", help="cpu (default) or cuda")
-    c.add_argument("--gpu-arch", default="sm_90", help="cuda target: sm_90 (default, H100/H200) or sm_80 (A100)")
+    c.add_argument("--gpu-arch", default="sm_90", help="cuda target: sm_90 (default, H100/H200), sm_90a (H100/H200 only: prefill on wgmma) or sm_80 (A100)")
     c.add_argument("--gpu-activations", default="fp32", choices=("fp32", "f16"),
                    help="cuda target, weight-only layers: fp32 (default; x enters the tensor cores as f16 "
                         "hi + lo halves, results as accurate as an fp32 matmul) or f16 (x and y rounded to "
