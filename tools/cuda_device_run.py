@@ -96,13 +96,10 @@ PREFILL_VARIANTS = {
                    dict(n_warps=4, m_tiles=2, out_f32=False),
                    dict(n_warps=4, m_tiles=2, w_smem=False, x_stages=4, out_f32=False)],
     # the same on Hopper's wgmma (sm_90a): 64 columns a warpgroup, `rows` of x a block
-    "gemm_w4a16_wg": [dict(rows=64, warpgroups=1, out_f32=False), dict(rows=64, warpgroups=2, out_f32=False),
-                      dict(rows=128, warpgroups=1, out_f32=False), dict(rows=128, warpgroups=2, out_f32=False),
-                      dict(rows=32, warpgroups=2, out_f32=False), dict(rows=64, warpgroups=1, overlap=4, out_f32=False),
-                      dict(rows=64, warpgroups=2, overlap=2, out_f32=False),
-                      dict(rows=64, warpgroups=1, overlap=2, out_f32=False),
-                      dict(rows=32, warpgroups=1, overlap=4, out_f32=False),
-                      dict(rows=32, warpgroups=2, overlap=4, out_f32=False)],
+    "gemm_w4a16_wg": [dict(rows=r, warpgroups=w, overlap=o, x_stages=xs, out_f32=False)
+                      for r, w, o, xs in ((64, 1, 0, None), (64, 1, 0, 3), (64, 2, 0, None), (64, 1, 2, None),
+                                          (64, 1, 4, None), (64, 2, 2, None), (128, 1, 0, None), (128, 2, 0, None),
+                                          (32, 1, 4, None), (32, 2, 4, None), (32, 2, 0, None))],
 }
 PREFILL_I8_ROWS = 128
 W4_KINDS = ("gemv_w4a16", "gemm_w4a16", "gemm_w4a16_wg")
@@ -232,7 +229,7 @@ def _cfg_str(c):
     if c["kind"] == "gemm_w4a16":
         return f"nt{c['n_tiles']} nw{c['n_warps']} mt{c['m_tiles']} x-ring {c['x_stages']} m<={c['m_max']}"
     if c["kind"] == "gemm_w4a16_wg":
-        return f"wgmma rows{c['rows']} wg{c['warpgroups']} x-ring {c['x_stages']} d{c['depth']} m<={c['m_max']}"
+        return f"wgmma rows{c['rows']} wg{c['warpgroups']} x-ring {c['x_stages']} overlap{c['overlap']} m<={c['m_max']}"
     if c["kind"] == "gemm_i8":
         return (f"nt{c['n_tiles']} nw{c['n_warps']} mt{c['m_tiles']} u{c['unroll']} d{c['depth']} "
                 f"x-ring {c['x_stages']} m<={c['m_max']}")
@@ -994,10 +991,10 @@ def _fill_bench_weights(manifest, weights, model, pack):
         members.sort(key=lambda m: m[0][0])
         info = members[0][2]
         W = np.concatenate([sd[base] for _, base, _ in members], axis=0)
-        if info["builder"] in ("gemv_w4a16", "gemm_w4a16"):
+        if info["builder"] in W4_KINDS:
             G = info["args"]["group_size"]
             packed, s, z = pack.quantize_w4(W, G, symmetric=not info["args"]["zero_point"])
-            arrays = pack.pack_w4a16(packed, s, z, G)
+            arrays = pack.pack_w4a16(packed, s, z, G, order=pack.w4_order(info["builder"]))
         else:
             q, s = pack.quantize_w8(W)
             arrays = pack.pack_w8a16(q, s)

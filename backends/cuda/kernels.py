@@ -802,7 +802,7 @@ def gemm_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
 
 
 def gemm_w4a16_wg(K: int, N: int, group_size: int = 128, *, zero_point: bool = True, m_max: int = 256,
-                  rows: int | None = None, warpgroups: int = 1, x_stages: int | None = None, depth: int = 2,
+                  rows: int | None = None, warpgroups: int = 1, x_stages: int | None = None,
                   overlap: int = 0, out_f32: bool = True, name: str | None = None) -> KernelSpec:
     """gemm_w4a16's product (same parameters, packed weights and fp32-exact numerics) on
     Hopper's warpgroup MMA (``wgmma.mma_async``, sm_90a only).
@@ -810,17 +810,17 @@ def gemm_w4a16_wg(K: int, N: int, group_size: int = 128, *, zero_point: bool = T
     A block is ``warpgroups`` groups of 4 warps; each group owns 64 output columns (a warp
     the pair of weight tiles it dequantizes, exactly as in gemm_w4a16: the two tiles are the
     16 rows of the warp's share of wgmma's A, straight from registers) and all the block's
-    ``rows`` rows of x (wgmma's N, B in shared memory). x reaches shared memory by cp.async
-    through a ring of ``x_stages`` K tiles, laid out as wgmma's non-swizzled K-major core
-    matrices (chunk kc of row r at kc * rows + r: 8 rows x 16 bytes a core matrix, the
-    next 8 rows 128 bytes on, the next 8 K values 16 * rows bytes on); each lane loads its
-    weights into registers ``depth`` groups ahead. Per 128-column K tile one wgmma per k16
-    step accumulates the group's exact integer-weight sums in fp32 (the first step of a
-    group starts from zero), and after the wait the group scale is applied in fp32:
-    acc += scale * group sum, gemv_w4a16's ``scale_mode="acc"``. ``overlap = U`` > 1 (G = 128):
-    the waits let one group stay in flight (two sets of group sums), so a tile's wgmmas run
-    while the warp dequantizes the next, U groups a loop iteration; the ring then copies
-    S - 2 tiles ahead, as the slot of the tile before may still be read.
+    ``rows`` rows of x (wgmma's N, B in shared memory). Per 128-column K tile, x, the weight
+    tiles and their group scales and zeros reach shared memory by cp.async through a ring of
+    ``x_stages`` slots; x is laid out as wgmma's non-swizzled K-major core matrices (chunk kc
+    of row r at kc * rows + r: 8 rows x 16 bytes a core matrix, the next 8 rows 128 bytes on,
+    the next 8 K values 16 * rows bytes on). One wgmma per k16 step accumulates a group's
+    exact integer-weight sums in fp32 (the first step of a group starts from zero), and after
+    the wait the group scale is applied in fp32: acc += scale * group sum, gemv_w4a16's
+    ``scale_mode="acc"``. ``overlap = U`` > 1 (G = 128): the waits let one group stay in
+    flight (two sets of group sums), so a tile's wgmmas run while the warp dequantizes the
+    next, U groups a loop iteration; the ring then copies S - 2 tiles ahead, as the slot of
+    the tile before may still be read.
     Constraints: K % group_size == 0, group_size % 128 == 0, N % (64 warpgroups) == 0,
     rows % 8 == 0, 8 <= rows <= 256; overlap: group_size == 128, K / 128 a multiple of U,
     x_stages >= 3.
@@ -834,11 +834,13 @@ def gemm_w4a16_wg(K: int, N: int, group_size: int = 128, *, zero_point: bool = T
     _require(N % BN == 0, f"N={N} must be a multiple of 64 * warpgroups = {BN}")
     row_blocks = -(-m_max // BM)
     gt, KT, GP, XC = G // 128, K // 128, K // G, 16
-    threads = 128 * warpgroups
-    x_stage = BM * XC  # 16-byte elements a slot
-    fits = MAX_DYNAMIC_SMEM // (16 * x_stage)
+    threads, TB = 128 * warpgroups, 8 * warpgroups  # threads, weight tiles a block
+    # 16-byte elements a slot: x rows, weight tiles; 8-byte scale pairs; zero words
+    x_stage, w_stage, s_stage, z_stage = BM * XC, TB * 32, TB * 4, TB * 2 if zero_point else 0
+    slot_bytes = 16 * (x_stage + w_stage) + 8 * s_stage + 4 * z_stage
+    fits = MAX_DYNAMIC_SMEM // (slot_bytes + 512)  # each buffer rounds up to 128 bytes
     S = x_stages or min(4, fits)
-    _require(2 + (overlap > 1) <= S <= fits, f"x_stages={S}: {2 + (overlap > 1)}..{fits} slots of {16 * x_stage} bytes fit")
+    _require(2 + (overlap > 1) <= S <= fits, f"x_stages={S}: {2 + (overlap > 1)}..{fits} slots of {slot_bytes} bytes fit")
     _require(overlap in (0, 1) or (gt == 1 and GP % overlap == 0),
              f"overlap={overlap} needs group_size == 128 and groups a multiple of it (G={G}, K={K})")
     overlap = overlap if overlap > 1 else 0
@@ -851,8 +853,8 @@ def gemm_w4a16_wg(K: int, N: int, group_size: int = 128, *, zero_point: bool = T
     yt = "f32" if out_f32 else "f16"
     params.append(Param("y", f"memref<{m_max * N}x{yt}>", "out", f"{yt} [M, {N}]", rows=("M", m_max)))
     params.append(_m_param(m_max))
-    smem = [("xs", "vector<8xf16>", S * x_stage)]
-    WL = 2 * gt  # weight chunks a lane uses a group
+    smem = [("xs", "vector<8xf16>", S * x_stage), ("ws", "vector<4xi32>", S * w_stage),
+            ("ss", "vector<2xf32>", S * s_stage)] + ([("zs", "i32", S * z_stage)] if zero_point else [])
     H = BM // 2  # accumulator registers a thread (wgmma m64 x n BM over 128 threads)
 
     def body(E, a):
@@ -867,35 +869,54 @@ def gemm_w4a16_wg(K: int, N: int, group_size: int = 128, *, zero_point: bool = T
             block(E, a, tid, lane, warp, g, t, M, row0)
 
     def block(E, a, tid, lane, warp, g, t, M, row0):
-        tile0 = E.bid("x") * (8 * warpgroups) + warp * 2  # the warp's two weight tiles
-        xs = a["xs"]
+        tb0 = E.bid("x") * TB  # the block's first weight tile; the warp's are 2 warp, + 1 of the block's
+        xs, ws, ss, zs = a["xs"], a["ws"], a["ss"], a.get("zs")
         zero = E.const(0.0, "f32")
-        last = E.const(GP - 1, "index")
-
-        def load_w(q):
-            return [E.load_hint(a["wq"], ((tile0 + r) * KT + q * gt + u) * 32 + lane, "L1::no_allocate")
-                    for u in range(gt) for r in range(2)]
 
         def issue(c):
-            """cp.async K tile c's x rows into slot c % S (nothing past the end): a thread pair
-            copies one row's 32 contiguous bytes."""
+            """cp.async K tile c into slot c % S (nothing past the end): x (a thread pair copies
+            one row's 32 contiguous bytes), every weight tile's 512 bytes, group c // gt's
+            scales and zeros of the block's tiles."""
             slot = c % S
 
-            def one(it):
+            def x_one(it):
                 kc, r = (it // (2 * BM)) * 2 + it % 2, (it // 2) % BM
                 rr = row0 + r  # rows past M read rows < M (distinct addresses: no same-address pileup)
                 src = E.select(E.cmp("ult", rr, M), rr, rr % M) * (K // 8) + c * XC + kc
                 E.cp_async(xs, slot * x_stage + kc * BM + r, a["x"], src)
-            E.if_(E.cmp("ult", c, E.const(KT, "index")), lambda: _spread(E, tid, threads, x_stage, one))
+
+            def w_one(it):
+                E.cp_async(ws, slot * w_stage + it, a["wq"], ((tb0 + it // 32) * KT + c) * 32 + it % 32)
+
+            def s_one(it):
+                E.cp_async(ss, slot * s_stage + it, a["scales"], ((tb0 + it // 4) * GP + c // gt) * 4 + it % 4)
+
+            def z_one(it):
+                E.cp_async(zs, slot * z_stage + it, a["zeros"], ((tb0 + it // 2) * GP + c // gt) * 2 + it % 2)
+
+            def copies():
+                _spread(E, tid, threads, x_stage, x_one)
+                _spread(E, tid, threads, w_stage, w_one)
+                _spread(E, tid, threads, s_stage, s_one)
+                if zero_point:
+                    _spread(E, tid, threads, z_stage, z_one)
+            E.if_(E.cmp("ult", c, E.const(KT, "index")), copies)
             E.cp_async_commit()
 
-        meta = lambda q: _w4_group_meta(E, a, [tile0, tile0 + 1], q, GP, g, zero_point)  # noqa: E731
-        per = 2 if zero_point else 1
+        odd = E.cmp("ne", g % 2, E.const(0, "index"))
 
-        def scaled(acc, sums, s0, s1):
-            return [E.fma(sums[k], s0 if k % 4 < 2 else s1, acc[k]) for k in range(H)]
+        def scales(slot):
+            """The f32 scales of row g of the warp's two tiles, from the slot."""
+            out = []
+            for r in range(2):
+                sc = E.load(ss, slot * s_stage + (warp * 2 + r) * 4 + g // 2)
+                out.append(E.select(odd, E.extract(sc, 1), E.extract(sc, 0)))
+            return out
 
-        def tile(c, cur, w, accg, fresh=False):
+        def scaled(acc, sums, sc):
+            return [E.fma(sums[k], sc[0] if k % 4 < 2 else sc[1], acc[k]) for k in range(H)]
+
+        def tile(c, accg, fresh=False):
             """K tile c's 8 wgmmas, committed as one group, on top of accg (None or fresh: from
             zero, fresh in accg's registers)."""
             E.cp_async_wait(ahead - 1)  # tile c landed for this thread
@@ -903,53 +924,46 @@ def gemm_w4a16_wg(K: int, N: int, group_size: int = 128, *, zero_point: bool = T
             E.barrier()  # ... for every thread; the wgmmas on the slot refilled next are done
             issue(c + ahead)
             slot = c % S
-            W = [_w4_steps(E, w[r], _w4_zero_bias(E, cur[per * r + 1] if zero_point else None)) for r in range(2)]
+            W = [_w4_steps(E, E.load(ws, slot * w_stage + (warp * 2 + r) * 32 + lane),
+                           _w4_zero_bias(E, E.load(zs, slot * z_stage + (warp * 2 + r) * 2 + g // 4)
+                                         if zero_point else None)) for r in range(2)]
             E.wgmma_fence()
             for s_ in range(8):
                 desc = E.smem_desc(xs, slot * x_stage + 2 * s_ * BM, lbo=16 * BM, sbo=128)
                 accg = E.wgmma_f16([W[0][s_][0], W[1][s_][0], W[0][s_][1], W[1][s_][1]], desc, accg, BM,
                                    accumulate=None if s_ or not fresh else False)
             E.wgmma_commit()
-            return accg
-
-        def step(q, queue):
-            """Group q + 1's metadata, group q's weights and the queue refilled depth groups ahead."""
-            return meta(E.minu(q + 1, last)), queue[:WL], queue[WL:] + load_w(E.minu(q + depth, last))
+            return accg, scales(slot)
 
         def group(q, args):
-            acc, cur, queue = args[:H], args[H:H + 2 * per], args[H + 2 * per:]
-            nxt, wnow, queue = step(q, queue)
             accg = None
             for u in range(gt):
-                accg = tile(q * gt + u, cur, wnow[2 * u:2 * u + 2], accg)
+                accg, sc = tile(q * gt + u, accg)
                 accg = E.wgmma_wait(0, accg)  # before the next tile's cp.async reuses a slot
-            return scaled(acc, accg, cur[0], cur[per]) + nxt + queue
+            return scaled(args, accg, sc)
 
-        def run(i, args):
+        def run(i, acc):
             """(overlap = U) groups U i .. U i + U - 1, their sums alternating between two register
             sets: a group's sums are scaled in once at most the next group is in flight, and a
             group's first wgmma writes the set scaled in last (scale-d 0, tied). The last group
             is waited for in the iteration: sums in flight never cross the loop's back edge,
             where copies of them would make ptxas serialize the wgmmas."""
-            acc, cur, queue = args[:H], args[H:H + 2 * per], args[H + 2 * per:]
             free, prev = [None, None], None
             for h in range(overlap):
-                nxt, wnow, queue = step(i * overlap + h, queue)
-                sums = tile(i * overlap + h, cur, wnow, free[h % 2], fresh=True)
+                sums, sc = tile(i * overlap + h, free[h % 2], fresh=True)
                 if prev is not None:
                     free[1 - h % 2] = E.wgmma_wait(1, prev[0])
-                    acc = scaled(acc, free[1 - h % 2], *prev[1])
-                prev, cur = (sums, (cur[0], cur[per])), nxt
-            return scaled(acc, E.wgmma_wait(0, prev[0]), *prev[1]) + cur + queue
+                    acc = scaled(acc, free[1 - h % 2], prev[1])
+                prev = (sums, sc)
+            return scaled(acc, E.wgmma_wait(0, prev[0]), prev[1])
 
         for c in range(ahead):
             issue(E.const(c, "index"))
-        meta0 = meta(E.const(0, "index"))
-        queue0 = [v for d in range(depth) for v in load_w(E.const(min(d, GP - 1), "index"))]
         if overlap:
-            res = E.for_(0, GP // overlap, 1, [zero] * H + meta0 + queue0, run)
+            res = E.for_(0, GP // overlap, 1, [zero] * H, run)
         else:
-            res = E.for_(0, GP, 1, [zero] * H + meta0 + queue0, group)
+            res = E.for_(0, GP, 1, [zero] * H, group)
+        tile0 = tb0 + warp * 2
         for k in range(H):  # D: column g of tile 0 (k % 4 < 2) or 1 x rows 8 j + 2 t, + 1
             j, e = divmod(k, 4)
             v = res[k] if out_f32 else E.cast("truncf", res[k], "f16")
@@ -957,16 +971,17 @@ def gemm_w4a16_wg(K: int, N: int, group_size: int = 128, *, zero_point: bool = T
             col = (tile0 + e // 2) * 8 + g
             E.if_(E.cmp("ult", row, M), lambda v=v, row=row, col=col: E.store(v, a["y"], row * N + col))
 
-    nm = name or (f"gemm_w4a16_wg_g{G}{'' if zero_point else 's'}_k{K}_n{N}_m{m_max}_r{BM}w{warpgroups}x{S}d{depth}"
+    nm = name or (f"gemm_w4a16_wg_g{G}{'' if zero_point else 's'}_k{K}_n{N}_m{m_max}_r{BM}w{warpgroups}x{S}"
                   f"{f'o{overlap}' if overlap > 1 else ''}"
                   f"{'_o32' if out_f32 else ''}")
     cfg = {"kind": "gemm_w4a16_wg", "K": K, "N": N, "group_size": G, "zero_point": zero_point,
            "scale_mode": "acc", "m_max": m_max, "rows": BM, "warpgroups": warpgroups, "x_stages": S,
-           "depth": depth, "overlap": overlap, "out_f32": out_f32, "weight_bytes": N * K // 2, "arch": "sm_90a",
+           "overlap": overlap, "out_f32": out_f32, "weight_bytes": N * K // 2, "arch": "sm_90a",
            "meta_bytes": N * GP * (4 + (1 if zero_point else 0))}
-    return KernelSpec(nm, params, (threads, 1, 1), (N // BN, row_blocks, 1), body, smem, cfg,
-                      doc=gemm_w4a16_wg.__doc__.split("\n")[0],
-                      smem_dynamic=16 * S * x_stage > MAX_STATIC_SMEM)
+    spec = KernelSpec(nm, params, (threads, 1, 1), (N // BN, row_blocks, 1), body, smem, cfg,
+                      doc=gemm_w4a16_wg.__doc__.split("\n")[0])
+    spec.smem_dynamic = spec.smem_bytes() > MAX_STATIC_SMEM
+    return spec
 
 
 # --------------------------------------------------------------------------- w8a16

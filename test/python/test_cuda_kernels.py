@@ -178,7 +178,7 @@ def test_gemm_w4a16_emulated(K, N, G, M, zp, cfg):
 
 @pytest.mark.parametrize("K,N,G,M,zp,cfg", [
     (256, 64, 128, 20, True, dict(m_max=32, rows=16)),  # row tail in the block, 2-slot ring
-    (512, 128, 128, 40, False, dict(m_max=64, rows=24, warpgroups=2, depth=3)),  # two row blocks, symmetric
+    (512, 128, 128, 40, False, dict(m_max=64, rows=24, warpgroups=2)),  # two row blocks, symmetric
     (512, 64, 256, 9, True, dict(m_max=64, rows=8, x_stages=3, out_f32=False)),  # 2 K tiles a group, f16 y
     (256, 64, 128, 17, True, dict(m_max=128, rows=16)),  # row blocks wholly past M skip
     (256, 64, 128, 70, True, dict(m_max=128, rows=128)),  # a 128 KB ring: dynamic shared memory
@@ -685,7 +685,7 @@ def test_ptxas_no_spills(gpu_ir, arch):
         assert r.shared == s.smem_bytes()
 
 
-@pytest.mark.parametrize("cfg", [dict(rows=64, warpgroups=2, x_stages=3),  # 48 KB: static shared memory
+@pytest.mark.parametrize("cfg", [dict(rows=32, x_stages=3),  # 37 KB: static shared memory
                                  dict(rows=128), dict(rows=64, overlap=4)])  # 128, 64 KB rings: dynamic
 def test_gemm_w4a16_wg_ptx(cfg):
     """gemm_w4a16_wg for sm_90a: wgmma with A from registers and B through descriptors, the
