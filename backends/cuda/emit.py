@@ -190,7 +190,7 @@ class KernelSpec:
 
     def smem_bytes(self) -> int:
         if self.smem_dynamic:
-            return sum(self.smem_offsets()[1:])
+            return self.smem_offsets()[-1]
         return sum(n * bitwidth(t) // 8 for _, t, n in self.smem)
 
     def smem_offsets(self) -> list[int]:
