@@ -640,6 +640,35 @@ def _w4_group_meta(E, a, tiles, q, GP, g, zero_point):
     return out
 
 
+def _w4_gemm_params(K, N, m_max, GP, zero_point, out_f32):
+    """The parameters of the w4a16 GEMMs: gemv_w4a16's (``scale_mode="acc"``)."""
+    params = _common_params(K, N, m_max)
+    params.append(Param("wq", f"memref<{N // 8 * (K // 128) * 32}xvector<4xi32>>", "in", "packed int4 tiles (pack_w4a16)"))
+    params.append(Param("scales", f"memref<{N // 8 * GP * 4}xvector<2xf32>>", "in", "f32 [N/8, K/G, 8]"))
+    if zero_point:
+        params.append(Param("zeros", f"memref<{N // 8 * GP * 2}xi32>", "in", "u8 [N/8, K/G, 8] (read as 32-bit words)"))
+    yt = "f32" if out_f32 else "f16"
+    params.append(Param("y", f"memref<{m_max * N}x{yt}>", "out", f"{yt} [M, {N}]", rows=("M", m_max)))
+    params.append(_m_param(m_max))
+    return params
+
+
+def _row_blocks_body(BM, row_blocks, block):
+    """A kernel body whose blocks along grid y own BM rows of x each: block(E, a, tid, lane,
+    warp, g, t, M, row0), skipped by blocks wholly past M (fewer rows than m_max)."""
+    def body(E, a):
+        tid = E.tid()
+        lane, warp = tid % 32, tid // 32
+        g, t = lane // 4, lane % 4
+        M = E.idx(a["M"])
+        row0 = E.bid("y") * BM if row_blocks > 1 else E.const(0, "index")
+        if row_blocks > 1:
+            E.if_(E.cmp("ult", row0, M), lambda: block(E, a, tid, lane, warp, g, t, M, row0))
+        else:
+            block(E, a, tid, lane, warp, g, t, M, row0)
+    return body
+
+
 def gemm_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True, m_max: int = 256,
                n_tiles: int | None = None, n_warps: int | None = None, m_tiles: int | None = None,
                x_stages: int | None = None, w_smem: bool | None = None, depth: int = 2, out_f32: bool = True,
@@ -689,27 +718,9 @@ def gemm_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
     _require(2 <= S <= fits, f"x_stages={S}: 2..{fits} slots of {16 * (x_stage + w_stage)} bytes fit")
     NA = mt * n_tiles
     RT = 2 * mt  # 8-row tiles of x a block
-    params = _common_params(K, N, m_max)
-    params.append(Param("wq", f"memref<{N // 8 * KT * 32}xvector<4xi32>>", "in", "packed int4 tiles (pack_w4a16)"))
-    params.append(Param("scales", f"memref<{N // 8 * GP * 4}xvector<2xf32>>", "in", "f32 [N/8, K/G, 8]"))
-    if zero_point:
-        params.append(Param("zeros", f"memref<{N // 8 * GP * 2}xi32>", "in", "u8 [N/8, K/G, 8] (read as 32-bit words)"))
-    yt = "f32" if out_f32 else "f16"
-    params.append(Param("y", f"memref<{m_max * N}x{yt}>", "out", f"{yt} [M, {N}]", rows=("M", m_max)))
-    params.append(_m_param(m_max))
+    params = _w4_gemm_params(K, N, m_max, GP, zero_point, out_f32)
     smem = [("xs", "vector<8xf16>", S * x_stage)] + ([("ws", "vector<4xi32>", S * w_stage)] if w_smem else [])
     WL = gt * n_tiles  # weight chunks a lane uses a group
-
-    def body(E, a):
-        tid = E.tid()
-        lane, warp = tid % 32, tid // 32
-        g, t = lane // 4, lane % 4
-        M = E.idx(a["M"])
-        row0 = E.bid("y") * BM if row_blocks > 1 else E.const(0, "index")
-        if row_blocks > 1:  # blocks wholly past M (fewer rows than m_max) have nothing to do
-            E.if_(E.cmp("ult", row0, M), lambda: block(E, a, tid, lane, warp, g, t, M, row0))
-        else:
-            block(E, a, tid, lane, warp, g, t, M, row0)
 
     def block(E, a, tid, lane, warp, g, t, M, row0):
         tile0 = (E.bid("x") * n_warps + warp) * n_tiles
@@ -797,8 +808,8 @@ def gemm_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
            "scale_mode": "acc", "m_max": m_max, "n_tiles": n_tiles, "n_warps": n_warps, "m_tiles": mt,
            "x_stages": S, "w_smem": w_smem, "depth": depth, "out_f32": out_f32, "weight_bytes": N * K // 2,
            "meta_bytes": N * GP * (4 + (1 if zero_point else 0))}
-    return KernelSpec(nm, params, (threads, 1, 1), (N // BN, row_blocks, 1), body, smem, cfg,
-                      doc=gemm_w4a16.__doc__.split("\n")[0])
+    return KernelSpec(nm, params, (threads, 1, 1), (N // BN, row_blocks, 1), _row_blocks_body(BM, row_blocks, block),
+                      smem, cfg, doc=gemm_w4a16.__doc__.split("\n")[0])
 
 
 def gemm_w4a16_wg(K: int, N: int, group_size: int = 128, *, zero_point: bool = True, m_max: int = 256,
@@ -855,28 +866,10 @@ def gemm_w4a16_wg(K: int, N: int, group_size: int = 128, *, zero_point: bool = T
              f"overlap={overlap} needs group_size == 128 and groups a multiple of it (G={G}, K={K})")
     overlap = overlap if overlap > 1 else 0
     ahead = S - 1 - (overlap > 1)  # K tiles the ring copies ahead of the one multiplied
-    params = _common_params(K, N, m_max)
-    params.append(Param("wq", f"memref<{N // 8 * KT * 32}xvector<4xi32>>", "in", "packed int4 tiles (pack_w4a16)"))
-    params.append(Param("scales", f"memref<{N // 8 * GP * 4}xvector<2xf32>>", "in", "f32 [N/8, K/G, 8]"))
-    if zero_point:
-        params.append(Param("zeros", f"memref<{N // 8 * GP * 2}xi32>", "in", "u8 [N/8, K/G, 8] (read as 32-bit words)"))
-    yt = "f32" if out_f32 else "f16"
-    params.append(Param("y", f"memref<{m_max * N}x{yt}>", "out", f"{yt} [M, {N}]", rows=("M", m_max)))
-    params.append(_m_param(m_max))
+    params = _w4_gemm_params(K, N, m_max, GP, zero_point, out_f32)
     smem = [("xs", "vector<8xf16>", S * x_stage), ("ws", "vector<4xi32>", S * w_stage),
             ("ss", "vector<2xf32>", S * s_stage)] + ([("zs", "i32", S * z_stage)] if zero_point else [])
     H = BM // 2  # accumulator registers a thread (wgmma m64 x n BM over 128 threads)
-
-    def body(E, a):
-        tid = E.tid()
-        lane, warp = tid % 32, tid // 32
-        g, t = lane // 4, lane % 4
-        M = E.idx(a["M"])
-        row0 = E.bid("y") * BM if row_blocks > 1 else E.const(0, "index")
-        if row_blocks > 1:  # blocks wholly past M (fewer rows than m_max) have nothing to do
-            E.if_(E.cmp("ult", row0, M), lambda: block(E, a, tid, lane, warp, g, t, M, row0))
-        else:
-            block(E, a, tid, lane, warp, g, t, M, row0)
 
     def block(E, a, tid, lane, warp, g, t, M, row0):
         tb0 = E.bid("x") * TB  # the block's first weight tile; the warp's are 2 warp, + 1 of the block's
@@ -988,8 +981,8 @@ def gemm_w4a16_wg(K: int, N: int, group_size: int = 128, *, zero_point: bool = T
            "scale_mode": "acc", "m_max": m_max, "rows": BM, "warpgroups": warpgroups, "x_stages": S,
            "overlap": overlap, "out_f32": out_f32, "weight_bytes": N * K // 2, "arch": "sm_90a",
            "meta_bytes": N * GP * (4 + (1 if zero_point else 0))}
-    spec = KernelSpec(nm, params, (threads, 1, 1), (N // BN, row_blocks, 1), body, smem, cfg,
-                      doc=gemm_w4a16_wg.__doc__.split("\n")[0])
+    spec = KernelSpec(nm, params, (threads, 1, 1), (N // BN, row_blocks, 1), _row_blocks_body(BM, row_blocks, block),
+                      smem, cfg, doc=gemm_w4a16_wg.__doc__.split("\n")[0])
     spec.smem_dynamic = spec.smem_bytes() > MAX_STATIC_SMEM
     return spec
 
