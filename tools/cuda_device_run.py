@@ -99,7 +99,10 @@ PREFILL_VARIANTS = {
     "gemm_w4a16_wg": [dict(rows=r, warpgroups=w, overlap=o, x_stages=xs, out_f32=False)
                       for r, w, o, xs in ((64, 1, 0, None), (64, 1, 0, 3), (64, 2, 0, None), (64, 1, 2, None),
                                           (64, 1, 4, None), (64, 2, 2, None), (128, 1, 0, None), (128, 2, 0, None),
-                                          (32, 1, 4, None), (32, 2, 4, None), (32, 2, 0, None))],
+                                          (32, 1, 4, None), (32, 2, 4, None), (32, 2, 0, None))] +
+                     [dict(rows=r, warpgroups=w, x_stages=xs, scale_mode="weight", out_f32=False)
+                      for r, w, xs in ((64, 2, None), (32, 2, None), (128, 2, 3), (128, 1, None), (64, 1, None),
+                                       (64, 2, 6))],
 }
 PREFILL_I8_ROWS = 128
 W4_KINDS = ("gemv_w4a16", "gemm_w4a16", "gemm_w4a16_wg")
@@ -229,7 +232,8 @@ def _cfg_str(c):
     if c["kind"] == "gemm_w4a16":
         return f"nt{c['n_tiles']} nw{c['n_warps']} mt{c['m_tiles']} x-ring {c['x_stages']} m<={c['m_max']}"
     if c["kind"] == "gemm_w4a16_wg":
-        return f"wgmma rows{c['rows']} wg{c['warpgroups']} x-ring {c['x_stages']} overlap{c['overlap']} m<={c['m_max']}"
+        return (f"wgmma rows{c['rows']} wg{c['warpgroups']} x-ring {c['x_stages']} overlap{c['overlap']} "
+                f"{c['scale_mode']} m<={c['m_max']}")
     if c["kind"] == "gemm_i8":
         return (f"nt{c['n_tiles']} nw{c['n_warps']} mt{c['m_tiles']} u{c['unroll']} d{c['depth']} "
                 f"x-ring {c['x_stages']} m<={c['m_max']}")
@@ -482,6 +486,9 @@ def cmd_run(args):
         dev4 = [{k: dev_t(v) for k, v in P4.items()} for _ in range(ncopy(bytes4))]
         dev4wg = [{k: dev_t(v) for k, v in P4wg.items()} for _ in range(ncopy(bytes4))] \
             if by_kind.get(("gemm_w4a16_wg", K, N)) else []
+        P4wgw = pack.pack_w4a16(packed, s4, z4, GROUP, scale_mode="weight", order="wgmma")
+        dev4wgw = [{k: dev_t(v) for k, v in P4wgw.items()} for _ in range(ncopy(bytes4))] \
+            if by_kind.get(("gemm_w4a16_wg", K, N)) else []
         dev8 = [{k: dev_t(v) for k, v in P8.items()} for _ in range(ncopy(bytes8))]
         log(f"\n== K={K} N={N}: w4 {bytes4 / 1e6:.1f} MB x{len(dev4)}, w8 {bytes8 / 1e6:.1f} MB "
             f"x{len(dev8)}, fp16 {bytes16 / 1e6:.1f} MB (data {time.time() - t_shape:.1f}s)")
@@ -491,7 +498,8 @@ def cmd_run(args):
                 continue
             Wh = [Wd.half().contiguous() for _ in range(ncopy(bytes16))]
             names = by_kind.get((kind, K, N), [])
-            def bench_one(name, k, c, M, x, ref):
+            def bench_one(name, k, c, M, x, ref, devs=devs):
+                devs = dev4wgw if c.get("scale_mode") == "weight" and c["kind"] == "gemm_w4a16_wg" else devs
                 for Mc in sorted({1, M, min(c["m_max"], 5)}):  # numerics, incl. odd M
                     xc = x[:Mc].contiguous() if Mc <= M else torch.randn(Mc, K, dtype=torch.float16, device=dev)
                     refc = ref[:Mc] if Mc <= M else xc.float() @ Wd.t()
@@ -552,7 +560,7 @@ def cmd_run(args):
                         results["checks"].append({"name": name, "M": M, "err": float("inf")})
             split_check(kind, K, N, Wd, devs, wbytes, names)
             del Wh
-        del dev4, dev4wg, dev8, W4, W8
+        del dev4, dev4wg, dev4wgw, dev8, W4, W8
         if not emulate:
             torch.cuda.empty_cache()
 

@@ -640,13 +640,16 @@ def _w4_group_meta(E, a, tiles, q, GP, g, zero_point):
     return out
 
 
-def _w4_gemm_params(K, N, m_max, GP, zero_point, out_f32):
-    """The parameters of the w4a16 GEMMs: gemv_w4a16's (``scale_mode="acc"``)."""
+def _w4_gemm_params(K, N, m_max, GP, zero_point, out_f32, scale_mode="acc"):
+    """The parameters of the w4a16 GEMMs: gemv_w4a16's of the same ``scale_mode``."""
     params = _common_params(K, N, m_max)
     params.append(Param("wq", f"memref<{N // 8 * (K // 128) * 32}xvector<4xi32>>", "in", "packed int4 tiles (pack_w4a16)"))
-    params.append(Param("scales", f"memref<{N // 8 * GP * 4}xvector<2xf32>>", "in", "f32 [N/8, K/G, 8]"))
-    if zero_point:
-        params.append(Param("zeros", f"memref<{N // 8 * GP * 2}xi32>", "in", "u8 [N/8, K/G, 8] (read as 32-bit words)"))
+    if scale_mode == "weight":
+        params.append(Param("meta", f"memref<{N // 8 * GP * 8}xvector<2xf16>>", "in", "f16 [N/8, K/G, 8, (1024+zero, scale)]"))
+    else:
+        params.append(Param("scales", f"memref<{N // 8 * GP * 4}xvector<2xf32>>", "in", "f32 [N/8, K/G, 8]"))
+        if zero_point:
+            params.append(Param("zeros", f"memref<{N // 8 * GP * 2}xi32>", "in", "u8 [N/8, K/G, 8] (read as 32-bit words)"))
     yt = "f32" if out_f32 else "f16"
     params.append(Param("y", f"memref<{m_max * N}x{yt}>", "out", f"{yt} [M, {N}]", rows=("M", m_max)))
     params.append(_m_param(m_max))
@@ -813,8 +816,9 @@ def gemm_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True
 
 
 def gemm_w4a16_wg(K: int, N: int, group_size: int = 128, *, zero_point: bool = True, m_max: int = 256,
-                  rows: int | None = None, warpgroups: int = 1, x_stages: int | None = None,
-                  overlap: int = 0, out_f32: bool = True, name: str | None = None) -> KernelSpec:
+                  scale_mode: str = "acc", rows: int | None = None, warpgroups: int = 1,
+                  x_stages: int | None = None, overlap: int = 0, out_f32: bool = True,
+                  name: str | None = None) -> KernelSpec:
     """gemm_w4a16's product (same parameters, packed weights and fp32-exact numerics) on
     Hopper's warpgroup MMA (``wgmma.mma_async``, sm_90a only).
 
@@ -831,7 +835,10 @@ def gemm_w4a16_wg(K: int, N: int, group_size: int = 128, *, zero_point: bool = T
     ``scale_mode="acc"``. ``overlap = U`` > 1 (G = 128): the waits let one group stay in
     flight (two sets of group sums), so a tile's wgmmas run while the warp dequantizes the
     next, U groups a loop iteration; the ring then copies S - 2 tiles ahead, as the slot of
-    the tile before may still be read.
+    the tile before may still be read. ``scale_mode="weight"`` (gemv_w4a16's: f16 (1024 +
+    zero, scale) pairs, the weights scaled in f16 before the product, as torch fp16 holds them)
+    accumulates all of K in one register set: no wait for a group's sums, one group always in
+    flight (the ring copies S - 2 tiles ahead), half the registers.
     Constraints: K % group_size == 0, group_size % 128 == 0, N % (64 warpgroups) == 0,
     rows % 8 == 0, 8 <= rows <= 256; overlap: group_size == 128, K / 128 a multiple of U,
     x_stages >= 3.
@@ -850,25 +857,31 @@ def gemm_w4a16_wg(K: int, N: int, group_size: int = 128, *, zero_point: bool = T
         overlap = u if overlap == 0 and gt == 1 and GP % u == 0 else overlap
     BM = rows
     _require(G % 128 == 0 and K % G == 0, f"gemm_w4a16_wg needs group_size % 128 == 0 dividing K (G={G}, K={K})")
+    _require(scale_mode in ("acc", "weight"), f"scale_mode must be 'acc' or 'weight' (got {scale_mode!r})")
+    weight = scale_mode == "weight"
     _require(1 <= m_max <= GEMV_M_MAX, f"m_max must be in 1..{GEMV_M_MAX} (got {m_max})")
     _require(BM % 8 == 0 and 8 <= BM <= 256, f"rows must be a multiple of 8 in 8..256 (got {BM})")
     BN = 64 * warpgroups
     _require(N % BN == 0, f"N={N} must be a multiple of 64 * warpgroups = {BN}")
     row_blocks = -(-m_max // BM)
     threads, TB = 128 * warpgroups, 8 * warpgroups  # threads, weight tiles a block
-    # 16-byte elements a slot: x rows, weight tiles; 8-byte scale pairs; zero words
-    x_stage, w_stage, s_stage, z_stage = BM * XC, TB * 32, TB * 4, TB * 2 if zero_point else 0
-    slot_bytes = 16 * (x_stage + w_stage) + 8 * s_stage + 4 * z_stage
+    # 16-byte elements a slot: x rows, weight tiles; 8-byte scale pairs, zero words (acc) or
+    # 4-byte (1024 + zero, scale) pairs (weight)
+    x_stage, w_stage = BM * XC, TB * 32
+    s_stage, z_stage = (TB * 8, 0) if weight else (TB * 4, TB * 2 if zero_point else 0)
+    slot_bytes = 16 * (x_stage + w_stage) + (4 if weight else 8) * s_stage + 4 * z_stage
     fits = MAX_DYNAMIC_SMEM // (slot_bytes + 512)  # each buffer rounds up to 128 bytes
     S = x_stages or min(4, fits)
     _require(2 + (overlap > 1) <= S <= fits, f"x_stages={S}: {2 + (overlap > 1)}..{fits} slots of {slot_bytes} bytes fit")
     _require(overlap in (0, 1) or (gt == 1 and GP % overlap == 0),
              f"overlap={overlap} needs group_size == 128 and groups a multiple of it (G={G}, K={K})")
-    overlap = overlap if overlap > 1 else 0
-    ahead = S - 1 - (overlap > 1)  # K tiles the ring copies ahead of the one multiplied
-    params = _w4_gemm_params(K, N, m_max, GP, zero_point, out_f32)
+    _require(not weight or S >= 3, "scale_mode='weight' keeps a group in flight: x_stages >= 3")
+    overlap = overlap if overlap > 1 and not weight else 0
+    ahead = S - 1 - (overlap > 1 or weight)  # K tiles the ring copies ahead of the one multiplied
+    params = _w4_gemm_params(K, N, m_max, GP, zero_point, out_f32, scale_mode)
     smem = [("xs", "vector<8xf16>", S * x_stage), ("ws", "vector<4xi32>", S * w_stage),
-            ("ss", "vector<2xf32>", S * s_stage)] + ([("zs", "i32", S * z_stage)] if zero_point else [])
+            ("ss", "vector<2xf16>" if weight else "vector<2xf32>", S * s_stage)] + \
+        ([("zs", "i32", S * z_stage)] if z_stage else [])
     H = BM // 2  # accumulator registers a thread (wgmma m64 x n BM over 128 threads)
 
     def block(E, a, tid, lane, warp, g, t, M, row0):
@@ -892,7 +905,10 @@ def gemm_w4a16_wg(K: int, N: int, group_size: int = 128, *, zero_point: bool = T
                 E.cp_async(ws, slot * w_stage + it, a["wq"], ((tb0 + it // 32) * KT + c) * 32 + it % 32)
 
             def s_one(it):
-                E.cp_async(ss, slot * s_stage + it, a["scales"], ((tb0 + it // 4) * GP + c // gt) * 4 + it % 4)
+                if weight:
+                    E.cp_async(ss, slot * s_stage + it, a["meta"], ((tb0 + it // 8) * GP + c // gt) * 8 + it % 8)
+                else:
+                    E.cp_async(ss, slot * s_stage + it, a["scales"], ((tb0 + it // 4) * GP + c // gt) * 4 + it % 4)
 
             def z_one(it):
                 E.cp_async(zs, slot * z_stage + it, a["zeros"], ((tb0 + it // 2) * GP + c // gt) * 2 + it % 2)
@@ -901,7 +917,7 @@ def gemm_w4a16_wg(K: int, N: int, group_size: int = 128, *, zero_point: bool = T
                 _spread(E, tid, threads, x_stage, x_one)
                 _spread(E, tid, threads, w_stage, w_one)
                 _spread(E, tid, threads, s_stage, s_one)
-                if zero_point:
+                if z_stage:
                     _spread(E, tid, threads, z_stage, z_one)
             E.if_(E.cmp("ult", c, E.const(KT, "index")), copies)
             E.cp_async_commit()
@@ -916,6 +932,13 @@ def gemm_w4a16_wg(K: int, N: int, group_size: int = 128, *, zero_point: bool = T
                 out.append(E.select(odd, E.extract(sc, 1), E.extract(sc, 0)))
             return out
 
+        def meta(slot, r):
+            """_w4_steps' (zero bias[, f16 scale]) for row g of the warp's tile r, from the slot."""
+            if weight:  # the (1024 + zero, scale) pair of row g, broadcast
+                zs8 = E.load(ss, slot * s_stage + (warp * 2 + r) * 8 + g)
+                return E.shuffle(zs8, zs8, [0] * 8), E.shuffle(zs8, zs8, [1] * 8)
+            return (_w4_zero_bias(E, E.load(zs, slot * z_stage + (warp * 2 + r) * 2 + g // 4) if zero_point else None),)
+
         def scaled(acc, sums, sc):
             return [E.fma(sums[k], sc[0] if k % 4 < 2 else sc[1], acc[k]) for k in range(H)]
 
@@ -927,16 +950,14 @@ def gemm_w4a16_wg(K: int, N: int, group_size: int = 128, *, zero_point: bool = T
             E.barrier()  # ... for every thread; the wgmmas on the slot refilled next are done
             issue(c + ahead)
             slot = c % S
-            W = [_w4_steps(E, E.load(ws, slot * w_stage + (warp * 2 + r) * 32 + lane),
-                           _w4_zero_bias(E, E.load(zs, slot * z_stage + (warp * 2 + r) * 2 + g // 4)
-                                         if zero_point else None)) for r in range(2)]
+            W = [_w4_steps(E, E.load(ws, slot * w_stage + (warp * 2 + r) * 32 + lane), *meta(slot, r)) for r in range(2)]
             E.wgmma_fence()
             for s_ in range(8):
                 desc = E.smem_desc(xs, slot * x_stage + 2 * s_ * BM, lbo=16 * BM, sbo=128)
                 accg = E.wgmma_f16([W[0][s_][0], W[1][s_][0], W[0][s_][1], W[1][s_][1]], desc, accg, BM,
                                    accumulate=None if s_ or not fresh else False)
             E.wgmma_commit()
-            return accg, scales(slot)
+            return accg, None if weight else scales(slot)
 
         def group(q, args):
             accg = None
@@ -944,6 +965,11 @@ def gemm_w4a16_wg(K: int, N: int, group_size: int = 128, *, zero_point: bool = T
                 accg, sc = tile(q * gt + u, accg)
                 accg = E.wgmma_wait(0, accg)  # before the next tile's cp.async reuses a slot
             return scaled(args, accg, sc)
+
+        def through(c, acc):
+            """(weight) K tile c's wgmmas straight into acc; the tile before is done after the wait."""
+            acc, _ = tile(c, acc)
+            return E.wgmma_wait(1, acc)
 
         def run(i, acc):
             """(overlap = U) groups U i .. U i + U - 1, their sums alternating between two register
@@ -962,7 +988,9 @@ def gemm_w4a16_wg(K: int, N: int, group_size: int = 128, *, zero_point: bool = T
 
         for c in range(ahead):
             issue(E.const(c, "index"))
-        if overlap:
+        if weight:
+            res = E.wgmma_wait(0, E.for_(0, KT, 1, [zero] * H, through))
+        elif overlap:
             res = E.for_(0, GP // overlap, 1, [zero] * H, run)
         else:
             res = E.for_(0, GP, 1, [zero] * H, group)
@@ -974,13 +1002,13 @@ def gemm_w4a16_wg(K: int, N: int, group_size: int = 128, *, zero_point: bool = T
             col = (tile0 + e // 2) * 8 + g
             E.if_(E.cmp("ult", row, M), lambda v=v, row=row, col=col: E.store(v, a["y"], row * N + col))
 
-    nm = name or (f"gemm_w4a16_wg_g{G}{'' if zero_point else 's'}_k{K}_n{N}_m{m_max}_r{BM}w{warpgroups}x{S}"
+    nm = name or (f"gemm_w4a16_wg_g{G}{'' if zero_point else 's'}{'_weight' if weight else ''}_k{K}_n{N}_m{m_max}_r{BM}w{warpgroups}x{S}"
                   f"{f'o{overlap}' if overlap > 1 else ''}"
                   f"{'_o32' if out_f32 else ''}")
     cfg = {"kind": "gemm_w4a16_wg", "K": K, "N": N, "group_size": G, "zero_point": zero_point,
-           "scale_mode": "acc", "m_max": m_max, "rows": BM, "warpgroups": warpgroups, "x_stages": S,
+           "scale_mode": scale_mode, "m_max": m_max, "rows": BM, "warpgroups": warpgroups, "x_stages": S,
            "overlap": overlap, "out_f32": out_f32, "weight_bytes": N * K // 2, "arch": "sm_90a",
-           "meta_bytes": N * GP * (4 + (1 if zero_point else 0))}
+           "meta_bytes": N * GP * 4 if weight else N * GP * (4 + (1 if zero_point else 0))}
     spec = KernelSpec(nm, params, (threads, 1, 1), (N // BN, row_blocks, 1), _row_blocks_body(BM, row_blocks, block),
                       smem, cfg, doc=gemm_w4a16_wg.__doc__.split("\n")[0])
     spec.smem_dynamic = spec.smem_bytes() > MAX_STATIC_SMEM

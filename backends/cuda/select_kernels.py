@@ -69,10 +69,13 @@ def plan_kernel(fmt, M: int, K: int, N: int, out_f32: bool = True, arch: str = "
                     "out_f32": out_f32}
             kernels.gemv_w4a16(**args)
             if M > M_MAX:  # prefill: the same product and parameters as a GEMM, where it applies
-                for gemm in (["gemm_w4a16_wg"] if arch == "sm_90a" else []) + ["gemm_w4a16"]:
+                # (sm_90a, f16 activations: weights scaled in f16 as torch fp16 holds them, so the
+                # wgmma GEMM accumulates all of K at once; fp32 output keeps the exact group sums)
+                wg = dict(args, scale_mode="acc" if out_f32 else "weight")
+                for gemm, a in ([("gemm_w4a16_wg", wg)] if arch == "sm_90a" else []) + [("gemm_w4a16", args)]:
                     try:
-                        getattr(kernels, gemm)(**args)
-                        return gemm, args
+                        getattr(kernels, gemm)(**a)
+                        return gemm, a
                     except kernels.KernelConstraintError:
                         pass
             return "gemv_w4a16", args
@@ -508,7 +511,8 @@ class CudaSelectKernels(QccPass):
             G = args["group_size"]
             scale = cat("scale").astype("float32").reshape(N, K // G)
             zero = cat("zero").view("uint8").reshape(N, K // G) if "zero" in srcs[0] else None
-            arrays = pack.pack_w4a16(cat("codes").view("uint8"), scale, zero, G, order=pack.w4_order(builder))
+            arrays = pack.pack_w4a16(cat("codes").view("uint8"), scale, zero, G, scale_mode=args.get("scale_mode"),
+                                     order=pack.w4_order(builder))
             tag = "cuda_w4"
         else:
             arrays = pack.pack_w8a16(cat("codes").view("int8"), cat("scale"))

@@ -685,6 +685,29 @@ def test_ptxas_no_spills(gpu_ir, arch):
         assert r.shared == s.smem_bytes()
 
 
+@pytest.mark.parametrize("K,N,G,M,zp,cfg", [
+    (512, 64, 128, 20, True, dict(m_max=32, rows=32, x_stages=3)),
+    (512, 128, 256, 37, False, dict(m_max=48, rows=24, warpgroups=2, out_f32=False))])
+def test_gemm_w4a16_wg_weight_scaled_emulated(K, N, G, M, zp, cfg):
+    """gemm_w4a16_wg(scale_mode="weight"): f16-scaled weights, all of K in one register set;
+    gemv_w4a16's weight-mode results (same f16 weights) to f32 rounding, and the float64
+    product of the exact dequantized weights to the f16 weight rounding."""
+    rng = np.random.default_rng(K + N + G + M)
+    spec = kernels.gemm_w4a16_wg(K, N, G, zero_point=zp, scale_mode="weight", **cfg)
+    packed, s, z = w4_case(rng, K, N, G, zp)
+    P = pack.pack_w4a16(packed, s, z, G, scale_mode="weight", order="wgmma")
+    x = rng.standard_normal((M, K)).astype(np.float16)
+    yt = np.float32 if spec.config["out_f32"] else np.float16
+    y = np.full((M, N), np.nan, yt)
+    simt.run(spec, dict(x=x, y=y, M=M, **P))
+    ref = x.astype(np.float64) @ pack.dequant_w4(packed, s, z, G).astype(np.float64).T
+    assert rel(y, ref) < 2e-3
+    gemv = kernels.gemv_w4a16(K, N, G, zero_point=zp, scale_mode="weight", m_max=cfg["m_max"], out_f32=True)
+    y2 = np.full((M, N), np.nan, np.float32)
+    simt.run(gemv, dict(x=x, y=y2, M=M, **pack.pack_w4a16(packed, s, z, G, scale_mode="weight")))
+    assert rel(y, y2) < (1e-6 if yt == np.float32 else 1e-3)
+
+
 @pytest.mark.parametrize("cfg", [dict(rows=32, x_stages=3),  # 37 KB: static shared memory
                                  dict(rows=128), dict(rows=64, overlap=4)])  # 128, 64 KB rings: dynamic
 def test_gemm_w4a16_wg_ptx(cfg):

@@ -231,7 +231,8 @@ def test_f16_activations():
 def test_sm90a_prefill_takes_wgmma():
     """--gpu-arch sm_90a: prefill's w4a16 layers run on gemm_w4a16_wg (wgmma), their weights
     packed in its K order; the emulated plan gives the sm_90 plan's output (gemm_w4a16, mma)
-    to f32 rounding."""
+    to f32 rounding. With f16 activations it scales the weights in f16 (scale_mode="weight")
+    and matches the a16 oracle built from the artifact's own weights."""
     mma = compiled_case("block-w4a16-g128-m20")[3]
     model, inputs = llama_block(seq=10, batch=2)  # a fresh copy: other tests turn the cached one to f64
     c = qcc.compile(model, inputs, target="cuda", quant="w4a16-g128", gpu_arch="sm_90a")
@@ -242,6 +243,12 @@ def test_sm90a_prefill_takes_wgmma():
     got = emulate.run_compiled(c, *inputs)[0]
     assert rel_err(got, emulate.run_compiled(mma, *inputs)[0]) <= 1e-6
     assert rel_err(got, reference(model, inputs, "w4a16-g128", mma)[0]) <= 1e-5
+    # f16 activations: the weights scaled in f16 (scale_mode="weight"), as the a16 oracle holds them
+    model, inputs = llama_block(seq=10, batch=2)
+    h = qcc.compile(model, inputs, target="cuda", quant="w4a16-g128", gpu_arch="sm_90a", gpu_activations="f16")
+    assert {(L["builder"], L["args"]["scale_mode"]) for L in h.manifest["cuda"]["layers"].values()} == \
+        {("gemm_w4a16_wg", "weight")}
+    assert rel_err(emulate.run_compiled(h, *inputs)[0], reference(model, inputs, "w4a16-g128", h)[0]) <= 1e-3
 
 
 def test_prefill_contractions_take_shared_memory_tiles():
