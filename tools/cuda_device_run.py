@@ -1002,7 +1002,8 @@ def _fill_bench_weights(manifest, weights, model, pack):
         if info["builder"] in W4_KINDS:
             G = info["args"]["group_size"]
             packed, s, z = pack.quantize_w4(W, G, symmetric=not info["args"]["zero_point"])
-            arrays = pack.pack_w4a16(packed, s, z, G, order=pack.w4_order(info["builder"]))
+            arrays = pack.pack_w4a16(packed, s, z, G, scale_mode=info["args"].get("scale_mode"),
+                                     order=pack.w4_order(info["builder"]))
         else:
             q, s = pack.quantize_w8(W)
             arrays = pack.pack_w8a16(q, s)

@@ -837,8 +837,8 @@ def gemm_w4a16_wg(K: int, N: int, group_size: int = 128, *, zero_point: bool = T
     next, U groups a loop iteration; the ring then copies S - 2 tiles ahead, as the slot of
     the tile before may still be read. ``scale_mode="weight"`` (gemv_w4a16's: f16 (1024 +
     zero, scale) pairs, the weights scaled in f16 before the product, as torch fp16 holds them)
-    accumulates all of K in one register set: no wait for a group's sums, one group always in
-    flight (the ring copies S - 2 tiles ahead), half the registers.
+    accumulates all of K in one register set: no wait for a group's sums, one group in flight
+    while the next is dequantized (the ring copies S - 2 tiles ahead), half the registers.
     Constraints: K % group_size == 0, group_size % 128 == 0, N % (64 warpgroups) == 0,
     rows % 8 == 0, 8 <= rows <= 256; overlap: group_size == 128, K / 128 a multiple of U,
     x_stages >= 3.
@@ -878,6 +878,7 @@ def gemm_w4a16_wg(K: int, N: int, group_size: int = 128, *, zero_point: bool = T
     _require(not weight or S >= 3, "scale_mode='weight' keeps a group in flight: x_stages >= 3")
     overlap = overlap if overlap > 1 and not weight else 0
     ahead = S - 1 - (overlap > 1 or weight)  # K tiles the ring copies ahead of the one multiplied
+    UW = next(u for u in (4, 2, 1) if KT % u == 0)  # (weight) K tiles a loop iteration
     params = _w4_gemm_params(K, N, m_max, GP, zero_point, out_f32, scale_mode)
     smem = [("xs", "vector<8xf16>", S * x_stage), ("ws", "vector<4xi32>", S * w_stage),
             ("ss", "vector<2xf16>" if weight else "vector<2xf32>", S * s_stage)] + \
@@ -966,10 +967,15 @@ def gemm_w4a16_wg(K: int, N: int, group_size: int = 128, *, zero_point: bool = T
                 accg = E.wgmma_wait(0, accg)  # before the next tile's cp.async reuses a slot
             return scaled(args, accg, sc)
 
-        def through(c, acc):
-            """(weight) K tile c's wgmmas straight into acc; the tile before is done after the wait."""
-            acc, _ = tile(c, acc)
-            return E.wgmma_wait(1, acc)
+        def through(i, acc):
+            """(weight) K tiles UW i .. UW i + UW - 1, their wgmmas straight into acc, the tile
+            before done after each wait; the iteration's last is waited for in it: no wgmma is
+            in flight across the loop's back edge (its A registers, read asynchronously, would
+            be free for the next tile's weights there: wrong results on the H200)."""
+            for h in range(UW):
+                acc, _ = tile(i * UW + h, acc)
+                acc = E.wgmma_wait(1 if h < UW - 1 else 0, acc)
+            return acc
 
         def run(i, acc):
             """(overlap = U) groups U i .. U i + U - 1, their sums alternating between two register
@@ -989,7 +995,7 @@ def gemm_w4a16_wg(K: int, N: int, group_size: int = 128, *, zero_point: bool = T
         for c in range(ahead):
             issue(E.const(c, "index"))
         if weight:
-            res = E.wgmma_wait(0, E.for_(0, KT, 1, [zero] * H, through))
+            res = E.for_(0, KT // UW, 1, [zero] * H, through)
         elif overlap:
             res = E.for_(0, GP // overlap, 1, [zero] * H, run)
         else:
