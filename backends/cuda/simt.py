@@ -70,6 +70,7 @@ class SimtEmulator(Emitter):
         self.mask = np.ones(self.T, bool)
         self.epoch = 0
         self._cp_open, self._cp_groups, self._pending_ok = [], [], False
+        self._wg_pending = 0  # committed wgmma groups not yet waited for
 
     # -- helpers
     def _v(self, arr, t):
@@ -402,7 +403,8 @@ class SimtEmulator(Emitter):
 
     # -- control flow
     # -- warpgroup MMA: executed at issue (the kernel must keep its operands until the wait,
-    # which the emulator does not check); B is read through the checked shared-memory loads
+    # which the emulator does not check, except that no group may stay in flight across a
+    # loop's back edge); B is read through the checked shared-memory loads
     def smem_desc(self, mem, i, lbo, sbo):
         m: _Mem = mem.v
         esz = m.arr.itemsize * int(np.prod(m.arr.shape[2:]))
@@ -467,9 +469,11 @@ class SimtEmulator(Emitter):
 
     def wgmma_commit(self):
         self._check_active_all("wgmma.commit_group", 128)
+        self._wg_pending += 1
 
     def wgmma_wait(self, pending, regs):
         self._check_active_all("wgmma.wait_group", 128)
+        self._wg_pending = min(self._wg_pending, pending)
         return [self._v(r.v.copy(), r.type) for r in regs]
 
     def fence_proxy_async(self):
@@ -486,8 +490,11 @@ class SimtEmulator(Emitter):
                                                        (step, "step")))
         args = list(inits)
         for i in range(lo, hi, st):
+            entry = self._wg_pending
             outs = list(body(self._v(np.full(self.T, i, np.int64), "index"), args) or [])
             assert [o.type for o in outs] == [x.type for x in inits]
+            if self._wg_pending > entry:  # its A registers would be free for the next iteration
+                raise SimtError("wgmma group in flight across a loop's back edge (wait for it in the iteration)")
             args = outs
         return args
 

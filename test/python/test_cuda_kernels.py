@@ -708,6 +708,38 @@ def test_gemm_w4a16_wg_weight_scaled_emulated(K, N, G, M, zp, cfg):
     assert rel(y, y2) < (1e-6 if yt == np.float32 else 1e-3)
 
 
+@pytest.mark.parametrize("wait_in_loop", [True, False])
+def test_emulator_rejects_wgmma_in_flight_across_back_edge(wait_in_loop):
+    """A wgmma group left in flight at a loop's back edge is an emulator error (on the H200 the
+    next iteration's registers took the in-flight A operand's: wrong results, no ptxas warning)."""
+    from qcc.backends.cuda.emit import KernelSpec, Param
+
+    def body(E, a):
+        tid = E.tid()
+        E.store(E.const(1.0, "vector<8xf16>"), a["bs"], tid)  # B: 16 x 64 halves, 128 elements
+        E.barrier()
+        E.fence_proxy_async()
+        one = E.const(1.0, "vector<2xf16>")
+
+        def it(i, acc):
+            E.wgmma_fence()
+            acc = E.wgmma_f16([one] * 4, E.smem_desc(a["bs"], E.const(0, "index"), lbo=1024, sbo=128), acc, 64)
+            E.wgmma_commit()
+            return E.wgmma_wait(0, acc) if wait_in_loop else acc
+        acc = E.wgmma_wait(0, E.for_(0, 2, 1, [E.const(0.0, "f32")] * 32, it))
+        E.store(acc[0], a["y"], tid)
+
+    spec = KernelSpec("wg_back_edge", [Param("y", "memref<128xf32>", "out")], (128, 1, 1), (1, 1, 1), body,
+                      [("bs", "vector<8xf16>", 128)])
+    y = np.zeros(128, np.float32)
+    if wait_in_loop:
+        simt.run(spec, dict(y=y))
+        assert (y == 32.0).all()  # two k16 steps of ones
+    else:
+        with pytest.raises(simt.SimtError, match="back edge"):
+            simt.run(spec, dict(y=y))
+
+
 @pytest.mark.parametrize("cfg", [dict(rows=32, x_stages=3),  # 37 KB: static shared memory
                                  dict(rows=128), dict(rows=64, overlap=4)])  # 128, 64 KB rings: dynamic
 def test_gemm_w4a16_wg_ptx(cfg):
