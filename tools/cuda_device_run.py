@@ -105,7 +105,7 @@ PREFILL_VARIANTS = {
                                        (64, 2, 6))],
 }
 PREFILL_I8_ROWS = 128
-W4_KINDS = ("gemv_w4a16", "gemm_w4a16", "gemm_w4a16_wg")
+W4_KINDS = ("gemv_w4a16", "gemm_w4a16", "gemm_w4a16_wg")  # = pack.W4_BUILDERS (pack loads lazily here)
 EMU_SHAPES = [(512, 64), (1024, 128)]
 
 

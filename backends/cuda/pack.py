@@ -39,11 +39,13 @@ _T, _WI, _P = np.meshgrid(np.arange(4), np.arange(4), np.arange(8), indexing="ij
 W4_KMAP = {"mma": 32 * _T + 8 * _WI + W4_JMAP[_P],
            "wgmma": 32 * _WI + 16 * ((_P // 2) % 2) + 8 * (_P % 2) + 2 * _T + _P // 4}
 
+W8_PERM = np.array([0, 2, 1, 3])  # byte b -> column offset within a word
+W4_BUILDERS = ("gemv_w4a16", "gemm_w4a16", "gemm_w4a16_wg")  # the kernels reading pack_w4a16's layout
+
 
 def w4_order(builder: str) -> str:
     """The W4_KMAP order of the packed weights a w4a16 kernel builder reads."""
     return "wgmma" if builder == "gemm_w4a16_wg" else "mma"
-W8_PERM = np.array([0, 2, 1, 3])  # byte b -> column offset within a word
 
 
 class LayoutError(ValueError):

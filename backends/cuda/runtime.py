@@ -230,7 +230,7 @@ class Module:
             self.functions[name] = _check(
                 rt.drv.cuModuleGetFunction(self.handle, name.encode()), "cuModuleGetFunction", name)
             dyn = int(kernels[name].get("dynamic_smem", 0))
-            if dyn > 48 * 1024:  # a block takes more than the default dynamic limit only when opted in
+            if dyn:  # past the default 48 KB a block gets dynamic shared memory only when opted in
                 _check(rt.drv.cuFuncSetAttribute(
                     self.functions[name],
                     rt.drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, dyn),

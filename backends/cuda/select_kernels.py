@@ -507,7 +507,7 @@ class CudaSelectKernels(QccPass):
         N = sum(Ns)
         srcs = [dict(zip(["codes", "scale", "zero"], m[3])) for m in members]
         cat = lambda role: np.concatenate([store[s[role]] for s in srcs], axis=0)  # noqa: E731
-        if builder in ("gemv_w4a16", "gemm_w4a16", "gemm_w4a16_wg"):
+        if builder in pack.W4_BUILDERS:
             G = args["group_size"]
             scale = cat("scale").astype("float32").reshape(N, K // G)
             zero = cat("zero").view("uint8").reshape(N, K // G) if "zero" in srcs[0] else None
