@@ -88,6 +88,13 @@ PREFILL_VARIANTS = {
                 dict(n_tiles=2, n_warps=2, k_warps=4, w_smem=True, x_stages=2),
                 dict(n_tiles=1, n_warps=4, k_warps=2, w_smem=True, x_stages=4)],
     "gemv_i8": [{}],
+    # the same on Hopper's wgmma (sm_90a): both operands from shared memory, 64 weight rows a
+    # warpgroup, `rows` of x a block
+    "gemm_i8_wg": [dict(rows=r, warpgroups=w, k_tile=kt, x_stages=xs)
+                   for r, w, kt, xs in ((64, 1, 128, 4), (64, 2, 128, 4), (32, 1, 128, 4), (32, 2, 128, 4),
+                                        (128, 1, 128, 4), (128, 2, 128, 4), (64, 1, 128, 6), (64, 2, 128, 6),
+                                        (32, 1, 128, 8), (64, 1, 256, 4), (32, 1, 256, 4), (128, 1, 64, 6),
+                                        (64, 2, 64, 8), (16, 1, 128, 8))],
     # w4a16's GEMM at prefill (f16 out here: the sweep times f16 y next to fp16 F.linear)
     "gemm_w4a16": [dict(out_f32=False), dict(n_tiles=4, n_warps=4, m_tiles=2, out_f32=False),
                    dict(m_tiles=4, w_smem=False, out_f32=False),
@@ -182,7 +189,7 @@ def prefill_specs(variants):
     for K, N in PREFILL_SHAPES:
         for kind, vs in variants.items():
             for v in vs:
-                m_max = {"gemm_i8": PREFILL_I8_ROWS, "gemv_i8": 16}.get(kind, PREFILL_M_MAX)
+                m_max = {"gemm_i8": PREFILL_I8_ROWS, "gemm_i8_wg": PREFILL_I8_ROWS, "gemv_i8": 16}.get(kind, PREFILL_M_MAX)
                 try:
                     specs.append(getattr(kernels, kind)(K, N, **({"group_size": GROUP} if kind in W4_KINDS else {}),
                                                         m_max=m_max, **v))
@@ -234,6 +241,8 @@ def _cfg_str(c):
     if c["kind"] == "gemm_w4a16_wg":
         return (f"wgmma rows{c['rows']} wg{c['warpgroups']} x-ring {c['x_stages']} overlap{c['overlap']} "
                 f"{c['scale_mode']} m<={c['m_max']}")
+    if c["kind"] == "gemm_i8_wg":
+        return f"wgmma s8 rows{c['rows']} wg{c['warpgroups']} k{c['k_tile']} ring {c['x_stages']} m<={c['m_max']}"
     if c["kind"] == "gemm_i8":
         return (f"nt{c['n_tiles']} nw{c['n_warps']} mt{c['m_tiles']} u{c['unroll']} d{c['depth']} "
                 f"x-ring {c['x_stages']} m<={c['m_max']}")
@@ -566,7 +575,7 @@ def cmd_run(args):
 
     # ---- gemv_i8 (w8a8's integer core): exact i32 sums; time against fp16 F.linear and w8a16
     for (kind, K, N), names in by_kind.items():
-        if kind not in ("gemv_i8", "gemm_i8") or "linear" not in sections:
+        if kind not in ("gemv_i8", "gemm_i8", "gemm_i8_wg") or "linear" not in sections:
             continue
         q = rng.integers(-127, 128, (N, K), dtype=np.int8)
         devs = [dev_t(q) for _ in range(1 if emulate else max(2, math.ceil(L2_DEFEAT_BYTES / q.nbytes)))]
@@ -748,7 +757,8 @@ PREFILL_RECIPES = ("w4a16-g128", "w8a8", "w4a4-had", "float")
 # prefill artifacts compiled with other qcc.compile options: name -> (recipe, options)
 PREFILL_OPTIONS = {"w4a16-g128~f16": ("w4a16-g128", {"gpu_activations": "f16"}),
                    "w4a16-g128~sm90a": ("w4a16-g128", {"gpu_arch": "sm_90a"}),
-                   "w4a16-g128~f16~sm90a": ("w4a16-g128", {"gpu_activations": "f16", "gpu_arch": "sm_90a"})}
+                   "w4a16-g128~f16~sm90a": ("w4a16-g128", {"gpu_activations": "f16", "gpu_arch": "sm_90a"}),
+                   "w8a8~sm90a": ("w8a8", {"gpu_arch": "sm_90a"})}
 # build --tile-sweep: the prefill artifacts of these recipes again under other tile_contract
 # settings (linalg_kernels: TILE_MIN_BLOCKS, TILE_CHUNK_LONG), run as recipes named recipe~tag
 TILE_SWEEP_RECIPES = ("w8a8", "float")

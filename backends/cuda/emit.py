@@ -540,7 +540,7 @@ class MlirEmitter(Emitter):
                          "multiplicandAPtxType = #nvvm.mma_type<s8>, multiplicandBPtxType = #nvvm.mma_type<s8>, "
                          "shape = #nvvm.shape<m = 16, n = 8, k = 32>", "i32", "i32")
 
-    # -- warpgroup MMA (sm_90a): wgmma.mma_async with A in registers, B in shared memory
+    # -- warpgroup MMA (sm_90a): wgmma.mma_async, B (and for s8 A) in shared memory
     def smem_desc(self, mem: Val, i: Val, lbo: int, sbo: int) -> Val:
         """The 64-bit wgmma matrix descriptor of a non-swizzled operand that starts at element
         ``i`` of the workgroup memref ``mem``: its 8 x 16-byte core matrices are ``lbo`` bytes
@@ -581,6 +581,20 @@ class MlirEmitter(Emitter):
         cons = ",".join(["=f"] * h + ["r"] * 4 + ["l"] + ([str(k) for k in range(h)] if acc is not None else []))
         return self._asm(text, cons, regs + [desc] + list(acc or []), ["f32"] * h)
 
+    def wgmma_s8(self, a_desc: Val, b_desc: Val, acc: Sequence[Val] | None, n: int,
+                 accumulate: bool | None = None) -> list[Val]:
+        """wgmma.mma_async m64n{n}k32 s32 += s8 x s8 for the warpgroup (wrapping): A (64 x 32)
+        and B (32 x n), both K-major in shared memory, through their descriptors; D in the
+        accumulator layout of wgmma_f16 (``acc``/``accumulate`` as there)."""
+        assert n in (8, 16, 24) or (n % 16 == 0 and 16 <= n <= 256)
+        assert acc is None or len(acc) == n // 2
+        accumulate = acc is not None if accumulate is None else accumulate
+        h = n // 2
+        d = ", ".join(f"${k}" for k in range(h))
+        text = f"wgmma.mma_async.sync.aligned.m64n{n}k32.s32.s8.s8 {{{d}}}, ${h}, ${h + 1}, {int(accumulate)};"
+        cons = ",".join(["=r"] * h + ["l", "l"] + ([str(k) for k in range(h)] if acc is not None else []))
+        return self._asm(text, cons, [a_desc, b_desc] + list(acc or []), ["i32"] * h)
+
     def wgmma_fence(self):
         self._asm("wgmma.fence.sync.aligned;", "", [], [])
 
@@ -592,8 +606,8 @@ class MlirEmitter(Emitter):
         accumulators of the groups waited for) come back as new values, so nothing that reads
         them can be scheduled above the wait."""
         h = len(regs)
-        cons = ",".join(["=f"] * h + [str(k) for k in range(h)])
-        return self._asm(f"wgmma.wait_group.sync.aligned {int(pending)};", cons, list(regs), ["f32"] * h)
+        cons = ",".join([{"f32": "=f", "i32": "=r"}[r.type] for r in regs] + [str(k) for k in range(h)])
+        return self._asm(f"wgmma.wait_group.sync.aligned {int(pending)};", cons, list(regs), [r.type for r in regs])
 
     def fence_proxy_async(self):
         """Make this thread's generic-proxy shared-memory writes (cp.async included) visible

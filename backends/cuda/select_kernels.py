@@ -25,7 +25,9 @@ Quantized activations (after dequant-after-gemm), on the codes as stored, no rep
 ``qcc.quantize_dynamic`` -> ``quantize_rows``; ``qcc.matmul_int`` of int8 / symmetric int4
 per-channel weights (+ the ``qcc.scale_accumulate`` reading it) -> ``gemv_i8`` (scaled
 epilogue); grouped asymmetric int4 -> ``gemv_i4g`` (exact per-group sums, scaled and added in
-its epilogue); layers reading one x (q/k/v, gate/up) share one such launch;
+its epilogue); layers reading one x (q/k/v, gate/up) share one such launch; past 16 rows
+the integer GEMVs become the tensor-core ``gemm_i8`` (``gemm_i8_wg`` on wgmma for int8 weights
+and ``arch=sm_90a``), same parameters and results;
 llm-int8-dynamic's float-activation qlinear -> ``gemv_w8_sparse_x`` on the integer part's
 codes. fuse-rotation's online Hadamard calls -> ``hadamard_rows``. The integer
 kernels are exact and the float steps repeat the reference lowering's ops in order.
@@ -88,20 +90,23 @@ def plan_kernel(fmt, M: int, K: int, N: int, out_f32: bool = True, arch: str = "
     return None, f"no GEMV kernel for {fmt.key()}"
 
 
-def _prefill_gemm(builder: str, args: dict, M: int):
-    """More rows than a GEMV launch takes: gemv_i8's product (int8 or int4 weights) as the
-    tensor-core gemm_i8 (same parameters, same results) on up to GEMV_M_MAX rows a launch, if
-    its constraints hold; else the builder and arguments unchanged."""
+def _prefill_gemm(builder: str, args: dict, M: int, arch: str = "sm_90"):
+    """More rows than a GEMV launch takes: gemv_i8's product (int8 or int4 weights) as a
+    tensor-core GEMM (same parameters, same results) on up to GEMV_M_MAX rows a launch, the
+    first whose constraints hold: gemm_i8_wg (wgmma, int8 weights) for arch sm_90a, gemm_i8;
+    else the builder and arguments unchanged."""
     from . import kernels
 
     if builder != "gemv_i8" or M <= M_MAX:
         return builder, args
     g = dict(args, m_max=min(kernels.GEMV_M_MAX, -(-M // 16) * 16))
-    try:
-        kernels.gemm_i8(**g)
-    except kernels.KernelConstraintError:
-        return builder, args
-    return "gemm_i8", g
+    for gemm in (["gemm_i8_wg"] if arch == "sm_90a" else []) + ["gemm_i8"]:
+        try:
+            getattr(kernels, gemm)(**g)
+            return gemm, g
+        except kernels.KernelConstraintError:
+            pass
+    return builder, args
 
 
 def build_spec(builder: str, args: dict):
@@ -339,7 +344,7 @@ class CudaSelectKernels(QccPass):
             sx_shape = irutil.tensor_shape(scale.operands[1])
             args["scaled"] = "row" if sx_shape[0] == M and M > 1 else "tensor"
             operands, replaced = operands + list(scale.operands[1:]), scale
-        builder, args = _prefill_gemm(builder, args, M)
+        builder, args = _prefill_gemm(builder, args, M, self.options.arch)
         try:
             spec = getattr(kernels, builder)(**args)
         except kernels.KernelConstraintError as e:
@@ -387,7 +392,7 @@ class CudaSelectKernels(QccPass):
         Ns = [n for _, n in names]
         args = {"K": K, "N": sum(Ns), "m_max": min(M, M_MAX), "members": Ns, **dict(extra),
                 "scaled": "row" if sx_shape[0] == M and M > 1 else "tensor"}
-        builder, args = _prefill_gemm(builder, args, M)
+        builder, args = _prefill_gemm(builder, args, M, self.options.arch)
         try:
             spec = getattr(kernels, builder)(**args)
         except kernels.KernelConstraintError:

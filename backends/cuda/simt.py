@@ -412,27 +412,47 @@ class SimtEmulator(Emitter):
         d = ((addr & 0x3FFFF) >> 4) | ((lbo >> 4) << 16) | ((sbo >> 4) << 32)
         return self._v(d.astype(np.uint64), "i64")
 
-    def wgmma_f16(self, a, desc, acc, n, accumulate=None):
-        self._check_active_all("wgmma.mma_async", 128)
+    def _desc_rows(self, desc, rows):
+        """The K-major operand a descriptor names, two 16-byte chunks (one k16 f16 or k32 s8
+        step) of each of ``rows`` rows: uint8 [warpgroups, rows, 32], read through the checked
+        shared-memory loads."""
         G = self.T // 128
         d = desc.v.astype(np.int64).reshape(G, 128)
         if (d != d[:, :1]).any():
             raise SimtError("wgmma: the matrix descriptor differs between threads of a warpgroup")
         d = d[:, 0]
         start, lbo, sbo = (d & 0x3FFF) << 4, ((d >> 16) & 0x3FFF) << 4, ((d >> 32) & 0x3FFF) << 4
-        # B[k, j]: 16-byte element (start + (k // 8) lbo + (j // 8) sbo + (j % 8) 16) / 16, half k % 8
-        kk, jj = np.arange(2)[:, None], np.arange(n)[None, :]
+        # chunk k of row j: 16-byte element (start + k lbo + (j // 8) sbo + (j % 8) 16) / 16
+        kk, jj = np.arange(2)[:, None], np.arange(rows)[None, :]
         byte = start[:, None, None] + kk * lbo[:, None, None] + (jj // 8) * sbo[:, None, None] + (jj % 8) * 16
         mem, off = self._smem_at(byte)
-        flat = off.reshape(G, -1)  # [G, 2 n] element indices, loaded 128 a pass with the checks
-        vals = np.zeros(flat.shape + (8,), np.float64)
+        flat = off.reshape(G, -1)  # [G, 2 rows] element indices, loaded 128 a pass with the checks
+        vals = np.zeros(flat.shape + (16,), np.uint8)
         for c in range(0, flat.shape[1], 128):
             w = min(128, flat.shape[1] - c)
             idx = np.repeat(flat[:, c:c + 1], 128, axis=1)  # spare threads re-read an operand element
             idx[:, :w] = flat[:, c:c + w]
-            v = self.load(Val(self, mem, ""), Val(self, idx.reshape(-1), "index")).v
-            vals[:, c:c + w] = v.reshape(G, 128, 8)[:, :w].astype(np.float64)
-        B = vals.reshape(G, 2, n, 8).transpose(0, 1, 3, 2).reshape(G, 16, n)
+            v = np.ascontiguousarray(self.load(Val(self, mem, ""), Val(self, idx.reshape(-1), "index")).v)
+            vals[:, c:c + w] = v.view(np.uint8).reshape(G, 128, 16)[:, :w]
+        return vals.reshape(G, 2, rows, 16).transpose(0, 2, 1, 3).reshape(G, rows, 32)
+
+    def _wgmma_d(self, D, acc, accumulate, dtype, vtype):
+        """D [warpgroups, 64, n] (+ acc) -> the accumulator registers' values."""
+        lane = np.arange(32)
+        g, t = lane // 4, lane % 4
+        out = []
+        wi = np.arange(4)[:, None]
+        for j in range(D.shape[2] // 8):
+            for r, c in ((0, 0), (0, 1), (8, 0), (8, 1)):
+                out.append(D[:, 16 * wi + g + r, 8 * j + 2 * t + c].reshape(self.T))  # [G, 4, 32]
+        if acc is not None and accumulate is not False:
+            out = [o + x.v.astype(D.dtype) for o, x in zip(out, acc)]
+        return [self._v(o.astype(dtype), vtype) for o in out]
+
+    def wgmma_f16(self, a, desc, acc, n, accumulate=None):
+        self._check_active_all("wgmma.mma_async", 128)
+        G = self.T // 128
+        B = self._desc_rows(desc, n).view(np.float16).astype(np.float64).transpose(0, 2, 1)  # [G, 16, n]
         lane = np.arange(32)
         g, t = lane // 4, lane % 4
         A = np.zeros((G, 64, 16))
@@ -443,16 +463,14 @@ class SimtEmulator(Emitter):
                 A[:, 16 * w + g + 8, 2 * t + e] = av[1][:, w, :, e]
                 A[:, 16 * w + g, 2 * t + 8 + e] = av[2][:, w, :, e]
                 A[:, 16 * w + g + 8, 2 * t + 8 + e] = av[3][:, w, :, e]
-        D = A @ B  # [G, 64, n]
-        out = []
-        wi = np.arange(4)[:, None]
-        for j in range(n // 8):
-            for r, c in ((0, 0), (0, 1), (8, 0), (8, 1)):
-                v = D[:, 16 * wi + g + r, 8 * j + 2 * t + c]  # [G, 4, 32]
-                out.append(v.reshape(self.T))
-        if acc is not None and accumulate is not False:
-            out = [o + x.v.astype(np.float64) for o, x in zip(out, acc)]
-        return [self._v(o.astype(np.float32), "f32") for o in out]
+        return self._wgmma_d(A @ B, acc, accumulate, np.float32, "f32")
+
+    def wgmma_s8(self, a_desc, b_desc, acc, n, accumulate=None):
+        self._check_active_all("wgmma.mma_async", 128)
+        A = self._desc_rows(a_desc, 64).view(np.int8).astype(np.int64)  # [G, 64, 32]
+        B = self._desc_rows(b_desc, n).view(np.int8).astype(np.int64)  # [G, n, 32]
+        out = self._wgmma_d(A @ B.transpose(0, 2, 1), acc, accumulate, np.int64, "i32")
+        return [self._v((o.v & 0xFFFFFFFF).astype(np.uint32), "i32") for o in out]  # wraps mod 2^32
 
     def _smem_at(self, byte):
         """(shared buffer, 16-byte element indices) of byte addresses that a descriptor names."""

@@ -305,6 +305,63 @@ def test_gemm_i8_stacked_members_emulated_exact():
         assert np.array_equal(y.view(np.uint32), args[f"y{i}"].view(np.uint32))
 
 
+@pytest.mark.parametrize("M,m_max,K,N,cfg", [
+    (37, 64, 256, 64, dict(rows=64, warpgroups=1, k_tile=64, x_stages=3)),  # 27 rows past M, static ring
+    (100, 128, 512, 256, dict(rows=32, warpgroups=2, x_stages=4)),  # 4 row blocks, 2 warpgroups, dynamic
+    (20, 32, 384, 128, dict(rows=16, k_tile=32, x_stages=5)),  # one k32 step a tile, 12 tiles: 3 iterations
+    (70, 80, 640, 128, dict(rows=48, warpgroups=2, x_stages=3)),  # 5 tiles: 1-tile iterations
+    (5, 8, 256, 64, dict(rows=8)),
+    (130, 256, 256, 128, {})])  # the defaults
+def test_gemm_i8_wg_emulated_exact(M, m_max, K, N, cfg):
+    """gemm_i8_wg (s8 wgmma, A and B through shared-memory descriptors) gives the exact i32
+    sums, and its scaled epilogue gemm_i8's f32 bits."""
+    rng = np.random.default_rng(M + K)
+    xq = rng.integers(-128, 128, (M, K)).astype(np.int8)
+    q = rng.integers(-127, 128, (N, K)).astype(np.int8)
+    y = np.full((M, N), -7, np.int32)
+    simt.run(kernels.gemm_i8_wg(K, N, m_max=m_max, **cfg), dict(x=xq, wq=q, y=y, M=M))
+    assert np.array_equal(y, xq.astype(np.int64) @ q.astype(np.int64).T)
+    sx = (rng.random(M) * 0.01 + 1e-3).astype(np.float32)
+    sw = (rng.random(N) * 0.01 + 1e-3).astype(np.float32)
+    for mode, s in (("row", sx), ("tensor", sx[:1])):
+        got, want = (np.full((M, N), np.nan, np.float32) for _ in range(2))
+        simt.run(kernels.gemm_i8_wg(K, N, m_max=m_max, scaled=mode, **cfg), dict(x=xq, wq=q, sx=s, sw=sw, y=got, M=M))
+        simt.run(kernels.gemm_i8(K, N, m_max=-(-m_max // 16) * 16, n_tiles=1, n_warps=4, scaled=mode),
+                 dict(x=xq, wq=q, sx=s, sw=sw, y=want, M=M))
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), mode
+
+
+def test_gemm_i8_wg_stacked_members_emulated_exact():
+    rng = np.random.default_rng(6)
+    M, K, members = 40, 256, (128, 64, 64)
+    xq = rng.integers(-128, 128, (M, K)).astype(np.int8)
+    sx = (rng.random(M) * 0.01 + 1e-3).astype(np.float32)
+    args = dict(x=xq, sx=sx, M=M)
+    for i, n in enumerate(members):
+        args.update({f"wq{i}": rng.integers(-127, 128, (n, K)).astype(np.int8),
+                     f"sw{i}": (rng.random(n) * 0.01 + 1e-3).astype(np.float32),
+                     f"y{i}": np.full((M, n), np.nan, np.float32)})
+    spec = kernels.gemm_i8_wg(K, sum(members), m_max=48, rows=16, scaled="row", members=members)
+    assert spec.grid == (4, 3, 1)
+    simt.run(spec, args)
+    for i in range(len(members)):
+        y = np.full_like(args[f"y{i}"], np.nan)
+        simt.run(kernels.gemm_i8(K, members[i], m_max=48, n_tiles=1, n_warps=4, scaled="row"),
+                 dict(x=xq, wq=args[f"wq{i}"], sx=sx, sw=args[f"sw{i}"], y=y, M=M))
+        assert np.array_equal(y.view(np.uint32), args[f"y{i}"].view(np.uint32))
+
+
+def test_gemm_i8_wg_constraints():
+    with pytest.raises(KernelConstraintError, match="int8 weights"):
+        kernels.gemm_i8_wg(256, 64, w_bits=4)
+    with pytest.raises(KernelConstraintError, match="multiple of 64"):
+        kernels.gemm_i8_wg(256, 96)
+    with pytest.raises(KernelConstraintError, match="rows must be"):
+        kernels.gemm_i8_wg(256, 64, rows=40)
+    with pytest.raises(KernelConstraintError, match="k_tile"):
+        kernels.gemm_i8_wg(320, 64, k_tile=128)
+
+
 @pytest.mark.parametrize("M,m_max,K,members,w_bits", [(1, 1, 256, (16, 8, 8), 8), (3, 4, 512, (24, 8), 8),
                                                        (2, 2, 256, (8, 16, 8), 4)])
 def test_i8_stacked_members_emulated_exact(M, m_max, K, members, w_bits):
@@ -755,6 +812,26 @@ def test_gemm_w4a16_wg_ptx(cfg):
     assert p.count("wgmma.commit_group") >= 1 and "wgmma.wait_group.sync.aligned" in p
     assert spec.smem_dynamic == ("x_stages" not in cfg)
     assert (".extern .shared" in p) == spec.smem_dynamic
+    if ptx.ptxas_path() is None:
+        return
+    cb = ptx.assemble(p, "sm_90a")
+    r = cb.resources[spec.name]
+    assert r.spill_stores == r.spill_loads == r.stack == 0 and r.registers <= 255, r
+    assert "C7514" not in cb.log and "serialized" not in cb.log, cb.log
+
+
+@pytest.mark.parametrize("cfg", [dict(rows=32, warpgroups=1, x_stages=3),  # 24 KB: static shared memory
+                                 dict(rows=64, warpgroups=2, scaled="row"), dict(rows=128, x_stages=6)])
+def test_gemm_i8_wg_ptx(cfg):
+    """gemm_i8_wg for sm_90a: s8 wgmma with both operands through descriptors; ptxas (when
+    present) assembles it without spills and without serializing the wgmmas."""
+    from qcc.backends.cuda import ptx
+
+    spec = kernels.gemm_i8_wg(2048, 6144, m_max=128, **cfg)
+    p = ptx.compile_ptx(emit.gpu_module([spec]), arch="sm_90a")
+    assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k32\.s32\.s8\.s8 \{", p)
+    assert "cp.async.cg.shared.global" in p and "fence.proxy.async.shared::cta" in p
+    assert (".extern .shared" in p) == spec.smem_dynamic == (spec.smem_bytes() > emit.MAX_STATIC_SMEM)
     if ptx.ptxas_path() is None:
         return
     cb = ptx.assemble(p, "sm_90a")

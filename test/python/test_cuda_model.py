@@ -201,7 +201,7 @@ def test_prefill_gemm_plan_equals_the_gemv_plan(monkeypatch):
     model, inputs = llama_model(40)
     gemm = qcc.compile(model, inputs, target="cuda", quant="w4a4-had")
     assert {L["builder"] for L in gemm.manifest["cuda"]["int_layers"].values()} == {"gemm_i8"}
-    monkeypatch.setattr(select_kernels, "_prefill_gemm", lambda builder, args, M: (builder, args))
+    monkeypatch.setattr(select_kernels, "_prefill_gemm", lambda builder, args, M, arch: (builder, args))
     gemv = qcc.compile(model, inputs, target="cuda", quant="w4a4-had")
     assert {L["builder"] for L in gemv.manifest["cuda"]["int_layers"].values()} == {"gemv_i8"}
     a, b = emulate.run_compiled(gemm, *inputs)[0], emulate.run_compiled(gemv, *inputs)[0]
@@ -249,6 +249,24 @@ def test_sm90a_prefill_takes_wgmma():
     assert {(L["builder"], L["args"]["scale_mode"]) for L in h.manifest["cuda"]["layers"].values()} == \
         {("gemm_w4a16_wg", "weight")}
     assert rel_err(emulate.run_compiled(h, *inputs)[0], reference(model, inputs, "w4a16-g128", h)[0]) <= 1e-3
+
+
+def test_sm90a_prefill_takes_s8_wgmma():
+    """--gpu-arch sm_90a: at 40 tokens w8a8's integer matmuls (q/k/v and gate/up stacked) run
+    on gemm_i8_wg (s8 wgmma, both operands from shared memory); exact sums and the same
+    epilogue give the sm_90 plan's output (gemm_i8, mma.sync) bit for bit. w4a4's int4
+    weights stay on gemm_i8."""
+    model, inputs = llama_model(40)
+    wg = qcc.compile(model, inputs, target="cuda", quant="w8a8", gpu_arch="sm_90a")
+    assert {L["builder"] for L in wg.manifest["cuda"]["int_layers"].values()} == {"gemm_i8_wg"}
+    model, inputs = llama_model(40)
+    mma = qcc.compile(model, inputs, target="cuda", quant="w8a8")
+    assert {L["builder"] for L in mma.manifest["cuda"]["int_layers"].values()} == {"gemm_i8"}
+    a, b = emulate.run_compiled(wg, *inputs)[0], emulate.run_compiled(mma, *inputs)[0]
+    assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+    model, inputs = llama_model(40)
+    w4 = qcc.compile(model, inputs, target="cuda", quant="w4a4-had", gpu_arch="sm_90a")
+    assert {L["builder"] for L in w4.manifest["cuda"]["int_layers"].values()} == {"gemm_i8"}
 
 
 def test_prefill_contractions_take_shared_memory_tiles():
