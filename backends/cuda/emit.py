@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 _VEC_RE = re.compile(r"^vector<(\d+)x(\w+)>$")
 _MEMREF_RE = re.compile(r"^memref<(\d+)x(.+?)(?:, #gpu\.address_space<(\w+)>)?>$")
 MAX_STATIC_SMEM = 48 * 1024  # static shared memory a block may declare (more needs the dynamic kind)
+SWIZZLE_MODES = {0: 0, 128: 1}  # wgmma descriptor layout types (bits 62-63): none, 128-byte swizzle
 MAX_DYNAMIC_SMEM = 227 * 1024  # dynamic shared memory a block may take on sm_90 (opted in at load)
 INT_TYPES = {"i1": 1, "i8": 8, "i16": 16, "i32": 32, "i64": 64, "index": 64}
 FLOAT_TYPES = {"f16": 16, "f32": 32, "f64": 64}
@@ -183,6 +184,10 @@ class KernelSpec:
     # the smem buffers as views of dynamic shared memory (beyond MAX_STATIC_SMEM; the runtime
     # raises the kernel's dynamic limit at load), each at a 128-byte aligned offset
     smem_dynamic: bool = False
+    # > 128 (dynamic only): the buffers' alignment, e.g. 1024 for wgmma's 128-byte swizzled
+    # operands (the XOR pattern is taken from address bits); the kernel realigns the dynamic
+    # window's base at run time, inside smem_align more bytes
+    smem_align: int = 128
 
     @property
     def threads(self) -> int:
@@ -195,11 +200,11 @@ class KernelSpec:
 
     def smem_offsets(self) -> list[int]:
         """Byte offsets of the smem buffers in dynamic shared memory, then the total."""
-        out, at = [], 0
+        out, at, al = [], 0, self.smem_align
         for _, t, n in self.smem:
             out.append(at)
-            at += -(-n * bitwidth(t) // 8 // 128) * 128
-        return out + [at]
+            at += -(-n * bitwidth(t) // 8 // al) * al
+        return out + [at + (al if al > 128 else 0)]
 
     def mlir_func(self) -> str:
         return MlirEmitter().function(self)
@@ -339,11 +344,16 @@ class MlirEmitter(Emitter):
         header += f" kernel attributes {{known_block_size = array<i32: {b[0]}, {b[1]}, {b[2]}>}} {{"
         self.lines = [header]
         self.depth = 3
+        assert spec.smem_align == 128 or spec.smem_dynamic, "smem_align needs dynamic shared memory"
         if spec.smem_dynamic and spec.smem:
             raw = "memref<?xi8, #gpu.address_space<workgroup>>"
             self._emit(f"%qcc_dyn_smem = gpu.dynamic_shared_memory : {raw}")
+            shift = self.const(0, "index")
+            if spec.smem_align > 128:  # to the next multiple of smem_align
+                base = self._op(f"memref.extract_aligned_pointer_as_index %qcc_dyn_smem : {raw} -> index", "index")
+                shift = (self.const(spec.smem_align, "index") - base % spec.smem_align) % spec.smem_align
             for (name, et, n), off in zip(spec.smem, spec.smem_offsets()):
-                o = self.const(off, "index")
+                o = shift + self.const(off, "index")
                 self._emit(f"%{name} = memref.view %qcc_dyn_smem[{o.v}][] : {raw} to {vals[name].type}")
         spec.body(self, vals)
         self._emit("gpu.return")
@@ -541,15 +551,19 @@ class MlirEmitter(Emitter):
                          "shape = #nvvm.shape<m = 16, n = 8, k = 32>", "i32", "i32")
 
     # -- warpgroup MMA (sm_90a): wgmma.mma_async, B (and for s8 A) in shared memory
-    def smem_desc(self, mem: Val, i: Val, lbo: int, sbo: int) -> Val:
-        """The 64-bit wgmma matrix descriptor of a non-swizzled operand that starts at element
-        ``i`` of the workgroup memref ``mem``: its 8 x 16-byte core matrices are ``lbo`` bytes
-        apart along K and ``sbo`` bytes apart along M/N (PTX ISA, "Matrix Descriptor Format")."""
+    def smem_desc(self, mem: Val, i: Val, lbo: int, sbo: int, swizzle: int = 0) -> Val:
+        """The 64-bit wgmma matrix descriptor of a K-major operand that starts at element ``i``
+        of the workgroup memref ``mem`` (PTX ISA, "Matrix Descriptor Format"). swizzle 0: its 8
+        x 16-byte core matrices are ``lbo`` bytes apart along K and ``sbo`` bytes apart along
+        M/N. swizzle 128: rows of 128 bytes of K, 8-row atoms ``sbo`` (1024) bytes apart, the
+        16-byte chunk c of row r stored at chunk c ^ (r % 8) (atoms 1024-byte aligned; lbo
+        unused); a K step within the row adds its byte offset to the start."""
         _, et, sp = parse_memref(mem.type)
         assert sp == "workgroup" and lbo % 16 == 0 and sbo % 16 == 0 and max(lbo, sbo) < 1 << 18
+        assert swizzle in SWIZZLE_MODES
         base = self._op(f"memref.extract_aligned_pointer_as_index {mem.v} : {mem.type} -> index", "index")
         a = self.cast("index_cast", base + self.idx(i) * (bitwidth(et) // 8), "i64")
-        return ((a & 0x3FFFF) >> 4) | ((lbo >> 4) << 16 | (sbo >> 4) << 32)
+        return ((a & 0x3FFFF) >> 4) | ((lbo >> 4) << 16 | (sbo >> 4) << 32 | SWIZZLE_MODES[swizzle] << 62)
 
     def _asm(self, text: str, constraints: str, operands: Sequence[Val], results: Sequence[str]):
         """A side-effecting llvm.inline_asm (kept in place against the other wgmma steps)."""

@@ -123,6 +123,7 @@ TUNED = {
                             _c(1, 4, 2, "no_allocate"), _c(1, 2, 1)],
     ("gemv_w8a16", "m64"): [_c(2, 4, 1, "no_allocate_256"), _c(1, 4, 2), _c(1, 2, 1)],  # x_stages: no gain
 }
+SM_COUNT = 132  # H100 / H200 SXM: the launch shapes the defaults size for
 GEMM_BIG_GRID = 256  # gemm_i8: 64-row blocks from this many of them, else 32-row ones
 MIN_BLOCKS = 128  # x_stages configurations need this many blocks (H200 sweep: fewer lose to K-split warps)
 GEMV_M_MAX = 256  # rows of x a weight-only GEMV launch takes (blocks of up to 64 rows along grid y)
@@ -1506,49 +1507,52 @@ def gemm_i8(K: int, N: int, *, m_max: int = 64, n_tiles: int | None = None, n_wa
 
 
 def gemm_i8_wg(K: int, N: int, *, m_max: int = 256, rows: int | None = None, warpgroups: int | None = None,
-               k_tile: int = 128, x_stages: int | None = None, scaled: str | None = None, w_bits: int = 8,
+               x_stages: int | None = None, scaled: str | None = None, w_bits: int = 8,
                members: tuple | list | None = None, name: str | None = None) -> KernelSpec:
     """gemm_i8's product (same parameters, exact i32 sums or the same scaled f32 epilogue) on
     Hopper's warpgroup MMA, ``wgmma.mma_async`` m64nNk32 s8 (sm_90a only), int8 weights.
 
     Both operands come from shared memory: a block is ``warpgroups`` groups of 4 warps, each
     owning 64 weight rows (wgmma's A, M = 64) and all the block's ``rows`` rows of x (wgmma's
-    N). Per ``k_tile``-byte K tile, the block's weight rows and x rows reach shared memory by
-    cp.async through a ring of ``x_stages`` slots, each laid out as wgmma's non-swizzled
-    K-major core matrices (16-byte chunk kc of row r at kc * R + r for R rows: 8 rows x 16
-    bytes a core matrix, the next 8 rows 128 bytes on, the next 16 K bytes 16 R on), so the
-    [N, K] codes are read as stored. The warps issue one wgmma per k32 step into one set of
-    i32 accumulators and keep one tile in flight while the next is issued (the ring copies
-    S - 2 tiles ahead, the slot of the tile before may still be read); a loop iteration
-    takes up to 4 tiles and waits for its last, so no wgmma is in flight across the back edge.
-    Constraints: w_bits 8, K % k_tile == 0, k_tile % 32 == 0, every member's N a multiple of
-    64 * warpgroups, rows in 8, 16, 24 or a multiple of 16 up to 256, x_stages >= 3.
-    Defaults (``rows`` None): 2 warpgroups and 64 rows where that makes >= 128 blocks, else 1
-    warpgroup and 64 rows (then 32); 4 slots.
+    N). Per 128-byte K tile, the block's weight rows and x rows reach shared memory by
+    cp.async through a ring of ``x_stages`` slots in wgmma's 128-byte swizzled K-major layout:
+    a row's 128 bytes in 8 16-byte chunks, chunk c of row r at chunk c ^ (r % 8) of its
+    128-byte line, 8-row atoms of 1024 bytes (1024-byte aligned). So 8 consecutive threads
+    copy one row's 128 contiguous bytes of the [N, K] codes as stored (one cache line) into
+    8 different bank groups; a k32 step's descriptor starts 32 bytes further into the rows.
+    The warps issue one wgmma per k32 step into one set of i32 accumulators and keep one tile
+    in flight while the next is issued (the ring copies S - 2 tiles ahead: the slot of the
+    tile before may still be read); a loop iteration takes up to 4 tiles and waits for its
+    last, so no wgmma is in flight across the back edge.
+    Constraints: w_bits 8, K % 128 == 0, every member's N a multiple of 64 * warpgroups,
+    rows in 8, 16, 24 or a multiple of 16 up to 256, x_stages >= 3.
+    Defaults (H200 sweep of bench_llama's prefill shapes at 128 rows, tools/cuda_device_run.py
+    PREFILL_VARIANTS): 1 warpgroup (2 were never faster), 64-row blocks where they make >= 192
+    blocks (q/k/v, gate/up: 7.1 and 11.5 us against gemm_i8's 13.0 and 19.7), else 32 (o_proj,
+    down_proj: 5.0 and 9.3 against 7.0 and 15.1); the deepest ring, up to 8 slots, that keeps
+    all the blocks resident at once.
     """
     _require(w_bits == 8, f"gemm_i8_wg takes int8 weights (w_bits={w_bits}); int4 runs on gemm_i8")
-    _require(k_tile % 32 == 0 and K % k_tile == 0, f"gemm_i8_wg needs k_tile % 32 == 0 dividing K (K={K}, k_tile={k_tile})")
+    _require(K % 128 == 0, f"gemm_i8_wg needs K % 128 == 0 (K={K})")
     _require(1 <= m_max <= GEMV_M_MAX, f"m_max must be in 1..{GEMV_M_MAX} (got {m_max})")
     _require(scaled in (None, "row", "tensor"), f"scaled must be None, 'row' or 'tensor' (got {scaled!r})")
     members, sfx = _members(N, members)
-    if rows is None:
-        rows = min(64, max(16, -(-m_max // 16) * 16))
-        if warpgroups is None:
-            warpgroups = 2 if all(n % 128 == 0 for n in members) and N // 128 * -(-m_max // rows) >= 128 else 1
-        if N // (64 * warpgroups) * -(-m_max // rows) < 128 and m_max > 32:
-            rows = 32  # more blocks
     warpgroups = warpgroups or 1
+    if rows is None:  # 64-row blocks where they make >= 192 blocks, else 32 (H200 sweep)
+        rows = min(64 if N // (64 * warpgroups) * -(-m_max // 64) >= 192 else 32, max(16, -(-m_max // 16) * 16))
     BM, BN = rows, 64 * warpgroups
     _require(BM in (8, 16, 24) or (BM % 16 == 0 and 16 <= BM <= 256),
              f"rows must be 8, 16, 24 or a multiple of 16 up to 256 (got {BM})")
     _require(all(n % BN == 0 for n in members), f"every member's N {members} must be a multiple of 64 * warpgroups = {BN}")
     row_blocks = -(-m_max // BM)
     threads = 128 * warpgroups
-    XC, KT, K16 = k_tile // 16, K // k_tile, K // 16
-    x_stage, w_stage = BM * XC, BN * XC  # 16-byte chunks a slot holds
+    KT, K16 = K // 128, K // 16
+    x_stage, w_stage = -(-BM // 8) * 64, BN * 8  # 16-byte chunks a slot holds (whole 8-row atoms)
     slot_bytes = 16 * (x_stage + w_stage)
-    fits = MAX_DYNAMIC_SMEM // (slot_bytes + 256)  # each buffer rounds up to 128 bytes
-    S = x_stages or min(4, fits)
+    fits = (MAX_DYNAMIC_SMEM - 3 * 1024) // slot_bytes  # buffers aligned to 1024 bytes, the base realigned
+    # default: the deepest ring (up to 8) that keeps every block resident at once on 132 SMs
+    resident = -(-(N // BN) * row_blocks // SM_COUNT)
+    S = x_stages or max(3, min(8, (MAX_DYNAMIC_SMEM // resident - 3 * 1024) // slot_bytes))
     _require(3 <= S <= fits, f"x_stages={S}: 3..{fits} slots of {slot_bytes} bytes fit")
     ahead = S - 2  # K tiles the ring copies ahead of the one multiplied
     UW = next(u for u in (4, 2, 1) if KT % u == 0)  # K tiles a loop iteration
@@ -1566,37 +1570,37 @@ def gemm_i8_wg(K: int, N: int, *, m_max: int = 256, rows: int | None = None, war
         xs, ws = a["xs"], a["ws"]
 
         def issue(c):
-            """cp.async K tile c into slot c % S (nothing past the end): a thread pair copies
-            one row's 32 contiguous bytes, of x and of the block's weight rows."""
+            """cp.async K tile c into slot c % S (nothing past the end): 8 threads a row, each
+            one 16-byte chunk, to its swizzled place."""
             slot = c % S
 
             def x_one(it):
-                kc, r = (it // (2 * BM)) * 2 + it % 2, (it // 2) % BM
+                r, ch = it // 8, it % 8
                 rr = row0 + r  # rows past M read rows < M (distinct addresses: no same-address pileup)
-                src = E.select(E.cmp("ult", rr, M), rr, rr % M) * K16 + c * XC + kc
-                E.cp_async(xs, slot * x_stage + kc * BM + r, a["x"], src)
+                src = E.select(E.cmp("ult", rr, M), rr, rr % M) * K16 + c * 8 + ch
+                E.cp_async(xs, slot * x_stage + r * 8 + (ch ^ (r % 8)), a["x"], src)
 
             def w_one(it):
-                kc, n = (it // (2 * BN)) * 2 + it % 2, (it // 2) % BN
-                E.cp_async(ws, slot * w_stage + kc * BN + n, a["wq" + mi], (n0 + n) * K16 + c * XC + kc)
+                r, ch = it // 8, it % 8
+                E.cp_async(ws, slot * w_stage + r * 8 + (ch ^ (r % 8)), a["wq" + mi], (n0 + r) * K16 + c * 8 + ch)
 
             def copies():
-                _spread(E, tid, threads, x_stage, x_one)
+                _spread(E, tid, threads, BM * 8, x_one)
                 _spread(E, tid, threads, w_stage, w_one)
             E.if_(E.cmp("ult", c, E.const(KT, "index")), copies)
             E.cp_async_commit()
 
         def tile(c, acc):
-            """K tile c's wgmmas (one a k32 step), committed as one group."""
+            """K tile c's 4 wgmmas (one a k32 step), committed as one group."""
             E.cp_async_wait(ahead - 1)  # tile c landed for this thread
             E.fence_proxy_async()  # ... and is visible to the tensor cores' reads
             E.barrier()  # ... for every thread; the wgmmas on the slot refilled next are done
             issue(c + ahead)
             slot = c % S
             E.wgmma_fence()
-            for s_ in range(XC // 2):
-                da = E.smem_desc(ws, slot * w_stage + 2 * s_ * BN + (warp // 4) * 64, lbo=16 * BN, sbo=128)
-                db = E.smem_desc(xs, slot * x_stage + 2 * s_ * BM, lbo=16 * BM, sbo=128)
+            for s_ in range(4):
+                da = E.smem_desc(ws, slot * w_stage + (warp // 4) * 512 + 2 * s_, lbo=16, sbo=1024, swizzle=128)
+                db = E.smem_desc(xs, slot * x_stage + 2 * s_, lbo=16, sbo=1024, swizzle=128)
                 acc = E.wgmma_s8(da, db, acc, BM)
             E.wgmma_commit()
             return acc
@@ -1630,14 +1634,12 @@ def gemm_i8_wg(K: int, N: int, *, m_max: int = 256, rows: int | None = None, war
             member(E, a, mi, N, blk)
 
     nm = name or (f"gemm_i8_wg_k{K}_n{'_'.join(map(str, members))}_m{m_max}_r{BM}w{warpgroups}"
-                  f"k{k_tile}x{S}{'_s' + scaled[0] if scaled else ''}")
+                  f"x{S}{'_s' + scaled[0] if scaled else ''}")
     cfg = {"kind": "gemm_i8_wg", "K": K, "N": N, "m_max": m_max, "rows": BM, "warpgroups": warpgroups,
-           "k_tile": k_tile, "x_stages": S, "scaled": scaled, "w_bits": w_bits, "members": list(members),
+           "x_stages": S, "scaled": scaled, "w_bits": w_bits, "members": list(members),
            "weight_bytes": N * K, "meta_bytes": 4 * N if scaled else 0, "arch": "sm_90a"}
-    spec = KernelSpec(nm, params, (threads, 1, 1), (N // BN, row_blocks, 1), _per_member(members, sfx, BN, per_block),
-                      smem, cfg, doc=gemm_i8_wg.__doc__.split("\n")[0])
-    spec.smem_dynamic = spec.smem_bytes() > MAX_STATIC_SMEM
-    return spec
+    return KernelSpec(nm, params, (threads, 1, 1), (N // BN, row_blocks, 1), _per_member(members, sfx, BN, per_block),
+                      smem, cfg, doc=gemm_i8_wg.__doc__.split("\n")[0], smem_dynamic=True, smem_align=1024)
 
 
 # --------------------------------------------------------------------------- w8, column-sparse x

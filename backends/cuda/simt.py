@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .emit import (Emitter, KernelSpec, Val, parse_memref, parse_type, vec, is_float,
+from .emit import (SWIZZLE_MODES, Emitter, KernelSpec, Val, parse_memref, parse_type, vec, is_float,
                    INT_TYPES)
 
 _NP = {"i1": np.bool_, "i8": np.uint8, "i16": np.uint16, "i32": np.uint32,
@@ -405,11 +405,11 @@ class SimtEmulator(Emitter):
     # -- warpgroup MMA: executed at issue (the kernel must keep its operands until the wait,
     # which the emulator does not check, except that no group may stay in flight across a
     # loop's back edge); B is read through the checked shared-memory loads
-    def smem_desc(self, mem, i, lbo, sbo):
+    def smem_desc(self, mem, i, lbo, sbo, swizzle=0):
         m: _Mem = mem.v
         esz = m.arr.itemsize * int(np.prod(m.arr.shape[2:]))
         addr = self._smem_base[id(m)] + self.idx(i).v.astype(np.int64) * esz
-        d = ((addr & 0x3FFFF) >> 4) | ((lbo >> 4) << 16) | ((sbo >> 4) << 32)
+        d = ((addr & 0x3FFFF) >> 4) | ((lbo >> 4) << 16) | ((sbo >> 4) << 32) | (SWIZZLE_MODES[swizzle] << 62)
         return self._v(d.astype(np.uint64), "i64")
 
     def _desc_rows(self, desc, rows):
@@ -422,9 +422,15 @@ class SimtEmulator(Emitter):
             raise SimtError("wgmma: the matrix descriptor differs between threads of a warpgroup")
         d = d[:, 0]
         start, lbo, sbo = (d & 0x3FFF) << 4, ((d >> 16) & 0x3FFF) << 4, ((d >> 32) & 0x3FFF) << 4
-        # chunk k of row j: 16-byte element (start + k lbo + (j // 8) sbo + (j % 8) 16) / 16
+        mode = d >> 62
+        if (mode != mode[0]).any() or int(mode[0]) not in (0, 1):
+            raise SimtError(f"wgmma: descriptor layout type {int(mode[0])} (the emulator knows none and 128-byte swizzle)")
         kk, jj = np.arange(2)[:, None], np.arange(rows)[None, :]
-        byte = start[:, None, None] + kk * lbo[:, None, None] + (jj // 8) * sbo[:, None, None] + (jj % 8) * 16
+        if mode[0] == 0:  # chunk k of row j: byte start + k lbo + (j // 8) sbo + (j % 8) 16
+            byte = start[:, None, None] + kk * lbo[:, None, None] + (jj // 8) * sbo[:, None, None] + (jj % 8) * 16
+        else:  # 128-byte rows, chunk bits 4-6 XORed with the row-in-atom bits 7-9 of the address
+            byte = start[:, None, None] + kk * 16 + (jj // 8) * sbo[:, None, None] + (jj % 8) * 128
+            byte = byte ^ (((byte >> 7) & 7) << 4)
         mem, off = self._smem_at(byte)
         flat = off.reshape(G, -1)  # [G, 2 rows] element indices, loaded 128 a pass with the checks
         vals = np.zeros(flat.shape + (16,), np.uint8)
@@ -583,7 +589,7 @@ def run(spec: KernelSpec, args: dict, *, blocks_per_batch: int = 64,
                 vals[p.name] = Val(E, _Mem(p.name, arr, "global", et), p.type)
             else:
                 vals[p.name] = E.const(int(args[p.name]), p.type)
-        E._smem_base, E._smem_bases, base = {}, [], 0
+        E._smem_base, E._smem_bases, base, al = {}, [], 0, max(128, spec.smem_align)
         for name, et, n in spec.smem:
             s, e = parse_type(et)
             arr = np.zeros((b1 - b0, n) + s, _NP[e])
@@ -592,7 +598,7 @@ def run(spec: KernelSpec, args: dict, *, blocks_per_batch: int = 64,
             vals[name] = Val(E, m, t)
             E._smem_base[id(m)] = base  # byte addresses for wgmma descriptors, buffers laid end to end
             E._smem_bases.append((base, m))
-            base += -(-n * arr.itemsize * int(np.prod(s or (1,))) // 128) * 128
+            base += -(-n * arr.itemsize * int(np.prod(s or (1,))) // al) * al
         spec.body(E, vals)
 
 

@@ -306,15 +306,16 @@ def test_gemm_i8_stacked_members_emulated_exact():
 
 
 @pytest.mark.parametrize("M,m_max,K,N,cfg", [
-    (37, 64, 256, 64, dict(rows=64, warpgroups=1, k_tile=64, x_stages=3)),  # 27 rows past M, static ring
-    (100, 128, 512, 256, dict(rows=32, warpgroups=2, x_stages=4)),  # 4 row blocks, 2 warpgroups, dynamic
-    (20, 32, 384, 128, dict(rows=16, k_tile=32, x_stages=5)),  # one k32 step a tile, 12 tiles: 3 iterations
+    (37, 64, 256, 64, dict(rows=64, warpgroups=1, x_stages=3)),  # 27 rows past M
+    (100, 128, 512, 256, dict(rows=32, warpgroups=2, x_stages=4)),  # 4 row blocks, 2 warpgroups
+    (20, 32, 1536, 128, dict(rows=16, x_stages=5)),  # 12 tiles: 3 iterations of 4
     (70, 80, 640, 128, dict(rows=48, warpgroups=2, x_stages=3)),  # 5 tiles: 1-tile iterations
+    (45, 48, 768, 64, dict(rows=24, x_stages=6)),  # a 24-row block: 3 atoms; 6 tiles, iterations of 2
     (5, 8, 256, 64, dict(rows=8)),
     (130, 256, 256, 128, {})])  # the defaults
 def test_gemm_i8_wg_emulated_exact(M, m_max, K, N, cfg):
-    """gemm_i8_wg (s8 wgmma, A and B through shared-memory descriptors) gives the exact i32
-    sums, and its scaled epilogue gemm_i8's f32 bits."""
+    """gemm_i8_wg (s8 wgmma, A and B through 128-byte swizzled shared-memory descriptors)
+    gives the exact i32 sums, and its scaled epilogue gemm_i8's f32 bits."""
     rng = np.random.default_rng(M + K)
     xq = rng.integers(-128, 128, (M, K)).astype(np.int8)
     q = rng.integers(-127, 128, (N, K)).astype(np.int8)
@@ -358,8 +359,10 @@ def test_gemm_i8_wg_constraints():
         kernels.gemm_i8_wg(256, 96)
     with pytest.raises(KernelConstraintError, match="rows must be"):
         kernels.gemm_i8_wg(256, 64, rows=40)
-    with pytest.raises(KernelConstraintError, match="k_tile"):
-        kernels.gemm_i8_wg(320, 64, k_tile=128)
+    with pytest.raises(KernelConstraintError, match="K % 128"):
+        kernels.gemm_i8_wg(320, 64)
+    with pytest.raises(KernelConstraintError, match="slots"):
+        kernels.gemm_i8_wg(256, 128, rows=256, warpgroups=2, x_stages=6)
 
 
 @pytest.mark.parametrize("M,m_max,K,members,w_bits", [(1, 1, 256, (16, 8, 8), 8), (3, 4, 512, (24, 8), 8),
@@ -820,10 +823,11 @@ def test_gemm_w4a16_wg_ptx(cfg):
     assert "C7514" not in cb.log and "serialized" not in cb.log, cb.log
 
 
-@pytest.mark.parametrize("cfg", [dict(rows=32, warpgroups=1, x_stages=3),  # 24 KB: static shared memory
-                                 dict(rows=64, warpgroups=2, scaled="row"), dict(rows=128, x_stages=6)])
+@pytest.mark.parametrize("cfg", [dict(rows=32, warpgroups=1, x_stages=3), dict(rows=64, warpgroups=2, scaled="row"),
+                                 dict(rows=128, x_stages=6)])
 def test_gemm_i8_wg_ptx(cfg):
-    """gemm_i8_wg for sm_90a: s8 wgmma with both operands through descriptors; ptxas (when
+    """gemm_i8_wg for sm_90a: s8 wgmma with both operands through 128-byte swizzled
+    descriptors in dynamic shared memory (its base realigned to 1024 bytes); ptxas (when
     present) assembles it without spills and without serializing the wgmmas."""
     from qcc.backends.cuda import ptx
 
@@ -831,7 +835,9 @@ def test_gemm_i8_wg_ptx(cfg):
     p = ptx.compile_ptx(emit.gpu_module([spec]), arch="sm_90a")
     assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k32\.s32\.s8\.s8 \{", p)
     assert "cp.async.cg.shared.global" in p and "fence.proxy.async.shared::cta" in p
-    assert (".extern .shared" in p) == spec.smem_dynamic == (spec.smem_bytes() > emit.MAX_STATIC_SMEM)
+    assert ".extern .shared" in p and spec.smem_dynamic and spec.smem_align == 1024
+    off = spec.smem_offsets()
+    assert all(o % 1024 == 0 for o in off[:-1]) and off[-1] >= sum(n * 16 for _, _, n in spec.smem) + 1024
     if ptx.ptxas_path() is None:
         return
     cb = ptx.assemble(p, "sm_90a")
