@@ -103,12 +103,12 @@ PREFILL_VARIANTS = {
                    dict(n_warps=4, m_tiles=2, w_smem=False, x_stages=4, out_f32=False)],
     # the same on Hopper's wgmma (sm_90a): 64 columns a warpgroup, `rows` of x a block
     "gemm_w4a16_wg": [dict(rows=r, warpgroups=w, overlap=o, x_stages=xs, out_f32=False)
-                      for r, w, o, xs in ((64, 1, 0, None), (64, 1, 0, 3), (64, 2, 0, None), (64, 1, 2, None),
-                                          (64, 1, 4, None), (64, 2, 2, None), (128, 1, 0, None), (128, 2, 0, None),
-                                          (32, 1, 4, None), (32, 2, 4, None), (32, 2, 0, None))] +
+                      for r, w, o, xs in ((64, 1, 2, None), (32, 1, 4, None), (64, 1, 0, None), (128, 1, 0, None),
+                                          (128, 2, 0, None), (64, 2, 2, None), (32, 2, 4, None), (64, 1, 2, 6),
+                                          (32, 1, 4, 6), (64, 1, 4, None))] +
                      [dict(rows=r, warpgroups=w, x_stages=xs, scale_mode="weight", out_f32=False)
-                      for r, w, xs in ((64, 2, None), (32, 2, None), (128, 2, 3), (128, 1, None), (64, 1, None),
-                                       (64, 2, 6))],
+                      for r, w, xs in ((64, 1, None), (32, 1, None), (64, 2, None), (128, 1, None), (64, 1, 6),
+                                       (128, 1, 3), (32, 1, 6))],
 }
 PREFILL_I8_ROWS = 128
 W4_KINDS = ("gemv_w4a16", "gemm_w4a16", "gemm_w4a16_wg")  # = pack.W4_BUILDERS (pack loads lazily here)

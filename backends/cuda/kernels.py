@@ -828,9 +828,10 @@ def gemm_w4a16_wg(K: int, N: int, group_size: int = 128, *, zero_point: bool = T
     16 rows of the warp's share of wgmma's A, straight from registers) and all the block's
     ``rows`` rows of x (wgmma's N, B in shared memory). Per 128-column K tile, x, the weight
     tiles and their group scales and zeros reach shared memory by cp.async through a ring of
-    ``x_stages`` slots; x is laid out as wgmma's non-swizzled K-major core matrices (chunk kc
-    of row r at kc * rows + r: 8 rows x 16 bytes a core matrix, the next 8 rows 128 bytes on,
-    the next 8 K values 16 * rows bytes on). One wgmma per k16 step accumulates a group's
+    ``x_stages`` slots; x in wgmma's 128-byte swizzled K-major layout (gemm_i8_wg's): the
+    tile's 256 bytes of a row as two 128-byte halves, each in its own block of rows, 16
+    threads copying a row's 256 contiguous bytes (two cache lines; the non-swizzled layout,
+    with a thread pair a row, was 1.6-2x slower). One wgmma per k16 step accumulates a group's
     exact integer-weight sums in fp32 (the first step of a group starts from zero), and after
     the wait the group scale is applied in fp32: acc += scale * group sum, gemv_w4a16's
     ``scale_mode="acc"``. ``overlap = U`` > 1 (G = 128): the waits let one group stay in
@@ -844,15 +845,15 @@ def gemm_w4a16_wg(K: int, N: int, group_size: int = 128, *, zero_point: bool = T
     rows % 8 == 0, 8 <= rows <= 256; overlap: group_size == 128, K / 128 a multiple of U,
     x_stages >= 3.
     Defaults (``rows`` None; H200 sweep of bench_llama's prefill shapes at 128 and 256 rows):
-    2 warpgroups (128 columns a block), 64 rows and overlap 2 where that gives >= 128 blocks
-    (q/k/v, gate/up: 43.4 and 68.6 us at 256 rows against gemm_w4a16's 48.4 and 80.0),
-    else 32 rows and overlap 4 (o_proj, down_proj: 14.3 and 34.8 against 17.6 and 39.9).
+    1 warpgroup; weight mode 64 rows (13.1, 9.0, 19.8, 19.6 us for q/k/v, o, gate/up, down at
+    128 rows against cuBLAS fp16's 9.2, 6.7, 15.0, 12.9); acc mode 64 rows and overlap 2 where
+    that gives >= 192 blocks (q/k/v, gate/up: 24.1 and 38.8 us at 256 rows), else 32 rows and
+    overlap 4 (o_proj, down_proj: 9.8 and 22.4); 4 slots.
     """
     G = group_size
     gt, KT, GP, XC = G // 128, K // 128, K // G, 16
     if rows is None:  # defaults: H200 sweep at 128 and 256 rows (tools/cuda_device_run.py PREFILL_VARIANTS)
-        warpgroups = 2 if N % 128 == 0 else warpgroups
-        big = N // (64 * warpgroups) * -(-m_max // 64) >= 128  # blocks of 64 rows fill the GPU
+        big = scale_mode == "weight" or N // (64 * warpgroups) * -(-m_max // 64) >= 192
         rows = min(64 if big else 32, max(8, -(-m_max // 8) * 8))
         u = 2 if big else 4
         overlap = u if overlap == 0 and gt == 1 and GP % u == 0 else overlap
@@ -871,7 +872,7 @@ def gemm_w4a16_wg(K: int, N: int, group_size: int = 128, *, zero_point: bool = T
     x_stage, w_stage = BM * XC, TB * 32
     s_stage, z_stage = (TB * 8, 0) if weight else (TB * 4, TB * 2 if zero_point else 0)
     slot_bytes = 16 * (x_stage + w_stage) + (4 if weight else 8) * s_stage + 4 * z_stage
-    fits = MAX_DYNAMIC_SMEM // (slot_bytes + 512)  # each buffer rounds up to 128 bytes
+    fits = (MAX_DYNAMIC_SMEM - 5 * 1024) // slot_bytes  # buffers aligned to 1024 bytes, the base realigned
     S = x_stages or min(4, fits)
     _require(2 + (overlap > 1) <= S <= fits, f"x_stages={S}: {2 + (overlap > 1)}..{fits} slots of {slot_bytes} bytes fit")
     _require(overlap in (0, 1) or (gt == 1 and GP % overlap == 0),
@@ -898,10 +899,11 @@ def gemm_w4a16_wg(K: int, N: int, group_size: int = 128, *, zero_point: bool = T
             slot = c % S
 
             def x_one(it):
-                kc, r = (it // (2 * BM)) * 2 + it % 2, (it // 2) % BM
+                r, kc = it // XC, it % XC  # 16 threads a row; chunk kc into half kc // 8, swizzled
+                dst = slot * x_stage + (kc // 8) * (BM * 8) + r * 8 + ((kc % 8) ^ (r % 8))
                 rr = row0 + r  # rows past M read rows < M (distinct addresses: no same-address pileup)
                 src = E.select(E.cmp("ult", rr, M), rr, rr % M) * (K // 8) + c * XC + kc
-                E.cp_async(xs, slot * x_stage + kc * BM + r, a["x"], src)
+                E.cp_async(xs, dst, a["x"], src)
 
             def w_one(it):
                 E.cp_async(ws, slot * w_stage + it, a["wq"], ((tb0 + it // 32) * KT + c) * 32 + it % 32)
@@ -955,7 +957,8 @@ def gemm_w4a16_wg(K: int, N: int, group_size: int = 128, *, zero_point: bool = T
             W = [_w4_steps(E, E.load(ws, slot * w_stage + (warp * 2 + r) * 32 + lane), *meta(slot, r)) for r in range(2)]
             E.wgmma_fence()
             for s_ in range(8):
-                desc = E.smem_desc(xs, slot * x_stage + 2 * s_ * BM, lbo=16 * BM, sbo=128)
+                desc = E.smem_desc(xs, slot * x_stage + (s_ // 4) * (BM * 8) + 2 * (s_ % 4), lbo=16, sbo=1024,
+                                   swizzle=128)
                 accg = E.wgmma_f16([W[0][s_][0], W[1][s_][0], W[0][s_][1], W[1][s_][1]], desc, accg, BM,
                                    accumulate=None if s_ or not fresh else False)
             E.wgmma_commit()
@@ -1016,10 +1019,8 @@ def gemm_w4a16_wg(K: int, N: int, group_size: int = 128, *, zero_point: bool = T
            "scale_mode": scale_mode, "m_max": m_max, "rows": BM, "warpgroups": warpgroups, "x_stages": S,
            "overlap": overlap, "out_f32": out_f32, "weight_bytes": N * K // 2, "arch": "sm_90a",
            "meta_bytes": N * GP * 4 if weight else N * GP * (4 + (1 if zero_point else 0))}
-    spec = KernelSpec(nm, params, (threads, 1, 1), (N // BN, row_blocks, 1), _row_blocks_body(BM, row_blocks, block),
-                      smem, cfg, doc=gemm_w4a16_wg.__doc__.split("\n")[0])
-    spec.smem_dynamic = spec.smem_bytes() > MAX_STATIC_SMEM
-    return spec
+    return KernelSpec(nm, params, (threads, 1, 1), (N // BN, row_blocks, 1), _row_blocks_body(BM, row_blocks, block),
+                      smem, cfg, doc=gemm_w4a16_wg.__doc__.split("\n")[0], smem_dynamic=True, smem_align=1024)
 
 
 # --------------------------------------------------------------------------- w8a16

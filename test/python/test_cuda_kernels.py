@@ -181,11 +181,11 @@ def test_gemm_w4a16_emulated(K, N, G, M, zp, cfg):
     (512, 128, 128, 40, False, dict(m_max=64, rows=24, warpgroups=2)),  # two row blocks, symmetric
     (512, 64, 256, 9, True, dict(m_max=64, rows=8, x_stages=3, out_f32=False)),  # 2 K tiles a group, f16 y
     (256, 64, 128, 17, True, dict(m_max=128, rows=16)),  # row blocks wholly past M skip
-    (256, 64, 128, 70, True, dict(m_max=128, rows=128)),  # a 128 KB ring: dynamic shared memory
+    (256, 64, 128, 70, True, dict(m_max=128, rows=128)),  # a 128 KB ring
     (512, 128, 128, 30, False, dict(m_max=32, rows=32, warpgroups=2, x_stages=3, overlap=2)),
     (512, 64, 128, 21, True, dict(m_max=64, rows=24, overlap=4))])  # groups alternate between 2 sum registers
 def test_gemm_w4a16_wg_emulated(K, N, G, M, zp, cfg):
-    """gemm_w4a16_wg (wgmma, B = x through descriptors of the non-swizzled K-major layout)
+    """gemm_w4a16_wg (wgmma, B = x through descriptors of the 128-byte swizzled K-major layout)
     gives gemm_w4a16's results on the same packed weights: vs float64 numpy on the dequantized
     weights and within f32 rounding of gemm_w4a16."""
     rng = np.random.default_rng(K + N + G + M)
@@ -800,12 +800,13 @@ def test_emulator_rejects_wgmma_in_flight_across_back_edge(wait_in_loop):
             simt.run(spec, dict(y=y))
 
 
-@pytest.mark.parametrize("cfg", [dict(rows=32, x_stages=3),  # 37 KB: static shared memory
-                                 dict(rows=128), dict(rows=64, overlap=4)])  # 128, 64 KB rings: dynamic
+@pytest.mark.parametrize("cfg", [dict(rows=32, x_stages=3), dict(rows=128, warpgroups=2), dict(rows=64, overlap=4),
+                                 dict(scale_mode="weight")])
 def test_gemm_w4a16_wg_ptx(cfg):
-    """gemm_w4a16_wg for sm_90a: wgmma with A from registers and B through descriptors, the
-    x ring filled by cp.async (as dynamic shared memory past 48 KB); ptxas (when present)
-    assembles it without spills and without serializing the wgmmas (warning C7514)."""
+    """gemm_w4a16_wg for sm_90a: wgmma with A from registers and B through 128-byte swizzled
+    descriptors, the x ring filled by cp.async in dynamic shared memory (its base realigned
+    to 1024 bytes); ptxas (when present) assembles it without spills and without serializing
+    the wgmmas (warning C7514)."""
     from qcc.backends.cuda import ptx
 
     spec = kernels.gemm_w4a16_wg(2048, 6144, m_max=256, **cfg)
@@ -813,8 +814,7 @@ def test_gemm_w4a16_wg_ptx(cfg):
     assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k16\.f32\.f16\.f16 \{", p)
     assert "cp.async.cg.shared.global" in p and "fence.proxy.async.shared::cta" in p
     assert p.count("wgmma.commit_group") >= 1 and "wgmma.wait_group.sync.aligned" in p
-    assert spec.smem_dynamic == ("x_stages" not in cfg)
-    assert (".extern .shared" in p) == spec.smem_dynamic
+    assert ".extern .shared" in p and spec.smem_dynamic and spec.smem_align == 1024
     if ptx.ptxas_path() is None:
         return
     cb = ptx.assemble(p, "sm_90a")
