@@ -38,6 +38,7 @@ from qcc.errors import QccError
 
 ARCHS = ("sm_90", "sm_90a", "sm_80")
 FUSE_SMALL_LAUNCHES = True  # fuse_launches.py; tests turn it off to compare plans
+FUSE_ROW_LAUNCHES = True  # fuse_launches.fuse_row_launches (prefill's per-row ops); likewise
 
 
 FUSE = [
@@ -128,7 +129,7 @@ def compile_cuda(*, module, ctx, session, run, prog, imported, recipe, gpu_arch:
     from qcc import driver
     from qcc.model import CompiledModel
 
-    from .fuse_launches import fuse_small_launches
+    from .fuse_launches import fuse_row_launches, fuse_small_launches
     from .host_plan import HostOpError, PlanBuilder
 
     run("select-kernels", [f"cuda-select-kernels{{split-x={ACTIVATIONS[gpu_activations]} arch={gpu_arch}}}"])
@@ -148,6 +149,8 @@ def compile_cuda(*, module, ctx, session, run, prog, imported, recipe, gpu_arch:
         raise QccError(f"cuda backend: {e}")
     if FUSE_SMALL_LAUNCHES:
         pb.launches = fuse_small_launches(pb.launches, pb.specs, pb.descs)
+    if FUSE_ROW_LAUNCHES:
+        pb.launches = fuse_row_launches(pb.launches, pb.specs, pb.descs, pb.roots)
     plan = pb.to_json()
     launched = {L["kernel"] for L in plan["launches"]}
     specs = {n: s for n, s in pb.specs.items() if n in launched}

@@ -553,6 +553,44 @@ def _tiny_spec(body, params, block=32, grid=1, smem=()):
     return emit.KernelSpec("t", params, (block, 1, 1), (grid, 1, 1), body, list(smem))
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+def test_row_fusion_needs_row_local_accesses(transposed):
+    """Two elementwise launches over [32, 64]: b = 2a, then c = b + 1 reading b as is (row r
+    of c needs only row r of b: one launch of 32 blocks) or through a transposed map (row r
+    of c needs a column of b, written by every block: kept as two launches)."""
+    from qcc.backends.cuda import fuse_launches, linalg_kernels as lk
+
+    R, K = 32, 64
+    ident, trans = [("d", 0), ("d", 1)], [("d", 1), ("d", 0)]
+
+    def view(m=ident):
+        return lk.Operand("f32", (R, K) if m is ident else (K, R), (K, 1) if m is ident else (R, 1), m)
+    two = lk.BodyOp("arith.constant", [], ["f32"], "value = 2.0 : f32", {"value": 2.0})
+    one = lk.BodyOp("arith.constant", [], ["f32"], "value = 1.0 : f32", {"value": 1.0})
+    d1 = lk.GenericDesc([R, K], ["parallel"] * 2, [view()], [view()],
+                        [two, lk.BodyOp("arith.mulf", [("arg", 0), ("op", 0, 0)], ["f32"])], [("op", 1, 0)])
+    d2 = lk.GenericDesc([R, K], ["parallel"] * 2, [view(trans if transposed else ident)], [view()],
+                        [one, lk.BodyOp("arith.addf", [("arg", 0), ("op", 0, 0)], ["f32"])], [("op", 1, 0)])
+    specs, descs, launches = {}, {}, []
+    for d, (src, dst) in zip((d1, d2), ((0, 1), (1, 2))):
+        sp = lk.build_kernel(d)
+        specs[sp.name], descs[sp.name] = sp, d
+        launches.append({"kernel": sp.name, "grid": list(sp.grid), "block": list(sp.block),
+                         "args": [{"buf": src, "offset": 0}, {"buf": dst, "offset": 0}], "writes": [dst]})
+    buffers = [{"id": i, "bytes": R * K * 4} for i in range(3)]
+    out = fuse_launches.fuse_row_launches(launches, specs, descs, buffers)
+    if transposed:
+        assert out == launches
+        return
+    (L,) = out
+    assert L["grid"] == [R, 1, 1] and L["writes"] == [1, 2]
+    a = np.random.default_rng(0).standard_normal((R, K)).astype(np.float32)
+    b, c = np.full_like(a, np.nan), np.full_like(a, np.nan)
+    spec = specs[L["kernel"]]
+    simt.run(spec, {p.name: arr for p, arr in zip(spec.params, (a, b, b, c))})
+    assert np.array_equal(c, a * 2 + 1)
+
+
 def test_emulator_mma_fragment_layout():
     """mma_f16 against numpy with operands scattered per the PTX fragment tables."""
     rng = np.random.default_rng(4)

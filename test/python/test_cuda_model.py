@@ -303,6 +303,7 @@ def test_small_launches_run_as_one_block(recipe, monkeypatch):
     launch of one block, with the same numerics bit for bit (the same kernels, run in turn)."""
     model, inputs = decode_step()
     plans = {}
+    monkeypatch.setattr(lowering, "FUSE_ROW_LAUNCHES", False)  # (test_row_local_launches_fuse)
     for fuse in (False, True):
         monkeypatch.setattr(lowering, "FUSE_SMALL_LAUNCHES", fuse)
         c = qcc.compile(model, inputs, target="cuda", quant=recipe)
@@ -323,6 +324,34 @@ def test_small_launches_run_as_one_block(recipe, monkeypatch):
         for p, a in zip(spec.params, L["args"]):
             if "buf" in a and a["buf"] in L["writes"]:
                 assert p.role == "alias", (L["kernel"], p.name)
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "float"])
+def test_row_local_launches_fuse(recipe, monkeypatch):
+    """fuse_launches.fuse_row_launches: at prefill (64 tokens) each run of row-local launches
+    (RMSNorm's three and the per-token quantization; softmax's four over heads x queries;
+    SwiGLU's product and its quantization) becomes one launch of a block a row, with the
+    same results bit for bit (the same stages, the same reduction orders). Small-launch
+    fusion is off here, so the runs are the prefill-sized ones."""
+    monkeypatch.setattr(lowering, "FUSE_SMALL_LAUNCHES", False)
+    plans = {}
+    for fuse in (False, True):
+        monkeypatch.setattr(lowering, "FUSE_ROW_LAUNCHES", fuse)
+        model, inputs = llama_model(64)
+        c = qcc.compile(model, inputs, target="cuda", quant=recipe)
+        plans[fuse] = (c, emulate.run_compiled(c, *inputs))
+    (plain, want), (fused, got) = plans[False], plans[True]
+    for g, w in zip(got, want):
+        assert np.array_equal(g, w)
+    launches = fused.manifest["cuda"]["plan"]["launches"]
+    rows = [L for L in launches if L["kernel"].startswith("rowfused")]
+    n_plain = len(plain.manifest["cuda"]["plan"]["launches"])
+    assert len(launches) + sum(len(L["fused"]) - 1 for L in rows) == n_plain
+    assert {L["grid"][0] for L in rows} == {64, 4 * 64}  # tokens; heads x queries
+    norm = [L for L in rows if any("fpowi" in k for k in L["fused"])]
+    assert len(norm) >= 4 and all(len(L["fused"]) == (4 if recipe == "w8a8" else 3) for L in norm[:4])
+    if recipe == "w8a8":  # the norm's output is quantized in the same launch
+        assert all(L["fused"][-1].startswith("quantize_rows") for L in norm[:4])
 
 
 @pytest.mark.skipif(ptx.ptxas_path() is None, reason="ptxas not on PATH")
