@@ -198,6 +198,7 @@ def fuse_small_launches(launches: list[dict], specs: dict, descs: dict) -> list[
 
 ROW_THREADS = (256, 128, 64, 32)  # fused block sizes tried, largest first
 MIN_ROWS = 16  # fewer rows (blocks) leave the GPU idle: such runs stay separate launches
+MAX_ROW_PARAM_BYTES = 64 << 10  # a reduction over a bigger parameter (a weight) keeps its launch
 MAX_ROW_PER_THREAD = 32  # points a thread of an elementwise stage
 ROW_PREBUILT = ("quantize_rows",)  # prebuilt kernels whose block b touches row b of each row parameter
 
@@ -255,6 +256,9 @@ def _row_stage(launch, specs, descs, buffers, written, T: int, R: int):
         kind = lk.classify(desc)
         if kind != lk.classify(desc, tile=False):  # a contraction tiled through shared memory
             return None
+        if kind != "elementwise" and any(buffers[a["buf"]]["kind"] == "param" and bytes_of(a) > MAX_ROW_PARAM_BYTES
+                                         for a in launch["args"] if "buf" in a):
+            return None  # a matmul over weights (float GEMVs at decode): its own launch shape is faster
         per_row = math.prod(n for n, t in zip(desc.loops, desc.iters) if t == "parallel") // R
         if kind == "elementwise":
             per = next((p for p in range(MAX_ROW_PER_THREAD, 0, -1) if per_row % (T * p) == 0), None)

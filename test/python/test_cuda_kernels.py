@@ -577,7 +577,7 @@ def test_row_fusion_needs_row_local_accesses(transposed):
         specs[sp.name], descs[sp.name] = sp, d
         launches.append({"kernel": sp.name, "grid": list(sp.grid), "block": list(sp.block),
                          "args": [{"buf": src, "offset": 0}, {"buf": dst, "offset": 0}], "writes": [dst]})
-    buffers = [{"id": i, "bytes": R * K * 4} for i in range(3)]
+    buffers = [{"id": i, "kind": "temp", "bytes": R * K * 4} for i in range(3)]
     out = fuse_launches.fuse_row_launches(launches, specs, descs, buffers)
     if transposed:
         assert out == launches

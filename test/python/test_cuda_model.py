@@ -352,6 +352,23 @@ def test_row_local_launches_fuse(recipe, monkeypatch):
     assert len(norm) >= 4 and all(len(L["fused"]) == (4 if recipe == "w8a8" else 3) for L in norm[:4])
     if recipe == "w8a8":  # the norm's output is quantized in the same launch
         assert all(L["fused"][-1].startswith("quantize_rows") for L in norm[:4])
+    else:  # matmuls streaming weights (the float linears) keep their own launches
+        assert not any("tile_contract" in k or "split_reduce" in k for L in rows for k in L["fused"])
+
+
+def test_row_fusion_leaves_weight_gemvs_alone():
+    """At decode the float recipe's linears are warp-per-output GEMVs over the weights: row
+    fusion (one output a "row", 32-thread blocks) would slow them down, so it leaves every
+    reduction over a weight bigger than MAX_ROW_PARAM_BYTES alone."""
+    from qcc.backends.cuda import fuse_launches
+
+    model, inputs = decode_step()
+    plan = qcc.compile(model, inputs, target="cuda", quant="float").manifest["cuda"]["plan"]
+    big = {b["id"] for b in plan["buffers"] if b["kind"] == "param" and b["bytes"] > fuse_launches.MAX_ROW_PARAM_BYTES}
+    for L in plan["launches"]:
+        if L["kernel"].startswith("rowfused"):
+            assert not any(a.get("buf") in big for a in L["args"]), L["fused"]
+    assert any(any(a.get("buf") in big for a in L["args"]) for L in plan["launches"])
 
 
 @pytest.mark.skipif(ptx.ptxas_path() is None, reason="ptxas not on PATH")
