@@ -76,6 +76,9 @@ class FakeDriver:
         CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = "minor"
         CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT = "sms"
 
+    class CUfunction_attribute:
+        CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = "max_dynamic_smem"
+
     class CUstreamCaptureMode:
         CU_STREAM_CAPTURE_MODE_THREAD_LOCAL = 1
         CU_STREAM_CAPTURE_MODE_GLOBAL = 0
@@ -95,6 +98,7 @@ class FakeDriver:
         self.cc = cc
         self.mem = {}  # address -> numpy buffer (kept alive)
         self.launches = 0
+        self.dynamic_smem = {}  # kernel -> opted-in bytes (cuFuncSetAttribute)
         self.capturing = None
         self.graphs = []
         self.n_streams = 0
@@ -169,7 +173,16 @@ class FakeDriver:
             return (1, None)
         return (0, name)
 
+    def cuFuncSetAttribute(self, fn, attr, value):
+        """The opt-in to more than 48 KB of dynamic shared memory (at most sm_90's 227 KB)."""
+        if attr != "max_dynamic_smem" or not 0 <= value <= 227 * 1024:
+            return (1,)
+        self.dynamic_smem[fn] = value
+        return (0,)
+
     def cuLaunchKernel(self, fn, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
+        if smem > 48 * 1024 and self.dynamic_smem.get(fn, 0) < smem:
+            return (1,)  # CUDA_ERROR_INVALID_VALUE: not opted in to that much dynamic shared memory
         if self.capturing is not None:
             self.capturing.append((fn, params))
             return (0,)

@@ -85,6 +85,24 @@ class PlanError(ValueError):
     """The plan does not fit its kernels (a compiler bug, reported before any launch)."""
 
 
+class ArchError(ValueError):
+    """The artifact's code cannot run on this GPU."""
+
+
+def _check_arch(artifact: str, device: str) -> None:
+    """ArchError unless code compiled for `artifact` runs on a `device` GPU: sm_XYa (arch-
+    specific instructions such as wgmma) only on sm_XY itself, sm_XY on sm_XY and newer (the
+    driver JIT-compiles the PTX)."""
+    cc = lambda a: int(a[3:].rstrip("a"))  # noqa: E731
+    if artifact.endswith("a") and cc(artifact) != cc(device):
+        raise ArchError(f"the artifact was compiled for {artifact}, whose instructions (wgmma) run only on "
+                        f"{artifact[:-1]} GPUs, and this GPU is {device}: recompile with --gpu-arch "
+                        f"{artifact[:-1]} (portable to newer GPUs) or for this GPU")
+    if cc(device) < cc(artifact):
+        raise ArchError(f"the artifact was compiled for {artifact} and this GPU is {device}, an older "
+                        f"architecture: recompile with --gpu-arch {device if device in ('sm_80', 'sm_90') else 'sm_80'}")
+
+
 class CudaModel:
     def __init__(self, manifest: dict, weights: dict, code: dict, *, rt=None, device: int = 0,
                  graph: bool = True, debug: bool = False, prefer: str = "cubin"):
@@ -100,6 +118,7 @@ class CudaModel:
         # -- code: the cubin when built for this GPU, else the PTX (JIT by the driver)
         arch = cuda["arch"]
         img = cuda["images"][arch]
+        _check_arch(arch, str(self.rt.arch))
         same = arch.rstrip("a") == str(self.rt.arch).rstrip("a")
         kind = "cubin" if (prefer == "cubin" and "cubin" in img and same) else "ptx"
         self.module = _rt.Module(self.rt, code[img[kind]], self.kernels)

@@ -411,6 +411,26 @@ def fake_driver(monkeypatch):
     return install
 
 
+def test_runtime_refuses_code_for_another_gpu(fake_driver):
+    """An sm_90a artifact (wgmma) on a GPU other than sm_90, or an sm_90 one on an older GPU:
+    a clear error naming the --gpu-arch to use, before any memory is allocated."""
+    model, inputs = llama_block(seq=10, batch=2)
+    c = qcc.compile(model, inputs, target="cuda", quant="w4a16-g128", gpu_arch="sm_90a")
+    drv = fake_driver(c.cuda_specs)
+    for cc, arch_msg in (((10, 0), "--gpu-arch sm_90 "), ((8, 0), "--gpu-arch sm_90 ")):
+        drv.cc = cc
+        with pytest.raises(model_runtime.ArchError, match=arch_msg):
+            model_runtime.CudaModel(c.manifest, c.weights, c.code)
+    drv.cc = (9, 0)
+    y = model_runtime.CudaModel(c.manifest, c.weights, c.code, graph=False)(*[t.numpy() for t in inputs])
+    np.testing.assert_array_equal(y, emulate.run_compiled(c, *inputs)[0])
+    sm90 = compiled_case("block-w4a16-g128")[3]
+    drv = fake_driver(sm90.cuda_specs)
+    drv.cc = (8, 6)
+    with pytest.raises(model_runtime.ArchError, match="older architecture: recompile with --gpu-arch sm_80"):
+        model_runtime.CudaModel(sm90.manifest, sm90.weights, sm90.code)
+
+
 def test_runtime_on_fake_driver_matches_emulation(tmp_path, fake_driver):
     model, inputs, recipe, c = compiled_case("model-w4a16-g128")
     path = str(tmp_path / "m.qcc")
