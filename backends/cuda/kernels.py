@@ -845,15 +845,16 @@ def gemm_w4a16_wg(K: int, N: int, group_size: int = 128, *, zero_point: bool = T
     rows % 8 == 0, 8 <= rows <= 256; overlap: group_size == 128, K / 128 a multiple of U,
     x_stages >= 3.
     Defaults (``rows`` None; H200 sweep of bench_llama's prefill shapes at 128 and 256 rows):
-    1 warpgroup; weight mode 64 rows (13.1, 9.0, 19.8, 19.6 us for q/k/v, o, gate/up, down at
-    128 rows against cuBLAS fp16's 9.2, 6.7, 15.0, 12.9); acc mode 64 rows and overlap 2 where
-    that gives >= 192 blocks (q/k/v, gate/up: 24.1 and 38.8 us at 256 rows), else 32 rows and
-    overlap 4 (o_proj, down_proj: 9.8 and 22.4); 4 slots.
+    1 warpgroup; weight mode 64 rows where that gives >= 128 blocks, else 32 (12.8, 7.4, 19.8,
+    16.5 us for q/k/v, o, gate/up, down at 128 rows against cuBLAS fp16's 9.2, 6.7, 15.0,
+    12.9); acc mode 64 rows and overlap 2 where that gives >= 192 blocks (q/k/v, gate/up: 24.1
+    and 38.8 us at 256 rows), else 32 rows and overlap 4 (o_proj, down_proj: 9.8 and 22.4); 4
+    slots.
     """
     G = group_size
     gt, KT, GP, XC = G // 128, K // 128, K // G, 16
     if rows is None:  # defaults: H200 sweep at 128 and 256 rows (tools/cuda_device_run.py PREFILL_VARIANTS)
-        big = scale_mode == "weight" or N // (64 * warpgroups) * -(-m_max // 64) >= 192
+        big = N // (64 * warpgroups) * -(-m_max // 64) >= (128 if scale_mode == "weight" else 192)
         rows = min(64 if big else 32, max(8, -(-m_max // 8) * 8))
         u = 2 if big else 4
         overlap = u if overlap == 0 and gt == 1 and GP % u == 0 else overlap
