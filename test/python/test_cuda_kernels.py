@@ -266,17 +266,7 @@ def test_i8_emulated_exact(M, m_max, K, N):
 def test_gemm_i8_emulated_exact(M, m_max, K, N, cfg):
     """The tensor-core GEMM (mma.sync m16n8k32 s8 on a permuted K) gives gemv_i8's exact i32
     sums, and its scaled epilogue gemv_i8's f32 bits."""
-    rng = np.random.default_rng(M + K)
-    xq = rng.integers(-128, 128, (M, K)).astype(np.int8)
-    q = rng.integers(-127, 128, (N, K)).astype(np.int8)
-    y = np.full((M, N), -7, np.int32)
-    simt.run(kernels.gemm_i8(K, N, m_max=m_max, **cfg), dict(x=xq, wq=q, y=y, M=M))
-    assert np.array_equal(y, xq.astype(np.int64) @ q.astype(np.int64).T)
-    sx = (rng.random(M) * 0.01 + 1e-3).astype(np.float32)
-    sw = (rng.random(N) * 0.01 + 1e-3).astype(np.float32)
-    for mode, s in (("row", sx), ("tensor", sx[:1])):
-        got = np.full((M, N), np.nan, np.float32)
-        simt.run(kernels.gemm_i8(K, N, m_max=m_max, scaled=mode, **cfg), dict(x=xq, wq=q, sx=s, sw=sw, y=got, M=M))
+    def gemv_scaled(mode, xq, q, s, sw):
         want = np.full((M, N), np.nan, np.float32)
         for r0 in range(0, M, 16):  # gemv_i8 takes 16 rows a launch
             r1 = min(M, r0 + 16)
@@ -284,12 +274,33 @@ def test_gemm_i8_emulated_exact(M, m_max, K, N, cfg):
             simt.run(kernels.gemv_i8(K, N, m_max=16, scaled=mode),
                      dict(x=xq[r0:r1], wq=q, sx=s if mode == "tensor" else s[r0:r1], sw=sw, y=part, M=r1 - r0))
             want[r0:r1] = part
-        assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), mode
+        return want
+    _check_int_gemm(M, K, N, lambda scaled: kernels.gemm_i8(K, N, m_max=m_max, scaled=scaled, **cfg), gemv_scaled)
 
 
-def test_gemm_i8_stacked_members_emulated_exact():
+def _check_int_gemm(M, K, N, spec_of, scaled_ref):
+    """spec_of(scaled) -> the kernel: its unscaled sums equal int64 numpy's, its scaled
+    epilogue (row and tensor scales) scaled_ref(mode, xq, q, sx, sw)'s f32 bits."""
+    rng = np.random.default_rng(M + K)
+    xq = rng.integers(-128, 128, (M, K)).astype(np.int8)
+    q = rng.integers(-127, 128, (N, K)).astype(np.int8)
+    y = np.full((M, N), -7, np.int32)
+    simt.run(spec_of(None), dict(x=xq, wq=q, y=y, M=M))
+    assert np.array_equal(y, xq.astype(np.int64) @ q.astype(np.int64).T)
+    sx = (rng.random(M) * 0.01 + 1e-3).astype(np.float32)
+    sw = (rng.random(N) * 0.01 + 1e-3).astype(np.float32)
+    for mode, s in (("row", sx), ("tensor", sx[:1])):
+        got = np.full((M, N), np.nan, np.float32)
+        simt.run(spec_of(mode), dict(x=xq, wq=q, sx=s, sw=sw, y=got, M=M))
+        assert np.array_equal(got.view(np.uint32), scaled_ref(mode, xq, q, s, sw).view(np.uint32)), mode
+
+
+@pytest.mark.parametrize("builder,cfg", [("gemm_i8", dict(n_tiles=1, n_warps=4)), ("gemm_i8_wg", dict(rows=16))])
+def test_gemm_i8_stacked_members_emulated_exact(builder, cfg):
+    """members=: q/k/v's three layers in one launch, each on its own codes, scales and y,
+    equal bit for bit to gemm_i8 on each layer alone."""
     rng = np.random.default_rng(5)
-    M, K, members = 40, 256, (64, 32, 32)
+    M, K, members = 40, 256, (128, 64, 64)
     xq = rng.integers(-128, 128, (M, K)).astype(np.int8)
     sx = (rng.random(M) * 0.01 + 1e-3).astype(np.float32)
     args = dict(x=xq, sx=sx, M=M)
@@ -297,7 +308,7 @@ def test_gemm_i8_stacked_members_emulated_exact():
         args.update({f"wq{i}": rng.integers(-127, 128, (n, K)).astype(np.int8),
                      f"sw{i}": (rng.random(n) * 0.01 + 1e-3).astype(np.float32),
                      f"y{i}": np.full((M, n), np.nan, np.float32)})
-    simt.run(kernels.gemm_i8(K, sum(members), m_max=48, n_tiles=1, n_warps=4, scaled="row", members=members), args)
+    simt.run(getattr(kernels, builder)(K, sum(members), m_max=48, scaled="row", members=members, **cfg), args)
     for i in range(len(members)):
         y = np.full_like(args[f"y{i}"], np.nan)
         simt.run(kernels.gemm_i8(K, members[i], m_max=48, n_tiles=1, n_warps=4, scaled="row"),
@@ -316,40 +327,12 @@ def test_gemm_i8_stacked_members_emulated_exact():
 def test_gemm_i8_wg_emulated_exact(M, m_max, K, N, cfg):
     """gemm_i8_wg (s8 wgmma, A and B through 128-byte swizzled shared-memory descriptors)
     gives the exact i32 sums, and its scaled epilogue gemm_i8's f32 bits."""
-    rng = np.random.default_rng(M + K)
-    xq = rng.integers(-128, 128, (M, K)).astype(np.int8)
-    q = rng.integers(-127, 128, (N, K)).astype(np.int8)
-    y = np.full((M, N), -7, np.int32)
-    simt.run(kernels.gemm_i8_wg(K, N, m_max=m_max, **cfg), dict(x=xq, wq=q, y=y, M=M))
-    assert np.array_equal(y, xq.astype(np.int64) @ q.astype(np.int64).T)
-    sx = (rng.random(M) * 0.01 + 1e-3).astype(np.float32)
-    sw = (rng.random(N) * 0.01 + 1e-3).astype(np.float32)
-    for mode, s in (("row", sx), ("tensor", sx[:1])):
-        got, want = (np.full((M, N), np.nan, np.float32) for _ in range(2))
-        simt.run(kernels.gemm_i8_wg(K, N, m_max=m_max, scaled=mode, **cfg), dict(x=xq, wq=q, sx=s, sw=sw, y=got, M=M))
+    def gemm_scaled(mode, xq, q, s, sw):
+        want = np.full((M, N), np.nan, np.float32)
         simt.run(kernels.gemm_i8(K, N, m_max=-(-m_max // 16) * 16, n_tiles=1, n_warps=4, scaled=mode),
                  dict(x=xq, wq=q, sx=s, sw=sw, y=want, M=M))
-        assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), mode
-
-
-def test_gemm_i8_wg_stacked_members_emulated_exact():
-    rng = np.random.default_rng(6)
-    M, K, members = 40, 256, (128, 64, 64)
-    xq = rng.integers(-128, 128, (M, K)).astype(np.int8)
-    sx = (rng.random(M) * 0.01 + 1e-3).astype(np.float32)
-    args = dict(x=xq, sx=sx, M=M)
-    for i, n in enumerate(members):
-        args.update({f"wq{i}": rng.integers(-127, 128, (n, K)).astype(np.int8),
-                     f"sw{i}": (rng.random(n) * 0.01 + 1e-3).astype(np.float32),
-                     f"y{i}": np.full((M, n), np.nan, np.float32)})
-    spec = kernels.gemm_i8_wg(K, sum(members), m_max=48, rows=16, scaled="row", members=members)
-    assert spec.grid == (4, 3, 1)
-    simt.run(spec, args)
-    for i in range(len(members)):
-        y = np.full_like(args[f"y{i}"], np.nan)
-        simt.run(kernels.gemm_i8(K, members[i], m_max=48, n_tiles=1, n_warps=4, scaled="row"),
-                 dict(x=xq, wq=args[f"wq{i}"], sx=sx, sw=args[f"sw{i}"], y=y, M=M))
-        assert np.array_equal(y.view(np.uint32), args[f"y{i}"].view(np.uint32))
+        return want
+    _check_int_gemm(M, K, N, lambda scaled: kernels.gemm_i8_wg(K, N, m_max=m_max, scaled=scaled, **cfg), gemm_scaled)
 
 
 def test_gemm_i8_wg_constraints():
@@ -838,6 +821,19 @@ def test_emulator_rejects_wgmma_in_flight_across_back_edge(wait_in_loop):
             simt.run(spec, dict(y=y))
 
 
+def _assembles_without_spills_or_serialized_wgmma(p, spec):
+    """ptxas (when present) assembles the sm_90a PTX without spills and without serializing
+    the wgmmas (warning C7514)."""
+    from qcc.backends.cuda import ptx
+
+    if ptx.ptxas_path() is None:
+        return
+    cb = ptx.assemble(p, "sm_90a")
+    r = cb.resources[spec.name]
+    assert r.spill_stores == r.spill_loads == r.stack == 0 and r.registers <= 255, r
+    assert "C7514" not in cb.log and "serialized" not in cb.log, cb.log
+
+
 @pytest.mark.parametrize("cfg", [dict(rows=32, x_stages=3), dict(rows=128, warpgroups=2), dict(rows=64, overlap=4),
                                  dict(scale_mode="weight")])
 def test_gemm_w4a16_wg_ptx(cfg):
@@ -853,12 +849,7 @@ def test_gemm_w4a16_wg_ptx(cfg):
     assert "cp.async.cg.shared.global" in p and "fence.proxy.async.shared::cta" in p
     assert p.count("wgmma.commit_group") >= 1 and "wgmma.wait_group.sync.aligned" in p
     assert ".extern .shared" in p and spec.smem_dynamic and spec.smem_align == 1024
-    if ptx.ptxas_path() is None:
-        return
-    cb = ptx.assemble(p, "sm_90a")
-    r = cb.resources[spec.name]
-    assert r.spill_stores == r.spill_loads == r.stack == 0 and r.registers <= 255, r
-    assert "C7514" not in cb.log and "serialized" not in cb.log, cb.log
+    _assembles_without_spills_or_serialized_wgmma(p, spec)
 
 
 @pytest.mark.parametrize("cfg", [dict(rows=32, warpgroups=1, x_stages=3), dict(rows=64, warpgroups=2, scaled="row"),
@@ -876,12 +867,7 @@ def test_gemm_i8_wg_ptx(cfg):
     assert ".extern .shared" in p and spec.smem_dynamic and spec.smem_align == 1024
     off = spec.smem_offsets()
     assert all(o % 1024 == 0 for o in off[:-1]) and off[-1] >= sum(n * 16 for _, _, n in spec.smem) + 1024
-    if ptx.ptxas_path() is None:
-        return
-    cb = ptx.assemble(p, "sm_90a")
-    r = cb.resources[spec.name]
-    assert r.spill_stores == r.spill_loads == r.stack == 0 and r.registers <= 255, r
-    assert "C7514" not in cb.log and "serialized" not in cb.log, cb.log
+    _assembles_without_spills_or_serialized_wgmma(p, spec)
 
 
 def test_ptxas_failure_has_log_and_repro():

@@ -296,21 +296,27 @@ def test_plan_fuses_and_folds():
     assert plan["arena_bytes"] < temps
 
 
+def _plans_without_and_with(monkeypatch, flag, make, recipe):
+    """The model compiled with lowering.<flag> off, then on; asserts the emulated plans'
+    outputs equal bit for bit and returns the two artifacts."""
+    out = []
+    for on in (False, True):
+        monkeypatch.setattr(lowering, flag, on)
+        model, inputs = make()
+        c = qcc.compile(model, inputs, target="cuda", quant=recipe)
+        out.append((c, emulate.run_compiled(c, *inputs)))
+    for g, w in zip(out[1][1], out[0][1]):
+        assert np.array_equal(g, w)
+    return out[0][0], out[1][0]
+
+
 @pytest.mark.parametrize("recipe", ["float", "w8a8"])
 def test_small_launches_run_as_one_block(recipe, monkeypatch):
     """fuse_launches.py: each run of small launches of a decode step (residual add, RMSNorm's
     two kernels, quantize_rows; softmax's four; SwiGLU's product + quantize_rows) becomes one
     launch of one block, with the same numerics bit for bit (the same kernels, run in turn)."""
-    model, inputs = decode_step()
-    plans = {}
     monkeypatch.setattr(lowering, "FUSE_ROW_LAUNCHES", False)  # (test_row_local_launches_fuse)
-    for fuse in (False, True):
-        monkeypatch.setattr(lowering, "FUSE_SMALL_LAUNCHES", fuse)
-        c = qcc.compile(model, inputs, target="cuda", quant=recipe)
-        plans[fuse] = (c, emulate.run_compiled(c, *inputs))
-    (plain, want), (fused, got) = plans[False], plans[True]
-    for g, w in zip(got, want):
-        assert np.array_equal(g, w)
+    plain, fused = _plans_without_and_with(monkeypatch, "FUSE_SMALL_LAUNCHES", decode_step, recipe)
     launches = fused.manifest["cuda"]["plan"]["launches"]
     n_plain = len(plain.manifest["cuda"]["plan"]["launches"])
     groups = [L for L in launches if "fused" in L]
@@ -334,15 +340,7 @@ def test_row_local_launches_fuse(recipe, monkeypatch):
     same results bit for bit (the same stages, the same reduction orders). Small-launch
     fusion is off here, so the runs are the prefill-sized ones."""
     monkeypatch.setattr(lowering, "FUSE_SMALL_LAUNCHES", False)
-    plans = {}
-    for fuse in (False, True):
-        monkeypatch.setattr(lowering, "FUSE_ROW_LAUNCHES", fuse)
-        model, inputs = llama_model(64)
-        c = qcc.compile(model, inputs, target="cuda", quant=recipe)
-        plans[fuse] = (c, emulate.run_compiled(c, *inputs))
-    (plain, want), (fused, got) = plans[False], plans[True]
-    for g, w in zip(got, want):
-        assert np.array_equal(g, w)
+    plain, fused = _plans_without_and_with(monkeypatch, "FUSE_ROW_LAUNCHES", lambda: llama_model(64), recipe)
     launches = fused.manifest["cuda"]["plan"]["launches"]
     rows = [L for L in launches if L["kernel"].startswith("rowfused")]
     n_plain = len(plain.manifest["cuda"]["plan"]["launches"])
