@@ -673,6 +673,22 @@ def _row_blocks_body(BM, row_blocks, block):
     return body
 
 
+def _sw128(r, ch):
+    """16-byte chunk ch (0..7) of row r in wgmma's 128-byte swizzled K-major layout: rows of
+    128 bytes, the chunk at position ch ^ (r % 8) of its row (smem_desc(swizzle=128))."""
+    return r * 8 + (ch ^ (r % 8))
+
+
+def _wgmma_ring_turn(E, c, ahead, issue):
+    """The wgmma GEMMs' ring step before K tile c's wgmmas: wait for the tile's cp.async group,
+    publish it to the tensor cores (async proxy) and the block, then refill the slot whose
+    wgmmas are done with tile c + ahead."""
+    E.cp_async_wait(ahead - 1)  # tile c landed for this thread
+    E.fence_proxy_async()  # ... and is visible to the tensor cores' reads
+    E.barrier()  # ... for every thread; the wgmmas on the slot refilled next are done
+    issue(c + ahead)
+
+
 def gemm_w4a16(K: int, N: int, group_size: int = 128, *, zero_point: bool = True, m_max: int = 256,
                n_tiles: int | None = None, n_warps: int | None = None, m_tiles: int | None = None,
                x_stages: int | None = None, w_smem: bool | None = None, depth: int = 2, out_f32: bool = True,
@@ -901,7 +917,7 @@ def gemm_w4a16_wg(K: int, N: int, group_size: int = 128, *, zero_point: bool = T
 
             def x_one(it):
                 r, kc = it // XC, it % XC  # 16 threads a row; chunk kc into half kc // 8, swizzled
-                dst = slot * x_stage + (kc // 8) * (BM * 8) + r * 8 + ((kc % 8) ^ (r % 8))
+                dst = slot * x_stage + (kc // 8) * (BM * 8) + _sw128(r, kc % 8)
                 rr = row0 + r  # rows past M read rows < M (distinct addresses: no same-address pileup)
                 src = E.select(E.cmp("ult", rr, M), rr, rr % M) * (K // 8) + c * XC + kc
                 E.cp_async(xs, dst, a["x"], src)
@@ -950,10 +966,7 @@ def gemm_w4a16_wg(K: int, N: int, group_size: int = 128, *, zero_point: bool = T
         def tile(c, accg, fresh=False):
             """K tile c's 8 wgmmas, committed as one group, on top of accg (None or fresh: from
             zero, fresh in accg's registers)."""
-            E.cp_async_wait(ahead - 1)  # tile c landed for this thread
-            E.fence_proxy_async()  # ... and is visible to the tensor cores' reads
-            E.barrier()  # ... for every thread; the wgmmas on the slot refilled next are done
-            issue(c + ahead)
+            _wgmma_ring_turn(E, c, ahead, issue)
             slot = c % S
             W = [_w4_steps(E, E.load(ws, slot * w_stage + (warp * 2 + r) * 32 + lane), *meta(slot, r)) for r in range(2)]
             E.wgmma_fence()
@@ -1562,12 +1575,7 @@ def gemm_i8_wg(K: int, N: int, *, m_max: int = 256, rows: int | None = None, war
     params = _int_params(K, m_max, members, sfx, scaled, w_bits)
     smem = [("xs", "vector<4xi32>", S * x_stage), ("ws", "vector<4xi32>", S * w_stage)]
 
-    def member(E, a, mi, N, blk):
-        tid = E.tid()
-        lane, warp = tid % 32, tid // 32
-        g, t = lane // 4, lane % 4
-        M = E.idx(a["M"])
-        row0 = E.bid("y") * BM if row_blocks > 1 else E.const(0, "index")
+    def block(mi, N, blk, E, a, tid, lane, warp, g, t, M, row0):
         n0 = blk * BN  # the block's first weight row
         xs, ws = a["xs"], a["ws"]
 
@@ -1580,11 +1588,11 @@ def gemm_i8_wg(K: int, N: int, *, m_max: int = 256, rows: int | None = None, war
                 r, ch = it // 8, it % 8
                 rr = row0 + r  # rows past M read rows < M (distinct addresses: no same-address pileup)
                 src = E.select(E.cmp("ult", rr, M), rr, rr % M) * K16 + c * 8 + ch
-                E.cp_async(xs, slot * x_stage + r * 8 + (ch ^ (r % 8)), a["x"], src)
+                E.cp_async(xs, slot * x_stage + _sw128(r, ch), a["x"], src)
 
             def w_one(it):
                 r, ch = it // 8, it % 8
-                E.cp_async(ws, slot * w_stage + r * 8 + (ch ^ (r % 8)), a["wq" + mi], (n0 + r) * K16 + c * 8 + ch)
+                E.cp_async(ws, slot * w_stage + _sw128(r, ch), a["wq" + mi], (n0 + r) * K16 + c * 8 + ch)
 
             def copies():
                 _spread(E, tid, threads, BM * 8, x_one)
@@ -1594,10 +1602,7 @@ def gemm_i8_wg(K: int, N: int, *, m_max: int = 256, rows: int | None = None, war
 
         def tile(c, acc):
             """K tile c's 4 wgmmas (one a k32 step), committed as one group."""
-            E.cp_async_wait(ahead - 1)  # tile c landed for this thread
-            E.fence_proxy_async()  # ... and is visible to the tensor cores' reads
-            E.barrier()  # ... for every thread; the wgmmas on the slot refilled next are done
-            issue(c + ahead)
+            _wgmma_ring_turn(E, c, ahead, issue)
             slot = c % S
             E.wgmma_fence()
             for s_ in range(4):
@@ -1629,18 +1634,15 @@ def gemm_i8_wg(K: int, N: int, *, m_max: int = 256, rows: int | None = None, war
                 v = (E.cast("sitofp", v, "f32") * sx) * sw[e // 2]
             E.if_(E.cmp("ult", row, M), lambda v=v, row=row, col=cols[e // 2]: E.store(v, y, row * N + col))
 
-    def per_block(E, a, mi, N, blk):
-        if row_blocks > 1:
-            E.if_(E.cmp("ult", E.bid("y") * BM, E.idx(a["M"])), lambda: member(E, a, mi, N, blk))
-        else:
-            member(E, a, mi, N, blk)
+    def member(E, a, mi, N, blk):
+        _row_blocks_body(BM, row_blocks, lambda *b: block(mi, N, blk, *b))(E, a)
 
     nm = name or (f"gemm_i8_wg_k{K}_n{'_'.join(map(str, members))}_m{m_max}_r{BM}w{warpgroups}"
                   f"x{S}{'_s' + scaled[0] if scaled else ''}")
     cfg = {"kind": "gemm_i8_wg", "K": K, "N": N, "m_max": m_max, "rows": BM, "warpgroups": warpgroups,
            "x_stages": S, "scaled": scaled, "w_bits": w_bits, "members": list(members),
            "weight_bytes": N * K, "meta_bytes": 4 * N if scaled else 0, "arch": "sm_90a"}
-    return KernelSpec(nm, params, (threads, 1, 1), (N // BN, row_blocks, 1), _per_member(members, sfx, BN, per_block),
+    return KernelSpec(nm, params, (threads, 1, 1), (N // BN, row_blocks, 1), _per_member(members, sfx, BN, member),
                       smem, cfg, doc=gemm_i8_wg.__doc__.split("\n")[0], smem_dynamic=True, smem_align=1024)
 
 

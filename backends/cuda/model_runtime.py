@@ -99,8 +99,10 @@ def _check_arch(artifact: str, device: str) -> None:
                         f"{artifact[:-1]} GPUs, and this GPU is {device}: recompile with --gpu-arch "
                         f"{artifact[:-1]} (portable to newer GPUs) or for this GPU")
     if cc(device) < cc(artifact):
+        fix = (f"recompile with --gpu-arch {'sm_90' if cc(device) >= 90 else 'sm_80'}" if cc(device) >= 80 else
+               "qcc's CUDA kernels need sm_80 (Ampere) or newer")
         raise ArchError(f"the artifact was compiled for {artifact} and this GPU is {device}, an older "
-                        f"architecture: recompile with --gpu-arch {device if device in ('sm_80', 'sm_90') else 'sm_80'}")
+                        f"architecture: {fix}")
 
 
 class CudaModel:

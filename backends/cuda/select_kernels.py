@@ -74,12 +74,8 @@ def plan_kernel(fmt, M: int, K: int, N: int, out_f32: bool = True, arch: str = "
                 # (sm_90a, f16 activations: weights scaled in f16 as torch fp16 holds them, so the
                 # wgmma GEMM accumulates all of K at once; fp32 output keeps the exact group sums)
                 wg = dict(args, scale_mode="acc" if out_f32 else "weight")
-                for gemm, a in ([("gemm_w4a16_wg", wg)] if arch == "sm_90a" else []) + [("gemm_w4a16", args)]:
-                    try:
-                        getattr(kernels, gemm)(**a)
-                        return gemm, a
-                    except kernels.KernelConstraintError:
-                        pass
+                return _first_buildable(([("gemm_w4a16_wg", wg)] if arch == "sm_90a" else []) +
+                                        [("gemm_w4a16", args), ("gemv_w4a16", args)])
             return "gemv_w4a16", args
         if fmt.bits == 8 and fmt.symmetric and fmt.granularity == "channel":
             args = {"K": K, "N": N, "m_max": m_max, "out_f32": out_f32}
@@ -100,13 +96,22 @@ def _prefill_gemm(builder: str, args: dict, M: int, arch: str = "sm_90"):
     if builder != "gemv_i8" or M <= M_MAX:
         return builder, args
     g = dict(args, m_max=min(kernels.GEMV_M_MAX, -(-M // 16) * 16))
-    for gemm in (["gemm_i8_wg"] if arch == "sm_90a" else []) + ["gemm_i8"]:
+    return _first_buildable([(gemm, g) for gemm in (["gemm_i8_wg"] if arch == "sm_90a" else []) + ["gemm_i8"]] +
+                            [(builder, args)])
+
+
+def _first_buildable(candidates):
+    """The first (builder, args) whose kernel's constraints hold; the last one unchecked (the
+    fallback the caller has already built)."""
+    from . import kernels
+
+    for builder, args in candidates[:-1]:
         try:
-            getattr(kernels, gemm)(**g)
-            return gemm, g
+            getattr(kernels, builder)(**args)
+            return builder, args
         except kernels.KernelConstraintError:
             pass
-    return builder, args
+    return candidates[-1]
 
 
 def build_spec(builder: str, args: dict):
