@@ -25,7 +25,8 @@ Thread mappings:
 * ``tile_contract`` (the same combining reductions when two output dims a, b of at least
   TILE_MIN points split the operands: no read depends on both, e.g. a matmul's rows and
   columns, attention's query and key positions): a block of 16 x 16 threads owns a tile of
-  (a, b), each thread 2-4 x 2-4 outputs. Per chunk of reduction steps the block computes
+  (a, b), each thread 2-4 x 2-4 consecutive outputs (read from shared memory as vectors).
+  Per chunk of reduction steps the block computes
   the body's a-side and b-side values (loads and elementwise producers, e.g. RoPE fused
   into q @ k^T) once each into shared memory (double-buffered, the next chunk's loads in
   flight during the products), then every thread combines its outputs from there, in the
@@ -49,7 +50,6 @@ from .emit import MAX_STATIC_SMEM, KernelSpec, Param, bitwidth, parse_type
 BLOCK = 256
 WARPS = 8
 REDUCE_UNROLL = 4  # reduction steps whose loads a thread issues together
-TILE_THREADS = 16  # tile_contract: a block is TILE_THREADS x TILE_THREADS threads
 TILE_MIN = 32  # tile_contract: least extent of both tiled output dims
 TILE_MIN_BLOCKS = 256  # tile_contract takes the largest tile that leaves this many blocks (H200 sweep)
 TILE_CHUNK = 16  # tile_contract: reduction steps staged a chunk ...
@@ -558,27 +558,50 @@ def _contract(desc: GenericDesc):
     return c
 
 
-def _tile_config(desc: GenericDesc, c: _Contract):
-    """(TA, TB, BK): outputs a thread along a and b, reduction steps a chunk; the largest tile
-    whose grid keeps TILE_MIN_BLOCKS blocks (else the smallest), and longer chunks for long
-    reductions when shared memory allows; None when nothing fits."""
+@dataclass(frozen=True)
+class _Tile:
+    """A tile_contract block: na x nb threads, each ta x tb outputs (contiguous along a and b:
+    the shared-memory reads of a thread's values are vector loads), bk reduction steps a chunk."""
+
+    na: int
+    nb: int
+    ta: int
+    tb: int
+    bk: int
+
+    def span(self, s: str) -> int:
+        return self.na * self.ta if s == "a" else self.nb * self.tb
+
+    def pitch(self, s: str) -> int:
+        """Shared row pitch of side s: padded by a 16-byte multiple (vector loads stay aligned;
+        the staging stores of consecutive reduction steps spread over the banks)."""
+        return self.span(s) + TILE_PAD
+
+
+TILE_PAD = 4
+# (threads along a, along b, outputs a thread along a, along b), largest tile first
+TILE_SHAPES = ((16, 16, 4, 4), (16, 16, 2, 4), (16, 16, 4, 2), (16, 16, 2, 2))
+
+
+def _tile_config(desc: GenericDesc, c: _Contract) -> _Tile | None:
+    """The largest tile whose grid keeps TILE_MIN_BLOCKS blocks (else the smallest), and longer
+    chunks for long reductions when shared memory allows; None when nothing fits."""
     others = math.prod(n for i, (n, t) in enumerate(zip(desc.loops, desc.iters))
                        if t == "parallel" and i not in (c.a, c.b))
     R = math.prod(n for n, t in zip(desc.loops, desc.iters) if t == "reduction")
     La, Lb = desc.loops[c.a], desc.loops[c.b]
-    tiles = [(4, 4), (2, 4), (4, 2), (2, 2)]
-    grids = [others * -(-La // (TILE_THREADS * ta)) * -(-Lb // (TILE_THREADS * tb)) for ta, tb in tiles]
-    order = [t for t, g in zip(tiles, grids) if g >= TILE_MIN_BLOCKS] + [(2, 2)]
-    for ta, tb in order:
+    grids = [others * -(-La // (na * ta)) * -(-Lb // (nb * tb)) for na, nb, ta, tb in TILE_SHAPES]
+    order = [t for t, g in zip(TILE_SHAPES, grids) if g >= TILE_MIN_BLOCKS] + [TILE_SHAPES[-1]]
+    for shape in order:
         for bk in ((TILE_CHUNK_LONG[1], TILE_CHUNK) if R >= TILE_CHUNK_LONG[0] else (TILE_CHUNK,)):
-            if _tile_smem(desc, c, ta, tb, bk) <= MAX_STATIC_SMEM:
-                return ta, tb, bk
+            tile = _Tile(*shape, bk)
+            if _tile_smem(desc, c, tile) <= MAX_STATIC_SMEM:
+                return tile
     return None
 
 
-def _tile_smem(desc, c, ta, tb, bk) -> int:
-    rows = {"a": TILE_THREADS * ta + 1, "b": TILE_THREADS * tb + 1}  # +1: fewer bank conflicts
-    return sum(2 * bk * rows[s] * bitwidth(c.elem(desc, r)) // 8 for s in "ab" for r in c.staged[s])
+def _tile_smem(desc, c, tile: _Tile) -> int:
+    return sum(2 * tile.bk * tile.pitch(s) * bitwidth(c.elem(desc, r)) // 8 for s in "ab" for r in c.staged[s])
 
 
 def classify(desc: GenericDesc, tile: bool = True) -> str:
@@ -768,15 +791,16 @@ def build_kernel(desc: GenericDesc, name: str | None = None, *, threads: int | N
 
     elif kind == "tile_contract":
         c = _contract(desc)
-        TA, TB, BK = _tile_config(desc, c)
+        tile = _tile_config(desc, c)
+        TA, TB, BK = tile.ta, tile.tb, tile.bk
         comb = desc.body[c.j_comb]
         et = desc.outs[0].elem
         ident = _identity(comb.name, et)
-        T = TILE_THREADS
-        threads = T * T
+        threads = tile.na * tile.nb
         ext = {"a": desc.loops[c.a], "b": desc.loops[c.b]}
-        span = {"a": T * TA, "b": T * TB}  # points of a and of b a block covers
-        ld = {s: span[s] + 1 for s in "ab"}  # shared row pitch (+1: fewer bank conflicts)
+        span = {s: tile.span(s) for s in "ab"}  # points of a and of b a block covers
+        ld = {s: tile.pitch(s) for s in "ab"}
+        per = {"a": TA, "b": TB}  # a thread's outputs along a and b (consecutive points)
         G = {s: -(-ext[s] // span[s]) for s in "ab"}
         others = [desc.loops[i] for i in par if i not in (c.a, c.b)]
         grid = math.prod(others) * G["a"] * G["b"]
@@ -787,7 +811,7 @@ def build_kernel(desc: GenericDesc, name: str | None = None, *, threads: int | N
 
         def body(E, a):
             tid = E.tid()
-            tpos = {"a": tid // T, "b": tid % T}
+            tpos = {"a": tid // tile.nb, "b": tid % tile.nb}
             blk = E.bid()
             gb, rest = blk % G["b"], blk // G["b"]
             ga = rest % G["a"]
@@ -830,9 +854,9 @@ def build_kernel(desc: GenericDesc, name: str | None = None, *, threads: int | N
                     row = {}
                     for s, tn in (("a", TA), ("b", TB)):
                         off = _add(E, _mul(E, buf, BK * ld[s]), kk * ld[s])
+                        at = _add(E, off, tpos[s] * per[s])
                         for nm, ref in zip(names[s], c.staged[s]):
-                            row[ref] = [E.load(a[nm], _ix(E, _add(E, off, tpos[s] + T * i)))
-                                        for i in range(tn)]
+                            row[ref] = [E.load(a[nm], _ix(E, _add(E, at, i))) for i in range(tn)]
                     for i in range(TA):
                         for j in range(TB):
                             vals = {}
@@ -865,7 +889,7 @@ def build_kernel(desc: GenericDesc, name: str | None = None, *, threads: int | N
                 accs = products(n_chunks % 2, tail, accs)
             for i in range(TA):
                 for j in range(TB):
-                    pos = {"a": first["a"] + tpos["a"] + T * i, "b": first["b"] + tpos["b"] + T * j}
+                    pos = {"a": first["a"] + tpos["a"] * TA + i, "b": first["b"] + tpos["b"] * TB + j}
 
                     def finish(i=i, j=j, pos=pos):
                         odims = point_dims(pos, [0] * len(red))

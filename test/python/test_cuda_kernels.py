@@ -1023,6 +1023,21 @@ def test_generated_tile_contract(H, I, N, J, v_heads_first):
     assert lk.classify(_contraction(H, 16, N, J)) != "tile_contract"  # too few rows for a tile
 
 
+
+def test_tile_contract_reads_shared_memory_in_vectors():
+    """Each thread's outputs are consecutive along both tiled dims, so its staged values of a
+    reduction step are one vector load per side (2 x 2 outputs: ld.shared.v2), not one load a
+    value; the products stay a multiply and an add (no FMA contraction: the CPU's rounding)."""
+    from qcc.backends.cuda import emit, linalg_kernels as lk, ptx
+
+    desc = _contraction(16, 128, 128, 128)
+    tile = lk._tile_config(desc, lk._contract(desc))
+    assert (tile.ta, tile.tb) == (2, 2)
+    p = ptx.compile_ptx(emit.gpu_module([lk.build_kernel(desc)]), arch="sm_90a")
+    loads = re.findall(r"ld\.shared(\.v\d)?\.[bf]32", p)
+    assert loads and all(v == ".v2" for v in loads), loads
+    assert "fma.rn.f32" not in p and "mul.rn.f32" in p
+
 def test_generated_tile_contract_stages_fused_producers():
     """Elementwise producers fused into the contraction are computed once per staged value:
     a per-row division on the a side (softmax's p / sum fused into p @ v) and a rotate-half
