@@ -1149,6 +1149,7 @@ def decode_section(args, log, results, dev, emu):
                    "load_s": round(tload, 2), "image": cm.image}
             if not emu:
                 t_graph = cm.time_replays(args.decode_iters)
+                row["us_serial"] = _serial_launch_us(cm, args.decode_iters)
                 t_call = _time_torch(torch, lambda: cm.run_torch(*ins), args.decode_iters)
                 row.update({"us_graph": t_graph * 1e6, "us_call": t_call * 1e6,
                             "tok_s": 1 / t_graph, "tok_s_call": 1 / t_call,
@@ -1160,7 +1161,7 @@ def decode_section(args, log, results, dev, emu):
                     f"x{row['vs_eager_fp16']:.2f} vs eager fp16; per call incl. input copies "
                     f"{t_call * 1e6:8.1f} us (x{row['vs_eager_fp16_call']:.2f}); "
                     f"{row['gbps']:.0f} GB/s of weights; logits err {errs[0]:.1e} kv err {max(errs[1:]):.1e}; "
-                    f"{row['launches']} launches")
+                    f"{row['launches']} launches{_serial_note(row)}")
                 try:
                     prof = cm.profile(reps=5)  # inside a CUDA graph, event nodes between launches
                     row["profile"] = prof
@@ -1192,6 +1193,24 @@ def decode_section(args, log, results, dev, emu):
             rows.append({"recipe": recipe, "ok": False, "error": f"{type(e).__name__}: {e}"})
     results["decode"] = {"baselines_us": {k: v * 1e6 for k, v in base.items()}, "rows": rows, "config": bench}
     return rows
+
+
+def _serial_launch_us(cm, iters):
+    """The same plan's replay time with every kernel launched without programmatic stream
+    serialization (each waits for the previous one to finish before it launches), for the
+    A/B of programmatic dependent launch; None when the model does not launch that way."""
+    if not cm.programmatic:
+        return None
+    cm.programmatic, cm._exec = False, None
+    try:
+        return cm.time_replays(iters) * 1e6
+    finally:
+        cm.programmatic, cm._exec = True, None
+
+
+def _serial_note(row):
+    t = row.get("us_serial")
+    return "" if t is None else f"; serial launches {t:.1f} us (x{t / row['us_graph']:.2f})"
 
 
 def prefill_section(args, log, results, dev, emu):
@@ -1233,12 +1252,14 @@ def prefill_section(args, log, results, dev, emu):
             err = _rel(out, r)
             t = cm.time_replays(args.decode_iters)
             row = {"recipe": recipe, "us_graph": t * 1e6, "tok_s": PREFILL_TOKENS / t, "err_logits": err,
+                   "us_serial": _serial_launch_us(cm, args.decode_iters),
                    "launches": len(manifest["cuda"]["plan"]["launches"]),
                    "vs_graph_fp16": base.get("torch fp16 + CUDA graph", float("nan")) / t,
                    "vs_eager_fp16": base.get("torch eager fp16", float("nan")) / t}
             log(f"  qcc {recipe:11s} {t * 1e6:9.1f} us (graph replay) {row['tok_s']:9.0f} tok/s, "
                 f"x{row['vs_graph_fp16']:.2f} vs fp16 + CUDA graph, x{row['vs_eager_fp16']:.2f} vs eager fp16; "
-                f"logits err {err:.1e} (vs the weight-dequantized float model); {row['launches']} launches")
+                f"logits err {err:.1e} (vs the weight-dequantized float model); {row['launches']} launches"
+                f"{_serial_note(row)}")
             prof = cm.profile(reps=3)
             for d in prof[:6]:
                 log(f"      {d['us']:8.1f} us {d['launches']:3d}x {d['kernel']}")

@@ -83,6 +83,17 @@ class FakeDriver:
         CU_STREAM_CAPTURE_MODE_THREAD_LOCAL = 1
         CU_STREAM_CAPTURE_MODE_GLOBAL = 0
 
+    class CUlaunchAttributeID:
+        CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = "programmatic"
+
+    class CUlaunchAttribute:
+        def __init__(self):
+            self.id = None
+            self.value = type("CUlaunchAttributeValue", (), {})()
+
+    class CUlaunchConfig:
+        attrs, numAttrs = (), 0
+
     class CUstream:
         def __init__(self, h=0):
             self.h = int(h)
@@ -98,6 +109,7 @@ class FakeDriver:
         self.cc = cc
         self.mem = {}  # address -> numpy buffer (kept alive)
         self.launches = 0
+        self.programmatic_launches = 0  # cuLaunchKernelEx with programmatic stream serialization
         self.dynamic_smem = {}  # kernel -> opted-in bytes (cuFuncSetAttribute)
         self.capturing = None
         self.graphs = []
@@ -188,6 +200,15 @@ class FakeDriver:
             return (0,)
         self._run(fn, params)
         return (0,)
+
+    def cuLaunchKernelEx(self, cfg, fn, params, extra):
+        """Launches run in order here, so programmatic serialization changes nothing but the count."""
+        attrs = list(cfg.attrs)[:cfg.numAttrs]
+        if any(a.id != "programmatic" or a.value.programmaticStreamSerializationAllowed != 1 for a in attrs):
+            return (1,)
+        self.programmatic_launches += bool(attrs)
+        return self.cuLaunchKernel(fn, cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ, cfg.blockDimX, cfg.blockDimY,
+                                   cfg.blockDimZ, cfg.sharedMemBytes, cfg.hStream, params, extra)
 
     def _run(self, fn, params):
         c = self.ctypes

@@ -35,6 +35,8 @@ import numpy as np
 from qcc import pipelines
 from qcc.errors import QccError
 
+from .ptx import GRID_DEPENDENCY_ARCHS
+
 
 ARCHS = ("sm_90", "sm_90a", "sm_80")
 FUSE_SMALL_LAUNCHES = True  # fuse_launches.py; tests turn it off to compare plans
@@ -92,8 +94,10 @@ class Images:
     llvm_ir: str
 
 
-def build_images(specs, archs=("sm_90",), cubin: bool = True) -> Images:
-    """All kernels in one gpu.module -> PTX (and cubin + ptxas resources) per arch."""
+def build_images(specs, archs=("sm_90",), cubin: bool = True, early_trigger=()) -> Images:
+    """All kernels in one gpu.module -> PTX (and cubin + ptxas resources) per arch; on sm_90+
+    every kernel waits for its predecessor in-kernel, those in `early_trigger` let their
+    successor launch at their start (ptx.with_grid_dependency)."""
     from . import ptx
     from .emit import gpu_module
 
@@ -102,12 +106,30 @@ def build_images(specs, archs=("sm_90",), cubin: bool = True) -> Images:
     out = Images({}, {}, {}, ll)
     for arch in archs:
         p = ptx.llvm_ir_to_ptx(ll, arch)
+        if arch in ptx.GRID_DEPENDENCY_ARCHS:
+            p = ptx.with_grid_dependency(p, early_trigger)
         out.ptx[arch] = p
         if cubin and ptx.ptxas_path():
             cb = ptx.assemble(p, arch)
             out.cubin[arch] = cb.data
             out.resources[arch] = {k: dataclasses.asdict(r) for k, r in cb.resources.items()}
     return out
+
+
+EARLY_TRIGGER_BLOCKS = 16  # kernels of at most this many blocks let their successor launch at their start
+
+
+def early_trigger_kernels(plan: dict) -> set:
+    """The kernels whose every launch has at most EARLY_TRIGGER_BLOCKS blocks (decode's
+    one-block norms, softmax and quantization): they let the next kernel launch at their
+    start (ptx.with_grid_dependency). Larger grids that did so made long kernels slower
+    (H200: float decode 9%, sm_90 prefill 10-29%; docs/ARCHITECTURE.md), so the others let
+    it launch at their exit."""
+    most = {}
+    for L in plan["launches"]:
+        n = L["grid"][0] * L["grid"][1] * L["grid"][2]
+        most[L["kernel"]] = max(most.get(L["kernel"], 0), n)
+    return {k for k, n in most.items() if n <= EARLY_TRIGGER_BLOCKS}
 
 
 ACTIVATIONS = {"fp32": "true", "f16": "false"}  # --gpu-activations -> cuda-select-kernels' split_x
@@ -155,7 +177,7 @@ def compile_cuda(*, module, ctx, session, run, prog, imported, recipe, gpu_arch:
     launched = {L["kernel"] for L in plan["launches"]}
     specs = {n: s for n, s in pb.specs.items() if n in launched}
     prog.stage("codegen")
-    img = build_images(specs.values(), (gpu_arch,))
+    img = build_images(specs.values(), (gpu_arch,), early_trigger=early_trigger_kernels(plan))
     code = {f"cuda_{gpu_arch}.ptx": img.ptx[gpu_arch].encode()}
     if gpu_arch in img.cubin:
         code[f"cuda_{gpu_arch}.cubin"] = img.cubin[gpu_arch]
@@ -173,6 +195,9 @@ def compile_cuda(*, module, ctx, session, run, prog, imported, recipe, gpu_arch:
                               **({"cubin": f"cuda_{gpu_arch}.cubin"} if gpu_arch in img.cubin else {})}},
         "kernels": kernels,
         "plan": plan,
+        # kernels wait for their predecessor in-kernel (griddepcontrol): launch them with
+        # programmatic stream serialization (model_runtime)
+        "launch": "programmatic" if gpu_arch in GRID_DEPENDENCY_ARCHS else "serial",
         "layers": session.options.get("cuda_kernels", {}),
         "int_layers": session.options.get("cuda_int_layers", {}),
         "fallback": session.options.get("cuda_fallback", {}),

@@ -107,7 +107,7 @@ def _check_arch(artifact: str, device: str) -> None:
 
 class CudaModel:
     def __init__(self, manifest: dict, weights: dict, code: dict, *, rt=None, device: int = 0,
-                 graph: bool = True, debug: bool = False, prefer: str = "cubin"):
+                 graph: bool = True, debug: bool = False, prefer: str = "cubin", programmatic: bool = True):
         if manifest.get("target") != "cuda" or "cuda" not in manifest:
             raise ValueError("not a CUDA artifact (compile with --target=cuda)")
         self.manifest = manifest
@@ -125,6 +125,11 @@ class CudaModel:
         kind = "cubin" if (prefer == "cubin" and "cubin" in img and same) else "ptx"
         self.module = _rt.Module(self.rt, code[img[kind]], self.kernels)
         self.image = f"{kind} for {arch} on {self.rt.arch}"
+        # kernels that wait for their predecessor themselves (ptx.with_grid_dependency) launch
+        # with programmatic stream serialization: the next one's blocks are resident and
+        # start as soon as the previous kernel completes (no launch gap between them)
+        self.programmatic = (programmatic and cuda.get("launch") == "programmatic"
+                             and hasattr(self.drv, "cuLaunchKernelEx"))
         # -- memory
         self._owned = []
         self.base, self.size = {}, {}
@@ -190,13 +195,28 @@ class CudaModel:
         return (name, fn, tuple(L["grid"]), tuple(L["block"]), int(k.get("dynamic_smem", 0)), holders, ptrs)
 
     # ------------------------------------------------------------------ execution
-    def _launch_all(self, stream):
+    def _launch(self, launch, stream, programmatic: bool):
         drv = self.drv
-        for name, fn, g, b, smem, _, ptrs in self._launches:
-            self._check(drv.cuLaunchKernel(fn, g[0], g[1], g[2], b[0], b[1], b[2], smem, stream,
-                                           ctypes.addressof(ptrs), 0), "cuLaunchKernel", name)
+        name, fn, g, b, smem, _, ptrs = launch
+        if not programmatic:
+            return self._check(drv.cuLaunchKernel(fn, g[0], g[1], g[2], b[0], b[1], b[2], smem, stream,
+                                                  ctypes.addressof(ptrs), 0), "cuLaunchKernel", name)
+        cfg = drv.CUlaunchConfig()
+        cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = g
+        cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = b
+        cfg.sharedMemBytes, cfg.hStream = smem, stream
+        attr = drv.CUlaunchAttribute()
+        attr.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+        attr.value.programmaticStreamSerializationAllowed = 1
+        cfg.attrs, cfg.numAttrs = [attr], 1
+        self._check(drv.cuLaunchKernelEx(cfg, fn, ctypes.addressof(ptrs), 0), "cuLaunchKernelEx", name)
+
+    def _launch_all(self, stream):
+        for i, launch in enumerate(self._launches):
+            # the first kernel follows the input copies: an ordinary stream dependency
+            self._launch(launch, stream, self.programmatic and i > 0 and not self.debug)
             if self.debug:
-                self._check(drv.cuStreamSynchronize(stream), "cuStreamSynchronize (debug)", name)
+                self._check(self.drv.cuStreamSynchronize(stream), "cuStreamSynchronize (debug)", launch[0])
 
     def _capture(self):
         drv = self.drv
@@ -327,9 +347,8 @@ class CudaModel:
 
         def enqueue():
             self._check(drv.cuEventRecord(ev[0], st), "cuEventRecord")
-            for i, (name, fn, g, b, smem, _, ptrs) in enumerate(self._launches):
-                self._check(drv.cuLaunchKernel(fn, g[0], g[1], g[2], b[0], b[1], b[2], smem, st,
-                                               ctypes.addressof(ptrs), 0), "cuLaunchKernel", name)
+            for i, launch in enumerate(self._launches):  # serial launches: each one's own time
+                self._launch(launch, st, False)
                 self._check(drv.cuEventRecord(ev[i + 1], st), "cuEventRecord")
         run = enqueue
         if graph:

@@ -242,6 +242,44 @@ def compile_ptx(module_text: str, arch: str = DEFAULT_ARCH, opt: int = 3) -> str
     return llvm_ir_to_ptx(lower_to_llvm_ir(module_text), arch, opt)
 
 
+
+# Targets whose kernels take part in programmatic dependent launch (griddepcontrol, sm_90+).
+GRID_DEPENDENCY_ARCHS = ("sm_90", "sm_90a")
+_DECL = re.compile(r"\s*(\.reg|\.shared|\.local|//|$)")
+_ENTRY = re.compile(r"\.(?:visible )?\.?entry (\w+)\(")
+
+
+def with_grid_dependency(ptx: str, early: Iterable[str] = ()) -> str:
+    """Every kernel of `ptx` first waits for the grid it depends on (``griddepcontrol.wait``:
+    its predecessor complete, its writes visible); the kernels named in `early` then let the
+    next kernel launch at once (``griddepcontrol.launch_dependents``), the others at their exit.
+
+    Launched with programmatic stream serialization (model_runtime), the next kernel is set up
+    while this one runs instead of after it, and after an early trigger its blocks are placed
+    and wait beside this kernel's. No memory access precedes the wait, so each kernel sees all
+    of its predecessor's writes, and as the trigger follows the wait, at most one grid waits
+    at a time. Without the launch attribute both instructions do nothing. Which kernels
+    trigger early (lowering.early_trigger_kernels) and why: docs/ARCHITECTURE.md."""
+    early = set(early)
+    out, lines, i = [], ptx.split("\n"), 0
+    while i < len(lines):
+        out.append(lines[i])
+        m = _ENTRY.match(lines[i])
+        if m:
+            while lines[i].strip() != "{":
+                i += 1
+                out.append(lines[i])
+            i += 1
+            while i < len(lines) and _DECL.match(lines[i]):
+                out.append(lines[i])
+                i += 1
+            out.append("\tgriddepcontrol.wait;")
+            if m.group(1) in early:
+                out.append("\tgriddepcontrol.launch_dependents;")
+            continue
+        i += 1
+    return "\n".join(out)
+
 # --------------------------------------------------------------------------- PTX -> cubin
 
 _RES_RE = {

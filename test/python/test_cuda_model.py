@@ -382,6 +382,9 @@ def test_every_generated_kernel_assembles_without_spills():
         bad = {k: r for k, r in res.items() if r["spill_stores"] or r["spill_loads"] or r["stack"]}
         assert not bad, f"{arch}: spills or stack frames in {bad}"
         assert re.search(rf"\.target {arch}\b", img.ptx[arch])
+        # sm_90+: each kernel waits for its predecessor (programmatic launch; placement checked
+        # in test_artifact_code_and_manifest); no kernel triggers early unless told to
+        assert img.ptx[arch].count("griddepcontrol") == (len(specs) if arch == "sm_90a" else 0)
 
 
 def test_artifact_code_and_manifest():
@@ -396,6 +399,19 @@ def test_artifact_code_and_manifest():
             assert r["spill_stores"] == r["spill_loads"] == r["stack"] == 0
     launched = {L["kernel"] for L in cuda["plan"]["launches"]}
     assert launched == set(cuda["kernels"])
+    # programmatic launch: every kernel waits first; those of at most EARLY_TRIGGER_BLOCKS blocks
+    # (here the one-block fused norms) let the next kernel launch right after that
+    assert cuda["launch"] == "programmatic"
+    text = c.code["cuda_sm_90.ptx"].decode()
+    early = lowering.early_trigger_kernels(cuda["plan"])
+    assert early and early < launched
+    for k in launched:
+        body = text[text.index(f".entry {k}("):]
+        body = body[:body.index("\n}")]
+        head = [ln.strip() for ln in body.split("{", 1)[1].split("\n") if ln.strip() and not ln.strip().startswith((".reg", ".shared", "//"))]
+        assert head[0] == "griddepcontrol.wait;"
+        assert (head[1] == "griddepcontrol.launch_dependents;") == (k in early)
+        assert body.count("griddepcontrol") == 1 + (k in early)
 
 
 @pytest.fixture
@@ -441,7 +457,10 @@ def test_runtime_on_fake_driver_matches_emulation(tmp_path, fake_driver):
     assert m.image == "cubin for sm_90 on sm_90" or "ptx" in m.image
     x = inputs[0].numpy()
     y1, y2 = m(x), m(x)  # second call replays the captured graph
-    assert m.use_graph and drv.launches == 2 * len(c.manifest["cuda"]["plan"]["launches"])
+    n = len(c.manifest["cuda"]["plan"]["launches"])
+    assert m.use_graph and drv.launches == 2 * n
+    # every kernel but the first (after the input copies) launches programmatically (sm_90)
+    assert c.manifest["cuda"]["launch"] == "programmatic" and m.programmatic and drv.programmatic_launches == n - 1
     expect = emulate.run_compiled(c, *inputs)[0]
     np.testing.assert_array_equal(y1, expect)
     np.testing.assert_array_equal(y2, expect)
@@ -485,6 +504,7 @@ def test_cli_gpu_arch(tmp_path):
     loaded = qcc.load(out)
     assert loaded.manifest["cuda"]["arch"] == "sm_80" and loaded.manifest["cuda"]["activations"] == "f16"
     assert ".target sm_80" in loaded.code["cuda_sm_80.ptx"].decode()
+    assert loaded.manifest["cuda"]["launch"] == "serial" and "griddepcontrol" not in loaded.code["cuda_sm_80.ptx"].decode()
     assert main(["compile", pt2, "--target", "cuda", "--gpu-arch", "sm_70", "-o", out, "-q"]) == 2
 
 
