@@ -123,7 +123,7 @@ def early_trigger_kernels(plan: dict) -> set:
     """The kernels whose every launch has at most EARLY_TRIGGER_BLOCKS blocks (decode's
     one-block norms, softmax and quantization): they let the next kernel launch at their
     start (ptx.with_grid_dependency). Larger grids that did so made long kernels slower
-    (H200: float decode 9%, sm_90 prefill 10-29%; docs/ARCHITECTURE.md), so the others let
+    (H200: float decode 9%, prefill up to 1.9x; docs/ARCHITECTURE.md), so the others let
     it launch at their exit."""
     most = {}
     for L in plan["launches"]:
