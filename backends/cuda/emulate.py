@@ -110,6 +110,7 @@ class FakeDriver:
         self.mem = {}  # address -> numpy buffer (kept alive)
         self.launches = 0
         self.programmatic_launches = 0  # cuLaunchKernelEx with programmatic stream serialization
+        self.driver_version = 13000
         self.dynamic_smem = {}  # kernel -> opted-in bytes (cuFuncSetAttribute)
         self.capturing = None
         self.graphs = []
@@ -130,6 +131,9 @@ class FakeDriver:
 
     def cuDeviceGetAttribute(self, a, dev):
         return (0, {"major": self.cc[0], "minor": self.cc[1], "sms": 132}[a])
+
+    def cuDriverGetVersion(self):
+        return (0, self.driver_version)
 
     def cuDeviceGetName(self, n, dev):
         return (0, b"FakeDriver (SIMT emulator)\0")

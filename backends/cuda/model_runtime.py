@@ -105,6 +105,9 @@ def _check_arch(artifact: str, device: str) -> None:
                         f"architecture: {fix}")
 
 
+PROGRAMMATIC_DRIVER = 12030  # CUDA 12.3: programmatic launches inside captured CUDA graphs
+
+
 class CudaModel:
     def __init__(self, manifest: dict, weights: dict, code: dict, *, rt=None, device: int = 0,
                  graph: bool = True, debug: bool = False, prefer: str = "cubin", programmatic: bool = True):
@@ -129,7 +132,9 @@ class CudaModel:
         # with programmatic stream serialization: the next one's blocks are resident and
         # start as soon as the previous kernel completes (no launch gap between them)
         self.programmatic = (programmatic and cuda.get("launch") == "programmatic"
-                             and hasattr(self.drv, "cuLaunchKernelEx"))
+                             and hasattr(self.drv, "cuLaunchKernelEx")
+                             and self._check(self.drv.cuDriverGetVersion(), "cuDriverGetVersion")
+                             >= PROGRAMMATIC_DRIVER)
         # -- memory
         self._owned = []
         self.base, self.size = {}, {}

@@ -461,6 +461,9 @@ def test_runtime_on_fake_driver_matches_emulation(tmp_path, fake_driver):
     assert m.use_graph and drv.launches == 2 * n
     # every kernel but the first (after the input copies) launches programmatically (sm_90)
     assert c.manifest["cuda"]["launch"] == "programmatic" and m.programmatic and drv.programmatic_launches == n - 1
+    drv.driver_version = 12020  # a driver without programmatic launches in graphs: serial ones
+    assert not model_runtime.CudaModel(manifest, weights, code).programmatic
+    drv.driver_version = 13000
     expect = emulate.run_compiled(c, *inputs)[0]
     np.testing.assert_array_equal(y1, expect)
     np.testing.assert_array_equal(y2, expect)
