@@ -106,7 +106,7 @@ def build_images(specs, archs=("sm_90",), cubin: bool = True, early_trigger=()) 
     out = Images({}, {}, {}, ll)
     for arch in archs:
         p = ptx.llvm_ir_to_ptx(ll, arch)
-        if arch in ptx.GRID_DEPENDENCY_ARCHS:
+        if arch in GRID_DEPENDENCY_ARCHS:
             p = ptx.with_grid_dependency(p, early_trigger)
         out.ptx[arch] = p
         if cubin and ptx.ptxas_path():

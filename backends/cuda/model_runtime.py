@@ -129,8 +129,8 @@ class CudaModel:
         self.module = _rt.Module(self.rt, code[img[kind]], self.kernels)
         self.image = f"{kind} for {arch} on {self.rt.arch}"
         # kernels that wait for their predecessor themselves (ptx.with_grid_dependency) launch
-        # with programmatic stream serialization: the next one's blocks are resident and
-        # start as soon as the previous kernel completes (no launch gap between them)
+        # with programmatic stream serialization: each is set up while its predecessor runs
+        # and starts as soon as that completes, without a launch gap
         self.programmatic = (programmatic and cuda.get("launch") == "programmatic"
                              and hasattr(self.drv, "cuLaunchKernelEx")
                              and self._check(self.drv.cuDriverGetVersion(), "cuDriverGetVersion")

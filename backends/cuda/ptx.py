@@ -242,11 +242,10 @@ def compile_ptx(module_text: str, arch: str = DEFAULT_ARCH, opt: int = 3) -> str
     return llvm_ir_to_ptx(lower_to_llvm_ir(module_text), arch, opt)
 
 
-
 # Targets whose kernels take part in programmatic dependent launch (griddepcontrol, sm_90+).
 GRID_DEPENDENCY_ARCHS = ("sm_90", "sm_90a")
 _DECL = re.compile(r"\s*(\.reg|\.shared|\.local|//|$)")
-_ENTRY = re.compile(r"\.(?:visible )?\.?entry (\w+)\(")
+_ENTRY = re.compile(r"(?:\.visible )?\.entry (\w+)\(")
 
 
 def with_grid_dependency(ptx: str, early: Iterable[str] = ()) -> str:
@@ -279,6 +278,7 @@ def with_grid_dependency(ptx: str, early: Iterable[str] = ()) -> str:
             continue
         i += 1
     return "\n".join(out)
+
 
 # --------------------------------------------------------------------------- PTX -> cubin
 

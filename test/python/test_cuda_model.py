@@ -382,9 +382,23 @@ def test_every_generated_kernel_assembles_without_spills():
         bad = {k: r for k, r in res.items() if r["spill_stores"] or r["spill_loads"] or r["stack"]}
         assert not bad, f"{arch}: spills or stack frames in {bad}"
         assert re.search(rf"\.target {arch}\b", img.ptx[arch])
-        # sm_90+: each kernel waits for its predecessor (programmatic launch; placement checked
-        # in test_artifact_code_and_manifest); no kernel triggers early unless told to
+        # sm_90+: each kernel waits for its predecessor before any other instruction (programmatic
+        # launch); none triggers its successor early unless told to
+        heads = _kernel_heads(img.ptx[arch])
+        assert set(heads) == set(specs)
+        if arch == "sm_90a":
+            assert all(h[0] == "griddepcontrol.wait;" for h in heads.values())
         assert img.ptx[arch].count("griddepcontrol") == (len(specs) if arch == "sm_90a" else 0)
+
+
+def _kernel_heads(ptx_text: str) -> dict:
+    """kernel name -> its first two instructions (declarations and comments skipped)."""
+    heads = {}
+    for m in re.finditer(r"\.entry (\w+)\(", ptx_text):
+        body = ptx_text[ptx_text.index("{", m.end()) + 1:]
+        lines = [ln.strip() for ln in body[:body.index("\n}")].split("\n")]
+        heads[m.group(1)] = [ln for ln in lines if ln and not ln.startswith((".", "//"))][:2]
+    return heads
 
 
 def test_artifact_code_and_manifest():
@@ -405,13 +419,11 @@ def test_artifact_code_and_manifest():
     text = c.code["cuda_sm_90.ptx"].decode()
     early = lowering.early_trigger_kernels(cuda["plan"])
     assert early and early < launched
-    for k in launched:
-        body = text[text.index(f".entry {k}("):]
-        body = body[:body.index("\n}")]
-        head = [ln.strip() for ln in body.split("{", 1)[1].split("\n") if ln.strip() and not ln.strip().startswith((".reg", ".shared", "//"))]
+    heads = _kernel_heads(text)
+    assert set(heads) == launched and text.count("griddepcontrol") == len(launched) + len(early)
+    for k, head in heads.items():
         assert head[0] == "griddepcontrol.wait;"
         assert (head[1] == "griddepcontrol.launch_dependents;") == (k in early)
-        assert body.count("griddepcontrol") == 1 + (k in early)
 
 
 @pytest.fixture
