@@ -117,19 +117,23 @@ def build_images(specs, archs=("sm_90",), cubin: bool = True, early_trigger=()) 
 
 
 EARLY_TRIGGER_BLOCKS = 16  # kernels of at most this many blocks let their successor launch at their start
+EARLY_TRIGGER_GEMV_ROWS = 16  # ... and the weight GEMVs of at most this many rows (decode)
 
 
-def early_trigger_kernels(plan: dict) -> set:
-    """The kernels whose every launch has at most EARLY_TRIGGER_BLOCKS blocks (decode's
-    one-block norms, softmax and quantization): they let the next kernel launch at their
-    start (ptx.with_grid_dependency). Larger grids that did so made long kernels slower
-    (H200: float decode 9%, prefill up to 1.9x; docs/ARCHITECTURE.md), so the others let
-    it launch at their exit."""
+def early_trigger_kernels(plan: dict, specs: dict) -> set:
+    """The kernels that let the next kernel launch at their start (ptx.with_grid_dependency):
+    those whose every launch has at most EARLY_TRIGGER_BLOCKS blocks (decode's one-block
+    norms, softmax and quantization) and the decode GEMVs over quantized weights (a few
+    microseconds of weight streaming each). Other grids that did so made long kernels slower
+    (H200: float decode's generated GEMVs 9%, prefill up to 1.9x; docs/ARCHITECTURE.md), so
+    they let it launch at their exit."""
     most = {}
     for L in plan["launches"]:
         n = L["grid"][0] * L["grid"][1] * L["grid"][2]
         most[L["kernel"]] = max(most.get(L["kernel"], 0), n)
-    return {k for k, n in most.items() if n <= EARLY_TRIGGER_BLOCKS}
+    gemv = {k for k in most if specs[k].config.get("kind", "").startswith("gemv")
+            and specs[k].config.get("m_max", EARLY_TRIGGER_GEMV_ROWS + 1) <= EARLY_TRIGGER_GEMV_ROWS}
+    return {k for k, n in most.items() if n <= EARLY_TRIGGER_BLOCKS} | gemv
 
 
 ACTIVATIONS = {"fp32": "true", "f16": "false"}  # --gpu-activations -> cuda-select-kernels' split_x
@@ -177,7 +181,7 @@ def compile_cuda(*, module, ctx, session, run, prog, imported, recipe, gpu_arch:
     launched = {L["kernel"] for L in plan["launches"]}
     specs = {n: s for n, s in pb.specs.items() if n in launched}
     prog.stage("codegen")
-    img = build_images(specs.values(), (gpu_arch,), early_trigger=early_trigger_kernels(plan))
+    img = build_images(specs.values(), (gpu_arch,), early_trigger=early_trigger_kernels(plan, specs))
     code = {f"cuda_{gpu_arch}.ptx": img.ptx[gpu_arch].encode()}
     if gpu_arch in img.cubin:
         code[f"cuda_{gpu_arch}.cubin"] = img.cubin[gpu_arch]

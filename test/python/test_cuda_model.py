@@ -414,11 +414,11 @@ def test_artifact_code_and_manifest():
     launched = {L["kernel"] for L in cuda["plan"]["launches"]}
     assert launched == set(cuda["kernels"])
     # programmatic launch: every kernel waits first; those of at most EARLY_TRIGGER_BLOCKS blocks
-    # (here the one-block fused norms) let the next kernel launch right after that
+    # (here the one-block fused norms) and the GEMVs let the next kernel launch right after that
     assert cuda["launch"] == "programmatic"
     text = c.code["cuda_sm_90.ptx"].decode()
-    early = lowering.early_trigger_kernels(cuda["plan"])
-    assert early and early < launched
+    early = lowering.early_trigger_kernels(cuda["plan"], c.cuda_specs)
+    assert early and early < launched and any(k.startswith("gemv") for k in early)
     heads = _kernel_heads(text)
     assert set(heads) == launched and text.count("griddepcontrol") == len(launched) + len(early)
     for k, head in heads.items():
