@@ -1201,11 +1201,11 @@ def _serial_launch_us(cm, iters):
     A/B of programmatic dependent launch; None when the model does not launch that way."""
     if not cm.programmatic:
         return None
-    cm.programmatic, cm._exec = False, None
+    cm.set_programmatic(False)
     try:
         return cm.time_replays(iters) * 1e6
     finally:
-        cm.programmatic, cm._exec = True, None
+        cm.set_programmatic(True)
 
 
 def _serial_note(row):

@@ -131,10 +131,10 @@ class CudaModel:
         # kernels that wait for their predecessor themselves (ptx.with_grid_dependency) launch
         # with programmatic stream serialization: each is set up while its predecessor runs
         # and starts as soon as that completes, without a launch gap
-        self.programmatic = (programmatic and cuda.get("launch") == "programmatic"
-                             and hasattr(self.drv, "cuLaunchKernelEx")
-                             and self._check(self.drv.cuDriverGetVersion(), "cuDriverGetVersion")
-                             >= PROGRAMMATIC_DRIVER)
+        self._programmatic_ok = (cuda.get("launch") == "programmatic" and hasattr(self.drv, "cuLaunchKernelEx")
+                                 and self._check(self.drv.cuDriverGetVersion(), "cuDriverGetVersion")
+                                 >= PROGRAMMATIC_DRIVER)
+        self.programmatic = programmatic and self._programmatic_ok
         # -- memory
         self._owned = []
         self.base, self.size = {}, {}
@@ -382,6 +382,14 @@ class CudaModel:
             d["launches"] += 1
             d["us"] += statistics.median(t)
         return sorted(per.values(), key=lambda d: -d["us"])
+
+    def set_programmatic(self, on: bool) -> bool:
+        """Launch with programmatic stream serialization (where the artifact and the driver
+        allow it) or serially; the next call captures the plan again. Returns the setting in
+        effect (an A/B of the launch modes: tools/cuda_device_run.py)."""
+        self.programmatic = on and self._programmatic_ok
+        self._graph = self._exec = None
+        return self.programmatic
 
     def close(self):
         for b in self._owned:
