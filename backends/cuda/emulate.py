@@ -114,6 +114,7 @@ class FakeDriver:
         self.dynamic_smem = {}  # kernel -> opted-in bytes (cuFuncSetAttribute)
         self.capturing = None
         self.graphs = []
+        self.graphs_destroyed = 0
         self.n_streams = 0
 
     # -- device, context
@@ -254,6 +255,13 @@ class FakeDriver:
 
     def cuGraphInstantiateWithFlags(self, g, flags):
         return (0, g)
+
+    def cuGraphExecDestroy(self, ex):
+        self.graphs_destroyed += 1
+        return (0,)
+
+    def cuGraphDestroy(self, g):
+        return (0,)
 
     def cuGraphLaunch(self, ex, st):
         for fn, params in self.graphs[ex]:

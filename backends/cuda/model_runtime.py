@@ -388,10 +388,17 @@ class CudaModel:
         allow it) or serially; the next call captures the plan again. Returns the setting in
         effect (an A/B of the launch modes: tools/cuda_device_run.py)."""
         self.programmatic = on and self._programmatic_ok
-        self._graph = self._exec = None
+        self._drop_graph()
         return self.programmatic
 
+    def _drop_graph(self):
+        if self._exec is not None:
+            self._check(self.drv.cuGraphExecDestroy(self._exec), "cuGraphExecDestroy")
+            self._check(self.drv.cuGraphDestroy(self._graph), "cuGraphDestroy")
+        self._graph = self._exec = None
+
     def close(self):
+        self._drop_graph()
         for b in self._owned:
             try:
                 b.free()

@@ -474,6 +474,7 @@ def test_runtime_on_fake_driver_matches_emulation(tmp_path, fake_driver):
     # every kernel but the first (after the input copies) launches programmatically (sm_90)
     assert c.manifest["cuda"]["launch"] == "programmatic" and m.programmatic and drv.programmatic_launches == n - 1
     assert not m.set_programmatic(False)  # serial launches (the benchmark's A/B), captured anew
+    assert drv.graphs_destroyed == 1  # the programmatic graph
     np.testing.assert_array_equal(m(x), emulate.run_compiled(c, *inputs)[0])
     assert drv.programmatic_launches == n - 1 and drv.launches == 3 * n and m.set_programmatic(True)
     drv.driver_version = 12020  # a driver without programmatic launches in graphs: serial ones
