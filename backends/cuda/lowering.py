@@ -41,6 +41,7 @@ from .ptx import GRID_DEPENDENCY_ARCHS
 ARCHS = ("sm_90", "sm_90a", "sm_80")
 FUSE_SMALL_LAUNCHES = True  # fuse_launches.py; tests turn it off to compare plans
 FUSE_ROW_LAUNCHES = True  # fuse_launches.fuse_row_launches (prefill's per-row ops); likewise
+FUSE_ATTENTION = True  # fuse_attention.py (decode attention: split over keys + combine); likewise
 
 
 FUSE = [
@@ -155,6 +156,7 @@ def compile_cuda(*, module, ctx, session, run, prog, imported, recipe, gpu_arch:
     from qcc import driver
     from qcc.model import CompiledModel
 
+    from .fuse_attention import fuse_attention
     from .fuse_launches import fuse_row_launches, fuse_small_launches
     from .host_plan import HostOpError, PlanBuilder
 
@@ -173,6 +175,8 @@ def compile_cuda(*, module, ctx, session, run, prog, imported, recipe, gpu_arch:
             pb = PlanBuilder(module, weights).build(entry_args=entry_args)
     except HostOpError as e:
         raise QccError(f"cuda backend: {e}")
+    if FUSE_ATTENTION:
+        pb.launches = fuse_attention(pb.launches, pb.specs, pb.descs, pb.roots)
     if FUSE_SMALL_LAUNCHES:
         pb.launches = fuse_small_launches(pb.launches, pb.specs, pb.descs)
     if FUSE_ROW_LAUNCHES:
