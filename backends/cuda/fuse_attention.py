@@ -8,11 +8,13 @@ fused in (split_reduce). On the H200 that was ~1/3 of a w8a8 decode step: five l
 softmax in one block, p @ v on 64 blocks. This pass matches that sequence on the generic
 ops' descriptions and replaces it by two launches (the split form of FlashDecoding):
 
-* ``attn_split``: block (row r, chunk c of CHUNK keys). Warps compute the chunk's scores
-  (lanes along the contraction; the body ops that do not depend on the key, e.g. the
-  query's RoPE, once per lane), apply the epilogues, then the block takes the chunk's max
-  m_c, p = exp(s - m_c) with the exp op's own body, l_c = sum p and
-  acc_c[d] = sum_n p_n v[n, d] (threads along d, V's producer ops replayed) -> scratch.
+* ``attn_split``: block (row r, chunk c of CHUNK keys). It first issues the chunk's V
+  loads (threads along d, V's producer ops replayed: they do not depend on the scores),
+  then warps compute the chunk's scores (lanes along the contraction, every key's loads
+  before any product; the body ops that do not depend on the key, e.g. the query's RoPE,
+  once per lane) and apply the epilogues; the block takes the chunk's max m_c,
+  p = exp(s - m_c) with the exp op's own body, l_c = sum p and acc_c[d] = sum_n p_n v[n, d]
+  -> scratch.
 * ``attn_combine``: block a row: m = max_c m_c, w_c = exp(m_c - m),
   out[d] = init + (sum_c w_c acc_c[d]) / (sum_c w_c l_c).
 
@@ -39,12 +41,10 @@ _F32 = "f32"
 
 @dataclass
 class _Op:
-    """One launch of the sequence: its description, launch, and params (minus the buffers
-    the fusion removes), each with the name the description's kernel body expects."""
+    """One launch of the matched sequence and the description of its generic op."""
 
     desc: lk.GenericDesc
     launch: dict
-    params: list  # (Param, arg)
 
 
 @dataclass
@@ -63,10 +63,9 @@ class _Attention:
     removed: set  # buffers only the sequence touched (scores, max, sum)
 
 
-def _views(desc, launch):
-    """(operand, arg) of every buffer operand, in the launch's argument order."""
-    ops = [o for o in desc.ins if o.const is None] + list(desc.outs)
-    return list(zip(ops, launch["args"][:len(ops)]))
+def _n_views(desc):
+    """Launch arguments before the captures: the buffer inputs and the outputs."""
+    return sum(o.const is None for o in desc.ins) + len(desc.outs)
 
 
 def _out_arg(desc, launch):
@@ -164,7 +163,7 @@ def _reduce(desc, launch, name, src, buf_len, rows):
     out = desc.outs[0]
     if not ok or not _flat_is(out, desc, par, rows, None, 1, lambda r, j: r):
         return None
-    return launch["args"][len([o for o in desc.ins if o.const is None])]
+    return _out_arg(desc, launch)
 
 
 def _match(launches, i, descs, roots):
@@ -183,13 +182,13 @@ def _match(launches, i, descs, roots):
         return None
     n_dim, rows_at = par[-1], par[:-1]
     R, N = math.prod(d.loops[j] for j in rows_at), d.loops[n_dim]
-    s_arg = launches[i]["args"][len([o for o in d.ins if o.const is None])]
+    s_arg = _out_arg(d, launches[i])
     S = s_arg["buf"]
     if s_arg["offset"] or roots[S]["bytes"] != 4 * R * N or N < 2:
         return None
     if not _flat_is(d.outs[0], d, rows_at, R, n_dim, N, lambda r, j: r * N + j):
         return None
-    qk = _Op(d, launches[i], [])
+    qk = _Op(d, launches[i])
     k = i + 1
     epilogues = []
     scores = [S]  # the buffers the scores pass through (epilogues may write new ones)
@@ -200,13 +199,13 @@ def _match(launches, i, descs, roots):
         out = _out_arg(e, launches[k])
         if len(ins) != 1 or len(e.outs) != 1 or not _whole(out, roots, R * N) or ep[-1] != len(e.loops) - 1:
             return None
-        if any(a.get("buf") == S for a in launches[k]["args"][len(_views(e, launches[k])):]):
+        if any(a.get("buf") == S for a in launches[k]["args"][_n_views(e):]):
             return None  # a capture of the scores
         if math.prod(e.loops[:-1]) != R or e.loops[-1] != N or not (
                 _flat_is(e.ins[ins[0]], e, ep[:-1], R, ep[-1], N, want)
                 and _flat_is(e.outs[0], e, ep[:-1], R, ep[-1], N, want)):
             return None
-        epilogues.append((_Op(e, launches[k], []), ins[0]))
+        epilogues.append((_Op(e, launches[k]), ins[0]))
         S = out["buf"]
         scores.append(S)
         k += 1
@@ -266,17 +265,17 @@ def _match(launches, i, descs, roots):
         return None
     special = {("arg", pj), ("arg", lj), ("op", j_div, 0), ("op", j_mul, 0)}
     uses = [r for j, o in enumerate(pv.body) if j not in (j_div, j_mul, cb[0]) for r in o.operands]
-    if any(r in special for r in uses) or any(a.get("buf") in (S, M["buf"], L["buf"])
-                                               for a in Lp["args"][len([o for o in pv.ins if o.const is None]) + 1:]):
-        return None
+    if any(r in special for r in uses):
+        return None  # the probabilities or the sum reach p @ v other than through the division
     removed = set(scores) | {M["buf"], L["buf"]}
-    if _out_arg(pv, Lp)["buf"] in removed:
-        return None
+    own = {id(_arg_of(pv, Lp, pj)), id(_arg_of(pv, Lp, lj))}
+    if any(a.get("buf") in removed for a in Lp["args"] if id(a) not in own):
+        return None  # V (or the output) in a buffer the sequence wrote
     if any(roots[b]["kind"] != "temp" or roots[b].get("output") or not _dead_after(launches, k + 4, b, descs, roots)
            for b in removed):
         return None
-    return _Attention(qk, epilogues, _Op(mx, launches[k], []), _Op(ex, L1, []), _Op(sm, launches[k + 2], []),
-                      _Op(pv, Lp, []), (sj, mj), (pj, lj, j_div, j_mul), R, N, pv.loops[pp[-1]], removed)
+    return _Attention(qk, epilogues, _Op(mx, launches[k]), _Op(ex, L1), _Op(sm, launches[k + 2]),
+                      _Op(pv, Lp), (sj, mj), (pj, lj, j_div, j_mul), R, N, pv.loops[pp[-1]], removed)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -408,6 +407,22 @@ def build(at: _Attention, scratch: dict) -> list[tuple[KernelSpec, dict]]:
         lane, w = tid % 32, tid // 32
         r, c = bid // S, bid % S
         n0 = c * C
+        # V's loads first: they do not depend on the scores, so they are in flight during them
+        rpv = lk._Replay(E, pv, sa_pv)
+        v_pts = []
+        for q in range(-(-D // T)):
+            dd = tid + T * q
+            dc = E.minu(dd, E.const(D - 1, "index")) if D % T else dd
+            pts = []
+            for j in range(C):
+                nc = E.minu(n0 + j, E.const(N - 1, "index"))
+                dims = _row_dims(E, pv, rows_v, r, {d_dim: dc, nv_dim: nc})
+                argv = [_load_in(E, sa_pv, pv, i, dims) if i in v_used else None for i in range(pv.n_in)]
+                argv += [None] * len(pv.outs)
+                vals = {}
+                _run_ops(E, rpv, pv, v_loads, argv, dims, vals)
+                pts.append((j, dims, argv, vals))
+            v_pts.append((dd, pts))
         rp = lk._Replay(E, qk, sa_qk)
         side = []  # per contraction step of a lane: the key-independent values
         for i in range(KI):
@@ -480,19 +495,7 @@ def build(at: _Attention, scratch: dict) -> list[tuple[KernelSpec, dict]]:
             total = E.add(total, E.shfl_xor(total, off))
         E.barrier()
         # acc[d] = sum over the chunk's keys of p * v[n, d], threads along d
-        rpv = lk._Replay(E, pv, sa_pv)
-        for q in range(-(-D // T)):
-            dd = tid + T * q
-            dc = E.minu(dd, E.const(D - 1, "index")) if D % T else dd
-            pts = []
-            for j in range(C):  # every key's loads first
-                nc = E.minu(n0 + j, E.const(N - 1, "index"))
-                dims = _row_dims(E, pv, rows_v, r, {d_dim: dc, nv_dim: nc})
-                argv = [_load_in(E, sa_pv, pv, i, dims) if i in v_used else None for i in range(pv.n_in)]
-                argv += [None] * len(pv.outs)
-                vals = {}
-                _run_ops(E, rpv, pv, v_loads, argv, dims, vals)
-                pts.append((j, dims, argv, vals))
+        for dd, pts in v_pts:
             acc = E.const(0.0, f32)
             for j, dims, argv, vals in pts:
                 get = _run_ops(E, rpv, pv, v_rest, argv, dims, vals)
@@ -525,6 +528,11 @@ def build(at: _Attention, scratch: dict) -> list[tuple[KernelSpec, dict]]:
         tid, r = E.tid(), E.bid()
         ms = [E.load(a["mx"], r * S + c) for c in range(S)]
         ls = [E.load(a["sum"], r * S + c) for c in range(S)]
+        cols = []  # every load first (one round trip)
+        for q in range(-(-D // TC)):
+            dd = tid + TC * q
+            dc = E.minu(dd, E.const(D - 1, "index")) if D % TC else dd
+            cols.append((dd, dc, [E.load(a["acc"], (r * S + c) * D + dc) for c in range(S)]))
         m = E.const(-math.inf, f32)
         for v in ms:
             m = E.raw(mcomb.name, [m, v], [f32], mcomb.attrs, mcomb.info)[0]
@@ -532,12 +540,10 @@ def build(at: _Attention, scratch: dict) -> list[tuple[KernelSpec, dict]]:
         tot = E.const(0.0, f32)
         for wc, lc in zip(ws, ls):
             tot = E.add(tot, E.mul(wc, lc))
-        for q in range(-(-D // TC)):
-            dd = tid + TC * q
-            dc = E.minu(dd, E.const(D - 1, "index")) if D % TC else dd
+        for dd, dc, accs in cols:
             num = E.const(0.0, f32)
-            for c, wc in enumerate(ws):
-                num = E.add(num, E.mul(wc, E.load(a["acc"], (r * S + c) * D + dc)))
+            for wc, x in zip(ws, accs):
+                num = E.add(num, E.mul(wc, x))
             val = E.raw(vdiv.name, [num, tot], [f32], vdiv.attrs, vdiv.info)[0]
             dims = _row_dims(E, pv, rows_v, r, {d_dim: dc, nv_dim: 0})
 

@@ -99,7 +99,8 @@ def reference(model, inputs, recipe, compiled):
         linears = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
         ref = fake_quant_model(model, {w: RECIPE_FORMATS["w8a8"] for w in linears})
         with torch.no_grad():
-            return [ref(*inputs).numpy()]
+            out = ref(*inputs)
+        return [o.numpy() for o in (out if isinstance(out, tuple) else (out,))]
     if recipe == "llm-int8-dynamic":
         from test_recipes import dynamic_split_model
 
@@ -356,6 +357,73 @@ def test_row_local_launches_fuse(recipe, monkeypatch):
         assert all(L["fused"][-1].startswith("quantize_rows") for L in norm[:4])
     else:  # matmuls streaming weights (the float linears) keep their own launches
         assert not any("tile_contract" in k or "split_reduce" in k for L in rows for k in L["fused"])
+
+
+@pytest.mark.parametrize("recipe", ["float", "w8a8"])
+def test_decode_attention_runs_as_split_and_combine(recipe, monkeypatch):
+    """fuse_attention.py: a decode step's attention (q @ k^T with RoPE and the cache concatenation
+    replayed, the scale, softmax's max / exp / sum, p @ v with the division) becomes a kernel over
+    chunks of keys and a combine of their softmax partials; the scores, max and sum buffers are
+    gone. Numerics move by rounding only (the normalization after the sum over keys)."""
+    out = {}
+    for on in (False, True):
+        monkeypatch.setattr(lowering, "FUSE_ATTENTION", on)
+        model, inputs = decode_step()
+        c = qcc.compile(model, inputs, target="cuda", quant=recipe)
+        out[on] = (c, emulate.run_compiled(c, *inputs))
+    plain, fused = (out[k][0].manifest["cuda"]["plan"] for k in (False, True))
+    names = [L["kernel"] for L in fused["launches"]]
+    split = [L for L in fused["launches"] if L["kernel"].startswith("attn_split")]
+    assert len(split) == 1 and names[names.index(split[0]["kernel"]) + 1].startswith("attn_combine")
+    assert split[0]["grid"] == [4 * 3, 1, 1]  # 4 heads x 3 chunks of 32 of the 65 keys
+    assert not any("maximumf" in n or "split_reduce" in n or "exp" in n for n in names)
+    assert len(fused["launches"]) < len(plain["launches"])
+    # the scores buffer (heads x keys floats) is no kernel argument any more
+    scores = {b["id"] for b in plain["buffers"] if b["kind"] == "temp" and b["bytes"] == 4 * 4 * 65}
+    assert scores and not scores & {a.get("buf") for L in fused["launches"] for a in L["args"]}
+    for g, w in zip(out[True][1], out[False][1]):
+        assert rel_err(g, w) <= 1e-6
+    model, inputs = decode_step()
+    for g, e in zip(out[True][1], reference(model, inputs, recipe, out[True][0])):
+        assert rel_err(g, e) <= 1e-4
+
+
+def test_attention_fusion_over_masked_chunks(monkeypatch):
+    """Prefill of a few tokens (q @ k^T a warp per score, not a tile) takes the same kernels:
+    GQA, the additive causal mask as a score epilogue; with chunks of 4 keys some chunks of the
+    early queries are fully masked and weigh ~0 in the combine."""
+    from qcc.backends.cuda import fuse_attention
+
+    monkeypatch.setattr(fuse_attention, "CHUNK", 4)
+    model, inputs = llama_block(seq=8)
+    c = qcc.compile(model, inputs, target="cuda", quant="float")
+    split = [L for L in c.manifest["cuda"]["plan"]["launches"] if L["kernel"].startswith("attn_split")]
+    assert len(split) == 1 and split[0]["grid"] == [4 * 8 * 2, 1, 1]  # heads x queries x 2 chunks
+    assert rel_err(emulate.run_compiled(c, *inputs)[0], f64(model, inputs)[0]) <= 1e-4
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self, with_probs):
+        super().__init__()
+        self.with_probs = with_probs
+
+    def forward(self, q, k, v):
+        p = torch.softmax(q @ k.transpose(-1, -2) * 0.125, dim=-1)
+        return (p @ v, p) if self.with_probs else p @ v
+
+
+def test_attention_fusion_keeps_buffers_that_are_read():
+    """Attention that also returns its probabilities keeps its launches (they must reach memory);
+    the same without them fuses."""
+    g = torch.Generator().manual_seed(5)
+    inputs = tuple(torch.randn(1, 2, n, 64, generator=g) for n in (1, 40, 40))
+    for with_probs in (True, False):
+        model = _Attention(with_probs).eval()
+        c = qcc.compile(model, inputs, target="cuda", quant="float")
+        fused = [L for L in c.manifest["cuda"]["plan"]["launches"] if L["kernel"].startswith("attn_")]
+        assert len(fused) == (0 if with_probs else 2)
+        for got, e in zip(emulate.run_compiled(c, *inputs), f64(model, inputs)):
+            assert rel_err(got, e) <= 1e-5
 
 
 def test_row_fusion_leaves_weight_gemvs_alone():
