@@ -15,8 +15,8 @@ ops' descriptions and replaces it by two launches (the split form of FlashDecodi
   once per lane) and apply the epilogues; the block takes the chunk's max m_c,
   p = exp(s - m_c) with the exp op's own body, l_c = sum p and acc_c[d] = sum_n p_n v[n, d]
   -> scratch.
-* ``attn_combine``: block a row: m = max_c m_c, w_c = exp(m_c - m),
-  out[d] = init + (sum_c w_c acc_c[d]) / (sum_c w_c l_c).
+* ``attn_combine``: block a row: m = max_c m_c, w_c = exp(m_c - m) (a chunk a lane, the
+  weights through shared memory), out[d] = init + (sum_c w_c acc_c[d]) / (sum_c w_c l_c).
 
 Only the scores, max and sum buffers disappear, and only when nothing else reads them.
 Numerics: the same body ops; the normalization moves after the sum over keys
@@ -526,20 +526,37 @@ def build(at: _Attention, scratch: dict) -> list[tuple[KernelSpec, dict]]:
     def combine_body(E, a):
         sa_pv = {"out0": a["pv_out0"]}
         tid, r = E.tid(), E.bid()
-        ms = [E.load(a["mx"], r * S + c) for c in range(S)]
-        ls = [E.load(a["sum"], r * S + c) for c in range(S)]
+        lane, warp = tid % 32, tid // 32
         cols = []  # every load first (one round trip)
         for q in range(-(-D // TC)):
             dd = tid + TC * q
             dc = E.minu(dd, E.const(D - 1, "index")) if D % TC else dd
             cols.append((dd, dc, [E.load(a["acc"], (r * S + c) * D + dc) for c in range(S)]))
+        parts = []  # the chunks' max and sum, a chunk a lane (every warp the same)
+        for t in range(-(-S // 32)):
+            c = lane + 32 * t
+            ok = E.cmp("ult", c, E.const(S, "index"))
+            cc = E.minu(c, E.const(S - 1, "index")) if S % 32 else c
+            mc = E.load(a["mx"], r * S + cc)
+            lc = E.load(a["sum"], r * S + cc)
+            if S % 32:
+                mc = E.select(ok, mc, E.const(-math.inf, f32))
+                lc = E.select(ok, lc, E.const(0.0, f32))
+            parts.append((c, ok, mc, lc))
         m = E.const(-math.inf, f32)
-        for v in ms:
-            m = E.raw(mcomb.name, [m, v], [f32], mcomb.attrs, mcomb.info)[0]
-        ws = [_exp_of(E, at, v, m) for v in ms]
+        for _, _, mc, _ in parts:
+            m = E.raw(mcomb.name, [m, mc], [f32], mcomb.attrs, mcomb.info)[0]
+        for off in (16, 8, 4, 2, 1):
+            m = E.raw(mcomb.name, [m, E.shfl_xor(m, off)], [f32], mcomb.attrs, mcomb.info)[0]
         tot = E.const(0.0, f32)
-        for wc, lc in zip(ws, ls):
+        for c, ok, mc, lc in parts:  # the chunks' weights exp(m_c - m) -> shared memory
+            wc = _exp_of(E, at, mc, m)
+            E.if_(E.and_(ok, E.cmp("eq", warp, E.const(0, "index"))), lambda wc=wc, c=c: E.store(wc, a["w"], c))
             tot = E.add(tot, E.mul(wc, lc))
+        for off in (16, 8, 4, 2, 1):
+            tot = E.add(tot, E.shfl_xor(tot, off))
+        E.barrier()
+        ws = [E.load(a["w"], E.const(c, "index")) for c in range(S)]
         for dd, dc, accs in cols:
             num = E.const(0.0, f32)
             for wc, x in zip(ws, accs):
@@ -555,7 +572,7 @@ def build(at: _Attention, scratch: dict) -> list[tuple[KernelSpec, dict]]:
             else:
                 store()
 
-    combine = _spec("attn_combine", comb_params, (TC, 1, 1), (R, 1, 1), combine_body, [],
+    combine = _spec("attn_combine", comb_params, (TC, 1, 1), (R, 1, 1), combine_body, [("w", f32, S)],
                     {"kind": "attention_combine", "splits": S},
                     f"decode attention: {S} chunks' softmax partials of {R} rows -> softmax @ V")
     launches = []
