@@ -1753,7 +1753,7 @@ def gemv_w8_sparse_x(K: int, N: int, *, m_max: int = 16, n_rows: int | None = No
 
 
 def quantize_rows(K: int, *, qmin: int, qmax: int, clip: float = 1.0, m_max: int = 16, warps: int = 8,
-                  name: str | None = None, producer=None) -> KernelSpec:
+                  name: str | None = None) -> KernelSpec:
     """codes[M, K] int8, scale[M] f32 = per-token symmetric quantization of x[M, K] f32.
 
     One launch for what the reference lowering does in three (the row's absmax, its scale,
@@ -1763,10 +1763,6 @@ def quantize_rows(K: int, *, qmin: int, qmax: int, clip: float = 1.0, m_max: int
     and one across the warps (shared memory) give every thread the absmax, a second pass
     writes the codes. Constraints: K % 4 == 0. Parameters: x f32 [M, K], y int8 [M, K],
     scale f32 [M], M i32.
-
-    `producer` (fold_producers.py): x is computed, not loaded: ``(params, values)`` with
-    ``values(E, a, row, c, ok)`` -> the 4 f32 values of chunk c of the row (which it also
-    stores where its own op wrote them, under ``ok``); its params replace x.
     """
     _require(K % 4 == 0, f"quantize_rows needs K % 4 == 0 (K={K})")
     _require(1 <= m_max <= ROWS_MAX, f"m_max must be in 1..{ROWS_MAX} (got {m_max})")
@@ -1774,10 +1770,8 @@ def quantize_rows(K: int, *, qmin: int, qmax: int, clip: float = 1.0, m_max: int
     warps = max(1, min(warps, -(-K4 // 32)))  # no idle warps on short rows
     T = 32 * warps
     steps = -(-K4 // T)
-    x_params = [Param("x", f"memref<{m_max * K4}xvector<4xf32>>", "in", f"f32 [M, {K}]", rows=("M", m_max))]
-    if producer is not None:
-        x_params = list(producer[0])
-    params = x_params + [
+    params = [
+        Param("x", f"memref<{m_max * K4}xvector<4xf32>>", "in", f"f32 [M, {K}]", rows=("M", m_max)),
         Param("y", f"memref<{m_max * K4}xvector<4xi8>>", "out", f"int8 codes [M, {K}]", rows=("M", m_max)),
         Param("scale", f"memref<{m_max}xf32>", "out", "f32 [M] per-token scales", rows=("M", m_max)),
         _m_param(m_max),
@@ -1801,11 +1795,7 @@ def quantize_rows(K: int, *, qmin: int, qmax: int, clip: float = 1.0, m_max: int
         xs = []
         for i in range(steps):  # the row stays in registers for the second pass
             c, cc = chunk(i)
-            if producer is None:
-                v = E.load(a["x"], row + cc)
-            else:
-                ok = E.cmp("ult", c, E.const(K4, "index")) if (i + 1) * T > K4 else None
-                v = E.from_elements(producer[1](E, a, row * 4, cc, ok))
+            v = E.load(a["x"], row + cc)
             xs.append((c, v))
             m = amax
             for j in range(4):

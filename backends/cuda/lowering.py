@@ -42,7 +42,6 @@ ARCHS = ("sm_90", "sm_90a", "sm_80")
 FUSE_SMALL_LAUNCHES = True  # fuse_launches.py; tests turn it off to compare plans
 FUSE_ROW_LAUNCHES = True  # fuse_launches.fuse_row_launches (prefill's per-row ops); likewise
 FUSE_ATTENTION = True  # fuse_attention.py (decode attention: split over keys + combine); likewise
-FOLD_PRODUCERS = True  # fold_producers.py (decode: an elementwise op computed inside quantize_rows); likewise
 
 
 FUSE = [
@@ -157,7 +156,6 @@ def compile_cuda(*, module, ctx, session, run, prog, imported, recipe, gpu_arch:
     from qcc import driver
     from qcc.model import CompiledModel
 
-    from .fold_producers import fold_quantize_producers
     from .fuse_attention import fuse_attention
     from .fuse_launches import fuse_row_launches, fuse_small_launches
     from .host_plan import HostOpError, PlanBuilder
@@ -179,8 +177,6 @@ def compile_cuda(*, module, ctx, session, run, prog, imported, recipe, gpu_arch:
         raise QccError(f"cuda backend: {e}")
     if FUSE_ATTENTION:
         pb.launches = fuse_attention(pb.launches, pb.specs, pb.descs, pb.roots)
-    if FOLD_PRODUCERS:
-        pb.launches = fold_quantize_producers(pb.launches, pb.specs, pb.descs, pb.roots)
     if FUSE_SMALL_LAUNCHES:
         pb.launches = fuse_small_launches(pb.launches, pb.specs, pb.descs)
     if FUSE_ROW_LAUNCHES:

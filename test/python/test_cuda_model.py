@@ -359,25 +359,6 @@ def test_row_local_launches_fuse(recipe, monkeypatch):
         assert not any("tile_contract" in k or "split_reduce" in k for L in rows for k in L["fused"])
 
 
-@pytest.mark.parametrize("recipe", ["w8a8", "w4a4-had"])
-def test_quantize_rows_computes_its_producer(recipe, monkeypatch):
-    """fold_producers.py: at decode RMSNorm's normalize and SwiGLU's product are computed inside
-    the per-token quantization that reads them (which still stores them), bit for bit the plan
-    without the fold: every quantize_rows of the step but attention's output one (after the
-    combine, not a generic op) and w4a4-had's (after an online Hadamard) takes its producer."""
-    monkeypatch.setattr(lowering, "FUSE_SMALL_LAUNCHES", False)  # the launches as they are
-    plain, folded = _plans_without_and_with(monkeypatch, "FOLD_PRODUCERS", decode_step, recipe)
-    kinds = []
-    for L in folded.manifest["cuda"]["plan"]["launches"]:
-        cfg = folded.cuda_specs[L["kernel"]].config
-        if cfg.get("kind") == "quantize_rows":
-            kinds.append(bool(cfg.get("producer")))
-    # w8a8: the two norms, SwiGLU, the final norm before lm_head; w4a4-had rotates SwiGLU's output
-    assert kinds.count(True) == (4 if recipe == "w8a8" else 3) and kinds.count(False) >= 1
-    n = lambda c: len(c.manifest["cuda"]["plan"]["launches"])  # noqa: E731
-    assert n(folded) == n(plain) - kinds.count(True)
-
-
 @pytest.mark.parametrize("recipe", ["float", "w8a8"])
 def test_decode_attention_runs_as_split_and_combine(recipe, monkeypatch):
     """fuse_attention.py: a decode step's attention (q @ k^T with RoPE and the cache concatenation
