@@ -36,6 +36,10 @@ from .emit import KernelSpec, Param
 CHUNK = 32  # keys a block of attn_split takes (513 keys x 16 heads: 272 blocks on 132 SMs)
 SPLIT_WARPS = 4  # attn_split: warps computing scores (CHUNK / SPLIT_WARPS keys each)
 COMBINE_THREADS = 128
+# the q @ k^T kernels matched: with prefill's tile_contract ones too (16 heads x 128 queries,
+# a block per query and chunk) w8a8 sm_90a prefill went 325.6 -> 428.0 us on the H200
+# (bench_h200_attention_prefill.log): a query a block rereads K and V 128 times
+QK_FORMS = ("warp_reduce",)
 _F32 = "f32"
 
 
@@ -172,7 +176,7 @@ def _match(launches, i, descs, roots):
         return descs.get(launches[k]["kernel"]) if k < len(launches) else None
 
     d = desc(i)
-    if d is None or lk.classify(d) != "warp_reduce":
+    if d is None or lk.classify(d) not in QK_FORMS:
         return None
     cb = lk._combiner(d)
     par, red = _split(d)
@@ -240,7 +244,7 @@ def _match(launches, i, descs, roots):
         return None
     # p @ v with the division by the sum
     pv = desc(k + 3)
-    if pv is None or lk.classify(pv) not in ("split_reduce", "warp_reduce"):
+    if pv is None or lk.classify(pv, tile=False) not in ("split_reduce", "warp_reduce"):
         return None
     cb = lk._combiner(pv)
     pp, pr = _split(pv)
