@@ -360,6 +360,12 @@ def _exp_of(E, at, s, m):
     return E.select(E.cmp("oeq", m, E.const(-math.inf, _F32)), E.const(0.0, _F32), p)
 
 
+def _chunks(N: int) -> tuple[int, int]:
+    """(keys a block of attn_split takes, a multiple of SPLIT_WARPS; chunks of N keys)."""
+    C = min(CHUNK, -(-N // SPLIT_WARPS) * SPLIT_WARPS)
+    return C, -(-N // C)
+
+
 def _spec(kind, params, block, grid, body, smem, config, doc):
     spec = KernelSpec(kind, [p for p, _ in params], block, grid, body, smem, config, doc=doc)
     spec.name = f"{kind}_{hashlib.sha1(spec.mlir_func().encode()).hexdigest()[:12]}"
@@ -371,8 +377,7 @@ def build(at: _Attention, scratch: dict) -> list[tuple[KernelSpec, dict]]:
     qk, pv = at.qk.desc, at.pv.desc
     R, N, D = at.rows, at.keys, at.head
     W = SPLIT_WARPS
-    C = min(CHUNK, -(-N // W) * W)  # a multiple of W
-    S = -(-N // C)
+    C, S = _chunks(N)
     T = 32 * W
     qpar, (k_dim,) = _split(qk)
     n_dim, rows_q = qpar[-1], qpar[:-1]
@@ -599,8 +604,7 @@ def fuse_attention(launches: list[dict], specs: dict, descs: dict, roots: list[d
             out.append(launches[i])
             i += 1
             continue
-        C = min(CHUNK, -(-at.keys // SPLIT_WARPS) * SPLIT_WARPS)
-        S = -(-at.keys // C)
+        _, S = _chunks(at.keys)
         scratch = {}
         for name, n in (("acc", at.rows * S * at.head), ("mx", at.rows * S), ("sum", at.rows * S)):
             scratch[name] = len(roots)
