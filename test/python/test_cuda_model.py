@@ -388,6 +388,19 @@ def test_decode_attention_runs_as_split_and_combine(recipe, monkeypatch):
         assert rel_err(g, e) <= 1e-4
 
 
+@pytest.mark.parametrize("hidden,heads", [(320, 4), (512, 2)])
+def test_decode_attention_head_dims(hidden, heads):
+    """Head dims that are not a multiple of the 32 lanes (80: the last lane step and the
+    threads past d are masked) and larger than a block (256: two passes over d); 41 keys:
+    a partial last chunk."""
+    step = DecodeStep(bench_llama(layers=1, hidden=hidden, ffn=640, heads=heads, max_seq=64), 40).eval()
+    inputs = step.example_inputs()
+    c = qcc.compile(step, inputs, target="cuda", quant="float")
+    assert sum(L["kernel"].startswith("attn_split") for L in c.manifest["cuda"]["plan"]["launches"]) == 1
+    for got, e in zip(emulate.run_compiled(c, *inputs), f64(step, inputs)):
+        assert rel_err(got, e) <= 1e-4
+
+
 def test_attention_fusion_over_masked_chunks(monkeypatch):
     """Prefill of a few tokens (q @ k^T a warp per score, not a tile) takes the same kernels:
     GQA, the additive causal mask as a score epilogue; with chunks of 4 keys some chunks of the
