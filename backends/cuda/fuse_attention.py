@@ -30,6 +30,8 @@ import hashlib
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from . import linalg_kernels as lk
 from .emit import KernelSpec, Param
 
@@ -57,7 +59,6 @@ class _Attention:
     epilogues: list  # (_Op, index of the scores input)
     mx: _Op
     ex: _Op
-    sm: _Op
     pv: _Op
     s_in: tuple  # (exp's scores input, exp's max input)
     pv_refs: tuple  # (probability input, sum input, divf op, product op)
@@ -67,14 +68,19 @@ class _Attention:
     removed: set  # buffers only the sequence touched (scores, max, sum)
 
 
+def _n_ins(desc, upto=None):
+    """Launch arguments of desc's inputs [0, upto) (its scalar constants have none)."""
+    return sum(o.const is None for o in desc.ins[:upto])
+
+
 def _n_views(desc):
     """Launch arguments before the captures: the buffer inputs and the outputs."""
-    return sum(o.const is None for o in desc.ins) + len(desc.outs)
+    return _n_ins(desc) + len(desc.outs)
 
 
 def _out_arg(desc, launch):
     """The launch argument bound to output 0."""
-    return launch["args"][sum(o.const is None for o in desc.ins)]
+    return launch["args"][_n_ins(desc)]
 
 
 def _whole(arg, roots, n) -> bool:
@@ -93,8 +99,7 @@ def _dead_after(launches, j, buf, descs, roots) -> bool:
             if any(a.get("buf") == buf for a in args):
                 return False
             continue
-        n_ins = sum(o.const is None for o in d.ins)
-        n_views = n_ins + len(d.outs)
+        n_ins, n_views = _n_ins(d), _n_views(d)
         if any(a.get("buf") == buf for a in args[:n_ins] + args[n_views:]):
             return False
         hits = [k for k, a in enumerate(args[n_ins:n_views]) if a.get("buf") == buf]
@@ -115,12 +120,12 @@ def _arg_of(desc, launch, i):
     """The launch argument bound to input i (None: a constant)."""
     if desc.ins[i].const is not None:
         return None
-    return launch["args"][sum(o.const is None for o in desc.ins[:i])]
+    return launch["args"][_n_ins(desc, i)]
 
 
 def _row_dims(E, desc, rows_at, r, inner: dict):
     """Loop dims of `desc` for row r (row-major over the loops in rows_at) and the other
-    loops' values from `inner` (loop -> value); E None: Python ints."""
+    loops' values from `inner` (loop -> value)."""
     dims = [0] * len(desc.loops)
     for i, v in zip(rows_at, lk._decompose(E, r, [desc.loops[i] for i in rows_at])):
         dims[i] = v
@@ -129,16 +134,23 @@ def _row_dims(E, desc, rows_at, r, inner: dict):
     return dims
 
 
+class _Points:
+    """linalg_kernels' index arithmetic over numpy arrays: every loop point at once."""
+
+    @staticmethod
+    def const(value, t):
+        return value
+
+
 def _flat_is(op, desc, rows_at, R, inner_dim, n_inner, want) -> bool:
-    """Operand `op` of `desc` reads element want(r, j) at row r, inner loop value j."""
+    """Operand `op` of `desc` reads element want(r, j) at row r, inner loop value j (every
+    point checked: the maps may hold floordiv / mod)."""
     if op.elem != _F32:
         return False
-    for r in range(R):
-        for j in range(n_inner):
-            d = _row_dims(None, desc, rows_at, r, {inner_dim: j} if inner_dim is not None else {})
-            if lk._flat(None, op, d) != want(r, j):
-                return False
-    return True
+    r = np.repeat(np.arange(R), n_inner)
+    j = np.tile(np.arange(n_inner), R)
+    d = _row_dims(_Points, desc, rows_at, r, {inner_dim: j} if inner_dim is not None else {})
+    return bool(np.array_equal(np.broadcast_to(lk._flat(_Points, op, d), r.shape), want(r, j)))
 
 
 def _split(desc):
@@ -190,13 +202,13 @@ def _match(launches, i, descs, roots):
     S = s_arg["buf"]
     if s_arg["offset"] or roots[S]["bytes"] != 4 * R * N or N < 2:
         return None
-    if not _flat_is(d.outs[0], d, rows_at, R, n_dim, N, lambda r, j: r * N + j):
+    want = lambda r, j: r * N + j  # noqa: E731  (row-major rows x keys)
+    if not _flat_is(d.outs[0], d, rows_at, R, n_dim, N, want):
         return None
     qk = _Op(d, launches[i])
     k = i + 1
     epilogues = []
     scores = [S]  # the buffers the scores pass through (epilogues may write new ones)
-    want = lambda r, j: r * N + j  # noqa: E731
     while (e := desc(k)) is not None and lk.classify(e) == "elementwise":
         ep, _ = _split(e)
         ins = [j for j in range(e.n_in) if (a := _arg_of(e, launches[k], j)) is not None and a["buf"] == S]
@@ -278,8 +290,8 @@ def _match(launches, i, descs, roots):
     if any(roots[b]["kind"] != "temp" or roots[b].get("output") or not _dead_after(launches, k + 4, b, descs, roots)
            for b in removed):
         return None
-    return _Attention(qk, epilogues, _Op(mx, launches[k]), _Op(ex, L1), _Op(sm, launches[k + 2]),
-                      _Op(pv, Lp), (sj, mj), (pj, lj, j_div, j_mul), R, N, pv.loops[pp[-1]], removed)
+    return _Attention(qk, epilogues, _Op(mx, launches[k]), _Op(ex, L1), _Op(pv, Lp),
+                      (sj, mj), (pj, lj, j_div, j_mul), R, N, pv.loops[pp[-1]], removed)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -305,34 +317,6 @@ def _loads_first(desc, js):
             need.add(j)
             need |= {r[1] for r in desc.body[j].operands if r[0] == "op"}
     return [j for j in js if j in need], [j for j in js if j not in need]
-
-
-def _run_ops(E, rp, desc, js, argv, dims, vals):
-    """Replays body ops `js` into `vals` ((op, result) -> value); returns the ref resolver."""
-    def get(ref):
-        if ref[0] == "arg":
-            if argv[ref[1]] is None:
-                raise lk.UnsupportedOp("attention body reads an operand that was not loaded")
-            return argv[ref[1]]
-        if ref[0] == "idx":
-            return lk._ix(E, dims[ref[1]])
-        return vals[(ref[1], ref[2])]
-    for j in js:
-        for t, v in enumerate(rp.op(desc.body[j], get)):
-            vals[(j, t)] = v
-    return get
-
-
-def _load_in(E, sa, desc, i, dims):
-    op = desc.ins[i]
-    if op.const is not None:
-        return E.raw("arith.constant", [], [op.elem], f"value = {op.const[0]}", {"value": op.const[1]})[0]
-    return E.load(sa[f"in{i}"], lk._ix(E, lk._flat(E, op, dims)))
-
-
-def _const(E, text_value, t=_F32):
-    text, value = text_value
-    return E.raw("arith.constant", [], [t], f"value = {text}", {"value": value})[0]
 
 
 def _params(op: _Op, prefix: str, drop_ins=(), keep_out=False) -> list:
@@ -426,10 +410,10 @@ def build(at: _Attention, scratch: dict) -> list[tuple[KernelSpec, dict]]:
             for j in range(C):
                 nc = E.minu(n0 + j, E.const(N - 1, "index"))
                 dims = _row_dims(E, pv, rows_v, r, {d_dim: dc, nv_dim: nc})
-                argv = [_load_in(E, sa_pv, pv, i, dims) if i in v_used else None for i in range(pv.n_in)]
+                argv = [lk._load_in(E, sa_pv, pv, i, dims) if i in v_used else None for i in range(pv.n_in)]
                 argv += [None] * len(pv.outs)
                 vals = {}
-                _run_ops(E, rpv, pv, v_loads, argv, dims, vals)
+                rpv.run(argv, dims, ops=v_loads, vals=vals)
                 pts.append((j, dims, argv, vals))
             v_pts.append((dd, pts))
         rp = lk._Replay(E, qk, sa_qk)
@@ -438,13 +422,13 @@ def build(at: _Attention, scratch: dict) -> list[tuple[KernelSpec, dict]]:
             kk = lane + 32 * i
             kc = E.minu(kk, E.const(K - 1, "index")) if K % 32 else kk
             dims = _row_dims(E, qk, rows_q, r, {n_dim: 0, k_dim: kc})
-            argv = [_load_in(E, sa_qk, qk, j, dims) if j in used and j not in dep_args else None
+            argv = [lk._load_in(E, sa_qk, qk, j, dims) if j in used and j not in dep_args else None
                     for j in range(qk.n_in)] + [None] * len(qk.outs)
             vals = {}
-            _run_ops(E, rp, qk, front_loads, argv, dims, vals)
+            rp.run(argv, dims, ops=front_loads, vals=vals)
             side.append((kk, kc, argv, vals, dims))
         for kk, kc, argv, vals, dims in side:
-            _run_ops(E, rp, qk, front_rest, argv, dims, vals)
+            rp.run(argv, dims, ops=front_rest, vals=vals)
         side = [x[:4] for x in side]
         keys = []  # this warp's keys of the chunk: every key's loads first (in flight together)
         for jj in range(C // W):
@@ -456,26 +440,26 @@ def build(at: _Attention, scratch: dict) -> list[tuple[KernelSpec, dict]]:
                 dims = _row_dims(E, qk, rows_q, r, {n_dim: nc, k_dim: kc})
                 argv = list(argv0)
                 for j in dep_args & used:
-                    argv[j] = _load_in(E, sa_qk, qk, j, dims)
+                    argv[j] = lk._load_in(E, sa_qk, qk, j, dims)
                 vals = dict(vals0)
-                _run_ops(E, rp, qk, back_loads, argv, dims, vals)
+                rp.run(argv, dims, ops=back_loads, vals=vals)
                 pts.append((kk, dims, argv, vals))
             keys.append((jl, n, nc, pts))
         for jl, n, nc, pts in keys:
             acc = E.const(lk._identity(comb.name, f32), f32)
             for kk, dims, argv, vals in pts:
-                get = _run_ops(E, rp, qk, back_rest, argv, dims, vals)
+                get = rp.run(argv, dims, ops=back_rest, vals=vals)
                 new = E.raw(comb.name, [acc, get(v_ref)], [f32], comb.attrs, comb.info)[0]
                 acc = E.select(E.cmp("ult", kk, E.const(K, "index")), new, acc) if K % 32 else new
             for off in (16, 8, 4, 2, 1):
                 acc = E.raw(comb.name, [acc, E.shfl_xor(acc, off)], [f32], comb.attrs, comb.info)[0]
-            s = E.raw(comb.name, [_const(E, qk.out_init[0]), acc], [f32], comb.attrs, comb.info)[0]
+            s = E.raw(comb.name, [lk._init_out(E, sa_qk, qk, 0, []), acc], [f32], comb.attrs, comb.info)[0]
             for (eop, si), sa in zip(at.epilogues, sa_ep):
                 e = eop.desc
                 ep, _ = _split(e)
                 dims = _row_dims(E, e, ep[:-1], r, {ep[-1]: nc})
                 eu = lk._used_args(e)
-                argv = [s if j == si else _load_in(E, sa, e, j, dims) if j in eu else None for j in range(e.n_in)]
+                argv = [s if j == si else lk._load_in(E, sa, e, j, dims) if j in eu else None for j in range(e.n_in)]
                 argv += [s] + [None] * (len(e.outs) - 1)
                 s = lk._Replay(E, e, sa).run(argv, dims)(e.yields[0])
             s = E.select(E.cmp("ult", n, E.const(N, "index")), s, E.const(-math.inf, f32))
@@ -507,7 +491,7 @@ def build(at: _Attention, scratch: dict) -> list[tuple[KernelSpec, dict]]:
         for dd, pts in v_pts:
             acc = E.const(0.0, f32)
             for j, dims, argv, vals in pts:
-                get = _run_ops(E, rpv, pv, v_rest, argv, dims, vals)
+                get = rpv.run(argv, dims, ops=v_rest, vals=vals)
                 p = E.load(a["pc"], E.const(j, "index"))
                 ops = [p if ref == ("op", j_div, 0) else get(ref) for ref in vmul.operands]
                 prod = E.raw(vmul.name, ops, [f32], vmul.attrs, vmul.info)[0]

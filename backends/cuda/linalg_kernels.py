@@ -273,10 +273,12 @@ class _Replay:
     def __init__(self, E, desc, a):
         self.E, self.desc, self.a = E, desc, a
 
-    def run(self, args, dims, skip=(), upto=None):
-        """Replays body ops [0, upto) (all when None) except `skip`; returns a ref resolver."""
+    def run(self, args, dims, skip=(), upto=None, ops=None, vals=None):
+        """Replays body ops [0, upto) (all when None) except `skip` -- or exactly the ops in
+        `ops` -- into `vals` ((op, result) -> value, values of ops replayed before); returns a
+        ref resolver."""
         E, desc = self.E, self.desc
-        vals = {}
+        vals = {} if vals is None else vals
 
         def get(ref):
             k = ref[0]
@@ -291,10 +293,9 @@ class _Replay:
                 return vals[(ref[1], ref[2])]
             raise UnsupportedOp(f"bad ref {ref}")
 
-        n = len(desc.body) if upto is None else upto
-        for j in range(n):
-            if j in skip:
-                continue
+        if ops is None:
+            ops = [j for j in range(len(desc.body) if upto is None else upto) if j not in skip]
+        for j in ops:
             for k, v in enumerate(self.op(desc.body[j], get)):
                 vals[(j, k)] = v
         return get
@@ -349,17 +350,16 @@ def _params(desc: GenericDesc) -> list[Param]:
     return ps
 
 
+def _load_in(E, a, desc, i, dims):
+    """Input i of desc at loop point `dims` (a scalar constant as a constant)."""
+    op = desc.ins[i]
+    if op.const is not None:
+        return E.raw("arith.constant", [], [op.elem], f"value = {op.const[0]}", {"value": op.const[1]})[0]
+    return E.load(a[f"in{i}"], _ix(E, _flat(E, op, dims)))
+
+
 def _load_ins(E, a, desc, dims, used):
-    vals = []
-    for i, op in enumerate(desc.ins):
-        if i not in used:
-            vals.append(None)
-        elif op.const is not None:
-            vals.append(E.raw("arith.constant", [], [op.elem], f"value = {op.const[0]}",
-                              {"value": op.const[1]})[0])
-        else:
-            vals.append(E.load(a[f"in{i}"], _ix(E, _flat(E, op, dims))))
-    return vals
+    return [_load_in(E, a, desc, i, dims) if i in used else None for i in range(desc.n_in)]
 
 
 def _init_out(E, a, desc, k, dims):
