@@ -32,6 +32,7 @@ _MEMREF_RE = re.compile(r"^memref<(\d+)x(.+?)(?:, #gpu\.address_space<(\w+)>)?>$
 MAX_STATIC_SMEM = 48 * 1024  # static shared memory a block may declare (more needs the dynamic kind)
 SWIZZLE_MODES = {0: 0, 128: 1}  # wgmma descriptor layout types (bits 62-63): none, 128-byte swizzle
 MAX_DYNAMIC_SMEM = 227 * 1024  # dynamic shared memory a block may take on sm_90 (opted in at load)
+GRID_WAIT_MARK = "qcc.grid_dependency_wait"  # PTX comment that Emitter.grid_dependency_wait leaves
 INT_TYPES = {"i1": 1, "i8": 8, "i16": 16, "i32": 32, "i64": 64, "index": 64}
 FLOAT_TYPES = {"f16": 16, "f32": 32, "f64": 64}
 
@@ -472,6 +473,22 @@ class MlirEmitter(Emitter):
                    f'"=r,=r,=r,=r,l" {addr.v} : (i64) -> {st}')
         parts = [self._op(f"llvm.extractvalue {nm}[{k}] : {st}", "i32") for k in range(4)]
         return self.from_elements(parts)
+
+    def prefetch_l2(self, mem: Val, i: Val):
+        """Asks L2 for the 128-byte line holding element i of global `mem` (``prefetch.global.L2``):
+        nothing comes back and nothing waits for it, so it may precede grid_dependency_wait
+        (L2 is coherent: a line fetched early is never stale)."""
+        _, et, _ = parse_memref(mem.type)
+        base = self._op(f"memref.extract_aligned_pointer_as_index {mem.v} : {mem.type} -> index",
+                        "index")
+        addr = self.cast("index_cast", base + self.idx(i) * (bitwidth(et) // 8), "i64")
+        self._emit(f'llvm.inline_asm has_side_effects "prefetch.global.L2 [$0];", "l" {addr.v} : (i64) -> ()')
+
+    def grid_dependency_wait(self):
+        """Where the kernel waits for the grid it depends on: ptx.with_grid_dependency makes the
+        mark ``griddepcontrol.wait`` on sm_90+ (elsewhere it stays a PTX comment); without a mark
+        the wait goes first in the kernel. A memory clobber, so no access moves above it."""
+        self._emit(f'llvm.inline_asm has_side_effects "// {GRID_WAIT_MARK}", "~{{memory}}"  : () -> ()')
 
     def _addr(self, mem: Val, i: Val, space: int) -> str:
         _, et, _ = parse_memref(mem.type)

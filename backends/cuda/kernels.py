@@ -221,6 +221,9 @@ def _mma_gemv_body(E, a, *, K, N, k_tile, nt, kw, unroll, m_max, load_meta, dequ
     tile0 = (bid * nw + wn) * nt if nw > 1 else bid * nt
     kt0 = wk * TPW
     wbase = [((tile0 + r) * KT + kt0) * 32 + lane for r in range(nt)]
+    # decode: the block's weight tiles (nw * nt of KT * 512 bytes) into L2 first
+    _prefetch_then_wait(E, a["wq"], bid * (nw * nt * KT * 32), nw * nt * KT * 512, 32 * kw * nw, m_max,
+                        N // 8 * KT * 512)
     zero = E.const(0.0, "f32")
     meta_per_group = scale_acc is not None
     units = unroll // group_tiles if meta_per_group else unroll  # metadata sets per iteration
@@ -1147,6 +1150,37 @@ def _warp_rows(E, a, blk, warps: int, n_rows: int):
     return tid % 32, (blk * warps + tid // 32) * n_rows, M, M - E.const(1, "index")
 
 
+# Decode GEMVs ask L2 for their weight slice before they wait for their predecessor:
+# programmatic dependent launch places them while the one-block kernel before them still runs,
+# and their weights depend on nothing. Only launches of at most PREFETCH_MAX_BYTES of weights
+# (H200 decode: w8a8 1.3%, w4a4-had 4.2% faster; with every GEMV's weights, gate/up's 23 MB at
+# w8a8 included, w8a8 was 2.5% slower; weights loaded into registers before the wait instead
+# gained nothing; docs/BENCHMARKS.md) and at most PREFETCH_MAX_ROWS rows of x (at m_max 16 one
+# kernel spilled).
+PREFETCH_WEIGHTS = True
+PREFETCH_MAX_BYTES = 6 << 20
+PREFETCH_MAX_ROWS = 8
+
+
+def _prefetch_then_wait(E, mem, first, nbytes: int, threads: int, m_max: int, total: int):
+    """L2 prefetches of bytes [16 * first, 16 * first + nbytes) of `mem` (16-byte elements; a
+    thread a 128-byte line in turn) when the launch's weights (`total` bytes) and m_max are
+    within the limits above; then the grid-dependency wait. L2 is coherent: a line fetched
+    early is never stale."""
+    if PREFETCH_WEIGHTS and m_max <= PREFETCH_MAX_ROWS and total <= PREFETCH_MAX_BYTES:
+        lines = -(-nbytes // 128)
+        last = first + E.const(nbytes // 16 - 1, "index")
+        tid = E.tid()
+        for t in range(-(-lines // threads)):
+            line = tid + E.const(t * threads, "index")
+            at = E.minu(first + line * 8, last)
+            if (t + 1) * threads > lines:
+                E.if_(E.cmp("ult", line, E.const(lines, "index")), lambda at=at: E.prefetch_l2(mem, at))
+            else:
+                E.prefetch_l2(mem, at)
+    E.grid_dependency_wait()
+
+
 def _int4_bytes(E, word):
     """A 32-bit word of 8 int4 codes (two a byte, low nibble the even column, biased by +8) ->
     (4 signed bytes of the even columns, 4 of the odd ones): v ^ 8 is the two's complement
@@ -1233,6 +1267,8 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
     def member(E, a, mi, N, blk):
         """Weight rows of member mi (its wq, sw, y and N) for block `blk` of its blocks."""
         lane, n0, M, last = _warp_rows(E, a, blk, warps, n_rows)
+        _prefetch_then_wait(E, a["wq" + mi], blk * (warps * n_rows * CH), warps * n_rows * CH * 16, 32 * warps,
+                            m_max, sum(members) * K * w_bits // 8)
         xrow = [E.minu(E.const(r, "index"), last) * K16 for r in range(m_max)]  # rows >= M repeat the last
         zero = E.const(0, "i32")
 
@@ -1981,6 +2017,8 @@ def gemv_i4g(K: int, N: int, group_size: int, *, m_max: int = 16, n_rows: int | 
 
     def member(E, a, mi, N, blk):
         lane, n0, M, last = _warp_rows(E, a, blk, warps, n_rows)
+        _prefetch_then_wait(E, a["wq" + mi], blk * (warps * n_rows * (K // 32)), warps * n_rows * K // 2,
+                            32 * warps, m_max, sum(members) * K // 2)
         nib, ones = E.const(0x0F0F0F0F, "i32"), E.const(0x01010101, "i32")
         zero = E.const(0.0, "f32")
         tot = [[zero] * n_rows for _ in range(m_max)]  # scaled: this lane's sum over its groups

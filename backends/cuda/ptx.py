@@ -25,6 +25,8 @@ import subprocess
 import tempfile
 from typing import Iterable, Sequence
 
+from .emit import GRID_WAIT_MARK
+
 NVPTX_TRIPLE = "nvptx64-nvidia-cuda"
 NVPTX_DATALAYOUT = "e-p6:32:32-i64:64-i128:128-i256:256-v16:16-v32:32-n16:32:64"
 DEFAULT_ARCH = "sm_90"
@@ -249,32 +251,42 @@ _ENTRY = re.compile(r"(?:\.visible )?\.entry (\w+)\(")
 
 
 def with_grid_dependency(ptx: str, early: Iterable[str] = ()) -> str:
-    """Every kernel of `ptx` first waits for the grid it depends on (``griddepcontrol.wait``:
-    its predecessor complete, its writes visible); the kernels named in `early` then let the
-    next kernel launch at once (``griddepcontrol.launch_dependents``), the others at their exit.
+    """Every kernel of `ptx` waits for the grid it depends on (``griddepcontrol.wait``: its
+    predecessor complete, its writes visible) where its body marks it
+    (Emitter.grid_dependency_wait, after the weight GEMVs' L2 prefetches), else first; the
+    kernels named in `early` then let the next kernel launch at once
+    (``griddepcontrol.launch_dependents``), the others at their exit.
 
     Launched with programmatic stream serialization (model_runtime), the next kernel is set up
     while this one runs instead of after it, and after an early trigger its blocks are placed
-    and wait beside this kernel's. No memory access precedes the wait, so each kernel sees all
-    of its predecessor's writes, and as the trigger follows the wait, at most one grid waits
-    at a time. Without the launch attribute both instructions do nothing. Which kernels
-    trigger early (lowering.early_trigger_kernels) and why: docs/ARCHITECTURE.md."""
+    and wait beside this kernel's. No memory access precedes the wait (an L2 prefetch returns
+    nothing), so each kernel sees all of its predecessor's writes, and as the trigger follows
+    the wait, at most one grid waits at a time. Without the launch attribute both instructions
+    do nothing. Which kernels trigger early (lowering.early_trigger_kernels) and why:
+    docs/ARCHITECTURE.md."""
     early = set(early)
     out, lines, i = [], ptx.split("\n"), 0
+    mark = f"// {GRID_WAIT_MARK}"
     while i < len(lines):
         out.append(lines[i])
         m = _ENTRY.match(lines[i])
         if m:
+            wait = ["\tgriddepcontrol.wait;"] + (["\tgriddepcontrol.launch_dependents;"] if m.group(1) in early else [])
+            end = next((j for j in range(i + 1, len(lines)) if _ENTRY.match(lines[j])), len(lines))
+            marked = any(ln.strip() == mark for ln in lines[i + 1:end])
             while lines[i].strip() != "{":
                 i += 1
                 out.append(lines[i])
             i += 1
-            while i < len(lines) and _DECL.match(lines[i]):
+            while i < len(lines) and _DECL.match(lines[i]) and not marked:
                 out.append(lines[i])
                 i += 1
-            out.append("\tgriddepcontrol.wait;")
-            if m.group(1) in early:
-                out.append("\tgriddepcontrol.launch_dependents;")
+            if not marked:
+                out += wait
+                continue
+            for ln in lines[i:end]:
+                out += wait if ln.strip() == mark else [ln]
+            i = end
             continue
         i += 1
     return "\n".join(out)

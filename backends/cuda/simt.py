@@ -262,6 +262,12 @@ class SimtEmulator(Emitter):
     def load_hint(self, mem, i, hint):
         return self.load(mem, i)  # cache hints do not change values
 
+    def prefetch_l2(self, mem, i):
+        self.load(mem, i)  # no value; bounds-checked like the load it stands for
+
+    def grid_dependency_wait(self):
+        pass  # the emulator runs one grid at a time
+
     # cp.async: copies are queued per commit group and land in shared memory only when
     # a cp_async_wait retires their group; reading an element that still has a copy in
     # flight (by any thread of the block) raises SimtError.

@@ -1104,3 +1104,28 @@ def test_generated_tile_contract_integer_two_reduction_dims():
     y = y0.copy()
     simt.run(lk.build_kernel(desc), dict(in0=a, in1=b, out0=y))
     assert np.array_equal(y, y0 + np.einsum("ikl,nkl->in", a.astype(np.int64), b.astype(np.int64)))
+
+
+@pytest.mark.parametrize("kind", ["gemv_i8", "gemv_w4a16"])
+def test_decode_gemv_prefetches_its_weights_before_the_grid_wait(kind):
+    """At decode a GEMV of at most PREFETCH_MAX_BYTES of weights asks L2 for its block's weight
+    slice, then waits for its predecessor (griddepcontrol.wait on sm_90+, where its mark is);
+    no load comes before the wait. A bigger launch only waits; on sm_80 the mark stays a comment."""
+    from qcc.backends.cuda import ptx
+    from qcc.backends.cuda.emit import GRID_WAIT_MARK, gpu_module
+
+    build = (lambda N: kernels.gemv_i8(2048, N, m_max=1, scaled="row")) if kind == "gemv_i8" else \
+        (lambda N: kernels.gemv_w4a16(2048, N, 128, m_max=1))
+    small, big = build(1024), build(8192)
+    assert 2048 * 1024 <= kernels.PREFETCH_MAX_BYTES < 2048 * 8192 // (1 if kind == "gemv_i8" else 2)
+    ll = ptx.lower_to_llvm_ir(gpu_module([small, big], "m"))
+    text = ptx.with_grid_dependency(ptx.llvm_ir_to_ptx(ll, "sm_90a"))
+    for spec, prefetches in ((small, True), (big, False)):
+        body = text[text.index(f".entry {spec.name}("):]
+        body = body[:body.index("\n}")]
+        head, _, rest = body.partition("griddepcontrol.wait;")
+        assert rest and "griddepcontrol.wait;" not in rest
+        assert ("prefetch.global.L2" in head) == prefetches and "prefetch" not in rest
+        assert not re.search(r"\b(ld|st)\.global", head) and re.search(r"\bld\.global", rest)
+    sm80 = ptx.llvm_ir_to_ptx(ll, "sm_80")
+    assert "griddepcontrol" not in sm80 and sm80.count(GRID_WAIT_MARK) >= 2
