@@ -1162,22 +1162,23 @@ PREFETCH_MAX_BYTES = 6 << 20
 PREFETCH_MAX_ROWS = 8
 
 
-def _prefetch_then_wait(E, mem, first, nbytes: int, threads: int, m_max: int, total: int):
+def _prefetch_then_wait(E, mem, first, nbytes: int, threads: int, m_max: int, total: int, more=()):
     """L2 prefetches of bytes [16 * first, 16 * first + nbytes) of `mem` (16-byte elements; a
-    thread a 128-byte line in turn) when the launch's weights (`total` bytes) and m_max are
-    within the limits above; then the grid-dependency wait. L2 is coherent: a line fetched
-    early is never stale."""
+    thread a 128-byte line in turn), and of each (mem, first) in `more` alike, when the launch's
+    weights (`total` bytes) and m_max are within the limits above; then the grid-dependency
+    wait. L2 is coherent: a line fetched early is never stale."""
     if PREFETCH_WEIGHTS and m_max <= PREFETCH_MAX_ROWS and total <= PREFETCH_MAX_BYTES:
         lines = -(-nbytes // 128)
-        last = first + E.const(nbytes // 16 - 1, "index")
         tid = E.tid()
-        for t in range(-(-lines // threads)):
-            line = tid + E.const(t * threads, "index")
-            at = E.minu(first + line * 8, last)
-            if (t + 1) * threads > lines:
-                E.if_(E.cmp("ult", line, E.const(lines, "index")), lambda at=at: E.prefetch_l2(mem, at))
-            else:
-                E.prefetch_l2(mem, at)
+        for mem_i, first_i in ((mem, first), *more):
+            last = first_i + E.const(nbytes // 16 - 1, "index")
+            for t in range(-(-lines // threads)):
+                line = tid + E.const(t * threads, "index")
+                at = E.minu(first_i + line * 8, last)
+                if (t + 1) * threads > lines:
+                    E.if_(E.cmp("ult", line, E.const(lines, "index")), lambda m=mem_i, at=at: E.prefetch_l2(m, at))
+                else:
+                    E.prefetch_l2(mem_i, at)
     E.grid_dependency_wait()
 
 
@@ -1222,7 +1223,8 @@ def _int_params(K, m_max, members, sfx, scaled, w_bits):
 
 def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps: int | None = None,
             unroll: int | None = None, scaled: str | None = None, w_bits: int = 8,
-            members: tuple | list | None = None, name: str | None = None) -> KernelSpec:
+            members: tuple | list | None = None, interleave: bool = False, epilogue=None,
+            name: str | None = None) -> KernelSpec:
     """y[M, N] i32 = x[M, K] int8 @ wq[N, K]^T, exact, 1 <= M <= m_max (dp4a).
 
     scaled="row" (or "tensor"): y f32 = (f32(acc) * sx[m] (or sx[0])) * sw[n] instead, the
@@ -1233,7 +1235,12 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
     members=(N0, N1, ...), summing to N: the layers that read one x (q/k/v, gate/up) in one
     launch, each on its own codes as stored: parameters x, wq0, wq1, ..., [sx, sw0, sw1, ...,]
     y0, y1, ..., M; the blocks of member i follow those of member i - 1 (a branch on the block
-    index, uniform in each block).
+    index, uniform in each block). interleave=True (members of one size Nm): each warp owns
+    row n of every member instead (they share its x loads), so that its lane 0 holds all of
+    output n's values.
+    epilogue=(params, fn): instead of storing y, lane 0 calls fn(E, a, r, n, values) for row
+    r < M of x and output n, values the members' results there (interleaved), or the one
+    result of a one-member launch; params are appended to the kernel's.
 
     The integer core of w8a8 / w4a4 layers (dequant-after-gemm's qcc.matmul_int): the codes
     stay in their [N, K] row-major layout (no repacked copy). Each warp owns `n_rows`
@@ -1252,9 +1259,14 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
     # weight rows a warp (each x chunk loaded once for 4 rows: 1.5x faster at M = 16; with
     # up to 8 rows of x, 4 weight rows spilled in one shape)
     members, sfx = _members(N, members)
-    n_rows, warps = _rows_and_warps(math.gcd(*members), n_rows, warps,
-                                    (1,) if m_max <= 2 else (2, 1) if m_max <= 8 else (4, 2, 1),
-                                    (8, 4, 2, 1) if m_max <= 2 else (4, 2, 1))
+    if interleave:
+        _require(len(members) > 1 and len(set(members)) == 1, f"interleave needs equal members (got {members})")
+        _, warps = _rows_and_warps(members[0], 1, warps, (1,), (8, 4, 2, 1))
+        n_rows = len(members)
+    else:
+        n_rows, warps = _rows_and_warps(math.gcd(*members), n_rows, warps,
+                                        (1,) if m_max <= 2 else (2, 1) if m_max <= 8 else (4, 2, 1),
+                                        (8, 4, 2, 1) if m_max <= 2 else (4, 2, 1))
     if unroll is None:
         unroll = 2 if n_rows == 1 else 1
     _require(unroll >= 1, f"unroll must be >= 1 (got {unroll})")
@@ -1263,12 +1275,21 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
     CH = K // cols  # weight chunks per row
     steps = -(-CH // 32)  # chunks per lane
     params = _int_params(K, m_max, members, sfx, scaled, w_bits)
+    if epilogue is not None:
+        _require(interleave or len(members) == 1, "an epilogue needs one member or interleave=True")
+        params += list(epilogue[0])
 
     def member(E, a, mi, N, blk):
-        """Weight rows of member mi (its wq, sw, y and N) for block `blk` of its blocks."""
-        lane, n0, M, last = _warp_rows(E, a, blk, warps, n_rows)
-        _prefetch_then_wait(E, a["wq" + mi], blk * (warps * n_rows * CH), warps * n_rows * CH * 16, 32 * warps,
-                            m_max, sum(members) * K * w_bits // 8)
+        """Weight rows of member mi (its wq, sw, y and N; all members when interleaved) for
+        block `blk` of its blocks."""
+        lane, n0, M, last = _warp_rows(E, a, blk, warps, 1 if interleave else n_rows)
+        # (weight codes, sw, y, row offset from n0) of the warp's rows
+        rows = ([("wq" + i, "sw" + i, "y" + i, 0) for i in sfx] if interleave else
+                [("wq" + mi, "sw" + mi, "y" + mi, t) for t in range(n_rows)])
+        slices = [(a[w], blk * (warps * CH)) for w in dict.fromkeys(r[0] for r in rows)] if interleave else \
+            [(a["wq" + mi], blk * (warps * n_rows * CH))]
+        _prefetch_then_wait(E, *slices[0], warps * (1 if interleave else n_rows) * CH * 16, 32 * warps,
+                            m_max, sum(members) * K * w_bits // 8, more=slices[1:])
         xrow = [E.minu(E.const(r, "index"), last) * K16 for r in range(m_max)]  # rows >= M repeat the last
         zero = E.const(0, "i32")
 
@@ -1278,8 +1299,8 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
             kc = E.minu(k, E.const(CH - 1, "index")) if CH % 32 else k
             ok = E.cmp("ult", k, E.const(CH, "index")) if CH % 32 else None  # lanes past K add nothing
             ws = []
-            for t in range(n_rows):
-                w = E.load(a["wq" + mi], (n0 + t) * CH + kc)
+            for wq, _, _, t in rows:
+                w = E.load(a[wq], (n0 + t) * CH + kc)
                 words = [E.extract(w, j) for j in range(4)]
                 if w_bits == 4:  # word j: columns 8j..8j+7 -> even columns, odd columns
                     words = [w for wj in words for w in _int4_bytes(E, wj)]
@@ -1311,25 +1332,37 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
         for off in (16, 8, 4, 2, 1):
             acc = [v + E.shfl_xor(v, off) for v in acc]
         first = E.cmp("eq", lane, E.const(0, "index"))
-        sw = [E.load(a["sw" + mi], n0 + t) for t in range(n_rows)] if scaled else None
+        sw = [E.load(a[s_], n0 + t) for _, s_, _, t in rows] if scaled else None
         for r in range(m_max):
             live = E.and_(first, E.cmp("ult", E.const(r, "index"), M))
             if scaled:
                 sx = E.load(a["sx"], E.const(0, "index") if scaled == "tensor" else E.minu(E.const(r, "index"), last))
-            for t in range(n_rows):
-                v = acc[r * n_rows + t]
+            vals = []
+            for j, (_, _, y, t) in enumerate(rows):
+                v = acc[r * n_rows + j]
                 if scaled:
-                    v = (E.cast("sitofp", v, "f32") * sx) * sw[t]
-                E.if_(live, lambda v=v, r=r, t=t: E.store(v, a["y" + mi], E.const(r * N, "index") + n0 + t))
+                    v = (E.cast("sitofp", v, "f32") * sx) * sw[j]
+                vals.append(v)
+                if epilogue is None:
+                    E.if_(live, lambda v=v, r=r, y=y, t=t: E.store(v, a[y], E.const(r * N, "index") + n0 + t))
+                elif not interleave:
+                    E.if_(live, lambda v=v, r=r, t=t: epilogue[1](E, a, r, n0 + t, [v]))
+            if epilogue is not None and interleave:
+                E.if_(live, lambda r=r, vals=vals: epilogue[1](E, a, r, n0, vals))
 
     nm = name or (f"gemv_i{'8' if w_bits == 8 else '4'}_k{K}_n{'_'.join(map(str, members))}_m{m_max}"
-                  f"_r{n_rows}w{warps}u{unroll}{'_s' + scaled[0] if scaled else ''}")
+                  f"_r{n_rows}w{warps}u{unroll}{'_s' + scaled[0] if scaled else ''}{'_il' if interleave else ''}")
     cfg = {"kind": "gemv_i8", "K": K, "N": N, "m_max": m_max, "n_rows": n_rows, "warps": warps,
            "unroll": unroll, "scaled": scaled, "w_bits": w_bits, "members": list(members),
-           "weight_bytes": N * K * w_bits // 8,
+           "interleave": interleave, "weight_bytes": N * K * w_bits // 8,
            "meta_bytes": 4 * N if scaled else 0}
-    return KernelSpec(nm, params, (32 * warps, 1, 1), (N // (n_rows * warps), 1, 1),
-                      _per_member(members, sfx, n_rows * warps, member), [], cfg, doc=gemv_i8.__doc__.split("\n")[0])
+    if interleave:
+        def body(E, a):
+            member(E, a, None, members[0], E.bid("x"))
+    else:
+        body = _per_member(members, sfx, n_rows * warps, member)
+    return KernelSpec(nm, params, (32 * warps, 1, 1), (N // (n_rows * warps), 1, 1), body, [], cfg,
+                      doc=gemv_i8.__doc__.split("\n")[0])
 
 
 def gemm_i8(K: int, N: int, *, m_max: int = 64, n_tiles: int | None = None, n_warps: int = 4,

@@ -42,6 +42,7 @@ ARCHS = ("sm_90", "sm_90a", "sm_80")
 FUSE_SMALL_LAUNCHES = True  # fuse_launches.py; tests turn it off to compare plans
 FUSE_ROW_LAUNCHES = True  # fuse_launches.fuse_row_launches (prefill's per-row ops); likewise
 FUSE_ATTENTION = True  # fuse_attention.py (decode attention: split over keys + combine); likewise
+FUSE_GEMV_EPILOGUES = True  # fuse_epilogues.py (decode: the elementwise op after a GEMV in it); likewise
 
 
 FUSE = [
@@ -157,6 +158,7 @@ def compile_cuda(*, module, ctx, session, run, prog, imported, recipe, gpu_arch:
     from qcc.model import CompiledModel
 
     from .fuse_attention import fuse_attention
+    from .fuse_epilogues import fuse_gemv_epilogues
     from .fuse_launches import fuse_row_launches, fuse_small_launches
     from .host_plan import HostOpError, PlanBuilder
 
@@ -177,6 +179,8 @@ def compile_cuda(*, module, ctx, session, run, prog, imported, recipe, gpu_arch:
         raise QccError(f"cuda backend: {e}")
     if FUSE_ATTENTION:
         pb.launches = fuse_attention(pb.launches, pb.specs, pb.descs, pb.roots)
+    if FUSE_GEMV_EPILOGUES:
+        pb.launches = fuse_gemv_epilogues(pb.launches, pb.specs, pb.descs, pb.roots)
     if FUSE_SMALL_LAUNCHES:
         pb.launches = fuse_small_launches(pb.launches, pb.specs, pb.descs)
     if FUSE_ROW_LAUNCHES:

@@ -373,6 +373,40 @@ def test_i8_stacked_members_emulated_exact(M, m_max, K, members, w_bits):
         assert not np.isnan(y[:M]).any()
 
 
+@pytest.mark.parametrize("M,m_max,w_bits", [(1, 1, 8), (3, 4, 4)])
+def test_i8_interleaved_members_with_an_epilogue_emulated(M, m_max, w_bits):
+    """gemv_i8(interleave=True, epilogue=...): a warp owns row n of both stacked layers, and
+    lane 0 hands both results at (r, n) to the epilogue (here: their product plus an input at
+    r * N + n, stored): the product of the plain kernels' results bit for bit."""
+    rng = np.random.default_rng(7 + M)
+    K, n = 256, 64
+    xq = rng.integers(-128, 128, (m_max, K)).astype(np.int8)
+    sx = (rng.random(m_max) * 0.01 + 1e-3).astype(np.float32)
+    add = rng.standard_normal((m_max, n)).astype(np.float32)
+    args, want = dict(x=xq, sx=sx, M=M, e_in=add, e_out=np.full((m_max, n), np.nan, np.float32)), []
+    for i in range(2):
+        q = rng.integers(-127, 128, (n, K * w_bits // 8)).astype(np.int8)
+        sw = (rng.random(n) * 0.01 + 1e-3).astype(np.float32)
+        args.update({f"wq{i}": q, f"sw{i}": sw, f"y{i}": np.full((m_max, n), np.nan, np.float32)})
+        y = np.full((m_max, n), np.nan, np.float32)
+        simt.run(kernels.gemv_i8(K, n, m_max=m_max, scaled="row", w_bits=w_bits),
+                 dict(x=xq, wq=q, sx=sx, sw=sw, y=y, M=M))
+        want.append(y)
+
+    def epi(E, a, r, col, vals):
+        p = E.const(r * n, "index") + col
+        E.store(vals[0] * vals[1] + E.load(a["e_in"], p), a["e_out"], p)
+    extra = [emit.Param("e_in", f"memref<{m_max * n}xf32>", "in"), emit.Param("e_out", f"memref<{m_max * n}xf32>", "out")]
+    spec = kernels.gemv_i8(K, 2 * n, m_max=m_max, scaled="row", w_bits=w_bits, members=(n, n),
+                           interleave=True, epilogue=(extra, epi))
+    assert spec.grid[0] * spec.config["warps"] == n and spec.config["n_rows"] == 2
+    simt.run(spec, args)
+    assert np.array_equal(args["e_out"][:M], want[0][:M] * want[1][:M] + add[:M])
+    assert np.isnan(args["e_out"][M:]).all() and np.isnan(args["y0"]).all()  # y is not stored
+    with pytest.raises(KernelConstraintError, match="one member or interleave"):
+        kernels.gemv_i8(K, 2 * n, scaled="row", members=(n, n), epilogue=(extra, epi))
+
+
 def test_emulator_allows_branches_uniform_in_each_warp():
     """A branch on the warp index may hold shuffles; one that splits a warp may not."""
     def kernel(split):

@@ -321,6 +321,7 @@ def test_small_launches_run_as_one_block(recipe, monkeypatch):
     launch of one block, with the same numerics bit for bit (the same kernels, run in turn)."""
     monkeypatch.setattr(lowering, "FUSE_ROW_LAUNCHES", False)  # (test_row_local_launches_fuse)
     monkeypatch.setattr(lowering, "FUSE_ATTENTION", False)  # softmax's four stay (test_decode_attention_*)
+    monkeypatch.setattr(lowering, "FUSE_GEMV_EPILOGUES", False)  # (test_gemv_epilogues_*)
     plain, fused = _plans_without_and_with(monkeypatch, "FUSE_SMALL_LAUNCHES", decode_step, recipe)
     launches = fused.manifest["cuda"]["plan"]["launches"]
     n_plain = len(plain.manifest["cuda"]["plan"]["launches"])
@@ -335,6 +336,33 @@ def test_small_launches_run_as_one_block(recipe, monkeypatch):
         for p, a in zip(spec.params, L["args"]):
             if "buf" in a and a["buf"] in L["writes"]:
                 assert p.role == "alias", (L["kernel"], p.name)
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "w4a4"])
+def test_gemv_epilogues_take_the_elementwise_op_after_the_gemv(recipe, monkeypatch):
+    """fuse_epilogues.py: at decode the residual adds after o_proj / down_proj and SwiGLU after
+    the stacked gate/up GEMV run in those GEMVs' epilogues (gate/up interleaved: a warp owns
+    row n of both); the GEMVs' own results are no kernel argument of anything else, and the
+    outputs equal those without the fusion bit for bit (the same ops on the same values)."""
+    plain, fused = _plans_without_and_with(monkeypatch, "FUSE_GEMV_EPILOGUES", decode_step, recipe)
+    launches = fused.manifest["cuda"]["plan"]["launches"]
+    epi = [L for L in launches if "_e_" in L["kernel"]]
+    assert len(epi) == 3 * 1  # one layer: o_proj + add, gate/up + SwiGLU, down_proj + add
+    ops = [L["fused"][1] for L in epi]
+    assert sum("addf" in k and "exp" not in k for k in ops) == 2 and sum("exp" in k for k in ops) == 1
+    swiglu = next(L for L in epi if "exp" in L["fused"][1])
+    spec = fused.cuda_specs[swiglu["kernel"]]
+    assert spec.config["interleave"] and spec.grid[0] * spec.config["warps"] == spec.config["members"][0]
+    for L in epi:  # the GEMV's results are written by nobody and read by no later launch
+        spec = fused.cuda_specs[L["kernel"]]
+        ys = {a["buf"] for p, a in zip(spec.params, L["args"]) if p.name.startswith("y")}
+        assert ys and not ys & set(L["writes"])
+        assert not ys & {a.get("buf") for L2 in launches if L2 is not L for a in L2["args"]}
+    alone = [k for L in launches if L not in epi for k in [L["kernel"]] + L.get("fused", [])]
+    before = [k for L in plain.manifest["cuda"]["plan"]["launches"] for k in [L["kernel"]] + L.get("fused", [])]
+    assert not any("exp" in k for k in alone) and any("exp" in k for k in before)
+    assert sum(k.startswith("qk_ew_addf_elementwise") for k in alone) == \
+        sum(k.startswith("qk_ew_addf_elementwise") for k in before) - 2
 
 
 @pytest.mark.parametrize("recipe", ["w8a8", "float"])
