@@ -8,7 +8,7 @@ which holds the GEMV's scaled results for its output n, loads the op's other inp
 replays the op's body (linalg_kernels._Replay, its numerics op for op) and stores its outputs;
 the GEMV's own result is never stored. When the op reads the outputs of several stacked
 layers at one index (gate and up), the GEMV interleaves them: each warp owns row n of every
-layer (kernels.gemv_i8 ``interleave``), so that one lane has all of them.
+layer (``interleave`` of kernels.gemv_i8 / gemv_i4g), so that one lane has all of them.
 
 Valid when every operand of the op is the point's own element (each output element is then
 read and written by the one lane that computes it, however the blocks run), the op has no
@@ -27,7 +27,7 @@ from . import linalg_kernels as lk
 from .emit import Param
 from .fuse_attention import _Points
 
-TAILS = ("gemv_i8",)  # GEMV kinds that take an epilogue (scaled f32 results)
+TAILS = ("gemv_i8", "gemv_i4g")  # GEMV kinds that take an epilogue (scaled f32 results)
 MAX_ROWS = 8  # m_max of those GEMVs (decode)
 
 
@@ -74,7 +74,7 @@ def _match(L, G, later, specs, descs, buffers):
 
 
 def _epilogue(desc, member, Nm):
-    """(extra params, fn) for kernels.gemv_i8: desc's body at output (r, n) of the GEMV."""
+    """(extra params, fn) for kernels.gemv_i8 / gemv_i4g: desc's body at output (r, n) of the GEMV."""
     views = [o for o in desc.ins if o.const is None]
     params, names = [], []
     for j, (o, m) in enumerate(zip(views, member)):
@@ -118,11 +118,13 @@ def fuse_gemv_epilogues(launches: list[dict], specs: dict, descs: dict, buffers:
         desc, member, Nm = m
         cfg = specs[L["kernel"]].config
         interleave = len(cfg["members"]) > 1
-        extra, fn = _epilogue(desc, member, Nm)
-        spec = kernels.gemv_i8(cfg["K"], cfg["N"], m_max=cfg["m_max"], warps=cfg["warps"], unroll=cfg["unroll"],
-                               n_rows=None if interleave else cfg["n_rows"], scaled=cfg["scaled"],
-                               w_bits=cfg["w_bits"], members=cfg["members"], interleave=interleave,
-                               epilogue=(extra, fn), name="gemv_epilogue")
+        common = dict(m_max=cfg["m_max"], warps=cfg["warps"], n_rows=None if interleave else cfg["n_rows"],
+                      scaled=cfg["scaled"], members=cfg["members"], interleave=interleave,
+                      epilogue=_epilogue(desc, member, Nm), name="gemv_epilogue")
+        if cfg["kind"] == "gemv_i8":
+            spec = kernels.gemv_i8(cfg["K"], cfg["N"], unroll=cfg["unroll"], w_bits=cfg["w_bits"], **common)
+        else:
+            spec = kernels.gemv_i4g(cfg["K"], cfg["N"], cfg["group_size"], **common)
         h = hashlib.sha1(spec.mlir_func().encode()).hexdigest()[:12]
         spec.name = f"{L['kernel']}_e_{h}"
         spec.config["epilogue"] = G["kernel"]

@@ -1182,6 +1182,49 @@ def _prefetch_then_wait(E, mem, first, nbytes: int, threads: int, m_max: int, to
     E.grid_dependency_wait()
 
 
+def _int_members(N, members, n_rows, warps, interleave, epilogue, m_max, rows_pref, warps_pref):
+    """(members, suffixes, n_rows, warps) of an integer GEMV (gemv_i8, gemv_i4g): n_rows weight
+    rows of one member a warp, or (interleave) row n of every member, one size each."""
+    members, sfx = _members(N, members)
+    if interleave:
+        _require(len(members) > 1 and len(set(members)) == 1, f"interleave needs equal members (got {members})")
+        _, warps = _rows_and_warps(members[0], 1, warps, (1,), warps_pref)
+        n_rows = len(members)
+    else:
+        n_rows, warps = _rows_and_warps(math.gcd(*members), n_rows, warps, rows_pref, warps_pref)
+    if epilogue is not None:
+        _require(interleave or len(members) == 1, "an epilogue needs one member or interleave=True")
+    return members, sfx, n_rows, warps
+
+
+def _warp_members(sfx, mi, n_rows: int, interleave: bool):
+    """(member suffix, row offset from the warp's first row) of each weight row a warp owns."""
+    return [(i, 0) for i in sfx] if interleave else [(mi, t) for t in range(n_rows)]
+
+
+def _store_rows(E, a, live, r: int, N: int, n0, rows, vals, epilogue, interleave: bool):
+    """Row r of x's results `vals` (one per warp row) stored to their members' y, or handed to
+    the epilogue (see gemv_i8)."""
+    for (i, t), v in zip(rows, vals):
+        if epilogue is None:
+            E.if_(live, lambda v=v, i=i, t=t: E.store(v, a["y" + i], E.const(r * N, "index") + n0 + t))
+        elif not interleave:
+            E.if_(live, lambda v=v, t=t: epilogue[1](E, a, r, n0 + t, [v]))
+    if epilogue is not None and interleave:
+        E.if_(live, lambda: epilogue[1](E, a, r, n0, list(vals)))
+
+
+def _int_body(members, sfx, n_rows: int, warps: int, interleave: bool, member):
+    """The kernel body: member(E, a, suffix, N_i, block) per stacked layer (_per_member), or
+    once over all of them (interleave)."""
+    if not interleave:
+        return _per_member(members, sfx, n_rows * warps, member)
+
+    def body(E, a):
+        member(E, a, None, members[0], E.bid("x"))
+    return body
+
+
 def _int4_bytes(E, word):
     """A 32-bit word of 8 int4 codes (two a byte, low nibble the even column, biased by +8) ->
     (4 signed bytes of the even columns, 4 of the odd ones): v ^ 8 is the two's complement
@@ -1258,15 +1301,9 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
     # warp, 8 warps, 2 chunks in flight for one or two tokens; more rows of x want more
     # weight rows a warp (each x chunk loaded once for 4 rows: 1.5x faster at M = 16; with
     # up to 8 rows of x, 4 weight rows spilled in one shape)
-    members, sfx = _members(N, members)
-    if interleave:
-        _require(len(members) > 1 and len(set(members)) == 1, f"interleave needs equal members (got {members})")
-        _, warps = _rows_and_warps(members[0], 1, warps, (1,), (8, 4, 2, 1))
-        n_rows = len(members)
-    else:
-        n_rows, warps = _rows_and_warps(math.gcd(*members), n_rows, warps,
-                                        (1,) if m_max <= 2 else (2, 1) if m_max <= 8 else (4, 2, 1),
-                                        (8, 4, 2, 1) if m_max <= 2 else (4, 2, 1))
+    members, sfx, n_rows, warps = _int_members(N, members, n_rows, warps, interleave, epilogue, m_max,
+                                               (1,) if m_max <= 2 else (2, 1) if m_max <= 8 else (4, 2, 1),
+                                               (8, 4, 2, 1) if m_max <= 2 else (4, 2, 1))
     if unroll is None:
         unroll = 2 if n_rows == 1 else 1
     _require(unroll >= 1, f"unroll must be >= 1 (got {unroll})")
@@ -1275,18 +1312,14 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
     CH = K // cols  # weight chunks per row
     steps = -(-CH // 32)  # chunks per lane
     params = _int_params(K, m_max, members, sfx, scaled, w_bits)
-    if epilogue is not None:
-        _require(interleave or len(members) == 1, "an epilogue needs one member or interleave=True")
-        params += list(epilogue[0])
+    params += list(epilogue[0]) if epilogue is not None else []
 
     def member(E, a, mi, N, blk):
         """Weight rows of member mi (its wq, sw, y and N; all members when interleaved) for
         block `blk` of its blocks."""
         lane, n0, M, last = _warp_rows(E, a, blk, warps, 1 if interleave else n_rows)
-        # (weight codes, sw, y, row offset from n0) of the warp's rows
-        rows = ([("wq" + i, "sw" + i, "y" + i, 0) for i in sfx] if interleave else
-                [("wq" + mi, "sw" + mi, "y" + mi, t) for t in range(n_rows)])
-        slices = [(a[w], blk * (warps * CH)) for w in dict.fromkeys(r[0] for r in rows)] if interleave else \
+        rows = _warp_members(sfx, mi, n_rows, interleave)
+        slices = [(a["wq" + i], blk * (warps * CH)) for i in sfx] if interleave else \
             [(a["wq" + mi], blk * (warps * n_rows * CH))]
         _prefetch_then_wait(E, *slices[0], warps * (1 if interleave else n_rows) * CH * 16, 32 * warps,
                             m_max, sum(members) * K * w_bits // 8, more=slices[1:])
@@ -1299,8 +1332,8 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
             kc = E.minu(k, E.const(CH - 1, "index")) if CH % 32 else k
             ok = E.cmp("ult", k, E.const(CH, "index")) if CH % 32 else None  # lanes past K add nothing
             ws = []
-            for wq, _, _, t in rows:
-                w = E.load(a[wq], (n0 + t) * CH + kc)
+            for i, t in rows:
+                w = E.load(a["wq" + i], (n0 + t) * CH + kc)
                 words = [E.extract(w, j) for j in range(4)]
                 if w_bits == 4:  # word j: columns 8j..8j+7 -> even columns, odd columns
                     words = [w for wj in words for w in _int4_bytes(E, wj)]
@@ -1332,23 +1365,15 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
         for off in (16, 8, 4, 2, 1):
             acc = [v + E.shfl_xor(v, off) for v in acc]
         first = E.cmp("eq", lane, E.const(0, "index"))
-        sw = [E.load(a[s_], n0 + t) for _, s_, _, t in rows] if scaled else None
+        sw = [E.load(a["sw" + i], n0 + t) for i, t in rows] if scaled else None
         for r in range(m_max):
             live = E.and_(first, E.cmp("ult", E.const(r, "index"), M))
             if scaled:
                 sx = E.load(a["sx"], E.const(0, "index") if scaled == "tensor" else E.minu(E.const(r, "index"), last))
-            vals = []
-            for j, (_, _, y, t) in enumerate(rows):
-                v = acc[r * n_rows + j]
-                if scaled:
-                    v = (E.cast("sitofp", v, "f32") * sx) * sw[j]
-                vals.append(v)
-                if epilogue is None:
-                    E.if_(live, lambda v=v, r=r, y=y, t=t: E.store(v, a[y], E.const(r * N, "index") + n0 + t))
-                elif not interleave:
-                    E.if_(live, lambda v=v, r=r, t=t: epilogue[1](E, a, r, n0 + t, [v]))
-            if epilogue is not None and interleave:
-                E.if_(live, lambda r=r, vals=vals: epilogue[1](E, a, r, n0, vals))
+            vals = acc[r * n_rows:(r + 1) * n_rows]
+            if scaled:
+                vals = [(E.cast("sitofp", v, "f32") * sx) * sw[j] for j, v in enumerate(vals)]
+            _store_rows(E, a, live, r, N, n0, rows, vals, epilogue, interleave)
 
     nm = name or (f"gemv_i{'8' if w_bits == 8 else '4'}_k{K}_n{'_'.join(map(str, members))}_m{m_max}"
                   f"_r{n_rows}w{warps}u{unroll}{'_s' + scaled[0] if scaled else ''}{'_il' if interleave else ''}")
@@ -1356,12 +1381,8 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
            "unroll": unroll, "scaled": scaled, "w_bits": w_bits, "members": list(members),
            "interleave": interleave, "weight_bytes": N * K * w_bits // 8,
            "meta_bytes": 4 * N if scaled else 0}
-    if interleave:
-        def body(E, a):
-            member(E, a, None, members[0], E.bid("x"))
-    else:
-        body = _per_member(members, sfx, n_rows * warps, member)
-    return KernelSpec(nm, params, (32 * warps, 1, 1), (N // (n_rows * warps), 1, 1), body, [], cfg,
+    return KernelSpec(nm, params, (32 * warps, 1, 1), (N // (n_rows * warps), 1, 1),
+                      _int_body(members, sfx, n_rows, warps, interleave, member), [], cfg,
                       doc=gemv_i8.__doc__.split("\n")[0])
 
 
@@ -2004,7 +2025,7 @@ def hadamard_rows(n: int, m: int, k: int, *, sub_rows: int = 1, m_max: int = 16,
 
 def gemv_i4g(K: int, N: int, group_size: int, *, m_max: int = 16, n_rows: int | None = None,
              warps: int | None = None, scaled: str | None = None, members: tuple | list | None = None,
-             name: str | None = None) -> KernelSpec:
+             interleave: bool = False, epilogue=None, name: str | None = None) -> KernelSpec:
     """y[M, N, K/G] i32 = per-group xq[M, K] int8 @ (wq - z)^T, asymmetric int4 weights, exact.
 
     The integer core of w4a8-g128 (QServe's W4A8 shape): dequant-after-gemm's grouped
@@ -2019,14 +2040,16 @@ def gemv_i4g(K: int, N: int, group_size: int, *, m_max: int = 16, n_rows: int | 
     scaled="row" (or "tensor"): the scale generic in the epilogue, y f32 [M, N] = the sum over
     groups of (f32(sum_g) * s[n, g]) * sx[m] (or sx[0]), with the generated warp-reduce kernel's
     order (a lane's groups in turn, then the lanes' butterfly); parameters sx, s f32 [N, K/G]
-    after zp. members=(N0, N1, ...): the layers that read one x in one launch, as gemv_i8's.
+    after zp. members=(N0, N1, ...): the layers that read one x in one launch, and (scaled)
+    interleave and epilogue, as gemv_i8's.
     """
     G = group_size
     _require(G % 32 == 0 and K % G == 0, f"gemv_i4g needs G % 32 == 0 dividing K (K={K}, G={G})")
     _require(1 <= m_max <= 16, f"m_max must be in 1..16 (got {m_max})")
     _require(scaled in (None, "row", "tensor"), f"scaled must be None, 'row' or 'tensor' (got {scaled!r})")
-    members, sfx = _members(N, members)
-    n_rows, warps = _rows_and_warps(math.gcd(*members), n_rows, warps, (2, 1) if m_max <= 8 else (1,), (4, 2, 1))
+    _require(scaled or (epilogue is None and not interleave), "interleave and epilogues need scaled results")
+    members, sfx, n_rows, warps = _int_members(N, members, n_rows, warps, interleave, epilogue, m_max,
+                                               (2, 1) if m_max <= 8 else (1,), (4, 2, 1))
     KG, WV, XV = K // G, G // 32, G // 16  # groups a row; 16-byte weight / x vectors a group
     steps = -(-KG // 32)
     params = [Param("x", f"memref<{m_max * K // 16}xvector<4xi32>>", "in", f"int8 [M, {K}] row-major",
@@ -2047,11 +2070,15 @@ def gemv_i4g(K: int, N: int, group_size: int, *, m_max: int = 16, n_rows: int | 
         params += [Param(f"y{i}", f"memref<{m_max * n * KG}xi32>", "out", f"i32 [M, {n}, {KG}]", rows=("M", m_max))
                    for i, n in zip(sfx, members)]
     params.append(_m_param(m_max))
+    params += list(epilogue[0]) if epilogue is not None else []
 
     def member(E, a, mi, N, blk):
-        lane, n0, M, last = _warp_rows(E, a, blk, warps, n_rows)
-        _prefetch_then_wait(E, a["wq" + mi], blk * (warps * n_rows * (K // 32)), warps * n_rows * K // 2,
-                            32 * warps, m_max, sum(members) * K // 2)
+        lane, n0, M, last = _warp_rows(E, a, blk, warps, 1 if interleave else n_rows)
+        rows = _warp_members(sfx, mi, n_rows, interleave)
+        own = 1 if interleave else n_rows  # rows of each member a warp
+        slices = [(a["wq" + i], blk * (warps * own * (K // 32))) for i in (sfx if interleave else [mi])]
+        _prefetch_then_wait(E, *slices[0], warps * own * K // 2, 32 * warps, m_max, sum(members) * K // 2,
+                            more=slices[1:])
         nib, ones = E.const(0x0F0F0F0F, "i32"), E.const(0x01010101, "i32")
         zero = E.const(0.0, "f32")
         tot = [[zero] * n_rows for _ in range(m_max)]  # scaled: this lane's sum over its groups
@@ -2060,16 +2087,16 @@ def gemv_i4g(K: int, N: int, group_size: int, *, m_max: int = 16, n_rows: int | 
             live_g = E.cmp("ult", g, E.const(KG, "index")) if (i + 1) * 32 > KG else None
             gc = E.minu(g, E.const(KG - 1, "index")) if live_g is not None else g
             ws, zs = [], []
-            for t in range(n_rows):
+            for i, t in rows:
                 words = []
                 for v in range(WV):
-                    w = E.load(a["wq" + mi], (n0 + t) * (K // 32) + gc * WV + v)
+                    w = E.load(a["wq" + i], (n0 + t) * (K // 32) + gc * WV + v)
                     for j in range(4):  # word j of chunk v: columns 8j..8j+7 -> even, odd nibbles
                         wj = E.extract(w, j)
                         words += [wj & nib, (wj >> 4) & nib]
                 ws.append(words)
-                zs.append(E.cast("extui", E.load(a["zp" + mi], (n0 + t) * KG + gc), "i32"))
-            sg = [E.load(a["s" + mi], (n0 + t) * KG + gc) for t in range(n_rows)] if scaled else None
+                zs.append(E.cast("extui", E.load(a["zp" + i], (n0 + t) * KG + gc), "i32"))
+            sg = [E.load(a["s" + i], (n0 + t) * KG + gc) for i, t in rows] if scaled else None
             for r in range(m_max):
                 xr = E.minu(E.const(r, "index"), last) * (K // 16) + gc * XV
                 xw = [E.extract(E.load(a["x"], xr + u), j) for u in range(XV) for j in range(4)]
@@ -2097,17 +2124,19 @@ def gemv_i4g(K: int, N: int, group_size: int, *, m_max: int = 16, n_rows: int | 
             first = E.cmp("eq", lane, E.const(0, "index"))
             for r in range(m_max):
                 live = E.and_(first, E.cmp("ult", E.const(r, "index"), M))
+                vals = []
                 for t in range(n_rows):
                     v = tot[r][t]
                     for off in (16, 8, 4, 2, 1):
                         v = v + E.shfl_xor(v, off)
-                    v = zero + v  # the generic adds the folded fill's 0 last
-                    E.if_(live, lambda v=v, r=r, t=t: E.store(v, a["y" + mi], E.const(r * N, "index") + n0 + t))
+                    vals.append(zero + v)  # the generic adds the folded fill's 0 last
+                _store_rows(E, a, live, r, N, n0, rows, vals, epilogue, interleave)
 
     nm = name or (f"gemv_i4g{G}_k{K}_n{'_'.join(map(str, members))}_m{m_max}_r{n_rows}w{warps}"
-                  f"{'_s' + scaled[0] if scaled else ''}")
+                  f"{'_s' + scaled[0] if scaled else ''}{'_il' if interleave else ''}")
     cfg = {"kind": "gemv_i4g", "K": K, "N": N, "group_size": G, "m_max": m_max, "n_rows": n_rows,
-           "warps": warps, "scaled": scaled, "members": list(members), "weight_bytes": N * K // 2,
-           "meta_bytes": N * KG * (5 if scaled else 1)}
+           "warps": warps, "scaled": scaled, "members": list(members), "interleave": interleave,
+           "weight_bytes": N * K // 2, "meta_bytes": N * KG * (5 if scaled else 1)}
     return KernelSpec(nm, params, (32 * warps, 1, 1), (N // (n_rows * warps), 1, 1),
-                      _per_member(members, sfx, n_rows * warps, member), [], cfg, doc=gemv_i4g.__doc__.split("\n")[0])
+                      _int_body(members, sfx, n_rows, warps, interleave, member), [], cfg,
+                      doc=gemv_i4g.__doc__.split("\n")[0])

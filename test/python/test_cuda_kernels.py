@@ -348,12 +348,9 @@ def test_gemm_i8_wg_constraints():
         kernels.gemm_i8_wg(256, 128, rows=256, warpgroups=2, x_stages=6)
 
 
-@pytest.mark.parametrize("M,m_max,K,members,w_bits", [(1, 1, 256, (16, 8, 8), 8), (3, 4, 512, (24, 8), 8),
-                                                       (2, 2, 256, (8, 16, 8), 4)])
-def test_i8_stacked_members_emulated_exact(M, m_max, K, members, w_bits):
-    """gemv_i8(members=...): the layers reading one x (q/k/v, gate/up) in one launch, each on
-    its own codes and scales, results equal to one launch per layer bit for bit."""
-    rng = np.random.default_rng(K + len(members))
+def _stacked_i8_case(rng, M, m_max, K, members, w_bits):
+    """Random x codes, sx and each stacked layer's codes and sw as the arguments of a stacked
+    gemv_i8 (its y's NaN), and each layer's y from a launch of its own."""
     xq = rng.integers(-128, 128, (m_max, K)).astype(np.int8)
     sx = (rng.random(m_max) * 0.01 + 1e-3).astype(np.float32)
     args, want = dict(x=xq, sx=sx, M=M), []
@@ -365,6 +362,16 @@ def test_i8_stacked_members_emulated_exact(M, m_max, K, members, w_bits):
         simt.run(kernels.gemv_i8(K, n, m_max=m_max, scaled="row", w_bits=w_bits),
                  dict(x=xq, wq=q, sx=sx, sw=sw, y=y, M=M))
         want.append(y)
+    return args, want
+
+
+@pytest.mark.parametrize("M,m_max,K,members,w_bits", [(1, 1, 256, (16, 8, 8), 8), (3, 4, 512, (24, 8), 8),
+                                                       (2, 2, 256, (8, 16, 8), 4)])
+def test_i8_stacked_members_emulated_exact(M, m_max, K, members, w_bits):
+    """gemv_i8(members=...): the layers reading one x (q/k/v, gate/up) in one launch, each on
+    its own codes and scales, results equal to one launch per layer bit for bit."""
+    rng = np.random.default_rng(K + len(members))
+    args, want = _stacked_i8_case(rng, M, m_max, K, members, w_bits)
     spec = kernels.gemv_i8(K, sum(members), m_max=m_max, scaled="row", w_bits=w_bits, members=members)
     assert spec.grid[0] == sum(members) // (spec.config["n_rows"] * spec.config["warps"])
     simt.run(spec, args)
@@ -380,18 +387,9 @@ def test_i8_interleaved_members_with_an_epilogue_emulated(M, m_max, w_bits):
     r * N + n, stored): the product of the plain kernels' results bit for bit."""
     rng = np.random.default_rng(7 + M)
     K, n = 256, 64
-    xq = rng.integers(-128, 128, (m_max, K)).astype(np.int8)
-    sx = (rng.random(m_max) * 0.01 + 1e-3).astype(np.float32)
+    args, want = _stacked_i8_case(rng, M, m_max, K, (n, n), w_bits)
     add = rng.standard_normal((m_max, n)).astype(np.float32)
-    args, want = dict(x=xq, sx=sx, M=M, e_in=add, e_out=np.full((m_max, n), np.nan, np.float32)), []
-    for i in range(2):
-        q = rng.integers(-127, 128, (n, K * w_bits // 8)).astype(np.int8)
-        sw = (rng.random(n) * 0.01 + 1e-3).astype(np.float32)
-        args.update({f"wq{i}": q, f"sw{i}": sw, f"y{i}": np.full((m_max, n), np.nan, np.float32)})
-        y = np.full((m_max, n), np.nan, np.float32)
-        simt.run(kernels.gemv_i8(K, n, m_max=m_max, scaled="row", w_bits=w_bits),
-                 dict(x=xq, wq=q, sx=sx, sw=sw, y=y, M=M))
-        want.append(y)
+    args.update(e_in=add, e_out=np.full((m_max, n), np.nan, np.float32))
 
     def epi(E, a, r, col, vals):
         p = E.const(r * n, "index") + col
@@ -520,6 +518,20 @@ def test_i4_groups_emulated_exact(M, m_max, K, N, G):
              dict(x=xq, wq0=packed[:half], wq1=packed[half:], zp0=z[:half].view(np.int8), zp1=z[half:].view(np.int8),
                   sx=sx, s0=s[:half], s1=s[half:], y0=y0, y1=y1, M=M))
     assert np.array_equal(np.concatenate([y0, y1], 1)[:M], yf[:M])
+    if N % 2:
+        return
+    # interleaved with an epilogue (fuse_epilogues): a warp owns row n of both; product stored
+    out = np.full((m_max, half), np.nan, np.float32)
+
+    def epi(E, a, r, col, vals):
+        E.store(vals[0] * vals[1], a["e_out"], E.const(r * half, "index") + col)
+    spec = kernels.gemv_i4g(K, N, G, m_max=m_max, scaled="row", members=(half, half), interleave=True,
+                            epilogue=([emit.Param("e_out", f"memref<{m_max * half}xf32>", "out")], epi))
+    assert spec.config["n_rows"] == 2 and spec.grid[0] * spec.config["warps"] == half
+    simt.run(spec, dict(x=xq, wq0=packed[:half], wq1=packed[half:], zp0=z[:half].view(np.int8),
+                        zp1=z[half:].view(np.int8), sx=sx, s0=s[:half], s1=s[half:], y0=y0, y1=y1, M=M,
+                        e_out=out))
+    assert np.array_equal(out[:M], yf[:M, :half] * yf[:M, half:]) and np.isnan(out[M:]).all()
 
 
 @pytest.mark.parametrize("M,m_max,K,N,dense", [(1, 1, 272, 12, False), (5, 8, 1024, 8, False),

@@ -338,7 +338,7 @@ def test_small_launches_run_as_one_block(recipe, monkeypatch):
                 assert p.role == "alias", (L["kernel"], p.name)
 
 
-@pytest.mark.parametrize("recipe", ["w8a8", "w4a4"])
+@pytest.mark.parametrize("recipe", ["w8a8", "w4a4", "w4a8-g128"])
 def test_gemv_epilogues_take_the_elementwise_op_after_the_gemv(recipe, monkeypatch):
     """fuse_epilogues.py: at decode the residual adds after o_proj / down_proj and SwiGLU after
     the stacked gate/up GEMV run in those GEMVs' epilogues (gate/up interleaved: a warp owns
