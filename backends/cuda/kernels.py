@@ -1182,7 +1182,7 @@ def _prefetch_then_wait(E, mem, first, nbytes: int, threads: int, m_max: int, to
     E.grid_dependency_wait()
 
 
-def _int_members(N, members, n_rows, warps, interleave, epilogue, m_max, rows_pref, warps_pref):
+def _int_members(N, members, n_rows, warps, interleave, epilogue, rows_pref, warps_pref):
     """(members, suffixes, n_rows, warps) of an integer GEMV (gemv_i8, gemv_i4g): n_rows weight
     rows of one member a warp, or (interleave) row n of every member, one size each."""
     members, sfx = _members(N, members)
@@ -1301,7 +1301,7 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
     # warp, 8 warps, 2 chunks in flight for one or two tokens; more rows of x want more
     # weight rows a warp (each x chunk loaded once for 4 rows: 1.5x faster at M = 16; with
     # up to 8 rows of x, 4 weight rows spilled in one shape)
-    members, sfx, n_rows, warps = _int_members(N, members, n_rows, warps, interleave, epilogue, m_max,
+    members, sfx, n_rows, warps = _int_members(N, members, n_rows, warps, interleave, epilogue,
                                                (1,) if m_max <= 2 else (2, 1) if m_max <= 8 else (4, 2, 1),
                                                (8, 4, 2, 1) if m_max <= 2 else (4, 2, 1))
     if unroll is None:
@@ -1319,10 +1319,10 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
         block `blk` of its blocks."""
         lane, n0, M, last = _warp_rows(E, a, blk, warps, 1 if interleave else n_rows)
         rows = _warp_members(sfx, mi, n_rows, interleave)
-        slices = [(a["wq" + i], blk * (warps * CH)) for i in sfx] if interleave else \
-            [(a["wq" + mi], blk * (warps * n_rows * CH))]
-        _prefetch_then_wait(E, *slices[0], warps * (1 if interleave else n_rows) * CH * 16, 32 * warps,
-                            m_max, sum(members) * K * w_bits // 8, more=slices[1:])
+        own = 1 if interleave else n_rows  # rows of each member a warp
+        slices = [(a["wq" + i], blk * (warps * own * CH)) for i in (sfx if interleave else [mi])]
+        _prefetch_then_wait(E, *slices[0], warps * own * CH * 16, 32 * warps, m_max, sum(members) * K * w_bits // 8,
+                            more=slices[1:])
         xrow = [E.minu(E.const(r, "index"), last) * K16 for r in range(m_max)]  # rows >= M repeat the last
         zero = E.const(0, "i32")
 
@@ -2048,7 +2048,7 @@ def gemv_i4g(K: int, N: int, group_size: int, *, m_max: int = 16, n_rows: int | 
     _require(1 <= m_max <= 16, f"m_max must be in 1..16 (got {m_max})")
     _require(scaled in (None, "row", "tensor"), f"scaled must be None, 'row' or 'tensor' (got {scaled!r})")
     _require(scaled or (epilogue is None and not interleave), "interleave and epilogues need scaled results")
-    members, sfx, n_rows, warps = _int_members(N, members, n_rows, warps, interleave, epilogue, m_max,
+    members, sfx, n_rows, warps = _int_members(N, members, n_rows, warps, interleave, epilogue,
                                                (2, 1) if m_max <= 8 else (1,), (4, 2, 1))
     KG, WV, XV = K // G, G // 32, G // 16  # groups a row; 16-byte weight / x vectors a group
     steps = -(-KG // 32)
