@@ -464,9 +464,7 @@ class MlirEmitter(Emitter):
             return self.load(mem, i)
         _, et, _ = parse_memref(mem.type)
         assert et == "vector<4xi32>", "load_hint supports vector<4xi32> elements"
-        base = self._op(f"memref.extract_aligned_pointer_as_index {mem.v} : {mem.type} -> index",
-                        "index")
-        addr = self.cast("index_cast", base + self.idx(i) * 16, "i64")
+        addr = self._address(mem, i)
         st = "!llvm.struct<(i32, i32, i32, i32)>"
         nm = self._name()
         self._emit(f'{nm} = llvm.inline_asm "ld.global.nc.{hint}.v4.u32 {{$0, $1, $2, $3}}, [$4];", '
@@ -478,10 +476,7 @@ class MlirEmitter(Emitter):
         """Asks L2 for the 128-byte line holding element i of global `mem` (``prefetch.global.L2``):
         nothing comes back and nothing waits for it, so it may precede grid_dependency_wait
         (L2 is coherent: a line fetched early is never stale)."""
-        _, et, _ = parse_memref(mem.type)
-        base = self._op(f"memref.extract_aligned_pointer_as_index {mem.v} : {mem.type} -> index",
-                        "index")
-        addr = self.cast("index_cast", base + self.idx(i) * (bitwidth(et) // 8), "i64")
+        addr = self._address(mem, i)
         self._emit(f'llvm.inline_asm has_side_effects "prefetch.global.L2 [$0];", "l" {addr.v} : (i64) -> ()')
 
     def grid_dependency_wait(self):
@@ -490,11 +485,15 @@ class MlirEmitter(Emitter):
         the wait goes first in the kernel. A memory clobber, so no access moves above it."""
         self._emit(f'llvm.inline_asm has_side_effects "// {GRID_WAIT_MARK}", "~{{memory}}"  : () -> ()')
 
-    def _addr(self, mem: Val, i: Val, space: int) -> str:
+    def _address(self, mem: Val, i: Val) -> Val:
+        """The i64 address of element i of `mem`."""
         _, et, _ = parse_memref(mem.type)
         base = self._op(f"memref.extract_aligned_pointer_as_index {mem.v} : {mem.type} -> index",
                         "index")
-        a64 = self.cast("index_cast", base + self.idx(i) * (bitwidth(et) // 8), "i64")
+        return self.cast("index_cast", base + self.idx(i) * (bitwidth(et) // 8), "i64")
+
+    def _addr(self, mem: Val, i: Val, space: int) -> str:
+        a64 = self._address(mem, i)
         return self._op(f"llvm.inttoptr {a64.v} : i64 to !llvm.ptr<{space}>", f"ptr{space}").v
 
     def cp_async(self, dst: Val, di: Val, src: Val, si: Val):
@@ -578,8 +577,7 @@ class MlirEmitter(Emitter):
         _, et, sp = parse_memref(mem.type)
         assert sp == "workgroup" and lbo % 16 == 0 and sbo % 16 == 0 and max(lbo, sbo) < 1 << 18
         assert swizzle in SWIZZLE_MODES
-        base = self._op(f"memref.extract_aligned_pointer_as_index {mem.v} : {mem.type} -> index", "index")
-        a = self.cast("index_cast", base + self.idx(i) * (bitwidth(et) // 8), "i64")
+        a = self._address(mem, i)
         return ((a & 0x3FFFF) >> 4) | ((lbo >> 4) << 16 | (sbo >> 4) << 32 | SWIZZLE_MODES[swizzle] << 62)
 
     def _asm(self, text: str, constraints: str, operands: Sequence[Val], results: Sequence[str]):

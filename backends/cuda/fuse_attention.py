@@ -134,14 +134,6 @@ def _row_dims(E, desc, rows_at, r, inner: dict):
     return dims
 
 
-class _Points:
-    """linalg_kernels' index arithmetic over numpy arrays: every loop point at once."""
-
-    @staticmethod
-    def const(value, t):
-        return value
-
-
 def _flat_is(op, desc, rows_at, R, inner_dim, n_inner, want) -> bool:
     """Operand `op` of `desc` reads element want(r, j) at row r, inner loop value j (every
     point checked: the maps may hold floordiv / mod)."""
@@ -149,8 +141,8 @@ def _flat_is(op, desc, rows_at, R, inner_dim, n_inner, want) -> bool:
         return False
     r = np.repeat(np.arange(R), n_inner)
     j = np.tile(np.arange(n_inner), R)
-    d = _row_dims(_Points, desc, rows_at, r, {inner_dim: j} if inner_dim is not None else {})
-    return bool(np.array_equal(np.broadcast_to(lk._flat(_Points, op, d), r.shape), want(r, j)))
+    d = _row_dims(lk.Points, desc, rows_at, r, {inner_dim: j} if inner_dim is not None else {})
+    return bool(np.array_equal(np.broadcast_to(lk._flat(lk.Points, op, d), r.shape), want(r, j)))
 
 
 def _split(desc):

@@ -25,7 +25,6 @@ import numpy as np
 from . import kernels
 from . import linalg_kernels as lk
 from .emit import Param
-from .fuse_attention import _Points
 
 TAILS = ("gemv_i8", "gemv_i4g")  # GEMV kinds that take an epilogue (scaled f32 results)
 MAX_ROWS = 8  # m_max of those GEMVs (decode)
@@ -35,7 +34,7 @@ def _own_element(op, loops) -> bool:
     """Operand `op` reads or writes element p at linear loop point p (every point checked)."""
     p = np.arange(math.prod(loops))
     dims = list(np.unravel_index(p, loops)) if loops else []
-    return bool(np.array_equal(np.broadcast_to(lk._flat(_Points, op, dims), p.shape), p))
+    return bool(np.array_equal(np.broadcast_to(lk._flat(lk.Points, op, dims), p.shape), p))
 
 
 def _match(L, G, later, specs, descs, buffers):

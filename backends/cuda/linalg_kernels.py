@@ -201,6 +201,15 @@ def _eval(E, expr, dims):
     raise UnsupportedOp(f"affine expression {expr}")
 
 
+class Points:
+    """The index arithmetic below (_flat, _decompose, _eval) over numpy arrays in place of an
+    emitter: every loop point at once, for the plan passes' access checks."""
+
+    @staticmethod
+    def const(value, t):
+        return value
+
+
 def _flat(E, op: Operand, dims):
     idx = 0
     for expr, stride in zip(op.map, op.strides):

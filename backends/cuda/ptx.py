@@ -265,30 +265,22 @@ def with_grid_dependency(ptx: str, early: Iterable[str] = ()) -> str:
     do nothing. Which kernels trigger early (lowering.early_trigger_kernels) and why:
     docs/ARCHITECTURE.md."""
     early = set(early)
-    out, lines, i = [], ptx.split("\n"), 0
     mark = f"// {GRID_WAIT_MARK}"
-    while i < len(lines):
-        out.append(lines[i])
-        m = _ENTRY.match(lines[i])
-        if m:
-            wait = ["\tgriddepcontrol.wait;"] + (["\tgriddepcontrol.launch_dependents;"] if m.group(1) in early else [])
-            end = next((j for j in range(i + 1, len(lines)) if _ENTRY.match(lines[j])), len(lines))
-            marked = any(ln.strip() == mark for ln in lines[i + 1:end])
-            while lines[i].strip() != "{":
-                i += 1
-                out.append(lines[i])
-            i += 1
-            while i < len(lines) and _DECL.match(lines[i]) and not marked:
-                out.append(lines[i])
-                i += 1
-            if not marked:
-                out += wait
-                continue
-            for ln in lines[i:end]:
-                out += wait if ln.strip() == mark else [ln]
-            i = end
+    lines = ptx.split("\n")
+    starts = [i for i, ln in enumerate(lines) if _ENTRY.match(ln)]
+    out = lines[:starts[0]] if starts else lines
+    for s, e in zip(starts, starts[1:] + [len(lines)]):
+        kernel = lines[s:e]
+        wait = ["\tgriddepcontrol.wait;"]
+        if _ENTRY.match(kernel[0]).group(1) in early:
+            wait.append("\tgriddepcontrol.launch_dependents;")
+        if any(ln.strip() == mark for ln in kernel):  # at the body's marks
+            out += [w for ln in kernel for w in (wait if ln.strip() == mark else [ln])]
             continue
-        i += 1
+        j = next(k for k, ln in enumerate(kernel) if ln.strip() == "{") + 1  # after the declarations
+        while j < len(kernel) and _DECL.match(kernel[j]):
+            j += 1
+        out += kernel[:j] + wait + kernel[j:]
     return "\n".join(out)
 
 
