@@ -8,17 +8,19 @@ Runs before lower-qcc-to-linalg.  Each chain
 
 whose weights are parameters becomes `call @qcc_cpu_int_<wfmt>_<afmt>_<K>x<N>(%x, codes, scale
 [, zero][, act_scale])` (backends/cpu/int_kernels.py): activations quantized in the kernel,
-integer dot products on AVX2 (vpmaddubsw / vpmaddwd) in i32 per group, scaled
-into f32 y; a GEMV for M < `gemm-min-m`, a blocked GEMM otherwise, chosen at run
+integer dot products (`dot=avx2`: vpmaddubsw / vpmaddwd; `dot=vnni`: vpdpbusd) in
+i32 per group, scaled into f32 y; a GEMV for M < `gemm-min-m`, a blocked GEMM otherwise, chosen at run
 time (at compile time for a static M).  The weight is repacked at compile time
-(backends/cpu/int_pack.py) into new parameters `<weight>:<format>:int<bits>x8x4:<role>`.
+(backends/cpu/int_pack.py) into new parameters `<weight>:<format>:<layout tag>:<role>`
+(tag int<bits>x8x4, int8 on vnni int8x8x4vnni).
 
 A static scale becomes the parameter `<weight>:<format>:int<bits>x8x4:act_scale`
 (tensor<1xf32>), so layers of one shape share one kernel.  Chains it does not
 handle (unsigned int8 weights, shared intermediate values) are left to the
-reference lowering.  It emits AVX2
+reference lowering.  It emits x86
 code: the CPU select-kernels stage (backends/cpu/lowering.select_kernels) runs
-it only on AVX2 / AVX-512 hosts, and not with QCC_CPU_KERNELS=reference.
+it only on AVX2 / AVX-512 hosts, with dot=vnni where the host has VNNI, and not
+with QCC_CPU_KERNELS=reference.
 """
 
 import dataclasses
@@ -30,6 +32,7 @@ from qcc import irutil
 from qcc.context import format_key
 from qcc.dialects import formats
 from qcc.dialects.formats import activation
+from qcc.errors import QccError
 from qcc.passes import QccPass, register
 from qcc.passes.quantize_weights import FLOAT_ACTIVATIONS
 
@@ -50,16 +53,19 @@ def _sole_user(value):
 @register
 class CpuSelectIntKernels(QccPass):
     name = "cpu-select-int-kernels"
-    summary = "Replace quantize_dynamic -> matmul_int -> scale_accumulate by fused AVX2 integer kernels"
+    summary = "Replace quantize_dynamic -> matmul_int -> scale_accumulate by fused x86 integer kernels"
 
     @dataclasses.dataclass
     class Options:
         gemm_min_m: int = 4       # M at and above which the blocked GEMM runs
         threads: bool = True      # scf.parallel (OpenMP) over column chunks
+        dot: str = "avx2"         # dot-product instructions: avx2 (vpmaddwd/vpmaddubsw) or vnni (vpdpbusd)
 
     def run(self, module):
         from qcc.backends.cpu.int_kernels import IntKernelConfig
 
+        if self.options.dot not in ("avx2", "vnni"):
+            raise QccError(f"cpu-select-int-kernels: unknown dot={self.options.dot!r}", hint="dot=avx2 or dot=vnni")
         cfg = IntKernelConfig(gemm_min_m=self.options.gemm_min_m, threads=self.options.threads)
         defined = set()
         selected = self.session.options.setdefault("cpu_kernels", {})
@@ -107,7 +113,7 @@ class CpuSelectIntKernels(QccPass):
         k, n = irutil.tensor_shape(mm.operands[0])[1], irutil.tensor_shape(sa.result)[1]
         if k is None or n is None:
             return None
-        lay = IntLayout(fmt.key(), n, k)
+        lay = IntLayout(fmt.key(), n, k, dot=self.options.dot)
         try:
             lay.check()
         except IntLayoutError:
@@ -123,9 +129,9 @@ class CpuSelectIntKernels(QccPass):
         if codes not in packed or format_key(op.attributes["act_format"]) != "none":
             return
         lay, names = packed[codes]
-        if lay.fmt.bits != 8 or "zero" in names:
+        if lay.fmt.bits != 8 or lay.grouped:
             return
-        args = [sig.block.arguments[sig.param_index(names[role])] for role in ("codes", "scale")]
+        args = [sig.block.arguments[sig.param_index(names[role])] for role in lay.shapes()]
         kname = f"qcc_cpu_int_outliers_{lay.format_key}_{lay.k}x{lay.n}"
         if kname not in defined:
             irutil.append_functions(module, int_kernels.outlier_columns(kname, lay), defined)

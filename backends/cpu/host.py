@@ -19,6 +19,8 @@ import site
 import subprocess
 import sysconfig
 
+from qcc.errors import QccError
+
 
 @functools.lru_cache(maxsize=None)
 def cpu_flags() -> frozenset:
@@ -33,7 +35,8 @@ def cpu_flags() -> frozenset:
 
 
 def features() -> dict:
-    """What the kernels use: {'isa': 'avx512'|'avx2'|'generic', 'lanes': f32 lanes per vector, ...}."""
+    """What the kernels use: {'isa': 'avx512'|'avx2'|'generic', 'lanes': f32 lanes per vector,
+    'int_dot': 'vnni'|'avx2' (the integer kernels' dot products; QCC_CPU_INT_DOT forces one), 'flags'}."""
     flags = cpu_flags()
     if os.environ.get("QCC_CPU_ISA"):  # tests force a width the host may not have natively
         isa = os.environ["QCC_CPU_ISA"]
@@ -43,8 +46,17 @@ def features() -> dict:
         isa = "avx2"
     else:
         isa = "generic"
-    return {"isa": isa, "lanes": 16 if isa == "avx512" else 8,
-            "flags": sorted(f for f in flags if f in ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni",
+    # the integer kernels' dot products: vpdpbusd on 256-bit vectors needs AVX512-VNNI + VL or AVX-VNNI
+    vnni = "avx_vnni" in flags or {"avx512_vnni", "avx512vl"} <= flags
+    int_dot = "vnni" if vnni and isa != "generic" else "avx2"
+    forced = os.environ.get("QCC_CPU_INT_DOT")  # tests run the avx2 kernels on VNNI hosts
+    if forced and forced != int_dot:
+        if forced != "avx2":
+            raise QccError(f"QCC_CPU_INT_DOT={forced}: this host's integer kernels can use avx2"
+                           + (" or vnni" if int_dot == "vnni" else ""), hint="unset QCC_CPU_INT_DOT or set it to avx2")
+        int_dot = forced
+    return {"isa": isa, "lanes": 16 if isa == "avx512" else 8, "int_dot": int_dot,
+            "flags": sorted(f for f in flags if f in ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
                                                       "avx_vnni", "avx512_bf16", "f16c"))}
 
 

@@ -4,27 +4,33 @@ One fused call replaces qcc.quantize_dynamic -> qcc.matmul_int -> qcc.scale_accu
 
 * quantize (vectorized, single-threaded: ~1% of a GEMM): per row, amax -> scale
   (as the activation format: IEEE division, round half to even), codes packed
-  into i32 words (i8 quads against int4 weights, i16 pairs against int8), and
-  for int4 weights the per-group sums of the codes (the zero-point correction).
+  into i32 words (i8 quads against unsigned weight codes, i16 pairs against
+  avx2 int8), and for unsigned weight codes the per-group sums of the codes
+  (the zero-point correction).
 * tiles of MR rows x NR column blocks (8 columns each) accumulate integer dot
   products in registers: per quad, one weight vector per block against broadcast
-  activation words.  AVX2 has no i8 x i8 product:
-    int8 x int8: both sign-extended to i16 (weights in registers, activations
-                 stored as i16 pairs by the quantizer), vpmaddwd -> i32;
-    int4 x int8: vpmaddubsw(nibble u8, x s8) (<= 2 * 15 * 127), eight of them
-                 summed in i16 (< 2^15) before one vpmaddwd with ones -> i32.
-  A group's i32 sums, minus z * (group sum of x) for int4, are scaled into f32
-  accumulators exactly as the reference lowering orders it:
+  activation words.  Two forms (the layout's `dot`):
+    avx2, which has no i8 x i8 product:
+      int8 x int8: both sign-extended to i16 (weights in registers, activations
+                   stored as i16 pairs by the quantizer), vpmaddwd -> i32;
+      int4 x int8: vpmaddubsw(nibble u8, x s8) (<= 2 * 15 * 127), eight of them
+                   summed in i16 (< 2^15) before one vpmaddwd with ones -> i32.
+    vnni: vpdpbusd(acc, u8 codes, x s8) adds four products a lane into i32,
+      for int8 (code + 128) and int4 (nibble) alike.
+  A group's i32 sums, minus z * (group sum of x) for unsigned codes, are scaled
+  into f32 accumulators exactly as the reference lowering orders it:
   (acc * sw) * sx summed over groups, or (acc * sx) * sw for one group.
   No [M, N, groups] accumulator, no float weight.
 * `gemv` (small M, memory-bound): one row at a time against NR = 4 blocks;
   `gemm`: MR x NR register tiles.  Both run over chunks of column blocks in
   parallel (scf.parallel -> OpenMP), dispatched on M at run time.
 
-The integer instructions are calls of LLVM's AVX2 intrinsics by name, also
-valid on AVX-512 hosts; the pass does not select these kernels on hosts without
-AVX2.  Bounds (per 32 multiply-adds, per core): int8 2 vpmaddwd + 2 vpaddd +
-0.5 vpmovsxbw; int4 1 vpmaddubsw + 1 vpaddw + the nibble unpack shared by MR rows.
+The integer instructions are calls of LLVM's x86 intrinsics by name (the AVX2
+ones also valid on AVX-512 hosts); the pass selects these kernels only on hosts
+with AVX2, the vnni form only on hosts with VNNI.  Bounds (per 32 multiply-adds,
+per core): avx2 int8 2 vpmaddwd + 2 vpaddd + 0.5 vpmovsxbw; avx2 int4 1
+vpmaddubsw + 1 vpaddw + the nibble unpack shared by MR rows; vnni int8 1
+vpdpbusd; vnni int4 1 vpdpbusd + the unpack.
 """
 
 import dataclasses
@@ -49,11 +55,23 @@ class IntKernelConfig:
     int8_quads: int = 1       # int8: quads per loop iteration (divides 8)
     gemm_mr_int4: int = 3     # int4 (its i16 partial sums need registers too)
     gemm_nr_int4: int = 2
+    gemm_mr_vnni: int = 6     # the vnni form (no i16 sums, no widening; AVX-512 has 32 registers): int8
+    gemm_nr_vnni: int = 4
+    int8_quads_vnni: int = 2
+    gemm_mr_int4_vnni: int = 4   # int4 on vnni (its unpacked nibbles take 2 registers a block)
+    gemm_nr_int4_vnni: int = 4
     chunk_blocks: int = 8     # column blocks per parallel task
     threads: bool = True
 
     def variant(self, m: int) -> str:
         return "gemv" if m < self.gemm_min_m else "gemm"
+
+    def gemm_tile(self, lay: IntLayout) -> tuple[int, int]:
+        """(MR rows, NR column blocks) of the layout's GEMM register tile."""
+        vnni = lay.dot == "vnni"
+        if lay.fmt.bits == 4:
+            return (self.gemm_mr_int4_vnni, self.gemm_nr_int4_vnni) if vnni else (self.gemm_mr_int4, self.gemm_nr_int4)
+        return (self.gemm_mr_vnni, self.gemm_nr_vnni) if vnni else (self.gemm_mr, self.gemm_nr)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -68,32 +86,39 @@ def _kernel_params(lay: IntLayout) -> list[tuple[str, str]]:
     """(name, type) of the inner kernels' arguments."""
     ty = _memref_types(lay)
     params = [("xq", f"memref<?x{lay.x_words}xi32>"), ("sx", "memref<?xf32>")]
-    if lay.fmt.bits == 4:
+    if lay.unsigned_codes:
         params.append(("xs", f"memref<?x{lay.groups}xi32>"))
     params += [(role, ty[role]) for role in ty]
     return params + [("y", f"memref<?x{lay.n}xf32>")]
 
 
-# The AVX2 instructions, as calls of LLVM intrinsics by name (llvm.call_intrinsic has
+# The x86 instructions, as calls of LLVM intrinsics by name (llvm.call_intrinsic has
 # unknown memory effects, which buffer deallocation rejects; a call of a declared
-# function of that name becomes the same intrinsic call in LLVM IR).
-INTRINSICS = {"pmadd.ub.sw": (_V32I8, _V16I16), "pmadd.wd": (_V16I16, _V8I32)}
+# function of that name becomes the same intrinsic call in LLVM IR): name ->
+# (argument types, result type).  vpdpbusd's bytes are i8 vectors as LLVM 21+ declares
+# them (older parsers upgrade the i32-vector form, not this one; llvmlite's is 22).
+INTRINSICS = {"avx2.pmadd.ub.sw": ((_V32I8, _V32I8), _V16I16),
+              "avx2.pmadd.wd": ((_V16I16, _V16I16), _V8I32),
+              "avx512.vpdpbusd.256": ((_V8I32, _V32I8, _V32I8), _V8I32)}
 
 
-def declarations() -> dict[str, str]:
-    """symbol -> declaration text of the intrinsics the kernels call (once per module)."""
-    return {f"llvm.x86.avx2.{n}": f"func.func private @llvm.x86.avx2.{n}({a}, {a}) -> {r}\n"
-            for n, (a, r) in INTRINSICS.items()}
+def declarations(lay: IntLayout) -> dict[str, str]:
+    """symbol -> declaration text of the intrinsics the layout's kernels call (once per module)."""
+    used = ["avx512.vpdpbusd.256"] if lay.dot == "vnni" else ["avx2.pmadd.ub.sw", "avx2.pmadd.wd"]
+    return {f"llvm.x86.{n}": f"func.func private @llvm.x86.{n}({', '.join(INTRINSICS[n][0])}) -> {INTRINSICS[n][1]}\n"
+            for n in used}
 
 
-def _intrinsic(t: MlirText, name: str, a: str, b: str, in_ty: str, out_ty: str) -> str:
-    return t.v(f"func.call @llvm.x86.avx2.{name}({a}, {b}) : ({in_ty}, {in_ty}) -> {out_ty}")
+def _intrinsic(t: MlirText, name: str, *args: str) -> str:
+    arg_types, result = INTRINSICS[name]
+    return t.v(f"func.call @llvm.x86.{name}({', '.join(args)}) : ({', '.join(arg_types)}) -> {result}")
 
 
 def _tile(t: MlirText, lay: IntLayout, cfg: "IntKernelConfig", m0: str, mr: int, b0: str, nr: int) -> None:
     """y[m0 : m0 + mr, 8 b0 : 8 (b0 + nr)] (columns past N are not written)."""
     ty = _memref_types(lay)
     int4 = lay.fmt.bits == 4
+    vnni = lay.dot == "vnni"
     c0, c1 = t.idx(0), t.idx(1)
     zi = t.v(f"arith.constant dense<0> : {_V8I32}")
     zf = t.v(f"arith.constant dense<0.0> : {_V8F32}")
@@ -103,7 +128,7 @@ def _tile(t: MlirText, lay: IntLayout, cfg: "IntKernelConfig", m0: str, mr: int,
     tiles = [(r, c) for r in range(mr) for c in range(nr)]
     # quads per loop iteration: a unit of 8 for int4 (its i16 sums), fewer for int8, whose
     # fully unrolled unit makes LLVM spill accumulators
-    step_quads = UNIT // QUAD if int4 else cfg.int8_quads
+    step_quads = UNIT // QUAD if int4 else cfg.int8_quads_vnni if vnni else cfg.int8_quads
     units_per_group = lay.group // (QUAD * step_quads)
 
     def xword(r: int, q: str, ty: str) -> str:
@@ -120,13 +145,13 @@ def _tile(t: MlirText, lay: IntLayout, cfg: "IntKernelConfig", m0: str, mr: int,
         acc = {rc: f"%a{rc[0]}_{rc[1]}" for rc in tiles}
         if int4:
             part = {}
+            mask = t.v(f"arith.constant dense<15> : {_V32I8}")
+            four = t.v(f"arith.constant dense<4> : {_V32I8}")
             for tt in range(UNIT // QUAD // 2):
                 pair = t.v(f"affine.apply affine_map<(d0) -> (d0 * {UNIT // QUAD // 2} + {tt})>({unit})")
                 quad = t.v(f"affine.apply affine_map<(d0) -> (d0 * {UNIT // QUAD} + {2 * tt})>({unit})")
                 quad1 = t.v(f"arith.addi {quad}, {c1} : index")
                 lo, hi = [], []
-                mask = t.v(f"arith.constant dense<15> : {_V32I8}")
-                four = t.v(f"arith.constant dense<4> : {_V32I8}")
                 for c in range(nr):
                     w = t.v(f"vector.load %codes[{blocks[c]}, {pair}, {c0}] : {ty['codes']}, {_V32I8}")
                     lo.append(t.v(f"arith.andi {w}, {mask} : {_V32I8}"))
@@ -134,13 +159,26 @@ def _tile(t: MlirText, lay: IntLayout, cfg: "IntKernelConfig", m0: str, mr: int,
                 for r in range(mr):
                     xl, xh = xword(r, quad, _V32I8), xword(r, quad1, _V32I8)
                     for c in range(nr):
-                        pl = _intrinsic(t, "pmadd.ub.sw", lo[c], xl, _V32I8, _V16I16)
-                        ph = _intrinsic(t, "pmadd.ub.sw", hi[c], xh, _V32I8, _V16I16)
+                        if vnni:
+                            acc[r, c] = _intrinsic(t, "avx512.vpdpbusd.256", acc[r, c], lo[c], xl)
+                            acc[r, c] = _intrinsic(t, "avx512.vpdpbusd.256", acc[r, c], hi[c], xh)
+                            continue
+                        pl = _intrinsic(t, "avx2.pmadd.ub.sw", lo[c], xl)
+                        ph = _intrinsic(t, "avx2.pmadd.ub.sw", hi[c], xh)
                         s = t.v(f"arith.addi {pl}, {ph} : {_V16I16}")
                         part[r, c] = s if tt == 0 else t.v(f"arith.addi {part[r, c]}, {s} : {_V16I16}")
-            for rc in tiles:
-                d = _intrinsic(t, "pmadd.wd", part[rc], ones, _V16I16, _V8I32)
+            for rc in part:  # avx2: the unit's i16 sums (< 2^15) widened once
+                d = _intrinsic(t, "avx2.pmadd.wd", part[rc], ones)
                 acc[rc] = t.v(f"arith.addi {acc[rc]}, {d} : {_V8I32}")
+        elif vnni:
+            for qi in range(step_quads):
+                quad = t.v(f"affine.apply affine_map<(d0) -> (d0 * {step_quads} + {qi})>({unit})")
+                w = [t.v(f"vector.load %codes[{blocks[c]}, {quad}, {c0}] : {ty['codes']}, {_V32I8}")
+                     for c in range(nr)]
+                for r in range(mr):
+                    x = xword(r, quad, _V32I8)
+                    for c in range(nr):
+                        acc[r, c] = _intrinsic(t, "avx512.vpdpbusd.256", acc[r, c], w[c], x)
         else:
             for qi in range(step_quads):
                 quad = t.v(f"affine.apply affine_map<(d0) -> (d0 * {step_quads} + {qi})>({unit})")
@@ -154,13 +192,13 @@ def _tile(t: MlirText, lay: IntLayout, cfg: "IntKernelConfig", m0: str, mr: int,
                 for r in range(mr):
                     x0, x1 = xword(r, pair, _V16I16), xword(r, pair1, _V16I16)
                     for c in range(nr):
-                        d0 = _intrinsic(t, "pmadd.wd", halves[c][0], x0, _V16I16, _V8I32)
-                        d1 = _intrinsic(t, "pmadd.wd", halves[c][1], x1, _V16I16, _V8I32)
+                        d0 = _intrinsic(t, "avx2.pmadd.wd", halves[c][0], x0)
+                        d1 = _intrinsic(t, "avx2.pmadd.wd", halves[c][1], x1)
                         acc[r, c] = t.v(f"arith.addi {acc[r, c]}, {t.v(f'arith.addi {d0}, {d1} : {_V8I32}')} : {_V8I32}")
         t.op(f"scf.yield {', '.join(acc[rc] for rc in tiles)} : {', '.join([_V8I32] * len(tiles))}")
         t.close()
         sums = dict(zip(tiles, res))
-        if int4:  # sum_k (q - z) x = sum_k q x - z sum_k x, exact in i32
+        if lay.unsigned_codes:  # sum_k (u - z) x = sum_k u x - z sum_k x, exact in i32
             for c in range(nr):
                 z8 = t.v(f"vector.load %zero[{blocks[c]}, {g}, {c0}] : {ty['zero']}, vector<8xi8>")
                 z = t.v(f"arith.extui {z8} : vector<8xi8> to {_V8I32}")
@@ -259,8 +297,9 @@ def gemv(name: str, lay: IntLayout, cfg: IntKernelConfig) -> str:
 
 
 def gemm(name: str, lay: IntLayout, cfg: IntKernelConfig) -> str:
-    mr, nr = (cfg.gemm_mr_int4, cfg.gemm_nr_int4) if lay.fmt.bits == 4 else (cfg.gemm_mr, cfg.gemm_nr)
-    mrs = tuple(sorted({mr, 2, 1}, reverse=True))
+    mr, nr = cfg.gemm_tile(lay)
+    # the rows left after the MR tiles: at most one tile of each smaller size
+    mrs = tuple(sorted({mr, 4, 2, 1} - set(range(mr + 1, 5)), reverse=True))
     return _tiled(name, lay, cfg, mrs, nr, rows_outer=True)
 
 
@@ -313,7 +352,7 @@ def _quantize(t: MlirText, lay: IntLayout, act_levels: tuple[int, int], M: str, 
          f"memref<?x{lay.x_words}xi32>, vector<{8 // per}xi32>")
     t.op(f"scf.yield {t.v(f'arith.addi %s, {q} : {_V8I32}')} : {_V8I32}")
     t.close()
-    if lay.fmt.bits == 4:
+    if lay.unsigned_codes:
         t.op(f"memref.store {t.v(f'vector.reduction <add>, {total} : {_V8I32} into i32')}, %xs[%qm, %g] : "
              f"memref<?x{lay.groups}xi32>")
     t.close()
@@ -349,7 +388,7 @@ def fused(name: str, lay: IntLayout, cfg: IntKernelConfig, act_levels: tuple[int
     both and a run-time dispatch on M, or only the one for `static_m`.  With `static_scale` the
     entry takes one more argument, the activations' calibrated per-tensor scale (tensor<1xf32>)."""
     lay.check()
-    for nr in (cfg.gemv_nr, cfg.gemm_nr, cfg.gemm_nr_int4):
+    for nr in (cfg.gemv_nr, cfg.gemm_tile(lay)[1]):
         if lay.blocks_multiple % nr or cfg.chunk_blocks % nr:
             raise ValueError(f"tiles of {nr} column blocks must divide blocks_multiple={lay.blocks_multiple} "
                              f"and chunk_blocks={cfg.chunk_blocks}")
@@ -357,7 +396,7 @@ def fused(name: str, lay: IntLayout, cfg: IntKernelConfig, act_levels: tuple[int
     x, M = _entry_prologue(t, lay)
     t.op(f"%xq = memref.alloc({M}) {{alignment = 64 : i64}} : memref<?x{lay.x_words}xi32>")
     t.op(f"%sx = memref.alloc({M}) : memref<?xf32>")
-    if lay.fmt.bits == 4:
+    if lay.unsigned_codes:
         t.op(f"%xs = memref.alloc({M}) : memref<?x{lay.groups}xi32>")
     scale = None
     if static_scale:
@@ -381,7 +420,7 @@ def fused(name: str, lay: IntLayout, cfg: IntKernelConfig, act_levels: tuple[int
         t.close()
     entry = _entry_function(name, t, lay, ", %act_scalet: tensor<1xf32>" if static_scale else "")
     generators = {"gemv": gemv, "gemm": gemm}
-    return "".join(declarations().values()) + entry + "".join(generators[v](f"{name}__{v}", lay, cfg) for v in variants)
+    return "".join(declarations(lay).values()) + entry + "".join(generators[v](f"{name}__{v}", lay, cfg) for v in variants)
 
 
 def outlier_columns(name: str, lay: IntLayout) -> str:
@@ -432,15 +471,22 @@ def outlier_columns(name: str, lay: IntLayout) -> str:
     k = t.v(f"memref.load {cols}[%ci] : memref<{K}xindex>")
     q = t.v(f"arith.divui {k}, {c4} : index")
     r = t.v(f"arith.remui {k}, {c4} : index")
-    # byte 16h + 2j + i of block b, quad q holds w[8b + j, 4q + 2h + i] (int_pack)
-    h16 = t.v(f"arith.muli {t.v(f'arith.divui {r}, {c2} : index')}, {c16} : index")
-    base = t.v(f"arith.addi {h16}, {t.v(f'arith.remui {r}, {c2} : index')} : index")
+    if lay.unsigned_codes:  # byte 4j + i of block b, quad q holds w[8b + j, 4q + i] (int_pack)
+        base, stride = r, QUAD
+    else:  # byte 16h + 2j + i of block b, quad q holds w[8b + j, 4q + 2h + i]
+        h16 = t.v(f"arith.muli {t.v(f'arith.divui {r}, {c2} : index')}, {c16} : index")
+        base, stride = t.v(f"arith.addi {h16}, {t.v(f'arith.remui {r}, {c2} : index')} : index"), 2
     bytes_ = []
     for j in range(COLS):
-        at = t.v(f"arith.addi {base}, {t.idx(2 * j)} : index")
+        at = t.v(f"arith.addi {base}, {t.idx(stride * j)} : index")
         bytes_.append(t.v(f"memref.load {codes}[%b, {q}, {at}] : {ty['codes']}"))
     w8 = t.v(f"vector.from_elements {', '.join(bytes_)} : vector<8xi8>")
-    wi = t.v(f"arith.extsi {w8} : vector<8xi8> to {_V8I32}")
+    if lay.unsigned_codes:
+        z8 = t.v(f"vector.load %zero[%b, {c0}, {c0}] : {ty['zero']}, vector<8xi8>")
+        wi = t.v(f"arith.subi {t.v(f'arith.extui {w8} : vector<8xi8> to {_V8I32}')}, "
+                 f"{t.v(f'arith.extui {z8} : vector<8xi8> to {_V8I32}')} : {_V8I32}")
+    else:
+        wi = t.v(f"arith.extsi {w8} : vector<8xi8> to {_V8I32}")
     w = t.v(f"arith.mulf {t.v(f'arith.sitofp {wi} : {_V8I32} to {_V8F32}')}, {sv} : {_V8F32}")
     t.op(f"vector.store {w}, {wbuf}[%ci, {c0}] : memref<{K}x8xf32>, {_V8F32}")
     t.close()

@@ -1,21 +1,29 @@
 """Weight layout of the integer (dequant-after-gemm) CPU kernels, its numpy packer and decoder.
 
-The kernels multiply int8 activation codes with int8 / int4 weight codes on
-AVX2 without any horizontal sum: one 256-bit vector of weights covers 8 output
+The kernels multiply int8 activation codes with int8 / int4 weight codes
+without any horizontal sum: one 256-bit vector of weights covers 8 output
 columns ("a block") x 4 consecutive k ("a quad") and meets broadcast words of
 activations, so its products land in 8 i32 lanes, one per column.  Each block is
-one contiguous stream along K:
+one contiguous stream along K.  Two dot-product forms (`IntLayout.dot`):
 
-* int8 (symmetric codes -127..127): codes[b, q, 32], byte 16h + 2j + i =
-  w[8b + j, 4q + 2h + i]: each half, sign-extended to i16, is the 8 columns x 2 k
-  that vpmaddwd multiplies with a broadcast pair of i16 activation codes.
-* int4: codes[b, t, 32]; byte 4j + i holds column 8b + j at k = 8t + i in its
-  LOW nibble and at k = 8t + 4 + i in its HIGH nibble (quads 2t and 2t + 1),
-  as the format's nibble (code for asym, code + 8 for sym: always 0..15), the
-  u8 operand of vpmaddubsw against a broadcast quad of i8 activation codes.
+* "avx2" (any AVX2 host): int8 (symmetric codes -127..127): codes[b, q, 32],
+  byte 16h + 2j + i = w[8b + j, 4q + 2h + i]: each half, sign-extended to i16, is
+  the 8 columns x 2 k that vpmaddwd multiplies with a broadcast pair of i16
+  activation codes.
+* "vnni" (AVX512-VNNI + VL, or AVX-VNNI): int8 codes[b, q, 32] as unsigned bytes
+  (code + 128 for sym, the code for asym), byte 4j + i = w[8b + j, 4q + i]: the
+  u8 operand of vpdpbusd against a broadcast quad of i8 activation codes (four
+  products per lane straight into i32).  Grouped and asymmetric int8 weights
+  have this kernel too.
+* int4 (both forms): codes[b, t, 32]; byte 4j + i holds column 8b + j at
+  k = 8t + i in its LOW nibble and at k = 8t + 4 + i in its HIGH nibble (quads 2t
+  and 2t + 1), as the format's nibble (code for asym, code + 8 for sym: always
+  0..15), the u8 operand of vpmaddubsw (avx2) or vpdpbusd (vnni) against a
+  broadcast quad of i8 activation codes.
 * scale[b, g, 8] (f32) per block, group g (one group for per-channel and
-  per-tensor formats) and column; int4 also zero[b, g, 8] (uint8; 8 for sym),
-  so every int4 kernel computes sum (nibble - z) * x as sum nibble * x - z * sum x.
+  per-tensor formats) and column; unsigned codes (int4, vnni int8) also
+  zero[b, g, 8] (uint8; 8 resp. 128 for sym), so their kernels compute
+  sum (u - z) * x as sum u * x - z * sum x.
 
 K is padded with zero codes to K_pad, a multiple of 32 (a kernel unit of 8
 quads), N to whole groups of `blocks_multiple` blocks (zero codes, scale 1):
@@ -44,6 +52,7 @@ class IntLayout:
     n: int
     k: int
     blocks_multiple: int = 4
+    dot: str = "avx2"           # "avx2" | "vnni": the dot-product instructions the codes are laid out for
 
     @property
     def fmt(self):
@@ -62,9 +71,14 @@ class IntLayout:
         return self.k_pad // QUAD
 
     @property
+    def unsigned_codes(self) -> bool:
+        """Codes stored as u8 with a zero point (int4; int8 for vnni): the kernels subtract z * sum x."""
+        return self.fmt.bits == 4 or self.dot == "vnni"
+
+    @property
     def x_per_word(self) -> int:
-        """Activation codes per 32-bit word: i16 pairs against int8 weights, i8 quads against int4."""
-        return 2 if self.fmt.bits == 8 else 4
+        """Activation codes per 32-bit word: i16 pairs against avx2 int8 weights, else i8 quads."""
+        return 4 if self.unsigned_codes else 2
 
     @property
     def x_words(self) -> int:
@@ -86,10 +100,12 @@ class IntLayout:
 
     def check(self) -> None:
         fmt = self.fmt
-        if fmt.bits == 8 and not fmt.symmetric:
+        if self.dot not in ("avx2", "vnni"):
+            raise ValueError(f"unknown dot-product form {self.dot!r} (avx2 or vnni)")
+        if self.dot == "avx2" and fmt.bits == 8 and not fmt.symmetric:
             # u8 codes up to 255 against s8 activations saturate vpmaddubsw's i16 pairs
             raise IntLayoutError(f"{fmt.key()}: unsigned int8 codes have no integer kernel")
-        if fmt.bits == 8 and self.grouped:
+        if self.dot == "avx2" and fmt.bits == 8 and self.grouped:
             raise IntLayoutError(f"{fmt.key()}: grouped int8 weights have no integer kernel")
         if self.grouped and (self.group % UNIT or self.k % self.group):
             raise IntLayoutError(f"{fmt.key()}: group size {self.group} is not a multiple of {UNIT} dividing K={self.k}")
@@ -98,18 +114,18 @@ class IntLayout:
         """role -> (shape, numpy dtype) of the packed arrays."""
         b, g = self.blocks, self.groups
         out = {"codes": ((b, self.quads if self.fmt.bits == 8 else self.quads // 2, COLS * QUAD),
-                         np.int8 if self.fmt.bits == 8 else np.uint8),
+                         np.uint8 if self.unsigned_codes else np.int8),
                "scale": ((b, g, COLS), np.float32)}
-        if self.fmt.bits == 4:
+        if self.unsigned_codes:
             out["zero"] = ((b, g, COLS), np.uint8)
         return out
 
     def tag(self) -> str:
-        return f"int{self.fmt.bits}x{COLS}x{QUAD}"
+        return f"int{self.fmt.bits}x{COLS}x{QUAD}" + ("vnni" if self.dot == "vnni" and self.fmt.bits == 8 else "")
 
     def to_json(self) -> dict:
         return {"layout": "int-blocks", "cols": COLS, "quad": QUAD, "k_pad": self.k_pad, "blocks": self.blocks,
-                "group": self.group}
+                "group": self.group, "dot": self.dot}
 
 
 def _per_group(a: np.ndarray, lay: IntLayout, fill) -> np.ndarray:
@@ -126,7 +142,14 @@ def pack(lay: IntLayout, packed_codes: np.ndarray, scale: np.ndarray, zero=None)
     fmt = lay.fmt
     codes = formats.unpack(packed_codes, fmt, (lay.n, lay.k))
     b = lay.blocks
-    if fmt.bits == 8:
+    if fmt.bits == 8 and lay.unsigned_codes:
+        # padding holds the zero point (128 for sym, 0 for asym; padded columns are never stored)
+        full = np.full((b * COLS, lay.k_pad), 128 if fmt.symmetric else 0, np.uint8)
+        full[:lay.n, :lay.k] = codes.astype(np.int16) + (128 if fmt.symmetric else 0)
+        # [b, j, q, i] -> [b, q, j, i]
+        out = {"codes": np.ascontiguousarray(full.reshape(b, COLS, lay.quads, QUAD).transpose(0, 2, 1, 3)
+                                             .reshape(b, lay.quads, COLS * QUAD))}
+    elif fmt.bits == 8:
         full = np.zeros((b * COLS, lay.k_pad), np.int8)
         full[:lay.n, :lay.k] = codes
         # [b, j, q, h, i] -> [b, q, h, j, i]
@@ -139,32 +162,40 @@ def pack(lay: IntLayout, packed_codes: np.ndarray, scale: np.ndarray, zero=None)
         t = full.reshape(b, COLS, lay.quads // 2, 2, QUAD).transpose(0, 2, 1, 4, 3)
         out = {"codes": np.ascontiguousarray((t[..., 0] | (t[..., 1] << 4)).reshape(b, lay.quads // 2, COLS * QUAD))}
     out["scale"] = _per_group(np.asarray(scale, np.float32), lay, np.float32(1.0))
-    if fmt.bits == 4:
-        z = np.full((1, 1), 8, np.uint8) if fmt.symmetric else np.asarray(zero, np.uint8)
-        out["zero"] = _per_group(z, lay, np.uint8(0))
+    if lay.unsigned_codes:
+        z = np.full((1, 1), _sym_zero(fmt), np.uint8) if fmt.symmetric else np.asarray(zero, np.uint8)
+        out["zero"] = _per_group(z, lay, np.uint8(_sym_zero(fmt) if fmt.symmetric else 0))
     return out
+
+
+def _sym_zero(fmt) -> int:
+    """The zero point of a symmetric format's codes stored unsigned: 2^(bits - 1)."""
+    return 1 << (fmt.bits - 1)
 
 
 def unpack(lay: IntLayout, arrays: dict) -> formats.QuantizedTensor:
     """The kernels' arrays -> the format's QuantizedTensor (inverse of `pack`)."""
     fmt = lay.fmt
     b = lay.blocks
-    if fmt.bits == 8:
+    if fmt.bits == 8 and not lay.unsigned_codes:
         full = arrays["codes"].reshape(b, lay.quads, 2, COLS, 2).transpose(0, 3, 1, 2, 4).reshape(b * COLS, lay.k_pad)
         codes = full[:lay.n, :lay.k].astype(np.int8)
     else:
-        bytes_ = arrays["codes"].reshape(b, lay.quads // 2, COLS, QUAD)
-        t = np.stack([bytes_ & 15, bytes_ >> 4], axis=-1)   # [b, t, j, i, h]
-        full = t.transpose(0, 2, 1, 4, 3).reshape(b * COLS, lay.k_pad).astype(np.int16)
-        codes = full[:lay.n, :lay.k]
-        codes = (codes - 8).astype(np.int8) if fmt.symmetric else codes.astype(np.uint8)
+        if fmt.bits == 8:
+            full = arrays["codes"].reshape(b, lay.quads, COLS, QUAD).transpose(0, 2, 1, 3).reshape(b * COLS, lay.k_pad)
+        else:
+            bytes_ = arrays["codes"].reshape(b, lay.quads // 2, COLS, QUAD)
+            t = np.stack([bytes_ & 15, bytes_ >> 4], axis=-1)   # [b, t, j, i, h]
+            full = t.transpose(0, 2, 1, 4, 3).reshape(b * COLS, lay.k_pad)
+        codes = full[:lay.n, :lay.k].astype(np.int16)
+        codes = (codes - _sym_zero(fmt)).astype(np.int8) if fmt.symmetric else codes.astype(np.uint8)
     sshape = fmt.scale_shape((lay.n, lay.k))
 
     def granules(a):
         a = a.transpose(0, 2, 1).reshape(b * COLS, -1)
         return np.ascontiguousarray(a[:sshape[0], :sshape[1]])
 
-    zero = granules(arrays["zero"]) if fmt.bits == 4 and not fmt.symmetric else None
+    zero = granules(arrays["zero"]) if lay.unsigned_codes and not fmt.symmetric else None
     return formats.QuantizedTensor(codes=codes, scale=granules(arrays["scale"]), zero=zero,
                                    format=fmt, shape=(lay.n, lay.k))
 
@@ -173,5 +204,5 @@ def dequantize_layer(layer: dict, kernel: dict, weights: dict) -> np.ndarray:
     """The dequantized weight of an artifact layer the integer kernels own (manifest
     `layers[i]` and `cpu.kernels[weight]`)."""
     n, k = layer["shape"]
-    lay = IntLayout(layer["format"], n, k, blocks_multiple=kernel["blocks_multiple"])
+    lay = IntLayout(layer["format"], n, k, blocks_multiple=kernel["blocks_multiple"], dot=kernel.get("dot", "avx2"))
     return formats.dequantize(unpack(lay, {role: weights[name] for role, name in kernel["params"].items()}))

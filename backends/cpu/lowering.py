@@ -26,8 +26,8 @@ def select_kernels(features: dict, openmp: dict | None) -> list[str]:
     stage = []
     # the integer kernels first: they also take split-outliers' dynamic float parts (on the int8
     # blocks of their integer parts); cpu-select-kernels takes the float parts left (non-AVX2 hosts)
-    if features["isa"] in ("avx2", "avx512"):  # the integer kernels are AVX2 code (valid on AVX-512)
-        stage.append(f"cpu-select-int-kernels{{threads={threads}}}")
+    if features["isa"] in ("avx2", "avx512"):  # the integer kernels are AVX2 code (valid on AVX-512) or VNNI
+        stage.append(f"cpu-select-int-kernels{{threads={threads} dot={features.get('int_dot', 'avx2')}}}")
     return stage + [f"cpu-select-kernels{{lanes={features['lanes']} threads={threads}}}",
                     f"cpu-vectorize-contractions{{lanes={features['lanes']} threads={threads}}}"]
 
@@ -36,6 +36,7 @@ def manifest_entry(features: dict, openmp: dict | None, session) -> dict:
     """What the artifact's CPU code assumes and chose: ISA, threads runtime, kernel per layer."""
     return {
         "isa": features["isa"], "flags": features["flags"], "lanes": features["lanes"],
+        "int_dot": features.get("int_dot", "avx2"),
         "openmp": None if openmp is None else {"soname": openmp["soname"]},
         "kernels": session.options.get("cpu_kernels", {}),
     }

@@ -2,6 +2,10 @@
 // RUN: qcc-opt %s --random-params=0 -p 'quantize-weights{format=int8_sym_channel},quantize-activations,dequant-after-gemm,cpu-select-int-kernels{threads=false}' | filecheck %s --check-prefix=INT8
 // RUN: qcc-opt %s --random-params=0 -p 'quantize-weights{format=int8_asym_channel},quantize-activations,dequant-after-gemm,cpu-select-int-kernels' | filecheck %s --check-prefix=ASYM8
 // RUN: qcc-opt %s --random-params=0 -p 'split-outliers{decide=dynamic},quantize-weights{format=int8_sym_channel},quantize-activations,dequant-after-gemm,cpu-select-int-kernels' | filecheck %s --check-prefix=DYN
+// RUN: qcc-opt %s --random-params=0 -p 'quantize-weights{format=int8_sym_channel},quantize-activations,dequant-after-gemm,cpu-select-int-kernels{dot=vnni}' | filecheck %s --check-prefix=VNNI
+// RUN: qcc-opt %s --random-params=0 -p 'quantize-weights{format=int4_asym_g128},quantize-activations,dequant-after-gemm,cpu-select-int-kernels{dot=vnni}' | filecheck %s --check-prefix=VNNI4
+// RUN: qcc-opt %s --random-params=0 -p 'quantize-weights{format=int8_asym_channel},quantize-activations,dequant-after-gemm,cpu-select-int-kernels{dot=vnni}' | filecheck %s --check-prefix=VNNIASYM
+// RUN: qcc-opt %s --random-params=0 -p 'split-outliers{decide=dynamic},quantize-weights{format=int8_sym_channel},quantize-activations,dequant-after-gemm,cpu-select-int-kernels{dot=vnni}' | filecheck %s --check-prefix=VNNIDYN
 // RUN: %PYTHON -c "import numpy as np; from safetensors.numpy import save_file; a = np.ones(256, np.float32); a[5] = 12.7; save_file({'fc.weight/absmax': a, 'fc2.weight/absmax': a}, '%t.stats')"
 // RUN: qcc-opt %s --random-params=0 -p 'quantize-weights{format=int8_sym_channel},quantize-activations{format=int8_sym_tensor stats=%t.stats},dequant-after-gemm,cpu-select-int-kernels' --output-params=%t.params | filecheck %s --check-prefix=STATIC
 // RUN: %PYTHON -c "from safetensors.numpy import load_file; print('act_scale:', load_file('%t.params')['fc.weight:int8_sym_channel:int8x8x4:act_scale'].tolist())" | filecheck %s --check-prefix=STATICVAL
@@ -95,6 +99,45 @@
 // DYN: arith.cmpf one
 // DYN: vector.from_elements {{.*}} : vector<8xi8>
 // DYN: vector.fma
+
+// dot=vnni (hosts with VNNI): int8 codes stored unsigned (code + 128) four k to an i32 lane
+// with a zero point, activations as i8 quads with their sums, and one vpdpbusd per quad
+// straight into i32; the correction 128 * sum x after the loop.
+// VNNI-LABEL: func.func @decode
+// VNNI-SAME: tensor<8x64x32xi8> {qcc.param = "fc.weight:int8_sym_channel:int8x8x4vnni:codes"}
+// VNNI-SAME: tensor<8x1x8xf32> {qcc.param = "fc.weight:int8_sym_channel:int8x8x4vnni:scale"}
+// VNNI-SAME: tensor<8x1x8xi8> {qcc.param = "fc.weight:int8_sym_channel:int8x8x4vnni:zero"}
+// VNNI-DAG: func.func private @llvm.x86.avx512.vpdpbusd.256(vector<8xi32>, vector<32xi8>, vector<32xi8>) -> vector<8xi32>
+// VNNI-LABEL: func.func private @qcc_cpu_int_int8_sym_channel_int8_sym_token_256x64_gemv(
+// VNNI: vector.bitcast %{{.*}} : vector<8xi8> to vector<2xi32>
+// VNNI-LABEL: func.func private @qcc_cpu_int_int8_sym_channel_int8_sym_token_256x64_gemv__gemv_body(
+// VNNI-NOT: pmadd
+// VNNI: %[[W:.*]] = vector.load %{{.*}} : memref<8x64x32xi8>, vector<32xi8>
+// VNNI: func.call @llvm.x86.avx512.vpdpbusd.256(%{{.*}}, %[[W]], %{{.*}})
+// VNNI: arith.extui %{{.*}} : vector<8xi8> to vector<8xi32>
+// VNNI: arith.muli %{{.*}} : vector<8xi32>
+// VNNI: arith.subi %{{.*}} : vector<8xi32>
+// VNNI-NOT: pmadd
+
+// int4 on vnni: the same nibbles, each quad's products straight into i32 (no i16 sums).
+// VNNI4-LABEL: func.func private @qcc_cpu_int_int4_asym_g128_int8_sym_token_256x64_gemv__gemv_body(
+// VNNI4: arith.andi %{{.*}} : vector<32xi8>
+// VNNI4: arith.shrui %{{.*}} : vector<32xi8>
+// VNNI4: func.call @llvm.x86.avx512.vpdpbusd.256(
+// VNNI4-NOT: vector<16xi16>
+// VNNI4: arith.subi %{{.*}} : vector<8xi32>
+
+// Unsigned int8 codes are vnni's own form: the asymmetric int8 weight gets a kernel.
+// VNNIASYM: call @qcc_cpu_int_int8_asym_channel_int8_sym_token_256x64_gemv(
+// VNNIASYM-NOT: qcc.matmul_int
+
+// The outlier part reads the unsigned blocks with stride 4 and subtracts their zero points.
+// VNNIDYN: call @qcc_cpu_int_outliers_int8_sym_channel_256x64(%{{.*}}, %{{.*}}, %{{.*}}, %{{.*}})
+// VNNIDYN-LABEL: func.func private @qcc_cpu_int_outliers_int8_sym_channel_256x64(
+// VNNIDYN: vector.from_elements {{.*}} : vector<8xi8>
+// VNNIDYN: arith.extui %{{.*}} : vector<8xi8> to vector<8xi32>
+// VNNIDYN: arith.subi %{{.*}} : vector<8xi32>
+// VNNIDYN: vector.fma
 
 // Unsigned int8 codes (up to 255) would saturate vpmaddubsw: left to the reference lowering.
 // ASYM8-LABEL: func.func @decode

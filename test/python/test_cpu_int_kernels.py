@@ -6,7 +6,9 @@ group (weight codes minus zero point), then f32 scaling as the reference
 lowering orders it.  Weights are the format reference's codes of the float
 weight.  Sizes are off the tiles (N not a multiple of 8 columns, K not a multiple
 of the 32-k unit for per-channel), M covers the GEMV, the GEMM's row tiles and
-their remainders, with one artifact (symbolic M) serving them all.
+their remainders, with one artifact (symbolic M) serving them all.  Both
+dot-product forms run: avx2 everywhere (QCC_CPU_INT_DOT=avx2 forces it in the
+compiler), vnni (vpdpbusd) where the host has VNNI, skipped elsewhere.
 """
 
 import os
@@ -19,13 +21,23 @@ import pytest
 import torch
 
 import qcc
-from qcc.backends.cpu import int_pack
+from qcc.backends.cpu import host, int_pack
 from qcc.dialects import formats
 from qcc.dialects.formats import activation
 from oracles import assert_packed_roundtrip
 
 TOKENS = ({0: torch.export.Dim("tokens", min=1, max=4096)},)
 RECIPES = {"w8a8": ("int8_sym_channel", "int8_sym_token"), "w4a8-g128": ("int4_asym_g128", "int8_sym_token")}
+HOST_DOT = host.features()["int_dot"]
+DOTS = [pytest.param("avx2"), pytest.param("vnni", marks=pytest.mark.skipif(HOST_DOT != "vnni", reason="no VNNI"))]
+
+
+@pytest.fixture(params=DOTS)
+def dot(request, monkeypatch):
+    """The integer kernels' dot-product form the compiler selects in this test."""
+    if request.param != HOST_DOT:
+        monkeypatch.setenv("QCC_CPU_INT_DOT", request.param)
+    return request.param
 
 
 def _linear(k, n, seed=0):
@@ -58,11 +70,11 @@ def _selected(compiled) -> dict:
 
 @pytest.mark.parametrize("recipe,k,n", [("w8a8", 320, 100), ("w8a8", 100, 37), ("w4a8-g128", 384, 100),
                                         ("w4a8-g128", 128, 5)])
-def test_fused_kernel_matches_dequant_after_gemm(recipe, k, n):
+def test_fused_kernel_matches_dequant_after_gemm(recipe, k, n, dot):
     lin = _linear(k, n)
     compiled = qcc.compile(lin, (torch.randn(2, k),), quant=recipe, dynamic_shapes=TOKENS)
     kernel = _selected(compiled)
-    assert kernel["layout"] == "int-blocks" and kernel["variant"] == "dispatch"
+    assert kernel["layout"] == "int-blocks" and kernel["variant"] == "dispatch" and kernel["dot"] == dot
     assert kernel["kernel"].startswith("qcc_cpu_int_")
     wkey, akey = RECIPES[recipe]
     w = lin.weight.detach().numpy()
@@ -78,11 +90,12 @@ def test_fused_kernel_matches_dequant_after_gemm(recipe, k, n):
 @pytest.mark.parametrize("recipe", ["w8a8", "w4a8-g128",
                                     {"weight_format": "int4_sym_channel", "act_format": "int4_sym_token_clip0.9"}],
                          ids=["w8a8", "w4a8-g128", "w4a4-actclip0.9"])
-def test_same_bits_as_reference_lowering(recipe, monkeypatch):
+def test_same_bits_as_reference_lowering(recipe, dot, monkeypatch):
     """Integer sums are exact and the f32 scaling follows the reference lowering's order."""
     k, n = 256, 24
     lin = _linear(k, n, seed=1)
     fast = qcc.compile(lin, (torch.randn(2, k),), quant=recipe, dynamic_shapes=TOKENS)
+    assert _selected(fast)["dot"] == dot
     monkeypatch.setenv("QCC_CPU_KERNELS", "reference")
     slow = qcc.compile(lin, (torch.randn(2, k),), quant=recipe, dynamic_shapes=TOKENS)
     assert _selected(fast) and not slow.manifest["cpu"]["kernels"]
@@ -92,7 +105,7 @@ def test_same_bits_as_reference_lowering(recipe, monkeypatch):
 
 
 @pytest.mark.parametrize("wkey", ["int8_sym_channel", "int4_asym_g128"])
-def test_static_scale_same_bits_as_reference_lowering(wkey, monkeypatch):
+def test_static_scale_same_bits_as_reference_lowering(wkey, dot, monkeypatch):
     """A calibrated per-tensor scale (int8_sym_tensor) takes the fused kernel too: every row
     quantized with that scale, values beyond the calibrated range clipped, same bits as the
     reference lowering."""
@@ -145,22 +158,38 @@ def build_kernel(tmp_path, lay, cfg, act_levels):
 KERNEL_CASES = [
     # weight format, activation format, N, K, config
     ("int4_asym_g128", "int4_sym_token", 21, 256, {}),
-    ("int4_sym_g32", "int8_sym_token", 30, 96, {"gemm_min_m": 2, "gemm_mr_int4": 4, "gemm_nr_int4": 1}),
+    ("int4_sym_g32", "int8_sym_token", 30, 96, {"gemm_min_m": 2, "gemm_mr_int4": 4, "gemm_nr_int4": 1,
+                                               "gemm_mr_int4_vnni": 3, "gemm_nr_int4_vnni": 2}),
     ("int4_sym_channel", "int8_sym_token", 9, 200, {"threads": False}),
-    ("int8_sym_tensor", "int8_sym_token", 44, 72, {"int8_quads": 8, "gemm_mr": 3, "chunk_blocks": 4}),
-    ("int8_sym_channel", "int4_sym_token", 17, 64, {"gemv_nr": 2, "gemm_nr": 4, "gemm_mr": 1}),
+    ("int8_sym_tensor", "int8_sym_token", 44, 72, {"int8_quads": 8, "gemm_mr": 3, "gemm_mr_vnni": 3,
+                                                   "chunk_blocks": 4}),
+    ("int8_sym_channel", "int4_sym_token", 17, 64, {"gemv_nr": 2, "gemm_nr": 4, "gemm_mr": 1, "gemm_nr_vnni": 4,
+                                                    "gemm_mr_vnni": 1}),
+    ("int8_sym_channel", "int8_sym_token", 70, 160, {"gemm_mr_vnni": 6, "gemm_nr_vnni": 4, "int8_quads": 2}),
+]
+# only the vnni form has kernels for these (unsigned int8 codes saturate vpmaddubsw's i16 pairs)
+VNNI_ONLY_CASES = [
+    ("int8_asym_channel", "int8_sym_token", 19, 100, {}),
+    ("int8_sym_g32", "int8_sym_token", 24, 96, {"gemm_mr_vnni": 2}),
+    ("int8_asym_g64", "int4_sym_token", 33, 128, {"int8_quads": 4}),
 ]
 
 
-@pytest.mark.parametrize("wkey,akey,n,k,cfg", KERNEL_CASES, ids=[f"{c[0]}-{c[1]}-{c[2]}x{c[3]}" for c in KERNEL_CASES])
-def test_kernel_formats_and_tilings(tmp_path, wkey, akey, n, k, cfg):
+@pytest.mark.parametrize("dot_form", DOTS)
+@pytest.mark.parametrize("wkey,akey,n,k,cfg", KERNEL_CASES + VNNI_ONLY_CASES,
+                         ids=[f"{c[0]}-{c[1]}-{c[2]}x{c[3]}" for c in KERNEL_CASES + VNNI_ONLY_CASES])
+def test_kernel_formats_and_tilings(tmp_path, wkey, akey, n, k, cfg, dot_form):
     """Formats and activation formats no preset uses, and other tilings of the generator."""
     from qcc.backends.cpu.int_kernels import IntKernelConfig
 
     rng = np.random.default_rng(n + k)
     w = rng.standard_normal((n, k)).astype(np.float32)
     qt = formats.parse_weight_format(wkey).quantize(w)
-    lay = int_pack.IntLayout(wkey, n, k)
+    lay = int_pack.IntLayout(wkey, n, k, dot=dot_form)
+    if (wkey, akey, n, k, cfg) in VNNI_ONLY_CASES and dot_form == "avx2":
+        with pytest.raises(int_pack.IntLayoutError):
+            lay.check()
+        return
     arrays = int_pack.pack(lay, formats.pack(qt), qt.scale, qt.zero)
     config = IntKernelConfig(**cfg)
     lib = build_kernel(tmp_path, lay, config, activation.parse_act_format(akey).levels())
@@ -195,14 +224,15 @@ def test_host_without_avx2_uses_the_reference(monkeypatch):
     assert np.abs(compiled(x).numpy() - ref).max() / np.abs(ref).max() < 1e-5
 
 
-@pytest.mark.parametrize("key", ["int8_sym_channel", "int8_sym_tensor", "int4_asym_g128", "int4_sym_g32",
-                                 "int4_asym_channel"])
-def test_pack_roundtrip_is_exact(key):
+@pytest.mark.parametrize("key,dot_form", [(key, "avx2") for key in (
+    "int8_sym_channel", "int8_sym_tensor", "int4_asym_g128", "int4_sym_g32", "int4_asym_channel")] + [
+    (key, "vnni") for key in ("int8_sym_channel", "int8_asym_channel", "int8_sym_g128", "int4_asym_g128")])
+def test_pack_roundtrip_is_exact(key, dot_form):
     rng = np.random.default_rng(5)
     fmt = formats.parse_weight_format(key)
     n, k = 13, 256 if fmt.granularity == "group" else 100
     qt = fmt.quantize(rng.standard_normal((n, k)).astype(np.float32))
-    lay = int_pack.IntLayout(key, n, k)
+    lay = int_pack.IntLayout(key, n, k, dot=dot_form)
     arrays = int_pack.pack(lay, formats.pack(qt), qt.scale, qt.zero)
     assert_packed_roundtrip(lay, arrays, int_pack.unpack, qt)
 
@@ -226,12 +256,20 @@ def test_block_layout_by_hand():
     for b, t, j, i in [(0, 0, 0, 0), (1, 5, 3, 2), (1, 7, 7, 3)]:
         byte = codes[b, t, 4 * j + i]
         assert byte & 15 == w4[8 * b + j, 8 * t + i] and byte >> 4 == w4[8 * b + j, 8 * t + 4 + i]
+    # vnni int8: byte 4j + i of block b, quad q is w[8b + j, 4q + i] + 128 (unsigned), zero point 128
+    lay = int_pack.IntLayout("int8_sym_channel", n, k, dot="vnni")
+    qt = formats.QuantizedTensor(codes=w8, scale=np.ones((n, 1), np.float32), zero=None,
+                                 format=lay.fmt, shape=(n, k))
+    arrays = int_pack.pack(lay, formats.pack(qt), qt.scale)
+    assert arrays["codes"].dtype == np.uint8 and (arrays["zero"] == 128).all()
+    for b, q, j, i in [(0, 0, 0, 0), (1, 3, 5, 1), (0, 15, 7, 3)]:
+        assert int(arrays["codes"][b, q, 4 * j + i]) == int(w8[8 * b + j, 4 * q + i]) + 128
 
 
-def test_no_float_copy_of_a_weight_and_integer_instructions(tmp_path):
+def test_no_float_copy_of_a_weight_and_integer_instructions(tmp_path, dot):
     """No f32 buffer as large as a weight in any backend stage; the library's kernels use
-    vpmaddwd (int8) / vpmaddubsw (int4), or on a host with VNNI the instructions LLVM fuses
-    them into with the add after them (vpdpwssd / vpdpbusd)."""
+    vpdpbusd (vnni), else vpmaddwd (int8) / vpmaddubsw (int4) or, on a host with VNNI, the
+    instructions LLVM fuses them into with the add after them (vpdpwssd / vpdpbusd)."""
     model = torch.nn.Sequential(torch.nn.Linear(320, 448), torch.nn.ReLU(), torch.nn.Linear(448, 192)).eval()
     dump = tmp_path / "ir"
     compiled = qcc.compile(model, (torch.randn(3, 320),), quant="w8a8", dump_dir=str(dump), dynamic_shapes=TOKENS)
@@ -250,7 +288,7 @@ def test_no_float_copy_of_a_weight_and_integer_instructions(tmp_path):
     lib.write_bytes(compiled.code["cpu.so"])
     text = subprocess.run(["objdump", "-d", str(lib)], capture_output=True, text=True, check=True).stdout
     gemm = text[text.index("__gemm_body>:"):]
-    assert re.search(r"\bvp(maddwd|dpwssd)\b", gemm[:gemm.index("\n\n")])
+    assert re.search(r"\bvpdpbusd\b" if dot == "vnni" else r"\bvp(maddwd|dpwssd)\b", gemm[:gemm.index("\n\n")])
     int4 = qcc.compile(torch.nn.Linear(128, 16, bias=False).eval(), (torch.randn(2, 128),), quant="w4a8-g128",
                        dynamic_shapes=TOKENS)
     lib.write_bytes(int4.code["cpu.so"])
