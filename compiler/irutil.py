@@ -77,6 +77,23 @@ def defining_op(value: ir.Value):
     return owner.operation if isinstance(owner, (ir.OpView, ir.Operation)) else None
 
 
+# ops without side effects that a rewrite may leave without users
+_PURE = {"tensor.collapse_shape", "tensor.expand_shape", "tensor.extract_slice", "tensor.concat", "tensor.empty",
+         "linalg.transpose", "linalg.fill", "arith.constant"}
+
+
+def erase_dead_producers(value: ir.Value) -> None:
+    """Erases `value`'s defining op if nothing uses its results and it is one of _PURE, then
+    its operands' producers likewise (what a rewrite that stopped reading `value` left behind)."""
+    op = defining_op(value)
+    if op is None or op.name not in _PURE or any(list(r.uses) for r in op.results):
+        return
+    operands = list(op.operands)
+    op.erase()
+    for v in operands:
+        erase_dead_producers(v)
+
+
 def block_arg_number(value: ir.Value) -> int | None:
     value = value.maybe_downcast() if hasattr(value, "maybe_downcast") else value
     return value.arg_number if isinstance(value, ir.BlockArgument) else None

@@ -7,6 +7,11 @@ calls `kernels.batch_matmul` instead: a transpose feeding B is folded away
 (dot products along k over both operands), otherwise rows of C accumulate
 along j; both vectorized, threaded over the rows of C.  Only zero-initialized,
 static-shaped f32 ops are rewritten; others keep the reference lowering.
+
+A B that is a concatenation along its rows (attention over a KV cache plus the
+step's new key or value: `torch.cat([cache, k], dim=2)`) is passed as its parts,
+which the kernel reads in place: the concatenation, a copy of the whole cache per
+layer and step, is never built.
 """
 
 import dataclasses
@@ -51,6 +56,36 @@ def _transposed_source(b_value):
     return None
 
 
+_COLLAPSE_BATCH = "[[0, 1], [2], [3]]"
+
+
+def _concat_parts(value, reassociation):
+    """The parts of `value` (B or Bt as the kernel reads it, or its 4-D source collapsed by
+    `reassociation`) when it is a tensor.concat along its rows, each as a 3-D tensor built
+    before `value`'s user; else None."""
+    op = irutil.defining_op(value)
+    if reassociation is None and op is not None and op.name == "tensor.collapse_shape" \
+            and str(op.attributes["reassociation"]) == _COLLAPSE_BATCH:
+        reassociation = op.attributes["reassociation"]
+        op = irutil.defining_op(op.operands[0])
+    if op is None or op.name != "tensor.concat":
+        return None
+    rank = ir.RankedTensorType(op.results[0].type).rank
+    if ir.IntegerAttr(op.attributes["dim"]).value != rank - 2 or rank != (4 if reassociation is not None else 3):
+        return None
+    shapes = [_shape(v) for v in op.operands]
+    if None in shapes:
+        return None
+    return list(op.operands), shapes, reassociation
+
+
+def _collapsed(value, shape, reassociation):
+    if reassociation is None:
+        return value
+    return ir.Operation.create("tensor.collapse_shape", results=[irutil.tensor_type(
+        [shape[0] * shape[1]] + shape[2:], "f32")], operands=[value], attributes={"reassociation": reassociation}).result
+
+
 @register
 class CpuVectorizeContractions(QccPass):
     name = "cpu-vectorize-contractions"
@@ -74,22 +109,28 @@ class CpuVectorizeContractions(QccPass):
                 nb, m, k = sa
                 n = sc[2]
                 src = _transposed_source(b)
-                kname = f"qcc_cpu_bmm_{'dot' if src else 'axpy'}_{nb}x{m}x{n}x{k}"
+                operand_b, reassociation = src if src is not None else (b, None)
+                split = _concat_parts(operand_b, reassociation)
+                if split is not None:
+                    operands_b, shapes, reassociation = split
+                    parts = tuple(shape[-2] for shape in shapes)
+                else:
+                    operands_b, shapes, parts = [operand_b], [_shape(operand_b)], None
+                kname = f"qcc_cpu_bmm_{'dot' if src else 'axpy'}_{nb}x{m}x{n}x{k}" + \
+                    (f"_parts{'_'.join(map(str, parts))}" if parts else "")
                 if kname not in defined:
                     irutil.append_functions(module, kernels.batch_matmul(
-                        kname, nb, m, n, k, self.options.lanes, src is not None, self.options.threads), defined)
+                        kname, nb, m, n, k, self.options.lanes, src is not None, self.options.threads, parts),
+                        defined)
                 with ir.InsertionPoint(op), op.location:
-                    operand_b = b
-                    if src is not None:
-                        operand_b, reassociation = src
-                        if reassociation is not None:
-                            operand_b = ir.Operation.create(
-                                "tensor.collapse_shape", results=[irutil.tensor_type([nb, n, k], "f32")],
-                                operands=[operand_b], attributes={"reassociation": reassociation}).result
-                    call = ir.Operation.create("func.call", results=[op.results[0].type], operands=[a, operand_b],
+                    operands_b = [_collapsed(v, shape, reassociation) for v, shape in zip(operands_b, shapes)]
+                    call = ir.Operation.create("func.call", results=[op.results[0].type], operands=[a, *operands_b],
                                                attributes={"callee": ir.FlatSymbolRefAttr.get(kname)}).result
                 op.results[0].replace_all_uses_with(call)
+                old_operands = list(op.operands)
                 op.erase()
+                for v in old_operands:  # e.g. the transpose and the concatenation B no longer needs
+                    irutil.erase_dead_producers(v)
 
     @staticmethod
     def _has_custom_maps(op) -> bool:

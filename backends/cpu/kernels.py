@@ -513,18 +513,31 @@ def qlinear(name: str, lay: PanelLayout, cfg: KernelConfig, static_m: int | None
     return entry + "".join(generators[v](f"{name}__{v}", lay, cfg) for v in variants)
 
 
-def batch_matmul(name: str, b: int, m: int, n: int, k: int, lanes: int, transposed_b: bool, threads: bool) -> str:
+def batch_matmul(name: str, b: int, m: int, n: int, k: int, lanes: int, transposed_b: bool, threads: bool,
+                 parts: tuple[int, ...] | None = None) -> str:
     """f32 C[b, i, j] = sum_k A[b, i, k] * B[b, k, j] as vector code (attention's matmuls).
 
     transposed_b: B is given as Bt[b, j, k] (the source of a transpose the caller
     folded away), so both operands stream along k: a dot product per (i, j).
     Otherwise rows of C accumulate a[b, i, k] * B[b, k, :] (vector axpy along j).
     Threads over the b * m rows of C.
+
+    parts: B arrives as separate tensors stacked along its rows (j for Bt, k for
+    B) of these sizes, as a concatenation would have stacked them (a KV cache and the
+    step's new key / value): each is read where it lies, so the concatenation is never
+    built, and the arithmetic is the same, in the same order, as on the stacked B.
+    B's memrefs take any strides but a unit innermost one (a slice of a larger cache
+    needs no copy).
     """
+    rows_total = n if transposed_b else k
+    parts = tuple(parts) if parts else (rows_total,)
+    if sum(parts) != rows_total:
+        raise ValueError(f"parts {parts} do not add up to {rows_total} rows of B")
     t = MlirText()
     vf = f"vector<{lanes}xf32>"
-    bshape = f"{b}x{n}x{k}" if transposed_b else f"{b}x{k}x{n}"
-    aty, bty, cty = f"memref<{b}x{m}x{k}xf32>", f"memref<{bshape}xf32>", f"memref<{b}x{m}x{n}xf32>"
+    bshape = [f"{b}x{p}x{k}" if transposed_b else f"{b}x{p}x{n}" for p in parts]
+    aty, cty = f"memref<{b}x{m}x{k}xf32>", f"memref<{b}x{m}x{n}xf32>"
+    btys = [f"memref<{s}xf32, strided<[?, ?, 1], offset: ?>>" for s in bshape]
     t.op("%c0 = arith.constant 0 : index")
     t.op("%c1 = arith.constant 1 : index")
     t.op(f"%cm = arith.constant {m} : index")
@@ -533,41 +546,52 @@ def batch_matmul(name: str, b: int, m: int, n: int, k: int, lanes: int, transpos
     t.op("%bi = arith.divui %r, %cm : index")
     t.op("%i = arith.remui %r, %cm : index")
     kv = t.idx(lanes)
-    if transposed_b:
-        t.open(f"scf.for %j = %c0 to {t.idx(n)} step %c1 {{")
-        acc = t.v(f"scf.for %kk = %c0 to {t.idx(k)} step {kv} iter_args(%acc = %zv) -> ({vf}) {{")
-        t.indent += 2
-        av = t.v(f"vector.transfer_read %a[%bi, %i, %kk], %pad : {aty}, {vf}")
-        bv = t.v(f"vector.transfer_read %b[%bi, %j, %kk], %pad : {bty}, {vf}")
-        t.op(f"scf.yield {t.v(f'vector.fma {av}, {bv}, %acc : {vf}')} : {vf}")
-        t.close()
-        s = t.v(f"vector.reduction <add>, {acc} : {vf} into f32")
-        t.op(f"memref.store {s}, %c[%bi, %i, %j] : {cty}")
-        t.close()
-    else:
+    if not transposed_b:
         t.open(f"scf.for %j = %c0 to {t.idx(n)} step {kv} {{")
         t.op(f"vector.transfer_write %zv, %c[%bi, %i, %j] : {vf}, {cty}")
         t.close()
-        t.open(f"scf.for %kk = %c0 to {t.idx(k)} step %c1 {{")
-        a = t.v(f"memref.load %a[%bi, %i, %kk] : {aty}")
-        ab = t.v(f"vector.broadcast {a} : f32 to {vf}")
-        t.open(f"scf.for %j = %c0 to {t.idx(n)} step {kv} {{")
-        bv = t.v(f"vector.transfer_read %b[%bi, %kk, %j], %pad : {bty}, {vf}")
-        cv = t.v(f"vector.transfer_read %c[%bi, %i, %j], %pad : {cty}, {vf}")
-        t.op(f"vector.transfer_write {t.v(f'vector.fma {ab}, {bv}, {cv} : {vf}')}, %c[%bi, %i, %j] : {vf}, {cty}")
-        t.close()
-        t.close()
-    params = f"%a: {aty}, %b: {bty}, %c: {cty}"
+    start = 0
+    for p, (rows, bty) in enumerate(zip(parts, btys)):
+        if transposed_b:
+            t.open(f"scf.for %j{p} = %c0 to {t.idx(rows)} step %c1 {{")
+            acc = t.v(f"scf.for %kk = %c0 to {t.idx(k)} step {kv} iter_args(%acc = %zv) -> ({vf}) {{")
+            t.indent += 2
+            av = t.v(f"vector.transfer_read %a[%bi, %i, %kk], %pad : {aty}, {vf}")
+            bv = t.v(f"vector.transfer_read %b{p}[%bi, %j{p}, %kk], %pad : {bty}, {vf}")
+            t.op(f"scf.yield {t.v(f'vector.fma {av}, {bv}, %acc : {vf}')} : {vf}")
+            t.close()
+            s = t.v(f"vector.reduction <add>, {acc} : {vf} into f32")
+            j = t.v(f"arith.addi %j{p}, {t.idx(start)} : index")
+            t.op(f"memref.store {s}, %c[%bi, %i, {j}] : {cty}")
+            t.close()
+        else:
+            t.open(f"scf.for %kk{p} = %c0 to {t.idx(rows)} step %c1 {{")
+            kk = t.v(f"arith.addi %kk{p}, {t.idx(start)} : index")
+            a = t.v(f"memref.load %a[%bi, %i, {kk}] : {aty}")
+            ab = t.v(f"vector.broadcast {a} : f32 to {vf}")
+            t.open(f"scf.for %j = %c0 to {t.idx(n)} step {kv} {{")
+            bv = t.v(f"vector.transfer_read %b{p}[%bi, %kk{p}, %j], %pad : {bty}, {vf}")
+            cv = t.v(f"vector.transfer_read %c[%bi, %i, %j], %pad : {cty}, {vf}")
+            t.op(f"vector.transfer_write {t.v(f'vector.fma {ab}, {bv}, {cv} : {vf}')}, %c[%bi, %i, %j] : {vf}, {cty}")
+            t.close()
+            t.close()
+        start += rows
+    bparams = ", ".join(f"%b{p}: {ty}" for p, ty in enumerate(btys))
+    bargs = ", ".join(f"%b{p}" for p in range(len(parts)))
+    params = f"%a: {aty}, {bparams}, %c: {cty}"
+    tys = ", ".join([aty] + btys + [cty])
+    entry_params = ", ".join(f"%bt{p}: tensor<{s}xf32>" for p, s in enumerate(bshape))
+    to_buffers = "".join(f"  %b{p} = bufferization.to_buffer %bt{p} read_only : tensor<{s}xf32> to {ty}\n"
+                         for p, (s, ty) in enumerate(zip(bshape, btys)))
     loop = "scf.parallel (%r) = (%z) to (%rows) step (%one)" if threads else "scf.for %r = %z to %rows step %one"
-    return f"""func.func private @{name}(%at: tensor<{b}x{m}x{k}xf32>, %bt: tensor<{bshape}xf32>) -> tensor<{b}x{m}x{n}xf32> {{
+    return f"""func.func private @{name}(%at: tensor<{b}x{m}x{k}xf32>, {entry_params}) -> tensor<{b}x{m}x{n}xf32> {{
   %z = arith.constant 0 : index
   %one = arith.constant 1 : index
   %rows = arith.constant {b * m} : index
   %a = bufferization.to_buffer %at read_only : tensor<{b}x{m}x{k}xf32> to {aty}
-  %b = bufferization.to_buffer %bt read_only : tensor<{bshape}xf32> to {bty}
-  %c = memref.alloc() {{alignment = 64 : i64}} : {cty}
+{to_buffers}  %c = memref.alloc() {{alignment = 64 : i64}} : {cty}
   {loop} {{
-    func.call @{name}_row(%r, %a, %b, %c) {{no_inline}} : (index, {aty}, {bty}, {cty}) -> ()
+    func.call @{name}_row(%r, %a, {bargs}, %c) {{no_inline}} : (index, {tys}) -> ()
   }}
   %ct = bufferization.to_tensor %c restrict writable : {cty} to tensor<{b}x{m}x{n}xf32>
   return %ct : tensor<{b}x{m}x{n}xf32>

@@ -164,3 +164,37 @@ def test_attention_matmuls_match_torch(seq, dim):
     expect = Attention()(q.double(), k.double(), v.double()).numpy()
     got = compiled(q, k, v).numpy()
     assert np.abs(got - expect).max() / np.abs(expect).max() < 1e-5
+
+
+@pytest.mark.parametrize("layer,cache,dim", [(1, 33, 20), (0, 16, 64)])
+def test_attention_over_a_concatenated_kv_cache(tmp_path, layer, cache, dim):
+    """Decode attention over torch.cat([cache[layer], new], dim=2): the kernels read the cache
+    slice and the new key / value where they lie (no concatenation is built: no float buffer
+    of the concatenated size in any backend stage) and match torch in float64."""
+    import torch
+
+    import qcc
+
+    class CachedAttention(torch.nn.Module):
+        def forward(self, q, k_cache, v_cache, k, v):
+            keys = torch.cat([k_cache[layer], k], dim=2)
+            values = torch.cat([v_cache[layer], v], dim=2)
+            p = torch.softmax(torch.matmul(q, keys.transpose(-2, -1)) * dim ** -0.5, dim=-1)
+            return torch.matmul(p, values)
+
+    g = torch.Generator().manual_seed(cache + dim)
+    heads = 3
+    q, k, v = (torch.randn(1, heads, 1, dim, generator=g) for _ in range(3))
+    k_cache, v_cache = (torch.randn(2, 1, heads, cache, dim, generator=g) for _ in range(2))
+    args = (q, k_cache, v_cache, k, v)
+    dump = tmp_path / "ir"
+    compiled = qcc.compile(CachedAttention(), args, dump_dir=str(dump))
+    expect = CachedAttention()(*(a.double() for a in args)).numpy()
+    got = compiled(*args).numpy()
+    assert np.abs(got - expect).max() / np.abs(expect).max() < 1e-5
+    selected = (dump / next(p for p in sorted(os.listdir(dump)) if "select-kernels" in p)).read_text()
+    assert f"_parts{cache}_1(" in selected
+    concatenated = f"{heads}x{cache + 1}x{dim}xf32"
+    for stage in sorted(os.listdir(dump)):
+        if re.search(r"bufferize|to-llvm", stage):
+            assert concatenated not in (dump / stage).read_text(), f"{stage} builds the concatenation"
