@@ -1,7 +1,8 @@
 """qcc bench: qcc's CPU code against PyTorch on the same machine, in the same process.
 
     qcc bench linear [--json] [--quick] [--shapes KxN,...] [--m 1,16,128] [--recipes ...]
-    qcc bench model  [--json] [--quick]
+    qcc bench model  [--json] [--quick] [--recipes ...]   (default w4a16-g128; int8-activation
+                     recipes add torch's quantize_dynamic of the same model as a baseline)
     python -m qcc.tools.bench linear ...
 
 Every case runs qcc and its baselines in turn (interleaved repetitions, so a
@@ -13,6 +14,7 @@ is its weight bytes / that bandwidth.
 """
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -268,6 +270,10 @@ def bench_model(args, emit) -> None:
                     compiled_torch(*inputs)
                     tc_compile_s = time.perf_counter() - t0
                     fns["torch.compile fp32"] = lambda i: compiled_torch(*inputs)
+                if recipe in ("w8a8", "w4a8-g128"):  # the integer path: torch's int8 x int8 dynamic linears
+                    qdyn = torch.ao.quantization.quantize_dynamic(copy.deepcopy(module), {torch.nn.Linear},
+                                                                  torch.qint8)
+                    fns["torch qdynamic int8"] = lambda i: qdyn(*inputs)
                 med = interleaved(fns, args.budget * (2 if case == "prefill" else 1), min_reps=3, max_reps=30)
             nbytes = compiled.weight_bytes()
             rec = {"suite": "model", "case": case, "recipe": recipe, "tokens": tokens,
@@ -310,7 +316,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a smoke run: small shapes, few repetitions")
     p.add_argument("--shapes", help="comma-separated KxN (default: 4096x4096,4096x11008,11008x4096)")
     p.add_argument("--m", help="comma-separated token counts M (default: 1,16,128)")
-    p.add_argument("--recipes", help=f"comma-separated recipes (default: {','.join(RECIPES)})")
+    p.add_argument("--recipes", help=f"comma-separated recipes (default: linear {','.join(RECIPES)}; "
+                                     "model w4a16-g128)")
     p.add_argument("--budget", type=float, default=None, help="seconds of repetitions per case")
     p.add_argument("--no-torch-compile", action="store_true", help="model: skip the torch.compile baseline")
     p.add_argument("--target", choices=["cpu", "cuda"], default="cpu",
@@ -394,8 +401,8 @@ def run(args) -> int:
     args.shapes = ([tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")] if args.shapes
                    else [(256, 512)] if args.quick else LINEAR_SHAPES)
     args.m = [int(v) for v in args.m.split(",")] if args.m else ([1, 16] if args.quick else LINEAR_M)
+    args.model_recipes = args.recipes.split(",") if args.recipes else ["w4a16-g128"]
     args.recipes = args.recipes.split(",") if args.recipes else (["w4a16-g128"] if args.quick else RECIPES)
-    args.model_recipes = ["w4a16-g128"]
     args.budget = args.budget if args.budget is not None else (0.05 if args.quick else 1.0)
     args.bw_bytes = (64 << 20) if args.quick else (512 << 20)
     if args.quick:
