@@ -107,6 +107,10 @@ class IntLayout:
             raise IntLayoutError(f"{fmt.key()}: unsigned int8 codes have no integer kernel")
         if self.dot == "avx2" and fmt.bits == 8 and self.grouped:
             raise IntLayoutError(f"{fmt.key()}: grouped int8 weights have no integer kernel")
+        # i32 sums over a group: weight codes up to 15 (int4), 255 (unsigned int8) or 127, activations |x| <= 128
+        max_code = 15 if fmt.bits == 4 else 255 if self.unsigned_codes else 127
+        if max_code * 128 * self.group >= 2 ** 31:
+            raise IntLayoutError(f"{fmt.key()}: K={self.k} could overflow the i32 sums")
         if self.grouped and (self.group % UNIT or self.k % self.group):
             raise IntLayoutError(f"{fmt.key()}: group size {self.group} is not a multiple of {UNIT} dividing K={self.k}")
 

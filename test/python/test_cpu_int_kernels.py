@@ -295,3 +295,12 @@ def test_no_float_copy_of_a_weight_and_integer_instructions(tmp_path, dot):
     text = subprocess.run(["objdump", "-d", str(lib)], capture_output=True, text=True, check=True).stdout
     gemm = text[text.index("__gemm_body>:"):]
     assert re.search(r"\bvp(maddubsw|dpbusd)\b", gemm[:gemm.index("\n\n")])
+
+
+def test_sums_that_could_overflow_i32_have_no_kernel():
+    """255 * 128 * K must stay below 2^31 for vnni's unsigned int8 codes (K < 65794); avx2's
+    signed codes allow twice that, int4 nibbles far more."""
+    with pytest.raises(int_pack.IntLayoutError, match="overflow"):
+        int_pack.IntLayout("int8_sym_channel", 8, 65824, dot="vnni").check()
+    int_pack.IntLayout("int8_sym_channel", 8, 65824, dot="avx2").check()
+    int_pack.IntLayout("int4_asym_channel", 8, 65824, dot="vnni").check()
