@@ -138,6 +138,8 @@ def compile(model, example_inputs=None, *, target: str = "cpu", quant: str | Non
     run("bufferize", lowering.BUFFERIZE)
     with ctx:
         lowering.outline_loop_nests(module)
+        if openmp is not None and os.environ.get("QCC_CPU_PARALLEL_NESTS", "1") != "0":
+            lowering.parallelize_nests(module)
     run("to-llvm", lowering.TO_LLVM)
     prog.stage("codegen")
     with tempfile.TemporaryDirectory() as tmp:

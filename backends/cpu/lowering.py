@@ -54,6 +54,8 @@ BUFFERIZE = [
     "buffer-results-to-out-params{hoist-static-allocs=true modify-public-functions=true}",
     "buffer-deallocation-pipeline",
     "canonicalize",
+    # transposes and fills as linalg.generic: parallelize_nests splits generics
+    "func.func(linalg-generalize-named-ops)",
 ]
 
 TO_LLVM = [
@@ -232,6 +234,145 @@ def outline_loop_nests(module: ir.Module, entry: str = "main") -> int:
         else:
             outlined[key] = name
     return len(outlined)
+
+
+def parallelize_nests(module: ir.Module, entry: str = "main", min_iterations: int = 1 << 16,
+                      chunks: int = 16) -> int:
+    """Runs the large elementwise / row-reduction nests outline_loop_nests made on all threads:
+    returns how many.
+
+    A nest (one linalg.generic) qualifies when it has at least `min_iterations` points and a
+    parallel loop d that every operand either ignores or indexes by d alone in one position
+    (RMSNorm's rows, softmax's heads, SwiGLU's tokens).  Its function then takes a range of
+    d ([r0, r0 + size)) and runs on subviews of those operands; a wrapper runs `chunks`
+    ranges in an scf.parallel (OpenMP threads), the call sites call the wrapper.  Decode's
+    nests (a few thousand points) stay serial: a fork costs more than they do.
+    """
+    body = module.body
+    funcs = {ir.StringAttr(op.attributes["sym_name"]).value: op for op in body.operations
+             if op.operation.name == "func.func"}
+    done = 0
+    for name, fn in funcs.items():
+        if not name.startswith(f"{entry}_nest"):
+            continue
+        ops = [op.operation for op in fn.regions[0].blocks[0].operations]
+        nests = [op for op in ops if op.name not in ("arith.constant", "func.return")]
+        if len(nests) != 1 or nests[0].name != "linalg.generic":
+            continue
+        split = _split_loop(nests[0], min_iterations)
+        if split is None:
+            continue
+        _take_range(fn, nests[0], *split)
+        extent = split[1]
+        step = -(-extent // min(chunks, extent))
+        arg_types = [str(a.type) for a in fn.regions[0].blocks[0].arguments][:-2]
+        params = ", ".join(f"%a{i}: {t}" for i, t in enumerate(arg_types))
+        args = ", ".join(f"%a{i}" for i in range(len(arg_types)))
+        wrapper = (f"func.func private @{name}_par({params}) {{\n"
+                   f"  %c0 = arith.constant 0 : index\n  %c1 = arith.constant 1 : index\n"
+                   f"  %n = arith.constant {-(-extent // step)} : index\n"
+                   f"  %step = arith.constant {step} : index\n  %extent = arith.constant {extent} : index\n"
+                   f"  scf.parallel (%i) = (%c0) to (%n) step (%c1) {{\n"
+                   f"    %r0 = arith.muli %i, %step : index\n"
+                   f"    %left = arith.subi %extent, %r0 : index\n"
+                   f"    %size = arith.minui %step, %left : index\n"
+                   f"    func.call @{name}({args}{', ' if args else ''}%r0, %size) : "
+                   f"({', '.join(arg_types + ['index', 'index'])}) -> ()\n"
+                   f"  }}\n  return\n}}\n")
+        # the nest's declaration lets the wrapper parse on its own; `defined` drops it again
+        declaration = f"func.func private @{name}({', '.join(arg_types + ['index', 'index'])})\n"
+        irutil.append_functions(module.operation, declaration + wrapper, {name})
+        for call in irutil.walk(funcs[entry], "func.call"):
+            if ir.FlatSymbolRefAttr(call.attributes["callee"]).value == name:
+                call.attributes["callee"] = ir.FlatSymbolRefAttr.get(f"{name}_par")
+        done += 1
+    return done
+
+
+def _split_loop(op, min_iterations: int):
+    """(loop d, its extent, per operand the position indexed by d or None) of a linalg.generic
+    on static memrefs that parallelize_nests may split, else None."""
+    maps = [ir.AffineMapAttr(m).value for m in ir.ArrayAttr(op.attributes["indexing_maps"])]
+    iterators = [str(a) for a in ir.ArrayAttr(op.attributes["iterator_types"])]
+    shapes = []
+    for v in op.operands:
+        t = _memref_type(v.type)
+        if t is None or not t.has_static_shape:
+            return None
+        shapes.append(list(t.shape))
+    extents = {}
+    for m, shape in zip(maps, shapes):
+        for e, size in zip(m.results, shape):
+            if _dim_position(e) is not None:
+                extents[_dim_position(e)] = size
+    if len(extents) != len(iterators):
+        return None
+    total = 1
+    for size in extents.values():
+        total *= size
+    if total < min_iterations:
+        return None
+    for d, kind in enumerate(iterators):
+        if "parallel" not in kind or extents[d] < 2:
+            continue
+        positions = []
+        for m in maps:
+            uses = [i for i, e in enumerate(m.results) if re.search(rf"\bd{d}\b", str(e))]
+            if not uses:
+                positions.append(None)
+            elif len(uses) == 1 and _dim_position(m.results[uses[0]]) == d:
+                positions.append(uses[0])
+            else:
+                break
+        else:
+            return d, extents[d], positions
+    return None
+
+
+def _memref_type(t):
+    try:
+        return ir.MemRefType(t)
+    except ValueError:
+        return None
+
+
+def _dim_position(expr) -> int | None:
+    """d of an affine expression that is exactly the loop dimension d, else None."""
+    try:
+        return ir.AffineDimExpr(expr).position
+    except ValueError:
+        return None
+
+
+def _take_range(fn, op, d: int, extent: int, positions: list) -> None:
+    """Gives `fn` two trailing index arguments (r0, size) and makes `op` read and write only
+    [r0, r0 + size) of its loop d (subviews of the operands indexed by d)."""
+    block = fn.regions[0].blocks[0]
+    index = ir.IndexType.get()
+    r0, size = block.add_argument(index, op.location), block.add_argument(index, op.location)
+    ftype = ir.FunctionType(ir.TypeAttr(fn.attributes["function_type"]).value)
+    fn.attributes["function_type"] = ir.TypeAttr.get(ir.FunctionType.get(list(ftype.inputs) + [index, index], []))
+    dyn = ir.ShapedType.get_dynamic_size()
+    dyn_stride = ir.ShapedType.get_dynamic_stride_or_offset()
+    with ir.InsertionPoint(op), op.location:
+        for i, pos in enumerate(positions):
+            if pos is None:
+                continue
+            src = op.operands[i]
+            t = ir.MemRefType(src.type)
+            strides, _ = t.get_strides_and_offset()
+            dims = ["?" if j == pos else str(n) for j, n in enumerate(t.shape)]
+            layout = ", ".join("?" if s == dyn_stride else str(s) for s in strides)
+            result = ir.Type.parse(f"memref<{'x'.join(dims)}x{t.element_type}, strided<[{layout}], offset: ?>>")
+            rank = t.rank
+            sub = ir.Operation.create(
+                "memref.subview", results=[result], operands=[src, r0, size],
+                attributes={"static_offsets": ir.DenseI64ArrayAttr.get([dyn if j == pos else 0 for j in range(rank)]),
+                            "static_sizes": ir.DenseI64ArrayAttr.get([dyn if j == pos else n
+                                                                      for j, n in enumerate(t.shape)]),
+                            "static_strides": ir.DenseI64ArrayAttr.get([1] * rank),
+                            "operandSegmentSizes": ir.DenseI32ArrayAttr.get([1, 1, 1, 0])}).result
+            op.operands[i] = sub
 
 
 def _defining_name(value) -> str | None:

@@ -145,3 +145,65 @@ def test_failed_stage_repro_is_the_stage_input(tmp_path):
     assert "arith.addi" in saved and "loc(" in saved  # the input, with locations, not the folded IR
     proc = subprocess.run(cmd, shell=True, capture_output=True, text=True)
     assert proc.returncode != 0 and "op was not bufferized" in proc.stderr
+
+
+_M3 = "memref<40x33xf32>"
+# out[i, j] = a[i, j] * w[j] + bt[j, i] (a broadcast operand, a transposed one), and row sums
+PARALLEL_ENTRY = f"""
+func.func @main(%a: {_M3}, %w: memref<33xf32>, %bt: memref<33x40xf32>, %o: {_M3}, %s: memref<40xf32>) {{
+    linalg.generic {{indexing_maps = [affine_map<(d0, d1) -> (d0, d1)>, affine_map<(d0, d1) -> (d1)>,
+                                      affine_map<(d0, d1) -> (d1, d0)>, affine_map<(d0, d1) -> (d0, d1)>],
+                     iterator_types = ["parallel", "parallel"]}}
+        ins(%a, %w, %bt : {_M3}, memref<33xf32>, memref<33x40xf32>) outs(%o : {_M3}) {{
+    ^bb0(%x: f32, %y: f32, %z: f32, %out: f32):
+      %m = arith.mulf %x, %y : f32
+      %r = arith.addf %m, %z : f32
+      linalg.yield %r : f32
+    }}
+    linalg.generic {{indexing_maps = [affine_map<(d0, d1) -> (d0, d1)>, affine_map<(d0, d1) -> (d0)>],
+                     iterator_types = ["parallel", "reduction"]}}
+        ins(%a : {_M3}) outs(%s : memref<40xf32>) {{
+    ^bb0(%x: f32, %acc: f32):
+      %r = arith.addf %x, %acc : f32
+      linalg.yield %r : f32
+    }}
+    return
+}}
+"""
+
+
+def test_parallelized_nests_run_in_chunks(tmp_path):
+    """Nests above the size threshold run over ranges of one parallel loop in an scf.parallel
+    (here 40 rows in chunks of 3, the last of 1); results equal numpy's."""
+    from qcc.backends.cpu import host
+
+    openmp = host.openmp_runtime()
+    if openmp is None:
+        pytest.skip("no OpenMP runtime")
+    ctx = make_context()
+    with ctx:
+        module = ir.Module.parse(PARALLEL_ENTRY)
+        lowering.outline_loop_nests(module)
+        assert lowering.parallelize_nests(module, min_iterations=40 * 33) == 2
+        smaller = ir.Module.parse(PARALLEL_ENTRY)
+        lowering.outline_loop_nests(smaller)
+        assert lowering.parallelize_nests(smaller, min_iterations=40 * 33 + 1) == 0  # below the threshold
+        module.operation.verify()
+        funcs = _names(module)
+        wrappers = [f for n, f in funcs.items() if n.endswith("_par")]
+        assert len(wrappers) == 2 and all([op for op in walk(f) if op.name == "scf.parallel"] for f in wrappers)
+        assert {str(c.attributes["callee"]) for c in walk(funcs["main"]) if c.name == "func.call"} == \
+            {f"@{n}" for n in funcs if n.endswith("_par")}
+        assert [op for op in walk(funcs["main_nest0"]) if op.name == "memref.subview"]
+        lowering.mark_entry(module)
+    run_pipeline(module, lowering.TO_LLVM, Session(None), "to-llvm")
+    so = str(tmp_path / "lib.so")
+    with ctx:
+        lowering.emit_shared_library(module, so, openmp=openmp)
+    rng = np.random.default_rng(1)
+    a, w, bt = (rng.standard_normal(s, dtype=np.float32) for s in ((40, 33), (33,), (33, 40)))
+    o, s = np.full((40, 33), np.nan, np.float32), np.zeros(40, np.float32)
+    host.load_openmp(openmp["soname"])
+    CpuLibrary(so).call([a, w, bt, o, s], [])
+    np.testing.assert_array_equal(o, a * w + bt.T)
+    np.testing.assert_allclose(s, a.sum(1), rtol=1e-5)
