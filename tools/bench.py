@@ -379,13 +379,20 @@ def markdown(records: list) -> str:
     mod = [r for r in records if r.get("suite") == "model" and "case" in r and "qcc_ms" in r]
     if mod:
         out.append("\n| case | recipe | tokens | qcc ms | qcc tok/s | eager fp32 tok/s | torch.compile fp32 tok/s "
-                   "| vs eager | vs torch.compile | floor ms | qcc compile s | torch.compile s |")
-        out.append("|" + "---|" * 12)
+                   "| torch qdynamic int8 tok/s | vs eager | vs torch.compile | vs torch qdynamic int8 | floor ms "
+                   "| qcc compile s | torch.compile s |")
+        out.append("|" + "---|" * 14)
+
+        def cell(d, name, form):
+            return form.format(d[name]) if name in d else ""
+
         for r in mod:
             bt, sp = r["baselines_tokens_per_s"], r["speedup"]
             out.append(f"| {r['case']} | {r['recipe']} | {r['tokens']} | {r['qcc_ms']:.2f} | {r['tokens_per_s']:.1f} "
-                       f"| {bt.get('torch eager fp32', 0):.1f} | {bt.get('torch.compile fp32', 0):.1f} "
-                       f"| {sp.get('torch eager fp32', 0):.2f}x | {sp.get('torch.compile fp32', 0):.2f}x "
+                       f"| {cell(bt, 'torch eager fp32', '{:.1f}')} | {cell(bt, 'torch.compile fp32', '{:.1f}')} "
+                       f"| {cell(bt, 'torch qdynamic int8', '{:.1f}')} "
+                       f"| {cell(sp, 'torch eager fp32', '{:.2f}x')} | {cell(sp, 'torch.compile fp32', '{:.2f}x')} "
+                       f"| {cell(sp, 'torch qdynamic int8', '{:.2f}x')} "
                        f"| {r['floor_ms']:.2f} | {r['compile_s']:.1f} | {r.get('torch_compile_s', '')} |")
     return "\n".join(out) + "\n"
 
