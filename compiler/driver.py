@@ -126,7 +126,7 @@ def compile(model, example_inputs=None, *, target: str = "cpu", quant: str | Non
 
         return compile_cuda(module=module, ctx=ctx, session=session, run=run, prog=prog, imported=imported,
                             recipe=recipe, gpu_arch=gpu_arch, gpu_activations=gpu_activations)
-    from qcc.backends.cpu import host, lowering
+    from qcc.backends.cpu import expand_math, host, lowering
 
     cpu_features, openmp = host.features(), host.openmp_runtime()
     run("select-kernels", lowering.select_kernels(cpu_features, openmp))
@@ -140,6 +140,7 @@ def compile(model, example_inputs=None, *, target: str = "cpu", quant: str | Non
         lowering.outline_loop_nests(module)
         if openmp is not None and os.environ.get("QCC_CPU_PARALLEL_NESTS", "1") != "0":
             lowering.parallelize_nests(module)
+        expand_math.expand_exp(module)
     run("to-llvm", lowering.TO_LLVM)
     prog.stage("codegen")
     with tempfile.TemporaryDirectory() as tmp:
