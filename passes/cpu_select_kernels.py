@@ -8,7 +8,9 @@ becomes a call of `@qcc_cpu_qlinear_<format>_<K>x<N>_v<V>` (backends/cpu/
 kernels.py): a GEMV with in-register int4/int8 decode for M < `gemm-min-m`,
 blocked GEMMs over dequantized tiles otherwise (dot-product tiles, broadcast
 tiles from M = `bcast-min-m`), chosen at run time on M, or at compile time
-when M is static.
+when M is static.  With `bf16` every variant reads x rounded to bf16 and the
+broadcast-tile GEMM becomes a vdpbf16ps one (AVX512-BF16) where each block of K
+lies in one group.
 Ops it does not handle (quantized activations, group sizes that do not tile,
 non-parameter weights) are left to the reference lowering.
 """
@@ -33,6 +35,7 @@ class CpuSelectKernels(QccPass):
         gemm_min_m: int = 4     # M at and above which the blocked GEMM runs
         bcast_min_m: int = 32   # M at and above which its broadcast-tile variant runs
         threads: bool = True    # scf.parallel (OpenMP) over panels
+        bf16: bool = False      # x rounded to bf16; vdpbf16ps GEMM from bcast-min-m rows (AVX512-BF16)
 
     def run(self, module):
         from qcc.backends.cpu import host, kernels
@@ -40,7 +43,7 @@ class CpuSelectKernels(QccPass):
 
         lanes = self.options.lanes or host.features()["lanes"]
         cfg = kernels.KernelConfig(gemm_min_m=self.options.gemm_min_m, bcast_min_m=self.options.bcast_min_m,
-                                   threads=self.options.threads)
+                                   threads=self.options.threads, bf16_activations=self.options.bf16)
         defined = set()
         selected = self.session.options.setdefault("cpu_kernels", {})
         for func in irutil.functions(module):
@@ -75,9 +78,9 @@ class CpuSelectKernels(QccPass):
         args, new_names = kernel_calls.add_packed_params(store, sig, src["codes"], f"panels{lay.rows}x{lay.lanes}",
                                                          {role: arrays[role] for role in roles})
         # a static M needs one kernel: less code to compile than the dispatch over three
-        variant = cfg.variant(static_m) if static_m is not None else "dispatch"
+        variant = cfg.variant(static_m, lay) if static_m is not None else "dispatch"
         kname = f"qcc_cpu_qlinear_{lay.format_key}_{lay.k}x{lay.n}_v{lay.lanes}" + \
-            ("" if variant == "dispatch" else f"_{variant}")
+            ("_bf16" if cfg.bf16_activations else "") + ("" if variant == "dispatch" else f"_{variant}")
         if kname not in defined:
             irutil.append_functions(module, kernels.qlinear(kname, lay, cfg, static_m), defined)
         kernel_calls.replace_with_call(op.result, op.operands[0], args, kname, lay.k, lay.n)

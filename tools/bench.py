@@ -86,7 +86,7 @@ def interleaved(fns: dict, budget_s: float, min_reps: int = 3, max_reps: int = 5
 class _Qcc:
     """A compiled nn.Linear(K, N) with a symbolic token dimension, called on weight copies."""
 
-    def __init__(self, recipe: str, k: int, n: int, min_total: int):
+    def __init__(self, recipe: str, k: int, n: int, min_total: int, cpu_activations: str = "fp32"):
         import numpy as np
         import torch
 
@@ -97,7 +97,8 @@ class _Qcc:
         t0 = time.perf_counter()
         self.compiled = qcc.compile(lin, (torch.randn(2, k),), quant=recipe,
                                     dynamic_shapes=({0: torch.export.Dim("tokens", min=1, max=4096)},),
-                                    calibration=[(torch.randn(64, k),)])  # for static scales
+                                    calibration=[(torch.randn(64, k),)],  # for static scales
+                                    cpu_activations=cpu_activations)
         self.compile_s = time.perf_counter() - t0
         self.runner = self.compiled._get_runner()
         args = self.compiled.manifest["entry"]["args"]
@@ -191,7 +192,7 @@ def bench_linear(args, emit) -> None:
                 emit({"suite": "linear", "recipe": recipe, "K": k, "N": n, "status": "n/a (recipe not available)"})
                 continue
             try:
-                q = _Qcc(recipe, k, n, min_total)
+                q = _Qcc(recipe, k, n, min_total, args.cpu_activations)
             except Exception as e:  # a recipe whose CPU lowering does not exist yet
                 emit({"suite": "linear", "recipe": recipe, "K": k, "N": n,
                       "status": f"n/a ({type(e).__name__}: {str(e).splitlines()[0][:120]})"})
@@ -210,7 +211,7 @@ def bench_linear(args, emit) -> None:
                 if m == max(args.m) and q.set_threads(1):
                     threads1 = interleaved({"qcc": q.fn(xn)}, args.budget / 2)["qcc"]
                     q.set_threads(os.cpu_count() or 1)
-                rec = {"suite": "linear", "recipe": recipe, "K": k, "N": n, "M": m,
+                rec = {"suite": "linear", "recipe": _label(recipe, args), "K": k, "N": n, "M": m,
                        "qcc_ms": round(med["qcc"] * 1e3, 4), "weight_bytes": q.nbytes,
                        "gbps": round(q.nbytes / med["qcc"] / 1e9, 2),
                        "bw_fraction": round(q.nbytes / med["qcc"] / 1e9 / bw, 3),
@@ -257,7 +258,7 @@ def bench_model(args, emit) -> None:
     for case, (module, inputs, tokens) in cases.items():
         for recipe in args.model_recipes:
             t0 = time.perf_counter()
-            compiled = qcc.compile(module, inputs, quant=recipe)
+            compiled = qcc.compile(module, inputs, quant=recipe, cpu_activations=args.cpu_activations)
             compile_s = time.perf_counter() - t0
             arrays = [x.numpy() for x in inputs]
             fns = {"qcc": lambda i: compiled.run(*arrays)}
@@ -270,13 +271,17 @@ def bench_model(args, emit) -> None:
                     compiled_torch(*inputs)
                     tc_compile_s = time.perf_counter() - t0
                     fns["torch.compile fp32"] = lambda i: compiled_torch(*inputs)
+                if args.cpu_activations == "bf16":  # the same rounding of x: torch in bf16
+                    module_bf16 = copy.deepcopy(module).to(torch.bfloat16)
+                    inputs_bf16 = [x.to(torch.bfloat16) if x.is_floating_point() else x for x in inputs]
+                    fns["torch eager bf16"] = lambda i: module_bf16(*inputs_bf16)
                 if recipe in ("w8a8", "w4a8-g128"):  # the integer path: torch's int8 x int8 dynamic linears
                     qdyn = torch.ao.quantization.quantize_dynamic(copy.deepcopy(module), {torch.nn.Linear},
                                                                   torch.qint8)
                     fns["torch qdynamic int8"] = lambda i: qdyn(*inputs)
                 med = interleaved(fns, args.budget * (2 if case == "prefill" else 1), min_reps=3, max_reps=30)
             nbytes = compiled.weight_bytes()
-            rec = {"suite": "model", "case": case, "recipe": recipe, "tokens": tokens,
+            rec = {"suite": "model", "case": case, "recipe": _label(recipe, args), "tokens": tokens,
                    "config": cfg or "4 layers, hidden 2048, ffn 5632, 16 heads, vocab 512",
                    "kv_cache": cache if case == "decode" else None,
                    "qcc_ms": round(med["qcc"] * 1e3, 3), "tokens_per_s": round(tokens / med["qcc"], 2),
@@ -288,6 +293,11 @@ def bench_model(args, emit) -> None:
             if tc_compile_s is not None:
                 rec["torch_compile_s"] = round(tc_compile_s, 2)
             emit(rec)
+
+
+def _label(recipe: str, args) -> str:
+    """The recipe as the tables name it: `w4a16-g128~bf16` with --cpu-activations bf16."""
+    return recipe if args.cpu_activations == "fp32" else f"{recipe}~{args.cpu_activations}"
 
 
 # -- output ---------------------------------------------------------------------
@@ -320,6 +330,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                      "model w4a16-g128)")
     p.add_argument("--budget", type=float, default=None, help="seconds of repetitions per case")
     p.add_argument("--no-torch-compile", action="store_true", help="model: skip the torch.compile baseline")
+    p.add_argument("--cpu-activations", default="fp32", choices=("fp32", "bf16"),
+                   help="qcc.compile's cpu_activations (bf16: the model suite adds torch eager in bf16)")
     p.add_argument("--target", choices=["cpu", "cuda"], default="cpu",
                    help="cuda: build the GEMV kernels here, then run tools/cuda_device_run.py's linear table "
                         "(needs a GPU and cuda-bindings)")
@@ -378,22 +390,18 @@ def markdown(records: list) -> str:
                 f"| {r['thread_scaling'] if 'thread_scaling' in r else ''} |")
     mod = [r for r in records if r.get("suite") == "model" and "case" in r and "qcc_ms" in r]
     if mod:
-        out.append("\n| case | recipe | tokens | qcc ms | qcc tok/s | eager fp32 tok/s | torch.compile fp32 tok/s "
-                   "| torch qdynamic int8 tok/s | vs eager | vs torch.compile | vs torch qdynamic int8 | floor ms "
-                   "| qcc compile s | torch.compile s |")
-        out.append("|" + "---|" * 14)
-
-        def cell(d, name, form):
-            return form.format(d[name]) if name in d else ""
-
+        names = [n for n in ("torch eager fp32", "torch.compile fp32", "torch eager bf16", "torch qdynamic int8")
+                 if any(n in r["baselines_ms"] for r in mod)]
+        out.append("\n| case | recipe | tokens | qcc ms | qcc tok/s | "
+                   + " | ".join(f"{n} tok/s" for n in names) + " | "
+                   + " | ".join(f"vs {n}" for n in names) + " | floor ms | qcc compile s | torch.compile s |")
+        out.append("|" + "---|" * (8 + 2 * len(names)))
         for r in mod:
             bt, sp = r["baselines_tokens_per_s"], r["speedup"]
-            out.append(f"| {r['case']} | {r['recipe']} | {r['tokens']} | {r['qcc_ms']:.2f} | {r['tokens_per_s']:.1f} "
-                       f"| {cell(bt, 'torch eager fp32', '{:.1f}')} | {cell(bt, 'torch.compile fp32', '{:.1f}')} "
-                       f"| {cell(bt, 'torch qdynamic int8', '{:.1f}')} "
-                       f"| {cell(sp, 'torch eager fp32', '{:.2f}x')} | {cell(sp, 'torch.compile fp32', '{:.2f}x')} "
-                       f"| {cell(sp, 'torch qdynamic int8', '{:.2f}x')} "
-                       f"| {r['floor_ms']:.2f} | {r['compile_s']:.1f} | {r.get('torch_compile_s', '')} |")
+            out.append(f"| {r['case']} | {r['recipe']} | {r['tokens']} | {r['qcc_ms']:.2f} | {r['tokens_per_s']:.1f} | "
+                       + " | ".join(f"{bt[n]:.1f}" if n in bt else "" for n in names) + " | "
+                       + " | ".join(f"{sp[n]:.2f}x" if n in sp else "" for n in names)
+                       + f" | {r['floor_ms']:.2f} | {r['compile_s']:.1f} | {r.get('torch_compile_s', '')} |")
     return "\n".join(out) + "\n"
 
 

@@ -59,6 +59,7 @@ def cmd_compile(args) -> int:
         calibration = [tuple(torch.from_numpy(a[j]) for a in arrays) for j in range(arrays[0].shape[0])]
     m = qcc.compile(args.model, example, target=args.target, quant=args.quant, calibration=calibration,
                     gpu_arch=args.gpu_arch, gpu_activations=args.gpu_activations,
+                    cpu_activations=args.cpu_activations,
                     allow_pickle=args.allow_pickle,
                     print_ir_after_all=args.print_ir_after_all, dump_dir=args.dump_dir, progress=not args.quiet and sys.stderr.isatty())
     m.save(args.output)
@@ -120,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cuda target, weight-only layers: fp32 (default; x enters the tensor cores as f16 "
                         "hi + lo halves, results as accurate as an fp32 matmul) or f16 (x and y rounded to "
                         "f16 as in torch fp16: half the tensor work at prefill)")
+    c.add_argument("--cpu-activations", default="fp32", choices=("fp32", "bf16"),
+                   help="cpu target, weight-only layers: fp32 (default; x as given) or bf16 (x rounded to "
+                        "bf16 as in torch bf16: vdpbf16ps GEMMs from 32 tokens, needs AVX512-BF16)")
     c.add_argument("--quant", default="float",
                    help="recipe name (float, w8a16, w4a16-g128, w8a8, w8a8-static, w4a8-g128, w4a4, llm-int8, llm-int8-dynamic, "
                         "w8a8-had, w4a4-had, w4a4-reorder, w4a4-had-reorder, w8a8-smooth, w4a16-g128-awq; "

@@ -33,10 +33,20 @@ class KernelConfig:
     panels_per_chunk: int = 8
     kc_blocks: int = 8       # KC = kc_blocks * KB columns dequantized at a time
     threads: bool = True     # scf.parallel (OpenMP) or scf.for
+    # x rounded to bf16 ("a16" as torch bf16 runs it); from bcast_min_m rows a vdpbf16ps GEMM
+    bf16_activations: bool = False
 
-    def variant(self, m: int) -> str:
+    def variant(self, m: int, lay: "PanelLayout | None" = None) -> str:
         """The kernel that runs M rows (the cost model: see ARCHITECTURE.md)."""
-        return "gemv" if m < self.gemm_min_m else "gemm" if m < self.bcast_min_m else "gemm_bcast"
+        if m < self.gemm_min_m:
+            return "gemv"
+        if m < self.bcast_min_m:
+            return "gemm"
+        return "gemm_bf16" if lay is not None and self.bf16_gemm(lay) else "gemm_bcast"
+
+    def bf16_gemm(self, lay: "PanelLayout") -> bool:
+        """The bf16 GEMM scales each block's sums once: every block must lie in one group."""
+        return self.bf16_activations and lay.group % lay.kb == 0
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -98,7 +108,8 @@ class _Dequant:
                           f"{_vec(lay, 'i32')}") if lay.fmt.bits == 4 else None for r in range(lay.rows)]
         self.scale_of = {}
 
-    def row_chunk(self, r: int, i: int) -> str:
+    def row_chunk(self, r: int, i: int, scaled: bool = True) -> str:
+        """Chunk i of row r: (q - z) * s, or with scaled=False the integer q - z (exact in f32)."""
         t, lay, p, kb = self.t, self.lay, self.p, self.kb
         vf, rr = _vec(lay), t.idx(r)
         f = _decode(t, lay, "%codes", p, kb, rr, i, self.words[r])
@@ -112,7 +123,7 @@ class _Dequant:
         sb, zb = self.scale_of[r]
         if zb is not None:
             f = t.v(f"arith.subf {f}, {zb} : {vf}")
-        return t.v(f"arith.mulf {f}, {sb} : {vf}")
+        return t.v(f"arith.mulf {f}, {sb} : {vf}") if scaled else f
 
 
 def _open_chunk_blocks(t: MlirText, lay: PanelLayout, panels_per_chunk: int, kc_blocks: int):
@@ -133,21 +144,24 @@ def _open_chunk_blocks(t: MlirText, lay: PanelLayout, panels_per_chunk: int, kc_
     return p0, npb, first, b0, nb
 
 
-def _signature(lay: PanelLayout) -> tuple[str, str]:
-    """(kernel parameter list, argument names) shared by gemv and gemm."""
+def _signature(lay: PanelLayout, bf16_pairs: bool = False) -> tuple[str, str]:
+    """(kernel parameter list, argument names) shared by gemv and gemm; with bf16_pairs x
+    arrives as bf16 pairs along k packed in i32 (gemm_bf16)."""
     ty = _types(lay)
     zero = f", %zero: {ty['zero']}" if "zero" in ty else ""
-    params = (f"%x: memref<?x{lay.k_pad}xf32>, %xs: memref<?x{lay.groups}xf32>, %codes: {ty['codes']}, "
+    x = f"%xb: memref<?x{lay.k_pad // 2}xi32>" if bf16_pairs else f"%x: memref<?x{lay.k_pad}xf32>"
+    params = (f"{x}, %xs: memref<?x{lay.groups}xf32>, %codes: {ty['codes']}, "
               f"%scale: {ty['scale']}{zero}, %y: memref<?x{lay.n}xf32>")
-    args = "%xp, %xs, %codes, %scale" + (", %zero" if zero else "") + ", %y"
+    args = ("%xb" if bf16_pairs else "%xp") + ", %xs, %codes, %scale" + (", %zero" if zero else "") + ", %y"
     return params, args
 
 
-def _parallel(name: str, lay: PanelLayout, cfg: KernelConfig, count: int, body: str) -> str:
+def _parallel(name: str, lay: PanelLayout, cfg: KernelConfig, count: int, body: str,
+              bf16_pairs: bool = False) -> str:
     """`@name` runs `@name_body(i, args...)` for i in [0, count): scf.parallel (OpenMP
     threads) when cfg.threads.  The body is a function because convert-scf-to-openmp
     wraps it in a memref.alloca_scope, which must stay a single block."""
-    params, _ = _signature(lay)
+    params, _ = _signature(lay, bf16_pairs)
     args = ", ".join("%" + p.split(":", 1)[0].lstrip("%") for p in params.split(", "))
     arg_types = ", ".join(p.split(": ", 1)[1] for p in params.split(", %"))
     loop = "scf.parallel (%i) = (%c0) to (%cn) step (%c1)" if cfg.threads else "scf.for %i = %c0 to %cn step %c1"
@@ -422,6 +436,111 @@ def gemm_bcast(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
     return _parallel(name, lay, cfg, nchunks, t.text())
 
 
+def gemm_bf16(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
+    """Blocked GEMM on bf16 activations (AVX512-BF16): per chunk of NC = 2V output columns and
+    KCB blocks of KB columns of K (each block within one group), the codes are decoded to
+    q - z (an integer of at most 8 bits: exact in bf16), paired along k and transposed into a
+    tile Wt[KCB * KB / 2, NC] of bf16 pairs (i32); 6 x 2 register tiles of vdpbf16ps take a
+    broadcast pair of x (bf16, packed by the entry) and two tile loads per 12 instructions
+    (two products each), and each block's f32 sums are scaled by its group's scales into the
+    tile's totals: y = sum over groups of s * sum (q - z) x, x rounded to bf16."""
+    lay.check()
+    if not cfg.bf16_gemm(lay):
+        raise ValueError(f"{lay.format_key}: groups of {lay.group} split blocks of {lay.kb}")
+    t = MlirText()
+    R, V, KB = lay.rows, lay.lanes, lay.kb
+    NC, PB, MR, KCB, HALF = 2 * V, 2 * V // R, 6, min(2, lay.blocks), KB // 2
+    vf, vi, vb = _vec(lay), _vec(lay, "i32"), f"vector<{2 * V}xbf16>"
+    xbty = f"memref<?x{lay.k_pad // 2}xi32>"
+    wty, sty = f"memref<{KCB * HALF}x{NC}xi32>", f"memref<{KCB}x{NC}xf32>"
+    yty = f"memref<?x{lay.n}xf32>"
+    dot = f"llvm.x86.avx512bf16.dpbf16ps.{32 * V}"
+    t.op("%c0_body = arith.constant 0 : index")
+    c0, c1 = t.idx(0), t.idx(1)
+    M = t.v(f"memref.dim %xb, {c0} : {xbty}")
+    zv = t.v(f"arith.constant dense<0.0> : {vf}")
+    pad = t.v("arith.constant 0.0 : f32")
+    nchunks = -(-lay.panels // PB)
+    t.op(f"%wt = memref.alloca() {{alignment = 64 : i64}} : {wty}")
+    t.op(f"%st = memref.alloca() {{alignment = 64 : i64}} : {sty}")
+    n0 = t.v(f"arith.muli %i, {t.idx(NC)} : index")
+    p0, npb, first, b0, nb = _open_chunk_blocks(t, lay, PB, KCB)
+    t.open(f"scf.for %pb = {c0} to {npb} step {c1} {{")
+    p = t.v(f"arith.addi {p0}, %pb : index")
+    col0 = t.v(f"arith.muli %pb, {t.idx(R)} : index")
+    t.open(f"scf.for %b = {c0} to {nb} step {c1} {{")
+    kb = t.v(f"arith.addi {b0}, %b : index")
+    g = t.v(f"affine.apply affine_map<(d0) -> ((d0 * {KB}) floordiv {lay.group})>({kb})")
+    for r in range(R):
+        sc = t.v(f"memref.load %scale[{p}, {g}, {t.idx(r)}] : {_types(lay)['scale']}")
+        t.op(f"memref.store {sc}, %st[%b, {t.v(f'arith.addi {col0}, {t.idx(r)} : index')}] : {sty}")
+    dq = _Dequant(t, lay, p, kb)
+    for i in range(8):
+        stacked = t.v(f"arith.constant dense<0> : vector<{R}x{V // 2}xi32>")
+        for r in range(R):
+            bf = t.v(f"arith.truncf {dq.row_chunk(r, i, scaled=False)} : {vf} to vector<{V}xbf16>")
+            pairs = t.v(f"vector.bitcast {bf} : vector<{V}xbf16> to vector<{V // 2}xi32>")
+            stacked = t.v(f"vector.insert {pairs}, {stacked} [{r}] : vector<{V // 2}xi32> into vector<{R}x{V // 2}xi32>")
+        tr = t.v(f"vector.transpose {stacked}, [1, 0] : vector<{R}x{V // 2}xi32> to vector<{V // 2}x{R}xi32>")
+        for j in range(V // 2):
+            prow = t.v(f"affine.apply affine_map<(d0) -> (d0 * {HALF} + {i * V // 2 + j})>(%b)")
+            v4 = t.v(f"vector.extract {tr}[{j}] : vector<{R}xi32> from vector<{V // 2}x{R}xi32>")
+            t.op(f"vector.store {v4}, %wt[{prow}, {col0}] : {wty}, vector<{R}xi32>")
+    t.close()
+    t.close()
+    px0 = t.v(f"arith.muli {b0}, {t.idx(HALF)} : index")
+
+    def tile_rows(m0: str, mr: int):
+        rows = [t.v(f"arith.addi {m0}, {t.idx(i)} : index") for i in range(mr)]
+        iters = ", ".join(f"%tot{i}_{h} = {zv}" for i in range(mr) for h in range(2))
+        tys = ", ".join([vf] * (2 * mr))
+        totals = t.vs(2 * mr, f"scf.for %bl = {c0} to {nb} step {c1} iter_args({iters}) -> ({tys}) {{")
+        t.indent += 2
+        iters = ", ".join(f"%a{i}_{h} = {zv}" for i in range(mr) for h in range(2))
+        sums = t.vs(2 * mr, f"scf.for %pp = {c0} to {t.idx(HALF)} step {c1} iter_args({iters}) -> ({tys}) {{")
+        t.indent += 2
+        prow = t.v(f"affine.apply affine_map<(d0, d1) -> (d0 * {HALF} + d1)>(%bl, %pp)")
+        w = [t.v(f"vector.bitcast {t.v(f'vector.load %wt[{prow}, {t.idx(h * V)}] : {wty}, {vi}')} : {vi} to {vb}")
+             for h in range(2)]
+        px = t.v(f"arith.addi {px0}, {prow} : index")
+        out = []
+        for i in range(mr):
+            xw = t.v(f"memref.load %xb[{rows[i]}, {px}] : {xbty}")
+            xv = t.v(f"vector.bitcast {t.v(f'vector.broadcast {xw} : i32 to {vi}')} : {vi} to {vb}")
+            out += [t.v(f"func.call @{dot}(%a{i}_{h}, {w[h]}, {xv}) : ({vf}, {vb}, {vb}) -> {vf}") for h in range(2)]
+        t.op(f"scf.yield {', '.join(out)} : {tys}")
+        t.close()
+        sv = [t.v(f"vector.load %st[%bl, {t.idx(h * V)}] : {sty}, {vf}") for h in range(2)]
+        new = [t.v(f"vector.fma {sums[2 * i + h]}, {sv[h]}, %tot{i}_{h} : {vf}") for i in range(mr) for h in range(2)]
+        t.op(f"scf.yield {', '.join(new)} : {tys}")
+        t.close()
+        for i in range(mr):
+            for h in range(2):
+                col = t.v(f"arith.addi {n0}, {t.idx(h * V)} : index")
+                old = t.v(f"vector.transfer_read %y[{rows[i]}, {col}], {pad} : {yty}, {vf}")
+                add = t.v(f"arith.addf {old}, {totals[2 * i + h]} : {vf}")
+                val = t.v(f"arith.select {first}, {totals[2 * i + h]}, {add} : {vf}")
+                t.op(f"vector.transfer_write {val}, %y[{rows[i]}, {col}] : {vf}, {yty}")
+
+    start = c0
+    for n_rows in (MR, 4, 2, 1):
+        left = t.v(f"arith.subi {M}, {start} : index")
+        end = t.v(f"arith.subi {M}, {t.v(f'arith.remui {left}, {t.idx(n_rows)} : index')} : index")
+        t.open(f"scf.for %m{n_rows} = {start} to {end} step {t.idx(n_rows)} {{")
+        tile_rows(f"%m{n_rows}", n_rows)
+        t.close()
+        start = end
+    t.close()
+    return _parallel(name, lay, cfg, nchunks, t.text(), bf16_pairs=True)
+
+
+def bf16_declarations(lay: PanelLayout) -> str:
+    """The vdpbf16ps intrinsic of the layout's vector width, as a declared function."""
+    v = lay.lanes
+    return (f"func.func private @llvm.x86.avx512bf16.dpbf16ps.{32 * v}(vector<{v}xf32>, vector<{2 * v}xbf16>, "
+            f"vector<{2 * v}xbf16>) -> vector<{v}xf32>\n")
+
+
 def qlinear(name: str, lay: PanelLayout, cfg: KernelConfig, static_m: int | None = None) -> str:
     """Tensor-level entry: x [?, K] and the panel arrays -> y [?, N], with the kernels it calls:
     all three and a run-time dispatch on M, or only the one for `static_m`."""
@@ -438,12 +557,16 @@ def qlinear(name: str, lay: PanelLayout, cfg: KernelConfig, static_m: int | None
     if has_zero:
         t.op(f"%zero = bufferization.to_buffer %zerot read_only : {tt['zero']} to {ty['zero']}")
     M = t.v(f"memref.dim {xm}, {c0} : memref<?x{K}xf32>")
-    if KP != K:
+    bf16 = cfg.bf16_activations
+    if KP != K or bf16:
+        # x padded to K_pad; with bf16 activations rounded to bf16 (what every variant reads)
         t.op(f"%xp = memref.alloc({M}) {{alignment = 64 : i64}} : memref<?x{KP}xf32>")
         pad = t.v("arith.constant 0.0 : f32")
         t.open(f"scf.for %m = {c0} to {M} step {c1} {{")
         t.open(f"scf.for %k = {c0} to {t.idx(KP)} step {t.idx(V)} {{")
         v = t.v(f"vector.transfer_read {xm}[%m, %k], {pad} {{in_bounds = [false]}} : memref<?x{K}xf32>, {vf}")
+        if bf16:
+            v = t.v(f"arith.extf {t.v(f'arith.truncf {v} : {vf} to vector<{V}xbf16>')} : vector<{V}xbf16> to {vf}")
         t.op(f"vector.store {v}, %xp[%m, %k] : memref<?x{KP}xf32>, {vf}")
         t.close()
         t.close()
@@ -471,6 +594,23 @@ def qlinear(name: str, lay: PanelLayout, cfg: KernelConfig, static_m: int | None
     arg_types = ", ".join(p.split(": ", 1)[1] for p in params.split(", %"))
     def call(variant: str) -> None:
         vargs = args
+        if variant == "gemm_bf16":
+            # x as bf16 pairs along k, one i32 each: the broadcast operand of vdpbf16ps
+            xbty = f"memref<?x{KP // 2}xi32>"
+            t.op(f"%xb = memref.alloc({M}) {{alignment = 64 : i64}} : {xbty}")
+            t.open(f"scf.for %m = {c0} to {M} step {c1} {{")
+            t.open(f"scf.for %k = {c0} to {t.idx(KP)} step {t.idx(V)} {{")
+            bf = t.v(f"arith.truncf {t.v(f'vector.load %xp[%m, %k] : memref<?x{KP}xf32>, {vf}')} : {vf} "
+                     f"to vector<{V}xbf16>")
+            words = t.v(f"vector.bitcast {bf} : vector<{V}xbf16> to vector<{V // 2}xi32>")
+            t.op(f"vector.store {words}, %xb[%m, {t.v(f'arith.divui %k, {t.idx(2)} : index')}] : {xbty}, "
+                 f"vector<{V // 2}xi32>")
+            t.close()
+            t.close()
+            vargs = args.replace("%xp,", "%xb,", 1)
+            t.op(f"func.call @{name}__{variant}({vargs}) : "
+                 f"({arg_types.replace(f'memref<?x{KP}xf32>', xbty, 1)}) -> ()")
+            return
         if variant == "gemv" and lay.fmt.bits == 4:
             # the GEMV's activations, chunk i of each block scaled by 16^-i (see _decode)
             kp = f"memref<?x{KP}xf32>"
@@ -488,7 +628,8 @@ def qlinear(name: str, lay: PanelLayout, cfg: KernelConfig, static_m: int | None
             vargs = args.replace("%xp,", "%xq,", 1)
         t.op(f"func.call @{name}__{variant}({vargs}) : ({arg_types}) -> ()")
 
-    variants = [cfg.variant(static_m)] if static_m is not None else ["gemv", "gemm", "gemm_bcast"]
+    big = "gemm_bf16" if cfg.bf16_gemm(lay) else "gemm_bcast"
+    variants = [cfg.variant(static_m, lay)] if static_m is not None else ["gemv", "gemm", big]
     if len(variants) == 1:
         call(variants[0])
     else:
@@ -499,7 +640,7 @@ def qlinear(name: str, lay: PanelLayout, cfg: KernelConfig, static_m: int | None
         t.indent += 2
         large = t.v(f"arith.cmpi uge, {M}, {t.idx(cfg.bcast_min_m)} : index")
         t.open(f"scf.if {large} {{")
-        call("gemm_bcast")
+        call(big)
         t.close("} else {")
         t.indent += 2
         call("gemm")
@@ -509,8 +650,9 @@ def qlinear(name: str, lay: PanelLayout, cfg: KernelConfig, static_m: int | None
     zero_param = f", %zerot: {tt['zero']}" if has_zero else ""
     entry = (f"func.func private @{name}(%xt: tensor<?x{K}xf32>, %codest: {tt['codes']}, %scalet: {tt['scale']}"
              f"{zero_param}) -> tensor<?x{lay.n}xf32> {{\n{t.text()}\n  return {out} : tensor<?x{lay.n}xf32>\n}}\n")
-    generators = {"gemv": gemv, "gemm": gemm, "gemm_bcast": gemm_bcast}
-    return entry + "".join(generators[v](f"{name}__{v}", lay, cfg) for v in variants)
+    generators = {"gemv": gemv, "gemm": gemm, "gemm_bcast": gemm_bcast, "gemm_bf16": gemm_bf16}
+    declarations = bf16_declarations(lay) if "gemm_bf16" in variants else ""
+    return declarations + entry + "".join(generators[v](f"{name}__{v}", lay, cfg) for v in variants)
 
 
 def batch_matmul(name: str, b: int, m: int, n: int, k: int, lanes: int, transposed_b: bool, threads: bool,

@@ -13,9 +13,22 @@ import tempfile
 from torch_mlir import ir
 
 from qcc import irutil
+from qcc.errors import QccError
 
 
-def select_kernels(features: dict, openmp: dict | None) -> list[str]:
+ACTIVATIONS = ("fp32", "bf16")  # how the weight-only kernels read x (cpu_activations)
+
+
+def check_activations(cpu_activations: str, features: dict) -> None:
+    if cpu_activations not in ACTIVATIONS:
+        raise QccError(f"unknown CPU activation precision '{cpu_activations}'", where="--cpu-activations",
+                       hint=f"one of {', '.join(ACTIVATIONS)}")
+    if cpu_activations == "bf16" and "avx512_bf16" not in features["flags"]:
+        raise QccError("--cpu-activations bf16 needs a CPU with AVX512-BF16 (vdpbf16ps); this host has none",
+                       where="--cpu-activations", hint="compile with the default fp32 activations")
+
+
+def select_kernels(features: dict, openmp: dict | None, cpu_activations: str = "fp32") -> list[str]:
     """The kernel-selection stage (before lower-qcc-to-linalg) for this host.
 
     QCC_CPU_KERNELS=reference leaves every qcc op to the reference lowering.
@@ -28,7 +41,8 @@ def select_kernels(features: dict, openmp: dict | None) -> list[str]:
     # blocks of their integer parts); cpu-select-kernels takes the float parts left (non-AVX2 hosts)
     if features["isa"] in ("avx2", "avx512"):  # the integer kernels are AVX2 code (valid on AVX-512) or VNNI
         stage.append(f"cpu-select-int-kernels{{threads={threads} dot={features.get('int_dot', 'avx2')}}}")
-    return stage + [f"cpu-select-kernels{{lanes={features['lanes']} threads={threads}}}",
+    bf16 = "true" if cpu_activations == "bf16" else "false"
+    return stage + [f"cpu-select-kernels{{lanes={features['lanes']} threads={threads} bf16={bf16}}}",
                     f"cpu-vectorize-contractions{{lanes={features['lanes']} threads={threads}}}"]
 
 

@@ -1,12 +1,30 @@
 // RUN: qcc-opt %s --random-params=0 -p 'quantize-weights{format=int4_asym_g128},cpu-select-kernels{lanes=8}' | filecheck %s
 // RUN: qcc-opt %s --random-params=0 -p 'quantize-weights{format=int8_sym_channel},cpu-select-kernels{lanes=16 threads=false}' | filecheck %s --check-prefix=INT8
 // RUN: qcc-opt %s --random-params=0 -p 'quantize-weights{format=int4_asym_g32},cpu-select-kernels{lanes=16}' | filecheck %s --check-prefix=G32
+// RUN: qcc-opt %s --random-params=0 -p 'quantize-weights{format=int4_asym_g128},cpu-select-kernels{lanes=16 bf16=true}' | filecheck %s --check-prefix=BF16
 
 // A weight-only qcc.qlinear becomes a call of a CPU kernel for its format and
 // shape; the packed weight is repacked into panels of 4 rows x blocks of
 // 8 * lanes columns under new parameter names, the format's own arrays leave
 // the signature.  A static M (here 1) gets the one kernel for it (the GEMV); a
 // symbolic M gets an entry that dispatches on M between GEMV and the GEMMs.
+
+// bf16=true: the entry rounds x to bf16 once (every variant reads that), and from 32
+// rows calls a GEMM that takes x as bf16 pairs (i32) and multiplies with vdpbf16ps on
+// q - z (exact in bf16), each block's sums scaled by its group's scales.
+// BF16-LABEL: func.func private @qcc_cpu_qlinear_int4_asym_g128_256x64_v16_bf16(
+// BF16: arith.truncf %{{.*}} : vector<16xf32> to vector<16xbf16>
+// BF16: arith.extf %{{.*}} : vector<16xbf16> to vector<16xf32>
+// BF16: arith.cmpi uge, %{{.*}}, %c32
+// BF16: vector.bitcast %{{.*}} : vector<16xbf16> to vector<8xi32>
+// BF16: call @qcc_cpu_qlinear_int4_asym_g128_256x64_v16_bf16__gemm_bf16(%{{.*}}) : (memref<?x128xi32>,
+// BF16-LABEL: func.func private @qcc_cpu_qlinear_int4_asym_g128_256x64_v16_bf16__gemm_bf16_body(
+// BF16: arith.subf
+// BF16-NOT: arith.mulf
+// BF16: arith.truncf %{{.*}} : vector<16xf32> to vector<16xbf16>
+// BF16: vector.transpose %{{.*}}, [1, 0] : vector<4x8xi32> to vector<8x4xi32>
+// BF16: func.call @llvm.x86.avx512bf16.dpbf16ps.512(%{{.*}}, %{{.*}}, %{{.*}}) : (vector<16xf32>, vector<32xbf16>, vector<32xbf16>) -> vector<16xf32>
+// BF16: vector.fma
 
 // CHECK-LABEL: func.func @decode
 // CHECK-SAME: tensor<16x4x4x8xi32> {qcc.param = "fc.weight:int4_asym_g128:panels4x8:codes"}

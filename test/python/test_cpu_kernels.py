@@ -86,6 +86,61 @@ def test_kernel_matches_format_reference(tmp_path, key, n, k, lanes, cfg):
         assert err < 2e-6, f"M={m} ({kind}): relative error {err}"
 
 
+HAS_BF16 = "avx512_bf16" in host.features()["flags"]
+BF16_CASES = [
+    # format, N, K, lanes, config: blocks within one group (the vdpbf16ps GEMM) and groups that
+    # split blocks (the f32 GEMMs on bf16-rounded x); M covers 6-, 4-, 2- and 1-row tiles
+    ("int4_asym_g128", 37, 384, 16, {}),
+    ("int8_sym_channel", 21, 300, 16, {"kc_blocks": 1}),
+    ("int8_asym_g128", 40, 256, 8, {"threads": False}),
+    ("int4_sym_g64", 13, 192, 16, {}),
+]
+
+
+@pytest.mark.skipif(not HAS_BF16, reason="no AVX512-BF16")
+@pytest.mark.parametrize("key,n,k,lanes,cfg", BF16_CASES, ids=[f"{c[0]}-{c[1]}x{c[2]}-v{c[3]}" for c in BF16_CASES])
+def test_bf16_activations_match_the_bf16_oracle(tmp_path, key, n, k, lanes, cfg):
+    """cpu_activations=bf16: every variant computes with x rounded to bf16 (round to nearest
+    even, as torch's .to(bfloat16)); the oracle is that x times the format reference's
+    weights in float64, so the kernels' only freedom is f32 summation order."""
+    import torch
+
+    rng = np.random.default_rng(n * k + 1)
+    fmt = formats.parse_weight_format(key)
+    qt = fmt.quantize(rng.standard_normal((n, k)).astype(np.float32))
+    lay = P.PanelLayout(key, n, k, rows=4, lanes=lanes)
+    arrays = P.pack(lay, formats.pack(qt), qt.scale, qt.zero)
+    config = kernels.KernelConfig(bf16_activations=True, **cfg)
+    assert config.bf16_gemm(lay) == (lay.group % lay.kb == 0)
+    lib = build(tmp_path, lay, config)
+    w = formats.dequantize(qt).astype(np.float64)
+    for m in (1, 5, 32, 39, 45):
+        x = (rng.standard_normal((m, k)) * 3).astype(np.float32)
+        y = np.full((m, n), np.nan, np.float32)
+        lib.call([x] + [arrays[r] for r in lay.shapes()], [y])
+        xb = torch.from_numpy(x).to(torch.bfloat16).double().numpy()
+        ref = xb @ w.T
+        err = np.abs(y - ref).max() / np.abs(ref).max()
+        assert err < 2e-6, f"M={m} ({config.variant(m, lay)}): relative error {err}"
+        assert np.abs(y - x.astype(np.float64) @ w.T).max() / np.abs(ref).max() > 1e-4  # x was rounded
+
+
+def test_bf16_activations_are_checked():
+    from qcc.backends.cpu.lowering import check_activations
+    from qcc.errors import QccError
+
+    with pytest.raises(QccError, match="AVX512-BF16"):
+        check_activations("bf16", {"flags": ["avx2", "avx512f"]})
+    with pytest.raises(QccError, match="unknown CPU activation precision 'f16'"):
+        check_activations("f16", {"flags": ["avx512_bf16"]})
+    import torch
+
+    import qcc
+
+    with pytest.raises(QccError, match="applies to target='cpu' only"):
+        qcc.compile(torch.nn.Linear(8, 8), (torch.randn(1, 8),), target="cuda", cpu_activations="bf16")
+
+
 @pytest.mark.parametrize("key", ["int4_asym_g128", "int4_sym_g32", "int4_sym_channel", "int8_sym_channel",
                                  "int8_asym_g64", "int8_asym_tensor", "int4_asym_g64"])
 @pytest.mark.parametrize("lanes", [8, 16])
@@ -250,3 +305,37 @@ def test_expanded_exp_is_within_one_ulp(tmp_path):
     if shutil.which("objdump"):
         text = subprocess.run(["objdump", "-d", so], capture_output=True, text=True, check=True).stdout
         assert "<expf@plt>" not in text
+
+
+@pytest.mark.skipif(not HAS_BF16, reason="no AVX512-BF16")
+def test_compile_with_bf16_activations():
+    """qcc.compile(..., cpu_activations="bf16"): the manifest says so, each weight-only kernel
+    is the bf16 one, and the model matches bf16-rounded x on the artifact's own weights."""
+    import torch
+
+    import qcc
+    from qcc.reference import dequantized_weights
+
+    class TwoHeads(torch.nn.Module):  # both layers read x itself: one bf16 rounding each
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(256, 384), torch.nn.Linear(256, 128)
+
+        def forward(self, x):
+            return self.a(x), self.b(x)
+
+    torch.manual_seed(3)
+    model = TwoHeads().eval()
+    tokens = ({0: torch.export.Dim("tokens", min=1, max=512)},)
+    compiled = qcc.compile(model, (torch.randn(2, 256),), quant="w4a16-g128", dynamic_shapes=tokens,
+                           cpu_activations="bf16")
+    assert compiled.manifest["cpu"]["activations"] == "bf16"
+    kernels_ = compiled.manifest["cpu"]["kernels"].values()
+    assert len(kernels_) == 2 and all(k["kernel"].endswith("_bf16") and k["bf16_activations"] for k in kernels_)
+    w = {name: torch.from_numpy(v.astype(np.float64)) for name, v in dequantized_weights(compiled).items()}
+    for m in (3, 40):
+        x = torch.randn(m, 256)
+        xb = x.to(torch.bfloat16).double()
+        for name, got in zip("ab", compiled(x)):
+            ref = xb @ w[f"{name}.weight"].T + getattr(model, name).bias.double()
+            assert float((got.double() - ref).abs().max() / ref.abs().max()) < 1e-5
