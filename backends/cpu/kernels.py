@@ -353,6 +353,29 @@ def gemm(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
     return _parallel(name, lay, cfg, nchunks, t.text())
 
 
+def _row_tiles(t: MlirText, M: str, mr: int, tile_rows) -> None:
+    """tile_rows(m0, rows) over M rows: MR-row tiles, then the remainder (< MR rows) in tiles
+    of 4, 2 and 1 rows, at most one of each, so no row runs on the 1-row tile's poorer ratio
+    of loads to FMAs."""
+    start = t.idx(0)
+    for n_rows in (mr, 4, 2, 1):
+        left = t.v(f"arith.subi {M}, {start} : index")
+        end = t.v(f"arith.subi {M}, {t.v(f'arith.remui {left}, {t.idx(n_rows)} : index')} : index")
+        t.open(f"scf.for %m{n_rows} = {start} to {end} step {t.idx(n_rows)} {{")
+        tile_rows(f"%m{n_rows}", n_rows)
+        t.close()
+        start = end
+
+
+def _add_to_y(t: MlirText, lay: PanelLayout, first: str, row: str, col: str, value: str) -> None:
+    """y[row, col : col + V] = value on the first block of K (`first`), += after it."""
+    vf, yty = _vec(lay), f"memref<?x{lay.n}xf32>"
+    old = t.v(f"vector.transfer_read %y[{row}, {col}], {t.v('arith.constant 0.0 : f32')} : {yty}, {vf}")
+    add = t.v(f"arith.addf {old}, {value} : {vf}")
+    t.op(f"vector.transfer_write {t.v(f'arith.select {first}, {value}, {add} : {vf}')}, %y[{row}, {col}] : "
+         f"{vf}, {yty}")
+
+
 def gemm_bcast(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
     """Blocked GEMM for large M: per chunk of NC = 2V output columns and block of KC
     columns of K, the codes are dequantized (`(q - z) * s`, as the reference) and
@@ -369,12 +392,10 @@ def gemm_bcast(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
     vf = _vec(lay)
     xty = f"memref<?x{lay.k_pad}xf32>"
     bty = f"memref<{KC}x{NC}xf32>"
-    yty = f"memref<?x{lay.n}xf32>"
     t.op("%c0_body = arith.constant 0 : index")
     c0, c1 = t.idx(0), t.idx(1)
     M = t.v(f"memref.dim %x, {c0} : {xty}")
     zv = t.v(f"arith.constant dense<0.0> : {vf}")
-    pad = t.v("arith.constant 0.0 : f32")
     nchunks = -(-lay.panels // PB)
     t.op(f"%bt = memref.alloca() {{alignment = 64 : i64}} : {bty}")
     n0 = t.v(f"arith.muli %i, {t.idx(NC)} : index")
@@ -416,22 +437,9 @@ def gemm_bcast(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
         for i in range(mr):
             mi = t.v(f"arith.addi {m0}, {t.idx(i)} : index")
             for h in range(2):
-                col = t.v(f"arith.addi {n0}, {t.idx(h * V)} : index")
-                old = t.v(f"vector.transfer_read %y[{mi}, {col}], {pad} : {yty}, {vf}")
-                add = t.v(f"arith.addf {old}, {res[2 * i + h]} : {vf}")
-                new = t.v(f"arith.select {first}, {res[2 * i + h]}, {add} : {vf}")
-                t.op(f"vector.transfer_write {new}, %y[{mi}, {col}] : {vf}, {yty}")
+                _add_to_y(t, lay, first, mi, t.v(f"arith.addi {n0}, {t.idx(h * V)} : index"), res[2 * i + h])
 
-    # MR-row tiles, then the remainder (< MR rows) in tiles of 4, 2 and 1 rows: at
-    # most one of each, so no row runs on the 1-row tile's 2 FMAs per 3 loads
-    start = c0
-    for n_rows in (MR, 4, 2, 1):
-        left = t.v(f"arith.subi {M}, {start} : index")
-        end = t.v(f"arith.subi {M}, {t.v(f'arith.remui {left}, {t.idx(n_rows)} : index')} : index")
-        t.open(f"scf.for %m{n_rows} = {start} to {end} step {t.idx(n_rows)} {{")
-        tile_rows(f"%m{n_rows}", n_rows)
-        t.close()
-        start = end
+    _row_tiles(t, M, MR, tile_rows)
     t.close()
     return _parallel(name, lay, cfg, nchunks, t.text())
 
@@ -453,13 +461,11 @@ def gemm_bf16(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
     vf, vi, vb = _vec(lay), _vec(lay, "i32"), f"vector<{2 * V}xbf16>"
     xbty = f"memref<?x{lay.k_pad // 2}xi32>"
     wty, sty = f"memref<{KCB * HALF}x{NC}xi32>", f"memref<{KCB}x{NC}xf32>"
-    yty = f"memref<?x{lay.n}xf32>"
     dot = f"llvm.x86.avx512bf16.dpbf16ps.{32 * V}"
     t.op("%c0_body = arith.constant 0 : index")
     c0, c1 = t.idx(0), t.idx(1)
     M = t.v(f"memref.dim %xb, {c0} : {xbty}")
     zv = t.v(f"arith.constant dense<0.0> : {vf}")
-    pad = t.v("arith.constant 0.0 : f32")
     nchunks = -(-lay.panels // PB)
     t.op(f"%wt = memref.alloca() {{alignment = 64 : i64}} : {wty}")
     t.op(f"%st = memref.alloca() {{alignment = 64 : i64}} : {sty}")
@@ -516,20 +522,9 @@ def gemm_bf16(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
         t.close()
         for i in range(mr):
             for h in range(2):
-                col = t.v(f"arith.addi {n0}, {t.idx(h * V)} : index")
-                old = t.v(f"vector.transfer_read %y[{rows[i]}, {col}], {pad} : {yty}, {vf}")
-                add = t.v(f"arith.addf {old}, {totals[2 * i + h]} : {vf}")
-                val = t.v(f"arith.select {first}, {totals[2 * i + h]}, {add} : {vf}")
-                t.op(f"vector.transfer_write {val}, %y[{rows[i]}, {col}] : {vf}, {yty}")
+                _add_to_y(t, lay, first, rows[i], t.v(f"arith.addi {n0}, {t.idx(h * V)} : index"), totals[2 * i + h])
 
-    start = c0
-    for n_rows in (MR, 4, 2, 1):
-        left = t.v(f"arith.subi {M}, {start} : index")
-        end = t.v(f"arith.subi {M}, {t.v(f'arith.remui {left}, {t.idx(n_rows)} : index')} : index")
-        t.open(f"scf.for %m{n_rows} = {start} to {end} step {t.idx(n_rows)} {{")
-        tile_rows(f"%m{n_rows}", n_rows)
-        t.close()
-        start = end
+    _row_tiles(t, M, MR, tile_rows)
     t.close()
     return _parallel(name, lay, cfg, nchunks, t.text(), bf16_pairs=True)
 
