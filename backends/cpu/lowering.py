@@ -339,7 +339,9 @@ def _split_loop(op, min_iterations: int):
             else:
                 break
         else:
-            return d, extents[d], positions
+            n_outputs = list(ir.DenseI32ArrayAttr(op.attributes["operandSegmentSizes"]))[1]
+            if all(pos is not None for pos in positions[len(positions) - n_outputs:]):  # no shared writes
+                return d, extents[d], positions
     return None
 
 
