@@ -65,6 +65,25 @@ def test_compile_and_run_llama_block_w4a16(llama_pt2):
     assert np.abs(got - expect).max() / np.abs(expect).max() <= 1e-4
 
 
+def test_cpu_activations_flag(llama_pt2):
+    """--cpu-activations bf16 reaches the compiler (the manifest records it) where the host has
+    AVX512-BF16, and is a one-line error where it has not; --target cuda rejects it."""
+    from qcc.backends.cpu import host
+
+    tmp, _, _, path = llama_pt2
+    out = tmp / "bf16.qcc"
+    proc = qcc_cli("compile", path, "--quant=w4a16-g128", "--cpu-activations", "bf16", "-o", out, "-q")
+    if "avx512_bf16" in host.features()["flags"]:
+        assert proc.returncode == 0, proc.stderr
+        import qcc
+
+        assert qcc.load(str(out)).manifest["cpu"]["activations"] == "bf16"
+    else:
+        assert_user_error(proc, "--cpu-activations", "AVX512-BF16")
+    assert_user_error(qcc_cli("compile", path, "--target=cuda", "--cpu-activations", "bf16", "-o", tmp / "y.qcc"),
+                      "--cpu-activations", "target='cpu' only")
+
+
 def test_unknown_recipe(llama_pt2):
     tmp, _, _, path = llama_pt2
     assert_user_error(qcc_cli("compile", path, "--quant=w3a16", "-o", tmp / "x.qcc"),
