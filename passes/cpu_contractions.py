@@ -41,6 +41,9 @@ def _perm(op) -> list:
     return list(ir.DenseI64ArrayAttr(op.attributes["permutation"]))
 
 
+_COLLAPSE_BATCH = "[[0, 1], [2], [3]]"  # [1, heads, rows, cols] -> [heads, rows, cols]
+
+
 def _transposed_source(b_value):
     """(value Bt with B = Bt^T over the last two dims, ops to build it) or None."""
     op = irutil.defining_op(b_value)
@@ -51,18 +54,15 @@ def _transposed_source(b_value):
     if op.name == "tensor.collapse_shape":
         src = irutil.defining_op(op.operands[0])
         if src is not None and src.name == "linalg.transpose" and _perm(src) == [0, 1, 3, 2] \
-                and str(op.attributes["reassociation"]) == "[[0, 1], [2], [3]]":
+                and str(op.attributes["reassociation"]) == _COLLAPSE_BATCH:
             return src.operands[0], op.attributes["reassociation"]
     return None
 
 
-_COLLAPSE_BATCH = "[[0, 1], [2], [3]]"
-
-
 def _concat_parts(value, reassociation):
-    """The parts of `value` (B or Bt as the kernel reads it, or its 4-D source collapsed by
-    `reassociation`) when it is a tensor.concat along its rows, each as a 3-D tensor built
-    before `value`'s user; else None."""
+    """(parts, their shapes, reassociation) when `value` (B or Bt as the kernel reads it, or
+    its 4-D source that `reassociation` collapses) is a tensor.concat along its rows; the
+    parts are 4-D exactly when the returned reassociation is set.  Else None."""
     op = irutil.defining_op(value)
     if reassociation is None and op is not None and op.name == "tensor.collapse_shape" \
             and str(op.attributes["reassociation"]) == _COLLAPSE_BATCH:

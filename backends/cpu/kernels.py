@@ -353,6 +353,38 @@ def gemm(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
     return _parallel(name, lay, cfg, nchunks, t.text())
 
 
+def _open_tile_build(t: MlirText, lay: PanelLayout, nc: int, kc_blocks: int):
+    """The broadcast GEMMs' start: chunk %i of `nc` output columns, its loop over blocks of
+    `kc_blocks` column blocks (left open), and inside it the loops over the chunk's panels and
+    the block's column blocks (%b) that build the weight tile (both left open).  Returns
+    (n0, first, b0, nb, p, col0): the chunk's first column, whether this is the first block,
+    its first column block and count, the panel and its first column in the tile."""
+    c0, c1 = t.idx(0), t.idx(1)
+    n0 = t.v(f"arith.muli %i, {t.idx(nc)} : index")
+    p0, npb, first, b0, nb = _open_chunk_blocks(t, lay, nc // lay.rows, kc_blocks)
+    t.open(f"scf.for %pb = {c0} to {npb} step {c1} {{")
+    p = t.v(f"arith.addi {p0}, %pb : index")
+    col0 = t.v(f"arith.muli %pb, {t.idx(lay.rows)} : index")
+    t.open(f"scf.for %b = {c0} to {nb} step {c1} {{")
+    return n0, first, b0, nb, p, col0
+
+
+def _store_transposed(t: MlirText, rows: list[str], elem: str, width: int, tile: str, tile_ty: str,
+                      first_row: str, col0: str) -> None:
+    """Writes R vectors of `width` elements (one per weight row = output column) into a
+    k-major tile: tile[first_row + j, col0 : col0 + R] = (rows[0][j], ..., rows[R-1][j])."""
+    R = len(rows)
+    zero = "0.0" if elem.startswith("f") else "0"
+    stacked = t.v(f"arith.constant dense<{zero}> : vector<{R}x{width}x{elem}>")
+    for r, v in enumerate(rows):
+        stacked = t.v(f"vector.insert {v}, {stacked} [{r}] : vector<{width}x{elem}> into vector<{R}x{width}x{elem}>")
+    tr = t.v(f"vector.transpose {stacked}, [1, 0] : vector<{R}x{width}x{elem}> to vector<{width}x{R}x{elem}>")
+    for j in range(width):
+        row = t.v(f"arith.addi {first_row}, {t.idx(j)} : index")
+        v = t.v(f"vector.extract {tr}[{j}] : vector<{R}x{elem}> from vector<{width}x{R}x{elem}>")
+        t.op(f"vector.store {v}, {tile}[{row}, {col0}] : {tile_ty}, vector<{R}x{elem}>")
+
+
 def _row_tiles(t: MlirText, M: str, mr: int, tile_rows) -> None:
     """tile_rows(m0, rows) over M rows: MR-row tiles, then the remainder (< MR rows) in tiles
     of 4, 2 and 1 rows, at most one of each, so no row runs on the 1-row tile's poorer ratio
@@ -398,23 +430,11 @@ def gemm_bcast(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
     zv = t.v(f"arith.constant dense<0.0> : {vf}")
     nchunks = -(-lay.panels // PB)
     t.op(f"%bt = memref.alloca() {{alignment = 64 : i64}} : {bty}")
-    n0 = t.v(f"arith.muli %i, {t.idx(NC)} : index")
-    p0, npb, first, b0, nb = _open_chunk_blocks(t, lay, PB, KCB)
-    t.open(f"scf.for %pb = {c0} to {npb} step {c1} {{")
-    p = t.v(f"arith.addi {p0}, %pb : index")
-    col0 = t.v(f"arith.muli %pb, {t.idx(R)} : index")
-    t.open(f"scf.for %b = {c0} to {nb} step {c1} {{")
+    n0, first, b0, nb, p, col0 = _open_tile_build(t, lay, NC, KCB)
     dq = _Dequant(t, lay, p, t.v(f"arith.addi {b0}, %b : index"))
     for i in range(8):
-        rows = [dq.row_chunk(r, i) for r in range(R)]
-        stacked = t.v(f"arith.constant dense<0.0> : vector<{R}x{V}xf32>")
-        for r in range(R):
-            stacked = t.v(f"vector.insert {rows[r]}, {stacked} [{r}] : {vf} into vector<{R}x{V}xf32>")
-        tr = t.v(f"vector.transpose {stacked}, [1, 0] : vector<{R}x{V}xf32> to vector<{V}x{R}xf32>")
-        for lane in range(V):
-            krow = t.v(f"affine.apply affine_map<(d0) -> (d0 * {KB} + {i * V + lane})>(%b)")
-            v4 = t.v(f"vector.extract {tr}[{lane}] : vector<{R}xf32> from vector<{V}x{R}xf32>")
-            t.op(f"vector.store {v4}, %bt[{krow}, {col0}] : {bty}, vector<{R}xf32>")
+        krow = t.v(f"affine.apply affine_map<(d0) -> (d0 * {KB} + {i * V})>(%b)")
+        _store_transposed(t, [dq.row_chunk(r, i) for r in range(R)], "f32", V, "%bt", bty, krow, col0)
     t.close()
     t.close()
     nk = t.v(f"arith.muli {nb}, {t.idx(KB)} : index")
@@ -469,12 +489,7 @@ def gemm_bf16(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
     nchunks = -(-lay.panels // PB)
     t.op(f"%wt = memref.alloca() {{alignment = 64 : i64}} : {wty}")
     t.op(f"%st = memref.alloca() {{alignment = 64 : i64}} : {sty}")
-    n0 = t.v(f"arith.muli %i, {t.idx(NC)} : index")
-    p0, npb, first, b0, nb = _open_chunk_blocks(t, lay, PB, KCB)
-    t.open(f"scf.for %pb = {c0} to {npb} step {c1} {{")
-    p = t.v(f"arith.addi {p0}, %pb : index")
-    col0 = t.v(f"arith.muli %pb, {t.idx(R)} : index")
-    t.open(f"scf.for %b = {c0} to {nb} step {c1} {{")
+    n0, first, b0, nb, p, col0 = _open_tile_build(t, lay, NC, KCB)
     kb = t.v(f"arith.addi {b0}, %b : index")
     g = t.v(f"affine.apply affine_map<(d0) -> ((d0 * {KB}) floordiv {lay.group})>({kb})")
     for r in range(R):
@@ -482,16 +497,12 @@ def gemm_bf16(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
         t.op(f"memref.store {sc}, %st[%b, {t.v(f'arith.addi {col0}, {t.idx(r)} : index')}] : {sty}")
     dq = _Dequant(t, lay, p, kb)
     for i in range(8):
-        stacked = t.v(f"arith.constant dense<0> : vector<{R}x{V // 2}xi32>")
+        pairs = []
         for r in range(R):
             bf = t.v(f"arith.truncf {dq.row_chunk(r, i, scaled=False)} : {vf} to vector<{V}xbf16>")
-            pairs = t.v(f"vector.bitcast {bf} : vector<{V}xbf16> to vector<{V // 2}xi32>")
-            stacked = t.v(f"vector.insert {pairs}, {stacked} [{r}] : vector<{V // 2}xi32> into vector<{R}x{V // 2}xi32>")
-        tr = t.v(f"vector.transpose {stacked}, [1, 0] : vector<{R}x{V // 2}xi32> to vector<{V // 2}x{R}xi32>")
-        for j in range(V // 2):
-            prow = t.v(f"affine.apply affine_map<(d0) -> (d0 * {HALF} + {i * V // 2 + j})>(%b)")
-            v4 = t.v(f"vector.extract {tr}[{j}] : vector<{R}xi32> from vector<{V // 2}x{R}xi32>")
-            t.op(f"vector.store {v4}, %wt[{prow}, {col0}] : {wty}, vector<{R}xi32>")
+            pairs.append(t.v(f"vector.bitcast {bf} : vector<{V}xbf16> to vector<{V // 2}xi32>"))
+        prow = t.v(f"affine.apply affine_map<(d0) -> (d0 * {HALF} + {i * V // 2})>(%b)")
+        _store_transposed(t, pairs, "i32", V // 2, "%wt", wty, prow, col0)
     t.close()
     t.close()
     px0 = t.v(f"arith.muli {b0}, {t.idx(HALF)} : index")
