@@ -255,7 +255,8 @@ def parallelize_nests(module: ir.Module, entry: str = "main", min_iterations: in
     """Runs the large elementwise / row-reduction nests outline_loop_nests made on all threads:
     returns how many.
 
-    A nest (one linalg.generic) qualifies when it has at least `min_iterations` points and a
+    A nest (one linalg.generic) qualifies when it has at least `min_iterations` points, a body
+    that reads only its operands' elements (no linalg.index, no loads of other buffers), and a
     parallel loop d that every operand either ignores or indexes by d alone in one position
     (RMSNorm's rows, softmax's heads, SwiGLU's tokens).  Its function then takes a range of
     d ([r0, r0 + size)) and runs on subviews of those operands; a wrapper runs `chunks`
@@ -306,6 +307,10 @@ def parallelize_nests(module: ir.Module, entry: str = "main", min_iterations: in
 def _split_loop(op, min_iterations: int):
     """(loop d, its extent, per operand the position indexed by d or None) of a linalg.generic
     on static memrefs that parallelize_nests may split, else None."""
+    # a body that reads loop indices (linalg.index: gathers, masks) or other buffers directly
+    # would see the range's local indices, not the loop's
+    if any(inner.name in ("linalg.index", "memref.load", "tensor.extract") for inner in irutil.walk(op)):
+        return None
     maps = [ir.AffineMapAttr(m).value for m in ir.ArrayAttr(op.attributes["indexing_maps"])]
     iterators = [str(a) for a in ir.ArrayAttr(op.attributes["iterator_types"])]
     shapes = []

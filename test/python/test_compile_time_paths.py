@@ -207,3 +207,26 @@ def test_parallelized_nests_run_in_chunks(tmp_path):
     CpuLibrary(so).call([a, w, bt, o, s], [])
     np.testing.assert_array_equal(o, a * w + bt.T)
     np.testing.assert_allclose(s, a.sum(1), rtol=1e-5)
+
+
+def test_nests_reading_loop_indices_stay_whole():
+    """A body that reads linalg.index (a gather, a column mask: split-outliers, reorder-channels)
+    would see a range's local index after the split: such nests are not parallelized."""
+    entry = f"""
+func.func @main(%a: {_M3}, %o: {_M3}) {{
+    linalg.generic {{indexing_maps = [affine_map<(d0, d1) -> (d0, d1)>, affine_map<(d0, d1) -> (d0, d1)>],
+                     iterator_types = ["parallel", "parallel"]}} ins(%a : {_M3}) outs(%o : {_M3}) {{
+    ^bb0(%x: f32, %out: f32):
+      %i = linalg.index 0 : index
+      %c = arith.index_cast %i : index to i32
+      %f = arith.sitofp %c : i32 to f32
+      %r = arith.addf %x, %f : f32
+      linalg.yield %r : f32
+    }}
+    return
+}}
+"""
+    with make_context():
+        module = ir.Module.parse(entry)
+        lowering.outline_loop_nests(module)
+        assert lowering.parallelize_nests(module, min_iterations=1) == 0
