@@ -37,7 +37,6 @@ from .emit import KernelSpec, Param
 
 CHUNK = 32  # keys a block of attn_split takes (513 keys x 16 heads: 272 blocks on 132 SMs)
 SPLIT_WARPS = 4  # attn_split: warps computing scores (CHUNK / SPLIT_WARPS keys each)
-COMBINE_THREADS = 128
 # the q @ k^T kernels matched: with prefill's tile_contract ones too (16 heads x 128 queries,
 # a block per query and chunk) w8a8 sm_90a prefill went 325.6 -> 428.0 us on the H200
 # (bench_h200_attention_prefill.log): a query a block rereads K and V 128 times
@@ -503,7 +502,7 @@ def build(at: _Attention, scratch: dict) -> list[tuple[KernelSpec, dict]]:
                   [("sc", f32, C), ("pc", f32, C)], {"kind": "attention_split", "chunk": C, "splits": S},
                   f"decode attention, {R} rows x {N} keys in chunks of {C}: scores, softmax partials, p @ v")
     # combine
-    TC = min(COMBINE_THREADS, -(-D // 32) * 32)
+    TC = T  # the split's block size (threads past D idle): fuse_tails runs it in the split's last blocks
     out_p = [x for x in _params(at.pv, "pv_", keep_out=True) if x[0].name == "pv_out0"]
     ins = [(Param(p.name, p.type, "in"), arg) for p, arg in outs]
     comb_params = ins + out_p

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 
+from . import kernels
 from . import linalg_kernels as lk
 from .emit import KernelSpec, Param
 
@@ -47,8 +48,18 @@ class _Stage:
         return self.spec.grid[0]
 
 
-def _stage(launch, specs, descs, T):
-    """The launch as a stage of a T-thread block, or None when it is not small."""
+def _resized(spec: KernelSpec, T: int) -> KernelSpec | None:
+    """A prebuilt kernel rebuilt for a T-thread block (the same results), or None."""
+    c = spec.config
+    if c.get("kind") != "quantize_rows" or T % 32:
+        return None
+    return kernels.quantize_rows(c["K"], qmin=c["qmin"], qmax=c["qmax"], clip=c["clip"], m_max=c["m_max"],
+                                 warps=T // 32, exact_warps=True)
+
+
+def _stage(launch, specs, descs, T, resize: bool = False):
+    """The launch as a stage of a T-thread block, or None when it is not small. `resize`: a
+    prebuilt kernel with shared memory of another block size is rebuilt for T."""
     spec = specs[launch["kernel"]]
     if spec.grid[1] != 1 or spec.grid[2] != 1 or spec.block[1] != 1 or spec.block[2] != 1:
         return None
@@ -69,6 +80,8 @@ def _stage(launch, specs, descs, T):
         return _Stage(st, launch) if st.grid[0] <= MAX_VBLOCKS else None
     if spec.config.get("kind") not in PREBUILT or spec.grid[0] > MAX_VBLOCKS:
         return None
+    if resize and spec.smem and spec.threads != T:
+        spec = _resized(spec, T) or spec
     if spec.smem_bytes() > MAX_SMEM or (spec.smem and spec.threads != T) or spec.threads > T:
         return None
     return _Stage(spec, launch)
@@ -112,47 +125,62 @@ class _StageEmitter:
         return self._E.load_hint(mem, i, None if id(mem) in self._written else hint)
 
 
-def fuse(stages: list[_Stage], T: int, rows: int = 0) -> tuple[KernelSpec, dict]:
-    """One kernel running `stages` in order in one T-thread block, and its launch; rows > 0:
-    in `rows` blocks, block b running each stage's virtual blocks of row b (fuse_row_launches)."""
-    written = {w for s in stages for w in s.launch["writes"]}
+def bind_stages(stages: list[_Stage], written: set) -> tuple[list[Param], list[dict], list]:
+    """The parameters (stage i's as ``s{i}_<name>``), launch arguments and shared memory of
+    one kernel running `stages`. A buffer that some stage writes (`written`) is bound as
+    ``alias`` by every stage: a later stage reads it through another pointer."""
     params, args, smem = [], [], []
     for i, s in enumerate(stages):
         for p, a in zip(s.spec.params, s.launch["args"]):
             role = p.role
             if p.is_buffer and a["buf"] in written and role != "alias":
-                role = "alias"  # written in this kernel and read through another pointer
+                role = "alias"
             prow = (f"s{i}_{p.rows[0]}", p.rows[1]) if p.rows else None
             params.append(Param(f"s{i}_{p.name}", p.type, role, p.doc, prow, p.range))
             args.append(a)
         smem += [(f"s{i}_{n}", t, c) for n, t, c in s.spec.smem]
+    return params, args, smem
+
+
+def run_stage(E, a: dict, i: int, s: _Stage, T: int, alias: set, first, per: int):
+    """Stage i's virtual blocks first .. first + per - 1, in turn, in E's T-thread block.
+    `a`: the fused kernel's values by name; `alias`: ids of the buffers written in it (read
+    without cache hints)."""
+    sa = {p.name: a[f"s{i}_{p.name}"] for p in s.spec.params}
+    sa.update({n: a[f"s{i}_{n}"] for n, _, _ in s.spec.smem})
+
+    def one(vb):
+        SE = _StageEmitter(E, vb, alias)
+        if s.spec.threads < T:
+            E.if_(E.cmp("ult", E.tid(), E.const(s.spec.threads, "index")), lambda: s.spec.body(SE, sa))
+        else:
+            s.spec.body(SE, sa)
+    if per == 1:
+        one(first)
+        return
+
+    def loop(j, _):
+        one(first + j)
+        if s.spec.smem:
+            E.barrier()  # the next virtual block reuses the shared memory
+        return []
+    E.for_(0, per, 1, [], loop)
+
+
+def fuse(stages: list[_Stage], T: int, rows: int = 0) -> tuple[KernelSpec, dict]:
+    """One kernel running `stages` in order in one T-thread block, and its launch; rows > 0:
+    in `rows` blocks, block b running each stage's virtual blocks of row b (fuse_row_launches)."""
+    written = {w for s in stages for w in s.launch["writes"]}
+    params, args, smem = bind_stages(stages, written)
 
     def body(E, a):
         alias = {id(a[p.name]) for p in params if p.role == "alias"}
         for i, s in enumerate(stages):
             if i:
                 E.barrier()
-            sa = {p.name: a[f"s{i}_{p.name}"] for p in s.spec.params}
-            sa.update({n: a[f"s{i}_{n}"] for n, _, _ in s.spec.smem})
-
-            def one(vb, s=s, sa=sa):
-                SE = _StageEmitter(E, vb, alias)
-                if s.spec.threads < T:
-                    E.if_(E.cmp("ult", E.tid(), E.const(s.spec.threads, "index")),
-                          lambda: s.spec.body(SE, sa))
-                else:
-                    s.spec.body(SE, sa)
             per = s.vblocks // rows if rows else s.vblocks  # virtual blocks a fused block runs
             first = E.bid() * per if rows else E.const(0, "index")
-            if per == 1:
-                one(first)
-            else:
-                def loop(j, _, s=s, one=one, first=first):
-                    one(first + j)
-                    if s.spec.smem:
-                        E.barrier()  # the next virtual block reuses the shared memory
-                    return []
-                E.for_(0, per, 1, [], loop)
+            run_stage(E, a, i, s, T, alias, first, per)
 
     kinds = [s.spec.config.get("kind", "?") for s in stages]
     what = f"row-local launches, a block a row of {rows}" if rows else "small launches in one block"

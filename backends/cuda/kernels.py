@@ -1843,7 +1843,7 @@ def gemv_w8_sparse_x(K: int, N: int, *, m_max: int = 16, n_rows: int | None = No
 
 
 def quantize_rows(K: int, *, qmin: int, qmax: int, clip: float = 1.0, m_max: int = 16, warps: int = 8,
-                  name: str | None = None) -> KernelSpec:
+                  exact_warps: bool = False, name: str | None = None) -> KernelSpec:
     """codes[M, K] int8, scale[M] f32 = per-token symmetric quantization of x[M, K] f32.
 
     One launch for what the reference lowering does in three (the row's absmax, its scale,
@@ -1852,12 +1852,13 @@ def quantize_rows(K: int, *, qmin: int, qmax: int, clip: float = 1.0, m_max: int
     warps per row: threads read the row in 16-byte chunks, a maximum butterfly in each warp
     and one across the warps (shared memory) give every thread the absmax, a second pass
     writes the codes. Constraints: K % 4 == 0. Parameters: x f32 [M, K], y int8 [M, K],
-    scale f32 [M], M i32.
+    scale f32 [M], M i32. Short rows get fewer warps unless `exact_warps` (a stage of a fused
+    kernel of that block size: the extra threads idle; same results).
     """
     _require(K % 4 == 0, f"quantize_rows needs K % 4 == 0 (K={K})")
     _require(1 <= m_max <= ROWS_MAX, f"m_max must be in 1..{ROWS_MAX} (got {m_max})")
     K4 = K // 4
-    warps = max(1, min(warps, -(-K4 // 32)))  # no idle warps on short rows
+    warps = warps if exact_warps else max(1, min(warps, -(-K4 // 32)))  # no idle warps on short rows
     T = 32 * warps
     steps = -(-K4 // T)
     params = [

@@ -43,6 +43,7 @@ FUSE_SMALL_LAUNCHES = True  # fuse_launches.py; tests turn it off to compare pla
 FUSE_ROW_LAUNCHES = True  # fuse_launches.fuse_row_launches (prefill's per-row ops); likewise
 FUSE_ATTENTION = True  # fuse_attention.py (decode attention: split over keys + combine); likewise
 FUSE_GEMV_EPILOGUES = True  # fuse_epilogues.py (decode: the elementwise op after a GEMV in it); likewise
+FUSE_GEMV_TAILS = True  # fuse_tails.py (decode: the small launches after a GEMV in its last block); likewise
 
 
 FUSE = [
@@ -160,6 +161,7 @@ def compile_cuda(*, module, ctx, session, run, prog, imported, recipe, gpu_arch:
     from .fuse_attention import fuse_attention
     from .fuse_epilogues import fuse_gemv_epilogues
     from .fuse_launches import fuse_row_launches, fuse_small_launches
+    from .fuse_tails import TICKET, TICKETS, fuse_gemv_tails
     from .host_plan import HostOpError, PlanBuilder
 
     run("select-kernels", [f"cuda-select-kernels{{split-x={ACTIVATIONS[gpu_activations]} arch={gpu_arch}}}"])
@@ -181,6 +183,9 @@ def compile_cuda(*, module, ctx, session, run, prog, imported, recipe, gpu_arch:
         pb.launches = fuse_attention(pb.launches, pb.specs, pb.descs, pb.roots)
     if FUSE_GEMV_EPILOGUES:
         pb.launches = fuse_gemv_epilogues(pb.launches, pb.specs, pb.descs, pb.roots)
+    if FUSE_GEMV_TAILS:
+        pb.launches = fuse_gemv_tails(pb.launches, pb.specs, pb.descs,
+                                      lambda: pb.param_buffer(TICKET, np.zeros(TICKETS, np.int32)))
     if FUSE_SMALL_LAUNCHES:
         pb.launches = fuse_small_launches(pb.launches, pb.specs, pb.descs)
     if FUSE_ROW_LAUNCHES:
