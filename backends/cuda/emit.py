@@ -33,6 +33,7 @@ MAX_STATIC_SMEM = 48 * 1024  # static shared memory a block may declare (more ne
 SWIZZLE_MODES = {0: 0, 128: 1}  # wgmma descriptor layout types (bits 62-63): none, 128-byte swizzle
 MAX_DYNAMIC_SMEM = 227 * 1024  # dynamic shared memory a block may take on sm_90 (opted in at load)
 GRID_WAIT_MARK = "qcc.grid_dependency_wait"  # PTX comment that Emitter.grid_dependency_wait leaves
+TRIGGER_MARK = "qcc.launch_dependents"  # PTX comment that Emitter.launch_dependents leaves
 INT_TYPES = {"i1": 1, "i8": 8, "i16": 16, "i32": 32, "i64": 64, "index": 64}
 FLOAT_TYPES = {"f16": 16, "f32": 32, "f64": 64}
 
@@ -508,6 +509,12 @@ class MlirEmitter(Emitter):
         self.if_(self.cmp("eq", self.tid(), self.const(0, "index")), first)
         self.barrier()
         return self.load(slot, self.const(0, "index"))
+
+    def launch_dependents(self):
+        """Where the kernel lets the next one launch (a block that never gets here counts when
+        it exits): ptx.with_grid_dependency makes the mark ``griddepcontrol.launch_dependents``
+        on sm_90+, in place of the trigger it would put after the wait."""
+        self._emit(f'llvm.inline_asm has_side_effects "// {TRIGGER_MARK}", ""  : () -> ()')
 
     def _address(self, mem: Val, i: Val) -> Val:
         """The i64 address of element i of `mem`."""

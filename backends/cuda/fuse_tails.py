@@ -30,6 +30,13 @@ TICKETS = 256  # counters in it: [0] for whole grids, [1 + r] for row r of an at
 KINDS = ("gemv",)  # kernel kinds (config "kind" prefixes) that take a tail
 MAX_ROWS = 16  # m_max of those GEMVs (decode; lowering.EARLY_TRIGGER_GEMV_ROWS)
 ATTENTION = True  # attention's combine in the split's last blocks (off: the device A/B of it)
+# the next kernel launches when the last block starts the tail (its weight prefetch then
+# overlaps the tail, as it overlapped the one-block launch before); False: at the kernel's
+# start like a decode GEMV's (H200: slower, docs/ARCHITECTURE.md)
+TRIGGER_AT_TAIL = True
+# ptxas caps the kernel at the GEMV's own register count (lowering.build_images): the tail
+# (a quantize_rows row in registers) would otherwise cost the GEMV blocks per SM
+CAP_REGISTERS = True
 
 
 def _small_run(launches: list[dict], j: int, specs: dict, descs: dict, T: int) -> list[fl._Stage]:
@@ -110,6 +117,8 @@ def fuse(main: fl._Stage, row: fl._Stage | None, tail: list[fl._Stage], ticket: 
             E.if_(E.cmp("eq", t, E.const(n - 1, "i32")), run)
 
         def run_tail():
+            if TRIGGER_AT_TAIL:
+                E.launch_dependents()
             for k, s in enumerate(tail, at_tail):
                 if k > at_tail:
                     E.barrier()
@@ -129,7 +138,9 @@ def fuse(main: fl._Stage, row: fl._Stage | None, tail: list[fl._Stage], ticket: 
         last_of(blocks // R, r + 1, combine)
 
     kinds = [s.spec.config.get("kind", "?") for s in stages[1:]]
-    spec = KernelSpec(A.name, params, A.block, A.grid, body, smem, dict(A.config, tail=kinds),
+    cap = CAP_REGISTERS and row is None  # (attention split: 2 blocks an SM, no cap needed)
+    cfg = dict(A.config, tail=kinds, **({"tail_of": A.name} if cap else {}))
+    spec = KernelSpec(A.name, params, A.block, A.grid, body, smem, cfg,
                       doc=f"{A.doc} Then in its last block{' of each row' if row else ''}: {', '.join(kinds)}.")
     h = hashlib.sha1(spec.mlir_func().encode()).hexdigest()[:12]
     spec.name = f"{A.name}_t{len(kinds)}_{h}"

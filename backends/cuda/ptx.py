@@ -25,7 +25,7 @@ import subprocess
 import tempfile
 from typing import Iterable, Sequence
 
-from .emit import GRID_WAIT_MARK
+from .emit import GRID_WAIT_MARK, TRIGGER_MARK
 
 NVPTX_TRIPLE = "nvptx64-nvidia-cuda"
 NVPTX_DATALAYOUT = "e-p6:32:32-i64:64-i128:128-i256:256-v16:16-v32:32-n16:32:64"
@@ -255,7 +255,8 @@ def with_grid_dependency(ptx: str, early: Iterable[str] = ()) -> str:
     predecessor complete, its writes visible) where its body marks it
     (Emitter.grid_dependency_wait, after the weight GEMVs' L2 prefetches), else first; the
     kernels named in `early` then let the next kernel launch at once
-    (``griddepcontrol.launch_dependents``), the others at their exit.
+    (``griddepcontrol.launch_dependents``), those that mark the place (Emitter.launch_dependents)
+    there, the others at their exit.
 
     Launched with programmatic stream serialization (model_runtime), the next kernel is set up
     while this one runs instead of after it, and after an early trigger its blocks are placed
@@ -265,14 +266,16 @@ def with_grid_dependency(ptx: str, early: Iterable[str] = ()) -> str:
     do nothing. Which kernels trigger early (lowering.early_trigger_kernels) and why:
     docs/ARCHITECTURE.md."""
     early = set(early)
-    mark = f"// {GRID_WAIT_MARK}"
+    mark, trigger = f"// {GRID_WAIT_MARK}", f"// {TRIGGER_MARK}"
     lines = ptx.split("\n")
     starts = [i for i, ln in enumerate(lines) if _ENTRY.match(ln)]
     out = lines[:starts[0]] if starts else lines
     for s, e in zip(starts, starts[1:] + [len(lines)]):
         kernel = lines[s:e]
         wait = ["\tgriddepcontrol.wait;"]
-        if _ENTRY.match(kernel[0]).group(1) in early:
+        if any(ln.strip() == trigger for ln in kernel):  # the body says where (Emitter.launch_dependents)
+            kernel = ["\tgriddepcontrol.launch_dependents;" if ln.strip() == trigger else ln for ln in kernel]
+        elif _ENTRY.match(kernel[0]).group(1) in early:
             wait.append("\tgriddepcontrol.launch_dependents;")
         if any(ln.strip() == mark for ln in kernel):  # at the body's marks
             out += [w for ln in kernel for w in (wait if ln.strip() == mark else [ln])]
@@ -281,6 +284,22 @@ def with_grid_dependency(ptx: str, early: Iterable[str] = ()) -> str:
         while j < len(kernel) and _DECL.match(kernel[j]):
             j += 1
         out += kernel[:j] + wait + kernel[j:]
+    return "\n".join(out)
+
+
+def with_register_caps(ptx: str, caps: dict) -> str:
+    """``.maxnreg n`` on each kernel named in `caps` (kernel -> n): ptxas keeps it to n
+    registers, spilling in its cold parts if it must, so it keeps its occupancy."""
+    lines = ptx.split("\n")
+    out, cap = [], None
+    for ln in lines:
+        m = _ENTRY.match(ln)
+        if m:
+            cap = caps.get(m.group(1))
+        if cap is not None and ln.strip() == "{":
+            out.append(f".maxnreg {int(cap)}")
+            cap = None
+        out.append(ln)
     return "\n".join(out)
 
 

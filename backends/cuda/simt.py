@@ -268,6 +268,9 @@ class SimtEmulator(Emitter):
     def grid_dependency_wait(self):
         pass  # the emulator runs one grid at a time
 
+    def launch_dependents(self):
+        pass  # likewise
+
     def grid_ticket(self, counter, slot, i=None):
         """Blocks draw tickets in block order (the emulator runs a batch of blocks in lock
         step, so each has finished the code before this point)."""

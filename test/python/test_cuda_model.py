@@ -392,6 +392,13 @@ def test_gemv_tails_run_in_the_last_block(recipe, monkeypatch):
                 assert p.role == "alias", (L["kernel"], p.name)
     if recipe == "w8a8":  # per-token quantization joins the GEMV before it
         assert any(L["fused"][-1].startswith("quantize_rows") for L in tails)
+    ptx_text = fused.code["cuda_sm_90.ptx"].decode()
+    for L in tails:  # the next kernel launches when the last block starts the tail
+        body = ptx_text.split(f".entry {L['kernel']}(")[1].split(".entry ")[0]
+        assert body.count("griddepcontrol.launch_dependents") == 1
+        assert body.index("atom.global.add.u32") < body.index("griddepcontrol.launch_dependents")
+        if ptx.ptxas_path() and fused.cuda_specs[L["kernel"]].config["kind"].startswith("gemv"):
+            assert body.count(".maxnreg ") == 1  # capped at the GEMV's own registers
     # the counters: one parameter, zero in the artifact
     plan = fused.manifest["cuda"]["plan"]
     ticket = [b for b in plan["buffers"] if b.get("name") == fuse_tails.TICKET]
