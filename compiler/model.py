@@ -55,10 +55,11 @@ class CompiledModel:
         runner = self._get_runner()
         args = []
         user = iter(arrays)
-        for a in self.manifest["entry"]["args"]:
+        entry = self.manifest["entry"]["args"]
+        for a in entry:
             args.append(self.weights[a["param"]] if "param" in a else next(user))
         outs = [np.empty([_dim(d, symbols) for d in o["shape"]], np.dtype(o["dtype"])) for o in self.outputs]
-        runner.call(args, outs)
+        runner.call(args, outs, fixed=frozenset(i for i, a in enumerate(entry) if "param" in a))
         return outs
 
     def __call__(self, *inputs):

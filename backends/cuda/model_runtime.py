@@ -315,9 +315,10 @@ class CudaModel:
         outs = self.run_torch(*inputs) if inputs and _is_torch(inputs[0]) else self.run(*inputs)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
-    def call(self, args, outs):
+    def call(self, args, outs, fixed=frozenset()):
         """qcc.model.CompiledModel's runner protocol: entry-order arguments (parameters are
-        already on the GPU and skipped), output arrays filled in place."""
+        already on the GPU and skipped; `fixed`, their indices, is not needed), output arrays
+        filled in place."""
         user = [a for a, e in zip(args, self.manifest["entry"]["args"]) if "input" in e]
         for o, r in zip(outs, self.run(*user)):
             o[...] = r

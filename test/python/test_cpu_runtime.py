@@ -43,6 +43,29 @@ def test_dynamic_batch_one_artifact(dynamic_mlp):
         assert rel_err(y, reference(x.double()).detach()) <= 1e-5, f"M={m}"
 
 
+def test_parameter_descriptors_follow_the_weights():
+    """CpuLibrary keeps the parameters' memref descriptors between calls: an in-place change
+    of a weight and a weight array replaced in `compiled.weights` are both seen by the next
+    call (each result against the float64 oracle)."""
+    model = models.MLP(in_features=64, hidden=96, out_features=16, seed=6).eval().double()
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    compiled = qcc.compile(model.float(), (x.float(),))
+    model.double()
+
+    def check():
+        with torch.no_grad():
+            assert rel_err(compiled(x.float()), model(x).detach()) <= 1e-5
+    check()
+    compiled.weights["fc2.weight"] *= 2  # in place: the same array
+    with torch.no_grad():
+        model.fc2.weight.mul_(2)
+    check()
+    compiled.weights["fc2.bias"] = np.full(96, 0.5, np.float32)  # a new array
+    with torch.no_grad():
+        model.fc2.bias.fill_(0.5)
+    check()
+
+
 def test_dynamic_dims_must_agree():
     class Add(torch.nn.Module):
         def forward(self, a, b):
