@@ -16,6 +16,7 @@ class CompiledModel:
         self.weights = weights
         self.code = code
         self._runner = None
+        self._fixed = None
 
     # -- running ---------------------------------------------------------------
     @property
@@ -59,7 +60,9 @@ class CompiledModel:
         for a in entry:
             args.append(self.weights[a["param"]] if "param" in a else next(user))
         outs = [np.empty([_dim(d, symbols) for d in o["shape"]], np.dtype(o["dtype"])) for o in self.outputs]
-        runner.call(args, outs, fixed=frozenset(i for i, a in enumerate(entry) if "param" in a))
+        if self._fixed is None:  # the parameters' argument indices (their descriptors are kept)
+            self._fixed = frozenset(i for i, a in enumerate(entry) if "param" in a)
+        runner.call(args, outs, fixed=self._fixed)
         return outs
 
     def __call__(self, *inputs):
