@@ -453,6 +453,17 @@ def test_grid_ticket_orders_blocks_across_batches():
     assert sorted(tickets) == list(range(200)) and total[0] == sum(range(200)) and ticket[0] == 0
     assert "atom.global.add.u32" in spec.mlir_func() and "fence.acq_rel.gpu" in spec.mlir_func()
 
+    def per_row(E, a):  # counter 1 + r for the 50 blocks of row r (attention's per-head tickets)
+        r = E.bid() // 50
+        t = E.grid_ticket(a["ticket"], a["slot"], r + 1)
+        E.if_(E.cmp("eq", E.tid(), E.const(0, "index")), lambda: E.store(t, a["tickets"], E.bid()))
+    spec = KernelSpec("row_ticket", [Param("tickets", "memref<200xi32>", "out"), Param("ticket", "memref<5xi32>", "alias")],
+                      (64, 1, 1), (200, 1, 1), per_row, [("slot", "i32", 1)])
+    counters = np.zeros(5, np.int32)
+    simt.run(spec, dict(tickets=tickets, ticket=counters))
+    assert all(sorted(tickets[50 * r:50 * (r + 1)]) == list(range(50)) for r in range(4))
+    assert list(counters) == [0, 50, 50, 50, 50]
+
 
 @pytest.mark.parametrize("recipe", ["w8a8", "float"])
 def test_row_local_launches_fuse(recipe, monkeypatch):
