@@ -81,8 +81,10 @@ class CompiledModel:
         if self._runner is None:
             target = self.manifest["target"]
             if target == "cpu":
+                from qcc.backends.cpu import host
                 from qcc.backends.cpu.runtime import CpuLibrary
 
+                host.check_can_run(self.manifest.get("cpu", {}))
                 path = artifact.materialize(self.code["cpu.so"], ".so")
                 try:
                     self._runner = CpuLibrary(path)

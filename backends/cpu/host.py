@@ -2,7 +2,8 @@
 
 Code is compiled for the host CPU (the JIT machinery targets it), so the
 features seen here are those the artifact needs; they are recorded in the
-manifest and checked again on load.
+manifest and checked again on load (check_can_run: a clear error instead of an
+illegal instruction).
 
 Threads come from `scf.parallel` -> OpenMP, which calls LLVM's runtime
 (`__kmpc_*`).  torch's bundled libgomp lacks those entry points; qcc uses
@@ -56,13 +57,30 @@ def features() -> dict:
                            + (" or vnni" if int_dot == "vnni" else ""), hint="unset QCC_CPU_INT_DOT or set it to avx2")
         int_dot = forced
     return {"isa": isa, "lanes": 16 if isa == "avx512" else 8, "int_dot": int_dot,
-            "flags": sorted(f for f in flags if f in ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
-                                                      "avx_vnni", "avx512_bf16", "f16c"))}
+            "flags": sorted(f for f in flags if f.startswith(ISA_FLAG_PREFIXES))}
+
+
+# /proc/cpuinfo flags of instruction-set extensions: the library is compiled for the host CPU
+# with all its features (lowering._object_code), so any of them may be in the code
+ISA_FLAG_PREFIXES = ("sse", "ssse3", "avx", "fma", "f16c", "bmi", "abm", "lzcnt", "popcnt", "movbe", "adx",
+                     "aes", "pclmulqdq", "vpclmulqdq", "gfni", "vaes", "sha_ni", "amx", "rdrand", "rdseed")
 
 
 def missing_features(recorded: dict) -> list[str]:
-    """Flags an artifact was compiled for that this host lacks."""
-    return sorted(set(recorded.get("flags", [])) - cpu_flags())
+    """Flags an artifact was compiled for that this host lacks ([] when this host's flags are
+    unknown: no /proc/cpuinfo)."""
+    have = cpu_flags()
+    return sorted(set(recorded.get("flags", [])) - have) if have else []
+
+
+def check_can_run(recorded: dict) -> None:
+    """QccError when this CPU lacks an instruction-set extension the artifact's code was
+    compiled for (running it would die of an illegal instruction)."""
+    missing = missing_features(recorded)
+    if missing:
+        raise QccError(f"this artifact's CPU code was compiled for instruction-set extensions this CPU lacks: "
+                       f"{', '.join(missing)}", where="loading the CPU code",
+                       hint="compile the model with qcc on this machine (or one with the same CPU features)")
 
 
 def _candidates():

@@ -66,6 +66,26 @@ def test_parameter_descriptors_follow_the_weights():
     check()
 
 
+def test_artifact_for_a_cpu_with_more_features_is_refused(tmp_path, monkeypatch):
+    """The library is compiled for this host's CPU with all its features; on a CPU that lacks
+    one of them, loading names the missing extensions instead of dying of SIGILL."""
+    from qcc.backends.cpu import host
+    from qcc.errors import QccError
+
+    model = models.MLP(in_features=64, hidden=96, out_features=16, seed=6).eval()
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+    path = str(tmp_path / "m.qcc")
+    qcc.compile(model, (x,), quant="w8a16").save(path)
+    recorded = set(qcc.load(path).manifest["cpu"]["flags"])
+    assert {"sse2", "avx2"} <= recorded or not host.cpu_flags()
+    assert torch.equal(qcc.load(path)(x), qcc.load(path)(x))  # this host: runs
+    lesser = frozenset(f for f in host.cpu_flags() if not f.startswith("avx"))
+    monkeypatch.setattr(host, "cpu_flags", lambda: lesser)
+    with pytest.raises(QccError, match="instruction-set extensions this CPU lacks: avx") as e:
+        qcc.load(path)(x)
+    assert e.value.hint and "compile" in e.value.hint
+
+
 def test_dynamic_dims_must_agree():
     class Add(torch.nn.Module):
         def forward(self, a, b):
