@@ -11,6 +11,7 @@ import re
 import numpy as np
 
 from qcc.backends.cpu import host
+from qcc.errors import QccError
 
 _DESCRIPTORS: dict[int, type] = {}
 
@@ -54,9 +55,10 @@ def _open(path: str):
         # from the caller's other threaded code (torch's libgomp) afterwards
         os.environ.setdefault("KMP_BLOCKTIME", "20")
         omp = host.load_openmp(soname)
-        if omp is None:
-            raise OSError(f"{path}: this artifact runs its kernels on OpenMP threads and needs LLVM's OpenMP "
-                          f"runtime ({soname}): pip install cmeel-libomp, or set QCC_OPENMP_LIB")
+        if omp is None:  # a setup the user can fix, not a qcc bug: a QccError (the CLI's exit 2)
+            raise QccError(f"this artifact runs its kernels on OpenMP threads and needs LLVM's OpenMP runtime "
+                           f"({soname}), which is not installed", where="loading the CPU code",
+                           hint="pip install cmeel-libomp, or set QCC_OPENMP_LIB to a libomp.so")
     return ctypes.CDLL(path), omp
 
 

@@ -86,6 +86,24 @@ def test_artifact_for_a_cpu_with_more_features_is_refused(tmp_path, monkeypatch)
     assert e.value.hint and "compile" in e.value.hint
 
 
+def test_missing_openmp_runtime_is_a_clear_error(tmp_path, monkeypatch):
+    """A threaded artifact on a machine without LLVM's OpenMP runtime: a QccError saying what
+    to install (the CLI's one line and exit 2), not an internal error."""
+    from qcc.backends.cpu import host
+    from qcc.errors import QccError
+
+    if host.openmp_runtime() is None:
+        pytest.skip("no OpenMP runtime: artifacts are single-threaded here")
+    model = models.MLP(in_features=64, hidden=96, out_features=16, seed=6).eval()
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+    path = str(tmp_path / "m.qcc")
+    qcc.compile(model, (x,), quant="w8a16").save(path)
+    monkeypatch.setattr(host, "load_openmp", lambda soname: None)
+    with pytest.raises(QccError, match="OpenMP runtime") as e:
+        qcc.load(path)(x)
+    assert "cmeel-libomp" in e.value.hint
+
+
 def test_dynamic_dims_must_agree():
     class Add(torch.nn.Module):
         def forward(self, a, b):
