@@ -151,8 +151,11 @@ def compile(model, example_inputs=None, *, target: str = "cpu", quant: str | Non
         lowering.outline_loop_nests(module)
         if openmp is not None and os.environ.get("QCC_CPU_PARALLEL_NESTS", "1") != "0":
             lowering.parallelize_nests(module)
+        noalias = lowering.noalias_nests(module) if os.environ.get("QCC_CPU_NOALIAS_NESTS", "1") != "0" else {}
         expand_math.expand_exp(module)
     run("to-llvm", lowering.TO_LLVM)
+    with ctx:
+        lowering.set_noalias(module, noalias)
     prog.stage("codegen")
     with tempfile.TemporaryDirectory() as tmp:
         so = os.path.join(tmp, "cpu.so")
