@@ -1,22 +1,28 @@
 """A decode GEMV and the small launches after it -> one launch whose last block runs them.
 
+Off by default (lowering.FUSE_GEMV_TAILS): its first version made decode slower on the H200
+(w8a8 140.7 -> 165.6 us; docs/BENCHMARKS.md); the trigger placement and register cap below
+came after that run and are not measured yet.
+
 At decode a weight GEMV is followed by one-block work on its whole output row: RMSNorm and
 per-token quantization after o_proj and down_proj, the quantization of SwiGLU's row after
 gate/up, the new key's RoPE after q/k/v. fuse_launches.py already runs such a run as one
 launch of one block; here that block's work moves into the GEMV itself. Every block of the
 GEMV, its outputs written, takes a ticket (Emitter.grid_ticket: a block barrier, a GPU-scope
-fence and an atomic add on one counter); the block that draws the last ticket knows all the
+fence and an atomic add on a counter); the block that draws the last ticket knows all the
 others are done and runs the stages in turn, as the fused one-block kernel would, then sets
-the counter back to zero for the next launch. The run pays no launch of its own and no
-kernel boundary: on the H200 a CUDA-graph launch costs ~2.5 us, the run's work ~1-3 us.
+the counter back to zero for the next launch. Attention's split kernel has a counter per
+head: the last split block of head r runs block r of the combine, and the last of those the
+small launches after it. The run pays no launch of its own and no kernel boundary.
 
-* One counter (a 4-byte parameter, zero in the artifact) serves every such launch: the next
-  kernel touches it only after griddepcontrol.wait or stream order, when this grid is done.
+* The counters (a parameter of TICKETS words, zero in the artifact) serve every such launch:
+  the next kernel touches them only after griddepcontrol.wait or stream order.
 * The stages are those of fuse_launches (the same kernels, the same numerics bit for bit) at
-  the GEMV's block size (quantize_rows rebuilt for it where its own differs); buffers written anywhere in the kernel lose noalias and
-  ld.global.nc, in the GEMV's body too.
-* Only decode GEMVs (m_max <= EARLY_TRIGGER_GEMV_ROWS rows, static shared memory): the fused
-  kernel keeps the GEMV's config, so it still lets its successor launch at its start.
+  the GEMV's block size (quantize_rows rebuilt for it where its own differs); buffers
+  written anywhere in the kernel lose noalias and ld.global.nc, in the GEMV's body too.
+* The next kernel may launch when the last block starts the tail (TRIGGER_AT_TAIL), and
+  ptxas keeps a tailed GEMV at the GEMV's own registers (CAP_REGISTERS).
+* Only decode GEMVs (m_max <= MAX_ROWS rows, static shared memory) and attention splits.
 """
 from __future__ import annotations
 
