@@ -16,7 +16,7 @@ class CompiledModel:
         self.weights = weights
         self.code = code
         self._runner = None
-        self._fixed = None
+        self._entry = self._fixed = None
 
     # -- running ---------------------------------------------------------------
     @property
@@ -54,15 +54,13 @@ class CompiledModel:
         """Runs on numpy arrays and returns numpy arrays."""
         arrays, symbols = self._check_inputs(list(arrays))
         runner = self._get_runner()
-        args = []
-        user = iter(arrays)
-        entry = self.manifest["entry"]["args"]
-        for a in entry:
-            args.append(self.weights[a["param"]] if "param" in a else next(user))
+        if self._entry is None:  # per entry argument: its parameter's name, or None for an input
+            self._entry = [a.get("param") for a in self.manifest["entry"]["args"]]
+            self._fixed = frozenset(i for i, n in enumerate(self._entry) if n is not None)
+        weights, user = self.weights, iter(arrays)
+        args = [next(user) if n is None else weights[n] for n in self._entry]
         outs = [np.empty([_dim(d, symbols) for d in o["shape"]], np.dtype(o["dtype"])) for o in self.outputs]
-        if self._fixed is None:  # the parameters' argument indices (their descriptors are kept)
-            self._fixed = frozenset(i for i, a in enumerate(entry) if "param" in a)
-        runner.call(args, outs, fixed=self._fixed)
+        runner.call(args, outs, fixed=self._fixed)  # (the parameters' descriptors are kept)
         return outs
 
     def __call__(self, *inputs):
