@@ -39,7 +39,7 @@ MAX_SMEM = 16 * 1024  # bytes of shared memory of a prebuilt stage
 PREBUILT = ("quantize_rows",)  # prebuilt kernels that are small at decode (one block a row)
 
 
-class _Stage:
+class Stage:
     def __init__(self, spec: KernelSpec, launch: dict):
         self.spec, self.launch = spec, launch
 
@@ -77,17 +77,28 @@ def _stage(launch, specs, descs, T, resize: bool = False):
             st = lk.build_kernel(desc, "stage", threads=T)
         else:
             return None
-        return _Stage(st, launch) if st.grid[0] <= MAX_VBLOCKS else None
+        return Stage(st, launch) if st.grid[0] <= MAX_VBLOCKS else None
     if spec.config.get("kind") not in PREBUILT or spec.grid[0] > MAX_VBLOCKS:
         return None
     if resize and spec.smem and spec.threads != T:
         spec = _resized(spec, T) or spec
     if spec.smem_bytes() > MAX_SMEM or (spec.smem and spec.threads != T) or spec.threads > T:
         return None
-    return _Stage(spec, launch)
+    return Stage(spec, launch)
 
 
-def _run(launches, i, specs, descs) -> tuple[list[_Stage], int]:
+def small_run(launches, i, specs, descs, T: int, resize: bool = False) -> list[Stage]:
+    """The stages of the consecutive small launches from i at block size T (_stage)."""
+    run = []
+    for L in launches[i:]:
+        st = _stage(L, specs, descs, T, resize)
+        if st is None:
+            break
+        run.append(st)
+    return run
+
+
+def _run(launches, i, specs, descs) -> tuple[list[Stage], int]:
     """The longest run of small launches from i, and its block size: MAX_BLOCK, or the size
     of a prebuilt stage with shared memory nearby (which must run at its own size)."""
     sizes = {MAX_BLOCK}
@@ -97,12 +108,7 @@ def _run(launches, i, specs, descs) -> tuple[list[_Stage], int]:
             sizes.add(spec.threads)
     best, best_T = [], MAX_BLOCK
     for T in sorted(sizes, reverse=True):  # ties: the larger block
-        run = []
-        for L in launches[i:]:
-            st = _stage(L, specs, descs, T)
-            if st is None:
-                break
-            run.append(st)
+        run = small_run(launches, i, specs, descs, T)
         if len(run) > len(best):
             best, best_T = run, T
     return best, best_T
@@ -125,7 +131,7 @@ class _StageEmitter:
         return self._E.load_hint(mem, i, None if id(mem) in self._written else hint)
 
 
-def bind_stages(stages: list[_Stage], written: set) -> tuple[list[Param], list[dict], list]:
+def bind_stages(stages: list[Stage], written: set) -> tuple[list[Param], list[dict], list]:
     """The parameters (stage i's as ``s{i}_<name>``), launch arguments and shared memory of
     one kernel running `stages`. A buffer that some stage writes (`written`) is bound as
     ``alias`` by every stage: a later stage reads it through another pointer."""
@@ -142,7 +148,7 @@ def bind_stages(stages: list[_Stage], written: set) -> tuple[list[Param], list[d
     return params, args, smem
 
 
-def run_stage(E, a: dict, i: int, s: _Stage, T: int, alias: set, first, per: int):
+def run_stage(E, a: dict, i: int, s: Stage, T: int, alias: set, first, per: int):
     """Stage i's virtual blocks first .. first + per - 1, in turn, in E's T-thread block.
     `a`: the fused kernel's values by name; `alias`: ids of the buffers written in it (read
     without cache hints)."""
@@ -167,7 +173,7 @@ def run_stage(E, a: dict, i: int, s: _Stage, T: int, alias: set, first, per: int
     E.for_(0, per, 1, [], loop)
 
 
-def fuse(stages: list[_Stage], T: int, rows: int = 0) -> tuple[KernelSpec, dict]:
+def fuse(stages: list[Stage], T: int, rows: int = 0) -> tuple[KernelSpec, dict]:
     """One kernel running `stages` in order in one T-thread block, and its launch; rows > 0:
     in `rows` blocks, block b running each stage's virtual blocks of row b (fuse_row_launches)."""
     written = {w for s in stages for w in s.launch["writes"]}
@@ -309,7 +315,7 @@ def _row_stage(launch, specs, descs, buffers, written, T: int, R: int):
         for o, a in zip(views, args):
             if a["buf"] in written and not _row_local(o, j, R, bytes_of(a), a["offset"]):
                 return None
-        return _Stage(st, launch)
+        return Stage(st, launch)
     if spec.config.get("kind") not in ROW_PREBUILT or spec.grid[0] != R or spec.threads != T:
         return None
     for p, a in zip(spec.params, launch["args"]):
@@ -317,10 +323,10 @@ def _row_stage(launch, specs, descs, buffers, written, T: int, R: int):
             n, et, _ = parse_memref(p.type)
             if not p.rows or p.rows[1] != R or a["offset"] or bytes_of(a) != n * bitwidth(et) // 8:
                 return None
-    return _Stage(spec, launch)
+    return Stage(spec, launch)
 
 
-def _row_run(launches, i, specs, descs, buffers) -> tuple[list[_Stage], int, int]:
+def _row_run(launches, i, specs, descs, buffers) -> tuple[list[Stage], int, int]:
     """The longest run of row-local launches from i: (stages, T, R)."""
     first = descs.get(launches[i]["kernel"])
     if first is not None:

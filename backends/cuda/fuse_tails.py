@@ -45,21 +45,11 @@ TRIGGER_AT_TAIL = True
 CAP_REGISTERS = True
 
 
-def _small_run(launches: list[dict], j: int, specs: dict, descs: dict, T: int) -> list[fl._Stage]:
-    run = []
-    for L in launches[j:]:
-        st = fl._stage(L, specs, descs, T, resize=True)
-        if st is None:
-            break
-        run.append(st)
-    return run
-
-
 def _flat(spec) -> bool:
     return not spec.smem_dynamic and spec.grid[1:] == (1, 1) and spec.block[1:] == (1, 1)
 
 
-def _per_row(launches: list[dict], i: int, specs: dict) -> fl._Stage | None:
+def _per_row(launches: list[dict], i: int, specs: dict) -> fl.Stage | None:
     """The combine after attention split launch i, when its block r can run in the last of
     the split's blocks of row r."""
     split = specs[launches[i]["kernel"]]
@@ -73,7 +63,7 @@ def _per_row(launches: list[dict], i: int, specs: dict) -> fl._Stage | None:
             or comb.threads != split.threads or comb.grid[0] * S != split.grid[0] or 1 + comb.grid[0] > TICKETS
             or not set(launches[i]["writes"]) <= {a.get("buf") for a in L["args"]}):
         return None
-    return fl._Stage(comb, L)
+    return fl.Stage(comb, L)
 
 
 def _tail(launches: list[dict], i: int, specs: dict, descs: dict):
@@ -87,14 +77,14 @@ def _tail(launches: list[dict], i: int, specs: dict, descs: dict):
         return None
     if cfg.get("tail"):
         return None
-    run = _small_run(launches, i + 1 + (row is not None), specs, descs, spec.threads)
+    run = fl.small_run(launches, i + 1 + (row is not None), specs, descs, spec.threads, resize=True)
     smem = spec.smem_bytes() + 4 + sum(s.spec.smem_bytes() for s in run) + (row.spec.smem_bytes() if row else 0)
     if smem > MAX_STATIC_SMEM:
         run = []
     return (row, run) if row or run else None
 
 
-def fuse(main: fl._Stage, row: fl._Stage | None, tail: list[fl._Stage], ticket: int) -> tuple[KernelSpec, dict]:
+def fuse(main: fl.Stage, row: fl.Stage | None, tail: list[fl.Stage], ticket: int) -> tuple[KernelSpec, dict]:
     """`main` with `row` (an attention combine: its block r in the last of main's blocks of
     row r) and `tail` (in main's last block, or the last combine's), and its launch; `ticket`:
     the counters' buffer."""
@@ -169,7 +159,7 @@ def fuse_gemv_tails(launches: list[dict], specs: dict, descs: dict, ticket_buffe
             i += 1
             continue
         row, tail = found
-        spec, launch = fuse(fl._Stage(specs[launches[i]["kernel"]], launches[i]), row, tail, ticket_buffer())
+        spec, launch = fuse(fl.Stage(specs[launches[i]["kernel"]], launches[i]), row, tail, ticket_buffer())
         specs.setdefault(spec.name, spec)
         out.append(launch)
         i += 1 + (row is not None) + len(tail)
