@@ -72,10 +72,10 @@ class CpuLibrary:
     def call(self, args: list[np.ndarray], outs: list[np.ndarray], fixed: frozenset = frozenset()) -> None:
         """Runs the entry point. `fixed`: indices of `args` that are the same arrays from call
         to call (the parameters): their descriptors are made once and reused while the
-        argument is that array object (a decode step passes ~100 weights: 0.3 ms of
+        argument is that array object (a decode step passes ~100 weights: 0.06-0.3 ms of
         descriptors a call otherwise; the check does not touch the array, whose memory a
-        decode step has long evicted from the caches, and an array's buffer cannot move
-        while the descriptor holds it)."""
+        decode step has long evicted from the caches, and a cached array's buffer cannot be
+        resized away while this cache holds a reference to it)."""
         refs = []
         for i, a in enumerate(args):
             if i in fixed:
