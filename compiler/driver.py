@@ -142,6 +142,7 @@ def compile(model, example_inputs=None, *, target: str = "cpu", quant: str | Non
     cpu_features, openmp = host.features(), host.openmp_runtime()
     run("select-kernels", lowering.select_kernels(cpu_features, openmp, cpu_activations))
     run("lower-qcc", pipelines.LOWER_QCC)
+    run("fuse", lowering.fuse_stage())
     entry_args = _entry_args(module, session.params)
 
     with ctx:

@@ -56,6 +56,25 @@ def manifest_entry(features: dict, openmp: dict | None, session) -> dict:
     }
 
 
+def fuse_stage() -> list[str]:
+    """The tensor-level clean-up between lower-qcc and bufferization.
+
+    linalg-fuse-elementwise-ops merges chains of elementwise ops (and elementwise producers
+    into reductions: RMSNorm's square into its sum) into one generic each, so a value makes
+    one trip through memory instead of one per op, and drops results no one reads (softmax's
+    max came with argmax indices, which kept that nest serial: it read linalg.index).  The
+    benchmark model's prefill goes from 164 linalg.generic ops to 86.  cpu-reassociate-reductions then lets LLVM
+    vectorize float sums.  QCC_CPU_FUSE_ELEMENTWISE=0 / QCC_CPU_REASSOCIATE=0 leave either out
+    (for A/B runs: tools/cpu_ab.py).
+    """
+    stage = []
+    if os.environ.get("QCC_CPU_FUSE_ELEMENTWISE", "1") != "0":
+        stage.append("func.func(linalg-fuse-elementwise-ops)")
+    if os.environ.get("QCC_CPU_REASSOCIATE", "1") != "0":
+        stage.append("cpu-reassociate-reductions")
+    return stage
+
+
 BUFFERIZE = [
     "func.func(refback-generalize-tensor-pad)",
     "func.func(refback-generalize-tensor-concat)",
