@@ -22,6 +22,11 @@ from qcc import irutil
 from qcc.passes import QccPass, register
 
 
+# from this many rows of A (prefill), register tiles; fewer (decode: one query row against a
+# KV cache, read in place as its parts) stay on batch_matmul's row kernels
+TILED_MIN_M = 8
+
+
 def _shape(value):
     t = ir.RankedTensorType(value.type)
     if str(t.element_type) != "f32" or any(t.is_dynamic_dim(i) for i in range(t.rank)):
@@ -116,12 +121,16 @@ class CpuVectorizeContractions(QccPass):
                     parts = tuple(shape[-2] for shape in shapes)
                 else:
                     operands_b, shapes, parts = [operand_b], [_shape(operand_b)], None
-                kname = f"qcc_cpu_bmm_{'dot' if src else 'axpy'}_{nb}x{m}x{n}x{k}" + \
+                tiled = parts is None and m >= TILED_MIN_M
+                form = "tiled" if tiled else "dot" if src else "axpy"
+                kname = f"qcc_cpu_bmm_{form}{'_t' if tiled and src else ''}_{nb}x{m}x{n}x{k}" + \
                     (f"_parts{'_'.join(map(str, parts))}" if parts else "")
                 if kname not in defined:
-                    irutil.append_functions(module, kernels.batch_matmul(
-                        kname, nb, m, n, k, self.options.lanes, src is not None, self.options.threads, parts),
-                        defined)
+                    text = kernels.batch_matmul_tiled(kname, nb, m, n, k, self.options.lanes, src is not None,
+                                                      self.options.threads) if tiled else \
+                        kernels.batch_matmul(kname, nb, m, n, k, self.options.lanes, src is not None,
+                                             self.options.threads, parts)
+                    irutil.append_functions(module, text, defined)
                 with ir.InsertionPoint(op), op.location:
                     operands_b = [_collapsed(v, shape, reassociation) for v, shape in zip(operands_b, shapes)]
                     call = ir.Operation.create("func.call", results=[op.results[0].type], operands=[a, *operands_b],

@@ -1,5 +1,6 @@
 // RUN: qcc-opt %s -p 'cpu-vectorize-contractions{lanes=8}' | filecheck %s
 // RUN: qcc-opt %s -p 'cpu-vectorize-contractions{lanes=8}' | filecheck %s --check-prefix=KV
+// RUN: qcc-opt %s -p 'cpu-vectorize-contractions{lanes=8}' | filecheck %s --check-prefix=TILED
 
 // Attention's q @ k^T: the transpose feeding B (through a collapse) is folded
 // into a dot-product kernel that reads the keys in their own layout; p @ v
@@ -77,4 +78,40 @@ func.func @decode_attention(%q: tensor<8x1x16xf32>, %cache: tensor<2x1x8x512x16x
   %o1 = linalg.fill ins(%zero : f32) outs(%o0 : tensor<8x1x16xf32>) -> tensor<8x1x16xf32>
   %o = linalg.batch_matmul ins(%p, %vcl : tensor<8x1x513xf32>, tensor<8x513x16xf32>) outs(%o1 : tensor<8x1x16xf32>) -> tensor<8x1x16xf32>
   return %s, %o : tensor<8x1x513xf32>, tensor<8x1x16xf32>
+}
+
+// Prefill attention (12 query rows, at least TILED_MIN_M): register-tiled kernels.  For
+// q @ k^T the keys are first copied k-major (a parallel loop over heads), rows padded to
+// whole vectors (20 keys -> 24 columns); the tiles then run over heads x chunks of rows,
+// each tile's accumulators carried through the k loop (6 rows x 3 vectors: 18 FMAs a step).
+// TILED-LABEL: func.func @prefill_attention
+// TILED: call @qcc_cpu_bmm_tiled_t_4x12x20x16(%arg0, %{{.*}}) : (tensor<4x12x16xf32>, tensor<4x20x16xf32>) -> tensor<4x12x20xf32>
+// TILED: call @qcc_cpu_bmm_tiled_4x12x16x20(%{{.*}}, %arg2) : (tensor<4x12x20xf32>, tensor<4x20x16xf32>) -> tensor<4x12x16xf32>
+// TILED-LABEL: func.func private @qcc_cpu_bmm_tiled_t_4x12x20x16(
+// TILED: memref.alloc() {alignment = 64 : i64} : memref<4x16x24xf32>
+// TILED: scf.parallel
+// TILED: call @qcc_cpu_bmm_tiled_t_4x12x20x16_pack(
+// TILED: scf.parallel
+// TILED: call @qcc_cpu_bmm_tiled_t_4x12x20x16_tiles(
+// TILED-LABEL: func.func private @qcc_cpu_bmm_tiled_t_4x12x20x16_tiles(
+// TILED: %{{.*}}:18 = scf.for {{.*}} iter_args({{.*}}) -> ({{(vector<8xf32>, )+}}vector<8xf32>)
+// TILED-COUNT-18: vector.fma
+// TILED-LABEL: func.func private @qcc_cpu_bmm_tiled_t_4x12x20x16_pack(
+// TILED: memref.load %{{.*}} : memref<4x20x16xf32, strided<[?, ?, 1], offset: ?>>
+// TILED: memref.store %{{.*}} : memref<4x16x24xf32>
+// TILED-LABEL: func.func private @qcc_cpu_bmm_tiled_4x12x16x20_tiles(
+// TILED: vector.transfer_read %{{.*}} : memref<4x20x16xf32, strided<[?, ?, 1], offset: ?>>, vector<8xf32>
+// TILED-COUNT-12: vector.fma
+func.func @prefill_attention(%q: tensor<4x12x16xf32>, %k: tensor<1x4x20x16xf32>, %v: tensor<4x20x16xf32>) -> tensor<4x12x16xf32> {
+  %zero = arith.constant 0.0 : f32
+  %e = tensor.empty() : tensor<1x4x16x20xf32>
+  %kt = linalg.transpose ins(%k : tensor<1x4x20x16xf32>) outs(%e : tensor<1x4x16x20xf32>) permutation = [0, 1, 3, 2]
+  %ktc = tensor.collapse_shape %kt [[0, 1], [2], [3]] : tensor<1x4x16x20xf32> into tensor<4x16x20xf32>
+  %s0 = tensor.empty() : tensor<4x12x20xf32>
+  %s1 = linalg.fill ins(%zero : f32) outs(%s0 : tensor<4x12x20xf32>) -> tensor<4x12x20xf32>
+  %s = linalg.batch_matmul ins(%q, %ktc : tensor<4x12x16xf32>, tensor<4x16x20xf32>) outs(%s1 : tensor<4x12x20xf32>) -> tensor<4x12x20xf32>
+  %o0 = tensor.empty() : tensor<4x12x16xf32>
+  %o1 = linalg.fill ins(%zero : f32) outs(%o0 : tensor<4x12x16xf32>) -> tensor<4x12x16xf32>
+  %o = linalg.batch_matmul ins(%s, %v : tensor<4x12x20xf32>, tensor<4x20x16xf32>) outs(%o1 : tensor<4x12x16xf32>) -> tensor<4x12x16xf32>
+  return %o : tensor<4x12x16xf32>
 }

@@ -201,12 +201,16 @@ def test_no_float_copy_of_a_weight(tmp_path):
         assert np.allclose(compiled(xm).numpy(), compiled(xm).numpy())
 
 
-@pytest.mark.parametrize("seq,dim", [(9, 20), (16, 64), (1, 7)])
-def test_attention_matmuls_match_torch(seq, dim):
-    """q @ k^T (transpose folded into dot products) and p @ v (row axpy), odd sizes."""
+@pytest.mark.parametrize("rows,seq,dim", [(2, 9, 20), (2, 16, 64), (2, 1, 7), (61, 37, 20), (16, 70, 64)])
+def test_attention_matmuls_match_torch(tmp_path, rows, seq, dim):
+    """q @ k^T and p @ v, odd sizes.  Two query rows: the row kernels (transpose folded into
+    dot products; row axpy).  From kernels' TILED_MIN_M rows: the register-tiled kernels,
+    here with remainder row tiles, more than one chunk of rows (61 > BMM_ROW_CHUNK), column
+    blocks short of BMM_NR vectors and a partial last vector."""
     import torch
 
     import qcc
+    from qcc.passes.cpu_contractions import TILED_MIN_M
 
     class Attention(torch.nn.Module):
         def forward(self, q, k, v):
@@ -214,11 +218,16 @@ def test_attention_matmuls_match_torch(seq, dim):
             return torch.matmul(p, v)
 
     g = torch.Generator().manual_seed(seq)
-    q, k, v = (torch.randn(1, 3, s, dim, generator=g) for s in (2, seq, seq))
-    compiled = qcc.compile(Attention(), (q, k, v))
+    q, k, v = (torch.randn(1, 3, s, dim, generator=g) for s in (rows, seq, seq))
+    dump = tmp_path / "ir"
+    compiled = qcc.compile(Attention(), (q, k, v), dump_dir=str(dump))
     expect = Attention()(q.double(), k.double(), v.double()).numpy()
     got = compiled(q, k, v).numpy()
     assert np.abs(got - expect).max() / np.abs(expect).max() < 1e-5
+    selected = (dump / next(p for p in sorted(os.listdir(dump)) if "select-kernels" in p)).read_text()
+    tiled = rows >= TILED_MIN_M
+    assert (f"@qcc_cpu_bmm_tiled_t_3x{rows}x{seq}x{dim}(" in selected) == tiled
+    assert (f"@qcc_cpu_bmm_tiled_3x{rows}x{dim}x{seq}(" in selected) == tiled
 
 
 @pytest.mark.parametrize("layer,cache,dim", [(1, 33, 20), (0, 16, 64)])
