@@ -1,4 +1,4 @@
-"""cpu-vectorize-contractions: f32 `linalg.batch_matmul` -> calls of vector kernels.
+"""cpu-vectorize-contractions: f32 `linalg.batch_matmul` and float linear layers -> vector kernels.
 
 The reference lowering turns a batch_matmul into a scalar loop nest whose
 innermost loop is the reduction, read with a stride when B is a transpose
@@ -11,7 +11,14 @@ static-shaped f32 ops are rewritten; others keep the reference lowering.
 A B that is a concatenation along its rows (attention over a KV cache plus the
 step's new key or value: `torch.cat([cache, k], dim=2)`) is passed as its parts,
 which the kernel reads in place: the concatenation, a copy of the whole cache per
-layer and step, is never built.
+layer and step, is never built.  From TILED_MIN_M rows (prefill) without parts,
+`kernels.batch_matmul_tiled` runs register tiles instead of rows.
+
+A float linear layer (a layer the recipe keeps float, or a float model) arrives as
+`linalg.matmul(x, transpose(W))`: it calls `kernels.matmul_bt`, which reads W in its
+own layout (no transposed copy per call) in register tiles of dot products; M may
+be dynamic (the token count).  Without it the layer ran as scalar loops at 0.7
+GFLOP/s (128 x 2048 x 2048: 1563 ms against torch's 24.5).
 """
 
 import dataclasses
@@ -25,6 +32,8 @@ from qcc.passes import QccPass, register
 # from this many rows of A (prefill), register tiles; fewer (decode: one query row against a
 # KV cache, read in place as its parts) stay on batch_matmul's row kernels
 TILED_MIN_M = 8
+_MATMUL_MAPS = ("[affine_map<(d0, d1, d2) -> (d0, d2)>, affine_map<(d0, d1, d2) -> (d2, d1)>, "
+                "affine_map<(d0, d1, d2) -> (d0, d1)>]")
 
 
 def _shape(value):
@@ -106,6 +115,8 @@ class CpuVectorizeContractions(QccPass):
 
         defined = set()
         for func in irutil.functions(module):
+            for op in irutil.walk(func, "linalg.matmul"):
+                self._float_linear(op, module, defined, kernels)
             for op in irutil.walk(func, "linalg.batch_matmul"):
                 a, b, c = op.operands[0], op.operands[1], op.operands[2]
                 sa, sb, sc = _shape(a), _shape(b), _shape(c)
@@ -140,6 +151,35 @@ class CpuVectorizeContractions(QccPass):
                 op.erase()
                 for v in old_operands:  # e.g. the transpose and the concatenation B no longer needs
                     irutil.erase_dead_producers(v)
+
+    def _float_linear(self, op, module, defined, kernels) -> None:
+        """A linalg.matmul x @ transpose(W) (a float linear layer, M static or not) -> matmul_bt."""
+        a, b, c = op.operands[0], op.operands[1], op.operands[2]
+        ta, tc = ir.RankedTensorType(a.type), ir.RankedTensorType(c.type)
+        maps = str(op.attributes["indexing_maps"]) if "indexing_maps" in op.attributes else _MATMUL_MAPS
+        if maps != _MATMUL_MAPS or str(ta.element_type) != "f32" or not _zero_filled(c):
+            return
+        t = irutil.defining_op(b)
+        if t is None or t.name != "linalg.transpose" or _perm(t) != [1, 0]:
+            return
+        bt = t.operands[0]
+        sbt = _shape(bt)
+        if sbt is None or ta.is_dynamic_dim(1) or tc.is_dynamic_dim(1):
+            return
+        n, k = sbt
+        m = None if ta.is_dynamic_dim(0) else ta.shape[0]
+        kname = f"qcc_cpu_matmul_bt_{'d' if m is None else m}x{n}x{k}"
+        if kname not in defined:
+            irutil.append_functions(module, kernels.matmul_bt(kname, m, n, k, self.options.lanes,
+                                                                     self.options.threads), defined)
+        with ir.InsertionPoint(op), op.location:
+            call = ir.Operation.create("func.call", results=[op.results[0].type], operands=[a, bt],
+                                       attributes={"callee": ir.FlatSymbolRefAttr.get(kname)}).result
+        op.results[0].replace_all_uses_with(call)
+        old_operands = list(op.operands)
+        op.erase()
+        for v in old_operands:  # the transposed copy of W, the zero fill
+            irutil.erase_dead_producers(v)
 
     @staticmethod
     def _has_custom_maps(op) -> bool:

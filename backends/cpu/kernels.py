@@ -797,7 +797,9 @@ def batch_matmul_tiled(name: str, b: int, m: int, n: int, k: int, lanes: int, tr
         res = t.vs(len(tiles), f"scf.for %kk = {c0} to {t.idx(k)} step {t.idx(1)} iter_args({iters}) -> "
                                f"({', '.join([vf] * len(tiles))}) {{")
         t.indent += 2
-        bv = [t.v(f"vector.transfer_read {src}[{h}, %kk, {col}], {pad} : {sty}, {vf}") for col in cols]
+        inb = [" {in_bounds = [true]}" if transposed_b or j0 + (c + 1) * lanes <= n else "" for c in range(nr)]
+        bv = [t.v(f"vector.transfer_read {src}[{h}, %kk, {col}], {pad}{inb[c]} : {sty}, {vf}")
+              for c, col in enumerate(cols)]
         new = {}
         for r in range(mr):
             a = t.v(f"vector.broadcast {t.v(f'memref.load %a[{h}, {rows[r]}, %kk] : {aty}')} : f32 to {vf}")
@@ -806,7 +808,8 @@ def batch_matmul_tiled(name: str, b: int, m: int, n: int, k: int, lanes: int, tr
         t.op(f"scf.yield {', '.join(new[rc] for rc in tiles)} : {', '.join([vf] * len(tiles))}")
         t.close()
         for (r, c), acc in zip(tiles, res):
-            t.op(f"vector.transfer_write {acc}, %c[{h}, {rows[r]}, {cols[c]}] : {vf}, {cty}")
+            inb = " {in_bounds = [true]}" if j0 + (c + 1) * lanes <= n else ""
+            t.op(f"vector.transfer_write {acc}, %c[{h}, {rows[r]}, {cols[c]}]{inb} : {vf}, {cty}")
 
     # row tiles of MR, then at most one of each smaller size; column blocks of NR vectors, then the rest
     col_blocks = [(j, BMM_NR) for j in range(0, nvec - nvec % BMM_NR, BMM_NR)]
@@ -862,3 +865,100 @@ func.func private @{name}_tiles(%task: index, %a: {aty}, {src}: {sty}, %c: {cty}
   return
 }}
 {pack_fn}"""
+
+
+MM_MR = 4          # rows of A per register tile of matmul_bt
+MM_NR = 4          # columns of C per tile (4 x 4 vector accumulators of partial dot products)
+MM_CHUNK_COLS = 16  # columns of C per parallel task (their rows of Bt stay in L2 across row tiles)
+
+
+def matmul_bt(name: str, m: int | None, n: int, k: int, lanes: int, threads: bool) -> str:
+    """f32 C[i, j] = sum_k A[i, k] * Bt[j, k]: a float linear layer (x @ W^T), M static or not (None).
+
+    The transpose that feeds linalg.matmul is folded away: both operands stream along k.
+    Tiles of MR rows x NR columns keep MR * NR vectors of partial sums (lanes along k) in
+    registers, MR + NR vector loads feeding MR * NR FMAs a step; each is reduced across
+    its lanes once, at the end (k not a multiple of the lanes: a last masked step).  Threads
+    over chunks of MM_CHUNK_COLS columns, each running all rows, so its rows of Bt are read
+    from memory once and from cache for every further row tile.
+    """
+    vf = f"vector<{lanes}xf32>"
+    md = "?" if m is None else str(m)
+    aty, cty = f"memref<{md}x{k}xf32>", f"memref<{md}x{n}xf32>"
+    bty = f"memref<{n}x{k}xf32>"
+    chunks = -(-n // MM_CHUNK_COLS)
+    t = MlirText()
+    c0 = t.idx(0)
+    pad = t.v("arith.constant 0.0 : f32")
+    zv = t.v(f"arith.constant dense<0.0> : {vf}")
+    M = t.v(f"memref.dim %a, {c0} : {aty}")
+    col0 = t.v(f"arith.muli %task, {t.idx(MM_CHUNK_COLS)} : index")
+    full = k - k % lanes
+
+    def tile(i0: str, mr: int, j0: str, nr: int) -> None:
+        rows = [t.v(f"arith.addi {i0}, {t.idx(r)} : index") for r in range(mr)]
+        cols = [t.v(f"arith.addi {j0}, {t.idx(c)} : index") for c in range(nr)]
+        tiles = [(r, c) for r in range(mr) for c in range(nr)]
+
+        def step(kk: str, acc: dict, inb: str) -> dict:
+            av = [t.v(f"vector.transfer_read %a[{row}, {kk}], {pad}{inb} : {aty}, {vf}") for row in rows]
+            bv = [t.v(f"vector.transfer_read %b[{col}, {kk}], {pad}{inb} : {bty}, {vf}") for col in cols]
+            return {(r, c): t.v(f"vector.fma {av[r]}, {bv[c]}, {acc[r, c]} : {vf}") for r, c in tiles}
+
+        acc = {rc: zv for rc in tiles}
+        if full:
+            iters = ", ".join(f"%acc{r}_{c} = {zv}" for r, c in tiles)
+            res = t.vs(len(tiles), f"scf.for %kk = {c0} to {t.idx(full)} step {t.idx(lanes)} iter_args({iters}) -> "
+                                   f"({', '.join([vf] * len(tiles))}) {{")
+            t.indent += 2
+            new = step("%kk", {(r, c): f"%acc{r}_{c}" for r, c in tiles}, " {in_bounds = [true]}")
+            t.op(f"scf.yield {', '.join(new[rc] for rc in tiles)} : {', '.join([vf] * len(tiles))}")
+            t.close()
+            acc = dict(zip(tiles, res))
+        if k % lanes:  # the last lanes of k: reads past k are masked to 0
+            acc = step(t.idx(full), acc, "")
+        for (r, c) in tiles:
+            s = t.v(f"vector.reduction <add>, {acc[r, c]} : {vf} into f32")
+            t.op(f"memref.store {s}, %c[{rows[r]}, {cols[c]}] : {cty}")
+
+    # this chunk's columns in tiles of NR (a last, narrower one where n ends inside the chunk)
+    col_end = t.v(f"arith.minui {t.v(f'arith.addi {col0}, {t.idx(MM_CHUNK_COLS)} : index')}, {t.idx(n)} : index")
+    width = t.v(f"arith.subi {col_end}, {col0} : index")
+    whole = t.v(f"arith.subi {col_end}, {t.v(f'arith.remui {width}, {t.idx(MM_NR)} : index')} : index")
+    start = c0
+    for mr in (MM_MR, 2, 1):
+        left = t.v(f"arith.subi {M}, {start} : index")
+        end = t.v(f"arith.subi {M}, {t.v(f'arith.remui {left}, {t.idx(mr)} : index')} : index")
+        t.open(f"scf.for %i{mr} = {start} to {end} step {t.idx(mr)} {{")
+        t.open(f"scf.for %j{mr} = {col0} to {whole} step {t.idx(MM_NR)} {{")
+        tile(f"%i{mr}", mr, f"%j{mr}", MM_NR)
+        t.close()
+        if n % MM_NR:  # only the last chunk can end with fewer than NR columns
+            t.open(f"scf.for %jr{mr} = {whole} to {col_end} step {t.idx(1)} {{")
+            tile(f"%i{mr}", mr, f"%jr{mr}", 1)
+            t.close()
+        t.close()
+        start = end
+    body = t.text()
+    loop = "scf.parallel (%task) = (%z) to (%tasks) step (%one)" if threads else \
+        "scf.for %task = %z to %tasks step %one"
+    alloc = "memref.alloc(%m)" if m is None else "memref.alloc()"
+    return f"""func.func private @{name}(%at: tensor<{md}x{k}xf32>, %bt: tensor<{n}x{k}xf32>) -> tensor<{md}x{n}xf32> {{
+  %z = arith.constant 0 : index
+  %one = arith.constant 1 : index
+  %tasks = arith.constant {chunks} : index
+  %a = bufferization.to_buffer %at read_only : tensor<{md}x{k}xf32> to {aty}
+  %b = bufferization.to_buffer %bt read_only : tensor<{n}x{k}xf32> to {bty}
+  %m = memref.dim %a, %z : {aty}
+  %c = {alloc} {{alignment = 64 : i64}} : {cty}
+  {loop} {{
+    func.call @{name}_tiles(%task, %a, %b, %c) {{no_inline}} : (index, {aty}, {bty}, {cty}) -> ()
+  }}
+  %ct = bufferization.to_tensor %c restrict writable : {cty} to tensor<{md}x{n}xf32>
+  return %ct : tensor<{md}x{n}xf32>
+}}
+func.func private @{name}_tiles(%task: index, %a: {aty}, %b: {bty}, %c: {cty}) {{
+{body}
+  return
+}}
+"""

@@ -1,6 +1,7 @@
 // RUN: qcc-opt %s -p 'cpu-vectorize-contractions{lanes=8}' | filecheck %s
 // RUN: qcc-opt %s -p 'cpu-vectorize-contractions{lanes=8}' | filecheck %s --check-prefix=KV
 // RUN: qcc-opt %s -p 'cpu-vectorize-contractions{lanes=8}' | filecheck %s --check-prefix=TILED
+// RUN: qcc-opt %s -p 'cpu-vectorize-contractions{lanes=8}' | filecheck %s --check-prefix=LIN
 
 // Attention's q @ k^T: the transpose feeding B (through a collapse) is folded
 // into a dot-product kernel that reads the keys in their own layout; p @ v
@@ -114,4 +115,31 @@ func.func @prefill_attention(%q: tensor<4x12x16xf32>, %k: tensor<1x4x20x16xf32>,
   %o1 = linalg.fill ins(%zero : f32) outs(%o0 : tensor<4x12x16xf32>) -> tensor<4x12x16xf32>
   %o = linalg.batch_matmul ins(%s, %v : tensor<4x12x20xf32>, tensor<4x20x16xf32>) outs(%o1 : tensor<4x12x16xf32>) -> tensor<4x12x16xf32>
   return %o : tensor<4x12x16xf32>
+}
+
+// A float linear layer, x @ W^T with a dynamic token count: the transposed copy of W goes,
+// the kernel reads W [N, K] as it is.  4 x 4 tiles of dot products (vectors along k: two
+// full steps of 8 and a masked last one for K = 20), each reduced once; rows in tiles of
+// 4, 2, 1; columns in parallel chunks, the last chunk's odd column on its own.
+// LIN-LABEL: func.func @float_linear
+// LIN-NOT: linalg.transpose
+// LIN: call @qcc_cpu_matmul_bt_dx9x20(%arg0, %arg1) : (tensor<?x20xf32>, tensor<9x20xf32>) -> tensor<?x9xf32>
+// LIN-LABEL: func.func private @qcc_cpu_matmul_bt_dx9x20(
+// LIN: memref.alloc(%{{.*}}) {alignment = 64 : i64} : memref<?x9xf32>
+// LIN: scf.parallel
+// LIN-LABEL: func.func private @qcc_cpu_matmul_bt_dx9x20_tiles(
+// LIN: %{{.*}}:16 = scf.for %{{.*}} = %{{.*}} to %{{.*}} step %{{.*}} iter_args(
+// LIN-COUNT-16: vector.fma
+// LIN: vector.transfer_read %{{.*}}, %{{.*}} : memref<?x20xf32>, vector<8xf32>
+// LIN-COUNT-16: vector.reduction <add>
+func.func @float_linear(%x: tensor<?x20xf32>, %w: tensor<9x20xf32>) -> tensor<?x9xf32> {
+  %zero = arith.constant 0.0 : f32
+  %c0 = arith.constant 0 : index
+  %m = tensor.dim %x, %c0 : tensor<?x20xf32>
+  %e = tensor.empty() : tensor<20x9xf32>
+  %wt = linalg.transpose ins(%w : tensor<9x20xf32>) outs(%e : tensor<20x9xf32>) permutation = [1, 0]
+  %y0 = tensor.empty(%m) : tensor<?x9xf32>
+  %y1 = linalg.fill ins(%zero : f32) outs(%y0 : tensor<?x9xf32>) -> tensor<?x9xf32>
+  %y = linalg.matmul ins(%x, %wt : tensor<?x20xf32>, tensor<20x9xf32>) outs(%y1 : tensor<?x9xf32>) -> tensor<?x9xf32>
+  return %y : tensor<?x9xf32>
 }

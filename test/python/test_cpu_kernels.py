@@ -230,6 +230,32 @@ def test_attention_matmuls_match_torch(tmp_path, rows, seq, dim):
     assert (f"@qcc_cpu_bmm_tiled_3x{rows}x{dim}x{seq}(" in selected) == tiled
 
 
+@pytest.mark.parametrize("k,n", [(100, 37), (48, 16), (7, 5)])
+def test_float_linear_matches_torch(tmp_path, k, n):
+    """A layer kept float (x @ W^T + b, dynamic token count) runs kernels.matmul_bt: no transposed
+    copy of W is built, and it matches torch in float64 for row counts around the 4-row tiles,
+    k short of (or not a multiple of) the vector lanes and columns ending inside a 4-column tile
+    and a 16-column chunk."""
+    import torch
+
+    import qcc
+
+    torch.manual_seed(k + n)
+    lin = torch.nn.Linear(k, n).eval()
+    tokens = ({0: torch.export.Dim("tokens", min=1, max=512)},)
+    dump = tmp_path / "ir"
+    compiled = qcc.compile(lin, (torch.randn(4, k),), quant="float", dynamic_shapes=tokens, dump_dir=str(dump))
+    selected = (dump / next(p for p in sorted(os.listdir(dump)) if "select-kernels" in p)).read_text()
+    assert f"call @qcc_cpu_matmul_bt_dx{n}x{k}(" in selected and "linalg.transpose" not in selected
+    with torch.no_grad():
+        for m in (1, 2, 3, 5, 7, 33):
+            x = torch.randn(m, k)
+            expect = lin.double()(x.double()).numpy()
+            lin.float()
+            got = compiled(x).numpy()
+            assert np.abs(got - expect).max() / np.abs(expect).max() < 1e-5, f"M={m}"
+
+
 @pytest.mark.parametrize("layer,cache,dim", [(1, 33, 20), (0, 16, 64)])
 def test_attention_over_a_concatenated_kv_cache(tmp_path, layer, cache, dim):
     """Decode attention over torch.cat([cache[layer], new], dim=2): the kernels read the cache
