@@ -9,11 +9,15 @@ decode step over a 512-token KV cache, or a 128-token prefill) once per variant,
 variant's environment variables set during its `qcc.compile`, checks the variants' outputs
 for bit equality, then times them in interleaved rounds and prints medians and the ratio to
 the first. A variant's setting `fresh-descriptors` runs it without the runtime's kept
-parameter descriptors (every memref descriptor built on every call, as before cb29f29).
+parameter descriptors (every memref descriptor built on every call, as before cb29f29); a
+setting whose name has a dot sets a module attribute of qcc during that variant's compile
+(`passes.cpu_contractions.TILED_MIN_M=1000000000`: the value a Python literal).
 """
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib
 import os
 import sys
 import time
@@ -23,21 +27,36 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _variant(spec: str):
     name, _, rest = spec.partition(":")
-    env, fresh = {}, False
+    env, attrs, fresh = {}, {}, False
     for item in filter(None, rest.split(",")):
         if item == "fresh-descriptors":
             fresh = True
+            continue
+        k, _, v = item.partition("=")
+        if "." in k:
+            attrs[k] = ast.literal_eval(v)
         else:
-            k, _, v = item.partition("=")
             env[k] = v
-    return name, env, fresh
+    return name, env, attrs, fresh
+
+
+def _set_attrs(attrs: dict) -> list:
+    """Sets qcc.<module>.<NAME> = value for each item; returns what to restore."""
+    saved = []
+    for key, value in attrs.items():
+        module, attr = key.rsplit(".", 1)
+        mod = importlib.import_module(f"qcc.{module}")
+        saved.append((mod, attr, getattr(mod, attr)))
+        setattr(mod, attr, value)
+    return saved
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--case", choices=("decode", "prefill"), default="decode")
     ap.add_argument("--recipe", default="w4a8-g128")
-    ap.add_argument("--variant", action="append", required=True, help="name:VAR=value[,...][,fresh-descriptors]")
+    ap.add_argument("--variant", action="append", required=True,
+                    help="name:VAR=value[,module.ATTR=literal,...][,fresh-descriptors]")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 40 decode, 10 prefill)")
     args = ap.parse_args(argv)
     import numpy as np
@@ -49,9 +68,10 @@ def main(argv=None) -> int:
 
     variants = [_variant(v) for v in args.variant]
     built = {}
-    for name, env, fresh in variants:
+    for name, env, attrs, fresh in variants:
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
+        saved_attrs = _set_attrs(attrs)
         try:
             model = DecodeStep(bench_llama(), 512).eval() if args.case == "decode" else bench_llama()
             inputs = model.example_inputs() if args.case == "decode" else model.example_inputs(batch=1, seq=128)
@@ -59,6 +79,8 @@ def main(argv=None) -> int:
         finally:
             for k, v in saved.items():
                 os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+            for mod, attr, value in saved_attrs:
+                setattr(mod, attr, value)
         arrays = [x.numpy() for x in inputs]
         if fresh:
             runner = compiled._get_runner()
