@@ -370,6 +370,10 @@ def test_gemv_epilogues_take_the_elementwise_op_after_the_gemv(recipe, monkeypat
 
 @pytest.mark.parametrize("recipe", ["w8a8", "w4a16-g128"])
 def test_gemv_tails_run_in_the_last_block(recipe, monkeypatch):
+    _checked_gemv_tails(recipe, monkeypatch)
+
+
+def _checked_gemv_tails(recipe, monkeypatch):
     """fuse_tails.py: the small launches after a decode GEMV (the norm + quantization after
     o_proj and down_proj, the quantization after gate/up, the key's RoPE after q/k/v) run in
     the GEMV's last block, attention's combine in the last split block of each head (and the
@@ -409,7 +413,7 @@ def test_gemv_tails_run_in_the_last_block(recipe, monkeypatch):
 def test_gemv_tails_reset_the_counter(tmp_path, fake_driver, monkeypatch):
     """The counter lives in device memory across launches and steps: the runtime (on the fake
     driver: memory kept, graph replayed) gives the emulated outputs on every call."""
-    fused = test_gemv_tails_run_in_the_last_block("w8a8", monkeypatch)
+    fused = _checked_gemv_tails("w8a8", monkeypatch)
     fused.save(str(tmp_path / "m.qcc"))
     fake_driver(fused.cuda_specs)
     m = model_runtime.CudaModel(*model_runtime.load_artifact(str(tmp_path / "m.qcc")))
