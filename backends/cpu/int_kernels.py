@@ -2,7 +2,7 @@
 
 One fused call replaces qcc.quantize_dynamic -> qcc.matmul_int -> qcc.scale_accumulate:
 
-* quantize (vectorized, single-threaded: ~1% of a GEMM): per row, amax -> scale
+* quantize (vectorized; from QUANTIZE_PAR_MIN_M rows on all threads): per row, amax -> scale
   (as the activation format: IEEE division, round half to even), codes packed
   into i32 words (i8 quads against unsigned weight codes, i16 pairs against
   avx2 int8), and for unsigned weight codes the per-group sums of the codes
@@ -304,11 +304,12 @@ def gemm(name: str, lay: IntLayout, cfg: IntKernelConfig) -> str:
 
 
 def _quantize(t: MlirText, lay: IntLayout, act_levels: tuple[int, int], M: str, x: str,
-              static_scale: str | None = None, clip: float = 1.0) -> None:
-    """%xq (codes, lay.x_per_word to a word), %sx (per-row scales) and, for int4 weights, %xs (group sums of
-    the codes) of x, step by step as the activation format's reference; with `static_scale` (an f32
-    value: a per-tensor format's calibrated scale) every row takes that scale instead of its own;
-    `clip` < 1 scales each row's absmax first (the format's clip ratio)."""
+              static_scale: str | None = None, clip: float = 1.0, start: str | None = None) -> None:
+    """%xq (codes, lay.x_per_word to a word), %sx (per-row scales) and, for unsigned weight codes,
+    %xs (group sums of the codes) of rows [start (0), M) of x, step by step as the activation
+    format's reference; with `static_scale` (an f32 value: a per-tensor format's calibrated scale)
+    every row takes that scale instead of its own; `clip` < 1 scales each row's absmax first (the
+    format's clip ratio)."""
     K, G = lay.k, lay.group
     qmin, qmax = act_levels
     xty = f"memref<?x{K}xf32>"
@@ -318,7 +319,7 @@ def _quantize(t: MlirText, lay: IntLayout, act_levels: tuple[int, int], M: str, 
     zi = t.v(f"arith.constant dense<0> : {_V8I32}")
     lo = t.v(f"arith.constant dense<{float(qmin)!r}> : {_V8F32}")
     hi = t.v(f"arith.constant dense<{float(qmax)!r}> : {_V8F32}")
-    t.open(f"scf.for %qm = {c0} to {M} step {c1} {{")
+    t.open(f"scf.for %qm = {start or c0} to {M} step {c1} {{")
     if static_scale is None:
         amax = t.v(f"scf.for %k = {c0} to {t.idx(lay.k_pad)} step {c8} iter_args(%a = {zf}) -> ({_V8F32}) {{")
         t.indent += 2
@@ -355,6 +356,54 @@ def _quantize(t: MlirText, lay: IntLayout, act_levels: tuple[int, int], M: str, 
     if lay.unsigned_codes:
         t.op(f"memref.store {t.v(f'vector.reduction <add>, {total} : {_V8I32} into i32')}, %xs[%qm, %g] : "
              f"memref<?x{lay.groups}xi32>")
+    t.close()
+    t.close()
+
+
+QUANTIZE_PAR_MIN_M = 16  # from this many rows the quantizer runs on all threads (prefill), in
+QUANTIZE_ROWS = 8        # chunks of this many rows; below it one thread (a fork costs more)
+
+
+def _quantize_params(lay: IntLayout, static_scale: bool) -> list[tuple[str, str]]:
+    params = [("x", f"memref<?x{lay.k}xf32>"), ("xq", f"memref<?x{lay.x_words}xi32>"), ("sx", "memref<?xf32>")]
+    if lay.unsigned_codes:
+        params.append(("xs", f"memref<?x{lay.groups}xi32>"))
+    return params + ([("scale", "f32")] if static_scale else [])
+
+
+def _quantize_function(name: str, lay: IntLayout, act_levels: tuple[int, int], static_scale: bool,
+                       clip: float) -> str:
+    """@name(%r0, %r1, x, xq, sx[, xs][, scale]): _quantize of rows [r0, r1)."""
+    t = MlirText()
+    _quantize(t, lay, act_levels, "%r1", "%x", "%scale" if static_scale else None, clip, start="%r0")
+    plist = ", ".join(f"%{n}: {ty}" for n, ty in _quantize_params(lay, static_scale))
+    return f"func.func private @{name}(%r0: index, %r1: index, {plist}) {{\n{t.text()}\n  return\n}}\n"
+
+
+def _call_quantize(t: MlirText, name: str, lay: IntLayout, cfg: "IntKernelConfig", M: str, x: str,
+                   scale: str | None) -> None:
+    """Quantizes x's M rows: one call on this thread for few rows, else chunks of QUANTIZE_ROWS rows
+    in an scf.parallel (OpenMP)."""
+    params = _quantize_params(lay, scale is not None)
+    args = ", ".join([x] + [f"%{n}" for n, _ in params[1:len(params) - (scale is not None)]] +
+                     ([scale] if scale is not None else []))
+    tys = ", ".join(["index", "index"] + [ty for _, ty in params])
+    c0, c1 = t.idx(0), t.idx(1)
+    if not cfg.threads:
+        t.op(f"func.call @{name}({c0}, {M}, {args}) : ({tys}) -> ()")
+        return
+    few = t.v(f"arith.cmpi ult, {M}, {t.idx(QUANTIZE_PAR_MIN_M)} : index")
+    t.open(f"scf.if {few} {{")
+    t.op(f"func.call @{name}({c0}, {M}, {args}) : ({tys}) -> ()")
+    t.close("} else {")
+    t.indent += 2
+    rows = t.idx(QUANTIZE_ROWS)
+    chunks = t.v(f"arith.ceildivui {M}, {rows} : index")
+    t.open(f"scf.parallel (%qc) = ({c0}) to ({chunks}) step ({c1}) {{")
+    r0 = t.v(f"arith.muli %qc, {rows} : index")
+    r1 = t.v(f"arith.minui {t.v(f'arith.addi {r0}, {rows} : index')}, {M} : index")
+    # not inlined: convert-scf-to-openmp wraps the body in an alloca_scope, which must stay one block
+    t.op(f"func.call @{name}({r0}, {r1}, {args}) {{no_inline}} : ({tys}) -> ()")
     t.close()
     t.close()
 
@@ -402,7 +451,7 @@ def fused(name: str, lay: IntLayout, cfg: IntKernelConfig, act_levels: tuple[int
     if static_scale:
         sxs = t.v("bufferization.to_buffer %act_scalet read_only : tensor<1xf32> to memref<1xf32>")
         scale = t.v(f"memref.load {sxs}[{t.idx(0)}] : memref<1xf32>")
-    _quantize(t, lay, act_levels, M, x, scale, act_clip)
+    _call_quantize(t, f"{name}__quantize", lay, cfg, M, x, scale)
     t.op(f"%y = memref.alloc({M}) {{alignment = 64 : i64}} : memref<?x{lay.n}xf32>")
     params = _kernel_params(lay)
     args = ", ".join(f"%{n}" for n, _ in params)
@@ -420,7 +469,9 @@ def fused(name: str, lay: IntLayout, cfg: IntKernelConfig, act_levels: tuple[int
         t.close()
     entry = _entry_function(name, t, lay, ", %act_scalet: tensor<1xf32>" if static_scale else "")
     generators = {"gemv": gemv, "gemm": gemm}
-    return "".join(declarations(lay).values()) + entry + "".join(generators[v](f"{name}__{v}", lay, cfg) for v in variants)
+    quantize = _quantize_function(f"{name}__quantize", lay, act_levels, static_scale, act_clip)
+    return "".join(declarations(lay).values()) + entry + quantize + \
+        "".join(generators[v](f"{name}__{v}", lay, cfg) for v in variants)
 
 
 def outlier_columns(name: str, lay: IntLayout) -> str:
