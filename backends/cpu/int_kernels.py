@@ -381,22 +381,23 @@ def _quantize_function(name: str, lay: IntLayout, act_levels: tuple[int, int], s
 
 
 def _call_quantize(t: MlirText, name: str, lay: IntLayout, cfg: "IntKernelConfig", M: str, x: str,
-                   scale: str | None) -> None:
+                   scale: str | None, static_m: int | None) -> None:
     """Quantizes x's M rows: one call on this thread for few rows, else chunks of QUANTIZE_ROWS rows
-    in an scf.parallel (OpenMP)."""
+    in an scf.parallel (OpenMP); decided at run time unless M is static."""
     params = _quantize_params(lay, scale is not None)
     args = ", ".join([x] + [f"%{n}" for n, _ in params[1:len(params) - (scale is not None)]] +
                      ([scale] if scale is not None else []))
     tys = ", ".join(["index", "index"] + [ty for _, ty in params])
     c0, c1 = t.idx(0), t.idx(1)
-    if not cfg.threads:
+    if not cfg.threads or (static_m is not None and static_m < QUANTIZE_PAR_MIN_M):
         t.op(f"func.call @{name}({c0}, {M}, {args}) : ({tys}) -> ()")
         return
-    few = t.v(f"arith.cmpi ult, {M}, {t.idx(QUANTIZE_PAR_MIN_M)} : index")
-    t.open(f"scf.if {few} {{")
-    t.op(f"func.call @{name}({c0}, {M}, {args}) : ({tys}) -> ()")
-    t.close("} else {")
-    t.indent += 2
+    if static_m is None:
+        few = t.v(f"arith.cmpi ult, {M}, {t.idx(QUANTIZE_PAR_MIN_M)} : index")
+        t.open(f"scf.if {few} {{")
+        t.op(f"func.call @{name}({c0}, {M}, {args}) : ({tys}) -> ()")
+        t.close("} else {")
+        t.indent += 2
     rows = t.idx(QUANTIZE_ROWS)
     chunks = t.v(f"arith.ceildivui {M}, {rows} : index")
     t.open(f"scf.parallel (%qc) = ({c0}) to ({chunks}) step ({c1}) {{")
@@ -405,7 +406,8 @@ def _call_quantize(t: MlirText, name: str, lay: IntLayout, cfg: "IntKernelConfig
     # not inlined: convert-scf-to-openmp wraps the body in an alloca_scope, which must stay one block
     t.op(f"func.call @{name}({r0}, {r1}, {args}) {{no_inline}} : ({tys}) -> ()")
     t.close()
-    t.close()
+    if static_m is None:
+        t.close()
 
 
 def _entry_prologue(t: MlirText, lay: IntLayout) -> tuple[str, str]:
@@ -451,7 +453,7 @@ def fused(name: str, lay: IntLayout, cfg: IntKernelConfig, act_levels: tuple[int
     if static_scale:
         sxs = t.v("bufferization.to_buffer %act_scalet read_only : tensor<1xf32> to memref<1xf32>")
         scale = t.v(f"memref.load {sxs}[{t.idx(0)}] : memref<1xf32>")
-    _call_quantize(t, f"{name}__quantize", lay, cfg, M, x, scale)
+    _call_quantize(t, f"{name}__quantize", lay, cfg, M, x, scale, static_m)
     t.op(f"%y = memref.alloc({M}) {{alignment = 64 : i64}} : memref<?x{lay.n}xf32>")
     params = _kernel_params(lay)
     args = ", ".join(f"%{n}" for n, _ in params)

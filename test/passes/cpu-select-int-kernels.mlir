@@ -32,11 +32,14 @@
 // CHECK-DAG: func.func private @llvm.x86.avx2.pmadd.wd(vector<16xi16>, vector<16xi16>) -> vector<8xi32>
 // CHECK-LABEL: func.func private @qcc_cpu_int_int4_asym_g128_int8_sym_token_256x64_gemv(
 // CHECK-NOT: scf.if
-// The activations are quantized in the kernel: i8 codes four to a word, group sums.
+// CHECK: call @qcc_cpu_int_int4_asym_g128_int8_sym_token_256x64_gemv__quantize(%{{.*}}, %{{.*}}, %{{.*}}, %{{.*}}, %{{.*}}, %{{.*}})
+// CHECK: call @qcc_cpu_int_int4_asym_g128_int8_sym_token_256x64_gemv__gemv(
+// The activations are quantized in the kernel (M = 1: on the calling thread, no scf.parallel):
+// i8 codes four to a word, group sums.
+// CHECK-LABEL: func.func private @qcc_cpu_int_int4_asym_g128_int8_sym_token_256x64_gemv__quantize(
 // CHECK: math.roundeven %{{.*}} : vector<8xf32>
 // CHECK: vector.bitcast %{{.*}} : vector<8xi8> to vector<2xi32>
 // CHECK: memref.store %{{.*}}, %{{.*}} : memref<?x2xi32>
-// CHECK: call @qcc_cpu_int_int4_asym_g128_int8_sym_token_256x64_gemv__gemv(
 // CHECK-LABEL: func.func private @qcc_cpu_int_int4_asym_g128_int8_sym_token_256x64_gemv__gemv(
 // CHECK: scf.parallel
 // CHECK-LABEL: func.func private @qcc_cpu_int_int4_asym_g128_int8_sym_token_256x64_gemv__gemv_body(
@@ -53,6 +56,12 @@
 // CHECK: arith.sitofp %{{.*}} : vector<8xi32> to vector<8xf32>
 // CHECK: vector.transfer_write
 // CHECK-LABEL: func.func private @qcc_cpu_int_int4_asym_g128_int8_sym_token_256x64(
+// From 16 rows the quantizer runs over chunks of 8 rows on all threads.
+// CHECK: %[[FEW:.*]] = arith.cmpi ult, %{{.*}}, %c16
+// CHECK: scf.if %[[FEW]]
+// CHECK: call @qcc_cpu_int_int4_asym_g128_int8_sym_token_256x64__quantize(
+// CHECK: scf.parallel
+// CHECK: call @qcc_cpu_int_int4_asym_g128_int8_sym_token_256x64__quantize({{.*}}) {no_inline}
 // CHECK: scf.if
 // CHECK: call @qcc_cpu_int_int4_asym_g128_int8_sym_token_256x64__gemv(
 // CHECK: } else {
