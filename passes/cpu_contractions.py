@@ -6,13 +6,14 @@ innermost loop is the reduction, read with a stride when B is a transpose
 calls `kernels.batch_matmul` instead: a transpose feeding B is folded away
 (dot products along k over both operands), otherwise rows of C accumulate
 along j; both vectorized, threaded over the rows of C.  Only zero-initialized,
-static-shaped f32 ops are rewritten; others keep the reference lowering.
+f32 ops with a static batch size are rewritten; others keep the reference lowering.
 
 A B that is a concatenation along its rows (attention over a KV cache plus the
 step's new key or value: `torch.cat([cache, k], dim=2)`) is passed as its parts,
 which the kernel reads in place: the concatenation, a copy of the whole cache per
-layer and step, is never built.  From TILED_MIN_M rows (prefill) without parts,
-`kernels.batch_matmul_tiled` runs register tiles instead of rows.
+layer and step, is never built.  From TILED_MIN_M rows (prefill) without parts, or with
+any size dynamic (a sequence length known at run time), `kernels.batch_matmul_tiled` runs
+register tiles instead of rows.
 
 A float linear layer (a layer the recipe keeps float, or a float model) arrives as
 `linalg.matmul(x, transpose(W))`: it calls `kernels.matmul_bt`, which reads W in its
@@ -41,6 +42,14 @@ def _shape(value):
     if str(t.element_type) != "f32" or any(t.is_dynamic_dim(i) for i in range(t.rank)):
         return None
     return list(t.shape)
+
+
+def _dims(value):
+    """The f32 tensor's shape with None for dynamic sizes, or None for another element type."""
+    t = ir.RankedTensorType(value.type)
+    if str(t.element_type) != "f32":
+        return None
+    return [None if t.is_dynamic_dim(i) else t.shape[i] for i in range(t.rank)]
 
 
 def _zero_filled(value) -> bool:
@@ -119,22 +128,25 @@ class CpuVectorizeContractions(QccPass):
                 self._float_linear(op, module, defined, kernels)
             for op in irutil.walk(func, "linalg.batch_matmul"):
                 a, b, c = op.operands[0], op.operands[1], op.operands[2]
-                sa, sb, sc = _shape(a), _shape(b), _shape(c)
-                if None in (sa, sb, sc) or not _zero_filled(c) or self._has_custom_maps(op):
+                sa, sb, sc = _dims(a), _dims(b), _dims(c)
+                if None in (sa, sb, sc) or sa[0] is None or not _zero_filled(c) or self._has_custom_maps(op):
                     continue
+                static = None not in sa + sb + sc
                 nb, m, k = sa
                 n = sc[2]
                 src = _transposed_source(b)
                 operand_b, reassociation = src if src is not None else (b, None)
-                split = _concat_parts(operand_b, reassociation)
+                split = _concat_parts(operand_b, reassociation) if static else None
                 if split is not None:
                     operands_b, shapes, reassociation = split
                     parts = tuple(shape[-2] for shape in shapes)
                 else:
-                    operands_b, shapes, parts = [operand_b], [_shape(operand_b)], None
-                tiled = parts is None and m >= TILED_MIN_M
+                    operands_b, shapes, parts = [operand_b], [_dims(operand_b)], None
+                # a dynamic size (a sequence length known at run time) takes the tiled kernel too
+                tiled = parts is None and (not static or m >= TILED_MIN_M)
                 form = "tiled" if tiled else "dot" if src else "axpy"
-                kname = f"qcc_cpu_bmm_{form}{'_t' if tiled and src else ''}_{nb}x{m}x{n}x{k}" + \
+                sizes = "x".join("d" if d is None else str(d) for d in (nb, m, n, k))
+                kname = f"qcc_cpu_bmm_{form}{'_t' if tiled and src else ''}_{sizes}" + \
                     (f"_parts{'_'.join(map(str, parts))}" if parts else "")
                 if kname not in defined:
                     text = kernels.batch_matmul_tiled(kname, nb, m, n, k, self.options.lanes, src is not None,

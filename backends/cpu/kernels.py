@@ -756,9 +756,10 @@ BMM_NR = 4        # vectors of C columns per tile (6 x 4 accumulators + 4 B vect
 BMM_ROW_CHUNK = 48  # rows of C per parallel task (a multiple of BMM_MR)
 
 
-def batch_matmul_tiled(name: str, b: int, m: int, n: int, k: int, lanes: int, transposed_b: bool,
-                       threads: bool) -> str:
-    """f32 C[b, i, j] = sum_k A[b, i, k] * B[b, k, j] in register tiles (prefill's attention).
+def batch_matmul_tiled(name: str, b: int, m: int | None, n: int | None, k: int | None, lanes: int,
+                       transposed_b: bool, threads: bool) -> str:
+    """f32 C[b, i, j] = sum_k A[b, i, k] * B[b, k, j] in register tiles (prefill's attention);
+    m, n, k may be None (dynamic: a sequence length only known at run time).
 
     Tiles of MR rows x NR vectors of columns keep their MR * NR accumulators in registers
     over the whole k loop: per k, NR vector loads of B and MR broadcasts of A feed MR * NR
@@ -766,39 +767,48 @@ def batch_matmul_tiled(name: str, b: int, m: int, n: int, k: int, lanes: int, tr
     element).  Each output is summed over k in order, one FMA at a time, from 0: the same
     arithmetic as batch_matmul's axpy form.  With transposed_b (B given as Bt[b, j, k]),
     Bt is first copied k-major, each batch in its own parallel task, into a buffer whose
-    rows are padded to whole vectors (zeros); otherwise B's rows are read in place and the
-    last vector of a row is a masked read when n is not a multiple of the lanes.
-    Threads over batches x chunks of BMM_ROW_CHUNK rows.
+    rows are padded to whole vectors (zeros); otherwise B's rows are read in place.  Columns
+    past the last whole block of NR vectors go one vector at a time, the last one masked
+    when n is not a multiple of the lanes.  Threads over batches x chunks of BMM_ROW_CHUNK rows.
     """
     vf = f"vector<{lanes}xf32>"
-    nvec = -(-n // lanes)
-    npad = nvec * lanes
-    aty, cty = f"memref<{b}x{m}x{k}xf32>", f"memref<{b}x{m}x{n}xf32>"
-    bty = f"memref<{b}x{n}x{k}xf32, strided<[?, ?, 1], offset: ?>>" if transposed_b else \
-        f"memref<{b}x{k}x{n}xf32, strided<[?, ?, 1], offset: ?>>"
-    pty = f"memref<{b}x{k}x{npad}xf32>"
-    chunks = -(-m // BMM_ROW_CHUNK)
-    # the B the tiles read: the packed copy, or B itself
+    md, nd, kd = ("?" if d is None else str(d) for d in (m, n, k))
+    aty, cty = f"memref<{b}x{md}x{kd}xf32>", f"memref<{b}x{md}x{nd}xf32>"
+    bty = f"memref<{b}x{nd}x{kd}xf32, strided<[?, ?, 1], offset: ?>>" if transposed_b else \
+        f"memref<{b}x{kd}x{nd}xf32, strided<[?, ?, 1], offset: ?>>"
+    static_p = n is not None and k is not None  # the packed copy's shape known: constant strides
+    pty = f"memref<{b}x{k}x{-(-n // lanes) * lanes}xf32>" if static_p else f"memref<{b}x?x?xf32>"
+    # the B the tiles read: the packed copy (padded: every read in bounds), or B itself
     src, sty = ("%p", pty) if transposed_b else ("%b", bty)
+    block = BMM_NR * lanes
 
     t = MlirText()
-    c0 = t.idx(0)
+    c0, c1 = t.idx(0), t.idx(1)
     pad = t.v("arith.constant 0.0 : f32")
     zv = t.v(f"arith.constant dense<0.0> : {vf}")
-    h = t.v(f"arith.divui %task, {t.idx(chunks)} : index")
-    r_start = t.v(f"arith.muli {t.v(f'arith.remui %task, {t.idx(chunks)} : index')}, {t.idx(BMM_ROW_CHUNK)} : index")
-    r_end = t.v(f"arith.minui {t.v(f'arith.addi {r_start}, {t.idx(BMM_ROW_CHUNK)} : index')}, {t.idx(m)} : index")
+    M = t.v(f"memref.dim %c, {c1} : {cty}")
+    N = t.v(f"memref.dim %c, {t.idx(2)} : {cty}")
+    K = t.v(f"memref.dim %a, {t.idx(2)} : {aty}")
+    chunks = t.v(f"arith.ceildivui {M}, {t.idx(BMM_ROW_CHUNK)} : index")
+    h = t.v(f"arith.divui %task, {chunks} : index")
+    r_start = t.v(f"arith.muli {t.v(f'arith.remui %task, {chunks} : index')}, {t.idx(BMM_ROW_CHUNK)} : index")
+    r_end = t.v(f"arith.minui {t.v(f'arith.addi {r_start}, {t.idx(BMM_ROW_CHUNK)} : index')}, {M} : index")
+    n_blocks = t.v(f"arith.subi {N}, {t.v(f'arith.remui {N}, {t.idx(block)} : index')} : index")
 
-    def tile(i0: str, mr: int, j0: int, nr: int) -> None:
+    def tile(i0: str, mr: int, j0: str, whole: list[bool]) -> None:
+        """A tile of len(whole) vectors of columns; whole[c]: vector c lies below n (else its
+        reads and writes past n are masked)."""
+        nr = len(whole)
         rows = [t.v(f"arith.addi {i0}, {t.idx(r)} : index") for r in range(mr)]
-        cols = [t.idx(j0 + c * lanes) for c in range(nr)]
+        cols = [t.v(f"arith.addi {j0}, {t.idx(c * lanes)} : index") for c in range(nr)]
         tiles = [(r, c) for r in range(mr) for c in range(nr)]
+        inb = [" {in_bounds = [true]}" if w else "" for w in whole]
+        binb = [" {in_bounds = [true]}" if w or transposed_b else "" for w in whole]
         iters = ", ".join(f"%acc{r}_{c} = {zv}" for r, c in tiles)
-        res = t.vs(len(tiles), f"scf.for %kk = {c0} to {t.idx(k)} step {t.idx(1)} iter_args({iters}) -> "
+        res = t.vs(len(tiles), f"scf.for %kk = {c0} to {K} step {c1} iter_args({iters}) -> "
                                f"({', '.join([vf] * len(tiles))}) {{")
         t.indent += 2
-        inb = [" {in_bounds = [true]}" if transposed_b or j0 + (c + 1) * lanes <= n else "" for c in range(nr)]
-        bv = [t.v(f"vector.transfer_read {src}[{h}, %kk, {col}], {pad}{inb[c]} : {sty}, {vf}")
+        bv = [t.v(f"vector.transfer_read {src}[{h}, %kk, {col}], {pad}{binb[c]} : {sty}, {vf}")
               for c, col in enumerate(cols)]
         new = {}
         for r in range(mr):
@@ -808,57 +818,74 @@ def batch_matmul_tiled(name: str, b: int, m: int, n: int, k: int, lanes: int, tr
         t.op(f"scf.yield {', '.join(new[rc] for rc in tiles)} : {', '.join([vf] * len(tiles))}")
         t.close()
         for (r, c), acc in zip(tiles, res):
-            inb = " {in_bounds = [true]}" if j0 + (c + 1) * lanes <= n else ""
-            t.op(f"vector.transfer_write {acc}, %c[{h}, {rows[r]}, {cols[c]}]{inb} : {vf}, {cty}")
+            t.op(f"vector.transfer_write {acc}, %c[{h}, {rows[r]}, {cols[c]}]{inb[c]} : {vf}, {cty}")
 
-    # row tiles of MR, then at most one of each smaller size; column blocks of NR vectors, then the rest
-    col_blocks = [(j, BMM_NR) for j in range(0, nvec - nvec % BMM_NR, BMM_NR)]
-    if nvec % BMM_NR:
-        col_blocks.append((nvec - nvec % BMM_NR, nvec % BMM_NR))
+    # row tiles of MR, then the rest in tiles of 4, 2, 1; per row tile the whole blocks of NR
+    # vectors, then the columns left a vector at a time
     start = r_start
     for mr in sorted({BMM_MR, 4, 2, 1} - set(range(BMM_MR + 1, 5)), reverse=True):
         left = t.v(f"arith.subi {r_end}, {start} : index")
         end = t.v(f"arith.subi {r_end}, {t.v(f'arith.remui {left}, {t.idx(mr)} : index')} : index")
         t.open(f"scf.for %i{mr} = {start} to {end} step {t.idx(mr)} {{")
-        for j, nr in col_blocks:
-            tile(f"%i{mr}", mr, j * lanes, nr)
+        t.open(f"scf.for %j{mr} = {c0} to {n_blocks} step {t.idx(block)} {{")
+        tile(f"%i{mr}", mr, f"%j{mr}", [True] * BMM_NR)
+        t.close()
+        if n is None:  # the columns left, a vector at a time
+            t.open(f"scf.for %jr{mr} = {n_blocks} to {N} step {t.idx(lanes)} {{")
+            tile(f"%i{mr}", mr, f"%jr{mr}", [False])
+            t.close()
+        elif n % block:  # one tile of the vectors left, the last one masked if n ends inside it
+            left_vectors = -(-(n % block) // lanes)
+            tile(f"%i{mr}", mr, n_blocks, [(c + 1) * lanes <= n % block for c in range(left_vectors)])
         t.close()
         start = end
     body = t.text()
 
     loop = "scf.parallel ({0}) = (%z) to ({1}) step (%one)" if threads else "scf.for {0} = %z to {1} step %one"
+    btensor = f"tensor<{b}x{nd}x{kd}xf32>" if transposed_b else f"tensor<{b}x{kd}x{nd}xf32>"
     pack, pack_fn = "", ""
     if transposed_b:  # the loops in a function: convert-scf-to-openmp wants a one-block body
-        pack = (f"  %p = memref.alloc() {{alignment = 64 : i64}} : {pty}\n"
+        pack = (f"  %nblk = arith.ceildivui %n, %lanes : index\n"
+                f"  %npad = arith.muli %nblk, %lanes : index\n"
+                f"  %p = memref.alloc({'' if static_p else '%kk, %npad'}) {{alignment = 64 : i64}} : {pty}\n"
                 f"  {loop.format('%ph', '%nb')} {{\n"
                 f"    func.call @{name}_pack(%ph, %b, %p) {{no_inline}} : (index, {bty}, {pty}) -> ()\n  }}\n")
         # Bt[h, j, kk] -> P[h, kk, j], the padding columns zero
         pack_fn = (f"func.func private @{name}_pack(%h: index, %b: {bty}, %p: {pty}) {{\n"
                    f"  %z = arith.constant 0 : index\n  %one = arith.constant 1 : index\n"
-                   f"  %ck = arith.constant {k} : index\n  %cn = arith.constant {n} : index\n"
-                   f"  %cnpad = arith.constant {npad} : index\n  %zero = arith.constant 0.0 : f32\n"
-                   f"  scf.for %kk = %z to %ck step %one {{\n"
-                   f"    scf.for %j = %cn to %cnpad step %one {{\n"
+                   f"  %c1 = arith.constant 1 : index\n  %c2 = arith.constant 2 : index\n"
+                   f"  %n = memref.dim %b, %c1 : {bty}\n  %k = memref.dim %b, %c2 : {bty}\n"
+                   f"  %npad = memref.dim %p, %c2 : {pty}\n  %zero = arith.constant 0.0 : f32\n"
+                   f"  scf.for %kk = %z to %k step %one {{\n"
+                   f"    scf.for %j = %n to %npad step %one {{\n"
                    f"      memref.store %zero, %p[%h, %kk, %j] : {pty}\n    }}\n  }}\n"
-                   f"  scf.for %j = %z to %cn step %one {{\n"
-                   f"    scf.for %kk = %z to %ck step %one {{\n"
+                   f"  scf.for %j = %z to %n step %one {{\n"
+                   f"    scf.for %kk = %z to %k step %one {{\n"
                    f"      %v = memref.load %b[%h, %j, %kk] : {bty}\n"
                    f"      memref.store %v, %p[%h, %kk, %j] : {pty}\n    }}\n  }}\n  return\n}}\n")
     tile_args, tile_tys = ("%a, %p, %c", f"{aty}, {pty}, {cty}") if transposed_b else ("%a, %b, %c", f"{aty}, {bty}, {cty}")
-    btensor = f"tensor<{b}x{n}x{k}xf32>" if transposed_b else f"tensor<{b}x{k}x{n}xf32>"
-    return f"""func.func private @{name}(%at: tensor<{b}x{m}x{k}xf32>, %bt: {btensor}) -> tensor<{b}x{m}x{n}xf32> {{
+    c_sizes = ", ".join(v for v, d in (("%m", m), ("%n", n)) if d is None)
+    return f"""func.func private @{name}(%at: tensor<{b}x{md}x{kd}xf32>, %bt: {btensor}) -> tensor<{b}x{md}x{nd}xf32> {{
   %z = arith.constant 0 : index
   %one = arith.constant 1 : index
+  %c1 = arith.constant 1 : index
+  %c2 = arith.constant 2 : index
   %nb = arith.constant {b} : index
-  %tasks = arith.constant {b * chunks} : index
-  %a = bufferization.to_buffer %at read_only : tensor<{b}x{m}x{k}xf32> to {aty}
+  %rchunk = arith.constant {BMM_ROW_CHUNK} : index
+  %lanes = arith.constant {lanes} : index
+  %a = bufferization.to_buffer %at read_only : tensor<{b}x{md}x{kd}xf32> to {aty}
   %b = bufferization.to_buffer %bt read_only : {btensor} to {bty}
-  %c = memref.alloc() {{alignment = 64 : i64}} : {cty}
+  %m = memref.dim %a, %c1 : {aty}
+  %kk = memref.dim %a, %c2 : {aty}
+  %n = memref.dim %b, {"%c1" if transposed_b else "%c2"} : {bty}
+  %c = memref.alloc({c_sizes}) {{alignment = 64 : i64}} : {cty}
+  %chunks = arith.ceildivui %m, %rchunk : index
+  %tasks = arith.muli %nb, %chunks : index
 {pack}  {loop.format('%task', '%tasks')} {{
     func.call @{name}_tiles(%task, {tile_args}) {{no_inline}} : (index, {tile_tys}) -> ()
   }}
-  %ct = bufferization.to_tensor %c restrict writable : {cty} to tensor<{b}x{m}x{n}xf32>
-  return %ct : tensor<{b}x{m}x{n}xf32>
+  %ct = bufferization.to_tensor %c restrict writable : {cty} to tensor<{b}x{md}x{nd}xf32>
+  return %ct : tensor<{b}x{md}x{nd}xf32>
 }}
 func.func private @{name}_tiles(%task: index, %a: {aty}, {src}: {sty}, %c: {cty}) {{
 {body}

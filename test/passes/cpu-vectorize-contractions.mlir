@@ -2,6 +2,7 @@
 // RUN: qcc-opt %s -p 'cpu-vectorize-contractions{lanes=8}' | filecheck %s --check-prefix=KV
 // RUN: qcc-opt %s -p 'cpu-vectorize-contractions{lanes=8}' | filecheck %s --check-prefix=TILED
 // RUN: qcc-opt %s -p 'cpu-vectorize-contractions{lanes=8}' | filecheck %s --check-prefix=LIN
+// RUN: qcc-opt %s -p 'cpu-vectorize-contractions{lanes=8}' | filecheck %s --check-prefix=DYN
 
 // Attention's q @ k^T: the transpose feeding B (through a collapse) is folded
 // into a dot-product kernel that reads the keys in their own layout; p @ v
@@ -142,4 +143,23 @@ func.func @float_linear(%x: tensor<?x20xf32>, %w: tensor<9x20xf32>) -> tensor<?x
   %y1 = linalg.fill ins(%zero : f32) outs(%y0 : tensor<?x9xf32>) -> tensor<?x9xf32>
   %y = linalg.matmul ins(%x, %wt : tensor<?x20xf32>, tensor<20x9xf32>) outs(%y1 : tensor<?x9xf32>) -> tensor<?x9xf32>
   return %y : tensor<?x9xf32>
+}
+
+// p @ v with a sequence length known only at run time (rows of p and of v): the tiled kernel
+// with dynamic sizes, its k loop bound read from A, C allocated with the run-time row count.
+// DYN-LABEL: func.func @dynamic_pv
+// DYN: call @qcc_cpu_bmm_tiled_4xdx16xd(%arg0, %arg1) : (tensor<4x?x?xf32>, tensor<4x?x16xf32>) -> tensor<4x?x16xf32>
+// DYN-LABEL: func.func private @qcc_cpu_bmm_tiled_4xdx16xd(
+// DYN: memref.alloc(%{{.*}}) {alignment = 64 : i64} : memref<4x?x16xf32>
+// DYN-LABEL: func.func private @qcc_cpu_bmm_tiled_4xdx16xd_tiles(
+// DYN: %[[K:.*]] = memref.dim %{{.*}}, %{{.*}} : memref<4x?x?xf32>
+// DYN: scf.for %{{.*}} = %{{.*}} to %[[K]] step
+func.func @dynamic_pv(%p: tensor<4x?x?xf32>, %v: tensor<4x?x16xf32>) -> tensor<4x?x16xf32> {
+  %zero = arith.constant 0.0 : f32
+  %c1 = arith.constant 1 : index
+  %m = tensor.dim %p, %c1 : tensor<4x?x?xf32>
+  %o0 = tensor.empty(%m) : tensor<4x?x16xf32>
+  %o1 = linalg.fill ins(%zero : f32) outs(%o0 : tensor<4x?x16xf32>) -> tensor<4x?x16xf32>
+  %o = linalg.batch_matmul ins(%p, %v : tensor<4x?x?xf32>, tensor<4x?x16xf32>) outs(%o1 : tensor<4x?x16xf32>) -> tensor<4x?x16xf32>
+  return %o : tensor<4x?x16xf32>
 }
