@@ -19,7 +19,8 @@ A float linear layer (a layer the recipe keeps float, or a float model) arrives 
 `linalg.matmul(x, transpose(W))`: it calls `kernels.matmul_bt`, which reads W in its
 own layout (no transposed copy per call) in register tiles of dot products; M may
 be dynamic (the token count).  Without it the layer ran as scalar loops at 0.7
-GFLOP/s (128 x 2048 x 2048: 1563 ms against torch's 24.5).
+GFLOP/s (128 x 2048 x 2048: 1563 ms against torch's 24.5).  `x @ W` with W [K, N]
+(torch.addmm, GPT-2's Conv1D) calls `kernels.matmul_kn`, the tiled outer-product kernel.
 """
 
 import dataclasses
@@ -165,27 +166,33 @@ class CpuVectorizeContractions(QccPass):
                     irutil.erase_dead_producers(v)
 
     def _float_linear(self, op, module, defined, kernels) -> None:
-        """A linalg.matmul x @ transpose(W) (a float linear layer, M static or not) -> matmul_bt."""
+        """A float linalg.matmul (a float linear layer, M static or not): x @ transpose(W) -> matmul_bt,
+        x @ W -> matmul_kn."""
         a, b, c = op.operands[0], op.operands[1], op.operands[2]
         ta, tc = ir.RankedTensorType(a.type), ir.RankedTensorType(c.type)
         maps = str(op.attributes["indexing_maps"]) if "indexing_maps" in op.attributes else _MATMUL_MAPS
         if maps != _MATMUL_MAPS or str(ta.element_type) != "f32" or not _zero_filled(c):
             return
-        t = irutil.defining_op(b)
-        if t is None or t.name != "linalg.transpose" or _perm(t) != [1, 0]:
+        if ta.is_dynamic_dim(1) or tc.is_dynamic_dim(1):
             return
-        bt = t.operands[0]
-        sbt = _shape(bt)
-        if sbt is None or ta.is_dynamic_dim(1) or tc.is_dynamic_dim(1):
-            return
-        n, k = sbt
         m = None if ta.is_dynamic_dim(0) else ta.shape[0]
-        kname = f"qcc_cpu_matmul_bt_{'d' if m is None else m}x{n}x{k}"
+        t = irutil.defining_op(b)
+        if t is not None and t.name == "linalg.transpose" and _perm(t) == [1, 0] and _shape(t.operands[0]):
+            operand = t.operands[0]  # x @ W^T: W [N, K] read as it lies
+            n, k = _shape(operand)
+            kname = f"qcc_cpu_matmul_bt_{'d' if m is None else m}x{n}x{k}"
+            text = lambda: kernels.matmul_bt(kname, m, n, k, self.options.lanes, self.options.threads)  # noqa: E731
+        elif _shape(b):  # x @ W with W [K, N] (a Conv1D-style layer): outer-product tiles
+            operand = b
+            k, n = _shape(b)
+            kname = f"qcc_cpu_matmul_kn_{'d' if m is None else m}x{n}x{k}"
+            text = lambda: kernels.matmul_kn(kname, m, n, k, self.options.lanes, self.options.threads)  # noqa: E731
+        else:
+            return
         if kname not in defined:
-            irutil.append_functions(module, kernels.matmul_bt(kname, m, n, k, self.options.lanes,
-                                                                     self.options.threads), defined)
+            irutil.append_functions(module, text(), defined)
         with ir.InsertionPoint(op), op.location:
-            call = ir.Operation.create("func.call", results=[op.results[0].type], operands=[a, bt],
+            call = ir.Operation.create("func.call", results=[op.results[0].type], operands=[a, operand],
                                        attributes={"callee": ir.FlatSymbolRefAttr.get(kname)}).result
         op.results[0].replace_all_uses_with(call)
         old_operands = list(op.operands)

@@ -754,6 +754,7 @@ func.func private @{name}_row(%r: index, {params}) {{
 BMM_MR = 6        # rows of A per register tile of batch_matmul_tiled
 BMM_NR = 4        # vectors of C columns per tile (6 x 4 accumulators + 4 B vectors: 29 of 32 zmm)
 BMM_ROW_CHUNK = 48  # rows of C per parallel task (a multiple of BMM_MR)
+BMM_COL_CHUNK = 256  # columns of C per parallel task (whole blocks of BMM_NR vectors of 8 or 16)
 
 
 def batch_matmul_tiled(name: str, b: int, m: int | None, n: int | None, k: int | None, lanes: int,
@@ -769,7 +770,9 @@ def batch_matmul_tiled(name: str, b: int, m: int | None, n: int | None, k: int |
     Bt is first copied k-major, each batch in its own parallel task, into a buffer whose
     rows are padded to whole vectors (zeros); otherwise B's rows are read in place.  Columns
     past the last whole block of NR vectors go one vector at a time, the last one masked
-    when n is not a multiple of the lanes.  Threads over batches x chunks of BMM_ROW_CHUNK rows.
+    when n is not a multiple of the lanes.  Threads over batches x chunks of BMM_ROW_CHUNK rows x
+    chunks of BMM_COL_CHUNK columns (attention's few key columns make one; a single wide matrix,
+    matmul_kn, many).
     """
     vf = f"vector<{lanes}xf32>"
     md, nd, kd = ("?" if d is None else str(d) for d in (m, n, k))
@@ -789,11 +792,19 @@ def batch_matmul_tiled(name: str, b: int, m: int | None, n: int | None, k: int |
     M = t.v(f"memref.dim %c, {c1} : {cty}")
     N = t.v(f"memref.dim %c, {t.idx(2)} : {cty}")
     K = t.v(f"memref.dim %a, {t.idx(2)} : {aty}")
+    # task = (batch, chunk of rows, chunk of columns), columns last
     chunks = t.v(f"arith.ceildivui {M}, {t.idx(BMM_ROW_CHUNK)} : index")
-    h = t.v(f"arith.divui %task, {chunks} : index")
-    r_start = t.v(f"arith.muli {t.v(f'arith.remui %task, {chunks} : index')}, {t.idx(BMM_ROW_CHUNK)} : index")
+    col_chunks = t.v(f"arith.ceildivui {N}, {t.idx(BMM_COL_CHUNK)} : index")
+    per_batch = t.v(f"arith.muli {chunks}, {col_chunks} : index")
+    h = t.v(f"arith.divui %task, {per_batch} : index")
+    rest = t.v(f"arith.remui %task, {per_batch} : index")
+    r_start = t.v(f"arith.muli {t.v(f'arith.divui {rest}, {col_chunks} : index')}, {t.idx(BMM_ROW_CHUNK)} : index")
     r_end = t.v(f"arith.minui {t.v(f'arith.addi {r_start}, {t.idx(BMM_ROW_CHUNK)} : index')}, {M} : index")
-    n_blocks = t.v(f"arith.subi {N}, {t.v(f'arith.remui {N}, {t.idx(block)} : index')} : index")
+    c_start = t.v(f"arith.muli {t.v(f'arith.remui {rest}, {col_chunks} : index')}, {t.idx(BMM_COL_CHUNK)} : index")
+    c_end = t.v(f"arith.minui {t.v(f'arith.addi {c_start}, {t.idx(BMM_COL_CHUNK)} : index')}, {N} : index")
+    width = t.v(f"arith.subi {c_end}, {c_start} : index")
+    n_blocks = t.v(f"arith.subi {c_end}, {t.v(f'arith.remui {width}, {t.idx(block)} : index')} : index")
+    last = t.v(f"arith.cmpi eq, {c_end}, {N} : index")
 
     def tile(i0: str, mr: int, j0: str, whole: list[bool]) -> None:
         """A tile of len(whole) vectors of columns; whole[c]: vector c lies below n (else its
@@ -827,16 +838,18 @@ def batch_matmul_tiled(name: str, b: int, m: int | None, n: int | None, k: int |
         left = t.v(f"arith.subi {r_end}, {start} : index")
         end = t.v(f"arith.subi {r_end}, {t.v(f'arith.remui {left}, {t.idx(mr)} : index')} : index")
         t.open(f"scf.for %i{mr} = {start} to {end} step {t.idx(mr)} {{")
-        t.open(f"scf.for %j{mr} = {c0} to {n_blocks} step {t.idx(block)} {{")
+        t.open(f"scf.for %j{mr} = {c_start} to {n_blocks} step {t.idx(block)} {{")
         tile(f"%i{mr}", mr, f"%j{mr}", [True] * BMM_NR)
         t.close()
         if n is None:  # the columns left, a vector at a time
-            t.open(f"scf.for %jr{mr} = {n_blocks} to {N} step {t.idx(lanes)} {{")
+            t.open(f"scf.for %jr{mr} = {n_blocks} to {c_end} step {t.idx(lanes)} {{")
             tile(f"%i{mr}", mr, f"%jr{mr}", [False])
             t.close()
-        elif n % block:  # one tile of the vectors left, the last one masked if n ends inside it
-            left_vectors = -(-(n % block) // lanes)
+        elif n % block:  # in the last column chunk, one tile of the vectors left (the last masked
+            left_vectors = -(-(n % block) // lanes)  # if n ends inside it)
+            t.open(f"scf.if {last} {{")
             tile(f"%i{mr}", mr, n_blocks, [(c + 1) * lanes <= n % block for c in range(left_vectors)])
+            t.close()
         t.close()
         start = end
     body = t.text()
@@ -880,7 +893,10 @@ def batch_matmul_tiled(name: str, b: int, m: int | None, n: int | None, k: int |
   %n = memref.dim %b, {"%c1" if transposed_b else "%c2"} : {bty}
   %c = memref.alloc({c_sizes}) {{alignment = 64 : i64}} : {cty}
   %chunks = arith.ceildivui %m, %rchunk : index
-  %tasks = arith.muli %nb, %chunks : index
+  %cchunk = arith.constant {BMM_COL_CHUNK} : index
+  %col_chunks = arith.ceildivui %n, %cchunk : index
+  %per_batch = arith.muli %chunks, %col_chunks : index
+  %tasks = arith.muli %nb, %per_batch : index
 {pack}  {loop.format('%task', '%tasks')} {{
     func.call @{name}_tiles(%task, {tile_args}) {{no_inline}} : (index, {tile_tys}) -> ()
   }}
@@ -989,3 +1005,23 @@ func.func private @{name}_tiles(%task: index, %a: {aty}, %b: {bty}, %c: {cty}) {
   return
 }}
 """
+
+
+def matmul_kn(name: str, m: int | None, n: int, k: int, lanes: int, threads: bool) -> str:
+    """f32 C[i, j] = sum_k A[i, k] * B[k, j] with B stored k-major (x @ W, W [K, N]), M static or
+    not: batch_matmul_tiled's outer-product tiles on a batch of one, through a 3-D view of
+    each operand (no copies)."""
+    md = "?" if m is None else str(m)
+    inner = f"{name}_b1"
+    rows = "%m" if m is None else str(m)
+    expand_a = (f"  %z = arith.constant 0 : index\n  %m = tensor.dim %x, %z : tensor<{md}x{k}xf32>\n"
+                f"  %a3 = tensor.expand_shape %x [[0, 1], [2]] output_shape [1, {rows}, {k}] : "
+                f"tensor<{md}x{k}xf32> into tensor<1x{md}x{k}xf32>\n")
+    return (f"func.func private @{name}(%x: tensor<{md}x{k}xf32>, %w: tensor<{k}x{n}xf32>) -> tensor<{md}x{n}xf32> {{\n"
+            + expand_a +
+            f"  %b3 = tensor.expand_shape %w [[0, 1], [2]] output_shape [1, {k}, {n}] : "
+            f"tensor<{k}x{n}xf32> into tensor<1x{k}x{n}xf32>\n"
+            f"  %c3 = func.call @{inner}(%a3, %b3) : (tensor<1x{md}x{k}xf32>, tensor<1x{k}x{n}xf32>) -> tensor<1x{md}x{n}xf32>\n"
+            f"  %c = tensor.collapse_shape %c3 [[0, 1], [2]] : tensor<1x{md}x{n}xf32> into tensor<{md}x{n}xf32>\n"
+            f"  return %c : tensor<{md}x{n}xf32>\n}}\n"
+            + batch_matmul_tiled(inner, 1, m, n, k, lanes, False, threads))

@@ -286,6 +286,40 @@ def test_float_linear_matches_torch(tmp_path, k, n):
             assert np.abs(got - expect).max() / np.abs(expect).max() < 1e-5, f"M={m}"
 
 
+@pytest.mark.parametrize("k,n", [(100, 37), (64, 300)])
+def test_float_matmul_with_a_k_major_weight(tmp_path, k, n):
+    """A float x @ W + b with W [K, N] (GPT-2's Conv1D: torch.addmm) runs kernels.matmul_kn (the
+    tiled outer-product kernel on a batch of one; 300 columns: two column chunks, a masked last
+    vector) and matches torch in float64 for row counts around the row tiles."""
+    import torch
+
+    import qcc
+
+    class Conv1D(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            g = torch.Generator().manual_seed(k + n)
+            self.w = torch.nn.Parameter(torch.randn(k, n, generator=g) / k ** 0.5)
+            self.b = torch.nn.Parameter(torch.randn(n, generator=g))
+
+        def forward(self, x):
+            return torch.addmm(self.b, x, self.w)
+
+    mod = Conv1D().eval()
+    tokens = ({0: torch.export.Dim("tokens", min=1, max=512)},)
+    dump = tmp_path / "ir"
+    compiled = qcc.compile(mod, (torch.randn(4, k),), quant="float", dynamic_shapes=tokens, dump_dir=str(dump))
+    selected = (dump / next(p for p in sorted(os.listdir(dump)) if "select-kernels" in p)).read_text()
+    assert f"call @qcc_cpu_matmul_kn_dx{n}x{k}(" in selected and "linalg.matmul" not in selected
+    with torch.no_grad():
+        for m in (1, 5, 13, 61):
+            x = torch.randn(m, k)
+            expect = mod.double()(x.double()).numpy()
+            mod.float()
+            got = compiled(x).numpy()
+            assert np.abs(got - expect).max() / np.abs(expect).max() < 1e-5, f"M={m}"
+
+
 @pytest.mark.parametrize("layer,cache,dim", [(1, 33, 20), (0, 16, 64)])
 def test_attention_over_a_concatenated_kv_cache(tmp_path, layer, cache, dim):
     """Decode attention over torch.cat([cache[layer], new], dim=2): the kernels read the cache
