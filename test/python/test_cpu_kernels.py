@@ -201,6 +201,15 @@ def test_no_float_copy_of_a_weight(tmp_path):
         assert np.allclose(compiled(xm).numpy(), compiled(xm).numpy())
 
 
+def _compile_with_ir(model, args, tmp_path, **kwargs):
+    """qcc.compile with the IR dumped: (compiled model, text of the select-kernels stage)."""
+    import qcc
+
+    dump = tmp_path / "ir"
+    compiled = qcc.compile(model, args, dump_dir=str(dump), **kwargs)
+    return compiled, (dump / next(p for p in sorted(os.listdir(dump)) if "select-kernels" in p)).read_text()
+
+
 @pytest.mark.parametrize("rows,seq,dim", [(2, 9, 20), (2, 16, 64), (2, 1, 7), (61, 37, 20), (16, 70, 64)])
 def test_attention_matmuls_match_torch(tmp_path, rows, seq, dim):
     """q @ k^T and p @ v, odd sizes.  Two query rows: the row kernels (transpose folded into
@@ -209,7 +218,6 @@ def test_attention_matmuls_match_torch(tmp_path, rows, seq, dim):
     blocks short of BMM_NR vectors and a partial last vector."""
     import torch
 
-    import qcc
     from qcc.passes.cpu_contractions import TILED_MIN_M
 
     class Attention(torch.nn.Module):
@@ -219,12 +227,10 @@ def test_attention_matmuls_match_torch(tmp_path, rows, seq, dim):
 
     g = torch.Generator().manual_seed(seq)
     q, k, v = (torch.randn(1, 3, s, dim, generator=g) for s in (rows, seq, seq))
-    dump = tmp_path / "ir"
-    compiled = qcc.compile(Attention(), (q, k, v), dump_dir=str(dump))
+    compiled, selected = _compile_with_ir(Attention(), (q, k, v), tmp_path)
     expect = Attention()(q.double(), k.double(), v.double()).numpy()
     got = compiled(q, k, v).numpy()
     assert np.abs(got - expect).max() / np.abs(expect).max() < 1e-5
-    selected = (dump / next(p for p in sorted(os.listdir(dump)) if "select-kernels" in p)).read_text()
     tiled = rows >= TILED_MIN_M
     assert (f"@qcc_cpu_bmm_tiled_t_3x{rows}x{seq}x{dim}(" in selected) == tiled
     assert (f"@qcc_cpu_bmm_tiled_3x{rows}x{dim}x{seq}(" in selected) == tiled
@@ -237,8 +243,6 @@ def test_attention_with_a_dynamic_sequence_length(tmp_path):
     around the row tiles and the vector lanes, against torch in float64."""
     import torch
 
-    import qcc
-
     class Attention(torch.nn.Module):
         def forward(self, q, k, v):
             p = torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * 0.125, dim=-1)
@@ -247,9 +251,7 @@ def test_attention_with_a_dynamic_sequence_length(tmp_path):
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(1, 3, 9, 40, generator=g) for _ in range(3))
     seq = torch.export.Dim("seq", min=1, max=256)
-    dump = tmp_path / "ir"
-    compiled = qcc.compile(Attention(), (q, k, v), dynamic_shapes=({2: seq}, {2: seq}, {2: seq}), dump_dir=str(dump))
-    selected = (dump / next(p for p in sorted(os.listdir(dump)) if "select-kernels" in p)).read_text()
+    compiled, selected = _compile_with_ir(Attention(), (q, k, v), tmp_path, dynamic_shapes=({2: seq},) * 3)
     kernels_ = set(re.findall(r"@(qcc_cpu_bmm_\w+?)\(", selected))
     assert {"qcc_cpu_bmm_tiled_3xdxdx40", "qcc_cpu_bmm_tiled_3xdx40xd"} <= {k.replace("_t_", "_") for k in kernels_}
     assert "linalg.batch_matmul" not in selected
@@ -268,14 +270,10 @@ def test_float_linear_matches_torch(tmp_path, k, n):
     and a 16-column chunk."""
     import torch
 
-    import qcc
-
     torch.manual_seed(k + n)
     lin = torch.nn.Linear(k, n).eval()
     tokens = ({0: torch.export.Dim("tokens", min=1, max=512)},)
-    dump = tmp_path / "ir"
-    compiled = qcc.compile(lin, (torch.randn(4, k),), quant="float", dynamic_shapes=tokens, dump_dir=str(dump))
-    selected = (dump / next(p for p in sorted(os.listdir(dump)) if "select-kernels" in p)).read_text()
+    compiled, selected = _compile_with_ir(lin, (torch.randn(4, k),), tmp_path, quant="float", dynamic_shapes=tokens)
     assert f"call @qcc_cpu_matmul_bt_dx{n}x{k}(" in selected and "linalg.transpose" not in selected
     with torch.no_grad():
         for m in (1, 2, 3, 5, 7, 33):
@@ -293,8 +291,6 @@ def test_float_matmul_with_a_k_major_weight(tmp_path, k, n):
     vector) and matches torch in float64 for row counts around the row tiles."""
     import torch
 
-    import qcc
-
     class Conv1D(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -307,9 +303,7 @@ def test_float_matmul_with_a_k_major_weight(tmp_path, k, n):
 
     mod = Conv1D().eval()
     tokens = ({0: torch.export.Dim("tokens", min=1, max=512)},)
-    dump = tmp_path / "ir"
-    compiled = qcc.compile(mod, (torch.randn(4, k),), quant="float", dynamic_shapes=tokens, dump_dir=str(dump))
-    selected = (dump / next(p for p in sorted(os.listdir(dump)) if "select-kernels" in p)).read_text()
+    compiled, selected = _compile_with_ir(mod, (torch.randn(4, k),), tmp_path, quant="float", dynamic_shapes=tokens)
     assert f"call @qcc_cpu_matmul_kn_dx{n}x{k}(" in selected and "linalg.matmul" not in selected
     with torch.no_grad():
         for m in (1, 5, 13, 61):
