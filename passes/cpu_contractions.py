@@ -36,21 +36,33 @@ from qcc.passes import QccPass, register
 TILED_MIN_M = 8
 _MATMUL_MAPS = ("[affine_map<(d0, d1, d2) -> (d0, d2)>, affine_map<(d0, d1, d2) -> (d2, d1)>, "
                 "affine_map<(d0, d1, d2) -> (d0, d1)>]")
+_BATCH_MATMUL_MAPS = ("[affine_map<(d0, d1, d2, d3) -> (d0, d1, d3)>, affine_map<(d0, d1, d2, d3) -> (d0, d3, d2)>, "
+                      "affine_map<(d0, d1, d2, d3) -> (d0, d1, d2)>]")
 
 
-def _shape(value):
-    t = ir.RankedTensorType(value.type)
-    if str(t.element_type) != "f32" or any(t.is_dynamic_dim(i) for i in range(t.rank)):
-        return None
-    return list(t.shape)
+def _has_custom_maps(op, default: str) -> bool:
+    """The op's indexing maps (printed) differ from its named op's plain ones (a transposed or
+    broadcast operand)."""
+    return "indexing_maps" in op.attributes and str(op.attributes["indexing_maps"]) != default
 
 
 def _dims(value):
     """The f32 tensor's shape with None for dynamic sizes, or None for another element type."""
-    t = ir.RankedTensorType(value.type)
-    if str(t.element_type) != "f32":
-        return None
-    return [None if t.is_dynamic_dim(i) else t.shape[i] for i in range(t.rank)]
+    return irutil.tensor_shape(value) if str(ir.RankedTensorType(value.type).element_type) == "f32" else None
+
+
+def _shape(value):
+    """The f32 tensor's static shape, or None."""
+    dims = _dims(value)
+    return None if dims is None or None in dims else dims
+
+
+def _call_instead(op, callee: str, operands) -> None:
+    """op -> func.call @callee(operands), then the producers only op read (a transpose, a fill)."""
+    old_operands = list(op.operands)
+    irutil.replace_with_call(op, callee, operands)
+    for v in old_operands:
+        irutil.erase_dead_producers(v)
 
 
 def _zero_filled(value) -> bool:
@@ -130,7 +142,7 @@ class CpuVectorizeContractions(QccPass):
             for op in irutil.walk(func, "linalg.batch_matmul"):
                 a, b, c = op.operands[0], op.operands[1], op.operands[2]
                 sa, sb, sc = _dims(a), _dims(b), _dims(c)
-                if None in (sa, sb, sc) or sa[0] is None or not _zero_filled(c) or self._has_custom_maps(op):
+                if None in (sa, sb, sc) or sa[0] is None or not _zero_filled(c) or _has_custom_maps(op, _BATCH_MATMUL_MAPS):
                     continue
                 static = None not in sa + sb + sc
                 nb, m, k = sa
@@ -157,21 +169,14 @@ class CpuVectorizeContractions(QccPass):
                     irutil.append_functions(module, text, defined)
                 with ir.InsertionPoint(op), op.location:
                     operands_b = [_collapsed(v, shape, reassociation) for v, shape in zip(operands_b, shapes)]
-                    call = ir.Operation.create("func.call", results=[op.results[0].type], operands=[a, *operands_b],
-                                               attributes={"callee": ir.FlatSymbolRefAttr.get(kname)}).result
-                op.results[0].replace_all_uses_with(call)
-                old_operands = list(op.operands)
-                op.erase()
-                for v in old_operands:  # e.g. the transpose and the concatenation B no longer needs
-                    irutil.erase_dead_producers(v)
+                _call_instead(op, kname, [a, *operands_b])  # the transpose, the concatenation go
 
     def _float_linear(self, op, module, defined, kernels) -> None:
         """A float linalg.matmul (a float linear layer, M static or not): x @ transpose(W) -> matmul_bt,
         x @ W -> matmul_kn."""
         a, b, c = op.operands[0], op.operands[1], op.operands[2]
         ta, tc = ir.RankedTensorType(a.type), ir.RankedTensorType(c.type)
-        maps = str(op.attributes["indexing_maps"]) if "indexing_maps" in op.attributes else _MATMUL_MAPS
-        if maps != _MATMUL_MAPS or str(ta.element_type) != "f32" or not _zero_filled(c):
+        if _has_custom_maps(op, _MATMUL_MAPS) or str(ta.element_type) != "f32" or not _zero_filled(c):
             return
         if ta.is_dynamic_dim(1) or tc.is_dynamic_dim(1):
             return
@@ -191,18 +196,4 @@ class CpuVectorizeContractions(QccPass):
             return
         if kname not in defined:
             irutil.append_functions(module, text(), defined)
-        with ir.InsertionPoint(op), op.location:
-            call = ir.Operation.create("func.call", results=[op.results[0].type], operands=[a, operand],
-                                       attributes={"callee": ir.FlatSymbolRefAttr.get(kname)}).result
-        op.results[0].replace_all_uses_with(call)
-        old_operands = list(op.operands)
-        op.erase()
-        for v in old_operands:  # the transposed copy of W, the zero fill
-            irutil.erase_dead_producers(v)
-
-    @staticmethod
-    def _has_custom_maps(op) -> bool:
-        return "indexing_maps" in op.attributes and \
-            str(op.attributes["indexing_maps"]) != ("[affine_map<(d0, d1, d2, d3) -> (d0, d1, d3)>, "
-                                                    "affine_map<(d0, d1, d2, d3) -> (d0, d3, d2)>, "
-                                                    "affine_map<(d0, d1, d2, d3) -> (d0, d1, d2)>]")
+        _call_instead(op, kname, [a, operand])  # the transposed copy of W, the zero fill go

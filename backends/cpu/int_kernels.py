@@ -388,8 +388,7 @@ def _call_quantize(t: MlirText, name: str, lay: IntLayout, cfg: "IntKernelConfig
     """Quantizes x's M rows: one call on this thread for few rows, else chunks of QUANTIZE_ROWS rows
     in an scf.parallel (OpenMP); decided at run time unless M is static."""
     params = _quantize_params(lay, scale is not None)
-    args = ", ".join([x] + [f"%{n}" for n, _ in params[1:len(params) - (scale is not None)]] +
-                     ([scale] if scale is not None else []))
+    args = ", ".join({"x": x, "scale": scale}.get(n) or f"%{n}" for n, _ in params)
     tys = ", ".join(["index", "index"] + [ty for _, ty in params])
     c0, c1 = t.idx(0), t.idx(1)
     if not cfg.threads or (static_m is not None and static_m < QUANTIZE_PAR_MIN_M):

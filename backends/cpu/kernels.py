@@ -385,12 +385,12 @@ def _store_transposed(t: MlirText, rows: list[str], elem: str, width: int, tile:
         t.op(f"vector.store {v}, {tile}[{row}, {col0}] : {tile_ty}, vector<{R}x{elem}>")
 
 
-def _row_tiles(t: MlirText, M: str, mr: int, tile_rows) -> None:
-    """tile_rows(m0, rows) over M rows: MR-row tiles, then the remainder (< MR rows) in tiles
-    of 4, 2 and 1 rows, at most one of each, so no row runs on the 1-row tile's poorer ratio
-    of loads to FMAs."""
-    start = t.idx(0)
-    for n_rows in (mr, 4, 2, 1):
+def _row_tiles(t: MlirText, M: str, mr: int, tile_rows, start: str | None = None) -> None:
+    """tile_rows(m0, rows) over rows [start (0), M): MR-row tiles, then the remainder (< MR rows)
+    in tiles of 4, 2 and 1 rows (those below MR), at most one of each, so no row runs on the
+    1-row tile's poorer ratio of loads to FMAs."""
+    start = start or t.idx(0)
+    for n_rows in sorted({mr, 4, 2, 1} - set(range(mr + 1, 5)), reverse=True):
         left = t.v(f"arith.subi {M}, {start} : index")
         end = t.v(f"arith.subi {M}, {t.v(f'arith.remui {left}, {t.idx(n_rows)} : index')} : index")
         t.open(f"scf.for %m{n_rows} = {start} to {end} step {t.idx(n_rows)} {{")
@@ -831,27 +831,22 @@ def batch_matmul_tiled(name: str, b: int, m: int | None, n: int | None, k: int |
         for (r, c), acc in zip(tiles, res):
             t.op(f"vector.transfer_write {acc}, %c[{h}, {rows[r]}, {cols[c]}]{inb[c]} : {vf}, {cty}")
 
-    # row tiles of MR, then the rest in tiles of 4, 2, 1; per row tile the whole blocks of NR
-    # vectors, then the columns left a vector at a time
-    start = r_start
-    for mr in sorted({BMM_MR, 4, 2, 1} - set(range(BMM_MR + 1, 5)), reverse=True):
-        left = t.v(f"arith.subi {r_end}, {start} : index")
-        end = t.v(f"arith.subi {r_end}, {t.v(f'arith.remui {left}, {t.idx(mr)} : index')} : index")
-        t.open(f"scf.for %i{mr} = {start} to {end} step {t.idx(mr)} {{")
+    def tile_rows(i0: str, mr: int) -> None:
+        """Rows i0 .. i0 + mr - 1: the whole blocks of NR vectors, then the columns left."""
         t.open(f"scf.for %j{mr} = {c_start} to {n_blocks} step {t.idx(block)} {{")
-        tile(f"%i{mr}", mr, f"%j{mr}", [True] * BMM_NR)
+        tile(i0, mr, f"%j{mr}", [True] * BMM_NR)
         t.close()
         if n is None:  # the columns left, a vector at a time
             t.open(f"scf.for %jr{mr} = {n_blocks} to {c_end} step {t.idx(lanes)} {{")
-            tile(f"%i{mr}", mr, f"%jr{mr}", [False])
+            tile(i0, mr, f"%jr{mr}", [False])
             t.close()
         elif n % block:  # in the last column chunk, one tile of the vectors left (the last masked
             left_vectors = -(-(n % block) // lanes)  # if n ends inside it)
             t.open(f"scf.if {last} {{")
-            tile(f"%i{mr}", mr, n_blocks, [(c + 1) * lanes <= n % block for c in range(left_vectors)])
+            tile(i0, mr, n_blocks, [(c + 1) * lanes <= n % block for c in range(left_vectors)])
             t.close()
-        t.close()
-        start = end
+
+    _row_tiles(t, r_end, BMM_MR, tile_rows, start=r_start)
     body = t.text()
 
     loop = "scf.parallel ({0}) = (%z) to ({1}) step (%one)" if threads else "scf.for {0} = %z to {1} step %one"
@@ -968,20 +963,16 @@ def matmul_bt(name: str, m: int | None, n: int, k: int, lanes: int, threads: boo
     col_end = t.v(f"arith.minui {t.v(f'arith.addi {col0}, {t.idx(MM_CHUNK_COLS)} : index')}, {t.idx(n)} : index")
     width = t.v(f"arith.subi {col_end}, {col0} : index")
     whole = t.v(f"arith.subi {col_end}, {t.v(f'arith.remui {width}, {t.idx(MM_NR)} : index')} : index")
-    start = c0
-    for mr in (MM_MR, 2, 1):
-        left = t.v(f"arith.subi {M}, {start} : index")
-        end = t.v(f"arith.subi {M}, {t.v(f'arith.remui {left}, {t.idx(mr)} : index')} : index")
-        t.open(f"scf.for %i{mr} = {start} to {end} step {t.idx(mr)} {{")
+    def tile_rows(i0: str, mr: int) -> None:
         t.open(f"scf.for %j{mr} = {col0} to {whole} step {t.idx(MM_NR)} {{")
-        tile(f"%i{mr}", mr, f"%j{mr}", MM_NR)
+        tile(i0, mr, f"%j{mr}", MM_NR)
         t.close()
         if n % MM_NR:  # only the last chunk can end with fewer than NR columns
             t.open(f"scf.for %jr{mr} = {whole} to {col_end} step {t.idx(1)} {{")
-            tile(f"%i{mr}", mr, f"%jr{mr}", 1)
+            tile(i0, mr, f"%jr{mr}", 1)
             t.close()
-        t.close()
-        start = end
+
+    _row_tiles(t, M, MM_MR, tile_rows)
     body = t.text()
     loop = "scf.parallel (%task) = (%z) to (%tasks) step (%one)" if threads else \
         "scf.for %task = %z to %tasks step %one"
