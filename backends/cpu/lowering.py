@@ -63,9 +63,9 @@ def fuse_stage() -> list[str]:
     into reductions: RMSNorm's square into its sum) into one generic each, so a value makes
     one trip through memory instead of one per op, and drops results no one reads (softmax's
     max came with argmax indices, which kept that nest serial: it read linalg.index).  The
-    benchmark model's prefill goes from 164 linalg.generic ops to 86.  cpu-reassociate-reductions then lets LLVM
-    vectorize float sums.  QCC_CPU_FUSE_ELEMENTWISE=0 / QCC_CPU_REASSOCIATE=0 leave either out
-    (for A/B runs: tools/cpu_ab.py).
+    benchmark model's prefill goes from 164 linalg.generic ops to 86.  cpu-reassociate-reductions
+    then lets LLVM vectorize float sums.  QCC_CPU_FUSE_ELEMENTWISE=0 / QCC_CPU_REASSOCIATE=0 leave
+    either out (for A/B runs: tools/cpu_ab.py).
     """
     stage = []
     if os.environ.get("QCC_CPU_FUSE_ELEMENTWISE", "1") != "0":
