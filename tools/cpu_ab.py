@@ -11,7 +11,8 @@ for bit equality, then times them in interleaved rounds and prints medians and t
 the first. A variant's setting `fresh-descriptors` runs it without the runtime's kept
 parameter descriptors (every memref descriptor built on every call, as before cb29f29); a
 setting whose name has a dot sets a module attribute of qcc during that variant's compile
-(`passes.cpu_contractions.TILED_MIN_M=1000000000`: the value a Python literal).
+(`passes.cpu_contractions.TILED_MIN_M=1000000000`: the value a Python literal);
+`cpu-activations=bf16` is qcc.compile's option (its outputs then differ from fp32 variants').
 """
 from __future__ import annotations
 
@@ -27,17 +28,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _variant(spec: str):
     name, _, rest = spec.partition(":")
-    env, attrs, fresh = {}, {}, False
+    env, attrs, fresh, options = {}, {}, False, {}
     for item in filter(None, rest.split(",")):
         if item == "fresh-descriptors":
             fresh = True
             continue
         k, _, v = item.partition("=")
-        if "." in k:
+        if k == "cpu-activations":
+            options["cpu_activations"] = v
+        elif "." in k:
             attrs[k] = ast.literal_eval(v)
         else:
             env[k] = v
-    return name, env, attrs, fresh
+    return name, env, attrs, fresh, options
 
 
 def _set_attrs(attrs: dict) -> list:
@@ -56,7 +59,7 @@ def main(argv=None) -> int:
     ap.add_argument("--case", choices=("decode", "prefill"), default="decode")
     ap.add_argument("--recipe", default="w4a8-g128")
     ap.add_argument("--variant", action="append", required=True,
-                    help="name:VAR=value[,module.ATTR=literal,...][,fresh-descriptors]")
+                    help="name:VAR=value[,module.ATTR=literal,...][,cpu-activations=bf16][,fresh-descriptors]")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 40 decode, 10 prefill)")
     args = ap.parse_args(argv)
     import numpy as np
@@ -68,14 +71,14 @@ def main(argv=None) -> int:
 
     variants = [_variant(v) for v in args.variant]
     built = {}
-    for name, env, attrs, fresh in variants:
+    for name, env, attrs, fresh, options in variants:
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         saved_attrs = _set_attrs(attrs)
         try:
             model = DecodeStep(bench_llama(), 512).eval() if args.case == "decode" else bench_llama()
             inputs = model.example_inputs() if args.case == "decode" else model.example_inputs(batch=1, seq=128)
-            compiled = qcc.compile(model, inputs, quant=args.recipe)
+            compiled = qcc.compile(model, inputs, quant=args.recipe, **options)
         finally:
             for k, v in saved.items():
                 os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)

@@ -196,17 +196,35 @@ def _store_row_sums(t, lay, sums: list[str], m: str, p: str, accumulate: str | N
 
 
 def gemv(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
+    """One row of x at a time against R rows of W, the dot products along k in vector lanes.
+
+    f32 x: 3 vector ops per V weights (nibble masked in place, converted, FMA).  With bf16
+    activations (4-bit codes, groups of whole blocks; x packed by the entry as bf16 pairs of
+    chunks j and j + 4 of a block, one i32 each), nibbles j and j + 4 of a code word are
+    shifted to the top of the mantissas of their lane's two bf16 and OR-ed with 1.0: each is
+    1 + q / 16 (exact), and one vdpbf16ps adds both products: a shift, a mask-and-or and one
+    vdpbf16ps per 2V weights (6 ops in f32).  A group's sum is then scaled by 16 s and
+    corrected by s (16 + z) times the group's sum of x (the 1 in 1 + q / 16 is 16 / 16:
+    a small offset, so the correction cancels little).
+    """
     lay.check()
     t = MlirText()
-    params, _ = _signature(lay)
+    bf16 = cfg.bf16_gemm(lay) and lay.fmt.bits == 4
+    params, _ = _signature(lay, bf16_pairs=bf16)
     R, V, KB, G = lay.rows, lay.lanes, lay.kb, lay.group
     GB = max(G, KB)
     bpg, gpb, cpg = GB // KB, GB // G, G // V
+    steps = 4 if bf16 else 8  # vector steps per block
+    if bf16:
+        cpg = 4 * G // KB     # steps per group: 4 (groups of whole blocks)
+    vb = f"vector<{2 * V}xbf16>"
+    dot = f"llvm.x86.avx512bf16.dpbf16ps.{32 * V}"
     ty = _types(lay)
     vf = _vec(lay)
     t.op("%c0_body = arith.constant 0 : index")
     c0, c1 = t.idx(0), t.idx(1)
-    M = t.v(f"memref.dim %x, {c0} : memref<?x{lay.k_pad}xf32>")
+    M = t.v(f"memref.dim %xb, {c0} : memref<?x{lay.k_pad // 2}xi32>" if bf16 else
+            f"memref.dim %x, {c0} : memref<?x{lay.k_pad}xf32>")
     zv = t.v(f"arith.constant dense<0.0> : {vf}")
     zf = t.v("arith.constant 0.0 : f32")
     t.op("%p = arith.addi %i, %c0_body : index")
@@ -221,6 +239,21 @@ def gemv(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
     corr = [f"%corr{r}" for r in range(R)]
 
     def chunk(kb, parts, i, words):
+        if bf16:
+            xo = t.v(f"affine.apply affine_map<(d0) -> (d0 * {KB // 2} + {i * V})>({kb})")
+            xw = t.v(f"vector.load %xb[%m, {xo}] : memref<?x{lay.k_pad // 2}xi32>, {_vec(lay, 'i32')}")
+            xv = t.v(f"vector.bitcast {xw} : {_vec(lay, 'i32')} to {vb}")
+            vi = _vec(lay, "i32")
+            mask = t.v(f"arith.constant dense<{0x00780078}> : {vi}")
+            one = t.v(f"arith.constant dense<{0x3F803F80}> : {vi}")
+            shift = t.v(f"arith.constant dense<{abs(3 - 4 * i)}> : {vi}")
+            out = []
+            for r in range(R):
+                w = t.v(f"arith.{'shli' if i == 0 else 'shrui'} {words[r]}, {shift} : {vi}")
+                w = t.v(f"arith.ori {t.v(f'arith.andi {w}, {mask} : {vi}')}, {one} : {vi}")
+                wb = t.v(f"vector.bitcast {w} : {vi} to {vb}")
+                out.append(t.v(f"func.call @{dot}({parts[r]}, {wb}, {xv}) : ({vf}, {vb}, {vb}) -> {vf}"))
+            return out
         xo = t.v(f"affine.apply affine_map<(d0) -> (d0 * {KB} + {i * V})>({kb})")
         xv = t.v(f"vector.load %x[%m, {xo}] : memref<?x{lay.k_pad}xf32>, {vf}")
         out = []
@@ -240,10 +273,13 @@ def gemv(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
         for r in range(R):
             rr = t.idx(r)
             s = t.v(f"memref.load %scale[%p, {g}, {rr}] : {ty['scale']}")
-            sb = t.v(f"vector.broadcast {s} : f32 to {vf}")
+            s16 = t.v(f"arith.mulf {s}, {t.v('arith.constant 16.0 : f32')} : f32") if bf16 else s
+            sb = t.v(f"vector.broadcast {s16} : f32 to {vf}")
             new_acc.append(t.v(f"vector.fma {parts[r]}, {sb}, {acc[r]} : {vf}"))
             if lay.needs_zero:
                 z = _zero_value(t, lay, "%zero", "%p", g, rr)
+                if bf16:  # codes decoded as 1 + q / 16: scale 16 s, zero 16 + z
+                    z = t.v(f"arith.addf {z}, {t.v('arith.constant 16.0 : f32')} : f32")
                 xsum = t.v(f"memref.load %xs[%m, {g}] : memref<?x{lay.groups}xf32>")
                 sz = t.v(f"arith.mulf {s}, {z} : f32")
                 new_corr.append(t.v(f"math.fma {sz}, {xsum}, {corr[r]} : f32"))
@@ -258,7 +294,7 @@ def gemv(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
         kb = t.v(f"affine.apply affine_map<(d0, d1) -> (d0 * {bpg} + d1)>(%gb, %b)")
         words = load_words(kb)
         p_ = [f"%part{r}" for r in range(R)]
-        for i in range(8):
+        for i in range(steps):
             p_ = chunk(kb, p_, i, words)
         t.op(f"scf.yield {', '.join(p_)} : {', '.join([vf] * R)}")
         t.close()
@@ -267,7 +303,7 @@ def gemv(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
         kb = "%gb"
         words = load_words(kb)
         p_ = [zv] * R
-        for i in range(8):
+        for i in range(steps):
             p_ = chunk(kb, p_, i, words)
             if (i + 1) % cpg == 0:
                 g = t.v(f"affine.apply affine_map<(d0) -> (d0 * {gpb} + {(i + 1) // cpg - 1})>(%gb)")
@@ -281,7 +317,7 @@ def gemv(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
         sums.append(t.v(f"arith.subf {h}, {res[R + r]} : f32") if lay.needs_zero else h)
     _store_row_sums(t, lay, sums, "%m", "%p")
     t.close()
-    return _parallel(name, lay, cfg, lay.panels, t.text())
+    return _parallel(name, lay, cfg, lay.panels, t.text(), bf16_pairs=bf16)
 
 
 def gemm(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
@@ -564,6 +600,7 @@ def qlinear(name: str, lay: PanelLayout, cfg: KernelConfig, static_m: int | None
         t.op(f"%zero = bufferization.to_buffer %zerot read_only : {tt['zero']} to {ty['zero']}")
     M = t.v(f"memref.dim {xm}, {c0} : memref<?x{K}xf32>")
     bf16 = cfg.bf16_activations
+    gemv_bf16 = cfg.bf16_gemm(lay) and lay.fmt.bits == 4
     if KP != K or bf16:
         # x padded to K_pad; with bf16 activations rounded to bf16 (what every variant reads)
         t.op(f"%xp = memref.alloc({M}) {{alignment = 64 : i64}} : memref<?x{KP}xf32>")
@@ -617,6 +654,28 @@ def qlinear(name: str, lay: PanelLayout, cfg: KernelConfig, static_m: int | None
             t.op(f"func.call @{name}__{variant}({vargs}) : "
                  f"({arg_types.replace(f'memref<?x{KP}xf32>', xbty, 1)}) -> ()")
             return
+        if variant == "gemv" and gemv_bf16:
+            # x as bf16 pairs of chunks j and j + 4 of each block (the pairs gemv decodes)
+            xbty = f"memref<?x{KP // 2}xi32>"
+            t.op(f"%xg = memref.alloc({M}) {{alignment = 64 : i64}} : {xbty}")
+            t.open(f"scf.for %m = {c0} to {M} step {c1} {{")
+            t.open(f"scf.for %b = {c0} to {t.idx(lay.blocks)} step {c1} {{")
+            for j in range(4):
+                halves = []
+                for i in (j, j + 4):
+                    col = t.v(f"affine.apply affine_map<(d0) -> (d0 * {lay.kb} + {i * V})>(%b)")
+                    xv = t.v(f"vector.load %xp[%m, {col}] : memref<?x{KP}xf32>, {vf}")
+                    halves.append(t.v(f"arith.truncf {xv} : {vf} to vector<{V}xbf16>"))
+                pair = t.v(f"vector.interleave {halves[0]}, {halves[1]} : vector<{V}xbf16> -> vector<{2 * V}xbf16>")
+                words = t.v(f"vector.bitcast {pair} : vector<{2 * V}xbf16> to vector<{V}xi32>")
+                col = t.v(f"affine.apply affine_map<(d0) -> (d0 * {lay.kb // 2} + {j * V})>(%b)")
+                t.op(f"vector.store {words}, %xg[%m, {col}] : {xbty}, vector<{V}xi32>")
+            t.close()
+            t.close()
+            vargs = args.replace("%xp,", "%xg,", 1)
+            t.op(f"func.call @{name}__{variant}({vargs}) : "
+                 f"({arg_types.replace(f'memref<?x{KP}xf32>', xbty, 1)}) -> ()")
+            return
         if variant == "gemv" and lay.fmt.bits == 4:
             # the GEMV's activations, chunk i of each block scaled by 16^-i (see _decode)
             kp = f"memref<?x{KP}xf32>"
@@ -657,7 +716,8 @@ def qlinear(name: str, lay: PanelLayout, cfg: KernelConfig, static_m: int | None
     entry = (f"func.func private @{name}(%xt: tensor<?x{K}xf32>, %codest: {tt['codes']}, %scalet: {tt['scale']}"
              f"{zero_param}) -> tensor<?x{lay.n}xf32> {{\n{t.text()}\n  return {out} : tensor<?x{lay.n}xf32>\n}}\n")
     generators = {"gemv": gemv, "gemm": gemm, "gemm_bcast": gemm_bcast, "gemm_bf16": gemm_bf16}
-    declarations = bf16_declarations(lay) if "gemm_bf16" in variants else ""
+    uses_bf16 = "gemm_bf16" in variants or (gemv_bf16 and "gemv" in variants)
+    declarations = bf16_declarations(lay) if uses_bf16 else ""
     return declarations + entry + "".join(generators[v](f"{name}__{v}", lay, cfg) for v in variants)
 
 

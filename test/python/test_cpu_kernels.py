@@ -94,6 +94,10 @@ BF16_CASES = [
     ("int8_sym_channel", 21, 300, 16, {"kc_blocks": 1}),
     ("int8_asym_g128", 40, 256, 8, {"threads": False}),
     ("int4_sym_g64", 13, 192, 16, {}),
+    # the vdpbf16ps GEMV (M < 4): zero point 8 over groups of several blocks and K padded,
+    # and the 8-lane form
+    ("int4_sym_channel", 19, 520, 16, {}),
+    ("int4_asym_g128", 24, 256, 8, {"threads": False}),
 ]
 
 
@@ -114,7 +118,7 @@ def test_bf16_activations_match_the_bf16_oracle(tmp_path, key, n, k, lanes, cfg)
     assert config.bf16_gemm(lay) == (lay.group % lay.kb == 0)
     lib = build(tmp_path, lay, config)
     w = formats.dequantize(qt).astype(np.float64)
-    for m in (1, 5, 32, 39, 45):
+    for m in (1, 3, 5, 32, 39, 45):
         x = (rng.standard_normal((m, k)) * 3).astype(np.float32)
         y = np.full((m, n), np.nan, np.float32)
         lib.call([x] + [arrays[r] for r in lay.shapes()], [y])
