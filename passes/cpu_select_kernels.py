@@ -5,12 +5,12 @@ the kernels handle, the packed weight is repacked at compile time into the
 panel layout (backends/cpu/pack.py: contiguous per kernel stream, new
 parameters `<codes param>` with `:panels<R>x<V>` before the role), and the op
 becomes a call of `@qcc_cpu_qlinear_<format>_<K>x<N>_v<V>` (backends/cpu/
-kernels.py): a GEMV with in-register int4/int8 decode for M < `gemm-min-m`,
-blocked GEMMs over dequantized tiles otherwise (dot-product tiles, broadcast
-tiles from M = `bcast-min-m`), chosen at run time on M, or at compile time
-when M is static.  With `bf16` every variant reads x rounded to bf16 and the
-broadcast-tile GEMM becomes a vdpbf16ps one (AVX512-BF16) where each block of K
-lies in one group.
+kernels.py): a GEMV with in-register int4/int8 decode over tiles of a few rows
+for M < `gemm-min-m`, a blocked GEMM over dequantized tiles of broadcast x
+otherwise, chosen at run time on M, or at compile time when M is static.  With
+`bf16` every variant reads x rounded to bf16, and where each block of K lies in
+one group the int4 GEMV and the GEMM (from M = `gemm-min-m-bf16`) run on
+vdpbf16ps (AVX512-BF16).
 Ops it does not handle (quantized activations, group sizes that do not tile,
 non-parameter weights) are left to the reference lowering.
 """
@@ -32,17 +32,17 @@ class CpuSelectKernels(QccPass):
     class Options:
         lanes: int = 0          # f32 lanes per vector: 8 (AVX2), 16 (AVX-512); 0 = the host's
         rows: int = 4           # weight rows per panel
-        gemm_min_m: int = 4     # M at and above which the blocked GEMM runs
-        bcast_min_m: int = 32   # M at and above which its broadcast-tile variant runs
+        gemm_min_m: int = 64    # M at and above which the blocked GEMM runs
+        gemm_min_m_bf16: int = 32  # the same for the vdpbf16ps GEMM
         threads: bool = True    # scf.parallel (OpenMP) over panels
-        bf16: bool = False      # x rounded to bf16; vdpbf16ps GEMM from bcast-min-m rows (AVX512-BF16)
+        bf16: bool = False      # x rounded to bf16; vdpbf16ps kernels (AVX512-BF16)
 
     def run(self, module):
         from qcc.backends.cpu import host, kernels
         from qcc.backends.cpu.pack import LayoutError, PanelLayout
 
         lanes = self.options.lanes or host.features()["lanes"]
-        cfg = kernels.KernelConfig(gemm_min_m=self.options.gemm_min_m, bcast_min_m=self.options.bcast_min_m,
+        cfg = kernels.KernelConfig(gemm_min_m=self.options.gemm_min_m, gemm_min_m_bf16=self.options.gemm_min_m_bf16,
                                    threads=self.options.threads, bf16_activations=self.options.bf16)
         defined = set()
         selected = self.session.options.setdefault("cpu_kernels", {})
@@ -77,7 +77,7 @@ class CpuSelectKernels(QccPass):
         arrays = pack(lay, store[src["codes"]], store[src["scale"]], store[src.get("zero")] if "zero" in src else None)
         args, new_names = kernel_calls.add_packed_params(store, sig, src["codes"], f"panels{lay.rows}x{lay.lanes}",
                                                          {role: arrays[role] for role in roles})
-        # a static M needs one kernel: less code to compile than the dispatch over three
+        # a static M needs one kernel: less code to compile than the dispatch over two
         variant = cfg.variant(static_m, lay) if static_m is not None else "dispatch"
         kname = f"qcc_cpu_qlinear_{lay.format_key}_{lay.k}x{lay.n}_v{lay.lanes}" + \
             ("_bf16" if cfg.bf16_activations else "") + ("" if variant == "dispatch" else f"_{variant}")
@@ -87,4 +87,4 @@ class CpuSelectKernels(QccPass):
         op.erase()
         weight = src["codes"].rsplit(":", 2)[0]
         selected[weight] = {"kernel": kname, "variant": variant, "params": new_names, **lay.to_json(),
-                            **cfg.to_json()}
+                            **cfg.to_json(), "gemm_from_m": cfg.gemm_from(lay)}

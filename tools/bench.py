@@ -218,7 +218,7 @@ def bench_linear(args, emit) -> None:
                        "floor_ms": round(q.nbytes / bw / 1e6, 4),
                        "gflops": round(2 * m * n * k / med["qcc"] / 1e9, 1),
                        "kernel": ("reference" if not q.kernel else
-                                  "gemv" if m < q.kernel.get("gemm_min_m", 1) else "gemm"),
+                                  "gemv" if m < q.kernel.get("gemm_from_m", 1) else "gemm"),
                        "compile_s": round(q.compile_s, 2),
                        "baselines_ms": {name: round(t * 1e3, 4) for name, t in med.items() if name != "qcc"}}
                 rec["speedup"] = {name: round(t / med["qcc"], 2) for name, t in med.items() if name != "qcc"}

@@ -4,17 +4,17 @@ Each generator returns MLIR text (func, scf, vector, arith, memref) that the
 normal CPU pipeline lowers: vector<Vxf32> ops become AVX2 (V=8) or AVX-512
 (V=16) instructions, `scf.parallel` over weight panels becomes OpenMP threads.
 
-* `gemv`: small M.  Per panel of R rows, a 32-bit word vector of codes is
-  loaded once; nibble i is `(w >> 4i) & 15` in registers, converted to f32
-  and FMA'd with V contiguous activations.  Scales apply once per group:
+* `gemv`: M below `gemm_min_m` (64; 32 with bf16 x).  Per panel of R rows and
+  tile of a few rows of x, a 32-bit word vector of codes is loaded once; nibble
+  i is `(w >> 4i) & 15` in registers, converted to f32 and FMA'd with V
+  contiguous activations of each row of the tile.  Scales apply once per group:
   y = sum_g s_g * (sum_k x_k q_k) - sum_g s_g z_g X_g, with X_g the group sums
   of x (precomputed per row), so the inner loop has no zero-point work.
-* `gemm`: larger M.  Per chunk of panels and block of KC columns, the codes
-  are dequantized, `(q - z) * s` exactly as the format reference, into a small
-  f32 buffer (a few KB, never the whole weight) that MR x R register tiles of
-  dot products reuse across all rows of x.
+* `gemm_bcast` (f32 x) and `gemm_bf16` (bf16 x): larger M.  Per chunk of output
+  columns and block of K, the codes are dequantized into a small transposed
+  tile that 6-row register tiles of broadcast x reuse across all rows of x.
 * `qlinear`: the tensor-level entry that `cpu-select-kernels` calls: pads x to
-  K_pad, computes group sums, and dispatches on M between the two.
+  K_pad, computes group sums, and dispatches on M between the GEMV and the GEMM.
 """
 
 import dataclasses
@@ -27,22 +27,34 @@ from qcc.backends.cpu.pack import PanelLayout
 class KernelConfig:
     """Tuning knobs of one linear's kernels (recorded in the manifest)."""
 
-    gemm_min_m: int = 4      # M >= this runs the blocked GEMM (dot-product tiles)
-    bcast_min_m: int = 32    # M >= this runs the blocked GEMM with broadcast tiles (6 x 2V)
-    mr: int = 2              # rows of x per GEMM register tile (2 x R=4 accumulators: no spills on AVX2)
-    panels_per_chunk: int = 8
-    kc_blocks: int = 8       # KC = kc_blocks * KB columns dequantized at a time
+    # M >= this runs the blocked GEMM (broadcast tiles, or vdpbf16ps with bf16 x); below it the
+    # GEMV's row tiles, which decode each code vector once for their rows and win up to ~64
+    # rows on Zen 4 (32 against the bf16 GEMM; BENCHMARKS 2026-12-05)
+    gemm_min_m: int = 64
+    gemm_min_m_bf16: int = 32
+    gemv_mr: int = 0         # rows of x per GEMV tile; 0: by layout (gemv_rows)
     threads: bool = True     # scf.parallel (OpenMP) or scf.for
-    # x rounded to bf16 ("a16" as torch bf16 runs it); from bcast_min_m rows a vdpbf16ps GEMM
+    # x rounded to bf16 ("a16" as torch bf16 runs it); vdpbf16ps in the int4 GEMV and the GEMM
     bf16_activations: bool = False
 
-    def variant(self, m: int, lay: "PanelLayout | None" = None) -> str:
+    def gemm_from(self, lay: "PanelLayout") -> int:
+        """The M from which the GEMM runs instead of the GEMV."""
+        return self.gemm_min_m_bf16 if self.bf16_gemm(lay) else self.gemm_min_m
+
+    def variant(self, m: int, lay: "PanelLayout") -> str:
         """The kernel that runs M rows (the cost model: see ARCHITECTURE.md)."""
-        if m < self.gemm_min_m:
+        if m < self.gemm_from(lay):
             return "gemv"
-        if m < self.bcast_min_m:
-            return "gemm"
-        return "gemm_bf16" if lay is not None and self.bf16_gemm(lay) else "gemm_bcast"
+        return "gemm_bf16" if self.bf16_gemm(lay) else "gemm_bcast"
+
+    def gemv_rows(self, lay: "PanelLayout") -> int:
+        """Rows per GEMV tile: R x rows accumulators and as many partial sums must stay in
+        registers (AVX2 has 16, AVX-512 32; int4 on f32 x also keeps the code words)."""
+        if self.gemv_mr:
+            return self.gemv_mr
+        if lay.lanes < 16:
+            return 2
+        return 3 if lay.fmt.bits == 4 and not self.bf16_gemm(lay) else 4
 
     def bf16_gemm(self, lay: "PanelLayout") -> bool:
         """The bf16 GEMM scales each block's sums once: every block must lie in one group."""
@@ -196,14 +208,15 @@ def _store_row_sums(t, lay, sums: list[str], m: str, p: str, accumulate: str | N
 
 
 def gemv(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
-    """One row of x at a time against R rows of W, the dot products along k in vector lanes.
+    """Tiles of up to cfg.gemv_mr rows of x against the R rows of a panel, the dot products
+    along k in vector lanes: each code vector is decoded once for the tile's rows.
 
-    f32 x: 3 vector ops per V weights (nibble masked in place, converted, FMA).  With bf16
+    f32 x: per V weights a mask in place and a convert, then one FMA a row.  With bf16
     activations (4-bit codes, groups of whole blocks; x packed by the entry as bf16 pairs of
     chunks j and j + 4 of a block, one i32 each), nibbles j and j + 4 of a code word are
     shifted to the top of the mantissas of their lane's two bf16 and OR-ed with 1.0: each is
-    1 + q / 16 (exact), and one vdpbf16ps adds both products: a shift, a mask-and-or and one
-    vdpbf16ps per 2V weights (6 ops in f32).  A group's sum is then scaled by 16 s and
+    1 + q / 16 (exact), and one vdpbf16ps a row adds both products: a shift and a mask-and-or
+    per 2V weights, where f32 spends 4 ops.  A group's sum is then scaled by 16 s and
     corrected by s (16 + z) times the group's sum of x (the 1 in 1 + q / 16 is 16 / 16:
     a small offset, so the correction cancels little).
     """
@@ -217,176 +230,117 @@ def gemv(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
     steps = 4 if bf16 else 8  # vector steps per block
     if bf16:
         cpg = 4 * G // KB     # steps per group: 4 (groups of whole blocks)
-    vb = f"vector<{2 * V}xbf16>"
+    vb, vi = f"vector<{2 * V}xbf16>", _vec(lay, "i32")
     dot = f"llvm.x86.avx512bf16.dpbf16ps.{32 * V}"
     ty = _types(lay)
     vf = _vec(lay)
+    xty = f"memref<?x{lay.k_pad // 2}xi32>" if bf16 else f"memref<?x{lay.k_pad}xf32>"
     t.op("%c0_body = arith.constant 0 : index")
     c0, c1 = t.idx(0), t.idx(1)
-    M = t.v(f"memref.dim %xb, {c0} : memref<?x{lay.k_pad // 2}xi32>" if bf16 else
-            f"memref.dim %x, {c0} : memref<?x{lay.k_pad}xf32>")
+    M = t.v(f"memref.dim {'%xb' if bf16 else '%x'}, {c0} : {xty}")
     zv = t.v(f"arith.constant dense<0.0> : {vf}")
     zf = t.v("arith.constant 0.0 : f32")
     t.op("%p = arith.addi %i, %c0_body : index")
-    t.open(f"scf.for %m = {c0} to {M} step {c1} {{")
-    carried = [zv] * R + [zf] * R
-    iters = ", ".join(f"%acc{r} = {a}" for r, a in enumerate(carried[:R])) + ", " + \
-        ", ".join(f"%corr{r} = {a}" for r, a in enumerate(carried[R:]))
-    res_types = ", ".join([vf] * R + ["f32"] * R)
-    res = t.vs(2 * R, f"scf.for %gb = {c0} to {t.idx(lay.k_pad // GB)} step {c1} iter_args({iters}) -> ({res_types}) {{")
-    t.indent += 2
-    acc = [f"%acc{r}" for r in range(R)]
-    corr = [f"%corr{r}" for r in range(R)]
-
-    def chunk(kb, parts, i, words):
-        if bf16:
-            xo = t.v(f"affine.apply affine_map<(d0) -> (d0 * {KB // 2} + {i * V})>({kb})")
-            xw = t.v(f"vector.load %xb[%m, {xo}] : memref<?x{lay.k_pad // 2}xi32>, {_vec(lay, 'i32')}")
-            xv = t.v(f"vector.bitcast {xw} : {_vec(lay, 'i32')} to {vb}")
-            vi = _vec(lay, "i32")
-            mask = t.v(f"arith.constant dense<{0x00780078}> : {vi}")
-            one = t.v(f"arith.constant dense<{0x3F803F80}> : {vi}")
-            shift = t.v(f"arith.constant dense<{abs(3 - 4 * i)}> : {vi}")
-            out = []
-            for r in range(R):
-                w = t.v(f"arith.{'shli' if i == 0 else 'shrui'} {words[r]}, {shift} : {vi}")
-                w = t.v(f"arith.ori {t.v(f'arith.andi {w}, {mask} : {vi}')}, {one} : {vi}")
-                wb = t.v(f"vector.bitcast {w} : {vi} to {vb}")
-                out.append(t.v(f"func.call @{dot}({parts[r]}, {wb}, {xv}) : ({vf}, {vb}, {vb}) -> {vf}"))
-            return out
-        xo = t.v(f"affine.apply affine_map<(d0) -> (d0 * {KB} + {i * V})>({kb})")
-        xv = t.v(f"vector.load %x[%m, {xo}] : memref<?x{lay.k_pad}xf32>, {vf}")
-        out = []
-        for r in range(R):
-            f = _decode(t, lay, "%codes", "%p", kb, t.idx(r), i, words[r] if words else None, in_place=True)
-            out.append(t.v(f"vector.fma {xv}, {f}, {parts[r]} : {vf}"))
-        return out
 
     def load_words(kb):
         if lay.fmt.bits != 4:
             return None
-        return [t.v(f"vector.load %codes[%p, {kb}, {t.idx(r)}, {c0}] : {ty['codes']}, {_vec(lay, 'i32')}")
-                for r in range(R)]
+        return [t.v(f"vector.load %codes[%p, {kb}, {t.idx(r)}, {c0}] : {ty['codes']}, {vi}") for r in range(R)]
 
-    def flush(g, parts, acc, corr):
-        new_acc, new_corr = [], []
-        for r in range(R):
-            rr = t.idx(r)
-            s = t.v(f"memref.load %scale[%p, {g}, {rr}] : {ty['scale']}")
-            s16 = t.v(f"arith.mulf {s}, {t.v('arith.constant 16.0 : f32')} : f32") if bf16 else s
-            sb = t.v(f"vector.broadcast {s16} : f32 to {vf}")
-            new_acc.append(t.v(f"vector.fma {parts[r]}, {sb}, {acc[r]} : {vf}"))
-            if lay.needs_zero:
-                z = _zero_value(t, lay, "%zero", "%p", g, rr)
-                if bf16:  # codes decoded as 1 + q / 16: scale 16 s, zero 16 + z
-                    z = t.v(f"arith.addf {z}, {t.v('arith.constant 16.0 : f32')} : f32")
-                xsum = t.v(f"memref.load %xs[%m, {g}] : memref<?x{lay.groups}xf32>")
-                sz = t.v(f"arith.mulf {s}, {z} : f32")
-                new_corr.append(t.v(f"math.fma {sz}, {xsum}, {corr[r]} : f32"))
-            else:
-                new_corr.append(corr[r])
-        return new_acc, new_corr
-
-    if bpg > 1:
-        piters = ", ".join(f"%part{r} = {zv}" for r in range(R))
-        parts = t.vs(R, f"scf.for %b = {c0} to {t.idx(bpg)} step {c1} iter_args({piters}) -> ({', '.join([vf] * R)}) {{")
+    def tile_rows(m0: str, mr: int) -> None:
+        rows = [t.v(f"arith.addi {m0}, {t.idx(j)} : index") for j in range(mr)]
+        cells = [(r, j) for r in range(R) for j in range(mr)]  # accumulator q = r * mr + j
+        n = len(cells)
+        iters = ", ".join([f"%acc{q} = {zv}" for q in range(n)] + [f"%corr{q} = {zf}" for q in range(n)])
+        res_types = ", ".join([vf] * n + ["f32"] * n)
+        res = t.vs(2 * n, f"scf.for %gb = {c0} to {t.idx(lay.k_pad // GB)} step {c1} iter_args({iters}) -> "
+                          f"({res_types}) {{")
         t.indent += 2
-        kb = t.v(f"affine.apply affine_map<(d0, d1) -> (d0 * {bpg} + d1)>(%gb, %b)")
-        words = load_words(kb)
-        p_ = [f"%part{r}" for r in range(R)]
-        for i in range(steps):
-            p_ = chunk(kb, p_, i, words)
-        t.op(f"scf.yield {', '.join(p_)} : {', '.join([vf] * R)}")
+
+        def chunk(kb, parts, i, words):
+            out = list(parts)
+            if bf16:
+                xo = t.v(f"affine.apply affine_map<(d0) -> (d0 * {KB // 2} + {i * V})>({kb})")
+                xv = [t.v(f"vector.bitcast {t.v(f'vector.load %xb[{m}, {xo}] : {xty}, {vi}')} : {vi} to {vb}")
+                      for m in rows]
+                mask = t.v(f"arith.constant dense<{0x00780078}> : {vi}")
+                one = t.v(f"arith.constant dense<{0x3F803F80}> : {vi}")
+                shift = t.v(f"arith.constant dense<{abs(3 - 4 * i)}> : {vi}")
+                for r in range(R):
+                    w = t.v(f"arith.{'shli' if i == 0 else 'shrui'} {words[r]}, {shift} : {vi}")
+                    w = t.v(f"arith.ori {t.v(f'arith.andi {w}, {mask} : {vi}')}, {one} : {vi}")
+                    wb = t.v(f"vector.bitcast {w} : {vi} to {vb}")
+                    for j in range(mr):
+                        q = r * mr + j
+                        out[q] = t.v(f"func.call @{dot}({parts[q]}, {wb}, {xv[j]}) : ({vf}, {vb}, {vb}) -> {vf}")
+                return out
+            xo = t.v(f"affine.apply affine_map<(d0) -> (d0 * {KB} + {i * V})>({kb})")
+            xv = [t.v(f"vector.load %x[{m}, {xo}] : {xty}, {vf}") for m in rows]
+            for r in range(R):
+                f = _decode(t, lay, "%codes", "%p", kb, t.idx(r), i, words[r] if words else None, in_place=True)
+                for j in range(mr):
+                    q = r * mr + j
+                    out[q] = t.v(f"vector.fma {xv[j]}, {f}, {parts[q]} : {vf}")
+            return out
+
+        def flush(g, parts, acc, corr):
+            new_acc, new_corr = list(acc), list(corr)
+            for r in range(R):
+                rr = t.idx(r)
+                s = t.v(f"memref.load %scale[%p, {g}, {rr}] : {ty['scale']}")
+                s16 = t.v(f"arith.mulf {s}, {t.v('arith.constant 16.0 : f32')} : f32") if bf16 else s
+                sb = t.v(f"vector.broadcast {s16} : f32 to {vf}")
+                sz = None
+                if lay.needs_zero:
+                    z = _zero_value(t, lay, "%zero", "%p", g, rr)
+                    if bf16:  # codes decoded as 1 + q / 16: scale 16 s, zero 16 + z
+                        z = t.v(f"arith.addf {z}, {t.v('arith.constant 16.0 : f32')} : f32")
+                    sz = t.v(f"arith.mulf {s}, {z} : f32")
+                for j in range(mr):
+                    q = r * mr + j
+                    new_acc[q] = t.v(f"vector.fma {parts[q]}, {sb}, {acc[q]} : {vf}")
+                    if sz is not None:
+                        xsum = t.v(f"memref.load %xs[{rows[j]}, {g}] : memref<?x{lay.groups}xf32>")
+                        new_corr[q] = t.v(f"math.fma {sz}, {xsum}, {corr[q]} : f32")
+            return new_acc, new_corr
+
+        acc = [f"%acc{q}" for q in range(n)]
+        corr = [f"%corr{q}" for q in range(n)]
+        if bpg > 1:
+            piters = ", ".join(f"%part{q} = {zv}" for q in range(n))
+            parts = t.vs(n, f"scf.for %b = {c0} to {t.idx(bpg)} step {c1} iter_args({piters}) -> "
+                            f"({', '.join([vf] * n)}) {{")
+            t.indent += 2
+            kb = t.v(f"affine.apply affine_map<(d0, d1) -> (d0 * {bpg} + d1)>(%gb, %b)")
+            words = load_words(kb)
+            p_ = [f"%part{q}" for q in range(n)]
+            for i in range(steps):
+                p_ = chunk(kb, p_, i, words)
+            t.op(f"scf.yield {', '.join(p_)} : {', '.join([vf] * n)}")
+            t.close()
+            acc, corr = flush("%gb", parts, acc, corr)
+        else:
+            kb = "%gb"
+            words = load_words(kb)
+            p_ = [zv] * n
+            for i in range(steps):
+                p_ = chunk(kb, p_, i, words)
+                if (i + 1) % cpg == 0:
+                    g = t.v(f"affine.apply affine_map<(d0) -> (d0 * {gpb} + {(i + 1) // cpg - 1})>(%gb)")
+                    acc, corr = flush(g, p_, acc, corr)
+                    p_ = [zv] * n
+        t.op(f"scf.yield {', '.join(acc + corr)} : {res_types}")
         t.close()
-        acc, corr = flush("%gb", parts, acc, corr)
-    else:
-        kb = "%gb"
-        words = load_words(kb)
-        p_ = [zv] * R
-        for i in range(steps):
-            p_ = chunk(kb, p_, i, words)
-            if (i + 1) % cpg == 0:
-                g = t.v(f"affine.apply affine_map<(d0) -> (d0 * {gpb} + {(i + 1) // cpg - 1})>(%gb)")
-                acc, corr = flush(g, p_, acc, corr)
-                p_ = [zv] * R
-    t.op(f"scf.yield {', '.join(acc + corr)} : {res_types}")
-    t.close()
-    sums = []
-    for r in range(R):
-        h = t.v(f"vector.reduction <add>, {res[r]} : {vf} into f32")
-        sums.append(t.v(f"arith.subf {h}, {res[R + r]} : f32") if lay.needs_zero else h)
-    _store_row_sums(t, lay, sums, "%m", "%p")
-    t.close()
+        for j in range(mr):
+            sums = []
+            for r in range(R):
+                q = r * mr + j
+                h = t.v(f"vector.reduction <add>, {res[q]} : {vf} into f32")
+                sums.append(t.v(f"arith.subf {h}, {res[n + q]} : f32") if lay.needs_zero else h)
+            _store_row_sums(t, lay, sums, rows[j], "%p")
+
+    _row_tiles(t, M, cfg.gemv_rows(lay), tile_rows)
     return _parallel(name, lay, cfg, lay.panels, t.text(), bf16_pairs=bf16)
-
-
-def gemm(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
-    lay.check()
-    t = MlirText()
-    R, V, KB = lay.rows, lay.lanes, lay.kb
-    PB, MR = cfg.panels_per_chunk, cfg.mr
-    KCB = min(cfg.kc_blocks, lay.blocks)
-    KC = KCB * KB
-    vf = _vec(lay)
-    xty = f"memref<?x{lay.k_pad}xf32>"
-    bty = f"memref<{PB}x{R}x{KC}xf32>"
-    t.op("%c0_body = arith.constant 0 : index")
-    c0, c1 = t.idx(0), t.idx(1)
-    M = t.v(f"memref.dim %x, {c0} : {xty}")
-    zv = t.v(f"arith.constant dense<0.0> : {vf}")
-    nchunks = -(-lay.panels // PB)
-    t.op(f"%bf = memref.alloca() {{alignment = 64 : i64}} : {bty}")
-    p0, npb, first, b0, nb = _open_chunk_blocks(t, lay, PB, KCB)
-    # dequantize panels [p0, p0 + npb) x blocks [b0, b0 + nb) into %bf
-    t.open(f"scf.for %pb = {c0} to {npb} step {c1} {{")
-    p = t.v(f"arith.addi {p0}, %pb : index")
-    t.open(f"scf.for %b = {c0} to {nb} step {c1} {{")
-    dq = _Dequant(t, lay, p, t.v(f"arith.addi {b0}, %b : index"))
-    for r in range(R):
-        for i in range(8):
-            w = dq.row_chunk(r, i)
-            col = t.v(f"affine.apply affine_map<(d0) -> (d0 * {KB} + {i * V})>(%b)")
-            t.op(f"vector.store {w}, %bf[%pb, {t.idx(r)}, {col}] : {bty}, {vf}")
-    t.close()
-    t.close()
-    # register tiles: MR rows of x against the R rows of each dequantized panel
-    nchunk = t.v(f"arith.muli {nb}, {t.idx(8)} : index")
-    kx0 = t.v(f"arith.muli {b0}, {t.idx(KB)} : index")
-
-    def tile(m0: str, mr: int, p: str):
-        iters = ", ".join(f"%a{i}_{r} = {zv}" for i in range(mr) for r in range(R))
-        tys = ", ".join([vf] * (mr * R))
-        res = t.vs(mr * R, f"scf.for %c = {c0} to {nchunk} step {c1} iter_args({iters}) -> ({tys}) {{")
-        t.indent += 2
-        col = t.v(f"arith.muli %c, {t.idx(V)} : index")
-        kx = t.v(f"arith.addi {kx0}, {col} : index")
-        xs = []
-        for i in range(mr):
-            mi = t.v(f"arith.addi {m0}, {t.idx(i)} : index")
-            xs.append(t.v(f"vector.load %x[{mi}, {kx}] : {xty}, {vf}"))
-        ws = [t.v(f"vector.load %bf[%pb, {t.idx(r)}, {col}] : {bty}, {vf}") for r in range(R)]
-        out = [t.v(f"vector.fma {xs[i]}, {ws[r]}, %a{i}_{r} : {vf}") for i in range(mr) for r in range(R)]
-        t.op(f"scf.yield {', '.join(out)} : {tys}")
-        t.close()
-        for i in range(mr):
-            mi = t.v(f"arith.addi {m0}, {t.idx(i)} : index")
-            sums = [t.v(f"vector.reduction <add>, {res[i * R + r]} : {vf} into f32") for r in range(R)]
-            notfirst = t.v(f"arith.xori {first}, {t.v('arith.constant true')} : i1")
-            _store_row_sums(t, lay, sums, mi, p, accumulate=notfirst)
-
-    # panel outermost: its 4 x KC dequantized rows stay in L1 while all of x streams by
-    mfull = t.v(f"arith.subi {M}, {t.v(f'arith.remui {M}, {t.idx(MR)} : index')} : index")
-    t.open(f"scf.for %pb = {c0} to {npb} step {c1} {{")
-    p = t.v(f"arith.addi {p0}, %pb : index")
-    t.open(f"scf.for %m0 = {c0} to {mfull} step {t.idx(MR)} {{")
-    tile("%m0", MR, p)
-    t.close()
-    t.open(f"scf.for %m1 = {mfull} to {M} step {c1} {{")
-    tile("%m1", 1, p)
-    t.close()
-    t.close()
-    t.close()
-    return _parallel(name, lay, cfg, nchunks, t.text())
 
 
 def _open_tile_build(t: MlirText, lay: PanelLayout, nc: int, kc_blocks: int):
@@ -694,28 +648,22 @@ def qlinear(name: str, lay: PanelLayout, cfg: KernelConfig, static_m: int | None
         t.op(f"func.call @{name}__{variant}({vargs}) : ({arg_types}) -> ()")
 
     big = "gemm_bf16" if cfg.bf16_gemm(lay) else "gemm_bcast"
-    variants = [cfg.variant(static_m, lay)] if static_m is not None else ["gemv", "gemm", big]
+    variants = [cfg.variant(static_m, lay)] if static_m is not None else ["gemv", big]
     if len(variants) == 1:
         call(variants[0])
     else:
-        small = t.v(f"arith.cmpi ult, {M}, {t.idx(cfg.gemm_min_m)} : index")
+        small = t.v(f"arith.cmpi ult, {M}, {t.idx(cfg.gemm_from(lay))} : index")
         t.open(f"scf.if {small} {{")
         call("gemv")
         t.close("} else {")
         t.indent += 2
-        large = t.v(f"arith.cmpi uge, {M}, {t.idx(cfg.bcast_min_m)} : index")
-        t.open(f"scf.if {large} {{")
         call(big)
-        t.close("} else {")
-        t.indent += 2
-        call("gemm")
-        t.close()
         t.close()
     out = t.v(f"bufferization.to_tensor %y restrict writable : memref<?x{lay.n}xf32> to tensor<?x{lay.n}xf32>")
     zero_param = f", %zerot: {tt['zero']}" if has_zero else ""
     entry = (f"func.func private @{name}(%xt: tensor<?x{K}xf32>, %codest: {tt['codes']}, %scalet: {tt['scale']}"
              f"{zero_param}) -> tensor<?x{lay.n}xf32> {{\n{t.text()}\n  return {out} : tensor<?x{lay.n}xf32>\n}}\n")
-    generators = {"gemv": gemv, "gemm": gemm, "gemm_bcast": gemm_bcast, "gemm_bf16": gemm_bf16}
+    generators = {"gemv": gemv, "gemm_bcast": gemm_bcast, "gemm_bf16": gemm_bf16}
     uses_bf16 = "gemm_bf16" in variants or (gemv_bf16 and "gemv" in variants)
     declarations = bf16_declarations(lay) if uses_bf16 else ""
     return declarations + entry + "".join(generators[v](f"{name}__{v}", lay, cfg) for v in variants)

@@ -7,15 +7,29 @@
 // shape; the packed weight is repacked into panels of 4 rows x blocks of
 // 8 * lanes columns under new parameter names, the format's own arrays leave
 // the signature.  A static M (here 1) gets the one kernel for it (the GEMV); a
-// symbolic M gets an entry that dispatches on M between GEMV and the GEMMs.
+// symbolic M gets an entry that dispatches on M between the GEMV (tiles of a few rows,
+// each code vector decoded once for them) and the GEMM.
 
-// bf16=true: the entry rounds x to bf16 once (every variant reads that), and from 32
-// rows calls a GEMM that takes x as bf16 pairs (i32) and multiplies with vdpbf16ps on
-// q - z (exact in bf16), each block's sums scaled by its group's scales.
-// BF16-LABEL: func.func private @qcc_cpu_qlinear_int4_asym_g128_256x64_v16_bf16(
+// bf16=true: the entry rounds x to bf16 once (every variant reads that).  Below 32 rows
+// the int4 GEMV takes x as bf16 pairs of chunks j and j + 4 (vector.interleave) and
+// decodes two nibbles a lane into bf16 1 + q / 16 (shift, mask, or with 1.0) for
+// vdpbf16ps; from 32 rows a GEMM takes x as bf16 pairs along k and multiplies with
+// vdpbf16ps on q - z (exact in bf16), each block's sums scaled by its group's scales.
+// BF16-LABEL: func.func private @qcc_cpu_qlinear_int4_asym_g128_256x64_v16_bf16_gemv(
 // BF16: arith.truncf %{{.*}} : vector<16xf32> to vector<16xbf16>
 // BF16: arith.extf %{{.*}} : vector<16xbf16> to vector<16xf32>
-// BF16: arith.cmpi uge, %{{.*}}, %c32
+// BF16: vector.interleave %{{.*}}, %{{.*}} : vector<16xbf16> -> vector<32xbf16>
+// BF16: call @qcc_cpu_qlinear_int4_asym_g128_256x64_v16_bf16_gemv__gemv(%{{.*}}) : (memref<?x128xi32>,
+// BF16-LABEL: func.func private @qcc_cpu_qlinear_int4_asym_g128_256x64_v16_bf16_gemv__gemv_body(
+// BF16: arith.shli %{{.*}}, %{{.*}} : vector<16xi32>
+// BF16: arith.andi
+// BF16: arith.ori
+// BF16: func.call @llvm.x86.avx512bf16.dpbf16ps.512(%{{.*}}, %{{.*}}, %{{.*}}) : (vector<16xf32>, vector<32xbf16>, vector<32xbf16>) -> vector<16xf32>
+// BF16-LABEL: func.func private @qcc_cpu_qlinear_int4_asym_g128_256x64_v16_bf16(
+// BF16: arith.cmpi ult, %{{.*}}, %c32
+// BF16: vector.interleave
+// BF16: call @qcc_cpu_qlinear_int4_asym_g128_256x64_v16_bf16__gemv(
+// BF16: } else {
 // BF16: vector.bitcast %{{.*}} : vector<16xbf16> to vector<8xi32>
 // BF16: call @qcc_cpu_qlinear_int4_asym_g128_256x64_v16_bf16__gemm_bf16(%{{.*}}) : (memref<?x128xi32>,
 // BF16-LABEL: func.func private @qcc_cpu_qlinear_int4_asym_g128_256x64_v16_bf16__gemm_bf16_body(
@@ -49,13 +63,11 @@
 // CHECK: arith.sitofp %{{.*}} : vector<8xi32> to vector<8xf32>
 // CHECK: vector.fma
 // CHECK-LABEL: func.func private @qcc_cpu_qlinear_int4_asym_g128_256x64_v8(
+// CHECK: arith.cmpi ult, %{{.*}}, %c64
 // CHECK: scf.if
 // CHECK: call @qcc_cpu_qlinear_int4_asym_g128_256x64_v8__gemv(
-// CHECK: scf.if
+// CHECK: } else {
 // CHECK: call @qcc_cpu_qlinear_int4_asym_g128_256x64_v8__gemm_bcast(
-// CHECK: call @qcc_cpu_qlinear_int4_asym_g128_256x64_v8__gemm(
-// CHECK-LABEL: func.func private @qcc_cpu_qlinear_int4_asym_g128_256x64_v8__gemm_body(
-// CHECK: memref.alloca() {alignment = 64 : i64} : memref<8x4x256xf32>
 // CHECK-LABEL: func.func private @qcc_cpu_qlinear_int4_asym_g128_256x64_v8__gemm_bcast_body(
 // CHECK: memref.alloca() {alignment = 64 : i64} : memref<256x16xf32>
 // CHECK: vector.transpose

@@ -54,14 +54,15 @@ def dataclass_replace(cfg, **kw):
 
 
 CASES = [
-    # format, N, K, lanes, config
+    # format, N, K, lanes, config: GEMV tiles of 2 (8 lanes), 3 (int4, 16 lanes) and 4 rows
+    # with their remainders, the GEMM from gemm_min_m
     ("int4_asym_g128", 37, 384, 8, {}),
-    ("int4_sym_g32", 13, 96, 8, {}),
+    ("int4_sym_g32", 13, 96, 8, {"gemm_min_m": 8}),
     ("int8_sym_channel", 21, 100, 8, {}),
-    ("int8_asym_g64", 10, 192, 16, {}),
+    ("int8_asym_g64", 10, 192, 16, {"gemm_min_m": 16}),
     ("int4_asym_channel", 9, 70, 16, {"threads": False}),
-    ("int4_sym_g64", 40, 640, 8, {"kc_blocks": 3, "panels_per_chunk": 3, "mr": 2}),
-    ("int8_sym_tensor", 6, 64, 8, {"gemm_min_m": 2, "bcast_min_m": 3}),
+    ("int4_sym_g64", 40, 640, 8, {"gemv_mr": 4, "gemm_min_m": 12}),
+    ("int8_sym_tensor", 6, 64, 8, {"gemm_min_m": 2}),
 ]
 
 
@@ -76,14 +77,13 @@ def test_kernel_matches_format_reference(tmp_path, key, n, k, lanes, cfg):
     config = kernels.KernelConfig(**cfg)
     lib = build(tmp_path, lay, config)
     w = formats.dequantize(qt).astype(np.float64)
-    for m in (1, 2, 3, 4, 7, 11, 17, 40, 45):  # broadcast remainders 4, 2, 1
+    for m in (1, 2, 3, 4, 7, 11, 17, 40, 45, 70):  # tile remainders (GEMV 2, 1; broadcast 4, 2, 1)
         x = rng.standard_normal((m, k)).astype(np.float32)
         y = np.full((m, n), np.nan, np.float32)
         lib.call([x] + [arrays[r] for r in lay.shapes()], [y])
         ref = x.astype(np.float64) @ w.T
         err = np.abs(y - ref).max() / np.abs(ref).max()
-        kind = "gemv" if m < config.gemm_min_m else "gemm" if m < config.bcast_min_m else "gemm_bcast"
-        assert err < 2e-6, f"M={m} ({kind}): relative error {err}"
+        assert err < 2e-6, f"M={m} ({config.variant(m, lay)}): relative error {err}"
 
 
 HAS_BF16 = "avx512_bf16" in host.features()["flags"]
@@ -91,7 +91,7 @@ BF16_CASES = [
     # format, N, K, lanes, config: blocks within one group (the vdpbf16ps GEMM) and groups that
     # split blocks (the f32 GEMMs on bf16-rounded x); M covers 6-, 4-, 2- and 1-row tiles
     ("int4_asym_g128", 37, 384, 16, {}),
-    ("int8_sym_channel", 21, 300, 16, {"kc_blocks": 1}),
+    ("int8_sym_channel", 21, 300, 16, {}),
     ("int8_asym_g128", 40, 256, 8, {"threads": False}),
     ("int4_sym_g64", 13, 192, 16, {}),
     # the vdpbf16ps GEMV (M < 4): zero point 8 over groups of several blocks and K padded,
@@ -118,14 +118,17 @@ def test_bf16_activations_match_the_bf16_oracle(tmp_path, key, n, k, lanes, cfg)
     assert config.bf16_gemm(lay) == (lay.group % lay.kb == 0)
     lib = build(tmp_path, lay, config)
     w = formats.dequantize(qt).astype(np.float64)
-    for m in (1, 3, 5, 32, 39, 45):
+    for m in (1, 3, 5, 32, 39, 45, 70):
         x = (rng.standard_normal((m, k)) * 3).astype(np.float32)
         y = np.full((m, n), np.nan, np.float32)
         lib.call([x] + [arrays[r] for r in lay.shapes()], [y])
         xb = torch.from_numpy(x).to(torch.bfloat16).double().numpy()
         ref = xb @ w.T
         err = np.abs(y - ref).max() / np.abs(ref).max()
-        assert err < 2e-6, f"M={m} ({config.variant(m, lay)}): relative error {err}"
+        # the vdpbf16ps GEMV sums (16 + q - z) x and removes 16 x afterwards: its f32 rounding
+        # is that of sums a few times larger than the result's
+        bound = 6e-6 if config.variant(m, lay) == "gemv" and lay.fmt.bits == 4 and config.bf16_gemm(lay) else 2e-6
+        assert err < bound, f"M={m} ({config.variant(m, lay)}): relative error {err}"
         assert np.abs(y - x.astype(np.float64) @ w.T).max() / np.abs(ref).max() > 1e-4  # x was rounded
 
 

@@ -34,8 +34,8 @@ def test_dynamic_batch_one_artifact(dynamic_mlp):
     assert isinstance(spec["shape"][0], str) and spec["shape"][1] == 192
     assert out["shape"] == [spec["shape"][0], 24]
     kernels = compiled.manifest["cpu"]["kernels"]
-    assert len(kernels) == 3 and all(k["gemm_min_m"] >= 2 for k in kernels.values())
-    threshold = next(iter(kernels.values()))["gemm_min_m"]
+    assert len(kernels) == 3 and all(k["gemm_from_m"] >= 2 for k in kernels.values())
+    threshold = next(iter(kernels.values()))["gemm_from_m"]
     for m in sorted({1, 2, threshold - 1, threshold, threshold + 1, 37, 300}):
         x = torch.randn(m, 192, generator=torch.Generator().manual_seed(m))
         y = compiled(x)
