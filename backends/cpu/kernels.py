@@ -208,7 +208,7 @@ def _store_row_sums(t, lay, sums: list[str], m: str, p: str, accumulate: str | N
 
 
 def gemv(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
-    """Tiles of up to cfg.gemv_mr rows of x against the R rows of a panel, the dot products
+    """Tiles of cfg.gemv_rows(lay) rows of x against the R rows of a panel, the dot products
     along k in vector lanes: each code vector is decoded once for the tile's rows.
 
     f32 x: per V weights a mask in place and a convert, then one FMA a row.  With bf16
