@@ -166,4 +166,5 @@ class CpuSelectIntKernels(QccPass):
         packed[src["codes"]] = (lay, new_names)
         weight = src["codes"].rsplit(":", 2)[0]
         selected[weight] = {"kernel": kname, "variant": variant, "params": new_names, "act_format": afmt.key(),
-                            "blocks_multiple": lay.blocks_multiple, **lay.to_json(), **cfg.to_json()}
+                            "blocks_multiple": lay.blocks_multiple, **lay.to_json(), **cfg.to_json(),
+                            "gemm_from_m": cfg.gemm_min_m}
