@@ -26,33 +26,39 @@ def bench_llama(layers: int = 4, hidden: int = 2048, ffn: int = 5632, heads: int
 
 
 class DecodeStep(nn.Module):
-    def __init__(self, model: LlamaModel, cache_len: int):
+    """One decode step of `batch` sequences, each one new token attending to its KV cache of
+    `cache_len` positions (all at the same position): ids [batch, 1], caches [layers, batch,
+    kv_heads, cache_len, head_dim] -> logits and the new keys and values."""
+
+    def __init__(self, model: LlamaModel, cache_len: int, batch: int = 1):
         super().__init__()
         self.model = model
         self.cache_len = cache_len
+        self.batch = batch
         attn = model.layers[0].self_attn
         if cache_len >= attn.max_seq:
             raise ValueError(f"cache_len={cache_len} needs max_seq > {cache_len}")
         self.kv_heads, self.head_dim = attn.kv_heads, attn.head_dim
 
     def cache_shape(self) -> tuple:
-        return (len(self.model.layers), 1, self.kv_heads, self.cache_len, self.head_dim)
+        return (len(self.model.layers), self.batch, self.kv_heads, self.cache_len, self.head_dim)
 
     def example_inputs(self, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
-        ids = torch.randint(0, self.model.vocab, (1, 1), generator=g)
+        ids = torch.randint(0, self.model.vocab, (self.batch, 1), generator=g)
         return ids, torch.randn(self.cache_shape(), generator=g), torch.randn(self.cache_shape(), generator=g)
 
     def forward(self, ids, k_cache, v_cache):
-        x = self.model.embed_tokens(ids)                       # [1, 1, hidden]
+        b = self.batch
+        x = self.model.embed_tokens(ids)                       # [b, 1, hidden]
         pos = self.cache_len
         new_k, new_v = [], []
         for i, layer in enumerate(self.model.layers):
             a = layer.self_attn
             h = layer.input_layernorm(x)
-            q = a.q_proj(h).view(1, 1, a.heads, a.head_dim).transpose(1, 2)
-            k = a.k_proj(h).view(1, 1, a.kv_heads, a.head_dim).transpose(1, 2)
-            v = a.v_proj(h).view(1, 1, a.kv_heads, a.head_dim).transpose(1, 2)
+            q = a.q_proj(h).view(b, 1, a.heads, a.head_dim).transpose(1, 2)
+            k = a.k_proj(h).view(b, 1, a.kv_heads, a.head_dim).transpose(1, 2)
+            v = a.v_proj(h).view(b, 1, a.kv_heads, a.head_dim).transpose(1, 2)
             cos, sin = a.rope_cos[pos:pos + 1], a.rope_sin[pos:pos + 1]
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
@@ -62,7 +68,7 @@ class DecodeStep(nn.Module):
             values = a._repeat_kv(torch.cat([v_cache[i], v], dim=2))
             scores = torch.matmul(q, keys.transpose(-2, -1)) * a.scale
             probs = F.softmax(scores, dim=-1)
-            out = torch.matmul(probs, values).transpose(1, 2).reshape(1, 1, a.hidden)
+            out = torch.matmul(probs, values).transpose(1, 2).reshape(b, 1, a.hidden)
             x = x + a.o_proj(out)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         logits = self.model.lm_head(self.model.norm(x))

@@ -253,8 +253,11 @@ def bench_model(args, emit) -> None:
     cache, prompt = (64, 16) if args.quick else (512, 128)
     model = bench_llama(**cfg)
     step = DecodeStep(model, cache).eval()
-    cases = {"decode": (step, step.example_inputs(), 1),
-             "prefill": (model, model.example_inputs(batch=1, seq=prompt), prompt)}
+    cases = {"decode": (step, step.example_inputs(), 1)}
+    if args.decode_batch > 1:
+        batched = DecodeStep(model, cache, batch=args.decode_batch).eval()
+        cases[f"decode-b{args.decode_batch}"] = (batched, batched.example_inputs(), args.decode_batch)
+    cases["prefill"] = (model, model.example_inputs(batch=1, seq=prompt), prompt)
     for case, (module, inputs, tokens) in cases.items():
         for recipe in args.model_recipes:
             t0 = time.perf_counter()
@@ -283,7 +286,7 @@ def bench_model(args, emit) -> None:
             nbytes = compiled.weight_bytes()
             rec = {"suite": "model", "case": case, "recipe": _label(recipe, args), "tokens": tokens,
                    "config": cfg or "4 layers, hidden 2048, ffn 5632, 16 heads, vocab 512",
-                   "kv_cache": cache if case == "decode" else None,
+                   "kv_cache": cache if case.startswith("decode") else None,
                    "qcc_ms": round(med["qcc"] * 1e3, 3), "tokens_per_s": round(tokens / med["qcc"], 2),
                    "weight_bytes": nbytes, "floor_ms": round(nbytes / bw / 1e6, 3),
                    "compile_s": round(compile_s, 2), "compile_stages_s": compiled.compile_seconds,
@@ -330,6 +333,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                      "model w4a16-g128)")
     p.add_argument("--budget", type=float, default=None, help="seconds of repetitions per case")
     p.add_argument("--no-torch-compile", action="store_true", help="model: skip the torch.compile baseline")
+    p.add_argument("--decode-batch", type=int, default=1,
+                   help="model: also a decode step of this many sequences at once (case decode-b<N>)")
     p.add_argument("--cpu-activations", default="fp32", choices=("fp32", "bf16"),
                    help="qcc.compile's cpu_activations (bf16: the model suite adds torch eager in bf16)")
     p.add_argument("--target", choices=["cpu", "cuda"], default="cpu",

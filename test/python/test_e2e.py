@@ -99,3 +99,30 @@ def test_api_errors():
         qcc.compile(model, inputs, target="tpu")
     with pytest.raises(qcc.QccError, match="needs example_inputs"):
         qcc.compile(model)
+
+
+@pytest.mark.parametrize("recipe", ["float", "w4a16-g128", "w8a8"])
+def test_batched_decode_step(recipe):
+    """A decode step of 3 sequences (ids [3, 1], KV caches with a batch of 3): every linear
+    sees M = 3 rows (the weight-only GEMV's row tiles, the integer GEMV) and attention one
+    query per sequence; logits and the new keys / values against PyTorch in float64 on the
+    weights the artifact decodes to (w8a8 with each linear's input fake-quantized as its format)."""
+    from bench_models import DecodeStep, bench_llama
+
+    step = DecodeStep(bench_llama(layers=1, hidden=256, ffn=768, heads=4, max_seq=48), 24, batch=3).eval()
+    inputs = step.example_inputs(seed=5)
+    compiled = qcc.compile(step, inputs, target="cpu", quant=recipe)
+    reference = copy.deepcopy(step)
+    load_into_torch(reference, dequantized_weights(compiled))
+    if recipe == "w8a8":  # the fake-quant oracle: each linear's input through the int8 per-token format
+        from qcc.dialects.formats import activation
+
+        afmt = activation.parse_act_format("int8_sym_token")
+        for lin in (m for m in reference.modules() if isinstance(m, torch.nn.Linear)):
+            lin.register_forward_pre_hook(lambda mod, args: torch.from_numpy(activation.fake_quant_act(
+                args[0].float().reshape(-1, args[0].shape[-1]).numpy(), afmt).astype(np.float64)).reshape(args[0].shape))
+    with torch.no_grad():
+        expect = reference.double()(*(x.double() if x.is_floating_point() else x for x in inputs))
+    for got, ref in zip(compiled(*inputs), expect):
+        assert got.shape == ref.shape
+        assert rel_err(got.numpy(), ref.numpy()) <= 1e-4
