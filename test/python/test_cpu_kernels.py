@@ -54,13 +54,13 @@ def dataclass_replace(cfg, **kw):
 
 
 CASES = [
-    # format, N, K, lanes, config: GEMV tiles of 2 (8 lanes), 3 (int4, 16 lanes) and 4 rows
+    # format, N, K, lanes, config: GEMV tiles of 2 (8 lanes), 4 (16 lanes) and 3 rows
     # with their remainders, the GEMM from gemm_min_m
     ("int4_asym_g128", 37, 384, 8, {}),
     ("int4_sym_g32", 13, 96, 8, {"gemm_min_m": 8}),
     ("int8_sym_channel", 21, 100, 8, {}),
     ("int8_asym_g64", 10, 192, 16, {"gemm_min_m": 16}),
-    ("int4_asym_channel", 9, 70, 16, {"threads": False}),
+    ("int4_asym_channel", 9, 70, 16, {"threads": False, "gemv_mr": 3}),
     ("int4_sym_g64", 40, 640, 8, {"gemv_mr": 4, "gemm_min_m": 12}),
     ("int8_sym_tensor", 6, 64, 8, {"gemm_min_m": 2}),
 ]
