@@ -58,6 +58,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--case", choices=("decode", "prefill"), default="decode")
     ap.add_argument("--recipe", default="w4a8-g128")
+    ap.add_argument("--batch", type=int, default=1, help="decode: sequences per step")
     ap.add_argument("--variant", action="append", required=True,
                     help="name:VAR=value[,module.ATTR=literal,...][,cpu-activations=bf16][,fresh-descriptors]")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 40 decode, 10 prefill)")
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
         os.environ.update(env)
         saved_attrs = _set_attrs(attrs)
         try:
-            model = DecodeStep(bench_llama(), 512).eval() if args.case == "decode" else bench_llama()
+            model = DecodeStep(bench_llama(), 512, batch=args.batch).eval() if args.case == "decode" else bench_llama()
             inputs = model.example_inputs() if args.case == "decode" else model.example_inputs(batch=1, seq=128)
             compiled = qcc.compile(model, inputs, quant=args.recipe, **options)
         finally:
