@@ -98,6 +98,11 @@ def export_module(module: torch.nn.Module, example_inputs, dynamic_shapes=None):
 
 def _spec_from_meta(name, val) -> TensorSpec:
     shape = [int(d) if isinstance(d, int) or str(d).isdigit() else str(d) for d in val.shape]
+    if val.dtype not in _TORCH_TO_NP:
+        raise QccError(f"input or output '{name}' has dtype {str(val.dtype).replace('torch.', '')}, which a "
+                       f"qcc artifact cannot take or return (its runtime speaks numpy dtypes)",
+                       hint=f"pass it as one of {', '.join(sorted(str(d).replace('torch.', '') for d in _TORCH_TO_NP))}"
+                            " and convert inside the model")
     return TensorSpec(name, shape, np.dtype(_TORCH_TO_NP[val.dtype]).name)
 
 

@@ -11,7 +11,9 @@ f32 ops with a static batch size are rewritten; others keep the reference loweri
 A B that is a concatenation along its rows (attention over a KV cache plus the
 step's new key or value: `torch.cat([cache, k], dim=2)`) is passed as its parts,
 which the kernel reads in place: the concatenation, a copy of the whole cache per
-layer and step, is never built.  From TILED_MIN_M rows (prefill) without parts, or with
+layer and step, is never built; a part that is the f32 copy of an f16 tensor (a
+cache kept in 16 bits, `cache.float()`) is read in 16 bits and widened in registers.
+From TILED_MIN_M rows (prefill) without parts, or with
 any size dynamic (a sequence length known at run time), `kernels.batch_matmul_tiled` runs
 register tiles instead of rows.
 
@@ -109,17 +111,42 @@ def _concat_parts(value, reassociation):
     rank = ir.RankedTensorType(op.results[0].type).rank
     if ir.IntegerAttr(op.attributes["dim"]).value != rank - 2 or rank != (4 if reassociation is not None else 3):
         return None
-    shapes = [_shape(v) for v in op.operands]
-    if None in shapes:
+    parts = [_widened_source(v) or v for v in op.operands]
+    shapes = [irutil.tensor_shape(v) for v in parts]
+    if any(None in shape for shape in shapes):
         return None
-    return list(op.operands), shapes, reassociation
+    return parts, shapes, reassociation
+
+
+def _widened_source(value):
+    """The f16 tensor that `value` is the f32 copy of (a KV cache kept in 16 bits:
+    `cache.float()` is an elementwise linalg.generic of one arith.extf), or None.  The kernel
+    reads the 16-bit source and widens it in registers, so the f32 copy is never built."""
+    op = irutil.defining_op(value)
+    if op is None or op.name != "linalg.generic" or len(op.operands) != 2:
+        return None
+    src = op.operands[0]
+    if _elem(src) not in _NARROW or str(op.attributes["indexing_maps"]).count("affine_map") != 2 \
+            or len(set(str(m) for m in ir.ArrayAttr(op.attributes["indexing_maps"]))) != 1 \
+            or any("parallel" not in str(it) for it in ir.ArrayAttr(op.attributes["iterator_types"])):
+        return None
+    body = [o.name for o in op.regions[0].blocks[0].operations]
+    return src if body == ["arith.extf", "linalg.yield"] else None
+
+
+_NARROW = ("f16",)  # bf16 would work alike; no bf16 tensor reaches here (model inputs are numpy dtypes)
+
+
+def _elem(value) -> str:
+    return str(ir.RankedTensorType(value.type).element_type)
 
 
 def _collapsed(value, shape, reassociation):
     if reassociation is None:
         return value
     return ir.Operation.create("tensor.collapse_shape", results=[irutil.tensor_type(
-        [shape[0] * shape[1]] + shape[2:], "f32")], operands=[value], attributes={"reassociation": reassociation}).result
+        [shape[0] * shape[1]] + shape[2:], _elem(value))], operands=[value],
+        attributes={"reassociation": reassociation}).result
 
 
 @register
@@ -153,19 +180,21 @@ class CpuVectorizeContractions(QccPass):
                 if split is not None:
                     operands_b, shapes, reassociation = split
                     parts = tuple(shape[-2] for shape in shapes)
+                    elems = tuple(_elem(v) for v in operands_b)
                 else:
-                    operands_b, shapes, parts = [operand_b], [_dims(operand_b)], None
+                    operands_b, shapes, parts, elems = [operand_b], [_dims(operand_b)], None, None
                 # a dynamic size (a sequence length known at run time) takes the tiled kernel too
                 tiled = parts is None and (not static or m >= TILED_MIN_M)
                 form = "tiled" if tiled else "dot" if src else "axpy"
                 sizes = "x".join("d" if d is None else str(d) for d in (nb, m, n, k))
                 kname = f"qcc_cpu_bmm_{form}{'_t' if tiled and src else ''}_{sizes}" + \
-                    (f"_parts{'_'.join(map(str, parts))}" if parts else "")
+                    (f"_parts{'_'.join(f'{r}{e}' if e != 'f32' else str(r) for r, e in zip(parts, elems))}"
+                     if parts else "")
                 if kname not in defined:
                     text = kernels.batch_matmul_tiled(kname, nb, m, n, k, self.options.lanes, src is not None,
                                                       self.options.threads) if tiled else \
                         kernels.batch_matmul(kname, nb, m, n, k, self.options.lanes, src is not None,
-                                             self.options.threads, parts)
+                                             self.options.threads, parts, elems)
                     irutil.append_functions(module, text, defined)
                 with ir.InsertionPoint(op), op.location:
                     operands_b = [_collapsed(v, shape, reassociation) for v, shape in zip(operands_b, shapes)]

@@ -667,7 +667,7 @@ def qlinear(name: str, lay: PanelLayout, cfg: KernelConfig, static_m: int | None
 
 
 def batch_matmul(name: str, b: int, m: int, n: int, k: int, lanes: int, transposed_b: bool, threads: bool,
-                 parts: tuple[int, ...] | None = None) -> str:
+                 parts: tuple[int, ...] | None = None, part_elems: tuple[str, ...] | None = None) -> str:
     """f32 C[b, i, j] = sum_k A[b, i, k] * B[b, k, j] as vector code (attention's matmuls).
 
     transposed_b: B is given as Bt[b, j, k] (the source of a transpose the caller
@@ -680,17 +680,28 @@ def batch_matmul(name: str, b: int, m: int, n: int, k: int, lanes: int, transpos
     step's new key / value): each is read where it lies, so the concatenation is never
     built, and the arithmetic is the same, in the same order, as on the stacked B.
     B's memrefs take any strides but a unit innermost one (a slice of a larger cache
-    needs no copy).
+    needs no copy).  part_elems: each part's element type, f32 or f16 (a cache kept in 16
+    bits), loaded as such and widened in registers (exact: the same products).
     """
     rows_total = n if transposed_b else k
     parts = tuple(parts) if parts else (rows_total,)
     if sum(parts) != rows_total:
         raise ValueError(f"parts {parts} do not add up to {rows_total} rows of B")
+    elems = tuple(part_elems) if part_elems else ("f32",) * len(parts)
     t = MlirText()
     vf = f"vector<{lanes}xf32>"
-    bshape = [f"{b}x{p}x{k}" if transposed_b else f"{b}x{p}x{n}" for p in parts]
+    bshape = [f"{b}x{p}x{k}x{e}" if transposed_b else f"{b}x{p}x{n}x{e}" for p, e in zip(parts, elems)]
     aty, cty = f"memref<{b}x{m}x{k}xf32>", f"memref<{b}x{m}x{n}xf32>"
-    btys = [f"memref<{s}xf32, strided<[?, ?, 1], offset: ?>>" for s in bshape]
+    btys = [f"memref<{s}, strided<[?, ?, 1], offset: ?>>" for s in bshape]
+
+    def read_b(p: int, bty: str, row: str, col: str) -> str:
+        """A vector of part p of B at [%bi, row, col], widened to f32."""
+        if elems[p] == "f32":
+            return t.v(f"vector.transfer_read %b{p}[%bi, {row}, {col}], %pad : {bty}, {vf}")
+        narrow = f"vector<{lanes}x{elems[p]}>"
+        pad = t.v(f"arith.constant 0.0 : {elems[p]}")
+        v = t.v(f"vector.transfer_read %b{p}[%bi, {row}, {col}], {pad} : {bty}, {narrow}")
+        return t.v(f"arith.extf {v} : {narrow} to {vf}")
     t.op("%c0 = arith.constant 0 : index")
     t.op("%c1 = arith.constant 1 : index")
     t.op(f"%cm = arith.constant {m} : index")
@@ -710,7 +721,7 @@ def batch_matmul(name: str, b: int, m: int, n: int, k: int, lanes: int, transpos
             acc = t.v(f"scf.for %kk = %c0 to {t.idx(k)} step {kv} iter_args(%acc = %zv) -> ({vf}) {{")
             t.indent += 2
             av = t.v(f"vector.transfer_read %a[%bi, %i, %kk], %pad : {aty}, {vf}")
-            bv = t.v(f"vector.transfer_read %b{p}[%bi, %j{p}, %kk], %pad : {bty}, {vf}")
+            bv = read_b(p, bty, f"%j{p}", "%kk")
             t.op(f"scf.yield {t.v(f'vector.fma {av}, {bv}, %acc : {vf}')} : {vf}")
             t.close()
             s = t.v(f"vector.reduction <add>, {acc} : {vf} into f32")
@@ -723,7 +734,7 @@ def batch_matmul(name: str, b: int, m: int, n: int, k: int, lanes: int, transpos
             a = t.v(f"memref.load %a[%bi, %i, {kk}] : {aty}")
             ab = t.v(f"vector.broadcast {a} : f32 to {vf}")
             t.open(f"scf.for %j = %c0 to {t.idx(n)} step {kv} {{")
-            bv = t.v(f"vector.transfer_read %b{p}[%bi, %kk{p}, %j], %pad : {bty}, {vf}")
+            bv = read_b(p, bty, f"%kk{p}", "%j")
             cv = t.v(f"vector.transfer_read %c[%bi, %i, %j], %pad : {cty}, {vf}")
             t.op(f"vector.transfer_write {t.v(f'vector.fma {ab}, {bv}, {cv} : {vf}')}, %c[%bi, %i, %j] : {vf}, {cty}")
             t.close()
@@ -733,8 +744,8 @@ def batch_matmul(name: str, b: int, m: int, n: int, k: int, lanes: int, transpos
     bargs = ", ".join(f"%b{p}" for p in range(len(parts)))
     params = f"%a: {aty}, {bparams}, %c: {cty}"
     tys = ", ".join([aty] + btys + [cty])
-    entry_params = ", ".join(f"%bt{p}: tensor<{s}xf32>" for p, s in enumerate(bshape))
-    to_buffers = "".join(f"  %b{p} = bufferization.to_buffer %bt{p} read_only : tensor<{s}xf32> to {ty}\n"
+    entry_params = ", ".join(f"%bt{p}: tensor<{s}>" for p, s in enumerate(bshape))
+    to_buffers = "".join(f"  %b{p} = bufferization.to_buffer %bt{p} read_only : tensor<{s}> to {ty}\n"
                          for p, (s, ty) in enumerate(zip(bshape, btys)))
     loop = "scf.parallel (%r) = (%z) to (%rows) step (%one)" if threads else "scf.for %r = %z to %rows step %one"
     return f"""func.func private @{name}(%at: tensor<{b}x{m}x{k}xf32>, {entry_params}) -> tensor<{b}x{m}x{n}xf32> {{

@@ -3,6 +3,7 @@
 // RUN: qcc-opt %s -p 'cpu-vectorize-contractions{lanes=8}' | filecheck %s --check-prefix=TILED
 // RUN: qcc-opt %s -p 'cpu-vectorize-contractions{lanes=8}' | filecheck %s --check-prefix=LIN
 // RUN: qcc-opt %s -p 'cpu-vectorize-contractions{lanes=8}' | filecheck %s --check-prefix=DYN
+// RUN: qcc-opt %s -p 'cpu-vectorize-contractions{lanes=8}' | filecheck %s --check-prefix=F16
 
 // Attention's q @ k^T: the transpose feeding B (through a collapse) is folded
 // into a dot-product kernel that reads the keys in their own layout; p @ v
@@ -80,6 +81,38 @@ func.func @decode_attention(%q: tensor<8x1x16xf32>, %cache: tensor<2x1x8x512x16x
   %o1 = linalg.fill ins(%zero : f32) outs(%o0 : tensor<8x1x16xf32>) -> tensor<8x1x16xf32>
   %o = linalg.batch_matmul ins(%p, %vcl : tensor<8x1x513xf32>, tensor<8x513x16xf32>) outs(%o1 : tensor<8x1x16xf32>) -> tensor<8x1x16xf32>
   return %s, %o : tensor<8x1x513xf32>, tensor<8x1x16xf32>
+}
+
+// A cache kept in f16 (`cache.float()` before the concatenation: an elementwise extf): the
+// kernel takes the f16 slice as its part and widens it in registers; the f32 copy of the
+// cache, like the concatenation, is left without users.
+// F16-LABEL: func.func @decode_attention_f16_cache
+// F16: %[[KS:.*]] = tensor.collapse_shape %{{.*}} {{\[\[}}0, 1], [2], [3]] : tensor<1x8x512x16xf16> into tensor<8x512x16xf16>
+// F16: call @qcc_cpu_bmm_dot_8x1x513x16_parts512f16_1(%arg0, %[[KS]], %{{.*}}) : (tensor<8x1x16xf32>, tensor<8x512x16xf16>, tensor<8x1x16xf32>)
+// F16-LABEL: func.func private @qcc_cpu_bmm_dot_8x1x513x16_parts512f16_1_row(
+// F16: vector.transfer_read %{{.*}} : memref<8x512x16xf16, strided<[?, ?, 1], offset: ?>>, vector<8xf16>
+// F16: arith.extf %{{.*}} : vector<8xf16> to vector<8xf32>
+// F16: vector.fma
+func.func @decode_attention_f16_cache(%q: tensor<8x1x16xf32>, %cache: tensor<2x1x8x512x16xf16>, %k: tensor<1x8x1x16xf32>) -> tensor<8x1x513xf32> {
+  %zero = arith.constant 0.0 : f32
+  %ks = tensor.extract_slice %cache[0, 0, 0, 0, 0] [1, 1, 8, 512, 16] [1, 1, 1, 1, 1] : tensor<2x1x8x512x16xf16> to tensor<1x1x8x512x16xf16>
+  %kc = tensor.collapse_shape %ks [[0, 1], [2], [3], [4]] : tensor<1x1x8x512x16xf16> into tensor<1x8x512x16xf16>
+  %w0 = tensor.empty() : tensor<1x8x512x16xf32>
+  %kw = linalg.generic {indexing_maps = [affine_map<(d0, d1, d2, d3) -> (d0, d1, d2, d3)>, affine_map<(d0, d1, d2, d3) -> (d0, d1, d2, d3)>],
+                        iterator_types = ["parallel", "parallel", "parallel", "parallel"]}
+      ins(%kc : tensor<1x8x512x16xf16>) outs(%w0 : tensor<1x8x512x16xf32>) {
+  ^bb0(%in: f16, %out: f32):
+    %x = arith.extf %in : f16 to f32
+    linalg.yield %x : f32
+  } -> tensor<1x8x512x16xf32>
+  %keys = tensor.concat dim(2) %kw, %k : (tensor<1x8x512x16xf32>, tensor<1x8x1x16xf32>) -> tensor<1x8x513x16xf32>
+  %e = tensor.empty() : tensor<1x8x16x513xf32>
+  %kt = linalg.transpose ins(%keys : tensor<1x8x513x16xf32>) outs(%e : tensor<1x8x16x513xf32>) permutation = [0, 1, 3, 2]
+  %ktc = tensor.collapse_shape %kt [[0, 1], [2], [3]] : tensor<1x8x16x513xf32> into tensor<8x16x513xf32>
+  %s0 = tensor.empty() : tensor<8x1x513xf32>
+  %s1 = linalg.fill ins(%zero : f32) outs(%s0 : tensor<8x1x513xf32>) -> tensor<8x1x513xf32>
+  %s = linalg.batch_matmul ins(%q, %ktc : tensor<8x1x16xf32>, tensor<8x16x513xf32>) outs(%s1 : tensor<8x1x513xf32>) -> tensor<8x1x513xf32>
+  return %s : tensor<8x1x513xf32>
 }
 
 // Prefill attention (12 query rows, at least TILED_MIN_M): register-tiled kernels.  For

@@ -99,6 +99,8 @@ def test_api_errors():
         qcc.compile(model, inputs, target="tpu")
     with pytest.raises(qcc.QccError, match="needs example_inputs"):
         qcc.compile(model)
+    with pytest.raises(qcc.QccError, match="has dtype bfloat16, which a qcc artifact cannot take"):
+        qcc.compile(torch.nn.Linear(8, 8), (torch.randn(1, 8).bfloat16(),))
 
 
 @pytest.mark.parametrize("recipe", ["float", "w4a16-g128", "w8a8"])
