@@ -28,13 +28,14 @@ def bench_llama(layers: int = 4, hidden: int = 2048, ffn: int = 5632, heads: int
 class DecodeStep(nn.Module):
     """One decode step of `batch` sequences, each one new token attending to its KV cache of
     `cache_len` positions (all at the same position): ids [batch, 1], caches [layers, batch,
-    kv_heads, cache_len, head_dim] -> logits and the new keys and values."""
+    kv_heads, cache_len, head_dim] of `cache_dtype` -> logits and the new keys and values (f32)."""
 
-    def __init__(self, model: LlamaModel, cache_len: int, batch: int = 1):
+    def __init__(self, model: LlamaModel, cache_len: int, batch: int = 1, cache_dtype=torch.float32):
         super().__init__()
         self.model = model
         self.cache_len = cache_len
         self.batch = batch
+        self.cache_dtype = cache_dtype  # f16: the caches kept in half precision, widened to read
         attn = model.layers[0].self_attn
         if cache_len >= attn.max_seq:
             raise ValueError(f"cache_len={cache_len} needs max_seq > {cache_len}")
@@ -46,7 +47,8 @@ class DecodeStep(nn.Module):
     def example_inputs(self, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, self.model.vocab, (self.batch, 1), generator=g)
-        return ids, torch.randn(self.cache_shape(), generator=g), torch.randn(self.cache_shape(), generator=g)
+        return (ids, torch.randn(self.cache_shape(), generator=g).to(self.cache_dtype),
+                torch.randn(self.cache_shape(), generator=g).to(self.cache_dtype))
 
     def forward(self, ids, k_cache, v_cache):
         b = self.batch
@@ -64,8 +66,8 @@ class DecodeStep(nn.Module):
             k = k * cos + _rotate_half(k) * sin
             new_k.append(k)
             new_v.append(v)
-            keys = a._repeat_kv(torch.cat([k_cache[i], k], dim=2))
-            values = a._repeat_kv(torch.cat([v_cache[i], v], dim=2))
+            keys = a._repeat_kv(torch.cat([k_cache[i].float(), k], dim=2))
+            values = a._repeat_kv(torch.cat([v_cache[i].float(), v], dim=2))
             scores = torch.matmul(q, keys.transpose(-2, -1)) * a.scale
             probs = F.softmax(scores, dim=-1)
             out = torch.matmul(probs, values).transpose(1, 2).reshape(b, 1, a.hidden)

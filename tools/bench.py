@@ -252,10 +252,11 @@ def bench_model(args, emit) -> None:
     cfg = dict(layers=1, hidden=256, ffn=768, heads=4, max_seq=160) if args.quick else {}
     cache, prompt = (64, 16) if args.quick else (512, 128)
     model = bench_llama(**cfg)
-    step = DecodeStep(model, cache).eval()
+    cache_dtype = torch.float16 if args.kv_cache == "f16" else torch.float32
+    step = DecodeStep(model, cache, cache_dtype=cache_dtype).eval()
     cases = {"decode": (step, step.example_inputs(), 1)}
     if args.decode_batch > 1:
-        batched = DecodeStep(model, cache, batch=args.decode_batch).eval()
+        batched = DecodeStep(model, cache, batch=args.decode_batch, cache_dtype=cache_dtype).eval()
         cases[f"decode-b{args.decode_batch}"] = (batched, batched.example_inputs(), args.decode_batch)
     cases["prefill"] = (model, model.example_inputs(batch=1, seq=prompt), prompt)
     for case, (module, inputs, tokens) in cases.items():
@@ -286,7 +287,7 @@ def bench_model(args, emit) -> None:
             nbytes = compiled.weight_bytes()
             rec = {"suite": "model", "case": case, "recipe": _label(recipe, args), "tokens": tokens,
                    "config": cfg or "4 layers, hidden 2048, ffn 5632, 16 heads, vocab 512",
-                   "kv_cache": cache if case.startswith("decode") else None,
+                   "kv_cache": cache if case.startswith("decode") else None, "kv_cache_dtype": args.kv_cache,
                    "qcc_ms": round(med["qcc"] * 1e3, 3), "tokens_per_s": round(tokens / med["qcc"], 2),
                    "weight_bytes": nbytes, "floor_ms": round(nbytes / bw / 1e6, 3),
                    "compile_s": round(compile_s, 2), "compile_stages_s": compiled.compile_seconds,
@@ -333,6 +334,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                      "model w4a16-g128)")
     p.add_argument("--budget", type=float, default=None, help="seconds of repetitions per case")
     p.add_argument("--no-torch-compile", action="store_true", help="model: skip the torch.compile baseline")
+    p.add_argument("--kv-cache", choices=("f32", "f16"), default="f32",
+                   help="model: the decode step's KV caches in this precision (f16: widened to read)")
     p.add_argument("--decode-batch", type=int, default=1,
                    help="model: also a decode step of this many sequences at once (case decode-b<N>)")
     p.add_argument("--cpu-activations", default="fp32", choices=("fp32", "bf16"),
