@@ -58,6 +58,12 @@ def decode_step():
     return step, step.example_inputs()
 
 
+def decode_step_f16_cache():
+    step = DecodeStep(bench_llama(layers=1, hidden=256, ffn=768, heads=4, max_seq=160), 64,
+                      cache_dtype=torch.float16).eval()
+    return step, step.example_inputs()
+
+
 def mlp():
     m = models.MLP(in_features=128, seed=2).eval()
     return m, m.example_inputs(batch=5, seed=3)
@@ -77,6 +83,7 @@ CASES = {
     "model-float-s40": (lambda: llama_model(seq=40), "float"),  # tile_contract matmuls and attention
     "model-w4a16-g128": (llama_model, "w4a16-g128"),
     "decode-w4a16-g128": (decode_step, "w4a16-g128"),
+    "decode-f16-cache-w4a16-g128": (decode_step_f16_cache, "w4a16-g128"),  # f16 inputs, widened in the plan
     "mlp-w8a16": (mlp, "w8a16"),  # biases, GELU (erf): libdevice
 }
 _COMPILED = {}
