@@ -534,6 +534,58 @@ def bf16_declarations(lay: PanelLayout) -> str:
             f"vector<{2 * v}xbf16>) -> vector<{v}xf32>\n")
 
 
+def _x_bf16_pairs(t: MlirText, lay: PanelLayout, M: str, buf: str, chunk_pairs: bool) -> tuple[str, str]:
+    """`buf` [M, K_pad / 2] i32: the padded x (%xp) as bf16 pairs, each pair one i32 (low half
+    first): x[2i], x[2i + 1] along k, or with chunk_pairs x[c], x[c + 4V] for column c of
+    chunk j < 4 of each block (the nibbles the bf16 GEMV pairs).  Returns (buf, its type)."""
+    V, KP, KB = lay.lanes, lay.k_pad, lay.kb
+    vf, vb, vi = _vec(lay), f"vector<{V}xbf16>", _vec(lay, "i32")
+    xty, bty = f"memref<?x{KP}xf32>", f"memref<?x{KP // 2}xi32>"
+    c0, c1 = t.idx(0), t.idx(1)
+    t.op(f"{buf} = memref.alloc({M}) {{alignment = 64 : i64}} : {bty}")
+    t.open(f"scf.for %m = {c0} to {M} step {c1} {{")
+    if chunk_pairs:
+        t.open(f"scf.for %b = {c0} to {t.idx(lay.blocks)} step {c1} {{")
+        for j in range(4):
+            halves = []
+            for i in (j, j + 4):
+                col = t.v(f"affine.apply affine_map<(d0) -> (d0 * {KB} + {i * V})>(%b)")
+                halves.append(t.v(f"arith.truncf {t.v(f'vector.load %xp[%m, {col}] : {xty}, {vf}')} : {vf} to {vb}"))
+            pair = t.v(f"vector.interleave {halves[0]}, {halves[1]} : {vb} -> vector<{2 * V}xbf16>")
+            words = t.v(f"vector.bitcast {pair} : vector<{2 * V}xbf16> to {vi}")
+            col = t.v(f"affine.apply affine_map<(d0) -> (d0 * {KB // 2} + {j * V})>(%b)")
+            t.op(f"vector.store {words}, {buf}[%m, {col}] : {bty}, {vi}")
+    else:
+        t.open(f"scf.for %k = {c0} to {t.idx(KP)} step {t.idx(V)} {{")
+        bf = t.v(f"arith.truncf {t.v(f'vector.load %xp[%m, %k] : {xty}, {vf}')} : {vf} to {vb}")
+        words = t.v(f"vector.bitcast {bf} : {vb} to vector<{V // 2}xi32>")
+        t.op(f"vector.store {words}, {buf}[%m, {t.v(f'arith.divui %k, {t.idx(2)} : index')}] : {bty}, "
+             f"vector<{V // 2}xi32>")
+    t.close()
+    t.close()
+    return buf, bty
+
+
+def _x_prescaled(t: MlirText, lay: PanelLayout, M: str, buf: str) -> str:
+    """`buf` [M, K_pad] f32: the padded x with chunk i of each block scaled by 16^-i (exact),
+    the f32 int4 GEMV's activations (see _decode)."""
+    V, KP = lay.lanes, lay.k_pad
+    vf, xty = _vec(lay), f"memref<?x{KP}xf32>"
+    c0, c1 = t.idx(0), t.idx(1)
+    t.op(f"{buf} = memref.alloc({M}) {{alignment = 64 : i64}} : {xty}")
+    t.open(f"scf.for %m = {c0} to {M} step {c1} {{")
+    t.open(f"scf.for %b = {c0} to {t.idx(lay.blocks)} step {c1} {{")
+    for i in range(8):
+        col = t.v(f"affine.apply affine_map<(d0) -> (d0 * {lay.kb} + {i * V})>(%b)")
+        xv = t.v(f"vector.load %xp[%m, {col}] : {xty}, {vf}")
+        if i < 7:
+            xv = t.v(f"arith.mulf {xv}, {t.v(f'arith.constant dense<{2.0 ** (-4 * i)!r}> : {vf}')} : {vf}")
+        t.op(f"vector.store {xv}, {buf}[%m, {col}] : {xty}, {vf}")
+    t.close()
+    t.close()
+    return buf
+
+
 def qlinear(name: str, lay: PanelLayout, cfg: KernelConfig, static_m: int | None = None) -> str:
     """Tensor-level entry: x [?, K] and the panel arrays -> y [?, N], with the kernels it calls:
     all three and a run-time dispatch on M, or only the one for `static_m`."""
@@ -583,66 +635,21 @@ def qlinear(name: str, lay: PanelLayout, cfg: KernelConfig, static_m: int | None
         t.close()
         t.close()
     t.op(f"%y = memref.alloc({M}) {{alignment = 64 : i64}} : memref<?x{lay.n}xf32>")
-    _, args = _signature(lay)
-    params, _ = _signature(lay)
+    params, args = _signature(lay)
     arg_types = ", ".join(p.split(": ", 1)[1] for p in params.split(", %"))
+
     def call(variant: str) -> None:
-        vargs = args
-        if variant == "gemm_bf16":
-            # x as bf16 pairs along k, one i32 each: the broadcast operand of vdpbf16ps
-            xbty = f"memref<?x{KP // 2}xi32>"
-            t.op(f"%xb = memref.alloc({M}) {{alignment = 64 : i64}} : {xbty}")
-            t.open(f"scf.for %m = {c0} to {M} step {c1} {{")
-            t.open(f"scf.for %k = {c0} to {t.idx(KP)} step {t.idx(V)} {{")
-            bf = t.v(f"arith.truncf {t.v(f'vector.load %xp[%m, %k] : memref<?x{KP}xf32>, {vf}')} : {vf} "
-                     f"to vector<{V}xbf16>")
-            words = t.v(f"vector.bitcast {bf} : vector<{V}xbf16> to vector<{V // 2}xi32>")
-            t.op(f"vector.store {words}, %xb[%m, {t.v(f'arith.divui %k, {t.idx(2)} : index')}] : {xbty}, "
-                 f"vector<{V // 2}xi32>")
-            t.close()
-            t.close()
-            vargs = args.replace("%xp,", "%xb,", 1)
-            t.op(f"func.call @{name}__{variant}({vargs}) : "
-                 f"({arg_types.replace(f'memref<?x{KP}xf32>', xbty, 1)}) -> ()")
-            return
-        if variant == "gemv" and gemv_bf16:
-            # x as bf16 pairs of chunks j and j + 4 of each block (the pairs gemv decodes)
-            xbty = f"memref<?x{KP // 2}xi32>"
-            t.op(f"%xg = memref.alloc({M}) {{alignment = 64 : i64}} : {xbty}")
-            t.open(f"scf.for %m = {c0} to {M} step {c1} {{")
-            t.open(f"scf.for %b = {c0} to {t.idx(lay.blocks)} step {c1} {{")
-            for j in range(4):
-                halves = []
-                for i in (j, j + 4):
-                    col = t.v(f"affine.apply affine_map<(d0) -> (d0 * {lay.kb} + {i * V})>(%b)")
-                    xv = t.v(f"vector.load %xp[%m, {col}] : memref<?x{KP}xf32>, {vf}")
-                    halves.append(t.v(f"arith.truncf {xv} : {vf} to vector<{V}xbf16>"))
-                pair = t.v(f"vector.interleave {halves[0]}, {halves[1]} : vector<{V}xbf16> -> vector<{2 * V}xbf16>")
-                words = t.v(f"vector.bitcast {pair} : vector<{2 * V}xbf16> to vector<{V}xi32>")
-                col = t.v(f"affine.apply affine_map<(d0) -> (d0 * {lay.kb // 2} + {j * V})>(%b)")
-                t.op(f"vector.store {words}, %xg[%m, {col}] : {xbty}, vector<{V}xi32>")
-            t.close()
-            t.close()
-            vargs = args.replace("%xp,", "%xg,", 1)
-            t.op(f"func.call @{name}__{variant}({vargs}) : "
-                 f"({arg_types.replace(f'memref<?x{KP}xf32>', xbty, 1)}) -> ()")
-            return
-        if variant == "gemv" and lay.fmt.bits == 4:
-            # the GEMV's activations, chunk i of each block scaled by 16^-i (see _decode)
-            kp = f"memref<?x{KP}xf32>"
-            t.op(f"%xq = memref.alloc({M}) {{alignment = 64 : i64}} : {kp}")
-            t.open(f"scf.for %m = {c0} to {M} step {c1} {{")
-            t.open(f"scf.for %b = {c0} to {t.idx(lay.blocks)} step {c1} {{")
-            for i in range(8):
-                col = t.v(f"affine.apply affine_map<(d0) -> (d0 * {lay.kb} + {i * V})>(%b)")
-                xv = t.v(f"vector.load %xp[%m, {col}] : {kp}, {vf}")
-                if i < 7:
-                    xv = t.v(f"arith.mulf {xv}, {t.v(f'arith.constant dense<{2.0 ** (-4 * i)!r}> : {vf}')} : {vf}")
-                t.op(f"vector.store {xv}, %xq[%m, {col}] : {kp}, {vf}")
-            t.close()
-            t.close()
-            vargs = args.replace("%xp,", "%xq,", 1)
-        t.op(f"func.call @{name}__{variant}({vargs}) : ({arg_types}) -> ()")
+        """The variant's call, after the form of x it reads (the padded x itself, or a copy)."""
+        xp_type = f"memref<?x{KP}xf32>"
+        x, x_type = "%xp", xp_type
+        if variant == "gemm_bf16":    # bf16 pairs along k: the broadcast operand of vdpbf16ps
+            x, x_type = _x_bf16_pairs(t, lay, M, "%xb", chunk_pairs=False)
+        elif variant == "gemv" and gemv_bf16:  # bf16 pairs of chunks j and j + 4 (what gemv decodes)
+            x, x_type = _x_bf16_pairs(t, lay, M, "%xg", chunk_pairs=True)
+        elif variant == "gemv" and lay.fmt.bits == 4:  # chunk i of each block scaled by 16^-i (_decode)
+            x = _x_prescaled(t, lay, M, "%xq")
+        vargs = args.replace("%xp,", f"{x},", 1)
+        t.op(f"func.call @{name}__{variant}({vargs}) : ({arg_types.replace(xp_type, x_type, 1)}) -> ()")
 
     big = "gemm_bf16" if cfg.bf16_gemm(lay) else "gemm_bcast"
     variants = [cfg.variant(static_m, lay)] if static_m is not None else ["gemv", big]
