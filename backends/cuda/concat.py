@@ -6,8 +6,9 @@ As a generic (all-parallel, no inputs; the body picks the operand by the index a
 the concatenated dim and reads it with tensor.extract at a clamped index) it is one
 elementwise producer, which linalg-fuse-elementwise-ops fuses into its consumer: the
 rotation reads q directly, and attention reads the cache and the new key in place. An
-operand made by a one-op unary generic used only here (rotate_half's -x2) is absorbed:
-the gather reads its input and applies the op.
+operand made by a one-op unary generic used only here (rotate_half's -x2; a KV cache kept
+in f16 and widened by `.float()`) is absorbed: the gather reads its input and applies the
+op, so attention reads the f16 cache itself, not an f32 copy made by a launch of its own.
 """
 
 import dataclasses
@@ -22,7 +23,7 @@ def _ty(shape, elem):
     return f"tensor<{'x'.join(map(str, shape))}x{elem}>"
 
 
-_UNARY = ("arith.negf", "math.absf", "math.exp", "math.tanh")
+_UNARY = ("arith.negf", "math.absf", "math.exp", "math.tanh", "arith.extf")
 
 
 def _unary_producer(v):
@@ -45,16 +46,19 @@ def _unary_producer(v):
         return None
     if ir.RankedTensorType(ins[0].type).shape != ir.RankedTensorType(v.type).shape:
         return None
-    if str(ir.RankedTensorType(ins[0].type).element_type) != str(ir.RankedTensorType(v.type).element_type):
+    same_type = str(ir.RankedTensorType(ins[0].type).element_type) == str(ir.RankedTensorType(v.type).element_type)
+    if same_type == (body[0].name == "arith.extf"):  # extf widens; the others keep the type
         return None
     return body[0].name, ins[0]
 
 
-def concat_func(name: str, dim: int, shapes, out_shape, elem: str, unary=None) -> str:
-    """unary[j]: an op name applied to operand j after the gather (an absorbed producer)."""
+def concat_func(name: str, dim: int, shapes, out_shape, elem: str, unary=None, in_elems=None) -> str:
+    """unary[j]: an op name applied to operand j after the gather (an absorbed producer);
+    in_elems[j]: operand j's element type (an extf's narrower source), else `elem`."""
     unary = unary or [None] * len(shapes)
+    in_elems = in_elems or [elem] * len(shapes)
     rank = len(out_shape)
-    args = ", ".join(f"%a{j}: {_ty(s, elem)}" for j, s in enumerate(shapes))
+    args = ", ".join(f"%a{j}: {_ty(s, e)}" for j, (s, e) in enumerate(zip(shapes, in_elems)))
     lines = [f"    %i{d} = linalg.index {d} : index" for d in range(rank)]
     lines.append("    %c0 = arith.constant 0 : index")
     off, vals = 0, []
@@ -67,8 +71,9 @@ def concat_func(name: str, dim: int, shapes, out_shape, elem: str, unary=None) -
         lines.append(f"    %q{j} = arith.minsi %p{j}, %hi{j} : index")
         idx = ", ".join(f"%q{j}" if d == dim else f"%i{d}" for d in range(rank))
         if unary[j]:
-            lines.append(f"    %x{j} = tensor.extract %a{j}[{idx}] : {_ty(s, elem)}")
-            lines.append(f"    %v{j} = {unary[j]} %x{j} : {elem}")
+            lines.append(f"    %x{j} = tensor.extract %a{j}[{idx}] : {_ty(s, in_elems[j])}")
+            widen = f" : {in_elems[j]} to {elem}" if unary[j] == "arith.extf" else f" : {elem}"
+            lines.append(f"    %v{j} = {unary[j]} %x{j}{widen}")
         else:
             lines.append(f"    %v{j} = tensor.extract %a{j}[{idx}] : {_ty(s, elem)}")
         vals.append((off, n))
@@ -122,9 +127,12 @@ class CudaConcatToGeneric(QccPass):
                     prod = _unary_producer(v)
                     unary.append(prod[0] if prod else None)
                     operands.append(prod[1] if prod else v)
-                tag = "_".join(u.split(".")[1] if u else "id" for u in unary)
+                in_elems = [str(ir.RankedTensorType(v.type).element_type) for v in operands]
+                tag = "_".join((u.split(".")[1] + (e if u == "arith.extf" else "")) if u else "id"
+                               for u, e in zip(unary, in_elems))
                 name = ("qcc_cuda_concat_" + "_".join("x".join(map(str, s)) for s in shapes) + f"_d{dim}_{elem}"
                         + (f"_{tag}" if any(unary) else ""))
                 if name not in defined:
-                    irutil.append_functions(module, concat_func(name, dim, shapes, list(rt.shape), elem, unary), defined)
+                    irutil.append_functions(module, concat_func(name, dim, shapes, list(rt.shape), elem, unary,
+                                                                in_elems), defined)
                 irutil.replace_with_call(op, name, operands)

@@ -784,3 +784,15 @@ def test_on_gpu(name):
     if torch.cuda.is_available():
         got = c(*[x.cuda() for x in inputs])
         assert got.is_cuda and rel_err(got.cpu().numpy(), expect[0]) <= 1e-4
+
+
+def test_f16_cache_is_read_in_place():
+    """A decode step whose KV caches are f16 inputs: the concatenation's gather widens them
+    (cuda-concat-to-generic absorbs the `.float()`), so no launch writes an f32 copy of a
+    cache; attention's split kernel reads the f16 cache argument itself."""
+    _, inputs, _, c = compiled_case("decode-f16-cache-w4a16-g128")
+    plan = c.manifest["cuda"]["plan"]
+    kernels_run = [k for L in plan["launches"] for k in [L["kernel"], *L.get("fused", [])]]
+    assert not any("_ew_extf_elementwise" in k for k in kernels_run), kernels_run  # a widening launch
+    cache_bytes = inputs[1].numel() * 4
+    assert not any(b["elem"] == "f32" and b["bytes"] >= cache_bytes for b in plan["buffers"] if b["kind"] == "temp")
