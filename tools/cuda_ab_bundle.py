@@ -10,7 +10,9 @@ Builds what ``cuda_device_run.py build`` does for the listed recipes only (the d
 benchmark, and with --prefill the 128-token prefill; --small: the whole-model checks), then
 the same artifacts again under each variant's settings, named ``recipe~tag``, so the run
 prints them beside the defaults. A setting is ``module.NAME=value`` for a module of
-qcc.backends.cuda (value a Python literal), set while that variant compiles.
+qcc.backends.cuda (value a Python literal), set while that variant compiles.  --kv-f16 adds
+the decode step compiled for KV caches kept in f16 (``recipe~kvf16``, fed the same caches
+rounded to f16).
 """
 from __future__ import annotations
 
@@ -53,6 +55,8 @@ def main(argv=None):
     ap.add_argument("--out", required=True)
     ap.add_argument("--recipes", default="w8a8,float")
     ap.add_argument("--variant", action="append", default=[], help="tag:module.NAME=value[,...]")
+    ap.add_argument("--kv-f16", action="store_true",
+                    help="the decode artifacts again for KV caches kept in f16 (recipe~kvf16)")
     ap.add_argument("--prefill", action="store_true", help="the prefill artifacts too")
     ap.add_argument("--small", action="store_true", help="the whole-model checks too")
     args = ap.parse_args(argv)
@@ -60,7 +64,9 @@ def main(argv=None):
     from qcc.backends.cuda import ptx
 
     recipes = tuple(args.recipes.split(","))
-    variants = [_settings(v) for v in args.variant]
+    variants = [(*_settings(v), {}) for v in args.variant]
+    if args.kv_f16:
+        variants.append(("kvf16", [], {"cache_dtype": "f16"}))
     if not args.small:
         cdr.SMALL_MODELS = {}
     cdr.BENCH_RECIPES = recipes
@@ -76,21 +82,22 @@ def main(argv=None):
     mdir = os.path.join(args.out, "models")
     with open(os.path.join(mdir, "models.json")) as f:
         meta = json.load(f)
-    for tag, settings in variants:
+    for tag, settings, ctor_extra in variants:
         saved = [(m, a, getattr(m, a)) for m, a, _ in settings]
         try:
             for m, a, v in settings:
                 setattr(m, a, v)
             for recipe in recipes:
                 key = f"{recipe}~{tag}"
-                model, inputs = cdr.make_model("DecodeStep", dict(cdr.BENCH), {"seed": 0})
+                ctor = dict(cdr.BENCH) | ctor_extra
+                model, inputs = cdr.make_model("DecodeStep", ctor, {"seed": 0})
                 c = qcc.compile(model, inputs, target="cuda", quant=recipe)
                 keep = _save(c, os.path.join(mdir, f"bench-{key}.qcc"))
-                meta["bench"][key] = {"ctor": dict(cdr.BENCH), "launches": len(c.manifest["cuda"]["plan"]["launches"]),
+                meta["bench"][key] = {"ctor": ctor, "launches": len(c.manifest["cuda"]["plan"]["launches"]),
                                       "weight_bytes": int(sum(w.nbytes for w in c.weights.values())),
                                       "stripped": sorted(set(c.weights) - set(keep))}
                 print(f"  bench-{key}: {meta['bench'][key]['launches']} launches", flush=True)
-                if args.prefill:
+                if args.prefill and not ctor_extra:
                     model, inputs = cdr.make_model("LlamaModel", dict(cdr.PREFILL),
                                                    {"batch": 1, "seq": cdr.PREFILL_TOKENS, "seed": 3})
                     c = qcc.compile(model, inputs, target="cuda", quant=recipe)

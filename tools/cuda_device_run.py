@@ -777,10 +777,12 @@ def make_model(cls, ctor, inp):
     _test_path()
     import models
     if cls == "DecodeStep":
+        import torch
         from bench_models import DecodeStep, bench_llama
         c = dict(ctor)
         cache = c.pop("cache")
-        m = DecodeStep(bench_llama(**c), cache).eval()
+        cache_dtype = {"f32": torch.float32, "f16": torch.float16}[c.pop("cache_dtype", "f32")]
+        m = DecodeStep(bench_llama(**c), cache, cache_dtype=cache_dtype).eval()
         return m, m.example_inputs(**inp)
     m = getattr(models, cls)(**ctor).eval()
     return m, m.example_inputs(**inp)
@@ -1131,7 +1133,13 @@ def decode_section(args, log, results, dev, emu):
             weights, deq = _fill_bench_weights(manifest, weights, model, pack)
             cm = mr.CudaModel(manifest, weights, code)
             tload = time.time() - t0
-            outs = cm(*ins) if not emu else cm(*[x.numpy() for x in inputs])
+            # an artifact built for f16 caches takes the same caches rounded to f16 (the model
+            # widens them with .float(), so the PyTorch reference below reads the same values)
+            f16 = info["ctor"].get("cache_dtype") == "f16"
+            ins = (ids.to(dev), kc.to(dev), vc.to(dev))
+            if f16:
+                ins = (ins[0], ins[1].half(), ins[2].half())
+            outs = cm(*ins) if not emu else cm(*[x.cpu().numpy() for x in ins])
             outs = [o.float().cpu().numpy() if hasattr(o, "cpu") else o for o in outs]
             ref = copy.deepcopy(model)
             sd = ref.state_dict()
