@@ -12,7 +12,9 @@ A B that is a concatenation along its rows (attention over a KV cache plus the
 step's new key or value: `torch.cat([cache, k], dim=2)`) is passed as its parts,
 which the kernel reads in place: the concatenation, a copy of the whole cache per
 layer and step, is never built; a part that is the f32 copy of an f16 tensor (a
-cache kept in 16 bits, `cache.float()`) is read in 16 bits and widened in registers.
+cache kept in 16 bits, `cache.float()`) is read in 16 bits and widened in registers, and a
+concatenation whose heads are repeated (grouped-query attention's repeat_kv) is read per KV
+head (the rep query heads of a group read the same cache rows).
 From TILED_MIN_M rows (prefill) without parts, or with
 any size dynamic (a sequence length known at run time), `kernels.batch_matmul_tiled` runs
 register tiles instead of rows.
@@ -97,15 +99,49 @@ def _transposed_source(b_value):
     return None
 
 
+def _repeat_source(value):
+    """(source, rep) when `value` [b, kv_heads, rep, rows, k] repeats each head of `source`
+    [b, kv_heads, rows, k] rep times (grouped-query attention's repeat_kv: a broadcast
+    generic, which a collapse of dims 1-2 makes [b, heads, rows, k]), else None."""
+    g = irutil.defining_op(value)
+    if g is None or g.name != "linalg.generic" or len(g.operands) != 2 \
+            or [str(m) for m in ir.ArrayAttr(g.attributes["indexing_maps"])] != _REPEAT_MAPS \
+            or [o.name for o in g.regions[0].blocks[0].operations] != ["linalg.yield"]:
+        return None
+    return g.operands[0], irutil.tensor_shape(g.results[0])[2]
+
+
+_REPEAT_MAPS = ["affine_map<(d0, d1, d2, d3, d4) -> (d0, d1, d3, d4)>",
+                "affine_map<(d0, d1, d2, d3, d4) -> (d0, d1, d2, d3, d4)>"]
+_COLLAPSE_REPEAT = "[[0], [1, 2], [3], [4]]"        # -> [b, heads, rows, k]
+_COLLAPSE_REPEAT_BATCH = "[[0, 1, 2], [3], [4]]"    # -> [b * heads, rows, k]
+
+
 def _concat_parts(value, reassociation):
-    """(parts, their shapes, reassociation) when `value` (B or Bt as the kernel reads it, or
-    its 4-D source that `reassociation` collapses) is a tensor.concat along its rows; the
-    parts are 4-D exactly when the returned reassociation is set.  Else None."""
+    """(parts, their shapes, reassociation, rep) when `value` (B or Bt as the kernel reads it,
+    or its 4-D source that `reassociation` collapses) is a tensor.concat along its rows, or
+    rep copies of each head of one (repeat_kv); the parts are 4-D exactly when the returned
+    reassociation is set.  Else None."""
     op = irutil.defining_op(value)
-    if reassociation is None and op is not None and op.name == "tensor.collapse_shape" \
-            and str(op.attributes["reassociation"]) == _COLLAPSE_BATCH:
+    rep = 1
+    collapse = str(op.attributes["reassociation"]) if op is not None and op.name == "tensor.collapse_shape" else None
+    if reassociation is None and collapse == _COLLAPSE_BATCH:
         reassociation = op.attributes["reassociation"]
-        op = irutil.defining_op(op.operands[0])
+        value = op.operands[0]
+        op = irutil.defining_op(value)
+        collapse = str(op.attributes["reassociation"]) if op is not None and op.name == "tensor.collapse_shape" else None
+        repeated = _repeat_source(op.operands[0]) if collapse == _COLLAPSE_REPEAT else None
+        if repeated:
+            value, rep = repeated
+    elif reassociation is None and collapse == _COLLAPSE_REPEAT_BATCH:
+        repeated = _repeat_source(op.operands[0])
+        if repeated:
+            (value, rep), reassociation = repeated, ir.Attribute.parse(_COLLAPSE_BATCH)
+    elif reassociation is not None and collapse == _COLLAPSE_REPEAT:  # Bt's source, repeated
+        repeated = _repeat_source(op.operands[0])
+        if repeated:
+            value, rep = repeated
+    op = irutil.defining_op(value)
     if op is None or op.name != "tensor.concat":
         return None
     rank = ir.RankedTensorType(op.results[0].type).rank
@@ -115,7 +151,7 @@ def _concat_parts(value, reassociation):
     shapes = [irutil.tensor_shape(v) for v in parts]
     if any(None in shape for shape in shapes):
         return None
-    return parts, shapes, reassociation
+    return parts, shapes, reassociation, rep
 
 
 def _widened_source(value):
@@ -177,8 +213,9 @@ class CpuVectorizeContractions(QccPass):
                 src = _transposed_source(b)
                 operand_b, reassociation = src if src is not None else (b, None)
                 split = _concat_parts(operand_b, reassociation) if static else None
+                rep = 1
                 if split is not None:
-                    operands_b, shapes, reassociation = split
+                    operands_b, shapes, reassociation, rep = split
                     parts = tuple(shape[-2] for shape in shapes)
                     elems = tuple(_elem(v) for v in operands_b)
                 else:
@@ -189,12 +226,12 @@ class CpuVectorizeContractions(QccPass):
                 sizes = "x".join("d" if d is None else str(d) for d in (nb, m, n, k))
                 kname = f"qcc_cpu_bmm_{form}{'_t' if tiled and src else ''}_{sizes}" + \
                     (f"_parts{'_'.join(f'{r}{e}' if e != 'f32' else str(r) for r, e in zip(parts, elems))}"
-                     if parts else "")
+                     if parts else "") + (f"_rep{rep}" if rep > 1 else "")
                 if kname not in defined:
                     text = kernels.batch_matmul_tiled(kname, nb, m, n, k, self.options.lanes, src is not None,
                                                       self.options.threads) if tiled else \
                         kernels.batch_matmul(kname, nb, m, n, k, self.options.lanes, src is not None,
-                                             self.options.threads, parts, elems)
+                                             self.options.threads, parts, elems, rep)
                     irutil.append_functions(module, text, defined)
                 with ir.InsertionPoint(op), op.location:
                     operands_b = [_collapsed(v, shape, reassociation) for v, shape in zip(operands_b, shapes)]

@@ -674,7 +674,8 @@ def qlinear(name: str, lay: PanelLayout, cfg: KernelConfig, static_m: int | None
 
 
 def batch_matmul(name: str, b: int, m: int, n: int, k: int, lanes: int, transposed_b: bool, threads: bool,
-                 parts: tuple[int, ...] | None = None, part_elems: tuple[str, ...] | None = None) -> str:
+                 parts: tuple[int, ...] | None = None, part_elems: tuple[str, ...] | None = None,
+                 rep: int = 1) -> str:
     """f32 C[b, i, j] = sum_k A[b, i, k] * B[b, k, j] as vector code (attention's matmuls).
 
     transposed_b: B is given as Bt[b, j, k] (the source of a transpose the caller
@@ -688,26 +689,31 @@ def batch_matmul(name: str, b: int, m: int, n: int, k: int, lanes: int, transpos
     built, and the arithmetic is the same, in the same order, as on the stacked B.
     B's memrefs take any strides but a unit innermost one (a slice of a larger cache
     needs no copy).  part_elems: each part's element type, f32 or f16 (a cache kept in 16
-    bits), loaded as such and widened in registers (exact: the same products).
+    bits), loaded as such and widened in registers (exact: the same products).  rep: B's parts
+    have b / rep batches, batch i of C reading batch i / rep of them (grouped-query attention:
+    rep query heads share a KV head, and batch-major b * heads maps onto b * kv_heads so).
     """
     rows_total = n if transposed_b else k
     parts = tuple(parts) if parts else (rows_total,)
     if sum(parts) != rows_total:
         raise ValueError(f"parts {parts} do not add up to {rows_total} rows of B")
     elems = tuple(part_elems) if part_elems else ("f32",) * len(parts)
+    if b % rep:
+        raise ValueError(f"batch {b} is not a multiple of rep {rep}")
     t = MlirText()
     vf = f"vector<{lanes}xf32>"
-    bshape = [f"{b}x{p}x{k}x{e}" if transposed_b else f"{b}x{p}x{n}x{e}" for p, e in zip(parts, elems)]
+    bb = b // rep
+    bshape = [f"{bb}x{p}x{k}x{e}" if transposed_b else f"{bb}x{p}x{n}x{e}" for p, e in zip(parts, elems)]
     aty, cty = f"memref<{b}x{m}x{k}xf32>", f"memref<{b}x{m}x{n}xf32>"
     btys = [f"memref<{s}, strided<[?, ?, 1], offset: ?>>" for s in bshape]
 
     def read_b(p: int, bty: str, row: str, col: str) -> str:
-        """A vector of part p of B at [%bi, row, col], widened to f32."""
+        """A vector of part p of B at [%bk, row, col], widened to f32."""
         if elems[p] == "f32":
-            return t.v(f"vector.transfer_read %b{p}[%bi, {row}, {col}], %pad : {bty}, {vf}")
+            return t.v(f"vector.transfer_read %b{p}[%bk, {row}, {col}], %pad : {bty}, {vf}")
         narrow = f"vector<{lanes}x{elems[p]}>"
         pad = t.v(f"arith.constant 0.0 : {elems[p]}")
-        v = t.v(f"vector.transfer_read %b{p}[%bi, {row}, {col}], {pad} : {bty}, {narrow}")
+        v = t.v(f"vector.transfer_read %b{p}[%bk, {row}, {col}], {pad} : {bty}, {narrow}")
         return t.v(f"arith.extf {v} : {narrow} to {vf}")
     t.op("%c0 = arith.constant 0 : index")
     t.op("%c1 = arith.constant 1 : index")
@@ -716,6 +722,7 @@ def batch_matmul(name: str, b: int, m: int, n: int, k: int, lanes: int, transpos
     t.op(f"%zv = arith.constant dense<0.0> : {vf}")
     t.op("%bi = arith.divui %r, %cm : index")
     t.op("%i = arith.remui %r, %cm : index")
+    t.op(f"%bk = arith.divui %bi, {t.idx(rep)} : index" if rep > 1 else "%bk = arith.addi %bi, %c0 : index")
     kv = t.idx(lanes)
     if not transposed_b:
         t.open(f"scf.for %j = %c0 to {t.idx(n)} step {kv} {{")

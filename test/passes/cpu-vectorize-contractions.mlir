@@ -4,6 +4,7 @@
 // RUN: qcc-opt %s -p 'cpu-vectorize-contractions{lanes=8}' | filecheck %s --check-prefix=LIN
 // RUN: qcc-opt %s -p 'cpu-vectorize-contractions{lanes=8}' | filecheck %s --check-prefix=DYN
 // RUN: qcc-opt %s -p 'cpu-vectorize-contractions{lanes=8}' | filecheck %s --check-prefix=F16
+// RUN: qcc-opt %s -p 'cpu-vectorize-contractions{lanes=8}' | filecheck %s --check-prefix=GQA
 
 // Attention's q @ k^T: the transpose feeding B (through a collapse) is folded
 // into a dot-product kernel that reads the keys in their own layout; p @ v
@@ -113,6 +114,31 @@ func.func @decode_attention_f16_cache(%q: tensor<8x1x16xf32>, %cache: tensor<2x1
   %s1 = linalg.fill ins(%zero : f32) outs(%s0 : tensor<8x1x513xf32>) -> tensor<8x1x513xf32>
   %s = linalg.batch_matmul ins(%q, %ktc : tensor<8x1x16xf32>, tensor<8x16x513xf32>) outs(%s1 : tensor<8x1x513xf32>) -> tensor<8x1x513xf32>
   return %s : tensor<8x1x513xf32>
+}
+
+// Grouped-query attention: 2 KV heads, each repeated for 4 query heads after the
+// concatenation (repeat_kv: a broadcast generic, collapsed with the batch).  The kernel
+// takes the KV heads' parts and reads batch i / 4 of them: no repeated copy, no concat.
+// GQA-LABEL: func.func @decode_attention_gqa
+// GQA: call @qcc_cpu_bmm_axpy_8x1x16x513_parts512_1_rep4(%arg0, %{{.*}}, %{{.*}}) : (tensor<8x1x513xf32>, tensor<2x512x16xf32>, tensor<2x1x16xf32>)
+// GQA-LABEL: func.func private @qcc_cpu_bmm_axpy_8x1x16x513_parts512_1_rep4_row(
+// GQA: %[[BI:.*]] = arith.divui %arg0, %{{.*}} : index
+// GQA: arith.divui %[[BI]], %c4 : index
+func.func @decode_attention_gqa(%p: tensor<8x1x513xf32>, %vcache: tensor<1x2x512x16xf32>, %v: tensor<1x2x1x16xf32>) -> tensor<8x1x16xf32> {
+  %zero = arith.constant 0.0 : f32
+  %values = tensor.concat dim(2) %vcache, %v : (tensor<1x2x512x16xf32>, tensor<1x2x1x16xf32>) -> tensor<1x2x513x16xf32>
+  %e5 = tensor.empty() : tensor<1x2x4x513x16xf32>
+  %rep = linalg.generic {indexing_maps = [affine_map<(d0, d1, d2, d3, d4) -> (d0, d1, d3, d4)>, affine_map<(d0, d1, d2, d3, d4) -> (d0, d1, d2, d3, d4)>],
+                         iterator_types = ["parallel", "parallel", "parallel", "parallel", "parallel"]}
+      ins(%values : tensor<1x2x513x16xf32>) outs(%e5 : tensor<1x2x4x513x16xf32>) {
+  ^bb0(%in: f32, %out: f32):
+    linalg.yield %in : f32
+  } -> tensor<1x2x4x513x16xf32>
+  %vcl = tensor.collapse_shape %rep [[0, 1, 2], [3], [4]] : tensor<1x2x4x513x16xf32> into tensor<8x513x16xf32>
+  %o0 = tensor.empty() : tensor<8x1x16xf32>
+  %o1 = linalg.fill ins(%zero : f32) outs(%o0 : tensor<8x1x16xf32>) -> tensor<8x1x16xf32>
+  %o = linalg.batch_matmul ins(%p, %vcl : tensor<8x1x513xf32>, tensor<8x513x16xf32>) outs(%o1 : tensor<8x1x16xf32>) -> tensor<8x1x16xf32>
+  return %o : tensor<8x1x16xf32>
 }
 
 // Prefill attention (12 query rows, at least TILED_MIN_M): register-tiled kernels.  For

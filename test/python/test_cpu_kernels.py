@@ -321,29 +321,38 @@ def test_float_matmul_with_a_k_major_weight(tmp_path, k, n):
             assert np.abs(got - expect).max() / np.abs(expect).max() < 1e-5, f"M={m}"
 
 
-@pytest.mark.parametrize("layer,cache,dim,dtype", [(1, 33, 20, "float32"), (0, 16, 64, "float32"),
-                                                   (1, 33, 64, "float16"), (0, 17, 32, "float16")])
-def test_attention_over_a_concatenated_kv_cache(tmp_path, layer, cache, dim, dtype):
+@pytest.mark.parametrize("layer,cache,dim,dtype,rep", [(1, 33, 20, "float32", 1), (0, 16, 64, "float32", 1),
+                                                       (1, 33, 64, "float16", 1), (0, 17, 32, "float16", 1),
+                                                       (1, 20, 32, "float32", 2), (0, 24, 16, "float16", 3)])
+def test_attention_over_a_concatenated_kv_cache(tmp_path, layer, cache, dim, dtype, rep):
     """Decode attention over torch.cat([cache[layer], new], dim=2): the kernels read the cache
     slice and the new key / value where they lie (no concatenation is built: no float buffer
     of the concatenated size in any backend stage) and match torch in float64.  A cache kept
     in f16 (`.float()` before the concatenation) is read in 16 bits: no f32 copy of it
-    either."""
+    either.  rep > 1: grouped-query attention, each KV head repeated for rep query heads
+    (repeat_kv's expand + reshape after the concatenation), read per KV head in place."""
     import torch
 
     import qcc
 
+    def repeat_kv(x):
+        b, kvh, s, d = x.shape
+        return x if rep == 1 else x[:, :, None, :, :].expand(b, kvh, rep, s, d).reshape(b, kvh * rep, s, d)
+
     class CachedAttention(torch.nn.Module):
         def forward(self, q, k_cache, v_cache, k, v):
-            keys = torch.cat([k_cache[layer].float(), k], dim=2)
-            values = torch.cat([v_cache[layer].float(), v], dim=2)
+            keys = repeat_kv(torch.cat([k_cache[layer].float(), k], dim=2))
+            values = repeat_kv(torch.cat([v_cache[layer].float(), v], dim=2))
             p = torch.softmax(torch.matmul(q, keys.transpose(-2, -1)) * dim ** -0.5, dim=-1)
             return torch.matmul(p, values)
 
     g = torch.Generator().manual_seed(cache + dim)
-    heads = 3
-    q, k, v = (torch.randn(1, heads, 1, dim, generator=g) for _ in range(3))
-    k_cache, v_cache = (torch.randn(2, 1, heads, cache, dim, generator=g).to(getattr(torch, dtype)) for _ in range(2))
+    kv_heads = 3
+    heads = kv_heads * rep
+    q = torch.randn(1, heads, 1, dim, generator=g)
+    k, v = (torch.randn(1, kv_heads, 1, dim, generator=g) for _ in range(2))
+    k_cache, v_cache = (torch.randn(2, 1, kv_heads, cache, dim, generator=g).to(getattr(torch, dtype))
+                        for _ in range(2))
     args = (q, k_cache, v_cache, k, v)
     dump = tmp_path / "ir"
     compiled = qcc.compile(CachedAttention(), args, dump_dir=str(dump))
@@ -352,7 +361,9 @@ def test_attention_over_a_concatenated_kv_cache(tmp_path, layer, cache, dim, dty
     assert np.abs(got - expect).max() / np.abs(expect).max() < 1e-5
     selected = (dump / next(p for p in sorted(os.listdir(dump)) if "select-kernels" in p)).read_text()
     elem = {"float32": "", "float16": "f16"}[dtype]
-    assert f"_parts{cache}{elem}_1(" in selected
+    suffix = f"_parts{cache}{elem}_1{f'_rep{rep}' if rep > 1 else ''}("
+    for form in ("dot", "axpy"):  # q @ k^T and p @ v both read the cache in place
+        assert re.search(rf"call @qcc_cpu_bmm_{form}_[0-9x]+{re.escape(suffix)}", selected), form
     concatenated, widened = f"{heads}x{cache + 1}x{dim}xf32", rf"alloc\(\)[^\n]*memref<(1x)?{heads}x{cache}x{dim}xf32>"
     for stage in sorted(os.listdir(dump)):
         if re.search(r"bufferize|to-llvm", stage):
