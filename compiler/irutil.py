@@ -83,12 +83,12 @@ _PURE = {"tensor.collapse_shape", "tensor.expand_shape", "tensor.extract_slice",
 
 
 def erase_dead_producers(value: ir.Value) -> None:
-    """Erases `value`'s defining op if nothing uses its results and it is one of _PURE, then
-    its operands' producers likewise (what a rewrite that stopped reading `value` left behind)."""
+    """Erases `value`'s defining op if nothing uses its results and it is one of _PURE or a
+    linalg.generic on tensors, then its operands' producers likewise (what a rewrite that
+    stopped reading `value` left behind)."""
     op = defining_op(value)
     if op is None or any(list(r.uses) for r in op.results):
         return
-    # a linalg.generic on tensors only has no effects but its results (repeat_kv's broadcast)
     tensor_generic = op.name == "linalg.generic" and all(isinstance(v.type, ir.RankedTensorType)
                                                          for v in op.operands)
     if op.name not in _PURE and not tensor_generic:
