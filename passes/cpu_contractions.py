@@ -111,6 +111,14 @@ def _repeat_source(value):
     return g.operands[0], irutil.tensor_shape(g.results[0])[2]
 
 
+def _collapse_of(value):
+    """(reassociation as printed, source) when `value` is a tensor.collapse_shape, else (None, None)."""
+    op = irutil.defining_op(value)
+    if op is None or op.name != "tensor.collapse_shape":
+        return None, None
+    return str(op.attributes["reassociation"]), op.operands[0]
+
+
 _REPEAT_MAPS = ["affine_map<(d0, d1, d2, d3, d4) -> (d0, d1, d3, d4)>",
                 "affine_map<(d0, d1, d2, d3, d4) -> (d0, d1, d2, d3, d4)>"]
 _COLLAPSE_REPEAT = "[[0], [1, 2], [3], [4]]"        # -> [b, heads, rows, k]
@@ -122,25 +130,16 @@ def _concat_parts(value, reassociation):
     or its 4-D source that `reassociation` collapses) is a tensor.concat along its rows, or
     rep copies of each head of one (repeat_kv); the parts are 4-D exactly when the returned
     reassociation is set.  Else None."""
-    op = irutil.defining_op(value)
     rep = 1
-    collapse = str(op.attributes["reassociation"]) if op is not None and op.name == "tensor.collapse_shape" else None
-    if reassociation is None and collapse == _COLLAPSE_BATCH:
-        reassociation = op.attributes["reassociation"]
-        value = op.operands[0]
-        op = irutil.defining_op(value)
-        collapse = str(op.attributes["reassociation"]) if op is not None and op.name == "tensor.collapse_shape" else None
-        repeated = _repeat_source(op.operands[0]) if collapse == _COLLAPSE_REPEAT else None
-        if repeated:
-            value, rep = repeated
-    elif reassociation is None and collapse == _COLLAPSE_REPEAT_BATCH:
-        repeated = _repeat_source(op.operands[0])
-        if repeated:
-            (value, rep), reassociation = repeated, ir.Attribute.parse(_COLLAPSE_BATCH)
-    elif reassociation is not None and collapse == _COLLAPSE_REPEAT:  # Bt's source, repeated
-        repeated = _repeat_source(op.operands[0])
-        if repeated:
-            value, rep = repeated
+    kind, src = _collapse_of(value)
+    if reassociation is None and kind == _COLLAPSE_BATCH:  # B itself: [b, heads, rows, k] collapsed
+        reassociation, value = irutil.defining_op(value).attributes["reassociation"], src
+        kind, src = _collapse_of(value)
+    elif reassociation is None and kind == _COLLAPSE_REPEAT_BATCH:  # repeated heads and batch in one
+        reassociation, kind = ir.Attribute.parse(_COLLAPSE_BATCH), _COLLAPSE_REPEAT
+    repeated = _repeat_source(src) if reassociation is not None and kind == _COLLAPSE_REPEAT else None
+    if repeated:
+        value, rep = repeated
     op = irutil.defining_op(value)
     if op is None or op.name != "tensor.concat":
         return None
@@ -162,9 +161,8 @@ def _widened_source(value):
     if op is None or op.name != "linalg.generic" or len(op.operands) != 2:
         return None
     src = op.operands[0]
-    if _elem(src) not in _NARROW or str(op.attributes["indexing_maps"]).count("affine_map") != 2 \
-            or len(set(str(m) for m in ir.ArrayAttr(op.attributes["indexing_maps"]))) != 1 \
-            or any("parallel" not in str(it) for it in ir.ArrayAttr(op.attributes["iterator_types"])):
+    maps = [str(m) for m in ir.ArrayAttr(op.attributes["indexing_maps"])]
+    if _elem(src) not in _NARROW or maps[0] != maps[1] or "reduction" in str(op.attributes["iterator_types"]):
         return None
     body = [o.name for o in op.regions[0].blocks[0].operations]
     return src if body == ["arith.extf", "linalg.yield"] else None
