@@ -57,6 +57,10 @@ class KernelConfig:
         """The bf16 GEMM scales each block's sums once: every block must lie in one group."""
         return self.bf16_activations and lay.group % lay.kb == 0
 
+    def bf16_gemv(self, lay: "PanelLayout") -> bool:
+        """The GEMV runs vdpbf16ps on int4 codes (pairs of chunks j, j + 4: one group each)."""
+        return self.bf16_gemm(lay) and lay.fmt.bits == 4
+
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -182,8 +186,8 @@ def _parallel(name: str, lay: PanelLayout, cfg: KernelConfig, count: int, body: 
             f"func.func private @{name}_body(%i: index, {params}) {{\n{body}\n  return\n}}\n")
 
 
-def _store_row_sums(t, lay, sums: list[str], m: str, p: str, accumulate: str | None = None):
-    """y[m, p*R + r] = sums[r] (or += when `accumulate` is an i1 that is true), skipping padded rows."""
+def _store_row_sums(t, lay, sums: list[str], m: str, p: str):
+    """y[m, p*R + r] = sums[r], skipping padded rows."""
     R = lay.rows
     rr = t.idx(R)
     base = t.v(f"arith.muli {p}, {rr} : index")
@@ -194,12 +198,7 @@ def _store_row_sums(t, lay, sums: list[str], m: str, p: str, accumulate: str | N
         if guarded:
             inb = t.v(f"arith.cmpi ult, {n}, {t.idx(lay.n)} : index")
             t.open(f"scf.if {inb} {{")
-        val = s
-        if accumulate is not None:
-            old = t.v(f"memref.load %y[{m}, {n}] : {ymem}")
-            added = t.v(f"arith.addf {old}, {s} : f32")
-            val = t.v(f"arith.select {accumulate}, {added}, {s} : f32")
-        t.op(f"memref.store {val}, %y[{m}, {n}] : {ymem}")
+        t.op(f"memref.store {s}, %y[{m}, {n}] : {ymem}")
         if guarded:
             t.close()
 
@@ -219,7 +218,7 @@ def gemv(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
     """
     lay.check()
     t = MlirText()
-    bf16 = cfg.bf16_gemm(lay) and lay.fmt.bits == 4
+    bf16 = cfg.bf16_gemv(lay)
     params, _ = _signature(lay, bf16_pairs=bf16)
     R, V, KB, G = lay.rows, lay.lanes, lay.kb, lay.group
     GB = max(G, KB)
@@ -246,8 +245,7 @@ def gemv(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
 
     def tile_rows(m0: str, mr: int) -> None:
         rows = [t.v(f"arith.addi {m0}, {t.idx(j)} : index") for j in range(mr)]
-        cells = [(r, j) for r in range(R) for j in range(mr)]  # accumulator q = r * mr + j
-        n = len(cells)
+        n = R * mr  # accumulators, q = r * mr + j for panel row r and tile row j
         iters = ", ".join([f"%acc{q} = {zv}" for q in range(n)] + [f"%corr{q} = {zf}" for q in range(n)])
         res_types = ", ".join([vf] * n + ["f32"] * n)
         res = t.vs(2 * n, f"scf.for %gb = {c0} to {t.idx(lay.k_pad // GB)} step {c1} iter_args({iters}) -> "
@@ -603,7 +601,7 @@ def qlinear(name: str, lay: PanelLayout, cfg: KernelConfig, static_m: int | None
         t.op(f"%zero = bufferization.to_buffer %zerot read_only : {tt['zero']} to {ty['zero']}")
     M = t.v(f"memref.dim {xm}, {c0} : memref<?x{K}xf32>")
     bf16 = cfg.bf16_activations
-    gemv_bf16 = cfg.bf16_gemm(lay) and lay.fmt.bits == 4
+    gemv_bf16 = cfg.bf16_gemv(lay)
     if KP != K or bf16:
         # x padded to K_pad; with bf16 activations rounded to bf16 (what every variant reads)
         t.op(f"%xp = memref.alloc({M}) {{alignment = 64 : i64}} : memref<?x{KP}xf32>")
