@@ -706,12 +706,12 @@ def batch_matmul(name: str, b: int, m: int, n: int, k: int, lanes: int, transpos
     btys = [f"memref<{s}, strided<[?, ?, 1], offset: ?>>" for s in bshape]
 
     def read_b(p: int, bty: str, row: str, col: str) -> str:
-        """A vector of part p of B at [%bk, row, col], widened to f32."""
+        """A vector of part p of B at [its batch, row, col], widened to f32."""
         if elems[p] == "f32":
-            return t.v(f"vector.transfer_read %b{p}[%bk, {row}, {col}], %pad : {bty}, {vf}")
+            return t.v(f"vector.transfer_read %b{p}[{bk}, {row}, {col}], %pad : {bty}, {vf}")
         narrow = f"vector<{lanes}x{elems[p]}>"
         pad = t.v(f"arith.constant 0.0 : {elems[p]}")
-        v = t.v(f"vector.transfer_read %b{p}[%bk, {row}, {col}], {pad} : {bty}, {narrow}")
+        v = t.v(f"vector.transfer_read %b{p}[{bk}, {row}, {col}], {pad} : {bty}, {narrow}")
         return t.v(f"arith.extf {v} : {narrow} to {vf}")
     t.op("%c0 = arith.constant 0 : index")
     t.op("%c1 = arith.constant 1 : index")
@@ -720,7 +720,7 @@ def batch_matmul(name: str, b: int, m: int, n: int, k: int, lanes: int, transpos
     t.op(f"%zv = arith.constant dense<0.0> : {vf}")
     t.op("%bi = arith.divui %r, %cm : index")
     t.op("%i = arith.remui %r, %cm : index")
-    t.op(f"%bk = arith.divui %bi, {t.idx(rep)} : index" if rep > 1 else "%bk = arith.addi %bi, %c0 : index")
+    bk = t.v(f"arith.divui %bi, {t.idx(rep)} : index") if rep > 1 else "%bi"  # B's batch
     kv = t.idx(lanes)
     if not transposed_b:
         t.open(f"scf.for %j = %c0 to {t.idx(n)} step {kv} {{")
