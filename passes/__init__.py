@@ -68,4 +68,4 @@ def _load_all() -> None:
     from . import awq  # noqa: F401
     from . import gptq  # noqa: F401
     from . import reorder_channels  # noqa: F401
-    from qcc.backends.cuda import concat, select_kernels, unit_transposes  # noqa: F401  (the CUDA passes)
+    from qcc.backends.cuda import collapse_gathers, concat, select_kernels, unit_transposes  # noqa: F401  (the CUDA passes)

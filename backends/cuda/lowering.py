@@ -7,7 +7,9 @@ TORCH_TO_LINALG) and then `compile_cuda`:
                     tensor-core GEMV kernels (kernels.py) on weights repacked at compile time
     lower-qcc       the remaining qcc ops -> linalg (dequantization fused into the reduction)
     fuse            tensor.concat -> gather generics (concat.py), generalize named ops, fuse
-                    elementwise producers into consumers
+                    elementwise producers into consumers; a gather collapsed into its
+                    consumer's shape (GQA's repeat_kv) is rebuilt on that shape
+                    (collapse_gathers.py) and fused again
     bufferize       one-shot, function boundaries included, static identity layouts; every
                     argument read-only (bufferization.writable = false), so no kernel writes a
                     parameter or an input in place
@@ -55,6 +57,9 @@ FUSE = [
     "func.func(linalg-generalize-named-ops)",
     "cuda-fold-unit-transposes",
     "inline",
+    "func.func(linalg-fuse-elementwise-ops)",
+    # GQA: the fused cache gather, collapsed into the heads, fuses into attention on a second round
+    "cuda-collapse-gathers",
     "func.func(linalg-fuse-elementwise-ops)",
     "canonicalize",
     "cse",

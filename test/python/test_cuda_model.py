@@ -64,6 +64,14 @@ def decode_step_f16_cache():
     return step, step.example_inputs()
 
 
+def decode_step_gqa(cache_dtype=torch.float32):
+    """Grouped-query attention (4 query heads on 2 KV heads) at decode."""
+    model = models.LlamaModel(vocab=512, hidden=256, layers=1, heads=4, kv_heads=2, ffn=768, max_seq=160,
+                              seed=4).eval()
+    step = DecodeStep(model, 64, cache_dtype=cache_dtype).eval()
+    return step, step.example_inputs()
+
+
 def mlp():
     m = models.MLP(in_features=128, seed=2).eval()
     return m, m.example_inputs(batch=5, seed=3)
@@ -84,6 +92,8 @@ CASES = {
     "model-w4a16-g128": (llama_model, "w4a16-g128"),
     "decode-w4a16-g128": (decode_step, "w4a16-g128"),
     "decode-f16-cache-w4a16-g128": (decode_step_f16_cache, "w4a16-g128"),  # f16 inputs, widened in the plan
+    "decode-gqa-float": (decode_step_gqa, "float"),  # repeat_kv folded into attention's reads
+    "decode-gqa-f16-cache-w4a16-g128": (lambda: decode_step_gqa(torch.float16), "w4a16-g128"),
     "mlp-w8a16": (mlp, "w8a16"),  # biases, GELU (erf): libdevice
 }
 _COMPILED = {}
@@ -784,6 +794,18 @@ def test_on_gpu(name):
     if torch.cuda.is_available():
         got = c(*[x.cuda() for x in inputs])
         assert got.is_cuda and rel_err(got.cpu().numpy(), expect[0]) <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["decode-gqa-float", "decode-gqa-f16-cache-w4a16-g128"])
+def test_gqa_cache_is_read_per_kv_head(name):
+    """repeat_kv after the cache's concatenation (a broadcast collapsed into the heads):
+    cuda-collapse-gathers lets the gather fuse into attention, so no launch writes the
+    rep-fold V cache ([b, kv_heads, rep, positions, d]) for attention to read back."""
+    _, inputs, _, c = compiled_case(name)
+    plan = c.manifest["cuda"]["plan"]
+    cache_elems = inputs[1][0].numel()  # one layer's cache, kv_heads of them
+    assert not any(b["kind"] == "temp" and int(np.prod(b["shape"])) >= cache_elems for b in plan["buffers"]), \
+        [b["shape"] for b in plan["buffers"] if b["kind"] == "temp"]
 
 
 def test_f16_cache_is_read_in_place():
