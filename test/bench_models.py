@@ -19,10 +19,11 @@ __all__ = ["DecodeStep", "bench_llama"]
 
 
 def bench_llama(layers: int = 4, hidden: int = 2048, ffn: int = 5632, heads: int = 16,
-                vocab: int = 512, max_seq: int = 640, seed: int = 0) -> LlamaModel:
-    """The Llama-style benchmark model of issue 4 (4 layers, hidden 2048, SwiGLU 5632)."""
+                vocab: int = 512, max_seq: int = 640, seed: int = 0, kv_heads=None) -> LlamaModel:
+    """The Llama-style benchmark model of issue 4 (4 layers, hidden 2048, SwiGLU 5632);
+    kv_heads < heads for grouped-query attention."""
     return LlamaModel(vocab=vocab, hidden=hidden, layers=layers, heads=heads, ffn=ffn,
-                      max_seq=max_seq, seed=seed).eval()
+                      max_seq=max_seq, seed=seed, kv_heads=kv_heads).eval()
 
 
 class DecodeStep(nn.Module):

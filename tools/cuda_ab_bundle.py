@@ -12,7 +12,8 @@ the same artifacts again under each variant's settings, named ``recipe~tag``, so
 prints them beside the defaults. A setting is ``module.NAME=value`` for a module of
 qcc.backends.cuda (value a Python literal), set while that variant compiles.  --kv-f16 adds
 the decode step compiled for KV caches kept in f16 (``recipe~kvf16``, fed the same caches
-rounded to f16).
+rounded to f16). --kv-heads N builds every decode step with N KV heads (grouped-query
+attention; the decode section's model follows the artifacts' ctor).
 """
 from __future__ import annotations
 
@@ -57,6 +58,8 @@ def main(argv=None):
     ap.add_argument("--variant", action="append", default=[], help="tag:module.NAME=value[,...]")
     ap.add_argument("--kv-f16", action="store_true",
                     help="the decode artifacts again for KV caches kept in f16 (recipe~kvf16)")
+    ap.add_argument("--kv-heads", type=int, default=None,
+                    help="grouped-query attention: every decode step with this many KV heads")
     ap.add_argument("--prefill", action="store_true", help="the prefill artifacts too")
     ap.add_argument("--small", action="store_true", help="the whole-model checks too")
     args = ap.parse_args(argv)
@@ -69,6 +72,8 @@ def main(argv=None):
         variants.append(("kvf16", [], {"cache_dtype": "f16"}))
     if not args.small:
         cdr.SMALL_MODELS = {}
+    if args.kv_heads:
+        cdr.BENCH = dict(cdr.BENCH, kv_heads=args.kv_heads)
     cdr.BENCH_RECIPES = recipes
     cdr.PREFILL_RECIPES = recipes if args.prefill else ()
     cdr.PREFILL_OPTIONS = {}

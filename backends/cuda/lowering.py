@@ -49,6 +49,7 @@ FUSE_GEMV_EPILOGUES = True  # fuse_epilogues.py (decode: the elementwise op afte
 # version was slower on the H200 (w8a8 decode 140.7 -> 165.6 us, 47 -> 22 launches,
 # bench_h200_gemv_tails_first.log); the trigger and register fixes since are not measured yet
 FUSE_GEMV_TAILS = False
+COLLAPSE_GATHERS = True  # collapse_gathers.py (GQA's repeated KV heads read in place); A/B switch
 
 
 FUSE = [
@@ -58,12 +59,11 @@ FUSE = [
     "cuda-fold-unit-transposes",
     "inline",
     "func.func(linalg-fuse-elementwise-ops)",
-    # GQA: the fused cache gather, collapsed into the heads, fuses into attention on a second round
-    "cuda-collapse-gathers",
-    "func.func(linalg-fuse-elementwise-ops)",
     "canonicalize",
     "cse",
 ]
+# GQA: the fused cache gather, collapsed into the heads, fuses into attention on a second round
+COLLAPSE = ["cuda-collapse-gathers", "func.func(linalg-fuse-elementwise-ops)", "canonicalize", "cse"]
 
 BUFFERIZE = [
     "func.func(refback-generalize-tensor-pad)",
@@ -187,7 +187,7 @@ def compile_cuda(*, module, ctx, session, run, prog, imported, recipe, gpu_arch:
     entry_args = driver._entry_args(module, session.params)
     with ctx:
         mark_readonly_args(module)
-    run("fuse", FUSE)
+    run("fuse", FUSE + (COLLAPSE if COLLAPSE_GATHERS else []))
     run("bufferize", BUFFERIZE)
     prog.stage("plan")
     used = [a["param"] for a in entry_args if "param" in a]
