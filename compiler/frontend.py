@@ -106,12 +106,39 @@ def _spec_from_meta(name, val) -> TensorSpec:
     return TensorSpec(name, shape, np.dtype(_TORCH_TO_NP[val.dtype]).name)
 
 
+def _simplify_expands(graph) -> None:
+    """Drop `aten.expand` nodes whose result has their input's shape, and write -1 ("keep this
+    size") for each run-time size an expand keeps (symbolically equal to its input's).
+
+    torch.export writes matmul's batch broadcasting (and repeat_kv) as expands. With static
+    shapes torch-mlir sees which sizes stay; a run-time size (a KV cache of any length) it
+    must lower as a gather that reads index 0 if the size turns out to be 1, a copy that
+    keeps the backends from reading the tensor in place (the CPU's attention kernels)."""
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.aten.expand.default:
+            continue
+        src, out = node.args[0].meta.get("val"), node.meta.get("val")
+        if not isinstance(src, torch.Tensor) or not isinstance(out, torch.Tensor):
+            continue
+        lead = out.dim() - src.dim()  # expand may add leading dims
+        kept = [i >= lead and str(src.shape[i - lead]) == str(out.shape[i]) for i in range(out.dim())]
+        if lead == 0 and all(kept):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+            continue
+        sizes = list(node.args[1])
+        dynamic = [k and not isinstance(out.shape[i], int) for i, k in enumerate(kept)]
+        if any(dynamic):
+            node.args = (node.args[0], [-1 if d else size for size, d in zip(sizes, dynamic)], *node.args[2:])
+
+
 def import_program(ep, ctx) -> ImportedProgram:
     from torch_mlir import ir
     from torch_mlir.extras.fx_decomp_util import get_decomposition_table
     from torch_mlir.extras.fx_importer import FxImporter
 
     ep = ep.run_decompositions(get_decomposition_table())
+    _simplify_expands(ep.graph)
     sig = ep.graph_signature
     if sig.buffers_to_mutate or getattr(sig, "user_inputs_to_mutate", None):
         raise QccError("the model mutates its buffers or inputs in forward()",

@@ -148,7 +148,7 @@ def _concat_parts(value, reassociation):
         return None
     parts = [_widened_source(v) or v for v in op.operands]
     shapes = [irutil.tensor_shape(v) for v in parts]
-    if any(None in shape for shape in shapes):
+    if any(None in shape[:-2] + shape[-1:] for shape in shapes):  # only the stacked rows may be dynamic
         return None
     return parts, shapes, reassociation, rep
 
@@ -210,7 +210,11 @@ class CpuVectorizeContractions(QccPass):
                 n = sc[2]
                 src = _transposed_source(b)
                 operand_b, reassociation = src if src is not None else (b, None)
-                split = _concat_parts(operand_b, reassociation) if static else None
+                # the parts path: one or a few query rows (decode) against stacked rows of B that
+                # may have a run-time count (a KV cache of any length); the other sizes static
+                stacked_only = m is not None and (k if src is not None else n) is not None
+                split = _concat_parts(operand_b, reassociation) if stacked_only and (static or m < TILED_MIN_M) \
+                    else None
                 rep = 1
                 if split is not None:
                     operands_b, shapes, reassociation, rep = split
@@ -223,7 +227,7 @@ class CpuVectorizeContractions(QccPass):
                 form = "tiled" if tiled else "dot" if src else "axpy"
                 sizes = "x".join("d" if d is None else str(d) for d in (nb, m, n, k))
                 kname = f"qcc_cpu_bmm_{form}{'_t' if tiled and src else ''}_{sizes}" + \
-                    (f"_parts{'_'.join(f'{r}{e}' if e != 'f32' else str(r) for r, e in zip(parts, elems))}"
+                    (f"_parts{'_'.join(('d' if r is None else str(r)) + (e if e != 'f32' else '') for r, e in zip(parts, elems))}"
                      if parts else "") + (f"_rep{rep}" if rep > 1 else "")
                 if kname not in defined:
                     text = kernels.batch_matmul_tiled(kname, nb, m, n, k, self.options.lanes, src is not None,

@@ -51,10 +51,19 @@ class DecodeStep(nn.Module):
         return (ids, torch.randn(self.cache_shape(), generator=g).to(self.cache_dtype),
                 torch.randn(self.cache_shape(), generator=g).to(self.cache_dtype))
 
+    def dynamic_shapes(self):
+        """torch.export's dynamic_shapes for a step compiled for any cache length:
+        `qcc.compile(step, inputs, dynamic_shapes=step.dynamic_shapes())`. Dim.DYNAMIC lets
+        export infer the range (up to max_seq - 1); a named Dim with explicit bounds fails
+        export's constraint solver on repeat_kv's reshape (grouped-query attention)."""
+        from torch.export import Dim
+
+        return (None, {3: Dim.DYNAMIC}, {3: Dim.DYNAMIC})
+
     def forward(self, ids, k_cache, v_cache):
         b = self.batch
         x = self.model.embed_tokens(ids)                       # [b, 1, hidden]
-        pos = self.cache_len
+        pos = k_cache.shape[3]  # the new token's position: an int, or symbolic (dynamic_shapes())
         new_k, new_v = [], []
         for i, layer in enumerate(self.model.layers):
             a = layer.self_attn

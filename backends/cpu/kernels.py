@@ -693,16 +693,19 @@ def batch_matmul(name: str, b: int, m: int, n: int, k: int, lanes: int, transpos
     """
     rows_total = n if transposed_b else k
     parts = tuple(parts) if parts else (rows_total,)
-    if sum(parts) != rows_total:
+    if None not in parts + (rows_total,) and sum(parts) != rows_total:
         raise ValueError(f"parts {parts} do not add up to {rows_total} rows of B")
+    if (k if transposed_b else n) is None:
+        raise ValueError("only B's stacked rows (n with transposed_b, else k) may be dynamic")
     elems = tuple(part_elems) if part_elems else ("f32",) * len(parts)
     if b % rep:
         raise ValueError(f"batch {b} is not a multiple of rep {rep}")
     t = MlirText()
     vf = f"vector<{lanes}xf32>"
     bb = b // rep
-    bshape = [f"{bb}x{p}x{k}x{e}" if transposed_b else f"{bb}x{p}x{n}x{e}" for p, e in zip(parts, elems)]
-    aty, cty = f"memref<{b}x{m}x{k}xf32>", f"memref<{b}x{m}x{n}xf32>"
+    dim = lambda d: "?" if d is None else str(d)  # noqa: E731
+    bshape = [f"{bb}x{dim(p)}x{k}x{e}" if transposed_b else f"{bb}x{dim(p)}x{n}x{e}" for p, e in zip(parts, elems)]
+    aty, cty = f"memref<{b}x{m}x{dim(k)}xf32>", f"memref<{b}x{m}x{dim(n)}xf32>"
     btys = [f"memref<{s}, strided<[?, ?, 1], offset: ?>>" for s in bshape]
 
     def read_b(p: int, bty: str, row: str, col: str) -> str:
@@ -726,10 +729,11 @@ def batch_matmul(name: str, b: int, m: int, n: int, k: int, lanes: int, transpos
         t.open(f"scf.for %j = %c0 to {t.idx(n)} step {kv} {{")
         t.op(f"vector.transfer_write %zv, %c[%bi, %i, %j] : {vf}, {cty}")
         t.close()
-    start = 0
+    start = "%c0"  # B's row where part p starts (a value: parts may have run-time sizes)
     for p, (rows, bty) in enumerate(zip(parts, btys)):
+        rows = t.idx(rows) if rows is not None else t.v(f"memref.dim %b{p}, %c1 : {bty}")
         if transposed_b:
-            t.open(f"scf.for %j{p} = %c0 to {t.idx(rows)} step %c1 {{")
+            t.open(f"scf.for %j{p} = %c0 to {rows} step %c1 {{")
             acc = t.v(f"scf.for %kk = %c0 to {t.idx(k)} step {kv} iter_args(%acc = %zv) -> ({vf}) {{")
             t.indent += 2
             av = t.v(f"vector.transfer_read %a[%bi, %i, %kk], %pad : {aty}, {vf}")
@@ -737,12 +741,12 @@ def batch_matmul(name: str, b: int, m: int, n: int, k: int, lanes: int, transpos
             t.op(f"scf.yield {t.v(f'vector.fma {av}, {bv}, %acc : {vf}')} : {vf}")
             t.close()
             s = t.v(f"vector.reduction <add>, {acc} : {vf} into f32")
-            j = t.v(f"arith.addi %j{p}, {t.idx(start)} : index")
+            j = t.v(f"arith.addi %j{p}, {start} : index")
             t.op(f"memref.store {s}, %c[%bi, %i, {j}] : {cty}")
             t.close()
         else:
-            t.open(f"scf.for %kk{p} = %c0 to {t.idx(rows)} step %c1 {{")
-            kk = t.v(f"arith.addi %kk{p}, {t.idx(start)} : index")
+            t.open(f"scf.for %kk{p} = %c0 to {rows} step %c1 {{")
+            kk = t.v(f"arith.addi %kk{p}, {start} : index")
             a = t.v(f"memref.load %a[%bi, %i, {kk}] : {aty}")
             ab = t.v(f"vector.broadcast {a} : f32 to {vf}")
             t.open(f"scf.for %j = %c0 to {t.idx(n)} step {kv} {{")
@@ -751,7 +755,7 @@ def batch_matmul(name: str, b: int, m: int, n: int, k: int, lanes: int, transpos
             t.op(f"vector.transfer_write {t.v(f'vector.fma {ab}, {bv}, {cv} : {vf}')}, %c[%bi, %i, %j] : {vf}, {cty}")
             t.close()
             t.close()
-        start += rows
+        start = t.v(f"arith.addi {start}, {rows} : index")
     bparams = ", ".join(f"%b{p}: {ty}" for p, ty in enumerate(btys))
     bargs = ", ".join(f"%b{p}" for p in range(len(parts)))
     params = f"%a: {aty}, {bparams}, %c: {cty}"
@@ -759,18 +763,27 @@ def batch_matmul(name: str, b: int, m: int, n: int, k: int, lanes: int, transpos
     entry_params = ", ".join(f"%bt{p}: tensor<{s}>" for p, s in enumerate(bshape))
     to_buffers = "".join(f"  %b{p} = bufferization.to_buffer %bt{p} read_only : tensor<{s}> to {ty}\n"
                          for p, (s, ty) in enumerate(zip(bshape, btys)))
+    if n is None:  # C's columns: the parts' rows, added up at run time
+        sizes = [f"  %n{p} = memref.dim %b{p}, %one : {ty}\n" if parts[p] is None else
+                 f"  %n{p} = arith.constant {parts[p]} : index\n" for p, ty in enumerate(btys)]
+        sizes += [f"  %s{p} = arith.addi {'%n0' if p == 1 else f'%s{p - 1}'}, %n{p} : index\n"
+                  for p in range(1, len(parts))]
+        c_alloc = "".join(sizes) + f"  %c = memref.alloc({'%n0' if len(parts) == 1 else f'%s{len(parts) - 1}'}) "
+    else:
+        c_alloc = "  %c = memref.alloc() "
+    ta, tc = f"tensor<{b}x{m}x{dim(k)}xf32>", f"tensor<{b}x{m}x{dim(n)}xf32>"
     loop = "scf.parallel (%r) = (%z) to (%rows) step (%one)" if threads else "scf.for %r = %z to %rows step %one"
-    return f"""func.func private @{name}(%at: tensor<{b}x{m}x{k}xf32>, {entry_params}) -> tensor<{b}x{m}x{n}xf32> {{
+    return f"""func.func private @{name}(%at: {ta}, {entry_params}) -> {tc} {{
   %z = arith.constant 0 : index
   %one = arith.constant 1 : index
   %rows = arith.constant {b * m} : index
-  %a = bufferization.to_buffer %at read_only : tensor<{b}x{m}x{k}xf32> to {aty}
-{to_buffers}  %c = memref.alloc() {{alignment = 64 : i64}} : {cty}
+  %a = bufferization.to_buffer %at read_only : {ta} to {aty}
+{to_buffers}{c_alloc}{{alignment = 64 : i64}} : {cty}
   {loop} {{
     func.call @{name}_row(%r, %a, {bargs}, %c) {{no_inline}} : (index, {tys}) -> ()
   }}
-  %ct = bufferization.to_tensor %c restrict writable : {cty} to tensor<{b}x{m}x{n}xf32>
-  return %ct : tensor<{b}x{m}x{n}xf32>
+  %ct = bufferization.to_tensor %c restrict writable : {cty} to {tc}
+  return %ct : {tc}
 }}
 func.func private @{name}_row(%r: index, {params}) {{
 {t.text()}

@@ -5,6 +5,7 @@
 // RUN: qcc-opt %s -p 'cpu-vectorize-contractions{lanes=8}' | filecheck %s --check-prefix=DYN
 // RUN: qcc-opt %s -p 'cpu-vectorize-contractions{lanes=8}' | filecheck %s --check-prefix=F16
 // RUN: qcc-opt %s -p 'cpu-vectorize-contractions{lanes=8}' | filecheck %s --check-prefix=GQA
+// RUN: qcc-opt %s -p 'cpu-vectorize-contractions{lanes=8}' | filecheck %s --check-prefix=KVDYN
 
 // Attention's q @ k^T: the transpose feeding B (through a collapse) is folded
 // into a dot-product kernel that reads the keys in their own layout; p @ v
@@ -221,4 +222,43 @@ func.func @dynamic_pv(%p: tensor<4x?x?xf32>, %v: tensor<4x?x16xf32>) -> tensor<4
   %o1 = linalg.fill ins(%zero : f32) outs(%o0 : tensor<4x?x16xf32>) -> tensor<4x?x16xf32>
   %o = linalg.batch_matmul ins(%p, %v : tensor<4x?x?xf32>, tensor<4x?x16xf32>) outs(%o1 : tensor<4x?x16xf32>) -> tensor<4x?x16xf32>
   return %o : tensor<4x?x16xf32>
+}
+
+// Decode over a KV cache of any length (a step compiled with dynamic_shapes): the same parts
+// as with a static cache, the cache's row count read at run time (memref.dim) for the loops,
+// for where the new key's row starts, and for C's columns; no concatenation is built.
+// KVDYN-LABEL: func.func @decode_attention_any_length
+// KVDYN-NOT: tensor.concat
+// KVDYN: call @qcc_cpu_bmm_dot_8x1xdx16_partsd_1(%arg0, %{{.*}}, %{{.*}}) : (tensor<8x1x16xf32>, tensor<8x?x16xf32>, tensor<8x1x16xf32>) -> tensor<8x1x?xf32>
+// KVDYN: call @qcc_cpu_bmm_axpy_8x1x16xd_partsd_1(%arg3, %{{.*}}, %{{.*}}) : (tensor<8x1x?xf32>, tensor<8x?x16xf32>, tensor<8x1x16xf32>) -> tensor<8x1x16xf32>
+// KVDYN-LABEL: func.func private @qcc_cpu_bmm_dot_8x1xdx16_partsd_1(
+// KVDYN: %[[N0:.*]] = memref.dim %{{.*}}, %{{.*}} : memref<8x?x16xf32, strided<[?, ?, 1], offset: ?>>
+// KVDYN: %[[N:.*]] = arith.addi %[[N0]], %{{.*}} : index
+// KVDYN: memref.alloc(%[[N]]) {alignment = 64 : i64} : memref<8x1x?xf32>
+// KVDYN-LABEL: func.func private @qcc_cpu_bmm_dot_8x1xdx16_partsd_1_row(
+// KVDYN: %[[R:.*]] = memref.dim %{{.*}}, %c1 : memref<8x?x16xf32, strided<[?, ?, 1], offset: ?>>
+// KVDYN: scf.for %{{.*}} = %c0 to %[[R]] step %c1
+// KVDYN: arith.addi %{{.*}}, %c0 : index
+// KVDYN: %[[START:.*]] = arith.addi %c0, %[[R]] : index
+// KVDYN: scf.for
+// KVDYN: arith.addi %{{.*}}, %[[START]] : index
+func.func @decode_attention_any_length(%q: tensor<8x1x16xf32>, %kcache: tensor<1x8x?x16xf32>, %k: tensor<1x8x1x16xf32>,
+                                       %p: tensor<8x1x?xf32>, %vcache: tensor<1x8x?x16xf32>, %v: tensor<1x8x1x16xf32>) -> (tensor<8x1x?xf32>, tensor<8x1x16xf32>) {
+  %zero = arith.constant 0.0 : f32
+  %c2 = arith.constant 2 : index
+  %keys = tensor.concat dim(2) %kcache, %k : (tensor<1x8x?x16xf32>, tensor<1x8x1x16xf32>) -> tensor<1x8x?x16xf32>
+  %n0 = tensor.dim %kcache, %c2 : tensor<1x8x?x16xf32>
+  %n = affine.apply affine_map<()[s0] -> (s0 + 1)>()[%n0]
+  %e = tensor.empty(%n) : tensor<1x8x16x?xf32>
+  %kt = linalg.transpose ins(%keys : tensor<1x8x?x16xf32>) outs(%e : tensor<1x8x16x?xf32>) permutation = [0, 1, 3, 2]
+  %ktc = tensor.collapse_shape %kt [[0, 1], [2], [3]] : tensor<1x8x16x?xf32> into tensor<8x16x?xf32>
+  %s0 = tensor.empty(%n) : tensor<8x1x?xf32>
+  %s1 = linalg.fill ins(%zero : f32) outs(%s0 : tensor<8x1x?xf32>) -> tensor<8x1x?xf32>
+  %s = linalg.batch_matmul ins(%q, %ktc : tensor<8x1x16xf32>, tensor<8x16x?xf32>) outs(%s1 : tensor<8x1x?xf32>) -> tensor<8x1x?xf32>
+  %values = tensor.concat dim(2) %vcache, %v : (tensor<1x8x?x16xf32>, tensor<1x8x1x16xf32>) -> tensor<1x8x?x16xf32>
+  %vcl = tensor.collapse_shape %values [[0, 1], [2], [3]] : tensor<1x8x?x16xf32> into tensor<8x?x16xf32>
+  %o0 = tensor.empty() : tensor<8x1x16xf32>
+  %o1 = linalg.fill ins(%zero : f32) outs(%o0 : tensor<8x1x16xf32>) -> tensor<8x1x16xf32>
+  %o = linalg.batch_matmul ins(%p, %vcl : tensor<8x1x?xf32>, tensor<8x?x16xf32>) outs(%o1 : tensor<8x1x16xf32>) -> tensor<8x1x16xf32>
+  return %s, %o : tensor<8x1x?xf32>, tensor<8x1x16xf32>
 }

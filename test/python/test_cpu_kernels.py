@@ -321,17 +321,20 @@ def test_float_matmul_with_a_k_major_weight(tmp_path, k, n):
             assert np.abs(got - expect).max() / np.abs(expect).max() < 1e-5, f"M={m}"
 
 
-@pytest.mark.parametrize("layer,cache,dim,dtype,rep", [(1, 33, 20, "float32", 1), (0, 16, 64, "float32", 1),
-                                                       (1, 33, 64, "float16", 1), (0, 17, 32, "float16", 1),
-                                                       (1, 20, 32, "float32", 2), (0, 24, 16, "float16", 3)])
-def test_attention_over_a_concatenated_kv_cache(tmp_path, layer, cache, dim, dtype, rep):
+@pytest.mark.parametrize("layer,cache,dim,dtype,rep,dynamic", [
+    (1, 33, 20, "float32", 1, False), (0, 16, 64, "float32", 1, False), (1, 33, 64, "float16", 1, False),
+    (0, 17, 32, "float16", 1, False), (1, 20, 32, "float32", 2, False), (0, 24, 16, "float16", 3, False),
+    (1, 33, 20, "float32", 1, True), (0, 24, 16, "float16", 3, True)])
+def test_attention_over_a_concatenated_kv_cache(tmp_path, layer, cache, dim, dtype, rep, dynamic):
     """Decode attention over torch.cat([cache[layer], new], dim=2): the kernels read the cache
     slice and the new key / value where they lie (no concatenation is built: no float buffer
     of the concatenated size in any backend stage) and match torch in float64.  A cache kept
     in f16 (`.float()` before the concatenation) is read in 16 bits: no f32 copy of it
     either.  rep > 1: grouped-query attention, each KV head repeated for rep query heads
-    (repeat_kv's expand + reshape after the concatenation), read per KV head in place."""
+    (repeat_kv's expand + reshape after the concatenation), read per KV head in place.
+    dynamic: compiled for any cache length (run at two), the same kernels on run-time sizes."""
     import torch
+    from torch.export import Dim
 
     import qcc
 
@@ -355,16 +358,23 @@ def test_attention_over_a_concatenated_kv_cache(tmp_path, layer, cache, dim, dty
                         for _ in range(2))
     args = (q, k_cache, v_cache, k, v)
     dump = tmp_path / "ir"
-    compiled = qcc.compile(CachedAttention(), args, dump_dir=str(dump))
-    expect = CachedAttention()(*(a.double() for a in args)).numpy()
-    got = compiled(*args).numpy()
-    assert np.abs(got - expect).max() / np.abs(expect).max() < 1e-5
+    shapes = (None, {3: Dim.DYNAMIC}, {3: Dim.DYNAMIC}, None, None) if dynamic else None
+    compiled = qcc.compile(CachedAttention(), args, dump_dir=str(dump), dynamic_shapes=shapes)
+    for length in (cache, cache + 7) if dynamic else (cache,):
+        caches = [torch.randn(2, 1, kv_heads, length, dim, generator=g).to(getattr(torch, dtype)) for _ in range(2)]
+        run = (q, *caches, k, v) if dynamic else args
+        expect = CachedAttention()(*(a.double() for a in run)).numpy()
+        got = compiled(*run).numpy()
+        assert np.abs(got - expect).max() / np.abs(expect).max() < 1e-5, length
     selected = (dump / next(p for p in sorted(os.listdir(dump)) if "select-kernels" in p)).read_text()
     elem = {"float32": "", "float16": "f16"}[dtype]
-    suffix = f"_parts{cache}{elem}_1{f'_rep{rep}' if rep > 1 else ''}("
+    suffix = f"_parts{'d' if dynamic else cache}{elem}_1{f'_rep{rep}' if rep > 1 else ''}("
     for form in ("dot", "axpy"):  # q @ k^T and p @ v both read the cache in place
-        assert re.search(rf"call @qcc_cpu_bmm_{form}_[0-9x]+{re.escape(suffix)}", selected), form
-    concatenated, widened = f"{heads}x{cache + 1}x{dim}xf32", rf"alloc\(\)[^\n]*memref<(1x)?{heads}x{cache}x{dim}xf32>"
+        assert re.search(rf"call @qcc_cpu_bmm_{form}_[0-9xd]+{re.escape(suffix)}", selected), form
+    # static: the concatenation's type anywhere; dynamic: any allocation of an f32 cache-sized
+    # buffer (the concatenation, or a widened copy) -- the cache argument has the type too
+    concatenated = f"{heads}x{cache + 1}x{dim}xf32" if not dynamic else "no such type"
+    widened = rf"alloc\([^\n]*memref<(1x)?{heads}x{'[?]' if dynamic else cache}x{dim}xf32>"
     for stage in sorted(os.listdir(dump)):
         if re.search(r"bufferize|to-llvm", stage):
             text = (dump / stage).read_text()

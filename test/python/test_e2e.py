@@ -103,6 +103,68 @@ def test_api_errors():
         qcc.compile(torch.nn.Linear(8, 8), (torch.randn(1, 8).bfloat16(),))
 
 
+@pytest.mark.parametrize("recipe,kv_heads,cache_dtype", [("float", None, torch.float32),
+                                                         ("w4a16-g128", 2, torch.float16)])
+def test_decode_step_any_cache_length(recipe, kv_heads, cache_dtype):
+    """A decode step compiled for any KV cache length (torch.export dynamic_shapes; the new
+    token's position is the cache's length): run at three lengths against PyTorch in float64
+    on the artifact's weights (GQA and an f16 cache in the second case: the attention kernels
+    read the cache parts in place at run-time lengths; test/passes/cpu-vectorize-contractions.mlir)."""
+    from bench_models import DecodeStep, bench_llama
+
+    model = bench_llama(layers=1, hidden=256, ffn=768, heads=4, max_seq=64)
+    if kv_heads:
+        model = models.LlamaModel(vocab=512, hidden=256, layers=1, heads=4, kv_heads=kv_heads, ffn=768,
+                                  max_seq=64, seed=1).eval()
+    step = DecodeStep(model, 24, cache_dtype=cache_dtype).eval()
+    compiled = qcc.compile(step, step.example_inputs(seed=5), target="cpu", quant=recipe,
+                           dynamic_shapes=step.dynamic_shapes())
+    reference = copy.deepcopy(step)
+    load_into_torch(reference, dequantized_weights(compiled))
+    reference = reference.double()
+    for length in (3, 24, 63):
+        inputs = DecodeStep(model, length, cache_dtype=cache_dtype).example_inputs(seed=length)
+        with torch.no_grad():
+            expect = reference(*(x.double() if x.is_floating_point() else x for x in inputs))
+        got = compiled(*inputs)
+        for g, e in zip(got, expect):
+            assert g.shape == e.shape
+            assert rel_err(g.numpy(), e.numpy()) <= 1e-4, length
+
+
+def test_expands_keeping_a_run_time_size():
+    """frontend._simplify_expands: an expand to its input's own (symbolic) shape is dropped, a
+    run-time size an expand keeps becomes -1, a real broadcast stays (torch-mlir then lowers
+    no gather that picks index 0 for a size of 1); the compiled function is unchanged."""
+    from torch.export import Dim
+
+    from qcc.frontend import _simplify_expands
+
+    class Expands(torch.nn.Module):
+        def forward(self, x, y):
+            same = x.expand(x.shape[0], x.shape[1])          # identity
+            rep = y[:, None].expand(y.shape[0], 3, y.shape[1])  # broadcast over a new dim, rows kept
+            return same * 2.0, rep.reshape(-1, y.shape[1]) + 1.0
+
+    x, y = torch.randn(5, 4), torch.randn(6, 4)
+    shapes = ({0: Dim.DYNAMIC}, {0: Dim.DYNAMIC})
+    ep = torch.export.export(Expands(), (x, y), dynamic_shapes=shapes)
+    graph = ep.graph
+
+    def expands():
+        return [n for n in graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.expand.default]
+
+    assert len(expands()) == 2
+    _simplify_expands(graph)
+    (kept,) = expands()
+    assert kept.args[1][0] == -1 and kept.args[1][1] == 3
+    compiled = qcc.compile(Expands(), (x, y), dynamic_shapes=shapes)
+    for rows in (2, 7):
+        a, b = torch.randn(rows, 4), torch.randn(rows + 1, 4)
+        for got, ref in zip(compiled(a, b), Expands()(a.double(), b.double())):
+            assert rel_err(got.numpy(), ref.numpy()) <= 1e-6
+
+
 @pytest.mark.parametrize("recipe", ["float", "w4a16-g128", "w8a8"])
 def test_batched_decode_step(recipe):
     """A decode step of 3 sequences (ids [3, 1], KV caches with a batch of 3): every linear
