@@ -182,6 +182,11 @@ def compile_cuda(*, module, ctx, session, run, prog, imported, recipe, gpu_arch:
     from .fuse_tails import TICKET, TICKETS, fuse_gemv_tails
     from .host_plan import HostOpError, PlanBuilder
 
+    dynamic = [f"{spec.name} {spec.shape}" for spec in imported.inputs if any(isinstance(d, str) for d in spec.shape)]
+    if dynamic:
+        raise QccError(f"the CUDA backend plans every launch for fixed shapes, but input {dynamic[0]} has a "
+                       f"run-time size", where="--target cuda",
+                       hint="export without dynamic_shapes (one artifact per shape), or compile for --target cpu")
     run("select-kernels", [f"cuda-select-kernels{{split-x={ACTIVATIONS[gpu_activations]} arch={gpu_arch}}}"])
     run("lower-qcc", pipelines.LOWER_QCC)
     entry_args = driver._entry_args(module, session.params)

@@ -246,6 +246,15 @@ def test_f16_activations():
         qcc.compile(model, inputs, target="cpu", quant="w4a16-g128", gpu_activations="f16")
 
 
+def test_run_time_sizes_are_a_clear_error():
+    """A model exported with a run-time size (a KV cache of any length) cannot get a static
+    launch plan: a QccError naming the input and what to do, not a failure deep in planning."""
+    step = DecodeStep(bench_llama(layers=1, hidden=256, ffn=768, heads=4, max_seq=64), 24).eval()
+    with pytest.raises(qcc.QccError, match=r"input k_cache \[1, 1, 4, '\w+', 64\] has a run-time size.*--target cpu"):
+        qcc.compile(step, step.example_inputs(), target="cuda", quant="w4a16-g128",
+                    dynamic_shapes=step.dynamic_shapes())
+
+
 def test_sm90a_prefill_takes_wgmma():
     """--gpu-arch sm_90a: prefill's w4a16 layers run on gemm_w4a16_wg (wgmma), their weights
     packed in its K order; the emulated plan gives the sm_90 plan's output (gemm_w4a16, mma)
