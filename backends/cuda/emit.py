@@ -367,6 +367,8 @@ class MlirEmitter(Emitter):
         s, e = parse_type(t)
         if s:
             return self._op(f"arith.constant dense<{_lit(value, e)}> : {t}", t)
+        if e == "i1":  # `true : i1` does not parse; a bool literal is typed i1 already
+            return self._op(f"arith.constant {_lit(value, e)}", t)
         return self._op(f"arith.constant {_lit(value, e)} : {t}", t)
 
     def _bin(self, op: str, a: Val, b: Val) -> Val:
@@ -562,6 +564,9 @@ class MlirEmitter(Emitter):
         self._emit("gpu.barrier")
 
     def shfl_xor(self, v: Val, offset: int) -> Val:
+        if v.type in ("i1", "i8", "i16"):  # shfl.sync moves 32-bit registers: widen, move, narrow
+            wide = self._op(f"arith.extui {v.v} : {v.type} to i32", "i32")
+            return self._op(f"arith.trunci {self.shfl_xor(wide, offset).v} : i32 to {v.type}", v.type)
         off = self.const(offset, "i32")
         w = self.const(32, "i32")
         nm = self._name()
