@@ -28,6 +28,7 @@ GFLOP/s (128 x 2048 x 2048: 1563 ms against torch's 24.5).  `x @ W` with W [K, N
 """
 
 import dataclasses
+import struct
 
 from torch_mlir import ir
 
@@ -175,6 +176,58 @@ def _elem(value) -> str:
     return str(ir.RankedTensorType(value.type).element_type)
 
 
+def _b_operand(b, m, n, k, parts_path: bool):
+    """(transposed source or None, B or that source, its batch collapse, the parts or None)."""
+    src = _transposed_source(b)
+    operand_b, reassociation = src if src is not None else (b, None)
+    stacked_only = (k if src is not None else n) is not None  # only B's stacked rows may be dynamic
+    split = _concat_parts(operand_b, reassociation) if parts_path and stacked_only else None
+    return src, operand_b, reassociation, split
+
+
+def _scale_constant(g):
+    """c when the elementwise linalg.generic `g` (one input) yields input * c for an f32
+    constant c (an arith.constant, or the truncf of an f64 one, in or outside the body)."""
+    if g is None or g.name != "linalg.generic" or len(g.operands) != 2 \
+            or "reduction" in str(g.attributes["iterator_types"]):
+        return None
+    maps = [str(m) for m in ir.ArrayAttr(g.attributes["indexing_maps"])]
+    block = g.regions[0].blocks[0]
+    body = [o.operation for o in block.operations]
+    if maps[0] != maps[1] or [o.name for o in body][-2:] != ["arith.mulf", "linalg.yield"]:
+        return None
+    mul, x = body[-2], block.arguments[0]
+    if body[-1].operands[0] != mul.result or x not in list(mul.operands):
+        return None
+    chain = [mul.operands[1] if mul.operands[0] == x else mul.operands[0]]  # c, then what it is made of
+    cop = irutil.defining_op(chain[0])
+    if cop is not None and cop.name == "arith.truncf":
+        chain.append(cop.operands[0])
+        cop = irutil.defining_op(chain[1])
+    if cop is None or cop.name != "arith.constant":
+        return None
+    # nothing else in the body: the ops before the mulf are the constant's own chain
+    if any(o.result not in chain for o in body[:-2]):
+        return None
+    return float(ir.FloatAttr(cop.attributes["value"]).value)
+
+
+def _unscaled(b, op):
+    """(B / c as a new value, c) when B is an elementwise multiplication by an f32 constant c
+    (or its batch collapse), the new value built before `op`; else None."""
+    kind, src = _collapse_of(b)
+    g = irutil.defining_op(src if kind == _COLLAPSE_BATCH else b)
+    c = _scale_constant(g)
+    if c is None or ir.RankedTensorType(g.operands[0].type).element_type != ir.F32Type.get():
+        return None
+    if kind != _COLLAPSE_BATCH:
+        return g.operands[0], c
+    with ir.InsertionPoint(op), op.location:
+        collapse = ir.Operation.create("tensor.collapse_shape", results=[b.type], operands=[g.operands[0]],
+                                       attributes={"reassociation": irutil.defining_op(b).attributes["reassociation"]})
+    return collapse.result, c
+
+
 def _collapsed(value, shape, reassociation):
     if reassociation is None:
         return value
@@ -208,13 +261,18 @@ class CpuVectorizeContractions(QccPass):
                 static = None not in sa + sb + sc
                 nb, m, k = sa
                 n = sc[2]
-                src = _transposed_source(b)
-                operand_b, reassociation = src if src is not None else (b, None)
                 # the parts path: one or a few query rows (decode) against stacked rows of B that
                 # may have a run-time count (a KV cache of any length); the other sizes static
-                stacked_only = m is not None and (k if src is not None else n) is not None
-                split = _concat_parts(operand_b, reassociation) if stacked_only and (static or m < TILED_MIN_M) \
-                    else None
+                parts_path = m is not None and (static or m < TILED_MIN_M)
+                src, operand_b, reassociation, split = _b_operand(b, m, n, k, parts_path)
+                b_scale, b_unscaled = None, None
+                if split is None and parts_path:  # B = parts * c (scaled_dot_product_attention's k^T)
+                    unscaled = _unscaled(b, op)
+                    if unscaled is not None:
+                        b_unscaled, c_value = unscaled
+                        found = _b_operand(b_unscaled, m, n, k, parts_path)
+                        if found[3] is not None:
+                            (src, operand_b, reassociation, split), b_scale = found, c_value
                 rep = 1
                 if split is not None:
                     operands_b, shapes, reassociation, rep = split
@@ -228,16 +286,19 @@ class CpuVectorizeContractions(QccPass):
                 sizes = "x".join("d" if d is None else str(d) for d in (nb, m, n, k))
                 kname = f"qcc_cpu_bmm_{form}{'_t' if tiled and src else ''}_{sizes}" + \
                     (f"_parts{'_'.join(('d' if r is None else str(r)) + (e if e != 'f32' else '') for r, e in zip(parts, elems))}"
-                     if parts else "") + (f"_rep{rep}" if rep > 1 else "")
+                     if parts else "") + (f"_rep{rep}" if rep > 1 else "") + \
+                    (f"_scaled{struct.unpack('<I', struct.pack('<f', b_scale))[0]:08x}" if b_scale is not None else "")
                 if kname not in defined:
                     text = kernels.batch_matmul_tiled(kname, nb, m, n, k, self.options.lanes, src is not None,
                                                       self.options.threads) if tiled else \
                         kernels.batch_matmul(kname, nb, m, n, k, self.options.lanes, src is not None,
-                                             self.options.threads, parts, elems, rep)
+                                             self.options.threads, parts, elems, rep, b_scale)
                     irutil.append_functions(module, text, defined)
                 with ir.InsertionPoint(op), op.location:
                     operands_b = [_collapsed(v, shape, reassociation) for v, shape in zip(operands_b, shapes)]
                 _call_instead(op, kname, [a, *operands_b])  # the transpose, the concatenation go
+                if b_unscaled is not None:  # the unscaled view built to look through the scaling
+                    irutil.erase_dead_producers(b_unscaled)
 
     def _float_linear(self, op, module, defined, kernels) -> None:
         """A float linalg.matmul (a float linear layer, M static or not): x @ transpose(W) -> matmul_bt,

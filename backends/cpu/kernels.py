@@ -18,6 +18,7 @@ normal CPU pipeline lowers: vector<Vxf32> ops become AVX2 (V=8) or AVX-512
 """
 
 import dataclasses
+import struct
 
 from qcc.backends.cpu.mlir_text import MlirText
 from qcc.backends.cpu.pack import PanelLayout
@@ -673,7 +674,7 @@ def qlinear(name: str, lay: PanelLayout, cfg: KernelConfig, static_m: int | None
 
 def batch_matmul(name: str, b: int, m: int, n: int, k: int, lanes: int, transposed_b: bool, threads: bool,
                  parts: tuple[int, ...] | None = None, part_elems: tuple[str, ...] | None = None,
-                 rep: int = 1) -> str:
+                 rep: int = 1, b_scale: float | None = None) -> str:
     """f32 C[b, i, j] = sum_k A[b, i, k] * B[b, k, j] as vector code (attention's matmuls).
 
     transposed_b: B is given as Bt[b, j, k] (the source of a transpose the caller
@@ -690,6 +691,10 @@ def batch_matmul(name: str, b: int, m: int, n: int, k: int, lanes: int, transpos
     bits), loaded as such and widened in registers (exact: the same products).  rep: B's parts
     have b / rep batches, batch i of C reading batch i / rep of them (grouped-query attention:
     rep query heads share a KV head, and batch-major b * heads maps onto b * kv_heads so).
+    A part's row count may be None (a cache of run-time length: memref.dim).  b_scale: B is
+    the stacked parts times this f32 constant (scaled_dot_product_attention scales k^T): each
+    loaded vector is multiplied by it before its FMA, as the elementwise op would have, so the
+    scaled copy of the cache is never built either.
     """
     rows_total = n if transposed_b else k
     parts = tuple(parts) if parts else (rows_total,)
@@ -709,18 +714,23 @@ def batch_matmul(name: str, b: int, m: int, n: int, k: int, lanes: int, transpos
     btys = [f"memref<{s}, strided<[?, ?, 1], offset: ?>>" for s in bshape]
 
     def read_b(p: int, bty: str, row: str, col: str) -> str:
-        """A vector of part p of B at [its batch, row, col], widened to f32."""
+        """A vector of part p of B at [its batch, row, col], widened to f32 (and scaled)."""
         if elems[p] == "f32":
-            return t.v(f"vector.transfer_read %b{p}[{bk}, {row}, {col}], %pad : {bty}, {vf}")
-        narrow = f"vector<{lanes}x{elems[p]}>"
-        pad = t.v(f"arith.constant 0.0 : {elems[p]}")
-        v = t.v(f"vector.transfer_read %b{p}[{bk}, {row}, {col}], {pad} : {bty}, {narrow}")
-        return t.v(f"arith.extf {v} : {narrow} to {vf}")
+            v = t.v(f"vector.transfer_read %b{p}[{bk}, {row}, {col}], %pad : {bty}, {vf}")
+        else:
+            narrow = f"vector<{lanes}x{elems[p]}>"
+            pad = t.v(f"arith.constant 0.0 : {elems[p]}")
+            v = t.v(f"vector.transfer_read %b{p}[{bk}, {row}, {col}], {pad} : {bty}, {narrow}")
+            v = t.v(f"arith.extf {v} : {narrow} to {vf}")
+        return v if b_scale is None else t.v(f"arith.mulf {v}, %scale : {vf}")
     t.op("%c0 = arith.constant 0 : index")
     t.op("%c1 = arith.constant 1 : index")
     t.op(f"%cm = arith.constant {m} : index")
     t.op("%pad = arith.constant 0.0 : f32")
     t.op(f"%zv = arith.constant dense<0.0> : {vf}")
+    if b_scale is not None:  # the f32 constant by its bits: exactly the elementwise op's
+        bits = struct.unpack("<I", struct.pack("<f", b_scale))[0]
+        t.op(f"%scale = arith.constant dense<{bits:#010x}> : {vf}")
     t.op("%bi = arith.divui %r, %cm : index")
     t.op("%i = arith.remui %r, %cm : index")
     bk = t.v(f"arith.divui %bi, {t.idx(rep)} : index") if rep > 1 else "%bi"  # B's batch

@@ -6,6 +6,7 @@
 // RUN: qcc-opt %s -p 'cpu-vectorize-contractions{lanes=8}' | filecheck %s --check-prefix=F16
 // RUN: qcc-opt %s -p 'cpu-vectorize-contractions{lanes=8}' | filecheck %s --check-prefix=GQA
 // RUN: qcc-opt %s -p 'cpu-vectorize-contractions{lanes=8}' | filecheck %s --check-prefix=KVDYN
+// RUN: qcc-opt %s -p 'cpu-vectorize-contractions{lanes=8}' | filecheck %s --check-prefix=SCALED
 
 // Attention's q @ k^T: the transpose feeding B (through a collapse) is folded
 // into a dot-product kernel that reads the keys in their own layout; p @ v
@@ -261,4 +262,37 @@ func.func @decode_attention_any_length(%q: tensor<8x1x16xf32>, %kcache: tensor<1
   %o1 = linalg.fill ins(%zero : f32) outs(%o0 : tensor<8x1x16xf32>) -> tensor<8x1x16xf32>
   %o = linalg.batch_matmul ins(%p, %vcl : tensor<8x1x?xf32>, tensor<8x?x16xf32>) outs(%o1 : tensor<8x1x16xf32>) -> tensor<8x1x16xf32>
   return %s, %o : tensor<8x1x?xf32>, tensor<8x1x16xf32>
+}
+
+// F.scaled_dot_product_attention's decomposition multiplies k^T by sqrt(scale) (0.5 here,
+// 0x3f000000) before q @ k^T: the kernel takes the cache parts and multiplies each loaded
+// vector by the constant before its FMA (the same f32 products), so neither the
+// concatenation, its transpose nor the scaled copy is built.
+// SCALED-LABEL: func.func @decode_sdpa_scaled_keys
+// SCALED-NOT: linalg.generic
+// SCALED: call @qcc_cpu_bmm_dot_8x1x513x16_parts512_1_scaled3f000000(%arg0, %{{.*}}, %{{.*}})
+// SCALED-LABEL: func.func private @qcc_cpu_bmm_dot_8x1x513x16_parts512_1_scaled3f000000_row(
+// SCALED: %[[S:.*]] = arith.constant dense<5.000000e-01> : vector<8xf32>
+// SCALED: %[[K:.*]] = vector.transfer_read %arg2
+// SCALED: %[[KS:.*]] = arith.mulf %[[K]], %[[S]] : vector<8xf32>
+// SCALED: vector.fma %{{.*}}, %[[KS]], %{{.*}} : vector<8xf32>
+func.func @decode_sdpa_scaled_keys(%q: tensor<8x1x16xf32>, %kcache: tensor<1x8x512x16xf32>, %k: tensor<1x8x1x16xf32>) -> tensor<8x1x513xf32> {
+  %zero = arith.constant 0.0 : f32
+  %half = arith.constant 0.5 : f64
+  %keys = tensor.concat dim(2) %kcache, %k : (tensor<1x8x512x16xf32>, tensor<1x8x1x16xf32>) -> tensor<1x8x513x16xf32>
+  %e = tensor.empty() : tensor<1x8x16x513xf32>
+  %kt = linalg.transpose ins(%keys : tensor<1x8x513x16xf32>) outs(%e : tensor<1x8x16x513xf32>) permutation = [0, 1, 3, 2]
+  %ks = linalg.generic {indexing_maps = [affine_map<(d0, d1, d2, d3) -> (d0, d1, d2, d3)>, affine_map<(d0, d1, d2, d3) -> (d0, d1, d2, d3)>],
+                        iterator_types = ["parallel", "parallel", "parallel", "parallel"]}
+      ins(%kt : tensor<1x8x16x513xf32>) outs(%e : tensor<1x8x16x513xf32>) {
+  ^bb0(%in: f32, %out: f32):
+    %c = arith.truncf %half : f64 to f32
+    %x = arith.mulf %in, %c : f32
+    linalg.yield %x : f32
+  } -> tensor<1x8x16x513xf32>
+  %ktc = tensor.collapse_shape %ks [[0, 1], [2], [3]] : tensor<1x8x16x513xf32> into tensor<8x16x513xf32>
+  %s0 = tensor.empty() : tensor<8x1x513xf32>
+  %s1 = linalg.fill ins(%zero : f32) outs(%s0 : tensor<8x1x513xf32>) -> tensor<8x1x513xf32>
+  %s = linalg.batch_matmul ins(%q, %ktc : tensor<8x1x16xf32>, tensor<8x16x513xf32>) outs(%s1 : tensor<8x1x513xf32>) -> tensor<8x1x513xf32>
+  return %s : tensor<8x1x513xf32>
 }

@@ -321,18 +321,22 @@ def test_float_matmul_with_a_k_major_weight(tmp_path, k, n):
             assert np.abs(got - expect).max() / np.abs(expect).max() < 1e-5, f"M={m}"
 
 
-@pytest.mark.parametrize("layer,cache,dim,dtype,rep,dynamic", [
-    (1, 33, 20, "float32", 1, False), (0, 16, 64, "float32", 1, False), (1, 33, 64, "float16", 1, False),
-    (0, 17, 32, "float16", 1, False), (1, 20, 32, "float32", 2, False), (0, 24, 16, "float16", 3, False),
-    (1, 33, 20, "float32", 1, True), (0, 24, 16, "float16", 3, True)])
-def test_attention_over_a_concatenated_kv_cache(tmp_path, layer, cache, dim, dtype, rep, dynamic):
+@pytest.mark.parametrize("layer,cache,dim,dtype,rep,dynamic,sdpa", [
+    (1, 33, 20, "float32", 1, False, False), (0, 16, 64, "float32", 1, False, False),
+    (1, 33, 64, "float16", 1, False, False), (0, 17, 32, "float16", 1, False, False),
+    (1, 20, 32, "float32", 2, False, False), (0, 24, 16, "float16", 3, False, False),
+    (1, 33, 20, "float32", 1, True, False), (0, 24, 16, "float16", 3, True, False),
+    (1, 33, 20, "float32", 1, False, True), (0, 24, 16, "float16", 3, True, True)])
+def test_attention_over_a_concatenated_kv_cache(tmp_path, layer, cache, dim, dtype, rep, dynamic, sdpa):
     """Decode attention over torch.cat([cache[layer], new], dim=2): the kernels read the cache
     slice and the new key / value where they lie (no concatenation is built: no float buffer
     of the concatenated size in any backend stage) and match torch in float64.  A cache kept
     in f16 (`.float()` before the concatenation) is read in 16 bits: no f32 copy of it
     either.  rep > 1: grouped-query attention, each KV head repeated for rep query heads
     (repeat_kv's expand + reshape after the concatenation), read per KV head in place.
-    dynamic: compiled for any cache length (run at two), the same kernels on run-time sizes."""
+    dynamic: compiled for any cache length (run at two), the same kernels on run-time sizes.
+    sdpa: written with F.scaled_dot_product_attention, whose decomposition scales k^T by
+    sqrt(scale): the kernel scales each loaded vector instead (no scaled copy either)."""
     import torch
     from torch.export import Dim
 
@@ -346,6 +350,8 @@ def test_attention_over_a_concatenated_kv_cache(tmp_path, layer, cache, dim, dty
         def forward(self, q, k_cache, v_cache, k, v):
             keys = repeat_kv(torch.cat([k_cache[layer].float(), k], dim=2))
             values = repeat_kv(torch.cat([v_cache[layer].float(), v], dim=2))
+            if sdpa:
+                return torch.nn.functional.scaled_dot_product_attention(q, keys, values)
             p = torch.softmax(torch.matmul(q, keys.transpose(-2, -1)) * dim ** -0.5, dim=-1)
             return torch.matmul(p, values)
 
@@ -368,9 +374,10 @@ def test_attention_over_a_concatenated_kv_cache(tmp_path, layer, cache, dim, dty
         assert np.abs(got - expect).max() / np.abs(expect).max() < 1e-5, length
     selected = (dump / next(p for p in sorted(os.listdir(dump)) if "select-kernels" in p)).read_text()
     elem = {"float32": "", "float16": "f16"}[dtype]
-    suffix = f"_parts{'d' if dynamic else cache}{elem}_1{f'_rep{rep}' if rep > 1 else ''}("
+    suffix = f"_parts{'d' if dynamic else cache}{elem}_1{f'_rep{rep}' if rep > 1 else ''}"
     for form in ("dot", "axpy"):  # q @ k^T and p @ v both read the cache in place
-        assert re.search(rf"call @qcc_cpu_bmm_{form}_[0-9xd]+{re.escape(suffix)}", selected), form
+        scaled = "_scaled[0-9a-f]{8}" if sdpa and form == "dot" else ""
+        assert re.search(rf"call @qcc_cpu_bmm_{form}_[0-9xd]+{re.escape(suffix)}{scaled}\(", selected), form
     # static: the concatenation's type anywhere; dynamic: any allocation of an f32 cache-sized
     # buffer (the concatenation, or a widened copy) -- the cache argument has the type too
     concatenated = f"{heads}x{cache + 1}x{dim}xf32" if not dynamic else "no such type"
