@@ -138,6 +138,29 @@ def _walk_ops(op):
 _FBITS = re.compile(r"\bf0x([0-9A-Fa-f]+)\b")
 
 
+_DECIMAL = re.compile(r"(?<![\w.%@$\"])[-+]?\d+\.\d+(?:e[-+]?\d+)?(?![\w.])")
+_FP_TYPE = re.compile(r"\b(half|bfloat|float|double)\b")
+
+
+def _float_decimals_as_hex(line: str) -> str:
+    """A float constant printed as the shortest decimal that rounds to it (``fmul float %x,
+    4.471500e-02``) is rejected by llvmlite's older parser, which wants a decimal exactly equal
+    to the float: each decimal literal whose type (the nearest type word before it on its
+    line, as LLVM's syntax puts it) is float becomes the hex of the equal double."""
+    import struct
+
+    if '"' in line or line.lstrip().startswith("!"):
+        return line
+
+    def sub(m):
+        types = _FP_TYPE.findall(line, 0, m.start())
+        if not types or types[-1] != "float":
+            return m.group(0)
+        v = struct.unpack("<f", struct.pack("<f", float(m.group(0))))[0]
+        return "0x%016X" % struct.unpack("<Q", struct.pack("<d", v))[0]
+    return _DECIMAL.sub(sub, line)
+
+
 def _old_float_literals(text: str) -> str:
     """MLIR's LLVM (newer than llvmlite's) prints some float constants as raw bits,
     ``f0x3727C5AC``; llvmlite's parser wants the older forms: a float as the hex of the
@@ -155,6 +178,7 @@ def _old_float_literals(text: str) -> str:
             return "0xH" + h.upper()
         return m.group(0)
     text = _FBITS.sub(sub, text)
+    text = "\n".join(_float_decimals_as_hex(line) for line in text.split("\n"))
     # +-inf / nan spelled as words (newer printers): the hex of the double
     for word, bits in (("-inf", "0xFFF0000000000000"), ("+inf", "0x7FF0000000000000"),
                        ("inf", "0x7FF0000000000000"), ("nan", "0x7FF8000000000000")):

@@ -927,6 +927,27 @@ def test_ptxas_failure_has_log_and_repro():
     assert "ptxas" in ei.value.repro and "-arch=sm_90a" in ei.value.repro and ei.value.log
 
 
+def test_float_literals_for_llvmlite():
+    """LLVM IR from MLIR's newer printer, made parseable by llvmlite's: a float constant as the
+    shortest decimal that rounds to it becomes the hex of the equal double; double constants,
+    names and strings stay as they are."""
+    import struct
+
+    from qcc.backends.cuda import ptx
+
+    def hex_of_float(v):
+        f = struct.unpack("<f", struct.pack("<f", v))[0]
+        return "0x%016X" % struct.unpack("<Q", struct.pack("<d", f))[0]
+
+    assert ptx._old_float_literals("  %21 = fmul float %20, 4.471500e-02") == \
+        f"  %21 = fmul float %20, {hex_of_float(0.044715)}"
+    assert ptx._old_float_literals("  %3 = select i1 %c, float -4.471500e-02, float %x") == \
+        f"  %3 = select i1 %c, float {hex_of_float(-0.044715)}, float %x"
+    for same in ("  %1 = fcmp oeq double %0, 4.471500e-02", "  %x.1.5 = fadd float %a, %b",
+                 '!0 = !{!"version 1.5e+00"}'):
+        assert ptx._old_float_literals(same) == same
+
+
 def test_build_bundle_manifest(tmp_path):
     pytest.importorskip("torch_mlir")
     from qcc.backends.cuda import ptx

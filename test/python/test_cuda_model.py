@@ -72,6 +72,35 @@ def decode_step_gqa(cache_dtype=torch.float32):
     return step, step.example_inputs()
 
 
+class CausalSdpa(torch.nn.Module):
+    """F.scaled_dot_product_attention as HF models call it: its decomposition has a boolean
+    all() over each row of the mask (i1 values in a warp reduction) and a scaled k^T."""
+
+    def forward(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def sdpa(seq=16):
+    g = torch.Generator().manual_seed(seq)
+    return CausalSdpa(), tuple(torch.randn(1, 4, seq, 32, generator=g) for _ in range(3))
+
+
+class GeluTanh(torch.nn.Module):
+    """GPT-2's MLP activation: its constants reach the PTX as f32 literals (0.044715)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(64, 96)
+
+    def forward(self, x):
+        return torch.nn.functional.gelu(self.fc(x), approximate="tanh")
+
+
+def gelu_tanh():
+    torch.manual_seed(5)
+    return GeluTanh().eval(), (torch.randn(3, 64),)
+
+
 def mlp():
     m = models.MLP(in_features=128, seed=2).eval()
     return m, m.example_inputs(batch=5, seed=3)
@@ -94,6 +123,8 @@ CASES = {
     "decode-f16-cache-w4a16-g128": (decode_step_f16_cache, "w4a16-g128"),  # f16 inputs, widened in the plan
     "decode-gqa-float": (decode_step_gqa, "float"),  # repeat_kv folded into attention's reads
     "decode-gqa-f16-cache-w4a16-g128": (lambda: decode_step_gqa(torch.float16), "w4a16-g128"),
+    "sdpa-causal-float": (sdpa, "float"),  # bool constants, shuffles of i1
+    "gelu-tanh-float": (gelu_tanh, "float"),  # an f32 constant LLVM prints as a short decimal
     "mlp-w8a16": (mlp, "w8a16"),  # biases, GELU (erf): libdevice
 }
 _COMPILED = {}

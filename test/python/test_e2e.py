@@ -132,6 +132,19 @@ def test_decode_step_any_cache_length(recipe, kv_heads, cache_dtype):
             assert rel_err(g.numpy(), e.numpy()) <= 1e-4, length
 
 
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_gelu_matches_float64(approximate):
+    """GELU in both forms against PyTorch in float64 to f32 rounding (torch-mlir's own tanh
+    form uses 0.797724 for sqrt(2 / pi), 5e-5 off: the frontend decomposes GELU itself)."""
+    class Gelu(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.gelu(x, approximate=approximate)
+
+    x = torch.linspace(-6.0, 6.0, 4096).reshape(64, 64)
+    got = qcc.compile(Gelu(), (x,))(x).numpy()
+    assert rel_err(got, Gelu()(x.double()).numpy()) <= 2e-7
+
+
 def test_expands_keeping_a_run_time_size():
     """frontend._simplify_expands: an expand to its input's own (symbolic) shape is dropped, a
     run-time size an expand keeps becomes -1, a real broadcast stays (torch-mlir then lowers
