@@ -76,8 +76,8 @@ class DecodeStep(nn.Module):
             k = k * cos + _rotate_half(k) * sin
             new_k.append(k)
             new_v.append(v)
-            keys = a._repeat_kv(torch.cat([k_cache[i].float(), k], dim=2))
-            values = a._repeat_kv(torch.cat([v_cache[i].float(), v], dim=2))
+            keys = a._repeat_kv(torch.cat([k_cache[i].to(k.dtype), k], dim=2))
+            values = a._repeat_kv(torch.cat([v_cache[i].to(v.dtype), v], dim=2))
             scores = torch.matmul(q, keys.transpose(-2, -1)) * a.scale
             probs = F.softmax(scores, dim=-1)
             out = torch.matmul(probs, values).transpose(1, 2).reshape(b, 1, a.hidden)
