@@ -488,30 +488,6 @@ class MlirEmitter(Emitter):
         the wait goes first in the kernel. A memory clobber, so no access moves above it."""
         self._emit(f'llvm.inline_asm has_side_effects "// {GRID_WAIT_MARK}", "~{{memory}}"  : () -> ()')
 
-    def grid_ticket(self, counter: Val, slot: Val, i: Val | None = None) -> Val:
-        """This block's place (i32, from 0) in the order in which blocks get here and draw from
-        ``counter[i]`` (i: block-uniform, default 0).
-
-        After a block barrier (every thread's writes done), thread 0 fences at GPU scope and
-        takes a ticket with an atomic add on the counter (the block's writes are then visible
-        to whichever block draws a later ticket), fences again (acquire: the block that draws
-        the last ticket reads the others' writes), and hands it to the block through the
-        one-element shared ``slot``. The pattern of cooperative groups' grid barrier, without
-        the wait: the block that draws ticket n - 1 of n knows the other n - 1 are done."""
-        self.barrier()
-        i = self.const(0, "index") if i is None else i
-
-        def first():
-            addr = self._address(counter, i)
-            nm = self._name()
-            self._emit(f'{nm} = llvm.inline_asm has_side_effects "fence.acq_rel.gpu; '
-                       f'atom.global.add.u32 $0, [$1], 1; fence.acq_rel.gpu;", "=r,l,~{{memory}}" '
-                       f'{addr.v} : (i64) -> i32')
-            self.store(Val(self, nm, "i32"), slot, self.const(0, "index"))
-        self.if_(self.cmp("eq", self.tid(), self.const(0, "index")), first)
-        self.barrier()
-        return self.load(slot, self.const(0, "index"))
-
     def launch_dependents(self):
         """Where the kernel lets the next one launch (a block that never gets here counts when
         it exits): ptx.with_grid_dependency makes the mark ``griddepcontrol.launch_dependents``

@@ -502,7 +502,7 @@ def build(at: _Attention, scratch: dict) -> list[tuple[KernelSpec, dict]]:
                   [("sc", f32, C), ("pc", f32, C)], {"kind": "attention_split", "chunk": C, "splits": S},
                   f"decode attention, {R} rows x {N} keys in chunks of {C}: scores, softmax partials, p @ v")
     # combine
-    TC = T  # the split's block size (threads past D idle): fuse_tails runs it in the split's last blocks
+    TC = T  # the split's block size (threads past D idle)
     out_p = [x for x in _params(at.pv, "pv_", keep_out=True) if x[0].name == "pv_out0"]
     ins = [(Param(p.name, p.type, "in"), arg) for p, arg in outs]
     comb_params = ins + out_p

@@ -163,18 +163,6 @@ class PlanBuilder:
         self.roots.append({"id": len(self.roots), "kind": kind, "bytes": int(nbytes), **kw})
         return len(self.roots) - 1
 
-    def param_buffer(self, name: str, value) -> int:
-        """The buffer id of plan parameter `name`, made with `value` (an array the artifact
-        stores) on first use: state the kernels keep between launches, e.g. fuse_tails'
-        grid ticket counter."""
-        for r in self.roots:
-            if r["kind"] == "param" and r.get("name") == name:
-                return r["id"]
-        arr = np.ascontiguousarray(value)
-        self.weights[name] = arr
-        elem = {v: k for k, v in NP_DTYPE.items()}[str(arr.dtype)]
-        return self._root("param", arr.nbytes, name=name, elem=elem, shape=list(arr.shape))
-
     def _view_of(self, v) -> _View:
         try:
             return self.views[v]

@@ -45,10 +45,6 @@ FUSE_SMALL_LAUNCHES = True  # fuse_launches.py; tests turn it off to compare pla
 FUSE_ROW_LAUNCHES = True  # fuse_launches.fuse_row_launches (prefill's per-row ops); likewise
 FUSE_ATTENTION = True  # fuse_attention.py (decode attention: split over keys + combine); likewise
 FUSE_GEMV_EPILOGUES = True  # fuse_epilogues.py (decode: the elementwise op after a GEMV in it); likewise
-# fuse_tails.py (decode: the small launches after a GEMV in its last block). Off: its first
-# version was slower on the H200 (w8a8 decode 140.7 -> 165.6 us, 47 -> 22 launches,
-# bench_h200_gemv_tails_first.log); the trigger and register fixes since are not measured yet
-FUSE_GEMV_TAILS = False
 COLLAPSE_GATHERS = True  # collapse_gathers.py (GQA's repeated KV heads read in place); A/B switch
 
 
@@ -105,28 +101,18 @@ class Images:
     llvm_ir: str
 
 
-def build_images(specs, archs=("sm_90",), cubin: bool = True, early_trigger=(), register_bases=None) -> Images:
+def build_images(specs, archs=("sm_90",), cubin: bool = True, early_trigger=()) -> Images:
     """All kernels in one gpu.module -> PTX (and cubin + ptxas resources) per arch; on sm_90+
     every kernel waits for its predecessor in-kernel, those in `early_trigger` let their
-    successor launch at their start (ptx.with_grid_dependency). `register_bases`: kernel ->
-    KernelSpec whose register count (ptxas) caps the kernel's (fuse_tails: a GEMV with a
-    cold tail keeps the GEMV's occupancy)."""
+    successor launch at their start (ptx.with_grid_dependency)."""
     from . import ptx
     from .emit import gpu_module
 
     text = gpu_module(list(specs), "qcc_model")
     ll = ptx.lower_to_llvm_ir(text)
-    bases_ll = None
-    if register_bases and cubin and ptx.ptxas_path():
-        bases = {s.name: s for s in register_bases.values()}
-        bases_ll = ptx.lower_to_llvm_ir(gpu_module(list(bases.values()), "qcc_bases"))
     out = Images({}, {}, {}, ll)
     for arch in archs:
         p = ptx.llvm_ir_to_ptx(ll, arch)
-        if bases_ll is not None:
-            regs = ptx.assemble(ptx.llvm_ir_to_ptx(bases_ll, arch), arch).resources
-            p = ptx.with_register_caps(p, {k: regs[b.name].registers for k, b in register_bases.items()
-                                           if b.name in regs})
         if arch in GRID_DEPENDENCY_ARCHS:
             p = ptx.with_grid_dependency(p, early_trigger)
         out.ptx[arch] = p
@@ -179,7 +165,6 @@ def compile_cuda(*, module, ctx, session, run, prog, imported, recipe, gpu_arch:
     from .fuse_attention import fuse_attention
     from .fuse_epilogues import fuse_gemv_epilogues
     from .fuse_launches import fuse_row_launches, fuse_small_launches
-    from .fuse_tails import TICKET, TICKETS, fuse_gemv_tails
     from .host_plan import HostOpError, PlanBuilder
 
     dynamic = [f"{spec.name} {spec.shape}" for spec in imported.inputs if any(isinstance(d, str) for d in spec.shape)]
@@ -206,9 +191,6 @@ def compile_cuda(*, module, ctx, session, run, prog, imported, recipe, gpu_arch:
         pb.launches = fuse_attention(pb.launches, pb.specs, pb.descs, pb.roots)
     if FUSE_GEMV_EPILOGUES:
         pb.launches = fuse_gemv_epilogues(pb.launches, pb.specs, pb.descs, pb.roots)
-    if FUSE_GEMV_TAILS:
-        pb.launches = fuse_gemv_tails(pb.launches, pb.specs, pb.descs,
-                                      lambda: pb.param_buffer(TICKET, np.zeros(TICKETS, np.int32)))
     if FUSE_SMALL_LAUNCHES:
         pb.launches = fuse_small_launches(pb.launches, pb.specs, pb.descs)
     if FUSE_ROW_LAUNCHES:
@@ -217,9 +199,7 @@ def compile_cuda(*, module, ctx, session, run, prog, imported, recipe, gpu_arch:
     launched = {L["kernel"] for L in plan["launches"]}
     specs = {n: s for n, s in pb.specs.items() if n in launched}
     prog.stage("codegen")
-    bases = {n: pb.specs[s.config["tail_of"]] for n, s in specs.items() if s.config.get("tail_of")}
-    img = build_images(specs.values(), (gpu_arch,), early_trigger=early_trigger_kernels(plan, specs),
-                       register_bases=bases)
+    img = build_images(specs.values(), (gpu_arch,), early_trigger=early_trigger_kernels(plan, specs))
     code = {f"cuda_{gpu_arch}.ptx": img.ptx[gpu_arch].encode()}
     if gpu_arch in img.cubin:
         code[f"cuda_{gpu_arch}.cubin"] = img.cubin[gpu_arch]

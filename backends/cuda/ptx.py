@@ -311,22 +311,6 @@ def with_grid_dependency(ptx: str, early: Iterable[str] = ()) -> str:
     return "\n".join(out)
 
 
-def with_register_caps(ptx: str, caps: dict) -> str:
-    """``.maxnreg n`` on each kernel named in `caps` (kernel -> n): ptxas keeps it to n
-    registers, spilling in its cold parts if it must, so it keeps its occupancy."""
-    lines = ptx.split("\n")
-    out, cap = [], None
-    for ln in lines:
-        m = _ENTRY.match(ln)
-        if m:
-            cap = caps.get(m.group(1))
-        if cap is not None and ln.strip() == "{":
-            out.append(f".maxnreg {int(cap)}")
-            cap = None
-        out.append(ln)
-    return "\n".join(out)
-
-
 # --------------------------------------------------------------------------- PTX -> cubin
 
 _RES_RE = {

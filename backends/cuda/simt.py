@@ -271,27 +271,6 @@ class SimtEmulator(Emitter):
     def launch_dependents(self):
         pass  # likewise
 
-    def grid_ticket(self, counter, slot, i=None):
-        """Blocks draw tickets in block order (the emulator runs a batch of blocks in lock
-        step, so each has finished the code before this point)."""
-        self._check_active_all("grid_ticket", self.bx)
-        self.barrier()
-        m: _Mem = counter.v
-        idx = np.zeros(self.T, np.int64) if i is None else self.idx(i).v
-        act = self.mask.reshape(-1, self.bx)
-        idx = idx.reshape(-1, self.bx)
-        ticket = np.zeros(act.shape, np.uint32)
-        for b in np.nonzero(act[:, 0])[0]:
-            j = idx[b, 0]
-            if not np.all(idx[b] == j):
-                raise SimtError("grid_ticket: counter index differs within a block")
-            if not 0 <= j < m.arr.shape[0]:
-                raise SimtError(f"grid_ticket: counter index {j} out of bounds ({m.arr.shape[0]})")
-            ticket[b] = m.arr[j]
-            m.arr[j] = (int(m.arr[j]) + 1) % (1 << 32)
-        self.barrier()
-        return self._v(ticket.reshape(-1), "i32")
-
     # cp.async: copies are queued per commit group and land in shared memory only when
     # a cp_async_wait retires their group; reading an element that still has a copy in
     # flight (by any thread of the block) raises SimtError.

@@ -23,7 +23,7 @@ import models
 from oracles import rel_err
 import qcc
 from bench_models import DecodeStep, bench_llama
-from qcc.backends.cuda import emulate, fuse_tails, lowering, model_runtime, ptx, runtime, torch_ref
+from qcc.backends.cuda import emulate, lowering, model_runtime, ptx, runtime, torch_ref
 from qcc.reference import dequantized_weights
 
 
@@ -348,8 +348,7 @@ def test_plan_fuses_and_folds():
     assert len(plan["launches"]) <= 28  # stacked q/k/v and gate/up GEMVs, rotate_half in the gather
     assert not any("negf" in L["kernel"] for L in plan["launches"])
     # attention (scores, softmax, probabilities @ V) as two launches: chunks of keys, then the
-    # combine of their softmax partials (fuse_attention.py; the combine then runs in the split
-    # kernel's last blocks, fuse_tails.py)
+    # combine of their softmax partials (fuse_attention.py)
     names = [n for L in plan["launches"] for n in L.get("fused", [L["kernel"]])]
     assert sum(n.startswith("attn_split") for n in names) == sum(n.startswith("attn_combine") for n in names) == 1
     assert not any("maximumf" in n or "split_reduce" in n for n in names)
@@ -380,7 +379,6 @@ def test_small_launches_run_as_one_block(recipe, monkeypatch):
     monkeypatch.setattr(lowering, "FUSE_ROW_LAUNCHES", False)  # (test_row_local_launches_fuse)
     monkeypatch.setattr(lowering, "FUSE_ATTENTION", False)  # softmax's four stay (test_decode_attention_*)
     monkeypatch.setattr(lowering, "FUSE_GEMV_EPILOGUES", False)  # (test_gemv_epilogues_*)
-    monkeypatch.setattr(lowering, "FUSE_GEMV_TAILS", False)  # (test_gemv_tails_*)
     plain, fused = _plans_without_and_with(monkeypatch, "FUSE_SMALL_LAUNCHES", decode_step, recipe)
     launches = fused.manifest["cuda"]["plan"]["launches"]
     n_plain = len(plain.manifest["cuda"]["plan"]["launches"])
@@ -403,7 +401,6 @@ def test_gemv_epilogues_take_the_elementwise_op_after_the_gemv(recipe, monkeypat
     the stacked gate/up GEMV run in those GEMVs' epilogues (gate/up interleaved: a warp owns
     row n of both); the GEMVs' own results are no kernel argument of anything else, and the
     outputs equal those without the fusion bit for bit (the same ops on the same values)."""
-    monkeypatch.setattr(lowering, "FUSE_GEMV_TAILS", False)  # (test_gemv_tails_*)
     plain, fused = _plans_without_and_with(monkeypatch, "FUSE_GEMV_EPILOGUES", decode_step, recipe)
     launches = fused.manifest["cuda"]["plan"]["launches"]
     epi = [L for L in launches if "_e_" in L["kernel"]]
@@ -423,107 +420,6 @@ def test_gemv_epilogues_take_the_elementwise_op_after_the_gemv(recipe, monkeypat
     assert not any("exp" in k for k in alone) and any("exp" in k for k in before)
     assert sum(k.startswith("qk_ew_addf_elementwise") for k in alone) == \
         sum(k.startswith("qk_ew_addf_elementwise") for k in before) - 2
-
-
-@pytest.mark.parametrize("recipe", ["w8a8", "w4a16-g128"])
-def test_gemv_tails_run_in_the_last_block(recipe, monkeypatch):
-    _checked_gemv_tails(recipe, monkeypatch)
-
-
-def _checked_gemv_tails(recipe, monkeypatch):
-    """fuse_tails.py: the small launches after a decode GEMV (the norm + quantization after
-    o_proj and down_proj, the quantization after gate/up, the key's RoPE after q/k/v) run in
-    the GEMV's last block, attention's combine in the last split block of each head (and the
-    quantization after it in the last of those): fewer launches, outputs equal bit for bit."""
-    plain, fused = _plans_without_and_with(monkeypatch, "FUSE_GEMV_TAILS", decode_step, recipe)
-    launches = fused.manifest["cuda"]["plan"]["launches"]
-    tails = [L for L in launches if fused.cuda_specs[L["kernel"]].config.get("tail")]
-    n_plain = len(plain.manifest["cuda"]["plan"]["launches"])
-    assert len(tails) >= 3 and len(launches) <= n_plain - 3
-    kinds = [fused.cuda_specs[L["kernel"]].config["kind"] for L in tails]
-    assert kinds.count("attention_split") == 1  # its combine in the last block of each head
-    attn = tails[kinds.index("attention_split")]
-    assert attn["fused"][1].startswith("attn_combine") and not any(
-        L["kernel"].startswith("attn_combine") for L in launches)
-    for L in tails:
-        spec = fused.cuda_specs[L["kernel"]]
-        assert spec.grid[0] > 1 and (L["layer"] or spec is fused.cuda_specs[attn["kernel"]])
-        for p, a in zip(spec.params, L["args"]):  # written in the kernel: no noalias / ld.global.nc
-            if "buf" in a and a["buf"] in L["writes"]:
-                assert p.role == "alias", (L["kernel"], p.name)
-    if recipe == "w8a8":  # per-token quantization joins the GEMV before it
-        assert any(L["fused"][-1].startswith("quantize_rows") for L in tails)
-    ptx_text = fused.code["cuda_sm_90.ptx"].decode()
-    for L in tails:  # the next kernel launches when the last block starts the tail
-        body = ptx_text.split(f".entry {L['kernel']}(")[1].split(".entry ")[0]
-        assert body.count("griddepcontrol.launch_dependents") == 1
-        assert body.index("atom.global.add.u32") < body.index("griddepcontrol.launch_dependents")
-        if ptx.ptxas_path() and fused.cuda_specs[L["kernel"]].config["kind"].startswith("gemv"):
-            assert body.count(".maxnreg ") == 1  # capped at the GEMV's own registers
-    # the counters: one parameter, zero in the artifact
-    plan = fused.manifest["cuda"]["plan"]
-    ticket = [b for b in plan["buffers"] if b.get("name") == fuse_tails.TICKET]
-    assert len(ticket) == 1 and ticket[0]["bytes"] == 4 * fuse_tails.TICKETS and not fused.weights[fuse_tails.TICKET].any()
-    return fused
-
-
-def test_gemv_tails_reset_the_counter(tmp_path, fake_driver, monkeypatch):
-    """The counter lives in device memory across launches and steps: the runtime (on the fake
-    driver: memory kept, graph replayed) gives the emulated outputs on every call."""
-    fused = _checked_gemv_tails("w8a8", monkeypatch)
-    fused.save(str(tmp_path / "m.qcc"))
-    fake_driver(fused.cuda_specs)
-    m = model_runtime.CudaModel(*model_runtime.load_artifact(str(tmp_path / "m.qcc")))
-    _, inputs = decode_step()
-    expect = emulate.run_compiled(fused, *inputs)
-    xs = [x.numpy() for x in inputs]
-    for _ in range(3):  # first call, capture, replay
-        for g, w in zip(m(*xs), expect):
-            np.testing.assert_array_equal(g, w)
-
-
-def test_grid_ticket_orders_blocks_across_batches():
-    """Emitter.grid_ticket in the emulator: each of 200 blocks (4 batches of 64) draws a
-    distinct ticket; only the last runs the tail, which sees every block's write; the counter
-    is back at zero."""
-    from qcc.backends.cuda import simt
-    from qcc.backends.cuda.emit import KernelSpec, Param
-
-    def body(E, a):
-        E.store(E.cast("index_cast", E.bid(), "i32"), a["out"], E.bid())
-        t = E.grid_ticket(a["ticket"], a["slot"])
-        E.if_(E.cmp("eq", E.tid(), E.const(0, "index")), lambda: E.store(t, a["tickets"], E.bid()))
-
-        def tail():
-            def add(j, acc):
-                return [acc[0] + E.load(a["out"], j)]
-            s = E.for_(0, 200, 1, [E.const(0, "i32")], add)[0]
-
-            def first():
-                E.store(s, a["total"], E.const(0, "index"))
-                E.store(E.const(0, "i32"), a["ticket"], E.const(0, "index"))
-            E.if_(E.cmp("eq", E.tid(), E.const(0, "index")), first)
-        E.if_(E.cmp("eq", t, E.const(199, "i32")), tail)
-
-    spec = KernelSpec("ticket", [Param("out", "memref<200xi32>", "alias"), Param("tickets", "memref<200xi32>", "out"),
-                                 Param("total", "memref<1xi32>", "out"), Param("ticket", "memref<1xi32>", "alias")],
-                      (64, 1, 1), (200, 1, 1), body, [("slot", "i32", 1)])
-    out, tickets, total, ticket = (np.full(200, -1, np.int32), np.full(200, -1, np.int32),
-                                   np.zeros(1, np.int32), np.zeros(1, np.int32))
-    simt.run(spec, dict(out=out, tickets=tickets, total=total, ticket=ticket))
-    assert sorted(tickets) == list(range(200)) and total[0] == sum(range(200)) and ticket[0] == 0
-    assert "atom.global.add.u32" in spec.mlir_func() and "fence.acq_rel.gpu" in spec.mlir_func()
-
-    def per_row(E, a):  # counter 1 + r for the 50 blocks of row r (attention's per-head tickets)
-        r = E.bid() // 50
-        t = E.grid_ticket(a["ticket"], a["slot"], r + 1)
-        E.if_(E.cmp("eq", E.tid(), E.const(0, "index")), lambda: E.store(t, a["tickets"], E.bid()))
-    spec = KernelSpec("row_ticket", [Param("tickets", "memref<200xi32>", "out"), Param("ticket", "memref<5xi32>", "alias")],
-                      (64, 1, 1), (200, 1, 1), per_row, [("slot", "i32", 1)])
-    counters = np.zeros(5, np.int32)
-    simt.run(spec, dict(tickets=tickets, ticket=counters))
-    assert all(sorted(tickets[50 * r:50 * (r + 1)]) == list(range(50)) for r in range(4))
-    assert list(counters) == [0, 50, 50, 50, 50]
 
 
 @pytest.mark.parametrize("recipe", ["w8a8", "float"])
@@ -554,7 +450,6 @@ def test_decode_attention_runs_as_split_and_combine(recipe, monkeypatch):
     replayed, the scale, softmax's max / exp / sum, p @ v with the division) becomes a kernel over
     chunks of keys and a combine of their softmax partials; the scores, max and sum buffers are
     gone. Numerics move by rounding only (the normalization after the sum over keys)."""
-    monkeypatch.setattr(lowering, "FUSE_GEMV_TAILS", False)  # the combine stays a launch (test_gemv_tails_*)
     out = {}
     for on in (False, True):
         monkeypatch.setattr(lowering, "FUSE_ATTENTION", on)
