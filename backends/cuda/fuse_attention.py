@@ -23,6 +23,12 @@ Numerics: the same body ops; the normalization moves after the sum over keys
 (``(sum p v) / l`` instead of ``sum (p / l) v``) and the max is combined per chunk, so
 results differ from the separate launches by rounding (the tests' float64 oracles bound it).
 Prefill's q @ k^T is a tile_contract and does not match: this is the one-query-row form.
+
+An elementwise launch right after the combine that reads its output (the split of attention's
+output into f16 hi + lo rows for the o_proj GEMV of the weight-only recipes) runs in the
+combine's stores instead (CONSUMER): each combine thread holding element l replays the op's
+body at every loop point that reads l (l, l + R * D, ...), and the combine's own output,
+read by nothing else, is not stored. One launch fewer a layer.
 """
 from __future__ import annotations
 
@@ -41,6 +47,7 @@ SPLIT_WARPS = 4  # attn_split: warps computing scores (CHUNK / SPLIT_WARPS keys 
 # a block per query and chunk) w8a8 sm_90a prefill went 325.6 -> 428.0 us on the H200
 # (bench_h200_attention_prefill.log): a query a block rereads K and V 128 times
 QK_FORMS = ("warp_reduce",)
+CONSUMER = True  # the elementwise launch after the combine in the combine's stores; A/B switch
 _F32 = "f32"
 
 
@@ -347,8 +354,63 @@ def _spec(kind, params, block, grid, body, smem, config, doc):
     return spec
 
 
-def build(at: _Attention, scratch: dict) -> list[tuple[KernelSpec, dict]]:
-    """The two kernels and their launches; scratch: name -> buffer id of acc, mx, sum."""
+@dataclass
+class _Consumer:
+    """An elementwise launch reading the combine's output (see the module doc)."""
+    desc: lk.GenericDesc
+    launch: dict
+    o_ins: set  # its inputs that read the combine's output
+    copies: int  # loop points reading each output element
+
+
+def _consumer(at: _Attention, launches, j, descs, roots):
+    """launches[j] as a _Consumer of the combine of `at`, or None."""
+    if not CONSUMER or j >= len(launches):
+        return None
+    G = launches[j]
+    d = descs.get(G["kernel"])
+    if d is None or d.captures or any(t != "parallel" for t in d.iters) or lk.classify(d) != "elementwise":
+        return None
+    pv = at.pv.desc
+    o_arg = _out_arg(pv, at.pv.launch)
+    n_o = at.rows * at.head
+    total = math.prod(d.loops)
+    if total % n_o:
+        return None
+    # where the combine writes element l = r * D + dd
+    vpar, (nv_dim,) = _split(pv)
+    r = np.repeat(np.arange(at.rows), at.head)
+    dd = np.tile(np.arange(at.head), at.rows)
+    written = lk._flat(lk.Points, pv.outs[0], _row_dims(lk.Points, pv, vpar[:-1], r, {vpar[-1]: dd, nv_dim: 0}))
+    q = np.arange(total)
+    dims = list(np.unravel_index(q, d.loops)) if d.loops else []
+
+    def reads(op):
+        return np.broadcast_to(lk._flat(lk.Points, op, dims), q.shape)
+    o_ins, k = set(), 0
+    for i, op in enumerate(d.ins):
+        if op.const is not None:
+            continue
+        arg = G["args"][k]
+        k += 1
+        if arg.get("buf") == o_arg["buf"]:
+            if arg != o_arg or not np.array_equal(reads(op), np.broadcast_to(written, (total // n_o, n_o)).reshape(-1)):
+                return None
+            o_ins.add(i)
+        elif not np.array_equal(reads(op), q):
+            return None
+    outs = G["args"][k:k + len(d.outs)]
+    if not o_ins or any(a.get("buf") == o_arg["buf"] for a in outs) or \
+            any(not np.array_equal(reads(op), q) for op in d.outs):
+        return None
+    if not _dead_after(launches, j + 1, o_arg["buf"], descs, roots) or roots[o_arg["buf"]].get("output"):
+        return None
+    return _Consumer(d, G, o_ins, total // n_o)
+
+
+def build(at: _Attention, scratch: dict, consumer: _Consumer | None = None) -> list[tuple[KernelSpec, dict]]:
+    """The two kernels and their launches; scratch: name -> buffer id of acc, mx, sum;
+    consumer: the elementwise launch the combine takes into its stores."""
     qk, pv = at.qk.desc, at.pv.desc
     R, N, D = at.rows, at.keys, at.head
     W = SPLIT_WARPS
@@ -505,7 +567,13 @@ def build(at: _Attention, scratch: dict) -> list[tuple[KernelSpec, dict]]:
     TC = T  # the split's block size (threads past D idle)
     out_p = [x for x in _params(at.pv, "pv_", keep_out=True) if x[0].name == "pv_out0"]
     ins = [(Param(p.name, p.type, "in"), arg) for p, arg in outs]
-    comb_params = ins + out_p
+    g_p = []
+    if consumer is not None:  # its parameters but the combine's output it reads
+        skip = {f"in{i}" for i in consumer.o_ins}
+        g_p = [(Param("g_" + p.name, p.type, p.role, p.doc), arg)
+               for p, arg in zip(lk._params(consumer.desc), consumer.launch["args"]) if p.name not in skip]
+        out_p = [(Param(p.name, p.type, "in", p.doc), arg) for p, arg in out_p]  # its init only
+    comb_params = ins + out_p + g_p
 
     def combine_body(E, a):
         sa_pv = {"out0": a["pv_out0"]}
@@ -548,9 +616,24 @@ def build(at: _Attention, scratch: dict) -> list[tuple[KernelSpec, dict]]:
             val = E.raw(vdiv.name, [num, tot], [f32], vdiv.attrs, vdiv.info)[0]
             dims = _row_dims(E, pv, rows_v, r, {d_dim: dc, nv_dim: 0})
 
-            def store(val=val, dims=dims):
+            def store(val=val, dims=dims, dc=dc):
                 res = E.raw(vcomb.name, [lk._init_out(E, sa_pv, pv, 0, dims), val], [f32], vcomb.attrs, vcomb.info)[0]
-                E.store(res, a["pv_out0"], lk._ix(E, lk._flat(E, pv.outs[0], dims)))
+                if consumer is None:
+                    E.store(res, a["pv_out0"], lk._ix(E, lk._flat(E, pv.outs[0], dims)))
+                    return
+                g, sa_g = consumer.desc, _bind(a, g_p, "g_")
+                used = lk._used_args(g)
+                for k in range(consumer.copies):  # every loop point of the consumer reading element l
+                    q = r * D + dc + k * R * D
+                    gd = lk._decompose(E, q, g.loops)
+                    argv = [res if i in consumer.o_ins else
+                            lk._load_in(E, sa_g, g, i, gd) if i in used or g.ins[i].const is not None else None
+                            for i in range(g.n_in)]
+                    argv += [lk._init_out(E, sa_g, g, o, gd) if g.n_in + o in used else None
+                             for o in range(len(g.outs))]
+                    get = lk._Replay(E, g, sa_g).run(argv, gd)
+                    for o in range(len(g.outs)):
+                        E.store(get(g.yields[o]), sa_g[f"out{o}"], lk._ix(E, lk._flat(E, g.outs[o], gd)))
             if D % TC:
                 E.if_(E.cmp("ult", dd, E.const(D, "index")), store)
             else:
@@ -565,7 +648,9 @@ def build(at: _Attention, scratch: dict) -> list[tuple[KernelSpec, dict]]:
                          "args": [a for _, a in params],
                          "writes": sorted({a["buf"] for p, a in params if p.role in ("out", "alias", "inout")})})
     launches[0]["writes"] = [scratch["acc"], scratch["mx"], scratch["sum"]]
-    launches[1]["writes"] = [out_p[0][1]["buf"]]
+    launches[1]["writes"] = [out_p[0][1]["buf"]] if consumer is None else list(consumer.launch["writes"])
+    if consumer is not None:
+        launches[1]["fused"] = [combine.name, consumer.launch["kernel"]]
     return [(split, launches[0]), (combine, launches[1])]
 
 
@@ -584,8 +669,10 @@ def fuse_attention(launches: list[dict], specs: dict, descs: dict, roots: list[d
         for name, n in (("acc", at.rows * S * at.head), ("mx", at.rows * S), ("sum", at.rows * S)):
             scratch[name] = len(roots)
             roots.append({"id": len(roots), "kind": "temp", "bytes": 4 * n, "elem": _F32, "shape": [n]})
-        for spec, launch in build(at, scratch):
+        end = i + 5 + len(at.epilogues)  # scores, epilogues, max, exp, sum, p @ v
+        consumer = _consumer(at, launches, end, descs, roots)
+        for spec, launch in build(at, scratch, consumer):
             specs.setdefault(spec.name, spec)
             out.append(launch)
-        i += 5 + len(at.epilogues)  # scores, epilogues, max, exp, sum, p @ v
+        i = end + (consumer is not None)
     return out

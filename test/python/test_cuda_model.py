@@ -444,6 +444,30 @@ def test_row_local_launches_fuse(recipe, monkeypatch):
         assert not any("tile_contract" in k or "split_reduce" in k for L in rows for k in L["fused"])
 
 
+def test_attention_combine_stores_through_the_op_after_it(monkeypatch):
+    """fuse_attention.CONSUMER: at w4a16 decode the attention output goes to o_proj's GEMV as
+    f16 hi + lo rows, an elementwise launch reading each element twice (hi and lo); the
+    combine replays it in its stores: one launch fewer a layer, the same outputs bit for bit."""
+    from qcc.backends.cuda import fuse_attention
+
+    out = []
+    for on in (False, True):
+        monkeypatch.setattr(fuse_attention, "CONSUMER", on)
+        model, inputs = decode_step()
+        c = qcc.compile(model, inputs, target="cuda", quant="w4a16-g128")
+        out.append((c, emulate.run_compiled(c, *inputs)))
+    for g, w in zip(out[1][1], out[0][1]):
+        assert np.array_equal(g, w)
+    plain, fused = (c.manifest["cuda"]["plan"]["launches"] for c, _ in out)
+    assert len(fused) == len(plain) - 1  # one layer
+    i = next(k for k, L in enumerate(plain) if L["kernel"].startswith("attn_combine"))
+    assert "truncf_extf" in plain[i + 1]["kernel"]
+    comb = next(L for L in fused if L["kernel"].startswith("attn_combine"))
+    assert comb["fused"][1] == plain[i + 1]["kernel"] and comb["writes"] == plain[i + 1]["writes"]
+    spec = out[1][0].cuda_specs[comb["kernel"]]
+    assert not any(p.role == "out" for p in spec.params if p.name == "pv_out0")  # not stored
+
+
 @pytest.mark.parametrize("recipe", ["float", "w8a8"])
 def test_decode_attention_runs_as_split_and_combine(recipe, monkeypatch):
     """fuse_attention.py: a decode step's attention (q @ k^T with RoPE and the cache concatenation
