@@ -262,7 +262,9 @@ def bench_model(args, emit) -> None:
     for case, (module, inputs, tokens) in cases.items():
         for recipe in args.model_recipes:
             t0 = time.perf_counter()
-            compiled = qcc.compile(module, inputs, quant=recipe, cpu_activations=args.cpu_activations)
+            shapes = module.dynamic_shapes() if args.any_length and case.startswith("decode") else None
+            compiled = qcc.compile(module, inputs, quant=recipe, cpu_activations=args.cpu_activations,
+                                   dynamic_shapes=shapes)
             compile_s = time.perf_counter() - t0
             arrays = [x.numpy() for x in inputs]
             fns = {"qcc": lambda i: compiled.run(*arrays)}
@@ -288,6 +290,7 @@ def bench_model(args, emit) -> None:
             rec = {"suite": "model", "case": case, "recipe": _label(recipe, args), "tokens": tokens,
                    "config": cfg or "4 layers, hidden 2048, ffn 5632, 16 heads, vocab 512",
                    "kv_cache": cache if case.startswith("decode") else None, "kv_cache_dtype": args.kv_cache,
+                   "any_length": bool(shapes),
                    "qcc_ms": round(med["qcc"] * 1e3, 3), "tokens_per_s": round(tokens / med["qcc"], 2),
                    "weight_bytes": nbytes, "floor_ms": round(nbytes / bw / 1e6, 3),
                    "compile_s": round(compile_s, 2), "compile_stages_s": compiled.compile_seconds,
@@ -336,6 +339,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-torch-compile", action="store_true", help="model: skip the torch.compile baseline")
     p.add_argument("--kv-cache", choices=("f32", "f16"), default="f32",
                    help="model: the decode step's KV caches in this precision (f16: widened to read)")
+    p.add_argument("--any-length", action="store_true",
+                   help="model: compile the decode steps for any KV cache length (dynamic_shapes), "
+                        "timed at the usual one")
     p.add_argument("--decode-batch", type=int, default=1,
                    help="model: also a decode step of this many sequences at once (case decode-b<N>)")
     p.add_argument("--cpu-activations", default="fp32", choices=("fp32", "bf16"),

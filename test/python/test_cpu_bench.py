@@ -39,3 +39,12 @@ def test_bench_model_quick(suite):
     assert cases["decode"]["tokens"] == 1 and cases["prefill"]["tokens"] == 16
     for r in cases.values():
         assert r["tokens_per_s"] > 0 and r["compile_s"] > 0 and "torch eager fp32" in r["baselines_ms"]
+
+
+def test_bench_model_decode_any_length():
+    """--any-length: the decode step compiled for every cache length (dynamic_shapes), timed
+    beside its baselines; prefill as before."""
+    recs = [r for r in bench("model", "--any-length", "--no-torch-compile") if "qcc_ms" in r]
+    cases = {r["case"]: r for r in recs}
+    assert cases["decode"]["any_length"] and not cases["prefill"]["any_length"]
+    assert cases["decode"]["qcc_ms"] > 0 and cases["decode"]["kv_cache"] == 64
