@@ -213,19 +213,20 @@ def _scale_constant(g):
 
 
 def _unscaled(b, op):
-    """(B / c as a new value, c) when B is an elementwise multiplication by an f32 constant c
-    (or its batch collapse), the new value built before `op`; else None."""
+    """(the value B scales, c, the op built for it or None) when B is an elementwise
+    multiplication by an f32 constant c, or the batch collapse of one (then the same collapse
+    of the unscaled value is built before `op`); else None."""
     kind, src = _collapse_of(b)
     g = irutil.defining_op(src if kind == _COLLAPSE_BATCH else b)
     c = _scale_constant(g)
     if c is None or ir.RankedTensorType(g.operands[0].type).element_type != ir.F32Type.get():
         return None
     if kind != _COLLAPSE_BATCH:
-        return g.operands[0], c
+        return g.operands[0], c, None
     with ir.InsertionPoint(op), op.location:
         collapse = ir.Operation.create("tensor.collapse_shape", results=[b.type], operands=[g.operands[0]],
                                        attributes={"reassociation": irutil.defining_op(b).attributes["reassociation"]})
-    return collapse.result, c
+    return collapse.result, c, collapse
 
 
 def _collapsed(value, shape, reassociation):
@@ -265,11 +266,11 @@ class CpuVectorizeContractions(QccPass):
                 # may have a run-time count (a KV cache of any length); the other sizes static
                 parts_path = m is not None and (static or m < TILED_MIN_M)
                 src, operand_b, reassociation, split = _b_operand(b, m, n, k, parts_path)
-                b_scale, b_unscaled = None, None
+                b_scale, built = None, None
                 if split is None and parts_path:  # B = parts * c (scaled_dot_product_attention's k^T)
                     unscaled = _unscaled(b, op)
                     if unscaled is not None:
-                        b_unscaled, c_value = unscaled
+                        b_unscaled, c_value, built = unscaled
                         found = _b_operand(b_unscaled, m, n, k, parts_path)
                         if found[3] is not None:
                             (src, operand_b, reassociation, split), b_scale = found, c_value
@@ -297,8 +298,8 @@ class CpuVectorizeContractions(QccPass):
                 with ir.InsertionPoint(op), op.location:
                     operands_b = [_collapsed(v, shape, reassociation) for v, shape in zip(operands_b, shapes)]
                 _call_instead(op, kname, [a, *operands_b])  # the transpose, the concatenation go
-                if b_unscaled is not None:  # the unscaled view built to look through the scaling
-                    irutil.erase_dead_producers(b_unscaled)
+                if built is not None:  # the collapse built to look through the scaling
+                    irutil.erase_dead_producers(built.result)
 
     def _float_linear(self, op, module, defined, kernels) -> None:
         """A float linalg.matmul (a float linear layer, M static or not): x @ transpose(W) -> matmul_bt,

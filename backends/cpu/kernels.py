@@ -773,14 +773,16 @@ def batch_matmul(name: str, b: int, m: int, n: int, k: int, lanes: int, transpos
     entry_params = ", ".join(f"%bt{p}: tensor<{s}>" for p, s in enumerate(bshape))
     to_buffers = "".join(f"  %b{p} = bufferization.to_buffer %bt{p} read_only : tensor<{s}> to {ty}\n"
                          for p, (s, ty) in enumerate(zip(bshape, btys)))
+    c_alloc = "  %c = memref.alloc() "
     if n is None:  # C's columns: the parts' rows, added up at run time
-        sizes = [f"  %n{p} = memref.dim %b{p}, %one : {ty}\n" if parts[p] is None else
-                 f"  %n{p} = arith.constant {parts[p]} : index\n" for p, ty in enumerate(btys)]
-        sizes += [f"  %s{p} = arith.addi {'%n0' if p == 1 else f'%s{p - 1}'}, %n{p} : index\n"
-                  for p in range(1, len(parts))]
-        c_alloc = "".join(sizes) + f"  %c = memref.alloc({'%n0' if len(parts) == 1 else f'%s{len(parts) - 1}'}) "
-    else:
-        c_alloc = "  %c = memref.alloc() "
+        lines, total = [], None
+        for p, ty in enumerate(btys):
+            lines.append(f"  %n{p} = memref.dim %b{p}, %one : {ty}" if parts[p] is None else
+                         f"  %n{p} = arith.constant {parts[p]} : index")
+            if total is not None:
+                lines.append(f"  %s{p} = arith.addi {total}, %n{p} : index")
+            total = f"%n{p}" if total is None else f"%s{p}"
+        c_alloc = "\n".join(lines) + f"\n  %c = memref.alloc({total}) "
     ta, tc = f"tensor<{b}x{m}x{dim(k)}xf32>", f"tensor<{b}x{m}x{dim(n)}xf32>"
     loop = "scf.parallel (%r) = (%z) to (%rows) step (%one)" if threads else "scf.for %r = %z to %rows step %one"
     return f"""func.func private @{name}(%at: {ta}, {entry_params}) -> {tc} {{
