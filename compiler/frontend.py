@@ -132,21 +132,12 @@ def _simplify_expands(graph) -> None:
             node.args = (node.args[0], [-1 if d else size for size, d in zip(sizes, dynamic)], *node.args[2:])
 
 
-def _decompositions(table: dict) -> dict:
-    """torch-mlir's table, plus PyTorch's own decomposition of GELU: torch-mlir lowers the tanh
-    approximation with sqrt(2 / pi) written as 0.797724 (it is 0.7978846), an error of 5e-5 in
-    the outputs; PyTorch's decomposition computes the constant (and the erf form as before)."""
-    from torch._decomp import get_decompositions
-
-    return {**table, **get_decompositions([torch.ops.aten.gelu.default])}
-
-
 def import_program(ep, ctx) -> ImportedProgram:
     from torch_mlir import ir
     from torch_mlir.extras.fx_decomp_util import get_decomposition_table
     from torch_mlir.extras.fx_importer import FxImporter
 
-    ep = ep.run_decompositions(_decompositions(get_decomposition_table()))
+    ep = ep.run_decompositions(get_decomposition_table())
     _simplify_expands(ep.graph)
     sig = ep.graph_signature
     if sig.buffers_to_mutate or getattr(sig, "user_inputs_to_mutate", None):

@@ -17,6 +17,7 @@ IMPORT = [
 TORCH_TO_LINALG = [
     "func.func(convert-torch-to-tmtensor)",
     "func.func(convert-torch-to-linalg)",
+    "fix-gelu-tanh",  # torch-mlir's tanh GELU uses 0.797724 for sqrt(2/pi)
     "func.func(convert-torch-to-scf)",
     "func.func(convert-torch-to-arith)",
     "func.func(convert-torch-to-tensor)",

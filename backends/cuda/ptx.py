@@ -157,6 +157,8 @@ def _float_decimals_as_hex(line: str) -> str:
         if not types or types[-1] != "float":
             return m.group(0)
         v = struct.unpack("<f", struct.pack("<f", float(m.group(0))))[0]
+        if v == float(m.group(0)):  # the decimal is the float exactly: the old parser takes it
+            return m.group(0)
         return "0x%016X" % struct.unpack("<Q", struct.pack("<d", v))[0]
     return _DECIMAL.sub(sub, line)
 

@@ -134,8 +134,8 @@ def test_decode_step_any_cache_length(recipe, kv_heads, cache_dtype):
 
 @pytest.mark.parametrize("approximate", ["tanh", "none"])
 def test_gelu_matches_float64(approximate):
-    """GELU in both forms against PyTorch in float64 to f32 rounding (torch-mlir's own tanh
-    form uses 0.797724 for sqrt(2 / pi), 5e-5 off: the frontend decomposes GELU itself)."""
+    """GELU in both forms against PyTorch in float64 to f32 rounding (torch-mlir's lowering of
+    the tanh form uses 0.797724 for sqrt(2 / pi), 5e-5 off: the fix-gelu-tanh pass)."""
     class Gelu(torch.nn.Module):
         def forward(self, x):
             return torch.nn.functional.gelu(x, approximate=approximate)
