@@ -326,7 +326,8 @@ def test_float_matmul_with_a_k_major_weight(tmp_path, k, n):
     (1, 33, 64, "float16", 1, False, False), (0, 17, 32, "float16", 1, False, False),
     (1, 20, 32, "float32", 2, False, False), (0, 24, 16, "float16", 3, False, False),
     (1, 33, 20, "float32", 1, True, False), (0, 24, 16, "float16", 3, True, False),
-    (1, 33, 20, "float32", 1, False, True), (0, 24, 16, "float16", 3, True, True)])
+    (1, 33, 20, "float32", 1, False, True), (0, 24, 16, "float16", 3, True, True),
+    (1, 20, 32, "float32", 4, False, "gqa")])
 def test_attention_over_a_concatenated_kv_cache(tmp_path, layer, cache, dim, dtype, rep, dynamic, sdpa):
     """Decode attention over torch.cat([cache[layer], new], dim=2): the kernels read the cache
     slice and the new key / value where they lie (no concatenation is built: no float buffer
@@ -336,7 +337,8 @@ def test_attention_over_a_concatenated_kv_cache(tmp_path, layer, cache, dim, dty
     (repeat_kv's expand + reshape after the concatenation), read per KV head in place.
     dynamic: compiled for any cache length (run at two), the same kernels on run-time sizes.
     sdpa: written with F.scaled_dot_product_attention, whose decomposition scales k^T by
-    sqrt(scale): the kernel scales each loaded vector instead (no scaled copy either)."""
+    sqrt(scale): the kernel scales each loaded vector instead (no scaled copy either);
+    "gqa": SDPA's own grouped-query form (enable_gqa=True, no repeat_kv in the model)."""
     import torch
     from torch.export import Dim
 
@@ -348,6 +350,9 @@ def test_attention_over_a_concatenated_kv_cache(tmp_path, layer, cache, dim, dty
 
     class CachedAttention(torch.nn.Module):
         def forward(self, q, k_cache, v_cache, k, v):
+            if sdpa == "gqa":
+                keys, values = (torch.cat([c[layer].float(), x], dim=2) for c, x in ((k_cache, k), (v_cache, v)))
+                return torch.nn.functional.scaled_dot_product_attention(q, keys, values, enable_gqa=True)
             keys = repeat_kv(torch.cat([k_cache[layer].float(), k], dim=2))
             values = repeat_kv(torch.cat([v_cache[layer].float(), v], dim=2))
             if sdpa:
