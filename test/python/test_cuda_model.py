@@ -80,6 +80,21 @@ class CausalSdpa(torch.nn.Module):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
+class SdpaGqaDecode(torch.nn.Module):
+    """One query row a head over a KV cache plus the new key / value, SDPA's own grouped-query
+    form (enable_gqa: 8 query heads on 2 KV heads, no repeat_kv in the model)."""
+
+    def forward(self, q, k_cache, v_cache, k, v):
+        keys, values = torch.cat([k_cache, k], dim=2), torch.cat([v_cache, v], dim=2)
+        return torch.nn.functional.scaled_dot_product_attention(q, keys, values, enable_gqa=True)
+
+
+def sdpa_gqa_decode():
+    g = torch.Generator().manual_seed(7)
+    shapes = ((1, 8, 1, 32), (1, 2, 40, 32), (1, 2, 40, 32), (1, 2, 1, 32), (1, 2, 1, 32))
+    return SdpaGqaDecode(), tuple(torch.randn(*s, generator=g) for s in shapes)
+
+
 def sdpa(seq=16):
     g = torch.Generator().manual_seed(seq)
     return CausalSdpa(), tuple(torch.randn(1, 4, seq, 32, generator=g) for _ in range(3))
@@ -124,6 +139,7 @@ CASES = {
     "decode-gqa-float": (decode_step_gqa, "float"),  # repeat_kv folded into attention's reads
     "decode-gqa-f16-cache-w4a16-g128": (lambda: decode_step_gqa(torch.float16), "w4a16-g128"),
     "sdpa-causal-float": (sdpa, "float"),  # bool constants, shuffles of i1
+    "sdpa-gqa-decode-float": (sdpa_gqa_decode, "float"),  # k^T scaled, heads mapped onto KV heads
     "gelu-tanh-float": (gelu_tanh, "float"),  # an f32 constant LLVM prints as a short decimal
     "mlp-w8a16": (mlp, "w8a16"),  # biases, GELU (erf): libdevice
 }
@@ -755,7 +771,7 @@ def test_on_gpu(name):
         assert got.is_cuda and rel_err(got.cpu().numpy(), expect[0]) <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["decode-gqa-float", "decode-gqa-f16-cache-w4a16-g128"])
+@pytest.mark.parametrize("name", ["decode-gqa-float", "decode-gqa-f16-cache-w4a16-g128", "sdpa-gqa-decode-float"])
 def test_gqa_cache_is_read_per_kv_head(name):
     """repeat_kv after the cache's concatenation (a broadcast collapsed into the heads):
     cuda-collapse-gathers lets the gather fuse into attention, so no launch writes the
