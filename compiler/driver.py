@@ -175,6 +175,7 @@ def compile(model, example_inputs=None, *, target: str = "cpu", quant: str | Non
         "entry": {"name": "main", "args": entry_args},
         "inputs": [s.to_json() for s in imported.inputs],
         "outputs": [s.to_json() for s in imported.outputs],
+        "dims": imported.dims,
         "layers": _layer_report(weights, session.layers),
         "versions": _versions(),
         "cpu": {**lowering.manifest_entry(cpu_features, openmp, session), "activations": cpu_activations},

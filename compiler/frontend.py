@@ -41,6 +41,7 @@ class ImportedProgram:
     params: ParamStore
     inputs: list                # [TensorSpec] user inputs, in call order
     outputs: list               # [TensorSpec]
+    dims: dict = dataclasses.field(default_factory=dict)  # symbol -> [min, max or None]: export's ranges
 
 
 def load_program(path: str, allow_pickle: bool = False, example_inputs=None):
@@ -180,4 +181,12 @@ def import_program(ep, ctx) -> ImportedProgram:
             else:
                 arg_attrs.append(ir.DictAttr.get({}))
         func.attributes["arg_attrs"] = ir.ArrayAttr.get(arg_attrs)
-    return ImportedProgram(module, params, inputs, outputs)
+    return ImportedProgram(module, params, inputs, outputs, _dim_ranges(ep))
+
+
+def _dim_ranges(ep) -> dict:
+    """{symbol: [min, max or None]}: the sizes the exported program holds for (torch.export's
+    range_constraints; a Dim.DYNAMIC size starts at 2, sizes 0 and 1 being specialized)."""
+    def bound(v):
+        return None if str(v) in ("int_oo", "oo", "-int_oo", "-oo") else int(v)
+    return {str(sym): [bound(vr.lower), bound(vr.upper)] for sym, vr in ep.range_constraints.items()}

@@ -44,6 +44,11 @@ class CompiledModel:
             for d, size in zip(spec["shape"], a.shape):
                 if isinstance(d, str) and symbols.setdefault(d, size) != size:
                     raise QccError(f"dimension '{d}' is {symbols[d]} in an earlier input, {size} here", where=where)
+                lo, hi = self.manifest.get("dims", {}).get(d, (None, None)) if isinstance(d, str) else (None, None)
+                if (lo is not None and size < lo) or (hi is not None and size > hi):
+                    raise QccError(f"dimension '{d}' is {size}, outside the sizes the model was exported for "
+                                   f"({lo}..{'' if hi is None else hi})", where=where,
+                                   hint="export it again with a torch.export.Dim range that holds this size")
             if a.dtype != np.dtype(spec["dtype"]):
                 raise QccError(f"expected dtype {spec['dtype']}, got {a.dtype}", where=where,
                                hint=f"convert with .astype('{spec['dtype']}')")

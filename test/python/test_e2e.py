@@ -145,6 +145,35 @@ def test_gelu_matches_float64(approximate):
     assert rel_err(got, Gelu()(x.double()).numpy()) <= 2e-7
 
 
+def test_sizes_outside_the_exported_range_are_refused(tmp_path):
+    """A run-time size beyond torch.export's range for it (a KV cache longer than the RoPE
+    table the model slices) is a clear error naming the input, the size and the range: the
+    compiled code would read past the table. In range it runs; the range survives save/load."""
+    from torch.export import Dim
+
+    class Window(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("table", torch.randn(16, 4))
+
+        def forward(self, x):
+            return x * self.table[: x.shape[0]]
+
+    n = Dim("n", min=2, max=16)
+    model = Window()
+    compiled = qcc.compile(model, (torch.randn(5, 4),), dynamic_shapes=({0: n},))
+    for rows in (2, 16):
+        x = torch.randn(rows, 4)
+        assert rel_err(compiled(x).numpy(), model.double()(x.double()).numpy()) <= 1e-6
+        model.float()
+    compiled.save(str(tmp_path / "w.qcc"))
+    for m in (compiled, qcc.load(str(tmp_path / "w.qcc"))):
+        with pytest.raises(qcc.QccError, match=r"input 0 'x'.*dimension '\w+' is 17, outside .* \(2\.\.16\)"):
+            m(torch.randn(17, 4))
+        with pytest.raises(qcc.QccError, match=r"is 1, outside"):
+            m(torch.randn(1, 4))
+
+
 def test_expands_keeping_a_run_time_size():
     """frontend._simplify_expands: an expand to its input's own (symbolic) shape is dropped, a
     run-time size an expand keeps becomes -1, a real broadcast stays (torch-mlir then lowers
