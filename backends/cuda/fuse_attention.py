@@ -382,11 +382,8 @@ def _consumer(at: _Attention, launches, j, descs, roots):
     r = np.repeat(np.arange(at.rows), at.head)
     dd = np.tile(np.arange(at.head), at.rows)
     written = lk._flat(lk.Points, pv.outs[0], _row_dims(lk.Points, pv, vpar[:-1], r, {vpar[-1]: dd, nv_dim: 0}))
-    q = np.arange(total)
-    dims = list(np.unravel_index(q, d.loops)) if d.loops else []
-
-    def reads(op):
-        return np.broadcast_to(lk._flat(lk.Points, op, dims), q.shape)
+    own = np.arange(total)  # an operand read or written at the loop point's own element
+    copies = np.tile(written, total // n_o)  # the combine's element l at points l, l + n_o, ...
     o_ins, k = set(), 0
     for i, op in enumerate(d.ins):
         if op.const is not None:
@@ -394,14 +391,14 @@ def _consumer(at: _Attention, launches, j, descs, roots):
         arg = G["args"][k]
         k += 1
         if arg.get("buf") == o_arg["buf"]:
-            if arg != o_arg or not np.array_equal(reads(op), np.broadcast_to(written, (total // n_o, n_o)).reshape(-1)):
+            if arg != o_arg or not np.array_equal(lk.flat_at_points(op, d.loops), copies):
                 return None
             o_ins.add(i)
-        elif not np.array_equal(reads(op), q):
+        elif not np.array_equal(lk.flat_at_points(op, d.loops), own):
             return None
     outs = G["args"][k:k + len(d.outs)]
     if not o_ins or any(a.get("buf") == o_arg["buf"] for a in outs) or \
-            any(not np.array_equal(reads(op), q) for op in d.outs):
+            any(not np.array_equal(lk.flat_at_points(op, d.loops), own) for op in d.outs):
         return None
     if not _dead_after(launches, j + 1, o_arg["buf"], descs, roots) or roots[o_arg["buf"]].get("output"):
         return None

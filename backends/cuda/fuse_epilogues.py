@@ -32,9 +32,7 @@ MAX_ROWS = 8  # m_max of those GEMVs (decode)
 
 def _own_element(op, loops) -> bool:
     """Operand `op` reads or writes element p at linear loop point p (every point checked)."""
-    p = np.arange(math.prod(loops))
-    dims = list(np.unravel_index(p, loops)) if loops else []
-    return bool(np.array_equal(np.broadcast_to(lk._flat(lk.Points, op, dims), p.shape), p))
+    return bool(np.array_equal(lk.flat_at_points(op, loops), np.arange(math.prod(loops))))
 
 
 def _match(L, G, later, specs, descs, buffers):

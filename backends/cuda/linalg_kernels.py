@@ -217,6 +217,16 @@ def _flat(E, op: Operand, dims):
     return idx
 
 
+def flat_at_points(op: Operand, loops) -> "np.ndarray":
+    """The element `op` reads or writes at each linear loop point 0 .. prod(loops) - 1 (row-major
+    loops; every point, so maps with floordiv / mod are checked as they are)."""
+    import numpy as np
+
+    p = np.arange(math.prod(loops))
+    dims = list(np.unravel_index(p, loops)) if loops else []
+    return np.broadcast_to(_flat(Points, op, dims), p.shape)
+
+
 def _decompose(E, lin, extents):
     """Linear index -> one index per extent (last fastest); unit extents give 0."""
     out = [0] * len(extents)
