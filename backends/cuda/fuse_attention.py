@@ -560,8 +560,7 @@ def build(at: _Attention, scratch: dict, consumer: _Consumer | None = None) -> l
     split = _spec("attn_split", split_params, (T, 1, 1), (R * S, 1, 1), split_body,
                   [("sc", f32, C), ("pc", f32, C)], {"kind": "attention_split", "chunk": C, "splits": S},
                   f"decode attention, {R} rows x {N} keys in chunks of {C}: scores, softmax partials, p @ v")
-    # combine
-    TC = T  # the split's block size (threads past D idle)
+    # combine: a block a row, the split's block size T (threads past D idle)
     out_p = [x for x in _params(at.pv, "pv_", keep_out=True) if x[0].name == "pv_out0"]
     ins = [(Param(p.name, p.type, "in"), arg) for p, arg in outs]
     g_p = []
@@ -577,9 +576,9 @@ def build(at: _Attention, scratch: dict, consumer: _Consumer | None = None) -> l
         tid, r = E.tid(), E.bid()
         lane, warp = tid % 32, tid // 32
         cols = []  # every load first (one round trip)
-        for q in range(-(-D // TC)):
-            dd = tid + TC * q
-            dc = E.minu(dd, E.const(D - 1, "index")) if D % TC else dd
+        for q in range(-(-D // T)):
+            dd = tid + T * q
+            dc = E.minu(dd, E.const(D - 1, "index")) if D % T else dd
             cols.append((dd, dc, [E.load(a["acc"], (r * S + c) * D + dc) for c in range(S)]))
         parts = []  # the chunks' max and sum, a chunk a lane (every warp the same)
         for t in range(-(-S // 32)):
@@ -631,12 +630,12 @@ def build(at: _Attention, scratch: dict, consumer: _Consumer | None = None) -> l
                     get = lk._Replay(E, g, sa_g).run(argv, gd)
                     for o in range(len(g.outs)):
                         E.store(get(g.yields[o]), sa_g[f"out{o}"], lk._ix(E, lk._flat(E, g.outs[o], gd)))
-            if D % TC:
+            if D % T:
                 E.if_(E.cmp("ult", dd, E.const(D, "index")), store)
             else:
                 store()
 
-    combine = _spec("attn_combine", comb_params, (TC, 1, 1), (R, 1, 1), combine_body, [("w", f32, S)],
+    combine = _spec("attn_combine", comb_params, (T, 1, 1), (R, 1, 1), combine_body, [("w", f32, S)],
                     {"kind": "attention_combine", "splits": S},
                     f"decode attention: {S} chunks' softmax partials of {R} rows -> softmax @ V")
     launches = []
