@@ -1,8 +1,8 @@
 """Calibration: statistics of every linear layer's input, from running the float model.
 
-`linear_input_stats(ep, batches)` runs the ExportedProgram, decomposed with
-torch-mlir's table (so its aten.mm(x, aten.permute(W, [1, 0])) nodes are the
-IR's linear layers), in a torch.fx Interpreter and returns, per weight name W,
+`linear_input_stats(ep, batches)` runs the ExportedProgram in the form qcc
+imports it (frontend.canonical_program: its aten.mm(x, aten.permute(W, [1, 0]))
+nodes are the IR's linear layers), in a torch.fx Interpreter and returns, per weight name W,
 statistics of the rows of x (`LinearStats`).
 
 Passes reach it through `session_stats(session, ...)`, which caches results per
@@ -98,10 +98,11 @@ class _Accumulator:
 
 
 def decomposed(ep):
-    """`ep` decomposed as frontend.import_program does, so its nodes match the IR."""
-    from torch_mlir.extras.fx_decomp_util import get_decomposition_table
+    """`ep` as frontend.import_program imports it (`canonical_program`), so its nodes and
+    parameter values match the IR's."""
+    from qcc.frontend import canonical_program
 
-    return ep.run_decompositions(get_decomposition_table())
+    return canonical_program(ep)[0]
 
 
 def _linear_weight(node, param_of):

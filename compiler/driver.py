@@ -118,6 +118,7 @@ def compile(model, example_inputs=None, *, target: str = "cpu", quant: str | Non
     prog.stage("import")
     imported = import_program(ep, ctx)
     session = Session(imported.params, {"recipe": recipe.name, "exported_program": ep,
+                                        "qcc.calibration.decomposed": imported.program,
                                         "calibration": _calibration_list(calibration), "progress": progress})
     module = imported.module
 
@@ -131,6 +132,14 @@ def compile(model, example_inputs=None, *, target: str = "cpu", quant: str | Non
 
     run("torch-backend", pipelines.IMPORT)
     run("quantize", pipelines.recipe_stage(recipe))
+    if recipe.weight_format is not None:
+        from qcc.passes.quantize_weights import float_weight_uses
+
+        with ctx:
+            left = float_weight_uses(module.operation)
+        if left:
+            session.remarks.append(f"{recipe.name}: weights left float (qcc quantizes linear layers only): "
+                                   + ", ".join(left))
     run("torch-to-linalg", pipelines.TORCH_TO_LINALG)
     if target == "cuda":  # gpu_arch: sm_90 (default), sm_90a (Hopper only: wgmma) or sm_80
         from qcc.backends.cuda.lowering import compile_cuda
@@ -176,7 +185,8 @@ def compile(model, example_inputs=None, *, target: str = "cpu", quant: str | Non
         "inputs": [s.to_json() for s in imported.inputs],
         "outputs": [s.to_json() for s in imported.outputs],
         "dims": imported.dims,
-        "layers": _layer_report(weights, session.layers),
+        "layers": _layer_report(weights, session.layers, imported.transposed),
+        "remarks": list(session.remarks),
         "versions": _versions(),
         "cpu": {**lowering.manifest_entry(cpu_features, openmp, session), "activations": cpu_activations},
     }
@@ -200,14 +210,18 @@ def _calibration_list(calibration):
     return batches
 
 
-def _layer_report(weights, layers) -> list[dict]:
-    """Per quantized weight: format, logical shape, stored bytes (codes, scales, zeros)."""
+def _layer_report(weights, layers, transposed=frozenset()) -> list[dict]:
+    """Per quantized weight: format, logical shape [N, K], stored bytes (codes, scales, zeros);
+    `transposed` when the model's own tensor is [K, N] (an `x @ W` weight)."""
     report = []
     for base in sorted(layers):
         fmt = layers[base]["format"]
         stored = sum(int(v.nbytes) for n, v in weights.items() if n.startswith(f"{base}:{fmt}:"))
-        report.append({"weight": base, "format": fmt, "shape": layers[base]["shape"], "bytes": stored,
-                       "float_bytes": 4 * layers[base]["shape"][0] * layers[base]["shape"][1]})
+        entry = {"weight": base, "format": fmt, "shape": layers[base]["shape"], "bytes": stored,
+                 "float_bytes": 4 * layers[base]["shape"][0] * layers[base]["shape"][1]}
+        if base in transposed:
+            entry["transposed"] = True
+        report.append(entry)
     return report
 
 

@@ -42,6 +42,8 @@ class ImportedProgram:
     inputs: list                # [TensorSpec] user inputs, in call order
     outputs: list               # [TensorSpec]
     dims: dict = dataclasses.field(default_factory=dict)  # symbol -> [min, max or None]: export's ranges
+    program: "object" = None    # the canonical ExportedProgram the module was imported from
+    transposed: frozenset = frozenset()  # state names stored transposed (a [K, N] `x @ W` weight)
 
 
 def load_program(path: str, allow_pickle: bool = False, example_inputs=None):
@@ -133,13 +135,68 @@ def _simplify_expands(graph) -> None:
             node.args = (node.args[0], [-1 if d else size for size, d in zip(sizes, dynamic)], *node.args[2:])
 
 
-def import_program(ep, ctx) -> ImportedProgram:
-    from torch_mlir import ir
+def _linear_weights_as_nk(ep) -> frozenset:
+    """Store every 2-D state tensor W that is the right operand of `aten.mm(x, W)` transposed, as
+    W' = W^T, and read it through `aten.permute(W', [1, 0])`; returns the names so stored.
+
+    `x @ W` with W [K, N] (GPT-2's Conv1D, hand-written projections) then has nn.Linear's form
+    `mm(x, permute(W', [1, 0]))` with W' [N, K], the one form the quantization passes, the
+    calibration and the backends take as a linear layer: such layers are quantized like any
+    other instead of staying float.  Every other reader of W reads the same permute, so the
+    function is unchanged."""
+    from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+    specs = {n.name: s for n, s in zip((n for n in ep.graph.nodes if n.op == "placeholder"),
+                                       ep.graph_signature.input_specs)}
+    state_kinds = ("PARAMETER", "BUFFER", "CONSTANT_TENSOR")
+    weights = []
+    for node in ep.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.mm.default:
+            w = node.args[1]
+            spec = specs.get(getattr(w, "name", None)) if getattr(w, "op", None) == "placeholder" else None
+            if spec is not None and spec.kind.name in state_kinds and w not in weights \
+                    and isinstance(w.meta.get("val"), torch.Tensor) and w.meta["val"].dim() == 2:
+                weights.append(w)
+    if not weights:
+        return frozenset()
+    first_op = next(n for n in ep.graph.nodes if n.op != "placeholder")
+    names = []
+    for w in weights:
+        target = specs[w.name].target
+        store = ep.constants if specs[w.name].kind.name == "CONSTANT_TENSOR" else ep.state_dict
+        value = store[target]
+        transposed = value.detach().t().contiguous()
+        store[target] = torch.nn.Parameter(transposed, requires_grad=False) \
+            if isinstance(value, torch.nn.Parameter) else transposed
+        kn = w.meta["val"]
+        w.meta["val"] = kn.t().contiguous()
+        w.meta["tensor_meta"] = _extract_tensor_metadata(w.meta["val"])  # the importer's type
+        with ep.graph.inserting_before(first_op):
+            read = ep.graph.call_function(torch.ops.aten.permute.default, (w, [1, 0]))
+        read.meta["val"] = kn
+        read.meta["tensor_meta"] = _extract_tensor_metadata(kn)
+        w.replace_all_uses_with(read, delete_user_cb=lambda user: user is not read)
+        names.append(target)
+    ep.graph_module.recompile()
+    return frozenset(names)
+
+
+def canonical_program(ep):
+    """(`ep` as qcc imports it, the state names stored transposed): torch-mlir's decompositions,
+    expands simplified, every linear's weight in nn.Linear's [N, K] layout.  Calibration runs
+    this same program, so its linear layers and parameter values are the IR's."""
     from torch_mlir.extras.fx_decomp_util import get_decomposition_table
-    from torch_mlir.extras.fx_importer import FxImporter
 
     ep = ep.run_decompositions(get_decomposition_table())
     _simplify_expands(ep.graph)
+    return ep, _linear_weights_as_nk(ep)
+
+
+def import_program(ep, ctx) -> ImportedProgram:
+    from torch_mlir import ir
+    from torch_mlir.extras.fx_importer import FxImporter
+
+    ep, transposed = canonical_program(ep)
     sig = ep.graph_signature
     if sig.buffers_to_mutate or getattr(sig, "user_inputs_to_mutate", None):
         raise QccError("the model mutates its buffers or inputs in forward()",
@@ -181,7 +238,7 @@ def import_program(ep, ctx) -> ImportedProgram:
             else:
                 arg_attrs.append(ir.DictAttr.get({}))
         func.attributes["arg_attrs"] = ir.ArrayAttr.get(arg_attrs)
-    return ImportedProgram(module, params, inputs, outputs, _dim_ranges(ep))
+    return ImportedProgram(module, params, inputs, outputs, _dim_ranges(ep), ep, transposed)
 
 
 def _dim_ranges(ep) -> dict:

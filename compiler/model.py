@@ -27,6 +27,12 @@ class CompiledModel:
     def outputs(self) -> list[dict]:
         return self.manifest["outputs"]
 
+    @property
+    def remarks(self) -> list[str]:
+        """What the compiler chose not to do, and why (layers left float, rotations skipped):
+        the quantization passes' remarks, kept in the artifact."""
+        return self.manifest.get("remarks", [])
+
     def _check_inputs(self, arrays):
         """Checks inputs against the signature; returns them contiguous, and the values
         of the symbolic dimensions ({name: size})."""

@@ -11,7 +11,16 @@ from qcc.dialects import formats
 
 
 def dequantized_weights(compiled) -> dict[str, np.ndarray]:
-    """{original weight name: float32 [N, K]} decoded from the artifact's packed weights."""
+    """{original weight name: float32 in the model's layout} decoded from the artifact's packed
+    weights: [N, K], or [K, N] for a weight the model multiplies as `x @ W` ("transposed")."""
+    out = _dequantized_nk(compiled)
+    for layer in compiled.manifest.get("layers", []):
+        if layer.get("transposed"):
+            out[layer["weight"]] = np.ascontiguousarray(out[layer["weight"]].T)
+    return out
+
+
+def _dequantized_nk(compiled) -> dict[str, np.ndarray]:
     out = {}
     backend_packed = compiled.manifest.get("cpu", {}).get("kernels", {})
     for layer in compiled.manifest.get("layers", []):

@@ -55,6 +55,29 @@ def linear_sites(func):
     return sites
 
 
+_WEIGHT_READERS = {"torch.aten.convolution": "convolution", "torch.aten.mm": "matmul",
+                   "torch.aten.bmm": "batched matmul", "torch.aten.matmul": "matmul"}
+
+
+def float_weight_uses(module) -> list[str]:
+    """"<param> [shape] (<op>)" for each parameter a convolution or matmul reads other than as a
+    linear layer's weight (`linear_sites`): weights a weight quantizer leaves float."""
+    found = []
+    for func in irutil.functions(module):
+        sig = irutil.Signature(func)
+        for name, what in _WEIGHT_READERS.items():
+            for op in irutil.walk(func, name):
+                if name == "torch.aten.mm" and transposed_param(func, op.operands[1]) is not None:
+                    continue  # a linear layer (one the recipe keeps float on purpose, if still here)
+                for operand in list(op.operands)[:2]:
+                    index = irutil.block_arg_number(operand)
+                    param = None if index is None else sig.param_name(index)
+                    if param is not None:
+                        shape = "x".join(str(d) for d in irutil.vtensor_shape(operand.type)[0])
+                        found.append(f"{param} [{shape}] ({what})")
+    return sorted(set(found))
+
+
 # ---------------------------------------------------------------------------
 # Rounding
 # ---------------------------------------------------------------------------

@@ -248,6 +248,52 @@ class LlamaBlock(nn.Module):
         return (torch.randn(batch, seq, self.hidden, generator=_gen(seed + 1000)),)
 
 
+class Conv1D(nn.Module):
+    """GPT-2's projection: y = x @ W + b with W [in, out] (the transpose of nn.Linear's)."""
+
+    def __init__(self, in_f: int, out_f: int, g: torch.Generator, std: float):
+        super().__init__()
+        self.weight = nn.Parameter(_normal_(torch.empty(in_f, out_f), g, std))
+        self.bias = nn.Parameter(_normal_(torch.empty(out_f), g, 0.1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape[:-1] + (self.weight.shape[1],)
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(shape)
+
+
+class GPT2Block(nn.Module):
+    """One GPT-2 block: LayerNorm (with bias), fused qkv and the other projections as Conv1D
+    (``x @ W``), causal attention, tanh GELU.  Input/output ``[batch, seq, hidden]``."""
+
+    def __init__(self, hidden: int = 256, heads: int = 4, seed: int = 0):
+        super().__init__()
+        g = _gen(seed)
+        self.hidden, self.heads = hidden, heads
+        self.ln_1 = nn.LayerNorm(hidden)
+        self.ln_2 = nn.LayerNorm(hidden)
+        for ln in (self.ln_1, self.ln_2):
+            with torch.no_grad():
+                _normal_(ln.weight, g, 0.1, mean=1.0)
+                _normal_(ln.bias, g, 0.1)
+        std = 1.0 / math.sqrt(hidden)
+        self.c_attn = Conv1D(hidden, 3 * hidden, g, std)
+        self.c_proj = Conv1D(hidden, hidden, g, std)
+        self.c_fc = Conv1D(hidden, 4 * hidden, g, std)
+        self.mlp_proj = Conv1D(4 * hidden, hidden, g, 0.5 / math.sqrt(hidden))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, h = x.shape
+        d = h // self.heads
+        q, k, v = self.c_attn(self.ln_1(x)).split(h, dim=-1)
+        q, k, v = (t.reshape(b, s, self.heads, d).transpose(1, 2) for t in (q, k, v))
+        att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.c_proj(att.transpose(1, 2).reshape(b, s, h))
+        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+    def example_inputs(self, batch: int = 2, seq: int = 16, seed: int = 0) -> Tuple[torch.Tensor]:
+        return (torch.randn(batch, seq, self.hidden, generator=_gen(seed + 1000)),)
+
+
 # ---------------------------------------------------------------------------
 # 3. Llama model
 # ---------------------------------------------------------------------------
@@ -389,6 +435,11 @@ def _zoo_llama_model(seed: int = 0):
     return m, m.example_inputs(batch=1, seq=16, seed=seed)
 
 
+def _zoo_gpt2_block(seed: int = 0):
+    m = GPT2Block(hidden=128, heads=4, seed=seed).eval()
+    return m, m.example_inputs(batch=2, seq=12, seed=seed)
+
+
 def _zoo_cnn(seed: int = 0):
     m = SmallCNN(seed=seed).eval()
     return m, m.example_inputs(batch=2, size=32, seed=seed)
@@ -400,4 +451,5 @@ ZOO: Dict[str, Callable[..., Tuple[nn.Module, Tuple[torch.Tensor, ...]]]] = {
     "llama_block": _zoo_llama_block,
     "llama_model": _zoo_llama_model,
     "cnn": _zoo_cnn,
+    "gpt2_block": _zoo_gpt2_block,
 }

@@ -65,6 +65,8 @@ def cmd_compile(args) -> int:
     m.save(args.output)
     if not args.quiet:
         _print_summary(m, args.output)
+        for remark in m.remarks:
+            print(f"qcc: remark: {remark}", file=sys.stderr)
     if args.timing:
         for stage, secs in m.compile_seconds.items():
             print(f"  {stage:16s} {secs:8.3f} s", file=sys.stderr)

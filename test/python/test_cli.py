@@ -155,3 +155,17 @@ def test_bench_cuda_without_gpu_is_a_clear_error():
     if runtime.available()[0]:
         pytest.skip("a GPU is present: the CUDA benchmark would run")
     assert_user_error(qcc_cli("bench", "linear", "--target", "cuda"), "no usable GPU for --target cuda")
+
+
+def test_compile_prints_remarks(tmp_path):
+    """What a recipe left undone (here: a GPT-2 block's residual stream, which has no RMSNorm,
+    is not rotated) reaches the user as a remark on stderr."""
+    model = models.GPT2Block(hidden=128, heads=4, seed=1).eval()
+    inputs = model.example_inputs(batch=1, seq=6, seed=2)
+    path = tmp_path / "gpt2.pt2"
+    torch.export.save(torch.export.export(model, inputs), path)
+    np.savez(tmp_path / "calib.npz", x=torch.cat([model.example_inputs(1, 6, seed=s)[0] for s in range(3)])[:, None])
+    proc = qcc_cli("compile", path, "--quant=w8a8-had", "--calib", tmp_path / "calib.npz", "-o", tmp_path / "g.qcc")
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote" in proc.stdout and "4 quantized layer(s)" in proc.stdout
+    assert "qcc: remark: fuse-rotation: no residual stream with an RMSNorm found; nothing rotated" in proc.stderr

@@ -121,6 +121,11 @@ def mlp():
     return m, m.example_inputs(batch=5, seed=3)
 
 
+def gpt2_block():
+    m = models.GPT2Block(hidden=128, heads=4, seed=2).eval()
+    return m, m.example_inputs(batch=1, seq=4, seed=3)
+
+
 CASES = {
     "block-float": (llama_block, "float"),
     "block-w4a16-g128": (llama_block, "w4a16-g128"),
@@ -142,6 +147,7 @@ CASES = {
     "sdpa-gqa-decode-float": (sdpa_gqa_decode, "float"),  # k^T scaled, heads mapped onto KV heads
     "gelu-tanh-float": (gelu_tanh, "float"),  # an f32 constant LLVM prints as a short decimal
     "mlp-w8a16": (mlp, "w8a16"),  # biases, GELU (erf): libdevice
+    "gpt2-block-w4a16-g128": (gpt2_block, "w4a16-g128"),  # x @ W weights, LayerNorm, fused qkv
 }
 _COMPILED = {}
 

@@ -28,6 +28,9 @@ QUANT_MODELS = {
     "mlp": lambda: (lambda m: (m, m.example_inputs(batch=5, seed=3)))(models.MLP(in_features=128, seed=2).eval()),
     "llama_block": lambda: (lambda m: (m, m.example_inputs(batch=2, seq=8, seed=3)))(
         models.LlamaBlock(hidden=256, heads=4, kv_heads=2, ffn=768, seed=2).eval()),
+    # x @ W projections ([K, N] weights): stored transposed, quantized like nn.Linear's
+    "gpt2_block": lambda: (lambda m: (m, m.example_inputs(batch=2, seq=8, seed=3)))(
+        models.GPT2Block(hidden=256, heads=4, seed=2).eval()),
 }
 
 
@@ -37,7 +40,7 @@ def test_quantized_matches_dequantized_reference(name, recipe):
     model, inputs = QUANT_MODELS[name]()
     compiled = qcc.compile(model, inputs, target="cpu", quant=recipe)
     layers = compiled.manifest["layers"]
-    n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    n_linear = sum(isinstance(m, (torch.nn.Linear, models.Conv1D)) for m in model.modules())
     assert len(layers) == n_linear
     reference = copy.deepcopy(model)
     load_into_torch(reference, dequantized_weights(compiled))
@@ -232,3 +235,16 @@ def test_batched_decode_step(recipe):
     for got, ref in zip(compiled(*inputs), expect):
         assert got.shape == ref.shape
         assert rel_err(got.numpy(), ref.numpy()) <= 1e-4
+
+
+def test_weights_left_float_are_remarked(tmp_path):
+    """A recipe quantizes linear layers; convolutions stay float, and the artifact says so
+    (kept through save / load) instead of leaving it silent."""
+    model, inputs = models.ZOO["cnn"](seed=1)
+    compiled = qcc.compile(model, inputs, target="cpu", quant="w8a16")
+    assert [layer["weight"] for layer in compiled.manifest["layers"]] == ["fc.weight"]
+    assert compiled.remarks == ["w8a16: weights left float (qcc quantizes linear layers only): "
+                                "conv1.weight [16x3x3x3] (convolution), conv2.weight [32x16x3x3] (convolution)"]
+    compiled.save(str(tmp_path / "cnn.qcc"))
+    assert qcc.load(str(tmp_path / "cnn.qcc")).remarks == compiled.remarks
+    assert qcc.compile(model, inputs, target="cpu", quant="float").remarks == []
