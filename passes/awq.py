@@ -63,6 +63,10 @@ class Awq(QccPass):
         store = self.session.params
         for func in irutil.functions(module):
             groups, others = scale_groups(func)
+            if others:
+                self.session.remarks.append(
+                    f"{self.name}: left {len(others)} linear layer(s) unscaled (no producer to fold 1/s into): "
+                    + ", ".join(weight_name(func, mm) for mm in others))
             if not groups:
                 continue
             stats = stats_or_error(self.session, ("mean_abs", "samples"), self.options.stats,
@@ -82,7 +86,3 @@ class Awq(QccPass):
             commit_edits(self.session, edits)
             self.session.remarks.append(f"{self.name}: output error reduction vs round-to-nearest on calibration "
                                         f"rows: " + ", ".join(gains))
-            if others:
-                self.session.remarks.append(
-                    f"{self.name}: left {len(others)} linear layer(s) unscaled (no producer to fold 1/s into): "
-                    + ", ".join(weight_name(func, mm) for mm in others))

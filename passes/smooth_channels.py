@@ -4,7 +4,7 @@ SmoothQuant (Xiao et al. 2023, arXiv:2211.10438): for linear layers reading one
 input x, x W^T = (x / s) (W diag(s))^T with s_j = max|x_j|^a / max|W_:,j|^(1-a)
 (a = alpha, default 0.5) from calibration, so activations get easier to quantize
 and weights absorb the range.  The 1/s is folded into x's producer: the RMSNorm
-scale (g / s) or the rows of the linear feeding an elementwise product, e.g. the
+scale (g / s), LayerNorm's scale and shift (g / s, b / s), or the rows of the linear feeding an elementwise product, e.g. the
 up projection of a SwiGLU MLP (W_up / s).  Float function unchanged; layers whose
 input has no such producer are left alone with a remark.
 """
@@ -16,7 +16,7 @@ import numpy as np
 from qcc import calibration, irutil
 from qcc.errors import QccError
 from qcc.passes import PassError, QccPass, register
-from qcc.passes.fuse_rotation import VIEW_OPS, WeightEdits, shape_of, uses, weight_name, weight_use
+from qcc.passes.fuse_rotation import VIEW_OPS, WeightEdits, const_number, shape_of, uses, weight_name, weight_use
 from qcc.passes.quantize_weights import linear_sites, transposed_param
 
 _BIAS_CHAIN = ("torch.aten.mul.Scalar", "torch.aten.add.Tensor")
@@ -26,7 +26,8 @@ _BIAS_CHAIN = ("torch.aten.mul.Scalar", "torch.aten.add.Tensor")
 class ScaleGroup:
     """Linear layers (`readers`) reading one value x whose producer can absorb diag(1/s).
 
-    kind "norm": x = g * n, producer = (mul op, operand index of g);
+    kind "norm": x = g * n (RMSNorm) or g * n + b (LayerNorm), producer = (mul op, operand
+    index of g), bias = (add op, operand index of b) or None;
     kind "linear": x = a * y with y = linear(...) (+ bias), producer = that mm op,
     bias = (op, operand index) of its 1-D bias parameter or None.
     """
@@ -90,19 +91,31 @@ def _linear_producer(func, value):
             return None
 
 
+def _norm_bias(func, value):
+    """(add op, 1) if `value`'s only use is `add(value, b)` with b a parameter vector, alpha 1:
+    LayerNorm's shift after its scale."""
+    users = uses(value)
+    if len(users) != 1:
+        return None
+    op, index = users[0]
+    if op.name != "torch.aten.add.Tensor" or index != 0 or const_number(op.operands[2]) != 1:
+        return None
+    return (op, 1) if _param_vector(func, op.operands[1], shape_of(value)[-1]) else None
+
+
 def scale_groups(func):
     """(groups whose producer can absorb 1/s, readers of all other linear layers)."""
     groups, covered = [], set()
     for op in irutil.walk(func, "torch.aten.mul.Tensor"):
-        readers = linear_readers(func, op.result)
+        k = shape_of(op.result)[-1]
+        scale = next((i for i in (0, 1) if _param_vector(func, op.operands[i], k)), None)
+        bias = _norm_bias(func, op.result) if scale is not None else None
+        readers = linear_readers(func, (bias[0] if bias else op).result)
         if not readers:
             continue
-        k = shape_of(op.result)[-1]
         group = None
-        for i in (0, 1):
-            if _param_vector(func, op.operands[i], k):
-                group = ScaleGroup("norm", readers, (op, i))
-                break
+        if scale is not None:  # RMSNorm's g * n, or LayerNorm's g * n + b
+            group = ScaleGroup("norm", readers, (op, scale), bias)
         if group is None:
             for i in (1, 0):
                 found = _linear_producer(func, op.operands[i])
@@ -124,6 +137,8 @@ def fold_scales(group, s, edits):
     if group.kind == "norm":
         op, index = group.producer
         edits.add(op, index, ("scale_vec", 1.0 / s))
+        if group.bias is not None:
+            edits.add(*group.bias, ("scale_vec", 1.0 / s))
     else:
         op, index = weight_use(group.producer)
         edits.add(op, index, ("scale_rows", 1.0 / s))
@@ -173,6 +188,10 @@ class SmoothChannels(QccPass):
         store = self.session.params
         for func in irutil.functions(module):
             groups, others = scale_groups(func)
+            if others:
+                self.session.remarks.append(
+                    f"{self.name}: left {len(others)} linear layer(s) unsmoothed (no producer to fold 1/s into): "
+                    + ", ".join(weight_name(func, mm) for mm in others))
             if not groups:
                 continue
             stats = stats_or_error(self.session, ("absmax",), self.options.stats)
@@ -185,10 +204,6 @@ class SmoothChannels(QccPass):
                 s = smooth_scales(act, wmax, alpha)
                 fold_scales(group, s, edits)
             commit_edits(self.session, edits)
-            if others:
-                self.session.remarks.append(
-                    f"{self.name}: left {len(others)} linear layer(s) unsmoothed (no producer to fold 1/s into): "
-                    + ", ".join(weight_name(func, mm) for mm in others))
 
 
 def smooth_scales(act_absmax, w_absmax, alpha):

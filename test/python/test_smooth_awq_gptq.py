@@ -11,6 +11,7 @@ import models
 from oracles import float64_out, rel_err
 import qcc
 from qcc.dialects import formats
+from qcc.dialects.formats import activation
 from qcc.passes.awq import search_scales
 from qcc.passes.gptq import gptq_quantize
 from qcc.passes.quantize_weights import clipped_scales, round_with_scales, search_clip
@@ -101,6 +102,34 @@ def test_smooth_and_awq_keep_the_float_function(outlier_model):
     norm = compiled.weights["layers.0.input_layernorm.weight"]
     assert "layers.0.input_layernorm.weight" in args
     assert not np.allclose(norm, model.layers[0].input_layernorm.weight.detach().numpy())  # 1/s folded in
+
+
+def test_smooth_folds_into_layernorm_scale_and_shift():
+    """GPT-2's LayerNorm (g * n + b) absorbs 1/s in g and b; its x @ W projections (stored
+    transposed) take s in their input columns; the float function is unchanged, and the
+    quantized artifact matches the float64 model holding its parameters."""
+    model = models.GPT2Block(hidden=128, heads=4, seed=4).eval()
+    g = torch.Generator().manual_seed(7)
+    calib = [(torch.randn(1, 12, 128, generator=g) * (1 + 9 * (torch.arange(128) % 37 == 0)),) for _ in range(4)]
+    inputs = calib[0]
+    compiled = qcc.compile(model, inputs, calibration=calib, quant={"passes": ["smooth-channels{alpha=0.5}"]})
+    assert rel_err(compiled(*inputs).numpy(), float64_out(model, inputs)) <= 1e-4
+    for name in ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias"):
+        before = dict(model.named_parameters())[name].detach().numpy()
+        assert not np.allclose(compiled.weights[name], before), name  # 1/s folded in
+    assert compiled.remarks == ["smooth-channels: left 2 linear layer(s) unsmoothed (no producer to fold 1/s "
+                                "into): c_proj.weight, mlp_proj.weight"]
+    quantized = qcc.compile(model, inputs, calibration=calib, quant="w8a8-smooth")
+    ref = oracle(model, quantized)  # decoded int8 weights, smoothed LayerNorms
+    per_token = activation.ACT_FORMATS["int8_sym_token"]
+    for mod in ref.modules():
+        if isinstance(mod, models.Conv1D):
+            mod.register_forward_pre_hook(lambda m, args: (torch.from_numpy(activation.fake_quant_act(
+                args[0].detach().reshape(-1, args[0].shape[-1]).numpy(), per_token)).reshape(args[0].shape),))
+    with torch.no_grad():
+        expect = ref(*inputs).numpy()
+    assert rel_err(quantized(*inputs).numpy(), expect) <= 1e-4
+    assert rel_err(float64_out(model, inputs), expect) > 1e-4
 
 
 QUANT = {"smooth-int8": {"weight_format": "int8_sym_channel", "passes": ["smooth-channels"]},
