@@ -1,0 +1,63 @@
+"""Hugging Face transformers architectures, built from small random configs (no hub):
+each compiles with w4a16-g128, quantizes every projection (nn.Linear, and GPT-2's Conv1D
+`x @ W`), and matches the float64 model holding the artifact's decoded weights."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from oracles import rel_err
+import qcc
+from qcc.reference import dequantized_weights
+
+T = pytest.importorskip("transformers")
+
+VOCAB = 320
+COMMON = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+              num_attention_heads=4, max_position_embeddings=64)
+CONFIGS = {
+    "llama": lambda: T.LlamaConfig(num_key_value_heads=2, **COMMON),         # GQA, RMSNorm, SwiGLU
+    "qwen2": lambda: T.Qwen2Config(num_key_value_heads=2, **COMMON),         # q/k/v biases
+    "gemma": lambda: T.GemmaConfig(num_key_value_heads=1, head_dim=32, **COMMON),  # tied head, GeGLU
+    "phi3": lambda: T.Phi3Config(num_key_value_heads=4, pad_token_id=0, **COMMON),  # fused qkv, gate_up
+    "gpt2": lambda: T.GPT2Config(vocab_size=VOCAB, n_embd=128, n_layer=2, n_head=4, n_positions=64),  # Conv1D
+    "opt": lambda: T.OPTConfig(vocab_size=VOCAB, hidden_size=128, ffn_dim=256, num_hidden_layers=2,
+                               num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=128),
+}
+
+
+class Logits(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(input_ids=ids, use_cache=False).logits
+
+
+def projections(model):
+    """Weight names of the layers a recipe must quantize: nn.Linear and transformers' Conv1D."""
+    from transformers.pytorch_utils import Conv1D
+
+    return sorted(f"{n}.weight" for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D)))
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_hf_model_w4a16_matches_dequantized_reference(arch):
+    torch.manual_seed(0)
+    model = Logits(T.AutoModelForCausalLM.from_config(CONFIGS[arch]()).eval()).eval()
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(1))
+    compiled = qcc.compile(model, (ids,), target="cpu", quant="w4a16-g128")
+    assert sorted(layer["weight"] for layer in compiled.manifest["layers"]) == projections(model)
+
+    reference = copy.deepcopy(model).double()
+    modules = dict(reference.named_modules())
+    with torch.no_grad():
+        for name, value in dequantized_weights(compiled).items():  # per module: unties a tied head
+            modules[name.rsplit(".", 1)[0]].weight = torch.nn.Parameter(torch.from_numpy(value.astype(np.float64)))
+        expect = reference(ids).numpy()
+        float_out = copy.deepcopy(model).double()(ids).numpy()
+    assert rel_err(compiled(ids).numpy(), expect) <= 1e-4
+    assert rel_err(float_out, expect) > 1e-3  # quantization really happened
