@@ -82,7 +82,12 @@ class IntLayout:
 
     @property
     def x_words(self) -> int:
-        return self.k_pad // self.x_per_word
+        """32-bit words a row of quantized x takes: K's codes, and one more cache line when a
+        row would be a multiple of 1 KB.  Rows a power-of-two stride apart fall in the same L1
+        sets, and the int4 GEMM's 12-row tile then evicts its own rows: at K = 4096 and 8192
+        it ran at 2/3 of its rate at K = 3968 or 4224 (Zen 4)."""
+        words = self.k_pad // self.x_per_word
+        return words + 16 if (4 * words) % 1024 == 0 else words
 
     @property
     def blocks(self) -> int:

@@ -166,6 +166,9 @@ KERNEL_CASES = [
     ("int8_sym_channel", "int4_sym_token", 17, 64, {"gemv_nr": 2, "gemm_nr": 4, "gemm_mr": 1, "gemm_nr_vnni": 4,
                                                     "gemm_mr_vnni": 1}),
     ("int8_sym_channel", "int8_sym_token", 70, 160, {"gemm_mr_vnni": 6, "gemm_nr_vnni": 4, "int8_quads": 2}),
+    # rows of quantized x a multiple of 1 KB: padded by a cache line (IntLayout.x_words)
+    ("int4_asym_g128", "int8_sym_token", 24, 1024, {}),
+    ("int8_sym_channel", "int8_sym_token", 16, 1024, {}),
 ]
 # only the vnni form has kernels for these (unsigned int8 codes saturate vpmaddubsw's i16 pairs)
 VNNI_ONLY_CASES = [
