@@ -23,8 +23,9 @@ A float linear layer (a layer the recipe keeps float, or a float model) arrives 
 `linalg.matmul(x, transpose(W))`: it calls `kernels.matmul_bt`, which reads W in its
 own layout (no transposed copy per call) in register tiles of dot products; M may
 be dynamic (the token count).  Without it the layer ran as scalar loops at 0.7
-GFLOP/s (128 x 2048 x 2048: 1563 ms against torch's 24.5).  `x @ W` with W [K, N]
-(torch.addmm, GPT-2's Conv1D) calls `kernels.matmul_kn`, the tiled outer-product kernel.
+GFLOP/s (128 x 2048 x 2048: 1563 ms against torch's 24.5).  `x @ W` with W [K, N] a
+run-time tensor calls `kernels.matmul_kn`, the tiled outer-product kernel (a parameter W,
+GPT-2's Conv1D, arrives as a linear layer: the frontend stores it transposed).
 """
 
 import dataclasses

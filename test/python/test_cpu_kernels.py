@@ -292,32 +292,44 @@ def test_float_linear_matches_torch(tmp_path, k, n):
 
 
 @pytest.mark.parametrize("k,n", [(100, 37), (64, 300)])
-def test_float_matmul_with_a_k_major_weight(tmp_path, k, n):
-    """A float x @ W + b with W [K, N] (GPT-2's Conv1D: torch.addmm) runs kernels.matmul_kn (the
-    tiled outer-product kernel on a batch of one; 300 columns: two column chunks, a masked last
-    vector) and matches torch in float64 for row counts around the row tiles."""
+@pytest.mark.parametrize("w_is_param", [True, False])
+def test_float_matmul_with_a_k_major_weight(tmp_path, k, n, w_is_param):
+    """A float x @ W + b with W [K, N] (GPT-2's Conv1D: torch.addmm) matches torch in float64 for
+    row counts around the row tiles.  A parameter W is stored transposed by the frontend and
+    runs kernels.matmul_bt, as nn.Linear's weight does; a W passed in runs kernels.matmul_kn
+    (the tiled outer-product kernel on a batch of one; 300 columns: two column chunks, a masked
+    last vector)."""
     import torch
+
+    g = torch.Generator().manual_seed(k + n)
+    w = torch.randn(k, n, generator=g) / k ** 0.5
 
     class Conv1D(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            g = torch.Generator().manual_seed(k + n)
-            self.w = torch.nn.Parameter(torch.randn(k, n, generator=g) / k ** 0.5)
+            self.w = torch.nn.Parameter(w.clone())
             self.b = torch.nn.Parameter(torch.randn(n, generator=g))
 
         def forward(self, x):
             return torch.addmm(self.b, x, self.w)
 
-    mod = Conv1D().eval()
-    tokens = ({0: torch.export.Dim("tokens", min=1, max=512)},)
-    compiled, selected = _compile_with_ir(mod, (torch.randn(4, k),), tmp_path, quant="float", dynamic_shapes=tokens)
-    assert f"call @qcc_cpu_matmul_kn_dx{n}x{k}(" in selected and "linalg.matmul" not in selected
+    class Conv1DWeightIn(Conv1D):
+        def forward(self, x, w_in):
+            return torch.addmm(self.b, x, w_in)
+
+    mod = (Conv1D if w_is_param else Conv1DWeightIn)().eval()
+    extra = () if w_is_param else (w,)
+    tokens = ({0: torch.export.Dim("tokens", min=1, max=512)},) + (None,) * len(extra)
+    compiled, selected = _compile_with_ir(mod, (torch.randn(4, k), *extra), tmp_path, quant="float",
+                                          dynamic_shapes=tokens)
+    kernel = f"qcc_cpu_matmul_bt_dx{n}x{k}" if w_is_param else f"qcc_cpu_matmul_kn_dx{n}x{k}"
+    assert f"call @{kernel}(" in selected and "linalg.matmul" not in selected
     with torch.no_grad():
         for m in (1, 5, 13, 61):
             x = torch.randn(m, k)
-            expect = mod.double()(x.double()).numpy()
+            expect = mod.double()(x.double(), *(t.double() for t in extra)).numpy()
             mod.float()
-            got = compiled(x).numpy()
+            got = compiled(x, *extra).numpy()
             assert np.abs(got - expect).max() / np.abs(expect).max() < 1e-5, f"M={m}"
 
 
