@@ -181,14 +181,62 @@ def _linear_weights_as_nk(ep) -> frozenset:
     return frozenset(names)
 
 
+def _batched_linears_as_mm(ep) -> None:
+    """`bmm(a, expand(W^T or W, [B, K, N]))` with W a 2-D state tensor becomes
+    `view(mm(view(a, [B M, K]), W^T or W), [B, M, N])`.
+
+    torch's matmul decomposition writes x @ W^T this way when x is 3-D and not contiguous as
+    [B M, K] (nn.MultiheadAttention's packed in-projection after its batch_first transpose).
+    As an mm it is a linear layer (then quantized) instead of a float batched matmul against
+    B broadcast copies of the weight.  B and M may be run-time sizes."""
+    aten = torch.ops.aten
+    state = {n.name for n, spec in zip((n for n in ep.graph.nodes if n.op == "placeholder"),
+                                       ep.graph_signature.input_specs) if spec.kind.name != "USER_INPUT"}
+    for node in list(ep.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.bmm.default:
+            continue
+        a, b = node.args
+        w = b.args[0] if getattr(b, "target", None) is aten.view.default else b
+        if getattr(w, "target", None) is not aten.expand.default:
+            continue
+        w = w.args[0]
+        src = w.args[0] if getattr(w, "target", None) is aten.permute.default and list(w.args[1]) == [1, 0] else w
+        if getattr(src, "op", None) != "placeholder" or src.name not in state:
+            continue
+        a_val, w_val, out_val = a.meta.get("val"), w.meta.get("val"), node.meta.get("val")
+        shapes = [a_val.shape, w_val.shape] if isinstance(a_val, torch.Tensor) and isinstance(w_val, torch.Tensor) else []
+        if not shapes or w_val.dim() != 2 or not all(isinstance(d, int) for d in w_val.shape):
+            continue
+        k = w_val.shape[0]
+        with ep.graph.inserting_before(node):  # reshape: `a` may be a transposed view (a copy then)
+            sizes = []
+            for i in range(2):  # run-time sizes read from `a`, as export writes them
+                if isinstance(a_val.shape[i], int):
+                    sizes.append(a_val.shape[i])
+                else:
+                    sizes.append(ep.graph.call_function(aten.sym_size.int, (a, i)))
+                    sizes[-1].meta["val"] = a_val.shape[i]
+            rows = ep.graph.call_function(aten.reshape.default, (a, [-1, k]))
+            mm = ep.graph.call_function(aten.mm.default, (rows, w))
+            out = ep.graph.call_function(aten.view.default, (mm, [*sizes, w_val.shape[1]]))
+        rows.meta["val"] = a_val.reshape(-1, k)
+        mm.meta["val"] = torch.mm(rows.meta["val"], w_val)
+        out.meta["val"] = mm.meta["val"].view(out_val.shape)
+        node.replace_all_uses_with(out)
+        ep.graph.erase_node(node)
+    ep.graph.eliminate_dead_code()
+
+
 def canonical_program(ep):
     """(`ep` as qcc imports it, the state names stored transposed): torch-mlir's decompositions,
-    expands simplified, every linear's weight in nn.Linear's [N, K] layout.  Calibration runs
+    expands simplified, batched products with a broadcast weight as mm, every linear's weight
+    in nn.Linear's [N, K] layout.  Calibration runs
     this same program, so its linear layers and parameter values are the IR's."""
     from torch_mlir.extras.fx_decomp_util import get_decomposition_table
 
     ep = ep.run_decompositions(get_decomposition_table())
     _simplify_expands(ep.graph)
+    _batched_linears_as_mm(ep)
     return ep, _linear_weights_as_nk(ep)
 
 

@@ -57,25 +57,37 @@ def linear_sites(func):
 
 _WEIGHT_READERS = {"torch.aten.convolution": "convolution", "torch.aten.mm": "matmul",
                    "torch.aten.bmm": "batched matmul", "torch.aten.matmul": "matmul"}
+# ops through which a parameter still reaches a product as a weight (transposed, sliced, broadcast)
+_WEIGHT_VIEWS = ("torch.aten.permute", "torch.aten.t", "torch.aten.transpose.int", "torch.aten.view",
+                 "torch.aten.reshape", "torch.aten._unsafe_view", "torch.aten.expand", "torch.aten.broadcast_to",
+                 "torch.aten.slice.Tensor",
+                 "torch.aten.unsqueeze", "torch.aten.squeeze.dim", "torch.aten.contiguous", "torch.aten.clone")
 
 
 def float_weight_uses(module) -> list[str]:
-    """"<param> [shape] (<op>)" for each parameter a convolution or matmul reads other than as a
-    linear layer's weight (`linear_sites`): weights a weight quantizer leaves float."""
-    found = []
+    """"<param> [shape] (<op>)" for each parameter a convolution or matmul reads (directly or
+    through views, transposes, slices) other than as a linear layer's weight (`linear_sites`):
+    weights a weight quantizer leaves float."""
+    found = set()
     for func in irutil.functions(module):
         sig = irutil.Signature(func)
-        for name, what in _WEIGHT_READERS.items():
-            for op in irutil.walk(func, name):
-                if name == "torch.aten.mm" and transposed_param(func, op.operands[1]) is not None:
-                    continue  # a linear layer (one the recipe keeps float on purpose, if still here)
-                for operand in list(op.operands)[:2]:
-                    index = irutil.block_arg_number(operand)
-                    param = None if index is None else sig.param_name(index)
-                    if param is not None:
-                        shape = "x".join(str(d) for d in irutil.vtensor_shape(operand.type)[0])
-                        found.append(f"{param} [{shape}] ({what})")
-    return sorted(set(found))
+        block = func.regions[0].blocks[0]
+        for index, arg in enumerate(block.arguments):
+            param = sig.param_name(index)
+            if param is None or not str(arg.type).startswith("!torch.vtensor"):  # codes are builtin tensors
+                continue
+            shape = "x".join(str(d) for d in irutil.vtensor_shape(arg.type)[0])
+            pending = [arg]
+            while pending:
+                value = pending.pop()
+                for use in value.uses:
+                    op = use.owner.operation
+                    if op.name in _WEIGHT_VIEWS and use.operand_number == 0:
+                        pending.append(op.results[0])
+                    elif op.name in _WEIGHT_READERS and use.operand_number < 2 and not (
+                            op.name == "torch.aten.mm" and transposed_param(func, op.operands[1]) is not None):
+                        found.add(f"{param} [{shape}] ({_WEIGHT_READERS[op.name]})")
+    return sorted(found)
 
 
 # ---------------------------------------------------------------------------

@@ -248,3 +248,42 @@ def test_weights_left_float_are_remarked(tmp_path):
     compiled.save(str(tmp_path / "cnn.qcc"))
     assert qcc.load(str(tmp_path / "cnn.qcc")).remarks == compiled.remarks
     assert qcc.compile(model, inputs, target="cpu", quant="float").remarks == []
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_multihead_attention_in_projection_is_a_linear_layer(dynamic):
+    """nn.MultiheadAttention (batch_first) multiplies its packed in-projection as a bmm against
+    the weight broadcast over the sequence (torch's matmul decomposition of a transposed x):
+    the frontend makes it an mm, so it is quantized like the other linears, also when the
+    sequence length is a run-time size."""
+    torch.manual_seed(3)
+    model = torch.nn.TransformerEncoderLayer(d_model=128, nhead=4, dim_feedforward=256, batch_first=True,
+                                             dropout=0.0).eval()
+    shapes = ({1: torch.export.Dim("seq", min=2, max=64)},) if dynamic else None
+    compiled = qcc.compile(model, (torch.randn(2, 10, 128),), target="cpu", quant="w8a16", dynamic_shapes=shapes)
+    assert sorted(layer["weight"] for layer in compiled.manifest["layers"]) == [
+        "linear1.weight", "linear2.weight", "self_attn.in_proj_weight", "self_attn.out_proj.weight"]
+    assert compiled.remarks == []
+    reference = copy.deepcopy(model)
+    load_into_torch(reference, dequantized_weights(compiled))
+    for seq in ((5, 10, 33) if dynamic else (10,)):
+        x = torch.randn(2, seq, 128)
+        assert rel_err(compiled(x).numpy(), float64_out(reference, (x,))) <= 1e-4
+
+
+def test_weights_read_through_views_are_remarked():
+    """A weight sliced before its product is no linear layer qcc can quantize: the remark names it."""
+
+    class Sliced(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(96, 64))
+            self.fc = torch.nn.Linear(64, 32)
+
+        def forward(self, x):
+            return self.fc(torch.nn.functional.linear(x, self.w[:64]))
+
+    model = Sliced().eval()
+    compiled = qcc.compile(model, (torch.randn(3, 64),), target="cpu", quant="w8a16")
+    assert [layer["weight"] for layer in compiled.manifest["layers"]] == ["fc.weight"]
+    assert compiled.remarks == ["w8a16: weights left float (qcc quantizes linear layers only): w [96x64] (matmul)"]
