@@ -1,6 +1,7 @@
 """Hugging Face transformers architectures, built from small random configs (no hub):
-each compiles with w4a16-g128, quantizes every projection (nn.Linear, and GPT-2's Conv1D
-`x @ W`), and matches the float64 model holding the artifact's decoded weights."""
+causal LMs with w4a16-g128, encoders (BERT with a padding mask, ViT) with w8a16; each
+quantizes every projection (nn.Linear, and GPT-2's Conv1D `x @ W`) and matches the float64
+model holding the artifact's decoded weights."""
 
 import copy
 
@@ -61,3 +62,49 @@ def test_hf_model_w4a16_matches_dequantized_reference(arch):
         float_out = copy.deepcopy(model).double()(ids).numpy()
     assert rel_err(compiled(ids).numpy(), expect) <= 1e-4
     assert rel_err(float_out, expect) > 1e-3  # quantization really happened
+
+
+class Encoded(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args):
+        if len(args) == 1:
+            return self.model(pixel_values=args[0]).last_hidden_state
+        return self.model(input_ids=args[0], attention_mask=args[1]).last_hidden_state
+
+
+ENCODERS = {
+    # padded batch: the attention mask's -inf columns
+    "bert": lambda: T.BertModel(T.BertConfig(vocab_size=VOCAB, hidden_size=128, num_hidden_layers=2,
+                                             num_attention_heads=4, intermediate_size=256,
+                                             max_position_embeddings=64), add_pooling_layer=False),
+    # a convolution patch embedding (left float, with a remark)
+    "vit": lambda: T.ViTModel(T.ViTConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                          intermediate_size=256, image_size=32, patch_size=8), add_pooling_layer=False),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ENCODERS))
+def test_hf_encoder_w8a16_matches_dequantized_reference(arch):
+    torch.manual_seed(0)
+    model = Encoded(ENCODERS[arch]().eval()).eval()
+    if arch == "vit":
+        args = (torch.randn(1, 3, 32, 32),)
+    else:
+        mask = torch.ones(2, 12, dtype=torch.long)
+        mask[1, 8:] = 0
+        args = (torch.randint(3, VOCAB, (2, 12)), mask)
+    compiled = qcc.compile(model, args, target="cpu", quant="w8a16")
+    assert sorted(layer["weight"] for layer in compiled.manifest["layers"]) == projections(model)
+    if arch == "vit":
+        assert compiled.remarks == ["w8a16: weights left float (qcc quantizes linear layers only): "
+                                    "model.embeddings.patch_embeddings.projection.weight [128x3x8x8] (convolution)"]
+    reference = copy.deepcopy(model).double()
+    modules = dict(reference.named_modules())
+    with torch.no_grad():
+        for name, value in dequantized_weights(compiled).items():
+            modules[name.rsplit(".", 1)[0]].weight = torch.nn.Parameter(torch.from_numpy(value.astype(np.float64)))
+        expect = reference(*(a.double() if a.is_floating_point() else a for a in args)).numpy()
+    assert rel_err(compiled(*args).numpy(), expect) <= 1e-4
