@@ -151,7 +151,7 @@ def linear_input_stats(ep, calibration_batches, want=("absmax", "mean_abs"), *, 
             continue
         param_of[node.name] = spec.target
         value = params.get(spec.target)
-        fixed.append(torch.from_numpy(np.ascontiguousarray(value)) if value is not None
+        fixed.append(torch.from_numpy(np.require(value, requirements="C")) if value is not None
                      else state[spec.target].detach())
     n_user = sum(v is None for v in fixed)
     accs: dict[str, _Accumulator] = {}

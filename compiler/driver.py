@@ -32,15 +32,20 @@ def _to_exported_program(model, example_inputs, allow_pickle, dynamic_shapes=Non
 
 
 def _entry_args(module, params):
-    """The entry's arguments in order: a parameter name, or a user input."""
+    """The entry's arguments in order: a parameter name, a state name, or a user input."""
     from qcc.irutil import Signature, functions
 
     main = next(f for f in functions(module.operation) if f.attributes["sym_name"].value == "main")
     sig = Signature(main)
     args = []
     for i in range(len(sig.block.arguments)):
-        name = sig.param_name(i)
-        args.append({"param": name} if name is not None else {"input": len([a for a in args if "input" in a])})
+        name, state = sig.param_name(i), sig.state_name(i)
+        if name is not None:
+            args.append({"param": name})
+        elif state is not None:
+            args.append({"state": state})
+        else:
+            args.append({"input": len([a for a in args if "input" in a])})
     return args
 
 
@@ -177,13 +182,15 @@ def compile(model, example_inputs=None, *, target: str = "cpu", quant: str | Non
     del ctx
 
     used = [a["param"] for a in entry_args if "param" in a]
-    weights = {n: np.ascontiguousarray(session.params[n]) for n in used}
+    weights = {n: np.require(session.params[n], requirements="C") for n in used}
+    weights.update(imported.state_values)  # the states' initial values
     manifest = {
         "target": target,
         "recipe": recipe.to_json(),
         "entry": {"name": "main", "args": entry_args},
         "inputs": [s.to_json() for s in imported.inputs],
         "outputs": [s.to_json() for s in imported.outputs],
+        "states": [s.to_json() for s in imported.states],
         "dims": imported.dims,
         "layers": _layer_report(weights, session.layers, imported.transposed),
         "remarks": list(session.remarks),

@@ -30,9 +30,13 @@ class TensorSpec:
     name: str
     shape: list  # ints, or strings for symbolic dims
     dtype: str   # numpy dtype name
+    state: str | None = None  # an output: the new value of this state (a buffer forward() updates)
 
     def to_json(self):
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if self.state is None:
+            del d["state"]
+        return d
 
 
 @dataclasses.dataclass
@@ -44,6 +48,9 @@ class ImportedProgram:
     dims: dict = dataclasses.field(default_factory=dict)  # symbol -> [min, max or None]: export's ranges
     program: "object" = None    # the canonical ExportedProgram the module was imported from
     transposed: frozenset = frozenset()  # state names stored transposed (a [K, N] `x @ W` weight)
+    # buffers forward() updates (a KV cache kept in the model): [TensorSpec], and initial values
+    states: list = dataclasses.field(default_factory=list)
+    state_values: dict = dataclasses.field(default_factory=dict)
 
 
 def load_program(path: str, allow_pickle: bool = False, example_inputs=None):
@@ -246,33 +253,43 @@ def import_program(ep, ctx) -> ImportedProgram:
 
     ep, transposed = canonical_program(ep)
     sig = ep.graph_signature
-    if sig.buffers_to_mutate or getattr(sig, "user_inputs_to_mutate", None):
-        raise QccError("the model mutates its buffers or inputs in forward()",
-                       hint="qcc compiles pure functions; remove in-place state updates")
+    if getattr(sig, "user_inputs_to_mutate", None):
+        raise QccError("the model writes into its inputs in forward()",
+                       hint="return the new value instead, or keep it in a registered buffer "
+                            "(a buffer forward() updates is state the compiled model keeps between calls)")
+    mutated = set(sig.buffers_to_mutate.values())
 
     state = {**ep.state_dict, **getattr(ep, "constants", {})}
     params = ParamStore()
-    param_of_input: dict[int, str] = {}
-    inputs = []
+    arg_attr: dict[int, tuple[str, str]] = {}  # placeholder index -> ("qcc.param" | "qcc.state", name)
+    inputs, states, state_values = [], [], {}
     placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
     for i, (node, spec) in enumerate(zip(placeholders, sig.input_specs)):
         kind = spec.kind.name
         if kind == "USER_INPUT":
             inputs.append(_spec_from_meta(node.name, node.meta["val"]))
+        elif kind == "BUFFER" and spec.target in mutated:  # state: an input and an output of each call
+            states.append(_spec_from_meta(spec.target, node.meta["val"]))
+            state_values[spec.target] = state[spec.target].detach().contiguous().numpy().copy()
+            arg_attr[i] = ("qcc.state", spec.target)
         elif kind in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR"):
             value = state[spec.target].detach()
             if value.dtype not in _TORCH_TO_NP or value.dtype == torch.bool:
                 raise QccError(f"parameter {spec.target} has unsupported dtype {value.dtype}")
             params[spec.target] = value.contiguous().numpy()
-            param_of_input[i] = spec.target
+            arg_attr[i] = ("qcc.param", spec.target)
         else:
             raise QccError(f"unsupported graph input kind {kind} for {node.name}")
     out_node = next(n for n in ep.graph.nodes if n.op == "output")
     outputs = []
-    for j, o in enumerate(out_node.args[0]):
+    for o, spec in zip(out_node.args[0], sig.output_specs):
+        j = len([x for x in outputs if x.state is None])
         if not hasattr(o, "meta") or not isinstance(o.meta.get("val"), torch.Tensor):
             raise QccError(f"output {j} is not a tensor", hint="return tensors (or a tuple of tensors) from forward()")
-        outputs.append(_spec_from_meta(f"output{j}", o.meta["val"]))
+        if spec.kind.name == "BUFFER_MUTATION":
+            outputs.append(dataclasses.replace(_spec_from_meta(spec.target, o.meta["val"]), state=spec.target))
+        else:
+            outputs.append(_spec_from_meta(f"output{j}", o.meta["val"]))
 
     importer = FxImporter(context=ctx)
     importer.import_stateless_graph(ep.graph, func_name="main")
@@ -281,12 +298,12 @@ def import_program(ep, ctx) -> ImportedProgram:
         func = module.body.operations[0]
         arg_attrs = []
         for i in range(len(placeholders)):
-            if i in param_of_input:
-                arg_attrs.append(ir.DictAttr.get({"qcc.param": ir.StringAttr.get(param_of_input[i])}))
+            if i in arg_attr:
+                arg_attrs.append(ir.DictAttr.get({arg_attr[i][0]: ir.StringAttr.get(arg_attr[i][1])}))
             else:
                 arg_attrs.append(ir.DictAttr.get({}))
         func.attributes["arg_attrs"] = ir.ArrayAttr.get(arg_attrs)
-    return ImportedProgram(module, params, inputs, outputs, _dim_ranges(ep), ep, transposed)
+    return ImportedProgram(module, params, inputs, outputs, _dim_ranges(ep), ep, transposed, states, state_values)
 
 
 def _dim_ranges(ep) -> dict:

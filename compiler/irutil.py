@@ -137,6 +137,11 @@ class Signature:
         d = ir.DictAttr(self._arg_attrs()[index])
         return ir.StringAttr(d["qcc.param"]).value if "qcc.param" in d else None
 
+    def state_name(self, index: int) -> str | None:
+        """The state (a buffer forward() updates) argument `index` carries in, if any."""
+        d = ir.DictAttr(self._arg_attrs()[index])
+        return ir.StringAttr(d["qcc.state"]).value if "qcc.state" in d else None
+
     def param_of(self, value: ir.Value) -> str | None:
         """The parameter name `value` is bound to, if it is a parameter argument of this function."""
         index = block_arg_number(value)

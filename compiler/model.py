@@ -17,6 +17,7 @@ class CompiledModel:
         self.code = code
         self._runner = None
         self._entry = self._fixed = None
+        self._state = None  # {state name: current value}, from the artifact's initial values
 
     # -- running ---------------------------------------------------------------
     @property
@@ -25,7 +26,22 @@ class CompiledModel:
 
     @property
     def outputs(self) -> list[dict]:
-        return self.manifest["outputs"]
+        """The values a call returns (the function's outputs less the states' new values)."""
+        return [o for o in self.manifest["outputs"] if "state" not in o]
+
+    # -- state -----------------------------------------------------------------
+    # A model whose forward() updates registered buffers (a static KV cache, a step counter)
+    # keeps them here: each call reads them and they take the values the call computed.
+    @property
+    def state(self) -> dict[str, np.ndarray]:
+        """{buffer name: its current value} (empty for a pure function)."""
+        if self._state is None:
+            self.reset_state()
+        return dict(self._state)
+
+    def reset_state(self) -> None:
+        """Puts every state back to the value the model had when it was compiled."""
+        self._state = {s["name"]: self.weights[s["name"]].copy() for s in self.manifest.get("states", [])}
 
     @property
     def remarks(self) -> list[str]:
@@ -58,21 +74,28 @@ class CompiledModel:
             if a.dtype != np.dtype(spec["dtype"]):
                 raise QccError(f"expected dtype {spec['dtype']}, got {a.dtype}", where=where,
                                hint=f"convert with .astype('{spec['dtype']}')")
-            checked.append(np.ascontiguousarray(a))
+            checked.append(np.require(a, requirements="C"))  # (ascontiguousarray makes 0-d arrays 1-d)
         return checked, symbols
 
     def run(self, *arrays: np.ndarray) -> list[np.ndarray]:
         """Runs on numpy arrays and returns numpy arrays."""
         arrays, symbols = self._check_inputs(list(arrays))
         runner = self._get_runner()
-        if self._entry is None:  # per entry argument: its parameter's name, or None for an input
-            self._entry = [a.get("param") for a in self.manifest["entry"]["args"]]
-            self._fixed = frozenset(i for i, n in enumerate(self._entry) if n is not None)
-        weights, user = self.weights, iter(arrays)
-        args = [next(user) if n is None else weights[n] for n in self._entry]
-        outs = [np.empty([_dim(d, symbols) for d in o["shape"]], np.dtype(o["dtype"])) for o in self.outputs]
+        if self._entry is None:  # per entry argument: ("param" | "state" | "input", name)
+            self._entry = [next((k, a[k]) for k in ("param", "state", "input") if k in a)
+                           for a in self.manifest["entry"]["args"]]
+            self._fixed = frozenset(i for i, (k, _) in enumerate(self._entry) if k == "param")
+        if self._state is None:
+            self.reset_state()
+        weights, user, state = self.weights, iter(arrays), self._state
+        args = [weights[n] if k == "param" else state[n] if k == "state" else next(user) for k, n in self._entry]
+        every = self.manifest["outputs"]
+        outs = [np.empty([_dim(d, symbols) for d in o["shape"]], np.dtype(o["dtype"])) for o in every]
         runner.call(args, outs, fixed=self._fixed)  # (the parameters' descriptors are kept)
-        return outs
+        for o, value in zip(every, outs):
+            if "state" in o:
+                state[o["state"]] = value
+        return [value for o, value in zip(every, outs) if "state" not in o]
 
     def __call__(self, *inputs):
         if self.manifest["target"] == "cuda" and any(getattr(x, "is_cuda", False) for x in inputs):
@@ -111,7 +134,7 @@ class CompiledModel:
     def save(self, path: str) -> None:
         from safetensors.numpy import save
 
-        weights = save({n: np.ascontiguousarray(self.weights[n]) for n in sorted(self.weights)})
+        weights = save({n: np.require(self.weights[n], requirements="C") for n in sorted(self.weights)})
         artifact.write(path, self.manifest, weights, self.code)
 
     def weight_bytes(self) -> int:

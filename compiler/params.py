@@ -21,7 +21,7 @@ class ParamStore:
         return self._tensors[name]
 
     def __setitem__(self, name: str, value: np.ndarray) -> None:
-        self._tensors[name] = np.ascontiguousarray(value)
+        self._tensors[name] = np.require(value, requirements="C")  # (ascontiguousarray makes 0-d arrays 1-d)
 
     def __contains__(self, name: str) -> bool:
         return name in self._tensors

@@ -123,10 +123,30 @@ TO_LLVM = [
 
 
 def mark_entry(module: ir.Module, name: str = "main") -> None:
-    """Asks convert-func-to-llvm for the C interface wrapper of the entry point."""
+    """Asks convert-func-to-llvm for the C interface wrapper of the entry point, and gives each
+    of its results a tensor of its own (`_distinct_results`)."""
     for op in module.body.operations:
         if op.operation.name == "func.func" and ir.StringAttr(op.attributes["sym_name"]).value == name:
             op.attributes["llvm.emit_c_interface"] = ir.UnitAttr.get(module.context)
+            _distinct_results(op)
+
+
+def _distinct_results(func) -> None:
+    """A value the entry returns twice (`return y, y`; two buffers updated to one value) or an
+    argument it returns as is becomes a copy: buffer-results-to-out-params writes each result
+    into its own out-parameter and crashed (a segfault) on the repeated value."""
+    block = func.regions[0].blocks[0]
+    ret = block.operations[len(block.operations) - 1]
+    args = list(block.arguments)
+    seen = []
+    for i, value in enumerate(list(ret.operands)):
+        if any(value == v for v in seen) or any(value == a for a in args):
+            with ir.InsertionPoint(ret), ret.location:
+                copy = ir.Operation.create(
+                    "bufferization.alloc_tensor", results=[value.type], operands=[value],
+                    attributes={"operandSegmentSizes": ir.DenseI32ArrayAttr.get([0, 1, 0])})
+            ret.operands[i] = copy.result
+        seen.append(value)
 
 
 def emit_shared_library(module: ir.Module, out_path: str, opt_level: int = 2, openmp: dict | None = None) -> None:

@@ -167,6 +167,12 @@ def compile_cuda(*, module, ctx, session, run, prog, imported, recipe, gpu_arch:
     from .fuse_launches import fuse_row_launches, fuse_small_launches
     from .host_plan import HostOpError, PlanBuilder
 
+    if imported.states:
+        raise QccError(f"the model updates its buffers in forward() ({', '.join(s.name for s in imported.states[:3])}"
+                       f"{', ...' if len(imported.states) > 3 else ''}); the CUDA backend compiles pure functions only",
+                       where="--target cuda",
+                       hint="compile for --target cpu (which keeps such state between calls), or pass the state "
+                            "as an input and return its new value (a KV cache as in test/bench_models.py DecodeStep)")
     dynamic = [f"{spec.name} {spec.shape}" for spec in imported.inputs if any(isinstance(d, str) for d in spec.shape)]
     if dynamic:
         raise QccError(f"the CUDA backend plans every launch for fixed shapes, but input {dynamic[0]} has a "
@@ -181,7 +187,7 @@ def compile_cuda(*, module, ctx, session, run, prog, imported, recipe, gpu_arch:
     run("bufferize", BUFFERIZE)
     prog.stage("plan")
     used = [a["param"] for a in entry_args if "param" in a]
-    weights = {n: np.ascontiguousarray(session.params[n]) for n in used}
+    weights = {n: np.require(session.params[n], requirements="C") for n in used}
     try:
         with ctx:
             pb = PlanBuilder(module, weights).build(entry_args=entry_args)

@@ -299,6 +299,24 @@ def test_f16_activations():
         qcc.compile(model, inputs, target="cpu", quant="w4a16-g128", gpu_activations="f16")
 
 
+def test_buffers_updated_in_forward_are_a_clear_error():
+    """State kept between calls (buffers forward() updates) runs on the CPU target only: a
+    QccError naming the buffers and the ways out, not a plan that drops the updates."""
+
+    class Counter(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(16, 16)
+            self.register_buffer("calls", torch.zeros(16))
+
+        def forward(self, x):
+            self.calls.add_(1.0)
+            return self.fc(x) + self.calls
+
+    with pytest.raises(qcc.QccError, match=r"updates its buffers in forward\(\) \(calls\).*--target cpu"):
+        qcc.compile(Counter().eval(), (torch.randn(2, 16),), target="cuda", quant="w8a16")
+
+
 def test_run_time_sizes_are_a_clear_error():
     """A model exported with a run-time size (a KV cache of any length) cannot get a static
     launch plan: a QccError naming the input and what to do, not a failure deep in planning."""

@@ -287,3 +287,69 @@ def test_weights_read_through_views_are_remarked():
     compiled = qcc.compile(model, (torch.randn(3, 64),), target="cpu", quant="w8a16")
     assert [layer["weight"] for layer in compiled.manifest["layers"]] == ["fc.weight"]
     assert compiled.remarks == ["w8a16: weights left float (qcc quantizes linear layers only): w [96x64] (matmul)"]
+
+
+class _Stateful(torch.nn.Module):
+    """Buffers forward() updates in place: a running sum, a step counter, a cache row per call."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 16)
+        self.register_buffer("total", torch.zeros(2, 16))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("cache", torch.zeros(1, 8, 16))
+
+    def forward(self, x, pos):
+        y = self.fc(x)
+        self.total.add_(y)
+        self.steps.add_(1)
+        self.cache.index_copy_(1, pos, y[:1].unsqueeze(1))
+        return y + self.total, self.cache.sum(1)
+
+
+def test_buffers_updated_in_forward_are_kept_between_calls(tmp_path):
+    """A model that updates its buffers (HF's static KV cache does) compiles: the artifact keeps
+    them as state, each call reads them and stores their new values, as the module does."""
+    torch.manual_seed(4)
+    model = _Stateful().eval()
+    compiled = qcc.compile(model, (torch.randn(2, 16), torch.tensor([0])), target="cpu", quant="w8a16")
+    assert [s["name"] for s in compiled.manifest["states"]] == ["total", "steps", "cache"]
+    assert len(compiled.outputs) == 2
+    reference = copy.deepcopy(model)
+    load_into_torch(reference, dequantized_weights(compiled))
+    compiled.save(str(tmp_path / "s.qcc"))
+    for t in range(3):
+        x, pos = torch.randn(2, 16), torch.tensor([t])
+        with torch.no_grad():
+            expect = reference(x, pos)
+        got = compiled(x, pos)
+        for g, e in zip(got, expect):
+            assert rel_err(g.numpy(), e.numpy()) <= 1e-5
+        assert int(compiled.state["steps"]) == t + 1
+    np.testing.assert_allclose(compiled.state["cache"], reference.cache.numpy(), rtol=1e-5, atol=1e-6)
+    loaded = qcc.load(str(tmp_path / "s.qcc"))  # the initial values, not this run's
+    assert int(loaded.state["steps"]) == 0 and not loaded.state["total"].any()
+    compiled.reset_state()
+    assert int(compiled.state["steps"]) == 0 and not compiled.state["cache"].any()
+
+
+def test_a_value_returned_twice():
+    """`return y, y` (and an input returned as is) used to crash the compiler in
+    buffer-results-to-out-params; each result now gets its own buffer."""
+
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            y = self.fc(x)
+            return y, y, x
+
+    model = Twice().eval()
+    x = torch.randn(3, 8)
+    a, b, c = qcc.compile(model, (x,), target="cpu")(x)
+    with torch.no_grad():
+        expect = copy.deepcopy(model).double()(x.double())[0].numpy()
+    assert rel_err(a.numpy(), expect) <= 1e-5 and rel_err(b.numpy(), expect) <= 1e-5
+    assert np.array_equal(c.numpy(), x.numpy())

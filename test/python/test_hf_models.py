@@ -108,3 +108,33 @@ def test_hf_encoder_w8a16_matches_dequantized_reference(arch):
             modules[name.rsplit(".", 1)[0]].weight = torch.nn.Parameter(torch.from_numpy(value.astype(np.float64)))
         expect = reference(*(a.double() if a.is_floating_point() else a for a in args)).numpy()
     assert rel_err(compiled(*args).numpy(), expect) <= 1e-4
+
+
+def test_hf_static_cache_decoder_keeps_its_cache():
+    """transformers' ExecuTorch export (a static KV cache in buffers that forward() updates,
+    `cache_position` an input) compiles: the artifact keeps the caches as state, and decoding
+    token by token matches the module holding the decoded weights."""
+    from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
+
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(CONFIGS["llama"]()).eval()
+    model.generation_config.cache_implementation = "static"
+    model.generation_config.cache_config = {"batch_size": 1, "max_cache_len": 16}
+    exported = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=16).export(
+        input_ids=torch.tensor([[1]]), cache_position=torch.tensor([0]))
+    compiled = qcc.compile(exported, target="cpu", quant="w4a16-g128")
+    assert {s["name"] for s in compiled.manifest["states"]} >= {"key_cache_0", "value_cache_1"}
+
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, value in dequantized_weights(compiled).items():  # "model.<module>.weight" in the export
+            modules[name[len("model."):].rsplit(".", 1)[0]].weight.copy_(torch.from_numpy(value))
+    reference = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=16).model
+    token = 1
+    for position in range(5):
+        ids, pos = torch.tensor([[token]]), torch.tensor([position])
+        with torch.no_grad():
+            expect = reference(input_ids=ids, cache_position=pos).numpy()
+        assert rel_err(compiled(ids, pos).numpy(), expect) <= 1e-4, position
+        token = int(expect[0, -1].argmax())
+    assert compiled.state["key_cache_0"][0, :, :5].any() and not compiled.state["key_cache_0"][0, :, 5:].any()
