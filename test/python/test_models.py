@@ -20,7 +20,7 @@ def _run(model, inputs):
 
 
 def test_zoo_names():
-    assert set(ZOO) == {"mlp", "llama_block", "llama_model", "cnn"}
+    assert set(ZOO) == {"mlp", "llama_block", "llama_model", "cnn", "gpt2_block"}
 
 
 @pytest.mark.parametrize("name", ZOO_NAMES)
