@@ -162,7 +162,12 @@ def compile(model, example_inputs=None, *, target: str = "cpu", quant: str | Non
     with ctx:
         lowering.mark_entry(module)
     run("bufferize", lowering.BUFFERIZE)
+    outputs = [s.to_json() for s in imported.outputs]
     with ctx:
+        in_place = lowering.states_in_place(module, outputs)
+        for out in outputs:  # the runtime passes these states' arrays as their out-parameters
+            if out.get("state") in in_place:
+                out["in_place"] = True
         lowering.outline_loop_nests(module)
         if openmp is not None and os.environ.get("QCC_CPU_PARALLEL_NESTS", "1") != "0":
             lowering.parallelize_nests(module)
@@ -189,7 +194,7 @@ def compile(model, example_inputs=None, *, target: str = "cpu", quant: str | Non
         "recipe": recipe.to_json(),
         "entry": {"name": "main", "args": entry_args},
         "inputs": [s.to_json() for s in imported.inputs],
-        "outputs": [s.to_json() for s in imported.outputs],
+        "outputs": outputs,
         "states": [s.to_json() for s in imported.states],
         "dims": imported.dims,
         "layers": _layer_report(weights, session.layers, imported.transposed),

@@ -40,7 +40,8 @@ class CompiledModel:
         return dict(self._state)
 
     def reset_state(self) -> None:
-        """Puts every state back to the value the model had when it was compiled."""
+        """Puts every state back to the value the model had when it was compiled (new arrays:
+        a state updated in place is written into its array by each call)."""
         self._state = {s["name"]: self.weights[s["name"]].copy() for s in self.manifest.get("states", [])}
 
     @property
@@ -90,7 +91,8 @@ class CompiledModel:
         weights, user, state = self.weights, iter(arrays), self._state
         args = [weights[n] if k == "param" else state[n] if k == "state" else next(user) for k, n in self._entry]
         every = self.manifest["outputs"]
-        outs = [np.empty([_dim(d, symbols) for d in o["shape"]], np.dtype(o["dtype"])) for o in every]
+        outs = [state[o["state"]] if o.get("in_place") else  # the call updates the state's array
+                np.empty([_dim(d, symbols) for d in o["shape"]], np.dtype(o["dtype"])) for o in every]
         runner.call(args, outs, fixed=self._fixed)  # (the parameters' descriptors are kept)
         for o, value in zip(every, outs):
             if "state" in o:

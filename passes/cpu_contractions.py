@@ -127,11 +127,12 @@ _COLLAPSE_REPEAT = "[[0], [1, 2], [3], [4]]"        # -> [b, heads, rows, k]
 _COLLAPSE_REPEAT_BATCH = "[[0, 1, 2], [3], [4]]"    # -> [b * heads, rows, k]
 
 
-def _concat_parts(value, reassociation):
+def _concat_parts(value, reassociation, whole: bool = False):
     """(parts, their shapes, reassociation, rep) when `value` (B or Bt as the kernel reads it,
     or its 4-D source that `reassociation` collapses) is a tensor.concat along its rows, or
     rep copies of each head of one (repeat_kv); the parts are 4-D exactly when the returned
-    reassociation is set.  Else None."""
+    reassociation is set.  With `whole`, a value that is no concatenation is one part (a
+    static cache read whole).  Else None."""
     rep = 1
     kind, src = _collapse_of(value)
     if reassociation is None and kind == _COLLAPSE_BATCH:  # B itself: [b, heads, rows, k] collapsed
@@ -143,12 +144,16 @@ def _concat_parts(value, reassociation):
     if repeated:
         value, rep = repeated
     op = irutil.defining_op(value)
+    rank = ir.RankedTensorType(value.type).rank
     if op is None or op.name != "tensor.concat":
+        if not whole or rank != (4 if reassociation is not None else 3):
+            return None
+        operands = [value]
+    elif ir.IntegerAttr(op.attributes["dim"]).value != rank - 2 or rank != (4 if reassociation is not None else 3):
         return None
-    rank = ir.RankedTensorType(op.results[0].type).rank
-    if ir.IntegerAttr(op.attributes["dim"]).value != rank - 2 or rank != (4 if reassociation is not None else 3):
-        return None
-    parts = [_widened_source(v) or v for v in op.operands]
+    else:
+        operands = list(op.operands)
+    parts = [_widened_source(v) or v for v in operands]
     shapes = [irutil.tensor_shape(v) for v in parts]
     if any(None in shape[:-2] + shape[-1:] for shape in shapes):  # only the stacked rows may be dynamic
         return None
@@ -177,12 +182,13 @@ def _elem(value) -> str:
     return str(ir.RankedTensorType(value.type).element_type)
 
 
-def _b_operand(b, m, n, k, parts_path: bool):
-    """(transposed source or None, B or that source, its batch collapse, the parts or None)."""
+def _b_operand(b, m, n, k, parts_path: bool, whole: bool = False):
+    """(transposed source or None, B or that source, its batch collapse, the parts or None);
+    `whole`: B read whole is one part (see _concat_parts)."""
     src = _transposed_source(b)
     operand_b, reassociation = src if src is not None else (b, None)
     stacked_only = (k if src is not None else n) is not None  # only B's stacked rows may be dynamic
-    split = _concat_parts(operand_b, reassociation) if parts_path and stacked_only else None
+    split = _concat_parts(operand_b, reassociation, whole) if parts_path and stacked_only else None
     return src, operand_b, reassociation, split
 
 
@@ -270,9 +276,9 @@ class CpuVectorizeContractions(QccPass):
                 b_scale, built = None, None
                 if split is None and parts_path:  # B = parts * c (scaled_dot_product_attention's k^T)
                     unscaled = _unscaled(b, op)
-                    if unscaled is not None:
-                        b_unscaled, c_value, built = unscaled
-                        found = _b_operand(b_unscaled, m, n, k, parts_path)
+                    if unscaled is not None:  # a cache read whole (a static cache) is one part:
+                        b_unscaled, c_value, built = unscaled  # its scaled copy is never built
+                        found = _b_operand(b_unscaled, m, n, k, parts_path, whole=True)
                         if found[3] is not None:
                             (src, operand_b, reassociation, split), b_scale = found, c_value
                 rep = 1

@@ -80,7 +80,7 @@ BUFFERIZE = [
     "func.func(refback-generalize-tensor-concat)",
     # TMTensor ops (sort, scan, scatter) have no one-shot bufferization: let
     # one-shot leave them behind casts, then convert them on their own.
-    "one-shot-bufferize{allow-unknown-ops bufferize-function-boundaries function-boundary-type-conversion=identity-layout-map}",
+    "one-shot-bufferize{allow-unknown-ops bufferize-function-boundaries function-boundary-type-conversion=identity-layout-map unknown-type-conversion=identity-layout-map}",
     "func.func(tm-tensor-bufferize)",
     "canonicalize",
     "refback-mlprogram-bufferize",
@@ -129,6 +129,50 @@ def mark_entry(module: ir.Module, name: str = "main") -> None:
         if op.operation.name == "func.func" and ir.StringAttr(op.attributes["sym_name"]).value == name:
             op.attributes["llvm.emit_c_interface"] = ir.UnitAttr.get(module.context)
             _distinct_results(op)
+
+
+def states_in_place(module: ir.Module, outputs: list, name: str = "main") -> set:
+    """After bufferization: a state whose input buffer is read only by one memref.copy into its
+    own output's out-parameter, before anything touches that out-parameter, is updated in place:
+    the copy goes and the runtime passes the state's array as both (a static KV cache was copied
+    whole every step).  `outputs`: the manifest's outputs (result order).  Returns the names."""
+    func = next(op for op in module.body.operations if op.operation.name == "func.func"
+                and ir.StringAttr(op.attributes["sym_name"]).value == name)
+    args = list(func.regions[0].blocks[0].arguments)
+    n_in = len(args) - len(outputs)
+    attrs = list(ir.ArrayAttr(func.attributes["arg_attrs"])) if "arg_attrs" in func.attributes else []
+    state_arg = {}
+    for i, a in enumerate(attrs[:n_in]):
+        d = ir.DictAttr(a)
+        if "qcc.state" in d:
+            state_arg[ir.StringAttr(d["qcc.state"]).value] = args[i]
+    body = list(func.regions[0].blocks[0].operations)
+    done = set()
+    for j, out in enumerate(outputs):
+        state = out.get("state")
+        if state not in state_arg:
+            continue
+        uses = list(state_arg[state].uses)
+        if len(uses) != 1:
+            continue
+        copy = uses[0].owner.operation
+        dest = args[n_in + j]
+        if copy.name != "memref.copy" or uses[0].operand_number != 0 or copy.operands[1] != dest:
+            continue
+        first = next((op for op in body if _touches(op, dest)), None)
+        if first is None or first != copy:
+            continue
+        copy.erase()
+        done.add(state)
+    return done
+
+
+def _touches(op, value) -> bool:
+    """Whether `op` or an op nested in it has `value` as an operand."""
+    if any(v == value for v in op.operands):
+        return True
+    return any(_touches(inner, value) for region in op.regions for block in region.blocks
+               for inner in block.operations)
 
 
 def _distinct_results(func) -> None:

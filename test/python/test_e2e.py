@@ -315,6 +315,8 @@ def test_buffers_updated_in_forward_are_kept_between_calls(tmp_path):
     compiled = qcc.compile(model, (torch.randn(2, 16), torch.tensor([0])), target="cpu", quant="w8a16")
     assert [s["name"] for s in compiled.manifest["states"]] == ["total", "steps", "cache"]
     assert len(compiled.outputs) == 2
+    # the cache row is written into the state's own array (no copy of the cache per call)
+    assert [o["name"] for o in compiled.manifest["outputs"] if o.get("in_place")] == ["cache"]
     reference = copy.deepcopy(model)
     load_into_torch(reference, dequantized_weights(compiled))
     compiled.save(str(tmp_path / "s.qcc"))
@@ -353,3 +355,49 @@ def test_a_value_returned_twice():
         expect = copy.deepcopy(model).double()(x.double())[0].numpy()
     assert rel_err(a.numpy(), expect) <= 1e-5 and rel_err(b.numpy(), expect) <= 1e-5
     assert np.array_equal(c.numpy(), x.numpy())
+
+
+def test_a_state_read_before_and_after_its_update_is_not_updated_in_place():
+    """In place only where nothing reads the old value after the new one is written: here the
+    old cache is read after the update, so the call writes a new array."""
+
+    class Both(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("cache", torch.arange(24, dtype=torch.float32).reshape(1, 4, 6))
+
+        def forward(self, x, pos):
+            old = self.cache.clone()
+            self.cache.index_copy_(1, pos, x)
+            return self.cache.sum(1) - 2 * old.sum(1)
+
+    model = Both()
+    compiled = qcc.compile(copy.deepcopy(model), (torch.randn(1, 1, 6), torch.tensor([0])), target="cpu")
+    for t in range(3):
+        x, pos = torch.randn(1, 1, 6), torch.tensor([t])
+        expect = model(x, pos)
+        assert rel_err(compiled(x, pos).numpy(), expect.numpy()) <= 1e-6
+    np.testing.assert_array_equal(compiled.state["cache"], model.cache.numpy())
+    assert not any(o.get("in_place") for o in compiled.manifest["outputs"])
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+def test_sdpa_over_a_cache_written_by_index_copy(heads):
+    """A static KV cache's decode step: the new key / value written at `pos` (index_copy, a
+    scatter), then SDPA over the whole cache, whose k^T scale the kernel applies as it reads the
+    cache (one part).  Failed in bufferization before (an allocation of a strided buffer type
+    for the scatter's copy)."""
+
+    class Step(torch.nn.Module):
+        def forward(self, q, k, v, pos, kc, vc):
+            kc, vc = kc.index_copy(2, pos, k), vc.index_copy(2, pos, v)
+            return torch.nn.functional.scaled_dot_product_attention(q, kc, vc), kc, vc
+
+    g = torch.Generator().manual_seed(heads)
+    args = tuple(torch.randn(*s, generator=g) for s in ((1, heads, 1, 32),) * 3) + (torch.tensor([5]),) + tuple(
+        torch.randn(1, heads, 24, 32, generator=g) for _ in range(2))
+    compiled = qcc.compile(Step(), args, target="cpu")
+    with torch.no_grad():
+        expect = [t.double().numpy() for t in Step()(*(a.double() if a.is_floating_point() else a for a in args))]
+    for got, e in zip(compiled(*args), expect):
+        assert rel_err(got.numpy(), e) <= 1e-5
