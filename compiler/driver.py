@@ -14,7 +14,7 @@ from qcc.recipes import get_recipe
 TARGETS = ("cpu", "cuda")
 
 
-def _to_exported_program(model, example_inputs, allow_pickle, dynamic_shapes=None):
+def _to_exported_program(model, example_inputs, allow_pickle, dynamic_shapes=None, remarks=None):
     import torch
 
     from qcc import frontend
@@ -26,9 +26,32 @@ def _to_exported_program(model, example_inputs, allow_pickle, dynamic_shapes=Non
     if isinstance(model, torch.nn.Module):
         if example_inputs is None:
             raise QccError("compiling an nn.Module needs example_inputs", hint="qcc.compile(model, (x,), ...)")
-        return frontend.export_module(model.eval(), example_inputs, dynamic_shapes=dynamic_shapes)
+        model, example_inputs = _float32_copy(model.eval(), example_inputs, remarks)
+        return frontend.export_module(model, example_inputs, dynamic_shapes=dynamic_shapes)
     raise QccError(f"cannot compile a {type(model).__name__}",
                    hint="pass an nn.Module with example inputs, an ExportedProgram, or a .pt2 path")
+
+
+def _float32_copy(model, example_inputs, remarks):
+    """(model, example_inputs) with bf16 / f16 parameters, buffers and inputs as float32 (a copy;
+    the user's model is left as it is), and a remark; unchanged when there are none.  Models
+    ship in bf16; qcc's passes and kernels take f32, and bf16 -> f32 is exact, so the weights
+    quantize to the same codes, and activations run in float32."""
+    import copy
+    import itertools
+
+    import torch
+
+    low = (torch.bfloat16, torch.float16)
+    kinds = sorted({str(t.dtype).replace("torch.", "")
+                    for t in itertools.chain(model.parameters(), model.buffers()) if t.dtype in low})
+    if not kinds:
+        return model, example_inputs
+    if remarks is not None:
+        remarks.append(f"the model's {' and '.join(kinds)} parameters and buffers (and such inputs) are "
+                       "compiled as float32: exact for the weights, activations run in float32")
+    inputs = tuple(x.float() if isinstance(x, torch.Tensor) and x.dtype in low else x for x in example_inputs)
+    return copy.deepcopy(model).float(), inputs
 
 
 def _entry_args(module, params):
@@ -118,13 +141,15 @@ def compile(model, example_inputs=None, *, target: str = "cpu", quant: str | Non
     recipe = get_recipe(quant)
     prog = _Progress(progress)
     prog.stage("export")
-    ep = _to_exported_program(model, example_inputs, allow_pickle, dynamic_shapes)
+    early_remarks = []
+    ep = _to_exported_program(model, example_inputs, allow_pickle, dynamic_shapes, early_remarks)
     ctx = make_context()
     prog.stage("import")
     imported = import_program(ep, ctx)
     session = Session(imported.params, {"recipe": recipe.name, "exported_program": ep,
                                         "qcc.calibration.decomposed": imported.program,
                                         "calibration": _calibration_list(calibration), "progress": progress})
+    session.remarks.extend(early_remarks)
     module = imported.module
 
     def run(stage, elements):

@@ -274,6 +274,9 @@ def import_program(ep, ctx) -> ImportedProgram:
             arg_attr[i] = ("qcc.state", spec.target)
         elif kind in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR"):
             value = state[spec.target].detach()
+            if value.dtype == torch.bfloat16:
+                raise QccError(f"parameter {spec.target} is bfloat16, which a qcc program cannot hold", hint="export the model after model.float() (exact for "
+                               "the weights), or pass the nn.Module itself to qcc.compile, which does that")
             if value.dtype not in _TORCH_TO_NP or value.dtype == torch.bool:
                 raise QccError(f"parameter {spec.target} has unsupported dtype {value.dtype}")
             params[spec.target] = value.contiguous().numpy()

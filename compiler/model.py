@@ -34,7 +34,8 @@ class CompiledModel:
     # keeps them here: each call reads them and they take the values the call computed.
     @property
     def state(self) -> dict[str, np.ndarray]:
-        """{buffer name: its current value} (empty for a pure function)."""
+        """{buffer name: its current value} (empty for a pure function).  A state updated in
+        place is the array the next call writes into: copy it to keep this value."""
         if self._state is None:
             self.reset_state()
         return dict(self._state)

@@ -401,3 +401,20 @@ def test_sdpa_over_a_cache_written_by_index_copy(heads):
         expect = [t.double().numpy() for t in Step()(*(a.double() if a.is_floating_point() else a for a in args))]
     for got, e in zip(compiled(*args), expect):
         assert rel_err(got.numpy(), e) <= 1e-5
+
+
+def test_bfloat16_models():
+    """Checkpoints ship in bf16.  An nn.Module in bf16 compiles as its float32 copy (exact for
+    the weights; the user's module stays bf16) with a remark; an ExportedProgram holding bf16
+    parameters is a clear error saying what to do."""
+    model = models.MLP(in_features=64, seed=5).eval().to(torch.bfloat16)
+    x = torch.randn(3, 64)
+    compiled = qcc.compile(model, (x.bfloat16(),), target="cpu", quant="w8a16")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert compiled.remarks[0].startswith("the model's bfloat16 parameters and buffers")
+    assert compiled.inputs[0]["dtype"] == "float32"
+    reference = copy.deepcopy(model).float()
+    load_into_torch(reference, dequantized_weights(compiled))
+    assert rel_err(compiled(x).numpy(), float64_out(reference, (x,))) <= 1e-4
+    with pytest.raises(qcc.QccError, match="is bfloat16.*model.float()"):
+        qcc.compile(torch.export.export(model, (x.bfloat16(),)), target="cpu")
