@@ -142,6 +142,11 @@ def run_pipeline(module: ir.Module, pipeline, session: Session, stage: str,
         what = "; ".join(_message(d) for d in diags) or str(e)
         if session.user_errors > errors_before:
             raise QccError(what, where=where)  # a qcc pass rejected the input: no repro needed
+        unsupported = _UNSUPPORTED_OP.search(what)
+        if unsupported:  # an aten op torch-mlir has no lowering for: the model's problem, said plainly
+            raise QccError(f"PyTorch op {unsupported.group(1)} is not supported (torch-mlir cannot lower it)",
+                           where=where, hint="write that part of the model with other ops (a Hugging Face MoE "
+                                             "model: from_config(..., experts_implementation='batched_mm'))")
         fd, path = tempfile.mkstemp(prefix=f"qcc-{stage}-", suffix=".mlir")
         with os.fdopen(fd, "w") as f:
             f.write(before.get_asm(enable_debug_info=True, large_elements_limit=16))
@@ -150,6 +155,7 @@ def run_pipeline(module: ir.Module, pipeline, session: Session, stage: str,
 
 
 _FRAME = re.compile(r'"([^"]+)":(\d+):(\d+)')
+_UNSUPPORTED_OP = re.compile(r"failed to legalize operation 'torch\.operator'.*?name = \"torch\.(aten\.[\w.]+)\"")
 
 
 def source_location(loc) -> str | None:

@@ -61,13 +61,16 @@ _WEIGHT_READERS = {"torch.aten.convolution": "convolution", "torch.aten.mm": "ma
 _WEIGHT_VIEWS = ("torch.aten.permute", "torch.aten.t", "torch.aten.transpose.int", "torch.aten.view",
                  "torch.aten.reshape", "torch.aten._unsafe_view", "torch.aten.expand", "torch.aten.broadcast_to",
                  "torch.aten.slice.Tensor",
-                 "torch.aten.unsqueeze", "torch.aten.squeeze.dim", "torch.aten.contiguous", "torch.aten.clone")
+                 "torch.aten.unsqueeze", "torch.aten.squeeze.dim", "torch.aten.contiguous", "torch.aten.clone",
+                 # a mixture of experts' weights [E, N, K], gathered per token
+                 "torch.aten.index.Tensor", "torch.aten.index.Tensor_hacked_twin", "torch.aten.index_select",
+                 "torch.aten.select.int")
 
 
 def float_weight_uses(module) -> list[str]:
     """"<param> [shape] (<op>)" for each parameter a convolution or matmul reads (directly or
-    through views, transposes, slices) other than as a linear layer's weight (`linear_sites`):
-    weights a weight quantizer leaves float."""
+    through views, transposes, slices, gathers: a mixture of experts' weights) other than as a
+    linear layer's weight (`linear_sites`): weights a weight quantizer leaves float."""
     found = set()
     for func in irutil.functions(module):
         sig = irutil.Signature(func)
