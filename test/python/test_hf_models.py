@@ -112,32 +112,37 @@ def test_hf_encoder_w8a16_matches_dequantized_reference(arch):
 
 def test_hf_static_cache_decoder_keeps_its_cache():
     """transformers' ExecuTorch export (a static KV cache in buffers that forward() updates,
-    `cache_position` an input) compiles: the artifact keeps the caches as state, and decoding
-    token by token matches the module holding the decoded weights."""
+    `cache_position` an input; any prompt length): the artifact keeps the caches as state,
+    updated in place; a prompt, then token by token, matches the module holding the decoded
+    weights."""
     from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
 
     torch.manual_seed(0)
     model = T.AutoModelForCausalLM.from_config(CONFIGS["llama"]()).eval()
     model.generation_config.cache_implementation = "static"
     model.generation_config.cache_config = {"batch_size": 1, "max_cache_len": 16}
+    seq = torch.export.Dim("seq", min=1, max=8)
     exported = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=16).export(
-        input_ids=torch.tensor([[1]]), cache_position=torch.tensor([0]))
+        input_ids=torch.tensor([[1, 2, 3]]), cache_position=torch.arange(3),
+        dynamic_shapes={"input_ids": {1: seq}, "cache_position": {0: seq}})
     compiled = qcc.compile(exported, target="cpu", quant="w4a16-g128")
-    assert {s["name"] for s in compiled.manifest["states"]} >= {"key_cache_0", "value_cache_1"}
+    in_place = {o["name"] for o in compiled.manifest["outputs"] if o.get("in_place")}
+    assert in_place == {f"{kv}_cache_{i}" for kv in ("key", "value") for i in range(2)}
 
     modules = dict(model.named_modules())
     with torch.no_grad():
         for name, value in dequantized_weights(compiled).items():  # "model.<module>.weight" in the export
             modules[name[len("model."):].rsplit(".", 1)[0]].weight.copy_(torch.from_numpy(value))
     reference = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=16).model
-    token = 1
-    for position in range(5):
-        ids, pos = torch.tensor([[token]]), torch.tensor([position])
+    steps = [(torch.tensor([[5, 9, 11, 3]]), torch.arange(4))] + [(None, torch.tensor([t])) for t in range(4, 8)]
+    for ids, pos in steps:
+        ids = ids if ids is not None else torch.tensor([[token]])
         with torch.no_grad():
             expect = reference(input_ids=ids, cache_position=pos).numpy()
-        assert rel_err(compiled(ids, pos).numpy(), expect) <= 1e-4, position
+        assert rel_err(compiled(ids, pos).numpy(), expect) <= 1e-4, int(pos[0])
         token = int(expect[0, -1].argmax())
-    assert compiled.state["key_cache_0"][0, :, :5].any() and not compiled.state["key_cache_0"][0, :, 5:].any()
+    cache = compiled.state["key_cache_0"]
+    assert cache[0, :, :8].any() and not cache[0, :, 8:].any()
 
 
 def test_hf_mixture_of_experts():
