@@ -156,13 +156,14 @@ def _linear_weights_as_nk(ep) -> frozenset:
     specs = {n.name: s for n, s in zip((n for n in ep.graph.nodes if n.op == "placeholder"),
                                        ep.graph_signature.input_specs)}
     state_kinds = ("PARAMETER", "BUFFER", "CONSTANT_TENSOR")
+    updated = set(ep.graph_signature.buffers_to_mutate.values())  # state: kept in the model's layout
     weights = []
     for node in ep.graph.nodes:
         if node.op == "call_function" and node.target is torch.ops.aten.mm.default:
             w = node.args[1]
             spec = specs.get(getattr(w, "name", None)) if getattr(w, "op", None) == "placeholder" else None
-            if spec is not None and spec.kind.name in state_kinds and w not in weights \
-                    and isinstance(w.meta.get("val"), torch.Tensor) and w.meta["val"].dim() == 2:
+            if spec is not None and spec.kind.name in state_kinds and spec.target not in updated \
+                    and w not in weights and isinstance(w.meta.get("val"), torch.Tensor) and w.meta["val"].dim() == 2:
                 weights.append(w)
     if not weights:
         return frozenset()
@@ -190,7 +191,7 @@ def _linear_weights_as_nk(ep) -> frozenset:
 
 def _batched_linears_as_mm(ep) -> None:
     """`bmm(a, expand(W^T or W, [B, K, N]))` with W a 2-D state tensor becomes
-    `view(mm(view(a, [B M, K]), W^T or W), [B, M, N])`.
+    `view(mm(reshape(a, [B M, K]), W^T or W), [B, M, N])`.
 
     torch's matmul decomposition writes x @ W^T this way when x is 3-D and not contiguous as
     [B M, K] (nn.MultiheadAttention's packed in-projection after its batch_first transpose).
@@ -211,8 +212,8 @@ def _batched_linears_as_mm(ep) -> None:
         if getattr(src, "op", None) != "placeholder" or src.name not in state:
             continue
         a_val, w_val, out_val = a.meta.get("val"), w.meta.get("val"), node.meta.get("val")
-        shapes = [a_val.shape, w_val.shape] if isinstance(a_val, torch.Tensor) and isinstance(w_val, torch.Tensor) else []
-        if not shapes or w_val.dim() != 2 or not all(isinstance(d, int) for d in w_val.shape):
+        if not (isinstance(a_val, torch.Tensor) and isinstance(w_val, torch.Tensor)) or w_val.dim() != 2 \
+                or not all(isinstance(d, int) for d in w_val.shape):
             continue
         k = w_val.shape[0]
         with ep.graph.inserting_before(node):  # reshape: `a` may be a transposed view (a copy then)
@@ -237,8 +238,8 @@ def _batched_linears_as_mm(ep) -> None:
 def canonical_program(ep):
     """(`ep` as qcc imports it, the state names stored transposed): torch-mlir's decompositions,
     expands simplified, batched products with a broadcast weight as mm, every linear's weight
-    in nn.Linear's [N, K] layout.  Calibration runs
-    this same program, so its linear layers and parameter values are the IR's."""
+    in nn.Linear's [N, K] layout.  Calibration runs this same program, so its linear layers
+    and parameter values are the IR's."""
     from torch_mlir.extras.fx_decomp_util import get_decomposition_table
 
     ep = ep.run_decompositions(get_decomposition_table())
