@@ -259,12 +259,16 @@ def bench_model(args, emit) -> None:
         batched = DecodeStep(model, cache, batch=args.decode_batch, cache_dtype=cache_dtype).eval()
         cases[f"decode-b{args.decode_batch}"] = (batched, batched.example_inputs(), args.decode_batch)
     cases["prefill"] = (model, model.example_inputs(batch=1, seq=prompt), prompt)
+    programs = {}  # case -> the ExportedProgram qcc compiles (else the module)
+    if args.hf_static:
+        cases["decode-hf-static"], programs["decode-hf-static"] = _hf_static_decode(cfg, cache)
     for case, (module, inputs, tokens) in cases.items():
         for recipe in args.model_recipes:
             t0 = time.perf_counter()
-            shapes = module.dynamic_shapes() if args.any_length and case.startswith("decode") else None
-            compiled = qcc.compile(module, inputs, quant=recipe, cpu_activations=args.cpu_activations,
-                                   dynamic_shapes=shapes)
+            shapes = module.dynamic_shapes() if args.any_length and case in ("decode", f"decode-b{args.decode_batch}") \
+                else None
+            compiled = qcc.compile(programs.get(case, module), None if case in programs else inputs, quant=recipe,
+                                   cpu_activations=args.cpu_activations, dynamic_shapes=shapes)
             compile_s = time.perf_counter() - t0
             arrays = [x.numpy() for x in inputs]
             fns = {"qcc": lambda i: compiled.run(*arrays)}
@@ -325,6 +329,38 @@ def _fmt_row(rec: dict) -> str | None:
             f"(floor {rec['floor_ms']:.3f} ms, compile {rec['compile_s']:.1f} s) | {base}")
 
 
+def _hf_static_decode(cfg: dict, cache: int):
+    """((module, inputs, 1), ExportedProgram): transformers' LlamaForCausalLM of the benchmark's
+    shape with a static KV cache of `cache` positions, as its ExecuTorch export writes it (the
+    caches are buffers the step updates; qcc keeps them as state).  The module is the exported
+    wrapper itself, run eagerly by the torch baselines; each call writes the last position."""
+    import torch
+    import transformers
+    from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
+
+    cfg = {"layers": 4, "hidden": 2048, "ffn": 5632, "heads": 16, **cfg}
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=cfg["hidden"], intermediate_size=cfg["ffn"],
+                                      num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"],
+                                      num_key_value_heads=cfg["heads"], max_position_embeddings=cache + 8)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model.generation_config.cache_implementation = "static"
+    model.generation_config.cache_config = {"batch_size": 1, "max_cache_len": cache}
+    wrapper = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=cache)
+    inputs = (torch.tensor([[5]]), torch.tensor([cache - 1]))
+    program = wrapper.export(input_ids=inputs[0], cache_position=inputs[1])
+
+    class Step(torch.nn.Module):  # positional inputs for the baselines
+        def __init__(self):
+            super().__init__()
+            self.inner = wrapper.model
+
+        def forward(self, ids, position):
+            return self.inner(input_ids=ids, cache_position=position)
+
+    return (Step().eval(), inputs, 1), program
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("suite", choices=["linear", "model", "report"],
                    help="report: markdown tables from the JSON lines of earlier runs (files)")
@@ -342,6 +378,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--any-length", action="store_true",
                    help="model: compile the decode steps for any KV cache length (dynamic_shapes), "
                         "timed at the usual one")
+    p.add_argument("--hf-static", action="store_true",
+                   help="model: also transformers' Llama with a static KV cache in its buffers, as its ExecuTorch "
+                        "export writes it (case decode-hf-static; needs transformers)")
     p.add_argument("--decode-batch", type=int, default=1,
                    help="model: also a decode step of this many sequences at once (case decode-b<N>)")
     p.add_argument("--cpu-activations", default="fp32", choices=("fp32", "bf16"),
