@@ -170,6 +170,10 @@ def compile(model, example_inputs=None, *, target: str = "cpu", quant: str | Non
         if left:
             session.remarks.append(f"{recipe.name}: weights left float (qcc quantizes linear layers only): "
                                    + ", ".join(left))
+        experts = sorted(name for name, layer in session.layers.items() if "experts" in layer)
+        if experts and recipe.act_format is not None:
+            session.remarks.append(f"{recipe.name}: the experts' products take float activations (their weights "
+                                   "are quantized, gathered per token): " + ", ".join(experts))
     run("torch-to-linalg", pipelines.TORCH_TO_LINALG)
     if target == "cuda":  # gpu_arch: sm_90 (default), sm_90a (Hopper only: wgmma) or sm_80
         from qcc.backends.cuda.lowering import compile_cuda
@@ -249,7 +253,8 @@ def _calibration_list(calibration):
 
 def _layer_report(weights, layers, transposed=frozenset()) -> list[dict]:
     """Per quantized weight: format, logical shape [N, K], stored bytes (codes, scales, zeros);
-    `transposed` when the model's own tensor is [K, N] (an `x @ W` weight)."""
+    `transposed` when the model's own tensor is [K, N] (an `x @ W` weight), `experts` E when it
+    is a mixture of experts' [E, N / E, K]."""
     report = []
     for base in sorted(layers):
         fmt = layers[base]["format"]
@@ -258,6 +263,8 @@ def _layer_report(weights, layers, transposed=frozenset()) -> list[dict]:
                  "float_bytes": 4 * layers[base]["shape"][0] * layers[base]["shape"][1]}
         if base in transposed:
             entry["transposed"] = True
+        if "experts" in layers[base]:
+            entry["experts"] = layers[base]["experts"]
         report.append(entry)
     return report
 

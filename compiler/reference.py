@@ -38,12 +38,14 @@ def _dequantized_nk(compiled) -> dict[str, np.ndarray]:
 
             out[base] = dequantize_layer(layer, backend_packed[base], compiled.weights)
             continue
-        shape = tuple(layer["shape"])
-        codes = formats.unpack(compiled.weights[f"{base}:{fmt.key()}:codes"], fmt, shape)
-        zero = compiled.weights.get(f"{base}:{fmt.key()}:zero")
-        scale = compiled.weights[f"{base}:{fmt.key()}:scale"]
+        shape = tuple(layer["shape"])  # [E * N, K] for a mixture of experts' weights [E, N, K]
+        rows = lambda a: None if a is None else a.reshape(shape[0], -1)  # noqa: E731
+        codes = formats.unpack(rows(compiled.weights[f"{base}:{fmt.key()}:codes"]), fmt, shape)
+        zero = rows(compiled.weights.get(f"{base}:{fmt.key()}:zero"))
+        scale = rows(compiled.weights[f"{base}:{fmt.key()}:scale"])
         qt = formats.QuantizedTensor(codes=codes, scale=scale, zero=zero, format=fmt, shape=shape)
-        out[base] = formats.dequantize(qt)
+        w = formats.dequantize(qt)
+        out[base] = w.reshape(layer["experts"], -1, shape[1]) if "experts" in layer else w
     return out
 
 

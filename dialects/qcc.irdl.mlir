@@ -35,6 +35,21 @@ irdl.dialect @qcc {
     irdl.attributes { "format" = %fmt }
   }
 
+  // w[t, n, k] = (codes[ids[t], n, k] - zero) * scale: a mixture of experts' weights [E, N, K],
+  // quantized as E * N rows of the weight format (codes [E, N, K packed], scale / zero
+  // [E, N, groups]), gathered for each token's expert (ids: i64 [T]) and decoded.
+  irdl.operation @gather_dequantize {
+    %ids = irdl.base "!builtin.tensor"
+    %codes = irdl.base "!builtin.tensor"
+    %scale = irdl.base "!builtin.tensor"
+    %zero = irdl.base "!builtin.tensor"
+    %output = irdl.base "!builtin.tensor"
+    %fmt = irdl.base @qcc::@format
+    irdl.operands(ids: %ids, codes: %codes, scale: %scale, zero: optional %zero)
+    irdl.results(output: %output)
+    irdl.attributes { "format" = %fmt }
+  }
+
   // y[M, N] = x[M, K] @ dequant(w)[N, K]^T.  The weight arrives packed as the
   // weight format says; `act_format` is "none" for float activations, else an
   // activation format (qcc.dialects.formats.activation): x is quantized first,

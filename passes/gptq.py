@@ -16,7 +16,8 @@ import numpy as np
 
 from qcc.dialects import formats
 from qcc.passes import PassError, QccPass, register
-from qcc.passes.quantize_weights import parse_common, rewrite_linears, rtn_scales, wanted_linears
+from qcc.passes.quantize_experts import rewrite_experts
+from qcc.passes.quantize_weights import parse_common, rewrite_linears, rtn_scales, search_clip, wanted_linears
 from qcc.passes.smooth_channels import stats_or_error
 
 
@@ -103,4 +104,11 @@ class Gptq(QccPass):
                 raise PassError(mm, f"GPTQ on '{w_name}': the damped Hessian is not positive definite ({e}); "
                                     f"raise damp")
 
+        def rtn(w):  # a mixture of experts' weights: no per-expert Hessian is gathered
+            return search_clip(w, fmt, opts.clip_search) if opts.clip_search else fmt.quantize(w)
+
+        experts = rewrite_experts(self, module, fmt, exclude, rtn)
+        if experts:
+            self.session.remarks.append(f"{self.name}: experts' weights rounded to nearest (no Hessian per expert): "
+                                        + ", ".join(experts))
         rewrite_linears(self, module, fmt, exclude, solve)

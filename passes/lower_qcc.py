@@ -90,6 +90,46 @@ func.func private @{name}(%x: tensor<?x{k}xf32>, %wq: tensor<{w_shape[0]}x{w_sha
 """
 
 
+def gather_dequantize_kernel(name: str, fmt, n: int, k: int, w_shape, s_shape) -> str:
+    """MLIR text of qcc.gather_dequantize for one format and shape: one parallel generic over
+    (token, n, k) reading the token's expert rows with tensor.extract."""
+    _, body, _, consts = _code_expr(fmt)  # needs %w (and %z) as i8; defines %k = linalg.index 2
+    w_ty = "x".join(map(str, w_shape)) + "xi8"
+    s_ty = "x".join(map(str, s_shape))
+    zero_arg = "" if fmt.symmetric else f", %zp: tensor<{s_ty}xi8>"
+    col = "%kk2" if fmt.bits == 4 else "%kk"
+    group = "%c0" if fmt.granularity == "channel" else "%g"
+    zero_load = "" if fmt.symmetric else f"    %z = tensor.extract %zp[%e, %nn, {group}] : tensor<{s_ty}xi8>\n"
+    return f"""
+func.func private @{name}(%ids: tensor<?xi64>, %wq: tensor<{w_ty}>, %sc: tensor<{s_ty}xf32>{zero_arg})
+    -> tensor<?x{n}x{k}xf32> {{
+  %c0 = arith.constant 0 : index
+  %c2 = arith.constant 2 : index
+  %cg = arith.constant {fmt.group_size if fmt.granularity == "group" else 1} : index
+  %c4_i8 = arith.constant 4 : i8
+  %c15_i8 = arith.constant 15 : i8
+{consts}  %t = tensor.dim %ids, %c0 : tensor<?xi64>
+  %init = tensor.empty(%t) : tensor<?x{n}x{k}xf32>
+  %y = linalg.generic {{
+      indexing_maps = [affine_map<(t, n, k) -> (t)>, affine_map<(t, n, k) -> (t, n, k)>],
+      iterator_types = ["parallel", "parallel", "parallel"]}}
+      ins(%ids : tensor<?xi64>) outs(%init : tensor<?x{n}x{k}xf32>) {{
+  ^bb0(%id: i64, %out: f32):
+    %e = arith.index_cast %id : i64 to index
+    %nn = linalg.index 1 : index
+    %kk = linalg.index 2 : index
+    %kk2 = arith.divui %kk, %c2 : index
+    %g = arith.divui %kk, %cg : index
+    %w = tensor.extract %wq[%e, %nn, {col}] : tensor<{w_ty}>
+    %s = tensor.extract %sc[%e, %nn, {group}] : tensor<{s_ty}xf32>
+{zero_load}{body}    %v = arith.mulf %code, %s : f32
+    linalg.yield %v : f32
+  }} -> tensor<?x{n}x{k}xf32>
+  return %y : tensor<?x{n}x{k}xf32>
+}}
+"""
+
+
 def _scale_map(fmt, dims: str = "(m, n, k)", n: str = "n", g: str | None = None) -> str:
     """Affine map from the iteration `dims` to a weight scale/zero of `fmt`'s granularity."""
     if fmt.granularity == "tensor":
@@ -361,8 +401,12 @@ def _act_format(op, attr: str = "format"):
 
 
 def _weight_format(op):
+    return _weight_format_of(op, "weight_format")
+
+
+def _weight_format_of(op, attr: str):
     try:
-        return formats.parse_weight_format(format_key(op.attributes["weight_format"]))
+        return formats.parse_weight_format(format_key(op.attributes[attr]))
     except formats.FormatError as e:
         raise PassError(op, str(e))
 
@@ -385,6 +429,7 @@ class LowerQccToLinalg(QccPass):
             "qcc.quantize": self._lower_quantize,
             "qcc.matmul_int": self._lower_matmul_int,
             "qcc.scale_accumulate": self._lower_scale_accumulate,
+            "qcc.gather_dequantize": self._lower_gather_dequantize,
         }
         for func in irutil.functions(module):
             for op in irutil.walk(func):
@@ -432,6 +477,14 @@ class LowerQccToLinalg(QccPass):
         w_shape, s_shape = irutil.tensor_shape(w), irutil.tensor_shape(s)
         name = f"qcc_qlinear_{fmt.key()}_{k}x{n}"
         self._kernel(name, lambda: qlinear_kernel(name, fmt, k, n, w_shape, s_shape))
+        self._call(op, name, list(op.operands), {0}, {0})
+
+    def _lower_gather_dequantize(self, op):
+        fmt = _weight_format_of(op, "format")
+        w_shape, s_shape = irutil.tensor_shape(op.operands[1]), irutil.tensor_shape(op.operands[2])
+        _, n, k = irutil.tensor_shape(op.result)
+        name = f"qcc_gather_dequantize_{fmt.key()}_{'x'.join(map(str, w_shape))}"
+        self._kernel(name, lambda: gather_dequantize_kernel(name, fmt, n, k, w_shape, s_shape))
         self._call(op, name, list(op.operands), {0}, {0})
 
     def _lower_quantize_dynamic(self, op):

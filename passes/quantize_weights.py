@@ -23,6 +23,7 @@ from qcc import irutil
 from qcc.context import format_attr
 from qcc.dialects import formats
 from qcc.passes import PassError, QccPass, register
+from qcc.passes.quantize_experts import rewrite_experts
 
 _NP_TO_MLIR = {np.dtype(np.int8): "i8", np.dtype(np.uint8): "i8", np.dtype(np.float32): "f32"}
 _F32 = np.float32
@@ -272,4 +273,5 @@ class QuantizeWeights(QccPass):
         def solve(mm, w_name, w):
             return search_clip(w, fmt, steps) if steps else fmt.quantize(w)
 
+        rewrite_experts(self, module, fmt, exclude, lambda w: solve(None, None, w))
         rewrite_linears(self, module, fmt, exclude, solve)

@@ -121,6 +121,23 @@ def mlp():
     return m, m.example_inputs(batch=5, seed=3)
 
 
+class GatheredExperts(torch.nn.Module):
+    """Each token's expert weights gathered from a 3-D parameter, then bmm (the router's top-k,
+    a sort, has no CUDA lowering: the expert ids are an input here)."""
+
+    def __init__(self, e=4, n=96, k=128):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w = torch.nn.Parameter(torch.randn(e, n, k, generator=g) / k ** 0.5)
+
+    def forward(self, x, ids):
+        return torch.bmm(self.w[ids], x.unsqueeze(-1)).squeeze(-1)
+
+
+def experts():
+    return GatheredExperts().eval(), (torch.randn(6, 128), torch.tensor([0, 3, 1, 1, 2, 0]))
+
+
 def gpt2_block():
     m = models.GPT2Block(hidden=128, heads=4, seed=2).eval()
     return m, m.example_inputs(batch=1, seq=4, seed=3)
@@ -148,6 +165,7 @@ CASES = {
     "gelu-tanh-float": (gelu_tanh, "float"),  # an f32 constant LLVM prints as a short decimal
     "mlp-w8a16": (mlp, "w8a16"),  # biases, GELU (erf): libdevice
     "gpt2-block-w4a16-g128": (gpt2_block, "w4a16-g128"),  # x @ W weights, LayerNorm, fused qkv
+    "experts-w4a16-g128": (experts, "w4a16-g128"),  # a mixture of experts' weights gathered per token
 }
 _COMPILED = {}
 

@@ -418,3 +418,38 @@ def test_bfloat16_models():
     assert rel_err(compiled(x).numpy(), float64_out(reference, (x,))) <= 1e-4
     with pytest.raises(qcc.QccError, match="is bfloat16.*model.float()"):
         qcc.compile(torch.export.export(model, (x.bfloat16(),)), target="cpu")
+
+
+class _Experts(torch.nn.Module):
+    """A mixture of experts as transformers' batched_mm writes it: a router's top 2 of 4 experts
+    per token, each token's expert weights gathered from a 3-D parameter, then bmm."""
+
+    def __init__(self, e=4, n=96, k=128):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.experts = torch.nn.Parameter(torch.randn(e, n, k, generator=g) / k ** 0.5)
+        self.router = torch.nn.Linear(k, e)
+
+    def forward(self, x):
+        top = torch.topk(self.router(x), 2, dim=-1)
+        rows = x.unsqueeze(1).expand(-1, 2, -1).reshape(-1, x.shape[-1])
+        y = torch.bmm(self.experts[top.indices.reshape(-1)], rows.unsqueeze(-1)).squeeze(-1)
+        return (y.reshape(x.shape[0], 2, -1) * top.values.softmax(-1).unsqueeze(-1)).sum(1)
+
+
+@pytest.mark.parametrize("recipe", ["w8a16", "w4a16-g128"])
+def test_mixture_of_experts_weights_are_quantized(recipe):
+    """The experts' 3-D weight is quantized (E * N rows of the format) and only the tokens'
+    experts are decoded; the output equals float64 on the decoded weights."""
+    torch.manual_seed(1)
+    model = _Experts().eval()
+    x = torch.randn(5, 128)
+    compiled = qcc.compile(model, (x,), target="cpu", quant=recipe)
+    layers = {layer["weight"]: layer for layer in compiled.manifest["layers"]}
+    assert layers["experts"]["experts"] == 4 and layers["experts"]["shape"] == [4 * 96, 128]
+    assert compiled.remarks == []
+    reference = copy.deepcopy(model)
+    load_into_torch(reference, dequantized_weights(compiled))
+    expect = float64_out(reference, (x,))
+    assert rel_err(compiled(x).numpy(), expect) <= 1e-4
+    assert rel_err(float64_out(model, (x,)), expect) > 1e-4

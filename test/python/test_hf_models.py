@@ -147,22 +147,26 @@ def test_hf_static_cache_decoder_keeps_its_cache():
 
 def test_hf_mixture_of_experts():
     """Mixtral with transformers' batched_mm experts (each token's experts gathered, then a
-    batched matmul): compiles and matches float64; its attention and router are quantized,
-    the experts' 3-D weights stay float and the remark names them.  The default grouped_mm
+    batched matmul): every weight is quantized, the experts' 3-D ones as E * N rows gathered
+    per token, and the output matches float64 on the decoded weights.  The default grouped_mm
     form (aten.histc) is a clear error naming the op and this way out."""
     cfg = dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, **COMMON)
     ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(2))
     torch.manual_seed(0)
     model = Logits(T.AutoModelForCausalLM.from_config(T.MixtralConfig(**cfg), experts_implementation="batched_mm")
                    .eval()).eval()
+    compiled = qcc.compile(model, (ids,), target="cpu", quant="w4a16-g128")
+    experts = [layer["weight"] for layer in compiled.manifest["layers"] if "experts" in layer]
+    assert len(compiled.manifest["layers"]) == 2 * 5 + 1 + len(experts) and len(experts) == 4
+    assert compiled.remarks == []
+    reference = copy.deepcopy(model).double()
+    modules = dict(reference.named_modules())
     with torch.no_grad():
-        expect = copy.deepcopy(model).double()(ids).numpy()
-    assert rel_err(qcc.compile(model, (ids,), target="cpu")(ids).numpy(), expect) <= 1e-4
-    compiled = qcc.compile(model, (ids,), target="cpu", quant="w8a16")
-    assert len(compiled.manifest["layers"]) == 2 * 5 + 1  # q, k, v, o, router per layer; lm_head
-    assert compiled.remarks == ["w8a16: weights left float (qcc quantizes linear layers only): " + ", ".join(
-        f"model.model.layers.{i}.mlp.experts.{w}" for i in range(2) for w in (
-            "down_proj [4x128x256] (batched matmul)", "gate_up_proj [4x512x128] (batched matmul)"))]
+        for name, value in dequantized_weights(compiled).items():
+            module, attr = name.rsplit(".", 1)
+            setattr(modules[module], attr, torch.nn.Parameter(torch.from_numpy(value.astype(np.float64))))
+        expect = reference(ids).numpy()
+    assert rel_err(compiled(ids).numpy(), expect) <= 1e-4
     grouped = Logits(T.AutoModelForCausalLM.from_config(T.MixtralConfig(**cfg)).eval()).eval()
     with pytest.raises(qcc.QccError, match="aten.histc is not supported.*batched_mm"):
         qcc.compile(grouped, (ids,), target="cpu")
