@@ -145,14 +145,16 @@ def _concat_parts(value, reassociation, whole: bool = False):
         value, rep = repeated
     op = irutil.defining_op(value)
     rank = ir.RankedTensorType(value.type).rank
-    if op is None or op.name != "tensor.concat":
-        if not whole or rank != (4 if reassociation is not None else 3):
-            return None
-        operands = [value]
-    elif ir.IntegerAttr(op.attributes["dim"]).value != rank - 2 or rank != (4 if reassociation is not None else 3):
+    if rank != (4 if reassociation is not None else 3):
         return None
-    else:
+    if op is not None and op.name == "tensor.concat":
+        if ir.IntegerAttr(op.attributes["dim"]).value != rank - 2:
+            return None
         operands = list(op.operands)
+    elif whole:
+        operands = [value]
+    else:
+        return None
     parts = [_widened_source(v) or v for v in operands]
     shapes = [irutil.tensor_shape(v) for v in parts]
     if any(None in shape[:-2] + shape[-1:] for shape in shapes):  # only the stacked rows may be dynamic

@@ -15,10 +15,9 @@ from torch_mlir import ir
 
 from qcc import irutil
 from qcc.context import format_attr
-from qcc.dialects import formats
+from qcc.passes.quantize_weights import add_quantized_params
 
 GATHERS = ("torch.aten.index.Tensor_hacked_twin", "torch.aten.index.Tensor")
-_NP_TO_MLIR = {np.dtype(np.int8): "i8", np.dtype(np.uint8): "i8", np.dtype(np.float32): "f32"}
 
 
 def expert_gathers(func):
@@ -43,10 +42,11 @@ def expert_gathers(func):
 
 def rewrite_experts(pass_, module, fmt, exclude, solve) -> list[str]:
     """Quantizes every gathered expert weight (not matching `exclude`) with
-    solve(w [E * N, K] float32) -> QuantizedTensor; returns the names."""
+    solve(w [E * N, K] float32) -> QuantizedTensor; returns the names.  The float weights'
+    arguments go with the caller's `rewrite_linears`, which erases every unused parameter."""
     if fmt.granularity == "tensor":
         return []
-    store, done = pass_.session.params, []
+    store, solved = pass_.session.params, {}
     for func in irutil.functions(module):
         sig = irutil.Signature(func)
         for op, w_name, ids in expert_gathers(func):
@@ -54,17 +54,9 @@ def rewrite_experts(pass_, module, fmt, exclude, solve) -> list[str]:
                 continue
             w = np.asarray(store[w_name], np.float32)
             e, n, k = w.shape
-            qt = solve(w.reshape(e * n, k))
-            entries = {"codes": formats.pack(qt).reshape(e, n, -1),
-                       "scale": qt.scale.astype(np.float32).reshape(e, n, -1)}
-            if not fmt.symmetric:
-                entries["zero"] = qt.zero.reshape(e, n, -1)
-            pass_.session.layers[w_name] = {"format": fmt.key(), "shape": [e * n, k], "experts": e}
-            args = []
-            for role, value in entries.items():
-                name = f"{w_name}:{fmt.key()}:{role}"
-                store[name] = value
-                args.append(sig.add_param(name, irutil.tensor_type(value.shape, _NP_TO_MLIR[value.dtype])))
+            if w_name not in solved:  # a weight gathered twice is quantized once
+                solved[w_name] = solve(w.reshape(e * n, k))
+            args = add_quantized_params(pass_.session, sig, w_name, solved[w_name], experts=e)
             ids_shape, _ = irutil.vtensor_shape(ids.type)
             with ir.InsertionPoint(op), op.location:
                 ids_builtin = ir.Operation.create("torch_c.to_builtin_tensor",
@@ -77,5 +69,4 @@ def rewrite_experts(pass_, module, fmt, exclude, solve) -> list[str]:
                                            operands=[weights]).result
             op.result.replace_all_uses_with(back)
             op.erase()
-            done.append(w_name)
-    return done
+    return sorted(solved)

@@ -23,7 +23,6 @@ from qcc import irutil
 from qcc.context import format_attr
 from qcc.dialects import formats
 from qcc.passes import PassError, QccPass, register
-from qcc.passes.quantize_experts import rewrite_experts
 
 _NP_TO_MLIR = {np.dtype(np.int8): "i8", np.dtype(np.uint8): "i8", np.dtype(np.float32): "f32"}
 _F32 = np.float32
@@ -219,19 +218,28 @@ def rewrite_linears(pass_, module, fmt, exclude, solve) -> None:
                 del store[name]
 
 
-def emit_qlinear(session, sig, mm, w_name, qt) -> None:
-    """mm(x, W^T) -> qcc.qlinear(x, codes, scale[, zero]) with qt's packed values as new parameters."""
+def add_quantized_params(session, sig, w_name, qt, experts: int = 0) -> list:
+    """qt's packed codes, scales (and zero points) as parameters `<w_name>:<format>:<role>`
+    (reused if there), recorded in session.layers; with `experts` E, qt holds a mixture of
+    experts' weights [E, N, K] as E * N rows and each array is stored [E, N, ...]."""
     fmt, store = qt.format, session.params
-    n, _ = qt.shape
     entries = {"codes": formats.pack(qt), "scale": qt.scale.astype(_F32)}
     if not fmt.symmetric:
         entries["zero"] = qt.zero
-    session.layers[w_name] = {"format": fmt.key(), "shape": list(qt.shape)}
+    session.layers[w_name] = {"format": fmt.key(), "shape": list(qt.shape), **({"experts": experts} if experts else {})}
     args = []
     for role, value in entries.items():
         name = f"{w_name}:{fmt.key()}:{role}"
-        store[name] = value
-        args.append(sig.add_param(name, irutil.tensor_type(value.shape, _NP_TO_MLIR[value.dtype])))
+        store[name] = value.reshape(experts, qt.shape[0] // experts, -1) if experts else value
+        args.append(sig.add_param(name, irutil.tensor_type(store[name].shape, _NP_TO_MLIR[value.dtype])))
+    return args
+
+
+def emit_qlinear(session, sig, mm, w_name, qt) -> None:
+    """mm(x, W^T) -> qcc.qlinear(x, codes, scale[, zero]) with qt's packed values as new parameters."""
+    fmt = qt.format
+    n, _ = qt.shape
+    args = add_quantized_params(session, sig, w_name, qt)
 
     x = mm.operands[0]
     x_shape, x_dtype = irutil.vtensor_shape(x.type)
@@ -272,6 +280,8 @@ class QuantizeWeights(QccPass):
 
         def solve(mm, w_name, w):
             return search_clip(w, fmt, steps) if steps else fmt.quantize(w)
+
+        from qcc.passes.quantize_experts import rewrite_experts  # (it builds on this module)
 
         rewrite_experts(self, module, fmt, exclude, lambda w: solve(None, None, w))
         rewrite_linears(self, module, fmt, exclude, solve)

@@ -4,8 +4,8 @@ SmoothQuant (Xiao et al. 2023, arXiv:2211.10438): for linear layers reading one
 input x, x W^T = (x / s) (W diag(s))^T with s_j = max|x_j|^a / max|W_:,j|^(1-a)
 (a = alpha, default 0.5) from calibration, so activations get easier to quantize
 and weights absorb the range.  The 1/s is folded into x's producer: the RMSNorm
-scale (g / s), LayerNorm's scale and shift (g / s, b / s), or the rows of the linear feeding an elementwise product, e.g. the
-up projection of a SwiGLU MLP (W_up / s).  Float function unchanged; layers whose
+scale (g / s), LayerNorm's scale and shift (g / s, b / s), or the rows of the linear
+feeding an elementwise product, e.g. the up projection of a SwiGLU MLP (W_up / s).  Float function unchanged; layers whose
 input has no such producer are left alone with a remark.
 """
 
@@ -137,13 +137,11 @@ def fold_scales(group, s, edits):
     if group.kind == "norm":
         op, index = group.producer
         edits.add(op, index, ("scale_vec", 1.0 / s))
-        if group.bias is not None:
-            edits.add(*group.bias, ("scale_vec", 1.0 / s))
     else:
         op, index = weight_use(group.producer)
         edits.add(op, index, ("scale_rows", 1.0 / s))
-        if group.bias is not None:
-            edits.add(*group.bias, ("scale_vec", 1.0 / s))
+    if group.bias is not None:  # LayerNorm's shift, a linear producer's bias
+        edits.add(*group.bias, ("scale_vec", 1.0 / s))
 
 
 def commit_edits(session, edits):

@@ -169,10 +169,7 @@ def states_in_place(module: ir.Module, outputs: list, name: str = "main") -> set
 
 def _touches(op, value) -> bool:
     """Whether `op` or an op nested in it has `value` as an operand."""
-    if any(v == value for v in op.operands):
-        return True
-    return any(_touches(inner, value) for region in op.regions for block in region.blocks
-               for inner in block.operations)
+    return any(v == value for o in [op, *irutil.walk(op)] for v in o.operands)
 
 
 def _distinct_results(func) -> None:

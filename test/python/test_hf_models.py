@@ -13,7 +13,7 @@ from oracles import rel_err
 import qcc
 from qcc.reference import dequantized_weights
 
-T = pytest.importorskip("transformers")
+T = pytest.importorskip("transformers", reason="transformers comes with the dev extra: pip install -e '.[dev]'")
 
 VOCAB = 320
 COMMON = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
