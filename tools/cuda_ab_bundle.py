@@ -12,7 +12,8 @@ the same artifacts again under each variant's settings, named ``recipe~tag``, so
 prints them beside the defaults. A setting is ``module.NAME=value`` for a module of
 qcc.backends.cuda (value a Python literal), set while that variant compiles.  --kv-f16 adds
 the decode step compiled for KV caches kept in f16 (``recipe~kvf16``, fed the same caches
-rounded to f16). --kv-heads N builds every decode step with N KV heads (grouped-query
+rounded to f16). --cases adds the test suite's CUDA cases (the run's ``cases`` section).
+--kv-heads N builds every decode step with N KV heads (grouped-query
 attention; the decode section's model follows the artifacts' ctor).
 """
 from __future__ import annotations
@@ -62,6 +63,8 @@ def main(argv=None):
                     help="grouped-query attention: every decode step with this many KV heads")
     ap.add_argument("--prefill", action="store_true", help="the prefill artifacts too")
     ap.add_argument("--small", action="store_true", help="the whole-model checks too")
+    ap.add_argument("--cases", action="store_true",
+                    help="the test suite's CUDA cases too (checked on the device against their oracles)")
     args = ap.parse_args(argv)
     import qcc
     from qcc.backends.cuda import ptx
@@ -84,6 +87,8 @@ def main(argv=None):
         if os.path.exists(os.path.join(args.out, f)):
             os.remove(os.path.join(args.out, f))
     cdr.build_models(args.out)
+    if args.cases:
+        cdr.build_cases(args.out)
     mdir = os.path.join(args.out, "models")
     with open(os.path.join(mdir, "models.json")) as f:
         meta = json.load(f)

@@ -226,6 +226,7 @@ def cmd_build(args):
         t0 = time.time()
         print("compiling whole models (CUDA artifacts) ...", flush=True)
         build_models(args.out, quick=args.quick, tile_sweep=args.tile_sweep)
+        build_cases(args.out)
         print(f"models in {time.time() - t0:.0f}s")
 
 
@@ -636,7 +637,8 @@ def cmd_run(args):
 
     log(f"\n(kernel checks and linear benchmark: {time.time() - t_start:.0f}s)")
     model_rows, decode_rows = [], []
-    for sec, fn in (("models", models_section), ("decode", decode_section), ("prefill", prefill_section)):
+    for sec, fn in (("cases", cases_section), ("models", models_section), ("decode", decode_section),
+                    ("prefill", prefill_section)):
         if sec in sections:
             t0 = time.time()
             try:
@@ -879,6 +881,91 @@ def build_models(out_dir, quick=False, arch="sm_90", tile_sweep=False):
         json.dump(meta, f, indent=1)
 
 
+def build_cases(out_dir):
+    """Every CUDA case of the test suite (test/python/test_cuda_model.py CASES) compiled here
+    with its inputs and its float64 oracle (and, for recipes that quantize activations, the float
+    model's outputs), so the run checks on the hardware what CI checks on the emulator."""
+    import qcc
+
+    _test_path()
+    sys.path.insert(0, os.path.join(ROOT, "test", "python"))
+    import test_cuda_model as tcm
+
+    cdir = os.path.join(out_dir, "cases")
+    os.makedirs(cdir, exist_ok=True)
+    meta = {}
+    for name, (make, recipe) in tcm.CASES.items():
+        t0 = time.time()
+        model, inputs = make()
+        c = qcc.compile(model, inputs, target="cuda", quant=recipe)  # as the tests compile it
+        c.save(os.path.join(cdir, f"{name}.qcc"))
+        expect = tcm.reference(model, inputs, recipe, c)
+        floats = tcm.f64(model, inputs) if recipe in _BUILD_TIME_ORACLE else []
+        np.savez(os.path.join(cdir, f"{name}.npz"),
+                 **{f"in{i}": x.numpy() for i, x in enumerate(inputs)},
+                 **{f"expect{i}": np.asarray(e) for i, e in enumerate(expect)},
+                 **{f"float{i}": np.asarray(e) for i, e in enumerate(floats)})
+        meta[name] = {"recipe": recipe, "launches": len(c.manifest["cuda"]["plan"]["launches"])}
+        print(f"  case {name}: {meta[name]['launches']} launches, {time.time() - t0:.1f}s", flush=True)
+    with open(os.path.join(cdir, "cases.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+
+
+def _within_bounds(got, expect, floats):
+    """(ok, error, note): max-relative error <= 1e-4; where activations are quantized, a code that
+    flips at a rounding boundary (the GPU's float reductions round differently from the CPU's)
+    is allowed if the GPU stays within 1/4 of the recipe's own quantization error."""
+    err = max(_rel(g, e) for g, e in zip(got, expect))
+    if err <= 1e-4 or not floats:
+        return err <= 1e-4, err, ""
+    dist = max(_frob(g, e) for g, e in zip(got, expect))
+    quant = max(_frob(e, f) for e, f in zip(expect, floats))
+    return dist <= 0.25 * quant, err, f"; code flips: ||gpu - oracle|| {dist:.2e} vs quantization error {quant:.2e}"
+
+
+def cases_section(args, log, results, dev, emu):
+    """The test suite's CUDA cases on the device against their float64 oracles (built here)."""
+    import torch
+    mr = _load("model_runtime")
+    cdir = os.path.join(args.bundle, "cases")
+    if not os.path.exists(os.path.join(cdir, "cases.json")):
+        log("\n(no cases in this bundle)")
+        return []
+    with open(os.path.join(cdir, "cases.json")) as f:
+        meta = json.load(f)
+    log("\n== the test suite's CUDA cases on the device vs their float64 oracles")
+    rows = []
+    for name, m in meta.items():
+        try:
+            if emu:
+                emu.add_specs_for_case(name)
+                emu.driver()
+            manifest, weights, code = mr.load_artifact(os.path.join(cdir, f"{name}.qcc"))
+            cm = mr.CudaModel(manifest, weights, code)
+            data = np.load(os.path.join(cdir, f"{name}.npz"))
+            xs = [data[f"in{i}"] for i in range(len(manifest["inputs"]))]
+            expect = [data[k] for k in sorted(data.files) if k.startswith("expect")]
+            floats = [data[k] for k in sorted(data.files) if k.startswith("float")]
+            got = cm(*xs) if emu else cm(*[torch.from_numpy(x).to(dev) for x in xs])
+            got = [g.float().cpu().numpy() if hasattr(g, "cpu") else np.asarray(g)
+                   for g in (got if isinstance(got, tuple) else (got,))]
+            ok, err, note = _within_bounds(got, expect, floats)
+            ok = ok and len(got) == len(expect) and all(g.shape == e.shape for g, e in zip(got, expect))
+            rows.append({"case": name, "recipe": m["recipe"], "err": err, "ok": ok, "launches": m["launches"]})
+            log(f"  {name:34s} {m['recipe']:16s} rel err {err:.2e} {m['launches']:4d} launches{note} "
+                f"[{'ok' if ok else 'FAIL'}]")
+            cm.close()
+        except Exception as e:
+            import traceback
+            log(f"  !! {name}: {type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}")
+            rows.append({"case": name, "recipe": m["recipe"], "err": float("inf"), "ok": False,
+                         "error": f"{type(e).__name__}: {e}"})
+    bad = [r["case"] for r in rows if not r["ok"]]
+    log(f"cases: {len(rows) - len(bad)} of {len(rows)} within bounds" + (f"; FAILED: {bad}" if bad else ""))
+    results["cases"] = rows
+    return rows
+
+
 class _Emu:
     """Emulation of the device side: FakeDriver + kernel specs recompiled here."""
 
@@ -890,6 +977,12 @@ class _Emu:
         model, inputs = make_model(cls, ctor, inp)
         c = qcc.compile(model, inputs, target="cuda", quant=recipe)
         self.specs.update(c.cuda_specs)
+
+    def add_specs_for_case(self, name):
+        _test_path()
+        sys.path.insert(0, os.path.join(ROOT, "test", "python"))
+        import test_cuda_model
+        self.specs.update(test_cuda_model.compiled_case(name)[3].cuda_specs)
 
     def driver(self):
         emulate = _load("emulate")
@@ -1312,7 +1405,7 @@ def main(argv=None):
     r.add_argument("--emulate", action="store_true")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--no-sass", dest="sass", action="store_false")
-    r.add_argument("--sections", default="linear,models,decode,prefill")
+    r.add_argument("--sections", default="linear,cases,models,decode,prefill")
     r.add_argument("--decode-iters", type=int, default=100)
     a = ap.parse_args(argv)
     if a.cmd == "build":

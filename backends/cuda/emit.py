@@ -71,6 +71,12 @@ def bitwidth(t: str) -> int:
     return w * (s[0] if s else 1)
 
 
+def storage_bytes(t: str) -> int:
+    """Bytes an element of type t takes in memory: an i1 takes a byte (LLVM stores it so)."""
+    s, e = parse_type(t)
+    return max(INT_TYPES.get(e) or FLOAT_TYPES[e], 8) // 8 * (s[0] if s else 1)
+
+
 def parse_memref(t: str) -> tuple[int, str, str]:
     """``memref<64xvector<4xi32>>`` -> (64, 'vector<4xi32>', 'global')."""
     m = _MEMREF_RE.match(t)
@@ -162,10 +168,10 @@ class Param:
             return d
         n, et, _ = parse_memref(self.type)
         shape, e = parse_type(et)
-        nbytes = n * bitwidth(et) // 8
+        nbytes = n * storage_bytes(et)
         d = {"name": self.name, "kind": "buffer", "role": self.role, "elem": e,
              "count": n * (shape[0] if shape else 1), "bytes": nbytes,
-             "align": bitwidth(et) // 8, "doc": self.doc}
+             "align": storage_bytes(et), "doc": self.doc}
         if self.rows:
             d["rows_param"], d["row_bytes"] = self.rows[0], nbytes // self.rows[1]
         return d
