@@ -763,6 +763,16 @@ def test_runtime_on_fake_driver_matches_emulation(tmp_path, fake_driver):
     np.testing.assert_array_equal(loaded(*inputs).numpy(), expect)
 
 
+@pytest.mark.parametrize("name", ["sdpa-causal-float", "gpt2-block-w4a16-g128"])
+def test_runtime_passes_bool_buffers_whole(fake_driver, name):
+    """A causal mask (i1 elements, a byte each in memory) through the runtime: the kernels'
+    manifest counts the bytes the launch hands over."""
+    _, inputs, _, c = compiled_case(name)
+    fake_driver(c.cuda_specs)
+    m = model_runtime.CudaModel(c.manifest, c.weights, c.code)
+    np.testing.assert_array_equal(m(*[t.numpy() for t in inputs]), emulate.run_compiled(c, *inputs)[0])
+
+
 def test_runtime_rejects_a_broken_plan(fake_driver):
     _, _, _, c = compiled_case("block-w8a16")
     fake_driver(c.cuda_specs)
