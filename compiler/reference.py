@@ -36,7 +36,8 @@ def _dequantized_nk(compiled) -> dict[str, np.ndarray]:
             else:
                 from qcc.backends.cpu.pack import dequantize_layer
 
-            out[base] = dequantize_layer(layer, backend_packed[base], compiled.weights)
+            w = dequantize_layer(layer, backend_packed[base], compiled.weights)
+            out[base] = w.reshape(layer["experts"], -1, w.shape[1]) if "experts" in layer else w
             continue
         shape = tuple(layer["shape"])  # [E * N, K] for a mixture of experts' weights [E, N, K]
         rows = lambda a: None if a is None else a.reshape(shape[0], -1)  # noqa: E731

@@ -59,7 +59,7 @@ def all_passes() -> dict[str, type[QccPass]]:
 def _load_all() -> None:
     # Imported here, not at the top, so that `import qcc.passes` stays cheap and
     # pass modules can import the registry without a cycle.
-    from . import check_lowered, cpu_contractions, fix_gelu_tanh, cpu_omp_schedule, cpu_reassociate_reductions, cpu_select_int_kernels, cpu_select_kernels, lower_qcc, quantize_weights  # noqa: F401
+    from . import check_lowered, cpu_contractions, fix_gelu_tanh, cpu_omp_schedule, cpu_reassociate_reductions, cpu_select_expert_kernels, cpu_select_int_kernels, cpu_select_kernels, lower_qcc, quantize_weights  # noqa: F401
     from . import quantize_activations  # noqa: F401
     from . import dequant_after_gemm  # noqa: F401
     from . import split_outliers  # noqa: F401

@@ -220,7 +220,21 @@ def gemv(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
     lay.check()
     t = MlirText()
     bf16 = cfg.bf16_gemv(lay)
-    params, _ = _signature(lay, bf16_pairs=bf16)
+    c0 = t.idx(0)
+    t.op("%c0_body = arith.constant 0 : index")
+    M = t.v(f"memref.dim {'%xb' if bf16 else '%x'}, {c0} : {_x_type(lay, bf16)}")
+    t.op("%p = arith.addi %i, %c0_body : index")
+    _row_tiles(t, M, cfg.gemv_rows(lay), _gemv_tile(t, lay, bf16, "%p", "%p"))
+    return _parallel(name, lay, cfg, lay.panels, t.text(), bf16_pairs=bf16)
+
+
+def _x_type(lay: PanelLayout, bf16: bool) -> str:
+    return f"memref<?x{lay.k_pad // 2}xi32>" if bf16 else f"memref<?x{lay.k_pad}xf32>"
+
+
+def _gemv_tile(t: MlirText, lay: PanelLayout, bf16: bool, wp: str, yp: str):
+    """tile_rows(m0, mr): the GEMV's rows [m0, m0 + mr) against weight panel `wp`, stored in
+    y's panel `yp` (the same panel, but for a gathered expert's)."""
     R, V, KB, G = lay.rows, lay.lanes, lay.kb, lay.group
     GB = max(G, KB)
     bpg, gpb, cpg = GB // KB, GB // G, G // V
@@ -231,18 +245,15 @@ def gemv(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
     dot = f"llvm.x86.avx512bf16.dpbf16ps.{32 * V}"
     ty = _types(lay)
     vf = _vec(lay)
-    xty = f"memref<?x{lay.k_pad // 2}xi32>" if bf16 else f"memref<?x{lay.k_pad}xf32>"
-    t.op("%c0_body = arith.constant 0 : index")
+    xty = _x_type(lay, bf16)
     c0, c1 = t.idx(0), t.idx(1)
-    M = t.v(f"memref.dim {'%xb' if bf16 else '%x'}, {c0} : {xty}")
     zv = t.v(f"arith.constant dense<0.0> : {vf}")
     zf = t.v("arith.constant 0.0 : f32")
-    t.op("%p = arith.addi %i, %c0_body : index")
 
     def load_words(kb):
         if lay.fmt.bits != 4:
             return None
-        return [t.v(f"vector.load %codes[%p, {kb}, {t.idx(r)}, {c0}] : {ty['codes']}, {vi}") for r in range(R)]
+        return [t.v(f"vector.load %codes[{wp}, {kb}, {t.idx(r)}, {c0}] : {ty['codes']}, {vi}") for r in range(R)]
 
     def tile_rows(m0: str, mr: int) -> None:
         rows = [t.v(f"arith.addi {m0}, {t.idx(j)} : index") for j in range(mr)]
@@ -273,7 +284,7 @@ def gemv(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
             xo = t.v(f"affine.apply affine_map<(d0) -> (d0 * {KB} + {i * V})>({kb})")
             xv = [t.v(f"vector.load %x[{m}, {xo}] : {xty}, {vf}") for m in rows]
             for r in range(R):
-                f = _decode(t, lay, "%codes", "%p", kb, t.idx(r), i, words[r] if words else None, in_place=True)
+                f = _decode(t, lay, "%codes", wp, kb, t.idx(r), i, words[r] if words else None, in_place=True)
                 for j in range(mr):
                     q = r * mr + j
                     out[q] = t.v(f"vector.fma {xv[j]}, {f}, {parts[q]} : {vf}")
@@ -283,12 +294,12 @@ def gemv(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
             new_acc, new_corr = list(acc), list(corr)
             for r in range(R):
                 rr = t.idx(r)
-                s = t.v(f"memref.load %scale[%p, {g}, {rr}] : {ty['scale']}")
+                s = t.v(f"memref.load %scale[{wp}, {g}, {rr}] : {ty['scale']}")
                 s16 = t.v(f"arith.mulf {s}, {t.v('arith.constant 16.0 : f32')} : f32") if bf16 else s
                 sb = t.v(f"vector.broadcast {s16} : f32 to {vf}")
                 sz = None
                 if lay.needs_zero:
-                    z = _zero_value(t, lay, "%zero", "%p", g, rr)
+                    z = _zero_value(t, lay, "%zero", wp, g, rr)
                     if bf16:  # codes decoded as 1 + q / 16: scale 16 s, zero 16 + z
                         z = t.v(f"arith.addf {z}, {t.v('arith.constant 16.0 : f32')} : f32")
                     sz = t.v(f"arith.mulf {s}, {z} : f32")
@@ -333,10 +344,9 @@ def gemv(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
                 q = r * mr + j
                 h = t.v(f"vector.reduction <add>, {res[q]} : {vf} into f32")
                 sums.append(t.v(f"arith.subf {h}, {res[n + q]} : f32") if lay.needs_zero else h)
-            _store_row_sums(t, lay, sums, rows[j], "%p")
+            _store_row_sums(t, lay, sums, rows[j], yp)
 
-    _row_tiles(t, M, cfg.gemv_rows(lay), tile_rows)
-    return _parallel(name, lay, cfg, lay.panels, t.text(), bf16_pairs=bf16)
+    return tile_rows
 
 
 def _open_tile_build(t: MlirText, lay: PanelLayout, nc: int, kc_blocks: int):
@@ -585,24 +595,12 @@ def _x_prescaled(t: MlirText, lay: PanelLayout, M: str, buf: str) -> str:
     return buf
 
 
-def qlinear(name: str, lay: PanelLayout, cfg: KernelConfig, static_m: int | None = None) -> str:
-    """Tensor-level entry: x [?, K] and the panel arrays -> y [?, N], with the kernels it calls:
-    all three and a run-time dispatch on M, or only the one for `static_m`."""
-    t = MlirText()
-    ty = _types(lay)
-    tt = {role: m.replace("memref", "tensor") for role, m in ty.items()}
-    has_zero = "zero" in ty
+def _padded_x_and_group_sums(t: MlirText, lay: PanelLayout, xm: str, M: str, bf16: bool) -> None:
+    """Defines %xp [M, K_pad] (x padded with zeros; rounded to bf16 with `bf16`) and %xs
+    [M, groups] (x's sum over each group of K: the zero points' correction)."""
     K, KP, V = lay.k, lay.k_pad, lay.lanes
     vf = _vec(lay)
     c0, c1 = t.idx(0), t.idx(1)
-    xm = t.v(f"bufferization.to_buffer %xt read_only : tensor<?x{K}xf32> to memref<?x{K}xf32>")
-    t.op(f"%codes = bufferization.to_buffer %codest read_only : {tt['codes']} to {ty['codes']}")
-    t.op(f"%scale = bufferization.to_buffer %scalet read_only : {tt['scale']} to {ty['scale']}")
-    if has_zero:
-        t.op(f"%zero = bufferization.to_buffer %zerot read_only : {tt['zero']} to {ty['zero']}")
-    M = t.v(f"memref.dim {xm}, {c0} : memref<?x{K}xf32>")
-    bf16 = cfg.bf16_activations
-    gemv_bf16 = cfg.bf16_gemv(lay)
     if KP != K or bf16:
         # x padded to K_pad; with bf16 activations rounded to bf16 (what every variant reads)
         t.op(f"%xp = memref.alloc({M}) {{alignment = 64 : i64}} : memref<?x{KP}xf32>")
@@ -633,6 +631,27 @@ def qlinear(name: str, lay: PanelLayout, cfg: KernelConfig, static_m: int | None
         t.op(f"memref.store {h}, %xs[%m, %g] : memref<?x{lay.groups}xf32>")
         t.close()
         t.close()
+
+
+def qlinear(name: str, lay: PanelLayout, cfg: KernelConfig, static_m: int | None = None) -> str:
+    """Tensor-level entry: x [?, K] and the panel arrays -> y [?, N], with the kernels it calls:
+    all three and a run-time dispatch on M, or only the one for `static_m`."""
+    t = MlirText()
+    ty = _types(lay)
+    tt = {role: m.replace("memref", "tensor") for role, m in ty.items()}
+    has_zero = "zero" in ty
+    K, KP, V = lay.k, lay.k_pad, lay.lanes
+    vf = _vec(lay)
+    c0, c1 = t.idx(0), t.idx(1)
+    xm = t.v(f"bufferization.to_buffer %xt read_only : tensor<?x{K}xf32> to memref<?x{K}xf32>")
+    t.op(f"%codes = bufferization.to_buffer %codest read_only : {tt['codes']} to {ty['codes']}")
+    t.op(f"%scale = bufferization.to_buffer %scalet read_only : {tt['scale']} to {ty['scale']}")
+    if has_zero:
+        t.op(f"%zero = bufferization.to_buffer %zerot read_only : {tt['zero']} to {ty['zero']}")
+    M = t.v(f"memref.dim {xm}, {c0} : memref<?x{K}xf32>")
+    bf16 = cfg.bf16_activations
+    gemv_bf16 = cfg.bf16_gemv(lay)
+    _padded_x_and_group_sums(t, lay, xm, M, bf16)
     t.op(f"%y = memref.alloc({M}) {{alignment = 64 : i64}} : memref<?x{lay.n}xf32>")
     params, args = _signature(lay)
     arg_types = ", ".join(p.split(": ", 1)[1] for p in params.split(", %"))
@@ -670,6 +689,65 @@ def qlinear(name: str, lay: PanelLayout, cfg: KernelConfig, static_m: int | None
     uses_bf16 = "gemm_bf16" in variants or (gemv_bf16 and "gemv" in variants)
     declarations = bf16_declarations(lay) if uses_bf16 else ""
     return declarations + entry + "".join(generators[v](f"{name}__{v}", lay, cfg) for v in variants)
+
+
+def gathered_qlinear(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
+    """A mixture of experts' product, y[m] = W[ids[m]] x[m] (lay.experts weights, each a
+    panel layout, stacked), in the batched matmul's shapes: x [?, K, 1], ids [?] (i64) and
+    the panel arrays -> y [?, N, 1].  Each
+    row runs the GEMV on its expert's panels where they are stored: nothing is decoded into
+    memory, only the rows' experts are read.  Work items are (row, panel) pairs, OpenMP
+    threads over them; out-of-range ids are clamped to the last expert (memory safety; the
+    float gather has no defined result there either)."""
+    lay.check()
+    t = MlirText()
+    ty = _types(lay)
+    tt = {role: m.replace("memref", "tensor") for role, m in ty.items()}
+    has_zero = "zero" in ty
+    K, KP, P = lay.k, lay.k_pad, lay.panels
+    c0 = t.idx(0)
+    x3 = t.v(f"bufferization.to_buffer %xt read_only : tensor<?x{K}x1xf32> to memref<?x{K}x1xf32>")
+    xm = t.v(f"memref.collapse_shape {x3} [[0], [1, 2]] : memref<?x{K}x1xf32> into memref<?x{K}xf32>")
+    t.op("%ids = bufferization.to_buffer %idst read_only : tensor<?xi64> to memref<?xi64>")
+    for role in ty:
+        t.op(f"%{role} = bufferization.to_buffer %{role}t read_only : {tt[role]} to {ty[role]}")
+    M = t.v(f"memref.dim {xm}, {c0} : memref<?x{K}xf32>")
+    _padded_x_and_group_sums(t, lay, xm, M, bf16=False)
+    x = _x_prescaled(t, lay, M, "%xq") if lay.fmt.bits == 4 else "%xp"
+    t.op(f"%y = memref.alloc({M}) {{alignment = 64 : i64}} : memref<?x{lay.n}xf32>")
+    zero = f", %zero: {ty['zero']}" if has_zero else ""
+    params = (f"%x: memref<?x{KP}xf32>, %xs: memref<?x{lay.groups}xf32>, %ids: memref<?xi64>, "
+              f"%codes: {ty['codes']}, %scale: {ty['scale']}{zero}, %y: memref<?x{lay.n}xf32>")
+    names = ", ".join(p.split(":", 1)[0] for p in params.split(", "))
+    types = ", ".join(p.split(": ", 1)[1] for p in params.split(", %"))
+    t.op(f"func.call @{name}__gemv({names.replace('%x,', f'{x},', 1)}) : ({types}) -> ()")
+    y3 = t.v(f"memref.expand_shape %y [[0], [1, 2]] output_shape [{M}, {lay.n}, 1] : memref<?x{lay.n}xf32> "
+             f"into memref<?x{lay.n}x1xf32>")
+    out = t.v(f"bufferization.to_tensor {y3} restrict writable : memref<?x{lay.n}x1xf32> to tensor<?x{lay.n}x1xf32>")
+    zero_param = f", %zerot: {tt['zero']}" if has_zero else ""
+    entry = (f"func.func private @{name}(%xt: tensor<?x{K}x1xf32>, %idst: tensor<?xi64>, %codest: {tt['codes']}, "
+             f"%scalet: {tt['scale']}{zero_param}) -> tensor<?x{lay.n}x1xf32> {{\n{t.text()}\n"
+             f"  return {out} : tensor<?x{lay.n}x1xf32>\n}}\n")
+
+    b = MlirText()
+    pp = b.idx(P)
+    b.op(f"%m = arith.divui %i, {pp} : index")
+    b.op(f"%p = arith.remui %i, {pp} : index")
+    e = b.v(f"arith.index_cast {b.v('memref.load %ids[%m] : memref<?xi64>')} : i64 to index")
+    e = b.v(f"arith.minui {e}, {b.idx(lay.experts - 1)} : index")  # a negative id is a large unsigned one
+    wp = b.v(f"arith.addi {b.v(f'arith.muli {e}, {pp} : index')}, %p : index")
+    _gemv_tile(b, lay, False, wp, "%p")("%m", 1)
+    loop = "scf.parallel (%i) = (%c0) to (%cn) step (%c1)" if cfg.threads else "scf.for %i = %c0 to %cn step %c1"
+    kernel = (f"func.func private @{name}__gemv({params}) {{\n"
+              f"  %c0 = arith.constant 0 : index\n  %c1 = arith.constant 1 : index\n"
+              f"  %cp = arith.constant {P} : index\n"
+              f"  %rows = memref.dim %x, %c0 : memref<?x{KP}xf32>\n"
+              f"  %cn = arith.muli %rows, %cp : index\n"
+              f"  {loop} {{\n"
+              f"    func.call @{name}__gemv_body(%i, {names}) {{no_inline}} : (index, {types}) -> ()\n  }}\n"
+              f"  return\n}}\n"
+              f"func.func private @{name}__gemv_body(%i: index, {params}) {{\n{b.text()}\n  return\n}}\n")
+    return entry + kernel
 
 
 def batch_matmul(name: str, b: int, m: int, n: int, k: int, lanes: int, transposed_b: bool, threads: bool,

@@ -43,6 +43,7 @@ def select_kernels(features: dict, openmp: dict | None, cpu_activations: str = "
         stage.append(f"cpu-select-int-kernels{{threads={threads} dot={features.get('int_dot', 'avx2')}}}")
     bf16 = "true" if cpu_activations == "bf16" else "false"
     return stage + [f"cpu-select-kernels{{lanes={features['lanes']} threads={threads} bf16={bf16}}}",
+                    f"cpu-select-expert-kernels{{lanes={features['lanes']} threads={threads}}}",
                     f"cpu-vectorize-contractions{{lanes={features['lanes']} threads={threads}}}"]
 
 

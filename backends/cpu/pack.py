@@ -40,6 +40,7 @@ class PanelLayout:
     k: int
     rows: int = 4
     lanes: int = 8
+    experts: int = 1  # a mixture of experts' [E, N, K]: each expert's panels after the last's
 
     @property
     def fmt(self):
@@ -88,7 +89,7 @@ class PanelLayout:
     def shapes(self) -> dict:
         """name -> (shape, numpy dtype) of the packed arrays."""
         fmt = self.fmt
-        p, b, r, gr = self.panels, self.blocks, self.rows, self.groups
+        p, b, r, gr = self.experts * self.panels, self.blocks, self.rows, self.groups
         out = {"codes": ((p, b, r, self.lanes), np.int32) if fmt.bits == 4 else ((p, b, r, self.kb), fmt.code_dtype.type),
                "scale": ((p, gr, r), np.float32)}
         if not fmt.symmetric:
@@ -97,7 +98,10 @@ class PanelLayout:
 
     def to_json(self) -> dict:
         return {"layout": "panels", "rows": self.rows, "lanes": self.lanes, "k_pad": self.k_pad,
-                "group": self.group}
+                "group": self.group, **({"experts": self.experts} if self.experts > 1 else {})}
+
+    def one_expert(self) -> "PanelLayout":
+        return dataclasses.replace(self, experts=1)
 
 
 def _per_group(a: np.ndarray, lay: PanelLayout, fill) -> np.ndarray:
@@ -113,8 +117,13 @@ def _per_group(a: np.ndarray, lay: PanelLayout, fill) -> np.ndarray:
 
 
 def pack(lay: PanelLayout, packed_codes: np.ndarray, scale: np.ndarray, zero=None) -> dict:
-    """The format's storage (formats.pack output, scale, zero) -> panel arrays by role."""
+    """The format's storage (formats.pack output, scale, zero) -> panel arrays by role; for
+    E experts the storage of each ([E, N, ...]) packed in turn, the panels concatenated."""
     lay.check()
+    if lay.experts > 1:
+        one = lay.one_expert()
+        parts = [pack(one, packed_codes[e], scale[e], None if zero is None else zero[e]) for e in range(lay.experts)]
+        return {role: np.concatenate([p[role] for p in parts]) for role in parts[0]}
     fmt = lay.fmt
     codes = formats.unpack(packed_codes, fmt, (lay.n, lay.k))
     p, b, r, v = lay.panels, lay.blocks, lay.rows, lay.lanes
@@ -162,13 +171,18 @@ def unpack(lay: PanelLayout, arrays: dict) -> formats.QuantizedTensor:
 
 
 def dequantize(lay: PanelLayout, arrays: dict) -> np.ndarray:
-    """float32 [N, K]: the weights the kernels compute with."""
+    """float32 [N, K] (E experts: [E * N, K]): the weights the kernels compute with."""
+    if lay.experts > 1:
+        one = lay.one_expert()
+        return np.concatenate([dequantize(one, {role: np.split(a, lay.experts)[e] for role, a in arrays.items()})
+                               for e in range(lay.experts)])
     return formats.dequantize(unpack(lay, arrays))
 
 
 def dequantize_layer(layer: dict, kernel: dict, weights: dict) -> np.ndarray:
     """The dequantized weight of an artifact layer the CPU kernels own (manifest
     `layers[i]` and `cpu.kernels[weight]`)."""
-    n, k = layer["shape"]
-    lay = PanelLayout(layer["format"], n, k, rows=kernel["rows"], lanes=kernel["lanes"])
+    n, k = layer["shape"]  # [E * N, K] for E experts
+    experts = layer.get("experts", 1)
+    lay = PanelLayout(layer["format"], n // experts, k, rows=kernel["rows"], lanes=kernel["lanes"], experts=experts)
     return dequantize(lay, {role: weights[name] for role, name in kernel["params"].items()})

@@ -448,8 +448,28 @@ def test_mixture_of_experts_weights_are_quantized(recipe):
     layers = {layer["weight"]: layer for layer in compiled.manifest["layers"]}
     assert layers["experts"]["experts"] == 4 and layers["experts"]["shape"] == [4 * 96, 128]
     assert compiled.remarks == []
+    # each token's product runs on its expert's panels (cpu-select-expert-kernels)
+    assert compiled.manifest["cpu"]["kernels"]["experts"]["variant"] == "gathered gemv"
     reference = copy.deepcopy(model)
     load_into_torch(reference, dequantized_weights(compiled))
     expect = float64_out(reference, (x,))
     assert rel_err(compiled(x).numpy(), expect) <= 1e-4
     assert rel_err(float64_out(model, (x,)), expect) > 1e-4
+
+
+def test_mixture_of_experts_any_token_count():
+    """The gathered kernel over a run-time number of tokens (rows = tokens x 2 experts), the
+    same expert for several rows and experts no token picks; equal to the reference lowering
+    (the dequantized gather, then the batched matmul) to float rounding."""
+    torch.manual_seed(2)
+    model = _Experts(e=8, n=200, k=384).eval()
+    x = torch.randn(7, 384)
+    tokens = torch.export.Dim("tokens", min=1, max=64)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: tokens},))
+    compiled = qcc.compile(program, target="cpu", quant="w4a16-g128")
+    assert compiled.manifest["cpu"]["kernels"]["experts"]["experts"] == 8
+    reference = copy.deepcopy(model)
+    load_into_torch(reference, dequantized_weights(compiled))
+    for rows in (1, 3, 16):
+        xr = torch.randn(rows, 384)
+        assert rel_err(compiled(xr).numpy(), float64_out(reference, (xr,))) <= 1e-5
