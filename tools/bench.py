@@ -260,8 +260,12 @@ def bench_model(args, emit) -> None:
         cases[f"decode-b{args.decode_batch}"] = (batched, batched.example_inputs(), args.decode_batch)
     cases["prefill"] = (model, model.example_inputs(batch=1, seq=prompt), prompt)
     programs = {}  # case -> the ExportedProgram qcc compiles (else the module)
+    extra_baselines = {}  # case -> {name: fn(i)} timed beside the usual ones
     if args.hf_static:
         cases["decode-hf-static"], programs["decode-hf-static"] = _hf_static_decode(cfg, cache)
+    if args.moe:
+        for tokens in (1, 16):
+            cases[f"moe-{tokens}"], extra_baselines[f"moe-{tokens}"] = _hf_moe_block(cfg, tokens)
     for case, (module, inputs, tokens) in cases.items():
         for recipe in args.model_recipes:
             t0 = time.perf_counter()
@@ -274,6 +278,7 @@ def bench_model(args, emit) -> None:
             fns = {"qcc": lambda i: compiled.run(*arrays)}
             with torch.no_grad():
                 fns["torch eager fp32"] = lambda i: module(*inputs)
+                fns.update(extra_baselines.get(case, {}))
                 tc_compile_s = None
                 if not args.no_torch_compile:
                     compiled_torch = torch.compile(module)
@@ -361,6 +366,35 @@ def _hf_static_decode(cfg: dict, cache: int):
     return (Step().eval(), inputs, 1), program
 
 
+def _hf_moe_block(cfg: dict, tokens: int):
+    """((module, inputs, tokens), baselines): transformers' MixtralSparseMoeBlock of the
+    benchmark's width (8 experts, top 2) with its batched_mm experts (each token's expert
+    weights gathered, then a batched matmul: the form qcc quantizes), over `tokens` tokens.
+    The module is the torch eager baseline (it copies out the gathered weights); the same
+    weights under transformers' default eager experts (a loop over the experts hit, F.linear
+    on each one's slice, nothing copied) are the other."""
+    import copy
+
+    import torch
+    import transformers
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    cfg = {"hidden": 2048, "ffn": 5632, **cfg}
+    config = transformers.MixtralConfig(hidden_size=cfg["hidden"], intermediate_size=cfg["ffn"],
+                                        num_local_experts=8, num_experts_per_tok=2)
+    config._experts_implementation = "batched_mm"
+    torch.manual_seed(0)
+    block = MixtralSparseMoeBlock(config).eval()
+    with torch.no_grad():
+        for p in block.parameters():  # the experts are allocated uninitialized
+            p.normal_(0.0, 0.02)
+    loop = copy.deepcopy(block)  # its experts' own copy of the config
+    loop.experts.config._experts_implementation = "eager"
+    assert block.experts.config._experts_implementation == "batched_mm"
+    x = (torch.randn(1, tokens, cfg["hidden"]),)
+    return (block, x, tokens), {"torch eager fp32, experts loop": lambda i: loop(*x)}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("suite", choices=["linear", "model", "report"],
                    help="report: markdown tables from the JSON lines of earlier runs (files)")
@@ -381,6 +415,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hf-static", action="store_true",
                    help="model: also transformers' Llama with a static KV cache in its buffers, as its ExecuTorch "
                         "export writes it (case decode-hf-static; needs transformers)")
+    p.add_argument("--moe", action="store_true",
+                   help="model: also transformers' Mixtral mixture-of-experts block (8 experts, top 2, batched_mm) "
+                        "over 1 and 16 tokens (cases moe-1, moe-16; needs transformers)")
     p.add_argument("--decode-batch", type=int, default=1,
                    help="model: also a decode step of this many sequences at once (case decode-b<N>)")
     p.add_argument("--cpu-activations", default="fp32", choices=("fp32", "bf16"),
