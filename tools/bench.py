@@ -266,6 +266,11 @@ def bench_model(args, emit) -> None:
     if args.moe:
         for tokens in (1, 16):
             cases[f"moe-{tokens}"], extra_baselines[f"moe-{tokens}"] = _hf_moe_block(cfg, tokens)
+    if args.cases:
+        unknown = set(args.cases.split(",")) - set(cases)
+        if unknown:
+            raise SystemExit(f"--cases: no case {', '.join(sorted(unknown))} (this run has {', '.join(cases)})")
+        cases = {c: v for c, v in cases.items() if c in args.cases.split(",")}
     for case, (module, inputs, tokens) in cases.items():
         for recipe in args.model_recipes:
             t0 = time.perf_counter()
@@ -418,6 +423,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--moe", action="store_true",
                    help="model: also transformers' Mixtral mixture-of-experts block (8 experts, top 2, batched_mm) "
                         "over 1 and 16 tokens (cases moe-1, moe-16; needs transformers)")
+    p.add_argument("--cases", help="model: comma-separated cases to run (default: all the flags give)")
     p.add_argument("--decode-batch", type=int, default=1,
                    help="model: also a decode step of this many sequences at once (case decode-b<N>)")
     p.add_argument("--cpu-activations", default="fp32", choices=("fp32", "bf16"),

@@ -694,55 +694,117 @@ def qlinear(name: str, lay: PanelLayout, cfg: KernelConfig, static_m: int | None
 def gathered_qlinear(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
     """A mixture of experts' product, y[m] = W[ids[m]] x[m] (lay.experts weights, each a
     panel layout, stacked), in the batched matmul's shapes: x [?, K, 1], ids [?] (i64) and
-    the panel arrays -> y [?, N, 1].  Each
-    row runs the GEMV on its expert's panels where they are stored: nothing is decoded into
-    memory, only the rows' experts are read.  Work items are (row, panel) pairs, OpenMP
-    threads over them; out-of-range ids are clamped to the last expert (memory safety; the
-    float gather has no defined result there either)."""
+    the panel arrays -> y [?, N, 1].
+
+    The entry sorts the rows by expert (a counting sort: each expert's rows contiguous in a
+    copy of x, `%off` their bounds); a work item is a panel of N (OpenMP threads over them):
+    for each expert, the GEMV's row tiles over that expert's rows against its panel where it is
+    stored.  An expert's
+    weights are read once however many rows chose it, nothing is decoded into memory, and an
+    expert no row chose costs nothing.  The rows' results go back to their places.  Ids out
+    of range are clamped to the last expert (memory safety; the float gather has no defined
+    result there either)."""
     lay.check()
     t = MlirText()
     ty = _types(lay)
     tt = {role: m.replace("memref", "tensor") for role, m in ty.items()}
     has_zero = "zero" in ty
-    K, KP, P = lay.k, lay.k_pad, lay.panels
-    c0 = t.idx(0)
+    K, KP, P, E, N, V = lay.k, lay.k_pad, lay.panels, lay.experts, lay.n, lay.lanes
+    vf, offty = _vec(lay), f"memref<{E + 1}xindex>"
+    c0, c1 = t.idx(0), t.idx(1)
     x3 = t.v(f"bufferization.to_buffer %xt read_only : tensor<?x{K}x1xf32> to memref<?x{K}x1xf32>")
     xm = t.v(f"memref.collapse_shape {x3} [[0], [1, 2]] : memref<?x{K}x1xf32> into memref<?x{K}xf32>")
     t.op("%ids = bufferization.to_buffer %idst read_only : tensor<?xi64> to memref<?xi64>")
     for role in ty:
         t.op(f"%{role} = bufferization.to_buffer %{role}t read_only : {tt[role]} to {ty[role]}")
     M = t.v(f"memref.dim {xm}, {c0} : memref<?x{K}xf32>")
-    _padded_x_and_group_sums(t, lay, xm, M, bf16=False)
+
+    def expert_of(m: str) -> str:
+        e = t.v(f"arith.index_cast {t.v(f'memref.load %ids[{m}] : memref<?xi64>')} : i64 to index")
+        return t.v(f"arith.minui {e}, {t.idx(E - 1)} : index")  # a negative id is a large unsigned one
+
+    # counting sort of the rows by expert: %off[e] .. %off[e + 1] are expert e's sorted rows
+    t.op(f"%off = memref.alloc() : {offty}")
+    t.open(f"scf.for %e = {c0} to {t.idx(E + 1)} step {c1} {{")
+    t.op(f"memref.store {c0}, %off[%e] : {offty}")
+    t.close()
+    t.open(f"scf.for %m = {c0} to {M} step {c1} {{")
+    e1 = t.v(f"arith.addi {expert_of('%m')}, {c1} : index")
+    count = t.v(f"memref.load %off[{e1}] : {offty}")
+    t.op(f"memref.store {t.v(f'arith.addi {count}, {c1} : index')}, %off[{e1}] : {offty}")
+    t.close()
+    t.open(f"scf.for %e = {c1} to {t.idx(E + 1)} step {c1} {{")
+    before = t.v(f"memref.load %off[{t.v(f'arith.subi %e, {c1} : index')}] : {offty}")
+    count = t.v(f"memref.load %off[%e] : {offty}")
+    t.op(f"memref.store {t.v(f'arith.addi {before}, {count} : index')}, %off[%e] : {offty}")
+    t.close()
+    # the experts some row chose, in order: %active[0 .. %nactive)
+    t.op(f"%active = memref.alloc() : memref<{E + 1}xindex>")
+    nact = t.v(f"scf.for %e = {c0} to {t.idx(E)} step {c1} iter_args(%na = {c0}) -> (index) {{")
+    t.indent += 2
+    first = t.v(f"memref.load %off[%e] : {offty}")
+    last = t.v(f"memref.load %off[{t.v(f'arith.addi %e, {c1} : index')}] : {offty}")
+    t.op(f"memref.store %e, %active[%na] : memref<{E + 1}xindex>")
+    used = t.v(f"arith.cmpi ult, {first}, {last} : index")
+    more = t.v(f"arith.addi %na, {c1} : index")
+    t.op(f"scf.yield {t.v(f'arith.select {used}, {more}, %na : index')} : index")
+    t.close()
+    t.op(f"memref.store {nact}, %active[{t.idx(E)}] : memref<{E + 1}xindex>")
+    t.op(f"%next = memref.alloc() : {offty}")
+    t.op(f"memref.copy %off, %next : {offty} to {offty}")
+    t.op(f"%perm = memref.alloc({M}) : memref<?xindex>")
+    t.op(f"%xsorted = memref.alloc({M}) {{alignment = 64 : i64}} : memref<?x{K}xf32>")
+    pad = t.v("arith.constant 0.0 : f32")
+    t.open(f"scf.for %m = {c0} to {M} step {c1} {{")
+    e = expert_of("%m")
+    j = t.v(f"memref.load %next[{e}] : {offty}")
+    t.op(f"memref.store {t.v(f'arith.addi {j}, {c1} : index')}, %next[{e}] : {offty}")
+    t.op(f"memref.store %m, %perm[{j}] : memref<?xindex>")
+    t.open(f"scf.for %k = {c0} to {t.idx(K)} step {t.idx(V)} {{")
+    row = t.v(f"vector.transfer_read {xm}[%m, %k], {pad} {{in_bounds = [false]}} : memref<?x{K}xf32>, {vf}")
+    t.op(f"vector.transfer_write {row}, %xsorted[{j}, %k] {{in_bounds = [false]}} : {vf}, memref<?x{K}xf32>")
+    t.close()
+    t.close()
+    _padded_x_and_group_sums(t, lay, "%xsorted", M, bf16=False)
     x = _x_prescaled(t, lay, M, "%xq") if lay.fmt.bits == 4 else "%xp"
-    t.op(f"%y = memref.alloc({M}) {{alignment = 64 : i64}} : memref<?x{lay.n}xf32>")
+    t.op(f"%y = memref.alloc({M}) {{alignment = 64 : i64}} : memref<?x{N}xf32>")
     zero = f", %zero: {ty['zero']}" if has_zero else ""
-    params = (f"%x: memref<?x{KP}xf32>, %xs: memref<?x{lay.groups}xf32>, %ids: memref<?xi64>, "
-              f"%codes: {ty['codes']}, %scale: {ty['scale']}{zero}, %y: memref<?x{lay.n}xf32>")
+    params = (f"%x: memref<?x{KP}xf32>, %xs: memref<?x{lay.groups}xf32>, %off: {offty}, "
+              f"%active: memref<{E + 1}xindex>, "
+              f"%codes: {ty['codes']}, %scale: {ty['scale']}{zero}, %y: memref<?x{N}xf32>")
     names = ", ".join(p.split(":", 1)[0] for p in params.split(", "))
     types = ", ".join(p.split(": ", 1)[1] for p in params.split(", %"))
     t.op(f"func.call @{name}__gemv({names.replace('%x,', f'{x},', 1)}) : ({types}) -> ()")
-    y3 = t.v(f"memref.expand_shape %y [[0], [1, 2]] output_shape [{M}, {lay.n}, 1] : memref<?x{lay.n}xf32> "
-             f"into memref<?x{lay.n}x1xf32>")
-    out = t.v(f"bufferization.to_tensor {y3} restrict writable : memref<?x{lay.n}x1xf32> to tensor<?x{lay.n}x1xf32>")
+    # the sorted rows' results to their rows
+    t.op(f"%yout = memref.alloc({M}) {{alignment = 64 : i64}} : memref<?x{N}x1xf32>")
+    yrows = t.v(f"memref.collapse_shape %yout [[0], [1, 2]] : memref<?x{N}x1xf32> into memref<?x{N}xf32>")
+    t.open(f"scf.for %j = {c0} to {M} step {c1} {{")
+    m = t.v("memref.load %perm[%j] : memref<?xindex>")
+    t.open(f"scf.for %n = {c0} to {t.idx(N)} step {t.idx(V)} {{")
+    row = t.v(f"vector.transfer_read %y[%j, %n], {pad} {{in_bounds = [false]}} : memref<?x{N}xf32>, {vf}")
+    t.op(f"vector.transfer_write {row}, {yrows}[{m}, %n] {{in_bounds = [false]}} : {vf}, memref<?x{N}xf32>")
+    t.close()
+    t.close()
+    out = t.v(f"bufferization.to_tensor %yout restrict writable : memref<?x{N}x1xf32> to tensor<?x{N}x1xf32>")
     zero_param = f", %zerot: {tt['zero']}" if has_zero else ""
     entry = (f"func.func private @{name}(%xt: tensor<?x{K}x1xf32>, %idst: tensor<?xi64>, %codest: {tt['codes']}, "
-             f"%scalet: {tt['scale']}{zero_param}) -> tensor<?x{lay.n}x1xf32> {{\n{t.text()}\n"
-             f"  return {out} : tensor<?x{lay.n}x1xf32>\n}}\n")
+             f"%scalet: {tt['scale']}{zero_param}) -> tensor<?x{N}x1xf32> {{\n{t.text()}\n"
+             f"  return {out} : tensor<?x{N}x1xf32>\n}}\n")
 
     b = MlirText()
-    pp = b.idx(P)
-    b.op(f"%m = arith.divui %i, {pp} : index")
-    b.op(f"%p = arith.remui %i, {pp} : index")
-    e = b.v(f"arith.index_cast {b.v('memref.load %ids[%m] : memref<?xi64>')} : i64 to index")
-    e = b.v(f"arith.minui {e}, {b.idx(lay.experts - 1)} : index")  # a negative id is a large unsigned one
-    wp = b.v(f"arith.addi {b.v(f'arith.muli {e}, {pp} : index')}, %p : index")
-    _gemv_tile(b, lay, False, wp, "%p")("%m", 1)
+    cp = b.idx(P)
+    b.op(f"%p = arith.remui %i, {cp} : index")
+    b.op(f"%e = memref.load %active[{b.v(f'arith.divui %i, {cp} : index')}] : memref<{E + 1}xindex>")
+    start = b.v(f"memref.load %off[%e] : {offty}")
+    end = b.v(f"memref.load %off[{b.v(f'arith.addi %e, {b.idx(1)} : index')}] : {offty}")
+    wp = b.v(f"arith.addi {b.v(f'arith.muli %e, {cp} : index')}, %p : index")
+    _row_tiles(b, end, cfg.gemv_rows(lay), _gemv_tile(b, lay, False, wp, "%p"), start=start)
     loop = "scf.parallel (%i) = (%c0) to (%cn) step (%c1)" if cfg.threads else "scf.for %i = %c0 to %cn step %c1"
     kernel = (f"func.func private @{name}__gemv({params}) {{\n"
               f"  %c0 = arith.constant 0 : index\n  %c1 = arith.constant 1 : index\n"
-              f"  %cp = arith.constant {P} : index\n"
-              f"  %rows = memref.dim %x, %c0 : memref<?x{KP}xf32>\n"
-              f"  %cn = arith.muli %rows, %cp : index\n"
+              f"  %ce = arith.constant {E} : index\n  %cp = arith.constant {P} : index\n"
+              f"  %na = memref.load %active[%ce] : memref<{E + 1}xindex>\n"
+              f"  %cn = arith.muli %na, %cp : index\n"
               f"  {loop} {{\n"
               f"    func.call @{name}__gemv_body(%i, {names}) {{no_inline}} : (index, {types}) -> ()\n  }}\n"
               f"  return\n}}\n"

@@ -4,8 +4,10 @@
 // A mixture of experts' gathered product (qcc.gather_dequantize, then a batched matmul of
 // each token's expert weights [N, K] with its row [K, 1]) becomes one call of a CPU kernel:
 // the experts' weights repacked into the weight-only GEMV's panels, experts one after another
-// ([E * N / 4, ...]); each token's row runs the GEMV on its expert's panels where they are
-// stored, so neither the gathered float weights nor the batched matmul are left.
+// ([E * N / 4, ...]).  The kernel sorts the rows by expert (bounds %off) and lists the experts
+// chosen (%active); each work item, a panel of one chosen expert, runs the GEMV's row tiles
+// over that expert's rows on its panel where it is stored: neither the gathered float
+// weights nor the batched matmul are left, and each chosen expert is read once.
 
 // CHECK-LABEL: func.func @experts
 // CHECK-SAME: tensor<96x2x4x16xi32> {qcc.param = "experts.w:int4_asym_g128:panels4x16:codes"}
@@ -18,15 +20,19 @@
 // CHECK: %[[IDS:.*]] = tensor.cast %{{.*}} : tensor<6xi64> to tensor<?xi64>
 // CHECK: %[[Y:.*]] = call @qcc_cpu_experts_int4_asym_g128_4x256x96_v16(%[[X]], %[[IDS]], %{{.*}}, %{{.*}}, %{{.*}}) : (tensor<?x256x1xf32>, tensor<?xi64>, tensor<96x2x4x16xi32>, tensor<96x2x4xf32>, tensor<96x2x4xi8>) -> tensor<?x96x1xf32>
 // CHECK: tensor.cast %[[Y]] : tensor<?x96x1xf32> to tensor<6x96x1xf32>
-// The kernel: (row, panel) work items on threads; the row's expert id picks its panels.
+// CHECK-LABEL: func.func private @qcc_cpu_experts_int4_asym_g128_4x256x96_v16(
+// CHECK: arith.minui %{{.*}}, %c3{{.*}} : index
+// CHECK: call @qcc_cpu_experts_int4_asym_g128_4x256x96_v16__gemv(%{{.*}}) : (memref<?x256xf32>, memref<?x2xf32>, memref<5xindex>, memref<5xindex>,
 // CHECK-LABEL: func.func private @qcc_cpu_experts_int4_asym_g128_4x256x96_v16__gemv(
 // CHECK: scf.parallel
 // CHECK-LABEL: func.func private @qcc_cpu_experts_int4_asym_g128_4x256x96_v16__gemv_body(
-// CHECK: %[[M:.*]] = arith.divui %{{.*}}, %[[P:.*]] : index
-// CHECK: %[[E:.*]] = arith.index_cast %{{.*}} : i64 to index
-// CHECK: %[[EC:.*]] = arith.minui %[[E]], %c3{{.*}} : index
-// CHECK: %[[EP:.*]] = arith.muli %[[EC]], %[[P]] : index
-// CHECK: %[[WP:.*]] = arith.addi %[[EP]], %{{.*}} : index
+// CHECK-SAME: %[[I:[^:]*]]: index, %{{[^:]*}}: memref<?x256xf32>, %{{[^:]*}}: memref<?x2xf32>, %[[OFF:[^:]*]]: memref<5xindex>, %[[ACT:[^:]*]]: memref<5xindex>,
+// CHECK: %[[P:.*]] = arith.remui %[[I]], %c24 : index
+// CHECK: %[[A:.*]] = arith.divui %[[I]], %c24 : index
+// CHECK: %[[E:.*]] = memref.load %[[ACT]][%[[A]]] : memref<5xindex>
+// CHECK: memref.load %[[OFF]][%[[E]]] : memref<5xindex>
+// CHECK: %[[EP:.*]] = arith.muli %[[E]], %c24 : index
+// CHECK: %[[WP:.*]] = arith.addi %[[EP]], %[[P]] : index
 // CHECK: vector.load %{{.*}}[%[[WP]], %{{.*}}, %{{.*}}, %{{.*}}] : memref<96x2x4x16xi32>, vector<16xi32>
 // CHECK: vector.fma
 
