@@ -261,11 +261,13 @@ def bench_model(args, emit) -> None:
     cases["prefill"] = (model, model.example_inputs(batch=1, seq=prompt), prompt)
     programs = {}  # case -> the ExportedProgram qcc compiles (else the module)
     extra_baselines = {}  # case -> {name: fn(i)} timed beside the usual ones
+    experts_read = {}  # case -> the fraction of a mixture of experts' weights its tokens read
     if args.hf_static:
         cases["decode-hf-static"], programs["decode-hf-static"] = _hf_static_decode(cfg, cache)
     if args.moe:
         for tokens in (1, 16):
-            cases[f"moe-{tokens}"], extra_baselines[f"moe-{tokens}"] = _hf_moe_block(cfg, tokens)
+            case = f"moe-{tokens}"
+            cases[case], extra_baselines[case], experts_read[case] = _hf_moe_block(cfg, tokens)
     if args.cases:
         unknown = set(args.cases.split(",")) - set(cases)
         if unknown:
@@ -301,6 +303,9 @@ def bench_model(args, emit) -> None:
                     fns["torch qdynamic int8"] = lambda i: qdyn(*inputs)
                 med = interleaved(fns, args.budget * (2 if case == "prefill" else 1), min_reps=3, max_reps=30)
             nbytes = compiled.weight_bytes()
+            if case in experts_read:  # the floor: only the experts the tokens chose are read
+                expert_bytes = sum(layer["bytes"] for layer in compiled.manifest["layers"] if "experts" in layer)
+                nbytes -= round(expert_bytes * (1 - experts_read[case]))
             rec = {"suite": "model", "case": case, "recipe": _label(recipe, args), "tokens": tokens,
                    "config": cfg or "4 layers, hidden 2048, ffn 5632, 16 heads, vocab 512",
                    "kv_cache": cache if case.startswith("decode") else None, "kv_cache_dtype": args.kv_cache,
@@ -372,14 +377,12 @@ def _hf_static_decode(cfg: dict, cache: int):
 
 
 def _hf_moe_block(cfg: dict, tokens: int):
-    """((module, inputs, tokens), baselines): transformers' MixtralSparseMoeBlock of the
-    benchmark's width (8 experts, top 2) with its batched_mm experts (each token's expert
-    weights gathered, then a batched matmul: the form qcc quantizes), over `tokens` tokens.
-    The module is the torch eager baseline (it copies out the gathered weights); the same
-    weights under transformers' default eager experts (a loop over the experts hit, F.linear
-    on each one's slice, nothing copied) are the other."""
-    import copy
-
+    """((module, inputs, tokens), baselines, fraction of the experts chosen): transformers'
+    MixtralSparseMoeBlock of the benchmark's width (8 experts, top 2) with its batched_mm
+    experts (each token's expert weights gathered, then a batched matmul: the form qcc
+    quantizes), over `tokens` tokens.  The module is the torch eager baseline (it copies out
+    the gathered weights); the same weights under transformers' default eager experts (a loop
+    over the experts hit, F.linear on each one's slice, nothing copied) are the other."""
     import torch
     import transformers
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
@@ -397,7 +400,9 @@ def _hf_moe_block(cfg: dict, tokens: int):
     loop.experts.config._experts_implementation = "eager"
     assert block.experts.config._experts_implementation == "batched_mm"
     x = (torch.randn(1, tokens, cfg["hidden"]),)
-    return (block, x, tokens), {"torch eager fp32, experts loop": lambda i: loop(*x)}
+    with torch.no_grad():
+        chosen = block.gate(x[0].view(-1, cfg["hidden"]))[2].unique().numel()
+    return (block, x, tokens), {"torch eager fp32, experts loop": lambda i: loop(*x)}, chosen / 8
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
