@@ -697,13 +697,13 @@ def gathered_qlinear(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
     the panel arrays -> y [?, N, 1].
 
     The entry sorts the rows by expert (a counting sort: each expert's rows contiguous in a
-    copy of x, `%off` their bounds); a work item is a panel of N (OpenMP threads over them):
-    for each expert, the GEMV's row tiles over that expert's rows against its panel where it is
-    stored.  An expert's
-    weights are read once however many rows chose it, nothing is decoded into memory, and an
-    expert no row chose costs nothing.  The rows' results go back to their places.  Ids out
-    of range are clamped to the last expert (memory safety; the float gather has no defined
-    result there either)."""
+    copy of x, `%off` their bounds) and lists the experts some row chose (`%active`).  A work
+    item is one panel of one chosen expert, expert-major (OpenMP's contiguous shares then
+    stream one expert's codes a thread): the GEMV's row tiles over that expert's rows against
+    its panel where it is stored.  An expert's weights are read once however many rows chose
+    it, nothing is decoded into memory, and an expert no row chose costs nothing.  The rows'
+    results go back to their places.  A negative id counts from the end, as torch indexes;
+    ids still out of range are clamped (memory safety; torch raises there)."""
     lay.check()
     t = MlirText()
     ty = _types(lay)
@@ -720,8 +720,13 @@ def gathered_qlinear(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
     M = t.v(f"memref.dim {xm}, {c0} : memref<?x{K}xf32>")
 
     def expert_of(m: str) -> str:
-        e = t.v(f"arith.index_cast {t.v(f'memref.load %ids[{m}] : memref<?xi64>')} : i64 to index")
-        return t.v(f"arith.minui {e}, {t.idx(E - 1)} : index")  # a negative id is a large unsigned one
+        """ids[m] as torch indexes: -1 is the last expert; then clamped into range."""
+        i = t.v(f"memref.load %ids[{m}] : memref<?xi64>")
+        neg = t.v(f"arith.cmpi slt, {i}, {t.v('arith.constant 0 : i64')} : i64")
+        wrapped = t.v(f"arith.addi {i}, {t.v(f'arith.constant {E} : i64')} : i64")
+        i = t.v(f"arith.select {neg}, {wrapped}, {i} : i64")
+        e = t.v(f"arith.index_cast {i} : i64 to index")
+        return t.v(f"arith.minui {e}, {t.idx(E - 1)} : index")  # still negative: a large unsigned one
 
     # counting sort of the rows by expert: %off[e] .. %off[e + 1] are expert e's sorted rows
     t.op(f"%off = memref.alloc() : {offty}")

@@ -473,3 +473,25 @@ def test_mixture_of_experts_any_token_count():
     for rows in (1, 3, 16):
         xr = torch.randn(rows, 384)
         assert rel_err(compiled(xr).numpy(), float64_out(reference, (xr,))) <= 1e-5
+
+
+class _ExpertsByIds(torch.nn.Module):
+    """The experts' gathered product with the ids an input (as a router's top-k gives them)."""
+
+    def __init__(self, e=4, n=96, k=128):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(e, n, k, generator=torch.Generator().manual_seed(3)) / k ** 0.5)
+
+    def forward(self, x, ids):
+        return torch.bmm(self.w[ids], x.unsqueeze(-1)).squeeze(-1)
+
+
+def test_mixture_of_experts_negative_ids_count_from_the_end():
+    """ids -1 and -4 of 4 experts pick experts 3 and 0, as torch indexes."""
+    model = _ExpertsByIds().eval()
+    x, ids = torch.randn(5, 128), torch.tensor([-1, 2, -4, 0, 3])
+    compiled = qcc.compile(model, (x, ids), target="cpu", quant="w8a16")
+    assert compiled.manifest["cpu"]["kernels"]["w"]["variant"] == "gathered gemv"
+    reference = copy.deepcopy(model)
+    load_into_torch(reference, dequantized_weights(compiled))
+    assert rel_err(compiled(x, ids).numpy(), float64_out(reference, (x, ids))) <= 1e-5
