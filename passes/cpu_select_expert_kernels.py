@@ -61,6 +61,39 @@ def _products(gather) -> tuple[list, list] | None:
     return (bms, dims) if bms else None
 
 
+def _float_expert_gather(op, sig) -> tuple[str, ir.Value, list] | None:
+    """(parameter name, ids, W's shape) when `op` is torch-mlir's lowering of a float parameter W [E, N, K]
+    indexed by 1-D ids along its first dim (`W[ids]`): a parallel linalg.generic over
+    (row, n, k) whose body wraps a negative id by E, then yields W[id, n, k].  Else None."""
+    if op.name != "linalg.generic" or len(op.operands) != 2:
+        return None
+    ids, out = op.operands
+    if not isinstance(ids.type, ir.RankedTensorType) or str(ir.RankedTensorType(ids.type).element_type) != "i64" \
+            or len(irutil.tensor_shape(ids)) != 1 or len(irutil.tensor_shape(out)) != 3:
+        return None
+    body = list(op.regions[0].blocks[0].operations)
+    names = [o.name for o in body]
+    if names not in (["arith.cmpi", "arith.addi", "arith.select", "arith.index_cast", "linalg.index", "linalg.index",
+                      "tensor.extract", "linalg.yield"],
+                     ["arith.index_cast", "linalg.index", "linalg.index", "tensor.extract", "linalg.yield"]):
+        return None
+    extract, yield_ = body[-2], body[-1]
+    w_name = sig.param_of(extract.operands[0])
+    shape = irutil.tensor_shape(extract.operands[0])
+    if w_name is None or len(shape) != 3 or yield_.operands[0] != extract.results[0]:
+        return None
+    dims = [ir.IntegerAttr(o.attributes["dim"]).value for o in body if o.name == "linalg.index"]
+    if dims != [1, 2] or [v.owner for v in extract.operands[2:]] != [o for o in body if o.name == "linalg.index"]:
+        return None
+    if len(body) == 8:  # torch's wrap of a negative index: id < 0 ? id + E : id
+        cmpi, addi = body[0], body[1]
+        const = irutil.defining_op(addi.operands[1])
+        if ir.IntegerAttr(cmpi.attributes["predicate"]).value != 2 or const is None \
+                or const.name != "arith.constant" or ir.IntegerAttr(const.attributes["value"]).value != shape[0]:
+            return None
+    return w_name, ids, shape
+
+
 @register
 class CpuSelectExpertKernels(QccPass):
     name = "cpu-select-expert-kernels"
@@ -111,9 +144,34 @@ class CpuSelectExpertKernels(QccPass):
                 gather.erase()
                 selected[src["codes"].rsplit(":", 2)[0]] = {"kernel": kname, "variant": "gathered gemv",
                                                             "params": new_names, **lay.to_json(), **cfg.to_json()}
+            for bm in list(irutil.walk(func, "linalg.batch_matmul")):
+                self._float_experts(module, sig, bm, lanes, defined, selected)
             for name in sig.erase_unused_params():
                 if name in store:
                     del store[name]
+
+    def _float_experts(self, module, sig, bm, lanes, defined, selected) -> None:
+        """The float form (no quantizer ran): W[ids] gathered by a linalg.generic, then the
+        batched matmul -> the f32 gathered GEMV on W where it is stored."""
+        from qcc.backends.cpu import kernels
+
+        gather = irutil.defining_op(bm.operands[0])
+        found = None if gather is None else _float_expert_gather(gather, sig)
+        if found is None or len(list(gather.results[0].uses)) != 1:
+            return
+        if irutil.tensor_shape(bm.operands[1])[2:] != [1] or not _zero_filled(bm.operands[2]):
+            return
+        w_name, ids, (experts, n, k) = found
+        if k % lanes:
+            return
+        kname = f"qcc_cpu_experts_f32_{experts}x{k}x{n}_v{lanes}"
+        if kname not in defined:
+            irutil.append_functions(module, kernels.gathered_matvec_f32(kname, experts, n, k, lanes,
+                                                                        self.options.threads), defined)
+        w = sig.block.arguments[sig.param_index(w_name)]
+        _call(bm, kname, ids, [w], n, k)
+        irutil.erase_dead_producers(gather.results[0])
+        selected[w_name] = {"kernel": kname, "variant": "gathered f32 gemv"}
 
 
 def _call(bm, kname: str, ids: ir.Value, args, n: int, k: int) -> None:

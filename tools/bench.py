@@ -304,7 +304,8 @@ def bench_model(args, emit) -> None:
                 med = interleaved(fns, args.budget * (2 if case == "prefill" else 1), min_reps=3, max_reps=30)
             nbytes = compiled.weight_bytes()
             if case in experts_read:  # the floor: only the experts the tokens chose are read
-                expert_bytes = sum(layer["bytes"] for layer in compiled.manifest["layers"] if "experts" in layer)
+                expert_bytes = sum(layer["bytes"] for layer in compiled.manifest["layers"] if "experts" in layer) \
+                    or sum(w.nbytes for w in compiled.weights.values() if w.ndim == 3)  # float: [E, N, K]
                 nbytes -= round(expert_bytes * (1 - experts_read[case]))
             rec = {"suite": "model", "case": case, "recipe": _label(recipe, args), "tokens": tokens,
                    "config": cfg or "4 layers, hidden 2048, ffn 5632, 16 heads, vocab 512",

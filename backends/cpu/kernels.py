@@ -817,6 +817,69 @@ def gathered_qlinear(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
     return entry + kernel
 
 
+def gathered_matvec_f32(name: str, experts: int, n: int, k: int, lanes: int, threads: bool) -> str:
+    """The float form of `gathered_qlinear`: y[m] = W[ids[m]] x[m] with W [E, N, K] f32 read
+    where it is stored (not gathered into a [rows, N, K] copy first): x [?, K, 1], ids [?] and
+    W -> y [?, N, 1].  A work item is a row and R output columns (R f32 accumulators along K
+    share each vector of x).  K must be a multiple of `lanes`.  Ids as torch indexes them
+    (negative from the end), still out of range clamped."""
+    assert k % lanes == 0, (k, lanes)
+    R = next(r for r in (4, 2, 1) if n % r == 0)
+    V, E, NB = lanes, experts, n // R
+    vf, wty, xty = f"vector<{V}xf32>", f"memref<{E}x{n}x{k}xf32>", f"memref<?x{k}xf32>"
+    t = MlirText()
+    c0 = t.idx(0)
+    x3 = t.v(f"bufferization.to_buffer %xt read_only : tensor<?x{k}x1xf32> to memref<?x{k}x1xf32>")
+    xm = t.v(f"memref.collapse_shape {x3} [[0], [1, 2]] : memref<?x{k}x1xf32> into {xty}")
+    ids = t.v("bufferization.to_buffer %idst read_only : tensor<?xi64> to memref<?xi64>")
+    w = t.v(f"bufferization.to_buffer %wt read_only : tensor<{E}x{n}x{k}xf32> to {wty}")
+    M = t.v(f"memref.dim {xm}, {c0} : {xty}")
+    t.op(f"%yout = memref.alloc({M}) {{alignment = 64 : i64}} : memref<?x{n}x1xf32>")
+    y = t.v(f"memref.collapse_shape %yout [[0], [1, 2]] : memref<?x{n}x1xf32> into memref<?x{n}xf32>")
+    params = f"%x: {xty}, %ids: memref<?xi64>, %w: {wty}, %y: memref<?x{n}xf32>"
+    types = f"{xty}, memref<?xi64>, {wty}, memref<?x{n}xf32>"
+    t.op(f"func.call @{name}__gemv({xm}, {ids}, {w}, {y}) : ({types}) -> ()")
+    out = t.v(f"bufferization.to_tensor %yout restrict writable : memref<?x{n}x1xf32> to tensor<?x{n}x1xf32>")
+    entry = (f"func.func private @{name}(%xt: tensor<?x{k}x1xf32>, %idst: tensor<?xi64>, "
+             f"%wt: tensor<{E}x{n}x{k}xf32>) -> tensor<?x{n}x1xf32> {{\n{t.text()}\n"
+             f"  return {out} : tensor<?x{n}x1xf32>\n}}\n")
+
+    b = MlirText()
+    cb = b.idx(NB)
+    m = b.v(f"arith.divui %i, {cb} : index")
+    n0 = b.v(f"arith.muli {b.v(f'arith.remui %i, {cb} : index')}, {b.idx(R)} : index")
+    i = b.v(f"memref.load %ids[{m}] : memref<?xi64>")
+    neg = b.v(f"arith.cmpi slt, {i}, {b.v('arith.constant 0 : i64')} : i64")
+    wrapped = b.v(f"arith.addi {i}, {b.v(f'arith.constant {E} : i64')} : i64")
+    e = b.v(f"arith.index_cast {b.v(f'arith.select {neg}, {wrapped}, {i} : i64')} : i64 to index")
+    e = b.v(f"arith.minui {e}, {b.idx(E - 1)} : index")
+    cols = [b.v(f"arith.addi {n0}, {b.idx(r)} : index") for r in range(R)]
+    zv = b.v(f"arith.constant dense<0.0> : {vf}")
+    iters = ", ".join(f"%acc{r} = {zv}" for r in range(R))
+    acc = b.vs(R, f"scf.for %kk = {b.idx(0)} to {b.idx(k)} step {b.idx(V)} iter_args({iters}) -> "
+                  f"({', '.join([vf] * R)}) {{")
+    b.indent += 2
+    xv = b.v(f"vector.load %x[{m}, %kk] : {xty}, {vf}")
+    nxt = [b.v(f"vector.fma {xv}, {b.v(f'vector.load %w[{e}, {cols[r]}, %kk] : {wty}, {vf}')}, %acc{r} : {vf}")
+           for r in range(R)]
+    b.op(f"scf.yield {', '.join(nxt)} : {', '.join([vf] * R)}")
+    b.close()
+    for r in range(R):
+        b.op(f"memref.store {b.v(f'vector.reduction <add>, {acc[r]} : {vf} into f32')}, %y[{m}, {cols[r]}] : "
+             f"memref<?x{n}xf32>")
+    loop = "scf.parallel (%i) = (%c0) to (%cn) step (%c1)" if threads else "scf.for %i = %c0 to %cn step %c1"
+    kernel = (f"func.func private @{name}__gemv({params}) {{\n"
+              f"  %c0 = arith.constant 0 : index\n  %c1 = arith.constant 1 : index\n"
+              f"  %cnb = arith.constant {NB} : index\n"
+              f"  %rows = memref.dim %x, %c0 : {xty}\n"
+              f"  %cn = arith.muli %rows, %cnb : index\n"
+              f"  {loop} {{\n"
+              f"    func.call @{name}__gemv_body(%i, %x, %ids, %w, %y) {{no_inline}} : (index, {types}) -> ()\n  }}\n"
+              f"  return\n}}\n"
+              f"func.func private @{name}__gemv_body(%i: index, {params}) {{\n{b.text()}\n  return\n}}\n")
+    return entry + kernel
+
+
 def batch_matmul(name: str, b: int, m: int, n: int, k: int, lanes: int, transposed_b: bool, threads: bool,
                  parts: tuple[int, ...] | None = None, part_elems: tuple[str, ...] | None = None,
                  rep: int = 1, b_scale: float | None = None) -> str:

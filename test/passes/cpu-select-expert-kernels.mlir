@@ -1,5 +1,6 @@
 // RUN: qcc-opt %s --random-params=0 -p 'quantize-weights{format=int4_asym_g128},func.func(convert-torch-to-linalg),torch-func-backend-type-conversion,func.func(canonicalize),func.func(torch-finalizing-backend-type-conversion),cpu-select-expert-kernels{lanes=16}' | filecheck %s
 // RUN: qcc-opt %s --random-params=0 -p 'quantize-weights{format=int8_sym_channel},func.func(convert-torch-to-linalg),torch-func-backend-type-conversion,func.func(canonicalize),func.func(torch-finalizing-backend-type-conversion),cpu-select-expert-kernels{lanes=8 threads=false}' | filecheck %s --check-prefix=INT8
+// RUN: qcc-opt %s --random-params=0 -p 'func.func(convert-torch-to-linalg),torch-func-backend-type-conversion,func.func(canonicalize),func.func(torch-finalizing-backend-type-conversion),cpu-select-expert-kernels{lanes=16}' | filecheck %s --check-prefix=FLOAT
 
 // A mixture of experts' gathered product (qcc.gather_dequantize, then a batched matmul of
 // each token's expert weights [N, K] with its row [K, 1]) becomes one call of a CPU kernel:
@@ -42,6 +43,18 @@
 // INT8-LABEL: func.func private @qcc_cpu_experts_int8_sym_channel_4x256x96_v8__gemv(
 // INT8-NOT: scf.parallel
 // INT8: scf.for
+// The float form (no quantizer ran): torch-mlir's gather of W[ids] (a generic that wraps a
+// negative id and extracts W[id, n, k]) and the batched matmul become the f32 gathered GEMV
+// on W as it is stored.
+// FLOAT-LABEL: func.func @experts
+// FLOAT-SAME: tensor<4x96x256xf32> {qcc.param = "experts.w"}
+// FLOAT-NOT: tensor.extract
+// FLOAT-NOT: linalg.batch_matmul
+// FLOAT: call @qcc_cpu_experts_f32_4x256x96_v16(%{{.*}}, %{{.*}}, %{{.*}}) : (tensor<?x256x1xf32>, tensor<?xi64>, tensor<4x96x256xf32>) -> tensor<?x96x1xf32>
+// FLOAT-LABEL: func.func private @qcc_cpu_experts_f32_4x256x96_v16__gemv_body(
+// FLOAT: arith.select
+// FLOAT: vector.load %{{.*}} : memref<4x96x256xf32>, vector<16xf32>
+// FLOAT: vector.fma
 func.func @experts(%w: !torch.vtensor<[4,96,256],f32> {qcc.param = "experts.w"}, %x: !torch.vtensor<[6,256,1],f32>,
                    %ids: !torch.vtensor<[6],si64>) -> !torch.vtensor<[6,96,1],f32> {
   %list = torch.prim.ListConstruct %ids : (!torch.vtensor<[6],si64>) -> !torch.list<vtensor>

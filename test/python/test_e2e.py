@@ -486,12 +486,29 @@ class _ExpertsByIds(torch.nn.Module):
         return torch.bmm(self.w[ids], x.unsqueeze(-1)).squeeze(-1)
 
 
-def test_mixture_of_experts_negative_ids_count_from_the_end():
-    """ids -1 and -4 of 4 experts pick experts 3 and 0, as torch indexes."""
+@pytest.mark.parametrize("recipe,variant", [("w8a16", "gathered gemv"), ("float", "gathered f32 gemv")])
+def test_mixture_of_experts_negative_ids_count_from_the_end(recipe, variant):
+    """ids -1 and -4 of 4 experts pick experts 3 and 0, as torch indexes; the float form runs
+    the f32 gathered GEMV on the weights as stored."""
     model = _ExpertsByIds().eval()
     x, ids = torch.randn(5, 128), torch.tensor([-1, 2, -4, 0, 3])
-    compiled = qcc.compile(model, (x, ids), target="cpu", quant="w8a16")
-    assert compiled.manifest["cpu"]["kernels"]["w"]["variant"] == "gathered gemv"
+    compiled = qcc.compile(model, (x, ids), target="cpu", quant=recipe)
+    assert compiled.manifest["cpu"]["kernels"]["w"]["variant"] == variant
     reference = copy.deepcopy(model)
     load_into_torch(reference, dequantized_weights(compiled))
     assert rel_err(compiled(x, ids).numpy(), float64_out(reference, (x, ids))) <= 1e-5
+    assert "w" not in compiled.weights or compiled.weights["w"].shape == (4, 96, 128)  # float: W as it was
+
+
+def test_mixture_of_experts_float_any_token_count():
+    """The float experts over a run-time number of tokens: the f32 gathered GEMV, equal to
+    float64 (odd N: 2 output columns a work item)."""
+    torch.manual_seed(4)
+    model = _Experts(e=8, n=102, k=256).eval()
+    tokens = torch.export.Dim("tokens", min=1, max=64)
+    program = torch.export.export(model, (torch.randn(7, 256),), dynamic_shapes=({0: tokens},))
+    compiled = qcc.compile(program, target="cpu")
+    assert compiled.manifest["cpu"]["kernels"]["experts"]["variant"] == "gathered f32 gemv"
+    for rows in (1, 5, 16):
+        xr = torch.randn(rows, 256)
+        assert rel_err(compiled(xr).numpy(), float64_out(model, (xr,))) <= 1e-5
