@@ -168,7 +168,8 @@ def compile(model, example_inputs=None, *, target: str = "cpu", quant: str | Non
         with ctx:
             left = float_weight_uses(module.operation)
         if left:
-            session.remarks.append(f"{recipe.name}: weights left float (qcc quantizes linear layers only): "
+            session.remarks.append(f"{recipe.name}: weights left float (qcc quantizes linear layers, "
+                                   "convolutions whose rows the format's groups tile, and gathered experts): "
                                    + ", ".join(left))
         experts = sorted(name for name, layer in session.layers.items() if "experts" in layer)
         if experts and recipe.act_format is not None:
@@ -254,7 +255,7 @@ def _calibration_list(calibration):
 def _layer_report(weights, layers, transposed=frozenset()) -> list[dict]:
     """Per quantized weight: format, logical shape [N, K], stored bytes (codes, scales, zeros);
     `transposed` when the model's own tensor is [K, N] (an `x @ W` weight), `experts` E when it
-    is a mixture of experts' [E, N / E, K]."""
+    is a mixture of experts' [E, N / E, K], `conv_shape` a convolution's [O, I / groups, k...]."""
     report = []
     for base in sorted(layers):
         fmt = layers[base]["format"]
@@ -263,8 +264,9 @@ def _layer_report(weights, layers, transposed=frozenset()) -> list[dict]:
                  "float_bytes": 4 * layers[base]["shape"][0] * layers[base]["shape"][1]}
         if base in transposed:
             entry["transposed"] = True
-        if "experts" in layers[base]:
-            entry["experts"] = layers[base]["experts"]
+        for key in ("experts", "conv_shape"):
+            if key in layers[base]:
+                entry[key] = layers[base][key]
         report.append(entry)
     return report
 

@@ -46,7 +46,8 @@ def _dequantized_nk(compiled) -> dict[str, np.ndarray]:
         scale = rows(compiled.weights[f"{base}:{fmt.key()}:scale"])
         qt = formats.QuantizedTensor(codes=codes, scale=scale, zero=zero, format=fmt, shape=shape)
         w = formats.dequantize(qt)
-        out[base] = w.reshape(layer["experts"], -1, shape[1]) if "experts" in layer else w
+        out[base] = w.reshape(layer["experts"], -1, shape[1]) if "experts" in layer else \
+            w.reshape(layer["conv_shape"]) if "conv_shape" in layer else w
     return out
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from qcc.dialects import formats
 from qcc.passes import PassError, QccPass, register
+from qcc.passes.quantize_convs import rewrite_convs
 from qcc.passes.quantize_experts import rewrite_experts
 from qcc.passes.quantize_weights import parse_common, rewrite_linears, rtn_scales, search_clip, wanted_linears
 from qcc.passes.smooth_channels import stats_or_error
@@ -111,4 +112,8 @@ class Gptq(QccPass):
         if experts:
             self.session.remarks.append(f"{self.name}: experts' weights rounded to nearest (no Hessian per expert): "
                                         + ", ".join(experts))
+        convs = rewrite_convs(self, module, fmt, exclude, rtn)
+        if convs:
+            self.session.remarks.append(f"{self.name}: convolution weights rounded to nearest (no Hessian of "
+                                        "their input patches): " + ", ".join(convs))
         rewrite_linears(self, module, fmt, exclude, solve)

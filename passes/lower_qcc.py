@@ -130,6 +130,37 @@ func.func private @{name}(%ids: tensor<?xi64>, %wq: tensor<{w_ty}>, %sc: tensor<
 """
 
 
+def dequantize_kernel(name: str, fmt, n: int, k: int, w_shape, s_shape) -> str:
+    """MLIR text of qcc.dequantize of a weight format: codes [N, K packed], scale / zero
+    [N or 1, groups] -> w [N, K] f32, one parallel generic over (n, k)."""
+    wmap, body, smap, consts = _code_expr(fmt)
+    two_d = {"(m, n, k)": "(n, k)", "linalg.index 2": "linalg.index 1"}
+    for old, new in two_d.items():
+        wmap, body, smap = wmap.replace(old, new), body.replace(old, new), smap.replace(old, new)
+    w_ty, s_ty = "x".join(map(str, w_shape)) + "xi8", "x".join(map(str, s_shape))
+    zero = not fmt.symmetric
+    ins = "%wq, %sc" + (", %zp" if zero else "")
+    tys = f"tensor<{w_ty}>, tensor<{s_ty}xf32>" + (f", tensor<{s_ty}xi8>" if zero else "")
+    maps = [f"affine_map<{wmap}>", f"affine_map<{smap}>"] + ([f"affine_map<{smap}>"] if zero else []) + \
+        ["affine_map<(n, k) -> (n, k)>"]
+    return f"""
+func.func private @{name}(%wq: tensor<{w_ty}>, %sc: tensor<{s_ty}xf32>{f", %zp: tensor<{s_ty}xi8>" if zero else ""})
+    -> tensor<{n}x{k}xf32> {{
+  %c2 = arith.constant 2 : index
+  %c4_i8 = arith.constant 4 : i8
+  %c15_i8 = arith.constant 15 : i8
+{consts}  %init = tensor.empty() : tensor<{n}x{k}xf32>
+  %y = linalg.generic {{indexing_maps = [{", ".join(maps)}], iterator_types = ["parallel", "parallel"]}}
+      ins({ins} : {tys}) outs(%init : tensor<{n}x{k}xf32>) {{
+  ^bb0(%w: i8, %s: f32{", %z: i8" if zero else ""}, %out: f32):
+{body}    %v = arith.mulf %code, %s : f32
+    linalg.yield %v : f32
+  }} -> tensor<{n}x{k}xf32>
+  return %y : tensor<{n}x{k}xf32>
+}}
+"""
+
+
 def _scale_map(fmt, dims: str = "(m, n, k)", n: str = "n", g: str | None = None) -> str:
     """Affine map from the iteration `dims` to a weight scale/zero of `fmt`'s granularity."""
     if fmt.granularity == "tensor":
@@ -430,6 +461,7 @@ class LowerQccToLinalg(QccPass):
             "qcc.matmul_int": self._lower_matmul_int,
             "qcc.scale_accumulate": self._lower_scale_accumulate,
             "qcc.gather_dequantize": self._lower_gather_dequantize,
+            "qcc.dequantize": self._lower_dequantize,
         }
         for func in irutil.functions(module):
             for op in irutil.walk(func):
@@ -486,6 +518,14 @@ class LowerQccToLinalg(QccPass):
         name = f"qcc_gather_dequantize_{fmt.key()}_{'x'.join(map(str, w_shape))}"
         self._kernel(name, lambda: gather_dequantize_kernel(name, fmt, n, k, w_shape, s_shape))
         self._call(op, name, list(op.operands), {0}, {0})
+
+    def _lower_dequantize(self, op):
+        fmt = _weight_format_of(op, "format")
+        w_shape, s_shape = irutil.tensor_shape(op.operands[0]), irutil.tensor_shape(op.operands[1])
+        n, k = irutil.tensor_shape(op.result)
+        name = f"qcc_dequantize_{fmt.key()}_{n}x{k}"
+        self._kernel(name, lambda: dequantize_kernel(name, fmt, n, k, w_shape, s_shape))
+        self._call(op, name, list(op.operands), set(), set())
 
     def _lower_quantize_dynamic(self, op):
         fmt = _act_format(op)

@@ -281,7 +281,9 @@ class QuantizeWeights(QccPass):
         def solve(mm, w_name, w):
             return search_clip(w, fmt, steps) if steps else fmt.quantize(w)
 
-        from qcc.passes.quantize_experts import rewrite_experts  # (it builds on this module)
+        from qcc.passes.quantize_convs import rewrite_convs  # (they build on this module)
+        from qcc.passes.quantize_experts import rewrite_experts
 
         rewrite_experts(self, module, fmt, exclude, lambda w: solve(None, None, w))
+        rewrite_convs(self, module, fmt, exclude, lambda w: solve(None, None, w))
         rewrite_linears(self, module, fmt, exclude, solve)

@@ -138,6 +138,11 @@ def experts():
     return GatheredExperts().eval(), (torch.randn(6, 128), torch.tensor([0, 3, 1, 1, 2, 0]))
 
 
+def small_cnn():
+    m = models.SmallCNN(seed=1).eval()
+    return m, m.example_inputs(batch=1, size=8)
+
+
 def gpt2_block():
     m = models.GPT2Block(hidden=128, heads=4, seed=2).eval()
     return m, m.example_inputs(batch=1, seq=4, seed=3)
@@ -166,6 +171,7 @@ CASES = {
     "mlp-w8a16": (mlp, "w8a16"),  # biases, GELU (erf): libdevice
     "gpt2-block-w4a16-g128": (gpt2_block, "w4a16-g128"),  # x @ W weights, LayerNorm, fused qkv
     "experts-w4a16-g128": (experts, "w4a16-g128"),  # a mixture of experts' weights gathered per token
+    "cnn-w8a16": (small_cnn, "w8a16"),  # convolution weights decoded (qcc.dequantize) for float convolutions
 }
 _COMPILED = {}
 
