@@ -235,14 +235,62 @@ def _batched_linears_as_mm(ep) -> None:
     ep.graph.eliminate_dead_code()
 
 
-def canonical_program(ep):
-    """(`ep` as qcc imports it, the state names stored transposed): torch-mlir's decompositions,
-    expands simplified, batched products with a broadcast weight as mm, every linear's weight
-    in nn.Linear's [N, K] layout.  Calibration runs this same program, so its linear layers
-    and parameter values are the IR's."""
+def _scatter_as_where(x, dim, index, src, add: bool = False):
+    """scatter / scatter_add without a scatter (torch-mlir's TMTensor scatter lowering crashes
+    the process: a router's `scatter`, as Phi-MoE's has, killed qcc).  Along `dim`, each
+    position takes the src value of the last index entry naming it (torch leaves which of
+    several writers wins unspecified) or keeps x; scatter_add adds them all.  The index must
+    span x in every other dim (the form top-k and argmax give); the work is
+    index.size(dim) x x.size(dim) a row."""
+    d = dim % x.dim()
+    for i in range(x.dim()):
+        if i != d and index.shape[i] != x.shape[i]:
+            raise QccError(f"scatter with an index of shape {list(index.shape)} into {list(x.shape)} along dim {d}: "
+                           f"the index is smaller in dim {i}", hint="qcc's scatter takes an index spanning the "
+                           "other dims (as top-k gives); expand the index and source")
+    src = src[tuple(slice(0, n) for n in index.shape)]
+    xt, it, st = x.movedim(d, -1), index.movedim(d, -1), src.movedim(d, -1)
+    match = it.unsqueeze(-1) == torch.arange(xt.shape[-1], device=x.device)  # [..., K, S]
+    if add:
+        y = xt + (match.to(x.dtype) * st.unsqueeze(-1)).sum(-2)
+    else:
+        writer = torch.where(match, torch.arange(it.shape[-1], device=x.device).unsqueeze(-1), -1)
+        last = writer.max(-2).values  # the last entry naming each position, -1 for none
+        y = torch.where(last >= 0, torch.gather(st, -1, last.clamp(min=0)), xt)
+    return y.movedim(-1, d)
+
+
+def _sorted_topk(graph) -> None:
+    """topk(sorted=False) as topk(sorted=True): torch-mlir lowers only the sorted form, and a
+    sorted result is one of the orders an unsorted topk may return (GLM-4 MoE's router)."""
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target == torch.ops.aten.topk.default:
+            args = list(node.args) + list((None, None, -1, True, True)[len(node.args):])
+            for i, name in enumerate(("self", "k", "dim", "largest", "sorted")):
+                args[i] = node.kwargs.get(name, args[i])
+            if args[4] is False:
+                node.args, node.kwargs = tuple(args[:4]) + (True,), {}
+
+
+def _decompositions() -> dict:
     from torch_mlir.extras.fx_decomp_util import get_decomposition_table
 
-    ep = ep.run_decompositions(get_decomposition_table())
+    aten = torch.ops.aten
+    table = dict(get_decomposition_table())
+    table[aten.scatter.src] = lambda x, dim, index, src: _scatter_as_where(x, dim, index, src)
+    table[aten.scatter.value] = lambda x, dim, index, value: _scatter_as_where(
+        x, dim, index, torch.full(index.shape, value, dtype=x.dtype, device=x.device))
+    table[aten.scatter_add.default] = lambda x, dim, index, src: _scatter_as_where(x, dim, index, src, add=True)
+    return table
+
+
+def canonical_program(ep):
+    """(`ep` as qcc imports it, the state names stored transposed): torch-mlir's decompositions
+    (and qcc's of scatter), expands simplified, batched products with a broadcast weight as mm, every linear's weight
+    in nn.Linear's [N, K] layout.  Calibration runs this same program, so its linear layers
+    and parameter values are the IR's."""
+    ep = ep.run_decompositions(_decompositions())
+    _sorted_topk(ep.graph)
     _simplify_expands(ep.graph)
     _batched_linears_as_mm(ep)
     return ep, _linear_weights_as_nk(ep)

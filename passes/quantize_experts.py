@@ -15,6 +15,8 @@ from torch_mlir import ir
 
 from qcc import irutil
 from qcc.context import format_attr
+from qcc.dialects import formats
+from qcc.passes import PassError
 from qcc.passes.quantize_weights import add_quantized_params
 
 GATHERS = ("torch.aten.index.Tensor_hacked_twin", "torch.aten.index.Tensor")
@@ -55,7 +57,11 @@ def rewrite_experts(pass_, module, fmt, exclude, solve) -> list[str]:
             w = np.asarray(store[w_name], np.float32)
             e, n, k = w.shape
             if w_name not in solved:  # a weight gathered twice is quantized once
-                solved[w_name] = solve(w.reshape(e * n, k))
+                try:
+                    solved[w_name] = solve(w.reshape(e * n, k))
+                except formats.FormatError as err:
+                    raise PassError(op, f"cannot quantize the experts' weight '{w_name}' [{e}x{n}x{k}] as "
+                                        f"{fmt.key()}: {err}")
             args = add_quantized_params(pass_.session, sig, w_name, solved[w_name], experts=e)
             ids_shape, _ = irutil.vtensor_shape(ids.type)
             with ir.InsertionPoint(op), op.location:

@@ -237,16 +237,49 @@ def test_batched_decode_step(recipe):
         assert rel_err(got.numpy(), ref.numpy()) <= 1e-4
 
 
-def test_weights_left_float_are_remarked(tmp_path):
-    """A recipe quantizes linear layers; convolutions stay float, and the artifact says so
-    (kept through save / load) instead of leaving it silent."""
+@pytest.mark.parametrize("recipe", ["w8a16", "w4a16-sym", "w8a16-gptq"])
+def test_convolution_weights_are_quantized(recipe):
+    """A convolution's weight [O, I, kh, kw] is quantized as O rows of I * kh * kw columns and
+    decoded for the float convolution: the output equals float64 on the decoded weights (which
+    come back in the model's shape).  GPTQ rounds them to nearest and says so."""
     model, inputs = models.ZOO["cnn"](seed=1)
-    compiled = qcc.compile(model, inputs, target="cpu", quant="w8a16")
-    assert [layer["weight"] for layer in compiled.manifest["layers"]] == ["fc.weight"]
-    assert compiled.remarks == ["w8a16: weights left float (qcc quantizes linear layers only): "
-                                "conv1.weight [16x3x3x3] (convolution), conv2.weight [32x16x3x3] (convolution)"]
-    compiled.save(str(tmp_path / "cnn.qcc"))
-    assert qcc.load(str(tmp_path / "cnn.qcc")).remarks == compiled.remarks
+    kw = {"calibration": [inputs]} if recipe.endswith("gptq") else {}
+    compiled = qcc.compile(model, inputs, target="cpu", quant=recipe, **kw)
+    layers = {layer["weight"]: layer for layer in compiled.manifest["layers"]}
+    assert sorted(layers) == ["conv1.weight", "conv2.weight", "fc.weight"]
+    assert compiled.remarks == ([] if not kw else [
+        "gptq: convolution weights rounded to nearest (no Hessian of their input patches): conv1.weight, conv2.weight"])
+    assert layers["conv2.weight"]["shape"] == [32, 144] and layers["conv2.weight"]["conv_shape"] == [32, 16, 3, 3]
+    assert "conv2.weight" not in compiled.weights  # only the codes are stored
+    reference = copy.deepcopy(model)
+    load_into_torch(reference, dequantized_weights(compiled))
+    expect = float64_out(reference, inputs)
+    assert rel_err(compiled(*inputs).numpy(), expect) <= 1e-4
+    assert rel_err(float64_out(model, inputs), expect) > 1e-4
+
+
+def test_weights_left_float_are_remarked(tmp_path):
+    """Convolutions whose rows the format's groups do not tile stay float, and the artifact
+    says so (kept through save / load) instead of leaving it silent."""
+
+    class Convs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c27 = torch.nn.Conv2d(3, 8, 3)   # rows of 27: no group of 32 tiles them
+            self.c32 = torch.nn.Conv2d(8, 8, 2)   # rows of 32: one group
+
+        def forward(self, x):
+            return self.c32(self.c27(x))
+
+    model = Convs().eval()
+    inputs = (torch.randn(1, 3, 10, 10),)
+    compiled = qcc.compile(model, inputs, target="cpu", quant="w4a16-g32")
+    assert [layer["weight"] for layer in compiled.manifest["layers"]] == ["c32.weight"]
+    assert compiled.remarks == ["w4a16-g32: weights left float (qcc quantizes linear layers, convolutions whose "
+                                "rows the format's groups tile, and gathered experts): c27.weight [8x3x3x3] "
+                                "(convolution)"]
+    compiled.save(str(tmp_path / "convs.qcc"))
+    assert qcc.load(str(tmp_path / "convs.qcc")).remarks == compiled.remarks
     assert qcc.compile(model, inputs, target="cpu", quant="float").remarks == []
 
 
@@ -286,7 +319,8 @@ def test_weights_read_through_views_are_remarked():
     model = Sliced().eval()
     compiled = qcc.compile(model, (torch.randn(3, 64),), target="cpu", quant="w8a16")
     assert [layer["weight"] for layer in compiled.manifest["layers"]] == ["fc.weight"]
-    assert compiled.remarks == ["w8a16: weights left float (qcc quantizes linear layers only): w [96x64] (matmul)"]
+    assert compiled.remarks == ["w8a16: weights left float (qcc quantizes linear layers, convolutions whose rows "
+                                "the format's groups tile, and gathered experts): w [96x64] (matmul)"]
 
 
 class _Stateful(torch.nn.Module):
@@ -512,3 +546,61 @@ def test_mixture_of_experts_float_any_token_count():
     for rows in (1, 5, 16):
         xr = torch.randn(rows, 256)
         assert rel_err(compiled(xr).numpy(), float64_out(model, (xr,))) <= 1e-5
+
+
+class _Scatters(torch.nn.Module):
+    """scatter / scatter_add as routers and samplers write them (torch-mlir's own scatter
+    lowering crashed the compiler process)."""
+
+    def __init__(self, kind, dim=-1):
+        super().__init__()
+        self.kind, self.dim = kind, dim
+
+    def forward(self, x, src, index):
+        if self.kind == "topk":  # Phi-MoE's router: mask the top entry, then take the next
+            top = torch.topk(x, 2, self.dim).indices
+            return x.scatter(self.dim, top, src) + x.scatter(self.dim, top[..., :1], float("-inf")).amax(self.dim, True)
+        if self.kind == "add":  # duplicate indices add up
+            return x.scatter_add(self.dim, index, src)
+        return x.scatter(self.dim, index, src)
+
+
+@pytest.mark.parametrize("kind,dim", [("topk", -1), ("add", -1), ("add", 0), ("src", 0)])
+def test_scatter(kind, dim):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 9, generator=g)
+    if dim == 0:
+        index = torch.stack([torch.randperm(6, generator=g)[:4] for _ in range(9)], 1)  # [4, 9], distinct per column
+        if kind == "add":
+            index = torch.randint(0, 6, (10, 9), generator=g)  # duplicates
+    else:
+        index = torch.randint(0, 9, (6, 12), generator=g)  # duplicates along the row
+    src = torch.randn(*(index.shape if kind != "topk" else (6, 2)), generator=g)
+    model = _Scatters(kind, dim).eval()
+    compiled = qcc.compile(model, (x, src, index), target="cpu")
+    np.testing.assert_allclose(compiled(x, src, index).numpy(), model(x, src, index).numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_scatter_with_a_partial_index_is_a_clear_error():
+    class Partial(torch.nn.Module):
+        def forward(self, x, index):
+            return x.scatter(1, index, 1.0)
+
+    with pytest.raises(qcc.QccError, match="index is smaller in dim 0"):
+        qcc.compile(Partial(), (torch.randn(6, 9), torch.zeros(3, 2, dtype=torch.long)), target="cpu")
+
+
+def test_unsorted_topk():
+    """topk(sorted=False) (GLM-4 MoE's group choice) runs as the sorted topk: a valid order of
+    the same k entries."""
+
+    class Unsorted(torch.nn.Module):
+        def forward(self, x):
+            values, indices = torch.topk(x, 3, dim=-1, sorted=False)
+            return values.sum(-1), torch.zeros_like(x).scatter(-1, indices, 1.0)
+
+    x = torch.randn(5, 8)
+    compiled = qcc.compile(Unsorted(), (x,), target="cpu")
+    got, want = compiled(x), Unsorted()(x)
+    np.testing.assert_allclose(got[0].numpy(), want[0].numpy(), rtol=1e-6)
+    np.testing.assert_array_equal(got[1].numpy(), want[1].numpy())  # the same k positions
