@@ -1,7 +1,8 @@
 """Hugging Face transformers architectures, built from small random configs (no hub):
-causal LMs with w4a16-g128, encoders (BERT with a padding mask, ViT) with w8a16; each
-quantizes every projection (nn.Linear, and GPT-2's Conv1D `x @ W`) and matches the float64
-model holding the artifact's decoded weights."""
+causal LMs with w4a16-g128, mixtures of experts (Mixtral, Qwen2/3-MoE, OLMoE, Phi-MoE,
+GraniteMoE, GLM-4-MoE), encoders (BERT with a padding mask, ViT) with w8a16; each quantizes
+every projection (nn.Linear, GPT-2's Conv1D `x @ W`, experts, ViT's patch convolution) and
+matches the float64 model holding the artifact's decoded weights."""
 
 import copy
 
@@ -169,3 +170,43 @@ def test_hf_mixture_of_experts():
     grouped = Logits(T.AutoModelForCausalLM.from_config(T.MixtralConfig(**cfg)).eval()).eval()
     with pytest.raises(qcc.QccError, match="aten.histc is not supported.*batched_mm"):
         qcc.compile(grouped, (ids,), target="cpu")
+
+
+MOE_CONFIGS = {
+    "qwen2_moe": lambda: T.Qwen2MoeConfig(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                                          moe_intermediate_size=128, shared_expert_intermediate_size=128, **COMMON),
+    "qwen3_moe": lambda: T.Qwen3MoeConfig(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                                          moe_intermediate_size=128, **COMMON),
+    "olmoe": lambda: T.OlmoeConfig(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, **COMMON),
+    # its router masks the top expert with scatter (decomposed by the frontend)
+    "phimoe": lambda: T.PhimoeConfig(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, **COMMON),
+    "granitemoe": lambda: T.GraniteMoeConfig(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                                             **COMMON),
+    # a dense first layer, a shared expert, group-limited routing (topk(sorted=False), scatter)
+    "glm4_moe": lambda: T.Glm4MoeConfig(num_key_value_heads=2, n_routed_experts=4, num_experts_per_tok=2,
+                                        moe_intermediate_size=128, n_shared_experts=1, first_k_dense_replace=1,
+                                        n_group=1, topk_group=1, **COMMON),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(MOE_CONFIGS))
+def test_hf_mixture_of_experts_architectures(arch):
+    """Other routers and expert layouts in the batched_mm form: every expert weight quantized
+    and run on the gathered GEMV, output equal to float64 on the decoded weights."""
+    ids = torch.randint(0, VOCAB, (1, 10), generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    model = Logits(T.AutoModelForCausalLM.from_config(MOE_CONFIGS[arch](), experts_implementation="batched_mm")
+                   .eval()).eval()
+    compiled = qcc.compile(model, (ids,), target="cpu", quant="w4a16-g128")
+    experts = [layer["weight"] for layer in compiled.manifest["layers"] if "experts" in layer]
+    kernels = compiled.manifest["cpu"]["kernels"]
+    assert experts and all(kernels[w]["variant"] == "gathered gemv" for w in experts)
+    assert compiled.remarks == []
+    reference = copy.deepcopy(model).double()
+    modules = dict(reference.named_modules())
+    with torch.no_grad():
+        for name, value in dequantized_weights(compiled).items():
+            module, attr = name.rsplit(".", 1)
+            setattr(modules[module], attr, torch.nn.Parameter(torch.from_numpy(value.astype(np.float64))))
+        expect = reference(ids).numpy()
+    assert rel_err(compiled(ids).numpy(), expect) <= 1e-4
