@@ -148,6 +148,7 @@ def compile(model, example_inputs=None, *, target: str = "cpu", quant: str | Non
     imported = import_program(ep, ctx)
     session = Session(imported.params, {"recipe": recipe.name, "exported_program": ep,
                                         "qcc.calibration.decomposed": imported.program,
+                                        "conv_weights": imported.convs,
                                         "calibration": _calibration_list(calibration), "progress": progress})
     session.remarks.extend(early_remarks)
     module = imported.module
@@ -227,7 +228,7 @@ def compile(model, example_inputs=None, *, target: str = "cpu", quant: str | Non
         "outputs": outputs,
         "states": [s.to_json() for s in imported.states],
         "dims": imported.dims,
-        "layers": _layer_report(weights, session.layers, imported.transposed),
+        "layers": _layer_report(weights, session.layers, imported.transposed, imported.convs),
         "remarks": list(session.remarks),
         "versions": _versions(),
         "cpu": {**lowering.manifest_entry(cpu_features, openmp, session), "activations": cpu_activations},
@@ -252,10 +253,12 @@ def _calibration_list(calibration):
     return batches
 
 
-def _layer_report(weights, layers, transposed=frozenset()) -> list[dict]:
+def _layer_report(weights, layers, transposed=frozenset(), convs=None) -> list[dict]:
     """Per quantized weight: format, logical shape [N, K], stored bytes (codes, scales, zeros);
     `transposed` when the model's own tensor is [K, N] (an `x @ W` weight), `experts` E when it
-    is a mixture of experts' [E, N / E, K], `conv_shape` a convolution's [O, I / groups, k...]."""
+    is a mixture of experts' [E, N / E, K], `conv_shape` a convolution's [O, I / groups, k...]
+    (`conv_layout` "ohwi": a 2-D convolution made a linear layer, rows in (kh, kw, C) order;
+    else rows in the weight's own (C, k...) order)."""
     report = []
     for base in sorted(layers):
         fmt = layers[base]["format"]
@@ -264,6 +267,8 @@ def _layer_report(weights, layers, transposed=frozenset()) -> list[dict]:
                  "float_bytes": 4 * layers[base]["shape"][0] * layers[base]["shape"][1]}
         if base in transposed:
             entry["transposed"] = True
+        if base in (convs or {}):  # a convolution made a linear layer over its patches
+            entry["conv_shape"], entry["conv_layout"] = convs[base], "ohwi"
         for key in ("experts", "conv_shape"):
             if key in layers[base]:
                 entry[key] = layers[base][key]

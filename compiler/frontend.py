@@ -51,6 +51,8 @@ class ImportedProgram:
     # buffers forward() updates (a KV cache kept in the model): [TensorSpec], and initial values
     states: list = dataclasses.field(default_factory=list)
     state_values: dict = dataclasses.field(default_factory=dict)
+    # 2-D convolutions made linear layers: weight name -> [O, C, kh, kw], stored [O, kh * kw * C]
+    convs: dict = dataclasses.field(default_factory=dict)
 
 
 def load_program(path: str, allow_pickle: bool = False, example_inputs=None):
@@ -189,6 +191,87 @@ def _linear_weights_as_nk(ep) -> frozenset:
     return frozenset(names)
 
 
+def _convolutions_as_linears(ep) -> dict:
+    """Each 2-D convolution (groups 1, static sizes) whose weight W [O, C, kh, kw] is a state
+    tensor read by it alone becomes a linear layer over its input patches: x is padded, viewed
+    channels-last, and the kh * kw shifted (strided, dilated) windows are concatenated along
+    the channels into P [N * Ho * Wo, kh * kw * C]; then `mm(P, permute(W', [1, 0]))` (+ bias)
+    with W' = W viewed [O, kh * kw * C] (kh, kw, C order), stored so, back to NCHW.  Returns
+    {name: [O, C, kh, kw]} of the weights so stored.
+
+    Why: torch-mlir's convolution lowers to scalar loops (4-6 GFLOP/s here, 30x slower than
+    torch), while a linear layer runs on the CPU backend's GEMM kernels and is what every
+    quantization pass takes: weight formats, activation quantization, GPTQ on the patches'
+    Hessian, the integer kernels."""
+    from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+    aten = torch.ops.aten
+    specs = {n.name: s for n, s in zip((n for n in ep.graph.nodes if n.op == "placeholder"),
+                                       ep.graph_signature.input_specs)}
+    updated = set(ep.graph_signature.buffers_to_mutate.values())
+    graph, stored = ep.graph, {}
+
+    def emit(target, args, val):
+        node = graph.call_function(target, args)
+        node.meta["val"] = val
+        node.meta["tensor_meta"] = _extract_tensor_metadata(val)
+        return node
+
+    for conv in list(graph.nodes):
+        if conv.op != "call_function" or conv.target is not aten.convolution.default:
+            continue
+        x, w, bias, stride, padding, dilation, transposed, _, groups = conv.args
+        spec = specs.get(getattr(w, "name", None)) if getattr(w, "op", None) == "placeholder" else None
+        xv, wv, yv = x.meta.get("val"), w.meta.get("val"), conv.meta.get("val")
+        if spec is None or spec.kind.name not in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR") or \
+                spec.target in updated or transposed or groups != 1 or len(w.users) != 1 or \
+                not all(isinstance(v, torch.Tensor) and v.dim() == 4 and v.dtype == torch.float32
+                        for v in (xv, wv, yv)) or \
+                not all(isinstance(d, int) for d in (*xv.shape, *yv.shape)):
+            continue
+        n, c, _, _ = xv.shape
+        o, _, kh, kw = wv.shape
+        _, _, ho, wo = yv.shape
+        with graph.inserting_before(conv):
+            xs, hp, wp = x, xv.shape[2] + 2 * padding[0], xv.shape[3] + 2 * padding[1]
+            if any(padding):
+                pad = [padding[1], padding[1], padding[0], padding[0]]
+                xs = emit(aten.constant_pad_nd.default, (xs, pad, 0.0), torch.empty(n, c, hp, wp))
+            xh = emit(aten.permute.default, (xs, [0, 2, 3, 1]), torch.empty(n, c, hp, wp).permute(0, 2, 3, 1))
+            taps = []
+            for dy in range(kh):
+                for dx in range(kw):
+                    t = emit(aten.slice.Tensor, (xh, 1, dy * dilation[0], dy * dilation[0] + stride[0] * (ho - 1) + 1,
+                                                 stride[0]), torch.empty(n, ho, wp, c))
+                    t = emit(aten.slice.Tensor, (t, 2, dx * dilation[1], dx * dilation[1] + stride[1] * (wo - 1) + 1,
+                                                 stride[1]), torch.empty(n, ho, wo, c))
+                    taps.append(t)
+            patches_val = torch.empty(n, ho, wo, kh * kw * c)
+            patches = emit(aten.cat.default, (taps, -1), patches_val) if len(taps) > 1 else \
+                emit(aten.clone.default, (taps[0],), patches_val)
+            rows = emit(aten.view.default, (patches, [n * ho * wo, kh * kw * c]), torch.empty(n * ho * wo, kh * kw * c))
+            wl = emit(aten.permute.default, (w, [1, 0]), torch.empty(o, kh * kw * c).t())
+            y = emit(aten.mm.default, (rows, wl), torch.empty(n * ho * wo, o))
+            if bias is not None:
+                y = emit(aten.add.Tensor, (y, bias), torch.empty(n * ho * wo, o))
+            y = emit(aten.view.default, (y, [n, ho, wo, o]), torch.empty(n, ho, wo, o))
+            y = emit(aten.permute.default, (y, [0, 3, 1, 2]), torch.empty(n, ho, wo, o).permute(0, 3, 1, 2))
+        conv.replace_all_uses_with(y)
+        graph.erase_node(conv)
+        store = ep.constants if spec.kind.name == "CONSTANT_TENSOR" else ep.state_dict
+        value = store[spec.target]
+        flat = value.detach().permute(0, 2, 3, 1).reshape(o, kh * kw * c).contiguous()
+        store[spec.target] = torch.nn.Parameter(flat, requires_grad=False) if isinstance(value, torch.nn.Parameter) \
+            else flat
+        w.meta["val"] = torch.empty(o, kh * kw * c)
+        w.meta["tensor_meta"] = _extract_tensor_metadata(w.meta["val"])
+        stored[spec.target] = [o, c, kh, kw]
+    if stored:
+        graph.eliminate_dead_code()
+        ep.graph_module.recompile()
+    return stored
+
+
 def _batched_linears_as_mm(ep) -> None:
     """`bmm(a, expand(W^T or W, [B, K, N]))` with W a 2-D state tensor becomes
     `view(mm(reshape(a, [B M, K]), W^T or W), [B, M, N])`.
@@ -293,14 +376,15 @@ def canonical_program(ep):
     _sorted_topk(ep.graph)
     _simplify_expands(ep.graph)
     _batched_linears_as_mm(ep)
-    return ep, _linear_weights_as_nk(ep)
+    convs = _convolutions_as_linears(ep)
+    return ep, _linear_weights_as_nk(ep), convs
 
 
 def import_program(ep, ctx) -> ImportedProgram:
     from torch_mlir import ir
     from torch_mlir.extras.fx_importer import FxImporter
 
-    ep, transposed = canonical_program(ep)
+    ep, transposed, convs = canonical_program(ep)
     sig = ep.graph_signature
     if getattr(sig, "user_inputs_to_mutate", None):
         raise QccError("the model writes into its inputs in forward()",
@@ -355,7 +439,8 @@ def import_program(ep, ctx) -> ImportedProgram:
             else:
                 arg_attrs.append(ir.DictAttr.get({}))
         func.attributes["arg_attrs"] = ir.ArrayAttr.get(arg_attrs)
-    return ImportedProgram(module, params, inputs, outputs, _dim_ranges(ep), ep, transposed, states, state_values)
+    return ImportedProgram(module, params, inputs, outputs, _dim_ranges(ep), ep, transposed, states, state_values,
+                           convs)
 
 
 def _dim_ranges(ep) -> dict:

@@ -12,11 +12,15 @@ from qcc.dialects import formats
 
 def dequantized_weights(compiled) -> dict[str, np.ndarray]:
     """{original weight name: float32 in the model's layout} decoded from the artifact's packed
-    weights: [N, K], or [K, N] for a weight the model multiplies as `x @ W` ("transposed")."""
+    weights: [N, K], or [K, N] for a weight the model multiplies as `x @ W` ("transposed"), a
+    convolution's [O, C, k...], a mixture of experts' [E, N, K]."""
     out = _dequantized_nk(compiled)
     for layer in compiled.manifest.get("layers", []):
         if layer.get("transposed"):
             out[layer["weight"]] = np.ascontiguousarray(out[layer["weight"]].T)
+        if layer.get("conv_layout") == "ohwi":  # rows (kh, kw, C) -> the model's [O, C, kh, kw]
+            o, c, kh, kw = layer["conv_shape"]
+            out[layer["weight"]] = np.ascontiguousarray(out[layer["weight"]].reshape(o, kh, kw, c).transpose(0, 3, 1, 2))
     return out
 
 
@@ -47,7 +51,7 @@ def _dequantized_nk(compiled) -> dict[str, np.ndarray]:
         qt = formats.QuantizedTensor(codes=codes, scale=scale, zero=zero, format=fmt, shape=shape)
         w = formats.dequantize(qt)
         out[base] = w.reshape(layer["experts"], -1, shape[1]) if "experts" in layer else \
-            w.reshape(layer["conv_shape"]) if "conv_shape" in layer else w
+            w.reshape(layer["conv_shape"]) if "conv_shape" in layer and "conv_layout" not in layer else w
     return out
 
 

@@ -1,5 +1,8 @@
 """Convolution weights, quantized by the weight quantizers (quantize-weights, gptq).
 
+The frontend makes each 2-D convolution of groups 1 and static sizes a linear layer over its
+patches (`frontend._convolutions_as_linears`), quantized as any linear.  This pass takes the
+convolutions left: grouped and depthwise ones, 1-D and 3-D, run-time sizes.
 A convolution's weight W [O, I / groups, k...] (a parameter read directly by
 `torch.aten.convolution`, not transposed) is quantized as O rows of I / groups * prod(k)
 columns of the weight format: per output channel, or per group of that many columns (the

@@ -202,7 +202,11 @@ def rewrite_linears(pass_, module, fmt, exclude, solve) -> None:
     solve(mm, w_name, w [N, K] float32) -> formats.QuantizedTensor of `fmt`."""
     store = pass_.session.params
     solved = {}  # a weight read by several linears (split-outliers' dynamic parts) is quantized once
+    convs, untiled = pass_.session.options.get("conv_weights", {}), []
     for func, mm, w_name in wanted_linears(module, exclude):
+        if w_name in convs and fmt.granularity == "group" and store[w_name].shape[1] % fmt.group_size:
+            untiled.append(w_name)  # a convolution's rows (a CNN's first: 3 x 3 x 3) stay float, said
+            continue
         if w_name not in solved:
             if w_name not in store:
                 raise PassError(mm, f"no value for parameter '{w_name}' in the parameter store")
@@ -212,6 +216,11 @@ def rewrite_linears(pass_, module, fmt, exclude, solve) -> None:
             except formats.FormatError as e:
                 raise PassError(mm, f"cannot quantize '{w_name}' [{w.shape[0]}x{w.shape[1]}] as {fmt.key()}: {e}")
         emit_qlinear(pass_.session, irutil.Signature(func), mm, w_name, solved[w_name])
+    if untiled:
+        pass_.session.remarks.append(
+            f"{pass_.name}: convolution weights left float (groups of {fmt.group_size} do not tile their rows of "
+            + ", ".join(f"{convs[n][1]}x{convs[n][2]}x{convs[n][3]}" for n in sorted(set(untiled))) + " columns): "
+            + ", ".join(sorted(set(untiled))))
     for func in irutil.functions(module):
         for name in irutil.Signature(func).erase_unused_params():
             if name in store:

@@ -85,13 +85,14 @@ def _n_views(desc):
 
 
 def _out_arg(desc, launch):
-    """The launch argument bound to output 0."""
-    return launch["args"][_n_ins(desc)]
+    """The launch argument bound to output 0 (None for a kernel without outputs)."""
+    args, at = launch["args"], _n_ins(desc)
+    return args[at] if at < len(args) and desc.outs else None
 
 
 def _whole(arg, roots, n) -> bool:
     """arg is a whole f32 buffer of n elements."""
-    return arg["offset"] == 0 and roots[arg["buf"]]["bytes"] == 4 * n
+    return arg is not None and "buf" in arg and arg["offset"] == 0 and roots[arg["buf"]]["bytes"] == 4 * n
 
 
 def _dead_after(launches, j, buf, descs, roots) -> bool:
@@ -197,6 +198,8 @@ def _match(launches, i, descs, roots):
     n_dim, rows_at = par[-1], par[:-1]
     R, N = math.prod(d.loops[j] for j in rows_at), d.loops[n_dim]
     s_arg = _out_arg(d, launches[i])
+    if s_arg is None or "buf" not in s_arg:
+        return None
     S = s_arg["buf"]
     if s_arg["offset"] or roots[S]["bytes"] != 4 * R * N or N < 2:
         return None

@@ -235,7 +235,7 @@ def compile_cuda(*, module, ctx, session, run, prog, imported, recipe, gpu_arch:
                      "GEMV/GEMM layers (cuda.layers): x rounded to f16, fp32 accumulation, f16 output")
                     + "; everything else fp32",
     }
-    layers = driver._layer_report(weights, session.layers, imported.transposed)
+    layers = driver._layer_report(weights, session.layers, imported.transposed, imported.convs)
     for layer in layers:  # a stacked GEMV's bytes, shared out by each layer's columns
         info = cuda["layers"].get(layer["weight"])
         if info and "cols" in info:

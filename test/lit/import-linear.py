@@ -84,3 +84,48 @@ def import_x_times_w():
 @run
 def quantize_x_times_w():
     imported(pipelines.IMPORT + ["quantize-weights{format=int8_sym_channel}"], XTimesW)
+
+
+class Conv(torch.nn.Module):
+    """A 3 x 3 convolution, padding 1, stride 2: 16 -> 8 channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(16, 8, 3, padding=1, stride=2)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def imported_conv(stages):
+    torch.manual_seed(0)
+    prog = import_program(export_module(Conv(), (torch.randn(1, 16, 10, 10),)), make_context())
+    run_pipeline(prog.module, stages, Session(prog.params), "test")
+    print(prog.module)
+    print("convs:", prog.convs)
+
+
+# A 2-D convolution is a linear layer over its patches: x padded, channels last, the 9
+# shifted strided windows concatenated along the channels ([1, 5, 5, 9 * 16]), then
+# mm with the weight stored [8, 3 * 3 * 16] (kh, kw, C order) read through a permute.
+# CHECK-LABEL: TEST: import_conv
+# CHECK: func.func @main(%[[W:.*]]: !torch.vtensor<[8,144],f32> {qcc.param = "conv.weight"}, %{{.*}}: !torch.vtensor<[8],f32> {qcc.param = "conv.bias"}, %[[X:.*]]: !torch.vtensor<[1,16,10,10],f32>)
+# CHECK-NOT: torch.aten.convolution
+# CHECK: torch.aten.constant_pad_nd %[[X]]
+# CHECK: torch.aten.permute
+# CHECK: torch.aten.slice.Tensor %{{.*}}, %{{.*}}, %{{.*}}, %{{.*}}, %int2 : !torch.vtensor<[1,12,12,16],f32>, !torch.int, !torch.int, !torch.int, !torch.int -> !torch.vtensor<[1,5,12,16],f32>
+# CHECK: torch.aten.cat %{{.*}} -> !torch.vtensor<[1,5,5,144],f32>
+# CHECK: %[[WT:.*]] = torch.aten.permute %[[W]], %{{.*}} -> !torch.vtensor<[144,8],f32>
+# CHECK: torch.aten.mm %{{.*}}, %[[WT]] : !torch.vtensor<[25,144],f32>, !torch.vtensor<[144,8],f32> -> !torch.vtensor<[25,8],f32>
+# CHECK: convs: {'conv.weight': [8, 16, 3, 3]}
+# CHECK-LABEL: TEST: quantize_conv
+# CHECK: "qcc.qlinear"
+# CHECK-NOT: torch.aten.convolution
+@run
+def import_conv():
+    imported_conv(pipelines.IMPORT)
+
+
+@run
+def quantize_conv():
+    imported_conv(pipelines.IMPORT + ["quantize-weights{format=int8_sym_channel}"])

@@ -237,25 +237,65 @@ def test_batched_decode_step(recipe):
         assert rel_err(got.numpy(), ref.numpy()) <= 1e-4
 
 
-@pytest.mark.parametrize("recipe", ["w8a16", "w4a16-sym", "w8a16-gptq"])
+@pytest.mark.parametrize("recipe", ["w8a16", "w4a16-sym", "w8a16-gptq", "w8a8"])
 def test_convolution_weights_are_quantized(recipe):
-    """A convolution's weight [O, I, kh, kw] is quantized as O rows of I * kh * kw columns and
-    decoded for the float convolution: the output equals float64 on the decoded weights (which
-    come back in the model's shape).  GPTQ rounds them to nearest and says so."""
+    """A 2-D convolution is a linear layer over its input patches (frontend): its weight
+    [O, C, kh, kw] is stored [O, kh * kw * C] and quantized as any linear's (GPTQ with the
+    patches' Hessian; w8a8 quantizes the patches too); the output equals float64 on the
+    decoded weights (which come back in the model's shape), or w8a8's fake-quant oracle."""
     model, inputs = models.ZOO["cnn"](seed=1)
     kw = {"calibration": [inputs]} if recipe.endswith("gptq") else {}
     compiled = qcc.compile(model, inputs, target="cpu", quant=recipe, **kw)
     layers = {layer["weight"]: layer for layer in compiled.manifest["layers"]}
-    assert sorted(layers) == ["conv1.weight", "conv2.weight", "fc.weight"]
-    assert compiled.remarks == ([] if not kw else [
-        "gptq: convolution weights rounded to nearest (no Hessian of their input patches): conv1.weight, conv2.weight"])
+    assert sorted(layers) == ["conv1.weight", "conv2.weight", "fc.weight"] and compiled.remarks == []
     assert layers["conv2.weight"]["shape"] == [32, 144] and layers["conv2.weight"]["conv_shape"] == [32, 16, 3, 3]
+    assert layers["conv2.weight"]["conv_layout"] == "ohwi"
     assert "conv2.weight" not in compiled.weights  # only the codes are stored
-    reference = copy.deepcopy(model)
-    load_into_torch(reference, dequantized_weights(compiled))
-    expect = float64_out(reference, inputs)
+    if recipe == "w8a8":
+        from test_recipes import RECIPE_FORMATS, fake_quant_model
+
+        patches = _as_linear_patches(model)
+        linears = [f"{n}.weight" for n, m in patches.named_modules() if isinstance(m, torch.nn.Linear)]
+        with torch.no_grad():
+            expect = fake_quant_model(patches, {w: RECIPE_FORMATS["w8a8"] for w in linears})(*inputs).numpy()
+    else:
+        reference = copy.deepcopy(model)
+        load_into_torch(reference, dequantized_weights(compiled))
+        expect = float64_out(reference, inputs)
     assert rel_err(compiled(*inputs).numpy(), expect) <= 1e-4
     assert rel_err(float64_out(model, inputs), expect) > 1e-4
+
+
+def _as_linear_patches(model):
+    """`model` with each Conv2d computed as nn.Linear over its unfolded patches in qcc's
+    (kh, kw, C) order, so the fake-quant oracle quantizes the same rows."""
+    model = copy.deepcopy(model)
+
+    class Patches(torch.nn.Module):
+        def __init__(self, conv):
+            super().__init__()
+            self.conv = conv
+            o, c, kh, kw = conv.weight.shape
+            self.lin = torch.nn.Linear(kh * kw * c, o, bias=conv.bias is not None)
+            with torch.no_grad():
+                self.lin.weight.copy_(conv.weight.permute(0, 2, 3, 1).reshape(o, -1))
+                if conv.bias is not None:
+                    self.lin.bias.copy_(conv.bias)
+
+        def forward(self, x):
+            conv, (n, c, h, _) = self.conv, x.shape
+            kh, kw = conv.kernel_size
+            cols = torch.nn.functional.unfold(x, (kh, kw), conv.dilation, conv.padding, conv.stride)
+            positions = cols.shape[-1]
+            cols = cols.view(n, c, kh * kw, positions).permute(0, 3, 2, 1).reshape(n * positions, kh * kw * c)
+            ho = (h + 2 * conv.padding[0] - conv.dilation[0] * (kh - 1) - 1) // conv.stride[0] + 1
+            return self.lin(cols).view(n, ho, positions // ho, -1).permute(0, 3, 1, 2)
+
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Conv2d):
+                setattr(module, child_name, Patches(child))
+    return model
 
 
 def test_weights_left_float_are_remarked(tmp_path):
@@ -275,9 +315,8 @@ def test_weights_left_float_are_remarked(tmp_path):
     inputs = (torch.randn(1, 3, 10, 10),)
     compiled = qcc.compile(model, inputs, target="cpu", quant="w4a16-g32")
     assert [layer["weight"] for layer in compiled.manifest["layers"]] == ["c32.weight"]
-    assert compiled.remarks == ["w4a16-g32: weights left float (qcc quantizes linear layers, convolutions whose "
-                                "rows the format's groups tile, and gathered experts): c27.weight [8x3x3x3] "
-                                "(convolution)"]
+    assert compiled.remarks == ["quantize-weights: convolution weights left float (groups of 32 do not tile their "
+                                "rows of 3x3x3 columns): c27.weight"]
     compiled.save(str(tmp_path / "convs.qcc"))
     assert qcc.load(str(tmp_path / "convs.qcc")).remarks == compiled.remarks
     assert qcc.compile(model, inputs, target="cpu", quant="float").remarks == []
