@@ -34,7 +34,7 @@ def _dequantized_nk(compiled) -> dict[str, np.ndarray]:
 
             out[base] = cuda_dequantize_layer(compiled.manifest["cuda"]["layers"][base], compiled.weights)
             continue
-        if base in backend_packed:  # repacked for the CPU kernels: decode that layout
+        if base in backend_packed and backend_packed[base].get("layout") != "format":  # repacked for the CPU kernels
             if backend_packed[base].get("layout") == "int-blocks":
                 from qcc.backends.cpu.int_pack import dequantize_layer
             else:

@@ -2,6 +2,7 @@
 // RUN: qcc-opt %s --random-params=0 -p 'quantize-weights{format=int8_sym_channel},cpu-select-kernels{lanes=16 threads=false}' | filecheck %s --check-prefix=INT8
 // RUN: qcc-opt %s --random-params=0 -p 'quantize-weights{format=int4_asym_g32},cpu-select-kernels{lanes=16}' | filecheck %s --check-prefix=G32
 // RUN: qcc-opt %s --random-params=0 -p 'quantize-weights{format=int4_asym_g128},cpu-select-kernels{lanes=16 bf16=true}' | filecheck %s --check-prefix=BF16
+// RUN: qcc-opt %s --random-params=0 -p 'quantize-weights{format=int4_asym_g128},cpu-select-kernels{lanes=16}' | filecheck %s --check-prefix=MANY
 
 // A weight-only qcc.qlinear becomes a call of a CPU kernel for its format and
 // shape; the packed weight is repacked into panels of 4 rows x blocks of
@@ -103,4 +104,24 @@ func.func @tokens(%w: !torch.vtensor<[64,256],f32> {qcc.param = "fc2.weight"}, %
   %wt = torch.aten.permute %w, %perm : !torch.vtensor<[64,256],f32>, !torch.list<int> -> !torch.vtensor<[256,64],f32>
   %y = torch.aten.mm %x, %wt : !torch.vtensor<[?,256],f32>, !torch.vtensor<[256,64],f32> -> !torch.vtensor<[?,64],f32>
   return %y : !torch.vtensor<[?,64],f32>
+}
+
+// Many rows (from dequant-gemm-min-m = 512), few output columns (up to 256): a convolution
+// over its patches.  The weight is decoded to f32 once a call (qcc.dequantize, lowered later)
+// and multiplied by the f32 GEMM (the linalg.matmul cpu-vectorize-contractions takes),
+// which beats the panel GEMM's 32-column chunks there; the codes stay in the format's layout.
+// MANY-LABEL: func.func @many_rows
+// MANY-SAME: tensor<64x128xi8> {qcc.param = "conv.weight:int4_asym_g128:codes"}
+// MANY: call @qcc_cpu_dequant_gemm_int4_asym_g128_1024x64x256(%{{.*}}) : (tensor<1024x256xf32>, tensor<64x128xi8>, tensor<64x2xf32>, tensor<64x2xi8>) -> tensor<1024x64xf32>
+// MANY-LABEL: func.func private @qcc_cpu_dequant_gemm_int4_asym_g128_1024x64x256(
+// MANY: "qcc.dequantize"(%{{.*}}, %{{.*}}, %{{.*}}) {format = #qcc.format<"int4_asym_g128">} : (tensor<64x128xi8>, tensor<64x2xf32>, tensor<64x2xi8>) -> tensor<64x256xf32>
+// MANY: linalg.transpose
+// MANY: linalg.matmul
+func.func @many_rows(%w: !torch.vtensor<[64,256],f32> {qcc.param = "conv.weight"}, %x: !torch.vtensor<[1024,256],f32>) -> !torch.vtensor<[1024,64],f32> {
+  %int0 = torch.constant.int 0
+  %int1 = torch.constant.int 1
+  %perm = torch.prim.ListConstruct %int1, %int0 : (!torch.int, !torch.int) -> !torch.list<int>
+  %wt = torch.aten.permute %w, %perm : !torch.vtensor<[64,256],f32>, !torch.list<int> -> !torch.vtensor<[256,64],f32>
+  %y = torch.aten.mm %x, %wt : !torch.vtensor<[1024,256],f32>, !torch.vtensor<[256,64],f32> -> !torch.vtensor<[1024,64],f32>
+  return %y : !torch.vtensor<[1024,64],f32>
 }

@@ -208,6 +208,32 @@ def test_no_float_copy_of_a_weight(tmp_path):
         assert np.allclose(compiled(xm).numpy(), compiled(xm).numpy())
 
 
+@pytest.mark.parametrize("recipe", ["w4a16-g128", "w8a16", "w4a16-sym"])
+def test_many_rows_few_columns_decode_the_weight_once(recipe):
+    """From 512 static rows and up to 256 output columns the weight is decoded to f32 once a
+    call and multiplied by the f32 GEMM (a convolution over its patches); equal to float64 on
+    the decoded weights.  A wide layer of the same M keeps the panel GEMM."""
+    import copy
+
+    import torch
+
+    import qcc
+    from qcc.reference import dequantized_weights, load_into_torch
+
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 128), torch.nn.ReLU(), torch.nn.Linear(128, 384)).eval()
+    x = torch.randn(600, 256)
+    compiled = qcc.compile(model, (x,), quant=recipe)
+    variants = {w: k["variant"] for w, k in compiled.manifest["cpu"]["kernels"].items()}
+    assert variants == {"0.weight": "dequantized gemm", "2.weight": "gemm_bcast"}
+    reference = copy.deepcopy(model).double()
+    load_into_torch(reference, dequantized_weights(compiled))
+    with torch.no_grad():
+        expect = reference(x.double()).numpy()
+    got = compiled(x).numpy()
+    assert np.abs(got - expect).max() <= 1e-4 * np.abs(expect).max()
+
+
 def _compile_with_ir(model, args, tmp_path, **kwargs):
     """qcc.compile with the IR dumped: (compiled model, text of the select-kernels stage)."""
     import qcc
