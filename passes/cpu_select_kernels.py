@@ -39,7 +39,7 @@ class CpuSelectKernels(QccPass):
         # from this static M, a weight of at most dequant_gemm_max_n rows is decoded to f32 once
         # a call and multiplied by the f32 GEMM (see _dequantized_gemm); 0: never
         dequant_gemm_min_m: int = 512
-        dequant_gemm_max_n: int = 256
+        dequant_gemm_max_n: int = 128
 
     def run(self, module):
         from qcc.backends.cpu import host, kernels
@@ -81,7 +81,8 @@ class CpuSelectKernels(QccPass):
         the weight decoded to f32 once a call (N x K, small) and x @ W^T on the f32 GEMM
         (cpu-vectorize-contractions' matmul_bt).  The panel GEMM parallelizes over chunks of 32
         output columns and decodes per block: at M 3136, K 576, N 64 it ran 47 GFLOP/s against
-        the f32 GEMM's 149 (BENCHMARKS)."""
+        the f32 GEMM's 149 (BENCHMARKS); at N 256 it depends on K (K 576: the f32 GEMM 1.48x
+        faster; K 128: the panel GEMM 1.8x), hence up to 128 columns."""
         shapes = [irutil.tensor_shape(v) for v in op.operands[1:]]
         elems = ["i8", "f32", "i8"][:len(shapes)]
         tys = ["tensor<" + "x".join(map(str, sh)) + f"x{e}>" for sh, e in zip(shapes, elems)]

@@ -106,7 +106,7 @@ func.func @tokens(%w: !torch.vtensor<[64,256],f32> {qcc.param = "fc2.weight"}, %
   return %y : !torch.vtensor<[?,64],f32>
 }
 
-// Many rows (from dequant-gemm-min-m = 512), few output columns (up to 256): a convolution
+// Many rows (from dequant-gemm-min-m = 512), few output columns (up to 128): a convolution
 // over its patches.  The weight is decoded to f32 once a call (qcc.dequantize, lowered later)
 // and multiplied by the f32 GEMM (the linalg.matmul cpu-vectorize-contractions takes),
 // which beats the panel GEMM's 32-column chunks there; the codes stay in the format's layout.

@@ -210,7 +210,7 @@ def test_no_float_copy_of_a_weight(tmp_path):
 
 @pytest.mark.parametrize("recipe", ["w4a16-g128", "w8a16", "w4a16-sym"])
 def test_many_rows_few_columns_decode_the_weight_once(recipe):
-    """From 512 static rows and up to 256 output columns the weight is decoded to f32 once a
+    """From 512 static rows and up to 128 output columns the weight is decoded to f32 once a
     call and multiplied by the f32 GEMM (a convolution over its patches); equal to float64 on
     the decoded weights.  A wide layer of the same M keeps the panel GEMM."""
     import copy
