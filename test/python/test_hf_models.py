@@ -145,6 +145,18 @@ def test_hf_static_cache_decoder_keeps_its_cache():
     assert cache[0, :, :8].any() and not cache[0, :, 8:].any()
 
 
+def logits_on_decoded_weights(model, compiled, ids):
+    """float64 logits of `model` holding the artifact's decoded weights (any parameter, the
+    experts' 3-D ones too)."""
+    reference = copy.deepcopy(model).double()
+    modules = dict(reference.named_modules())
+    with torch.no_grad():
+        for name, value in dequantized_weights(compiled).items():
+            module, attr = name.rsplit(".", 1)
+            setattr(modules[module], attr, torch.nn.Parameter(torch.from_numpy(value.astype(np.float64))))
+        return reference(ids).numpy()
+
+
 def test_hf_mixture_of_experts():
     """Mixtral with transformers' batched_mm experts (each token's experts gathered, then a
     batched matmul): every weight is quantized, the experts' 3-D ones as E * N rows gathered
@@ -159,14 +171,7 @@ def test_hf_mixture_of_experts():
     experts = [layer["weight"] for layer in compiled.manifest["layers"] if "experts" in layer]
     assert len(compiled.manifest["layers"]) == 2 * 5 + 1 + len(experts) and len(experts) == 4
     assert compiled.remarks == []
-    reference = copy.deepcopy(model).double()
-    modules = dict(reference.named_modules())
-    with torch.no_grad():
-        for name, value in dequantized_weights(compiled).items():
-            module, attr = name.rsplit(".", 1)
-            setattr(modules[module], attr, torch.nn.Parameter(torch.from_numpy(value.astype(np.float64))))
-        expect = reference(ids).numpy()
-    assert rel_err(compiled(ids).numpy(), expect) <= 1e-4
+    assert rel_err(compiled(ids).numpy(), logits_on_decoded_weights(model, compiled, ids)) <= 1e-4
     grouped = Logits(T.AutoModelForCausalLM.from_config(T.MixtralConfig(**cfg)).eval()).eval()
     with pytest.raises(qcc.QccError, match="aten.histc is not supported.*batched_mm"):
         qcc.compile(grouped, (ids,), target="cpu")
@@ -202,11 +207,4 @@ def test_hf_mixture_of_experts_architectures(arch):
     kernels = compiled.manifest["cpu"]["kernels"]
     assert experts and all(kernels[w]["variant"] == "gathered gemv" for w in experts)
     assert compiled.remarks == []
-    reference = copy.deepcopy(model).double()
-    modules = dict(reference.named_modules())
-    with torch.no_grad():
-        for name, value in dequantized_weights(compiled).items():
-            module, attr = name.rsplit(".", 1)
-            setattr(modules[module], attr, torch.nn.Parameter(torch.from_numpy(value.astype(np.float64))))
-        expect = reference(ids).numpy()
-    assert rel_err(compiled(ids).numpy(), expect) <= 1e-4
+    assert rel_err(compiled(ids).numpy(), logits_on_decoded_weights(model, compiled, ids)) <= 1e-4
