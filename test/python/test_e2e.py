@@ -643,3 +643,48 @@ def test_unsorted_topk():
     got, want = compiled(x), Unsorted()(x)
     np.testing.assert_allclose(got[0].numpy(), want[0].numpy(), rtol=1e-6)
     np.testing.assert_array_equal(got[1].numpy(), want[1].numpy())  # the same k positions
+
+
+class _ResBlock(torch.nn.Module):
+    """A ResNet-style block: a strided 3x3, a dilated 3x3, BatchNorm, a strided 1x1 shortcut,
+    then a depthwise 3x3 (groups = channels: left a convolution, its weight decoded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(32, 64, 3, stride=2, padding=1, bias=False)
+        self.b1 = torch.nn.BatchNorm2d(64)
+        self.c2 = torch.nn.Conv2d(64, 64, 3, padding=2, dilation=2, bias=False)
+        self.b2 = torch.nn.BatchNorm2d(64)
+        self.down = torch.nn.Conv2d(32, 64, 1, stride=2, bias=False)
+        self.dw = torch.nn.Conv2d(64, 64, 3, padding=1, groups=64)
+        with torch.no_grad():
+            for b in (self.b1, self.b2):
+                b.running_mean.normal_()
+                b.running_var.uniform_(0.5, 1.5)
+                b.weight.normal_(1, 0.1)
+                b.bias.normal_()
+
+    def forward(self, x):
+        y = torch.relu(self.b1(self.c1(x)))
+        y = self.b2(self.c2(y)) + self.down(x)
+        return self.dw(torch.relu(y)).mean((2, 3))
+
+
+@pytest.mark.parametrize("recipe,dw_quantized", [("w8a16", True), ("w8a16-g32", False)])
+def test_resnet_style_block(recipe, dw_quantized):
+    """Strides, dilation and a 1x1 shortcut as linear layers over patches; the depthwise
+    convolution quantized per output channel, or left float (rows of 9 under groups of 32,
+    remarked); equal to float64 on the decoded weights."""
+    torch.manual_seed(0)
+    model = _ResBlock().eval()
+    x = torch.randn(2, 32, 20, 20)
+    compiled = qcc.compile(model, (x,), target="cpu", quant=recipe)
+    layers = {layer["weight"]: layer.get("conv_layout") for layer in compiled.manifest["layers"]}
+    assert {w: layers[w] for w in ("c1.weight", "c2.weight", "down.weight")} == dict.fromkeys(
+        ("c1.weight", "c2.weight", "down.weight"), "ohwi")
+    assert ("dw.weight" in layers) == dw_quantized and (compiled.remarks == []) == dw_quantized
+    reference = copy.deepcopy(model)
+    load_into_torch(reference, dequantized_weights(compiled))
+    expect = float64_out(reference, (x,))
+    assert rel_err(compiled(x).numpy(), expect) <= 1e-5
+    assert rel_err(float64_out(model, (x,)), expect) > 1e-5
