@@ -9,6 +9,7 @@ holds names and shapes, never weights.
 
 import dataclasses
 import logging
+import operator
 import os
 import zipfile
 
@@ -227,35 +228,50 @@ def _convolutions_as_linears(ep) -> dict:
                 spec.target in updated or transposed or groups != 1 or len(w.users) != 1 or \
                 not all(isinstance(v, torch.Tensor) and v.dim() == 4 and v.dtype == torch.float32
                         for v in (xv, wv, yv)) or \
-                not all(isinstance(d, int) for d in (*xv.shape, *yv.shape)):
+                not all(isinstance(d, int) for d in (*xv.shape[1:], *yv.shape[1:])):
             continue
-        n, c, _, _ = xv.shape
+        n, c, _, _ = xv.shape  # the batch may be a run-time size (a SymInt)
+        fake = getattr(xv, "fake_mode", None)
+
+        def empty(*shape):
+            """A meta value of `shape` (symbolic sizes as the program's)."""
+            if fake is None:
+                return torch.empty(*shape)
+            with fake:
+                return torch.empty(*shape)
         o, _, kh, kw = wv.shape
         _, _, ho, wo = yv.shape
         with graph.inserting_before(conv):
             xs, hp, wp = x, xv.shape[2] + 2 * padding[0], xv.shape[3] + 2 * padding[1]
             if any(padding):
                 pad = [padding[1], padding[1], padding[0], padding[0]]
-                xs = emit(aten.constant_pad_nd.default, (xs, pad, 0.0), torch.empty(n, c, hp, wp))
-            xh = emit(aten.permute.default, (xs, [0, 2, 3, 1]), torch.empty(n, c, hp, wp).permute(0, 2, 3, 1))
+                xs = emit(aten.constant_pad_nd.default, (xs, pad, 0.0), empty(n, c, hp, wp))
+            xh = emit(aten.permute.default, (xs, [0, 2, 3, 1]), empty(n, c, hp, wp).permute(0, 2, 3, 1))
             taps = []
             for dy in range(kh):
                 for dx in range(kw):
                     t = emit(aten.slice.Tensor, (xh, 1, dy * dilation[0], dy * dilation[0] + stride[0] * (ho - 1) + 1,
-                                                 stride[0]), torch.empty(n, ho, wp, c))
+                                                 stride[0]), empty(n, ho, wp, c))
                     t = emit(aten.slice.Tensor, (t, 2, dx * dilation[1], dx * dilation[1] + stride[1] * (wo - 1) + 1,
-                                                 stride[1]), torch.empty(n, ho, wo, c))
+                                                 stride[1]), empty(n, ho, wo, c))
                     taps.append(t)
-            patches_val = torch.empty(n, ho, wo, kh * kw * c)
+            patches_val = empty(n, ho, wo, kh * kw * c)
             patches = emit(aten.cat.default, (taps, -1), patches_val) if len(taps) > 1 else \
                 emit(aten.clone.default, (taps[0],), patches_val)
-            rows = emit(aten.view.default, (patches, [n * ho * wo, kh * kw * c]), torch.empty(n * ho * wo, kh * kw * c))
-            wl = emit(aten.permute.default, (w, [1, 0]), torch.empty(o, kh * kw * c).t())
-            y = emit(aten.mm.default, (rows, wl), torch.empty(n * ho * wo, o))
+            if isinstance(n, int):
+                n_arg, rows_arg = n, n * ho * wo
+            else:  # run-time batch: its size read from x, times the positions
+                n_arg = graph.call_function(aten.sym_size.int, (x, 0))
+                n_arg.meta["val"] = n
+                rows_arg = graph.call_function(operator.mul, (n_arg, ho * wo))
+                rows_arg.meta["val"] = n * ho * wo
+            rows = emit(aten.view.default, (patches, [rows_arg, kh * kw * c]), empty(n * ho * wo, kh * kw * c))
+            wl = emit(aten.permute.default, (w, [1, 0]), empty(o, kh * kw * c).t())
+            y = emit(aten.mm.default, (rows, wl), empty(n * ho * wo, o))
             if bias is not None:
-                y = emit(aten.add.Tensor, (y, bias), torch.empty(n * ho * wo, o))
-            y = emit(aten.view.default, (y, [n, ho, wo, o]), torch.empty(n, ho, wo, o))
-            y = emit(aten.permute.default, (y, [0, 3, 1, 2]), torch.empty(n, ho, wo, o).permute(0, 3, 1, 2))
+                y = emit(aten.add.Tensor, (y, bias), empty(n * ho * wo, o))
+            y = emit(aten.view.default, (y, [n_arg, ho, wo, o]), empty(n, ho, wo, o))
+            y = emit(aten.permute.default, (y, [0, 3, 1, 2]), empty(n, ho, wo, o).permute(0, 3, 1, 2))
         conv.replace_all_uses_with(y)
         graph.erase_node(conv)
         store = ep.constants if spec.kind.name == "CONSTANT_TENSOR" else ep.state_dict
@@ -263,7 +279,7 @@ def _convolutions_as_linears(ep) -> dict:
         flat = value.detach().permute(0, 2, 3, 1).reshape(o, kh * kw * c).contiguous()
         store[spec.target] = torch.nn.Parameter(flat, requires_grad=False) if isinstance(value, torch.nn.Parameter) \
             else flat
-        w.meta["val"] = torch.empty(o, kh * kw * c)
+        w.meta["val"] = empty(o, kh * kw * c)
         w.meta["tensor_meta"] = _extract_tensor_metadata(w.meta["val"])
         stored[spec.target] = [o, c, kh, kw]
     if stored:

@@ -62,8 +62,11 @@ class CpuSelectKernels(QccPass):
                 if k is None or n is None or None in names or any(nm not in self.session.params for nm in names):
                     continue
                 m = x_shape[0]
-                if self.options.dequant_gemm_min_m and m is not None and m >= self.options.dequant_gemm_min_m \
-                        and n <= self.options.dequant_gemm_max_n and not self.options.bf16:
+                # a convolution's rows are batch x positions: many, also where the batch is a run-time size
+                many = (m is not None and m >= self.options.dequant_gemm_min_m) or \
+                    (m is None and names[0].rsplit(":", 2)[0] in self.session.options.get("conv_weights", {}))
+                if self.options.dequant_gemm_min_m and many and n <= self.options.dequant_gemm_max_n \
+                        and not self.options.bf16:
                     self._dequantized_gemm(op, fmt, module, defined, selected, names, m, k, n)
                     continue
                 lay = PanelLayout(fmt.key(), n, k, rows=self.options.rows, lanes=lanes)
@@ -88,7 +91,8 @@ class CpuSelectKernels(QccPass):
         tys = ["tensor<" + "x".join(map(str, sh)) + f"x{e}>" for sh, e in zip(shapes, elems)]
         params = ", ".join(f"%{r}: {t}" for r, t in zip(("codes", "scale", "zero"), tys))
         args = ", ".join(f"%{r}" for r in ("codes", "scale", "zero")[:len(tys)])
-        kname = f"qcc_cpu_dequant_gemm_{fmt.key()}_{m}x{n}x{k}"
+        kname = f"qcc_cpu_dequant_gemm_{fmt.key()}_{'d' if m is None else m}x{n}x{k}"
+        m = "?" if m is None else m
         if kname not in defined:
             irutil.append_functions(module, f"""
 func.func private @{kname}(%x: tensor<{m}x{k}xf32>, {params}) -> tensor<{m}x{n}xf32> {{
@@ -96,7 +100,9 @@ func.func private @{kname}(%x: tensor<{m}x{k}xf32>, {params}) -> tensor<{m}x{n}x
   %wt0 = tensor.empty() : tensor<{k}x{n}xf32>
   %wt = linalg.transpose ins(%w : tensor<{n}x{k}xf32>) outs(%wt0 : tensor<{k}x{n}xf32>) permutation = [1, 0]
   %zero_f = arith.constant 0.0 : f32
-  %y0 = tensor.empty() : tensor<{m}x{n}xf32>
+  %c0 = arith.constant 0 : index
+  %rows = tensor.dim %x, %c0 : tensor<{m}x{k}xf32>
+  %y0 = tensor.empty({"%rows" if m == "?" else ""}) : tensor<{m}x{n}xf32>
   %yz = linalg.fill ins(%zero_f : f32) outs(%y0 : tensor<{m}x{n}xf32>) -> tensor<{m}x{n}xf32>
   %y = linalg.matmul ins(%x, %wt : tensor<{m}x{k}xf32>, tensor<{k}x{n}xf32>) outs(%yz : tensor<{m}x{n}xf32>) -> tensor<{m}x{n}xf32>
   return %y : tensor<{m}x{n}xf32>

@@ -688,3 +688,20 @@ def test_resnet_style_block(recipe, dw_quantized):
     expect = float64_out(reference, (x,))
     assert rel_err(compiled(x).numpy(), expect) <= 1e-5
     assert rel_err(float64_out(model, (x,)), expect) > 1e-5
+
+
+def test_convolutions_with_a_run_time_batch():
+    """The batch a run-time size: the convolutions are still linear layers over their patches
+    (the rows read from x), their weights decoded once a call for the f32 GEMM."""
+    torch.manual_seed(0)
+    model = _ResBlock().eval()
+    batch = torch.export.Dim("batch", min=1, max=16)
+    program = torch.export.export(model, (torch.randn(2, 32, 20, 20),), dynamic_shapes=({0: batch},))
+    compiled = qcc.compile(program, target="cpu", quant="w8a16")
+    kernels = compiled.manifest["cpu"]["kernels"]
+    assert all(kernels[w]["variant"] == "dequantized gemm" for w in ("c1.weight", "c2.weight", "down.weight"))
+    reference = copy.deepcopy(model)
+    load_into_torch(reference, dequantized_weights(compiled))
+    for n in (1, 3):
+        x = torch.randn(n, 32, 20, 20)
+        assert rel_err(compiled(x).numpy(), float64_out(reference, (x,))) <= 1e-5
