@@ -8,6 +8,7 @@ holds names and shapes, never weights.
 """
 
 import dataclasses
+import functools
 import logging
 import operator
 import os
@@ -145,6 +146,20 @@ def _simplify_expands(graph) -> None:
             node.args = (node.args[0], [-1 if d else size for size, d in zip(sizes, dynamic)], *node.args[2:])
 
 
+def _relayout_state(ep, spec, node, relayout) -> None:
+    """Stores state tensor `spec.target` as relayout(value) and gives its placeholder `node`
+    the new layout's meta value (what the importer types the argument by)."""
+    from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+    store = ep.constants if spec.kind.name == "CONSTANT_TENSOR" else ep.state_dict
+    value = store[spec.target]
+    new = relayout(value.detach())
+    store[spec.target] = torch.nn.Parameter(new, requires_grad=False) if isinstance(value, torch.nn.Parameter) \
+        else new
+    node.meta["val"] = relayout(node.meta["val"])
+    node.meta["tensor_meta"] = _extract_tensor_metadata(node.meta["val"])
+
+
 def _linear_weights_as_nk(ep) -> frozenset:
     """Store every 2-D state tensor W that is the right operand of `aten.mm(x, W)` transposed, as
     W' = W^T, and read it through `aten.permute(W', [1, 0])`; returns the names so stored.
@@ -174,14 +189,8 @@ def _linear_weights_as_nk(ep) -> frozenset:
     names = []
     for w in weights:
         target = specs[w.name].target
-        store = ep.constants if specs[w.name].kind.name == "CONSTANT_TENSOR" else ep.state_dict
-        value = store[target]
-        transposed = value.detach().t().contiguous()
-        store[target] = torch.nn.Parameter(transposed, requires_grad=False) \
-            if isinstance(value, torch.nn.Parameter) else transposed
         kn = w.meta["val"]
-        w.meta["val"] = kn.t().contiguous()
-        w.meta["tensor_meta"] = _extract_tensor_metadata(w.meta["val"])  # the importer's type
+        _relayout_state(ep, specs[w.name], w, lambda t: t.t().contiguous())
         with ep.graph.inserting_before(first_op):
             read = ep.graph.call_function(torch.ops.aten.permute.default, (w, [1, 0]))
         read.meta["val"] = kn
@@ -192,8 +201,17 @@ def _linear_weights_as_nk(ep) -> frozenset:
     return frozenset(names)
 
 
+def _meta_empty(fake_mode, *shape):
+    """A meta value of `shape` (sizes may be the program's SymInts: made in its fake mode)."""
+    if fake_mode is None:
+        return torch.empty(*shape)
+    with fake_mode:
+        return torch.empty(*shape)
+
+
 def _convolutions_as_linears(ep) -> dict:
-    """Each 2-D convolution (groups 1, static sizes) whose weight W [O, C, kh, kw] is a state
+    """Each 2-D convolution (groups 1; static channels and spatial sizes, the batch may be a
+    run-time size) whose weight W [O, C, kh, kw] is a state
     tensor read by it alone becomes a linear layer over its input patches: x is padded, viewed
     channels-last, and the kh * kw shifted (strided, dilated) windows are concatenated along
     the channels into P [N * Ho * Wo, kh * kw * C]; then `mm(P, permute(W', [1, 0]))` (+ bias)
@@ -231,14 +249,7 @@ def _convolutions_as_linears(ep) -> dict:
                 not all(isinstance(d, int) for d in (*xv.shape[1:], *yv.shape[1:])):
             continue
         n, c, _, _ = xv.shape  # the batch may be a run-time size (a SymInt)
-        fake = getattr(xv, "fake_mode", None)
-
-        def empty(*shape):
-            """A meta value of `shape` (symbolic sizes as the program's)."""
-            if fake is None:
-                return torch.empty(*shape)
-            with fake:
-                return torch.empty(*shape)
+        empty = functools.partial(_meta_empty, getattr(xv, "fake_mode", None))
         o, _, kh, kw = wv.shape
         _, _, ho, wo = yv.shape
         with graph.inserting_before(conv):
@@ -274,13 +285,7 @@ def _convolutions_as_linears(ep) -> dict:
             y = emit(aten.permute.default, (y, [0, 3, 1, 2]), empty(n, ho, wo, o).permute(0, 3, 1, 2))
         conv.replace_all_uses_with(y)
         graph.erase_node(conv)
-        store = ep.constants if spec.kind.name == "CONSTANT_TENSOR" else ep.state_dict
-        value = store[spec.target]
-        flat = value.detach().permute(0, 2, 3, 1).reshape(o, kh * kw * c).contiguous()
-        store[spec.target] = torch.nn.Parameter(flat, requires_grad=False) if isinstance(value, torch.nn.Parameter) \
-            else flat
-        w.meta["val"] = empty(o, kh * kw * c)
-        w.meta["tensor_meta"] = _extract_tensor_metadata(w.meta["val"])
+        _relayout_state(ep, spec, w, lambda t: t.permute(0, 2, 3, 1).reshape(t.shape[0], -1).contiguous())
         stored[spec.target] = [o, c, kh, kw]
     if stored:
         graph.eliminate_dead_code()

@@ -77,6 +77,15 @@ def defining_op(value: ir.Value):
     return owner.operation if isinstance(owner, (ir.OpView, ir.Operation)) else None
 
 
+def zero_filled(value: ir.Value) -> bool:
+    """`value` is `linalg.fill` of the float constant 0 (a contraction's accumulator from zeros)."""
+    op = defining_op(value)
+    if op is None or op.name != "linalg.fill":
+        return False
+    cst = defining_op(op.operands[0])
+    return cst is not None and cst.name == "arith.constant" and ir.FloatAttr(cst.attributes["value"]).value == 0.0
+
+
 # ops without side effects that a rewrite may leave without users
 _PURE = {"tensor.collapse_shape", "tensor.expand_shape", "tensor.extract_slice", "tensor.concat", "tensor.empty",
          "linalg.transpose", "linalg.fill", "arith.constant"}

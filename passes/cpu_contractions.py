@@ -71,14 +71,6 @@ def _call_instead(op, callee: str, operands) -> None:
         irutil.erase_dead_producers(v)
 
 
-def _zero_filled(value) -> bool:
-    op = irutil.defining_op(value)
-    if op is None or op.name != "linalg.fill":
-        return False
-    cst = irutil.defining_op(op.operands[0])
-    return cst is not None and cst.name == "arith.constant" and ir.FloatAttr(cst.attributes["value"]).value == 0.0
-
-
 def _perm(op) -> list:
     return list(ir.DenseI64ArrayAttr(op.attributes["permutation"]))
 
@@ -266,7 +258,7 @@ class CpuVectorizeContractions(QccPass):
             for op in irutil.walk(func, "linalg.batch_matmul"):
                 a, b, c = op.operands[0], op.operands[1], op.operands[2]
                 sa, sb, sc = _dims(a), _dims(b), _dims(c)
-                if None in (sa, sb, sc) or sa[0] is None or not _zero_filled(c) or _has_custom_maps(op, _BATCH_MATMUL_MAPS):
+                if None in (sa, sb, sc) or sa[0] is None or not irutil.zero_filled(c) or _has_custom_maps(op, _BATCH_MATMUL_MAPS):
                     continue
                 static = None not in sa + sb + sc
                 nb, m, k = sa
@@ -315,7 +307,7 @@ class CpuVectorizeContractions(QccPass):
         x @ W -> matmul_kn."""
         a, b, c = op.operands[0], op.operands[1], op.operands[2]
         ta, tc = ir.RankedTensorType(a.type), ir.RankedTensorType(c.type)
-        if _has_custom_maps(op, _MATMUL_MAPS) or str(ta.element_type) != "f32" or not _zero_filled(c):
+        if _has_custom_maps(op, _MATMUL_MAPS) or str(ta.element_type) != "f32" or not irutil.zero_filled(c):
             return
         if ta.is_dynamic_dim(1) or tc.is_dynamic_dim(1):
             return

@@ -25,22 +25,18 @@ from qcc.dialects import formats
 from qcc.passes import QccPass, register
 
 
-def _zero_filled(value: ir.Value) -> bool:
-    """`value` is linalg.fill of the constant 0.0."""
-    fill = irutil.defining_op(value)
-    if fill is None or fill.name != "linalg.fill":
-        return False
-    const = irutil.defining_op(fill.operands[0])
-    return const is not None and const.name == "arith.constant" and \
-        str(const.attributes["value"]) in ("0.000000e+00 : f32", "-0.000000e+00 : f32")
-
-
 def _row_count(op) -> bool:
     """`op` is tensor.dim of dim 0 (the rows: a run-time count reads it for the matmul's check)."""
     if op.name != "tensor.dim":
         return False
     index = irutil.defining_op(op.operands[1])
     return index is not None and index.name == "arith.constant" and ir.IntegerAttr(index.attributes["value"]).value == 0
+
+
+def _row_product(bm) -> bool:
+    """`bm` (a batch matmul) multiplies each row's matrix by a vector [K, 1], from zeros."""
+    return len(bm.operands) == 3 and irutil.tensor_shape(bm.operands[1])[2:] == [1] and \
+        irutil.zero_filled(bm.operands[2])
 
 
 def _products(gather) -> tuple[list, list] | None:
@@ -53,9 +49,7 @@ def _products(gather) -> tuple[list, list] | None:
         if _row_count(op):
             dims.append(op)
             continue
-        if op.name != "linalg.batch_matmul" or use.operand_number != 0 or len(op.operands) != 3:
-            return None
-        if irutil.tensor_shape(op.operands[1])[2:] != [1] or not _zero_filled(op.operands[2]):
+        if op.name != "linalg.batch_matmul" or use.operand_number != 0 or not _row_product(op):
             return None
         bms.append(op)
     return (bms, dims) if bms else None
@@ -157,9 +151,7 @@ class CpuSelectExpertKernels(QccPass):
 
         gather = irutil.defining_op(bm.operands[0])
         found = None if gather is None else _float_expert_gather(gather, sig)
-        if found is None or len(list(gather.results[0].uses)) != 1:
-            return
-        if irutil.tensor_shape(bm.operands[1])[2:] != [1] or not _zero_filled(bm.operands[2]):
+        if found is None or len(list(gather.results[0].uses)) != 1 or not _row_product(bm):
             return
         w_name, ids, (experts, n, k) = found
         if k % lanes:
