@@ -12,6 +12,7 @@ import functools
 import logging
 import operator
 import os
+import re
 import zipfile
 
 import numpy as np
@@ -201,6 +202,77 @@ def _linear_weights_as_nk(ep) -> frozenset:
     return frozenset(names)
 
 
+def _experts_as_nk(ep) -> frozenset:
+    """Store a mixture of experts' 3-D weight kept as [E, K, N] (transformers' `is_transposed`
+    experts, gpt-oss's) as [E, N, K], so that its products take the one form qcc quantizes
+    along K and runs on its gathered kernels: `bmm(W'[ids], x [S, K, 1])`.  Two forms read it so:
+    `bmm(a [S, 1, K], W[ids])` (batched_mm experts; becomes `permute(bmm(W'[ids], permute(a)))`)
+    and `bmm(permute(W, [0, 2, 1])[ids], x)` (what `_grouped_mm_as_gathers` makes of grouped_mm
+    experts; `_fold_inverse_permutes` then leaves `W'[ids]`).  Every other reader of W reads
+    `permute(W', [0, 2, 1])`, so the function is unchanged.  Returns the names so stored."""
+    from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+    aten = torch.ops.aten
+    specs = {n.name: s for n, s in zip((n for n in ep.graph.nodes if n.op == "placeholder"),
+                                       ep.graph_signature.input_specs)}
+    updated = set(ep.graph_signature.buffers_to_mutate.values())
+
+    def weight(node):
+        """The 3-D state placeholder `node` is, or None."""
+        spec = specs.get(node.name) if getattr(node, "op", None) == "placeholder" else None
+        val = node.meta.get("val") if spec is not None else None
+        ok = spec is not None and spec.kind.name in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR") \
+            and spec.target not in updated and isinstance(val, torch.Tensor) and val.dim() == 3
+        return node if ok else None
+
+    def gathered(node):
+        """(W's node, ids) when `node` is W[ids] along dim 0 with 1-D ids."""
+        if getattr(node, "target", None) is not aten.index.Tensor or len(node.args[1]) != 1 \
+                or node.args[1][0] is None or node.args[1][0].meta["val"].dim() != 1:
+            return None
+        return node.args[0], node.args[1][0]
+
+    stored_kn, row_products = set(), []
+    for node in ep.graph.nodes:
+        if node.op != "call_function" or node.target is not aten.bmm.default:
+            continue
+        a, b = node.args
+        left, right = gathered(a), gathered(b)
+        if left is not None and getattr(left[0], "target", None) is aten.permute.default \
+                and list(left[0].args[1]) == [0, 2, 1] and weight(left[0].args[0]) is not None:
+            stored_kn.add(left[0].args[0])
+        elif right is not None and weight(right[0]) is not None and a.meta["val"].shape[1] == 1:
+            stored_kn.add(right[0])
+            row_products.append((node, a, right[1]))
+    if not stored_kn:
+        return frozenset()
+    first_op = next(n for n in ep.graph.nodes if n.op != "placeholder")
+    for w in stored_kn:
+        kn = w.meta["val"]
+        _relayout_state(ep, specs[w.name], w, lambda t: t.transpose(1, 2).contiguous())
+        with ep.graph.inserting_before(first_op):
+            read = ep.graph.call_function(aten.permute.default, (w, [0, 2, 1]))
+        read.meta["val"] = kn
+        read.meta["tensor_meta"] = _extract_tensor_metadata(kn)
+        w.replace_all_uses_with(read, delete_user_cb=lambda user: user is not read)
+    for bmm, a, ids in row_products:  # a [S, 1, K] @ W[ids] -> (W'[ids] @ a^T)^T
+        w = bmm.args[1].args[0].args[0]  # index(permute(W'), ids)
+        with ep.graph.inserting_before(bmm):
+            picked = ep.graph.call_function(aten.index.Tensor, (w, [ids]))
+            column = ep.graph.call_function(aten.permute.default, (a, [0, 2, 1]))
+            product = ep.graph.call_function(aten.bmm.default, (picked, column))
+            out = ep.graph.call_function(aten.permute.default, (product, [0, 2, 1]))
+        picked.meta["val"] = aten.index.Tensor(w.meta["val"], [ids.meta["val"]])
+        column.meta["val"] = a.meta["val"].permute(0, 2, 1)
+        product.meta["val"] = torch.bmm(picked.meta["val"], column.meta["val"])
+        out.meta["val"] = product.meta["val"].permute(0, 2, 1)
+        bmm.replace_all_uses_with(out)
+        ep.graph.erase_node(bmm)
+    ep.graph.eliminate_dead_code()
+    ep.graph_module.recompile()
+    return frozenset(specs[w.name].target for w in stored_kn)
+
+
 def _meta_empty(fake_mode, *shape):
     """A meta value of `shape` (sizes may be the program's SymInts: made in its fake mode)."""
     if fake_mode is None:
@@ -364,6 +436,73 @@ def _scatter_as_where(x, dim, index, src, add: bool = False):
     return y.movedim(-1, d)
 
 
+def _histc_by_compare(x, bins: int = 100, lo=0, hi=0):
+    """histc without torch-mlir's missing lowering (transformers' grouped_mm experts count
+    their tokens per expert with it): each element's bin by torch's formula, then a compare
+    with every bin and a sum.  Elements outside [lo, hi] and NaN count nowhere; lo == hi
+    takes the data's range, widened by 1 each way when that is empty too, as torch does.
+    The work is x.numel() x bins."""
+    flat = x.reshape(-1)
+    if lo == hi:
+        lo, hi = flat.min(), flat.max()
+        same = lo == hi
+        lo, hi = torch.where(same, lo - 1, lo), torch.where(same, hi + 1, hi)
+    pos = ((flat - lo) * bins / (hi - lo)).floor().to(torch.int64).clamp(max=bins - 1)
+    inside = (flat >= lo) & (flat <= hi)
+    hits = (pos.unsqueeze(-1) == torch.arange(bins, device=x.device)) & inside.unsqueeze(-1)
+    return hits.sum(0).to(x.dtype)
+
+
+def _grouped_mm_as_gathers(x, w, offs=None, bias=None, out_dtype=None):
+    """A grouped product (`torch._grouped_mm`, transformers' grouped_mm experts and their
+    `grouped_mm_fallback`) as a gather of each row's group weight and a batched product:
+    rows [offs[g-1], offs[g]) of x [S, K] times w[g] [K, N]; rows past the last offset are 0,
+    as the fallback leaves them.  Written as `bmm(w^T[group], x)`: where w is a parameter's
+    transpose, `_fold_inverse_permutes` leaves `W[group]` of the stored [E, N, K] weight,
+    the form transformers' batched_mm experts take, which qcc quantizes and runs on its
+    gathered kernels."""
+    if offs is None or x.dim() != 2 or w.dim() != 3 or bias is not None \
+            or (out_dtype is not None and out_dtype != x.dtype):
+        raise QccError(f"grouped_mm of a {x.dim()}-D by a {w.dim()}-D operand"
+                       + ("" if offs is not None else " without offsets")
+                       + (" with a bias or another output dtype" if bias is not None or out_dtype else ""),
+                       hint="qcc takes the mixture-of-experts form: 2-D rows sorted by group, 3-D weights, "
+                            "offsets, no bias (add it after)")
+    groups = w.shape[0]
+    rows = torch.arange(x.shape[0], device=x.device)
+    group = (offs.to(torch.int64).unsqueeze(0) <= rows.unsqueeze(1)).sum(1)
+    picked = w.transpose(-2, -1)[group.clamp(max=groups - 1)]
+    y = torch.bmm(picked, x.unsqueeze(-1).to(w.dtype)).squeeze(-1)
+    return torch.where((group < groups).unsqueeze(-1), y, torch.zeros((), dtype=y.dtype, device=y.device))
+
+
+def _fold_inverse_permutes(graph) -> None:
+    """permute(permute(t, p), q) with q undoing p is t (what `_grouped_mm_as_gathers` leaves
+    of a transposed weight; the decompositions write transposes as permutes)."""
+    aten = torch.ops.aten
+
+    def order(node):
+        if node.op != "call_function":
+            return None
+        if node.target is aten.permute.default:
+            return [d % len(node.args[1]) for d in node.args[1]]
+        if node.target is aten.transpose.int:
+            rank = node.meta["val"].dim()
+            a, b = (d % rank for d in node.args[1:3])
+            dims = list(range(rank))
+            dims[a], dims[b] = b, a
+            return dims
+        return None
+
+    for node in list(graph.nodes):
+        outer = order(node)
+        inner = order(node.args[0]) if outer is not None and isinstance(node.args[0], torch.fx.Node) else None
+        if inner is not None and len(inner) == len(outer) and [inner[d] for d in outer] == sorted(inner):
+            node.replace_all_uses_with(node.args[0].args[0])
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+
+
 def _sorted_topk(graph) -> None:
     """topk(sorted=False) as topk(sorted=True): torch-mlir lowers only the sorted form, and a
     sorted result is one of the orders an unsorted topk may return (GLM-4 MoE's router)."""
@@ -385,7 +524,35 @@ def _decompositions() -> dict:
     table[aten.scatter.value] = lambda x, dim, index, value: _scatter_as_where(
         x, dim, index, torch.full(index.shape, value, dtype=x.dtype, device=x.device))
     table[aten.scatter_add.default] = lambda x, dim, index, src: _scatter_as_where(x, dim, index, src, add=True)
+    table[aten.histc.default] = _histc_by_compare
+    table[aten._grouped_mm.default] = _grouped_mm_as_gathers
+    fallback = getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None)
+    if fallback is not None:  # registered when transformers' MoE integration is imported
+        table[fallback.default] = _grouped_mm_as_gathers
     return table
+
+
+def _node_where(node) -> str | None:
+    """`file:line` of the model's source line that made FX node `node` (the innermost frame
+    of its recorded stack outside torch), or None."""
+    frames = [(f, line) for f, line in _STACK_FRAME.findall(node.meta.get("stack_trace") or "")
+              if f"{os.sep}torch{os.sep}" not in f]
+    return f"{frames[-1][0]}:{frames[-1][1]}" if frames else None
+
+
+_STACK_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
+
+
+def _refuse_complex(graph) -> None:
+    """Complex tensors (Llama 4's and DeepSeek-V2's rotary embeddings: torch.polar,
+    view_as_complex) have no lowering: one clear error at the first op making one."""
+    for node in graph.nodes:
+        val = node.meta.get("val")
+        if node.op == "call_function" and isinstance(val, torch.Tensor) and val.dtype.is_complex:
+            raise QccError(f"complex tensors are not supported ({node.target} makes a {val.dtype})",
+                           where=_node_where(node),
+                           hint="write the rotation with real tensors: cos / sin and rotate_half, as Llama's "
+                                "rotary embedding does")
 
 
 def canonical_program(ep):
@@ -393,12 +560,16 @@ def canonical_program(ep):
     (and qcc's of scatter), expands simplified, batched products with a broadcast weight as mm, every linear's weight
     in nn.Linear's [N, K] layout.  Calibration runs this same program, so its linear layers
     and parameter values are the IR's."""
+    _refuse_complex(ep.graph)
     ep = ep.run_decompositions(_decompositions())
+    _fold_inverse_permutes(ep.graph)
+    experts = _experts_as_nk(ep)
+    _fold_inverse_permutes(ep.graph)
     _sorted_topk(ep.graph)
     _simplify_expands(ep.graph)
     _batched_linears_as_mm(ep)
     convs = _convolutions_as_linears(ep)
-    return ep, _linear_weights_as_nk(ep), convs
+    return ep, _linear_weights_as_nk(ep) | experts, convs
 
 
 def import_program(ep, ctx) -> ImportedProgram:
@@ -431,7 +602,7 @@ def import_program(ep, ctx) -> ImportedProgram:
             if value.dtype == torch.bfloat16:
                 raise QccError(f"parameter {spec.target} is bfloat16, which a qcc program cannot hold", hint="export the model after model.float() (exact for "
                                "the weights), or pass the nn.Module itself to qcc.compile, which does that")
-            if value.dtype not in _TORCH_TO_NP or value.dtype == torch.bool:
+            if value.dtype not in _TORCH_TO_NP:
                 raise QccError(f"parameter {spec.target} has unsupported dtype {value.dtype}")
             params[spec.target] = value.contiguous().numpy()
             arg_attr[i] = ("qcc.param", spec.target)

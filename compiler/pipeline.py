@@ -145,8 +145,7 @@ def run_pipeline(module: ir.Module, pipeline, session: Session, stage: str,
         unsupported = _UNSUPPORTED_OP.search(what)
         if unsupported:  # an aten op torch-mlir has no lowering for: the model's problem, said plainly
             raise QccError(f"PyTorch op {unsupported.group(1)} is not supported (torch-mlir cannot lower it)",
-                           where=where, hint="write that part of the model with other ops (a Hugging Face MoE "
-                                             "model: from_config(..., experts_implementation='batched_mm'))")
+                           where=where, hint="write that part of the model with other ops")
         fd, path = tempfile.mkstemp(prefix=f"qcc-{stage}-", suffix=".mlir")
         with os.fdopen(fd, "w") as f:
             f.write(before.get_asm(enable_debug_info=True, large_elements_limit=16))

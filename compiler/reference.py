@@ -13,11 +13,11 @@ from qcc.dialects import formats
 def dequantized_weights(compiled) -> dict[str, np.ndarray]:
     """{original weight name: float32 in the model's layout} decoded from the artifact's packed
     weights: [N, K], or [K, N] for a weight the model multiplies as `x @ W` ("transposed"), a
-    convolution's [O, C, k...], a mixture of experts' [E, N, K]."""
+    convolution's [O, C, k...], a mixture of experts' [E, N, K] (or [E, K, N], "transposed")."""
     out = _dequantized_nk(compiled)
     for layer in compiled.manifest.get("layers", []):
         if layer.get("transposed"):
-            out[layer["weight"]] = np.ascontiguousarray(out[layer["weight"]].T)
+            out[layer["weight"]] = np.ascontiguousarray(np.swapaxes(out[layer["weight"]], -1, -2))
         if layer.get("conv_layout") == "ohwi":  # rows (kh, kw, C) -> the model's [O, C, kh, kw]
             o, c, kh, kw = layer["conv_shape"]
             out[layer["weight"]] = np.ascontiguousarray(out[layer["weight"]].reshape(o, kh, kw, c).transpose(0, 3, 1, 2))

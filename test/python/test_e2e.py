@@ -645,6 +645,79 @@ def test_unsorted_topk():
     np.testing.assert_array_equal(got[1].numpy(), want[1].numpy())  # the same k positions
 
 
+class _Histc(torch.nn.Module):
+    def __init__(self, bins, lo, hi):
+        super().__init__()
+        self.bins, self.lo, self.hi = bins, lo, hi
+
+    def forward(self, x):
+        return torch.histc(x, self.bins, self.lo, self.hi)
+
+
+@pytest.mark.parametrize("bins,lo,hi,kind", [(7, -1.0, 1.5, "randn"), (5, 0, 0, "randn"), (4, 0, 3, "ids"),
+                                             (3, 0, 0, "constant")])
+def test_histc(bins, lo, hi, kind):
+    """histc (grouped_mm experts count their tokens with it; torch-mlir has no lowering): the
+    same counts as torch, elements outside the range dropped, lo == hi the data's range."""
+    g = torch.Generator().manual_seed(11)
+    x = {"randn": torch.randn(6, 50, generator=g), "ids": torch.randint(0, 4, (37,), generator=g).float(),
+         "constant": torch.full((9,), 2.5)}[kind]
+    model = _Histc(bins, lo, hi).eval()
+    compiled = qcc.compile(model, (x,), target="cpu")
+    np.testing.assert_array_equal(compiled(x).numpy(), model(x).numpy())
+
+
+@pytest.mark.parametrize("offsets", [[3, 3, 9, 12], [0, 5, 7, 9]])
+def test_grouped_mm_as_gathers(offsets):
+    """The frontend's grouped product: rows [offs[g-1], offs[g]) times w[g]; an empty group and
+    rows past the last offset (left 0, as transformers' fallback leaves them)."""
+    from qcc.frontend import _grouped_mm_as_gathers
+
+    g = torch.Generator().manual_seed(12)
+    x, w = torch.randn(12, 16, generator=g), torch.randn(4, 16, 8, generator=g)
+    offs = torch.tensor(offsets, dtype=torch.int32)
+    want, start = torch.zeros(12, 8, dtype=torch.float64), 0
+    for e, end in enumerate(offsets):
+        want[start:end] = x[start:end].double() @ w[e].double()
+        start = end
+    got = _grouped_mm_as_gathers(x, w, offs)
+    assert rel_err(got.double().numpy(), want.numpy()) <= 1e-6 and not got[offsets[-1]:].any()
+    with pytest.raises(qcc.QccError, match="without offsets"):
+        _grouped_mm_as_gathers(x, w)
+
+
+def test_bool_buffer_survives_save_and_load(tmp_path):
+    """A bool buffer (GPT-BigCode's causal mask) is a parameter like any other: stored as
+    bytes in the artifact, read back by the loaded model."""
+
+    class Masked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("causal", torch.tril(torch.ones(8, 8, dtype=torch.bool)))
+            self.fc = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            s = self.fc(x)
+            return s.masked_fill(~self.causal[: x.shape[-2], : x.shape[-2]], float("-inf")).softmax(-1)
+
+    torch.manual_seed(0)
+    model, x = Masked().eval(), torch.randn(2, 8, 8)
+    compiled = qcc.compile(model, (x,), target="cpu")
+    assert compiled.weights["causal"].dtype == np.bool_
+    compiled.save(tmp_path / "m.qcc")
+    assert rel_err(qcc.load(tmp_path / "m.qcc")(x).numpy(), float64_out(model, (x,))) <= 1e-5
+
+
+def test_complex_tensors_are_a_clear_error():
+    class ComplexRope(torch.nn.Module):  # Meta's Llama / Llama 4 rotary embedding
+        def forward(self, x, angles):
+            z = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2))
+            return torch.view_as_real(z * torch.polar(torch.ones_like(angles), angles)).flatten(-2)
+
+    with pytest.raises(qcc.QccError, match=r"test_e2e.py:\d+: error: complex tensors are not supported"):
+        qcc.compile(ComplexRope(), (torch.randn(3, 8), torch.randn(3, 4)), target="cpu")
+
+
 class _ResBlock(torch.nn.Module):
     """A ResNet-style block: a strided 3x3, a dilated 3x3, BatchNorm, a strided 1x1 shortcut,
     then a depthwise 3x3 (groups = channels: left a convolution, its weight decoded)."""

@@ -25,6 +25,8 @@ CONFIGS = {
     "gemma": lambda: T.GemmaConfig(num_key_value_heads=1, head_dim=32, **COMMON),  # tied head, GeGLU
     "phi3": lambda: T.Phi3Config(num_key_value_heads=4, pad_token_id=0, **COMMON),  # fused qkv, gate_up
     "gpt2": lambda: T.GPT2Config(vocab_size=VOCAB, n_embd=128, n_layer=2, n_head=4, n_positions=64),  # Conv1D
+    # a bool causal-mask buffer, multi-query attention
+    "gpt_bigcode": lambda: T.GPTBigCodeConfig(vocab_size=VOCAB, n_embd=128, n_layer=2, n_head=4, n_positions=64),
     "opt": lambda: T.OPTConfig(vocab_size=VOCAB, hidden_size=128, ffn_dim=256, num_hidden_layers=2,
                                num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=128),
 }
@@ -147,8 +149,11 @@ def test_hf_static_cache_decoder_keeps_its_cache():
 
 def logits_on_decoded_weights(model, compiled, ids):
     """float64 logits of `model` holding the artifact's decoded weights (any parameter, the
-    experts' 3-D ones too)."""
+    experts' 3-D ones too), its experts as batched_mm (transformers' grouped_mm takes no float64
+    on the CPU)."""
     reference = copy.deepcopy(model).double()
+    if reference.model.config._experts_implementation != "batched_mm":
+        reference.model.set_experts_implementation("batched_mm")
     modules = dict(reference.named_modules())
     with torch.no_grad():
         for name, value in dequantized_weights(compiled).items():
@@ -160,8 +165,7 @@ def logits_on_decoded_weights(model, compiled, ids):
 def test_hf_mixture_of_experts():
     """Mixtral with transformers' batched_mm experts (each token's experts gathered, then a
     batched matmul): every weight is quantized, the experts' 3-D ones as E * N rows gathered
-    per token, and the output matches float64 on the decoded weights.  The default grouped_mm
-    form (aten.histc) is a clear error naming the op and this way out."""
+    per token, and the output matches float64 on the decoded weights."""
     cfg = dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, **COMMON)
     ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(2))
     torch.manual_seed(0)
@@ -172,9 +176,6 @@ def test_hf_mixture_of_experts():
     assert len(compiled.manifest["layers"]) == 2 * 5 + 1 + len(experts) and len(experts) == 4
     assert compiled.remarks == []
     assert rel_err(compiled(ids).numpy(), logits_on_decoded_weights(model, compiled, ids)) <= 1e-4
-    grouped = Logits(T.AutoModelForCausalLM.from_config(T.MixtralConfig(**cfg)).eval()).eval()
-    with pytest.raises(qcc.QccError, match="aten.histc is not supported.*batched_mm"):
-        qcc.compile(grouped, (ids,), target="cpu")
 
 
 MOE_CONFIGS = {
@@ -191,6 +192,14 @@ MOE_CONFIGS = {
     "glm4_moe": lambda: T.Glm4MoeConfig(num_key_value_heads=2, n_routed_experts=4, num_experts_per_tok=2,
                                         moe_intermediate_size=128, n_shared_experts=1, first_k_dense_replace=1,
                                         n_group=1, topk_group=1, **COMMON),
+    # experts stored [E, K, N] (`is_transposed`), biases, gate and up interleaved
+    "gpt_oss": lambda: T.GptOssConfig(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                                      head_dim=32, **COMMON),
+    # multi-head latent attention (low-rank q and kv projections), sigmoid router with a bias
+    "deepseek_v3": lambda: T.DeepseekV3Config(num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
+                                              moe_intermediate_size=128, first_k_dense_replace=1, n_group=1,
+                                              topk_group=1, q_lora_rank=128, kv_lora_rank=128, qk_rope_head_dim=16,
+                                              qk_nope_head_dim=16, v_head_dim=32, **COMMON),
 }
 
 
@@ -206,5 +215,30 @@ def test_hf_mixture_of_experts_architectures(arch):
     experts = [layer["weight"] for layer in compiled.manifest["layers"] if "experts" in layer]
     kernels = compiled.manifest["cpu"]["kernels"]
     assert experts and all(kernels[w]["variant"] == "gathered gemv" for w in experts)
+    assert compiled.remarks == []
+    assert rel_err(compiled(ids).numpy(), logits_on_decoded_weights(model, compiled, ids)) <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ["gpt_oss", "mixtral"])
+def test_hf_grouped_mm_experts(arch):
+    """transformers' default experts form, grouped_mm (rows sorted by expert, histc counts,
+    offsets): the frontend makes each grouped product a gather of the rows' expert weights,
+    so the experts are quantized along K and run on the gathered GEMV as in the batched_mm
+    form; gpt-oss's [E, K, N] experts are stored [E, N, K] and reported `transposed`."""
+    ids = torch.randint(0, VOCAB, (1, 10), generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(0)
+    config = MOE_CONFIGS["gpt_oss"]() if arch == "gpt_oss" else T.MixtralConfig(
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, **COMMON)
+    model = Logits(T.AutoModelForCausalLM.from_config(config).eval()).eval()
+    assert model.model.config._experts_implementation == "grouped_mm"
+    compiled = qcc.compile(model, (ids,), target="cpu", quant="w4a16-g128")
+    experts = {layer["weight"]: layer for layer in compiled.manifest["layers"] if "experts" in layer}
+    params = dict(model.named_parameters())
+    for name, layer in experts.items():  # E * N rows of K: the groups run along the reduction
+        e, *shape = params[name].shape
+        n, k = shape[::-1] if arch == "gpt_oss" else shape
+        assert layer["shape"] == [e * n, k] and layer.get("transposed", False) == (arch == "gpt_oss")
+    kernels = compiled.manifest["cpu"]["kernels"]
+    assert len(experts) == 4 and all(kernels[w]["variant"] == "gathered gemv" for w in experts)
     assert compiled.remarks == []
     assert rel_err(compiled(ids).numpy(), logits_on_decoded_weights(model, compiled, ids)) <= 1e-4
