@@ -543,9 +543,156 @@ def _node_where(node) -> str | None:
 _STACK_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
 
 
+def _emit(graph, target, *args):
+    """A new node target(*args) at the graph's insertion point, its meta value computed from
+    its arguments' (fake tensors, SymInts) in the graph's fake mode."""
+    from torch._guards import detect_fake_mode
+
+    def val(a):
+        if isinstance(a, torch.fx.Node):
+            return a.meta["val"]
+        return [val(x) for x in a] if isinstance(a, (list, tuple)) else a
+
+    node = graph.call_function(target, args)
+    mode = detect_fake_mode([next(n.meta["val"] for n in graph.nodes if n.op == "placeholder"
+                                  and isinstance(n.meta.get("val"), torch.Tensor))])
+    with mode:
+        node.meta["val"] = target(*(val(a) for a in args))
+    return node
+
+
+def _weight_batches_as_gathers(ep) -> None:
+    """`bmm(x [E, T, K], W)` with W a 3-D state tensor (each batch its own weight: Llama 4's
+    experts, which run every token through every expert) as the gathered form of
+    transformers' experts: rows [E T, K] with ids = each row's batch, `W[ids]`, one row's
+    product each, viewed back to [E, T, N].  W [E, K, N] read as is takes the `x @ W` form
+    (`_experts_as_nk` then stores it [E, N, K]); W read as `permute(W', [0, 2, 1])`, W' [E, N, K],
+    the `W'[ids] @ x` form.  Either way it is quantized along K and runs on the gathered
+    kernels instead of staying a float batched product."""
+    aten = torch.ops.aten
+    specs = {n.name: s for n, s in zip((n for n in ep.graph.nodes if n.op == "placeholder"),
+                                       ep.graph_signature.input_specs)}
+    updated = set(ep.graph_signature.buffers_to_mutate.values())
+
+    def weight(node):
+        spec = specs.get(node.name) if getattr(node, "op", None) == "placeholder" else None
+        return spec is not None and spec.kind.name in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR") \
+            and spec.target not in updated and isinstance(node.meta.get("val"), torch.Tensor) \
+            and node.meta["val"].dim() == 3
+
+    for node in list(ep.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.bmm.default:
+            continue
+        a, w = node.args
+        nk = getattr(w, "target", None) is aten.permute.default and list(w.args[1]) == [0, 2, 1] \
+            and weight(w.args[0])
+        if not (nk or weight(w)) or not isinstance(w.meta["val"].shape[0], int):
+            continue
+        e, k, n = w.meta["val"].shape
+        t = a.meta["val"].shape[1]
+        with ep.graph.inserting_before(node):
+            emit = functools.partial(_emit, ep.graph)
+            if not isinstance(t, int):
+                t = emit(aten.sym_size.int, a, 1)
+            rows = emit(aten.reshape.default, a, [-1, k])
+            ids = emit(aten.reshape.default, emit(aten.expand.default, emit(
+                aten.unsqueeze.default, emit(aten.arange.default, e), 1), [e, t]), [-1])
+            if nk:
+                y = emit(aten.bmm.default, emit(aten.index.Tensor, w.args[0], [ids]),
+                         emit(aten.unsqueeze.default, rows, -1))
+            else:
+                y = emit(aten.bmm.default, emit(aten.unsqueeze.default, rows, 1),
+                         emit(aten.index.Tensor, w, [ids]))
+            out = emit(aten.reshape.default, y, [e, t, n])
+        node.replace_all_uses_with(out)
+        ep.graph.erase_node(node)
+    ep.graph.eliminate_dead_code()
+    ep.graph_module.recompile()
+
+
+def _complex_as_pairs(graph) -> None:
+    """Complex tensors as real ones with a trailing pair (re, im): the rotary embeddings of
+    Meta's Llama, Llama 4 and DeepSeek-V2 (`view_as_complex(x) * polar(1, angles)`, then
+    `view_as_real`).  Each complex value gets its pair tensor, built op by op: polar,
+    view_as_complex / view_as_real (the pair itself), complex and real products, sums,
+    and the views and slices such code applies; a complex value any other op makes is left
+    for `_refuse_complex`."""
+    aten = torch.ops.aten
+    pairs = {}
+    emit = functools.partial(_emit, graph)
+
+    def part(p, i):  # the real (0) or imaginary (1) component, pair dim dropped
+        return emit(aten.select.int, p, -1, i)
+
+    def complex_in(a):
+        return isinstance(a, torch.fx.Node) and a in pairs
+
+    def pair_of(node):
+        t, args = node.target, node.args
+        rank = node.meta["val"].dim()
+        if t is aten.view_as_complex.default:
+            return args[0]
+        if t is aten.polar.default:
+            return emit(aten.stack.default, [emit(aten.mul.Tensor, args[0], emit(aten.cos.default, args[1])),
+                                             emit(aten.mul.Tensor, args[0], emit(aten.sin.default, args[1]))], -1)
+        if t is aten.mul.Tensor and complex_in(args[0]) and complex_in(args[1]):
+            (ar, ai), (br, bi) = [(part(pairs[a], 0), part(pairs[a], 1)) for a in args]
+            re = emit(aten.sub.Tensor, emit(aten.mul.Tensor, ar, br), emit(aten.mul.Tensor, ai, bi))
+            im = emit(aten.add.Tensor, emit(aten.mul.Tensor, ar, bi), emit(aten.mul.Tensor, ai, br))
+            return emit(aten.stack.default, [re, im], -1)
+        if t in (aten.mul.Tensor, aten.div.Tensor) and complex_in(args[0]) != complex_in(args[1]):
+            z, r = (args[0], args[1]) if complex_in(args[0]) else (args[1], args[0])
+            if t is aten.div.Tensor and z is not args[0]:
+                return None
+            if isinstance(r, torch.fx.Node):
+                if r.meta["val"].dtype.is_complex:
+                    return None
+                r = emit(aten.unsqueeze.default, r, -1)
+            elif isinstance(r, complex):
+                return None
+            return emit(t, pairs[z], r)
+        if t in (aten.add.Tensor, aten.sub.Tensor) and len(args) == 2 and not node.kwargs \
+                and complex_in(args[0]) and complex_in(args[1]):
+            return emit(t, pairs[args[0]], pairs[args[1]])
+        if not complex_in(args[0]):
+            return None
+        z = pairs[args[0]]
+        if t is aten.unsqueeze.default:
+            return emit(t, z, args[1] % rank)
+        if t in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
+            return emit(aten.reshape.default, z, [*args[1], 2])
+        if t is aten.expand.default:
+            return emit(t, z, [*args[1], 2])
+        if t is aten.permute.default:
+            return emit(t, z, [d % rank for d in args[1]] + [rank])
+        if t in (aten.slice.Tensor, aten.select.int, aten.squeeze.dim):
+            return emit(t, z, args[1] % args[0].meta["val"].dim(), *args[2:])
+        if t in (aten.clone.default, aten.alias.default) or (
+                t is aten._to_copy.default and node.kwargs.get("dtype") in (None, args[0].meta["val"].dtype)):
+            return z
+        return None
+
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is aten._assert_tensor_metadata.default and complex_in(node.args[0]):
+            graph.erase_node(node)
+            continue
+        if node.target is aten.view_as_real.default and complex_in(node.args[0]):
+            node.replace_all_uses_with(pairs[node.args[0]])
+            continue
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.dtype.is_complex:
+            with graph.inserting_before(node):
+                pair = pair_of(node)
+            if pair is not None:
+                pairs[node] = pair
+    graph.eliminate_dead_code()
+
+
 def _refuse_complex(graph) -> None:
-    """Complex tensors (Llama 4's and DeepSeek-V2's rotary embeddings: torch.polar,
-    view_as_complex) have no lowering: one clear error at the first op making one."""
+    """Complex tensors other ops make have no lowering: one clear error at the first op
+    making one."""
     for node in graph.nodes:
         val = node.meta.get("val")
         if node.op == "call_function" and isinstance(val, torch.Tensor) and val.dtype.is_complex:
@@ -560,9 +707,11 @@ def canonical_program(ep):
     (and qcc's of scatter), expands simplified, batched products with a broadcast weight as mm, every linear's weight
     in nn.Linear's [N, K] layout.  Calibration runs this same program, so its linear layers
     and parameter values are the IR's."""
-    _refuse_complex(ep.graph)
     ep = ep.run_decompositions(_decompositions())
+    _complex_as_pairs(ep.graph)
+    _refuse_complex(ep.graph)
     _fold_inverse_permutes(ep.graph)
+    _weight_batches_as_gathers(ep)
     experts = _experts_as_nk(ep)
     _fold_inverse_permutes(ep.graph)
     _sorted_topk(ep.graph)

@@ -138,6 +138,19 @@ def experts():
     return GatheredExperts().eval(), (torch.randn(6, 128), torch.tensor([0, 3, 1, 1, 2, 0]))
 
 
+def complex_rope():
+    from test_e2e import _ComplexRope
+
+    g = torch.Generator().manual_seed(13)
+    return _ComplexRope().eval(), (torch.randn(5, 3, 8, generator=g), torch.randn(5, 4, generator=g) * 3)
+
+
+def weight_batches():
+    from test_e2e import _WeightBatches
+
+    return _WeightBatches().eval(), (torch.randn(3, 4, 128, generator=torch.Generator().manual_seed(15)),)
+
+
 def small_cnn():
     m = models.SmallCNN(seed=1).eval()
     return m, m.example_inputs(batch=1, size=8)
@@ -171,7 +184,9 @@ CASES = {
     "mlp-w8a16": (mlp, "w8a16"),  # biases, GELU (erf): libdevice
     "gpt2-block-w4a16-g128": (gpt2_block, "w4a16-g128"),  # x @ W weights, LayerNorm, fused qkv
     "experts-w4a16-g128": (experts, "w4a16-g128"),  # a mixture of experts' weights gathered per token
-    "cnn-w8a16": (small_cnn, "w8a16"),  # convolution weights decoded (qcc.dequantize) for float convolutions
+    "cnn-w8a16": (small_cnn, "w8a16"),
+    "rope-complex-float": (complex_rope, "float"),  # complex tensors as (re, im) pairs
+    "weight-batches-w4a16-g128": (weight_batches, "w4a16-g128"),  # Llama 4's experts: every token, every expert  # convolution weights decoded (qcc.dequantize) for float convolutions
 }
 _COMPILED = {}
 

@@ -708,14 +708,68 @@ def test_bool_buffer_survives_save_and_load(tmp_path):
     assert rel_err(qcc.load(tmp_path / "m.qcc")(x).numpy(), float64_out(model, (x,))) <= 1e-5
 
 
-def test_complex_tensors_are_a_clear_error():
-    class ComplexRope(torch.nn.Module):  # Meta's Llama / Llama 4 rotary embedding
-        def forward(self, x, angles):
-            z = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2))
-            return torch.view_as_real(z * torch.polar(torch.ones_like(angles), angles)).flatten(-2)
+class _ComplexRope(torch.nn.Module):
+    """Meta's Llama rotary embedding: x's pairs as complex numbers times polar(1, angles)."""
 
+    def __init__(self, other=False):
+        super().__init__()
+        self.other = other
+
+    def forward(self, x, angles):
+        z = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2))
+        rot = torch.polar(torch.ones_like(angles), angles)[:, None, :]  # heads broadcast
+        if self.other:
+            return torch.view_as_real(torch.exp(z * rot)).flatten(-2)
+        return torch.view_as_real(z * rot * 0.5 + z).flatten(-2)
+
+
+def test_complex_rotary_embedding():
+    """Complex tensors become real ones with a trailing (re, im) pair: polar, view_as_complex,
+    products with complex and real operands, a sum, slices and views; an op without a pair
+    form (exp of a complex) is a clear error at its source line."""
+    g = torch.Generator().manual_seed(13)
+    inputs = (torch.randn(5, 3, 8, generator=g), torch.randn(5, 4, generator=g) * 3)
+    compiled = qcc.compile(_ComplexRope().eval(), inputs, target="cpu")
+    want = _ComplexRope()(*(a.double() for a in inputs)).numpy()
+    assert rel_err(compiled(*inputs).numpy(), want) <= 1e-6
     with pytest.raises(qcc.QccError, match=r"test_e2e.py:\d+: error: complex tensors are not supported"):
-        qcc.compile(ComplexRope(), (torch.randn(3, 8), torch.randn(3, 4)), target="cpu")
+        qcc.compile(_ComplexRope(other=True), inputs, target="cpu")
+
+
+class _WeightBatches(torch.nn.Module):
+    """Every token through every expert as one batched product per weight (Llama 4's experts):
+    `up` stored [E, K, N] and multiplied as is, `down` stored [E, N, K] and transposed."""
+
+    def __init__(self, e=3, k=128, n=256):
+        super().__init__()
+        g = torch.Generator().manual_seed(14)
+        self.up = torch.nn.Parameter(torch.randn(e, k, n, generator=g) / k ** 0.5)
+        self.down = torch.nn.Parameter(torch.randn(e, k, n, generator=g) / n ** 0.5)
+
+    def forward(self, x):  # x [E, T, K]: each expert's tokens
+        return torch.bmm(torch.nn.functional.silu(torch.bmm(x, self.up)), self.down.transpose(1, 2))
+
+
+def test_weight_batches_quantized_as_gathered_experts():
+    """A batched product with a 3-D weight quantizes along K (the [E, K, N] one stored [E, N, K],
+    reported `transposed`) and runs on the gathered GEMV, for any token count."""
+    model = _WeightBatches().eval()
+    x = torch.randn(3, 4, 128)
+    compiled = qcc.compile(model, (x,), target="cpu", quant="w4a16-g128",
+                           dynamic_shapes=({1: torch.export.Dim("tokens", min=1, max=64)},))
+    layers = {layer["weight"]: layer for layer in compiled.manifest["layers"]}
+    assert layers["up"]["shape"] == [3 * 256, 128] and layers["up"].get("transposed")
+    assert layers["down"]["shape"] == [3 * 128, 256] and not layers["down"].get("transposed")
+    assert all(compiled.manifest["cpu"]["kernels"][w]["variant"] == "gathered gemv" for w in layers)
+    reference = copy.deepcopy(model).double()
+    with torch.no_grad():
+        for name, value in dequantized_weights(compiled).items():
+            getattr(reference, name).copy_(torch.from_numpy(value))
+    for t in (1, 4, 9):
+        xt = torch.randn(3, t, 128)
+        with torch.no_grad():
+            want = reference(xt.double()).numpy()
+        assert rel_err(compiled(xt).numpy(), want) <= 1e-5, t
 
 
 class _ResBlock(torch.nn.Module):

@@ -152,7 +152,7 @@ def logits_on_decoded_weights(model, compiled, ids):
     experts' 3-D ones too), its experts as batched_mm (transformers' grouped_mm takes no float64
     on the CPU)."""
     reference = copy.deepcopy(model).double()
-    if reference.model.config._experts_implementation != "batched_mm":
+    if reference.model.config._experts_implementation not in ("batched_mm", None):
         reference.model.set_experts_implementation("batched_mm")
     modules = dict(reference.named_modules())
     with torch.no_grad():
@@ -240,5 +240,32 @@ def test_hf_grouped_mm_experts(arch):
         assert layer["shape"] == [e * n, k] and layer.get("transposed", False) == (arch == "gpt_oss")
     kernels = compiled.manifest["cpu"]["kernels"]
     assert len(experts) == 4 and all(kernels[w]["variant"] == "gathered gemv" for w in experts)
+    assert compiled.remarks == []
+    assert rel_err(compiled(ids).numpy(), logits_on_decoded_weights(model, compiled, ids)) <= 1e-4
+
+
+COMPLEX_ROPE = {
+    # complex rotary embeddings; experts as one batched product over all tokens ([E, K, N] weights)
+    "llama4": lambda: T.Llama4TextConfig(num_key_value_heads=2, num_local_experts=4, **COMMON),
+    # complex rotary embeddings, multi-head latent attention, grouped_mm experts
+    "deepseek_v2": lambda: T.DeepseekV2Config(num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
+                                              moe_intermediate_size=128, first_k_dense_replace=1, n_group=1,
+                                              topk_group=1, q_lora_rank=128, kv_lora_rank=128, qk_rope_head_dim=16,
+                                              qk_nope_head_dim=16, v_head_dim=32, **COMMON),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(COMPLEX_ROPE))
+def test_hf_complex_rope_models(arch):
+    """Models whose rotary embedding multiplies complex numbers (the frontend's real pairs),
+    every weight quantized, experts on the gathered GEMV, output equal to float64 on the
+    decoded weights."""
+    ids = torch.randint(0, VOCAB, (1, 10), generator=torch.Generator().manual_seed(4))
+    torch.manual_seed(0)
+    model = Logits(T.AutoModelForCausalLM.from_config(COMPLEX_ROPE[arch]()).eval()).eval()
+    compiled = qcc.compile(model, (ids,), target="cpu", quant="w4a16-g128")
+    experts = [layer["weight"] for layer in compiled.manifest["layers"] if "experts" in layer]
+    kernels = compiled.manifest["cpu"]["kernels"]
+    assert experts and all(kernels[w]["variant"] == "gathered gemv" for w in experts)
     assert compiled.remarks == []
     assert rel_err(compiled(ids).numpy(), logits_on_decoded_weights(model, compiled, ids)) <= 1e-4
