@@ -321,6 +321,8 @@ def _convolutions_as_linears(ep) -> dict:
                 not all(isinstance(d, int) for d in (*xv.shape[1:], *yv.shape[1:])):
             continue
         n, c, _, _ = xv.shape  # the batch may be a run-time size (a SymInt)
+        # one value stands for both spatial dims (SigLIP's patch embedding has padding=[0])
+        stride, padding, dilation = (list(v) * 2 if len(v) == 1 else list(v) for v in (stride, padding, dilation))
         empty = functools.partial(_meta_empty, getattr(xv, "fake_mode", None))
         o, _, kh, kw = wv.shape
         _, _, ho, wo = yv.shape

@@ -817,6 +817,19 @@ def test_resnet_style_block(recipe, dw_quantized):
     assert rel_err(float64_out(model, (x,)), expect) > 1e-5
 
 
+def test_patch_embedding_with_one_padding_value():
+    """padding="valid" (SigLIP's patch embedding) reaches the graph as one value for both
+    spatial dims: still a linear layer over patches (it raised an IndexError)."""
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 32, 4, stride=4, padding="valid").eval()
+    x = torch.randn(1, 3, 16, 16)
+    compiled = qcc.compile(model, (x,), target="cpu", quant="w8a16")
+    assert compiled.manifest["layers"][0]["conv_layout"] == "ohwi"
+    reference = copy.deepcopy(model)
+    load_into_torch(reference, dequantized_weights(compiled))
+    assert rel_err(compiled(x).numpy(), float64_out(reference, (x,))) <= 1e-5
+
+
 def test_convolutions_with_a_run_time_batch():
     """The batch a run-time size: the convolutions are still linear layers over their patches
     (the rows read from x), their weights decoded once a call for the f32 GEMM."""
