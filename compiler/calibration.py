@@ -154,6 +154,8 @@ def linear_input_stats(ep, calibration_batches, want=("absmax", "mean_abs"), *, 
         fixed.append(torch.from_numpy(np.require(value, requirements="C")) if value is not None
                      else state[spec.target].detach())
     n_user = sum(v is None for v in fixed)
+    user_shapes = [node.meta["val"].shape for node, v in zip(placeholders, fixed)
+                   if v is None and isinstance(node.meta.get("val"), torch.Tensor)]
     accs: dict[str, _Accumulator] = {}
 
     class _Probe(torch.fx.Interpreter):
@@ -184,13 +186,35 @@ def linear_input_stats(ep, calibration_batches, want=("absmax", "mean_abs"), *, 
                 raise QccError(f"calibration sample {i} has {len(batch)} inputs, the model takes {n_user}")
             it = iter(batch)
             args = [next(it) if v is None else v for v in fixed]
-            interp.run(*args)
+            try:
+                interp.run(*args)
+            except Exception as e:  # the program is shape-specialized: say which sample and why
+                _check_shapes(i, batch, user_shapes, e)
+                raise QccError(f"running the model on calibration sample {i} failed: {_first_line(e)}")
             if bar is not None:
                 bar.update(1)
     if bar is not None:
         bar.close()
     rng = np.random.default_rng(seed)
     return {name: acc.finish(sample_rows, rng) for name, acc in sorted(accs.items())}
+
+
+def _first_line(e) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:300]
+
+
+def _check_shapes(i, batch, shapes, error) -> None:
+    """After sample i failed in the program: a clear error if its tensors' static dims differ
+    from the export's (the program is shape-specialized; a model without shape-dependent code
+    runs other batch sizes, so the shapes are not checked up front)."""
+    for j, (x, shape) in enumerate(zip(batch, shapes)):
+        got = list(getattr(x, "shape", ()))
+        if len(got) != len(shape) or any(isinstance(d, int) and d != g for d, g in zip(shape, got)):
+            want = [d if isinstance(d, int) else str(d) for d in shape]
+            raise QccError(f"calibration sample {i}, input {j} has shape {got}; the model was exported for {want} "
+                           f"({_first_line(error)})", hint="give the calibration samples the example inputs' "
+                           "shapes, or compile with dynamic_shapes naming the dims that vary")
 
 
 @dataclasses.dataclass

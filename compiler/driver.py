@@ -145,7 +145,7 @@ def compile(model, example_inputs=None, *, target: str = "cpu", quant: str | Non
     ep = _to_exported_program(model, example_inputs, allow_pickle, dynamic_shapes, early_remarks)
     ctx = make_context()
     prog.stage("import")
-    imported = import_program(ep, ctx)
+    imported = import_program(ep, ctx, target)
     session = Session(imported.params, {"recipe": recipe.name, "exported_program": ep,
                                         "qcc.calibration.decomposed": imported.program,
                                         "conv_weights": imported.convs,

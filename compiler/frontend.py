@@ -72,6 +72,7 @@ def load_program(path: str, allow_pickle: bool = False, example_inputs=None):
             raise QccError("file is a pickled torch.save() checkpoint; unpickling runs arbitrary code", where=path,
                            hint="pass --allow-pickle if you trust it, or export with torch.export.save")
         return _load_pickled_module(path, example_inputs)
+    missing = _register_custom_ops(path)
     # torch.export.load logs a traceback before trying its legacy format; our
     # error below says what matters
     logger = logging.getLogger("torch.export")
@@ -80,11 +81,37 @@ def load_program(path: str, allow_pickle: bool = False, example_inputs=None):
     try:
         return torch.export.load(path)
     except Exception as e:  # the archive is malformed in one of many ways
+        if missing:
+            raise QccError(f"the program calls custom ops of {', '.join(sorted(missing))}, which no loaded package "
+                           "registers", where=path, hint="load it from Python after importing the package that "
+                           "defines them (qcc.compile(torch.export.load(path), ...)), or export without them")
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise QccError(f"malformed .pt2 archive: {first[:200]}", where=path,
                        hint="re-create it with torch.export.save")
     finally:
         logger.setLevel(level)
+
+
+# custom-op namespaces a .pt2 may call, and the module whose import registers them
+_OP_PROVIDERS = {"transformers": "transformers.integrations.moe"}  # MoE experts' grouped_mm_fallback
+_BUILTIN_NAMESPACES = {"aten", "prims", "higher_order", "_c10d_functional", "c10d_functional", "_ops"}
+
+
+def _register_custom_ops(path) -> set:
+    """Imports the providers of the custom ops the archive's graphs call (torch.export.load needs
+    them registered); returns the namespaces no known provider registers."""
+    import importlib
+
+    with zipfile.ZipFile(path) as z:
+        text = " ".join(z.read(n).decode(errors="ignore") for n in z.namelist()
+                        if n.endswith(".json") and "/models/" in n)
+    missing = set()
+    for ns in set(re.findall(r"torch\.ops\.([A-Za-z_]\w*)\.", text)) - _BUILTIN_NAMESPACES:
+        try:
+            importlib.import_module(_OP_PROVIDERS[ns])
+        except (KeyError, ImportError):
+            missing.add(ns)
+    return missing
 
 
 def _load_pickled_module(path, example_inputs):
@@ -455,6 +482,98 @@ def _histc_by_compare(x, bins: int = 100, lo=0, hi=0):
     return hits.sum(0).to(x.dtype)
 
 
+def _cumsum_by_doubling(x, dim, dtype=None):
+    """cumsum as log2(n) shifted adds (Hillis-Steele): elementwise work any target lowers
+    (CUDA has no lowering of TMTensor's scan, and every Hugging Face causal LM takes one: its
+    mask code looks for packed sequences with a cumsum over the positions).  Exact for
+    integers; floats add in another order than a sequential scan (within rounding).  A
+    run-time length takes as many steps as its upper bound needs."""
+    if dtype is not None:
+        x = x.to(dtype)
+    elif not x.is_floating_point() and x.dtype != torch.int64:
+        x = x.to(torch.int64)  # torch.cumsum's promotion of integer and bool inputs
+    d = dim % max(x.dim(), 1)
+    if x.dim() == 0:
+        return x.clone()
+    n = x.shape[d]
+    bound = n if isinstance(n, int) else _upper_bound(n)
+    y, shift = x, 1
+    while shift < bound:
+        # y shifted by `shift` along d, zeros in front: all zeros once shift >= n at run time
+        y = y + torch.nn.functional.pad(y, [0, 0] * (x.dim() - 1 - d) + [shift, 0]).narrow(d, 0, n)
+        shift *= 2
+    return y
+
+
+def _topk_by_selection(x, k, dim=-1, largest=True, sorted=True):
+    """topk as k rounds of "the first remaining extreme" (compare, max, argmax): CUDA has no
+    lowering of TMTensor's sort, which the routers of mixtures of experts take their top-k
+    experts with.  Ties go to the lowest index and NaN counts as the largest, as torch's topk
+    does; the result comes sorted (a valid order for sorted=False too).  Large k stays
+    torch-mlir's (work k x n a row)."""
+    if not isinstance(k, int) or k > 64 or x.dim() == 0:
+        return NotImplemented
+    xs = x.movedim(dim, -1)
+    n = xs.shape[-1]
+    positions = torch.arange(n, device=x.device)
+    floating = xs.is_floating_point()
+    worst = (float("-inf") if largest else float("inf")) if floating else \
+        (torch.iinfo(xs.dtype).min if largest else torch.iinfo(xs.dtype).max)
+    taken = torch.zeros(xs.shape, dtype=torch.bool, device=x.device)
+    values, indices = [], []
+    nan = torch.isnan(xs) if floating else torch.zeros(xs.shape, dtype=torch.bool, device=x.device)
+    for _ in range(k):
+        rest = torch.where(taken, worst, xs)
+        if largest:  # a NaN is the largest value (amax returns it when one is left)
+            best = rest.amax(-1, keepdim=True)
+            hit = torch.where(torch.isnan(best), nan, rest == best) if floating else rest == best
+        else:  # ... so the smallest only once nothing else is left
+            best = torch.where(nan, worst, rest).amin(-1, keepdim=True)
+            hit = (rest == best) & ~nan & ~taken
+            hit = torch.where(hit.any(-1, keepdim=True), hit, nan)
+        first = (hit & ~taken).to(torch.int32).argmax(-1, keepdim=True)
+        values.append(xs.gather(-1, first))
+        indices.append(first)
+        taken = taken | (positions == first)
+    return torch.cat(values, -1).movedim(-1, dim), torch.cat(indices, -1).movedim(-1, dim)
+
+
+def _sort_by_rank(x, dim=-1, descending=False, stable=None):
+    """sort for the CUDA target (no lowering of TMTensor's sort there; grouped_mm experts sort
+    their rows by expert): each element's rank is how many elements go before it (smaller,
+    or equal at a lower index: a stable sort; NaN last ascending, first descending, as torch
+    sorts), the permutation is the element of each rank.  Work n x n a row, so rows up to 4096
+    long (a prefill of 512 tokens with 8 experts each)."""
+    xs = x.movedim(dim, -1)
+    n = xs.shape[-1]
+    if (n if isinstance(n, int) else _upper_bound(n)) > 4096:
+        raise QccError(f"sort of rows of {n} elements for the CUDA target (at most 4096)",
+                       hint="compile for the CPU, or give the sorted dim a smaller bound")
+    a, b = xs.unsqueeze(-1), xs.unsqueeze(-2)  # element i (rows) against element j (columns)
+    if xs.is_floating_point():
+        nan_a, nan_b = torch.isnan(a), torch.isnan(b)
+        first = (b > a) | (nan_b & ~nan_a) if descending else (b < a) | (nan_a & ~nan_b)
+        same = (b == a) | (nan_a & nan_b)
+    else:
+        first, same = (b > a) if descending else (b < a), b == a
+    index = torch.arange(n, device=x.device)
+    earlier = index.unsqueeze(0) < index.unsqueeze(1)  # [i, j]: j < i
+    rank = (first | (same & earlier)).sum(-1)  # [..., n]
+    order = (rank.unsqueeze(-2) == index.unsqueeze(-1)).to(torch.int32).argmax(-1)
+    return xs.gather(-1, order).movedim(-1, dim), order.movedim(-1, dim)
+
+
+def _upper_bound(n) -> int:
+    """The largest value run-time size `n` (a SymInt) may take, from export's ranges."""
+    from torch.utils._sympy.numbers import int_oo
+
+    upper = n.node.shape_env.bound_sympy(n.node.expr).upper
+    if upper is int_oo or upper > 1 << 20:
+        raise QccError(f"cumsum over a run-time length {n} without an upper bound",
+                       hint="give the dim a max in dynamic_shapes (torch.export.Dim(..., max=N))")
+    return int(upper)
+
+
 def _grouped_mm_as_gathers(x, w, offs=None, bias=None, out_dtype=None):
     """A grouped product (`torch._grouped_mm`, transformers' grouped_mm experts and their
     `grouped_mm_fallback`) as a gather of each row's group weight and a batched product:
@@ -505,6 +624,18 @@ def _fold_inverse_permutes(graph) -> None:
     graph.eliminate_dead_code()
 
 
+def _index_put_as_where(x, indices, values, accumulate=False):
+    """`x[idx] = values` (one 1-D index along dim 0: transformers' inverse permutation of the
+    grouped_mm rows) as `_scatter_as_where` along dim 0, for the CUDA target (no lowering of
+    TMTensor's scatter there)."""
+    if len(indices) != 1 or indices[0] is None or indices[0].dim() != 1 or x.dim() == 0:
+        return NotImplemented
+    idx = indices[0]
+    shape = (idx.shape[0], *x.shape[1:])
+    index = idx.reshape(-1, *([1] * (x.dim() - 1))).expand(shape)
+    return _scatter_as_where(x, 0, index, values.expand(shape), add=accumulate)
+
+
 def _sorted_topk(graph) -> None:
     """topk(sorted=False) as topk(sorted=True): torch-mlir lowers only the sorted form, and a
     sorted result is one of the orders an unsorted topk may return (GLM-4 MoE's router)."""
@@ -517,7 +648,7 @@ def _sorted_topk(graph) -> None:
                 node.args, node.kwargs = tuple(args[:4]) + (True,), {}
 
 
-def _decompositions() -> dict:
+def _decompositions(target: str = "cpu") -> dict:
     from torch_mlir.extras.fx_decomp_util import get_decomposition_table
 
     aten = torch.ops.aten
@@ -527,6 +658,13 @@ def _decompositions() -> dict:
         x, dim, index, torch.full(index.shape, value, dtype=x.dtype, device=x.device))
     table[aten.scatter_add.default] = lambda x, dim, index, src: _scatter_as_where(x, dim, index, src, add=True)
     table[aten.histc.default] = _histc_by_compare
+    table[aten.cumsum.default] = _cumsum_by_doubling
+    table[aten.topk.default] = _topk_by_selection
+    if target == "cuda":  # the CPU lowers TMTensor's sort (a loop nest), CUDA does not
+        table[aten.sort.default] = _sort_by_rank
+        table[aten.sort.stable] = lambda x, *, stable=None, dim=-1, descending=False: _sort_by_rank(
+            x, dim, descending)
+        table[aten.index_put.default] = _index_put_as_where
     table[aten._grouped_mm.default] = _grouped_mm_as_gathers
     fallback = getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None)
     if fallback is not None:  # registered when transformers' MoE integration is imported
@@ -704,12 +842,12 @@ def _refuse_complex(graph) -> None:
                                 "rotary embedding does")
 
 
-def canonical_program(ep):
+def canonical_program(ep, target: str = "cpu"):
     """(`ep` as qcc imports it, the state names stored transposed): torch-mlir's decompositions
     (and qcc's of scatter), expands simplified, batched products with a broadcast weight as mm, every linear's weight
     in nn.Linear's [N, K] layout.  Calibration runs this same program, so its linear layers
     and parameter values are the IR's."""
-    ep = ep.run_decompositions(_decompositions())
+    ep = ep.run_decompositions(_decompositions(target))
     _complex_as_pairs(ep.graph)
     _refuse_complex(ep.graph)
     _fold_inverse_permutes(ep.graph)
@@ -723,11 +861,11 @@ def canonical_program(ep):
     return ep, _linear_weights_as_nk(ep) | experts, convs
 
 
-def import_program(ep, ctx) -> ImportedProgram:
+def import_program(ep, ctx, target: str = "cpu") -> ImportedProgram:
     from torch_mlir import ir
     from torch_mlir.extras.fx_importer import FxImporter
 
-    ep, transposed, convs = canonical_program(ep)
+    ep, transposed, convs = canonical_program(ep, target)
     sig = ep.graph_signature
     if getattr(sig, "user_inputs_to_mutate", None):
         raise QccError("the model writes into its inputs in forward()",

@@ -86,6 +86,19 @@ def test_session_cache_view_and_errors(block):
         calibration.session_stats(Session(params=None, options={"exported_program": ep}))
 
 
+def test_calibration_shapes_must_match_the_program(block):
+    """A sample of another shape than the program was exported for is a clear error (it was a
+    traceback from inside the model's view); a dim exported as dynamic may vary."""
+    model, ep, batches = block
+    other = model.example_inputs(batch=2, seq=6, seed=9)
+    with pytest.raises(QccError, match=r"calibration sample 1, input 0 has shape \[2, 6, 64\]; the model was "
+                                       r"exported for \[2, 8, 64\]"):
+        calibration.linear_input_stats(ep, [batches[0], other], want=("absmax",))
+    seq = torch.export.Dim("seq", min=2, max=15)
+    dynamic = torch.export.export(model, batches[0], dynamic_shapes=({1: seq},))
+    assert calibration.linear_input_stats(dynamic, [batches[0], other], want=("absmax",))
+
+
 def test_stats_file_roundtrip(block, tmp_path):
     model, ep, batches = block
     stats = calibration.linear_input_stats(ep, batches, want=("absmax", "hessian"))

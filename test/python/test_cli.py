@@ -169,3 +169,35 @@ def test_compile_prints_remarks(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "wrote" in proc.stdout and "4 quantized layer(s)" in proc.stdout
     assert "qcc: remark: fuse-rotation: no residual stream with an RMSNorm found; nothing rotated" in proc.stderr
+
+
+def test_pt2_with_custom_ops(tmp_path):
+    """A .pt2 calling custom ops: transformers' MoE `grouped_mm_fallback` is registered by
+    importing its module, so `qcc compile` takes a Hugging Face MoE export as it is; ops of
+    a namespace no known package provides are a clear error naming it."""
+    pytest.importorskip("transformers", reason="transformers comes with the dev extra")
+    script = f"""
+import torch, transformers as T
+cfg = T.MixtralConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+torch.manual_seed(0)
+lm = T.AutoModelForCausalLM.from_config(cfg).eval()
+class Logits(torch.nn.Module):
+    def __init__(self): super().__init__(); self.lm = lm
+    def forward(self, ids): return self.lm(input_ids=ids, use_cache=False).logits
+torch.export.save(torch.export.export(Logits().eval(), (torch.randint(0, 64, (1, 8)),)), r"{tmp_path / 'moe.pt2'}")
+@torch.library.custom_op("qcctest::twice", mutates_args=())
+def twice(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+@twice.register_fake
+def _(x): return torch.empty_like(x)
+class Custom(torch.nn.Module):
+    def forward(self, x): return torch.ops.qcctest.twice(x) + 1
+torch.export.save(torch.export.export(Custom(), (torch.randn(3),)), r"{tmp_path / 'custom.pt2'}")
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, env=ENV, capture_output=True)
+    proc = qcc_cli("compile", tmp_path / "moe.pt2", "--target=cpu", "--quant=w8a16", "-o", tmp_path / "moe.qcc",
+                   "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert_user_error(qcc_cli("compile", tmp_path / "custom.pt2", "--target=cpu", "-o", tmp_path / "c.qcc"),
+                      "custom.pt2: error: the program calls custom ops of qcctest")

@@ -151,6 +151,35 @@ def weight_batches():
     return _WeightBatches().eval(), (torch.randn(3, 4, 128, generator=torch.Generator().manual_seed(15)),)
 
 
+class HFCausalLM(torch.nn.Module):
+    """A transformers causal LM's logits.  Its float64 copy runs grouped_mm experts as
+    batched_mm (transformers' grouped_mm takes no float64 on the CPU)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids):
+        return self.lm(input_ids=ids, use_cache=False).logits
+
+    def double(self):
+        if getattr(self.lm.config, "_experts_implementation", None) == "grouped_mm":
+            self.lm.set_experts_implementation("batched_mm")
+        return super().double()
+
+
+def hf_causal_lm(arch):
+    import transformers as T
+
+    common = dict(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = T.LlamaConfig(**common) if arch == "llama" else T.MixtralConfig(
+        num_local_experts=4, num_experts_per_tok=2, **common)
+    torch.manual_seed(0)
+    model = HFCausalLM(T.AutoModelForCausalLM.from_config(config).eval()).eval()
+    return model, (torch.randint(0, 320, (1, 10), generator=torch.Generator().manual_seed(6)),)
+
+
 def small_cnn():
     m = models.SmallCNN(seed=1).eval()
     return m, m.example_inputs(batch=1, size=8)
@@ -186,7 +215,10 @@ CASES = {
     "experts-w4a16-g128": (experts, "w4a16-g128"),  # a mixture of experts' weights gathered per token
     "cnn-w8a16": (small_cnn, "w8a16"),
     "rope-complex-float": (complex_rope, "float"),  # complex tensors as (re, im) pairs
-    "weight-batches-w4a16-g128": (weight_batches, "w4a16-g128"),  # Llama 4's experts: every token, every expert  # convolution weights decoded (qcc.dequantize) for float convolutions
+    "weight-batches-w4a16-g128": (weight_batches, "w4a16-g128"),  # Llama 4's experts: every token, every expert
+    # transformers' models: the mask's cumsum, a router's topk, grouped_mm's sort and inverse permutation
+    "hf-llama-w4a16-g128": (lambda: hf_causal_lm("llama"), "w4a16-g128"),
+    "hf-mixtral-w4a16-g128": (lambda: hf_causal_lm("mixtral"), "w4a16-g128"),  # convolution weights decoded (qcc.dequantize) for float convolutions
 }
 _COMPILED = {}
 
@@ -336,6 +368,38 @@ def test_f16_activations():
         qcc.compile(model, inputs, target="cuda", quant="w4a16-g128", gpu_activations="bf16")
     with pytest.raises(qcc.QccError, match="target='cuda' only"):
         qcc.compile(model, inputs, target="cpu", quant="w4a16-g128", gpu_activations="f16")
+
+
+class _Routing(torch.nn.Module):
+    """A router's ops that reach CUDA as decompositions: top-k experts, the rows sorted by
+    expert (with NaN and ties), the inverse permutation by index_put, cumsum of counts."""
+
+    def forward(self, logits, keys):
+        weights, ids = torch.topk(logits.softmax(-1), 2, dim=-1)
+        flat, perm = torch.sort(ids.reshape(-1))
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.shape[0])
+        counts = (flat.unsqueeze(-1) == torch.arange(logits.shape[-1])).sum(0).cumsum(0)
+        down, down_order = torch.sort(keys, dim=-1, descending=True)
+        return weights, ids, flat, perm, inverse, counts, down, down_order
+
+
+def test_router_ops_on_cuda():
+    g = torch.Generator().manual_seed(17)
+    logits, keys = torch.randn(7, 6, generator=g), torch.randn(3, 10, generator=g)
+    keys[0, 3], keys[1, 2] = float("nan"), keys[1, 7]
+    model = _Routing().eval()
+    got = [torch.from_numpy(a) for a in emulate.run_compiled(qcc.compile(model, (logits, keys), target="cuda"),
+                                                             logits, keys)]
+    weights, ids, flat, perm, inverse, counts, down, down_order = got
+    want = model(logits, keys)
+    np.testing.assert_allclose(weights.numpy(), want[0].numpy(), rtol=1e-6)
+    np.testing.assert_array_equal(flat.numpy(), want[2].numpy())
+    np.testing.assert_array_equal(ids.reshape(-1)[perm].numpy(), flat.numpy())  # a permutation sorting them
+    np.testing.assert_array_equal(inverse[perm].numpy(), np.arange(14))
+    np.testing.assert_array_equal(counts.numpy(), want[5].numpy())
+    np.testing.assert_array_equal(down.numpy(), want[6].numpy())  # NaN first, as torch sorts descending
+    np.testing.assert_array_equal(keys.gather(-1, down_order).numpy(), down.numpy())
 
 
 def test_buffers_updated_in_forward_are_a_clear_error():
@@ -805,12 +869,12 @@ def test_runtime_rejects_a_broken_plan(fake_driver):
 
 
 def test_unsupported_host_op_is_named():
-    class Sort(torch.nn.Module):
+    class TopK(torch.nn.Module):  # k > 64: torch-mlir's topk (a TMTensor sort), not decomposed
         def forward(self, x):
-            return torch.sort(x, dim=-1).values * 2
+            return torch.topk(x, 70, dim=-1).values * 2
 
     with pytest.raises(qcc.QccError, match="does not handle 'tm_tensor.sort'"):
-        qcc.compile(Sort(), (torch.randn(4, 8),), target="cuda")
+        qcc.compile(TopK(), (torch.randn(4, 100),), target="cuda")
 
 
 def test_cli_gpu_arch(tmp_path):

@@ -772,6 +772,51 @@ def test_weight_batches_quantized_as_gathered_experts():
         assert rel_err(compiled(xt).numpy(), want) <= 1e-5, t
 
 
+class _Scans(torch.nn.Module):
+    """cumsum as transformers' masks take it (bool -> int64 over positions) and as samplers do
+    (float probabilities), along the last dim and dim 0; topk both ways."""
+
+    def forward(self, mask, p):
+        top = torch.topk(p, 3, dim=-1)
+        low = torch.topk(p, 2, dim=0, largest=False)
+        return (mask.cumsum(-1), p.cumsum(0), torch.cumsum(p, -1, dtype=torch.float64), top.values, top.indices,
+                low.values, low.indices)
+
+
+def test_cumsum_and_topk_decompositions():
+    """cumsum by log-step shifted adds, topk by rounds of selection (every target lowers
+    them): torch's results; among ties any distinct indices (torch leaves their order open),
+    NaN and -inf as torch ranks them."""
+    g = torch.Generator().manual_seed(16)
+    mask = torch.rand(3, 13, generator=g) > 0.4
+    p = torch.rand(5, 9, generator=g)
+    p[1, 2] = p[1, 5] = p[1, 7] = 0.99  # ties
+    p[2, :] = float("-inf")
+    p[3, 4] = float("nan")
+    model = _Scans().eval()
+    compiled = qcc.compile(model, (mask, p), target="cpu")
+    got, want = compiled(mask, p), model(mask, p)
+    for i in (0, 1, 2, 3, 5):  # the scans and the top-k values
+        assert got[i].dtype == want[i].dtype
+        np.testing.assert_allclose(got[i].numpy(), want[i].numpy(), rtol=1e-6)
+    for values, indices, dim in ((got[3], got[4], -1), (got[5], got[6], 0)):
+        np.testing.assert_array_equal(p.gather(dim, indices).numpy(), values.numpy())
+        assert all(len(set(row.tolist())) == len(row) for row in indices.movedim(dim, -1))
+
+
+def test_cumsum_over_a_run_time_length():
+    class Positions(torch.nn.Module):
+        def forward(self, mask):
+            return mask.cumsum(-1) - 1
+
+    seq = torch.export.Dim("seq", min=2, max=40)
+    program = torch.export.export(Positions(), (torch.ones(1, 8, dtype=torch.long),), dynamic_shapes=({1: seq},))
+    compiled = qcc.compile(program, target="cpu")
+    for n in (3, 33):
+        mask = (torch.rand(1, n, generator=torch.Generator().manual_seed(n)) > 0.3).long()
+        np.testing.assert_array_equal(compiled(mask).numpy(), Positions()(mask).numpy())
+
+
 class _ResBlock(torch.nn.Module):
     """A ResNet-style block: a strided 3x3, a dilated 3x3, BatchNorm, a strided 1x1 shortcut,
     then a depthwise 3x3 (groups = channels: left a convolution, its weight decoded)."""

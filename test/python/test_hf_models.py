@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from oracles import rel_err
+from oracles import float64_out, rel_err
 import qcc
 from qcc.reference import dequantized_weights
 
@@ -269,3 +269,29 @@ def test_hf_complex_rope_models(arch):
     assert experts and all(kernels[w]["variant"] == "gathered gemv" for w in experts)
     assert compiled.remarks == []
     assert rel_err(compiled(ids).numpy(), logits_on_decoded_weights(model, compiled, ids)) <= 1e-4
+
+
+@pytest.mark.parametrize("arch,passes,remark", [
+    # the embedding times a 0-d scale, norms scaling by (1 + w), a tied head
+    ("gemma", "fuse-rotation{online=writers}", "fuse-rotation: rotated a 128-channel residual stream"),
+    ("gemma", "reorder-channels", "reorder-channels: permuted a 128-channel residual stream"),
+    # per-head q / k norms are not residual streams (no remark about them)
+    ("qwen3", "fuse-rotation{online=writers}", "fuse-rotation: rotated a 128-channel residual stream"),
+    # LayerNorm: left unrotated, said so; smoothing unties the tied head read through the logit scale
+    ("cohere", "fuse-rotation", "fuse-rotation: residual stream left unrotated: the residual stream's mean"),
+    ("cohere", "smooth-channels", "smooth-channels: left 2 linear layer(s) unsmoothed"),
+])
+def test_hf_transforms_keep_the_float_function(arch, passes, remark):
+    """The issue's transforms on other architectures, before quantization: the float function
+    unchanged, and each remark says what was done or why not."""
+    configs = {"gemma": CONFIGS["gemma"],
+               "qwen3": lambda: T.Qwen3Config(num_key_value_heads=2, head_dim=32, **COMMON),
+               "cohere": lambda: T.CohereConfig(num_key_value_heads=2, **COMMON)}
+    torch.manual_seed(0)
+    model = Logits(T.AutoModelForCausalLM.from_config(configs[arch]()).eval()).eval()
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(5))
+    calibration = [(torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(s)),) for s in (6, 7)]
+    compiled = qcc.compile(model, (ids,), target="cpu", quant={"passes": [passes]}, calibration=calibration)
+    assert [r for r in compiled.remarks if r.startswith(passes.split("{")[0])][0].startswith(remark)
+    assert rel_err(compiled(ids).numpy(), float64_out(model, (ids,))) <= 1e-4
+
