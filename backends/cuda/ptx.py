@@ -90,6 +90,7 @@ def lower_to_llvm_ir(module_text: str, index_bitwidth: int = 64) -> str:
             m = ir.Module.parse(module_text)
         except Exception as e:  # MLIRError carries the diagnostics
             raise PtxError(f"kernel IR does not parse/verify: {e}") from e
+        _expand_integer_abs(m)
         pipeline = lowering_pipeline(index_bitwidth)
         pm = passmanager.PassManager.parse(pipeline)
         try:
@@ -125,6 +126,25 @@ def _extern_dynamic_smem(text: str) -> str:
     llvmlite's NVPTX emits as a 1-byte static .shared variable; as an external one it becomes
     PTX's ``.extern .shared .b8 name[]``, the block's dynamic shared memory."""
     return _DYN_SMEM.sub(r"\1external \2", text)
+
+
+def _expand_integer_abs(module) -> None:
+    """math.absi -> arith.maxsi(x, 0 - x): convert-gpu-to-nvvm lowers float math (libdevice)
+    but not integer abs (T5's relative position buckets take one)."""
+    from torch_mlir import ir
+
+    for op in [o for o in _walk_ops(module.operation) if o.name == "math.absi"]:
+        x = op.operands[0]
+        with ir.InsertionPoint(op), op.location:
+            if isinstance(x.type, ir.IntegerType):
+                value = ir.IntegerAttr.get(x.type, 0)
+            else:  # a vector of integers
+                value = ir.DenseElementsAttr.get_splat(x.type, ir.IntegerAttr.get(ir.VectorType(x.type).element_type, 0))
+            zero = ir.Operation.create("arith.constant", results=[x.type], attributes={"value": value}).result
+            neg = ir.Operation.create("arith.subi", results=[x.type], operands=[zero, x]).result
+            absolute = ir.Operation.create("arith.maxsi", results=[x.type], operands=[x, neg]).result
+        op.result.replace_all_uses_with(absolute)
+        op.erase()
 
 
 def _walk_ops(op):

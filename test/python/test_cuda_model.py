@@ -180,6 +180,21 @@ def hf_causal_lm(arch):
     return model, (torch.randint(0, 320, (1, 10), generator=torch.Generator().manual_seed(6)),)
 
 
+class RelativeBias(torch.nn.Module):
+    """T5's relative position bias: |i - j| of integer positions (math.absi in the kernels)
+    indexes a learned table."""
+
+    def __init__(self, n=12, buckets=16):
+        super().__init__()
+        self.n = n
+        self.table = torch.nn.Parameter(torch.randn(buckets, generator=torch.Generator().manual_seed(18)))
+
+    def forward(self, scores):
+        pos = torch.arange(self.n)
+        distance = (pos[:, None] - pos[None, :]).abs().clamp(max=self.table.shape[0] - 1)
+        return scores + self.table[distance]
+
+
 def small_cnn():
     m = models.SmallCNN(seed=1).eval()
     return m, m.example_inputs(batch=1, size=8)
@@ -215,6 +230,7 @@ CASES = {
     "experts-w4a16-g128": (experts, "w4a16-g128"),  # a mixture of experts' weights gathered per token
     "cnn-w8a16": (small_cnn, "w8a16"),
     "rope-complex-float": (complex_rope, "float"),  # complex tensors as (re, im) pairs
+    "relative-bias-float": (lambda: (RelativeBias().eval(), (torch.randn(2, 12, 12),)), "float"),  # integer abs
     "weight-batches-w4a16-g128": (weight_batches, "w4a16-g128"),  # Llama 4's experts: every token, every expert
     # transformers' models: the mask's cumsum, a router's topk, grouped_mm's sort and inverse permutation
     "hf-llama-w4a16-g128": (lambda: hf_causal_lm("llama"), "w4a16-g128"),
