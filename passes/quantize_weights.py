@@ -214,7 +214,10 @@ def rewrite_linears(pass_, module, fmt, exclude, solve) -> None:
             try:
                 solved[w_name] = solve(mm, w_name, w)
             except formats.FormatError as e:
-                raise PassError(mm, f"cannot quantize '{w_name}' [{w.shape[0]}x{w.shape[1]}] as {fmt.key()}: {e}")
+                raise PassError(mm, f"cannot quantize '{w_name}' [{w.shape[0]}x{w.shape[1]}] as {fmt.key()}: {e}; "
+                                    f"or give that layer its own format in a recipe file (\"overrides\": [{{\"pattern\": "
+                                    f"\"{re.escape(w_name.rsplit('.', 1)[0].rsplit('.', 1)[-1])}\", \"weight_format\": "
+                                    f"\"int8_sym_channel\"}}])")
         emit_qlinear(pass_.session, irutil.Signature(func), mm, w_name, solved[w_name])
     if untiled:
         pass_.session.remarks.append(

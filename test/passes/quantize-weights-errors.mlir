@@ -5,6 +5,7 @@
 // K = 96 is not a multiple of the group size: a clear error at the layer.
 // CHECK: quantize-weights: cannot quantize 'fc.weight' [8x96] as int4_asym_g128
 // CHECK-SAME: K=96 is not divisible by group size G=128
+// CHECK-SAME: a recipe file ("overrides": [{"pattern": "fc", "weight_format": "int8_sym_channel"}])
 // BADFMT: quantize-weights: unknown weight format 'int3_sym_channel': expected int{4,8}_{sym,asym}_{tensor,channel,g<G>}
 // BADOPT: unknown option 'bits=4' for pass quantize-weights (options: format, exclude, clip-search)
 func.func @linear(%w: !torch.vtensor<[8,96],f32> {qcc.param = "fc.weight"}, %x: !torch.vtensor<[2,96],f32>) -> !torch.vtensor<[2,8],f32> {
