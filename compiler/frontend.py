@@ -229,6 +229,27 @@ def _linear_weights_as_nk(ep) -> frozenset:
     return frozenset(names)
 
 
+def _placeholder_specs(ep) -> dict:
+    """{placeholder name: its input spec}."""
+    return {n.name: s for n, s in zip((n for n in ep.graph.nodes if n.op == "placeholder"),
+                                      ep.graph_signature.input_specs)}
+
+
+def _weights_3d(ep, specs):
+    """weight(node): `node` if it is a 3-D state tensor forward() does not update (a
+    mixture of experts' weights), else None."""
+    updated = set(ep.graph_signature.buffers_to_mutate.values())
+
+    def weight(node):
+        spec = specs.get(node.name) if getattr(node, "op", None) == "placeholder" else None
+        val = node.meta.get("val") if spec is not None else None
+        ok = spec is not None and spec.kind.name in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR") \
+            and spec.target not in updated and isinstance(val, torch.Tensor) and val.dim() == 3
+        return node if ok else None
+
+    return weight
+
+
 def _experts_as_nk(ep) -> frozenset:
     """Store a mixture of experts' 3-D weight kept as [E, K, N] (transformers' `is_transposed`
     experts, gpt-oss's) as [E, N, K], so that its products take the one form qcc quantizes
@@ -240,17 +261,8 @@ def _experts_as_nk(ep) -> frozenset:
     from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
     aten = torch.ops.aten
-    specs = {n.name: s for n, s in zip((n for n in ep.graph.nodes if n.op == "placeholder"),
-                                       ep.graph_signature.input_specs)}
-    updated = set(ep.graph_signature.buffers_to_mutate.values())
-
-    def weight(node):
-        """The 3-D state placeholder `node` is, or None."""
-        spec = specs.get(node.name) if getattr(node, "op", None) == "placeholder" else None
-        val = node.meta.get("val") if spec is not None else None
-        ok = spec is not None and spec.kind.name in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR") \
-            and spec.target not in updated and isinstance(val, torch.Tensor) and val.dim() == 3
-        return node if ok else None
+    specs = _placeholder_specs(ep)
+    weight = _weights_3d(ep, specs)
 
     def gathered(node):
         """(W's node, ids) when `node` is W[ids] along dim 0 with 1-D ids."""
@@ -710,15 +722,7 @@ def _weight_batches_as_gathers(ep) -> None:
     the `W'[ids] @ x` form.  Either way it is quantized along K and runs on the gathered
     kernels instead of staying a float batched product."""
     aten = torch.ops.aten
-    specs = {n.name: s for n, s in zip((n for n in ep.graph.nodes if n.op == "placeholder"),
-                                       ep.graph_signature.input_specs)}
-    updated = set(ep.graph_signature.buffers_to_mutate.values())
-
-    def weight(node):
-        spec = specs.get(node.name) if getattr(node, "op", None) == "placeholder" else None
-        return spec is not None and spec.kind.name in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR") \
-            and spec.target not in updated and isinstance(node.meta.get("val"), torch.Tensor) \
-            and node.meta["val"].dim() == 3
+    weight = _weights_3d(ep, _placeholder_specs(ep))
 
     for node in list(ep.graph.nodes):
         if node.op != "call_function" or node.target is not aten.bmm.default:

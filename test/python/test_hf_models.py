@@ -178,6 +178,13 @@ def test_hf_mixture_of_experts():
     assert rel_err(compiled(ids).numpy(), logits_on_decoded_weights(model, compiled, ids)) <= 1e-4
 
 
+def deepseek(config_class):
+    """A small DeepSeek-V2 / V3: a dense first layer, 4 routed experts (top 2), low-rank q and kv."""
+    return config_class(num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=128,
+                        first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=128, kv_lora_rank=128,
+                        qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32, **COMMON)
+
+
 MOE_CONFIGS = {
     "qwen2_moe": lambda: T.Qwen2MoeConfig(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
                                           moe_intermediate_size=128, shared_expert_intermediate_size=128, **COMMON),
@@ -196,10 +203,7 @@ MOE_CONFIGS = {
     "gpt_oss": lambda: T.GptOssConfig(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
                                       head_dim=32, **COMMON),
     # multi-head latent attention (low-rank q and kv projections), sigmoid router with a bias
-    "deepseek_v3": lambda: T.DeepseekV3Config(num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
-                                              moe_intermediate_size=128, first_k_dense_replace=1, n_group=1,
-                                              topk_group=1, q_lora_rank=128, kv_lora_rank=128, qk_rope_head_dim=16,
-                                              qk_nope_head_dim=16, v_head_dim=32, **COMMON),
+    "deepseek_v3": lambda: deepseek(T.DeepseekV3Config),
 }
 
 
@@ -248,10 +252,7 @@ COMPLEX_ROPE = {
     # complex rotary embeddings; experts as one batched product over all tokens ([E, K, N] weights)
     "llama4": lambda: T.Llama4TextConfig(num_key_value_heads=2, num_local_experts=4, **COMMON),
     # complex rotary embeddings, multi-head latent attention, grouped_mm experts
-    "deepseek_v2": lambda: T.DeepseekV2Config(num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
-                                              moe_intermediate_size=128, first_k_dense_replace=1, n_group=1,
-                                              topk_group=1, q_lora_rank=128, kv_lora_rank=128, qk_rope_head_dim=16,
-                                              qk_nope_head_dim=16, v_head_dim=32, **COMMON),
+    "deepseek_v2": lambda: deepseek(T.DeepseekV2Config),
 }
 
 
