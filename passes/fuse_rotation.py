@@ -65,19 +65,39 @@ def is_last_dim_sum(op) -> bool:
     return dims is not None and len(dims) == 1 and dims[0] in (-1, rank - 1)
 
 
+def _channel_reduction(op) -> bool:
+    """op is a sum or mean over the last dim, possibly scaled (a LayerNorm's mean)."""
+    while op is not None and op.name in _SCALE_OPS:
+        op = irutil.defining_op(op.operands[0])
+    return op is not None and is_last_dim_sum(op)
+
+
 def is_square(op) -> bool:
     return op.name == "torch.aten.pow.Tensor_Scalar" and const_number(op.operands[1]) == 2
+
+
+@dataclasses.dataclass(frozen=True)
+class NormScale:
+    """A norm's scale g = parameter + offset: the parameter's use (op, operand index) and the
+    offset (0, or 1 for Gemma's `x * (1 + w)`)."""
+
+    op: object
+    index: int
+    offset: float = 0.0
+
+    def arg(self):
+        return self.op.operands[self.index]
 
 
 @dataclasses.dataclass
 class ResidualStream:
     """One residual stream: its values and the ops that enter, read and leave it.
 
-    readers: mm ops whose input is the stream (normalized or not), with the arg
-    index of the norm scale g absorbed into them (or None); writers: mm ops whose
-    output is added into the stream; vectors: (op, operand) of 1-D parameters
-    added to it (biases); embeddings: aten.embedding ops producing it;
-    norm_scales: aten.mul.Tensor(g, n) ops to erase (n = the normalized operand).
+    readers: mm ops whose input is the stream (normalized or not), with the norm
+    scale absorbed into them (a NormScale, or None); writers: mm ops whose output is
+    added into the stream; vectors: (op, operand) of 1-D parameters added to it
+    (biases); embeddings: aten.embedding ops producing it; norm_scales: {(aten.mul.Tensor
+    (g, n), n's operand index): NormScale} of the multiplications to erase.
     """
 
     hidden: int
@@ -148,6 +168,9 @@ class StreamAnalysis:
             self._fail(user, "the residual stream is a function argument (the rotation cannot be folded "
                              "into a caller)")
         name = op.name
+        if _channel_reduction(op):
+            self._fail(op, "the residual stream's mean over its channels is subtracted (a LayerNorm), which a "
+                           "rotation does not commute with; qcc rotates RMSNorm streams only")
         if name in VIEW_OPS:
             self._mark(value, op)
             self._need(op.operands[0], op)
@@ -157,6 +180,9 @@ class StreamAnalysis:
         elif name in _SCALE_OPS:
             self._mark(value, op)
             self._need(op.operands[0], op)
+        elif name == "torch.aten.mul.Tensor" and any(self._scalar(v) for v in op.operands):
+            self._mark(value, op)  # times a 0-d state tensor (Gemma's embedding scale)
+            self._need(op.operands[1 if self._scalar(op.operands[0]) else 0], op)
         elif name == "torch.aten.mm" and transposed_param(self.func, op.operands[1]) is not None:
             self._mark(value, op)
             self.stream.writers[op] = True
@@ -189,11 +215,12 @@ class StreamAnalysis:
         elif name == "torch.aten.mul.Tensor":
             other = op.operands[1 - index]
             shape = shape_of(other)
-            if shape and shape[-1] == 1 and self._invariant(other):
+            scale = self._norm_scale(op, 1 - index)
+            if self._scalar(other) or (shape and shape[-1] == 1 and self._invariant(other)):
                 self._mark(op.result, op)
-            elif shape == [self.stream.hidden] and self._param(other) is not None:
-                self.stream.norm_scales[(op, index)] = True
-                self._scaled(op.result, self._param(other))
+            elif scale is not None:
+                self.stream.norm_scales[(op, index)] = scale
+                self._scaled(op.result, scale)
             else:
                 self._fail(op, "'aten.mul.Tensor' of the residual stream by a value that is neither a "
                                "per-token scalar nor a norm scale")
@@ -208,13 +235,30 @@ class StreamAnalysis:
         else:
             self._fail(op, f"the residual stream is read by '{name}', which is not rotation invariant")
 
-    def _scaled(self, value, g_index):
+    def _scalar(self, value) -> bool:
+        """A 0-d state tensor (the same factor for every channel: it commutes with Q)."""
+        return self._param(value) is not None and shape_of(value) == []
+
+    def _norm_scale(self, op, index) -> NormScale | None:
+        """op's operand `index` as a norm scale: a [hidden] parameter, or parameter + constant."""
+        value = op.operands[index]
+        if shape_of(value) != [self.stream.hidden]:
+            return None
+        if self._param(value) is not None:
+            return NormScale(op, index)
+        src = irutil.defining_op(value)
+        if src is not None and src.name == "torch.aten.add.Scalar" and self._param(src.operands[0]) is not None \
+                and const_number(src.operands[1]) is not None and const_number(src.operands[2]) == 1:
+            return NormScale(src, 0, float(const_number(src.operands[1])))
+        return None
+
+    def _scaled(self, value, scale):
         """`value` = stream * g: only linear layers may read it (they absorb g)."""
         for op, index in uses(value):
             if op.name in VIEW_OPS and index == 0:
-                self._scaled(op.result, g_index)
+                self._scaled(op.result, scale)
             elif op.name == "torch.aten.mm" and index == 0 and transposed_param(self.func, op.operands[1]) is not None:
-                self.stream.readers[op] = g_index
+                self.stream.readers[op] = scale
             else:
                 self._fail(op, f"a norm output is read by '{op.name}', which cannot absorb the norm scale")
 
@@ -236,6 +280,14 @@ class StreamAnalysis:
         return False
 
 
+def _per_head(value) -> bool:
+    """`value` splits a wider tensor's channels (a view of [..., H d] as [..., H, d]): the input
+    of a per-head norm (Qwen3's and OLMo's q / k norms), not a residual stream."""
+    op = irutil.defining_op(value)
+    src = shape_of(op.operands[0]) if op is not None and op.name in VIEW_OPS else None
+    return bool(src) and src[-1] != shape_of(value)[-1]
+
+
 def find_streams(func, remarks, pass_name, left="unrotated"):
     """Every residual stream of `func` (seeded at RMSNorm patterns) whose invariance is proven;
     for the others a remark '<pass_name>: residual stream left <left>: <why>'."""
@@ -244,7 +296,7 @@ def find_streams(func, remarks, pass_name, left="unrotated"):
         if not is_square(op) or not uses(op.result) or not all(is_last_dim_sum(u) for u, _ in uses(op.result)):
             continue
         seed = op.operands[0]
-        if seed in seen or len(shape_of(seed) or []) < 2:
+        if seed in seen or len(shape_of(seed) or []) < 2 or _per_head(seed):
             continue
         try:
             stream = StreamAnalysis(func).run(seed)
@@ -374,7 +426,8 @@ class WeightEdits:
                     if op.name != "torch.aten.permute" or not all(
                             u.name == "torch.aten.mm" and terminal(u.result) for u, _ in uses(op.result)):
                         raise PassError(op, f"parameter '{name}' would need different values for its uses; "
-                                            f"qcc can untie it only from the model's output layer")
+                                            f"qcc can untie it only from the model's output layer (a linear "
+                                            f"layer whose result no other layer reads)")
             plan.append((name, arg, original, groups, fx))
         calib = {}
         for name, arg, original, groups, fx in plan:
@@ -391,12 +444,17 @@ class WeightEdits:
         return calib
 
 
+_LAYERS = ("torch.aten.mm", "torch.aten.bmm", "torch.aten.matmul", "torch.aten.linear", "torch.aten.convolution")
+
+
 def terminal(value) -> bool:
-    """Does `value` reach only the function's results (through views)?"""
+    """Does `value` reach only the function's results, through no further linear layer (views,
+    Cohere's logit scale, Gemma 2's soft cap)?  Then no calibrated layer reads anything
+    computed from it."""
     for op, _ in uses(value):
-        if op.name in VIEW_OPS and terminal(op.result):
+        if op.name == "func.return":
             continue
-        if op.name != "func.return":
+        if op.name in _LAYERS or not all(terminal(r) for r in op.results):
             return False
     return True
 
@@ -476,13 +534,13 @@ class FuseRotation(QccPass):
             raise PassError(anchor, f"rotation of the {n}-channel residual stream: {e}")
         sig = irutil.Signature(func)
         edits = WeightEdits(func, self.session)
-        for mm, g_index in stream.readers.items():
+        for mm, scale in stream.readers.items():
             op, index = weight_use(mm)
-            if g_index is not None:
-                g_name = sig.param_name(g_index)
+            if scale is not None:
+                g_name = sig.param_name(irutil.block_arg_number(scale.arg()))
                 if g_name not in store:
                     raise PassError(mm, f"no value for parameter '{g_name}' in the parameter store")
-                edits.add(op, index, ("scale_cols", np.asarray(store[g_name], np.float64)))
+                edits.add(op, index, ("scale_cols", np.asarray(store[g_name], np.float64) + scale.offset))
             edits.add(op, index, ("cols", q))
         for mm in stream.writers:
             op, index = weight_use(mm)
@@ -518,9 +576,9 @@ class FuseRotation(QccPass):
         view = calibration.view(self.session)
         for name, value in calib.items():
             view.params[name] = value
-        for mul, index in stream.norm_scales:
-            g = sig.param_name(irutil.block_arg_number(mul.operands[1 - index]))
-            view.params[g] = np.ones(n, np.float32)
+        for (mul, index), scale in stream.norm_scales.items():
+            g = sig.param_name(irutil.block_arg_number(scale.arg()))
+            view.params[g] = np.full(n, 1.0 - scale.offset, np.float32)  # g + offset = 1
             mul.result.replace_all_uses_with(mul.operands[index])
             mul.erase()
         for (mm, k, block), w_name in zip(online, online_names):

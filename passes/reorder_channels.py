@@ -134,8 +134,8 @@ class ReorderChannels(QccPass):
                 edits.add(*use, ("perm_vec", perm))
             for op in stream.embeddings:
                 edits.add(op, 0, ("perm_cols", perm))
-            for op, index in stream.norm_scales:
-                edits.add(op, 1 - index, ("perm_vec", perm))
+            for scale in stream.norm_scales.values():
+                edits.add(scale.op, scale.index, ("perm_vec", perm))
             for mm in readers:
                 plan[mm] = (np.arange(len(perm)), True)
             self.session.remarks.append(
