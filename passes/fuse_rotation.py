@@ -581,6 +581,8 @@ class FuseRotation(QccPass):
             view.params[g] = np.full(n, 1.0 - scale.offset, np.float32)  # g + offset = 1
             mul.result.replace_all_uses_with(mul.operands[index])
             mul.erase()
+            if scale.op is not mul and not list(scale.op.result.uses):  # the `g + 1` read it alone
+                scale.op.erase()
         for (mm, k, block), w_name in zip(online, online_names):
             insert_online_hadamard(module, mm, k, block)
             view.add_input_transform(w_name, lambda x, block=block: hadamard.fast_transform(x, block))

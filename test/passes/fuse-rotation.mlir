@@ -76,6 +76,17 @@ func.func @main(%emb: !torch.vtensor<[32,8],f32> {qcc.param = "emb.weight"}, %g1
 // CHECK: torch.aten.mul.Tensor %{{.*}}, %{{.*}} : !torch.vtensor<[8],f32>, !torch.vtensor<[4,8],f32>
 // CHECK-NOT: call
 
+// Gemma's forms: the embedding times a 0-d scale (it commutes with the rotation and stays),
+// the norm's scale 1 + g (absorbed into the reader like g: the add and the mul go).
+// CHECK-LABEL: func.func @gemma
+// CHECK-NOT: qcc.param = "gemma.norm.weight"
+// CHECK: %[[E:.*]] = torch.aten.embedding
+// CHECK: %[[X:.*]] = torch.aten.mul.Tensor %[[E]], %{{.*}} : !torch.vtensor<[4,8],f32>, !torch.vtensor<[],f32>
+// CHECK: %[[N:.*]] = torch.aten.mul.Tensor %[[X]], %{{.*}} : !torch.vtensor<[4,8],f32>, !torch.vtensor<[4,1],f32>
+// CHECK-NOT: torch.aten.add.Scalar %{{.*}} : !torch.vtensor<[8],f32>
+// CHECK-NOT: torch.aten.mul.Tensor
+// CHECK: torch.aten.mm %[[N]],
+
 // The online transform is an O(n log n) butterfly: a loop of add/sub stages.
 // CHECK-LABEL: func.func private @qcc_hadamard_16(%{{.*}}: tensor<?x16xf32>) -> tensor<?x16xf32>
 // CHECK: scf.for
@@ -104,4 +115,34 @@ func.func @block(%g: !torch.vtensor<[8],f32> {qcc.param = "block.norm.weight"}, 
   %y = torch.aten.mm %n1, %wt : !torch.vtensor<[4,8],f32>, !torch.vtensor<[8,8],f32> -> !torch.vtensor<[4,8],f32>
   %o = torch.aten.add.Tensor %x, %y, %int1 : !torch.vtensor<[4,8],f32>, !torch.vtensor<[4,8],f32>, !torch.int -> !torch.vtensor<[4,8],f32>
   return %o : !torch.vtensor<[4,8],f32>
+}
+
+func.func @gemma(%emb: !torch.vtensor<[32,8],f32> {qcc.param = "gemma.emb.weight"}, %scale: !torch.vtensor<[],f32> {qcc.param = "gemma.embed_scale"},
+                 %g: !torch.vtensor<[8],f32> {qcc.param = "gemma.norm.weight"}, %w: !torch.vtensor<[16,8],f32> {qcc.param = "gemma.fc.weight"},
+                 %ids: !torch.vtensor<[4],si64>) -> !torch.vtensor<[4,16],f32> {
+  %int-1 = torch.constant.int -1
+  %int0 = torch.constant.int 0
+  %int1 = torch.constant.int 1
+  %int2 = torch.constant.int 2
+  %int8 = torch.constant.int 8
+  %eps = torch.constant.float 1.000000e-05
+  %one = torch.constant.float 1.000000e+00
+  %true = torch.constant.bool true
+  %false = torch.constant.bool false
+  %none = torch.constant.none
+  %last = torch.prim.ListConstruct %int-1 : (!torch.int) -> !torch.list<int>
+  %t = torch.prim.ListConstruct %int1, %int0 : (!torch.int, !torch.int) -> !torch.list<int>
+  %e = torch.aten.embedding %emb, %ids, %int-1, %false, %false : !torch.vtensor<[32,8],f32>, !torch.vtensor<[4],si64>, !torch.int, !torch.bool, !torch.bool -> !torch.vtensor<[4,8],f32>
+  %x = torch.aten.mul.Tensor %e, %scale : !torch.vtensor<[4,8],f32>, !torch.vtensor<[],f32> -> !torch.vtensor<[4,8],f32>
+  %sq = torch.aten.pow.Tensor_Scalar %x, %int2 : !torch.vtensor<[4,8],f32>, !torch.int -> !torch.vtensor<[4,8],f32>
+  %ss = torch.aten.sum.dim_IntList %sq, %last, %true, %none : !torch.vtensor<[4,8],f32>, !torch.list<int>, !torch.bool, !torch.none -> !torch.vtensor<[4,1],f32>
+  %ms = torch.aten.div.Scalar %ss, %int8 : !torch.vtensor<[4,1],f32>, !torch.int -> !torch.vtensor<[4,1],f32>
+  %me = torch.aten.add.Scalar %ms, %eps, %int1 : !torch.vtensor<[4,1],f32>, !torch.float, !torch.int -> !torch.vtensor<[4,1],f32>
+  %r = torch.aten.rsqrt %me : !torch.vtensor<[4,1],f32> -> !torch.vtensor<[4,1],f32>
+  %n = torch.aten.mul.Tensor %x, %r : !torch.vtensor<[4,8],f32>, !torch.vtensor<[4,1],f32> -> !torch.vtensor<[4,8],f32>
+  %g1 = torch.aten.add.Scalar %g, %one, %int1 : !torch.vtensor<[8],f32>, !torch.float, !torch.int -> !torch.vtensor<[8],f32>
+  %n1 = torch.aten.mul.Tensor %n, %g1 : !torch.vtensor<[4,8],f32>, !torch.vtensor<[8],f32> -> !torch.vtensor<[4,8],f32>
+  %wt = torch.aten.permute %w, %t : !torch.vtensor<[16,8],f32>, !torch.list<int> -> !torch.vtensor<[8,16],f32>
+  %y = torch.aten.mm %n1, %wt : !torch.vtensor<[4,8],f32>, !torch.vtensor<[8,16],f32> -> !torch.vtensor<[4,16],f32>
+  return %y : !torch.vtensor<[4,16],f32>
 }
