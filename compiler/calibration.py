@@ -123,6 +123,28 @@ def _linear_weight(node, param_of):
     return param_of.get(getattr(src, "name", None))
 
 
+def expert_key(weight: str, expert: int) -> str:
+    """The statistics key of the rows routed to expert `expert` of a mixture of experts' weight."""
+    return f"{weight}#{expert}"
+
+
+def _expert_gather(node, param_of):
+    """(W's name, the ids node) if `node` is bmm(W[ids], x) with W a 3-D parameter and x
+    [S, K, 1]: transformers' gathered experts as the frontend leaves them."""
+    import torch
+
+    if node.op != "call_function" or node.target != torch.ops.aten.bmm.default:
+        return None
+    gather, x = node.args
+    if getattr(gather, "target", None) != torch.ops.aten.index.Tensor or len(gather.args[1]) != 1:
+        return None
+    name = param_of.get(getattr(gather.args[0], "name", None))
+    shape = getattr(x, "meta", {}).get("val")
+    if name is None or shape is None or shape.dim() != 3 or shape.shape[2] != 1:
+        return None
+    return name, gather.args[1][0]
+
+
 def linear_input_stats(ep, calibration_batches, want=("absmax", "mean_abs"), *, params=None,
                        input_transforms=None, sample_rows: int = 256, seed: int = 0,
                        progress: bool = False, already_decomposed: bool = False) -> dict[str, LinearStats]:
@@ -159,7 +181,24 @@ def linear_input_stats(ep, calibration_batches, want=("absmax", "mean_abs"), *, 
     accs: dict[str, _Accumulator] = {}
 
     class _Probe(torch.fx.Interpreter):
+        ids_of = {}  # gather node -> its ids (the interpreter frees them after the gather)
+
         def run_node(self, node):
+            if node in gathers:
+                self.ids_of[node] = self.env[node.args[1][0]].detach().numpy()
+            expert = _expert_gather(node, param_of)
+            if expert is not None:  # each expert's rows, keyed by expert_key
+                result = super().run_node(node)
+                name, _ = expert
+                experts = node.args[0].args[0].meta["val"].shape[0]
+                ids = self.ids_of[node.args[0]] % experts  # negative ids count from the end
+                x = self.env[node.args[1]].detach().double().numpy()[:, :, 0]
+                for e in np.unique(ids):
+                    key = expert_key(name, int(e))
+                    if key not in accs:
+                        accs[key] = _Accumulator(want, x.shape[1])
+                    accs[key].add(x[ids == e])
+                return result
             w_name = _linear_weight(node, param_of)
             if w_name is None:
                 return super().run_node(node)
@@ -172,6 +211,7 @@ def linear_input_stats(ep, calibration_batches, want=("absmax", "mean_abs"), *, 
             accs[w_name].add(x)
             return torch.mm(torch.from_numpy(np.ascontiguousarray(x)).to(args[0].dtype), args[1])
 
+    gathers = {n.args[0] for n in dep.graph.nodes if _expert_gather(n, param_of) is not None}
     interp = _Probe(dep.graph_module)
     batches = list(calibration_batches)
     bar = None

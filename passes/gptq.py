@@ -14,6 +14,7 @@ import dataclasses
 
 import numpy as np
 
+from qcc import calibration
 from qcc.dialects import formats
 from qcc.passes import PassError, QccPass, register
 from qcc.passes.quantize_convs import rewrite_convs
@@ -105,13 +106,36 @@ class Gptq(QccPass):
                 raise PassError(mm, f"GPTQ on '{w_name}': the damped Hessian is not positive definite ({e}); "
                                     f"raise damp")
 
-        def rtn(w):  # a mixture of experts' weights: no per-expert Hessian is gathered
+        def rtn(w):
             return search_clip(w, fmt, opts.clip_search) if opts.clip_search else fmt.quantize(w)
 
-        experts = rewrite_experts(self, module, fmt, exclude, rtn)
-        if experts:
-            self.session.remarks.append(f"{self.name}: experts' weights rounded to nearest (no Hessian per expert): "
-                                        + ", ".join(experts))
+        unrouted = []
+
+        def solve_experts(w_name, w):
+            """Each expert by GPTQ on the Hessian of the calibration rows routed to it (the
+            calibration's per-expert statistics); an expert no row chose, to nearest."""
+            parts = []
+            for e, we in enumerate(w):
+                st = stats.get(calibration.expert_key(w_name, e))
+                if st is None or st.hessian is None or not st.rows:
+                    unrouted.append(f"{w_name}[{e}]")
+                    parts.append(rtn(we))
+                    continue
+                try:
+                    parts.append(gptq_quantize(we, st.hessian, fmt, opts.damp, opts.block, opts.act_order,
+                                               opts.clip_search))
+                except np.linalg.LinAlgError as err:
+                    raise PassError(None, f"GPTQ on expert {e} of '{w_name}': the damped Hessian is not positive "
+                                          f"definite ({err}); raise damp")
+            zero = None if parts[0].zero is None else np.concatenate([p.zero for p in parts])
+            return formats.QuantizedTensor(codes=np.concatenate([p.codes for p in parts]),
+                                           scale=np.concatenate([p.scale for p in parts]), zero=zero, format=fmt,
+                                           shape=(w.shape[0] * w.shape[1], w.shape[2]))
+
+        rewrite_experts(self, module, fmt, exclude, solve_experts)
+        if unrouted:
+            self.session.remarks.append(f"{self.name}: experts no calibration row chose, rounded to nearest: "
+                                        + ", ".join(unrouted))
         convs = rewrite_convs(self, module, fmt, exclude, rtn)
         if convs:
             self.session.remarks.append(f"{self.name}: convolution weights rounded to nearest (no Hessian of "

@@ -44,7 +44,7 @@ def expert_gathers(func):
 
 def rewrite_experts(pass_, module, fmt, exclude, solve) -> list[str]:
     """Quantizes every gathered expert weight (not matching `exclude`) with
-    solve(w [E * N, K] float32) -> QuantizedTensor; returns the names.  The float weights'
+    solve(name, w [E, N, K] float32) -> QuantizedTensor of its E * N rows; returns the names.  The float weights'
     arguments go with the caller's `rewrite_linears`, which erases every unused parameter."""
     if fmt.granularity == "tensor":
         return []
@@ -58,7 +58,7 @@ def rewrite_experts(pass_, module, fmt, exclude, solve) -> list[str]:
             e, n, k = w.shape
             if w_name not in solved:  # a weight gathered twice is quantized once
                 try:
-                    solved[w_name] = solve(w.reshape(e * n, k))
+                    solved[w_name] = solve(w_name, w)
                 except formats.FormatError as err:
                     raise PassError(op, f"cannot quantize the experts' weight '{w_name}' [{e}x{n}x{k}] as "
                                         f"{fmt.key()}: {err}")

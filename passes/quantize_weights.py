@@ -296,6 +296,6 @@ class QuantizeWeights(QccPass):
         from qcc.passes.quantize_convs import rewrite_convs  # (they build on this module)
         from qcc.passes.quantize_experts import rewrite_experts
 
-        rewrite_experts(self, module, fmt, exclude, lambda w: solve(None, None, w))
+        rewrite_experts(self, module, fmt, exclude, lambda _, w: solve(None, None, w.reshape(-1, w.shape[-1])))
         rewrite_convs(self, module, fmt, exclude, lambda w: solve(None, None, w))
         rewrite_linears(self, module, fmt, exclude, solve)

@@ -530,6 +530,42 @@ def test_mixture_of_experts_weights_are_quantized(recipe):
     assert rel_err(float64_out(model, (x,)), expect) > 1e-4
 
 
+def test_mixture_of_experts_gptq_per_expert():
+    """gptq rounds each expert on the Hessian of the calibration rows routed to it: lower
+    output error on those rows than round-to-nearest, expert by expert; an expert no row
+    chose is rounded to nearest, with a remark naming it."""
+    torch.manual_seed(3)
+    model = _Experts().eval()
+    g = torch.Generator().manual_seed(4)
+    scales = torch.exp(torch.randn(128, generator=g))  # correlated, unevenly scaled inputs
+    calib = [(torch.randn(64, 128, generator=g) @ torch.randn(128, 128, generator=g) * scales / 10,) for _ in range(4)]
+    rows = torch.cat([c[0] for c in calib])
+    with torch.no_grad():
+        chosen = torch.topk(model.router(rows), 2, dim=-1).indices
+    w = model.experts.detach().double().numpy()
+
+    def errors(recipe):
+        compiled = qcc.compile(model, calib[0], target="cpu", quant=recipe, calibration=calib)
+        q = dequantized_weights(compiled)["experts"].astype(np.float64)
+        out = []
+        for e in range(4):
+            xe = rows[(chosen == e).any(-1)].double().numpy()
+            out.append(np.linalg.norm(xe @ (w[e] - q[e]).T) / np.linalg.norm(xe @ w[e].T))
+        return compiled, np.array(out)
+
+    compiled, gptq = errors("w4a16-g128-gptq")
+    _, rtn = errors("w4a16-g128")
+    assert not any("experts" in r for r in compiled.remarks)
+    assert (gptq < 0.8 * rtn).all(), (gptq, rtn)
+    reference = copy.deepcopy(model)
+    load_into_torch(reference, dequantized_weights(compiled))
+    assert rel_err(compiled(calib[1][0]).numpy(), float64_out(reference, calib[1])) <= 1e-4
+    with torch.no_grad():
+        model.router.bias.copy_(torch.tensor([20.0, 20.0, -20.0, -20.0]))  # experts 2 and 3 never chosen
+    compiled = qcc.compile(model, calib[0], target="cpu", quant="w4a16-g128-gptq", calibration=calib)
+    assert "gptq: experts no calibration row chose, rounded to nearest: experts[2], experts[3]" in compiled.remarks
+
+
 def test_mixture_of_experts_any_token_count():
     """The gathered kernel over a run-time number of tokens (rows = tokens x 2 experts), the
     same expert for several rows and experts no token picks; equal to the reference lowering
