@@ -296,3 +296,12 @@ def test_hf_transforms_keep_the_float_function(arch, passes, remark):
     assert [r for r in compiled.remarks if r.startswith(passes.split("{")[0])][0].startswith(remark)
     assert rel_err(compiled(ids).numpy(), float64_out(model, (ids,))) <= 1e-4
 
+
+
+def test_architecture_sweep_tool(capsys):
+    """tools/hf_sweep.py (the wide net over transformers' architectures) runs and reports."""
+    from qcc.tools import hf_sweep
+
+    assert hf_sweep.main(["gpt2", "mixtral", "--quant", "w8a16"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in lines] == [["gpt2", "OK"], ["mixtral", "OK"]]
