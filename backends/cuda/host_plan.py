@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 from torch_mlir import ir
@@ -234,17 +235,36 @@ class PlanBuilder:
             raise HostOpError(f"memref.get_global @{sym}: no initialized memref.global")
         shape, strides, off, elem = _memref_info(op.result.type)
         attr = glob.attributes["initial_value"]
-        dense = ir.DenseElementsAttr(attr)
         dt = NP_DTYPE[elem]
+        if isinstance(attr, ir.DenseResourceElementsAttr) or str(attr).startswith("dense_resource<"):
+            arr = np.frombuffer(self._resource_blob(str(attr)[len("dense_resource<"):].split(">")[0]),
+                                dtype=dt).reshape(shape)
+            self._constant(op, arr, shape, strides, off, elem)
+            return
+        dense = ir.DenseElementsAttr(attr)
         if dense.is_splat:
             arr = np.full(shape, _const_value(dense.get_splat_value()), dtype=dt)
         else:
             arr = np.array(dense, dtype=dt).reshape(shape)
+        self._constant(op, arr, shape, strides, off, elem)
+
+    def _constant(self, op, arr, shape, strides, off, elem):
         name = f"__cuda_const{self.n_const}"
         self.n_const += 1
         self.weights[name] = np.ascontiguousarray(arr)
         rid = self._root("param", arr.nbytes, name=name, elem=elem, shape=shape)
         self.views[op.result] = _View(rid, off, shape, strides, elem)
+
+    def _resource_blob(self, key: str) -> bytes:
+        """The bytes of a `dense_resource<key>` constant (the FX importer's form of a literal
+        tensor of more than one element), read from the module's printed resources: the Python
+        bindings give no access to a resource's data."""
+        if not hasattr(self, "_resources"):
+            text = self.module.operation.get_asm()
+            self._resources = dict(re.findall(r'^\s*([\w.]+): "0x([0-9A-Fa-f]*)"', text[text.rfind("{-#"):], re.M))
+        if key not in self._resources:
+            raise HostOpError(f"constant dense_resource<{key}> has no data in the module")
+        return bytes.fromhex(self._resources[key])[4:]  # after the blob's 4-byte alignment
 
     # ------------------------------------------------------------------ linalg
     def _operand(self, v, amap) -> tuple[lk.Operand, _View | None]:

@@ -305,3 +305,6 @@ def test_architecture_sweep_tool(capsys):
     assert hf_sweep.main(["gpt2", "mixtral", "--quant", "w8a16"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[:2] for line in lines] == [["gpt2", "OK"], ["mixtral", "OK"]]
+    # wav2vec2 on the GPU: its graph holds literal index tensors (dense_resource constants),
+    # which the CUDA host plan could not read
+    assert hf_sweep.main(["wav2vec2", "--target", "cuda", "--quant", "w8a16"]) == 0
