@@ -297,14 +297,9 @@ def _experts_as_nk(ep) -> frozenset:
     for bmm, a, ids in row_products:  # a [S, 1, K] @ W[ids] -> (W'[ids] @ a^T)^T
         w = bmm.args[1].args[0].args[0]  # index(permute(W'), ids)
         with ep.graph.inserting_before(bmm):
-            picked = ep.graph.call_function(aten.index.Tensor, (w, [ids]))
-            column = ep.graph.call_function(aten.permute.default, (a, [0, 2, 1]))
-            product = ep.graph.call_function(aten.bmm.default, (picked, column))
-            out = ep.graph.call_function(aten.permute.default, (product, [0, 2, 1]))
-        picked.meta["val"] = aten.index.Tensor(w.meta["val"], [ids.meta["val"]])
-        column.meta["val"] = a.meta["val"].permute(0, 2, 1)
-        product.meta["val"] = torch.bmm(picked.meta["val"], column.meta["val"])
-        out.meta["val"] = product.meta["val"].permute(0, 2, 1)
+            emit = functools.partial(_emit, ep.graph)
+            product = emit(aten.bmm.default, emit(aten.index.Tensor, w, [ids]), emit(aten.permute.default, a, [0, 2, 1]))
+            out = emit(aten.permute.default, product, [0, 2, 1])
         bmm.replace_all_uses_with(out)
         ep.graph.erase_node(bmm)
     ep.graph.eliminate_dead_code()

@@ -56,10 +56,14 @@ def _dequantized_nk(compiled) -> dict[str, np.ndarray]:
 
 
 def load_into_torch(module, weights: dict) -> None:
-    """Overwrites `module`'s parameters by name (in place)."""
+    """Sets `module`'s parameters by name (`dequantized_weights`' names), each in the dtype the
+    module holds it in (a float64 copy takes float64); a parameter tied to another (a head tied
+    to the embedding) gets its own value, as the artifact stores it."""
     import torch
 
-    state = dict(module.named_parameters())
-    with torch.no_grad():
-        for name, value in weights.items():
-            state[name].copy_(torch.from_numpy(value))
+    modules = dict(module.named_modules())
+    for name, value in weights.items():
+        owner, attr = name.rsplit(".", 1) if "." in name else ("", name)
+        old = getattr(modules[owner], attr)
+        setattr(modules[owner], attr, torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(value)).to(old.dtype),
+                                                         requires_grad=old.requires_grad))

@@ -157,16 +157,13 @@ def _reference(wrapped, compiled, inputs):
     batched_mm: transformers' grouped_mm takes no float64 on the CPU)."""
     import torch
 
-    from qcc.reference import dequantized_weights
+    from qcc.reference import dequantized_weights, load_into_torch
 
     ref = copy.deepcopy(wrapped).double()
     if getattr(ref.model.config, "_experts_implementation", None) not in (None, "batched_mm"):
         ref.model.set_experts_implementation("batched_mm")
-    modules = dict(ref.named_modules())
+    load_into_torch(ref, dequantized_weights(compiled))
     with torch.no_grad():
-        for name, value in dequantized_weights(compiled).items():
-            module, attr = name.rsplit(".", 1)
-            setattr(modules[module], attr, torch.nn.Parameter(torch.from_numpy(value.astype(np.float64))))
         return ref(*(a.double() if a.is_floating_point() else a for a in inputs)).numpy()
 
 

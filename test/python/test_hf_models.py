@@ -6,13 +6,12 @@ matches the float64 model holding the artifact's decoded weights."""
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 
 from oracles import float64_out, rel_err
 import qcc
-from qcc.reference import dequantized_weights
+from qcc.reference import dequantized_weights, load_into_torch
 
 T = pytest.importorskip("transformers", reason="transformers comes with the dev extra: pip install -e '.[dev]'")
 
@@ -57,10 +56,8 @@ def test_hf_model_w4a16_matches_dequantized_reference(arch):
     assert sorted(layer["weight"] for layer in compiled.manifest["layers"]) == projections(model)
 
     reference = copy.deepcopy(model).double()
-    modules = dict(reference.named_modules())
+    load_into_torch(reference, dequantized_weights(compiled))  # per module: unties a tied head
     with torch.no_grad():
-        for name, value in dequantized_weights(compiled).items():  # per module: unties a tied head
-            modules[name.rsplit(".", 1)[0]].weight = torch.nn.Parameter(torch.from_numpy(value.astype(np.float64)))
         expect = reference(ids).numpy()
         float_out = copy.deepcopy(model).double()(ids).numpy()
     assert rel_err(compiled(ids).numpy(), expect) <= 1e-4
@@ -104,10 +101,8 @@ def test_hf_encoder_w8a16_matches_dequantized_reference(arch):
     assert sorted(layer["weight"] for layer in compiled.manifest["layers"]) == sorted(projections(model) + convs)
     assert compiled.remarks == []
     reference = copy.deepcopy(model).double()
-    modules = dict(reference.named_modules())
+    load_into_torch(reference, dequantized_weights(compiled))
     with torch.no_grad():
-        for name, value in dequantized_weights(compiled).items():
-            modules[name.rsplit(".", 1)[0]].weight = torch.nn.Parameter(torch.from_numpy(value.astype(np.float64)))
         expect = reference(*(a.double() if a.is_floating_point() else a for a in args)).numpy()
     assert rel_err(compiled(*args).numpy(), expect) <= 1e-4
 
@@ -154,12 +149,17 @@ def logits_on_decoded_weights(model, compiled, ids):
     reference = copy.deepcopy(model).double()
     if reference.model.config._experts_implementation not in ("batched_mm", None):
         reference.model.set_experts_implementation("batched_mm")
-    modules = dict(reference.named_modules())
+    load_into_torch(reference, dequantized_weights(compiled))
     with torch.no_grad():
-        for name, value in dequantized_weights(compiled).items():
-            module, attr = name.rsplit(".", 1)
-            setattr(modules[module], attr, torch.nn.Parameter(torch.from_numpy(value.astype(np.float64))))
         return reference(ids).numpy()
+
+
+def assert_experts_on_gathered_gemv(compiled):
+    """Every expert weight quantized, each on the gathered GEMV, nothing left float."""
+    experts = [layer["weight"] for layer in compiled.manifest["layers"] if "experts" in layer]
+    kernels = compiled.manifest["cpu"]["kernels"]
+    assert experts and all(kernels[w]["variant"] == "gathered gemv" for w in experts)
+    assert compiled.remarks == []
 
 
 def test_hf_mixture_of_experts():
@@ -216,10 +216,7 @@ def test_hf_mixture_of_experts_architectures(arch):
     model = Logits(T.AutoModelForCausalLM.from_config(MOE_CONFIGS[arch](), experts_implementation="batched_mm")
                    .eval()).eval()
     compiled = qcc.compile(model, (ids,), target="cpu", quant="w4a16-g128")
-    experts = [layer["weight"] for layer in compiled.manifest["layers"] if "experts" in layer]
-    kernels = compiled.manifest["cpu"]["kernels"]
-    assert experts and all(kernels[w]["variant"] == "gathered gemv" for w in experts)
-    assert compiled.remarks == []
+    assert_experts_on_gathered_gemv(compiled)
     assert rel_err(compiled(ids).numpy(), logits_on_decoded_weights(model, compiled, ids)) <= 1e-4
 
 
@@ -265,10 +262,7 @@ def test_hf_complex_rope_models(arch):
     torch.manual_seed(0)
     model = Logits(T.AutoModelForCausalLM.from_config(COMPLEX_ROPE[arch]()).eval()).eval()
     compiled = qcc.compile(model, (ids,), target="cpu", quant="w4a16-g128")
-    experts = [layer["weight"] for layer in compiled.manifest["layers"] if "experts" in layer]
-    kernels = compiled.manifest["cpu"]["kernels"]
-    assert experts and all(kernels[w]["variant"] == "gathered gemv" for w in experts)
-    assert compiled.remarks == []
+    assert_experts_on_gathered_gemv(compiled)
     assert rel_err(compiled(ids).numpy(), logits_on_decoded_weights(model, compiled, ids)) <= 1e-4
 
 
