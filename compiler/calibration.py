@@ -13,6 +13,7 @@ the rewritten function, not of the original model:
 
 * `view.set_param(name, value)`: a new parameter value (also written to the store);
 * `view.add_input_transform(weight, fn)`: the IR now applies fn to that linear's input;
+* `view.add_output_bias(weight, u)`: the IR now adds the vector u to that linear's output;
 * `view.add_derived(new_weight, parent_weight, columns, width=None)`: a new linear reads
   columns `columns` of `parent_weight`'s (transformed) input (with `width`: all columns,
   the others zeroed).
@@ -146,13 +147,14 @@ def _expert_gather(node, param_of):
 
 
 def linear_input_stats(ep, calibration_batches, want=("absmax", "mean_abs"), *, params=None,
-                       input_transforms=None, sample_rows: int = 256, seed: int = 0,
+                       input_transforms=None, output_biases=None, sample_rows: int = 256, seed: int = 0,
                        progress: bool = False, already_decomposed: bool = False) -> dict[str, LinearStats]:
     """{weight name: LinearStats of that linear's input} over all calibration batches.
 
     params: {state name: array} overriding the program's values; input_transforms:
     {weight name: [fn(x: np.ndarray [M, K]) -> np.ndarray]} applied, in order, to
-    the linear's input before it is measured and multiplied.
+    the linear's input before it is measured and multiplied; output_biases: {weight name:
+    vector} added to the linear's output.
     """
     import torch
     import torch.fx
@@ -162,6 +164,7 @@ def linear_input_stats(ep, calibration_batches, want=("absmax", "mean_abs"), *, 
         raise ValueError(f"unknown statistics {sorted(unknown)}; choose from {KINDS}")
     params = params or {}
     input_transforms = input_transforms or {}
+    output_biases = {name: torch.from_numpy(np.asarray(u, np.float64)) for name, u in (output_biases or {}).items()}
     dep = ep if already_decomposed else decomposed(ep)
     specs = dep.graph_signature.input_specs
     placeholders = [n for n in dep.graph.nodes if n.op == "placeholder"]
@@ -209,7 +212,8 @@ def linear_input_stats(ep, calibration_batches, want=("absmax", "mean_abs"), *, 
             if w_name not in accs:
                 accs[w_name] = _Accumulator(want, x.shape[1])
             accs[w_name].add(x)
-            return torch.mm(torch.from_numpy(np.ascontiguousarray(x)).to(args[0].dtype), args[1])
+            y = torch.mm(torch.from_numpy(np.ascontiguousarray(x)).to(args[0].dtype), args[1])
+            return y + output_biases[w_name].to(y.dtype) if w_name in output_biases else y
 
     gathers = {n.args[0] for n in dep.graph.nodes if _expert_gather(n, param_of) is not None}
     interp = _Probe(dep.graph_module)
@@ -264,6 +268,7 @@ class ModelView:
     params: dict = dataclasses.field(default_factory=dict)
     transforms: dict = dataclasses.field(default_factory=dict)
     derived: dict = dataclasses.field(default_factory=dict)
+    output_biases: dict = dataclasses.field(default_factory=dict)
     version: int = 0
 
     def set_param(self, session, name: str, value: np.ndarray) -> None:
@@ -274,6 +279,10 @@ class ModelView:
 
     def add_input_transform(self, weight: str, fn) -> None:
         self.transforms.setdefault(weight, []).append(fn)
+        self.version += 1
+
+    def add_output_bias(self, weight: str, u: np.ndarray) -> None:
+        self.output_biases[weight] = self.output_biases.get(weight, 0.0) + np.asarray(u, np.float64)
         self.version += 1
 
     def add_derived(self, new_weight: str, parent_weight: str, columns, width: int | None = None) -> None:
@@ -358,7 +367,8 @@ def session_stats(session, want=("absmax", "mean_abs"), sample_rows: int = 256,
         if "qcc.calibration.decomposed" not in session.options:
             session.options["qcc.calibration.decomposed"] = decomposed(ep)
         stats = linear_input_stats(session.options["qcc.calibration.decomposed"], batches, want,
-                                   params=v.params, input_transforms=v.transforms, sample_rows=sample_rows,
+                                   params=v.params, input_transforms=v.transforms,
+                                   output_biases=v.output_biases, sample_rows=sample_rows,
                                    progress=bool(session.options.get("progress")), already_decomposed=True)
         for new, (parent, cols, width) in v.derived.items():
             if parent in stats:

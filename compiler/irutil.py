@@ -72,6 +72,18 @@ def tensor_type(shape, elem: str) -> ir.Type:
     return ir.Type.parse(f"tensor<{dims}x{elem}>" if dims else f"tensor<{elem}>")
 
 
+def vtensor_type(shape, dtype: str = "f32") -> ir.Type:
+    """!torch.vtensor<[shape],dtype> (None for '?')."""
+    dims = ",".join("?" if d is None else str(d) for d in shape)
+    return ir.Type.parse(f"!torch.vtensor<[{dims}],{dtype}>")
+
+
+def const_int(value: int) -> ir.Value:
+    """A new torch.constant.int (at the current insertion point)."""
+    return ir.Operation.create("torch.constant.int", results=[ir.Type.parse("!torch.int")],
+                               attributes={"value": ir.IntegerAttr.get(ir.IntegerType.get_signless(64), value)}).result
+
+
 def defining_op(value: ir.Value):
     owner = value.owner
     return owner.operation if isinstance(owner, (ir.OpView, ir.Operation)) else None

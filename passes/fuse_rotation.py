@@ -8,6 +8,13 @@ unchanged while activations lose their outlier channels.  Inputs of MLP down
 projections get an online Hadamard transform (an O(n log n) butterfly kernel), W H.
 The stream is found in the graph (RMSNorm pattern, residual adds, linear readers and
 writers); one the pass cannot prove invariant is left unrotated, with a remark.
+
+LayerNorm streams: LayerNorm subtracts the mean over channels, which commutes with Q
+only when Q 1 = 1.  For such a stream Q becomes Q R, R the reflection taking 1 to
+Q^T 1 (still orthogonal, and it fixes 1), so LayerNorm(x Q R) = LayerNorm(x) Q R with
+the graph, and the calibration program, unchanged; its bias b, like g, moves into the
+readers (a bias b W^T added to each reader's output).  SliceGPT (Ashkboos et al. 2024)
+instead centres every writer and turns the LayerNorms into RMSNorms.
 """
 
 import dataclasses
@@ -26,7 +33,7 @@ _SUM_OPS = ("torch.aten.sum.dim_IntList", "torch.aten.mean.dim")
 _INVARIANT_MAPS = ("torch.aten.rsqrt", "torch.aten.sqrt", "torch.aten.reciprocal", "torch.aten.add.Scalar",
                    "torch.aten.sub.Scalar", "torch.aten.mul.Scalar", "torch.aten.div.Scalar")
 _ELEMENTWISE = ("torch.aten.mul.Tensor", "torch.aten.silu", "torch.aten.gelu", "torch.aten.relu",
-                "torch.aten.sigmoid", "torch.aten.tanh")
+                "torch.aten.sigmoid", "torch.aten.tanh", "torch.aten.pow.Tensor_Scalar")  # pow: Nemotron's relu^2
 
 
 class NotInvariant(Exception):
@@ -65,15 +72,17 @@ def is_last_dim_sum(op) -> bool:
     return dims is not None and len(dims) == 1 and dims[0] in (-1, rank - 1)
 
 
-def _channel_reduction(op) -> bool:
-    """op is a sum or mean over the last dim, possibly scaled (a LayerNorm's mean)."""
-    while op is not None and op.name in _SCALE_OPS:
-        op = irutil.defining_op(op.operands[0])
-    return op is not None and is_last_dim_sum(op)
-
-
 def is_square(op) -> bool:
+    """x ** 2 or x * x (the square's operand is operands[0])."""
+    if op.name == "torch.aten.mul.Tensor":
+        return op.operands[0] == op.operands[1]
     return op.name == "torch.aten.pow.Tensor_Scalar" and const_number(op.operands[1]) == 2
+
+
+def is_float_cast(op) -> bool:
+    """aten.to.dtype to a floating-point type (LayerNorm's statistics in f64, HF's norms in f32)."""
+    return op.name == "torch.aten.to.dtype" and str(op.result.type).rsplit(",", 1)[-1][:-1] in ("f16", "bf16",
+                                                                                                "f32", "f64")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +106,8 @@ class ResidualStream:
     scale absorbed into them (a NormScale, or None); writers: mm ops whose output is
     added into the stream; vectors: (op, operand) of 1-D parameters added to it
     (biases); embeddings: aten.embedding ops producing it; norm_scales: {(aten.mul.Tensor
-    (g, n), n's operand index): NormScale} of the multiplications to erase.
+    (g, n), n's operand index): NormScale} of the multiplications to erase; norm_biases:
+    the additions of a LayerNorm's b to erase, each reader_biases' b moving into the readers.
     """
 
     hidden: int
@@ -107,6 +117,9 @@ class ResidualStream:
     vectors: dict = dataclasses.field(default_factory=dict)
     embeddings: dict = dataclasses.field(default_factory=dict)
     norm_scales: dict = dataclasses.field(default_factory=dict)
+    norm_biases: dict = dataclasses.field(default_factory=dict)   # {(aten.add.Tensor, b's index): True}
+    reader_biases: dict = dataclasses.field(default_factory=dict)  # {reader mm: (add op, b's index)}
+    fixes_ones: bool = False  # a channel sum (LayerNorm's mean) is read: Q must keep the all-ones vector
 
 
 class StreamAnalysis:
@@ -168,10 +181,7 @@ class StreamAnalysis:
             self._fail(user, "the residual stream is a function argument (the rotation cannot be folded "
                              "into a caller)")
         name = op.name
-        if _channel_reduction(op):
-            self._fail(op, "the residual stream's mean over its channels is subtracted (a LayerNorm), which a "
-                           "rotation does not commute with; qcc rotates RMSNorm streams only")
-        if name in VIEW_OPS:
+        if name in VIEW_OPS or is_float_cast(op):
             self._mark(value, op)
             self._need(op.operands[0], op)
         elif name in ("torch.aten.add.Tensor", "torch.aten.sub.Tensor"):
@@ -199,14 +209,26 @@ class StreamAnalysis:
             shape = shape_of(op.operands[j])
             if shape is not None and len(shape) == 1:
                 self._vector(op, j)
+            elif shape and shape[-1] == 1 and self.stream.hidden > 1:
+                # c 1^T added per token (LayerNorm's centring): (x + c 1^T) Q = x Q + c 1^T needs Q^T 1 = 1
+                if not self._invariant(op.operands[j]):
+                    self._fail(op, f"'{op.name}' adds a per-token value to the residual stream that is not a "
+                                   f"function of its channel sums")
+                self.stream.fixes_ones = True
             else:
                 self._need(op.operands[j], op)
 
     # -- forward: every use of a rotated value must keep the function unchanged ------------------
     def _forward(self, value, op, index):
         name = op.name
-        if name in VIEW_OPS and index == 0:
+        if (name in VIEW_OPS or is_float_cast(op)) and index == 0:
             self._mark(op.result, op)
+        elif is_square(op):
+            for user, _ in uses(op.result):
+                if not is_last_dim_sum(user):
+                    self._fail(user, "the square of the residual stream is used other than summed over channels")
+        elif is_last_dim_sum(op) and index == 0:
+            self.stream.fixes_ones = True  # sum(x Q) = sum(x) when Q 1 = 1 (LayerNorm's mean)
         elif name in ("torch.aten.add.Tensor", "torch.aten.sub.Tensor") and index in (0, 1):
             self._mark(op.result, op)
             self._add_operands(op, skip=index)
@@ -224,10 +246,6 @@ class StreamAnalysis:
             else:
                 self._fail(op, "'aten.mul.Tensor' of the residual stream by a value that is neither a "
                                "per-token scalar nor a norm scale")
-        elif is_square(op) and index == 0:
-            for user, _ in uses(op.result):
-                if not is_last_dim_sum(user):
-                    self._fail(user, "the square of the residual stream is used other than summed over channels")
         elif name == "torch.aten.mm" and index == 0 and transposed_param(self.func, op.operands[1]) is not None:
             self.stream.readers[op] = None
         elif name == "func.return":
@@ -252,15 +270,27 @@ class StreamAnalysis:
             return NormScale(src, 0, float(const_number(src.operands[1])))
         return None
 
-    def _scaled(self, value, scale):
-        """`value` = stream * g: only linear layers may read it (they absorb g)."""
+    def _scaled(self, value, scale, bias=None):
+        """`value` = stream * g (+ b): only linear layers may read it (they absorb g and b)."""
         for op, index in uses(value):
-            if op.name in VIEW_OPS and index == 0:
-                self._scaled(op.result, scale)
+            if (op.name in VIEW_OPS or is_float_cast(op)) and index == 0:
+                self._scaled(op.result, scale, bias)
             elif op.name == "torch.aten.mm" and index == 0 and transposed_param(self.func, op.operands[1]) is not None:
                 self.stream.readers[op] = scale
+                if bias is not None:
+                    self.stream.reader_biases[op] = bias
+            elif bias is None and self._norm_bias(op, index):
+                self.stream.norm_biases[(op, 1 - index)] = True
+                self._scaled(op.result, scale, (op, 1 - index))
             else:
                 self._fail(op, f"a norm output is read by '{op.name}', which cannot absorb the norm scale")
+
+    def _norm_bias(self, op, index) -> bool:
+        """Is op value + b, value its operand `index`, b a [hidden] parameter (a LayerNorm's bias)?"""
+        if op.name != "torch.aten.add.Tensor" or index not in (0, 1) or const_number(op.operands[2]) != 1:
+            return False
+        b = op.operands[1 - index]
+        return shape_of(b) == [self.stream.hidden] and self._param(b) is not None
 
     def _invariant(self, value) -> bool:
         """Is `value` unchanged by the rotation: a function of sum(stream^2) over channels only?"""
@@ -269,13 +299,15 @@ class StreamAnalysis:
             return False
         if op.name in ("torch.constant.float", "torch.constant.int"):
             return True
-        if op.name in _INVARIANT_MAPS:
+        if op.name in _INVARIANT_MAPS or is_float_cast(op):
             return self._invariant(op.operands[0])
         if is_last_dim_sum(op):
             sq = irutil.defining_op(op.operands[0])
-            if sq is None or not is_square(sq):
-                return False
-            self._need(sq.operands[0], op)
+            if sq is not None and is_square(sq):
+                self._need(sq.operands[0], op)
+            else:  # a channel sum of the stream itself (LayerNorm's mean): unchanged when Q 1 = 1
+                self._need(op.operands[0], op)
+                self.stream.fixes_ones = True
             return True
         return False
 
@@ -346,6 +378,53 @@ def rotation_matrix(spec: str, n: int, seed: int) -> np.ndarray:
     return load_rotation(spec, n)
 
 
+def keeps_ones(q: np.ndarray) -> np.ndarray:
+    """Q R, R the reflection taking the all-ones vector 1 to Q^T 1: orthogonal, and Q R 1 = 1."""
+    ones = np.ones(len(q))
+    v = ones - q.T @ ones
+    vv = float(v @ v)
+    return q if vv <= 1e-12 * len(q) else q - (2.0 / vv) * np.outer(q @ v, v)
+
+
+def output_bias(func, mm):
+    """(op, operand index, factor): the use of the bias parameter mm's linear layer adds to its
+    output, adding u to mm's result being adding factor * u to that parameter; None without one."""
+    users = uses(mm.result)
+    if len(users) != 1:
+        return None
+    (op, index), c = users[0], 1.0
+    if op.name == "torch.aten.mul.Scalar" and index == 0:  # y = c mm + alpha b, as linear's decomposition has it
+        c, users = const_number(op.operands[1]), uses(op.result)
+        if c is None or len(users) != 1:
+            return None
+        op, index = users[0]
+    alpha = const_number(op.operands[2]) if op.name == "torch.aten.add.Tensor" and index in (0, 1) else None
+    if alpha is None:
+        return None
+    b_op, b_index, cb = op, 1 - index, alpha if index == 0 else 1.0
+    c *= 1.0 if index == 0 else alpha
+    src = irutil.defining_op(op.operands[b_index])
+    if src is not None and src.name == "torch.aten.mul.Scalar" and const_number(src.operands[1]) is not None:
+        b_op, b_index, cb = src, 0, cb * const_number(src.operands[1])
+    value = b_op.operands[b_index]
+    arg = irutil.block_arg_number(value)
+    if arg is None or irutil.Signature(func).param_name(arg) is None or shape_of(value) != shape_of(mm.result)[-1:] \
+            or cb == 0:
+        return None
+    return b_op, b_index, c / cb
+
+
+def add_output_bias(func, session, mm, name: str, u: np.ndarray) -> None:
+    """mm's result + u, u a new parameter `name` (a linear layer without a bias of its own)."""
+    session.params[name] = np.asarray(u, np.float32)
+    arg = irutil.Signature(func).add_param(name, irutil.vtensor_type([len(u)]))
+    with ir.InsertionPoint.after(mm), mm.location:
+        total = ir.Operation.create("torch.aten.add.Tensor", results=[mm.result.type],
+                                    operands=[mm.result, arg, irutil.const_int(1)])
+    mm.result.replace_all_uses_with(total.result)
+    total.operands[0] = mm.result
+
+
 class WeightEdits:
     """Per-use rewrites of parameter arguments, applied together.
 
@@ -378,6 +457,8 @@ class WeightEdits:
                 w = w * m[:, None]
             elif kind == "scale_vec":
                 w = w * m
+            elif kind == "add_vec":
+                w = w + m
             elif kind == "perm_rows":
                 w = w[m]
             elif kind == "perm_cols":
@@ -532,8 +613,26 @@ class FuseRotation(QccPass):
         except (ValueError, hadamard.HadamardError) as e:
             anchor = stream.readers and next(iter(stream.readers)) or None
             raise PassError(anchor, f"rotation of the {n}-channel residual stream: {e}")
+        if stream.fixes_ones:
+            q = keeps_ones(q)
+            i, j = np.unravel_index(np.argmax(np.abs(q)), q.shape)
+            if abs(q[i, j]) > 0.5:
+                anchor = next(iter(stream.readers), None)
+                raise PassError(anchor, f"rotation of the {n}-channel residual stream: it is LayerNorm's, so the "
+                                        f"rotation must keep the all-ones vector; made to (Q R, R a reflection), "
+                                        f"'{opts.rotation}' leaves channel {i} nearly in place (|QR[{i}, {j}]| = "
+                                        f"{abs(q[i, j]):.2f}); use rotation=random-hadamard")
         sig = irutil.Signature(func)
         edits = WeightEdits(func, self.session)
+        new_biases = []  # (reader, b W^T) for readers without a bias of their own
+        for mm, (add, b_index) in stream.reader_biases.items():
+            b = np.asarray(store[sig.param_name(irutil.block_arg_number(add.operands[b_index]))], np.float64)
+            u = np.asarray(store[weight_name(func, mm)], np.float64) @ b  # (n g + b) W^T = n diag(g) W^T + b W^T
+            site = output_bias(func, mm)
+            if site is None:
+                new_biases.append((mm, u))
+            else:
+                edits.add(site[0], site[1], ("add_vec", site[2] * u))
         for mm, scale in stream.readers.items():
             op, index = weight_use(mm)
             if scale is not None:
@@ -576,6 +675,14 @@ class FuseRotation(QccPass):
         view = calibration.view(self.session)
         for name, value in calib.items():
             view.params[name] = value
+        for mm, u in new_biases:
+            w_name = weight_name(func, mm)
+            add_output_bias(func, self.session, mm, f"{w_name}:norm_bias", u)
+            view.add_output_bias(w_name, u)
+        for add, b_index in stream.norm_biases:
+            view.params[sig.param_name(irutil.block_arg_number(add.operands[b_index]))] = np.zeros(n, np.float32)
+            add.result.replace_all_uses_with(add.operands[1 - b_index])
+            add.erase()
         for (mul, index), scale in stream.norm_scales.items():
             g = sig.param_name(irutil.block_arg_number(scale.arg()))
             view.params[g] = np.full(n, 1.0 - scale.offset, np.float32)  # g + offset = 1
@@ -588,7 +695,10 @@ class FuseRotation(QccPass):
             view.add_input_transform(w_name, lambda x, block=block: hadamard.fast_transform(x, block))
         view.version += 1
         what = "random Hadamard" if opts.rotation == "random-hadamard" else opts.rotation
+        if stream.fixes_ones:
+            what += " times the reflection keeping LayerNorm's all-ones vector"
+        biases = f", {len(stream.norm_biases)} norm biases moved into the readers" if stream.norm_biases else ""
         self.session.remarks.append(
             f"{self.name}: rotated a {n}-channel residual stream ({what}): {len(stream.embeddings)} embedding(s), "
             f"{len(stream.readers)} readers, {len(stream.writers)} writers, {len(stream.norm_scales)} norm scales "
-            f"absorbed, {len(online)} online Hadamard transform(s)")
+            f"absorbed{biases}, {len(online)} online Hadamard transform(s)")

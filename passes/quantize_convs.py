@@ -43,9 +43,7 @@ def conv_weights(func):
 
 
 def _int_list(values) -> ir.Value:
-    ops = [ir.Operation.create("torch.constant.int", results=[ir.Type.parse("!torch.int")],
-                               attributes={"value": ir.IntegerAttr.get(ir.IntegerType.get_signless(64), v)}).result
-           for v in values]
+    ops = [irutil.const_int(v) for v in values]
     return ir.Operation.create("torch.prim.ListConstruct", results=[ir.Type.parse("!torch.list<int>")],
                                operands=ops).result
 

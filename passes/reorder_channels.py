@@ -69,15 +69,6 @@ def producer_leaves(func, value):
     return None
 
 
-def _const_int(value: int) -> ir.Value:
-    return ir.Operation.create("torch.constant.int", results=[ir.Type.parse("!torch.int")],
-                               attributes={"value": ir.IntegerAttr.get(ir.IntegerType.get_signless(64), value)}).result
-
-
-def _vtensor(shape, dtype="f32") -> ir.Type:
-    return ir.Type.parse(f"!torch.vtensor<[{','.join(str(d) for d in shape)}],{dtype}>")
-
-
 @register
 class ReorderChannels(QccPass):
     name = "reorder-channels"
@@ -136,6 +127,8 @@ class ReorderChannels(QccPass):
                 edits.add(op, 0, ("perm_cols", perm))
             for scale in stream.norm_scales.values():
                 edits.add(scale.op, scale.index, ("perm_vec", perm))
+            for use in stream.norm_biases:
+                edits.add(*use, ("perm_vec", perm))
             for mm in readers:
                 plan[mm] = (np.arange(len(perm)), True)
             self.session.remarks.append(
@@ -183,23 +176,23 @@ class ReorderChannels(QccPass):
         view = calibration.view(self.session)
         ys = []
         with ir.InsertionPoint(mm), mm.location:
-            one = _const_int(1)
+            one = irutil.const_int(1)
             for i, (role, c) in enumerate(parts.items()):
                 part_name = f"{w_name}:{role}"
                 store[part_name] = np.ascontiguousarray(w[:, c])  # folded: W is permuted and c = a range
                 view.add_derived(part_name, w_name, c)
-                arg = sig.add_param(part_name, _vtensor([n, len(c)]))
+                arg = sig.add_param(part_name, irutil.vtensor_type([n, len(c)]))
                 if folded:
                     start, end = (0, kk - k) if role == "main" else (kk - k, kk)
-                    xp = ir.Operation.create("torch.aten.slice.Tensor", results=[_vtensor([m, len(c)])],
-                                             operands=[x, one, _const_int(start), _const_int(end), one]).result
+                    xp = ir.Operation.create("torch.aten.slice.Tensor", results=[irutil.vtensor_type([m, len(c)])],
+                                             operands=[x, one, irutil.const_int(start), irutil.const_int(end), one]).result
                 else:
                     idx = ir.Operation.create(
-                        "torch.vtensor.literal", results=[_vtensor([len(c)], "si64")],
+                        "torch.vtensor.literal", results=[irutil.vtensor_type([len(c)], "si64")],
                         attributes={"value": ir.DenseElementsAttr.get(np.asarray(c, np.int64), signless=False)}).result
-                    xp = ir.Operation.create("torch.aten.index_select", results=[_vtensor([m, len(c)])],
+                    xp = ir.Operation.create("torch.aten.index_select", results=[irutil.vtensor_type([m, len(c)])],
                                              operands=[x, one, idx]).result
-                wt = ir.Operation.create("torch.aten.permute", results=[_vtensor([len(c), n])],
+                wt = ir.Operation.create("torch.aten.permute", results=[irutil.vtensor_type([len(c), n])],
                                          operands=[arg, permute.operands[1]]).result
                 ys.append(ir.Operation.create("torch.aten.mm", results=[mm.result.type], operands=[xp, wt]).result)
             total = ir.Operation.create("torch.aten.add.Tensor", results=[mm.result.type],

@@ -40,17 +40,6 @@ def inlier_mask_name(weight: str) -> str:
     return f"{weight}:inlier_mask"
 
 
-def _vtensor(shape, dtype: str) -> ir.Type:
-    dims = ",".join("?" if d is None else str(d) for d in shape)
-    return ir.Type.parse(f"!torch.vtensor<[{dims}],{dtype}>")
-
-
-def _const_int(value: int) -> ir.Value:
-    return ir.Operation.create(
-        "torch.constant.int", results=[ir.Type.parse("!torch.int")],
-        attributes={"value": ir.IntegerAttr.get(ir.IntegerType.get_signless(64), value)}).result
-
-
 def _const_float(value: float) -> ir.Value:
     return ir.Operation.create(
         "torch.constant.float", results=[ir.Type.parse("!torch.float")],
@@ -124,12 +113,12 @@ class SplitOutliers(QccPass):
                                         attributes={"value": ir.BoolAttr.get(False)}).result
             none = ir.Operation.create("torch.constant.none", results=[ir.Type.parse("!torch.none")]).result
             colmax = ir.Operation.create(
-                "torch.aten.max.dim", results=[_vtensor([k], "f32"), _vtensor([k], "si64")],
-                operands=[_op("torch.aten.abs", x.type, x), _const_int(0), false]).results[0]
-            is_out = _op("torch.aten.gt.Scalar", _vtensor([k], "i1"), colmax, _const_float(t))
-            out = _op("torch.aten.to.dtype", _vtensor([k], "f32"), is_out, _const_int(6), false, false, none)  # 6: f32
+                "torch.aten.max.dim", results=[irutil.vtensor_type([k], "f32"), irutil.vtensor_type([k], "si64")],
+                operands=[_op("torch.aten.abs", x.type, x), irutil.const_int(0), false]).results[0]
+            is_out = _op("torch.aten.gt.Scalar", irutil.vtensor_type([k], "i1"), colmax, _const_float(t))
+            out = _op("torch.aten.to.dtype", irutil.vtensor_type([k], "f32"), is_out, irutil.const_int(6), false, false, none)  # 6: f32
             x_out = _op("torch.aten.mul.Tensor", x.type, x, out)
-            one = _const_int(1)
+            one = irutil.const_int(1)
             x_in = _op("torch.aten.sub.Tensor", x.type, x, x_out, one)
             y_in = _op("torch.aten.mm", mm.result.type, x_in, mm.operands[1])
             y_out = _op("torch.aten.mm", mm.result.type, x_out, mm.operands[1])
@@ -152,17 +141,17 @@ class SplitOutliers(QccPass):
             f"split-outliers: {w_name}: {outliers.size} of {k} input columns above {self.options.threshold} stay float")
         permute = irutil.defining_op(mm.operands[1])
         with ir.InsertionPoint(mm), mm.location:
-            one = _const_int(1)
+            one = irutil.const_int(1)
             # float part: the outlier columns, gathered from x by a static index list
             idx = ir.Operation.create(
-                "torch.vtensor.literal", results=[_vtensor([outliers.size], "si64")],
+                "torch.vtensor.literal", results=[irutil.vtensor_type([outliers.size], "si64")],
                 attributes={"value": ir.DenseElementsAttr.get(
                     outliers.astype(np.int64), signless=False)}).result
             x_out = ir.Operation.create(
-                "torch.aten.index_select", results=[_vtensor([m, outliers.size], "f32")],
+                "torch.aten.index_select", results=[irutil.vtensor_type([m, outliers.size], "f32")],
                 operands=[x, one, idx]).result
             store[f"{w_name}:outliers_t"] = np.ascontiguousarray(w[:, outliers].T)
-            w_out_t = sig.add_param(f"{w_name}:outliers_t", _vtensor([outliers.size, n], "f32"))
+            w_out_t = sig.add_param(f"{w_name}:outliers_t", irutil.vtensor_type([outliers.size, n], "f32"))
             y = ir.Operation.create("torch.aten.mm", results=[mm.result.type], operands=[x_out, w_out_t]).result
             if outliers.size < k:
                 # quantized part: x and W with the outlier columns zeroed
@@ -175,8 +164,8 @@ class SplitOutliers(QccPass):
                 # the quantized part's input (x masked, all K columns), for statistics gathered from here on
                 calibration.view(self.session).add_derived(
                     f"{w_name}:inliers", w_name, np.flatnonzero(mask), width=k)
-                mask_arg = sig.add_param(inlier_mask_name(w_name), _vtensor([k], "f32"))
-                w_in_arg = sig.add_param(f"{w_name}:inliers", _vtensor([n, k], "f32"))
+                mask_arg = sig.add_param(inlier_mask_name(w_name), irutil.vtensor_type([k], "f32"))
+                w_in_arg = sig.add_param(f"{w_name}:inliers", irutil.vtensor_type([n, k], "f32"))
                 x_in = ir.Operation.create("torch.aten.mul.Tensor", results=[x.type], operands=[x, mask_arg]).result
                 w_in_t = ir.Operation.create("torch.aten.permute", results=[permute.result.type],
                                              operands=[w_in_arg, permute.operands[1]]).result

@@ -122,6 +122,20 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(dtype)
 
 
+def _norm(kind: str, dim: int, eps: float) -> nn.Module:
+    """"rms": RMSNorm; "layer": nn.LayerNorm (OPT's, Phi's, GPT-NeoX's pre-norms)."""
+    if kind not in ("rms", "layer"):
+        raise ValueError(f"norm must be 'rms' or 'layer', got {kind!r}")
+    return RMSNorm(dim, eps) if kind == "rms" else nn.LayerNorm(dim, eps)
+
+
+def _init_norm(norm: nn.Module, g: torch.Generator) -> None:
+    """Scale ~ N(1, 0.1), a LayerNorm's bias ~ N(0, 0.1): non-trivial, as in trained models."""
+    _normal_(norm.weight, g, 0.1, mean=1.0)
+    if getattr(norm, "bias", None) is not None:
+        _normal_(norm.bias, g, 0.1)
+
+
 def _rope_tables(head_dim: int, max_seq: int, base: float = 10000.0):
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     t = torch.arange(max_seq, dtype=torch.float64)
@@ -224,18 +238,17 @@ class LlamaBlock(nn.Module):
 
     def __init__(self, hidden: int = 256, heads: int = 4, kv_heads: Optional[int] = None,
                  ffn: int = 688, max_seq: int = 64, seed: int = 0, eps: float = 1e-5,
-                 _generator: Optional[torch.Generator] = None):
+                 _generator: Optional[torch.Generator] = None, norm: str = "rms"):
         super().__init__()
         g = _generator if _generator is not None else _gen(seed)
         self.hidden = hidden
         self.max_seq = max_seq
-        self.input_layernorm = RMSNorm(hidden, eps)
+        self.input_layernorm = _norm(norm, hidden, eps)
         self.self_attn = LlamaAttention(hidden, heads, kv_heads, max_seq, g)
-        self.post_attention_layernorm = RMSNorm(hidden, eps)
+        self.post_attention_layernorm = _norm(norm, hidden, eps)
         self.mlp = LlamaMLP(hidden, ffn, g)
-        # Norm weights around 1 with noise (non-trivial, as in trained models).
-        _normal_(self.input_layernorm.weight, g, 0.1, mean=1.0)
-        _normal_(self.post_attention_layernorm.weight, g, 0.1, mean=1.0)
+        _init_norm(self.input_layernorm, g)
+        _init_norm(self.post_attention_layernorm, g)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x))
@@ -308,6 +321,7 @@ class LlamaModel(nn.Module):
     (``self.outlier_channels``) in the residual stream: the embedding values of
     those channels are ~20x the typical magnitude of the other channels (same
     sign for every token), so they persist through the residual connections.
+    ``norm="layer"``: LayerNorms (with biases) instead of RMSNorms.
     """
 
     OUTLIER_SCALE = 20.0
@@ -316,7 +330,7 @@ class LlamaModel(nn.Module):
     def __init__(self, vocab: int = 512, hidden: int = 512, layers: int = 2, heads: int = 8,
                  kv_heads: Optional[int] = None, ffn: int = 1376, max_seq: int = 128,
                  seed: int = 0, tie_embeddings: bool = False,
-                 massive_activations: bool = False):
+                 massive_activations: bool = False, norm: str = "rms"):
         super().__init__()
         g = _gen(seed)
         self.vocab = vocab
@@ -344,10 +358,10 @@ class LlamaModel(nn.Module):
             self.outlier_channels = ()
 
         self.layers = nn.ModuleList(
-            LlamaBlock(hidden, heads, kv_heads, ffn, max_seq, _generator=g) for _ in range(layers)
+            LlamaBlock(hidden, heads, kv_heads, ffn, max_seq, _generator=g, norm=norm) for _ in range(layers)
         )
-        self.norm = RMSNorm(hidden)
-        _normal_(self.norm.weight, g, 0.1, mean=1.0)
+        self.norm = _norm(norm, hidden, 1e-5)
+        _init_norm(self.norm, g)
         if tie_embeddings:
             self.lm_head = torch.nn.utils.skip_init(nn.Linear, hidden, vocab, bias=False)
             self.lm_head.weight = self.embed_tokens.weight

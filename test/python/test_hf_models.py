@@ -272,16 +272,36 @@ def test_hf_complex_rope_models(arch):
     ("gemma", "reorder-channels", "reorder-channels: permuted a 128-channel residual stream"),
     # per-head q / k norms are not residual streams (no remark about them)
     ("qwen3", "fuse-rotation{online=writers}", "fuse-rotation: rotated a 128-channel residual stream"),
-    # LayerNorm: left unrotated, said so; smoothing unties the tied head read through the logit scale
-    ("cohere", "fuse-rotation", "fuse-rotation: residual stream left unrotated: the residual stream's mean"),
+    # LayerNorm streams, rotated by a Q keeping the all-ones vector: Cohere's (no bias, parallel
+    # attention and MLP, a tied head behind a logit scale); GPT-2's (Conv1D readers with biases,
+    # position embeddings, a tied head); Falcon's (readers without biases: the norms' b W^T
+    # become new ones); Nemotron's (relu^2 before the down projection: an online Hadamard there)
+    ("cohere", "fuse-rotation", "fuse-rotation: rotated a 128-channel residual stream (random Hadamard times "
+                                "the reflection keeping LayerNorm's all-ones vector): 1 embedding(s), 11 readers"),
+    ("gpt2", "fuse-rotation", "fuse-rotation: rotated a 128-channel residual stream (random Hadamard times the "
+                              "reflection keeping LayerNorm's all-ones vector): 2 embedding(s), 5 readers, 4 writers, "
+                              "5 norm scales absorbed, 5 norm biases moved into the readers, 2 online"),
+    ("falcon", "fuse-rotation", "fuse-rotation: rotated a 128-channel residual stream (random Hadamard times the "
+                                "reflection keeping LayerNorm's all-ones vector): 1 embedding(s), 5 readers, 4 writers, "
+                                "3 norm scales absorbed, 3 norm biases moved into the readers, 2 online"),
+    ("nemotron", "fuse-rotation", "fuse-rotation: rotated a 128-channel residual stream (random Hadamard times "
+                                  "the reflection keeping LayerNorm's all-ones vector): 1 embedding(s), 9 readers, "
+                                  "4 writers, 5 norm scales absorbed, 5 norm biases moved into the readers, 2 online"),
+    ("gpt2", "reorder-channels", "reorder-channels: permuted a 128-channel residual stream"),
+    # an embedding LayerNorm: the stream is a norm's output, which no weight can rotate
+    ("bloom", "fuse-rotation", "fuse-rotation: residual stream left unrotated"),
     ("cohere", "smooth-channels", "smooth-channels: left 2 linear layer(s) unsmoothed"),
 ])
 def test_hf_transforms_keep_the_float_function(arch, passes, remark):
     """The issue's transforms on other architectures, before quantization: the float function
     unchanged, and each remark says what was done or why not."""
-    configs = {"gemma": CONFIGS["gemma"],
+    configs = {"gemma": CONFIGS["gemma"], "gpt2": CONFIGS["gpt2"],
                "qwen3": lambda: T.Qwen3Config(num_key_value_heads=2, head_dim=32, **COMMON),
-               "cohere": lambda: T.CohereConfig(num_key_value_heads=2, **COMMON)}
+               "cohere": lambda: T.CohereConfig(num_key_value_heads=2, **COMMON),
+               "nemotron": lambda: T.NemotronConfig(num_key_value_heads=2, **COMMON),
+               "falcon": lambda: T.FalconConfig(vocab_size=VOCAB, hidden_size=128, num_hidden_layers=2,
+                                                num_attention_heads=4),
+               "bloom": lambda: T.BloomConfig(vocab_size=VOCAB, hidden_size=128, n_layer=2, n_head=4)}
     torch.manual_seed(0)
     model = Logits(T.AutoModelForCausalLM.from_config(configs[arch]()).eval()).eval()
     ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(5))

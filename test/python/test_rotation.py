@@ -135,3 +135,67 @@ def test_quantized_matches_rotated_oracle():
     expect = float64_out(oracle, inputs)
     assert rel_err(compiled(*inputs).numpy(), expect) <= 1e-4
     assert rel_err(float64_out(model, inputs), expect) > 1e-4  # it was quantized
+
+
+def test_float_equivalence_layernorm_tied_head():
+    """A LayerNorm stream (mean subtracted, scale and bias) is rotated by Q R, which keeps the
+    all-ones vector: the LayerNorms stay, their g and b move into the readers (b W^T as a new
+    bias of each reader: these linears have none), the tied head is untied, the float function kept;
+    reorder-channels permutes the LayerNorm biases with the stream."""
+    model = models.LlamaModel(vocab=64, hidden=64, layers=2, heads=4, kv_heads=2, ffn=96, max_seq=16,
+                              tie_embeddings=True, seed=4, norm="layer").eval()
+    inputs = model.example_inputs(batch=1, seq=8)
+    compiled = qcc.compile(model, inputs, quant={"passes": ["fuse-rotation"]})
+    assert rel_err(compiled(*inputs).numpy(), float64_out(model, inputs)) <= 1e-4
+    assert any("reflection keeping LayerNorm's all-ones vector" in r and "5 norm biases moved into the readers" in r
+               for r in compiled.remarks), compiled.remarks
+    params = [a["param"] for a in compiled.manifest["entry"]["args"] if "param" in a]
+    assert not any("layernorm" in p or p.startswith("norm.") for p in params)
+    assert "lm_head.weight:norm_bias" in params and "lm_head.weight:embedding" in params
+    calibration = [model.example_inputs(batch=1, seq=8, seed=s) for s in (1, 2)]
+    compiled = qcc.compile(model, inputs, quant={"passes": ["fuse-rotation", "reorder-channels{outliers=8}"]},
+                           calibration=calibration)
+    assert rel_err(compiled(*inputs).numpy(), float64_out(model, inputs)) <= 1e-4
+    assert any(r.startswith("reorder-channels: permuted a 64-channel residual stream") for r in compiled.remarks)
+
+
+def test_quantized_layernorm_matches_rotated_oracle():
+    """qcc's rotated int8 LayerNorm model equals PyTorch running it with the decoded weights, the
+    LayerNorms' g = 1 and b = 0, each reader adding its norm_bias, a Hadamard before down_proj."""
+    model = models.LlamaModel(vocab=64, hidden=64, layers=1, heads=4, ffn=128, max_seq=16, seed=2, norm="layer").eval()
+    inputs = model.example_inputs(batch=1, seq=8)
+    compiled = qcc.compile(model, inputs, quant={"weight_format": "int8_sym_channel", "passes": ["fuse-rotation"]})
+    oracle = copy.deepcopy(model)
+    weights = dequantized_weights(compiled)
+    weights["embed_tokens.weight"] = compiled.weights["embed_tokens.weight"]
+    with torch.no_grad():
+        for name, p in oracle.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                p.copy_(torch.from_numpy(weights[name]))
+    for name, module in oracle.named_modules():
+        bias = compiled.weights.get(f"{name}.weight:norm_bias")
+        if bias is not None:
+            module.register_forward_hook(lambda m, args, y, b=torch.from_numpy(bias): y + b.to(y.dtype))
+    h = torch.from_numpy(hadamard.orthogonal(128))
+    for layer in oracle.layers:
+        layer.mlp.down_proj.register_forward_pre_hook(lambda m, args: (args[0] @ h.to(args[0].dtype),))
+    expect = float64_out(oracle, inputs)
+    assert rel_err(compiled(*inputs).numpy(), expect) <= 1e-4
+    assert rel_err(float64_out(model, inputs), expect) > 1e-4  # it was quantized
+
+
+@pytest.mark.parametrize("plain,rotated", [("w8a8", "w8a8-had"), ("w4a4", "w4a4-had")])
+def test_layernorm_rotation_lowers_the_error_of_outliers(plain, rotated):
+    """On a LayerNorm model with massive activations in its residual stream, rotating it roughly
+    halves the end-to-end error of quantized activations (measured: 0.0181 -> 0.0097 for w8a8,
+    0.290 -> 0.130 for w4a4)."""
+    model = models.LlamaModel(vocab=256, hidden=256, layers=2, heads=4, ffn=768, max_seq=64,
+                              massive_activations=True, norm="layer").eval()
+    calibration = [model.example_inputs(batch=1, seq=32, seed=s) for s in range(4)]
+    inputs = model.example_inputs(batch=1, seq=32, seed=99)
+    expect = float64_out(model, inputs)
+    errors = [rel_err(qcc.compile(model, inputs, quant=q, calibration=calibration)(*inputs).numpy(), expect)
+              for q in (plain, rotated)]
+    assert errors[1] <= 0.6 * errors[0], errors
