@@ -14,6 +14,8 @@ the rewritten function, not of the original model:
 * `view.set_param(name, value)`: a new parameter value (also written to the store);
 * `view.add_input_transform(weight, fn)`: the IR now applies fn to that linear's input;
 * `view.add_output_bias(weight, u)`: the IR now adds the vector u to that linear's output;
+* `view.add_scaled_transform(scale, fn)`: the IR now applies fn to the product by the
+  per-channel parameter `scale` (directly, or plus a constant: Gemma's `x * (1 + w)`);
 * `view.add_derived(new_weight, parent_weight, columns, width=None)`: a new linear reads
   columns `columns` of `parent_weight`'s (transformed) input (with `width`: all columns,
   the others zeroed).
@@ -147,14 +149,15 @@ def _expert_gather(node, param_of):
 
 
 def linear_input_stats(ep, calibration_batches, want=("absmax", "mean_abs"), *, params=None,
-                       input_transforms=None, output_biases=None, sample_rows: int = 256, seed: int = 0,
+                       input_transforms=None, output_biases=None, scaled_transforms=None, sample_rows: int = 256, seed: int = 0,
                        progress: bool = False, already_decomposed: bool = False) -> dict[str, LinearStats]:
     """{weight name: LinearStats of that linear's input} over all calibration batches.
 
     params: {state name: array} overriding the program's values; input_transforms:
     {weight name: [fn(x: np.ndarray [M, K]) -> np.ndarray]} applied, in order, to
     the linear's input before it is measured and multiplied; output_biases: {weight name:
-    vector} added to the linear's output.
+    vector} added to the linear's output; scaled_transforms: {parameter name: [fn]} applied to the
+    product by that parameter (see `ModelView.add_scaled_transform`).
     """
     import torch
     import torch.fx
@@ -202,6 +205,12 @@ def linear_input_stats(ep, calibration_batches, want=("absmax", "mean_abs"), *, 
                         accs[key] = _Accumulator(want, x.shape[1])
                     accs[key].add(x[ids == e])
                 return result
+            if node in after:
+                result = super().run_node(node)
+                x = result.detach().double().numpy()
+                for fn in after[node]:
+                    x = fn(x)
+                return torch.from_numpy(np.ascontiguousarray(x)).to(result.dtype)
             w_name = _linear_weight(node, param_of)
             if w_name is None:
                 return super().run_node(node)
@@ -216,6 +225,7 @@ def linear_input_stats(ep, calibration_batches, want=("absmax", "mean_abs"), *, 
             return y + output_biases[w_name].to(y.dtype) if w_name in output_biases else y
 
     gathers = {n.args[0] for n in dep.graph.nodes if _expert_gather(n, param_of) is not None}
+    after = _scaled_nodes(dep.graph, param_of, scaled_transforms or {})
     interp = _Probe(dep.graph_module)
     batches = list(calibration_batches)
     bar = None
@@ -241,6 +251,30 @@ def linear_input_stats(ep, calibration_batches, want=("absmax", "mean_abs"), *, 
         bar.close()
     rng = np.random.default_rng(seed)
     return {name: acc.finish(sample_rows, rng) for name, acc in sorted(accs.items())}
+
+
+def _scaled_nodes(graph, param_of, transforms) -> dict:
+    """{mul node: [fn]}: the products by each parameter of `transforms` (or by it plus a number)."""
+    if not transforms:
+        return {}
+
+    def scale_param(arg):
+        if getattr(arg, "op", None) == "call_function" and "add" in str(arg.target) \
+                and any(isinstance(a, (int, float)) for a in arg.args):
+            arg = next((a for a in arg.args if hasattr(a, "op")), None)
+        return param_of.get(arg.name) if getattr(arg, "op", None) == "placeholder" else None
+
+    found = {}
+    for node in graph.nodes:
+        if node.op == "call_function" and "mul" in str(node.target):
+            for arg in node.args:
+                name = scale_param(arg)
+                if name in transforms:
+                    found[node] = transforms[name]
+    missing = set(transforms) - {scale_param(a) for n in found for a in n.args}
+    if missing:
+        raise QccError(f"calibration: no product by {sorted(missing)} in the exported program")
+    return found
 
 
 def _first_line(e) -> str:
@@ -269,6 +303,7 @@ class ModelView:
     transforms: dict = dataclasses.field(default_factory=dict)
     derived: dict = dataclasses.field(default_factory=dict)
     output_biases: dict = dataclasses.field(default_factory=dict)
+    scaled_transforms: dict = dataclasses.field(default_factory=dict)
     version: int = 0
 
     def set_param(self, session, name: str, value: np.ndarray) -> None:
@@ -283,6 +318,10 @@ class ModelView:
 
     def add_output_bias(self, weight: str, u: np.ndarray) -> None:
         self.output_biases[weight] = self.output_biases.get(weight, 0.0) + np.asarray(u, np.float64)
+        self.version += 1
+
+    def add_scaled_transform(self, scale: str, fn) -> None:
+        self.scaled_transforms.setdefault(scale, []).append(fn)
         self.version += 1
 
     def add_derived(self, new_weight: str, parent_weight: str, columns, width: int | None = None) -> None:
@@ -368,7 +407,8 @@ def session_stats(session, want=("absmax", "mean_abs"), sample_rows: int = 256,
             session.options["qcc.calibration.decomposed"] = decomposed(ep)
         stats = linear_input_stats(session.options["qcc.calibration.decomposed"], batches, want,
                                    params=v.params, input_transforms=v.transforms,
-                                   output_biases=v.output_biases, sample_rows=sample_rows,
+                                   output_biases=v.output_biases, scaled_transforms=v.scaled_transforms,
+                                   sample_rows=sample_rows,
                                    progress=bool(session.options.get("progress")), already_decomposed=True)
         for new, (parent, cols, width) in v.derived.items():
             if parent in stats:

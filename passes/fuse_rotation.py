@@ -107,7 +107,9 @@ class ResidualStream:
     added into the stream; vectors: (op, operand) of 1-D parameters added to it
     (biases); embeddings: aten.embedding ops producing it; norm_scales: {(aten.mul.Tensor
     (g, n), n's operand index): NormScale} of the multiplications to erase; norm_biases:
-    the additions of a LayerNorm's b to erase, each reader_biases' b moving into the readers.
+    the additions of a LayerNorm's b to erase, each reader_biases' b moving into the readers;
+    online: products by a per-channel scale added to the stream (Gemma 2's and OLMo 2's norms
+    after each sublayer), rotated by an online transform after the product.
     """
 
     hidden: int
@@ -119,6 +121,7 @@ class ResidualStream:
     norm_scales: dict = dataclasses.field(default_factory=dict)
     norm_biases: dict = dataclasses.field(default_factory=dict)   # {(aten.add.Tensor, b's index): True}
     reader_biases: dict = dataclasses.field(default_factory=dict)  # {reader mm: (add op, b's index)}
+    online: dict = dataclasses.field(default_factory=dict)  # {aten.mul.Tensor(v, g) added to it: NormScale of g}
     fixes_ones: bool = False  # a channel sum (LayerNorm's mean) is read: Q must keep the all-ones vector
 
 
@@ -139,6 +142,10 @@ class StreamAnalysis:
                 value = self.work.pop()
                 for op, index in uses(value):
                     self._forward(value, op, index)
+            for op, scale in self.stream.online.items():
+                g = scale.arg() if scale.op is op else scale.op.result
+                if self._reads_stream(op.operands[1] if op.operands[0] == g else op.operands[0]):
+                    self._fail(op, "a product by a norm scale added to the residual stream reads the stream itself")
         except NotInvariant as e:
             e.explored = set(self.stream.values)
             raise
@@ -193,6 +200,9 @@ class StreamAnalysis:
         elif name == "torch.aten.mul.Tensor" and any(self._scalar(v) for v in op.operands):
             self._mark(value, op)  # times a 0-d state tensor (Gemma's embedding scale)
             self._need(op.operands[1 if self._scalar(op.operands[0]) else 0], op)
+        elif name == "torch.aten.mul.Tensor" and self._scale_of(op) is not None:
+            self._mark(value, op)  # v * g written to the stream: v g Q = (v g D) H, H online
+            self.stream.online[op] = self._scale_of(op)
         elif name == "torch.aten.mm" and transposed_param(self.func, op.operands[1]) is not None:
             self._mark(value, op)
             self.stream.writers[op] = True
@@ -253,6 +263,23 @@ class StreamAnalysis:
         else:
             self._fail(op, f"the residual stream is read by '{name}', which is not rotation invariant")
 
+    def _scale_of(self, op) -> NormScale | None:
+        return self._norm_scale(op, 0) or self._norm_scale(op, 1)
+
+    def _reads_stream(self, value) -> bool:
+        """Is a stream value among `value`'s producers, short of linear layers (readers absorb Q)?"""
+        seen, todo = set(), [value]
+        while todo:
+            v = todo.pop()
+            if v in self.stream.values:
+                return True
+            op = irutil.defining_op(v)
+            if v in seen or op is None or op.name in _LAYERS:
+                continue
+            seen.add(v)
+            todo.extend(op.operands)
+        return False
+
     def _scalar(self, value) -> bool:
         """A 0-d state tensor (the same factor for every channel: it commutes with Q)."""
         return self._param(value) is not None and shape_of(value) == []
@@ -312,12 +339,14 @@ class StreamAnalysis:
         return False
 
 
-def _per_head(value) -> bool:
-    """`value` splits a wider tensor's channels (a view of [..., H d] as [..., H, d]): the input
-    of a per-head norm (Qwen3's and OLMo's q / k norms), not a residual stream."""
+def _projection_output(value) -> bool:
+    """Is `value` a linear layer's output (through views, permutes and casts)?  Then a norm of it is
+    a q / k norm (Qwen3's, OLMo 2's, Gemma 3's) or a norm after a sublayer (Gemma 2's), not a
+    residual stream's; where the stream continues, another norm's seed finds it."""
     op = irutil.defining_op(value)
-    src = shape_of(op.operands[0]) if op is not None and op.name in VIEW_OPS else None
-    return bool(src) and src[-1] != shape_of(value)[-1]
+    while op is not None and (op.name in VIEW_OPS or op.name == "torch.aten.permute" or is_float_cast(op)):
+        op = irutil.defining_op(op.operands[0])
+    return op is not None and op.name in _LAYERS
 
 
 def find_streams(func, remarks, pass_name, left="unrotated"):
@@ -328,7 +357,7 @@ def find_streams(func, remarks, pass_name, left="unrotated"):
         if not is_square(op) or not uses(op.result) or not all(is_last_dim_sum(u) for u, _ in uses(op.result)):
             continue
         seed = op.operands[0]
-        if seed in seen or len(shape_of(seed) or []) < 2 or _per_head(seed):
+        if seed in seen or len(shape_of(seed) or []) < 2 or _projection_output(seed):
             continue
         try:
             stream = StreamAnalysis(func).run(seed)
@@ -540,25 +569,76 @@ def terminal(value) -> bool:
     return True
 
 
-def insert_online_hadamard(module, mm, k: int, block: int) -> None:
-    """mm's input x [M, k] becomes x @ (I (x) H_block / sqrt(block)), a call to the butterfly kernel."""
+def _hadamard_rows(module, x, k: int, block: int):
+    """x [M, k] @ (I (x) H_block / sqrt(block)): a call to the butterfly kernel (at the current
+    insertion point)."""
     name = f"qcc_hadamard_{k}" if block == k else f"qcc_hadamard_{k}_b{block}"
     body = module.regions[0].blocks[0]
     if not any(op.operation.name == "func.func" and ir.StringAttr(op.attributes["sym_name"]).value == name
                for op in body.operations):
         parsed = ir.Module.parse(hadamard.kernel_mlir(name, k, block))  # must outlive the move
         parsed.body.operations[0].operation.move_after(body.operations[len(body.operations) - 1])
-    x = mm.operands[0]
     shape = shape_of(x)
+    xb = ir.Operation.create("torch_c.to_builtin_tensor", results=[irutil.tensor_type(shape, "f32")],
+                             operands=[x]).result
+    xd = ir.Operation.create("tensor.cast", results=[irutil.tensor_type([None, k], "f32")], operands=[xb]).result
+    yd = ir.Operation.create("func.call", results=[irutil.tensor_type([None, k], "f32")], operands=[xd],
+                             attributes={"callee": ir.FlatSymbolRefAttr.get(name)}).result
+    yb = ir.Operation.create("tensor.cast", results=[irutil.tensor_type(shape, "f32")], operands=[yd]).result
+    return ir.Operation.create("torch_c.from_builtin_tensor", results=[x.type], operands=[yb]).result
+
+
+def insert_online_hadamard(module, mm, k: int, block: int) -> None:
+    """mm's input x [M, k] becomes x @ (I (x) H_block / sqrt(block))."""
     with ir.InsertionPoint(mm), mm.location:
-        xb = ir.Operation.create("torch_c.to_builtin_tensor", results=[irutil.tensor_type(shape, "f32")],
-                                 operands=[x]).result
-        xd = ir.Operation.create("tensor.cast", results=[irutil.tensor_type([None, k], "f32")], operands=[xb]).result
-        yd = ir.Operation.create("func.call", results=[irutil.tensor_type([None, k], "f32")], operands=[xd],
-                                 attributes={"callee": ir.FlatSymbolRefAttr.get(name)}).result
-        yb = ir.Operation.create("tensor.cast", results=[irutil.tensor_type(shape, "f32")], operands=[yd]).result
-        y = ir.Operation.create("torch_c.from_builtin_tensor", results=[x.type], operands=[yb]).result
-    mm.operands[0] = y
+        mm.operands[0] = _hadamard_rows(module, mm.operands[0], k, block)
+
+
+def _view(x, dims, result_shape):
+    """aten.view(x, dims) (dims: ints or !torch.int values) of type [result_shape]."""
+    items = [irutil.const_int(d) if isinstance(d, int) else d for d in dims]
+    size = ir.Operation.create("torch.prim.ListConstruct", results=[ir.Type.parse("!torch.list<int>")],
+                               operands=items).result
+    dtype = irutil.vtensor_shape(x.type)[1]
+    return ir.Operation.create("torch.aten.view", results=[irutil.vtensor_type(result_shape, dtype)],
+                               operands=[x, size]).result
+
+
+def hadamard_after(module, op) -> None:
+    """op's result v [..., n] becomes v @ (H_n / sqrt(n)) for every user of v."""
+    v = op.result
+    users = uses(v)
+    shape = shape_of(v)
+    n = shape[-1]
+    with ir.InsertionPoint.after(op), op.location:
+        if len(shape) == 2:
+            y = _hadamard_rows(module, v, n, n)
+        else:
+            rows = None if None in shape[:-1] else int(np.prod(shape[:-1]))
+            y2 = _hadamard_rows(module, _view(v, [-1, n], [rows, n]), n, n)
+            dims = [d if d is not None else ir.Operation.create(
+                "torch.aten.size.int", results=[ir.Type.parse("!torch.int")], operands=[v, irutil.const_int(i)]).result
+                for i, d in enumerate(shape)]
+            y = _view(y2, dims, shape)
+    for user, index in users:
+        user.operands[index] = y
+
+
+def sublayer_output(op):
+    """The linear layer whose output op = (y * r) * g normalizes (r per token; through views and
+    casts), e.g. Gemma 2's down projection before its norm; or None."""
+    v = op.operands[1] if shape_of(op.operands[0]) == shape_of(op.result)[-1:] else op.operands[0]
+    src = irutil.defining_op(v)
+    while src is not None:
+        if src.name in VIEW_OPS or is_float_cast(src):
+            src = irutil.defining_op(src.operands[0])
+        elif src.name == "torch.aten.mul.Tensor" and (shape_of(src.operands[1]) or [0])[-1:] == [1]:
+            src = irutil.defining_op(src.operands[0])
+        elif src.name == "torch.aten.mm":
+            return src
+        else:
+            return None
+    return None
 
 
 def mlp_input(mm) -> bool:
@@ -598,6 +678,7 @@ class FuseRotation(QccPass):
             streams = find_streams(func, self.session.remarks, self.name)
             if not streams and not any(r.startswith(self.name) for r in self.session.remarks):
                 self.session.remarks.append(f"{self.name}: no residual stream with an RMSNorm found; nothing rotated")
+            streams = [s for s in streams if self._online_possible(s)]
             for stream in streams:
                 self._rotate(module, func, stream)
             if streams:
@@ -605,14 +686,37 @@ class FuseRotation(QccPass):
                     if name in self.session.params:
                         del self.session.params[name]
 
+    def _online_possible(self, stream) -> bool:
+        """A stream with products by a norm scale written to it needs Q = D H (D: signs, folded
+        into the scales; H: a butterfly after the product); else it stays unrotated, said so."""
+        if not stream.online:
+            return True
+        why = None
+        self._matrix(stream)  # a rotation file that cannot be read is an error, as always
+        if self.options.rotation not in ("hadamard", "random-hadamard"):
+            why = f"rotation '{self.options.rotation}' is not a Hadamard matrix"
+        elif stream.fixes_ones:
+            why = "the stream is also LayerNorm's, whose rotation Q R has no fast form"
+        elif hadamard.block_size(stream.hidden) != stream.hidden:
+            why = f"no Hadamard matrix of order {stream.hidden} is known"
+        if why:
+            op = next(iter(stream.online))
+            self.session.remarks.append(
+                f"{self.name}: residual stream left unrotated: {len(stream.online)} products by a norm scale are "
+                f"added to it, which need an online Hadamard transform after them, and {why} (at {op.location})")
+        return why is None
+
+    def _matrix(self, stream) -> np.ndarray:
+        try:
+            return rotation_matrix(self.options.rotation, stream.hidden, self.options.seed)
+        except (ValueError, hadamard.HadamardError) as e:
+            anchor = stream.readers and next(iter(stream.readers)) or None
+            raise PassError(anchor, f"rotation of the {stream.hidden}-channel residual stream: {e}")
+
     def _rotate(self, module, func, stream):
         opts, store = self.options, self.session.params
         n = stream.hidden
-        try:
-            q = rotation_matrix(opts.rotation, n, opts.seed)
-        except (ValueError, hadamard.HadamardError) as e:
-            anchor = stream.readers and next(iter(stream.readers)) or None
-            raise PassError(anchor, f"rotation of the {n}-channel residual stream: {e}")
+        q = self._matrix(stream)
         if stream.fixes_ones:
             q = keeps_ones(q)
             i, j = np.unravel_index(np.argmax(np.abs(q)), q.shape)
@@ -648,9 +752,17 @@ class FuseRotation(QccPass):
             edits.add(op, index, ("vec", q))
         for op in stream.embeddings:
             edits.add(op, 0, ("cols", q))
+        if stream.online:  # Q = D H / sqrt(n): D's signs from Q's rows against H's
+            signs = np.einsum("ij,ij->i", q, hadamard.hadamard_matrix(n)) / np.sqrt(n)
+        for scale in stream.online.values():  # (v g) Q = (v (g D)) H / sqrt(n): g + o -> (g + o) D
+            edits.add(scale.op, scale.index, ("scale_vec", signs))
+            if scale.offset:
+                edits.add(scale.op, scale.index, ("add_vec", scale.offset * (signs - 1.0)))
         online = []
         if opts.online != "none":
-            for mm in stream.writers:
+            # the writers, and the sublayers' last linears whose outputs a norm scales for the stream
+            last = [mm for mm in map(sublayer_output, stream.online) if mm is not None and mm not in stream.writers]
+            for mm in list(stream.writers) + last:
                 if mm in stream.readers or (opts.online == "mlp" and not mlp_input(mm)):
                     continue
                 k = shape_of(mm.operands[0])[-1]
@@ -693,12 +805,16 @@ class FuseRotation(QccPass):
         for (mm, k, block), w_name in zip(online, online_names):
             insert_online_hadamard(module, mm, k, block)
             view.add_input_transform(w_name, lambda x, block=block: hadamard.fast_transform(x, block))
+        for op, scale in stream.online.items():
+            hadamard_after(module, op)
+            view.add_scaled_transform(sig.param_name(irutil.block_arg_number(scale.arg())), hadamard.fast_transform)
         view.version += 1
         what = "random Hadamard" if opts.rotation == "random-hadamard" else opts.rotation
         if stream.fixes_ones:
             what += " times the reflection keeping LayerNorm's all-ones vector"
         biases = f", {len(stream.norm_biases)} norm biases moved into the readers" if stream.norm_biases else ""
+        after = f" ({len(stream.online)} on the stream after the norms writing to it)" if stream.online else ""
         self.session.remarks.append(
             f"{self.name}: rotated a {n}-channel residual stream ({what}): {len(stream.embeddings)} embedding(s), "
             f"{len(stream.readers)} readers, {len(stream.writers)} writers, {len(stream.norm_scales)} norm scales "
-            f"absorbed{biases}, {len(online)} online Hadamard transform(s)")
+            f"absorbed{biases}, {len(online) + len(stream.online)} online Hadamard transform(s){after}")

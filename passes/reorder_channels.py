@@ -113,6 +113,11 @@ class ReorderChannels(QccPass):
             readers = [mm for mm in stream.readers if mm in chosen]
             if not readers:
                 continue
+            if stream.online:  # v g P = (v P)(g P) would need v's producer permuted too: not done
+                self.session.remarks.append(
+                    f"{self.name}: residual stream left not permuted: {len(stream.online)} products by a norm "
+                    f"scale are added to it (at {next(iter(stream.online)).location})")
+                continue
             scores = np.max([a / max(np.median(a), 1e-12) for a in (self._absmax(func, mm, stats) for mm in readers)],
                             axis=0)
             perm = outlier_permutation(scores, k)

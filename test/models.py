@@ -238,7 +238,7 @@ class LlamaBlock(nn.Module):
 
     def __init__(self, hidden: int = 256, heads: int = 4, kv_heads: Optional[int] = None,
                  ffn: int = 688, max_seq: int = 64, seed: int = 0, eps: float = 1e-5,
-                 _generator: Optional[torch.Generator] = None, norm: str = "rms"):
+                 _generator: Optional[torch.Generator] = None, norm: str = "rms", post_norms: bool = False):
         super().__init__()
         g = _generator if _generator is not None else _gen(seed)
         self.hidden = hidden
@@ -249,11 +249,16 @@ class LlamaBlock(nn.Module):
         self.mlp = LlamaMLP(hidden, ffn, g)
         _init_norm(self.input_layernorm, g)
         _init_norm(self.post_attention_layernorm, g)
+        # Gemma 2's norms of each sublayer's output before the residual add
+        self.sublayer_norms = nn.ModuleList(_norm(norm, hidden, eps) for _ in range(2 if post_norms else 0))
+        for n in self.sublayer_norms:
+            _init_norm(n, g)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x))
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        return x
+        a = self.self_attn(self.input_layernorm(x))
+        x = x + (self.sublayer_norms[0](a) if self.sublayer_norms else a)
+        m = self.mlp(self.post_attention_layernorm(x))
+        return x + (self.sublayer_norms[1](m) if self.sublayer_norms else m)
 
     def example_inputs(self, batch: int = 2, seq: int = 16, seed: int = 0) -> Tuple[torch.Tensor]:
         if seq > self.max_seq:
@@ -321,7 +326,8 @@ class LlamaModel(nn.Module):
     (``self.outlier_channels``) in the residual stream: the embedding values of
     those channels are ~20x the typical magnitude of the other channels (same
     sign for every token), so they persist through the residual connections.
-    ``norm="layer"``: LayerNorms (with biases) instead of RMSNorms.
+    ``norm="layer"``: LayerNorms (with biases) instead of RMSNorms; ``post_norms=True``: each
+    sublayer's output normalized before the residual add too (Gemma 2, OLMo 2).
     """
 
     OUTLIER_SCALE = 20.0
@@ -330,7 +336,7 @@ class LlamaModel(nn.Module):
     def __init__(self, vocab: int = 512, hidden: int = 512, layers: int = 2, heads: int = 8,
                  kv_heads: Optional[int] = None, ffn: int = 1376, max_seq: int = 128,
                  seed: int = 0, tie_embeddings: bool = False,
-                 massive_activations: bool = False, norm: str = "rms"):
+                 massive_activations: bool = False, norm: str = "rms", post_norms: bool = False):
         super().__init__()
         g = _gen(seed)
         self.vocab = vocab
@@ -358,7 +364,8 @@ class LlamaModel(nn.Module):
             self.outlier_channels = ()
 
         self.layers = nn.ModuleList(
-            LlamaBlock(hidden, heads, kv_heads, ffn, max_seq, _generator=g, norm=norm) for _ in range(layers)
+            LlamaBlock(hidden, heads, kv_heads, ffn, max_seq, _generator=g, norm=norm, post_norms=post_norms)
+            for _ in range(layers)
         )
         self.norm = _norm(norm, hidden, 1e-5)
         _init_norm(self.norm, g)

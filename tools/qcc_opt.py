@@ -74,6 +74,8 @@ def opt(args) -> int:
     session = Session(params)
     if args.pipeline:
         run_pipeline(module, args.pipeline, session, "qcc-opt", args.print_ir_after_all)
+    for remark in session.remarks:  # what a pass chose not to do, as `qcc compile` says it
+        print(f"qcc-opt: remark: {remark}", file=sys.stderr)
     out = module.operation.get_asm(large_elements_limit=16)
     if args.output:
         with open(args.output, "w") as f:

@@ -6,6 +6,7 @@ matches the float64 model holding the artifact's decoded weights."""
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -29,6 +30,10 @@ CONFIGS = {
     "opt": lambda: T.OPTConfig(vocab_size=VOCAB, hidden_size=128, ffn_dim=256, num_hidden_layers=2,
                                num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=128),
 }
+
+
+def GEMMA2():
+    return T.Gemma2Config(num_key_value_heads=2, head_dim=32, **COMMON)
 
 
 class Logits(torch.nn.Module):
@@ -288,6 +293,16 @@ def test_hf_complex_rope_models(arch):
                                   "the reflection keeping LayerNorm's all-ones vector): 1 embedding(s), 9 readers, "
                                   "4 writers, 5 norm scales absorbed, 5 norm biases moved into the readers, 2 online"),
     ("gpt2", "reorder-channels", "reorder-channels: permuted a 128-channel residual stream"),
+    # norms after each sublayer write the stream (Gemma 2's, Gemma 3's, OLMo 2's): a Hadamard
+    # transform after each (the signs of Q = D H folded into its scale); q / k norms are no seeds
+    ("gemma2", "fuse-rotation", "fuse-rotation: rotated a 128-channel residual stream (random Hadamard): "
+                                "1 embedding(s), 11 readers, 0 writers, 5 norm scales absorbed, 6 online Hadamard "
+                                "transform(s) (4 on the stream after the norms writing to it)"),
+    ("gemma3", "fuse-rotation{rotation=hadamard}", "fuse-rotation: rotated a 128-channel residual stream (hadamard)"),
+    ("olmo2", "fuse-rotation", "fuse-rotation: rotated a 128-channel residual stream (random Hadamard): "
+                               "1 embedding(s), 11 readers, 0 writers, 1 norm scales absorbed, 6 online"),
+    ("gemma2", "reorder-channels", "reorder-channels: residual stream left not permuted: 4 products by a norm "
+                                   "scale are added to it"),
     # an embedding LayerNorm: the stream is a norm's output, which no weight can rotate
     ("bloom", "fuse-rotation", "fuse-rotation: residual stream left unrotated"),
     ("cohere", "smooth-channels", "smooth-channels: left 2 linear layer(s) unsmoothed"),
@@ -295,7 +310,9 @@ def test_hf_complex_rope_models(arch):
 def test_hf_transforms_keep_the_float_function(arch, passes, remark):
     """The issue's transforms on other architectures, before quantization: the float function
     unchanged, and each remark says what was done or why not."""
-    configs = {"gemma": CONFIGS["gemma"], "gpt2": CONFIGS["gpt2"],
+    configs = {"gemma": CONFIGS["gemma"], "gpt2": CONFIGS["gpt2"], "gemma2": GEMMA2,
+               "gemma3": lambda: T.Gemma3TextConfig(num_key_value_heads=2, head_dim=32, **COMMON),
+               "olmo2": lambda: T.Olmo2Config(num_key_value_heads=2, **COMMON),
                "qwen3": lambda: T.Qwen3Config(num_key_value_heads=2, head_dim=32, **COMMON),
                "cohere": lambda: T.CohereConfig(num_key_value_heads=2, **COMMON),
                "nemotron": lambda: T.NemotronConfig(num_key_value_heads=2, **COMMON),
@@ -322,3 +339,101 @@ def test_architecture_sweep_tool(capsys):
     # wav2vec2 on the GPU: its graph holds literal index tensors (dense_resource constants),
     # which the CUDA host plan could not read
     assert hf_sweep.main(["wav2vec2", "--target", "cuda", "--quant", "w8a16"]) == 0
+
+
+def _layer_outputs(session, ep, calibration):
+    """{weight: the linear's output on the calibration rows} as the calibration program sees the
+    session's function (its view of the rewrites so far), with any `:norm_bias` added."""
+    from qcc.calibration import session_stats
+
+    stats = session_stats(session, want=("samples",), sample_rows=0)
+    return {name: st.samples @ np.asarray(session.params[name], np.float64).T
+            + (np.asarray(session.params[f"{name}:norm_bias"], np.float64) if f"{name}:norm_bias" in session.params
+               else 0.0)
+            for name, st in stats.items() if not name.endswith("lm_head.weight")}
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "llama-layernorm"])
+def test_rotation_keeps_the_calibration_program_in_step(arch):
+    """After fuse-rotation, the calibration program (the exported model with the session's view:
+    new parameter values, Hadamards after the norms that write the stream, the LayerNorm biases
+    as reader biases) gives each linear layer inputs whose products equal the original model's
+    (the stream's writers': up to the rotation): the rotation moves activations, not outputs.  Later passes (GPTQ, static scales, AWQ,
+    reorder-channels) calibrate on those inputs."""
+    import models
+    from qcc import pipelines
+    from qcc.context import make_context
+    from qcc.frontend import export_module, import_program
+    from qcc.pipeline import Session, run_pipeline
+
+    torch.manual_seed(0)
+    if arch == "gemma2":
+        model = Logits(T.AutoModelForCausalLM.from_config(GEMMA2()).eval()).eval()
+        make = lambda s: (torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(s)),)
+    else:
+        model = models.LlamaModel(vocab=64, hidden=64, layers=2, heads=4, ffn=96, max_seq=16, norm="layer").eval()
+        make = lambda s: model.example_inputs(batch=1, seq=12, seed=s)
+    calibration = [make(s) for s in (1, 2)]
+    ep = export_module(model, make(0))
+    prog = import_program(ep, make_context())
+    session = Session(prog.params, {"exported_program": ep, "calibration": calibration})
+    run_pipeline(prog.module, pipelines.IMPORT, session, "import")
+    before = _layer_outputs(session, ep, calibration)
+    run_pipeline(prog.module, ["fuse-rotation"], session, "transform")
+    assert any("rotated" in r for r in session.remarks), session.remarks
+    after = _layer_outputs(session, ep, calibration)
+    assert sorted(after) == sorted(before) and len(before) >= 14
+    for name in before:  # the stream's writers' outputs are rotated: equal up to an orthogonal map
+        writer = arch != "gemma2" and name.endswith(("o_proj.weight", "down_proj.weight"))
+        a, b = (after[name] @ after[name].T, before[name] @ before[name].T) if writer else (after[name], before[name])
+        assert rel_err(a, b) <= 1e-5, name
+
+
+def test_hf_gemma2_rotated_w8a8_matches_rotated_oracle():
+    """Gemma 2 (norms after each sublayer) with w8a8 and fuse-rotation equals PyTorch in float64
+    running the rotated model: decoded weights, the absorbed norms' w = 0 (Gemma's 1 + w), the
+    norms after each sublayer keeping the artifact's sign-folded scales followed by a Hadamard,
+    a Hadamard before each down projection, every linear input fake-quantized per token."""
+    from qcc import hadamard
+    from qcc.dialects.formats import activation
+
+    torch.manual_seed(0)
+    model = Logits(T.AutoModelForCausalLM.from_config(GEMMA2()).eval()).eval()
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(3))
+    compiled = qcc.compile(model, (ids,), target="cpu",
+                           quant={"weight_format": "int8_sym_channel", "act_format": "int8_sym_token",
+                                  "passes": ["fuse-rotation"]})
+    oracle = copy.deepcopy(model).double()
+    decoded = dequantized_weights(compiled)
+    with torch.no_grad():
+        for name, p in oracle.named_parameters():
+            if name.endswith("embed_tokens.weight"):  # tied: the table is the float rotated copy
+                p.copy_(torch.from_numpy(np.asarray(compiled.weights["model.lm_head.weight"])))
+            elif name in decoded:
+                p.copy_(torch.from_numpy(decoded[name]))
+            elif name in compiled.weights:
+                p.copy_(torch.from_numpy(np.asarray(compiled.weights[name])))
+            else:
+                assert "norm" in name, name
+                p.zero_()
+    oracle.model.lm_head.weight = torch.nn.Parameter(torch.from_numpy(decoded["model.lm_head.weight"]).double())
+    fmt = activation.parse_act_format("int8_sym_token")
+
+    def had(t):
+        return torch.from_numpy(hadamard.fast_transform(t.numpy()))
+
+    def fake_quant(t):
+        rows = t.numpy().reshape(-1, t.shape[-1]).astype(np.float32)
+        return torch.from_numpy(activation.fake_quant_act(rows, fmt, None).astype(np.float64)).reshape(t.shape)
+
+    for name, module in oracle.named_modules():
+        if name.endswith(("post_attention_layernorm", "post_feedforward_layernorm")):
+            module.register_forward_hook(lambda m, args, y: had(y))
+        if isinstance(module, torch.nn.Linear):
+            if name.endswith("down_proj"):
+                module.register_forward_pre_hook(lambda m, args: (had(args[0]),))
+            module.register_forward_pre_hook(lambda m, args: (fake_quant(args[0]),))
+    with torch.no_grad():
+        expect = oracle(ids).numpy()
+    assert rel_err(compiled(ids).numpy(), expect) <= 1e-5
+    assert rel_err(float64_out(model, (ids,)), expect) > 1e-3  # it was quantized
