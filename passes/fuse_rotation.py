@@ -302,6 +302,8 @@ class StreamAnalysis:
         for op, index in uses(value):
             if (op.name in VIEW_OPS or is_float_cast(op)) and index == 0:
                 self._scaled(op.result, scale, bias)
+            elif op.name in _SCALE_OPS and index == 0 and bias is None:  # T5's d_model^-0.5 before its tied head
+                self._scaled(op.result, scale)
             elif op.name == "torch.aten.mm" and index == 0 and transposed_param(self.func, op.operands[1]) is not None:
                 self.stream.readers[op] = scale
                 if bias is not None:
@@ -677,14 +679,34 @@ class FuseRotation(QccPass):
         for func in irutil.functions(module):
             streams = find_streams(func, self.session.remarks, self.name)
             if not streams and not any(r.startswith(self.name) for r in self.session.remarks):
-                self.session.remarks.append(f"{self.name}: no residual stream with an RMSNorm found; nothing rotated")
-            streams = [s for s in streams if self._online_possible(s)]
-            for stream in streams:
-                self._rotate(module, func, stream)
+                self.session.remarks.append(f"{self.name}: no residual stream with a norm found; nothing rotated")
+            streams = self._shared_tables(func, [s for s in streams if self._online_possible(s)])
+            # one commit for every stream: a table shared by several (T5's encoder and decoder
+            # embeddings) gets each stream's edits on its own uses
+            edits = WeightEdits(func, self.session)
+            finish = [self._rotate(module, func, stream, edits) for stream in streams]
+            calibration.view(self.session).params.update(edits.commit())
+            for rest in finish:
+                rest()
             if streams:
                 for name in irutil.Signature(func).erase_unused_params():
                     if name in self.session.params:
                         del self.session.params[name]
+
+    def _shared_tables(self, func, streams):
+        """The streams whose embedding tables feed no embedding outside the rotated streams (a
+        table shared with a stream left unrotated would need two values: the stream stays too)."""
+        while True:
+            rotated = {op for s in streams for op in s.embeddings}
+            bad = next(((s, user) for s in streams for op in s.embeddings for user, _ in uses(op.operands[0])
+                        if user.name == "torch.aten.embedding" and user not in rotated), None)
+            if bad is None:
+                return streams
+            stream, user = bad
+            streams = [s for s in streams if s is not stream]
+            self.session.remarks.append(
+                f"{self.name}: residual stream left unrotated: its embedding table also feeds a stream left "
+                f"unrotated (at {user.location})")
 
     def _online_possible(self, stream) -> bool:
         """A stream with products by a norm scale written to it needs Q = D H (D: signs, folded
@@ -713,7 +735,8 @@ class FuseRotation(QccPass):
             anchor = stream.readers and next(iter(stream.readers)) or None
             raise PassError(anchor, f"rotation of the {stream.hidden}-channel residual stream: {e}")
 
-    def _rotate(self, module, func, stream):
+    def _rotate(self, module, func, stream, edits):
+        """Adds the stream's weight edits; returns what to do once they are committed."""
         opts, store = self.options, self.session.params
         n = stream.hidden
         q = self._matrix(stream)
@@ -727,14 +750,13 @@ class FuseRotation(QccPass):
                                         f"'{opts.rotation}' leaves channel {i} nearly in place (|QR[{i}, {j}]| = "
                                         f"{abs(q[i, j]):.2f}); use rotation=random-hadamard")
         sig = irutil.Signature(func)
-        edits = WeightEdits(func, self.session)
-        new_biases = []  # (reader, b W^T) for readers without a bias of their own
+        new_biases = []  # (reader, its weight's name, b W^T) for readers without a bias of their own
         for mm, (add, b_index) in stream.reader_biases.items():
             b = np.asarray(store[sig.param_name(irutil.block_arg_number(add.operands[b_index]))], np.float64)
             u = np.asarray(store[weight_name(func, mm)], np.float64) @ b  # (n g + b) W^T = n diag(g) W^T + b W^T
             site = output_bias(func, mm)
             if site is None:
-                new_biases.append((mm, u))
+                new_biases.append((mm, weight_name(func, mm), u))
             else:
                 edits.add(site[0], site[1], ("add_vec", site[2] * u))
         for mm, scale in stream.readers.items():
@@ -783,12 +805,13 @@ class FuseRotation(QccPass):
                 edits.add(op, index, ("cols", hadamard.block_matrix(k, block)))
                 online.append((mm, k, block))
         online_names = [weight_name(func, mm) for mm, _, _ in online]
-        calib = edits.commit()
+        return lambda: self._rewrite(module, func, stream, new_biases, online, online_names)
+
+    def _rewrite(self, module, func, stream, new_biases, online, online_names):
+        """The graph's side of the rotation, after the weight edits are committed."""
+        opts, n, sig = self.options, stream.hidden, irutil.Signature(func)
         view = calibration.view(self.session)
-        for name, value in calib.items():
-            view.params[name] = value
-        for mm, u in new_biases:
-            w_name = weight_name(func, mm)
+        for mm, w_name, u in new_biases:
             add_output_bias(func, self.session, mm, f"{w_name}:norm_bias", u)
             view.add_output_bias(w_name, u)
         for add, b_index in stream.norm_biases:

@@ -36,6 +36,19 @@ def outlier_permutation(scores, k: int) -> np.ndarray:
     return np.concatenate([rest, top]).astype(np.int64)
 
 
+def _sharing_tables(streams) -> list[list]:
+    """The streams grouped by the embedding tables they share (transitively)."""
+    groups = []  # [(tables, [streams])]
+    for stream in streams:
+        tables = {op.operands[0] for op in stream.embeddings}
+        joined = [g for g in groups if g[0] & tables]
+        for g in joined:
+            groups.remove(g)
+            tables |= g[0]
+        groups.append((tables, [s for g in joined for s in g[1]] + [stream]))
+    return [members for _, members in groups]
+
+
 def producer_leaves(func, value):
     """[(mm, bias use or None)]: the linear layers whose output channels, permuted, permute `value`'s
     channels (through views and elementwise ops, every value on the way used once), or None."""
@@ -109,36 +122,41 @@ class ReorderChannels(QccPass):
         edits = WeightEdits(func, self.session)
         plan = {}  # mm -> (columns of its fx-visible input for [main, outliers], folded?)
         writers = set()
+        streams = []
         for stream in find_streams(func, self.session.remarks, self.name, left="not permuted"):
-            readers = [mm for mm in stream.readers if mm in chosen]
-            if not readers:
-                continue
             if stream.online:  # v g P = (v P)(g P) would need v's producer permuted too: not done
                 self.session.remarks.append(
                     f"{self.name}: residual stream left not permuted: {len(stream.online)} products by a norm "
                     f"scale are added to it (at {next(iter(stream.online)).location})")
+            else:
+                streams.append(stream)
+        for group in _sharing_tables(streams):  # streams sharing an embedding table: one permutation
+            readers = [mm for stream in group for mm in stream.readers if mm in chosen]
+            if not readers:
                 continue
             scores = np.max([a / max(np.median(a), 1e-12) for a in (self._absmax(func, mm, stats) for mm in readers)],
                             axis=0)
             perm = outlier_permutation(scores, k)
-            for mm in stream.readers:
-                edits.add(*weight_use(mm), ("perm_cols", perm))
-            for mm in stream.writers:
-                edits.add(*weight_use(mm), ("perm_rows", perm))
-                writers.add(mm)
-            for use in stream.vectors:
-                edits.add(*use, ("perm_vec", perm))
-            for op in stream.embeddings:
-                edits.add(op, 0, ("perm_cols", perm))
-            for scale in stream.norm_scales.values():
-                edits.add(scale.op, scale.index, ("perm_vec", perm))
-            for use in stream.norm_biases:
-                edits.add(*use, ("perm_vec", perm))
+            for stream in group:
+                for mm in stream.readers:
+                    edits.add(*weight_use(mm), ("perm_cols", perm))
+                for mm in stream.writers:
+                    edits.add(*weight_use(mm), ("perm_rows", perm))
+                    writers.add(mm)
+                for use in stream.vectors:
+                    edits.add(*use, ("perm_vec", perm))
+                for op in stream.embeddings:
+                    edits.add(op, 0, ("perm_cols", perm))
+                for scale in stream.norm_scales.values():
+                    edits.add(scale.op, scale.index, ("perm_vec", perm))
+                for use in stream.norm_biases:
+                    edits.add(*use, ("perm_vec", perm))
             for mm in readers:
                 plan[mm] = (np.arange(len(perm)), True)
             self.session.remarks.append(
-                f"{self.name}: permuted a {len(perm)}-channel residual stream; outlier channels "
-                f"{perm[-k:].tolist()} go last in {len(readers)} readers")
+                f"{self.name}: permuted a {len(perm)}-channel residual stream"
+                f"{f' (and {len(group) - 1} sharing its embedding table)' if len(group) > 1 else ''}; outlier "
+                f"channels {perm[-k:].tolist()} go last in {len(readers)} readers")
         gathers = []
         for mm in chosen:
             if mm in plan:

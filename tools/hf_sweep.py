@@ -1,11 +1,14 @@
 """Sweep transformers' architectures through qcc: `python -m qcc.tools.hf_sweep [--target cuda]
-[--quant w8a16] [arch ...]`.
+[--quant w8a16 | --transform PASS] [arch ...]`.
 
 Each architecture is built from a small random config (no hub), compiled, run (CUDA: on the
 emulator) and compared with the float64 model holding the artifact's decoded weights; one line
 each: OK / BAD (relative error over 1e-4) / FAIL (qcc's error) / SKIP (the config itself does not
-build or run in transformers).  The test suite pins a subset (test_hf_models.py); this is the
-wide net, for a new transformers release or a new frontend rewrite.  Needs the dev extra.
+build or run in transformers).  `--transform fuse-rotation` (or any float-preserving pass list,
+comma-separated) compiles with only those passes, calibrated on two other inputs, compares with
+the float64 model itself and prints the pass's first remark: what it rotated, or why not.
+The test suite pins a subset (test_hf_models.py); this is the wide net, for a new transformers
+release or a new frontend rewrite.  Needs the dev extra.
 """
 
 import argparse
@@ -167,11 +170,22 @@ def _reference(wrapped, compiled, inputs):
         return ref(*(a.double() if a.is_floating_point() else a for a in inputs)).numpy()
 
 
+def _float64(wrapped, inputs):
+    import torch
+
+    ref = copy.deepcopy(wrapped).double()
+    if getattr(ref.model.config, "_experts_implementation", None) not in (None, "batched_mm"):
+        ref.model.set_experts_implementation("batched_mm")
+    with torch.no_grad():
+        return ref(*(a.double() if a.is_floating_point() else a for a in inputs)).numpy()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("archs", nargs="*", help="architectures (default: all)")
     p.add_argument("--target", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--quant", default="w4a16-g128")
+    p.add_argument("--transform", help="float-preserving passes to check instead of --quant (e.g. fuse-rotation)")
     args = p.parse_args(argv)
     import torch
     import transformers as T
@@ -194,19 +208,29 @@ def main(argv=None) -> int:
             print(f"{name:14s} SKIP {type(e).__name__}: {str(e)[:120]}", flush=True)
             continue
         try:
-            compiled = qcc.compile(model, inputs, target=args.target, quant=args.quant)
+            if args.transform:
+                passes = args.transform.split(",")
+                calibration = [_wrapped(model.model, kind)[1] for _ in range(2)]
+                compiled = qcc.compile(model, inputs, target=args.target, quant={"passes": passes},
+                                       calibration=calibration)
+            else:
+                compiled = qcc.compile(model, inputs, target=args.target, quant=args.quant)
             if args.target == "cuda":
                 from qcc.backends.cuda import emulate
 
                 got = emulate.run_compiled(compiled, *inputs)[0]
             else:
                 got = compiled(*inputs).numpy()
-            want = _reference(model, compiled, inputs)
+            want = _float64(model, inputs) if args.transform else _reference(model, compiled, inputs)
             err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
             bad += err > 1e-4
-            print(f"{name:14s} {'OK ' if err <= 1e-4 else 'BAD'} rel err {err:.1e}, "
-                  f"{len(compiled.manifest['layers'])} quantized, {len(compiled.remarks)} remarks, "
-                  f"{time.time() - t0:.0f} s", flush=True)
+            if args.transform:
+                first = next((r for r in compiled.remarks if r.startswith(passes[0].split("{")[0])), "no remark")
+                what = first.split(" (at loc")[0]
+            else:
+                what = f"{len(compiled.manifest['layers'])} quantized, {len(compiled.remarks)} remarks"
+            print(f"{name:14s} {'OK ' if err <= 1e-4 else 'BAD'} rel err {err:.1e}, {what}, {time.time() - t0:.0f} s",
+                  flush=True)
         except Exception as e:
             bad += 1
             print(f"{name:14s} FAIL {type(e).__name__}: {str(e)[:300]}", flush=True)

@@ -158,8 +158,8 @@ def test_bench_cuda_without_gpu_is_a_clear_error():
 
 
 def test_compile_prints_remarks(tmp_path):
-    """What a recipe left undone (here: a GPT-2 block's residual stream, which has no RMSNorm,
-    is not rotated) reaches the user as a remark on stderr."""
+    """What a recipe left undone (here: a GPT-2 block's residual stream, its input, is not
+    rotated) reaches the user as a remark on stderr."""
     model = models.GPT2Block(hidden=128, heads=4, seed=1).eval()
     inputs = model.example_inputs(batch=1, seq=6, seed=2)
     path = tmp_path / "gpt2.pt2"
@@ -168,7 +168,8 @@ def test_compile_prints_remarks(tmp_path):
     proc = qcc_cli("compile", path, "--quant=w8a8-had", "--calib", tmp_path / "calib.npz", "-o", tmp_path / "g.qcc")
     assert proc.returncode == 0, proc.stderr
     assert "wrote" in proc.stdout and "4 quantized layer(s)" in proc.stdout
-    assert "qcc: remark: fuse-rotation: no residual stream with an RMSNorm found; nothing rotated" in proc.stderr
+    assert "qcc: remark: fuse-rotation: residual stream left unrotated: the residual stream is a function argument" \
+        in proc.stderr
 
 
 def test_pt2_with_custom_ops(tmp_path):

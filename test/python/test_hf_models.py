@@ -339,6 +339,16 @@ def test_architecture_sweep_tool(capsys):
     # wav2vec2 on the GPU: its graph holds literal index tensors (dense_resource constants),
     # which the CUDA host plan could not read
     assert hf_sweep.main(["wav2vec2", "--target", "cuda", "--quant", "w8a16"]) == 0
+    capsys.readouterr()
+    # float-preserving transforms on T5: an encoder and a decoder stream sharing one embedding
+    # table (rotated by one Q; permuted by one permutation), the decoder's head read through
+    # a d_model^-0.5 scale
+    assert hf_sweep.main(["t5", "--transform", "fuse-rotation"]) == 0
+    assert hf_sweep.main(["t5", "--transform", "reorder-channels"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in lines] == [["t5", "OK"], ["t5", "OK"]]
+    assert "fuse-rotation: rotated a 128-channel residual stream" in lines[0]
+    assert "reorder-channels: permuted a 128-channel residual stream (and 1 sharing its embedding table)" in lines[1]
 
 
 def _layer_outputs(session, ep, calibration):
