@@ -109,7 +109,9 @@ class ResidualStream:
     (g, n), n's operand index): NormScale} of the multiplications to erase; norm_biases:
     the additions of a LayerNorm's b to erase, each reader_biases' b moving into the readers;
     online: products by a per-channel scale added to the stream (Gemma 2's and OLMo 2's norms
-    after each sublayer), rotated by an online transform after the product.
+    after each sublayer), rotated by an online transform after the product; expert_readers /
+    expert_writers: a mixture of experts' weights [E, N, K], gathered per token (the frontend's
+    form of transformers' experts), reading or writing the stream.
     """
 
     hidden: int
@@ -122,6 +124,8 @@ class ResidualStream:
     norm_biases: dict = dataclasses.field(default_factory=dict)   # {(aten.add.Tensor, b's index): True}
     reader_biases: dict = dataclasses.field(default_factory=dict)  # {reader mm: (add op, b's index)}
     online: dict = dataclasses.field(default_factory=dict)  # {aten.mul.Tensor(v, g) added to it: NormScale of g}
+    expert_readers: dict = dataclasses.field(default_factory=dict)  # {gather of W [E, N, K]: NormScale | None}
+    expert_writers: dict = dataclasses.field(default_factory=dict)  # {gather of W [E, hidden, K]: True}
     fixes_ones: bool = False  # a channel sum (LayerNorm's mean) is read: Q must keep the all-ones vector
 
 
@@ -136,12 +140,16 @@ class StreamAnalysis:
         shape = shape_of(seed)
         self.stream = ResidualStream(hidden=shape[-1])
         self.work = []
+        self.factors = []  # per-row factors of stream values: must not be computed from the stream
         try:
             self._need(seed, None)
             while self.work:
                 value = self.work.pop()
                 for op, index in uses(value):
                     self._forward(value, op, index)
+            for op, factor in self.factors:
+                if self._reads_stream(factor):
+                    self._fail(op, "the residual stream is scaled per row by a value computed from it")
             for op, scale in self.stream.online.items():
                 g = scale.arg() if scale.op is op else scale.op.result
                 if self._reads_stream(op.operands[1] if op.operands[0] == g else op.operands[0]):
@@ -200,6 +208,21 @@ class StreamAnalysis:
         elif name == "torch.aten.mul.Tensor" and any(self._scalar(v) for v in op.operands):
             self._mark(value, op)  # times a 0-d state tensor (Gemma's embedding scale)
             self._need(op.operands[1 if self._scalar(op.operands[0]) else 0], op)
+        elif name == "torch.aten.mul.Tensor" and self._row_factor(op, None) is not None:
+            self._mark(value, op)  # v * w, w one factor per row (a mixture's routing weights)
+            self._need(op.operands[1 - self._row_factor(op, None)], op)
+        elif _row_sum(op):
+            self._mark(value, op)  # a sum over rows (a mixture's chosen experts): linear
+            self._need(op.operands[0], op)
+        elif _row_gather(op):
+            self._mark(value, op)
+            self._need(op.operands[0], op)
+        elif name == "torch.aten.where.self" and _row_mask_zero(op) is not None:
+            self._mark(value, op)
+            self._need(op.operands[_row_mask_zero(op)], op)
+        elif _expert_product(self.func, op) is not None and _expert_product(self.func, op)[1] == "rows":
+            self._mark(value, op)  # squeeze(bmm(W[ids], x)): an expert's output rows
+            self.stream.expert_writers[_expert_product(self.func, op)[0]] = True
         elif name == "torch.aten.mul.Tensor" and self._scale_of(op) is not None:
             self._mark(value, op)  # v * g written to the stream: v g Q = (v g D) H, H online
             self.stream.online[op] = self._scale_of(op)
@@ -244,6 +267,12 @@ class StreamAnalysis:
             self._add_operands(op, skip=index)
         elif name in _SCALE_OPS and index == 0:
             self._mark(op.result, op)
+        elif (_row_sum(op) or _row_gather(op)) and index == 0:
+            self._mark(op.result, op)
+        elif name == "torch.aten.where.self" and index in (1, 2) and _row_mask_zero(op) == index:
+            self._mark(op.result, op)
+        elif name == "torch.aten.mul.Tensor" and self._row_factor(op, index) is not None:
+            self._mark(op.result, op)
         elif name == "torch.aten.mul.Tensor":
             other = op.operands[1 - index]
             shape = shape_of(other)
@@ -262,6 +291,18 @@ class StreamAnalysis:
             self._fail(op, "the residual stream is a result of the function")
         else:
             self._fail(op, f"the residual stream is read by '{name}', which is not rotation invariant")
+
+    def _row_factor(self, op, index):
+        """The operand index of w in op = v * w, w one factor per row ([..., 1], not the stream's
+        channel sums: checked once the stream is known), v operand `index` (None: either); or None."""
+        for j in ((1 - index,) if index is not None else (0, 1)):
+            w, v = op.operands[j], op.operands[1 - j]
+            ws, vs = shape_of(w), shape_of(v)
+            if ws and vs and ws[-1] == 1 and vs[-1] == self.stream.hidden and len(ws) == len(vs):
+                if not self._invariant(w):
+                    self.factors.append((op, w))
+                return j
+        return None
 
     def _scale_of(self, op) -> NormScale | None:
         return self._norm_scale(op, 0) or self._norm_scale(op, 1)
@@ -304,6 +345,11 @@ class StreamAnalysis:
                 self._scaled(op.result, scale, bias)
             elif op.name in _SCALE_OPS and index == 0 and bias is None:  # T5's d_model^-0.5 before its tied head
                 self._scaled(op.result, scale)
+            elif _row_gather(op) and index == 0:  # the rows each expert takes
+                self._scaled(op.result, scale, bias)
+            elif op.name == "torch.aten.unsqueeze" and index == 0 and bias is None and _expert_readers(self.func, op):
+                for gather in _expert_readers(self.func, op):
+                    self.stream.expert_readers[gather] = scale
             elif op.name == "torch.aten.mm" and index == 0 and transposed_param(self.func, op.operands[1]) is not None:
                 self.stream.readers[op] = scale
                 if bias is not None:
@@ -339,6 +385,76 @@ class StreamAnalysis:
                 self.stream.fixes_ones = True
             return True
         return False
+
+
+_GATHERS = ("torch.aten.index.Tensor_hacked_twin", "torch.aten.index.Tensor")
+
+
+def _row_gather(op) -> bool:
+    """x[ids]: rows of x picked by one index tensor (leading dim): commutes with x Q."""
+    if op.name not in _GATHERS:
+        return False
+    idx = irutil.defining_op(op.operands[1])
+    return idx is not None and idx.name == "torch.prim.ListConstruct" and len(idx.operands) == 1 \
+        and shape_of(op.operands[0]) is not None and shape_of(op.result)[-1:] == shape_of(op.operands[0])[-1:]
+
+
+def _row_sum(op) -> bool:
+    """A sum over dims other than the last (a mixture's sum over its chosen experts)."""
+    if op.name != "torch.aten.sum.dim_IntList":
+        return False
+    dims, rank = irutil.const_int_list(op.operands[1]), len(shape_of(op.operands[0]) or [])
+    return bool(dims) and rank > 1 and all(d not in (-1, rank - 1) for d in dims) \
+        and shape_of(op.result)[-1:] == shape_of(op.operands[0])[-1:]
+
+
+def _row_mask_zero(op):
+    """where(mask, a, b) with mask [..., 1] and one of a, b a literal 0: the other's operand index."""
+    mask = shape_of(op.operands[0])
+    if not mask or mask[-1] != 1:
+        return None
+    for j in (1, 2):
+        lit = irutil.defining_op(op.operands[3 - j])
+        if lit is not None and lit.name == "torch.vtensor.literal" and shape_of(op.operands[3 - j]) == [] and \
+                not np.any(np.asarray(ir.DenseElementsAttr(lit.attributes["value"]))):
+            return j
+    return None
+
+
+def _gathered_param(func, value):
+    """The gather op of W[ids] when `value` is that, W a [E, N, K] parameter; else None."""
+    op = irutil.defining_op(value)
+    if op is None or not _row_gather(op):
+        return None
+    arg = irutil.block_arg_number(op.operands[0])
+    if arg is None or irutil.Signature(func).param_name(arg) is None or len(shape_of(op.operands[0])) != 3:
+        return None
+    return op
+
+
+def _expert_product(func, op):
+    """(gather, "rows") when op = squeeze(bmm(W[ids], x[..., None]), -1): experts' output rows."""
+    if op.name != "torch.aten.squeeze.dim" or const_number(op.operands[1]) not in (-1, 2):
+        return None
+    bmm = irutil.defining_op(op.operands[0])
+    if bmm is None or bmm.name != "torch.aten.bmm":
+        return None
+    gather = _gathered_param(func, bmm.operands[0])
+    return None if gather is None else (gather, "rows")
+
+
+def _expert_readers(func, unsqueeze) -> list:
+    """The gathers W[ids] of every bmm(W[ids], x[..., None]) reading unsqueeze = x[..., None]; [] when
+    any use of it is something else."""
+    if const_number(unsqueeze.operands[1]) not in (-1, len(shape_of(unsqueeze.operands[0]))):
+        return []
+    found = []
+    for user, index in uses(unsqueeze.result):
+        gather = _gathered_param(func, user.operands[0]) if user.name == "torch.aten.bmm" and index == 1 else None
+        if gather is None:
+            return []
+        found.append(gather)
+    return found
 
 
 def _projection_output(value) -> bool:
@@ -485,15 +601,15 @@ class WeightEdits:
             elif kind == "vec":        # b Q
                 w = w @ m
             elif kind == "scale_rows":
-                w = w * m[:, None]
+                w = w * m[:, None]  # [N, K] or [E, N, K]
             elif kind == "scale_vec":
                 w = w * m
             elif kind == "add_vec":
                 w = w + m
             elif kind == "perm_rows":
-                w = w[m]
+                w = np.take(w, m, axis=-2)
             elif kind == "perm_cols":
-                w = w[:, m]
+                w = np.take(w, m, axis=-1)
             elif kind == "perm_vec":
                 w = w[m]
             else:
@@ -774,6 +890,13 @@ class FuseRotation(QccPass):
             edits.add(op, index, ("vec", q))
         for op in stream.embeddings:
             edits.add(op, 0, ("cols", q))
+        for gather, scale in stream.expert_readers.items():  # W_e [N, K] -> W_e diag(g) Q, every e
+            if scale is not None:
+                g_name = sig.param_name(irutil.block_arg_number(scale.arg()))
+                edits.add(gather, 0, ("scale_cols", np.asarray(store[g_name], np.float64) + scale.offset))
+            edits.add(gather, 0, ("cols", q))
+        for gather in stream.expert_writers:  # W_e -> Q^T W_e
+            edits.add(gather, 0, ("rows", q))
         if stream.online:  # Q = D H / sqrt(n): D's signs from Q's rows against H's
             signs = np.einsum("ij,ij->i", q, hadamard.hadamard_matrix(n)) / np.sqrt(n)
         for scale in stream.online.values():  # (v g) Q = (v (g D)) H / sqrt(n): g + o -> (g + o) D
@@ -836,8 +959,10 @@ class FuseRotation(QccPass):
         if stream.fixes_ones:
             what += " times the reflection keeping LayerNorm's all-ones vector"
         biases = f", {len(stream.norm_biases)} norm biases moved into the readers" if stream.norm_biases else ""
+        experts = (f"{len(stream.expert_readers)} reading and {len(stream.expert_writers)} writing experts' weights, "
+                   if stream.expert_readers or stream.expert_writers else "")
         after = f" ({len(stream.online)} on the stream after the norms writing to it)" if stream.online else ""
         self.session.remarks.append(
             f"{self.name}: rotated a {n}-channel residual stream ({what}): {len(stream.embeddings)} embedding(s), "
-            f"{len(stream.readers)} readers, {len(stream.writers)} writers, {len(stream.norm_scales)} norm scales "
+            f"{len(stream.readers)} readers, {len(stream.writers)} writers, {experts}{len(stream.norm_scales)} norm scales "
             f"absorbed{biases}, {len(online) + len(stream.online)} online Hadamard transform(s){after}")

@@ -147,6 +147,10 @@ class ReorderChannels(QccPass):
                     edits.add(*use, ("perm_vec", perm))
                 for op in stream.embeddings:
                     edits.add(op, 0, ("perm_cols", perm))
+                for gather in stream.expert_readers:  # permuted, not split: experts take float inputs
+                    edits.add(gather, 0, ("perm_cols", perm))
+                for gather in stream.expert_writers:
+                    edits.add(gather, 0, ("perm_rows", perm))
                 for scale in stream.norm_scales.values():
                     edits.add(scale.op, scale.index, ("perm_vec", perm))
                 for use in stream.norm_biases:
