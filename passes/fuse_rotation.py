@@ -458,11 +458,13 @@ def _expert_readers(func, unsqueeze) -> list:
 
 
 def _projection_output(value) -> bool:
-    """Is `value` a linear layer's output (through views, permutes and casts)?  Then a norm of it is
-    a q / k norm (Qwen3's, OLMo 2's, Gemma 3's) or a norm after a sublayer (Gemma 2's), not a
-    residual stream's; where the stream continues, another norm's seed finds it."""
+    """Is `value` a linear layer's output (through views, permutes, slices and casts)?  Then a norm
+    of it is a q / k norm (Qwen3's, OLMo 2's, Gemma 3's), a latent's (DeepSeek's MLA) or a norm
+    after a sublayer (Gemma 2's), not a residual stream's; where the stream continues, another
+    norm's seed finds it."""
     op = irutil.defining_op(value)
-    while op is not None and (op.name in VIEW_OPS or op.name == "torch.aten.permute" or is_float_cast(op)):
+    while op is not None and (op.name in VIEW_OPS or op.name in ("torch.aten.permute", "torch.aten.slice.Tensor")
+                              or is_float_cast(op)):
         op = irutil.defining_op(op.operands[0])
     return op is not None and op.name in _LAYERS
 
