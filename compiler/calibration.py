@@ -258,15 +258,19 @@ def _scaled_nodes(graph, param_of, transforms) -> dict:
     if not transforms:
         return {}
 
+    import torch
+
+    adds = (torch.ops.aten.add.Tensor, torch.ops.aten.add.Scalar)
+
     def scale_param(arg):
-        if getattr(arg, "op", None) == "call_function" and "add" in str(arg.target) \
+        if getattr(arg, "op", None) == "call_function" and arg.target in adds \
                 and any(isinstance(a, (int, float)) for a in arg.args):
             arg = next((a for a in arg.args if hasattr(a, "op")), None)
         return param_of.get(arg.name) if getattr(arg, "op", None) == "placeholder" else None
 
     found = {}
     for node in graph.nodes:
-        if node.op == "call_function" and "mul" in str(node.target):
+        if node.op == "call_function" and node.target == torch.ops.aten.mul.Tensor:
             for arg in node.args:
                 name = scale_param(arg)
                 if name in transforms:
