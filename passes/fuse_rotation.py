@@ -220,9 +220,9 @@ class StreamAnalysis:
         elif name == "torch.aten.where.self" and _row_mask_zero(op) is not None:
             self._mark(value, op)
             self._need(op.operands[_row_mask_zero(op)], op)
-        elif _expert_product(self.func, op) is not None and _expert_product(self.func, op)[1] == "rows":
-            self._mark(value, op)  # squeeze(bmm(W[ids], x)): an expert's output rows
-            self.stream.expert_writers[_expert_product(self.func, op)[0]] = True
+        elif _expert_output(self.func, op) is not None:
+            self._mark(value, op)  # squeeze(bmm(W[ids], x)): the chosen experts' output rows
+            self.stream.expert_writers[_expert_output(self.func, op)] = True
         elif name == "torch.aten.mul.Tensor" and self._scale_of(op) is not None:
             self._mark(value, op)  # v * g written to the stream: v g Q = (v g D) H, H online
             self.stream.online[op] = self._scale_of(op)
@@ -432,15 +432,12 @@ def _gathered_param(func, value):
     return op
 
 
-def _expert_product(func, op):
-    """(gather, "rows") when op = squeeze(bmm(W[ids], x[..., None]), -1): experts' output rows."""
+def _expert_output(func, op):
+    """The gather W[ids] when op = squeeze(bmm(W[ids], x[..., None]), -1) (experts' output rows)."""
     if op.name != "torch.aten.squeeze.dim" or const_number(op.operands[1]) not in (-1, 2):
         return None
     bmm = irutil.defining_op(op.operands[0])
-    if bmm is None or bmm.name != "torch.aten.bmm":
-        return None
-    gather = _gathered_param(func, bmm.operands[0])
-    return None if gather is None else (gather, "rows")
+    return _gathered_param(func, bmm.operands[0]) if bmm is not None and bmm.name == "torch.aten.bmm" else None
 
 
 def _expert_readers(func, unsqueeze) -> list:
@@ -842,8 +839,8 @@ class FuseRotation(QccPass):
         if why:
             op = next(iter(stream.online))
             self.session.remarks.append(
-                f"{self.name}: residual stream left unrotated: {len(stream.online)} products by a norm scale are "
-                f"added to it, which need an online Hadamard transform after them, and {why} (at {op.location})")
+                f"{self.name}: residual stream left unrotated: {len(stream.online)} product(s) by a norm scale "
+                f"added to it need an online Hadamard transform after them, and {why} (at {op.location})")
         return why is None
 
     def _matrix(self, stream) -> np.ndarray:

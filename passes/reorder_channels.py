@@ -126,8 +126,8 @@ class ReorderChannels(QccPass):
         for stream in find_streams(func, self.session.remarks, self.name, left="not permuted"):
             if stream.online:  # v g P = (v P)(g P) would need v's producer permuted too: not done
                 self.session.remarks.append(
-                    f"{self.name}: residual stream left not permuted: {len(stream.online)} products by a norm "
-                    f"scale are added to it (at {next(iter(stream.online)).location})")
+                    f"{self.name}: residual stream left not permuted: {len(stream.online)} product(s) by a norm "
+                    f"scale added to it (at {next(iter(stream.online)).location})")
             else:
                 streams.append(stream)
         for group in _sharing_tables(streams):  # streams sharing an embedding table: one permutation

@@ -20,7 +20,7 @@
 // CHECK-NEXT: torch.aten.add.Tensor %{{.*}}, %[[H]]
 
 // A rotation without a fast form cannot be applied online: the stream stays as it was, said so.
-// DENSE: qcc-opt: remark: fuse-rotation: residual stream left unrotated: 1 products by a norm scale are added to it, which need an online Hadamard transform after them, and rotation '{{.*}}.npy' is not a Hadamard matrix
+// DENSE: qcc-opt: remark: fuse-rotation: residual stream left unrotated: 1 product(s) by a norm scale added to it need an online Hadamard transform after them, and rotation '{{.*}}.npy' is not a Hadamard matrix
 // DENSE-LABEL: func.func @main
 // DENSE-SAME: {qcc.param = "norm1.weight"}
 // DENSE-NOT: qcc_hadamard

@@ -301,8 +301,8 @@ def test_hf_complex_rope_models(arch):
     ("gemma3", "fuse-rotation{rotation=hadamard}", "fuse-rotation: rotated a 128-channel residual stream (hadamard)"),
     ("olmo2", "fuse-rotation", "fuse-rotation: rotated a 128-channel residual stream (random Hadamard): "
                                "1 embedding(s), 11 readers, 0 writers, 1 norm scales absorbed, 6 online"),
-    ("gemma2", "reorder-channels", "reorder-channels: residual stream left not permuted: 4 products by a norm "
-                                   "scale are added to it"),
+    ("gemma2", "reorder-channels", "reorder-channels: residual stream left not permuted: 4 product(s) by a norm "
+                                   "scale added to it"),
     # a mixture of experts: the gathered experts' weights [E, N, K] read and write the stream
     # (columns W_e diag(g) Q, rows Q^T W_e); the routing weights and the sum over the chosen
     # experts commute with Q; reorder-channels permutes the experts' weights with the stream
