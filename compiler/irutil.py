@@ -84,6 +84,13 @@ def const_int(value: int) -> ir.Value:
                                attributes={"value": ir.IntegerAttr.get(ir.IntegerType.get_signless(64), value)}).result
 
 
+def int_list(items) -> ir.Value:
+    """A new !torch.list<int> of `items` (ints, made constants, or !torch.int values)."""
+    values = [const_int(v) if isinstance(v, int) else v for v in items]
+    return ir.Operation.create("torch.prim.ListConstruct", results=[ir.Type.parse("!torch.list<int>")],
+                               operands=values).result
+
+
 def defining_op(value: ir.Value):
     owner = value.owner
     return owner.operation if isinstance(owner, (ir.OpView, ir.Operation)) else None

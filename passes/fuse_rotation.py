@@ -220,9 +220,9 @@ class StreamAnalysis:
         elif name == "torch.aten.where.self" and _row_mask_zero(op) is not None:
             self._mark(value, op)
             self._need(op.operands[_row_mask_zero(op)], op)
-        elif _expert_output(self.func, op) is not None:
+        elif (gather := _expert_output(self.func, op)) is not None:
             self._mark(value, op)  # squeeze(bmm(W[ids], x)): the chosen experts' output rows
-            self.stream.expert_writers[_expert_output(self.func, op)] = True
+            self.stream.expert_writers[gather] = True
         elif name == "torch.aten.mul.Tensor" and self._scale_of(op) is not None:
             self._mark(value, op)  # v * g written to the stream: v g Q = (v g D) H, H online
             self.stream.online[op] = self._scale_of(op)
@@ -713,9 +713,7 @@ def insert_online_hadamard(module, mm, k: int, block: int) -> None:
 
 def _view(x, dims, result_shape):
     """aten.view(x, dims) (dims: ints or !torch.int values) of type [result_shape]."""
-    items = [irutil.const_int(d) if isinstance(d, int) else d for d in dims]
-    size = ir.Operation.create("torch.prim.ListConstruct", results=[ir.Type.parse("!torch.list<int>")],
-                               operands=items).result
+    size = irutil.int_list(dims)
     dtype = irutil.vtensor_shape(x.type)[1]
     return ir.Operation.create("torch.aten.view", results=[irutil.vtensor_type(result_shape, dtype)],
                                operands=[x, size]).result

@@ -42,12 +42,6 @@ def conv_weights(func):
     return found
 
 
-def _int_list(values) -> ir.Value:
-    ops = [irutil.const_int(v) for v in values]
-    return ir.Operation.create("torch.prim.ListConstruct", results=[ir.Type.parse("!torch.list<int>")],
-                               operands=ops).result
-
-
 def rewrite_convs(pass_, module, fmt, exclude, solve) -> list[str]:
     """Quantizes every convolution weight (not matching `exclude`) that the format tiles with
     solve(w [O, C] float32) -> QuantizedTensor; returns the names quantized.  The float
@@ -73,6 +67,6 @@ def rewrite_convs(pass_, module, fmt, exclude, solve) -> list[str]:
                 w = ir.Operation.create("torch_c.from_builtin_tensor",
                                         results=[ir.Type.parse(f"!torch.vtensor<[{o},{c}],f32>")], operands=[w]).result
                 w = ir.Operation.create("torch.aten.view", results=[op.operands[1].type],
-                                        operands=[w, _int_list(shape)]).result
+                                        operands=[w, irutil.int_list(shape)]).result
             op.operands[1] = w
     return sorted(solved)
