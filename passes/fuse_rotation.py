@@ -104,8 +104,8 @@ class ResidualStream:
 
     readers: mm ops whose input is the stream (normalized or not), with the norm
     scale absorbed into them (a NormScale, or None); writers: mm ops whose output is
-    added into the stream; vectors: (op, operand) of 1-D parameters added to it
-    (biases); embeddings: aten.embedding ops producing it; norm_scales: {(aten.mul.Tensor
+    added into the stream; vectors: (op, operand) of parameters added to it (biases [hidden],
+    or gathered rows of per-expert biases [E, hidden]); embeddings: aten.embedding ops producing it; norm_scales: {(aten.mul.Tensor
     (g, n), n's operand index): NormScale} of the multiplications to erase; norm_biases:
     the additions of a LayerNorm's b to erase, each reader_biases' b moving into the readers;
     online: products by a per-channel scale added to the stream (Gemma 2's and OLMo 2's norms
@@ -214,7 +214,10 @@ class StreamAnalysis:
         elif _row_sum(op):
             self._mark(value, op)  # a sum over rows (a mixture's chosen experts): linear
             self._need(op.operands[0], op)
-        elif _row_gather(op):
+        elif _row_gather(op) and self._expert_bias(op.operands[0]):
+            self._mark(value, op)  # b[ids], b [E, hidden]: each expert's output bias (gpt-oss)
+            self.stream.vectors[(op, 0)] = True
+        elif _row_gather(op) or _row_op(op):
             self._mark(value, op)
             self._need(op.operands[0], op)
         elif name == "torch.aten.where.self" and _row_mask_zero(op) is not None:
@@ -267,7 +270,7 @@ class StreamAnalysis:
             self._add_operands(op, skip=index)
         elif name in _SCALE_OPS and index == 0:
             self._mark(op.result, op)
-        elif (_row_sum(op) or _row_gather(op)) and index == 0:
+        elif (_row_sum(op) or _row_gather(op) or _row_op(op)) and index == 0:
             self._mark(op.result, op)
         elif name == "torch.aten.where.self" and index in (1, 2) and _row_mask_zero(op) == index:
             self._mark(op.result, op)
@@ -303,6 +306,10 @@ class StreamAnalysis:
                     self.factors.append((op, w))
                 return j
         return None
+
+    def _expert_bias(self, value) -> bool:
+        return self._param(value) is not None and shape_of(value) is not None and len(shape_of(value)) == 2 \
+            and shape_of(value)[-1] == self.stream.hidden
 
     def _scale_of(self, op) -> NormScale | None:
         return self._norm_scale(op, 0) or self._norm_scale(op, 1)
@@ -345,9 +352,11 @@ class StreamAnalysis:
                 self._scaled(op.result, scale, bias)
             elif op.name in _SCALE_OPS and index == 0 and bias is None:  # T5's d_model^-0.5 before its tied head
                 self._scaled(op.result, scale)
-            elif _row_gather(op) and index == 0:  # the rows each expert takes
+            elif (_row_gather(op) or _row_op(op)) and index == 0:  # the rows each expert takes
                 self._scaled(op.result, scale, bias)
-            elif op.name == "torch.aten.unsqueeze" and index == 0 and bias is None and _expert_readers(self.func, op):
+            elif op.name == "torch.aten.mul.Tensor" and self._row_factor(op, index) is not None:
+                self._scaled(op.result, scale, bias)  # Llama 4 weights each expert's input rows
+            elif index == 0 and bias is None and _expert_readers(self.func, op):
                 for gather in _expert_readers(self.func, op):
                     self.stream.expert_readers[gather] = scale
             elif op.name == "torch.aten.mm" and index == 0 and transposed_param(self.func, op.operands[1]) is not None:
@@ -399,6 +408,52 @@ def _row_gather(op) -> bool:
         and shape_of(op.operands[0]) is not None and shape_of(op.result)[-1:] == shape_of(op.operands[0])[-1:]
 
 
+def _row_op(op) -> bool:
+    """An op moving or repeating rows with the channels (last dim) left as they are: unsqueeze
+    before the last dim, broadcast_to / expand of leading dims, a permute of leading dims (Llama 4's
+    `repeat` of the tokens for each expert).  Commutes with x Q."""
+    if len(op.results) != 1 or not op.operands:
+        return False
+    src, out = shape_of(op.operands[0]), shape_of(op.result)
+    if not src or not out or src[-1] != out[-1]:
+        return False
+    if op.name == "torch.aten.unsqueeze":
+        d = const_number(op.operands[1])
+        return d is not None and d % len(out) != len(out) - 1
+    if op.name in ("torch.aten.broadcast_to", "torch.aten.expand"):
+        return True
+    if op.name == "torch.aten.permute":
+        perm = irutil.const_int_list(op.operands[1])
+        return perm is not None and perm[-1] % len(out) == len(out) - 1
+    return False
+
+
+def _non_unit(shape) -> list:
+    return [d for d in shape if d != 1]
+
+
+_RESHAPES = VIEW_OPS + ("torch.aten.unsqueeze", "torch.aten.squeeze.dim", "torch.aten.squeeze", "torch.aten.permute")
+
+
+def _to_column(op) -> bool:
+    """x[..., K] -> x[..., K, 1]: unsqueeze(-1), a view, or a permute that moves only a size-1 dim
+    (Llama 4's experts: unsqueeze(1) then permute(0, 2, 1)); a reshape in each case."""
+    if op.name not in _RESHAPES:
+        return False
+    src, out = shape_of(op.operands[0]), shape_of(op.result)
+    return bool(src) and bool(out) and len(out) >= 2 and out[-1] == 1 \
+        and out[-2] == src[-1] and _non_unit(src) == _non_unit(out)
+
+
+def _from_column(op) -> bool:
+    """y[..., N, 1] -> y[..., N] or y[..., 1, N]: the reverse of _to_column."""
+    if op.name not in _RESHAPES:
+        return False
+    src, out = shape_of(op.operands[0]), shape_of(op.result)
+    return bool(src) and bool(out) and len(src) >= 2 and src[-1] == 1 \
+        and out[-1] == src[-2] and _non_unit(src) == _non_unit(out)
+
+
 def _row_sum(op) -> bool:
     """A sum over dims other than the last (a mixture's sum over its chosen experts)."""
     if op.name != "torch.aten.sum.dim_IntList":
@@ -433,20 +488,21 @@ def _gathered_param(func, value):
 
 
 def _expert_output(func, op):
-    """The gather W[ids] when op = squeeze(bmm(W[ids], x[..., None]), -1) (experts' output rows)."""
-    if op.name != "torch.aten.squeeze.dim" or const_number(op.operands[1]) not in (-1, 2):
+    """The gather W[ids] when op = squeeze(bmm(W[ids], x[..., None]), -1), or another _from_column
+    reshape of that bmm (experts' output rows)."""
+    if not _from_column(op):
         return None
     bmm = irutil.defining_op(op.operands[0])
     return _gathered_param(func, bmm.operands[0]) if bmm is not None and bmm.name == "torch.aten.bmm" else None
 
 
-def _expert_readers(func, unsqueeze) -> list:
-    """The gathers W[ids] of every bmm(W[ids], x[..., None]) reading unsqueeze = x[..., None]; [] when
-    any use of it is something else."""
-    if const_number(unsqueeze.operands[1]) not in (-1, len(shape_of(unsqueeze.operands[0]))):
+def _expert_readers(func, column) -> list:
+    """The gathers W[ids] of every bmm(W[ids], x[..., None]) reading column = x[..., None] (a
+    _to_column op); [] when any use of it is something else."""
+    if not _to_column(column):
         return []
     found = []
-    for user, index in uses(unsqueeze.result):
+    for user, index in uses(column.result):
         gather = _gathered_param(func, user.operands[0]) if user.name == "torch.aten.bmm" and index == 1 else None
         if gather is None:
             return []
@@ -466,6 +522,33 @@ def _projection_output(value) -> bool:
     return op is not None and op.name in _LAYERS
 
 
+def _norm_read_by_weights(func, square, limit=64) -> bool:
+    """Does a linear layer with a weight parameter read the norm whose sum of squares `square`
+    feeds, contracting exactly the norm's channels (from the sum, through the per-token factor,
+    products, sums, views, permutes, casts; at most `limit` values)?  A norm read by none is not a
+    residual stream's: Llama 4's q / k norm after the rotary embeddings (read by attention alone),
+    Qwen3-Next's per-head gated norm (its heads read together by out_proj)."""
+    n = shape_of(square.operands[0])[-1]
+    seen, todo = set(), [user.result for user, _ in uses(square.result)]
+    follow = VIEW_OPS + _INVARIANT_MAPS + ("torch.aten.permute", "torch.aten.mul.Tensor", "torch.aten.div.Tensor",
+                                           "torch.aten.add.Tensor")
+    while todo and len(seen) < limit:
+        value = todo.pop(0)
+        if value in seen:
+            continue
+        seen.add(value)
+        for op, index in uses(value):
+            if op.name in _LAYERS:
+                k = (shape_of(value) or [0, 0])[-2 if op.name == "torch.aten.bmm" and index == 1 else -1]
+                if k == n and any(irutil.block_arg_number(v) is not None or transposed_param(func, v) is not None
+                                  or _gathered_param(func, v) is not None
+                                  for j, v in enumerate(op.operands) if j != index):
+                    return True
+            elif op.name in follow or is_float_cast(op) or _row_op(op):
+                todo.append(op.result)
+    return False
+
+
 def find_streams(func, remarks, pass_name, left="unrotated"):
     """Every residual stream of `func` (seeded at RMSNorm patterns) whose invariance is proven;
     for the others a remark '<pass_name>: residual stream left <left>: <why>'."""
@@ -474,7 +557,8 @@ def find_streams(func, remarks, pass_name, left="unrotated"):
         if not is_square(op) or not uses(op.result) or not all(is_last_dim_sum(u) for u, _ in uses(op.result)):
             continue
         seed = op.operands[0]
-        if seed in seen or len(shape_of(seed) or []) < 2 or _projection_output(seed):
+        if seed in seen or len(shape_of(seed) or []) < 2 or _projection_output(seed) \
+                or not _norm_read_by_weights(func, op):
             continue
         try:
             stream = StreamAnalysis(func).run(seed)
@@ -597,7 +681,7 @@ class WeightEdits:
                 w = w @ m
             elif kind == "rows":       # Q^T W (a writer's output channels)
                 w = m.T @ w
-            elif kind == "vec":        # b Q
+            elif kind == "vec":        # b Q ([hidden] or [E, hidden])
                 w = w @ m
             elif kind == "scale_rows":
                 w = w * m[:, None]  # [N, K] or [E, N, K]
@@ -610,7 +694,7 @@ class WeightEdits:
             elif kind == "perm_cols":
                 w = np.take(w, m, axis=-1)
             elif kind == "perm_vec":
-                w = w[m]
+                w = np.take(w, m, axis=-1)
             else:
                 raise AssertionError(kind)
         return w.astype(np.float32)

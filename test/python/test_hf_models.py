@@ -309,6 +309,16 @@ def test_hf_complex_rope_models(arch):
     ("mixtral", "fuse-rotation", "fuse-rotation: rotated a 128-channel residual stream (random Hadamard): 1 "
                                  "embedding(s), 9 readers, 2 writers, 2 reading and 2 writing experts' weights"),
     ("mixtral", "reorder-channels", "reorder-channels: permuted a 128-channel residual stream"),
+    # Llama 4: each expert reads every token (repeated rows scaled by the router's scores) through
+    # unsqueeze + permute, and writes through a permute of its [T, N, 1] products; the q / k norm
+    # after the rotary embeddings (read by attention alone) is no stream's and gets no remark
+    ("llama4", "fuse-rotation", "fuse-rotation: rotated a 128-channel residual stream (random Hadamard): 1 "
+                                "embedding(s), 13 readers, 4 writers, 2 reading and 2 writing experts' weights"),
+    # gpt-oss: each chosen expert's output bias b[e] (a [E, hidden] table gathered by expert) is added
+    # to the stream: its rows rotate, b_e Q
+    ("gpt_oss", "fuse-rotation", "fuse-rotation: rotated a 128-channel residual stream (random Hadamard): 1 "
+                                 "embedding(s), 9 readers, 2 writers, 2 reading and 2 writing experts' weights"),
+    ("gpt_oss", "reorder-channels", "reorder-channels: permuted a 128-channel residual stream"),
     # an embedding LayerNorm: the stream is a norm's output, which no weight can rotate
     ("bloom", "fuse-rotation", "fuse-rotation: residual stream left unrotated"),
     ("cohere", "smooth-channels", "smooth-channels: left 2 linear layer(s) unsmoothed"),
@@ -326,14 +336,17 @@ def test_hf_transforms_keep_the_float_function(arch, passes, remark):
                "nemotron": lambda: T.NemotronConfig(num_key_value_heads=2, **COMMON),
                "falcon": lambda: T.FalconConfig(vocab_size=VOCAB, hidden_size=128, num_hidden_layers=2,
                                                 num_attention_heads=4),
-               "bloom": lambda: T.BloomConfig(vocab_size=VOCAB, hidden_size=128, n_layer=2, n_head=4)}
+               "bloom": lambda: T.BloomConfig(vocab_size=VOCAB, hidden_size=128, n_layer=2, n_head=4),
+               "llama4": lambda: T.Llama4TextConfig(num_key_value_heads=2, num_local_experts=4, **COMMON),
+               "gpt_oss": lambda: T.GptOssConfig(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                                                 head_dim=32, **COMMON)}
     torch.manual_seed(0)
     model = Logits(T.AutoModelForCausalLM.from_config(configs[arch]()).eval()).eval()
     ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(5))
     calibration = [(torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(s)),) for s in (6, 7)]
     compiled = qcc.compile(model, (ids,), target="cpu", quant={"passes": [passes]}, calibration=calibration)
     assert [r for r in compiled.remarks if r.startswith(passes.split("{")[0])][0].startswith(remark)
-    if arch == "mixtral":  # torch's grouped_mm takes no float64: the same experts as batched matmuls
+    if arch in ("mixtral", "gpt_oss"):  # torch's grouped_mm takes no float64: the same experts as batched matmuls
         model = copy.deepcopy(model)
         model.model.set_experts_implementation("batched_mm")
     assert rel_err(compiled(ids).numpy(), float64_out(model, (ids,))) <= 1e-4
