@@ -428,30 +428,29 @@ def _row_op(op) -> bool:
     return False
 
 
-def _non_unit(shape) -> list:
-    return [d for d in shape if d != 1]
-
-
 _RESHAPES = VIEW_OPS + ("torch.aten.unsqueeze", "torch.aten.squeeze.dim", "torch.aten.squeeze", "torch.aten.permute")
 
 
-def _to_column(op) -> bool:
-    """x[..., K] -> x[..., K, 1]: unsqueeze(-1), a view, or a permute that moves only a size-1 dim
-    (Llama 4's experts: unsqueeze(1) then permute(0, 2, 1)); a reshape in each case."""
+def _column_reshape(op, to_column: bool) -> bool:
+    """A reshape (no non-unit dim moves) between rows x[..., K] and columns x[..., K, 1]:
+    unsqueeze(-1) / squeeze(-1), a view, or a permute moving only a size-1 dim (Llama 4's experts:
+    unsqueeze(1) then permute(0, 2, 1)); rows to columns if `to_column`, else back."""
     if op.name not in _RESHAPES:
         return False
     src, out = shape_of(op.operands[0]), shape_of(op.result)
-    return bool(src) and bool(out) and len(out) >= 2 and out[-1] == 1 \
-        and out[-2] == src[-1] and _non_unit(src) == _non_unit(out)
+    if not src or not out:
+        return False
+    column, row = (out, src) if to_column else (src, out)
+    return len(column) >= 2 and column[-1] == 1 and column[-2] == row[-1] \
+        and [d for d in src if d != 1] == [d for d in out if d != 1]
+
+
+def _to_column(op) -> bool:
+    return _column_reshape(op, True)
 
 
 def _from_column(op) -> bool:
-    """y[..., N, 1] -> y[..., N] or y[..., 1, N]: the reverse of _to_column."""
-    if op.name not in _RESHAPES:
-        return False
-    src, out = shape_of(op.operands[0]), shape_of(op.result)
-    return bool(src) and bool(out) and len(src) >= 2 and src[-1] == 1 \
-        and out[-1] == src[-2] and _non_unit(src) == _non_unit(out)
+    return _column_reshape(op, False)
 
 
 def _row_sum(op) -> bool:
