@@ -908,7 +908,7 @@ def build_cases(out_dir):
                  **{f"in{i}": x.numpy() for i, x in enumerate(inputs)},
                  **{f"expect{i}": np.asarray(e) for i, e in enumerate(expect)},
                  **{f"float{i}": np.asarray(e) for i, e in enumerate(floats)})
-        meta[name] = {"recipe": recipe, "launches": len(c.manifest["cuda"]["plan"]["launches"])}
+        meta[name] = {"recipe": os.path.basename(recipe), "launches": len(c.manifest["cuda"]["plan"]["launches"])}
         print(f"  case {name}: {meta[name]['launches']} launches, {time.time() - t0:.1f}s", flush=True)
     with open(os.path.join(cdir, "cases.json"), "w") as f:
         json.dump(meta, f, indent=1)

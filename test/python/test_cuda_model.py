@@ -13,6 +13,7 @@ driver that executes launches with the emulator. GPU tests skip without a device
 from __future__ import annotations
 
 import copy
+import os
 import re
 
 import numpy as np
@@ -25,6 +26,8 @@ import qcc
 from bench_models import DecodeStep, bench_llama
 from qcc.backends.cuda import emulate, lowering, model_runtime, ptx, runtime, torch_ref
 from qcc.reference import dequantized_weights
+
+ROTATED = os.path.join(os.path.dirname(__file__), "..", "data", "fuse-rotation.json")  # a recipe file: the pass alone
 
 
 def f64(model, inputs):
@@ -173,8 +176,11 @@ def hf_causal_lm(arch):
 
     common = dict(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    config = T.LlamaConfig(**common) if arch == "llama" else T.MixtralConfig(
-        num_local_experts=4, num_experts_per_tok=2, **common)
+    config = {"llama": lambda: T.LlamaConfig(**common),
+              "mixtral": lambda: T.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **common),
+              "llama4": lambda: T.Llama4TextConfig(num_local_experts=4, **common),
+              "gpt_oss": lambda: T.GptOssConfig(num_local_experts=4, num_experts_per_tok=2, head_dim=32,
+                                                **common)}[arch]()
     torch.manual_seed(0)
     model = HFCausalLM(T.AutoModelForCausalLM.from_config(config).eval()).eval()
     return model, (torch.randint(0, 320, (1, 10), generator=torch.Generator().manual_seed(6)),)
@@ -234,7 +240,11 @@ CASES = {
     "weight-batches-w4a16-g128": (weight_batches, "w4a16-g128"),  # Llama 4's experts: every token, every expert
     # transformers' models: the mask's cumsum, a router's topk, grouped_mm's sort and inverse permutation
     "hf-llama-w4a16-g128": (lambda: hf_causal_lm("llama"), "w4a16-g128"),
-    "hf-mixtral-w4a16-g128": (lambda: hf_causal_lm("mixtral"), "w4a16-g128"),  # convolution weights decoded (qcc.dequantize) for float convolutions
+    "hf-mixtral-w4a16-g128": (lambda: hf_causal_lm("mixtral"), "w4a16-g128"),
+    # fuse-rotation alone keeps the float function: Llama 4's experts read every token, gpt-oss
+    # adds each chosen expert's bias (a row of an [E, hidden] table) to the rotated stream
+    "hf-llama4-rotated": (lambda: hf_causal_lm("llama4"), ROTATED),
+    "hf-gpt_oss-rotated": (lambda: hf_causal_lm("gpt_oss"), ROTATED),  # convolution weights decoded (qcc.dequantize) for float convolutions
 }
 _COMPILED = {}
 
@@ -248,7 +258,7 @@ def compiled_case(name):
 
 
 def reference(model, inputs, recipe, compiled):
-    if recipe == "float":
+    if recipe in ("float", ROTATED):
         return f64(model, inputs)
     if recipe == "w8a8":
         from test_recipes import RECIPE_FORMATS, fake_quant_model
@@ -275,7 +285,9 @@ def test_emulated_plan_matches_pytorch(name):
     for g, e in zip(got, expect):
         assert g.shape == e.shape
         assert rel_err(g, e) <= 1e-4, name
-    if recipe not in ("float",):
+    if recipe == ROTATED:  # the rotation really happened
+        assert any(r.startswith("fuse-rotation: rotated") for r in compiled.remarks), compiled.remarks
+    elif recipe != "float":
         assert rel_err(f64(model, inputs)[0], expect[0]) > 1e-4  # quantization really happened
 
 
