@@ -194,11 +194,18 @@ def linear_input_stats(ep, calibration_batches, want=("absmax", "mean_abs"), *, 
                 self.ids_of[node] = self.env[node.args[1][0]].detach().numpy()
             expert = _expert_gather(node, param_of)
             if expert is not None:  # each expert's rows, keyed by expert_key
-                result = super().run_node(node)
                 name, _ = expert
+                if name in input_transforms:  # the experts' online Hadamard: x H against W H
+                    args, _ = self.fetch_args_kwargs_from_env(node)
+                    x = args[1].detach().double().numpy()[:, :, 0]
+                    for fn in input_transforms[name]:
+                        x = fn(x)
+                    result = torch.bmm(args[0], torch.from_numpy(np.ascontiguousarray(x)).to(args[1].dtype)[:, :, None])
+                else:
+                    result = super().run_node(node)
+                    x = self.env[node.args[1]].detach().double().numpy()[:, :, 0]
                 experts = node.args[0].args[0].meta["val"].shape[0]
                 ids = self.ids_of[node.args[0]] % experts  # negative ids count from the end
-                x = self.env[node.args[1]].detach().double().numpy()[:, :, 0]
                 for e in np.unique(ids):
                     key = expert_key(name, int(e))
                     if key not in accs:

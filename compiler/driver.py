@@ -172,10 +172,6 @@ def compile(model, example_inputs=None, *, target: str = "cpu", quant: str | Non
             session.remarks.append(f"{recipe.name}: weights left float (qcc quantizes linear layers, "
                                    "convolutions whose rows the format's groups tile, and gathered experts): "
                                    + ", ".join(left))
-        experts = sorted(name for name, layer in session.layers.items() if "experts" in layer)
-        if experts and recipe.act_format is not None:
-            session.remarks.append(f"{recipe.name}: the experts' products take float activations (their weights "
-                                   "are quantized, gathered per token): " + ", ".join(experts))
     run("torch-to-linalg", pipelines.TORCH_TO_LINALG)
     if target == "cuda":  # gpu_arch: sm_90 (default), sm_90a (Hopper only: wgmma) or sm_80
         from qcc.backends.cuda.lowering import compile_cuda

@@ -84,6 +84,17 @@ def const_int(value: int) -> ir.Value:
                                attributes={"value": ir.IntegerAttr.get(ir.IntegerType.get_signless(64), value)}).result
 
 
+def const_bool(value: bool) -> ir.Value:
+    """A new torch.constant.bool (at the current insertion point)."""
+    return ir.Operation.create("torch.constant.bool", results=[ir.Type.parse("!torch.bool")],
+                               attributes={"value": ir.BoolAttr.get(value)}).result
+
+
+def const_none() -> ir.Value:
+    """A new torch.constant.none (at the current insertion point)."""
+    return ir.Operation.create("torch.constant.none", results=[ir.Type.parse("!torch.none")]).result
+
+
 def int_list(items) -> ir.Value:
     """A new !torch.list<int> of `items` (ints, made constants, or !torch.int values)."""
     values = [const_int(v) if isinstance(v, int) else v for v in items]

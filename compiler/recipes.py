@@ -168,7 +168,7 @@ def _preset_spec(name: str) -> RecipeSpec | None:
 
 def _from_spec(name: str, spec: RecipeSpec, where: str) -> Recipe:
     passes = list(spec.before) + quantization_passes(spec.weight_format, spec.act_format, spec.overrides,
-                                                     spec.weight_pass, spec.weight_options)
+                                                     spec.weight_pass, spec.weight_options, _act_options(spec.before))
     for element in passes:
         _check_pass(element, where, f"recipe '{name}'")
     return Recipe(name, spec.weight_format, tuple(passes), spec.act_format)
@@ -186,8 +186,15 @@ def _check_pass(element: str, where: str, what: str) -> None:
     parse_element(element)  # option errors are QccErrors naming the pass and its options
 
 
+def _act_options(before) -> str:
+    """quantize-activations' options after the recipe's own passes: split-outliers does not split
+    the experts' products, so their rows keep float activations (LLM.int8()'s outlier columns)."""
+    return "experts=false" if any(p.partition("{")[0].strip() == "split-outliers" for p in before) else ""
+
+
 def quantization_passes(weight_format: str | None, act_format: str | None, overrides=(),
-                        weight_pass: str = "quantize-weights", weight_options: str = "") -> list[str]:
+                        weight_pass: str = "quantize-weights", weight_options: str = "",
+                        act_options: str = "") -> list[str]:
     """quantize-weights / quantize-activations / dequant-after-gemm for the formats and per-layer overrides.
 
     overrides: [(pattern, weight_format, act_format)], first match wins; a layer
@@ -205,12 +212,12 @@ def quantization_passes(weight_format: str | None, act_format: str | None, overr
         return f"{pass_name}{{format={fmt}{f' exclude={exclude}' if exclude else ''}{f' {more}' if more else ''}}}"
 
     weights = [instance(weight_pass, weight_format, rest, weight_options)] if weight_format else []
-    acts = [instance("quantize-activations", act_format, rest)] if act_format else []
+    acts = [instance("quantize-activations", act_format, rest, act_options)] if act_format else []
     for i, (_, wfmt, afmt) in enumerate(overrides):
         if wfmt:
             weights.append(instance(weight_pass, wfmt, only(i), weight_options))
         if afmt:
-            acts.append(instance("quantize-activations", afmt, only(i)))
+            acts.append(instance("quantize-activations", afmt, only(i), act_options))
     return weights + acts + (["dequant-after-gemm"] if acts else [])
 
 
@@ -272,7 +279,7 @@ def recipe_from_dict(data: dict, where: str) -> Recipe:
         raise QccError("field 'weight_options' must be a string of the weight pass's options, "
                        "e.g. \"clip-search=20\"", where=where)
     passes = before + quantization_passes(wfmt, afmt, parsed, _weight_pass(data.get("weight_pass"), where),
-                                          weight_options.strip())
+                                          weight_options.strip(), _act_options(before))
     for element in passes:
         _check_pass(element, where, f"recipe '{name}'")
     return Recipe(name, wfmt, tuple(passes), afmt)

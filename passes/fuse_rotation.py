@@ -802,24 +802,46 @@ def _view(x, dims, result_shape):
                                operands=[x, size]).result
 
 
+def _hadamard_last(module, v, block: int):
+    """v [..., n] @ (I (x) H_block / sqrt(block)) along its last dim (at the current insertion point)."""
+    shape = shape_of(v)
+    n = shape[-1]
+    if len(shape) == 2:
+        return _hadamard_rows(module, v, n, block)
+    rows = None if None in shape[:-1] else int(np.prod(shape[:-1]))
+    y2 = _hadamard_rows(module, _view(v, [-1, n], [rows, n]), n, block)
+    dims = [d if d is not None else ir.Operation.create(
+        "torch.aten.size.int", results=[ir.Type.parse("!torch.int")], operands=[v, irutil.const_int(i)]).result
+        for i, d in enumerate(shape)]
+    return _view(y2, dims, shape)
+
+
 def hadamard_after(module, op) -> None:
     """op's result v [..., n] becomes v @ (H_n / sqrt(n)) for every user of v."""
     v = op.result
     users = uses(v)
-    shape = shape_of(v)
-    n = shape[-1]
     with ir.InsertionPoint.after(op), op.location:
-        if len(shape) == 2:
-            y = _hadamard_rows(module, v, n, n)
-        else:
-            rows = None if None in shape[:-1] else int(np.prod(shape[:-1]))
-            y2 = _hadamard_rows(module, _view(v, [-1, n], [rows, n]), n, n)
-            dims = [d if d is not None else ir.Operation.create(
-                "torch.aten.size.int", results=[ir.Type.parse("!torch.int")], operands=[v, irutil.const_int(i)]).result
-                for i, d in enumerate(shape)]
-            y = _view(y2, dims, shape)
+        y = _hadamard_last(module, v, shape_of(v)[-1])
     for user, index in users:
         user.operands[index] = y
+
+
+def expert_columns(gather, mlp_only: bool) -> list:
+    """The _to_column ops giving each bmm(W[ids], x[..., None]) that reads `gather` its x; [] when one
+    cannot take an online transform (with mlp_only: x's rows not an elementwise op's output, as a
+    down projection's are)."""
+    columns = []
+    for user, index in uses(gather.result):
+        col = irutil.defining_op(user.operands[1]) if user.name == "torch.aten.bmm" and index == 0 else None
+        if col is None or not _to_column(col):
+            return []
+        src = irutil.defining_op(col.operands[0])
+        while src is not None and (src.name in VIEW_OPS or _row_op(src)):
+            src = irutil.defining_op(src.operands[0])
+        if mlp_only and (src is None or src.name not in _ELEMENTWISE):
+            return []
+        columns.append(col)
+    return columns
 
 
 def sublayer_output(op):
@@ -990,27 +1012,38 @@ class FuseRotation(QccPass):
             for mm in list(stream.writers) + last:
                 if mm in stream.readers or (opts.online == "mlp" and not mlp_input(mm)):
                     continue
-                k = shape_of(mm.operands[0])[-1]
-                try:
-                    block = hadamard.block_size(k, opts.online_block)
-                except hadamard.HadamardError as e:
-                    raise PassError(mm, f"online Hadamard on the input of '{weight_name(func, mm)}': {e}")
-                if block == 1:
-                    self.session.remarks.append(
-                        f"{self.name}: no Hadamard order divides K={k} of '{weight_name(func, mm)}'; "
-                        f"no online transform there")
-                    continue
-                if block != k:
-                    self.session.remarks.append(
-                        f"{self.name}: online Hadamard on '{weight_name(func, mm)}' is block-diagonal "
-                        f"({k // block} blocks of {block}): no Hadamard matrix of order {k} is known")
-                op, index = weight_use(mm)
-                edits.add(op, index, ("cols", hadamard.block_matrix(k, block)))
-                online.append((mm, k, block))
-        online_names = [weight_name(func, mm) for mm, _, _ in online]
-        return lambda: self._rewrite(module, func, stream, new_biases, online, online_names)
+                k, name = shape_of(mm.operands[0])[-1], weight_name(func, mm)
+                block = self._online_block(mm, k, name)
+                if block:
+                    op, index = weight_use(mm)
+                    edits.add(op, index, ("cols", hadamard.block_matrix(k, block)))
+                    online.append((mm, k, block, name))
+            for gather in stream.expert_writers:  # the experts' down projections: W_e H, rows x H
+                columns = expert_columns(gather, opts.online == "mlp")
+                k, name = shape_of(gather.operands[0])[-1], sig.param_name(irutil.block_arg_number(gather.operands[0]))
+                block = self._online_block(gather, k, name) if columns else None
+                if block:
+                    edits.add(gather, 0, ("cols", hadamard.block_matrix(k, block)))
+                    online.append((columns, k, block, name))
+        return lambda: self._rewrite(module, func, stream, new_biases, online)
 
-    def _rewrite(self, module, func, stream, new_biases, online, online_names):
+    def _online_block(self, op, k: int, name: str) -> int | None:
+        """The Hadamard block of an online transform on the K = k input of weight `name` (the whole
+        K when an order-k matrix is known); None, said in a remark, when no order divides k."""
+        try:
+            block = hadamard.block_size(k, self.options.online_block)
+        except hadamard.HadamardError as e:
+            raise PassError(op, f"online Hadamard on the input of '{name}': {e}")
+        if block == 1:
+            self.session.remarks.append(f"{self.name}: no Hadamard order divides K={k} of '{name}'; "
+                                        f"no online transform there")
+            return None
+        if block != k:
+            self.session.remarks.append(f"{self.name}: online Hadamard on '{name}' is block-diagonal "
+                                        f"({k // block} blocks of {block}): no Hadamard matrix of order {k} is known")
+        return block
+
+    def _rewrite(self, module, func, stream, new_biases, online):
         """The graph's side of the rotation, after the weight edits are committed."""
         opts, n, sig = self.options, stream.hidden, irutil.Signature(func)
         view = calibration.view(self.session)
@@ -1028,8 +1061,13 @@ class FuseRotation(QccPass):
             mul.erase()
             if scale.op is not mul and not list(scale.op.result.uses):  # the `g + 1` read it alone
                 scale.op.erase()
-        for (mm, k, block), w_name in zip(online, online_names):
-            insert_online_hadamard(module, mm, k, block)
+        for mm, k, block, w_name in online:
+            if isinstance(mm, list):  # an expert's columns: their rows x H
+                for col in mm:
+                    with ir.InsertionPoint(col), col.location:
+                        col.operands[0] = _hadamard_last(module, col.operands[0], block)
+            else:
+                insert_online_hadamard(module, mm, k, block)
             view.add_input_transform(w_name, lambda x, block=block: hadamard.fast_transform(x, block))
         for op, scale in stream.online.items():
             hadamard_after(module, op)

@@ -7,6 +7,14 @@ f32 attribute `act_scale`; from calibration data or `stats=FILE`).  Numerics:
 dialects/formats/activation.py; dequant-after-gemm makes the integer GEMM.
 Layers are named by the weight quantize-weights saw ('fc1.weight',
 'fc1.weight:inliers'); `exclude` is a regex over those names.
+
+A mixture of experts' products (`bmm(qcc.gather_dequantize(...), x[..., None])`, see
+quantize_experts.py) have no qlinear: with a per-token format their rows x are quantized here,
+`qcc.quantize_dynamic`, and decoded back to f32 for the float batched product (the numerics of
+int8 / int4 activations; no integer experts' kernel yet).  A per-tensor format would need the
+experts' calibrated input ranges, which calibration does not collect: those products keep float
+activations, said in a remark, as they do with `experts=false` (split-outliers' recipes: the
+outlier split does not reach the experts).
 """
 
 import dataclasses
@@ -72,6 +80,7 @@ class QuantizeActivations(QccPass):
         format: str = "int8_sym_token"
         exclude: str = ""  # regex over float weight names whose activations stay float
         stats: str = ""  # precomputed calibration statistics (calibration.save_stats) for static formats
+        experts: bool = True  # quantize the rows of the experts' products too (per-token formats)
 
     def run(self, module):
         try:
@@ -99,3 +108,74 @@ class QuantizeActivations(QccPass):
                     with op.location:
                         op.attributes["act_scale"] = ir.FloatAttr.get(ir.F32Type.get(), float(scale[0, 0]))
                 op.attributes["act_format"] = format_attr(fmt.key())
+            self._experts(func, fmt, exclude)
+
+    def _experts(self, func, fmt, exclude):
+        """Quantizes the rows each gathered expert multiplies (see the module docstring)."""
+        left, done = {}, []  # left: {why: [weight]}
+        for gather in list(irutil.walk(func, "qcc.gather_dequantize")):
+            weight = qlinear_weight_name(func, gather)
+            if exclude and exclude.search(weight):
+                continue
+            rows = _expert_rows(gather)
+            why = ("split-outliers does not split their products" if not self.options.experts else
+                   f"'{fmt.key()}' needs the experts' calibrated input ranges, which calibration does not collect"
+                   if not fmt.dynamic else
+                   "their weights are read other than as bmm(W[ids], x[..., None])" if rows is None else None)
+            if why:
+                left.setdefault(why, []).append(weight)
+                continue
+            for bmm in rows:
+                _quantize_rows(bmm, fmt)
+            done.append(weight)
+        if done:
+            self.session.remarks.append(
+                f"{self.name}: the experts' rows are quantized ({fmt.key()}) and multiplied by their decoded "
+                f"weights in f32 (no integer experts' kernel yet): " + ", ".join(sorted(set(done))))
+        for why, weights in left.items():
+            self.session.remarks.append(f"{self.name}: the experts' products take float activations ({why}): "
+                                        + ", ".join(sorted(set(weights))))
+
+
+def _expert_rows(gather) -> list | None:
+    """The torch.aten.bmm ops multiplying the gathered weights (through torch_c.from_builtin_tensor)
+    by x[..., None]; None when anything else reads them."""
+    bmms = []
+    for use in gather.result.uses:
+        back = use.owner
+        if back.name != "torch_c.from_builtin_tensor":
+            return None
+        for u in back.result.uses:
+            op = u.owner
+            shape = irutil.vtensor_shape(op.operands[1].type)[0] if op.name == "torch.aten.bmm" else None
+            if u.operand_number != 0 or shape is None or len(shape) != 3 or shape[2] != 1:
+                return None
+            bmms.append(op)
+    return bmms
+
+
+def _quantize_rows(bmm, fmt) -> None:
+    """bmm(W, x[T, K, 1]) -> bmm(W, decode(qcc.quantize_dynamic(x[T, K]))[..., None])."""
+    x = bmm.operands[1]
+    t, k, _ = irutil.vtensor_shape(x.type)[0]
+    with ir.InsertionPoint(bmm), bmm.location:
+        int_neg1 = irutil.const_int(-1)
+        rows = ir.Operation.create("torch.aten.squeeze.dim", results=[irutil.vtensor_type([t, k])],
+                                   operands=[x, int_neg1]).result
+        builtin = ir.Operation.create("torch_c.to_builtin_tensor", results=[irutil.tensor_type([t, k], "f32")],
+                                      operands=[rows]).result
+        q = ir.Operation.create("qcc.quantize_dynamic",
+                                results=[irutil.tensor_type([t, k], "i8"), irutil.tensor_type([t, 1], "f32")],
+                                operands=[builtin], attributes={"format": format_attr(fmt.key())})
+        codes = ir.Operation.create("torch_c.from_builtin_tensor", results=[irutil.vtensor_type([t, k], "si8")],
+                                    operands=[q.results[0]]).result
+        scale = ir.Operation.create("torch_c.from_builtin_tensor", results=[irutil.vtensor_type([t, 1])],
+                                    operands=[q.results[1]]).result
+        none, false = irutil.const_none(), irutil.const_bool(False)
+        wide = ir.Operation.create("torch.aten.to.dtype", results=[irutil.vtensor_type([t, k])],
+                                   operands=[codes, irutil.const_int(6), false, false, none]).result  # 6: f32
+        decoded = ir.Operation.create("torch.aten.mul.Tensor", results=[irutil.vtensor_type([t, k])],
+                                      operands=[wide, scale]).result
+        column = ir.Operation.create("torch.aten.unsqueeze", results=[x.type],
+                                     operands=[decoded, int_neg1]).result
+    bmm.operands[1] = column

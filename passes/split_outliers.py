@@ -109,9 +109,7 @@ class SplitOutliers(QccPass):
         self.session.remarks.append(f"split-outliers: {w_name}: input columns above {t} stay float, chosen per call")
         with ir.InsertionPoint(mm), mm.location:
             # the decomposed ops the import pipeline leaves (aten.amax -> aten.max.dim, .to -> aten.to.dtype)
-            false = ir.Operation.create("torch.constant.bool", results=[ir.Type.parse("!torch.bool")],
-                                        attributes={"value": ir.BoolAttr.get(False)}).result
-            none = ir.Operation.create("torch.constant.none", results=[ir.Type.parse("!torch.none")]).result
+            false, none = irutil.const_bool(False), irutil.const_none()
             colmax = ir.Operation.create(
                 "torch.aten.max.dim", results=[irutil.vtensor_type([k], "f32"), irutil.vtensor_type([k], "si64")],
                 operands=[_op("torch.aten.abs", x.type, x), irutil.const_int(0), false]).results[0]

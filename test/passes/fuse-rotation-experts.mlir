@@ -1,4 +1,5 @@
 // RUN: qcc-opt %s --random-params=0 -p 'fuse-rotation{online=none}' 2>&1 | filecheck %s
+// RUN: qcc-opt %s --random-params=0 -p 'fuse-rotation' 2>&1 | filecheck %s --check-prefix=ONLINE
 
 // A mixture of experts as the frontend gives it: each token's chosen experts' weights
 // gathered from [E, N, K] parameters (W[ids]), one matrix-vector product per (token, expert),
@@ -16,6 +17,16 @@
 // CHECK: torch.aten.unsqueeze %[[XR]]
 // CHECK: torch.aten.bmm
 // CHECK: torch.aten.sum.dim_IntList %{{.*}} : !torch.vtensor<[4,2,8],f32>
+
+// The down experts' rows (silu's output, as a dense down projection's input) take the online
+// Hadamard butterfly before they become columns; each W_e takes H in its columns.
+// ONLINE: remark: fuse-rotation: rotated a 8-channel residual stream {{.*}} 1 online Hadamard transform(s)
+// ONLINE: %[[A:.*]] = torch.aten.silu
+// ONLINE: %[[AB:.*]] = torch_c.to_builtin_tensor %[[A]]
+// ONLINE: call @qcc_hadamard_16(
+// ONLINE: %[[AH:.*]] = torch_c.from_builtin_tensor
+// ONLINE: %[[AU:.*]] = torch.aten.unsqueeze %[[AH]], %int-1
+// ONLINE: torch.aten.bmm %{{.*}}, %[[AU]]
 
 func.func @main(%emb: !torch.vtensor<[32,8],f32> {qcc.param = "emb.weight"}, %g1: !torch.vtensor<[8],f32> {qcc.param = "norm1.weight"},
                 %wup: !torch.vtensor<[3,16,8],f32> {qcc.param = "experts.up"}, %wdown: !torch.vtensor<[3,8,16],f32> {qcc.param = "experts.down"},

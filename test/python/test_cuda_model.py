@@ -361,6 +361,20 @@ def test_quantized_activations_match_the_cpu_backend(recipe, bound, kernel, seq)
     assert len(hadamards) == (2 if "had" in recipe else 0)  # the two down projections' inputs
 
 
+def test_quantized_expert_rows_match_the_cpu_backend():
+    """w8a8 on transformers' Mixtral: the experts' rows quantized per token (quantize-activations;
+    decoded for the float gathered product) give the emulated CUDA plan the CPU artifact's output,
+    up to float reductions rounding differently; every dense linear on gemv_i8."""
+    model, inputs = hf_causal_lm("mixtral")
+    gpu = qcc.compile(model, inputs, target="cuda", quant="w8a8")
+    cpu = qcc.compile(model, inputs, target="cpu", quant="w8a8")
+    assert any(r.startswith("quantize-activations: the experts' rows are quantized") for r in gpu.remarks)
+    got, want = emulate.run_compiled(gpu, *inputs)[0], np.asarray(cpu(*inputs))
+    assert rel_err(got, want) <= 1e-5
+    cuda = gpu.manifest["cuda"]
+    assert not cuda["fallback"] and all(L["builder"] == "gemv_i8" for L in cuda["int_layers"].values())
+
+
 def test_prefill_gemm_plan_equals_the_gemv_plan(monkeypatch):
     """At 40 tokens w4a4-had's integer matmuls run on gemm_i8 (int4 weights on the s8 tensor
     cores); the plan's output equals, bit for bit, that of the same model on gemv_i8 (dp4a, 16

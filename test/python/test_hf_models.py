@@ -183,6 +183,52 @@ def test_hf_mixture_of_experts():
     assert rel_err(compiled(ids).numpy(), logits_on_decoded_weights(model, compiled, ids)) <= 1e-4
 
 
+@pytest.mark.parametrize("recipe", ["w8a8", "w4a4"])
+def test_hf_mixture_of_experts_quantizes_expert_activations(recipe, monkeypatch):
+    """With a per-token activation format the experts' products quantize their rows too (each
+    token's row for the up projections, each (token, expert) row for the down projections):
+    the output equals a float32 fake-quant copy (decoded weights; every linear's input and every
+    expert's row through the format's numpy reference), not the weight-only one."""
+    from transformers.integrations import moe
+
+    from qcc.dialects.formats import activation
+    from qcc.recipes import get_recipe
+
+    afmt = activation.ACT_FORMATS[get_recipe(recipe).act_format]
+    cfg = dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, **COMMON)
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    model = Logits(T.AutoModelForCausalLM.from_config(T.MixtralConfig(**cfg), experts_implementation="batched_mm")
+                   .eval()).eval()
+    compiled = qcc.compile(model, (ids,), target="cpu", quant=recipe)
+    assert [r.split(": ")[1] for r in compiled.remarks] == [f"the experts' rows are quantized ({afmt.key()}) and "
+                                                            "multiplied by their decoded weights in f32 (no integer "
+                                                            "experts' kernel yet)"]
+    kernels = compiled.manifest["cpu"]["kernels"]
+    assert all(kernels[layer["weight"]]["variant"] == "gathered gemv"
+               for layer in compiled.manifest["layers"] if "experts" in layer)
+
+    def fake_quant(x):
+        rows = x.detach().reshape(-1, x.shape[-1]).numpy()
+        return torch.from_numpy(activation.fake_quant_act(rows, afmt)).reshape(x.shape)
+
+    ref = copy.deepcopy(model)
+    load_into_torch(ref, dequantized_weights(compiled))
+    with torch.no_grad():
+        weight_only = ref(ids).numpy()
+    modules = dict(ref.named_modules())
+    for layer in compiled.manifest["layers"]:
+        if "experts" not in layer:
+            modules[layer["weight"].rsplit(".", 1)[0]].register_forward_pre_hook(lambda m, a: (fake_quant(a[0]),))
+    batched = moe._batched_linear
+    monkeypatch.setattr(moe, "_batched_linear", lambda x, w, *a, **k: batched(fake_quant(x), w, *a, **k))
+    with torch.no_grad():
+        expect = ref(ids).numpy()
+    got = compiled(ids).numpy()
+    assert rel_err(got, expect) <= 1e-4
+    assert rel_err(weight_only, expect) > 20 * rel_err(got, expect)
+
+
 def deepseek(config_class):
     """A small DeepSeek-V2 / V3: a dense first layer, 4 routed experts (top 2), low-rank q and kv."""
     return config_class(num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=128,
@@ -381,13 +427,19 @@ def _layer_outputs(session, ep, calibration):
     from qcc.calibration import session_stats
 
     stats = session_stats(session, want=("samples",), sample_rows=0)
-    return {name: st.samples @ np.asarray(session.params[name], np.float64).T
-            + (np.asarray(session.params[f"{name}:norm_bias"], np.float64) if f"{name}:norm_bias" in session.params
-               else 0.0)
-            for name, st in stats.items() if not name.endswith("lm_head.weight")}
+    out = {}
+    for key, st in stats.items():
+        name, _, expert = key.partition("#")  # calibration.expert_key: an expert's rows
+        w = np.asarray(session.params[name], np.float64)
+        if name.endswith("lm_head.weight"):
+            continue
+        out[key] = st.samples @ (w[int(expert)] if expert else w).T + (
+            np.asarray(session.params[f"{name}:norm_bias"], np.float64) if f"{name}:norm_bias" in session.params
+            else 0.0)
+    return out
 
 
-@pytest.mark.parametrize("arch", ["gemma2", "llama-layernorm"])
+@pytest.mark.parametrize("arch", ["gemma2", "llama-layernorm", "mixtral"])
 def test_rotation_keeps_the_calibration_program_in_step(arch):
     """After fuse-rotation, the calibration program (the exported model with the session's view:
     new parameter values, Hadamards after the norms that write the stream, the LayerNorm biases
@@ -401,8 +453,11 @@ def test_rotation_keeps_the_calibration_program_in_step(arch):
     from qcc.pipeline import Session, run_pipeline
 
     torch.manual_seed(0)
-    if arch == "gemma2":
-        model = Logits(T.AutoModelForCausalLM.from_config(GEMMA2()).eval()).eval()
+    if arch in ("gemma2", "mixtral"):  # mixtral: the experts' rows (their down projections' after an online H)
+        config = GEMMA2() if arch == "gemma2" else T.MixtralConfig(num_key_value_heads=2, num_local_experts=4,
+                                                                   num_experts_per_tok=2, **COMMON)
+        kw = {"experts_implementation": "batched_mm"} if arch == "mixtral" else {}
+        model = Logits(T.AutoModelForCausalLM.from_config(config, **kw).eval()).eval()
         make = lambda s: (torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(s)),)
     else:
         model = models.LlamaModel(vocab=64, hidden=64, layers=2, heads=4, ffn=96, max_seq=16, norm="layer").eval()
@@ -417,8 +472,10 @@ def test_rotation_keeps_the_calibration_program_in_step(arch):
     assert any("rotated" in r for r in session.remarks), session.remarks
     after = _layer_outputs(session, ep, calibration)
     assert sorted(after) == sorted(before) and len(before) >= 14
+    assert arch != "mixtral" or any("experts.down_proj#" in name for name in before)
     for name in before:  # the stream's writers' outputs are rotated: equal up to an orthogonal map
-        writer = arch != "gemma2" and name.endswith(("o_proj.weight", "down_proj.weight"))
+        writer = arch != "gemma2" and name.split("#")[0].endswith(("o_proj.weight", "down_proj.weight",
+                                                                   "experts.down_proj"))
         a, b = (after[name] @ after[name].T, before[name] @ before[name].T) if writer else (after[name], before[name])
         assert rel_err(a, b) <= 1e-5, name
 
