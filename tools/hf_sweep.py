@@ -2,9 +2,11 @@
 [--quant w8a16 | --transform PASS] [arch ...]`.
 
 Each architecture is built from a small random config (no hub), compiled, run (CUDA: on the
-emulator) and compared with the float64 model holding the artifact's decoded weights; one line
-each: OK / BAD (relative error over 1e-4) / FAIL (qcc's error) / SKIP (the config itself does not
-build or run in transformers).  `--transform fuse-rotation` (or any float-preserving pass list,
+emulator) and compared with the float64 model holding the artifact's decoded weights (with a
+quantized-activation recipe, w8a8 say: the float64 model with every quantized layer's input and
+each expert's rows through the format's numpy reference); one line each: OK / BAD (relative error
+over 1e-4) / FAIL (qcc's error) / SKIP (the config itself does not build or run in transformers,
+or a quantized input the oracle's hooks cannot reach).  `--transform fuse-rotation` (or any float-preserving pass list,
 comma-separated) compiles with only those passes, calibrated on two other inputs, compares with
 the float64 model itself and prints the pass's first remark: what it rotated, or why not.
 The test suite pins a subset (test_hf_models.py); this is the wide net, for a new transformers
@@ -170,6 +172,56 @@ def _reference(wrapped, compiled, inputs):
         return ref(*(a.double() if a.is_floating_point() else a for a in inputs)).numpy()
 
 
+def _act_reference(wrapped, compiled, inputs, act_format, only=None, dtype="float64"):
+    """`dtype` outputs of `wrapped` holding the artifact's decoded weights with every quantized
+    linear's input, and each batched_mm expert's rows, through the activation format's numpy
+    reference (the fake-quant semantics, in float32); None when a quantized layer's input is out of a hook's
+    reach (a convolution made a linear over its patches; experts outside `_batched_linear`)."""
+    import torch
+    from transformers.integrations import moe
+
+    from qcc.dialects.formats import activation
+    from qcc.reference import dequantized_weights, load_into_torch
+
+    fmt = activation.ACT_FORMATS[act_format]
+
+    def fake_quant(x):
+        rows = x.detach().float().reshape(-1, x.shape[-1]).numpy()
+        return torch.from_numpy(activation.fake_quant_act(rows, fmt)).reshape(x.shape).to(x.dtype)
+
+    ref = copy.deepcopy(wrapped).to(getattr(torch, dtype))
+    if getattr(ref.model.config, "_experts_implementation", None) not in (None, "batched_mm"):
+        ref.model.set_experts_implementation("batched_mm")
+    load_into_torch(ref, dequantized_weights(compiled))
+    modules = dict(ref.named_modules())
+    experts, hooked, called = False, set(), set()
+    for layer in compiled.manifest["layers"]:
+        if only is not None and layer["weight"] not in only:
+            continue
+        owner = modules.get(layer["weight"].rsplit(".", 1)[0])
+        if "experts" in layer:
+            experts = True
+        elif "conv_shape" in layer or owner is None or isinstance(owner, torch.nn.Embedding):
+            return None  # (a router module holding its weight takes the layer's input first, as a Linear does)
+        else:
+            hooked.add(owner)
+            owner.register_forward_pre_hook(lambda m, a: (called.add(m), (fake_quant(a[0]), *a[1:]))[1])
+    calls, batched = [], moe._batched_linear
+
+    def quantized_rows(x, w, *a, **k):
+        calls.append(1)
+        return batched(fake_quant(x), w, *a, **k)
+
+    moe._batched_linear = quantized_rows
+    try:
+        with torch.no_grad():
+            out = ref(*(a.to(getattr(torch, dtype)) if a.is_floating_point() else a for a in inputs)).numpy()
+    finally:
+        moe._batched_linear = batched
+    # a weight used without its module's call (Mamba's dt_proj.weight @ x) is out of reach too
+    return None if (experts and not calls) or hooked - called else out
+
+
 def _float64(wrapped, inputs):
     import torch
 
@@ -192,6 +244,14 @@ def main(argv=None) -> int:
 
     import qcc
 
+    if not args.transform:  # the oracle knows the formats' numerics, not other passes' rewrites
+        from qcc.recipes import get_recipe
+
+        extra = [p for p in get_recipe(args.quant).passes
+                 if p.partition("{")[0] not in ("quantize-weights", "quantize-activations", "dequant-after-gemm")]
+        if extra:
+            p.error(f"--quant {args.quant} runs {extra}, which the sweep's oracle does not model; "
+                    f"check transforms with --transform")
     archs = _architectures(T)
     unknown = set(args.archs) - set(archs)
     if unknown:
@@ -221,15 +281,37 @@ def main(argv=None) -> int:
                 got = emulate.run_compiled(compiled, *inputs)[0]
             else:
                 got = compiled(*inputs).numpy()
-            want = _float64(model, inputs) if args.transform else _reference(model, compiled, inputs)
+            act = compiled.manifest.get("recipe", {}).get("act_format") if not args.transform else None
+            if args.transform:
+                want = _float64(model, inputs)
+            elif act:
+                want = _act_reference(model, compiled, inputs, act)
+                if want is None:
+                    print(f"{name:14s} SKIP a quantized layer's input is out of the reference hooks' reach", flush=True)
+                    continue
+            else:
+                want = _reference(model, compiled, inputs)
             err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
-            bad += err > 1e-4
+            if act and err > 1e-4:  # torch's float32 and float64 paths can differ by more than qcc's float32
+                # from either (GPTBigCode's float32 attention, DeepSeek-V2's float64 rotary: ~8e-3 with
+                # w8a8, where one path flips an activation code the other does not): the nearer one
+                want32 = _act_reference(model, compiled, inputs, act, dtype="float32")
+                err = min(err, float(np.linalg.norm(got - want32) / np.linalg.norm(want32)))
+            ok = err <= 1e-4
             if args.transform:
                 first = next((r for r in compiled.remarks if r.startswith(passes[0].split("{")[0])), "no remark")
                 what = first.split(" (at loc")[0]
             else:
                 what = f"{len(compiled.manifest['layers'])} quantized, {len(compiled.remarks)} remarks"
-            print(f"{name:14s} {'OK ' if err <= 1e-4 else 'BAD'} rel err {err:.1e}, {what}, {time.time() - t0:.0f} s",
+            if not ok and act:
+                # an activation code that rounds the other way (float32 here, float64 in the oracle,
+                # at a rounding boundary) moves its outputs a step: allowed while the distance stays a
+                # small part of the activations' own quantization error (as cuda_device_run's cases)
+                quant = float(np.linalg.norm(want - _reference(model, compiled, inputs)) / np.linalg.norm(want))
+                ok = err <= 0.25 * quant
+                what += f", code flips: {err / quant:.2f} of the activations' quantization error {quant:.1e}"
+            bad += not ok
+            print(f"{name:14s} {'OK ' if ok else 'BAD'} rel err {err:.1e}, {what}, {time.time() - t0:.0f} s",
                   flush=True)
         except Exception as e:
             bad += 1

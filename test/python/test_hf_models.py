@@ -406,6 +406,12 @@ def test_architecture_sweep_tool(capsys):
     assert hf_sweep.main(["gpt2", "mixtral", "--quant", "w8a16"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[:2] for line in lines] == [["gpt2", "OK"], ["mixtral", "OK"]]
+    # quantized activations: the oracle fake-quantizes every linear's input and the experts' rows
+    assert hf_sweep.main(["mixtral", "--quant", "w8a8"]) == 0
+    assert capsys.readouterr().out.split()[:2] == ["mixtral", "OK"]
+    with pytest.raises(SystemExit):  # a rotation is no format numerics: --transform checks it
+        hf_sweep.main(["mixtral", "--quant", "w8a8-had"])
+    capsys.readouterr()
     # wav2vec2 on the GPU: its graph holds literal index tensors (dense_resource constants),
     # which the CUDA host plan could not read
     assert hf_sweep.main(["wav2vec2", "--target", "cuda", "--quant", "w8a16"]) == 0
