@@ -9,12 +9,12 @@ Layers are named by the weight quantize-weights saw ('fc1.weight',
 'fc1.weight:inliers'); `exclude` is a regex over those names.
 
 A mixture of experts' products (`bmm(qcc.gather_dequantize(...), x[..., None])`, see
-quantize_experts.py) have no qlinear: with a per-token format their rows x are quantized here,
-`qcc.quantize_dynamic`, and decoded back to f32 for the float batched product (the numerics of
-int8 / int4 activations; no integer experts' kernel yet).  A per-tensor format would need the
-experts' calibrated input ranges, which calibration does not collect: those products keep float
-activations, said in a remark, as they do with `experts=false` (split-outliers' recipes: the
-outlier split does not reach the experts).
+quantize_experts.py) have no qlinear: their rows x are quantized here (`qcc.quantize_dynamic`
+per token; per tensor `qcc.quantize` by one scale from the calibrated absmax of all the
+experts' rows, calibration.expert_key) and decoded back to f32 for the float batched product
+(the numerics of int8 / int4 activations; no integer experts' kernel yet).  With
+`experts=false` (split-outliers' recipes: the outlier split does not reach the experts) they
+keep float activations, said in a remark.
 """
 
 import dataclasses
@@ -119,14 +119,13 @@ class QuantizeActivations(QccPass):
                 continue
             rows = _expert_rows(gather)
             why = ("split-outliers does not split their products" if not self.options.experts else
-                   f"'{fmt.key()}' needs the experts' calibrated input ranges, which calibration does not collect"
-                   if not fmt.dynamic else
                    "their weights are read other than as bmm(W[ids], x[..., None])" if rows is None else None)
             if why:
                 left.setdefault(why, []).append(weight)
                 continue
+            scale = None if fmt.dynamic else activation.static_scale(self._experts_absmax(gather, weight), fmt)
             for bmm in rows:
-                _quantize_rows(bmm, fmt)
+                _quantize_rows(bmm, fmt, scale)
             done.append(weight)
         if done:
             self.session.remarks.append(
@@ -135,6 +134,19 @@ class QuantizeActivations(QccPass):
         for why, weights in left.items():
             self.session.remarks.append(f"{self.name}: the experts' products take float activations ({why}): "
                                         + ", ".join(sorted(set(weights))))
+
+
+    def _experts_absmax(self, op, weight: str) -> float:
+        """max |x| over the calibration rows of every expert of `weight` (calibration.expert_key)."""
+        try:
+            stats = calibration.session_stats(self.session, want=("absmax",), stats_file=self.options.stats)
+        except QccError as e:
+            raise PassError(op, f"static activation scales need calibration: {e.what}" + (f" ({e.hint})" if e.hint else ""))
+        found = [float(st.tensor_absmax) for key, st in stats.items() if key.startswith(f"{weight}#")]
+        if not found:
+            raise PassError(op, f"no calibration statistics for the experts' weight '{weight}': calibration did not "
+                                f"reach it")
+        return max(found)
 
 
 def _expert_rows(gather) -> list | None:
@@ -154,8 +166,9 @@ def _expert_rows(gather) -> list | None:
     return bmms
 
 
-def _quantize_rows(bmm, fmt) -> None:
-    """bmm(W, x[T, K, 1]) -> bmm(W, decode(qcc.quantize_dynamic(x[T, K]))[..., None])."""
+def _quantize_rows(bmm, fmt, scale=None) -> None:
+    """bmm(W, x[T, K, 1]) -> bmm(W, decode(qcc.quantize_dynamic(x[T, K]))[..., None]); with a static
+    per-tensor `scale` ([1, 1]), qcc.quantize by it."""
     x = bmm.operands[1]
     t, k, _ = irutil.vtensor_shape(x.type)[0]
     with ir.InsertionPoint(bmm), bmm.location:
@@ -164,13 +177,22 @@ def _quantize_rows(bmm, fmt) -> None:
                                    operands=[x, int_neg1]).result
         builtin = ir.Operation.create("torch_c.to_builtin_tensor", results=[irutil.tensor_type([t, k], "f32")],
                                       operands=[rows]).result
-        q = ir.Operation.create("qcc.quantize_dynamic",
-                                results=[irutil.tensor_type([t, k], "i8"), irutil.tensor_type([t, 1], "f32")],
-                                operands=[builtin], attributes={"format": format_attr(fmt.key())})
+        if scale is None:
+            q = ir.Operation.create("qcc.quantize_dynamic",
+                                    results=[irutil.tensor_type([t, k], "i8"), irutil.tensor_type([t, 1], "f32")],
+                                    operands=[builtin], attributes={"format": format_attr(fmt.key())})
+            q_codes, q_scale, s_rows = q.results[0], q.results[1], t
+        else:
+            s_type = irutil.tensor_type([1, 1], "f32")
+            q_scale = ir.Operation.create("arith.constant", results=[s_type], attributes={"value": ir.DenseElementsAttr.get_splat(
+                s_type, ir.FloatAttr.get(ir.F32Type.get(), float(np.asarray(scale).reshape(-1)[0])))}).result
+            q_codes = ir.Operation.create("qcc.quantize", results=[irutil.tensor_type([t, k], "i8")],
+                                          operands=[builtin, q_scale], attributes={"format": format_attr(fmt.key())}).result
+            s_rows = 1
         codes = ir.Operation.create("torch_c.from_builtin_tensor", results=[irutil.vtensor_type([t, k], "si8")],
-                                    operands=[q.results[0]]).result
-        scale = ir.Operation.create("torch_c.from_builtin_tensor", results=[irutil.vtensor_type([t, 1])],
-                                    operands=[q.results[1]]).result
+                                    operands=[q_codes]).result
+        scale = ir.Operation.create("torch_c.from_builtin_tensor", results=[irutil.vtensor_type([s_rows, 1])],
+                                    operands=[q_scale]).result
         none, false = irutil.const_none(), irutil.const_bool(False)
         wide = ir.Operation.create("torch.aten.to.dtype", results=[irutil.vtensor_type([t, k])],
                                    operands=[codes, irutil.const_int(6), false, false, none]).result  # 6: f32

@@ -1,15 +1,17 @@
 // RUN: qcc-opt %s --random-params=0 -p 'quantize-weights{format=int8_sym_channel},quantize-activations{format=int8_sym_token}' 2>&1 | filecheck %s
 // RUN: qcc-opt %s --random-params=0 -p 'quantize-weights{format=int8_sym_channel},quantize-activations{format=int8_sym_token experts=false}' 2>&1 | filecheck %s --check-prefix=KEEP
 // RUN: qcc-opt %s --random-params=0 -p 'quantize-weights{format=int8_sym_channel},quantize-activations{format=int8_sym_token exclude=experts}' 2>&1 | filecheck %s --check-prefix=EXCL
-// RUN: qcc-opt %s --random-params=0 -p 'quantize-weights{format=int8_sym_channel},quantize-activations{format=int8_sym_tensor}' 2>&1 | filecheck %s --check-prefix=STATIC
+// RUN: %PYTHON -c "import numpy as np; from safetensors.numpy import save_file; a = np.ones(256, np.float32); b = a.copy(); b[7] = 12.7; save_file({'experts.w#0/absmax': a, 'experts.w#2/absmax': b}, '%t.stats')"
+// RUN: qcc-opt %s --random-params=0 -p 'quantize-weights{format=int8_sym_channel},quantize-activations{format=int8_sym_tensor stats=%t.stats}' 2>&1 | filecheck %s --check-prefix=STATIC
+// RUN: not qcc-opt %s --random-params=0 -p 'quantize-weights{format=int8_sym_channel},quantize-activations{format=int8_sym_tensor}' 2>&1 | filecheck %s --check-prefix=NOCAL
 
 // A mixture of experts' product (bmm of the gathered, decoded weights and x[..., None]) has no
 // qcc.qlinear: with a per-token format, quantize-activations quantizes its rows x[T, K] itself
 // (qcc.quantize_dynamic: codes and per-row scales) and decodes them for the float batched
 // product, so the experts see int8 activations; a remark says the arithmetic is f32.  With
-// experts=false (split-outliers' recipes) or a per-tensor format (no calibrated ranges for the
-// experts) the rows stay float, said in a remark; `exclude` leaves them float silently, as it
-// does linears.
+// experts=false (split-outliers' recipes) the rows stay float, said in a remark; `exclude`
+// leaves them float silently, as it does linears. A per-tensor format takes one scale from the
+// calibrated rows of all the experts.
 
 // CHECK: qcc-opt: remark: quantize-activations: the experts' rows are quantized (int8_sym_token) and multiplied by their decoded weights in f32 (no integer experts' kernel yet): experts.w
 // CHECK-LABEL: func.func @experts
@@ -27,8 +29,11 @@
 // KEEP: qcc-opt: remark: quantize-activations: the experts' products take float activations (split-outliers does not split their products): experts.w
 // KEEP-NOT: qcc.quantize_dynamic
 
-// STATIC: qcc-opt: remark: quantize-activations: the experts' products take float activations ('int8_sym_tensor' needs the experts' calibrated input ranges, which calibration does not collect): experts.w
-// STATIC-NOT: qcc.quantize_dynamic
+// Per tensor: one scale for all the experts' rows, the largest calibrated |x| of any expert / 127.
+// STATIC: qcc-opt: remark: quantize-activations: the experts' rows are quantized (int8_sym_tensor)
+// STATIC: %[[S:.*]] = arith.constant dense<1.000000e-01> : tensor<1x1xf32>
+// STATIC: "qcc.quantize"(%{{.*}}, %[[S]]) {format = #qcc.format<"int8_sym_tensor">} : (tensor<6x256xf32>, tensor<1x1xf32>) -> tensor<6x256xi8>
+// NOCAL: error: quantize-activations: static activation scales need calibration
 
 // EXCL-NOT: remark
 // EXCL-NOT: qcc.quantize_dynamic

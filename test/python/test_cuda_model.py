@@ -361,13 +361,17 @@ def test_quantized_activations_match_the_cpu_backend(recipe, bound, kernel, seq)
     assert len(hadamards) == (2 if "had" in recipe else 0)  # the two down projections' inputs
 
 
-def test_quantized_expert_rows_match_the_cpu_backend():
-    """w8a8 on transformers' Mixtral: the experts' rows quantized per token (quantize-activations;
-    decoded for the float gathered product) give the emulated CUDA plan the CPU artifact's output,
-    up to float reductions rounding differently; every dense linear on gemv_i8."""
+@pytest.mark.parametrize("recipe", ["w8a8", "w8a8-static"])
+def test_quantized_expert_rows_match_the_cpu_backend(recipe):
+    """w8a8 on transformers' Mixtral: the experts' rows quantized per token or per tensor
+    (quantize-activations; decoded for the float gathered product) give the emulated CUDA plan
+    the CPU artifact's output, up to float reductions rounding differently; every dense linear
+    on gemv_i8."""
     model, inputs = hf_causal_lm("mixtral")
-    gpu = qcc.compile(model, inputs, target="cuda", quant="w8a8")
-    cpu = qcc.compile(model, inputs, target="cpu", quant="w8a8")
+    cal = {"calibration": [(torch.randint(0, 320, (1, 10), generator=torch.Generator().manual_seed(s)),)
+                           for s in (3, 4)]} if recipe.endswith("static") else {}
+    gpu = qcc.compile(model, inputs, target="cuda", quant=recipe, **cal)
+    cpu = qcc.compile(model, inputs, target="cpu", quant=recipe, **cal)
     assert any(r.startswith("quantize-activations: the experts' rows are quantized") for r in gpu.remarks)
     got, want = emulate.run_compiled(gpu, *inputs)[0], np.asarray(cpu(*inputs))
     assert rel_err(got, want) <= 1e-5

@@ -183,34 +183,46 @@ def test_hf_mixture_of_experts():
     assert rel_err(compiled(ids).numpy(), logits_on_decoded_weights(model, compiled, ids)) <= 1e-4
 
 
-@pytest.mark.parametrize("recipe", ["w8a8", "w4a4"])
+@pytest.mark.parametrize("recipe", ["w8a8", "w4a4", "w8a8-static"])
 def test_hf_mixture_of_experts_quantizes_expert_activations(recipe, monkeypatch):
-    """With a per-token activation format the experts' products quantize their rows too (each
-    token's row for the up projections, each (token, expert) row for the down projections):
-    the output equals a float32 fake-quant copy (decoded weights; every linear's input and every
-    expert's row through the format's numpy reference), not the weight-only one."""
+    """The experts' products quantize their rows too (each token's row for the up projections,
+    each (token, expert) row for the down projections): the output equals a float32 fake-quant
+    copy (decoded weights; every linear's input and every expert's row through the format's
+    numpy reference), not the weight-only one.  Per tensor, a linear's scale is its calibrated
+    absmax / 127 and an experts' weight's the largest over the rows of all its experts (from
+    calibration's statistics, keyed `weight#expert`)."""
     from transformers.integrations import moe
 
+    from qcc.calibration import linear_input_stats
     from qcc.dialects.formats import activation
+    from qcc.frontend import export_module
     from qcc.recipes import get_recipe
 
     afmt = activation.ACT_FORMATS[get_recipe(recipe).act_format]
     cfg = dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, **COMMON)
     ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(2))
+    calibration = [(torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(s)),) for s in (3, 4)]
     torch.manual_seed(0)
     model = Logits(T.AutoModelForCausalLM.from_config(T.MixtralConfig(**cfg), experts_implementation="batched_mm")
                    .eval()).eval()
-    compiled = qcc.compile(model, (ids,), target="cpu", quant=recipe)
+    compiled = qcc.compile(model, (ids,), target="cpu", quant=recipe, calibration=calibration)
     assert [r.split(": ")[1] for r in compiled.remarks] == [f"the experts' rows are quantized ({afmt.key()}) and "
                                                             "multiplied by their decoded weights in f32 (no integer "
                                                             "experts' kernel yet)"]
     kernels = compiled.manifest["cpu"]["kernels"]
-    assert all(kernels[layer["weight"]]["variant"] == "gathered gemv"
-               for layer in compiled.manifest["layers"] if "experts" in layer)
+    experts = sorted(layer["weight"] for layer in compiled.manifest["layers"] if "experts" in layer)
+    assert len(experts) == 4 and all(kernels[w]["variant"] == "gathered gemv" for w in experts)
+    scales = {}  # per tensor: {weight: [1, 1] scale}
+    if not afmt.dynamic:
+        stats = linear_input_stats(export_module(model, (ids,)), calibration, want=("absmax",))
+        for key, st in stats.items():
+            name = key.partition("#")[0]
+            scales[name] = max(scales.get(name, 0.0), float(st.tensor_absmax))
+        scales = {name: activation.static_scale(absmax, afmt) for name, absmax in scales.items()}
 
-    def fake_quant(x):
+    def fake_quant(x, weight):
         rows = x.detach().reshape(-1, x.shape[-1]).numpy()
-        return torch.from_numpy(activation.fake_quant_act(rows, afmt)).reshape(x.shape)
+        return torch.from_numpy(activation.fake_quant_act(rows, afmt, scales.get(weight))).reshape(x.shape)
 
     ref = copy.deepcopy(model)
     load_into_torch(ref, dequantized_weights(compiled))
@@ -219,9 +231,12 @@ def test_hf_mixture_of_experts_quantizes_expert_activations(recipe, monkeypatch)
     modules = dict(ref.named_modules())
     for layer in compiled.manifest["layers"]:
         if "experts" not in layer:
-            modules[layer["weight"].rsplit(".", 1)[0]].register_forward_pre_hook(lambda m, a: (fake_quant(a[0]),))
+            modules[layer["weight"].rsplit(".", 1)[0]].register_forward_pre_hook(
+                lambda m, a, w=layer["weight"]: (fake_quant(a[0], w),))
+    # transformers calls each layer's experts' products in order: gate_up_proj, then down_proj
+    order = iter(sorted(experts, key=lambda w: (int(w.split("layers.")[1].split(".")[0]), "down" in w)))
     batched = moe._batched_linear
-    monkeypatch.setattr(moe, "_batched_linear", lambda x, w, *a, **k: batched(fake_quant(x), w, *a, **k))
+    monkeypatch.setattr(moe, "_batched_linear", lambda x, w, *a, **k: batched(fake_quant(x, next(order)), w, *a, **k))
     with torch.no_grad():
         expect = ref(ids).numpy()
     got = compiled(ids).numpy()
