@@ -105,8 +105,9 @@ class ResidualStream:
     readers: mm ops whose input is the stream (normalized or not), with the norm
     scale absorbed into them (a NormScale, or None); writers: mm ops whose output is
     added into the stream; vectors: (op, operand) of parameters added to it (biases [hidden],
-    or gathered rows of per-expert biases [E, hidden]); embeddings: aten.embedding ops producing it; norm_scales: {(aten.mul.Tensor
-    (g, n), n's operand index): NormScale} of the multiplications to erase; norm_biases:
+    or gathered rows of per-expert biases [E, hidden]); embeddings: aten.embedding ops
+    producing it; norm_scales: {(aten.mul.Tensor (g, n), n's operand index): NormScale} of
+    the multiplications to erase; norm_biases:
     the additions of a LayerNorm's b to erase, each reader_biases' b moving into the readers;
     online: products by a per-channel scale added to the stream (Gemma 2's and OLMo 2's norms
     after each sublayer), rotated by an online transform after the product; expert_readers /

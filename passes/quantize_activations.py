@@ -80,7 +80,7 @@ class QuantizeActivations(QccPass):
         format: str = "int8_sym_token"
         exclude: str = ""  # regex over float weight names whose activations stay float
         stats: str = ""  # precomputed calibration statistics (calibration.save_stats) for static formats
-        experts: bool = True  # quantize the rows of the experts' products too (per-token formats)
+        experts: bool = True  # quantize the rows of the experts' products too
 
     def run(self, module):
         try:
@@ -135,13 +135,13 @@ class QuantizeActivations(QccPass):
             self.session.remarks.append(f"{self.name}: the experts' products take float activations ({why}): "
                                         + ", ".join(sorted(set(weights))))
 
-
     def _experts_absmax(self, op, weight: str) -> float:
         """max |x| over the calibration rows of every expert of `weight` (calibration.expert_key)."""
         try:
             stats = calibration.session_stats(self.session, want=("absmax",), stats_file=self.options.stats)
         except QccError as e:
-            raise PassError(op, f"static activation scales need calibration: {e.what}" + (f" ({e.hint})" if e.hint else ""))
+            raise PassError(op, f"static activation scales need calibration: {e.what}"
+                                + (f" ({e.hint})" if e.hint else ""))
         found = [float(st.tensor_absmax) for key, st in stats.items() if key.startswith(f"{weight}#")]
         if not found:
             raise PassError(op, f"no calibration statistics for the experts' weight '{weight}': calibration did not "
@@ -184,10 +184,12 @@ def _quantize_rows(bmm, fmt, scale=None) -> None:
             q_codes, q_scale, s_rows = q.results[0], q.results[1], t
         else:
             s_type = irutil.tensor_type([1, 1], "f32")
-            q_scale = ir.Operation.create("arith.constant", results=[s_type], attributes={"value": ir.DenseElementsAttr.get_splat(
-                s_type, ir.FloatAttr.get(ir.F32Type.get(), float(np.asarray(scale).reshape(-1)[0])))}).result
+            value = ir.FloatAttr.get(ir.F32Type.get(), float(np.asarray(scale).reshape(-1)[0]))
+            q_scale = ir.Operation.create("arith.constant", results=[s_type],
+                                          attributes={"value": ir.DenseElementsAttr.get_splat(s_type, value)}).result
             q_codes = ir.Operation.create("qcc.quantize", results=[irutil.tensor_type([t, k], "i8")],
-                                          operands=[builtin, q_scale], attributes={"format": format_attr(fmt.key())}).result
+                                          operands=[builtin, q_scale],
+                                          attributes={"format": format_attr(fmt.key())}).result
             s_rows = 1
         codes = ir.Operation.create("torch_c.from_builtin_tensor", results=[irutil.vtensor_type([t, k], "si8")],
                                     operands=[q_codes]).result

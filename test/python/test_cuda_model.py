@@ -27,7 +27,7 @@ from bench_models import DecodeStep, bench_llama
 from qcc.backends.cuda import emulate, lowering, model_runtime, ptx, runtime, torch_ref
 from qcc.reference import dequantized_weights
 
-ROTATED = os.path.join(os.path.dirname(__file__), "..", "data", "fuse-rotation.json")  # a recipe file: the pass alone
+ROTATED = os.path.join(os.path.dirname(__file__), "..", "data", "fuse-rotation.json")  # recipe file: the pass alone
 
 
 def f64(model, inputs):
