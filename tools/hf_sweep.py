@@ -175,8 +175,9 @@ def _reference(wrapped, compiled, inputs):
 def _act_reference(wrapped, compiled, inputs, act_format, only=None, dtype="float64"):
     """`dtype` outputs of `wrapped` holding the artifact's decoded weights with every quantized
     linear's input, and each batched_mm expert's rows, through the activation format's numpy
-    reference (the fake-quant semantics, in float32); None when a quantized layer's input is out of a hook's
-    reach (a convolution made a linear over its patches; experts outside `_batched_linear`)."""
+    reference (the fake-quant semantics, in float32; Llama 4's experts: the rows of their bmm's
+    first operand); None when a quantized layer's input is out of a hook's reach (a convolution
+    made a linear over its patches; other experts outside `_batched_linear`)."""
     import torch
     from transformers.integrations import moe
 
@@ -194,19 +195,25 @@ def _act_reference(wrapped, compiled, inputs, act_format, only=None, dtype="floa
         ref.model.set_experts_implementation("batched_mm")
     load_into_torch(ref, dequantized_weights(compiled))
     modules = dict(ref.named_modules())
-    experts, hooked, called = False, set(), set()
+    experts, hooked, called, calls = False, set(), set(), []
+    bmm = torch.bmm
+    bmm_x = lambda x, w: (calls.append(1), bmm(fake_quant(x), w))[1]  # noqa: E731
     for layer in compiled.manifest["layers"]:
         if only is not None and layer["weight"] not in only:
             continue
         owner = modules.get(layer["weight"].rsplit(".", 1)[0])
         if "experts" in layer:
             experts = True
+            if type(owner).__name__ == "Llama4TextExperts" and owner not in hooked:  # bmm(x [E, T, K], W)
+                hooked.add(owner)
+                owner.register_forward_pre_hook(lambda m, a: (called.add(m), setattr(torch, "bmm", bmm_x))[0])
+                owner.register_forward_hook(lambda m, a, out: setattr(torch, "bmm", bmm))
         elif "conv_shape" in layer or owner is None or isinstance(owner, torch.nn.Embedding):
             return None  # (a router module holding its weight takes the layer's input first, as a Linear does)
         else:
             hooked.add(owner)
             owner.register_forward_pre_hook(lambda m, a: (called.add(m), (fake_quant(a[0]), *a[1:]))[1])
-    calls, batched = [], moe._batched_linear
+    batched = moe._batched_linear
 
     def quantized_rows(x, w, *a, **k):
         calls.append(1)
@@ -217,7 +224,7 @@ def _act_reference(wrapped, compiled, inputs, act_format, only=None, dtype="floa
         with torch.no_grad():
             out = ref(*(a.to(getattr(torch, dtype)) if a.is_floating_point() else a for a in inputs)).numpy()
     finally:
-        moe._batched_linear = batched
+        moe._batched_linear, torch.bmm = batched, bmm
     # a weight used without its module's call (Mamba's dt_proj.weight @ x) is out of reach too
     return None if (experts and not calls) or hooked - called else out
 
