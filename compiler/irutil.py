@@ -95,6 +95,13 @@ def const_none() -> ir.Value:
     return ir.Operation.create("torch.constant.none", results=[ir.Type.parse("!torch.none")]).result
 
 
+def f32_splat(shape, value: float) -> ir.Value:
+    """A new arith.constant tensor<shape x f32> of `value` everywhere (at the current insertion point)."""
+    ty = tensor_type(shape, "f32")
+    return ir.Operation.create("arith.constant", results=[ty], attributes={"value": ir.DenseElementsAttr.get_splat(
+        ty, ir.FloatAttr.get(ir.F32Type.get(), float(value)))}).result
+
+
 def int_list(items) -> ir.Value:
     """A new !torch.list<int> of `items` (ints, made constants, or !torch.int values)."""
     values = [const_int(v) if isinstance(v, int) else v for v in items]

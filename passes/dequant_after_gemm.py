@@ -72,11 +72,7 @@ class DequantAfterGemm(QccPass):
                 scale = ir.FloatAttr(op.attributes["act_scale"]).value
                 if not (np.isfinite(scale) and scale > 0):
                     raise PassError(op, f"act_scale must be finite and > 0, got {scale}")
-                sx_type = irutil.tensor_type([1, 1], "f32")
-                sx = ir.Operation.create(
-                    "arith.constant", results=[sx_type],
-                    attributes={"value": ir.DenseElementsAttr.get_splat(
-                        sx_type, ir.FloatAttr.get(ir.F32Type.get(), scale))}).result
+                sx = irutil.f32_splat([1, 1], scale)
                 xq = ir.Operation.create(
                     "qcc.quantize", results=[irutil.tensor_type([m, k], "i8")],
                     operands=[x, sx], attributes={"format": afmt_attr}).result

@@ -476,15 +476,17 @@ def _row_mask_zero(op):
     return None
 
 
+def _is_param(func, value) -> bool:
+    arg = irutil.block_arg_number(value)
+    return arg is not None and irutil.Signature(func).param_name(arg) is not None
+
+
 def _gathered_param(func, value):
     """The gather op of W[ids] when `value` is that, W a [E, N, K] parameter; else None."""
     op = irutil.defining_op(value)
     if op is None or not _row_gather(op):
         return None
-    arg = irutil.block_arg_number(op.operands[0])
-    if arg is None or irutil.Signature(func).param_name(arg) is None or len(shape_of(op.operands[0])) != 3:
-        return None
-    return op
+    return op if _is_param(func, op.operands[0]) and len(shape_of(op.operands[0])) == 3 else None
 
 
 def _expert_output(func, op):
@@ -540,8 +542,8 @@ def _norm_read_by_weights(func, square, limit=64) -> bool:
         for op, index in uses(value):
             if op.name in _LAYERS:
                 k = (shape_of(value) or [0, 0])[-2 if op.name == "torch.aten.bmm" and index == 1 else -1]
-                if k == n and any(irutil.block_arg_number(v) is not None or transposed_param(func, v) is not None
-                                  or _gathered_param(func, v) is not None
+                if k == n and any(transposed_param(func, v) is not None or _gathered_param(func, v) is not None
+                                  or _is_param(func, v)
                                   for j, v in enumerate(op.operands) if j != index):
                     return True
             elif op.name in follow or is_float_cast(op) or _row_op(op):
@@ -789,12 +791,6 @@ def _hadamard_rows(module, x, k: int, block: int):
     return ir.Operation.create("torch_c.from_builtin_tensor", results=[x.type], operands=[yb]).result
 
 
-def insert_online_hadamard(module, mm, k: int, block: int) -> None:
-    """mm's input x [M, k] becomes x @ (I (x) H_block / sqrt(block))."""
-    with ir.InsertionPoint(mm), mm.location:
-        mm.operands[0] = _hadamard_rows(module, mm.operands[0], k, block)
-
-
 def _view(x, dims, result_shape):
     """aten.view(x, dims) (dims: ints or !torch.int values) of type [result_shape]."""
     size = irutil.int_list(dims)
@@ -825,6 +821,13 @@ def hadamard_after(module, op) -> None:
         y = _hadamard_last(module, v, shape_of(v)[-1])
     for user, index in users:
         user.operands[index] = y
+
+
+def insert_online_hadamard(module, op, index: int, block: int) -> None:
+    """op's operand `index` x [..., k] becomes x @ (I (x) H_block / sqrt(block)): a linear's input,
+    or an expert's rows before they become a column."""
+    with ir.InsertionPoint(op), op.location:
+        op.operands[index] = _hadamard_last(module, op.operands[index], block)
 
 
 def expert_columns(gather, mlp_only: bool) -> list:
@@ -1018,14 +1021,14 @@ class FuseRotation(QccPass):
                 if block:
                     op, index = weight_use(mm)
                     edits.add(op, index, ("cols", hadamard.block_matrix(k, block)))
-                    online.append((mm, k, block, name))
+                    online.append(([mm], block, name))
             for gather in stream.expert_writers:  # the experts' down projections: W_e H, rows x H
                 columns = expert_columns(gather, opts.online == "mlp")
                 k, name = shape_of(gather.operands[0])[-1], sig.param_name(irutil.block_arg_number(gather.operands[0]))
                 block = self._online_block(gather, k, name) if columns else None
                 if block:
                     edits.add(gather, 0, ("cols", hadamard.block_matrix(k, block)))
-                    online.append((columns, k, block, name))
+                    online.append((columns, block, name))
         return lambda: self._rewrite(module, func, stream, new_biases, online)
 
     def _online_block(self, op, k: int, name: str) -> int | None:
@@ -1062,13 +1065,9 @@ class FuseRotation(QccPass):
             mul.erase()
             if scale.op is not mul and not list(scale.op.result.uses):  # the `g + 1` read it alone
                 scale.op.erase()
-        for mm, k, block, w_name in online:
-            if isinstance(mm, list):  # an expert's columns: their rows x H
-                for col in mm:
-                    with ir.InsertionPoint(col), col.location:
-                        col.operands[0] = _hadamard_last(module, col.operands[0], block)
-            else:
-                insert_online_hadamard(module, mm, k, block)
+        for sites, block, w_name in online:  # linears' inputs, experts' rows (operand 0 of each)
+            for op in sites:
+                insert_online_hadamard(module, op, 0, block)
             view.add_input_transform(w_name, lambda x, block=block: hadamard.fast_transform(x, block))
         for op, scale in stream.online.items():
             hadamard_after(module, op)

@@ -113,6 +113,7 @@ class QuantizeActivations(QccPass):
     def _experts(self, func, fmt, exclude):
         """Quantizes the rows each gathered expert multiplies (see the module docstring)."""
         left, done = {}, []  # left: {why: [weight]}
+        columns = {}  # (x, scale) -> its quantized column: rows two experts' weights multiply, quantized once
         for gather in list(irutil.walk(func, "qcc.gather_dequantize")):
             weight = qlinear_weight_name(func, gather)
             if exclude and exclude.search(weight):
@@ -125,7 +126,10 @@ class QuantizeActivations(QccPass):
                 continue
             scale = None if fmt.dynamic else activation.static_scale(self._experts_absmax(gather, weight), fmt)
             for bmm in rows:
-                _quantize_rows(bmm, fmt, scale)
+                key = (bmm.operands[1], None if scale is None else float(np.asarray(scale).reshape(-1)[0]))
+                if key not in columns:
+                    columns[key] = _quantize_rows(bmm, fmt, scale)
+                bmm.operands[1] = columns[key]
             done.append(weight)
         if done:
             self.session.remarks.append(
@@ -166,9 +170,9 @@ def _expert_rows(gather) -> list | None:
     return bmms
 
 
-def _quantize_rows(bmm, fmt, scale=None) -> None:
-    """bmm(W, x[T, K, 1]) -> bmm(W, decode(qcc.quantize_dynamic(x[T, K]))[..., None]); with a static
-    per-tensor `scale` ([1, 1]), qcc.quantize by it."""
+def _quantize_rows(bmm, fmt, scale=None) -> ir.Value:
+    """decode(qcc.quantize_dynamic(x[T, K]))[..., None] for bmm(W, x[T, K, 1]), before the bmm; with a
+    static per-tensor `scale` ([1, 1]), qcc.quantize by it."""
     x = bmm.operands[1]
     t, k, _ = irutil.vtensor_shape(x.type)[0]
     with ir.InsertionPoint(bmm), bmm.location:
@@ -183,10 +187,7 @@ def _quantize_rows(bmm, fmt, scale=None) -> None:
                                     operands=[builtin], attributes={"format": format_attr(fmt.key())})
             q_codes, q_scale, s_rows = q.results[0], q.results[1], t
         else:
-            s_type = irutil.tensor_type([1, 1], "f32")
-            value = ir.FloatAttr.get(ir.F32Type.get(), float(np.asarray(scale).reshape(-1)[0]))
-            q_scale = ir.Operation.create("arith.constant", results=[s_type],
-                                          attributes={"value": ir.DenseElementsAttr.get_splat(s_type, value)}).result
+            q_scale = irutil.f32_splat([1, 1], np.asarray(scale).reshape(-1)[0])
             q_codes = ir.Operation.create("qcc.quantize", results=[irutil.tensor_type([t, k], "i8")],
                                           operands=[builtin, q_scale],
                                           attributes={"format": format_attr(fmt.key())}).result
@@ -200,6 +201,4 @@ def _quantize_rows(bmm, fmt, scale=None) -> None:
                                    operands=[codes, irutil.const_int(6), false, false, none]).result  # 6: f32
         decoded = ir.Operation.create("torch.aten.mul.Tensor", results=[irutil.vtensor_type([t, k])],
                                       operands=[wide, scale]).result
-        column = ir.Operation.create("torch.aten.unsqueeze", results=[x.type],
-                                     operands=[decoded, int_neg1]).result
-    bmm.operands[1] = column
+        return ir.Operation.create("torch.aten.unsqueeze", results=[x.type], operands=[decoded, int_neg1]).result
