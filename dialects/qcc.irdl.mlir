@@ -99,6 +99,34 @@ irdl.dialect @qcc {
     irdl.attributes { "weight_format" = %wfmt, "act_format" = %afmt }
   }
 
+  // A mixture of experts' integer product: acc[t, n(, g)] = sum_k xq[t, k] * (codes[ids[t], n, k] - zero),
+  // the experts' weights [E, N, K packed] as gather_dequantize takes them (zero [E, N, groups]
+  // for asymmetric formats); per-group partial sums [T, N, K / G] for group formats.
+  irdl.operation @gather_matmul_int {
+    %lhs = irdl.base "!builtin.tensor"
+    %ids = irdl.base "!builtin.tensor"
+    %rhs = irdl.base "!builtin.tensor"
+    %rzero = irdl.base "!builtin.tensor"
+    %acc = irdl.base "!builtin.tensor"
+    %wfmt = irdl.base @qcc::@format
+    %afmt = irdl.base @qcc::@format
+    irdl.operands(lhs: %lhs, ids: %ids, rhs: %rhs, rhs_zero: optional %rzero)
+    irdl.results(acc: %acc)
+    irdl.attributes { "weight_format" = %wfmt, "act_format" = %afmt }
+  }
+
+  // scale_accumulate with each token's expert's scales: y[t, n] = sum_g f32(acc[t, n, g])
+  // * act_scale[t] * weight_scale[ids[t], n, g] (weight_scale [E, N, groups]).
+  irdl.operation @gather_scale_accumulate {
+    %acc = irdl.base "!builtin.tensor"
+    %ascale = irdl.base "!builtin.tensor"
+    %ids = irdl.base "!builtin.tensor"
+    %wscale = irdl.base "!builtin.tensor"
+    %output = irdl.base "!builtin.tensor"
+    irdl.operands(acc: %acc, act_scale: %ascale, ids: %ids, weight_scale: %wscale)
+    irdl.results(output: %output)
+  }
+
   // The dequantization moved after the GEMM: y[m, n] = sum_g f32(acc[m, n, g])
   // * act_scale[m] * weight_scale[n, g] (acc rank 2: one term, g = 0).  Scales
   // broadcast over size-1 dims ([1, 1] per tensor, [M, 1] per token, [N, 1]

@@ -9,6 +9,13 @@ a row-sum correction, and qcc.scale_accumulate applies sx * sw once per
 accumulator; group formats give per-group i32 partial sums scaled by the
 group's weight scale and summed in f32.  This is the form integer dot products
 (VNNI, IMMA tensor cores) compute (LLM.int8(), SmoothQuant, QServe).
+
+A mixture of experts' product whose rows quantize-activations quantized,
+
+    bmm(qcc.gather_dequantize(ids, codes, scale[, zero]), decode(xq, sx)[..., None]),
+
+becomes the same chain with each row's expert: qcc.gather_matmul_int(xq, ids, codes[, zero])
+(i32) and qcc.gather_scale_accumulate(acc, sx, ids, scale).
 """
 
 import dataclasses
@@ -37,6 +44,10 @@ class DequantAfterGemm(QccPass):
             for op in irutil.walk(func, "qcc.qlinear"):
                 if format_key(op.attributes["act_format"]) != "none":
                     self._rewrite(op)
+            for bmm in irutil.walk(func, "torch.aten.bmm"):
+                chain = _expert_chain(bmm)
+                if chain is not None:
+                    self._rewrite_experts(bmm, *chain)
 
     def _rewrite(self, op):
         try:
@@ -48,15 +59,7 @@ class DequantAfterGemm(QccPass):
         wz = [op.operands[3]] if len(op.operands) > 3 else []
         m, k = irutil.tensor_shape(x)
         n = irutil.tensor_shape(op.result)[1]
-        if wfmt.granularity == "group" and k % wfmt.group_size:
-            raise PassError(op, f"K={k} is not a multiple of the group size of {wfmt.key()}")
-        acc_shape = [m, n, k // wfmt.group_size] if wfmt.granularity == "group" else [m, n]
-        terms = wfmt.group_size if wfmt.granularity == "group" else k
-        largest_w = (1 << wfmt.bits) - 1 if not wfmt.symmetric else (127 if wfmt.bits == 8 else 8)
-        largest_x = 127 if afmt.bits == 8 else 8
-        if terms * largest_w * largest_x > 2**31 - 1:
-            raise PassError(op, f"an i32 accumulator of {terms} products of {afmt.key()} x {wfmt.key()} codes "
-                                f"can overflow; use a group format (g128) for K={k}")
+        acc_shape = [m, n] + _accumulator_groups(op, wfmt, afmt, k)
         afmt_attr, wfmt_attr = op.attributes["act_format"], op.attributes["weight_format"]
         with ir.InsertionPoint(op), op.location:
             if afmt.dynamic:
@@ -83,3 +86,76 @@ class DequantAfterGemm(QccPass):
                 "qcc.scale_accumulate", results=[op.result.type], operands=[acc, sx, ws]).result
         op.result.replace_all_uses_with(y)
         op.erase()
+
+    def _rewrite_experts(self, bmm, gather, quant, decoded):
+        try:
+            wfmt = formats.parse_weight_format(format_key(gather.attributes["format"]))
+            afmt = activation.parse_act_format(format_key(quant.attributes["format"]))
+        except formats.FormatError as e:
+            raise PassError(bmm, str(e))
+        ids, codes, wscale = gather.operands[0], gather.operands[1], gather.operands[2]
+        wzero = [gather.operands[3]] if len(gather.operands) > 3 else []
+        xq = quant.results[0]
+        sx = quant.results[1] if quant.name == "qcc.quantize_dynamic" else quant.operands[1]
+        t, k = irutil.tensor_shape(xq)
+        n = irutil.tensor_shape(gather.result)[1]
+        acc_shape = [t, n] + _accumulator_groups(bmm, wfmt, afmt, k)
+        with ir.InsertionPoint(bmm), bmm.location:
+            acc = ir.Operation.create(
+                "qcc.gather_matmul_int", results=[irutil.tensor_type(acc_shape, "i32")],
+                operands=[xq, ids, codes, *wzero],
+                attributes={"weight_format": gather.attributes["format"], "act_format": quant.attributes["format"]}).result
+            y = ir.Operation.create("qcc.gather_scale_accumulate", results=[irutil.tensor_type([t, n], "f32")],
+                                    operands=[acc, sx, ids, wscale]).result
+            yv = ir.Operation.create("torch_c.from_builtin_tensor", results=[irutil.vtensor_type([t, n])],
+                                     operands=[y]).result
+            y3 = ir.Operation.create("torch.aten.unsqueeze", results=[bmm.result.type],
+                                     operands=[yv, irutil.const_int(-1)]).result
+        weights = irutil.defining_op(bmm.operands[0])
+        bmm.result.replace_all_uses_with(y3)
+        bmm.erase()
+        for op in (*decoded, weights, gather):  # what only the float product read
+            if not any(list(r.uses) for r in op.results):
+                op.erase()
+
+
+def _accumulator_groups(op, wfmt, afmt, k: int) -> list[int]:
+    """[K / G] for a group format's per-group partial sums, else []; an error where K is not whole
+    groups or an i32 sum of the codes' products could overflow."""
+    if wfmt.granularity == "group" and k % wfmt.group_size:
+        raise PassError(op, f"K={k} is not a multiple of the group size of {wfmt.key()}")
+    terms = wfmt.group_size if wfmt.granularity == "group" else k
+    largest_w = (1 << wfmt.bits) - 1 if not wfmt.symmetric else (127 if wfmt.bits == 8 else 8)
+    largest_x = 127 if afmt.bits == 8 else 8
+    if terms * largest_w * largest_x > 2**31 - 1:
+        raise PassError(op, f"an i32 accumulator of {terms} products of {afmt.key()} x {wfmt.key()} codes "
+                            f"can overflow; use a group format (g128) for K={k}")
+    return [k // wfmt.group_size] if wfmt.granularity == "group" else []
+
+
+def _expert_chain(bmm):
+    """(gather_dequantize, quantize op, decode ops) when `bmm` multiplies gathered experts' weights
+    by rows quantize-activations quantized and decoded (`_quantize_rows`):
+    bmm(from_builtin(gather), unsqueeze(mul(to.dtype(from_builtin(xq)), from_builtin(sx)), -1)).
+    None otherwise."""
+    weights = irutil.defining_op(bmm.operands[0])
+    gather = weights and weights.name == "torch_c.from_builtin_tensor" and irutil.defining_op(weights.operands[0])
+    if not gather or gather.name != "qcc.gather_dequantize":
+        return None
+    unsqueeze = irutil.defining_op(bmm.operands[1])
+    mul = unsqueeze and unsqueeze.name == "torch.aten.unsqueeze" and irutil.defining_op(unsqueeze.operands[0])
+    if not mul or mul.name != "torch.aten.mul.Tensor":
+        return None
+    wide, scale = irutil.defining_op(mul.operands[0]), irutil.defining_op(mul.operands[1])
+    codes = wide and wide.name == "torch.aten.to.dtype" and irutil.defining_op(wide.operands[0])
+    if not codes or codes.name != "torch_c.from_builtin_tensor" or scale is None \
+            or scale.name != "torch_c.from_builtin_tensor":
+        return None
+    quant = irutil.defining_op(codes.operands[0])
+    if quant is None or quant.name not in ("qcc.quantize_dynamic", "qcc.quantize") \
+            or codes.operands[0] != quant.results[0]:
+        return None
+    sx = quant.results[1] if quant.name == "qcc.quantize_dynamic" else quant.operands[1]
+    if scale.operands[0] != sx:
+        return None
+    return gather, quant, (unsqueeze, mul, wide, codes, scale)

@@ -415,6 +415,125 @@ func.func private @{name}(%acc: {acc_ty}, %sxs: {sx_ty}, %sws: {sw_ty}) -> {y_ty
 """
 
 
+def _weight_code_i32(fmt) -> str:
+    """Body lines turning the extracted code byte %w (and zero point %z) into %code: i32, the
+    integer the weight's value is a multiple of (int4: the nibble at %kk's parity)."""
+    if fmt.bits == 8 and fmt.symmetric:
+        return "    %code = arith.extsi %w : i8 to i32\n"
+    if fmt.bits == 8:
+        body = "    %code0 = arith.extui %w : i8 to i32\n"
+    else:
+        body = ("    %odd = arith.remui %kk, %c2 : index\n"
+                "    %odd_i8 = arith.index_cast %odd : index to i8\n"
+                "    %shift = arith.muli %odd_i8, %c4_i8 : i8\n"
+                "    %shifted = arith.shrui %w, %shift : i8\n"
+                "    %nibble = arith.andi %shifted, %c15_i8 : i8\n"
+                "    %code0 = arith.extui %nibble : i8 to i32\n")
+    if fmt.symmetric:  # int4 nibbles hold code + 8
+        return body + "    %code = arith.subi %code0, %c8_i32 : i32\n"
+    return body + "    %zi = arith.extui %z : i8 to i32\n    %code = arith.subi %code0, %zi : i32\n"
+
+
+def gather_matmul_int_kernel(name: str, fmt, k: int, n: int, w_shape, z_shape) -> str:
+    """acc[t, n(, g)] = sum_k xq[t, k] * (codes[ids[t], n, k] - z) in i32: one generic whose body
+    extracts each token's expert's code (the reference; the CPU's gathered kernel is the fast form)."""
+    grouped = fmt.granularity == "group"
+    w_ty = "x".join(map(str, w_shape)) + "xi8"
+    x_ty = f"tensor<?x{k}xi8>"
+    if grouped:
+        gs, ng = fmt.group_size, k // fmt.group_size
+        xg_ty = f"tensor<?x{ng}x{gs}xi8>"
+        view = f"  %xg = tensor.expand_shape %xq [[0], [1, 2]] output_shape [%m, {ng}, {gs}] : {x_ty} into {xg_ty}\n"
+        dims, iters = "(t, n, g, j)", '["parallel", "parallel", "parallel", "reduction"]'
+        x_in, x_in_ty, xmap = "%xg", xg_ty, "(t, g, j)"
+        acc_ty, acc_out = f"tensor<?x{n}x{ng}xi32>", "(t, n, g)"
+        index = (f"    %g = linalg.index 2 : index\n    %j = linalg.index 3 : index\n"
+                 f"    %kk = affine.apply affine_map<(g, j) -> (g * {gs} + j)>(%g, %j)\n")
+        group = "%g"
+    else:
+        view = ""
+        dims, iters = "(t, n, k)", '["parallel", "parallel", "reduction"]'
+        x_in, x_in_ty, xmap = "%xq", x_ty, "(t, k)"
+        acc_ty, acc_out = f"tensor<?x{n}xi32>", "(t, n)"
+        index, group = "    %kk = linalg.index 2 : index\n", "%c0"
+    col = "%kk2" if fmt.bits == 4 else "%kk"
+    zero_arg = "" if fmt.symmetric else f", %zp: tensor<{'x'.join(map(str, z_shape))}xi8>"
+    zero_load = "" if fmt.symmetric else \
+        f"    %z = tensor.extract %zp[%e, %nn, {group}] : tensor<{'x'.join(map(str, z_shape))}xi8>\n"
+    return f"""
+func.func private @{name}(%xq: {x_ty}, %ids: tensor<?xi64>, %wq: tensor<{w_ty}>{zero_arg}) -> {acc_ty} {{
+  %c0 = arith.constant 0 : index
+  %c2 = arith.constant 2 : index
+  %c4_i8 = arith.constant 4 : i8
+  %c15_i8 = arith.constant 15 : i8
+  %c0_i32 = arith.constant 0 : i32
+  %c8_i32 = arith.constant 8 : i32
+  %m = tensor.dim %xq, %c0 : {x_ty}
+{view}  %e0 = tensor.empty(%m) : {acc_ty}
+  %init = linalg.fill ins(%c0_i32 : i32) outs(%e0 : {acc_ty}) -> {acc_ty}
+  %acc = linalg.generic {{
+      indexing_maps = [affine_map<{dims} -> {xmap}>, affine_map<{dims} -> (t)>, affine_map<{dims} -> {acc_out}>],
+      iterator_types = {iters}}}
+      ins({x_in}, %ids : {x_in_ty}, tensor<?xi64>) outs(%init : {acc_ty}) {{
+  ^bb0(%xv: i8, %id: i64, %out: i32):
+    %e = arith.index_cast %id : i64 to index
+    %nn = linalg.index 1 : index
+{index}    %kk2 = arith.divui %kk, %c2 : index
+    %w = tensor.extract %wq[%e, %nn, {col}] : tensor<{w_ty}>
+{zero_load}{_weight_code_i32(fmt)}    %xi = arith.extsi %xv : i8 to i32
+    %p = arith.muli %xi, %code : i32
+    %sum = arith.addi %out, %p : i32
+    linalg.yield %sum : i32
+  }} -> {acc_ty}
+  return %acc : {acc_ty}
+}}
+"""
+
+
+def gather_scale_accumulate_kernel(name: str, n: int, acc_shape, sx_per_row: bool, sw_shape) -> str:
+    """y[t, n] = sum_g f32(acc[t, n, g]) * sx[t] * sw[ids[t], n, g], in scale_accumulate's order."""
+    grouped = len(acc_shape) == 3
+    sx_ty = "tensor<?x1xf32>" if sx_per_row else "tensor<1x1xf32>"
+    sw_ty = f"tensor<{'x'.join(map(str, sw_shape))}xf32>"
+    y_ty = f"tensor<?x{n}xf32>"
+    sx_map = f"({'t' if sx_per_row else '0'}, 0)"
+    if grouped:
+        dims, iters = "(t, n, g)", '["parallel", "parallel", "reduction"]'
+        acc_ty, acc_map = f"tensor<?x{n}x{acc_shape[2]}xi32>", "(t, n, g)"
+        group = "    %g = linalg.index 2 : index\n"
+        body = ("    %u = arith.mulf %af, %sw : f32\n"
+                "    %v = arith.mulf %u, %sx : f32\n"
+                "    %y = arith.addf %out, %v : f32\n")
+    else:
+        dims, iters = "(t, n)", '["parallel", "parallel"]'
+        acc_ty, acc_map = f"tensor<?x{n}xi32>", "(t, n)"
+        group = "    %g = arith.constant 0 : index\n"
+        body = ("    %u = arith.mulf %af, %sx : f32\n"
+                "    %y = arith.mulf %u, %sw : f32\n")
+    return f"""
+func.func private @{name}(%acc: {acc_ty}, %sxs: {sx_ty}, %ids: tensor<?xi64>, %sws: {sw_ty}) -> {y_ty} {{
+  %c0 = arith.constant 0 : index
+  %zero = arith.constant 0.0 : f32
+  %m = tensor.dim %acc, %c0 : {acc_ty}
+  %e0 = tensor.empty(%m) : {y_ty}
+  %init = linalg.fill ins(%zero : f32) outs(%e0 : {y_ty}) -> {y_ty}
+  %y = linalg.generic {{
+      indexing_maps = [affine_map<{dims} -> {acc_map}>, affine_map<{dims} -> {sx_map}>,
+                       affine_map<{dims} -> (t)>, affine_map<{dims} -> (t, n)>],
+      iterator_types = {iters}}}
+      ins(%acc, %sxs, %ids : {acc_ty}, {sx_ty}, tensor<?xi64>) outs(%init : {y_ty}) {{
+  ^bb0(%a: i32, %sx: f32, %id: i64, %out: f32):
+    %e = arith.index_cast %id : i64 to index
+    %nn = linalg.index 1 : index
+{group}    %sw = tensor.extract %sws[%e, %nn, %g] : {sw_ty}
+    %af = arith.sitofp %a : i32 to f32
+{body}    linalg.yield %y : f32
+  }} -> {y_ty}
+  return %y : {y_ty}
+}}
+"""
+
+
 def _dynamic_rows(t: ir.Type) -> ir.Type:
     """`t` with its leading (row / token) dim made dynamic, so kernels serve every M."""
     rt = ir.RankedTensorType(t)
@@ -461,6 +580,8 @@ class LowerQccToLinalg(QccPass):
             "qcc.matmul_int": self._lower_matmul_int,
             "qcc.scale_accumulate": self._lower_scale_accumulate,
             "qcc.gather_dequantize": self._lower_gather_dequantize,
+            "qcc.gather_matmul_int": self._lower_gather_matmul_int,
+            "qcc.gather_scale_accumulate": self._lower_gather_scale_accumulate,
             "qcc.dequantize": self._lower_dequantize,
         }
         for func in irutil.functions(module):
@@ -576,3 +697,28 @@ class LowerQccToLinalg(QccPass):
                 f"{'row' if sx_per_row else 'tensor'}_{sw_shape[0]}x{sw_shape[1]}")
         self._kernel(name, lambda: scale_accumulate_kernel(name, n, acc_shape, sx_per_row, sw_shape))
         self._call(op, name, list(op.operands), {0, 1} if sx_per_row else {0}, {0})
+
+    def _lower_gather_matmul_int(self, op):
+        fmt = _weight_format(op)
+        _act_format(op, "act_format")
+        xq, wq = op.operands[0], op.operands[2]
+        k = irutil.tensor_shape(xq)[1]
+        n = irutil.tensor_shape(op.result)[1]
+        w_shape = irutil.tensor_shape(wq)
+        if fmt.granularity == "tensor":
+            raise PassError(op, f"experts' weights are quantized per row or group, not {fmt.key()}")
+        if fmt.symmetric != (len(op.operands) == 3):
+            raise PassError(op, f"{fmt.key()} weights take {'no' if fmt.symmetric else 'a'} zero-point operand")
+        z_shape = None if fmt.symmetric else irutil.tensor_shape(op.operands[3])
+        name = f"qcc_gather_matmul_int_{fmt.key()}_{'x'.join(map(str, w_shape))}"
+        self._kernel(name, lambda: gather_matmul_int_kernel(name, fmt, k, n, w_shape, z_shape))
+        self._call(op, name, list(op.operands), {0, 1}, {0})
+
+    def _lower_gather_scale_accumulate(self, op):
+        acc, sx, ids, sw = op.operands
+        acc_shape, sw_shape = irutil.tensor_shape(acc), irutil.tensor_shape(sw)
+        sx_per_row = irutil.tensor_shape(sx) != [1, 1]
+        name = (f"qcc_gather_scale_accumulate_{'x'.join(map(str, acc_shape[1:]))}_"
+                f"{'row' if sx_per_row else 'tensor'}_{'x'.join(map(str, sw_shape))}")
+        self._kernel(name, lambda: gather_scale_accumulate_kernel(name, acc_shape[1], acc_shape, sx_per_row, sw_shape))
+        self._call(op, name, list(op.operands), {0, 1, 2} if sx_per_row else {0, 2}, {0})

@@ -11,8 +11,8 @@ Layers are named by the weight quantize-weights saw ('fc1.weight',
 A mixture of experts' products (`bmm(qcc.gather_dequantize(...), x[..., None])`, see
 quantize_experts.py) have no qlinear: their rows x are quantized here (`qcc.quantize_dynamic`
 per token; per tensor `qcc.quantize` by one scale from the calibrated absmax of all the
-experts' rows, calibration.expert_key) and decoded back to f32 for the float batched product
-(the numerics of int8 / int4 activations; no integer experts' kernel yet).  With
+experts' rows, calibration.expert_key) and decoded back to f32 for the batched product: the
+fake-quant form, which dequant-after-gemm makes an integer product.  With
 `experts=false` (split-outliers' recipes: the outlier split does not reach the experts) they
 keep float activations, said in a remark.
 """
@@ -133,8 +133,7 @@ class QuantizeActivations(QccPass):
             done.append(weight)
         if done:
             self.session.remarks.append(
-                f"{self.name}: the experts' rows are quantized ({fmt.key()}) and multiplied by their decoded "
-                f"weights in f32 (no integer experts' kernel yet): " + ", ".join(sorted(set(done))))
+                f"{self.name}: the experts' rows are quantized ({fmt.key()}): " + ", ".join(sorted(set(done))))
         for why, weights in left.items():
             self.session.remarks.append(f"{self.name}: the experts' products take float activations ({why}): "
                                         + ", ".join(sorted(set(weights))))

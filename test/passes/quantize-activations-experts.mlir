@@ -7,13 +7,13 @@
 
 // A mixture of experts' product (bmm of the gathered, decoded weights and x[..., None]) has no
 // qcc.qlinear: with a per-token format, quantize-activations quantizes its rows x[T, K] itself
-// (qcc.quantize_dynamic: codes and per-row scales) and decodes them for the float batched
-// product, so the experts see int8 activations; a remark says the arithmetic is f32.  With
+// (qcc.quantize_dynamic: codes and per-row scales) and decodes them for the batched
+// product (fake quantization, which dequant-after-gemm makes integer), a remark says so.  With
 // experts=false (split-outliers' recipes) the rows stay float, said in a remark; `exclude`
 // leaves them float silently, as it does linears. A per-tensor format takes one scale from the
 // calibrated rows of all the experts.
 
-// CHECK: qcc-opt: remark: quantize-activations: the experts' rows are quantized (int8_sym_token) and multiplied by their decoded weights in f32 (no integer experts' kernel yet): experts.w
+// CHECK: qcc-opt: remark: quantize-activations: the experts' rows are quantized (int8_sym_token): experts.w
 // CHECK-LABEL: func.func @experts
 // CHECK: %[[W:.*]] = torch_c.from_builtin_tensor %{{.*}} : tensor<6x96x256xf32>
 // CHECK: %[[ROWS:.*]] = torch.aten.squeeze.dim %arg{{.*}}, %{{.*}} : !torch.vtensor<[6,256,1],f32>, !torch.int -> !torch.vtensor<[6,256],f32>

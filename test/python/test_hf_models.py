@@ -183,14 +183,16 @@ def test_hf_mixture_of_experts():
     assert rel_err(compiled(ids).numpy(), logits_on_decoded_weights(model, compiled, ids)) <= 1e-4
 
 
-@pytest.mark.parametrize("recipe", ["w8a8", "w4a4", "w8a8-static"])
-def test_hf_mixture_of_experts_quantizes_expert_activations(recipe, monkeypatch):
+@pytest.mark.parametrize("recipe,reference_kernels", [("w8a8", ""), ("w4a4", ""), ("w8a8-static", ""),
+                                                      ("w4a4", "reference"), ("w8a8-static", "reference")])
+def test_hf_mixture_of_experts_quantizes_expert_activations(recipe, reference_kernels, monkeypatch):
     """The experts' products quantize their rows too (each token's row for the up projections,
     each (token, expert) row for the down projections): the output equals a float32 fake-quant
     copy (decoded weights; every linear's input and every expert's row through the format's
     numpy reference), not the weight-only one.  Per tensor, a linear's scale is its calibrated
     absmax / 127 and an experts' weight's the largest over the rows of all its experts (from
-    calibration's statistics, keyed `weight#expert`)."""
+    calibration's statistics, keyed `weight#expert`).  Their integer products run on the gathered
+    integer kernel, or (QCC_CPU_KERNELS=reference) on the reference lowering."""
     from transformers.integrations import moe
 
     from qcc.calibration import linear_input_stats
@@ -205,13 +207,15 @@ def test_hf_mixture_of_experts_quantizes_expert_activations(recipe, monkeypatch)
     torch.manual_seed(0)
     model = Logits(T.AutoModelForCausalLM.from_config(T.MixtralConfig(**cfg), experts_implementation="batched_mm")
                    .eval()).eval()
+    if reference_kernels:
+        monkeypatch.setenv("QCC_CPU_KERNELS", reference_kernels)
     compiled = qcc.compile(model, (ids,), target="cpu", quant=recipe, calibration=calibration)
-    assert [r.split(": ")[1] for r in compiled.remarks] == [f"the experts' rows are quantized ({afmt.key()}) and "
-                                                            "multiplied by their decoded weights in f32 (no integer "
-                                                            "experts' kernel yet)"]
-    kernels = compiled.manifest["cpu"]["kernels"]
+    assert [r.split(": ")[1] for r in compiled.remarks] == [f"the experts' rows are quantized ({afmt.key()})"]
+    kernels = compiled.manifest["cpu"].get("kernels", {})
     experts = sorted(layer["weight"] for layer in compiled.manifest["layers"] if "experts" in layer)
-    assert len(experts) == 4 and all(kernels[w]["variant"] == "gathered gemv" for w in experts)
+    assert len(experts) == 4
+    if reference_kernels != "reference":  # the integer path's gathered kernel, else the reference lowering
+        assert all(kernels[w]["variant"] == "gathered int" for w in experts)
     scales = {}  # per tensor: {weight: [1, 1] scale}
     if not afmt.dynamic:
         stats = linear_input_stats(export_module(model, (ids,)), calibration, want=("absmax",))
