@@ -72,7 +72,7 @@ class CpuSelectIntKernels(QccPass):
         for func in irutil.functions(module):
             sig = irutil.Signature(func)
             packed = {}  # original codes parameter -> (layout, new parameter names) of the chains rewritten
-            for op in irutil.walk(func, "qcc.scale_accumulate"):
+            for op in irutil.walk(func, "qcc.scale_accumulate") + irutil.walk(func, "qcc.gather_scale_accumulate"):
                 chain = self._match(op, sig)
                 if chain is not None:
                     self._rewrite(op, *chain, sig, cfg, module, defined, selected, packed)
@@ -84,12 +84,15 @@ class CpuSelectIntKernels(QccPass):
                     del self.session.params[name]
 
     def _match(self, sa, sig):
-        """(quantize_dynamic op, matmul_int op, layout, act format, weight param names) or None."""
+        """(quantize op, matmul op, layout, act format, weight param names, static scale) or None;
+        `sa` a scale_accumulate or (experts) gather_scale_accumulate."""
         from qcc.backends.cpu.int_pack import IntLayout, IntLayoutError
 
-        acc, sx, sw = sa.operands
+        gathered = sa.name == "qcc.gather_scale_accumulate"
+        acc, sx, sw = (sa.operands[0], sa.operands[1], sa.operands[3]) if gathered else sa.operands
         mm = irutil.defining_op(acc)
-        if mm is None or mm.name != "qcc.matmul_int" or _sole_user(acc) is None:
+        if mm is None or mm.name != ("qcc.gather_matmul_int" if gathered else "qcc.matmul_int") \
+                or _sole_user(acc) is None or (gathered and mm.operands[1] != sa.operands[2]):
             return None
         qd = irutil.defining_op(mm.operands[0])
         if qd is None or qd.name not in ("qcc.quantize_dynamic", "qcc.quantize") or _sole_user(qd.results[0]) is None:
@@ -106,7 +109,8 @@ class CpuSelectIntKernels(QccPass):
             if qd.name != "qcc.quantize" or qd.operands[1] != sx or static_scale is None:
                 return None
         fmt = formats.parse_weight_format(format_key(mm.attributes["weight_format"]))
-        weights = [mm.operands[1], sw] + ([mm.operands[2]] if len(mm.operands) > 2 else [])
+        first = 2 if gathered else 1  # gather_matmul_int(xq, ids, codes[, zero])
+        weights = [mm.operands[first], sw] + ([mm.operands[first + 1]] if len(mm.operands) > first + 1 else [])
         names = [sig.param_of(v) for v in weights]
         if None in names or any(nm not in self.session.params for nm in names):
             return None
@@ -144,6 +148,9 @@ class CpuSelectIntKernels(QccPass):
         from qcc.backends.cpu.int_pack import pack
 
         store = self.session.params
+        if sa.name == "qcc.gather_scale_accumulate":
+            return self._rewrite_experts(sa, qd, mm, lay, afmt, src, static_scale, sig, cfg, module, defined,
+                                         selected)
         arrays = pack(lay, store[src["codes"]], store[src["scale"]], store[src["zero"]] if "zero" in src else None)
         if static_scale is not None:
             arrays["act_scale"] = np.array([static_scale], np.float32)
@@ -168,3 +175,33 @@ class CpuSelectIntKernels(QccPass):
         selected[weight] = {"kernel": kname, "variant": variant, "params": new_names, "act_format": afmt.key(),
                             "blocks_multiple": lay.blocks_multiple, **lay.to_json(), **cfg.to_json(),
                             "gemm_from_m": cfg.gemm_min_m}
+
+    def _rewrite_experts(self, sa, qd, mm, lay, afmt, src, static_scale, sig, cfg, module, defined, selected):
+        """The gathered chain -> int_kernels.gathered on every expert's packed blocks, stacked."""
+        from qcc.backends.cpu import int_kernels, kernel_calls
+        from qcc.backends.cpu.int_pack import pack
+
+        store = self.session.params
+        codes = store[src["codes"]]
+        experts = codes.shape[0]
+        parts = [pack(lay, codes[e], store[src["scale"]][e], store[src["zero"]][e] if "zero" in src else None)
+                 for e in range(experts)]
+        arrays = {role: np.concatenate([p[role] for p in parts]) for role in parts[0]}
+        if static_scale is not None:
+            arrays["act_scale"] = np.array([static_scale], np.float32)
+        args, new_names = kernel_calls.add_packed_params(store, sig, src["codes"], lay.tag(), arrays)
+        kname = f"qcc_cpu_int_experts_{lay.format_key}_{afmt.key()}_{experts}x{lay.k}x{lay.n}"
+        if kname not in defined:
+            irutil.append_functions(module, int_kernels.gathered(kname, lay, experts, cfg, afmt.levels(),
+                                                                  static_scale=static_scale is not None,
+                                                                  act_clip=afmt.clip), defined)
+        kernel_calls.replace_with_call(sa.result, qd.operands[0], args, kname, lay.k, lay.n, ids=sa.operands[2])
+        sx = sa.operands[1]
+        sa.erase()
+        mm.erase()
+        qd.erase()
+        if static_scale is not None and not list(sx.uses):
+            irutil.defining_op(sx).erase()
+        selected[src["codes"].rsplit(":", 2)[0]] = {
+            "kernel": kname, "variant": "gathered int", "params": new_names, "act_format": afmt.key(),
+            "experts": experts, "blocks_multiple": lay.blocks_multiple, **lay.to_json(), **cfg.to_json()}

@@ -90,6 +90,19 @@ func.func private @{name}(%x: tensor<?x{k}xf32>, %wq: tensor<{w_shape[0]}x{w_sha
 """
 
 
+def _expert_index(experts: int) -> str:
+    """Body lines: %e (index) = the expert of %id (i64) as torch indexes, -1 the last; then
+    clamped into [0, E) (memory safety: torch raises there), as the CPU's gathered kernels do."""
+    return (f"    %cE = arith.constant {experts} : i64\n"
+            f"    %clast = arith.constant {experts - 1} : index\n"
+            "    %cz = arith.constant 0 : i64\n"
+            "    %neg = arith.cmpi slt, %id, %cz : i64\n"
+            "    %wrapped = arith.addi %id, %cE : i64\n"
+            "    %idw = arith.select %neg, %wrapped, %id : i64\n"
+            "    %ei = arith.index_cast %idw : i64 to index\n"
+            "    %e = arith.minui %ei, %clast : index\n")
+
+
 def gather_dequantize_kernel(name: str, fmt, n: int, k: int, w_shape, s_shape) -> str:
     """MLIR text of qcc.gather_dequantize for one format and shape: one parallel generic over
     (token, n, k) reading the token's expert rows with tensor.extract."""
@@ -115,8 +128,7 @@ func.func private @{name}(%ids: tensor<?xi64>, %wq: tensor<{w_ty}>, %sc: tensor<
       iterator_types = ["parallel", "parallel", "parallel"]}}
       ins(%ids : tensor<?xi64>) outs(%init : tensor<?x{n}x{k}xf32>) {{
   ^bb0(%id: i64, %out: f32):
-    %e = arith.index_cast %id : i64 to index
-    %nn = linalg.index 1 : index
+{_expert_index(w_shape[0])}    %nn = linalg.index 1 : index
     %kk = linalg.index 2 : index
     %kk2 = arith.divui %kk, %c2 : index
     %g = arith.divui %kk, %cg : index
@@ -476,8 +488,7 @@ func.func private @{name}(%xq: {x_ty}, %ids: tensor<?xi64>, %wq: tensor<{w_ty}>{
       iterator_types = {iters}}}
       ins({x_in}, %ids : {x_in_ty}, tensor<?xi64>) outs(%init : {acc_ty}) {{
   ^bb0(%xv: i8, %id: i64, %out: i32):
-    %e = arith.index_cast %id : i64 to index
-    %nn = linalg.index 1 : index
+{_expert_index(w_shape[0])}    %nn = linalg.index 1 : index
 {index}    %kk2 = arith.divui %kk, %c2 : index
     %w = tensor.extract %wq[%e, %nn, {col}] : tensor<{w_ty}>
 {zero_load}{_weight_code_i32(fmt)}    %xi = arith.extsi %xv : i8 to i32
@@ -523,8 +534,7 @@ func.func private @{name}(%acc: {acc_ty}, %sxs: {sx_ty}, %ids: tensor<?xi64>, %s
       iterator_types = {iters}}}
       ins(%acc, %sxs, %ids : {acc_ty}, {sx_ty}, tensor<?xi64>) outs(%init : {y_ty}) {{
   ^bb0(%a: i32, %sx: f32, %id: i64, %out: f32):
-    %e = arith.index_cast %id : i64 to index
-    %nn = linalg.index 1 : index
+{_expert_index(sw_shape[0])}    %nn = linalg.index 1 : index
 {group}    %sw = tensor.extract %sws[%e, %nn, %g] : {sw_ty}
     %af = arith.sitofp %a : i32 to f32
 {body}    linalg.yield %y : f32

@@ -35,6 +35,7 @@ vpdpbusd; vnni int4 1 vpdpbusd + the unpack.
 
 import dataclasses
 
+from qcc.backends.cpu import expert_rows
 from qcc.backends.cpu.int_pack import COLS, QUAD, UNIT, IntLayout
 from qcc.backends.cpu.mlir_text import MlirText
 
@@ -80,14 +81,16 @@ class IntKernelConfig:
         return dataclasses.asdict(self)
 
 
-def _memref_types(lay: IntLayout) -> dict:
+def _memref_types(lay: IntLayout, experts: int = 1) -> dict:
+    """role -> memref type of the packed arrays (`experts` layouts stacked along the blocks)."""
     elem = {"codes": "i8", "scale": "f32", "zero": "i8"}
-    return {role: f"memref<{'x'.join(map(str, shape))}x{elem[role]}>" for role, (shape, _) in lay.shapes().items()}
+    return {role: f"memref<{'x'.join(map(str, (experts * shape[0], *shape[1:])))}x{elem[role]}>"
+            for role, (shape, _) in lay.shapes().items()}
 
 
-def _kernel_params(lay: IntLayout) -> list[tuple[str, str]]:
+def _kernel_params(lay: IntLayout, experts: int = 1) -> list[tuple[str, str]]:
     """(name, type) of the inner kernels' arguments."""
-    ty = _memref_types(lay)
+    ty = _memref_types(lay, experts)
     params = [("xq", f"memref<?x{lay.x_words}xi32>"), ("sx", "memref<?xf32>")]
     if lay.unsigned_codes:
         params.append(("xs", f"memref<?x{lay.groups}xi32>"))
@@ -117,17 +120,20 @@ def _intrinsic(t: MlirText, name: str, *args: str) -> str:
     return t.v(f"func.call @llvm.x86.{name}({', '.join(args)}) : ({', '.join(arg_types)}) -> {result}")
 
 
-def _tile(t: MlirText, lay: IntLayout, cfg: "IntKernelConfig", m0: str, mr: int, b0: str, nr: int) -> None:
-    """y[m0 : m0 + mr, 8 b0 : 8 (b0 + nr)] (columns past N are not written)."""
-    ty = _memref_types(lay)
+def _tile(t: MlirText, lay: IntLayout, cfg: "IntKernelConfig", rows: list[str], b0: str, nr: int,
+          weight_b0: str | None = None, experts: int = 1) -> None:
+    """y[rows, 8 b0 : 8 (b0 + nr)] (columns past N are not written); with weight_b0 the weights'
+    blocks are weight_b0 + those (an expert's, of `experts` layouts stacked along the blocks)."""
+    ty = _memref_types(lay, experts)
     int4 = lay.fmt.bits == 4
     vnni = lay.dot == "vnni"
     c0, c1 = t.idx(0), t.idx(1)
     zi = t.v(f"arith.constant dense<0> : {_V8I32}")
     zf = t.v(f"arith.constant dense<0.0> : {_V8F32}")
     ones = t.v(f"arith.constant dense<1> : {_V16I16}")
-    rows = [t.v(f"arith.addi {m0}, {t.idx(r)} : index") for r in range(mr)]
+    mr = len(rows)
     blocks = [t.v(f"arith.addi {b0}, {t.idx(c)} : index") for c in range(nr)]
+    wblocks = blocks if weight_b0 is None else [t.v(f"arith.addi {weight_b0}, {b} : index") for b in blocks]
     tiles = [(r, c) for r in range(mr) for c in range(nr)]
     # quads per loop iteration: a unit of 8 for int4 (its i16 sums), fewer for int8, whose
     # fully unrolled unit makes LLVM spill accumulators
@@ -156,7 +162,7 @@ def _tile(t: MlirText, lay: IntLayout, cfg: "IntKernelConfig", m0: str, mr: int,
                 quad1 = t.v(f"arith.addi {quad}, {c1} : index")
                 lo, hi = [], []
                 for c in range(nr):
-                    w = t.v(f"vector.load %codes[{blocks[c]}, {pair}, {c0}] : {ty['codes']}, {_V32I8}")
+                    w = t.v(f"vector.load %codes[{wblocks[c]}, {pair}, {c0}] : {ty['codes']}, {_V32I8}")
                     lo.append(t.v(f"arith.andi {w}, {mask} : {_V32I8}"))
                     hi.append(t.v(f"arith.shrui {w}, {four} : {_V32I8}"))
                 for r in range(mr):
@@ -176,7 +182,7 @@ def _tile(t: MlirText, lay: IntLayout, cfg: "IntKernelConfig", m0: str, mr: int,
         elif vnni:
             for qi in range(step_quads):
                 quad = t.v(f"affine.apply affine_map<(d0) -> (d0 * {step_quads} + {qi})>({unit})")
-                w = [t.v(f"vector.load %codes[{blocks[c]}, {quad}, {c0}] : {ty['codes']}, {_V32I8}")
+                w = [t.v(f"vector.load %codes[{wblocks[c]}, {quad}, {c0}] : {ty['codes']}, {_V32I8}")
                      for c in range(nr)]
                 for r in range(mr):
                     x = xword(r, quad, _V32I8)
@@ -189,7 +195,7 @@ def _tile(t: MlirText, lay: IntLayout, cfg: "IntKernelConfig", m0: str, mr: int,
                 pair1 = t.v(f"arith.addi {pair}, {c1} : index")
                 halves = []
                 for c in range(nr):
-                    w = t.v(f"vector.load %codes[{blocks[c]}, {quad}, {c0}] : {ty['codes']}, {_V32I8}")
+                    w = t.v(f"vector.load %codes[{wblocks[c]}, {quad}, {c0}] : {ty['codes']}, {_V32I8}")
                     halves.append([t.v(f"arith.extsi {t.v(f'vector.extract_strided_slice {w} {{offsets = [{16 * h}], sizes = [16], strides = [1]}} : {_V32I8} to vector<16xi8>')} : vector<16xi8> to {_V16I16}")
                                    for h in range(2)])
                 for r in range(mr):
@@ -203,7 +209,7 @@ def _tile(t: MlirText, lay: IntLayout, cfg: "IntKernelConfig", m0: str, mr: int,
         sums = dict(zip(tiles, res))
         if lay.unsigned_codes:  # sum_k (u - z) x = sum_k u x - z sum_k x, exact in i32
             for c in range(nr):
-                z8 = t.v(f"vector.load %zero[{blocks[c]}, {g}, {c0}] : {ty['zero']}, vector<8xi8>")
+                z8 = t.v(f"vector.load %zero[{wblocks[c]}, {g}, {c0}] : {ty['zero']}, vector<8xi8>")
                 z = t.v(f"arith.extui {z8} : vector<8xi8> to {_V8I32}")
                 for r in range(mr):
                     xsum = t.v(f"memref.load %xs[{rows[r]}, {g}] : memref<?x{lay.groups}xi32>")
@@ -215,7 +221,7 @@ def _tile(t: MlirText, lay: IntLayout, cfg: "IntKernelConfig", m0: str, mr: int,
            for r in range(mr)]
 
     def scales(g: str) -> list[str]:
-        return [t.v(f"vector.load %scale[{blocks[c]}, {g}, {c0}] : {ty['scale']}, {_V8F32}") for c in range(nr)]
+        return [t.v(f"vector.load %scale[{wblocks[c]}, {g}, {c0}] : {ty['scale']}, {_V8F32}") for c in range(nr)]
 
     if lay.grouped:
         iters = ", ".join(f"%f{r}_{c} = {zf}" for r, c in tiles)
@@ -285,7 +291,7 @@ def _tiled(name: str, lay: IntLayout, cfg: IntKernelConfig, mrs: tuple, nr: int,
         t.open(f"scf.for %m{mr} = {start} to {end} step {t.idx(mr)} {{")
         if rows_outer:
             t.open(blocks_loop)
-        _tile(t, lay, cfg, f"%m{mr}", mr, "%b", nr)
+        _tile(t, lay, cfg, [t.v(f"arith.addi %m{mr}, {t.idx(r)} : index") for r in range(mr)], "%b", nr)
         if rows_outer:
             t.close()
         t.close()
@@ -476,6 +482,90 @@ def fused(name: str, lay: IntLayout, cfg: IntKernelConfig, act_levels: tuple[int
     quantize = _quantize_function(f"{name}__quantize", lay, act_levels, static_scale, act_clip)
     return "".join(declarations(lay).values()) + entry + quantize + \
         "".join(generators[v](f"{name}__{v}", lay, cfg) for v in variants)
+
+
+def gathered(name: str, lay: IntLayout, experts: int, cfg: IntKernelConfig, act_levels: tuple[int, int],
+             static_scale: bool = False, act_clip: float = 1.0) -> str:
+    """A mixture of experts' integer product (dequant-after-gemm's gather_matmul_int and
+    gather_scale_accumulate with its rows' quantization): x [?, K] f32, ids [?] i64 and
+    `experts` packed layouts stacked along the blocks -> y [?, N] f32, y[m] = W[ids[m]] x[m].
+
+    The rows are quantized as the dense kernel quantizes them, then grouped by expert
+    (expert_rows.sort_rows: only a permutation, x is not moved).  A work item is one chunk
+    of column blocks of one chosen expert, expert-major: the GEMM's register tiles over that
+    expert's rows (through the permutation, so results land in their rows directly) against
+    the expert's blocks where they are stored.  Each expert's codes are read once however
+    many rows chose it; nothing is decoded into memory."""
+    lay.check()
+    mr, nr = cfg.gemm_tile(lay)
+    if lay.blocks_multiple % nr or cfg.chunk_blocks % nr:
+        raise ValueError(f"tiles of {nr} column blocks must divide blocks_multiple={lay.blocks_multiple} "
+                         f"and chunk_blocks={cfg.chunk_blocks}")
+    E, B = experts, lay.blocks
+    ty = _memref_types(lay, E)
+    offty = f"memref<{E + 1}xindex>"
+    t = MlirText()
+    x = t.v(f"bufferization.to_buffer %xt read_only : tensor<?x{lay.k}xf32> to memref<?x{lay.k}xf32>")
+    t.op("%ids = bufferization.to_buffer %idst read_only : tensor<?xi64> to memref<?xi64>")
+    for role in ty:
+        t.op(f"%{role} = bufferization.to_buffer %{role}t read_only : {_tensor_type(ty[role])} to {ty[role]}")
+    M = t.v(f"memref.dim {x}, {t.idx(0)} : memref<?x{lay.k}xf32>")
+    t.op(f"%xq = memref.alloc({M}) {{alignment = 64 : i64}} : memref<?x{lay.x_words}xi32>")
+    t.op(f"%sx = memref.alloc({M}) : memref<?xf32>")
+    if lay.unsigned_codes:
+        t.op(f"%xs = memref.alloc({M}) : memref<?x{lay.groups}xi32>")
+    scale = None
+    if static_scale:
+        sxs = t.v("bufferization.to_buffer %act_scalet read_only : tensor<1xf32> to memref<1xf32>")
+        scale = t.v(f"memref.load {sxs}[{t.idx(0)}] : memref<1xf32>")
+    _call_quantize(t, f"{name}__quantize", lay, cfg, M, x, scale, None)
+    expert_rows.sort_rows(t, "%ids", M, E)
+    t.op(f"%y = memref.alloc({M}) {{alignment = 64 : i64}} : memref<?x{lay.n}xf32>")
+    params = _kernel_params(lay, E) + [("off", offty), ("active", offty), ("perm", "memref<?xindex>")]
+    plist = ", ".join(f"%{n}: {ty_}" for n, ty_ in params)
+    args = ", ".join(f"%{n}" for n, _ in params)
+    tys = ", ".join(ty_ for _, ty_ in params)
+    t.op(f"func.call @{name}__experts({args}) : ({tys}) -> ()")
+    extra = "".join(f", %{role}t: {_tensor_type(m)}" for role, m in ty.items()) + \
+        (", %act_scalet: tensor<1xf32>" if static_scale else "")
+    yt = f"tensor<?x{lay.n}xf32>"
+    out = t.v(f"bufferization.to_tensor %y restrict writable : memref<?x{lay.n}xf32> to {yt}")
+    entry = (f"func.func private @{name}(%xt: tensor<?x{lay.k}xf32>, %idst: tensor<?xi64>{extra}) -> {yt} {{\n"
+             f"{t.text()}\n  return {out} : {yt}\n}}\n")
+
+    # one work item: chunk %i % chunks of the column blocks of chosen expert %active[%i / chunks]
+    chunks = -(-B // cfg.chunk_blocks)
+    b = MlirText(indent=2)
+    cc = b.idx(chunks)
+    e = b.v(f"memref.load %active[{b.v(f'arith.divui %i, {cc} : index')}] : {offty}")
+    b_start = b.v(f"arith.muli {b.v(f'arith.remui %i, {cc} : index')}, {b.idx(cfg.chunk_blocks)} : index")
+    b_end = b.v(f"arith.minui {b.v(f'arith.addi {b_start}, {b.idx(cfg.chunk_blocks)} : index')}, {b.idx(B)} : index")
+    weight_b0 = b.v(f"arith.muli {e}, {b.idx(B)} : index")
+    start = b.v(f"memref.load %off[{e}] : {offty}")
+    end = b.v(f"memref.load %off[{b.v(f'arith.addi {e}, {b.idx(1)} : index')}] : {offty}")
+    # the rows in tiles of MR, then at most one tile of each smaller size (as the GEMM's)
+    for size in sorted({mr, 4, 2, 1} - set(range(mr + 1, 5)), reverse=True):
+        left = b.v(f"arith.subi {end}, {start} : index")
+        stop = b.v(f"arith.subi {end}, {b.v(f'arith.remui {left}, {b.idx(size)} : index')} : index")
+        b.open(f"scf.for %j{size} = {start} to {stop} step {b.idx(size)} {{")
+        rows = [b.v(f"memref.load %perm[{b.v(f'arith.addi %j{size}, {b.idx(r)} : index')}] : memref<?xindex>")
+                for r in range(size)]
+        b.open(f"scf.for %b = {b_start} to {b_end} step {b.idx(nr)} {{")
+        _tile(b, lay, cfg, rows, "%b", nr, weight_b0=weight_b0, experts=E)
+        b.close()
+        b.close()
+        start = stop
+    loop = "scf.parallel (%i) = (%c0) to (%cn) step (%c1)" if cfg.threads else "scf.for %i = %c0 to %cn step %c1"
+    kernel = (f"func.func private @{name}__experts({plist}) {{\n"
+              f"  %c0 = arith.constant 0 : index\n  %c1 = arith.constant 1 : index\n"
+              f"  %ce = arith.constant {E} : index\n  %cc = arith.constant {chunks} : index\n"
+              f"  %na = memref.load %active[%ce] : {offty}\n  %cn = arith.muli %na, %cc : index\n"
+              f"  {loop} {{\n"
+              f"    func.call @{name}__experts_body(%i, {args}) {{no_inline}} : (index, {tys}) -> ()\n  }}\n"
+              f"  return\n}}\n"
+              f"func.func private @{name}__experts_body(%i: index, {plist}) {{\n{b.text()}\n  return\n}}\n")
+    quantize = _quantize_function(f"{name}__quantize", lay, act_levels, static_scale, act_clip)
+    return "".join(declarations(lay).values()) + entry + quantize + kernel
 
 
 def outlier_columns(name: str, lay: IntLayout) -> str:

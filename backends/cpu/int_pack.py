@@ -211,7 +211,13 @@ def unpack(lay: IntLayout, arrays: dict) -> formats.QuantizedTensor:
 
 def dequantize_layer(layer: dict, kernel: dict, weights: dict) -> np.ndarray:
     """The dequantized weight of an artifact layer the integer kernels own (manifest
-    `layers[i]` and `cpu.kernels[weight]`)."""
+    `layers[i]` and `cpu.kernels[weight]`): [N, K], or a mixture of experts' [E * N, K] from
+    its E layouts stacked along the blocks (kernel `experts`)."""
     n, k = layer["shape"]
-    lay = IntLayout(layer["format"], n, k, blocks_multiple=kernel["blocks_multiple"], dot=kernel.get("dot", "avx2"))
-    return formats.dequantize(unpack(lay, {role: weights[name] for role, name in kernel["params"].items()}))
+    experts = kernel.get("experts", 1)
+    lay = IntLayout(layer["format"], n // experts, k, blocks_multiple=kernel["blocks_multiple"],
+                    dot=kernel.get("dot", "avx2"))
+    arrays = {role: weights[name] for role, name in kernel["params"].items() if role != "act_scale"}
+    return np.concatenate([
+        formats.dequantize(unpack(lay, {role: a[e * lay.blocks:(e + 1) * lay.blocks] for role, a in arrays.items()}))
+        for e in range(experts)])

@@ -23,15 +23,18 @@ def add_packed_params(store, sig: irutil.Signature, codes_name: str, tag: str, a
     return args, names
 
 
-def replace_with_call(result: ir.Value, x: ir.Value, args, kname: str, k: int, n: int) -> None:
-    """Before `result`'s op: y = cast(call @kname(cast(x to ?xK), args...)) to result's type;
-    all uses of `result` move to y (the caller erases the replaced ops)."""
+def replace_with_call(result: ir.Value, x: ir.Value, args, kname: str, k: int, n: int,
+                      ids: ir.Value | None = None) -> None:
+    """Before `result`'s op: y = cast(call @kname(cast(x to ?xK)[, cast(ids to ?)], args...)) to
+    result's type; all uses of `result` move to y (the caller erases the replaced ops)."""
     anchor = result.owner
     with ir.InsertionPoint(anchor), anchor.location:
         x_dyn = ir.Operation.create("tensor.cast", results=[irutil.tensor_type([None, k], "f32")],
                                     operands=[x]).result
+        rows = [] if ids is None else [ir.Operation.create(
+            "tensor.cast", results=[irutil.tensor_type([None], "i64")], operands=[ids]).result]
         call = ir.Operation.create(
-            "func.call", results=[irutil.tensor_type([None, n], "f32")], operands=[x_dyn, *args],
+            "func.call", results=[irutil.tensor_type([None, n], "f32")], operands=[x_dyn, *rows, *args],
             attributes={"callee": ir.FlatSymbolRefAttr.get(kname)}).result
         y = ir.Operation.create("tensor.cast", results=[result.type], operands=[call]).result
     result.replace_all_uses_with(y)

@@ -20,6 +20,7 @@ normal CPU pipeline lowers: vector<Vxf32> ops become AVX2 (V=8) or AVX-512
 import dataclasses
 import struct
 
+from qcc.backends.cpu import expert_rows
 from qcc.backends.cpu.mlir_text import MlirText
 from qcc.backends.cpu.pack import PanelLayout
 
@@ -696,7 +697,7 @@ def gathered_qlinear(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
     panel layout, stacked), in the batched matmul's shapes: x [?, K, 1], ids [?] (i64) and
     the panel arrays -> y [?, N, 1].
 
-    The entry sorts the rows by expert (a counting sort: each expert's rows contiguous in a
+    The entry sorts the rows by expert (expert_rows.sort_rows; each expert's rows contiguous in a
     copy of x, `%off` their bounds) and lists the experts some row chose (`%active`).  A work
     item is one panel of one chosen expert, expert-major (OpenMP's contiguous shares then
     stream one expert's codes a thread): the GEMV's row tiles over that expert's rows against
@@ -719,55 +720,15 @@ def gathered_qlinear(name: str, lay: PanelLayout, cfg: KernelConfig) -> str:
         t.op(f"%{role} = bufferization.to_buffer %{role}t read_only : {tt[role]} to {ty[role]}")
     M = t.v(f"memref.dim {xm}, {c0} : memref<?x{K}xf32>")
 
-    def expert_of(m: str) -> str:
-        """ids[m] as torch indexes: -1 is the last expert; then clamped into range."""
-        i = t.v(f"memref.load %ids[{m}] : memref<?xi64>")
-        neg = t.v(f"arith.cmpi slt, {i}, {t.v('arith.constant 0 : i64')} : i64")
-        wrapped = t.v(f"arith.addi {i}, {t.v(f'arith.constant {E} : i64')} : i64")
-        i = t.v(f"arith.select {neg}, {wrapped}, {i} : i64")
-        e = t.v(f"arith.index_cast {i} : i64 to index")
-        return t.v(f"arith.minui {e}, {t.idx(E - 1)} : index")  # still negative: a large unsigned one
-
-    # counting sort of the rows by expert: %off[e] .. %off[e + 1] are expert e's sorted rows
-    t.op(f"%off = memref.alloc() : {offty}")
-    t.open(f"scf.for %e = {c0} to {t.idx(E + 1)} step {c1} {{")
-    t.op(f"memref.store {c0}, %off[%e] : {offty}")
-    t.close()
-    t.open(f"scf.for %m = {c0} to {M} step {c1} {{")
-    e1 = t.v(f"arith.addi {expert_of('%m')}, {c1} : index")
-    count = t.v(f"memref.load %off[{e1}] : {offty}")
-    t.op(f"memref.store {t.v(f'arith.addi {count}, {c1} : index')}, %off[{e1}] : {offty}")
-    t.close()
-    t.open(f"scf.for %e = {c1} to {t.idx(E + 1)} step {c1} {{")
-    before = t.v(f"memref.load %off[{t.v(f'arith.subi %e, {c1} : index')}] : {offty}")
-    count = t.v(f"memref.load %off[%e] : {offty}")
-    t.op(f"memref.store {t.v(f'arith.addi {before}, {count} : index')}, %off[%e] : {offty}")
-    t.close()
-    # the experts some row chose, in order: %active[0 .. %nactive)
-    t.op(f"%active = memref.alloc() : memref<{E + 1}xindex>")
-    nact = t.v(f"scf.for %e = {c0} to {t.idx(E)} step {c1} iter_args(%na = {c0}) -> (index) {{")
-    t.indent += 2
-    first = t.v(f"memref.load %off[%e] : {offty}")
-    last = t.v(f"memref.load %off[{t.v(f'arith.addi %e, {c1} : index')}] : {offty}")
-    t.op(f"memref.store %e, %active[%na] : memref<{E + 1}xindex>")
-    used = t.v(f"arith.cmpi ult, {first}, {last} : index")
-    more = t.v(f"arith.addi %na, {c1} : index")
-    t.op(f"scf.yield {t.v(f'arith.select {used}, {more}, %na : index')} : index")
-    t.close()
-    t.op(f"memref.store {nact}, %active[{t.idx(E)}] : memref<{E + 1}xindex>")
-    t.op(f"%next = memref.alloc() : {offty}")
-    t.op(f"memref.copy %off, %next : {offty} to {offty}")
-    t.op(f"%perm = memref.alloc({M}) : memref<?xindex>")
+    expert_rows.sort_rows(t, "%ids", M, E)
+    # the rows in expert order, each expert's contiguous
     t.op(f"%xsorted = memref.alloc({M}) {{alignment = 64 : i64}} : memref<?x{K}xf32>")
     pad = t.v("arith.constant 0.0 : f32")
-    t.open(f"scf.for %m = {c0} to {M} step {c1} {{")
-    e = expert_of("%m")
-    j = t.v(f"memref.load %next[{e}] : {offty}")
-    t.op(f"memref.store {t.v(f'arith.addi {j}, {c1} : index')}, %next[{e}] : {offty}")
-    t.op(f"memref.store %m, %perm[{j}] : memref<?xindex>")
+    t.open(f"scf.for %j = {c0} to {M} step {c1} {{")
+    m = t.v("memref.load %perm[%j] : memref<?xindex>")
     t.open(f"scf.for %k = {c0} to {t.idx(K)} step {t.idx(V)} {{")
-    row = t.v(f"vector.transfer_read {xm}[%m, %k], {pad} {{in_bounds = [false]}} : memref<?x{K}xf32>, {vf}")
-    t.op(f"vector.transfer_write {row}, %xsorted[{j}, %k] {{in_bounds = [false]}} : {vf}, memref<?x{K}xf32>")
+    row = t.v(f"vector.transfer_read {xm}[{m}, %k], {pad} {{in_bounds = [false]}} : memref<?x{K}xf32>, {vf}")
+    t.op(f"vector.transfer_write {row}, %xsorted[%j, %k] {{in_bounds = [false]}} : {vf}, memref<?x{K}xf32>")
     t.close()
     t.close()
     _padded_x_and_group_sums(t, lay, "%xsorted", M, bf16=False)

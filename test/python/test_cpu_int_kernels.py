@@ -24,6 +24,7 @@ import qcc
 from qcc.backends.cpu import host, int_pack
 from qcc.dialects import formats
 from qcc.dialects.formats import activation
+from qcc.reference import dequantized_weights
 from oracles import assert_packed_roundtrip
 
 TOKENS = ({0: torch.export.Dim("tokens", min=1, max=4096)},)
@@ -126,6 +127,54 @@ def test_static_scale_same_bits_as_reference_lowering(wkey, dot, monkeypatch):
         x = torch.randn(m, k) * 2.0  # partly beyond the calibrated range: clipped codes
         assert float(x.abs().max()) > absmax
         np.testing.assert_array_equal(fast(x).numpy(), slow(x).numpy())
+
+
+class _Experts(torch.nn.Module):
+    """A mixture of experts' product as transformers' batched_mm experts write it."""
+
+    def __init__(self, experts, n, k, seed):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(experts, n, k, generator=torch.Generator().manual_seed(seed)) / k**0.5)
+
+    def forward(self, x, ids):
+        return torch.bmm(self.w[ids], x[..., None]).squeeze(-1)
+
+
+EXPERT_TOKENS = ({0: torch.export.Dim("rows", min=1, max=4096)}, {0: torch.export.Dim("rows", min=1, max=4096)})
+
+
+@pytest.mark.parametrize("recipe,k,n", [("w8a8", 320, 100), ("w4a8-g128", 256, 37),
+                                        ({"weight_format": "int4_sym_channel", "act_format": "int4_sym_token"}, 96, 24)],
+                         ids=["w8a8", "w4a8-g128", "w4a4"])
+def test_gathered_experts_kernel_matches_dequant_after_gemm(recipe, k, n, dot, monkeypatch):
+    """The experts' integer kernel: each row times its expert's codes (N off the 8-column
+    blocks, K off the 32-k unit), rows per expert from none to many (the GEMM's row tiles and
+    their remainders), a negative id counting from the end; against dequant-after-gemm's numpy
+    form of each row's expert, and bit for bit against the reference lowering."""
+    experts = 5
+    model = _Experts(experts, n, k, seed=k + n).eval()
+    x0, ids0 = torch.randn(3, k), torch.tensor([0, 1, 2])
+    compiled = qcc.compile(model, (x0, ids0), quant=recipe, dynamic_shapes=EXPERT_TOKENS)
+    kernel = _selected(compiled)
+    assert kernel["variant"] == "gathered int" and kernel["experts"] == experts and kernel["dot"] == dot
+    wkey, akey = RECIPES[recipe] if isinstance(recipe, str) else (recipe["weight_format"], recipe["act_format"])
+    w = model.w.detach().numpy()
+    rng = np.random.default_rng(k * n)
+    for m in (1, 2, 9, 40, 131):
+        x = (rng.standard_normal((m, k)) * rng.uniform(0.1, 4.0, (m, 1))).astype(np.float32)
+        ids = rng.choice([0, 1, 3, -1], m, p=[0.1, 0.5, 0.3, 0.1])  # expert 2 never chosen; -1 is expert 4
+        got = compiled(torch.from_numpy(x), torch.from_numpy(ids)).numpy()
+        ref = np.concatenate([oracle(x[r:r + 1], w[ids[r]], wkey, akey) for r in range(m)])
+        err = np.abs(got - ref).max() / np.abs(ref).max()
+        assert err < 1e-5, f"K={k} N={n} M={m}: relative error {err}"
+    decoded = dequantized_weights(compiled)["w"]
+    expect = np.stack([formats.dequantize(formats.parse_weight_format(wkey).quantize(we)) for we in w])
+    np.testing.assert_array_equal(decoded, expect)
+    monkeypatch.setenv("QCC_CPU_KERNELS", "reference")
+    slow = qcc.compile(model, (x0, ids0), quant=recipe, dynamic_shapes=EXPERT_TOKENS)
+    assert not slow.manifest["cpu"]["kernels"]
+    xs, ids = torch.from_numpy(x), torch.from_numpy(ids)
+    np.testing.assert_array_equal(compiled(xs, ids).numpy(), slow(xs, ids).numpy())
 
 
 def build_kernel(tmp_path, lay, cfg, act_levels):
