@@ -265,7 +265,7 @@ def bench_model(args, emit) -> None:
     if args.hf_static:
         cases["decode-hf-static"], programs["decode-hf-static"] = _hf_static_decode(cfg, cache)
     if args.moe:
-        for tokens in (1, 16):
+        for tokens in (1, 16, 128):
             case = f"moe-{tokens}"
             cases[case], extra_baselines[case], experts_read[case] = _hf_moe_block(cfg, tokens)
     if args.cases:
@@ -428,7 +428,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "export writes it (case decode-hf-static; needs transformers)")
     p.add_argument("--moe", action="store_true",
                    help="model: also transformers' Mixtral mixture-of-experts block (8 experts, top 2, batched_mm) "
-                        "over 1 and 16 tokens (cases moe-1, moe-16; needs transformers)")
+                        "over 1, 16 and 128 tokens (cases moe-1, moe-16, moe-128; needs transformers)")
     p.add_argument("--cases", help="model: comma-separated cases to run (default: all the flags give)")
     p.add_argument("--decode-batch", type=int, default=1,
                    help="model: also a decode step of this many sequences at once (case decode-b<N>)")

@@ -364,7 +364,7 @@ def test_quantized_activations_match_the_cpu_backend(recipe, bound, kernel, seq)
 @pytest.mark.parametrize("recipe", ["w8a8", "w8a8-static"])
 def test_quantized_expert_rows_match_the_cpu_backend(recipe):
     """w8a8 on transformers' Mixtral: the experts' rows quantized per token or per tensor
-    (quantize-activations; decoded for the float gathered product) give the emulated CUDA plan
+    (quantize-activations; dequant-after-gemm's gathered integer product) give the emulated CUDA plan
     the CPU artifact's output, up to float reductions rounding differently; every dense linear
     on gemv_i8."""
     model, inputs = hf_causal_lm("mixtral")
