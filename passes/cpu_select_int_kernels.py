@@ -164,12 +164,7 @@ class CpuSelectIntKernels(QccPass):
                                                                static_scale=static_scale is not None,
                                                                act_clip=afmt.clip), defined)
         kernel_calls.replace_with_call(sa.result, qd.operands[0], args, kname, lay.k, lay.n)
-        sx = sa.operands[1]
-        sa.erase()
-        mm.erase()
-        qd.erase()
-        if static_scale is not None and not list(sx.uses):
-            irutil.defining_op(sx).erase()
+        _erase_chain(sa, mm, qd)
         packed[src["codes"]] = (lay, new_names)
         weight = src["codes"].rsplit(":", 2)[0]
         selected[weight] = {"kernel": kname, "variant": variant, "params": new_names, "act_format": afmt.key(),
@@ -196,12 +191,18 @@ class CpuSelectIntKernels(QccPass):
                                                                   static_scale=static_scale is not None,
                                                                   act_clip=afmt.clip), defined)
         kernel_calls.replace_with_call(sa.result, qd.operands[0], args, kname, lay.k, lay.n, ids=sa.operands[2])
-        sx = sa.operands[1]
-        sa.erase()
-        mm.erase()
-        qd.erase()
-        if static_scale is not None and not list(sx.uses):
-            irutil.defining_op(sx).erase()
+        _erase_chain(sa, mm, qd)
         selected[src["codes"].rsplit(":", 2)[0]] = {
             "kernel": kname, "variant": "gathered int", "params": new_names, "act_format": afmt.key(),
             "experts": experts, "blocks_multiple": lay.blocks_multiple, **lay.to_json(), **cfg.to_json()}
+
+
+def _erase_chain(sa, mm, qd) -> None:
+    """The replaced scale_accumulate, matmul and quantization ops (and a static scale's constant)."""
+    sx = sa.operands[1]
+    scale = irutil.defining_op(sx)  # qd itself (per token), or the static scale's constant
+    static = scale is not None and scale.name == "arith.constant"
+    for op in (sa, mm, qd):
+        op.erase()
+    if static and not list(sx.uses):
+        scale.erase()

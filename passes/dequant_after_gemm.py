@@ -50,11 +50,7 @@ class DequantAfterGemm(QccPass):
                     self._rewrite_experts(bmm, *chain)
 
     def _rewrite(self, op):
-        try:
-            wfmt = formats.parse_weight_format(format_key(op.attributes["weight_format"]))
-            afmt = activation.parse_act_format(format_key(op.attributes["act_format"]))
-        except formats.FormatError as e:
-            raise PassError(op, str(e))
+        wfmt, afmt = _formats(op, op.attributes["weight_format"], op.attributes["act_format"])
         x, wq, ws = op.operands[0], op.operands[1], op.operands[2]
         wz = [op.operands[3]] if len(op.operands) > 3 else []
         m, k = irutil.tensor_shape(x)
@@ -88,11 +84,7 @@ class DequantAfterGemm(QccPass):
         op.erase()
 
     def _rewrite_experts(self, bmm, gather, quant, decoded):
-        try:
-            wfmt = formats.parse_weight_format(format_key(gather.attributes["format"]))
-            afmt = activation.parse_act_format(format_key(quant.attributes["format"]))
-        except formats.FormatError as e:
-            raise PassError(bmm, str(e))
+        wfmt, afmt = _formats(bmm, gather.attributes["format"], quant.attributes["format"])
         ids, codes, wscale = gather.operands[0], gather.operands[1], gather.operands[2]
         wzero = [gather.operands[3]] if len(gather.operands) > 3 else []
         xq = quant.results[0]
@@ -117,6 +109,14 @@ class DequantAfterGemm(QccPass):
         for op in (*decoded, weights, gather):  # what only the float product read
             if not any(list(r.uses) for r in op.results):
                 op.erase()
+
+
+def _formats(op, weight_attr, act_attr):
+    try:
+        return (formats.parse_weight_format(format_key(weight_attr)),
+                activation.parse_act_format(format_key(act_attr)))
+    except formats.FormatError as e:
+        raise PassError(op, str(e))
 
 
 def _accumulator_groups(op, wfmt, afmt, k: int) -> list[int]:

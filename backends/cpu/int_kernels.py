@@ -418,6 +418,21 @@ def _call_quantize(t: MlirText, name: str, lay: IntLayout, cfg: "IntKernelConfig
         t.close()
 
 
+def _quantized_rows(t: MlirText, name: str, lay: IntLayout, cfg: "IntKernelConfig", M: str, x: str,
+                    static_scale: bool, static_m: int | None) -> None:
+    """%xq, %sx (and %xs) of x's M rows by @name__quantize; with `static_scale` the scale is the
+    entry's %act_scalet."""
+    t.op(f"%xq = memref.alloc({M}) {{alignment = 64 : i64}} : memref<?x{lay.x_words}xi32>")
+    t.op(f"%sx = memref.alloc({M}) : memref<?xf32>")
+    if lay.unsigned_codes:
+        t.op(f"%xs = memref.alloc({M}) : memref<?x{lay.groups}xi32>")
+    scale = None
+    if static_scale:
+        sxs = t.v("bufferization.to_buffer %act_scalet read_only : tensor<1xf32> to memref<1xf32>")
+        scale = t.v(f"memref.load {sxs}[{t.idx(0)}] : memref<1xf32>")
+    _call_quantize(t, f"{name}__quantize", lay, cfg, M, x, scale, static_m)
+
+
 def _entry_prologue(t: MlirText, lay: IntLayout) -> tuple[str, str]:
     """A tensor-level entry's start: %xt and the packed arrays (%<role>t) as memrefs (%<role>);
     returns (x's memref value, its row count M)."""
@@ -453,15 +468,7 @@ def fused(name: str, lay: IntLayout, cfg: IntKernelConfig, act_levels: tuple[int
                              f"and chunk_blocks={cfg.chunk_blocks}")
     t = MlirText()
     x, M = _entry_prologue(t, lay)
-    t.op(f"%xq = memref.alloc({M}) {{alignment = 64 : i64}} : memref<?x{lay.x_words}xi32>")
-    t.op(f"%sx = memref.alloc({M}) : memref<?xf32>")
-    if lay.unsigned_codes:
-        t.op(f"%xs = memref.alloc({M}) : memref<?x{lay.groups}xi32>")
-    scale = None
-    if static_scale:
-        sxs = t.v("bufferization.to_buffer %act_scalet read_only : tensor<1xf32> to memref<1xf32>")
-        scale = t.v(f"memref.load {sxs}[{t.idx(0)}] : memref<1xf32>")
-    _call_quantize(t, f"{name}__quantize", lay, cfg, M, x, scale, static_m)
+    _quantized_rows(t, name, lay, cfg, M, x, static_scale, static_m)
     t.op(f"%y = memref.alloc({M}) {{alignment = 64 : i64}} : memref<?x{lay.n}xf32>")
     params = _kernel_params(lay)
     args = ", ".join(f"%{n}" for n, _ in params)
@@ -510,15 +517,7 @@ def gathered(name: str, lay: IntLayout, experts: int, cfg: IntKernelConfig, act_
     for role in ty:
         t.op(f"%{role} = bufferization.to_buffer %{role}t read_only : {_tensor_type(ty[role])} to {ty[role]}")
     M = t.v(f"memref.dim {x}, {t.idx(0)} : memref<?x{lay.k}xf32>")
-    t.op(f"%xq = memref.alloc({M}) {{alignment = 64 : i64}} : memref<?x{lay.x_words}xi32>")
-    t.op(f"%sx = memref.alloc({M}) : memref<?xf32>")
-    if lay.unsigned_codes:
-        t.op(f"%xs = memref.alloc({M}) : memref<?x{lay.groups}xi32>")
-    scale = None
-    if static_scale:
-        sxs = t.v("bufferization.to_buffer %act_scalet read_only : tensor<1xf32> to memref<1xf32>")
-        scale = t.v(f"memref.load {sxs}[{t.idx(0)}] : memref<1xf32>")
-    _call_quantize(t, f"{name}__quantize", lay, cfg, M, x, scale, None)
+    _quantized_rows(t, name, lay, cfg, M, x, static_scale, None)
     expert_rows.sort_rows(t, "%ids", M, E)
     t.op(f"%y = memref.alloc({M}) {{alignment = 64 : i64}} : memref<?x{lay.n}xf32>")
     params = _kernel_params(lay, E) + [("off", offty), ("active", offty), ("perm", "memref<?xindex>")]

@@ -809,11 +809,7 @@ def gathered_matvec_f32(name: str, experts: int, n: int, k: int, lanes: int, thr
     cb = b.idx(NB)
     m = b.v(f"arith.divui %i, {cb} : index")
     n0 = b.v(f"arith.muli {b.v(f'arith.remui %i, {cb} : index')}, {b.idx(R)} : index")
-    i = b.v(f"memref.load %ids[{m}] : memref<?xi64>")
-    neg = b.v(f"arith.cmpi slt, {i}, {b.v('arith.constant 0 : i64')} : i64")
-    wrapped = b.v(f"arith.addi {i}, {b.v(f'arith.constant {E} : i64')} : i64")
-    e = b.v(f"arith.index_cast {b.v(f'arith.select {neg}, {wrapped}, {i} : i64')} : i64 to index")
-    e = b.v(f"arith.minui {e}, {b.idx(E - 1)} : index")
+    e = expert_rows.expert_of(b, "%ids", m, E)
     cols = [b.v(f"arith.addi {n0}, {b.idx(r)} : index") for r in range(R)]
     zv = b.v(f"arith.constant dense<0.0> : {vf}")
     iters = ", ".join(f"%acc{r} = {zv}" for r in range(R))
