@@ -1225,6 +1225,14 @@ def _int_body(members, sfx, n_rows: int, warps: int, interleave: bool, member):
     return body
 
 
+def _expert_of(E, ids, r, experts: int):
+    """ids[r] (i64) as torch indexes (-1 the last expert), clamped into [0, experts) (memory
+    safety; torch raises there), as an index."""
+    i = E.load(ids, r)
+    i = E.select(E.cmp("slt", i, E.const(0, "i64")), i + E.const(experts, "i64"), i)
+    return E.minu(E.cast("index_cast", i, "index"), E.const(experts - 1, "index"))
+
+
 def _int4_bytes(E, word):
     """A 32-bit word of 8 int4 codes (two a byte, low nibble the even column, biased by +8) ->
     (4 signed bytes of the even columns, 4 of the odd ones): v ^ 8 is the two's complement
@@ -1267,7 +1275,7 @@ def _int_params(K, m_max, members, sfx, scaled, w_bits):
 def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps: int | None = None,
             unroll: int | None = None, scaled: str | None = None, w_bits: int = 8,
             members: tuple | list | None = None, interleave: bool = False, epilogue=None,
-            name: str | None = None) -> KernelSpec:
+            experts: int = 0, name: str | None = None) -> KernelSpec:
     """y[M, N] i32 = x[M, K] int8 @ wq[N, K]^T, exact, 1 <= M <= m_max (dp4a).
 
     scaled="row" (or "tensor"): y f32 = (f32(acc) * sx[m] (or sx[0])) * sw[n] instead, the
@@ -1284,6 +1292,11 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
     epilogue=(params, fn): instead of storing y, lane 0 calls fn(E, a, r, n, values) for row
     r < M of x and output n, values the members' results there (interleaved), or the one
     result of a one-member launch; params are appended to the kernel's.
+    experts=E: a mixture of experts' product (dequant-after-gemm's gather_matmul_int and
+    gather_scale_accumulate): wq holds E weights [E, N, K] as stored, sw their scales [E, N],
+    and row r of x multiplies expert ids[r] (i64 parameter `ids` after x; -1 is the last, as
+    torch indexes, then clamped into range): each row loads its expert's weight chunks (rows
+    of one expert meet in L1), so nothing is shared between rows; scaled only, one member.
 
     The integer core of w8a8 / w4a4 layers (dequant-after-gemm's qcc.matmul_int): the codes
     stay in their [N, K] row-major layout (no repacked copy). Each warp owns `n_rows`
@@ -1301,8 +1314,11 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
     # warp, 8 warps, 2 chunks in flight for one or two tokens; more rows of x want more
     # weight rows a warp (each x chunk loaded once for 4 rows: 1.5x faster at M = 16; with
     # up to 8 rows of x, 4 weight rows spilled in one shape)
+    if experts:
+        _require(experts >= 1 and scaled in ("row", "tensor") and not members and epilogue is None,
+                 "experts= needs scaled='row' or 'tensor', one member and no epilogue")
     members, sfx, n_rows, warps = _int_members(N, members, n_rows, warps, interleave, epilogue,
-                                               (1,) if m_max <= 2 else (2, 1) if m_max <= 8 else (4, 2, 1),
+                                               (1,) if m_max <= 2 or experts else (2, 1) if m_max <= 8 else (4, 2, 1),
                                                (8, 4, 2, 1) if m_max <= 2 else (4, 2, 1))
     if unroll is None:
         unroll = 2 if n_rows == 1 else 1
@@ -1313,6 +1329,13 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
     steps = -(-CH // 32)  # chunks per lane
     params = _int_params(K, m_max, members, sfx, scaled, w_bits)
     params += list(epilogue[0]) if epilogue is not None else []
+    if experts:  # ids after x; wq and sw hold every expert's
+        params = [params[0], Param("ids", f"memref<{m_max}xi64>", "in", "i64 [M] each row's expert",
+                                   rows=("M", m_max))] + [
+            Param("wq", f"memref<{experts * N * K * w_bits // 128}xvector<4xi32>>", "in",
+                  f"int{w_bits} [{experts}, {N}, {K}] row-major") if p.name == "wq" else
+            Param("sw", f"memref<{experts * N}xf32>", "in", f"f32 [{experts}, {N}] per-channel scales")
+            if p.name == "sw" else p for p in params[1:]]
 
     def member(E, a, mi, N, blk):
         """Weight rows of member mi (its wq, sw, y and N; all members when interleaved) for
@@ -1320,10 +1343,16 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
         lane, n0, M, last = _warp_rows(E, a, blk, warps, 1 if interleave else n_rows)
         rows = _warp_members(sfx, mi, n_rows, interleave)
         own = 1 if interleave else n_rows  # rows of each member a warp
-        slices = [(a["wq" + i], blk * (warps * own * CH)) for i in (sfx if interleave else [mi])]
-        _prefetch_then_wait(E, *slices[0], warps * own * CH * 16, 32 * warps, m_max, sum(members) * K * w_bits // 8,
-                            more=slices[1:])
+        if experts:  # the weights depend on the rows' experts: nothing to fetch before the wait
+            E.grid_dependency_wait()
+        else:
+            slices = [(a["wq" + i], blk * (warps * own * CH)) for i in (sfx if interleave else [mi])]
+            _prefetch_then_wait(E, *slices[0], warps * own * CH * 16, 32 * warps, m_max,
+                                sum(members) * K * w_bits // 8, more=slices[1:])
         xrow = [E.minu(E.const(r, "index"), last) * K16 for r in range(m_max)]  # rows >= M repeat the last
+        # each row's first weight row: its expert's (experts=), else the warp's for every row
+        wrow = [_expert_of(E, a["ids"], E.minu(E.const(r, "index"), last), experts) * N + n0
+                for r in range(m_max)] if experts else [n0] * m_max
         zero = E.const(0, "i32")
 
         def chunk(i, acc):
@@ -1331,15 +1360,22 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
             k = i * 32 + lane
             kc = E.minu(k, E.const(CH - 1, "index")) if CH % 32 else k
             ok = E.cmp("ult", k, E.const(CH, "index")) if CH % 32 else None  # lanes past K add nothing
-            ws = []
-            for i, t in rows:
-                w = E.load(a["wq" + i], (n0 + t) * CH + kc)
-                words = [E.extract(w, j) for j in range(4)]
-                if w_bits == 4:  # word j: columns 8j..8j+7 -> even columns, odd columns
-                    words = [w for wj in words for w in _int4_bytes(E, wj)]
-                ws.append([E.select(ok, wj, zero) for wj in words] if ok is not None else words)
+            def weights(first):
+                """Each of the warp's weight rows from `first`: the chunk's words (zero past K)."""
+                ws = []
+                for i, t in rows:
+                    w = E.load(a["wq" + i], (first + t) * CH + kc)
+                    words = [E.extract(w, j) for j in range(4)]
+                    if w_bits == 4:  # word j: columns 8j..8j+7 -> even columns, odd columns
+                        words = [w for wj in words for w in _int4_bytes(E, wj)]
+                    ws.append([E.select(ok, wj, zero) for wj in words] if ok is not None else words)
+                return ws
+
+            ws = None if experts else weights(n0)
             out = list(acc)
             for r in range(m_max):
+                if experts:
+                    ws = weights(wrow[r])
                 if w_bits == 8:
                     x = E.load(a["x"], xrow[r] + kc)
                     xs = [E.extract(x, j) for j in range(4)]
@@ -1365,22 +1401,25 @@ def gemv_i8(K: int, N: int, *, m_max: int = 16, n_rows: int | None = None, warps
         for off in (16, 8, 4, 2, 1):
             acc = [v + E.shfl_xor(v, off) for v in acc]
         first = E.cmp("eq", lane, E.const(0, "index"))
-        sw = [E.load(a["sw" + i], n0 + t) for i, t in rows] if scaled else None
+        sw = [E.load(a["sw" + i], n0 + t) for i, t in rows] if scaled and not experts else None
         for r in range(m_max):
             live = E.and_(first, E.cmp("ult", E.const(r, "index"), M))
             if scaled:
                 sx = E.load(a["sx"], E.const(0, "index") if scaled == "tensor" else E.minu(E.const(r, "index"), last))
+            if experts:
+                sw = [E.load(a["sw"], wrow[r] + t) for _, t in rows]
             vals = acc[r * n_rows:(r + 1) * n_rows]
             if scaled:
                 vals = [(E.cast("sitofp", v, "f32") * sx) * sw[j] for j, v in enumerate(vals)]
             _store_rows(E, a, live, r, N, n0, rows, vals, epilogue, interleave)
 
     nm = name or (f"gemv_i{'8' if w_bits == 8 else '4'}_k{K}_n{'_'.join(map(str, members))}_m{m_max}"
-                  f"_r{n_rows}w{warps}u{unroll}{'_s' + scaled[0] if scaled else ''}{'_il' if interleave else ''}")
+                  f"_r{n_rows}w{warps}u{unroll}{'_s' + scaled[0] if scaled else ''}{'_il' if interleave else ''}"
+                  f"{f'_e{experts}' if experts else ''}")
     cfg = {"kind": "gemv_i8", "K": K, "N": N, "m_max": m_max, "n_rows": n_rows, "warps": warps,
            "unroll": unroll, "scaled": scaled, "w_bits": w_bits, "members": list(members),
-           "interleave": interleave, "weight_bytes": N * K * w_bits // 8,
-           "meta_bytes": 4 * N if scaled else 0}
+           "interleave": interleave, "experts": experts, "weight_bytes": max(experts, 1) * N * K * w_bits // 8,
+           "meta_bytes": 4 * N * max(experts, 1) if scaled else 0}
     return KernelSpec(nm, params, (32 * warps, 1, 1), (N // (n_rows * warps), 1, 1),
                       _int_body(members, sfx, n_rows, warps, interleave, member), [], cfg,
                       doc=gemv_i8.__doc__.split("\n")[0])

@@ -304,6 +304,8 @@ class CudaSelectKernels(QccPass):
                         self._on_codes(mm, sig, "gemv_i8", int_layers, fallback, scale=sa)
             for op in list(irutil.walk(func, "qcc.matmul_int")):
                 self._on_codes(op, sig, "gemv_i8", int_layers, fallback)
+            for sa in list(irutil.walk(func, "qcc.gather_scale_accumulate")):
+                self._experts_on_codes(sa, sig, int_layers, fallback)
             for name in sig.erase_unused_params():
                 if name in self.session.params:
                     del self.session.params[name]
@@ -364,6 +366,50 @@ class CudaSelectKernels(QccPass):
         key = f"{base} (outlier columns)" if builder == "gemv_w8_sparse_x" else base
         chosen[key] = {"kernel": spec.name, "builder": builder, "args": args, "M": M, "format": fmt.key(),
                        "shape": [N, K], "params": {"wq": name}, "launches": -(-M // args["m_max"])}
+        return True
+
+    def _experts_on_codes(self, sa, sig, chosen, fallback) -> bool:
+        """A mixture of experts' integer product (gather_matmul_int, then its
+        gather_scale_accumulate) -> gemv_i8(experts=E) on the experts' codes as stored: each row
+        on its expert's weights, scaled in the epilogue in the generic's order; False (and why,
+        in `fallback`) where it does not apply (the generic kernels of lower-qcc-to-linalg run it)."""
+        from . import kernels
+
+        mm = irutil.defining_op(sa.operands[0])
+        if mm is None or mm.name != "qcc.gather_matmul_int" or len(list(mm.result.uses)) != 1:
+            return False
+        fmt = formats.parse_weight_format(format_key(mm.attributes["weight_format"]))
+        name = sig.param_of(mm.operands[2])
+        base = name.rsplit(":", 2)[0] if name else "<non-parameter weight>"
+        if not (fmt.symmetric and fmt.granularity == "channel" and fmt.bits in (8, 4)):
+            fallback[base] = f"no gathered integer GEMV for {fmt.key()} experts' weights"
+            return False
+        x_shape, y_shape = irutil.tensor_shape(mm.operands[0]), irutil.tensor_shape(sa.result)
+        if None in x_shape or None in y_shape or name is None or sig.param_of(sa.operands[3]) is None:
+            fallback[base] = "dynamic shape or non-parameter weight"
+            return False
+        if not self.options.enable:
+            fallback[base] = "disabled (cuda-select-kernels{enable=false})"
+            return False
+        (M, K), N = x_shape, y_shape[1]
+        experts = irutil.tensor_shape(mm.operands[2])[0]
+        args = {"K": K, "N": N, "m_max": min(M, M_MAX), "experts": experts,
+                "scaled": "row" if irutil.tensor_shape(sa.operands[1])[0] == M and M > 1 else "tensor"}
+        if fmt.bits == 4:
+            args["w_bits"] = 4
+        try:
+            spec = kernels.gemv_i8(**args)
+        except kernels.KernelConstraintError as e:
+            fallback[base] = str(e)
+            return False
+        operands = [mm.operands[0], sa.operands[2], mm.operands[2], sa.operands[1], sa.operands[3]]
+        callee = f"qcc_cuda_{spec.name}_M{M}"
+        self._define(callee, _declaration(callee, [str(v.type) for v in operands], str(sa.result.type),
+                                          {"builder": "gemv_i8", "args": args, "M": M, "weight": base}))
+        irutil.replace_with_call(sa, callee, operands)
+        mm.erase()
+        chosen[base] = {"kernel": spec.name, "builder": "gemv_i8", "args": args, "M": M, "format": fmt.key(),
+                        "shape": [experts, N, K], "params": {"wq": name}, "launches": -(-M // args["m_max"])}
         return True
 
     def _stack_on_codes(self, members, sig, chosen) -> bool:

@@ -348,6 +348,31 @@ def test_gemm_i8_wg_constraints():
         kernels.gemm_i8_wg(256, 128, rows=256, warpgroups=2, x_stages=6)
 
 
+@pytest.mark.parametrize("M,m_max,K,N,w_bits,mode", [(2, 2, 256, 16, 8, "row"), (5, 8, 272, 12, 8, "tensor"),
+                                                     (7, 8, 512, 8, 4, "row"), (1, 1, 64, 4, 4, "tensor")])
+def test_i8_experts_emulated_exact(M, m_max, K, N, w_bits, mode):
+    """gemv_i8(experts=E): row r times expert ids[r]'s codes and scales ([E, N, K] as stored,
+    -1 the last expert), bit for bit the dense kernel on that expert's weight alone; rows past
+    M untouched."""
+    E = 5
+    rng = np.random.default_rng(M * K + w_bits)
+    xq = rng.integers(-128, 128, (m_max, K)).astype(np.int8)
+    q = rng.integers(-127, 128, (E, N, K * w_bits // 8)).astype(np.int8)
+    sx = (rng.random(m_max) * 0.01 + 1e-3).astype(np.float32)[:m_max if mode == "row" else 1]
+    sw = (rng.random((E, N)) * 0.01 + 1e-3).astype(np.float32)
+    ids = rng.choice([0, 2, 3, -1], m_max).astype(np.int64)
+    y = np.full((m_max, N), np.nan, np.float32)
+    simt.run(kernels.gemv_i8(K, N, m_max=m_max, scaled=mode, w_bits=w_bits, experts=E),
+             dict(x=xq, ids=ids, wq=q, sx=sx, sw=sw, y=y, M=M))
+    for r in range(M):
+        one = np.full((1, N), np.nan, np.float32)
+        simt.run(kernels.gemv_i8(K, N, m_max=1, scaled="tensor", w_bits=w_bits),
+                 dict(x=xq[r:r + 1], wq=q[ids[r]], sx=sx[r if mode == "row" else 0:][:1], sw=sw[ids[r]], y=one,
+                      M=1))
+        assert np.array_equal(y[r], one[0]), r
+    assert np.isnan(y[M:]).all()
+
+
 def _stacked_i8_case(rng, M, m_max, K, members, w_bits):
     """Random x codes, sx and each stacked layer's codes and sw as the arguments of a stacked
     gemv_i8 (its y's NaN), and each layer's y from a launch of its own."""
