@@ -2065,7 +2065,7 @@ def hadamard_rows(n: int, m: int, k: int, *, sub_rows: int = 1, m_max: int = 16,
 
 def gemv_i4g(K: int, N: int, group_size: int, *, m_max: int = 16, n_rows: int | None = None,
              warps: int | None = None, scaled: str | None = None, members: tuple | list | None = None,
-             interleave: bool = False, epilogue=None, name: str | None = None) -> KernelSpec:
+             interleave: bool = False, epilogue=None, experts: int = 0, name: str | None = None) -> KernelSpec:
     """y[M, N, K/G] i32 = per-group xq[M, K] int8 @ (wq - z)^T, asymmetric int4 weights, exact.
 
     The integer core of w4a8-g128 (QServe's W4A8 shape): dequant-after-gemm's grouped
@@ -2081,15 +2081,20 @@ def gemv_i4g(K: int, N: int, group_size: int, *, m_max: int = 16, n_rows: int | 
     groups of (f32(sum_g) * s[n, g]) * sx[m] (or sx[0]), with the generated warp-reduce kernel's
     order (a lane's groups in turn, then the lanes' butterfly); parameters sx, s f32 [N, K/G]
     after zp. members=(N0, N1, ...): the layers that read one x in one launch, and (scaled)
-    interleave and epilogue, as gemv_i8's.
+    interleave and epilogue, as gemv_i8's. experts=E (scaled, one member): a mixture of
+    experts' product, row r on expert ids[r]'s codes, zero points and scales ([E, N, ...] as
+    stored; `ids` i64 after x), as gemv_i8's.
     """
     G = group_size
     _require(G % 32 == 0 and K % G == 0, f"gemv_i4g needs G % 32 == 0 dividing K (K={K}, G={G})")
     _require(1 <= m_max <= 16, f"m_max must be in 1..16 (got {m_max})")
     _require(scaled in (None, "row", "tensor"), f"scaled must be None, 'row' or 'tensor' (got {scaled!r})")
     _require(scaled or (epilogue is None and not interleave), "interleave and epilogues need scaled results")
+    if experts:
+        _require(experts >= 1 and scaled and not members and epilogue is None,
+                 "experts= needs scaled results, one member and no epilogue")
     members, sfx, n_rows, warps = _int_members(N, members, n_rows, warps, interleave, epilogue,
-                                               (2, 1) if m_max <= 8 else (1,), (4, 2, 1))
+                                               (2, 1) if m_max <= 8 and not experts else (1,), (4, 2, 1))
     KG, WV, XV = K // G, G // 32, G // 16  # groups a row; 16-byte weight / x vectors a group
     steps = -(-KG // 32)
     params = [Param("x", f"memref<{m_max * K // 16}xvector<4xi32>>", "in", f"int8 [M, {K}] row-major",
@@ -2111,14 +2116,28 @@ def gemv_i4g(K: int, N: int, group_size: int, *, m_max: int = 16, n_rows: int | 
                    for i, n in zip(sfx, members)]
     params.append(_m_param(m_max))
     params += list(epilogue[0]) if epilogue is not None else []
+    if experts:  # ids after x; wq, zp and s hold every expert's
+        sizes = {"wq": (f"{experts * N * K // 32}xvector<4xi32>", f"int4 [{experts}, {N}, {K}] packed two a byte"),
+                 "zp": (f"{experts * N * KG}xi8", f"uint8 zero points [{experts}, {N}, {KG}]"),
+                 "s": (f"{experts * N * KG}xf32", f"f32 group scales [{experts}, {N}, {KG}]")}
+        params = [params[0], Param("ids", f"memref<{m_max}xi64>", "in", "i64 [M] each row's expert",
+                                   rows=("M", m_max))] + [
+            Param(p.name, f"memref<{sizes[p.name][0]}>", "in", sizes[p.name][1]) if p.name in sizes else p
+            for p in params[1:]]
 
     def member(E, a, mi, N, blk):
         lane, n0, M, last = _warp_rows(E, a, blk, warps, 1 if interleave else n_rows)
         rows = _warp_members(sfx, mi, n_rows, interleave)
         own = 1 if interleave else n_rows  # rows of each member a warp
-        slices = [(a["wq" + i], blk * (warps * own * (K // 32))) for i in (sfx if interleave else [mi])]
-        _prefetch_then_wait(E, *slices[0], warps * own * K // 2, 32 * warps, m_max, sum(members) * K // 2,
-                            more=slices[1:])
+        if experts:  # the weights depend on the rows' experts: nothing to fetch before the wait
+            E.grid_dependency_wait()
+        else:
+            slices = [(a["wq" + i], blk * (warps * own * (K // 32))) for i in (sfx if interleave else [mi])]
+            _prefetch_then_wait(E, *slices[0], warps * own * K // 2, 32 * warps, m_max, sum(members) * K // 2,
+                                more=slices[1:])
+        # each row's first weight row: its expert's (experts=), else the warp's for every row
+        wrow = [_expert_of(E, a["ids"], E.minu(E.const(r, "index"), last), experts) * N + n0
+                for r in range(m_max)] if experts else [n0] * m_max
         nib, ones = E.const(0x0F0F0F0F, "i32"), E.const(0x01010101, "i32")
         zero = E.const(0.0, "f32")
         tot = [[zero] * n_rows for _ in range(m_max)]  # scaled: this lane's sum over its groups
@@ -2126,18 +2145,27 @@ def gemv_i4g(K: int, N: int, group_size: int, *, m_max: int = 16, n_rows: int | 
             g = lane + i * 32
             live_g = E.cmp("ult", g, E.const(KG, "index")) if (i + 1) * 32 > KG else None
             gc = E.minu(g, E.const(KG - 1, "index")) if live_g is not None else g
-            ws, zs = [], []
-            for i, t in rows:
-                words = []
-                for v in range(WV):
-                    w = E.load(a["wq" + i], (n0 + t) * (K // 32) + gc * WV + v)
-                    for j in range(4):  # word j of chunk v: columns 8j..8j+7 -> even, odd nibbles
-                        wj = E.extract(w, j)
-                        words += [wj & nib, (wj >> 4) & nib]
-                ws.append(words)
-                zs.append(E.cast("extui", E.load(a["zp" + i], (n0 + t) * KG + gc), "i32"))
-            sg = [E.load(a["s" + i], (n0 + t) * KG + gc) for i, t in rows] if scaled else None
+
+            def weights(first, gc=gc):
+                """(nibble words, zero point, scale) of group gc of the warp's weight rows from `first`."""
+                ws, zs = [], []
+                for i, t in rows:
+                    words = []
+                    for v in range(WV):
+                        w = E.load(a["wq" + i], (first + t) * (K // 32) + gc * WV + v)
+                        for j in range(4):  # word j of chunk v: columns 8j..8j+7 -> even, odd nibbles
+                            wj = E.extract(w, j)
+                            words += [wj & nib, (wj >> 4) & nib]
+                    ws.append(words)
+                    zs.append(E.cast("extui", E.load(a["zp" + i], (first + t) * KG + gc), "i32"))
+                sg = [E.load(a["s" + i], (first + t) * KG + gc) for i, t in rows] if scaled else None
+                return ws, zs, sg
+
+            if not experts:
+                ws, zs, sg = weights(n0)
             for r in range(m_max):
+                if experts:
+                    ws, zs, sg = weights(wrow[r])
                 xr = E.minu(E.const(r, "index"), last) * (K // 16) + gc * XV
                 xw = [E.extract(E.load(a["x"], xr + u), j) for u in range(XV) for j in range(4)]
                 xs = [v for q in range(len(xw) // 2) for v in _even_odd_bytes(E, xw[2 * q], xw[2 * q + 1])]
@@ -2173,10 +2201,11 @@ def gemv_i4g(K: int, N: int, group_size: int, *, m_max: int = 16, n_rows: int | 
                 _store_rows(E, a, live, r, N, n0, rows, vals, epilogue, interleave)
 
     nm = name or (f"gemv_i4g{G}_k{K}_n{'_'.join(map(str, members))}_m{m_max}_r{n_rows}w{warps}"
-                  f"{'_s' + scaled[0] if scaled else ''}{'_il' if interleave else ''}")
+                  f"{'_s' + scaled[0] if scaled else ''}{'_il' if interleave else ''}{f'_e{experts}' if experts else ''}")
     cfg = {"kind": "gemv_i4g", "K": K, "N": N, "group_size": G, "m_max": m_max, "n_rows": n_rows,
            "warps": warps, "scaled": scaled, "members": list(members), "interleave": interleave,
-           "weight_bytes": N * K // 2, "meta_bytes": N * KG * (5 if scaled else 1)}
+           "experts": experts, "weight_bytes": max(experts, 1) * N * K // 2,
+           "meta_bytes": max(experts, 1) * N * KG * (5 if scaled else 1)}
     return KernelSpec(nm, params, (32 * warps, 1, 1), (N // (n_rows * warps), 1, 1),
                       _int_body(members, sfx, n_rows, warps, interleave, member), [], cfg,
                       doc=gemv_i4g.__doc__.split("\n")[0])

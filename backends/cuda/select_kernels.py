@@ -370,7 +370,8 @@ class CudaSelectKernels(QccPass):
 
     def _experts_on_codes(self, sa, sig, chosen, fallback) -> bool:
         """A mixture of experts' integer product (gather_matmul_int, then its
-        gather_scale_accumulate) -> gemv_i8(experts=E) on the experts' codes as stored: each row
+        gather_scale_accumulate) -> gemv_i8(experts=E) (symmetric per-channel int8 / int4) or
+        gemv_i4g(experts=E) (grouped asymmetric int4) on the experts' codes as stored: each row
         on its expert's weights, scaled in the epilogue in the generic's order; False (and why,
         in `fallback`) where it does not apply (the generic kernels of lower-qcc-to-linalg run it)."""
         from . import kernels
@@ -381,7 +382,11 @@ class CudaSelectKernels(QccPass):
         fmt = formats.parse_weight_format(format_key(mm.attributes["weight_format"]))
         name = sig.param_of(mm.operands[2])
         base = name.rsplit(":", 2)[0] if name else "<non-parameter weight>"
-        if not (fmt.symmetric and fmt.granularity == "channel" and fmt.bits in (8, 4)):
+        if fmt.symmetric and fmt.granularity == "channel" and fmt.bits in (8, 4):
+            builder, extra = "gemv_i8", ({"w_bits": 4} if fmt.bits == 4 else {})
+        elif fmt.bits == 4 and not fmt.symmetric and fmt.granularity == "group":
+            builder, extra = "gemv_i4g", {"group_size": fmt.group_size}  # w4a8-g128
+        else:
             fallback[base] = f"no gathered integer GEMV for {fmt.key()} experts' weights"
             return False
         x_shape, y_shape = irutil.tensor_shape(mm.operands[0]), irutil.tensor_shape(sa.result)
@@ -393,22 +398,21 @@ class CudaSelectKernels(QccPass):
             return False
         (M, K), N = x_shape, y_shape[1]
         experts = irutil.tensor_shape(mm.operands[2])[0]
-        args = {"K": K, "N": N, "m_max": min(M, M_MAX), "experts": experts,
+        args = {"K": K, "N": N, "m_max": min(M, M_MAX), "experts": experts, **extra,
                 "scaled": "row" if irutil.tensor_shape(sa.operands[1])[0] == M and M > 1 else "tensor"}
-        if fmt.bits == 4:
-            args["w_bits"] = 4
         try:
-            spec = kernels.gemv_i8(**args)
+            spec = getattr(kernels, builder)(**args)
         except kernels.KernelConstraintError as e:
             fallback[base] = str(e)
             return False
-        operands = [mm.operands[0], sa.operands[2], mm.operands[2], sa.operands[1], sa.operands[3]]
+        # x, ids, codes[, zero points], sx, scales: the kernels' parameter order
+        operands = [mm.operands[0], sa.operands[2], *mm.operands[2:], sa.operands[1], sa.operands[3]]
         callee = f"qcc_cuda_{spec.name}_M{M}"
         self._define(callee, _declaration(callee, [str(v.type) for v in operands], str(sa.result.type),
-                                          {"builder": "gemv_i8", "args": args, "M": M, "weight": base}))
+                                          {"builder": builder, "args": args, "M": M, "weight": base}))
         irutil.replace_with_call(sa, callee, operands)
         mm.erase()
-        chosen[base] = {"kernel": spec.name, "builder": "gemv_i8", "args": args, "M": M, "format": fmt.key(),
+        chosen[base] = {"kernel": spec.name, "builder": builder, "args": args, "M": M, "format": fmt.key(),
                         "shape": [experts, N, K], "params": {"wq": name}, "launches": -(-M // args["m_max"])}
         return True
 

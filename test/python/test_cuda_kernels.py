@@ -373,6 +373,32 @@ def test_i8_experts_emulated_exact(M, m_max, K, N, w_bits, mode):
     assert np.isnan(y[M:]).all()
 
 
+@pytest.mark.parametrize("M,m_max,K,N,G,mode", [(2, 2, 256, 8, 128, "row"), (5, 8, 1024, 4, 64, "tensor")])
+def test_i4_groups_experts_emulated_exact(M, m_max, K, N, G, mode):
+    """gemv_i4g(experts=E): row r on expert ids[r]'s nibbles, zero points and group scales
+    ([E, N, ...] as stored, -1 the last expert), bit for bit the dense kernel on that expert
+    alone; rows past M untouched."""
+    E = 3
+    rng = np.random.default_rng(M * K)
+    xq = rng.integers(-128, 128, (m_max, K)).astype(np.int8)
+    nib = rng.integers(0, 16, (E, N, K)).astype(np.uint8)
+    packed = (nib[..., 0::2] | (nib[..., 1::2] << 4)).astype(np.uint8).view(np.int8)
+    z = rng.integers(0, 16, (E, N, K // G)).astype(np.uint8).view(np.int8)
+    s = (rng.random((E, N, K // G)) * 0.01 + 1e-3).astype(np.float32)
+    sx = (rng.random(m_max) * 0.01 + 1e-3).astype(np.float32)[:m_max if mode == "row" else 1]
+    ids = rng.choice([0, 2, -1], m_max).astype(np.int64)
+    y = np.full((m_max, N), np.nan, np.float32)
+    simt.run(kernels.gemv_i4g(K, N, G, m_max=m_max, scaled=mode, experts=E),
+             dict(x=xq, ids=ids, wq=packed, zp=z, sx=sx, s=s, y=y, M=M))
+    for r in range(M):
+        one = np.full((1, N), np.nan, np.float32)
+        simt.run(kernels.gemv_i4g(K, N, G, m_max=1, scaled="tensor"),
+                 dict(x=xq[r:r + 1], wq=packed[ids[r]], zp=z[ids[r]], sx=sx[r if mode == "row" else 0:][:1],
+                      s=s[ids[r]], y=one, M=1))
+        assert np.array_equal(y[r], one[0]), r
+    assert np.isnan(y[M:]).all()
+
+
 def _stacked_i8_case(rng, M, m_max, K, members, w_bits):
     """Random x codes, sx and each stacked layer's codes and sw as the arguments of a stacked
     gemv_i8 (its y's NaN), and each layer's y from a launch of its own."""

@@ -361,13 +361,13 @@ def test_quantized_activations_match_the_cpu_backend(recipe, bound, kernel, seq)
     assert len(hadamards) == (2 if "had" in recipe else 0)  # the two down projections' inputs
 
 
-@pytest.mark.parametrize("recipe", ["w8a8", "w8a8-static", "w4a4"])
+@pytest.mark.parametrize("recipe", ["w8a8", "w8a8-static", "w4a4", "w4a8-g128"])
 def test_quantized_expert_rows_match_the_cpu_backend(recipe):
     """w8a8 on transformers' Mixtral: the experts' rows quantized per token or per tensor
     (quantize-activations; dequant-after-gemm's gathered integer product) give the emulated CUDA plan
     the CPU artifact's output, up to float reductions rounding differently; every dense linear
-    on gemv_i8, and every experts' product on its gathered form (experts=4: each row on its
-    expert's codes as stored)."""
+    on gemv_i8 (gemv_i4g: w4a8-g128), and every experts' product on its gathered form
+    (experts=4: each row on its expert's codes as stored)."""
     model, inputs = hf_causal_lm("mixtral")
     cal = {"calibration": [(torch.randint(0, 320, (1, 10), generator=torch.Generator().manual_seed(s)),)
                            for s in (3, 4)]} if recipe.endswith("static") else {}
@@ -377,7 +377,8 @@ def test_quantized_expert_rows_match_the_cpu_backend(recipe):
     got, want = emulate.run_compiled(gpu, *inputs)[0], np.asarray(cpu(*inputs))
     assert rel_err(got, want) <= 1e-5
     cuda = gpu.manifest["cuda"]
-    assert not cuda["fallback"] and all(L["builder"] == "gemv_i8" for L in cuda["int_layers"].values())
+    builder = "gemv_i4g" if recipe == "w4a8-g128" else "gemv_i8"
+    assert not cuda["fallback"] and all(L["builder"] == builder for L in cuda["int_layers"].values())
     assert sum(L["args"].get("experts") == 4 for L in cuda["int_layers"].values()) == 4  # 2 layers x (gate_up, down)
 
 
