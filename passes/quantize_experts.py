@@ -6,8 +6,9 @@ W is quantized as E * N rows of the weight format (round-to-nearest, or its clip
 stored as codes [E, N, K packed], scale / zero [E, N, groups], and the gather becomes
 `qcc.gather_dequantize(ids, codes, scale[, zero])`: only the tokens' experts are read and
 decoded (not all E), and the float W leaves the function.  The product itself stays a float
-batched matmul (activations are not quantized there; a remark says so when the recipe
-quantizes them elsewhere).  Tensor-granularity formats keep the experts float.
+batched matmul here; with an activation format, quantize-activations quantizes its rows and
+dequant-after-gemm makes it integer (qcc.gather_matmul_int).  Tensor-granularity formats
+keep the experts float.
 """
 
 import numpy as np
