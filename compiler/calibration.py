@@ -421,9 +421,9 @@ def session_stats(session, want=("absmax", "mean_abs"), sample_rows: int = 256,
                                    output_biases=v.output_biases, scaled_transforms=v.scaled_transforms,
                                    sample_rows=sample_rows,
                                    progress=bool(session.options.get("progress")), already_decomposed=True)
-        for new, (parent, cols, width) in v.derived.items():
-            if parent in stats:
-                stats[new] = stats[parent].select(cols, width)
+        for new, (parent, cols, width) in v.derived.items():  # a mixture of experts' per expert too
+            for key in [k for k in stats if k == parent or k.startswith(f"{parent}#")]:
+                stats[new + key[len(parent):]] = stats[key].select(cols, width)
         cache.clear()
         cache[key] = stats
     return cache[key]

@@ -187,9 +187,11 @@ def _check_pass(element: str, where: str, what: str) -> None:
 
 
 def _act_options(before) -> str:
-    """quantize-activations' options after the recipe's own passes: split-outliers does not split
-    the experts' products, so their rows keep float activations (LLM.int8()'s outlier columns)."""
-    return "experts=false" if any(p.partition("{")[0].strip() == "split-outliers" for p in before) else ""
+    """quantize-activations' options after the recipe's own passes: split-outliers{decide=dynamic}
+    does not split the experts' products (their columns would be chosen per call), so their rows
+    keep float activations (LLM.int8()'s outlier columns)."""
+    return "experts=false" if any(p.partition("{")[0].strip() == "split-outliers" and "decide=dynamic" in p
+                                  for p in before) else ""
 
 
 def quantization_passes(weight_format: str | None, act_format: str | None, overrides=(),

@@ -13,8 +13,8 @@ quantize_experts.py) have no qlinear: their rows x are quantized here (`qcc.quan
 per token; per tensor `qcc.quantize` by one scale from the calibrated absmax of all the
 experts' rows, calibration.expert_key) and decoded back to f32 for the batched product: the
 fake-quant form, which dequant-after-gemm makes an integer product.  With
-`experts=false` (split-outliers' recipes: the outlier split does not reach the experts) they
-keep float activations, said in a remark.
+`experts=false` (split-outliers{decide=dynamic}'s recipes: the per-call split does not reach
+the experts) they keep float activations, said in a remark.
 """
 
 import dataclasses
@@ -119,7 +119,7 @@ class QuantizeActivations(QccPass):
             if exclude and exclude.search(weight):
                 continue
             rows = _expert_rows(gather)
-            why = ("split-outliers does not split their products" if not self.options.experts else
+            why = ("split-outliers{decide=dynamic} does not split their products" if not self.options.experts else
                    "their weights are read other than as bmm(W[ids], x[..., None])" if rows is None else None)
             if why:
                 left.setdefault(why, []).append(weight)

@@ -18,18 +18,20 @@ from qcc import irutil
 from qcc.context import format_attr
 from qcc.dialects import formats
 from qcc.passes import PassError
-from qcc.passes.quantize_weights import add_quantized_params
+from qcc.passes.quantize_weights import FLOAT_WEIGHTS, add_quantized_params
 
 GATHERS = ("torch.aten.index.Tensor_hacked_twin", "torch.aten.index.Tensor")
 
 
 def expert_gathers(func):
     """(gather op, weight name, ids value) for each gather of a 3-D parameter by one index
-    tensor along its first dim."""
+    tensor along its first dim (but those marked FLOAT_WEIGHTS)."""
     sig = irutil.Signature(func)
     found = []
     for name in GATHERS:
         for op in irutil.walk(func, name):
+            if FLOAT_WEIGHTS in op.attributes:
+                continue  # split-outliers' float outlier columns
             index = irutil.block_arg_number(op.operands[0])
             w_name = None if index is None else sig.param_name(index)
             lst = irutil.defining_op(op.operands[1])

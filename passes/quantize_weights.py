@@ -85,6 +85,8 @@ def float_weight_uses(module) -> list[str]:
                 value = pending.pop()
                 for use in value.uses:
                     op = use.owner.operation
+                    if FLOAT_WEIGHTS in op.attributes:
+                        continue
                     if op.name in _WEIGHT_VIEWS and use.operand_number == 0:
                         pending.append(op.results[0])
                     elif op.name in _WEIGHT_READERS and use.operand_number < 2 and not (
@@ -183,6 +185,9 @@ def parse_common(options):
 
 # unit attribute on a linear (torch.aten.mm, carried to its qcc.qlinear) whose input stays float
 FLOAT_ACTIVATIONS = "qcc.float_activations"
+# unit attribute on a product (torch.aten.mm) or a gather of experts' weights (torch.aten.index)
+# whose weights stay float on purpose: split-outliers' outlier columns (its remark says so)
+FLOAT_WEIGHTS = "qcc.float_weights"
 
 
 def wanted_linears(module, exclude):

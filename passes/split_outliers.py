@@ -33,7 +33,8 @@ from torch_mlir import ir
 from qcc import calibration, irutil
 from qcc.errors import QccError
 from qcc.passes import PassError, QccPass, register
-from qcc.passes.quantize_weights import FLOAT_ACTIVATIONS, linear_sites
+from qcc.passes.quantize_experts import expert_gathers
+from qcc.passes.quantize_weights import FLOAT_ACTIVATIONS, FLOAT_WEIGHTS, linear_sites
 
 
 def inlier_mask_name(weight: str) -> str:
@@ -77,11 +78,12 @@ class SplitOutliers(QccPass):
             sig = irutil.Signature(func)
             sites = [(mm, sig.param_name(i)) for mm, i in linear_sites(func)]
             sites = [(mm, w) for mm, w in sites if not (exclude and exclude.search(w))]
+            experts = [(g, w) for g, w, _ in expert_gathers(func) if not (exclude and exclude.search(w))]
             if self.options.decide == "dynamic":
                 for mm, w_name in sites:
                     self._split_dynamic(mm, w_name)
-            elif sites:
-                stats = self._absmax(sites[0][0])
+            elif sites or experts:
+                stats = self._absmax((sites or experts)[0][0])
                 for mm, w_name in sites:
                     if w_name not in stats:
                         raise PassError(mm, f"no calibration statistics for linear '{w_name}': "
@@ -89,6 +91,8 @@ class SplitOutliers(QccPass):
                     outliers = np.flatnonzero(stats[w_name].absmax > self.options.threshold)
                     if outliers.size:
                         self._split(sig, mm, w_name, outliers)
+                for gather, w_name in experts:
+                    self._split_experts(sig, gather, w_name, stats)
             for name in sig.erase_unused_params():
                 if name in self.session.params:
                     del self.session.params[name]
@@ -151,6 +155,7 @@ class SplitOutliers(QccPass):
             store[f"{w_name}:outliers_t"] = np.ascontiguousarray(w[:, outliers].T)
             w_out_t = sig.add_param(f"{w_name}:outliers_t", irutil.vtensor_type([outliers.size, n], "f32"))
             y = ir.Operation.create("torch.aten.mm", results=[mm.result.type], operands=[x_out, w_out_t]).result
+            y.owner.attributes[FLOAT_WEIGHTS] = ir.UnitAttr.get()
             if outliers.size < k:
                 # quantized part: x and W with the outlier columns zeroed
                 mask = np.ones(k, np.float32)
@@ -174,3 +179,54 @@ class SplitOutliers(QccPass):
         mm.erase()
         if not list(permute.result.uses):
             permute.erase()
+
+    def _split_experts(self, sig, gather, w_name, stats):
+        """A mixture of experts' products bmm(W[ids], x [T, K, 1]): the outlier columns of any
+        expert's calibration rows (calibration.expert_key) stay float for every expert,
+        bmm(W[:, :, out][ids], x[:, out]) + bmm(W_in[ids], x * mask) with W_in = W with those
+        columns zeroed, which quantize-weights quantizes as experts (the float part's gather is
+        marked FLOAT_WEIGHTS) and whose rows quantize-activations quantizes."""
+        found = [st.absmax for key, st in stats.items() if key.startswith(f"{w_name}#") and st.absmax is not None]
+        if not found:
+            raise PassError(gather, f"no calibration statistics for the experts' weight '{w_name}': "
+                                    f"calibration did not reach it")
+        outliers = np.flatnonzero(np.max(found, axis=0) > self.options.threshold)
+        bmms = [use.owner for use in gather.result.uses]
+        if not outliers.size or any(op.name != "torch.aten.bmm" or op.operands[0] != gather.result for op in bmms):
+            return
+        store = self.session.params
+        w = np.asarray(store[w_name], np.float32)
+        e, n, k = w.shape
+        self.session.remarks.append(f"split-outliers: {w_name}: {outliers.size} of {k} input columns above "
+                                    f"{self.options.threshold} stay float (all {e} experts)")
+        mask = np.ones(k, np.float32)
+        mask[outliers] = 0.0
+        store[f"{w_name}:outliers"] = np.ascontiguousarray(w[:, :, outliers])
+        store[f"{w_name}:inliers"] = w * mask
+        store[inlier_mask_name(w_name)] = mask
+        calibration.view(self.session).add_derived(f"{w_name}:inliers", w_name, np.flatnonzero(mask), width=k)
+        w_out = sig.add_param(f"{w_name}:outliers", irutil.vtensor_type([e, n, outliers.size], "f32"))
+        w_in = sig.add_param(f"{w_name}:inliers", irutil.vtensor_type([e, n, k], "f32"))
+        mask_arg = sig.add_param(inlier_mask_name(w_name), irutil.vtensor_type([k], "f32"))
+        ids_list = gather.operands[1]
+        for bmm in bmms:
+            x = bmm.operands[1]
+            t = irutil.vtensor_shape(x.type)[0][0]
+            with ir.InsertionPoint(bmm), bmm.location:
+                one = irutil.const_int(1)
+                idx = ir.Operation.create(
+                    "torch.vtensor.literal", results=[irutil.vtensor_type([outliers.size], "si64")],
+                    attributes={"value": ir.DenseElementsAttr.get(outliers.astype(np.int64), signless=False)}).result
+                x_out = _op("torch.aten.index_select", irutil.vtensor_type([t, outliers.size, 1]), x, one, idx)
+                g_out = ir.Operation.create(gather.name, results=[irutil.vtensor_type([t, n, outliers.size])],
+                                            operands=[w_out, ids_list])
+                g_out.attributes[FLOAT_WEIGHTS] = ir.UnitAttr.get()
+                y_out = _op("torch.aten.bmm", bmm.result.type, g_out.result, x_out)
+                column = _op("torch.aten.unsqueeze", irutil.vtensor_type([k, 1]), mask_arg, irutil.const_int(-1))
+                x_in = _op("torch.aten.mul.Tensor", x.type, x, column)
+                g_in = _op(gather.name, gather.result.type, w_in, ids_list)
+                y_in = _op("torch.aten.bmm", bmm.result.type, g_in, x_in)
+                y = _op("torch.aten.add.Tensor", bmm.result.type, y_in, y_out, one)
+            bmm.result.replace_all_uses_with(y)
+            bmm.erase()
+        gather.erase()

@@ -399,6 +399,19 @@ def outlier_llama(seed: int = 0) -> LlamaModel:
     return LlamaModel(hidden=512, layers=2, ffn=1536, seed=seed, massive_activations=True).eval()
 
 
+class GatheredExperts(nn.Module):
+    """A mixture of experts' product as transformers' batched_mm experts write it: each row's
+    expert weight gathered from W [E, N, K] (negative ids from the end), then a batched matmul.
+    Input: x [rows, K] float32, ids [rows] int64."""
+
+    def __init__(self, experts: int, n: int, k: int, seed: int = 0):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(experts, n, k, generator=_gen(seed)) / k ** 0.5)
+
+    def forward(self, x, ids):
+        return torch.bmm(self.w[ids], x[..., None]).squeeze(-1)
+
+
 # ---------------------------------------------------------------------------
 # 4. Small CNN
 # ---------------------------------------------------------------------------

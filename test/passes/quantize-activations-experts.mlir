@@ -9,7 +9,7 @@
 // qcc.qlinear: with a per-token format, quantize-activations quantizes its rows x[T, K] itself
 // (qcc.quantize_dynamic: codes and per-row scales) and decodes them for the batched
 // product (fake quantization, which dequant-after-gemm makes integer), a remark says so.  With
-// experts=false (split-outliers' recipes) the rows stay float, said in a remark; `exclude`
+// experts=false (split-outliers{decide=dynamic}'s recipes) the rows stay float, said in a remark; `exclude`
 // leaves them float silently, as it does linears. A per-tensor format takes one scale from the
 // calibrated rows of all the experts.
 
@@ -26,7 +26,7 @@
 // CHECK: %[[XC:.*]] = torch.aten.unsqueeze %[[X]], %{{.*}} : !torch.vtensor<[6,256],f32>, !torch.int -> !torch.vtensor<[6,256,1],f32>
 // CHECK: torch.aten.bmm %[[W]], %[[XC]]
 
-// KEEP: qcc-opt: remark: quantize-activations: the experts' products take float activations (split-outliers does not split their products): experts.w
+// KEEP: qcc-opt: remark: quantize-activations: the experts' products take float activations (split-outliers{decide=dynamic} does not split their products): experts.w
 // KEEP-NOT: qcc.quantize_dynamic
 
 // Per tensor: one scale for all the experts' rows, the largest calibrated |x| of any expert / 127.

@@ -19,7 +19,7 @@
 // CHECK-NOT: qcc.param = "fc.weight"}
 // CHECK: %[[IDX:.*]] = torch.vtensor.literal(dense<[3, 17]> : tensor<2xsi64>) : !torch.vtensor<[2],si64>
 // CHECK: %[[XO:.*]] = torch.aten.index_select %[[X]], %{{.*}}, %[[IDX]] : !torch.vtensor<[4,256],f32>, !torch.int, !torch.vtensor<[2],si64> -> !torch.vtensor<[4,2],f32>
-// CHECK: %[[YF:.*]] = torch.aten.mm %[[XO]], %[[WOT]] : !torch.vtensor<[4,2],f32>, !torch.vtensor<[2,64],f32> -> !torch.vtensor<[4,64],f32>
+// CHECK: %[[YF:.*]] = torch.aten.mm %[[XO]], %[[WOT]] {qcc.float_weights} : !torch.vtensor<[4,2],f32>, !torch.vtensor<[2,64],f32> -> !torch.vtensor<[4,64],f32>
 // CHECK: %[[XI:.*]] = torch.aten.mul.Tensor %[[X]], %[[MASK]]
 // CHECK: %[[WT:.*]] = torch.aten.permute %[[WIN]]
 // CHECK: %[[YI:.*]] = torch.aten.mm %[[XI]], %[[WT]]

@@ -15,6 +15,7 @@ import torch
 import qcc
 from qcc.dialects.formats import FormatError, activation
 from qcc.reference import dequantized_weights
+from models import GatheredExperts
 from oracles import rel_err
 
 K, N = 256, 48
@@ -188,6 +189,41 @@ def test_split_outliers_matches_reference(linear):
     x_in = activation.fake_quant_act(xn * mask, activation.ACT_FORMATS["int8_sym_token"])
     expect = x_in.astype(np.float64) @ w_in.T + xn[:, outliers].astype(np.float64) @ w[:, outliers].T
     assert rel_err(compiled(x).numpy(), expect) <= 1e-5
+
+
+def test_split_outliers_splits_the_experts():
+    """A mixture of experts' products: the columns above the threshold in any expert's
+    calibration rows stay float for every expert (W[:, :, outliers] kept as is), the rest runs
+    on the gathered integer kernel (rows masked, quantized per token; W with those columns
+    zeroed, int8 per channel): each row equals the numpy LLM.int8() reference of its expert.
+    Before quantization the split keeps the float function."""
+    experts, k, n = 4, K, N
+    model = GatheredExperts(experts, n, k, seed=3).eval()
+    ids_of = lambda m, seed: torch.randint(0, experts, (m,), generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    calib = [(make_inputs(s, m=8) * 0.01, ids_of(8, s)) for s in (4, 5)]
+    calib[0][0][:, 9] *= 500.0  # column 9 above 6.0 in calibration rows of some experts
+    calib[1][0][:, 100] *= 500.0
+    x, ids = make_inputs(1, m=7), torch.tensor([0, 3, 3, -1, 2, 1, 0])
+    compiled = qcc.compile(model, (x, ids), quant="llm-int8", calibration=calib)
+    assert compiled.remarks == [f"split-outliers: w: 2 of {k} input columns above 6.0 stay float (all 4 experts)",
+                                "quantize-activations: the experts' rows are quantized (int8_sym_token): w:inliers"]
+    assert compiled.manifest["cpu"]["kernels"]["w:inliers"]["variant"] == "gathered int"
+    mask = compiled.weights["w:inlier_mask"]
+    outliers = np.flatnonzero(mask == 0)
+    assert outliers.tolist() == [9, 100]
+    w = model.w.detach().numpy().astype(np.float64)
+    np.testing.assert_array_equal(compiled.weights["w:outliers"], model.w.detach().numpy()[:, :, outliers])
+    w_in = dequantized_weights(compiled)["w:inliers"].astype(np.float64)
+    assert not np.any(w_in[:, :, outliers])
+    xn = x.numpy()
+    x_in = activation.fake_quant_act(xn * mask, activation.ACT_FORMATS["int8_sym_token"]).astype(np.float64)
+    e = ids.numpy() % experts
+    expect = np.stack([x_in[r] @ w_in[e[r]].T + xn[r, outliers] @ w[e[r]][:, outliers].T for r in range(len(e))])
+    assert rel_err(compiled(x, ids).numpy(), expect) <= 1e-5
+    split = qcc.compile(model, (x, ids), quant={"weight_format": None, "passes": ["split-outliers{threshold=6.0}"]},
+                        calibration=calib)
+    with torch.no_grad():
+        assert rel_err(split(x, ids).numpy(), model.double()(x.double(), ids).numpy()) <= 1e-5
 
 
 def test_split_outliers_needs_calibration(linear):

@@ -25,6 +25,7 @@ from qcc.backends.cpu import host, int_pack
 from qcc.dialects import formats
 from qcc.dialects.formats import activation
 from qcc.reference import dequantized_weights
+from models import GatheredExperts
 from oracles import assert_packed_roundtrip
 
 TOKENS = ({0: torch.export.Dim("tokens", min=1, max=4096)},)
@@ -129,17 +130,6 @@ def test_static_scale_same_bits_as_reference_lowering(wkey, dot, monkeypatch):
         np.testing.assert_array_equal(fast(x).numpy(), slow(x).numpy())
 
 
-class _Experts(torch.nn.Module):
-    """A mixture of experts' product as transformers' batched_mm experts write it."""
-
-    def __init__(self, experts, n, k, seed):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.randn(experts, n, k, generator=torch.Generator().manual_seed(seed)) / k**0.5)
-
-    def forward(self, x, ids):
-        return torch.bmm(self.w[ids], x[..., None]).squeeze(-1)
-
-
 EXPERT_TOKENS = ({0: torch.export.Dim("rows", min=1, max=4096)}, {0: torch.export.Dim("rows", min=1, max=4096)})
 
 
@@ -152,7 +142,7 @@ def test_gathered_experts_kernel_matches_dequant_after_gemm(recipe, k, n, dot, m
     their remainders), a negative id counting from the end; against dequant-after-gemm's numpy
     form of each row's expert, and bit for bit against the reference lowering."""
     experts = 5
-    model = _Experts(experts, n, k, seed=k + n).eval()
+    model = GatheredExperts(experts, n, k, seed=k + n).eval()
     x0, ids0 = torch.randn(3, k), torch.tensor([0, 1, 2])
     compiled = qcc.compile(model, (x0, ids0), quant=recipe, dynamic_shapes=EXPERT_TOKENS)
     kernel = _selected(compiled)

@@ -118,10 +118,11 @@ def test_file_with_overrides(tmp_path):
         "quantize-weights{format=int4_asym_g128 exclude=(?:lm_head)|(?:mlp\\.)}",
         "quantize-weights{format=int8_sym_channel exclude=^(?!.*(?:lm_head))}",
         "quantize-weights{format=int4_asym_g128 exclude=^(?!.*(?:mlp\\.))|(?:lm_head)}",
-        # split-outliers does not split the experts' products: their rows stay float
-        "quantize-activations{format=int8_sym_token exclude=(?:lm_head)|(?:mlp\\.) experts=false}",
-        "quantize-activations{format=int4_sym_token exclude=^(?!.*(?:mlp\\.))|(?:lm_head) experts=false}",
+        "quantize-activations{format=int8_sym_token exclude=(?:lm_head)|(?:mlp\\.)}",
+        "quantize-activations{format=int4_sym_token exclude=^(?!.*(?:mlp\\.))|(?:lm_head)}",
         "dequant-after-gemm")
+    # split-outliers{decide=dynamic} does not split the experts' products: their rows stay float
+    assert get_recipe("llm-int8-dynamic").passes[-2].endswith(" experts=false}")
     if passes.lookup("gptq") is not None:
         r = get_recipe(write(tmp_path, {"weight_format": "int4_asym_g128", "weight_pass": "gptq"}))
         assert r.passes == ("gptq{format=int4_asym_g128}",)
