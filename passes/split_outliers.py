@@ -10,7 +10,9 @@ decide the columns:
   columns zeroed, so K stays intact as in bitsandbytes; W_out^T: the gathered
   columns, float), the float part's gather is a static index_select, and the
   zeroed columns cannot inflate the int8 part's per-token scales;
-  quantize-weights then quantizes the `<weight>:inliers` linears.
+  quantize-weights then quantizes the `<weight>:inliers` linears.  A mixture of experts'
+  products bmm(W[ids], x[..., None]) split alike, over the columns above the threshold in
+  any expert's rows (`_split_experts`); the float parts carry FLOAT_WEIGHTS.
 * `decide=dynamic`: per call, as bitsandbytes does, no calibration needed.
   `out = (max_m |x[m, k]| > threshold)` over the call's M rows, `x_out = x * out`,
   `x_in = x - x_out`, and `x_in @ W^T + x_out @ W^T`: both matmuls read the one
