@@ -114,6 +114,17 @@ def _first_buildable(candidates):
     return candidates[-1]
 
 
+def _int_gemv(fmt) -> tuple[str, dict] | None:
+    """(builder, format arguments) of the integer GEMV on the codes as stored for weights of
+    `fmt`: gemv_i8 (symmetric per-channel int8 / int4) or gemv_i4g (grouped asymmetric int4,
+    w4a8-g128); None for other formats."""
+    if fmt.symmetric and fmt.granularity == "channel" and fmt.bits in (8, 4):
+        return "gemv_i8", ({"w_bits": 4} if fmt.bits == 4 else {})
+    if fmt.bits == 4 and not fmt.symmetric and fmt.granularity == "group":
+        return "gemv_i4g", {"group_size": fmt.group_size}
+    return None
+
+
 def build_spec(builder: str, args: dict):
     from . import kernels
 
@@ -382,13 +393,11 @@ class CudaSelectKernels(QccPass):
         fmt = formats.parse_weight_format(format_key(mm.attributes["weight_format"]))
         name = sig.param_of(mm.operands[2])
         base = name.rsplit(":", 2)[0] if name else "<non-parameter weight>"
-        if fmt.symmetric and fmt.granularity == "channel" and fmt.bits in (8, 4):
-            builder, extra = "gemv_i8", ({"w_bits": 4} if fmt.bits == 4 else {})
-        elif fmt.bits == 4 and not fmt.symmetric and fmt.granularity == "group":
-            builder, extra = "gemv_i4g", {"group_size": fmt.group_size}  # w4a8-g128
-        else:
+        found = _int_gemv(fmt)
+        if found is None:
             fallback[base] = f"no gathered integer GEMV for {fmt.key()} experts' weights"
             return False
+        builder, extra = found
         x_shape, y_shape = irutil.tensor_shape(mm.operands[0]), irutil.tensor_shape(sa.result)
         if None in x_shape or None in y_shape or name is None or sig.param_of(sa.operands[3]) is None:
             fallback[base] = "dynamic shape or non-parameter weight"
@@ -430,12 +439,10 @@ class CudaSelectKernels(QccPass):
             fmt = formats.parse_weight_format(format_key(mm.attributes["weight_format"]))
             x_shape, y_shape = irutil.tensor_shape(mm.operands[0]), irutil.tensor_shape(mm.result)
             weights = [sig.param_of(v) for v in list(mm.operands[1:]) + [sa.operands[2]]]
-            if fmt.symmetric and fmt.granularity == "channel" and fmt.bits in (8, 4):
-                builder, extra = "gemv_i8", ({"w_bits": 4} if fmt.bits == 4 else {})
-            elif fmt.bits == 4 and not fmt.symmetric and fmt.granularity == "group":
-                builder, extra = "gemv_i4g", {"group_size": fmt.group_size}
-            else:
+            found = _int_gemv(fmt)
+            if found is None:
                 return False
+            builder, extra = found
             if None in x_shape or None in y_shape or len(x_shape) != 2 or None in weights:
                 return False
             kinds.add((builder, tuple(sorted(extra.items())), tuple(x_shape),
