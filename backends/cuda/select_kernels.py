@@ -338,25 +338,19 @@ class CudaSelectKernels(QccPass):
         fmt = formats.parse_weight_format(format_key(op.attributes["weight_format"]))
         name = sig.param_of(op.operands[1])
         base = name.rsplit(":", 2)[0] if name else "<non-parameter weight>"
-        if builder == "gemv_i8" and fmt.bits == 4 and not fmt.symmetric and fmt.granularity == "group":
-            builder = "gemv_i4g"  # w4a8-g128: exact per-group partial sums (scaled in its epilogue)
-        elif not (fmt.symmetric and fmt.granularity == "channel") or (fmt.bits, builder) not in (
-                (8, "gemv_i8"), (4, "gemv_i8"), (8, "gemv_w8_sparse_x")):
+        found = _int_gemv(fmt) if builder == "gemv_i8" else \
+            (builder, {}) if (fmt.symmetric, fmt.granularity, fmt.bits) == (True, "channel", 8) else None
+        if found is None:
             fallback[base] = f"no integer GEMV for {fmt.key()} weights"
             return False
+        builder, extra = found
         x_shape, y_shape = irutil.tensor_shape(op.operands[0]), irutil.tensor_shape(op.result)
-        if len(x_shape) != 2 or None in x_shape or None in y_shape or name is None:
-            fallback[base] = "dynamic shape or non-parameter weight"
-            return False
-        if not self.options.enable:
-            fallback[base] = "disabled (cuda-select-kernels{enable=false})"
+        why = self._not_on_codes(x_shape, y_shape, name)
+        if why:
+            fallback[base] = why
             return False
         (M, K), N = x_shape, y_shape[1]
-        args = {"K": K, "N": N, "m_max": min(M, 8 if builder == "gemv_w8_sparse_x" else M_MAX)}
-        if builder == "gemv_i4g":
-            args["group_size"] = fmt.group_size
-        elif fmt.bits == 4:
-            args["w_bits"] = 4
+        args = {"K": K, "N": N, "m_max": min(M, 8 if builder == "gemv_w8_sparse_x" else M_MAX), **extra}
         operands, replaced = list(op.operands), op
         if scale is not None:
             sx_shape = irutil.tensor_shape(scale.operands[1])
@@ -379,6 +373,15 @@ class CudaSelectKernels(QccPass):
                        "shape": [N, K], "params": {"wq": name}, "launches": -(-M // args["m_max"])}
         return True
 
+    def _not_on_codes(self, x_shape, y_shape, weight) -> str | None:
+        """Why an integer GEMV on the codes as stored cannot take x [M, K] -> y: a dynamic shape, a
+        weight that is not a parameter (`weight` None), the pass switched off; None if it can."""
+        if len(x_shape) != 2 or None in x_shape or None in y_shape or weight is None:
+            return "dynamic shape or non-parameter weight"
+        if not self.options.enable:
+            return "disabled (cuda-select-kernels{enable=false})"
+        return None
+
     def _experts_on_codes(self, sa, sig, chosen, fallback) -> bool:
         """A mixture of experts' integer product (gather_matmul_int, then its
         gather_scale_accumulate) -> gemv_i8(experts=E) (symmetric per-channel int8 / int4) or
@@ -399,11 +402,9 @@ class CudaSelectKernels(QccPass):
             return False
         builder, extra = found
         x_shape, y_shape = irutil.tensor_shape(mm.operands[0]), irutil.tensor_shape(sa.result)
-        if None in x_shape or None in y_shape or name is None or sig.param_of(sa.operands[3]) is None:
-            fallback[base] = "dynamic shape or non-parameter weight"
-            return False
-        if not self.options.enable:
-            fallback[base] = "disabled (cuda-select-kernels{enable=false})"
+        why = self._not_on_codes(x_shape, y_shape, name and sig.param_of(sa.operands[3]))
+        if why:
+            fallback[base] = why
             return False
         (M, K), N = x_shape, y_shape[1]
         experts = irutil.tensor_shape(mm.operands[2])[0]
